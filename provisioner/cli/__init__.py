@@ -1,0 +1,55 @@
+"""The command line: thin typer commands over the library; the only place that prints."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from provisioner.cli import keys, secrets
+from provisioner.errors import ProvisionerError
+
+EXIT_OK = 0
+EXIT_INPUT = 1
+EXIT_USAGE = 2
+EXIT_HOSTS_FAILED = 3
+EXIT_INTERNAL = 70
+
+app = typer.Typer(
+    help="Configure MicroSIP on fleets of Windows workstations.",
+    no_args_is_help=True,
+    # Rich tracebacks show local variables; a local may hold a decrypted value.
+    pretty_exceptions_enable=False,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+)
+app.add_typer(keys.app, name="keys")
+app.add_typer(secrets.app, name="secrets")
+
+
+def main() -> None:
+    """Run the CLI, turning every error into one message and an exit code."""
+    try:
+        app(standalone_mode=True)
+    except ProvisionerError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_INPUT)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as exc:
+        if os.environ.get("PROVISIONER_DEBUG"):
+            raise
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        where = f" at {tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb else ""
+        typer.echo(
+            f"internal error: {type(exc).__name__}{where}; please report it "
+            "(set PROVISIONER_DEBUG=1 for a traceback)",
+            err=True,
+        )
+        sys.exit(EXIT_INTERNAL)

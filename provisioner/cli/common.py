@@ -1,0 +1,92 @@
+"""Options and helpers shared by the command groups."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from provisioner import secretstore, vault
+from provisioner.cli.inputs import read_passphrase
+from provisioner.errors import IdentityError
+
+InventoryOpt = Annotated[
+    Path,
+    typer.Option(
+        "--inventory",
+        "-i",
+        help="Inventory directory (holds recipients.yaml).",
+        envvar="PROVISIONER_INVENTORY",
+        file_okay=False,
+    ),
+]
+IdentityOpt = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--identity",
+        help="Identity file (repeatable). Default: every *.sipid in the identity directory.",
+    ),
+]
+PassFileOpt = Annotated[
+    Path | None,
+    typer.Option("--passphrase-file", help="Read the passphrase from the first line of a file."),
+]
+PassFdOpt = Annotated[
+    int | None,
+    typer.Option("--passphrase-fd", help="Read the passphrase from this file descriptor."),
+]
+
+
+def echo(message: str) -> None:
+    """Print one line to stdout."""
+    typer.echo(message)
+
+
+def identity_candidates(explicit: list[Path] | None) -> list[Path]:
+    """The identity files to consider."""
+    if explicit:
+        return list(explicit)
+    directory = secretstore.default_identity_dir()
+    return sorted(directory.glob(f"*{secretstore.IDENTITY_SUFFIX}")) if directory.is_dir() else []
+
+
+def open_keyring(
+    recipients: vault.Recipients,
+    explicit: list[Path] | None,
+    needed: Iterable[str],
+    passphrase_file: Path | None,
+    passphrase_fd: int | None,
+) -> vault.Keyring:
+    """Unlock the identities whose kids are needed; ask for passphrases only for those."""
+    wanted = set(needed)
+    keyring = vault.Keyring(recipients)
+    fd_passphrase: bytes | None = None
+    for path in identity_candidates(explicit):
+        identity_file = secretstore.read_identity(path)
+        if identity_file.kid not in wanted or identity_file.kid in keyring.identities:
+            continue
+        passphrase = None
+        if identity_file.needs_passphrase:
+            if passphrase_fd is not None:
+                fd_passphrase = fd_passphrase or read_passphrase(None, passphrase_fd, confirm=False)
+                passphrase = fd_passphrase
+            else:
+                passphrase = read_passphrase(
+                    passphrase_file, None, confirm=False, prompt=f"Passphrase for {path}"
+                )
+        keyring.add(secretstore.unlock(identity_file, passphrase))
+    if explicit and not keyring.identities and wanted:
+        raise IdentityError(
+            "none of the given identities holds a key in use here ("
+            + ", ".join(sorted(wanted))
+            + ")"
+        )
+    return keyring
+
+
+def env_flag(name: str) -> bool:
+    """True when an environment variable is set to a non-empty, non-zero value."""
+    return os.environ.get(name, "") not in ("", "0")

@@ -1,0 +1,206 @@
+"""``provisioner keys``: create a realm, copy an identity for another admin, rotate, retire."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import Counter
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from provisioner import secretstore, vault
+from provisioner.cli.common import (
+    IdentityOpt,
+    InventoryOpt,
+    PassFdOpt,
+    PassFileOpt,
+    echo,
+    open_keyring,
+)
+from provisioner.cli.inputs import read_passphrase
+from provisioner.errors import IdentityError, RecipientsError
+
+app = typer.Typer(help="Manage the realm's keys and identity files.", no_args_is_help=True)
+
+KdfOpt = Annotated[str, typer.Option("--kdf", help="Passphrase KDF: argon2id (default) or scrypt.")]
+UnprotectedOpt = Annotated[
+    bool,
+    typer.Option(
+        "--unprotected",
+        help="Write the private key without a passphrase (unattended rollout host; "
+        "protect the file with its permissions).",
+    ),
+]
+OutOpt = Annotated[
+    Path | None, typer.Option("--out", help="Identity file to write (must not exist).")
+]
+
+
+def _protection(kdf: str, unprotected: bool) -> str:
+    if unprotected:
+        return "none"
+    if kdf not in ("argon2id", "scrypt"):
+        raise IdentityError("--kdf must be argon2id or scrypt")
+    if kdf == "argon2id" and not vault.argon2id_available():
+        raise IdentityError("this cryptography build has no Argon2id; use --kdf scrypt")
+    return kdf
+
+
+def _new_identity_file(
+    realm: str,
+    out: Path | None,
+    protection: str,
+    passphrase_file: Path | None,
+    passphrase_fd: int | None,
+) -> tuple[vault.Identity, Path]:
+    identity = vault.generate_identity()
+    path = out or secretstore.default_identity_dir() / secretstore.identity_file_name(
+        realm, identity.kid
+    )
+    passphrase = (
+        None
+        if protection == "none"
+        else read_passphrase(passphrase_file, passphrase_fd, confirm=True, prompt="New passphrase")
+    )
+    secretstore.write_identity(
+        path, identity, passphrase, protection=protection, note=f"realm {realm}"
+    )
+    return identity, path
+
+
+@app.command()
+def init(
+    realm: Annotated[str, typer.Option("--realm", help="Realm name, e.g. acme-voip.")],
+    inventory: InventoryOpt = Path("."),
+    out: OutOpt = None,
+    kdf: KdfOpt = "argon2id",
+    unprotected: UnprotectedOpt = False,
+    passphrase_file: PassFileOpt = None,
+    passphrase_fd: PassFdOpt = None,
+) -> None:
+    """Create a realm: recipients.yaml in the inventory and a new identity file."""
+    target = inventory / secretstore.RECIPIENTS_FILE
+    if target.exists():
+        raise RecipientsError(
+            f"{target} already exists; use 'provisioner keys rotate' for a new key"
+        )
+    inventory.mkdir(parents=True, exist_ok=True)
+    vault.new_recipients(realm, vault.generate_identity().recipient())  # validates the name
+    protection = _protection(kdf, unprotected)
+    identity, path = _new_identity_file(realm, out, protection, passphrase_file, passphrase_fd)
+    today = dt.date.today().isoformat()
+    recipients = vault.new_recipients(
+        realm, identity.recipient(created=today, note="inventory key")
+    )
+    written = secretstore.write_recipients(inventory, recipients)
+    echo(f"created realm {realm} with key {identity.kid}")
+    echo(f"  public keys:   {written} (commit it; review every change)")
+    echo(f"  identity file: {path} (private: keep it out of git, back it up offline)")
+
+
+@app.command("add-admin")
+def add_admin(
+    out: Annotated[Path, typer.Option("--out", help="The new admin's identity file.")],
+    identity: Annotated[Path, typer.Option("--identity", help="Your identity file.")],
+    kdf: KdfOpt = "argon2id",
+    unprotected: UnprotectedOpt = False,
+    passphrase_file: PassFileOpt = None,
+    passphrase_fd: PassFdOpt = None,
+    new_passphrase_file: Annotated[
+        Path | None, typer.Option("--new-passphrase-file", help="The new copy's passphrase.")
+    ] = None,
+    new_passphrase_fd: Annotated[
+        int | None, typer.Option("--new-passphrase-fd", help="The new copy's passphrase fd.")
+    ] = None,
+) -> None:
+    """Write another copy of an identity, wrapped under a new passphrase."""
+    identity_file = secretstore.read_identity(identity)
+    current = (
+        read_passphrase(passphrase_file, passphrase_fd, confirm=False)
+        if identity_file.needs_passphrase
+        else None
+    )
+    unlocked = secretstore.unlock(identity_file, current)
+    protection = _protection(kdf, unprotected)
+    new_passphrase = (
+        None
+        if protection == "none"
+        else read_passphrase(
+            new_passphrase_file, new_passphrase_fd, confirm=True, prompt="New admin's passphrase"
+        )
+    )
+    secretstore.write_identity(out, unlocked, new_passphrase, protection=protection)
+    echo(f"wrote a copy of key {unlocked.kid} to {out}; hand it over, then delete your copy of it")
+
+
+@app.command()
+def rotate(
+    inventory: InventoryOpt = Path("."),
+    out: OutOpt = None,
+    kdf: KdfOpt = "argon2id",
+    unprotected: UnprotectedOpt = False,
+    passphrase_file: PassFileOpt = None,
+    passphrase_fd: PassFdOpt = None,
+) -> None:
+    """Create a new active key; the old active key becomes decrypt-only."""
+    recipients = secretstore.load_recipients(inventory)
+    protection = _protection(kdf, unprotected)
+    identity, path = _new_identity_file(
+        recipients.realm, out, protection, passphrase_file, passphrase_fd
+    )
+    today = dt.date.today().isoformat()
+    updated = recipients.with_key(
+        identity.recipient(created=today, note="inventory key"), make_active=True
+    )
+    secretstore.write_recipients(inventory, updated)
+    echo(f"new active key {identity.kid}; {recipients.active} is now decrypt-only")
+    echo(f"  identity file: {path}")
+    echo(f"next: provisioner secrets rekey --to {identity.kid}")
+
+
+@app.command()
+def retire(
+    kid: Annotated[str, typer.Argument(help="The key id to retire.")],
+    inventory: InventoryOpt = Path("."),
+    force: Annotated[bool, typer.Option("--force", help="Retire even if tokens use it.")] = False,
+) -> None:
+    """Mark a key retired: tokens sealed to it are rejected from now on."""
+    recipients = secretstore.load_recipients(inventory)
+    scan = secretstore.scan_inventory(inventory)
+    in_use = sum(1 for s in scan.tokens() if s.ref.value.split(":")[2:3] == [kid])
+    if in_use and not force:
+        raise RecipientsError(
+            f"{in_use} token(s) still use key {kid}; run 'provisioner secrets rekey' first"
+        )
+    secretstore.write_recipients(inventory, recipients.with_status(kid, "retired"))
+    echo(f"key {kid} retired; destroy every identity file that holds it")
+
+
+@app.command("list")
+def list_keys(inventory: InventoryOpt = Path(".")) -> None:
+    """Show the realm's keys, their status and how many tokens use each."""
+    recipients = secretstore.load_recipients(inventory)
+    scan = secretstore.scan_inventory(inventory)
+    usage = Counter(s.ref.value.split(":")[2] for s in scan.tokens() if s.ref.value.count(":") == 4)
+    echo(f"realm {recipients.realm}, active key {recipients.active}")
+    for key in recipients.keys:
+        echo(f"  {key.kid}  {key.status:<12}  {usage.get(key.kid, 0):>6} tokens  {key.created}")
+
+
+@app.command()
+def check(
+    inventory: InventoryOpt = Path("."),
+    identities: IdentityOpt = None,
+    passphrase_file: PassFileOpt = None,
+    passphrase_fd: PassFdOpt = None,
+) -> None:
+    """Unlock the identities for this realm, to test a passphrase or a file."""
+    recipients = secretstore.load_recipients(inventory)
+    keyring = open_keyring(
+        recipients, identities, [k.kid for k in recipients.keys], passphrase_file, passphrase_fd
+    )
+    if not keyring.identities:
+        raise IdentityError("no identity for this realm was found")
+    for kid, unlocked in sorted(keyring.identities.items()):
+        echo(f"unlocked {kid} from {unlocked.source}")

@@ -1,0 +1,139 @@
+"""``provisioner secrets``: set, verify, rekey, rebind and lint sealed values."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from provisioner import secretstore, vault
+from provisioner.cli.common import (
+    IdentityOpt,
+    InventoryOpt,
+    PassFdOpt,
+    PassFileOpt,
+    echo,
+    open_keyring,
+)
+from provisioner.cli.inputs import read_new_password
+from provisioner.errors import VaultError
+
+app = typer.Typer(help="Set and check the sealed passwords of an inventory.", no_args_is_help=True)
+
+
+@app.command("set")
+def set_value(
+    path: Annotated[str, typer.Option("--path", help="JSON Pointer, e.g. /users/alice/...")],
+    inventory: InventoryOpt = Path("."),
+    stdin: Annotated[bool, typer.Option("--stdin", help="Read the password from stdin.")] = False,
+) -> None:
+    """Seal a new password with the public key and patch it into its YAML file."""
+    recipients = secretstore.load_recipients(inventory)
+    secret = read_new_password(from_stdin=stdin)
+    written = secretstore.set_secret(inventory, path, secret, recipients)
+    echo(f"updated {written.pointer} in {written.file}:{written.line} (key {written.kid})")
+
+
+@app.command()
+def verify(
+    inventory: InventoryOpt = Path("."),
+    identities: IdentityOpt = None,
+    passphrase_file: PassFileOpt = None,
+    passphrase_fd: PassFdOpt = None,
+) -> None:
+    """Open every token with the identity and check each value; print counts only."""
+    recipients = secretstore.load_recipients(inventory)
+    scan = secretstore.scan_inventory(inventory)
+    kids = {s.ref.value.split(":")[2] for s in scan.tokens() if s.ref.value.count(":") == 4}
+    keyring = open_keyring(recipients, identities, kids, passphrase_file, passphrase_fd)
+    report = secretstore.verify_secrets(scan, keyring)
+    for failure in report.failures:
+        echo(str(failure))
+    total_ok = sum(report.ok_by_kid.values())
+    echo(f"{total_ok} value(s) opened and checked, {len(report.failures)} failed")
+    for kid, count in sorted(report.ok_by_kid.items()):
+        echo(f"  key {kid}: {count} ok")
+    for code, count in sorted(report.errors_by_class.items()):
+        echo(f"  {code}: {count}")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def rekey(
+    to: Annotated[
+        str | None, typer.Option("--to", help="Key id to seal to (default: active).")
+    ] = None,
+    from_kids: Annotated[
+        list[str] | None, typer.Option("--from", help="Only tokens of this key id (repeatable).")
+    ] = None,
+    inventory: InventoryOpt = Path("."),
+    identities: IdentityOpt = None,
+    passphrase_file: PassFileOpt = None,
+    passphrase_fd: PassFdOpt = None,
+) -> None:
+    """Re-seal every token of other keys to the new key; only token text changes."""
+    recipients = secretstore.load_recipients(inventory)
+    target = to or recipients.active
+    scan = secretstore.scan_inventory(inventory)
+    kids = {s.ref.value.split(":")[2] for s in scan.tokens() if s.ref.value.count(":") == 4}
+    keyring = open_keyring(recipients, identities, kids | {target}, passphrase_file, passphrase_fd)
+    report = secretstore.rekey(scan, keyring, target, from_kids or ())
+    how = "each checked by opening it" if report.verified_by_opening else "structure checked"
+    echo(f"re-sealed {report.resealed} value(s) to {target} in {len(report.files)} file(s) ({how})")
+    for path in report.files:
+        echo(f"  {path}")
+
+
+@app.command()
+def rebind(
+    old_path: Annotated[str, typer.Argument(help="Where the value was sealed for.")],
+    new_path: Annotated[str, typer.Argument(help="Where it stands now.")],
+    inventory: InventoryOpt = Path("."),
+    identities: IdentityOpt = None,
+    passphrase_file: PassFileOpt = None,
+    passphrase_fd: PassFdOpt = None,
+) -> None:
+    """Re-seal a value after its user or list entry moved in the YAML."""
+    recipients = secretstore.load_recipients(inventory)
+    scan = secretstore.scan_inventory(inventory)
+    kids = {k.kid for k in recipients.keys if k.status != "retired"}
+    keyring = open_keyring(recipients, identities, kids, passphrase_file, passphrase_fd)
+    written = secretstore.rebind(scan, keyring, old_path, new_path)
+    echo(f"rebound {old_path} -> {new_path} in {written.file}:{written.line} (key {written.kid})")
+
+
+@app.command()
+def lint(
+    inventory: InventoryOpt = Path("."),
+    output: Annotated[
+        str, typer.Option("--format", help="text, json or github (workflow annotations).")
+    ] = "text",
+) -> None:
+    """Key-less CI check of every token and secret field. Exit 1 on any error."""
+    if output not in ("text", "json", "github"):
+        raise VaultError("--format must be text, json or github")
+    recipients = secretstore.load_recipients(inventory)
+    findings = secretstore.lint_secrets(secretstore.scan_inventory(inventory), recipients)
+    errors = [f for f in findings if f.severity == "error"]
+    if output == "json":
+        echo(json.dumps([f.__dict__ for f in findings], indent=2))
+    else:
+        for f in findings:
+            if output == "github":
+                kind = "error" if f.severity == "error" else "warning"
+                echo(f"::{kind} file={f.file},line={f.line},col={f.column}::{f.path}: {f.message}")
+            else:
+                echo(str(f))
+        tokens = sum(1 for s in secretstore.scan_inventory(inventory).tokens())
+        echo(
+            f"{tokens} token(s) checked, {len(errors)} error(s), "
+            f"{len(findings) - len(errors)} warning(s)"
+        )
+    if errors:
+        raise typer.Exit(1)
+
+
+__all__ = ["app", "vault"]

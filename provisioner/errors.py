@@ -1,0 +1,135 @@
+"""The exception tree of the provisioner.
+
+::
+
+    ProvisionerError
+    ├── InventoryError        file, line, column, key path
+    ├── ResolveError          key, layers involved
+    ├── VaultError            never carries plaintext
+    │   ├── TokenFormatError      structure of a token (checked without any key)
+    │   ├── UnknownKeyError       kid not in recipients.yaml, or no identity holds it
+    │   ├── RetiredKeyError       kid is retired
+    │   ├── PathMismatchError     pathtag differs from the token's location
+    │   ├── CannotDecryptError    uniform failure after the structure checks (no oracle)
+    │   ├── PolicyViolationError  plaintext is not ini-safe
+    │   ├── IdentityError         identity file unreadable, weakened, or wrong passphrase
+    │   └── RecipientsError       recipients.yaml malformed
+    ├── YamlEditError         a YAML file cannot be patched in place
+    ├── RenderError           target, template, line, snippet
+    ├── LintError             findings
+    └── TransportError        host
+
+Every message is meant for the user as is: it says where (file:line, path) and what to do.
+No message ever contains a secret value.
+"""
+
+from __future__ import annotations
+
+
+class ProvisionerError(Exception):
+    """Root of every error the provisioner raises on purpose."""
+
+
+class InventoryError(ProvisionerError):
+    """An inventory file is malformed or inconsistent."""
+
+    def __init__(
+        self, message: str, *, file: str = "", line: int = 0, column: int = 0, path: str = ""
+    ) -> None:
+        self.file = file
+        self.line = line
+        self.column = column
+        self.path = path
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        where = self.file
+        if self.line:
+            where += f":{self.line}"
+            if self.column:
+                where += f":{self.column}"
+        prefix = f"{where}: " if where else ""
+        at = f"{self.path}: " if self.path else ""
+        return f"{prefix}{at}{self.args[0]}"
+
+
+class ResolveError(ProvisionerError):
+    """Values could not be resolved (conflicts, group cycles)."""
+
+
+class VaultError(ProvisionerError):
+    """A sealed value, key or identity problem. Never carries plaintext."""
+
+
+class TokenFormatError(VaultError):
+    """A token is malformed; found without any key."""
+
+
+class UnknownKeyError(VaultError):
+    """The token's key id is not known, or no identity for it was given."""
+
+
+class RetiredKeyError(VaultError):
+    """The token's key id is retired."""
+
+
+class PathMismatchError(VaultError):
+    """The token's pathtag does not match the place where it stands."""
+
+
+class CannotDecryptError(VaultError):
+    """Decryption failed after all structure checks; deliberately uninformative."""
+
+
+class PolicyViolationError(VaultError):
+    """A plaintext value is not safe to write into microsip.ini."""
+
+
+class IdentityError(VaultError):
+    """An identity file cannot be used."""
+
+
+class RecipientsError(VaultError):
+    """recipients.yaml is malformed or inconsistent."""
+
+
+class YamlEditError(ProvisionerError):
+    """A YAML file cannot be patched in place without touching more than a token."""
+
+
+class RenderError(ProvisionerError):
+    """A template failed for a target."""
+
+
+class LintError(ProvisionerError):
+    """Rendered output breaks MicroSIP rules."""
+
+
+class TransportError(ProvisionerError):
+    """A workstation could not be reached or answered with an error."""
+
+    retryable: bool = False
+
+    def __init__(self, message: str, *, host: str = "") -> None:
+        self.host = host
+        super().__init__(message)
+
+
+class ConnectError(TransportError):
+    """The connection could not be made; worth retrying."""
+
+    retryable = True
+
+
+class TransportTimeoutError(TransportError):
+    """The workstation did not answer in time; worth retrying."""
+
+    retryable = True
+
+
+class AuthError(TransportError):
+    """Credentials were rejected; fatal for that host."""
+
+
+class RemoteError(TransportError):
+    """The agent reported an error; fatal for that host."""

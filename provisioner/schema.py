@@ -1,0 +1,43 @@
+"""Which inventory paths hold secrets: path patterns the inventory schema declares.
+
+A pattern is a JSON Pointer whose segments may be ``*`` (exactly one segment).
+Every value at a matching path must be a sipvault token, and tokens may stand nowhere else.
+"""
+
+from __future__ import annotations
+
+from provisioner.errors import InventoryError
+
+SECRET_PATH_PATTERNS: tuple[str, ...] = (
+    "/users/*/accounts/*/password",
+    "/defaults/winrm/password",
+    "/groups/*/winrm/password",
+    "/workstations/*/winrm/password",
+)
+
+
+def split_pointer(pointer: str) -> list[str]:
+    """Split an RFC 6901 JSON Pointer into unescaped segments."""
+    if pointer == "":
+        return []
+    if not pointer.startswith("/"):
+        raise InventoryError(f"a path is a JSON Pointer starting with '/', got {pointer[:80]!r}")
+    return [part.replace("~1", "/").replace("~0", "~") for part in pointer[1:].split("/")]
+
+
+def join_pointer(segments: list[str] | tuple[str, ...]) -> str:
+    """Build an RFC 6901 JSON Pointer from unescaped segments."""
+    return "".join("/" + s.replace("~", "~0").replace("/", "~1") for s in segments)
+
+
+def matches_pattern(segments: tuple[str, ...] | list[str], pattern: str) -> bool:
+    """True when the path segments match one pattern segment for segment."""
+    wanted = pattern[1:].split("/")
+    if len(wanted) != len(segments):
+        return False
+    return all(w == "*" or w == s for w, s in zip(wanted, segments, strict=True))
+
+
+def is_secret_path(segments: tuple[str, ...] | list[str]) -> bool:
+    """True when a value at this path must be a sealed token."""
+    return any(matches_pattern(segments, p) for p in SECRET_PATH_PATTERNS)

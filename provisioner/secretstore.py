@@ -1,0 +1,532 @@
+"""Sealed values in an inventory directory: find, lint, set, verify, rekey and rebind them.
+
+Composes :mod:`provisioner.vault` (crypto) with :mod:`provisioner.yamldoc` (positions and
+surgical edits). Every write replaces a file atomically after re-parsing the edited text and
+checking that nothing but the intended token spans changed.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import stat
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from provisioner import vault, yamldoc
+from provisioner.atomicfile import create_exclusive, write_atomic
+from provisioner.errors import (
+    CannotDecryptError,
+    IdentityError,
+    InventoryError,
+    PathMismatchError,
+    PolicyViolationError,
+    RecipientsError,
+    RetiredKeyError,
+    TokenFormatError,
+    UnknownKeyError,
+    VaultError,
+    YamlEditError,
+)
+from provisioner.model import Secret
+from provisioner.schema import is_secret_path, join_pointer, split_pointer
+
+RECIPIENTS_FILE = "recipients.yaml"
+IDENTITY_SUFFIX = ".sipid"
+_SKIPPED_DIRS = {"build", "templates", "state", "node_modules", "__pycache__"}
+
+
+# --------------------------------------------------------------------------- files
+
+
+def inventory_files(root: Path) -> list[Path]:
+    """The YAML files of an inventory directory, in a stable order."""
+    if not root.is_dir():
+        raise InventoryError(f"inventory directory {root} does not exist")
+    found: list[Path] = []
+    for directory, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(
+            d for d in dirnames if not d.startswith(".") and d not in _SKIPPED_DIRS
+        )
+        for name in sorted(filenames):
+            if name.startswith(".") or name == RECIPIENTS_FILE:
+                continue
+            if name.endswith((".yaml", ".yml")):
+                found.append(Path(directory) / name)
+    return found
+
+
+def load_recipients(root: Path) -> vault.Recipients:
+    """Read and validate ``recipients.yaml`` of an inventory."""
+    path = root / RECIPIENTS_FILE
+    if not path.exists():
+        raise RecipientsError(
+            f"{path} does not exist; create the realm with 'provisioner keys init'"
+        )
+    return vault.Recipients.from_mapping(yamldoc.load_data(path), source=str(path))
+
+
+def write_recipients(root: Path, recipients: vault.Recipients) -> Path:
+    """Replace ``recipients.yaml`` atomically (world-readable: it holds public keys only)."""
+    path = root / RECIPIENTS_FILE
+    write_atomic(path, recipients.to_text().encode("utf-8"), mode=0o644)
+    return path
+
+
+def default_identity_dir() -> Path:
+    """Where identities live unless told otherwise: ``$XDG_CONFIG_HOME/microsip-provisioner``."""
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "microsip-provisioner"
+
+
+def identity_file_name(realm: str, kid: str) -> str:
+    """The default file name of an identity."""
+    return f"{realm}-{kid}{IDENTITY_SUFFIX}"
+
+
+@dataclass(frozen=True)
+class IdentityFile:
+    """A parsed, still locked identity file."""
+
+    path: Path
+    kid: str
+    needs_passphrase: bool
+    data: object = field(repr=False)
+
+
+def read_identity(path: Path) -> IdentityFile:
+    """Parse an identity file without unlocking it; checks owner-only permissions."""
+    if not path.is_file():
+        raise IdentityError(f"identity file {path} does not exist")
+    if os.name == "posix":
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            raise IdentityError(
+                f"{path} is readable by others (mode {mode:o}); run 'chmod 600 {path}'"
+            )
+    try:
+        data = yamldoc.load_data(path)
+    except InventoryError as exc:
+        raise IdentityError(str(exc)) from None
+    kid = data.get("kid") if isinstance(data, dict) else None
+    if not isinstance(kid, str):
+        raise IdentityError(f"{path}: not a sipvault identity file")
+    return IdentityFile(path, kid, vault.identity_needs_passphrase(data), data)
+
+
+def unlock(identity_file: IdentityFile, passphrase: bytes | None) -> vault.Identity:
+    """Unlock a parsed identity file."""
+    return vault.unlock_identity(identity_file.data, passphrase, source=str(identity_file.path))
+
+
+def write_identity(
+    path: Path, identity: vault.Identity, passphrase: bytes | None, **kw: str
+) -> None:
+    """Create a new identity file, owner-only, refusing to overwrite."""
+    protection = kw.get("protection", "argon2id")
+    if protection not in ("argon2id", "scrypt", "none"):
+        raise IdentityError(f"unknown protection {protection!r}")
+    text = vault.wrap_identity(
+        identity,
+        passphrase,
+        protection=protection,  # type: ignore[arg-type]
+        note=kw.get("note", ""),
+    )
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        create_exclusive(path, text.encode("utf-8"), mode=0o600)
+    except FileExistsError:
+        raise IdentityError(f"{path} already exists; choose another --out") from None
+
+
+# --------------------------------------------------------------------------- scanning
+
+
+@dataclass(frozen=True)
+class Site:
+    """A scalar in an inventory file, with where it stands."""
+
+    file: Path
+    ref: yamldoc.ScalarRef
+
+    @property
+    def pointer(self) -> str:
+        """Its JSON-Pointer path."""
+        return self.ref.pointer
+
+    @property
+    def where(self) -> str:
+        """``file:line:column`` for messages."""
+        return f"{self.file}:{self.ref.line}:{self.ref.column}"
+
+
+@dataclass(frozen=True)
+class Scan:
+    """Every file of an inventory, its secret fields and everything that looks like a token."""
+
+    root: Path
+    docs: tuple[yamldoc.YamlText, ...]
+    secret_fields: tuple[Site, ...]
+    strays: tuple[Site, ...]
+    problems: tuple[tuple[Path, yamldoc.Problem], ...]
+
+    def tokens(self) -> list[Site]:
+        """Secret fields that hold something token-shaped."""
+        return [s for s in self.secret_fields if vault.looks_like_token(s.ref.value)]
+
+
+def scan_inventory(root: Path, files: Sequence[Path] | None = None) -> Scan:
+    """Compose every inventory file and classify its scalars."""
+    docs: list[yamldoc.YamlText] = []
+    secret_fields: list[Site] = []
+    strays: list[Site] = []
+    problems: list[tuple[Path, yamldoc.Problem]] = []
+    for path in files if files is not None else inventory_files(root):
+        doc = yamldoc.load_text(path)
+        docs.append(doc)
+        problems.extend((path, p) for p in doc.problems)
+        for ref in doc.scalars:
+            if is_secret_path(ref.segments):
+                secret_fields.append(Site(path, ref))
+            elif ref.kind == "str" and vault.looks_like_token(ref.value):
+                strays.append(Site(path, ref))
+    return Scan(root, tuple(docs), tuple(secret_fields), tuple(strays), tuple(problems))
+
+
+# --------------------------------------------------------------------------- lint
+
+
+@dataclass(frozen=True)
+class SecretFinding:
+    """One result of the key-less secret checks. Never holds a value."""
+
+    severity: str
+    code: str
+    file: str
+    line: int
+    column: int
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        at = f" {self.path}:" if self.path else ""
+        where = f"{self.file}:{self.line}:{self.column}"
+        return f"{where}: {self.severity}[{self.code}]:{at} {self.message}"
+
+
+_ERROR_CODES: dict[type[VaultError], str] = {
+    TokenFormatError: "token-format",
+    UnknownKeyError: "unknown-key",
+    RetiredKeyError: "retired-key",
+    PathMismatchError: "path-mismatch",
+    CannotDecryptError: "cannot-decrypt",
+    PolicyViolationError: "policy",
+}
+
+
+def error_code(exc: VaultError) -> str:
+    """A short stable name for a vault error class."""
+    for cls, code in _ERROR_CODES.items():
+        if isinstance(exc, cls):
+            return code
+    return "vault"
+
+
+def _finding(site: Site, severity: str, code: str, message: str) -> SecretFinding:
+    return SecretFinding(
+        severity, code, str(site.file), site.ref.line, site.ref.column, site.pointer, message
+    )
+
+
+def lint_secrets(scan: Scan, recipients: vault.Recipients) -> list[SecretFinding]:
+    """The key-less CI check: each secret field holds a valid token for its place, only there."""
+    findings: list[SecretFinding] = [
+        SecretFinding(
+            "error", "yaml", str(path), p.line, p.column, join_pointer(p.segments), p.message
+        )
+        for path, p in scan.problems
+    ]
+    by_pointer: dict[str, list[Site]] = defaultdict(list)
+    by_enc: dict[bytes, list[Site]] = defaultdict(list)
+    for site in scan.secret_fields:
+        by_pointer[site.pointer].append(site)
+        ref = site.ref
+        if ref.anchored or ref.aliased or ref.tagged:
+            findings.append(
+                _finding(
+                    site,
+                    "error",
+                    "yaml-feature",
+                    "secret values may not use anchors, aliases or tags",
+                )
+            )
+            continue
+        if ref.kind == "null" or (ref.kind == "str" and ref.value == ""):
+            findings.append(
+                _finding(
+                    site,
+                    "error",
+                    "missing",
+                    f"no password set; run 'provisioner secrets set --path {site.pointer}'",
+                )
+            )
+            continue
+        if ref.kind != "str" or not vault.looks_like_token(ref.value):
+            findings.append(
+                _finding(
+                    site,
+                    "error",
+                    "plaintext",
+                    "plain text in a secret field; seal it with "
+                    f"'provisioner secrets set --path {site.pointer}' and purge it from git "
+                    "history, then change that password",
+                )
+            )
+            continue
+        try:
+            by_enc[vault.parse_token(ref.value).enc].append(site)
+            parts = vault.check_token(ref.value, site.pointer, recipients)
+        except VaultError as exc:
+            findings.append(_finding(site, "error", error_code(exc), str(exc)))
+            continue
+        if parts.kid != recipients.active:
+            findings.append(
+                _finding(
+                    site,
+                    "warning",
+                    "stale-key",
+                    f"sealed to {parts.kid}, not the active "
+                    f"key {recipients.active}; run 'provisioner secrets rekey'",
+                )
+            )
+    for pointer, sites in by_pointer.items():
+        if len(sites) > 1:
+            others = ", ".join(s.where for s in sites[1:])
+            findings.append(
+                _finding(
+                    sites[0],
+                    "error",
+                    "duplicate-path",
+                    f"{pointer} is defined more than once across files (also at {others})",
+                )
+            )
+    for sites in by_enc.values():
+        if len(sites) > 1:
+            for site in sites[1:]:
+                findings.append(
+                    _finding(
+                        site,
+                        "error",
+                        "copied-token",
+                        f"the same token also stands at "
+                        f"{sites[0].pointer} ({sites[0].where}); set each value anew",
+                    )
+                )
+    for site in scan.strays:
+        findings.append(
+            _finding(
+                site,
+                "error",
+                "stray-token",
+                "a sipvault token outside a secret field; "
+                "tokens belong only in fields the schema marks secret",
+            )
+        )
+    findings.sort(key=lambda f: (f.file, f.line, f.column, f.code))
+    return findings
+
+
+# --------------------------------------------------------------------------- set
+
+
+@dataclass(frozen=True)
+class Written:
+    """Where a sealed value was written."""
+
+    file: Path
+    line: int
+    pointer: str
+    kid: str
+
+
+def _edit_file(doc: yamldoc.YamlText, new_text: str, expected: dict[tuple[str, ...], str]) -> None:
+    yamldoc.verify_edit(doc, new_text, expected)
+    write_atomic(Path(doc.source), new_text.encode("utf-8"))
+
+
+def set_secret(root: Path, pointer: str, secret: Secret, recipients: vault.Recipients) -> Written:
+    """Seal ``secret`` for ``pointer`` and patch it into the one file that holds that entry."""
+    segments = tuple(split_pointer(pointer))
+    if not is_secret_path(segments):
+        raise VaultError(f"{pointer} is not a secret field of the inventory schema")
+    key = recipients.active_key()
+    token = vault.seal(secret, realm=recipients.realm, path=pointer, recipient=key)
+    scan = scan_inventory(root)
+    holders = [doc for doc in scan.docs if doc.scalar(segments) is not None]
+    if len(holders) > 1:
+        raise YamlEditError(
+            f"{pointer} is defined in more than one file: " + ", ".join(d.source for d in holders)
+        )
+    if holders:
+        doc = holders[0]
+        new_text = yamldoc.replace_scalars(doc, {segments: token})
+    else:
+        parent = segments[:-1]
+        parents = [doc for doc in scan.docs if doc.mapping(parent) is not None]
+        if len(parents) != 1:
+            raise YamlEditError(
+                f"no entry {join_pointer(parent)} in the inventory under {root}; add the user and "
+                "account first"
+                if not parents
+                else f"{join_pointer(parent)} is defined in more than one file"
+            )
+        doc = parents[0]
+        new_text = yamldoc.insert_key(
+            doc, parent, segments[-1], yamldoc.scalar_text(token, like=None)
+        )
+    _edit_file(doc, new_text, {segments: token})
+    ref = yamldoc.compose_text(new_text, doc.source).scalar(segments)
+    return Written(Path(doc.source), ref.line if ref else 0, pointer, key.kid)
+
+
+# --------------------------------------------------------------------------- verify
+
+
+@dataclass
+class VerifyReport:
+    """Counts per key id and per error class; failures with where, never values."""
+
+    ok_by_kid: Counter[str] = field(default_factory=Counter)
+    errors_by_class: Counter[str] = field(default_factory=Counter)
+    failures: list[SecretFinding] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when every token opened and passed the plaintext policy."""
+        return not self.failures
+
+
+def verify_secrets(scan: Scan, keyring: vault.Keyring) -> VerifyReport:
+    """Open every token with the keyring and check the plaintext policy."""
+    report = VerifyReport()
+    for site in scan.secret_fields:
+        ref = site.ref
+        if ref.kind != "str" or not vault.looks_like_token(ref.value):
+            code = "missing" if ref.kind == "null" or not ref.value else "plaintext"
+            report.errors_by_class[code] += 1
+            report.failures.append(_finding(site, "error", code, "no token in this secret field"))
+            continue
+        try:
+            secret = keyring.open(ref.value, site.pointer)
+            vault.check_policy(secret)
+        except VaultError as exc:
+            code = error_code(exc)
+            report.errors_by_class[code] += 1
+            message = "cannot decrypt value" if code == "cannot-decrypt" else str(exc)
+            report.failures.append(_finding(site, "error", code, message))
+            continue
+        report.ok_by_kid[vault.parse_token(ref.value).kid] += 1
+    return report
+
+
+# --------------------------------------------------------------------------- rekey / rebind
+
+
+@dataclass(frozen=True)
+class RekeyReport:
+    """What a rekey changed."""
+
+    resealed: int
+    files: tuple[Path, ...]
+    verified_by_opening: bool
+
+
+def _reseal_checked(
+    keyring: vault.Keyring, secret: Secret, pointer: str, target: vault.RecipientKey
+) -> str:
+    realm = keyring.recipients.realm
+    token = vault.seal(secret, realm=realm, path=pointer, recipient=target)
+    if target.kid in keyring.identities:
+        again = keyring.open(token, pointer)
+        if not hmac.compare_digest(again.reveal().encode(), secret.reveal().encode()):
+            raise CannotDecryptError(f"{pointer}: the re-sealed value does not round-trip")
+    else:
+        vault.check_token(token, pointer, keyring.recipients)
+    return token
+
+
+def rekey(
+    scan: Scan, keyring: vault.Keyring, to_kid: str, from_kids: Iterable[str] = ()
+) -> RekeyReport:
+    """Re-seal every token not sealed to ``to_kid`` (or only those of ``from_kids``).
+
+    All tokens are opened and re-sealed in memory first; files are written only when every
+    one succeeded, each file atomically.
+    """
+    target = keyring.recipients.key(to_kid)
+    if target.status != "active":
+        raise RecipientsError(f"key {to_kid} is {target.status}; make it the active key first")
+    only = set(from_kids)
+    edits: dict[str, dict[tuple[str, ...], str]] = defaultdict(dict)
+    count = 0
+    for site in scan.tokens():
+        kid = vault.parse_token(site.ref.value).kid
+        if kid == to_kid or (only and kid not in only):
+            continue
+        try:
+            secret = keyring.open(site.ref.value, site.pointer)
+        except VaultError as exc:
+            raise type(exc)(f"{site.where}: {site.pointer}: {exc}; nothing was changed") from None
+        edits[str(site.file)][site.ref.segments] = _reseal_checked(
+            keyring, secret, site.pointer, target
+        )
+        count += 1
+    planned: list[tuple[yamldoc.YamlText, str, dict[tuple[str, ...], str]]] = []
+    docs = {doc.source: doc for doc in scan.docs}
+    for source, file_edits in edits.items():
+        doc = docs[source]
+        new_text = yamldoc.replace_scalars(doc, file_edits)
+        yamldoc.verify_edit(doc, new_text, file_edits)
+        planned.append((doc, new_text, file_edits))
+    for doc, new_text, _ in planned:
+        write_atomic(Path(doc.source), new_text.encode("utf-8"))
+    return RekeyReport(
+        count, tuple(Path(d.source) for d, _, _ in planned), to_kid in keyring.identities
+    )
+
+
+def rebind(scan: Scan, keyring: vault.Keyring, old_pointer: str, new_pointer: str) -> Written:
+    """Re-seal the token now standing at ``new_pointer`` that was sealed for ``old_pointer``."""
+    new_segments = tuple(split_pointer(new_pointer))
+    split_pointer(old_pointer)
+    if not is_secret_path(new_segments):
+        raise VaultError(f"{new_pointer} is not a secret field of the inventory schema")
+    sites = [s for s in scan.secret_fields if s.ref.segments == new_segments]
+    if not sites:
+        old_here = any(s.pointer == old_pointer for s in scan.secret_fields)
+        hint = (
+            f"; the value still stands at {old_pointer}: move the entry in the YAML first"
+            if old_here
+            else ""
+        )
+        raise VaultError(f"no token stands at {new_pointer}{hint}")
+    if len(sites) > 1:
+        raise YamlEditError(f"{new_pointer} is defined in more than one file")
+    site = sites[0]
+    if not vault.looks_like_token(site.ref.value):
+        raise TokenFormatError(f"{site.where}: {new_pointer} does not hold a token")
+    parts = vault.parse_token(site.ref.value)
+    identity = keyring.identities.get(parts.kid)
+    if identity is None:
+        raise UnknownKeyError(f"no identity for key {parts.kid} was given")
+    if parts.pathtag != vault.compute_pathtag(keyring.recipients.realm, old_pointer):
+        raise PathMismatchError(f"the token at {new_pointer} was not sealed for {old_pointer}")
+    secret = keyring.open(site.ref.value, old_pointer)
+    target = keyring.recipients.active_key()
+    token = _reseal_checked(keyring, secret, new_pointer, target)
+    doc = next(d for d in scan.docs if d.source == str(site.file))
+    new_text = yamldoc.replace_scalars(doc, {new_segments: token})
+    _edit_file(doc, new_text, {new_segments: token})
+    return Written(site.file, site.ref.line, new_pointer, target.kid)

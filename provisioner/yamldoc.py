@@ -1,0 +1,397 @@
+"""YAML with positions, and surgical edits that change only a scalar's own characters.
+
+The only ruamel.yaml user besides the inventory loader. Files are composed (not constructed)
+so that every scalar keeps its exact span in the original text; an edit splices new text
+into that span and leaves comments, quoting, indentation and line endings untouched.
+The C parser (libyaml) is used for speed; a file it rejects is retried with ruamel's
+YAML 1.2 parser, which accepts ``:`` inside plain scalars in flow mappings.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from ruamel.yaml import YAML
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
+from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from provisioner.errors import InventoryError, YamlEditError
+from provisioner.schema import join_pointer
+
+_TAG_PREFIX = "tag:yaml.org,2002:"
+
+
+@dataclass(frozen=True)
+class ScalarRef:
+    """A scalar leaf: its JSON-Pointer segments, value and exact place in the text."""
+
+    segments: tuple[str, ...]
+    value: str
+    kind: str
+    start: int
+    end: int
+    line: int
+    column: int
+    style: str
+    anchored: bool
+    aliased: bool
+    tagged: bool
+    in_flow: bool
+    key_end: int
+
+    @property
+    def pointer(self) -> str:
+        """The RFC 6901 path of this value."""
+        return join_pointer(self.segments)
+
+
+@dataclass(frozen=True)
+class MappingRef:
+    """A mapping and, for each key, the column and line of the key and whether it is flow."""
+
+    segments: tuple[str, ...]
+    flow: bool
+    key_column: int
+    single_line_keys: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Something a loader must report: duplicate keys, bad key types, merge keys."""
+
+    message: str
+    line: int
+    column: int
+    segments: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class YamlText:
+    """A composed YAML document: its text, scalar leaves, mappings and structural problems."""
+
+    source: str
+    text: str
+    scalars: tuple[ScalarRef, ...]
+    mappings: tuple[MappingRef, ...]
+    problems: tuple[Problem, ...]
+
+    @cached_property
+    def _scalar_index(self) -> dict[tuple[str, ...], ScalarRef]:
+        index: dict[tuple[str, ...], ScalarRef] = {}
+        for ref in self.scalars:
+            index.setdefault(ref.segments, ref)
+        return index
+
+    @cached_property
+    def _mapping_index(self) -> dict[tuple[str, ...], MappingRef]:
+        index: dict[tuple[str, ...], MappingRef] = {}
+        for ref in self.mappings:
+            index.setdefault(ref.segments, ref)
+        return index
+
+    def scalar(self, segments: tuple[str, ...]) -> ScalarRef | None:
+        """The scalar at exactly these segments, if any."""
+        return self._scalar_index.get(segments)
+
+    def mapping(self, segments: tuple[str, ...]) -> MappingRef | None:
+        """The mapping at exactly these segments, if any."""
+        return self._mapping_index.get(segments)
+
+    def has_prefix(self, segments: tuple[str, ...]) -> bool:
+        """True when any value stands at or below ``segments``."""
+        n = len(segments)
+        return any(ref.segments[:n] == segments for ref in self.scalars) or any(
+            ref.segments[:n] == segments for ref in self.mappings
+        )
+
+
+def _compose(text: str, source: str) -> Node | None:
+    try:
+        return YAML(typ="safe", pure=False).compose(io.StringIO(text))  # type: ignore[no-any-return]
+    except YAMLError:
+        pass
+    try:
+        return YAML(typ="safe", pure=True).compose(io.StringIO(text))  # type: ignore[no-any-return]
+    except MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else 0
+        column = mark.column + 1 if mark is not None else 0
+        raise InventoryError(
+            f"invalid YAML: {exc.problem or exc.context}", file=source, line=line, column=column
+        ) from None
+    except YAMLError as exc:
+        raise InventoryError(f"invalid YAML: {exc}", file=source) from None
+
+
+def read_text(path: Path) -> str:
+    """Read a YAML file as text, keeping its line endings exactly."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise InventoryError(f"cannot read: {exc.strerror}", file=str(path)) from None
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InventoryError(
+            f"not UTF-8 (byte {exc.start} cannot be decoded); save the file as UTF-8",
+            file=str(path),
+        ) from None
+
+
+def load_text(path: Path) -> YamlText:
+    """Compose a YAML file into a :class:`YamlText`."""
+    return compose_text(read_text(path), str(path))
+
+
+def compose_text(text: str, source: str) -> YamlText:
+    """Compose YAML text, collecting every scalar leaf with its pointer and span."""
+    root = _compose(text, source)
+    walker = _Walker(text)
+    if root is not None:
+        walker.count(root)
+        walker.walk(root, (), in_flow=False, aliased=False)
+    return YamlText(
+        source=source,
+        text=text,
+        scalars=tuple(walker.scalars),
+        mappings=tuple(walker.mappings),
+        problems=tuple(walker.problems),
+    )
+
+
+class _Walker:
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.visits: dict[int, int] = {}
+        self.scalars: list[ScalarRef] = []
+        self.mappings: list[MappingRef] = []
+        self.problems: list[Problem] = []
+
+    def count(self, node: Node) -> None:
+        seen = self.visits.get(id(node), 0)
+        self.visits[id(node)] = seen + 1
+        if seen:
+            return
+        if isinstance(node, MappingNode):
+            for key, value in node.value:
+                self.count(key)
+                self.count(value)
+        elif isinstance(node, SequenceNode):
+            for item in node.value:
+                self.count(item)
+
+    def _prefix_flags(self, node: Node) -> tuple[bool, bool]:
+        first = self.text[node.start_mark.index : node.start_mark.index + 1]
+        return first == "&", first == "!"
+
+    def walk(
+        self,
+        node: Node,
+        segments: tuple[str, ...],
+        *,
+        in_flow: bool,
+        aliased: bool,
+        key_end: int = -1,
+    ) -> None:
+        aliased = aliased or self.visits.get(id(node), 0) > 1
+        if isinstance(node, ScalarNode):
+            anchored, tagged = self._prefix_flags(node)
+            tag = node.tag or ""
+            kind = tag[len(_TAG_PREFIX) :] if tag.startswith(_TAG_PREFIX) else tag
+            self.scalars.append(
+                ScalarRef(
+                    segments=segments,
+                    value=str(node.value),
+                    kind=kind,
+                    start=node.start_mark.index,
+                    end=node.end_mark.index,
+                    line=node.start_mark.line + 1,
+                    column=node.start_mark.column + 1,
+                    style=node.style if node.style in ('"', "'", "|", ">") else "",
+                    anchored=anchored,
+                    aliased=aliased,
+                    tagged=tagged,
+                    in_flow=in_flow,
+                    key_end=key_end,
+                )
+            )
+            return
+        flow = in_flow or bool(getattr(node, "flow_style", False))
+        if isinstance(node, SequenceNode):
+            for index, item in enumerate(node.value):
+                self.walk(item, (*segments, str(index)), in_flow=flow, aliased=aliased)
+            return
+        if not isinstance(node, MappingNode):
+            return
+        seen: dict[str, int] = {}
+        single_line: list[tuple[str, int]] = []
+        key_column = node.value[0][0].start_mark.column if node.value else 0
+        for key, value in node.value:
+            where = (key.start_mark.line + 1, key.start_mark.column + 1)
+            key_tag = key.tag or ""
+            if not isinstance(key, ScalarNode) or key_tag.endswith(":merge"):
+                what = "merge keys (<<)" if isinstance(key, ScalarNode) else "complex keys"
+                self.problems.append(Problem(f"{what} are not supported", *where, segments))
+                continue
+            if not key_tag.endswith((":str", ":int")):
+                self.problems.append(
+                    Problem(f"key {key.value!r} must be a string", *where, segments)
+                )
+                continue
+            name = str(key.value)
+            if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+                self.problems.append(Problem("a key contains control characters", *where, segments))
+                continue
+            if name in seen:
+                self.problems.append(
+                    Problem(
+                        f"duplicate key {name!r} (first at line {seen[name]})", *where, segments
+                    )
+                )
+                continue
+            seen[name] = where[0]
+            if (
+                isinstance(value, ScalarNode)
+                and value.style not in ("|", ">")
+                and value.start_mark.line == value.end_mark.line == key.start_mark.line
+            ):
+                single_line.append((name, key.start_mark.line))
+            self.walk(
+                value, (*segments, name), in_flow=flow, aliased=aliased, key_end=key.end_mark.index
+            )
+        self.mappings.append(MappingRef(segments, flow, key_column, tuple(single_line)))
+
+
+def iter_strings(doc: YamlText) -> Iterator[ScalarRef]:
+    """Every scalar leaf that a loader would read as a string."""
+    return (ref for ref in doc.scalars if ref.kind == "str")
+
+
+# --------------------------------------------------------------------------- editing
+
+
+def scalar_text(value: str, *, like: ScalarRef | None) -> str:
+    """How to write a token-like ``value`` (no spaces or quotes) where ``like`` stood."""
+    if like is not None and like.style in ('"', "'"):
+        return f"{like.style}{value}{like.style}"
+    # A plain scalar with ':' inside a flow mapping is valid YAML 1.2 but breaks libyaml-based
+    # tools; quote it unless the file already wrote it that way.
+    if like is not None and like.in_flow and ":" in value and ":" not in like.value:
+        return f'"{value}"'
+    return value
+
+
+def replacement_span(doc: YamlText, ref: ScalarRef) -> tuple[int, int, str]:
+    """Where a new value for ``ref`` goes, and the text to put before it."""
+    if ref.anchored or ref.aliased or ref.tagged:
+        raise YamlEditError(
+            f"{doc.source}:{ref.line}: {ref.pointer} uses an anchor, alias or tag; "
+            "secret values must be plain scalars, fix it by hand first"
+        )
+    if ref.style in ("|", ">"):
+        raise YamlEditError(
+            f"{doc.source}:{ref.line}: {ref.pointer} is a block scalar; "
+            "write it on one line ('password: x') and retry"
+        )
+    if ref.start == ref.end and ref.kind == "null" and ref.key_end >= 0:
+        colon = doc.text.find(":", ref.key_end)
+        if colon < 0:
+            raise YamlEditError(f"{doc.source}:{ref.line}: cannot find ':' after the key")
+        return colon + 1, colon + 1, " "
+    return ref.start, ref.end, ""
+
+
+def replace_scalars(doc: YamlText, edits: Mapping[tuple[str, ...], str]) -> str:
+    """New text with each scalar at a key of ``edits`` replaced by its value."""
+    spans: list[tuple[int, int, str]] = []
+    for segments, value in edits.items():
+        ref = doc.scalar(segments)
+        if ref is None:
+            raise YamlEditError(f"{doc.source}: no value at {join_pointer(segments)}")
+        start, end, before = replacement_span(doc, ref)
+        spans.append((start, end, before + scalar_text(value, like=ref)))
+    return splice(doc.text, spans)
+
+
+def insert_key(doc: YamlText, parent: tuple[str, ...], key: str, value: str) -> str:
+    """New text with ``key: value`` added to the block mapping at ``parent``."""
+    mapping = doc.mapping(parent)
+    where = join_pointer(parent) or "/"
+    if mapping is None:
+        raise YamlEditError(f"{doc.source}: no mapping at {where}")
+    if mapping.flow or not mapping.single_line_keys:
+        raise YamlEditError(
+            f"{doc.source}: cannot add {key!r} to {where} in place (flow style or no "
+            f"one-line key to anchor on); add '{key}:' by hand and retry"
+        )
+    anchor_line = mapping.single_line_keys[0][1]
+    newline = "\r\n" if "\r\n" in doc.text else "\n"
+    lines = doc.text.splitlines(keepends=True)
+    if anchor_line >= len(lines):
+        raise YamlEditError(f"{doc.source}: unexpected end of file near {where}")
+    offset = sum(len(line) for line in lines[: anchor_line + 1])
+    if not lines[anchor_line].endswith(("\n", "\r")):
+        offset_text = newline + " " * mapping.key_column + f"{key}: {value}"
+        return doc.text[:offset] + offset_text + doc.text[offset:]
+    new_line = " " * mapping.key_column + f"{key}: {value}{newline}"
+    return doc.text[:offset] + new_line + doc.text[offset:]
+
+
+def splice(text: str, spans: list[tuple[int, int, str]]) -> str:
+    """Replace non-overlapping ``(start, end, new)`` spans of ``text``."""
+    out: list[str] = []
+    cursor = 0
+    for start, end, new in sorted(spans):
+        if start < cursor:
+            raise YamlEditError("overlapping edits")
+        out.append(text[cursor:start])
+        out.append(new)
+        cursor = end
+    out.append(text[cursor:])
+    return "".join(out)
+
+
+def verify_edit(
+    before: YamlText, after_text: str, expected: Mapping[tuple[str, ...], str]
+) -> YamlText:
+    """Re-parse edited text; every scalar must be unchanged except the expected ones."""
+    after = compose_text(after_text, before.source)
+    old = {ref.segments: (ref.value, ref.kind) for ref in before.scalars}
+    new = {ref.segments: (ref.value, ref.kind) for ref in after.scalars}
+    for segments, value in expected.items():
+        if new.get(segments, ("", ""))[0] != value:
+            raise YamlEditError(
+                f"{before.source}: {join_pointer(segments)} did not take the new value; "
+                "the file was left unchanged"
+            )
+        old.pop(segments, None)
+        new.pop(segments, None)
+    if old != new or len(after.problems) != len(before.problems):
+        raise YamlEditError(
+            f"{before.source}: patching would change other values; the file was left unchanged"
+        )
+    return after
+
+
+def load_data(path: Path) -> Any:
+    """Load a small YAML file (recipients, identities) into plain Python data."""
+    text = read_text(path)
+    try:
+        return YAML(typ="safe", pure=True).load(io.StringIO(text))
+    except MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        raise InventoryError(
+            f"invalid YAML: {exc.problem or exc.context}",
+            file=str(path),
+            line=mark.line + 1 if mark is not None else 0,
+            column=mark.column + 1 if mark is not None else 0,
+        ) from None
+    except YAMLError as exc:
+        raise InventoryError(f"invalid YAML: {exc}", file=str(path)) from None

@@ -1,0 +1,126 @@
+"""The layering rules of docs/architecture.md, checked on the source."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import typer.main
+
+PACKAGE = Path(__file__).resolve().parent.parent / "provisioner"
+
+LAYERS: dict[str, int] = {
+    "errors": 0,
+    "model": 1,
+    "schema": 1,
+    "inidoc": 1,
+    "keytable": 1,
+    "atomicfile": 1,
+    "vault": 2,
+    "yamldoc": 2,
+    "ini": 2,
+    "lint": 2,
+    "secretstore": 3,
+    "cli": 4,
+}
+# Each third-party library lives in exactly one adapter (module prefix).
+ADAPTERS = {
+    "cryptography": ("vault",),
+    "ruamel": ("yamldoc",),
+    "typer": ("cli",),
+    "rich": ("cli",),
+    "jinja2": ("render",),
+    "winrm": ("transport.winrm",),
+    "requests": ("transport.winrm",),
+}
+REVEAL_ALLOWED = {"model", "vault", "secretstore", "render"}
+
+
+def _modules() -> dict[str, ast.Module]:
+    found = {}
+    for path in PACKAGE.rglob("*.py"):
+        name = ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
+        name = "" if name == "__init__" else name.removesuffix(".__init__")
+        found[name] = ast.parse(path.read_text(), filename=str(path))
+    return found
+
+
+def _imports(tree: ast.Module) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            if node.module == "provisioner":
+                names.update(f"provisioner.{alias.name}" for alias in node.names)
+    return names
+
+
+def _layer(module: str) -> int:
+    top = module.split(".")[0]
+    assert top in LAYERS, f"provisioner/{module} has no layer; add it to LAYERS and the docs"
+    return LAYERS[top]
+
+
+def test_imports_point_down_and_l2_modules_stay_independent() -> None:
+    for module, tree in _modules().items():
+        if module == "__main__" or module == "":
+            continue
+        mine = _layer(module)
+        for imported in _imports(tree):
+            if not imported.startswith("provisioner."):
+                continue
+            target = imported.removeprefix("provisioner.")
+            if target.split(".")[0] == module.split(".")[0]:
+                continue
+            theirs = _layer(target)
+            assert theirs < mine, f"{module} (L{mine}) imports {target} (L{theirs})"
+
+
+def test_each_third_party_library_has_one_adapter() -> None:
+    for module, tree in _modules().items():
+        for imported in _imports(tree):
+            top = imported.split(".")[0]
+            if top in ADAPTERS:
+                assert module.startswith(ADAPTERS[top]), f"{module} imports {top}"
+
+
+def test_only_the_renderer_and_the_sealing_code_reveal_secrets() -> None:
+    for module, tree in _modules().items():
+        calls = [
+            node
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and node.attr == "reveal"
+        ]
+        if calls:
+            assert module.split(".")[0] in REVEAL_ALLOWED, f"{module} calls .reveal()"
+
+
+def test_no_command_takes_a_secret_as_an_argument() -> None:
+    from provisioner.cli import app
+
+    command = typer.main.get_command(app)
+    seen = 0
+
+    def walk(cmd: object) -> None:
+        nonlocal seen
+        for sub in getattr(cmd, "commands", {}).values():
+            walk(sub)
+        for param in getattr(cmd, "params", []):
+            seen += 1
+            name = param.name.lower()
+            if "passphrase" in name or "password" in name:
+                assert name.endswith(("_file", "_fd")), f"--{name} would put a secret in argv"
+            assert "password" not in (param.envvar or "").lower()
+
+    walk(command)
+    assert seen > 20
+
+
+def test_environment_is_read_only_in_known_places() -> None:
+    allowed = {"secretstore", "cli.common", "cli"}
+    for module, tree in _modules().items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr in ("environ", "getenv"):
+                assert module in allowed, f"{module} reads the environment"

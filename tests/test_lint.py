@@ -1,0 +1,666 @@
+"""Lint rules for microsip.ini and override.ini, on documents built without a parser."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from provisioner.inidoc import IniDocument, IniEntry, IniSection
+from provisioner.lint import (
+    FINDING_CODES,
+    Finding,
+    has_errors,
+    lint_microsip_ini,
+    lint_override_ini,
+)
+
+CANARY = "Canary-Pw-7731"
+
+Pairs = Sequence[tuple[str | None, str]]
+
+
+def make_doc(*sections: tuple[str, Pairs], preamble: Pairs = ()) -> IniDocument:
+    """Build a document with line numbers as a file with these lines would have them."""
+    line = 0
+
+    def entries(pairs: Pairs) -> tuple[IniEntry, ...]:
+        nonlocal line
+        out = []
+        for key, value in pairs:
+            line += 1
+            out.append(IniEntry(key, value, line))
+        return tuple(out)
+
+    pre = entries(preamble)
+    built = []
+    for name, pairs in sections:
+        line += 1
+        header = line
+        built.append(IniSection(name, entries(pairs), header))
+    return IniDocument(tuple(built), pre)
+
+
+def account(label: str, user: str) -> list[tuple[str | None, str]]:
+    return [
+        ("label", label),
+        ("server", "sip.example.com:5061"),
+        ("proxy", "sbc1.example.com:5061 sbc2.example.com:5061"),
+        ("domain", "example.com"),
+        ("username", user),
+        ("password", CANARY),
+        ("authID", user),
+        ("displayName", f'"{label}"'),
+        ("transport", "tls"),
+        ("SRTP", "mandatory"),
+        ("registerRefresh", "300"),
+        ("keepAlive", "15"),
+        ("publish", "0"),
+        ("ICE", "0"),
+        ("allowRewrite", "0"),
+        ("disableSessionTimer", "0"),
+        ("hideCID", "0"),
+    ]
+
+
+SETTINGS: list[tuple[str | None, str]] = [
+    (None, "; rendered by microsip-provisioner"),
+    ("accountId", "1"),
+    ("updatesInterval", "never"),
+    ("enableLocalAccount", "0"),
+    ("denyIncoming", ""),
+    ("autoAnswer", ""),
+    ("audioCodecs", "opus/48000/2 PCMA/8000/1 PCMU/8000/1 G722/16000/1"),
+    ("DTMFMethod", "2"),
+    ("volumeRing", "80"),
+    ("STUN", "stun.example.com"),
+    ("enableSTUN", "0"),
+    ("recordingPath", r"C:\Recordings"),
+    ("cmdCallStart", r'"C:\Program Files\CRM\popup.exe" --call'),
+    ("usersDirectory", "https://pbx.example.com/directory.xml"),
+    ("enableShortcuts", "1"),
+]
+
+
+def clean_doc() -> IniDocument:
+    return make_doc(
+        ("Settings", SETTINGS),
+        ("Account1", account("Jane Doe", "1001")),
+        ("Account2", account("Front desk", "1002")),
+        ("Shortcuts", [("0", "Reception;100;call;;1"), ("1", "Voicemail;*97;call;;0")]),
+    )
+
+
+def codes(findings: Sequence[Finding]) -> list[str]:
+    return [f.code for f in findings]
+
+
+def lint_settings(*pairs: tuple[str, str], **kwargs: bool) -> list[Finding]:
+    """Lint a valid document with [Settings] lines replaced or appended."""
+    overrides = dict(pairs)
+    base = [(k, v if k is None else overrides.pop(k, v)) for k, v in SETTINGS]
+    doc = make_doc(
+        ("Settings", [*base, *overrides.items()]),
+        ("Account1", account("Jane Doe", "1001")),
+    )
+    return lint_microsip_ini(doc, source="pc01", **kwargs)
+
+
+def lint_account(*pairs: tuple[str, str]) -> list[Finding]:
+    """Lint a valid document with [Account1] lines replaced or appended."""
+    overrides = dict(pairs)
+    base = [(k, overrides.pop(k, v)) for k, v in account("Jane Doe", "1001") if k is not None]
+    doc = make_doc(("Settings", SETTINGS), ("Account1", [*base, *overrides.items()]))
+    return lint_microsip_ini(doc, source="pc01")
+
+
+def only(findings: Sequence[Finding]) -> Finding:
+    assert len(findings) == 1, [str(f) for f in findings]
+    return findings[0]
+
+
+# ---- clean documents ---------------------------------------------------------------------
+
+
+def test_clean_realistic_document_has_no_findings() -> None:
+    assert lint_microsip_ini(clean_doc(), source="pc01") == []
+
+
+def test_empty_document_has_no_findings() -> None:
+    assert lint_microsip_ini(IniDocument()) == []
+
+
+def test_account0_is_the_local_account_and_not_counted() -> None:
+    doc = make_doc(
+        ("Settings", SETTINGS),
+        ("Account0", [("label", "Local (call by IP address)")]),
+        ("Account1", account("Jane Doe", "1001")),
+    )
+    assert lint_microsip_ini(doc) == []
+
+
+# ---- keys --------------------------------------------------------------------------------
+
+
+def test_unknown_key_with_suggestion() -> None:
+    finding = only(lint_account(("tranport", "tls")))
+    assert (finding.severity, finding.code) == ("error", "unknown-key")
+    assert "did you mean transport?" in finding.message
+    assert (finding.source, finding.section, finding.key) == ("pc01", "Account1", "tranport")
+    assert finding.line > 0
+
+
+def test_account_key_in_settings_points_to_account_section() -> None:
+    finding = only(lint_settings(("server", "sip.example.com")))
+    assert finding.code == "unknown-key"
+    assert "[AccountN] server" in finding.message
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "suggestion"),
+    [
+        ("Settings", "updateInterval", "never", "updatesInterval"),
+        ("Settings", "disableLocalAccount", "1", "enableLocalAccount=0"),
+        ("Settings", "ListenPort", "5060", "sourcePort"),
+        ("Account1", "STUN", "stun.example.com", "[Settings] STUN"),
+    ],
+)
+def test_documented_script_mistakes_get_suggestions(
+    section: str, key: str, value: str, suggestion: str
+) -> None:
+    settings_pairs = list(SETTINGS)
+    account_pairs = account("Jane Doe", "1001")
+    (settings_pairs if section == "Settings" else account_pairs).append((key, value))
+    doc = make_doc(("Settings", settings_pairs), ("Account1", account_pairs))
+    finding = only(lint_microsip_ini(doc))
+    assert (finding.severity, finding.code, finding.key) == ("error", "non-key", key)
+    assert f"did you mean {suggestion}?" in finding.message
+
+
+@pytest.mark.parametrize("key", ["enabled", "crashReport"])
+def test_other_known_non_keys(key: str) -> None:
+    finding = only(lint_settings((key, "0")))
+    assert finding.code == "non-key"
+    assert "did you mean" not in finding.message
+
+
+@pytest.mark.parametrize("section", ["Settings", "Account1"])
+def test_password_size_is_an_error(section: str) -> None:
+    if section == "Settings":
+        findings = lint_settings(("passwordSize", "8"))
+    else:
+        findings = lint_account(("passwordSize", "8"))
+    finding = only(findings)
+    assert (finding.severity, finding.code) == ("error", "password-size")
+
+
+def test_key_case_is_a_warning() -> None:
+    found = lint_account(("Transport", "tls"))
+    # The first 'transport' line wins; this one is a duplicate spelled differently.
+    assert codes(found) == ["duplicate-key", "key-case"]
+    doc = make_doc(
+        ("settings", [("ACCOUNTID", "1")]),
+        ("account1", [("DOMAIN", "example.com"), ("UserName", "1001")]),
+    )
+    found = lint_microsip_ini(doc)
+    assert codes(found) == ["key-case", "key-case", "key-case"]
+    assert all(f.severity == "warning" for f in found)
+    assert "'accountId'" in found[0].message
+
+
+def test_key_before_any_section_is_ignored_by_microsip() -> None:
+    doc = make_doc(
+        ("Settings", SETTINGS),
+        ("Account1", account("Jane Doe", "1001")),
+        preamble=[(None, "; header"), ("accountId", "1")],
+    )
+    finding = only(lint_microsip_ini(doc))
+    assert finding.code == "orphan-key"
+
+
+def test_obsolete_key_warns() -> None:
+    finding = only(lint_settings(("silent", "1")))
+    assert (finding.severity, finding.code) == ("warning", "obsolete-key")
+
+
+# ---- values ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [
+        ("Account1", "transport", "tls1.2"),
+        ("Account1", "SRTP", "required"),
+        ("Settings", "DTMFMethod", "4"),
+        ("Settings", "autoAnswer", "0"),  # from a published script: empty means "no"
+        ("Settings", "autoAnswerCalls", "idle"),
+        ("Settings", "denyIncoming", "0"),  # from a published script: empty means "no"
+        ("Settings", "forwarding", "always"),
+        ("Settings", "updatesInterval", "weekly-ish"),
+        ("Settings", "recordingFormat", "ogg"),
+        ("Settings", "defaultAction", "chat"),
+    ],
+)
+def test_bad_enum(section: str, key: str, value: str) -> None:
+    findings = lint_settings((key, value)) if section == "Settings" else lint_account((key, value))
+    finding = only(findings)
+    assert (finding.severity, finding.code, finding.key) == ("error", "bad-enum", key)
+    assert f"'{value}'" in finding.message
+
+
+def test_bad_enum_suggests_the_right_case() -> None:
+    finding = only(lint_account(("transport", "TLS")))
+    assert finding.code == "bad-enum"
+    assert "did you mean 'tls'?" in finding.message
+
+
+@pytest.mark.parametrize(("key", "value"), [("transport", ""), ("SRTP", ""), ("SRTP", "dtls")])
+def test_meaningful_empty_and_new_enum_values(key: str, value: str) -> None:
+    assert lint_account((key, value)) == []
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [
+        ("Account1", "hideCID", "true"),
+        ("Account1", "ICE", "yes"),
+        ("Settings", "EC", "2"),
+        ("Settings", "enableLog", ""),
+        ("Settings", "VAD", " 01"),
+    ],
+)
+def test_bad_bool(section: str, key: str, value: str) -> None:
+    findings = lint_settings((key, value)) if section == "Settings" else lint_account((key, value))
+    finding = only(findings)
+    assert (finding.severity, finding.code) == ("error", "bad-bool")
+
+
+def test_bad_int_and_out_of_range() -> None:
+    assert codes(lint_account(("registerRefresh", "5m"))) == ["bad-int"]
+    assert codes(lint_settings(("sourcePort", ""))) == ["bad-int"]
+    finding = only(lint_settings(("autoAnswerDelay", "1.5")))
+    assert finding.code == "bad-int"
+    finding = only(lint_settings(("volumeRing", "101")))
+    assert finding.code == "out-of-range"
+    assert "between 0 and 100" in finding.message
+    assert lint_account(("registerRefresh", "-1")) == []
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "limit"),
+    [
+        ("Account1", "label", 255),
+        ("Account1", "server", 1040),
+        ("Account1", "displayName", 1040),
+        ("Settings", "userAgent", 255),
+        ("Settings", "audioCodecs", 511),
+    ],
+)
+def test_length_limits(section: str, key: str, limit: int) -> None:
+    fits = "a" * limit
+
+    def run(value: str) -> list[Finding]:
+        if section == "Settings":
+            return lint_settings((key, value))
+        return lint_account((key, value))
+
+    assert [f for f in run(fits) if f.code != "unknown-codec"] == []
+    finding = only([f for f in run(fits + "y") if f.code != "unknown-codec"])
+    assert (finding.code, finding.key) == ("too-long", key)
+    assert str(limit) in finding.message
+
+
+def test_shortcut_limit_type_and_gap() -> None:
+    long_label = "x" * 1020
+    doc = make_doc(
+        ("Settings", SETTINGS),
+        ("Account1", account("Jane Doe", "1001")),
+        ("Shortcuts", [("0", f"{long_label};100;call"), ("1", "A;1;dial"), ("3", "B;2;call")]),
+    )
+    found = lint_microsip_ini(doc)
+    assert sorted(codes(found)) == ["bad-shortcut", "shortcut-gap", "too-long"]
+    gap = next(f for f in found if f.code == "shortcut-gap")
+    assert gap.severity == "warning"
+    assert "no key 2" in gap.message
+
+
+def test_unknown_codec_is_a_warning() -> None:
+    finding = only(lint_settings(("audioCodecs", "PCMA/8000/1 G726/8000/1")))
+    assert (finding.severity, finding.code) == ("warning", "unknown-codec")
+    assert "G726/8000/1" in finding.message
+
+
+@pytest.mark.parametrize(
+    "char", ["\n", "\r", "\x00", "\x1b", "\x7f", "\x85", "\u2028", "\u2029", "\x0b"]
+)
+def test_control_characters(char: str) -> None:
+    finding = only(lint_account(("label", f"Jane{char}Doe")))
+    assert (finding.severity, finding.code) == ("error", "control-char")
+    assert f"U+{ord(char):04X}" in finding.message
+    assert char not in finding.message
+
+
+def test_tab_is_not_a_control_character() -> None:
+    assert lint_account(("label", "Jane\tDoe")) == []
+
+
+# ---- hooks -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        r'"C:\Tools\notify.exe" "two words"',
+        r"C:\Tools\notify.exe --title " + '"Incoming call"',
+        r'"C:\Program Files\x\notify.exe" --x "y z"',  # outer quotes are stripped first
+    ],
+)
+def test_hook_with_quoted_arguments_warns(value: str) -> None:
+    finding = only(lint_settings(("cmdCallRing", value)))
+    assert (finding.severity, finding.code) == ("warning", "hook-quotes")
+    assert "CommandLineToArgvW" in finding.message
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        r'"C:\Program Files\CRM\popup.exe" --call',
+        r'"C:\Tools\notify.exe --flag"',
+        r'""C:\Program Files\CRM\popup.exe" --call"',
+        r"C:\Tools\notify.exe",
+        "",
+    ],
+)
+def test_hook_with_outer_quotes_only_is_fine(value: str) -> None:
+    assert lint_settings(("cmdCallRing", value)) == []
+
+
+# ---- runtime -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("mainX", "100"),
+        ("callsWidth3", "80"),
+        ("volumeOutput", "50"),
+        ("AA", "1"),
+        ("DND", "0"),
+        ("lastCallNumber", "100"),
+        ("callsLastKey", "12"),
+        ("checkUpdatesTime", "1700000000"),
+        ("version", "3.22.3"),
+    ],
+)
+def test_runtime_keys_are_errors_unless_allowed(key: str, value: str) -> None:
+    finding = only(lint_settings((key, value)))
+    assert (finding.severity, finding.code) == ("error", "runtime-key")
+    assert lint_settings((key, value), allow_runtime=True) == []
+
+
+def test_runtime_keys_are_still_type_checked_when_allowed() -> None:
+    # A published template wrote the autoAnswer string into the AA toggle.
+    finding = only(lint_settings(("AA", "all"), allow_runtime=True))
+    assert finding.code == "bad-bool"
+
+
+@pytest.mark.parametrize("name", ["Calls", "Dialed", "Contacts", "calls"])
+def test_runtime_sections(name: str) -> None:
+    doc = make_doc(
+        ("Settings", SETTINGS),
+        ("Account1", account("Jane Doe", "1001")),
+        (name, [("0", "100;Reception;1;1700000000;12;")]),
+    )
+    finding = only(lint_microsip_ini(doc))
+    assert (finding.severity, finding.code, finding.section) == ("error", "runtime-section", name)
+    assert lint_microsip_ini(doc, allow_runtime=True) == []
+
+
+def test_unknown_sections() -> None:
+    doc = make_doc(
+        ("Settings", SETTINGS),
+        ("Account1", account("Jane Doe", "1001")),
+        ("General", [("foo", "bar")]),
+        ("Account01", [("domain", "example.com")]),
+    )
+    found = lint_microsip_ini(doc)
+    assert codes(found) == ["unknown-section", "unknown-section"]
+    assert "leading zeros" in found[1].message
+
+
+# ---- duplicates --------------------------------------------------------------------------
+
+
+def test_duplicate_section_and_key_are_warnings() -> None:
+    doc = make_doc(
+        ("Settings", [*SETTINGS, ("updatesInterval", "daily")]),
+        ("Account1", account("Jane Doe", "1001")),
+        ("settings", [("updatesInterval", "never")]),
+    )
+    found = lint_microsip_ini(doc)
+    assert codes(found) == ["duplicate-key", "duplicate-section"]
+    dup_key, dup_section = found[0], found[1]
+    assert dup_key.severity == dup_section.severity == "warning"
+    assert "first at line" in dup_key.message
+    assert "ignored" in dup_section.message
+
+
+# ---- accounts ----------------------------------------------------------------------------
+
+
+def test_account_gap_names_the_first_missing_index() -> None:
+    doc = make_doc(
+        ("Settings", SETTINGS),
+        ("Account1", account("A", "1001")),
+        ("Account3", account("C", "1003")),
+        ("Account4", account("D", "1004")),
+    )
+    finding = only(lint_microsip_ini(doc))
+    assert (finding.severity, finding.code, finding.section) == ("error", "account-gap", "Account3")
+    assert "[Account2] is missing" in finding.message
+
+
+def test_accounts_must_start_at_one() -> None:
+    doc = make_doc(("Settings", [("accountId", "2")]), ("Account2", account("B", "1002")))
+    assert sorted(codes(lint_microsip_ini(doc))) == ["account-gap", "account-id"]
+
+
+def test_account_without_domain_or_username() -> None:
+    missing = [(k, v) for k, v in account("B", "1002") if k not in ("domain", "username")]
+    empty_domain = [(k, "" if k == "domain" else v) for k, v in account("C", "1003")]
+    doc = make_doc(
+        ("Settings", SETTINGS),
+        ("Account1", account("A", "1001")),
+        ("Account2", missing),
+        ("Account3", empty_domain),
+    )
+    found = lint_microsip_ini(doc)
+    assert [(f.code, f.section) for f in found] == [
+        ("account-missing-domain", "Account2"),
+        ("account-missing-username", "Account2"),
+        ("account-missing-domain", "Account3"),
+    ]
+    assert all(f.severity == "error" for f in found)
+    assert found[2].line == doc.sections[3].entries[3].line  # points at the empty domain line
+    assert "every account after it" in found[0].message
+
+
+def test_account_id_on_an_account_without_domain() -> None:
+    doc = make_doc(
+        ("Settings", SETTINGS),
+        ("Account1", [(k, "" if k == "domain" else v) for k, v in account("A", "1")]),
+    )
+    assert sorted(codes(lint_microsip_ini(doc))) == ["account-id", "account-missing-domain"]
+
+
+def test_account_id_must_be_present_when_accounts_exist() -> None:
+    settings_pairs = [(k, v) for k, v in SETTINGS if k != "accountId"]
+    doc = make_doc(("Settings", settings_pairs), ("Account1", account("A", "1001")))
+    finding = only(lint_microsip_ini(doc))
+    assert (finding.severity, finding.code) == ("error", "account-id")
+    assert "accountId=1" in finding.message
+    doc = make_doc(
+        ("Settings", [*settings_pairs, ("accountId", "")]), ("Account1", account("A", "1"))
+    )
+    assert codes(lint_microsip_ini(doc)) == ["account-id"]
+    doc = make_doc(("Account1", account("A", "1001")))
+    assert codes(lint_microsip_ini(doc)) == ["account-id"]
+    # No account at all: nothing to select.
+    assert lint_microsip_ini(make_doc(("Settings", settings_pairs))) == []
+
+
+@pytest.mark.parametrize("value", ["3", "abc", "-1", "1.0"])
+def test_account_id_must_point_at_an_existing_account(value: str) -> None:
+    doc = make_doc(
+        ("Settings", [("accountId", value)]),
+        ("Account1", account("A", "1001")),
+        ("Account2", account("B", "1002")),
+    )
+    finding = only(lint_microsip_ini(doc))
+    assert (finding.severity, finding.code) == ("error", "account-id")
+
+
+def test_account_id_pointing_at_unloadable_account() -> None:
+    no_domain = [(k, v) for k, v in account("A", "1001") if k != "domain"]
+    doc = make_doc(
+        ("Settings", [("accountId", "2")]),
+        ("Account1", no_domain),
+        ("Account2", account("B", "1002")),
+    )
+    found = lint_microsip_ini(doc)
+    assert sorted(codes(found)) == ["account-id", "account-missing-domain"]
+    assert "cannot load" in next(f for f in found if f.code == "account-id").message
+
+
+def test_account_id_zero_needs_the_local_account() -> None:
+    doc = make_doc(("Settings", [("accountId", "0")]), ("Account1", account("A", "1001")))
+    finding = only(lint_microsip_ini(doc))
+    assert (finding.severity, finding.code) == ("warning", "account-id")
+    doc = make_doc(
+        ("Settings", [("accountId", "0"), ("enableLocalAccount", "1")]),
+        ("Account1", account("A", "1001")),
+    )
+    assert lint_microsip_ini(doc) == []
+
+
+def test_at_most_100_accounts() -> None:
+    sections = [(f"Account{i}", account(f"A{i}", str(1000 + i))) for i in range(1, 102)]
+    doc = make_doc(("Settings", [("accountId", "1")]), *sections)
+    finding = only(lint_microsip_ini(doc))
+    assert (finding.code, finding.section) == ("too-many-accounts", "Account101")
+    assert lint_microsip_ini(make_doc(("Settings", [("accountId", "1")]), *sections[:100])) == []
+
+
+# ---- override.ini ------------------------------------------------------------------------
+
+
+def test_override_allows_partial_accounts() -> None:
+    doc = make_doc(
+        ("Settings", [("updatesInterval", "never"), ("DTMFMethod", "2")]),
+        ("Account3", [("password", CANARY)]),
+        ("Account0", [("label", "Local")]),
+    )
+    assert lint_override_ini(doc, source="override.ini") == []
+
+
+def test_override_applies_the_same_key_checks() -> None:
+    doc = make_doc(
+        ("Settings", [("updateInterval", "never"), ("accountId", "x"), ("EC", "on")]),
+        ("Account2", [("transport", "sctp"), ("STUN", "stun.example.com")]),
+    )
+    found = lint_override_ini(doc, source="override.ini")
+    assert codes(found) == ["non-key", "bad-int", "bad-bool", "bad-enum", "non-key"]
+    assert {f.source for f in found} == {"override.ini"}
+
+
+def test_override_rejects_runtime_data_and_other_sections() -> None:
+    doc = make_doc(
+        ("Settings", [("mainX", "10"), ("AA", "1")]),
+        ("Shortcuts", [("0", "A;1;call")]),
+        ("Calls", [("0", "x")]),
+        ("General", [("x", "1")]),
+    )
+    assert codes(lint_override_ini(doc)) == [
+        "runtime-key",
+        "runtime-key",
+        "unknown-section",
+        "runtime-section",
+        "unknown-section",
+    ]
+
+
+# ---- findings and secrets ----------------------------------------------------------------
+
+
+def test_finding_is_frozen_and_prints_location() -> None:
+    finding = only(lint_account(("tranport", "tls")))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        finding.code = "x"  # type: ignore[misc]
+    text = str(finding)
+    assert text.startswith(f"pc01:{finding.line}: error unknown-key: [Account1] tranport:")
+    assert has_errors([finding])
+    assert not has_errors([dataclasses.replace(finding, severity="warning")])
+
+
+def test_long_values_are_truncated_in_messages() -> None:
+    value = "z" * 300
+    found = lint_settings(("autoAnswer", value))
+    assert codes(found) == ["too-long", "bad-enum"]
+    finding = found[1]
+    assert value not in finding.message
+    assert len(finding.message) < 200
+
+
+def test_findings_are_in_line_order_and_use_known_codes() -> None:
+    doc = make_doc(
+        ("Settings", [("updateInterval", "x"), ("EC", "9"), ("mainX", "1")]),
+        ("Account2", [("transport", "x")]),
+        ("Calls", []),
+    )
+    found = lint_microsip_ini(doc)
+    assert set(codes(found)) <= FINDING_CODES
+    lines = [f.line for f in found if f.line]
+    assert lines == sorted(lines)
+
+
+def _password_mistakes(password: str) -> IniDocument:
+    return make_doc(
+        ("Settings", [("accountId", "1"), ("password", password), ("passwordSize", password)]),
+        (
+            "Account1",
+            [
+                ("domain", "example.com"),
+                ("username", "1001"),
+                ("password", password + "\n" + password),
+                ("Password", password),
+                ("PASSWORD", password * 120),
+            ],
+        ),
+        ("Account2", [("password", f'"{password}\x00"')]),
+        ("Account4", [("password", password)]),
+    )
+
+
+def test_no_message_contains_a_password_value() -> None:
+    findings = lint_microsip_ini(_password_mistakes(CANARY))
+    findings += lint_override_ini(_password_mistakes(CANARY))
+    assert {"too-long", "control-char", "duplicate-key", "unknown-key"} <= set(codes(findings))
+    for finding in findings:
+        assert CANARY not in finding.message
+        assert CANARY not in str(finding)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.text(min_size=1, max_size=1100).map(lambda s: "Pw-7731-" + s))
+def test_no_message_contains_any_password_value(password: str) -> None:
+    doc = make_doc(
+        ("Settings", [("accountId", "1")]),
+        ("Account1", [("domain", "example.com"), ("username", "1"), ("password", password)]),
+        ("Account2", [("password", password), ("password", password)]),
+    )
+    findings = lint_microsip_ini(doc) + lint_override_ini(doc)
+    for finding in findings:
+        assert "Pw-7731-" not in str(finding)
