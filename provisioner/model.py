@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hmac
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 _MASK = "Secret(***)"
@@ -55,3 +57,135 @@ class Secret:
 
     def __len__(self) -> int:
         return len(self._plain)
+
+
+# --------------------------------------------------------------------------- inventory model
+
+Scalar = str | int | bool | float | None
+Value = Scalar | tuple[str, ...] | Secret
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """Where a value was written: file, line, column and the layer it belongs to."""
+
+    file: str
+    line: int
+    column: int
+    layer: str = ""
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}:{self.column}"
+        return f"{where} ({self.layer})" if self.layer else where
+
+
+@dataclass(frozen=True, slots=True)
+class Sourced:
+    """A value and where it came from; ``token`` is the sealed text for secret fields."""
+
+    value: Value
+    source: Source
+    pointer: str = ""
+
+
+Block = Mapping[str, Sourced]
+
+
+@dataclass(frozen=True)
+class Layer:
+    """The configuration blocks one inventory entity contributes."""
+
+    settings: Block = field(default_factory=dict)
+    account: Block = field(default_factory=dict)
+    enforced_settings: Block = field(default_factory=dict)
+    enforced_account: Block = field(default_factory=dict)
+    winrm: Block = field(default_factory=dict)
+    microsip: Block = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Group:
+    """A site, department or any other set of workstations or users."""
+
+    name: str
+    parents: tuple[str, ...]
+    layer: Layer
+    source: Source
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class SipAccount:
+    """One SIP account of a user, keyed by a stable id."""
+
+    id: str
+    active: bool
+    keys: Block
+    source: Source
+
+
+@dataclass(frozen=True)
+class User:
+    """A Windows user and their SIP accounts."""
+
+    name: str
+    windows: str
+    display_name: str
+    groups: tuple[str, ...]
+    workstations: tuple[str, ...]
+    layer: Layer
+    accounts: tuple[SipAccount, ...]
+    source: Source
+
+
+@dataclass(frozen=True)
+class Workstation:
+    """A Windows workstation (or RDS host) and the users who use MicroSIP on it."""
+
+    name: str
+    address: str
+    groups: tuple[str, ...]
+    users: tuple[str, ...]
+    layer: Layer
+    source: Source
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """A whole inventory directory, merged into one namespace and cross-checked."""
+
+    root: str
+    defaults: Layer
+    groups: Mapping[str, Group]
+    workstations: Mapping[str, Workstation]
+    users: Mapping[str, User]
+    files: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """One problem found by validation, with where it is. Never holds a secret value."""
+
+    severity: str
+    code: str
+    message: str
+    file: str = ""
+    line: int = 0
+    column: int = 0
+    path: str = ""
+
+    @property
+    def where(self) -> str:
+        """``file:line:column`` (as much as is known)."""
+        where = self.file
+        if self.line:
+            where += f":{self.line}"
+            if self.column:
+                where += f":{self.column}"
+        return where
+
+    def __str__(self) -> str:
+        prefix = f"{self.where}: " if self.where else ""
+        at = f" {self.path}:" if self.path else ""
+        return f"{prefix}{self.severity}[{self.code}]:{at} {self.message}"

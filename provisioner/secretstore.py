@@ -60,12 +60,7 @@ def inventory_files(root: Path) -> list[Path]:
 
 def load_recipients(root: Path) -> vault.Recipients:
     """Read and validate ``recipients.yaml`` of an inventory."""
-    path = root / RECIPIENTS_FILE
-    if not path.exists():
-        raise RecipientsError(
-            f"{path} does not exist; create the realm with 'provisioner keys init'"
-        )
-    return vault.Recipients.from_mapping(yamldoc.load_data(path), source=str(path))
+    return vault.load_recipients_file(root / RECIPIENTS_FILE)
 
 
 def write_recipients(root: Path, recipients: vault.Recipients) -> Path:

@@ -23,6 +23,7 @@ import struct
 import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from cryptography.exceptions import InvalidTag, UnsupportedAlgorithm
@@ -32,6 +33,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
+from provisioner import yamldoc
 from provisioner.errors import (
     CannotDecryptError,
     IdentityError,
@@ -375,6 +377,15 @@ class Recipients:
                 f"    note: {json.dumps(key.note)}",
             ]
         return "\n".join(lines) + "\n"
+
+
+def load_recipients_file(path: Path) -> Recipients:
+    """Read and validate a ``recipients.yaml`` file."""
+    if not path.exists():
+        raise RecipientsError(
+            f"{path} does not exist; create the realm with 'provisioner keys init'"
+        )
+    return Recipients.from_mapping(yamldoc.load_data(path), source=str(path))
 
 
 def new_recipients(realm: str, key: RecipientKey) -> Recipients:

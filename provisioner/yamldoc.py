@@ -395,3 +395,148 @@ def load_data(path: Path) -> Any:
         ) from None
     except YAMLError as exc:
         raise InventoryError(f"invalid YAML: {exc}", file=str(path)) from None
+
+
+# --------------------------------------------------------------------------- positioned trees
+
+
+@dataclass(frozen=True, slots=True)
+class YNode:
+    """A YAML value with its position: a mapping, a sequence or a typed scalar."""
+
+    kind: str
+    line: int
+    column: int
+    value: Any = None
+    items: tuple[tuple[str, YNode], ...] = ()
+    key_positions: tuple[tuple[int, int], ...] = ()
+    tag: str = ""
+    shared: bool = False
+
+    def get(self, key: str) -> YNode | None:
+        """The child of a mapping at ``key``, or None."""
+        for name, child in self.items:
+            if name == key:
+                return child
+        return None
+
+    def key_position(self, key: str) -> tuple[int, int]:
+        """Line and column of ``key`` in a mapping (the node's own position if absent)."""
+        for (name, _), position in zip(self.items, self.key_positions, strict=True):
+            if name == key:
+                return position
+        return self.line, self.column
+
+
+def _scalar_value(tag: str, text: str) -> Any:
+    if tag == "int":
+        try:
+            return int(text.replace("_", ""), 0)
+        except ValueError:
+            try:
+                return int(text.replace("_", ""))
+            except ValueError:
+                return text
+    if tag == "float":
+        lowered = text.lower()
+        if lowered.endswith(".inf"):
+            return float("-inf") if lowered.startswith("-") else float("inf")
+        if lowered == ".nan":
+            return float("nan")
+        try:
+            return float(text.replace("_", ""))
+        except ValueError:
+            return text
+    if tag == "bool":
+        return text.lower() in ("true", "yes", "on", "y")
+    if tag == "null":
+        return None
+    return text
+
+
+def load_tree(path: Path) -> tuple[YNode | None, tuple[Problem, ...]]:
+    """Compose a YAML file into a positioned tree; problems (duplicates...) are returned."""
+    return compose_tree(read_text(path), str(path))
+
+
+def compose_tree(text: str, source: str) -> tuple[YNode | None, tuple[Problem, ...]]:
+    """Compose YAML text into a positioned tree; problems (duplicates...) are returned."""
+    root = _compose(text, source)
+    if root is None:
+        return None, ()
+    builder = _TreeBuilder()
+    builder.count(root)
+    return builder.build(root, ()), tuple(builder.problems)
+
+
+class _TreeBuilder:
+    def __init__(self) -> None:
+        self.visits: dict[int, int] = {}
+        self.problems: list[Problem] = []
+
+    def count(self, node: Node) -> None:
+        seen = self.visits.get(id(node), 0)
+        self.visits[id(node)] = seen + 1
+        if seen:
+            return
+        if isinstance(node, MappingNode):
+            for key, value in node.value:
+                self.count(key)
+                self.count(value)
+        elif isinstance(node, SequenceNode):
+            for item in node.value:
+                self.count(item)
+
+    def build(self, node: Node, segments: tuple[str, ...]) -> YNode:
+        line, column = node.start_mark.line + 1, node.start_mark.column + 1
+        shared = self.visits.get(id(node), 0) > 1
+        if isinstance(node, ScalarNode):
+            tag = node.tag or ""
+            short = tag[len(_TAG_PREFIX) :] if tag.startswith(_TAG_PREFIX) else tag
+            return YNode(
+                "scalar",
+                line,
+                column,
+                _scalar_value(short, str(node.value)),
+                tag=short,
+                shared=shared,
+            )
+        if isinstance(node, SequenceNode):
+            items = tuple(
+                (str(i), self.build(item, (*segments, str(i)))) for i, item in enumerate(node.value)
+            )
+            return YNode("seq", line, column, items=items, shared=shared)
+        entries: list[tuple[str, YNode]] = []
+        positions: list[tuple[int, int]] = []
+        seen: dict[str, int] = {}
+        for key, value in node.value:
+            where = (key.start_mark.line + 1, key.start_mark.column + 1)
+            key_tag = key.tag or ""
+            if not isinstance(key, ScalarNode) or key_tag.endswith(":merge"):
+                what = "merge keys (<<)" if isinstance(key, ScalarNode) else "complex keys"
+                self.problems.append(Problem(f"{what} are not supported", *where, segments))
+                continue
+            if not key_tag.endswith((":str", ":int")):
+                self.problems.append(
+                    Problem(f"key {key.value!r} must be a string", *where, segments)
+                )
+                continue
+            name = str(key.value)
+            if name in seen:
+                self.problems.append(
+                    Problem(
+                        f"duplicate key {name!r} (first at line {seen[name]})", *where, segments
+                    )
+                )
+                continue
+            seen[name] = where[0]
+            entries.append((name, self.build(value, (*segments, name))))
+            positions.append(where)
+        return YNode(
+            "map",
+            line,
+            column,
+            items=tuple(entries),
+            key_positions=tuple(positions),
+            shared=shared,
+        )

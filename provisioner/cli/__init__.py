@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from provisioner.cli import keys, secrets
+from provisioner.cli import inventory_cmds, keys, phase1, secrets
 from provisioner.errors import ProvisionerError
 
 EXIT_OK = 0
@@ -24,6 +24,10 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
     add_completion=False,
 )
+app.command()(phase1.validate)
+app.command()(phase1.render)
+app.command()(phase1.explain)
+app.add_typer(inventory_cmds.app, name="inventory")
 app.add_typer(keys.app, name="keys")
 app.add_typer(secrets.app, name="secrets")
 

@@ -1,0 +1,393 @@
+"""Phase 1 composed: load, resolve, open, render, serialise and lint every selected target.
+
+Nothing here touches the network. The result lists every finding of the run at once; a run
+with an error finding must not proceed to any workstation.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import provisioner.lint as ini_lint
+from provisioner import ini, render, resolve, vault
+from provisioner.errors import InventoryError, ProvisionerError, VaultError
+from provisioner.inidoc import IniDocument
+from provisioner.inventory import InventoryErrors, load_inventory
+from provisioner.keytable import load_key_table
+from provisioner.model import Finding, Inventory, Secret
+from provisioner.resolve import Profile, Selection, StationPlan, TargetRef
+
+RECIPIENTS_FILE = "recipients.yaml"
+TEMPLATES_DIR = "templates"
+
+
+@dataclass(frozen=True)
+class BuiltFile:
+    """A rendered target in MicroSIP's encoding. ``data`` may hold plaintext passwords."""
+
+    target: TargetRef
+    relative_path: str
+    data: bytes = field(repr=False)
+    document: IniDocument = field(repr=False)
+    install: resolve.Install
+    secret_paths: tuple[str, ...] = ()
+
+
+@dataclass
+class BuildResult:
+    """What Phase 1 produced: files, findings and timings."""
+
+    inventory: Inventory | None = None
+    recipients: vault.Recipients | None = None
+    targets: list[TargetRef] = field(default_factory=list)
+    files: list[BuiltFile] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """True when no finding is an error."""
+        return not any(f.severity == "error" for f in self.findings)
+
+    def counts(self) -> Counter[str]:
+        """Findings per severity."""
+        return Counter(f.severity for f in self.findings)
+
+
+OpenerFactory = Callable[[vault.Recipients], vault.Opener]
+
+
+def placeholder_opener(recipients: vault.Recipients) -> vault.Opener:
+    """Key-less opener for CI: ``PH-<pathtag>`` per path after every structural check."""
+    return vault.PlaceholderOpener(recipients)
+
+
+def build(
+    root: Path,
+    *,
+    selection: Selection | None = None,
+    opener_factory: OpenerFactory = placeholder_opener,
+    templates: Path | None = None,
+) -> BuildResult:
+    """Run Phase 1 for every selected target of the inventory at ``root``."""
+    result = BuildResult()
+    clock = _Clock(result.timings)
+    with clock("load"):
+        try:
+            inventory = load_inventory(root)
+        except InventoryErrors as exc:
+            result.findings.extend(_inventory_finding(e) for e in exc.errors)
+            return result
+        except InventoryError as exc:
+            result.findings.append(_inventory_finding(exc))
+            return result
+        try:
+            recipients = vault.load_recipients_file(root / RECIPIENTS_FILE)
+        except ProvisionerError as exc:
+            result.findings.append(Finding("error", "recipients", str(exc)))
+            return result
+    result.inventory, result.recipients = inventory, recipients
+    opener = opener_factory(recipients)
+    try:
+        result.targets = resolve.select_targets(inventory, selection or Selection())
+    except ProvisionerError as exc:
+        result.findings.append(Finding("error", "limit", str(exc)))
+        return result
+    env = render.make_environment([templates or root / TEMPLATES_DIR])
+    builder = _Builder(inventory, recipients, opener, env, result, clock)
+    for target in result.targets:
+        builder.build(target)
+    _copied_tokens(inventory, result)
+    result.findings.sort(key=lambda f: (f.severity != "error", f.file, f.line, f.column))
+    return result
+
+
+class _Clock:
+    def __init__(self, timings: dict[str, float]) -> None:
+        self.timings = timings
+
+    def __call__(self, phase: str) -> _Timer:
+        return _Timer(self.timings, phase)
+
+
+class _Timer:
+    def __init__(self, timings: dict[str, float], phase: str) -> None:
+        self.timings, self.phase = timings, phase
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        elapsed = time.perf_counter() - self.start
+        self.timings[self.phase] = self.timings.get(self.phase, 0.0) + elapsed
+
+
+def _inventory_finding(exc: InventoryError) -> Finding:
+    return Finding("error", "inventory", str(exc.args[0]), exc.file, exc.line, exc.column, exc.path)
+
+
+class _Builder:
+    def __init__(
+        self,
+        inventory: Inventory,
+        recipients: vault.Recipients,
+        opener: vault.Opener,
+        env: render.TemplateEnvironment,
+        result: BuildResult,
+        clock: _Clock,
+    ) -> None:
+        self.inventory = inventory
+        self.recipients = recipients
+        self.opener = opener
+        self.env = env
+        self.result = result
+        self.clock = clock
+        self.stations: dict[str, StationPlan] = {}
+        self.table = load_key_table()
+        self.order = {(s.section, s.key): i for i, s in enumerate(self.table.specs)}
+
+    def station(self, name: str) -> StationPlan:
+        if name not in self.stations:
+            self.stations[name] = resolve.resolve_station(self.inventory, name)
+        return self.stations[name]
+
+    def build(self, target: TargetRef) -> None:
+        try:
+            if target.kind == "override":
+                self._override(target)
+            else:
+                self._microsip(target)
+        except _Skip:
+            return
+        except ProvisionerError as exc:
+            self.result.findings.append(Finding("error", _code(exc), str(exc), target.name))
+
+    def _override(self, target: TargetRef) -> None:
+        plan = self.station(target.workstation)
+        context = {
+            "workstation": _station_context(plan),
+            "install": _install_context(plan.install),
+            "enforced": self._sorted("Settings", plan.enforced_settings),
+            "users": list(plan.workstation.users),
+        }
+        with self.clock("render"):
+            template = render.load_template(self.env, render.OVERRIDE_TEMPLATE)
+            text = render.render(template, context, target.name)
+        path = f"{target.workstation}/override.ini"
+        self._finish(target, path, text, plan.install, (), ini_lint.lint_override_ini)
+
+    def _microsip(self, target: TargetRef) -> None:
+        assert target.user is not None  # noqa: S101 - microsip targets always have a user
+        plan = self.station(target.workstation)
+        if plan.install.mode == "portable" and len(plan.workstation.users) != 1:
+            raise ProvisionerError(
+                f"workstation {target.workstation} runs MicroSIP in portable mode, where one "
+                f"{plan.install.ini_name} next to the program serves every user; it can have "
+                "only one user"
+            )
+        with self.clock("resolve"):
+            profile = resolve.resolve_profile(self.inventory, target.workstation, target.user)
+        with self.clock("open"):
+            secrets = self._open(profile)
+        context = self._microsip_context(profile, secrets)
+        with self.clock("render"):
+            template = render.load_template(self.env, render.MICROSIP_TEMPLATE)
+            text = render.render(template, context, target.name)
+        path = (
+            f"{target.workstation}/{plan.install.ini_name}"
+            if plan.install.mode == "portable"
+            else f"{target.workstation}/{target.user}/{plan.install.ini_name}"
+        )
+        paths = tuple(p for _, p, _ in secrets)
+        built = self._finish(target, path, text, plan.install, paths, ini_lint.lint_microsip_ini)
+        if built is not None:
+            self._check_secrets_landed(target, built.document, secrets)
+
+    def _open(self, profile: Profile) -> list[tuple[int, str, Secret]]:
+        opened = []
+        for account in profile.accounts:
+            password = account.keys.get("password")
+            if password is None or password.value is None:
+                continue
+            pointer = password.final.pointer
+            try:
+                secret = self.opener.open(str(password.value), pointer)
+                vault.check_policy(secret, where=pointer)
+            except VaultError as exc:
+                source = password.final.source
+                self.result.findings.append(
+                    Finding(
+                        "error",
+                        _code(exc),
+                        str(exc),
+                        source.file,
+                        source.line,
+                        source.column,
+                        pointer,
+                    )
+                )
+                raise _Skip from None
+            opened.append((account.index, pointer, secret))
+        return opened
+
+    def _sorted(self, section: str, values: Mapping[str, resolve.Resolved]) -> dict[str, object]:
+        keys = sorted(values, key=lambda k: self.order.get((section, k), len(self.order)))
+        return {k: values[k].value for k in keys}
+
+    def _microsip_context(
+        self, profile: Profile, secrets: Iterable[tuple[int, str, Secret]]
+    ) -> dict[str, object]:
+        by_index = {index: secret for index, _, secret in secrets}
+        accounts = []
+        for account in profile.accounts:
+            keys = self._sorted("Account", account.keys)
+            if "password" in keys:
+                keys["password"] = by_index.get(account.index)
+            accounts.append(
+                {"index": account.index, "id": account.id, "active": account.active, "fields": keys}
+            )
+        settings = self._sorted("Settings", profile.settings)
+        settings.pop("accountId", None)
+        return {
+            "workstation": _station_context(self.station(profile.workstation.name)),
+            "install": _install_context(profile.install),
+            "user": {
+                "name": profile.user.name,
+                "windows": profile.user.windows,
+                "display_name": profile.user.display_name,
+                "groups": list(profile.groups),
+            },
+            "settings": settings,
+            "accounts": accounts,
+            "active_account": profile.active_index,
+            "enforced": self._sorted("Settings", profile.enforced_settings),
+        }
+
+    def _finish(
+        self,
+        target: TargetRef,
+        path: str,
+        text: str,
+        install: resolve.Install,
+        secret_paths: tuple[str, ...],
+        lint: Callable[..., list[ini_lint.Finding]],
+    ) -> BuiltFile | None:
+        with self.clock("lint"):
+            document = ini.parse_ini(text)
+            for finding in lint(document, source=target.name):
+                self.result.findings.append(
+                    Finding(
+                        finding.severity,
+                        finding.code,
+                        finding.message,
+                        f"{target.name}",
+                        finding.line,
+                        0,
+                        f"[{finding.section}] {finding.key}".strip() if finding.section else "",
+                    )
+                )
+        with self.clock("encode"):
+            data = ini.encode_ini(text)
+        built = BuiltFile(target, path, data, document, install, secret_paths)
+        self.result.files.append(built)
+        return built
+
+    def _check_secrets_landed(
+        self, target: TargetRef, document: IniDocument, secrets: list[tuple[int, str, Secret]]
+    ) -> None:
+        """Each account's password field holds its own secret, and no secret lands elsewhere."""
+        for index, pointer, secret in secrets:
+            section = document.section(f"Account{index}")
+            value = section.get("password") if section else None
+            if value is None or Secret(value) != secret:
+                self.result.findings.append(
+                    Finding(
+                        "error",
+                        "secret-misplaced",
+                        f"[Account{index}] password does not "
+                        f"hold the value sealed at {pointer}; check the template",
+                        target.name,
+                    )
+                )
+        for section in document.sections:
+            for entry in section.keys():  # noqa: SIM118 - IniSection.keys() yields entries
+                if entry.key and entry.key.lower() == "password":
+                    continue
+                if any(Secret(entry.value) == s for _, _, s in secrets):
+                    self.result.findings.append(
+                        Finding(
+                            "error",
+                            "secret-misplaced",
+                            f"[{section.name}] {entry.key} holds "
+                            "a password; the template puts a secret in a non-secret key",
+                            target.name,
+                            entry.line,
+                        )
+                    )
+
+
+class _Skip(ProvisionerError):
+    """A target whose inputs already produced findings."""
+
+
+def _code(exc: ProvisionerError) -> str:
+    names = {
+        "RenderError": "template",
+        "PathMismatchError": "path-mismatch",
+        "CannotDecryptError": "cannot-decrypt",
+        "UnknownKeyError": "unknown-key",
+        "RetiredKeyError": "retired-key",
+        "TokenFormatError": "token-format",
+        "PolicyViolationError": "policy",
+        "LintError": "encoding",
+        "ResolveError": "resolve",
+    }
+    return names.get(type(exc).__name__, "error")
+
+
+def _station_context(plan: StationPlan) -> dict[str, object]:
+    station = plan.workstation
+    return {
+        "name": station.name,
+        "address": station.address,
+        "groups": list(plan.groups),
+        "description": station.description,
+    }
+
+
+def _install_context(install: resolve.Install) -> dict[str, object]:
+    return {
+        "mode": install.mode,
+        "install_dir": install.install_dir,
+        "exe": install.exe,
+        "ini_name": install.ini_name,
+    }
+
+
+def _copied_tokens(inventory: Inventory, result: BuildResult) -> None:
+    """A token standing at two paths is a copy: every seal makes a fresh ephemeral key."""
+    seen: dict[str, str] = {}
+    for user in inventory.users.values():
+        for account in user.accounts:
+            password = account.keys.get("password")
+            if password is None or not isinstance(password.value, str):
+                continue
+            token = password.value
+            if token in seen and seen[token] != password.pointer:
+                source = password.source
+                result.findings.append(
+                    Finding(
+                        "error",
+                        "copied-token",
+                        f"the same token also stands at {seen[token]}; set each value anew",
+                        source.file,
+                        source.line,
+                        source.column,
+                        password.pointer,
+                    )
+                )
+            seen.setdefault(token, password.pointer)

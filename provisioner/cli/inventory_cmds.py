@@ -1,0 +1,126 @@
+"""``provisioner inventory``: list what an inventory holds and draw its group graph."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.tree import Tree
+
+from provisioner import resolve
+from provisioner.cli.common import echo
+from provisioner.errors import ProvisionerError
+from provisioner.inventory import InventoryErrors, load_inventory
+from provisioner.model import Inventory
+
+app = typer.Typer(help="Inspect an inventory.", no_args_is_help=True)
+
+InventoryOpt = Annotated[
+    Path,
+    typer.Option("--inventory", "-i", envvar="PROVISIONER_INVENTORY", file_okay=False),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+LimitOpt = Annotated[str, typer.Option("--limit", "-l", help="Target selection (see validate).")]
+
+
+def _load(inventory: Path) -> Inventory:
+    try:
+        return load_inventory(inventory)
+    except InventoryErrors as exc:
+        raise ProvisionerError(
+            f"the inventory has problems; run 'provisioner validate':\n{exc}"
+        ) from None
+
+
+@app.command("list")
+def list_inventory(
+    inventory: InventoryOpt = Path("."), limit: LimitOpt = "", as_json: JsonOpt = False
+) -> None:
+    """Workstations with their groups, install mode and users."""
+    model = _load(inventory)
+    selection = resolve.Selection(limit)
+    rows: list[dict[str, Any]] = []
+    for name in sorted(model.workstations):
+        station = model.workstations[name]
+        users = [u for u in station.users if selection.matches(model, name, u)]
+        if limit and not users and not selection.matches(model, name, None):
+            continue
+        plan = resolve.resolve_station(model, name)
+        rows.append(
+            {
+                "workstation": name,
+                "address": station.address,
+                "groups": list(plan.groups),
+                "mode": plan.install.mode,
+                "users": users,
+                "accounts": sum(len(model.users[u].accounts) for u in users),
+            }
+        )
+    if as_json:
+        echo(json.dumps({"workstations": rows, "users": sorted(model.users)}, indent=2))
+        return
+    table = Table(
+        title=f"{len(rows)} workstation(s), {len(model.users)} user(s)", title_justify="left"
+    )
+    for column in ("workstation", "address", "groups", "mode", "users", "accounts"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            str(row["workstation"]),
+            str(row["address"]),
+            ", ".join(row["groups"]),
+            str(row["mode"]),
+            ", ".join(row["users"]),
+            str(row["accounts"]),
+        )
+    Console(highlight=False).print(table)
+
+
+@app.command()
+def graph(inventory: InventoryOpt = Path("."), as_json: JsonOpt = False) -> None:
+    """The group graph: each group under its parents, with its workstations and users."""
+    model = _load(inventory)
+    children: dict[str, list[str]] = {name: [] for name in model.groups}
+    for group in model.groups.values():
+        for parent in group.parents:
+            children.setdefault(parent, []).append(group.name)
+    members: dict[str, list[str]] = {name: [] for name in model.groups}
+    for station in model.workstations.values():
+        for name in station.groups:
+            members.setdefault(name, []).append(f"workstation {station.name}")
+    for user in model.users.values():
+        for name in user.groups:
+            members.setdefault(name, []).append(f"user {user.name}")
+    if as_json:
+        echo(
+            json.dumps(
+                {
+                    name: {
+                        "parents": list(g.parents),
+                        "children": children[name],
+                        "members": members[name],
+                        "description": g.description,
+                    }
+                    for name, g in sorted(model.groups.items())
+                },
+                indent=2,
+            )
+        )
+        return
+    tree = Tree("groups")
+
+    def add(branch: Tree, name: str) -> None:
+        group = model.groups[name]
+        node = branch.add(f"[bold]{name}[/bold]  {group.description}")
+        for member in members[name]:
+            node.add(member)
+        for child in sorted(children[name]):
+            add(node, child)
+
+    for name in sorted(n for n, g in model.groups.items() if not g.parents):
+        add(tree, name)
+    Console(highlight=False).print(tree)

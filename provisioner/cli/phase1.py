@@ -1,0 +1,327 @@
+"""``validate``, ``render`` and ``explain``: the offline commands (Phase 1 only)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections import defaultdict
+from pathlib import Path
+from typing import Annotated, Any
+from xml.sax.saxutils import escape, quoteattr
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from provisioner import build as phase1
+from provisioner import resolve, vault
+from provisioner.atomicfile import write_atomic
+from provisioner.cli.common import IdentityOpt, PassFdOpt, PassFileOpt, echo, open_keyring
+from provisioner.errors import ProvisionerError
+from provisioner.inventory import InventoryErrors, load_inventory
+from provisioner.model import Finding
+
+InventoryArg = Annotated[
+    Path,
+    typer.Argument(help="Inventory directory.", envvar="PROVISIONER_INVENTORY", file_okay=False),
+]
+LimitOpt = Annotated[
+    str,
+    typer.Option(
+        "--limit",
+        "-l",
+        help="Targets: comma-separated globs on workstation or user names, group:NAME, "
+        "user:GLOB, ws:GLOB; !TERM excludes, &TERM requires.",
+    ),
+]
+TemplatesOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--templates",
+        help="Templates folder (default: INVENTORY/templates, then the built-in templates).",
+        file_okay=False,
+    ),
+]
+
+
+def run_build(
+    inventory: Path,
+    limit: str,
+    templates: Path | None,
+    identities: list[Path] | None,
+    passphrase_file: Path | None,
+    passphrase_fd: int | None,
+) -> phase1.BuildResult:
+    """Phase 1 with real keys when an identity is given, placeholders otherwise."""
+    factory: phase1.OpenerFactory = phase1.placeholder_opener
+    if identities or passphrase_file or passphrase_fd is not None:
+
+        def factory(recipients: vault.Recipients) -> vault.Opener:
+            kids = [k.kid for k in recipients.keys if k.status != "retired"]
+            return open_keyring(recipients, identities, kids, passphrase_file, passphrase_fd)
+
+    return phase1.build(
+        inventory,
+        selection=resolve.Selection(limit),
+        opener_factory=factory,
+        templates=templates,
+    )
+
+
+def validate(
+    inventory: InventoryArg = Path("."),
+    limit: LimitOpt = "",
+    output: Annotated[str, typer.Option("--format", help="text, json, junit or github.")] = "text",
+    strict: Annotated[bool, typer.Option("--strict", help="Warnings fail too.")] = False,
+    templates: TemplatesOpt = None,
+    identities: IdentityOpt = None,
+    passphrase_file: PassFileOpt = None,
+    passphrase_fd: PassFdOpt = None,
+) -> None:
+    """Load, resolve, render and lint every target; report every finding at once.
+
+    Exit 0 when clean (warnings allowed unless --strict), 1 when there are findings.
+    """
+    if output not in ("text", "json", "junit", "github"):
+        raise ProvisionerError("--format must be text, json, junit or github")
+    result = run_build(inventory, limit, templates, identities, passphrase_file, passphrase_fd)
+    keys = "real keys" if identities or passphrase_file else "placeholders (no private key)"
+    failed = not result.ok or (strict and result.findings)
+    if output == "json":
+        echo(json.dumps(_json_report(result, keys), indent=2))
+    elif output == "junit":
+        echo(_junit_report(result))
+    else:
+        for finding in result.findings:
+            echo(_github(finding) if output == "github" else str(finding))
+        counts = result.counts()
+        echo(
+            f"{len(result.files)} file(s) rendered for {len(result.targets)} target(s) with "
+            f"{keys}: {counts.get('error', 0)} error(s), {counts.get('warning', 0)} warning(s)"
+        )
+    if failed:
+        raise typer.Exit(1)
+
+
+def _json_report(result: phase1.BuildResult, keys: str) -> dict[str, object]:
+    return {
+        "ok": result.ok,
+        "secrets": keys,
+        "targets": [t.name for t in result.targets],
+        "files": [f.relative_path for f in result.files],
+        "findings": [
+            {
+                "severity": f.severity,
+                "code": f.code,
+                "file": f.file,
+                "line": f.line,
+                "column": f.column,
+                "path": f.path,
+                "message": f.message,
+            }
+            for f in result.findings
+        ],
+        "timings": {k: round(v, 4) for k, v in result.timings.items()},
+    }
+
+
+def _github(finding: Finding) -> str:
+    kind = "error" if finding.severity == "error" else "warning"
+    message = finding.message.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+    place = f"file={finding.file},line={finding.line or 1}"
+    if finding.column:
+        place += f",col={finding.column}"
+    title = f"{finding.code} {finding.path}".strip()
+    return f"::{kind} {place},title={title}::{message}"
+
+
+def _junit_report(result: phase1.BuildResult) -> str:
+    by_target: dict[str, list[Finding]] = defaultdict(list)
+    names = [t.name for t in result.targets]
+    for finding in result.findings:
+        key = finding.file if finding.file in names else "inventory"
+        by_target[key].append(finding)
+    cases = ["inventory", *names]
+    failures = sum(1 for c in cases if any(f.severity == "error" for f in by_target[c]))
+    lines = [
+        '<?xml version="1.0" encoding="UTF-8"?>',
+        f'<testsuite name="provisioner validate" tests="{len(cases)}" failures="{failures}">',
+    ]
+    for case in cases:
+        errors = [f for f in by_target[case] if f.severity == "error"]
+        warnings = [f for f in by_target[case] if f.severity != "error"]
+        lines.append(f'  <testcase classname="validate" name={quoteattr(case)}>')
+        if errors:
+            body = escape("\n".join(str(f) for f in errors))
+            lines.append(f"    <failure message={quoteattr(errors[0].message)}>{body}</failure>")
+        if warnings:
+            lines.append(
+                f"    <system-out>{escape(chr(10).join(str(f) for f in warnings))}</system-out>"
+            )
+        lines.append("  </testcase>")
+    lines.append("</testsuite>")
+    return "\n".join(lines)
+
+
+def _in_git_tree_and_not_ignored(path: Path) -> bool:
+    probe = path.resolve()
+    while not probe.exists():
+        probe = probe.parent
+    top = next((p for p in (probe, *probe.parents) if (p / ".git").exists()), None)
+    if top is None:
+        return False
+    try:
+        ignored = subprocess.run(
+            ["git", "-C", str(top), "check-ignore", "-q", str(path.resolve())],
+            capture_output=True,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return True
+    return ignored.returncode != 0
+
+
+def render(
+    inventory: InventoryArg = Path("."),
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("build"),
+    limit: LimitOpt = "",
+    templates: TemplatesOpt = None,
+    identities: IdentityOpt = None,
+    passphrase_file: PassFileOpt = None,
+    passphrase_fd: PassFdOpt = None,
+    allow_in_git: Annotated[
+        bool,
+        typer.Option("--allow-in-git", help="Write real passwords inside a git working tree."),
+    ] = False,
+) -> None:
+    """Write OUT/<workstation>/<user>/microsip.ini and OUT/<workstation>/override.ini.
+
+    Files are UTF-16LE with BOM and CRLF, as MicroSIP writes them, readable by you only.
+    """
+    real = bool(identities or passphrase_file or passphrase_fd is not None)
+    if real and not allow_in_git and _in_git_tree_and_not_ignored(out):
+        raise ProvisionerError(
+            f"{out} is inside a git working tree and not ignored: rendered files would hold "
+            "plaintext passwords; choose another --out, add it to .gitignore, or pass "
+            "--allow-in-git"
+        )
+    result = run_build(inventory, limit, templates, identities, passphrase_file, passphrase_fd)
+    for finding in result.findings:
+        echo(str(finding))
+    if not result.ok:
+        echo("nothing written: fix the errors above first")
+        raise typer.Exit(1)
+    old_umask = os.umask(0o077)
+    try:
+        for built in result.files:
+            target = out / built.relative_path
+            target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            write_atomic(target, built.data, mode=0o600)
+    finally:
+        os.umask(old_umask)
+    _summary(result, out, real)
+
+
+def _summary(result: phase1.BuildResult, out: Path, real: bool) -> None:
+    console = Console(highlight=False)
+    table = Table(title=f"Rendered into {out}", title_justify="left")
+    for column in ("workstation", "mode", "users", "files", "accounts"):
+        table.add_column(column)
+    per_station: dict[str, list[phase1.BuiltFile]] = defaultdict(list)
+    for built in result.files:
+        per_station[built.target.workstation].append(built)
+    for name, files in sorted(per_station.items()):
+        users = [f.target.user for f in files if f.target.user]
+        accounts = sum(
+            1 for f in files for s in f.document.sections if s.name.lower().startswith("account")
+        )
+        table.add_row(
+            name,
+            files[0].install.mode,
+            ", ".join(u for u in users if u),
+            str(len(files)),
+            str(accounts),
+        )
+    console.print(table)
+    secrets = "real passwords (files are 0600)" if real else "placeholders PH-<pathtag>"
+    console.print(
+        f"{len(result.files)} files, {secrets}; {result.counts().get('warning', 0)} warning(s)"
+    )
+
+
+def explain(
+    user: Annotated[str, typer.Argument(help="User name as in the inventory.")],
+    key: Annotated[
+        str | None,
+        typer.Argument(help="A key (e.g. transport, updatesInterval); all keys if omitted."),
+    ] = None,
+    inventory: Annotated[
+        Path, typer.Option("--inventory", "-i", envvar="PROVISIONER_INVENTORY", file_okay=False)
+    ] = Path("."),
+    workstation: Annotated[
+        str | None, typer.Option("--workstation", "-w", help="Only this workstation.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Show a user's final values and every layer they came from (passwords masked)."""
+    try:
+        model = load_inventory(inventory)
+    except InventoryErrors as exc:
+        raise ProvisionerError(
+            f"the inventory has problems; run 'provisioner validate':\n{exc}"
+        ) from None
+    if user not in model.users:
+        raise ProvisionerError(f"no user {user!r} in {inventory}")
+    stations = [
+        s.name
+        for s in model.workstations.values()
+        if user in s.users and (workstation is None or s.name == workstation)
+    ]
+    report: list[dict[str, Any]] = []
+    for station in stations:
+        profile = resolve.resolve_profile(model, station, user)
+        sections: list[tuple[str, dict[str, resolve.Resolved]]] = [
+            ("Settings", dict(profile.settings))
+        ]
+        sections += [(f"Account{a.index} ({a.id})", dict(a.keys)) for a in profile.accounts]
+        entries: list[dict[str, Any]] = []
+        for section, values in sections:
+            for name, resolved in values.items():
+                if key is not None and name.lower() != key.lower():
+                    continue
+                entries.append(
+                    {
+                        "section": section,
+                        "key": name,
+                        "value": _shown(name, resolved.value),
+                        "enforced": name in profile.enforced_settings and section == "Settings",
+                        "chain": [
+                            {"value": _shown(name, s.value), "source": str(s.source)}
+                            for s in resolved.chain
+                        ],
+                    }
+                )
+        report.append({"workstation": station, "groups": list(profile.groups), "entries": entries})
+    if as_json:
+        echo(json.dumps({"user": user, "workstations": report}, indent=2))
+        return
+    for station_report in report:
+        groups = ", ".join(station_report["groups"]) or "-"
+        echo(f"{user} on {station_report['workstation']} (groups: {groups})")
+        for entry in station_report["entries"]:
+            flag = "  (enforced)" if entry["enforced"] else ""
+            echo(f"  [{entry['section']}] {entry['key']} = {entry['value']}{flag}")
+            for link in entry["chain"]:
+                echo(f"      {link['value']!s:<32} {link['source']}")
+    if not report:
+        echo(f"{user} is on no workstation" + (f" named {workstation}" if workstation else ""))
+
+
+def _shown(key: str, value: object) -> str:
+    if key == "password":
+        if isinstance(value, str) and value.count(":") == 4:
+            return f"(sealed, key {value.split(':')[2]})"
+        return "(not set)"
+    return str(value)

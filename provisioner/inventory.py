@@ -1,0 +1,844 @@
+"""Load an inventory directory into the model: schema, types and cross-references checked.
+
+Every YAML file of the directory contributes to one namespace with four top-level sections:
+``defaults``, ``groups``, ``workstations`` and ``users``. All problems of a load are collected
+and raised together as :class:`InventoryErrors`, each naming file:line:column and key path.
+MicroSIP keys are checked against the key table (:mod:`provisioner.keytable`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from provisioner import yamldoc
+from provisioner.errors import InventoryError, ProvisionerError
+from provisioner.keytable import KeySpec, KeyTable, load_key_table
+from provisioner.model import (
+    Group,
+    Inventory,
+    Layer,
+    SipAccount,
+    Source,
+    Sourced,
+    User,
+    Workstation,
+)
+from provisioner.schema import is_secret_path, join_pointer
+
+RECIPIENTS_FILE = "recipients.yaml"
+SKIPPED_DIRS = {"build", "templates", "state", "node_modules", "__pycache__"}
+TOKEN_PREFIX = "sipvault:"  # noqa: S105 - a format prefix, not a password
+
+TOP_LEVEL = ("defaults", "groups", "workstations", "users")
+LAYER_BLOCKS = ("settings", "account", "enforced", "winrm", "microsip")
+GROUP_KEYS = (*LAYER_BLOCKS, "parents", "description")
+WORKSTATION_KEYS = (*LAYER_BLOCKS, "address", "groups", "users", "description")
+USER_KEYS = (
+    "windows",
+    "display_name",
+    "groups",
+    "workstations",
+    "settings",
+    "account",
+    "accounts",
+    "description",
+)
+ACCOUNT_EXTRA = ("sip_uri", "active")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+WINDOWS_USER_RE = re.compile(
+    r"^(?:[A-Za-z0-9][A-Za-z0-9.-]{0,62}|\.)\\[^\\/\[\]:;|=,+*?<>\"@]{1,104}$"
+)
+SIP_URI_RE = re.compile(r"^(?:sips?:)?([^@\s:;]+)@([A-Za-z0-9.-]+(?::\d{1,5})?)$")
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")
+
+
+class InventoryErrors(ProvisionerError):
+    """Every problem found while loading an inventory."""
+
+    def __init__(self, errors: Sequence[InventoryError]) -> None:
+        self.errors = tuple(errors)
+        super().__init__(f"{len(self.errors)} problem(s) in the inventory")
+
+    def __str__(self) -> str:
+        return "\n".join(str(e) for e in self.errors)
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """A non-MicroSIP option of a block (winrm, microsip)."""
+
+    type: str
+    allowed: tuple[str, ...] = ()
+    minimum: int | None = None
+    maximum: int | None = None
+
+
+WINRM_OPTIONS: dict[str, OptionSpec] = {
+    "transport": OptionSpec("enum", ("ntlm", "basic", "kerberos", "credssp")),
+    "scheme": OptionSpec("enum", ("https", "http")),
+    "port": OptionSpec("int", minimum=1, maximum=65535),
+    "username": OptionSpec("string"),
+    "password": OptionSpec("secret"),
+    "ca_trust_path": OptionSpec("string"),
+    "server_cert_validation": OptionSpec("enum", ("validate", "ignore")),
+    "allow_basic_over_http": OptionSpec("bool"),
+    "message_encryption": OptionSpec("enum", ("auto", "always", "never")),
+    "operation_timeout": OptionSpec("int", minimum=1, maximum=3600),
+    "read_timeout": OptionSpec("int", minimum=2, maximum=3600),
+}
+MICROSIP_OPTIONS: dict[str, OptionSpec] = {
+    "mode": OptionSpec("enum", ("installed", "portable")),
+    "install_dir": OptionSpec("string"),
+    "exe": OptionSpec("string"),
+}
+
+
+@dataclass
+class _Context:
+    table: KeyTable
+    errors: list[InventoryError] = field(default_factory=list)
+
+    def error(self, message: str, source: Source, segments: Sequence[str]) -> None:
+        self.errors.append(
+            InventoryError(
+                message,
+                file=source.file,
+                line=source.line,
+                column=source.column,
+                path=join_pointer(list(segments)),
+            )
+        )
+
+
+@dataclass
+class _Raw:
+    """Top-level entries collected from every file, before checks."""
+
+    defaults: list[tuple[str, yamldoc.YNode]] = field(default_factory=list)
+    groups: dict[str, tuple[str, yamldoc.YNode, Source]] = field(default_factory=dict)
+    workstations: dict[str, tuple[str, yamldoc.YNode, Source]] = field(default_factory=dict)
+    users: dict[str, tuple[str, yamldoc.YNode, Source]] = field(default_factory=dict)
+
+
+def inventory_files(root: Path) -> list[Path]:
+    """The YAML files of an inventory directory in a stable order (recipients.yaml excluded)."""
+    if not root.is_dir():
+        raise InventoryError(f"inventory directory {root} does not exist")
+    found: list[Path] = []
+    for path in sorted(root.rglob("*")):
+        relative = path.relative_to(root).parts
+        if any(p.startswith(".") or p in SKIPPED_DIRS for p in relative[:-1]):
+            continue
+        if relative[-1].startswith(".") or path.name == RECIPIENTS_FILE:
+            continue
+        if path.suffix in (".yaml", ".yml") and path.is_file():
+            found.append(path)
+    return found
+
+
+def load_inventory(root: Path) -> Inventory:
+    """Load, check and cross-reference every file of an inventory directory."""
+    files = inventory_files(root)
+    context = _Context(load_key_table())
+    raw = _Raw()
+    for path in files:
+        try:
+            tree, problems = yamldoc.load_tree(path)
+        except InventoryError as exc:
+            context.errors.append(exc)
+            continue
+        for problem in problems:
+            context.error(
+                problem.message, Source(str(path), problem.line, problem.column), problem.segments
+            )
+        if tree is not None:
+            _collect(context, raw, str(path), tree)
+    defaults = _defaults(context, raw)
+    groups = {
+        name: _group(context, name, node, source) for name, (_, node, source) in raw.groups.items()
+    }
+    workstations = {
+        name: _workstation(context, name, node, source)
+        for name, (_, node, source) in raw.workstations.items()
+    }
+    users = {
+        name: _user(context, name, node, source) for name, (_, node, source) in raw.users.items()
+    }
+    inventory = Inventory(
+        root=str(root),
+        defaults=defaults,
+        groups=groups,
+        workstations=_link_users(workstations, users),
+        users=users,
+        files=tuple(str(p) for p in files),
+    )
+    _cross_check(context, inventory)
+    if context.errors:
+        raise InventoryErrors(context.errors)
+    return inventory
+
+
+# --------------------------------------------------------------------------- top level
+
+
+def _collect(context: _Context, raw: _Raw, file: str, tree: yamldoc.YNode) -> None:
+    if tree.kind != "map":
+        context.error(
+            "an inventory file must be a mapping with defaults, groups, workstations or users",
+            Source(file, tree.line, tree.column),
+            (),
+        )
+        return
+    for (section, node), (line, column) in zip(tree.items, tree.key_positions, strict=True):
+        source = Source(file, line, column)
+        if section not in TOP_LEVEL:
+            context.error(_unknown(section, TOP_LEVEL, "top-level section"), source, (section,))
+            continue
+        if section == "defaults":
+            raw.defaults.append((file, node))
+            continue
+        if node.kind == "scalar" and node.value is None:
+            continue
+        if node.kind != "map":
+            context.error(f"{section} must be a mapping of names", source, (section,))
+            continue
+        target: dict[str, tuple[str, yamldoc.YNode, Source]] = getattr(raw, section)
+        for (name, child), (kline, kcol) in zip(node.items, node.key_positions, strict=True):
+            entry_source = Source(file, kline, kcol)
+            if not NAME_RE.match(name):
+                context.error(
+                    "names are 1-63 letters, digits, '.', '_' or '-', starting with a letter or "
+                    "digit",
+                    entry_source,
+                    (section, name),
+                )
+                continue
+            if name in target:
+                first = target[name][2]
+                context.error(
+                    f"{section[:-1]} {name!r} is defined twice (first at {first.file}:"
+                    f"{first.line})",
+                    entry_source,
+                    (section, name),
+                )
+                continue
+            target[name] = (file, child, entry_source)
+
+
+def _unknown(key: str, known: Sequence[str], what: str) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else f" (expected one of: {', '.join(known)})"
+    return f"unknown {what} {key!r}{hint}"
+
+
+def _mapping(
+    context: _Context,
+    node: yamldoc.YNode,
+    file: str,
+    segments: tuple[str, ...],
+    allowed: Sequence[str],
+    what: str,
+) -> dict[str, tuple[yamldoc.YNode, Source]]:
+    """The children of a mapping node, unknown keys reported."""
+    if node.kind == "scalar" and node.value is None:
+        return {}
+    if node.kind != "map":
+        context.error(f"{what} must be a mapping", Source(file, node.line, node.column), segments)
+        return {}
+    out: dict[str, tuple[yamldoc.YNode, Source]] = {}
+    for (key, child), (line, column) in zip(node.items, node.key_positions, strict=True):
+        source = Source(file, line, column)
+        if key not in allowed:
+            context.error(_unknown(key, allowed, f"key of {what}"), source, (*segments, key))
+            continue
+        out[key] = (child, source)
+    return out
+
+
+# --------------------------------------------------------------------------- values
+
+
+def _text(
+    context: _Context, node: yamldoc.YNode, source: Source, segments: tuple[str, ...]
+) -> str | None:
+    if node.kind != "scalar" or node.value is None or isinstance(node.value, bool):
+        context.error("expected a text value", source, segments)
+        return None
+    if isinstance(node.value, float):
+        context.error("expected a text value; quote it", source, segments)
+        return None
+    value = str(node.value)
+    if _CONTROL.search(value):
+        context.error(
+            "the value contains a line break or control character (it would inject INI lines)",
+            source,
+            segments,
+        )
+        return None
+    if value.lower().startswith(TOKEN_PREFIX):
+        context.error("a sipvault token outside a secret field", source, segments)
+        return None
+    return value
+
+
+def _names(
+    context: _Context, node: yamldoc.YNode, source: Source, segments: tuple[str, ...]
+) -> tuple[str, ...]:
+    if node.kind == "scalar" and node.value is None:
+        return ()
+    if node.kind != "seq":
+        context.error("expected a list of names", source, segments)
+        return ()
+    names: list[str] = []
+    for index, item in node.items:
+        value = _text(
+            context, item, Source(source.file, item.line, item.column), (*segments, index)
+        )
+        if value is not None:
+            names.append(value)
+    return tuple(names)
+
+
+def _coerce_microsip(
+    context: _Context, spec: KeySpec, node: yamldoc.YNode, source: Source, segments: tuple[str, ...]
+) -> object:
+    """A MicroSIP value in its canonical form (ints for 0/1 and numbers, text otherwise)."""
+    value = node.value
+    if node.kind == "seq" and spec.type in ("list", "codecs"):
+        parts = []
+        for index, item in node.items:
+            part = _text(
+                context, item, Source(source.file, item.line, item.column), (*segments, index)
+            )
+            if part is None:
+                return None
+            parts.append(part)
+        separator = " " if spec.type == "codecs" or spec.key == "proxy" else ";"
+        value = separator.join(parts)
+    elif node.kind != "scalar":
+        context.error(f"{spec.key} takes a single value", source, segments)
+        return None
+    if value is None:
+        value = ""
+    if spec.type == "bool01":
+        if isinstance(value, bool) or value in (0, 1, "0", "1"):
+            return int(value)
+        context.error(f"{spec.key} is 0 or 1 (or true/false), got {value!r}", source, segments)
+        return None
+    if spec.type == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, str) and re.fullmatch(r"-?\d+", value):
+                value = int(value)
+            else:
+                context.error(f"{spec.key} is a whole number, got {value!r}", source, segments)
+                return None
+        if (spec.min is not None and value < spec.min) or (
+            spec.max is not None and value > spec.max
+        ):
+            context.error(
+                f"{spec.key} must be between {spec.min} and {spec.max}, got {value}",
+                source,
+                segments,
+            )
+            return None
+        return value
+    if isinstance(value, bool):
+        context.error(f"{spec.key} takes text; quote {str(value).lower()!r}", source, segments)
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        context.error(f"{spec.key} takes text", source, segments)
+        return None
+    text = str(value)
+    if text.lower().startswith(TOKEN_PREFIX):
+        context.error("a sipvault token outside a secret field", source, segments)
+        return None
+    if _CONTROL.search(text):
+        context.error(
+            "the value contains a line break or control character (it would inject INI lines)",
+            source,
+            segments,
+        )
+        return None
+    if spec.type == "enum" and text not in spec.allowed:
+        shown = ", ".join(repr(a) for a in spec.allowed)
+        close = difflib.get_close_matches(text, [a for a in spec.allowed if a], n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        context.error(f"{spec.key} must be one of {shown}, got {text!r}{hint}", source, segments)
+        return None
+    if len(text) > spec.max_len:
+        context.error(
+            f"{spec.key} is longer than {spec.max_len} characters; MicroSIP would truncate it",
+            source,
+            segments,
+        )
+        return None
+    return text
+
+
+def _microsip_block(
+    context: _Context,
+    node: yamldoc.YNode,
+    file: str,
+    segments: tuple[str, ...],
+    section: str,
+    layer: str,
+) -> dict[str, Sourced]:
+    """A block of MicroSIP keys of one section (Settings or Account)."""
+    if node.kind == "scalar" and node.value is None:
+        return {}
+    if node.kind != "map":
+        context.error(
+            f"{segments[-1]} must be a mapping of MicroSIP keys",
+            Source(file, node.line, node.column),
+            segments,
+        )
+        return {}
+    out: dict[str, Sourced] = {}
+    for (key, child), (line, column) in zip(node.items, node.key_positions, strict=True):
+        source = Source(file, line, column, layer)
+        key_segments = (*segments, key)
+        spec = context.table.lookup(section, key)
+        if spec is None or (spec.key != key and spec.key.lower() == key.lower()):
+            context.error(_microsip_unknown(context.table, section, key), source, key_segments)
+            continue
+        if spec.is_runtime:
+            context.error(
+                f"MicroSIP rewrites {key} itself (window, volume, toggle or history state); "
+                "do not manage it",
+                source,
+                key_segments,
+            )
+            continue
+        if section == "Account" and key == "password":
+            context.error(
+                "passwords belong in an account entry (users.NAME.accounts.ID.password)",
+                source,
+                key_segments,
+            )
+            continue
+        value = _coerce_microsip(context, spec, child, source, key_segments)
+        if value is not None:
+            out[key] = Sourced(value, source, join_pointer(list(key_segments)))  # type: ignore[arg-type]
+    return out
+
+
+def _microsip_unknown(table: KeyTable, section: str, key: str) -> str:
+    label = "[Settings]" if section == "Settings" else "[AccountN]"
+    reason = table.non_key(section, key)
+    suggestion = table.suggest(section, key)
+    message = f"{key} is not a MicroSIP {label} key"
+    if reason:
+        message += f" ({reason})"
+    if suggestion:
+        message += f"; did you mean {suggestion}?"
+    return message
+
+
+def _options_block(
+    context: _Context,
+    node: yamldoc.YNode,
+    file: str,
+    segments: tuple[str, ...],
+    options: Mapping[str, OptionSpec],
+    layer: str,
+) -> dict[str, Sourced]:
+    entries = _mapping(context, node, file, segments, tuple(options), segments[-1])
+    out: dict[str, Sourced] = {}
+    for key, (child, key_source) in entries.items():
+        source = Source(key_source.file, key_source.line, key_source.column, layer)
+        spec = options[key]
+        key_segments = (*segments, key)
+        value: object = child.value
+        if child.kind != "scalar":
+            context.error(f"{key} takes a single value", source, key_segments)
+            continue
+        if spec.type == "secret":
+            if not (isinstance(value, str) and value.startswith(TOKEN_PREFIX)):
+                context.error(
+                    "plain text in a secret field; seal it with 'provisioner secrets set "
+                    f"--path {join_pointer(list(key_segments))}'",
+                    source,
+                    key_segments,
+                )
+                continue
+        elif spec.type == "bool":
+            if not isinstance(value, bool):
+                context.error(f"{key} is true or false", source, key_segments)
+                continue
+        elif spec.type == "int":
+            if isinstance(value, bool) or not isinstance(value, int):
+                context.error(f"{key} is a whole number", source, key_segments)
+                continue
+            if (spec.minimum is not None and value < spec.minimum) or (
+                spec.maximum is not None and value > spec.maximum
+            ):
+                context.error(
+                    f"{key} must be between {spec.minimum} and {spec.maximum}",
+                    source,
+                    key_segments,
+                )
+                continue
+        else:
+            text = _text(context, child, source, key_segments)
+            if text is None:
+                continue
+            if spec.type == "enum" and text not in spec.allowed:
+                context.error(
+                    f"{key} must be one of {', '.join(spec.allowed)}, got {text!r}",
+                    source,
+                    key_segments,
+                )
+                continue
+            value = text
+        out[key] = Sourced(value, source, join_pointer(list(key_segments)))
+    if "exe" in out and not str(out["exe"].value).lower().endswith(".exe"):
+        context.error(
+            "exe is the program's file name, e.g. microsip.exe",
+            out["exe"].source,
+            (*segments, "exe"),
+        )
+    return out
+
+
+def _layer(
+    context: _Context,
+    entries: Mapping[str, tuple[yamldoc.YNode, Source]],
+    file: str,
+    segments: tuple[str, ...],
+    layer: str,
+) -> Layer:
+    blocks: dict[str, dict[str, Sourced]] = {}
+    for block in ("settings", "account"):
+        if block in entries:
+            section = "Settings" if block == "settings" else "Account"
+            blocks[block] = _microsip_block(
+                context, entries[block][0], file, (*segments, block), section, layer
+            )
+    if "enforced" in entries:
+        enforced = _mapping(
+            context,
+            entries["enforced"][0],
+            file,
+            (*segments, "enforced"),
+            ("settings", "account"),
+            "enforced",
+        )
+        for block, (node, _) in enforced.items():
+            section = "Settings" if block == "settings" else "Account"
+            blocks[f"enforced_{block}"] = _microsip_block(
+                context,
+                node,
+                file,
+                (*segments, "enforced", block),
+                section,
+                f"{layer} (enforced)",
+            )
+    if "winrm" in entries:
+        blocks["winrm"] = _options_block(
+            context, entries["winrm"][0], file, (*segments, "winrm"), WINRM_OPTIONS, layer
+        )
+    if "microsip" in entries:
+        blocks["microsip"] = _options_block(
+            context,
+            entries["microsip"][0],
+            file,
+            (*segments, "microsip"),
+            MICROSIP_OPTIONS,
+            layer,
+        )
+    return Layer(**blocks)
+
+
+# --------------------------------------------------------------------------- entities
+
+
+def _defaults(context: _Context, raw: _Raw) -> Layer:
+    if len(raw.defaults) > 1:
+        files = ", ".join(f for f, _ in raw.defaults)
+        file, node = raw.defaults[1]
+        context.error(
+            f"defaults are defined in more than one file ({files})",
+            Source(file, node.line, node.column),
+            ("defaults",),
+        )
+    if not raw.defaults:
+        return Layer()
+    file, node = raw.defaults[0]
+    entries = _mapping(context, node, file, ("defaults",), LAYER_BLOCKS, "defaults")
+    return _layer(context, entries, file, ("defaults",), "defaults")
+
+
+def _group(context: _Context, name: str, node: yamldoc.YNode, source: Source) -> Group:
+    segments = ("groups", name)
+    entries = _mapping(context, node, source.file, segments, GROUP_KEYS, f"group {name}")
+    parents: tuple[str, ...] = ()
+    if "parents" in entries:
+        parents = _names(context, *entries["parents"], (*segments, "parents"))
+    description = ""
+    if "description" in entries:
+        description = _text(context, *entries["description"], (*segments, "description")) or ""
+    layer = _layer(context, entries, source.file, segments, f"group {name}")
+    return Group(name, parents, layer, source, description)
+
+
+def _workstation(context: _Context, name: str, node: yamldoc.YNode, source: Source) -> Workstation:
+    segments = ("workstations", name)
+    entries = _mapping(
+        context, node, source.file, segments, WORKSTATION_KEYS, f"workstation {name}"
+    )
+    address = name
+    if "address" in entries:
+        address = _text(context, *entries["address"], (*segments, "address")) or name
+    groups = (
+        _names(context, *entries["groups"], (*segments, "groups")) if "groups" in entries else ()
+    )
+    users = _names(context, *entries["users"], (*segments, "users")) if "users" in entries else ()
+    description = ""
+    if "description" in entries:
+        description = _text(context, *entries["description"], (*segments, "description")) or ""
+    layer = _layer(context, entries, source.file, segments, f"workstation {name}")
+    return Workstation(name, address, groups, users, layer, source, description)
+
+
+def _user(context: _Context, name: str, node: yamldoc.YNode, source: Source) -> User:
+    segments = ("users", name)
+    entries = _mapping(context, node, source.file, segments, USER_KEYS, f"user {name}")
+    windows = name
+    if "windows" in entries:
+        value = _text(context, *entries["windows"], (*segments, "windows"))
+        if value is not None and not WINDOWS_USER_RE.match(value):
+            context.error(
+                r"windows is DOMAIN\user, or .\user for a local account",
+                entries["windows"][1],
+                (*segments, "windows"),
+            )
+        windows = value or name
+    else:
+        windows = f".\\{name}"
+    display_name = ""
+    if "display_name" in entries:
+        display_name = _text(context, *entries["display_name"], (*segments, "display_name")) or ""
+    groups = (
+        _names(context, *entries["groups"], (*segments, "groups")) if "groups" in entries else ()
+    )
+    stations = (
+        _names(context, *entries["workstations"], (*segments, "workstations"))
+        if "workstations" in entries
+        else ()
+    )
+    layer = _layer(context, entries, source.file, segments, f"user {name}")
+    if layer.enforced_settings or layer.enforced_account or layer.winrm or layer.microsip:
+        context.error("users cannot carry enforced, winrm or microsip blocks", source, segments)
+    accounts: tuple[SipAccount, ...] = ()
+    if "accounts" in entries:
+        accounts = _accounts(context, name, *entries["accounts"], (*segments, "accounts"))
+    else:
+        context.error("a user needs at least one SIP account under accounts", source, segments)
+    return User(name, windows, display_name, groups, stations, layer, accounts, source)
+
+
+def _accounts(
+    context: _Context,
+    user: str,
+    node: yamldoc.YNode,
+    source: Source,
+    segments: tuple[str, ...],
+) -> tuple[SipAccount, ...]:
+    if node.kind == "seq":
+        context.error(
+            "accounts is a mapping keyed by a stable id (e.g. 'main:'), not a list: a "
+            "password is sealed for its path, and list positions move",
+            source,
+            segments,
+        )
+        return ()
+    if node.kind != "map" or not node.items:
+        context.error("accounts must map an account id to its settings", source, segments)
+        return ()
+    allowed = tuple(s.key for s in context.table.keys("Account") if not s.is_runtime)
+    accounts: list[SipAccount] = []
+    for (account_id, child), (line, column) in zip(node.items, node.key_positions, strict=True):
+        account_source = Source(source.file, line, column, f"account {user}/{account_id}")
+        account_segments = (*segments, account_id)
+        if child.kind != "map":
+            context.error("an account is a mapping of keys", account_source, account_segments)
+            continue
+        keys: dict[str, Sourced] = {}
+        active = False
+        for (key, value), (kline, kcol) in zip(child.items, child.key_positions, strict=True):
+            key_source = Source(source.file, kline, kcol, f"account {user}/{account_id}")
+            key_segments = (*account_segments, key)
+            if key == "active":
+                if not isinstance(value.value, bool):
+                    context.error("active is true or false", key_source, key_segments)
+                active = value.value is True
+                continue
+            if key == "sip_uri":
+                text = _text(context, value, key_source, key_segments)
+                match = SIP_URI_RE.match(text or "")
+                if text is not None and match is None:
+                    context.error(
+                        "sip_uri is user@domain, e.g. 1001@pbx.example.com",
+                        key_source,
+                        key_segments,
+                    )
+                elif match is not None:
+                    pointer = join_pointer(list(key_segments))
+                    keys.setdefault("username", Sourced(match.group(1), key_source, pointer))
+                    keys.setdefault("domain", Sourced(match.group(2), key_source, pointer))
+                continue
+            if key == "password":
+                keys[key] = _password(context, value, key_source, key_segments)
+                continue
+            if key not in allowed:
+                context.error(
+                    _microsip_unknown(context.table, "Account", key), key_source, key_segments
+                )
+                continue
+            spec = context.table.lookup("Account", key)
+            assert spec is not None  # noqa: S101 - allowed keys come from the table
+            coerced = _coerce_microsip(context, spec, value, key_source, key_segments)
+            if coerced is not None:
+                keys[key] = Sourced(coerced, key_source, join_pointer(list(key_segments)))  # type: ignore[arg-type]
+        accounts.append(SipAccount(account_id, active, keys, account_source))
+    actives = [a for a in accounts if a.active]
+    if len(accounts) == 1 and not actives:
+        accounts[0] = SipAccount(accounts[0].id, True, accounts[0].keys, accounts[0].source)
+    elif len(actives) != 1 and accounts:
+        message = (
+            "two or more accounts are active; exactly one may be"
+            if actives
+            else "several accounts and none is active; mark exactly one 'active: true'"
+        )
+        context.error(message, source, segments)
+    return tuple(accounts)
+
+
+def _password(
+    context: _Context, node: yamldoc.YNode, source: Source, segments: tuple[str, ...]
+) -> Sourced:
+    pointer = join_pointer(list(segments))
+    value = node.value
+    if not is_secret_path(segments):
+        context.error("this path is not a declared secret field", source, segments)
+    if node.kind != "scalar" or not (isinstance(value, str) and value.startswith(TOKEN_PREFIX)):
+        if value is None or value == "":
+            context.error(
+                f"no password set; run 'provisioner secrets set --path {pointer}'",
+                source,
+                segments,
+            )
+        else:
+            context.error(
+                f"plain text in a secret field; seal it with 'provisioner secrets set --path "
+                f"{pointer}'",
+                source,
+                segments,
+            )
+        return Sourced(None, source, pointer)
+    return Sourced(value, source, pointer)
+
+
+# --------------------------------------------------------------------------- cross references
+
+
+def _link_users(
+    workstations: Mapping[str, Workstation], users: Mapping[str, User]
+) -> dict[str, Workstation]:
+    """Users may name their workstations, workstations their users: make both views agree."""
+    linked: dict[str, Workstation] = {}
+    for name, station in workstations.items():
+        names = list(station.users)
+        for user in users.values():
+            if name in user.workstations and user.name not in names:
+                names.append(user.name)
+        linked[name] = Workstation(
+            station.name,
+            station.address,
+            station.groups,
+            tuple(names),
+            station.layer,
+            station.source,
+            station.description,
+        )
+    return linked
+
+
+def _cross_check(context: _Context, inventory: Inventory) -> None:
+    groups = inventory.groups
+    for group in groups.values():
+        for parent in group.parents:
+            if parent not in groups:
+                context.error(
+                    _unknown(parent, list(groups), "parent group"),
+                    group.source,
+                    ("groups", group.name, "parents"),
+                )
+    for cycle in _group_cycles(groups):
+        first = groups[cycle[0]]
+        context.error(
+            "group cycle: " + " -> ".join([*cycle, cycle[0]]),
+            first.source,
+            ("groups", first.name, "parents"),
+        )
+    for station in inventory.workstations.values():
+        where = ("workstations", station.name)
+        for name in station.groups:
+            if name not in groups:
+                context.error(
+                    _unknown(name, list(groups), "group"), station.source, (*where, "groups")
+                )
+        for name in station.users:
+            if name not in inventory.users:
+                context.error(
+                    _unknown(name, list(inventory.users), "user"), station.source, (*where, "users")
+                )
+    for user in inventory.users.values():
+        where = ("users", user.name)
+        for name in user.groups:
+            if name not in groups:
+                context.error(
+                    _unknown(name, list(groups), "group"), user.source, (*where, "groups")
+                )
+        for name in user.workstations:
+            if name not in inventory.workstations:
+                context.error(
+                    _unknown(name, list(inventory.workstations), "workstation"),
+                    user.source,
+                    (*where, "workstations"),
+                )
+        if not any(user.name in s.users for s in inventory.workstations.values()):
+            context.error(
+                "the user is on no workstation; list it under a workstation's users or the "
+                "user's workstations",
+                user.source,
+                where,
+            )
+
+
+def _group_cycles(groups: Mapping[str, Group]) -> list[list[str]]:
+    cycles: list[list[str]] = []
+    state: dict[str, int] = {}
+
+    def visit(name: str, stack: list[str]) -> None:
+        state[name] = 1
+        stack.append(name)
+        for parent in groups[name].parents:
+            if parent not in groups:
+                continue
+            if state.get(parent) == 1:
+                cycles.append(stack[stack.index(parent) :])
+            elif parent not in state:
+                visit(parent, stack)
+        stack.pop()
+        state[name] = 2
+
+    for name in groups:
+        if name not in state:
+            visit(name, [])
+    return cycles
