@@ -44,6 +44,7 @@ UTF8_BOM = b"\xef\xbb\xbf"
 DEFAULT_RUNTIME_SECTIONS: frozenset[str] = frozenset({"calls", "dialed", "contacts"})
 
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _ACCOUNT = re.compile(r"account[1-9][0-9]*")
 _COMMENT_START = (";", "#")
 
@@ -136,15 +137,18 @@ def encode_ini(text: str) -> bytes:
     Raises LintError for a NUL (it would end the value for the profile API) or a surrogate
     code point (not encodable as UTF-16).
     """
-    for number, line in enumerate(_LINE_BREAK.split(text), start=1):
-        if "\x00" in line:
-            raise LintError(
-                f"line {number}: contains a NUL character, which microsip.ini cannot hold"
-            )
-        if any("\ud800" <= char <= "\udfff" for char in line):
-            raise LintError(
-                f"line {number}: contains a lone surrogate code point, which is not valid UTF-16"
-            )
+    if "\x00" in text or _SURROGATE.search(text):
+        # Only on failure is it worth finding the line.
+        for number, line in enumerate(_LINE_BREAK.split(text), start=1):
+            if "\x00" in line:
+                raise LintError(
+                    f"line {number}: contains a NUL character, which microsip.ini cannot hold"
+                )
+            if _SURROGATE.search(line):
+                raise LintError(
+                    f"line {number}: contains a lone surrogate code point, which is not valid "
+                    "UTF-16"
+                )
     return UTF16LE_BOM + normalize_line_endings(text).encode("utf-16-le")
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from provisioner import yamldoc
 from provisioner.errors import InventoryError, ProvisionerError
+from provisioner.inidoc import unquote
 from provisioner.keytable import KeySpec, KeyTable, load_key_table
 from provisioner.model import (
     Group,
@@ -54,7 +55,14 @@ WINDOWS_USER_RE = re.compile(
     r"^(?:[A-Za-z0-9][A-Za-z0-9.-]{0,62}|\.)\\[^\\/\[\]:;|=,+*?<>\"@]{1,104}$"
 )
 SIP_URI_RE = re.compile(r"^(?:sips?:)?([^@\s:;]+)@([A-Za-z0-9.-]+(?::\d{1,5})?)$")
-_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")
+# Line breaks, control characters and lone surrogates (not encodable as UTF-16).
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029\ud800-\udfff]")
+# Keys MicroSIP itself saves wrapped in quotes, so a value enclosed in quotes survives its
+# rewrites when the renderer adds the outer pair (see render.ini_value).
+_PLAIN_TOKEN = re.compile(r"[^\s,\]}#]+")
+_SAVED_QUOTED = frozenset(
+    {"audioRingDevice", "audioOutputDevice", "audioInputDevice", "videoCaptureDevice"}
+)
 
 
 class InventoryErrors(ProvisionerError):
@@ -102,6 +110,25 @@ MICROSIP_OPTIONS: dict[str, OptionSpec] = {
 class _Context:
     table: KeyTable
     errors: list[InventoryError] = field(default_factory=list)
+    lines: dict[str, list[str]] = field(default_factory=dict)
+
+    def plain_text(self, file: str, line: int, column: int) -> str | None:
+        """The text of the plain scalar written at ``line``:``column`` of ``file``, if any."""
+        if file not in self.lines:
+            try:
+                self.lines[file] = yamldoc.read_text(Path(file)).split("\n")
+            except InventoryError:
+                self.lines[file] = []
+        lines = self.lines[file]
+        if not 1 <= line <= len(lines):
+            return None
+        match = _PLAIN_TOKEN.match(lines[line - 1], column - 1)
+        return match.group(0) if match else None
+
+    def __post_init__(self) -> None:
+        self.account_keys = frozenset(
+            s.key for s in self.table.keys("Account") if not s.is_runtime
+        )
 
     def error(self, message: str, source: Source, segments: Sequence[str]) -> None:
         self.errors.append(
@@ -312,9 +339,10 @@ def _coerce_microsip(
     if node.kind == "seq" and spec.type in ("list", "codecs"):
         parts = []
         for index, item in node.items:
-            part = _text(
-                context, item, Source(source.file, item.line, item.column), (*segments, index)
-            )
+            item_source = Source(source.file, item.line, item.column)
+            if _number_for_text(context, spec, item, item_source, (*segments, index)):
+                return None
+            part = _text(context, item, item_source, (*segments, index))
             if part is None:
                 return None
             parts.append(part)
@@ -353,6 +381,8 @@ def _coerce_microsip(
     if isinstance(value, float) and not math.isfinite(value):
         context.error(f"{spec.key} takes text", source, segments)
         return None
+    if spec.type != "enum" and _number_for_text(context, spec, node, source, segments):
+        return None
     text = str(value)
     if text.lower().startswith(TOKEN_PREFIX):
         context.error("a sipvault token outside a secret field", source, segments)
@@ -377,7 +407,55 @@ def _coerce_microsip(
             segments,
         )
         return None
+    problem = _readback_problem(spec.key, text, quotes_kept=_quotes_kept(spec))
+    if problem is not None:
+        context.error(problem, source, segments)
+        return None
     return text
+
+
+def _quotes_kept(spec: KeySpec) -> bool:
+    """True for keys MicroSIP saves wrapped in quotes (hooks, device names)."""
+    return spec.type == "command" or spec.key in _SAVED_QUOTED
+
+
+def _readback_problem(key: str, text: str, *, quotes_kept: bool) -> str | None:
+    """Why MicroSIP would read ``text`` back differently, or None.
+
+    ``GetPrivateProfileString`` strips surrounding whitespace and one pair of enclosing quotes.
+    For keys MicroSIP itself saves in quotes the renderer adds a protective pair instead.
+    """
+    if text != text.strip():
+        return f"{key} starts or ends with whitespace, which Windows strips when MicroSIP reads it"
+    if not quotes_kept and unquote(text) != text:
+        return (
+            f"{key} is enclosed in quotes, which Windows strips when MicroSIP reads it "
+            "(and MicroSIP saves this key without them); remove the quotes"
+        )
+    return None
+
+
+def _number_for_text(
+    context: _Context,
+    spec: KeySpec,
+    node: yamldoc.YNode,
+    source: Source,
+    segments: tuple[str, ...],
+) -> bool:
+    """Report a number YAML would not keep as written (0049 reads as 49, 1.10 as 1.1)."""
+    if node.kind != "scalar" or node.tag not in ("int", "float"):
+        return False
+    written = context.plain_text(source.file, node.line, node.column)
+    if written is not None and written == str(node.value):
+        return False
+    shown = f"{written!r} " if written else ""
+    context.error(
+        f"{spec.key} takes text, and YAML reads {shown}as the number {node.value!r}; "
+        "quote the value to keep it as written",
+        source,
+        segments,
+    )
+    return True
 
 
 def _microsip_block(
@@ -431,6 +509,9 @@ def _microsip_unknown(table: KeyTable, section: str, key: str) -> str:
     label = "[Settings]" if section == "Settings" else "[AccountN]"
     reason = table.non_key(section, key)
     suggestion = table.suggest(section, key)
+    spec = table.lookup(section, key)
+    if suggestion is None and spec is not None and spec.key != key:
+        suggestion = spec.key  # the inventory takes the exact spelling
     message = f"{key} is not a MicroSIP {label} key"
     if reason:
         message += f" ({reason})"
@@ -660,11 +741,19 @@ def _accounts(
     if node.kind != "map" or not node.items:
         context.error("accounts must map an account id to its settings", source, segments)
         return ()
-    allowed = tuple(s.key for s in context.table.keys("Account") if not s.is_runtime)
+    allowed = context.account_keys
     accounts: list[SipAccount] = []
     for (account_id, child), (line, column) in zip(node.items, node.key_positions, strict=True):
         account_source = Source(source.file, line, column, f"account {user}/{account_id}")
         account_segments = (*segments, account_id)
+        if not NAME_RE.match(account_id):
+            context.error(
+                "account ids are 1-63 letters, digits, '.', '_' or '-', starting with a letter "
+                "or digit",
+                account_source,
+                account_segments,
+            )
+            continue
         if child.kind != "map":
             context.error("an account is a mapping of keys", account_source, account_segments)
             continue
@@ -684,6 +773,13 @@ def _accounts(
                 if text is not None and match is None:
                     context.error(
                         "sip_uri is user@domain, e.g. 1001@pbx.example.com",
+                        key_source,
+                        key_segments,
+                    )
+                elif match is not None and unquote(match.group(1)) != match.group(1):
+                    context.error(
+                        "the user part of sip_uri is enclosed in quotes, which Windows strips "
+                        "when MicroSIP reads username; remove them",
                         key_source,
                         key_segments,
                     )
@@ -751,12 +847,16 @@ def _link_users(
     workstations: Mapping[str, Workstation], users: Mapping[str, User]
 ) -> dict[str, Workstation]:
     """Users may name their workstations, workstations their users: make both views agree."""
+    named_by_users: dict[str, list[str]] = {}
+    for user in users.values():
+        for station_name in user.workstations:
+            named_by_users.setdefault(station_name, []).append(user.name)
     linked: dict[str, Workstation] = {}
     for name, station in workstations.items():
         names = list(station.users)
-        for user in users.values():
-            if name in user.workstations and user.name not in names:
-                names.append(user.name)
+        for user_name in named_by_users.get(name, ()):
+            if user_name not in names:
+                names.append(user_name)
         linked[name] = Workstation(
             station.name,
             station.address,
@@ -798,6 +898,7 @@ def _cross_check(context: _Context, inventory: Inventory) -> None:
                 context.error(
                     _unknown(name, list(inventory.users), "user"), station.source, (*where, "users")
                 )
+    placed = {name for s in inventory.workstations.values() for name in s.users}
     for user in inventory.users.values():
         where = ("users", user.name)
         for name in user.groups:
@@ -812,7 +913,7 @@ def _cross_check(context: _Context, inventory: Inventory) -> None:
                     user.source,
                     (*where, "workstations"),
                 )
-        if not any(user.name in s.users for s in inventory.workstations.values()):
+        if user.name not in placed:
             context.error(
                 "the user is on no workstation; list it under a workstation's users or the "
                 "user's workstations",

@@ -53,6 +53,7 @@ _SECRET_KEYS: Final = frozenset({"password"})
 _SHOWN_CHARS: Final = 40
 _INT_RE: Final = re.compile(r"-?[0-9]+")
 _CONTROL_EXTRA: Final = frozenset({"\x7f", "\x85", "\u2028", "\u2029"})
+_CONTROL_RE: Final = re.compile("[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,10 @@ def _hook_args_have_quotes(command: str) -> bool:
         space = re.search(r"\s", text)
         rest = text[space.start() :] if space else ""
     return '"' in rest
+
+
+_ENTRY_CACHE: dict[tuple[bool, bool, str, str, str], tuple[tuple[Severity, str, str], ...]] = {}
+_ENTRY_CACHE_LIMIT = 100_000
 
 
 class _Where(NamedTuple):
@@ -236,9 +241,10 @@ class _Linter:
 
     def check_control_chars(self, entry: IniEntry, section: str) -> None:
         text = (entry.key or "") + entry.raw_value
-        bad = next((c for c in text if is_control_char(c)), None)
-        if bad is None:
+        found = _CONTROL_RE.search(text)
+        if found is None:
             return
+        bad = found.group()
         what = f"The value of '{entry.key}'" if entry.key is not None else "A comment"
         self.add(
             "error",
@@ -250,6 +256,25 @@ class _Linter:
     # ---- one key -------------------------------------------------------------------------
 
     def check_entry(self, section: IniSection, entry: IniEntry, written: str) -> None:
+        # Thousands of profiles repeat the same (section, key, value): check each once.
+        # Passwords are never used as cache keys, so no plaintext outlives its document.
+        if written.strip().lower() == "password":
+            self._check_entry(section, entry, written)
+            return
+        cache_key = (self.override, self.allow_runtime, section.name, written, entry.value)
+        cached = _ENTRY_CACHE.get(cache_key)
+        if cached is None:
+            before = len(self.findings)
+            self._check_entry(section, entry, written)
+            cached = tuple((f.severity, f.code, f.message) for f in self.findings[before:])
+            del self.findings[before:]
+            if len(_ENTRY_CACHE) >= _ENTRY_CACHE_LIMIT:
+                _ENTRY_CACHE.clear()
+            _ENTRY_CACHE[cache_key] = cached
+        for severity, code, message in cached:
+            self.add(severity, code, message, _Where(entry.line, section.name, written))
+
+    def _check_entry(self, section: IniSection, entry: IniEntry, written: str) -> None:
         key = written.strip()
         where = _Where(entry.line, section.name, written)
         if key.lower() == "passwordsize":

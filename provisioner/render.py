@@ -18,6 +18,7 @@ import jinja2
 from jinja2.sandbox import SandboxedEnvironment
 
 from provisioner.errors import PolicyViolationError, RenderError
+from provisioner.inidoc import unquote
 from provisioner.model import Secret
 
 TemplateEnvironment = SandboxedEnvironment
@@ -39,7 +40,20 @@ def default_template_dir() -> Path:
 
 
 def ini_value(value: object) -> str:
-    """Text for one INI value: booleans as 0/1, lists joined by spaces, secrets revealed."""
+    """Text for one INI value: booleans as 0/1, lists joined by spaces, secrets revealed.
+
+    The result reads back as exactly the value through ``GetPrivateProfileString``: a value
+    enclosed in quotes gets one protective pair more (the profile API strips one pair, and
+    MicroSIP writes hooks and device names that way); surrounding whitespace, which the
+    profile API strips, is refused.
+    """
+    text = _plain_value(value)
+    if text != text.strip():
+        raise _ValueError("a value starts or ends with whitespace, which Windows strips")
+    return f'"{text}"' if unquote(text) != text else text
+
+
+def _plain_value(value: object) -> str:
     if isinstance(value, Secret):
         text = value.reveal()
         if _LINE_BREAKING.search(text):
@@ -56,7 +70,7 @@ def ini_value(value: object) -> str:
     if isinstance(value, int):
         return str(value)
     if isinstance(value, list | tuple):
-        return " ".join(ini_value(v) for v in value)
+        return " ".join(_plain_value(v) for v in value)
     if isinstance(value, jinja2.Undefined):
         raise _ValueError("undefined value")
     text = str(value)
@@ -73,11 +87,14 @@ def bool01(value: object) -> str:
 
 
 def quoted(value: object) -> str:
-    """The value wrapped in double quotes, as MicroSIP writes device names and hooks."""
-    text = ini_value(value)
-    if '"' in text[1:-1]:
-        raise _ValueError("a quoted value cannot contain double quotes")
-    return text if text.startswith('"') and text.endswith('"') else f'"{text}"'
+    """The value wrapped in double quotes, as MicroSIP writes device names and hooks.
+
+    The profile API strips exactly that pair, so the value reads back unchanged.
+    """
+    text = _plain_value(value)
+    if text != text.strip():
+        raise _ValueError("a value starts or ends with whitespace, which Windows strips")
+    return f'"{text}"'
 
 
 def make_environment(template_dirs: Sequence[Path]) -> SandboxedEnvironment:

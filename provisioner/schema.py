@@ -27,6 +27,10 @@ def split_pointer(pointer: str) -> list[str]:
 
 def join_pointer(segments: list[str] | tuple[str, ...]) -> str:
     """Build an RFC 6901 JSON Pointer from unescaped segments."""
+    joined = "/".join(segments)
+    # Fast path: nothing to escape (one '/' per boundary and no '~').
+    if "~" not in joined and joined.count("/") == len(segments) - 1:
+        return "/" + joined if segments else ""
     return "".join("/" + s.replace("~", "~0").replace("/", "~1") for s in segments)
 
 

@@ -19,6 +19,7 @@ from typing import Any
 from ruamel.yaml import YAML
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from ruamel.yaml.resolver import VersionedResolver
 
 from provisioner.errors import InventoryError, YamlEditError
 from provisioner.schema import join_pointer
@@ -110,9 +111,31 @@ class YamlText:
         )
 
 
+class _CachingResolver(VersionedResolver):
+    """The YAML 1.2 resolver, with its per-scalar version lookup done once per document.
+
+    ruamel looks the YAML version up (through a failing attribute access under the C parser)
+    for every scalar; for large inventories that lookup cost more than parsing.
+    """
+
+    @property
+    def versioned_resolver(self) -> Any:
+        cached = self.__dict__.get("_versioned")
+        if cached is None:
+            cached = VersionedResolver.versioned_resolver.fget(self)  # type: ignore[attr-defined]
+            self.__dict__["_versioned"] = cached
+        return cached
+
+
+def _fast_yaml() -> YAML:
+    yaml = YAML(typ="safe", pure=False)
+    yaml.Resolver = _CachingResolver
+    return yaml
+
+
 def _compose(text: str, source: str) -> Node | None:
     try:
-        return YAML(typ="safe", pure=False).compose(io.StringIO(text))  # type: ignore[no-any-return]
+        return _fast_yaml().compose(io.StringIO(text))  # type: ignore[no-any-return]
     except YAMLError:
         pass
     try:
@@ -465,7 +488,6 @@ def compose_tree(text: str, source: str) -> tuple[YNode | None, tuple[Problem, .
     if root is None:
         return None, ()
     builder = _TreeBuilder()
-    builder.count(root)
     return builder.build(root, ()), tuple(builder.problems)
 
 
@@ -489,7 +511,9 @@ class _TreeBuilder:
 
     def build(self, node: Node, segments: tuple[str, ...]) -> YNode:
         line, column = node.start_mark.line + 1, node.start_mark.column + 1
-        shared = self.visits.get(id(node), 0) > 1
+        # An alias is the same node object met again; only the repeats are marked.
+        shared = id(node) in self.visits
+        self.visits[id(node)] = 1
         if isinstance(node, ScalarNode):
             tag = node.tag or ""
             short = tag[len(_TAG_PREFIX) :] if tag.startswith(_TAG_PREFIX) else tag

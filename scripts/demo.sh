@@ -24,7 +24,8 @@ provisioner render inventory --out build \
 step "One of the files, as MicroSIP will read it (UTF-16LE with BOM, CRLF; password masked here)"
 python - <<'PY'
 data = open("build/ber-ws-001/alice/microsip.ini", "rb").read()
-print(f"first bytes {data[:2].hex(' ')} (UTF-16LE BOM), {data.count(b'\r\x00\n\x00')} CRLF line ends")
+crlf = data.count(bytes([13, 0, 10, 0]))
+print(f"first bytes {data[:2].hex(' ')} (UTF-16LE BOM), {crlf} CRLF line ends")
 for line in data[2:].decode("utf-16-le").splitlines()[:24]:
     print("password=********" if line.startswith("password=") else line)
 PY

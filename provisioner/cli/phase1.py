@@ -86,7 +86,8 @@ def validate(
     if output not in ("text", "json", "junit", "github"):
         raise ProvisionerError("--format must be text, json, junit or github")
     result = run_build(inventory, limit, templates, identities, passphrase_file, passphrase_fd)
-    keys = "real keys" if identities or passphrase_file else "placeholders (no private key)"
+    real = bool(identities or passphrase_file or passphrase_fd is not None)
+    keys = "real keys" if real else "placeholders (no private key)"
     failed = not result.ok or (strict and result.findings)
     if output == "json":
         echo(json.dumps(_json_report(result, keys), indent=2))
@@ -126,13 +127,18 @@ def _json_report(result: phase1.BuildResult, keys: str) -> dict[str, object]:
     }
 
 
+def _github_escape(text: str, *, prop: bool = False) -> str:
+    text = text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+    return text.replace(":", "%3A").replace(",", "%2C") if prop else text
+
+
 def _github(finding: Finding) -> str:
     kind = "error" if finding.severity == "error" else "warning"
-    message = finding.message.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
-    place = f"file={finding.file},line={finding.line or 1}"
+    message = _github_escape(finding.message)
+    place = f"file={_github_escape(finding.file, prop=True)},line={finding.line or 1}"
     if finding.column:
         place += f",col={finding.column}"
-    title = f"{finding.code} {finding.path}".strip()
+    title = _github_escape(f"{finding.code} {finding.path}".strip(), prop=True)
     return f"::{kind} {place},title={title}::{message}"
 
 
@@ -164,23 +170,33 @@ def _junit_report(result: phase1.BuildResult) -> str:
     return "\n".join(lines)
 
 
-def _in_git_tree_and_not_ignored(path: Path) -> bool:
-    probe = path.resolve()
+def _in_git_tree_and_not_ignored(out: Path, relative_paths: list[str]) -> bool:
+    """True when any file to be written under ``out`` would be inside a git tree, not ignored.
+
+    The files themselves are checked, not ``out``: a pattern such as ``build/`` matches a
+    directory only once it exists, but always matches the files below it.
+    """
+    probe = out.resolve()
     while not probe.exists():
         probe = probe.parent
     top = next((p for p in (probe, *probe.parents) if (p / ".git").exists()), None)
-    if top is None:
+    if top is None or not relative_paths:
         return False
+    paths = [str(out.resolve() / relative) for relative in relative_paths]
     try:
-        ignored = subprocess.run(
-            ["git", "-C", str(top), "check-ignore", "-q", str(path.resolve())],
+        checked = subprocess.run(
+            ["git", "-C", str(top), "check-ignore", "--stdin", "-z"],
+            input="\0".join(paths).encode("utf-8"),
             capture_output=True,
-            timeout=10,
+            timeout=60,
             check=False,
         )
     except (OSError, subprocess.TimeoutExpired):
         return True
-    return ignored.returncode != 0
+    if checked.returncode not in (0, 1):
+        return True
+    ignored = set(checked.stdout.decode("utf-8", "replace").split("\0"))
+    return any(path not in ignored for path in paths)
 
 
 def render(
@@ -201,18 +217,19 @@ def render(
     Files are UTF-16LE with BOM and CRLF, as MicroSIP writes them, readable by you only.
     """
     real = bool(identities or passphrase_file or passphrase_fd is not None)
-    if real and not allow_in_git and _in_git_tree_and_not_ignored(out):
-        raise ProvisionerError(
-            f"{out} is inside a git working tree and not ignored: rendered files would hold "
-            "plaintext passwords; choose another --out, add it to .gitignore, or pass "
-            "--allow-in-git"
-        )
     result = run_build(inventory, limit, templates, identities, passphrase_file, passphrase_fd)
     for finding in result.findings:
         echo(str(finding))
     if not result.ok:
         echo("nothing written: fix the errors above first")
         raise typer.Exit(1)
+    relative_paths = [built.relative_path for built in result.files]
+    if real and not allow_in_git and _in_git_tree_and_not_ignored(out, relative_paths):
+        raise ProvisionerError(
+            f"{out} is inside a git working tree and not ignored: rendered files would hold "
+            "plaintext passwords; choose another --out, add it to .gitignore, or pass "
+            "--allow-in-git"
+        )
     old_umask = os.umask(0o077)
     try:
         for built in result.files:

@@ -5,8 +5,9 @@ variable ``NTLM_USER_FILE``, read when the context is created *and* again when t
 AUTHENTICATE message is checked. Flipping that variable per request would race between
 threads, so the variable is set once for the process, under a lock, by the first lab that
 registers NTLM accounts; it points to one file in a private temp folder. The file holds the
-union of the accounts of every registered host (``DOMAIN:USER:PASSWORD`` lines) and is
-replaced atomically when hosts come and go. The lab then checks that the authenticated user
+union of the accounts of every registered host (``DOMAIN:USER:PASSWORD`` lines); it is
+replaced atomically when a host brings a new account (accounts of hosts that are gone stay
+until the last release, which is harmless). The lab then checks that the authenticated user
 is an account of the host that was contacted. One consequence: two hosts of one process may
 not give the same account different passwords (``register`` raises ``ValueError``).
 When the last registration is released the variable gets its previous value back and the
@@ -15,6 +16,7 @@ folder is removed.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import tempfile
@@ -46,32 +48,33 @@ class _Registry:
         self._owners: dict[int, dict[Account, tuple[str, str]]] = {}
         self._folder: Path | None = None
         self._previous: str | None = None
+        self._tokens = itertools.count(1)
 
-    def register(self, owner: int, credentials: Mapping[str, str]) -> None:
+    def register(self, credentials: Mapping[str, str]) -> int:
         with self._lock:
+            known = {
+                key: password
+                for entries in self._owners.values()
+                for key, (_, password) in entries.items()
+            }
             entries = {
                 account_key(user): (user, password) for user, password in credentials.items()
             }
-            for other, known in self._owners.items():
-                if other == owner:
-                    continue
-                for key, (user, password) in entries.items():
-                    if key in known and known[key][1] != password:
-                        raise ValueError(
-                            f"NTLM account {user!r} already has another password in this process; "
-                            "lab hosts that accept NTLM must agree on each account's password"
-                        )
-            merged = dict(self._owners.get(owner, {}))
-            merged.update(entries)
-            self._owners[owner] = merged
-            self._rewrite()
+            for key, (user, password) in entries.items():
+                if known.get(key, password) != password:
+                    raise ValueError(
+                        f"NTLM account {user!r} already has another password in this process; "
+                        "lab hosts that accept NTLM must agree on each account's password"
+                    )
+            owner = next(self._tokens)
+            self._owners[owner] = entries
+            if any(key not in known for key in entries):
+                self._rewrite()
+            return owner
 
     def release(self, owner: int) -> None:
         with self._lock:
-            if self._owners.pop(owner, None) is None:
-                return
-            if self._owners:
-                self._rewrite()
+            if self._owners.pop(owner, None) is None or self._owners:
                 return
             if self._previous is None:
                 os.environ.pop(ENV_VAR, None)
@@ -104,14 +107,14 @@ class _Registry:
 _REGISTRY = _Registry()
 
 
-def register(owner: int, credentials: Mapping[str, str]) -> None:
-    """Add ``credentials`` (user -> password) for ``owner`` (an id) to the process file."""
+def register(credentials: Mapping[str, str]) -> int:
+    """Add ``credentials`` (user -> password) to the process file; returns a release token."""
     for user, password in credentials.items():
         if ":" in user or ":" in password or "\n" in user + password:
             raise ValueError(f"NTLM account {user!r}: ':' and newlines cannot be stored")
-    _REGISTRY.register(owner, credentials)
+    return _REGISTRY.register(credentials)
 
 
-def release(owner: int) -> None:
-    """Forget ``owner``'s accounts; the last release restores the environment."""
-    _REGISTRY.release(owner)
+def release(token: int) -> None:
+    """Forget the accounts registered under ``token``; the last release restores the environment."""
+    _REGISTRY.release(token)

@@ -123,7 +123,13 @@ class Reactor:
     # --- thread-safe API -------------------------------------------------------------------
 
     def listen(self, address: str, port: int, service: Service) -> Listener:
-        """Bind and listen on ``address:port`` (0: ephemeral) for ``service``."""
+        """Bind ``address:port`` (0: ephemeral) and start accepting for ``service``."""
+        listener = self.bind(address, port, service)
+        self.activate(listener)
+        return listener
+
+    def bind(self, address: str, port: int, service: Service) -> Listener:
+        """Bind and listen on ``address:port`` without accepting yet (see :meth:`activate`)."""
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -133,9 +139,11 @@ class Reactor:
         except OSError as err:
             sock.close()
             raise OSError(err.errno, f"cannot listen on {address}:{port}: {err.strerror}") from err
-        listener = Listener(sock, service)
+        return Listener(sock, service)
+
+    def activate(self, listener: Listener) -> None:
+        """Start accepting connections on a bound listener."""
         self._call(partial(self._add_listener, listener))
-        return listener
 
     def close_listener(self, listener: Listener) -> None:
         """Stop listening and close the service's idle connections; effective on return."""
