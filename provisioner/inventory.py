@@ -126,9 +126,7 @@ class _Context:
         return match.group(0) if match else None
 
     def __post_init__(self) -> None:
-        self.account_keys = frozenset(
-            s.key for s in self.table.keys("Account") if not s.is_runtime
-        )
+        self.account_keys = frozenset(s.key for s in self.table.keys("Account") if not s.is_runtime)
 
     def error(self, message: str, source: Source, segments: Sequence[str]) -> None:
         self.errors.append(
@@ -323,10 +321,11 @@ def _names(
         return ()
     names: list[str] = []
     for index, item in node.items:
-        value = _text(
-            context, item, Source(source.file, item.line, item.column), (*segments, index)
-        )
-        if value is not None:
+        item_source = Source(source.file, item.line, item.column)
+        value = _text(context, item, item_source, (*segments, index))
+        if value is not None and value in names:
+            context.error(f"{value!r} is listed twice", item_source, (*segments, index))
+        elif value is not None:
             names.append(value)
     return tuple(names)
 
@@ -396,7 +395,10 @@ def _coerce_microsip(
         return None
     if spec.type == "enum" and text not in spec.allowed:
         shown = ", ".join(repr(a) for a in spec.allowed)
-        close = difflib.get_close_matches(text, [a for a in spec.allowed if a], n=1, cutoff=0.5)
+        close = [a for a in spec.allowed if a and a.lower() == text.lower()]
+        close = close or difflib.get_close_matches(
+            text, [a for a in spec.allowed if a], n=1, cutoff=0.5
+        )
         hint = f"; did you mean {close[0]!r}?" if close else ""
         context.error(f"{spec.key} must be one of {shown}, got {text!r}{hint}", source, segments)
         return None
@@ -488,6 +490,14 @@ def _microsip_block(
             context.error(
                 f"MicroSIP rewrites {key} itself (window, volume, toggle or history state); "
                 "do not manage it",
+                source,
+                key_segments,
+            )
+            continue
+        if section == "Settings" and key == "accountId":
+            context.error(
+                "accountId is written for the account marked 'active: true'; mark that "
+                "account instead",
                 source,
                 key_segments,
             )

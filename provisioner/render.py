@@ -72,6 +72,7 @@ def _plain_value(value: object) -> str:
     if isinstance(value, list | tuple):
         return " ".join(_plain_value(v) for v in value)
     if isinstance(value, jinja2.Undefined):
+        str(value)  # StrictUndefined raises its own error, which names the variable
         raise _ValueError("undefined value")
     text = str(value)
     if _LINE_BREAKING.search(text):

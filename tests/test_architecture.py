@@ -21,23 +21,32 @@ LAYERS: dict[str, int] = {
     "inventory": 2,
     "resolve": 2,
     "render": 2,
+    "plan": 2,
+    "results": 1,
+    "transport": 2,
     "build": 3,
+    "lab": 3,
+    "push": 4,
+    "connections": 4,
+    "doctor": 5,
+    "runner": 5,
     "ini": 2,
     "lint": 2,
     "secretstore": 3,
-    "cli": 4,
+    "cli": 6,
 }
 # Each third-party library lives in exactly one adapter (module prefix).
 ADAPTERS = {
-    "cryptography": ("vault",),
+    "cryptography": ("vault", "lab.certs"),
     "ruamel": ("yamldoc",),
     "jinja2": ("render",),
     "typer": ("cli",),
     "rich": ("cli",),
     "winrm": ("transport.winrm",),
     "requests": ("transport.winrm",),
+    "spnego": ("lab",),
 }
-REVEAL_ALLOWED = {"model", "vault", "secretstore", "render"}
+REVEAL_ALLOWED = {"model", "vault", "secretstore", "render", "transport.winrm"}
 
 
 def _modules() -> dict[str, ast.Module]:
@@ -100,7 +109,8 @@ def test_only_the_renderer_and_the_sealing_code_reveal_secrets() -> None:
             if isinstance(node, ast.Attribute) and node.attr == "reveal"
         ]
         if calls:
-            assert module.split(".")[0] in REVEAL_ALLOWED, f"{module} calls .reveal()"
+            allowed = module in REVEAL_ALLOWED or module.split(".")[0] in REVEAL_ALLOWED
+            assert allowed, f"{module} calls .reveal()"
 
 
 def test_no_command_takes_a_secret_as_an_argument() -> None:
@@ -125,7 +135,7 @@ def test_no_command_takes_a_secret_as_an_argument() -> None:
 
 
 def test_environment_is_read_only_in_known_places() -> None:
-    allowed = {"secretstore", "cli.common", "cli"}
+    allowed = {"secretstore", "cli.common", "cli", "lab.ntlmusers"}
     for module, tree in _modules().items():
         for node in ast.walk(tree):
             if isinstance(node, ast.Attribute) and node.attr in ("environ", "getenv"):

@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from provisioner.cli import inventory_cmds, keys, phase1, secrets
+from provisioner.cli import inventory_cmds, keys, phase1, remote, secrets
 from provisioner.errors import ProvisionerError
 
 EXIT_OK = 0
@@ -27,6 +27,10 @@ app = typer.Typer(
 app.command()(phase1.validate)
 app.command()(phase1.render)
 app.command()(phase1.explain)
+app.command("push")(remote.push_cmd)
+app.command("diff")(remote.diff_cmd)
+app.command("rollback")(remote.rollback_cmd)
+app.command("doctor")(remote.doctor_cmd)
 app.add_typer(inventory_cmds.app, name="inventory")
 app.add_typer(keys.app, name="keys")
 app.add_typer(secrets.app, name="secrets")

@@ -235,6 +235,11 @@ def render(
         for built in result.files:
             target = out / built.relative_path
             target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            folder = Path(built.relative_path).parent
+            for part in (folder, *folder.parents)[:-1]:
+                (out / part).chmod(0o700)
+            # write_atomic keeps an existing file's mode, which may be readable by others.
+            target.unlink(missing_ok=True)
             write_atomic(target, built.data, mode=0o600)
     finally:
         os.umask(old_umask)
@@ -291,11 +296,11 @@ def explain(
         ) from None
     if user not in model.users:
         raise ProvisionerError(f"no user {user!r} in {inventory}")
-    stations = [
+    stations = sorted(
         s.name
         for s in model.workstations.values()
         if user in s.users and (workstation is None or s.name == workstation)
-    ]
+    )
     report: list[dict[str, Any]] = []
     for station in stations:
         profile = resolve.resolve_profile(model, station, user)

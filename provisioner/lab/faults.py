@@ -11,6 +11,8 @@ WS-Management ones: ``Create``, ``Command``, ``Send``, ``Receive``, ``Signal``, 
 * ``slow``: seconds slept before answering each request (per-request latency);
 * ``reset_mid_command``: TCP reset, no answer, on an operation of the Nth command;
 * ``hang``: the request is read and never answered (the client hits its read timeout);
+  like ``soap_fault`` it takes a :class:`Trigger`: ``Trigger()`` hits the first request once,
+  ``Trigger("Receive", nth=2, times=None)`` every Receive from the second on;
 * ``command_delay``: commands finish this many seconds after their stdin is complete, so a
   Receive waits its OperationTimeout and answers ``w:TimedOut`` meanwhile.
 """

@@ -9,7 +9,7 @@ When a command runs (the one rule of the lab):
 * a ``Receive`` that arrives before any ``Send`` closes stdin as empty and runs the handler,
   unless ``handler.reads_stdin(command_line)`` is true: such a command waits for its input
   (``Receive`` answers ``w:TimedOut`` after the OperationTimeout, as Windows does while the
-  process blocks on stdin);
+  process blocks on stdin); once a ``Send`` arrived, the command waits for ``End="true"``;
 * a command line longer than :data:`CMD_LINE_LIMIT` never reaches the handler: it ends with
   cmd.exe's ``The command line is too long.`` and exit code 1.
 

@@ -207,13 +207,6 @@ class LabHost:
         """Exceptions the handler raised (each also answered as a fault)."""
         return list(self._winrs.errors)
 
-    def close(self) -> None:
-        """Stop listening (the lab's stop does this for every host)."""
-        with self._listen_lock:
-            if self._listener is not None:
-                self._reactor.close_listener(self._listener)
-                self._listener = None
-
     # --- reactor.Service --------------------------------------------------------------------
 
     def tls(self) -> ssl.SSLContext | None:

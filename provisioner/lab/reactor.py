@@ -109,7 +109,7 @@ class Reactor:
         self._calls: list[Callable[[], None]] = []
         self._conns: set[Connection] = set()
         self._watched: set[Connection] = set()
-        self._listeners: set[Listener] = set()
+        self._listeners: dict[Service, Listener] = {}
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="lab-reactor", daemon=True)
         self._thread.start()
@@ -209,14 +209,10 @@ class Reactor:
         last_sweep = time.monotonic()
         while True:
             for key, _ in self._sel.select(_TICK):
-                data = key.data
-                if data is _WAKE:
-                    with contextlib.suppress(BlockingIOError, OSError):
-                        self._wake_r.recv(4096)
-                elif isinstance(data, Listener):
-                    self._accept(data)
-                elif isinstance(data, Connection):
-                    self._readable(data)
+                try:
+                    self._event(key.data)
+                except Exception:
+                    _log.exception("reactor event failed")
             with self._lock:
                 calls, self._calls = self._calls, []
                 stopping = self._stopping
@@ -231,19 +227,28 @@ class Reactor:
             if now - last_sweep >= _TICK:
                 last_sweep = now
                 self._sweep(now)
-        for listener in list(self._listeners):
+        for listener in list(self._listeners.values()):
             self._remove_listener(listener)
         for conn in list(self._watched):
             self._unwatch(conn)
             self._close(conn)
 
+    def _event(self, data: object) -> None:
+        if data is _WAKE:
+            with contextlib.suppress(BlockingIOError, OSError):
+                self._wake_r.recv(4096)
+        elif isinstance(data, Listener):
+            self._accept(data)
+        elif isinstance(data, Connection):
+            self._readable(data)
+
     def _add_listener(self, listener: Listener) -> None:
-        self._listeners.add(listener)
+        self._listeners[listener.service] = listener
         self._sel.register(listener.sock, selectors.EVENT_READ, listener)
 
     def _remove_listener(self, listener: Listener) -> None:
-        if listener in self._listeners:
-            self._listeners.discard(listener)
+        if self._listeners.get(listener.service) is listener:
+            del self._listeners[listener.service]
             self._sel.unregister(listener.sock)
         listener.sock.close()
         for conn in [c for c in self._watched if c.service is listener.service]:
@@ -264,7 +269,11 @@ class Reactor:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock: socket.socket = raw
             if context is not None:
-                sock = context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+                try:
+                    sock = context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+                except OSError:
+                    raw.close()
+                    continue
             conn = Connection(sock, str(peer[0]), listener.service)
             with self._lock:
                 self._conns.add(conn)
@@ -274,7 +283,7 @@ class Reactor:
     def _watch(self, conn: Connection) -> None:
         if conn.sock.fileno() < 0:
             return
-        if not any(listener.service is conn.service for listener in self._listeners):
+        if conn.service not in self._listeners:
             self._close(conn)
             return
         conn.last_active = time.monotonic()

@@ -1,0 +1,171 @@
+"""``provisioner user``: the helpdesk's one-user commands."""
+
+from __future__ import annotations
+
+import getpass
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from provisioner import runner, secretstore, state
+from provisioner.cli.common import IdentityOpt, PassFdOpt, PassFileOpt, echo
+from provisioner.cli.inputs import read_new_password
+from provisioner.cli.rollout import LabOpt, StateOpt, execute, state_dir
+from provisioner.errors import ProvisionerError
+from provisioner.inventory import InventoryErrors, load_inventory
+from provisioner.model import Inventory, User
+from provisioner.push import PushOptions
+from provisioner.report import exit_code
+
+app = typer.Typer(help="Helpdesk tasks for one user.", no_args_is_help=True)
+
+InventoryOpt = Annotated[
+    Path, typer.Option("--inventory", "-i", envvar="PROVISIONER_INVENTORY", file_okay=False)
+]
+UserArg = Annotated[str, typer.Argument(help="User name as in the inventory.")]
+
+
+def _user(inventory: Path, name: str) -> tuple[Inventory, User]:
+    try:
+        model = load_inventory(inventory)
+    except InventoryErrors as exc:
+        raise ProvisionerError(
+            f"the inventory has problems; run 'provisioner validate':\n{exc}"
+        ) from None
+    if name not in model.users:
+        raise ProvisionerError(f"no user {name!r} in {inventory}")
+    return model, model.users[name]
+
+
+@app.command()
+def show(
+    user: UserArg,
+    inventory: InventoryOpt = Path("."),
+    state_folder: StateOpt = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Workstations, accounts (passwords masked), groups and the last push per workstation."""
+    model, entry = _user(inventory, user)
+    stations = sorted(s.name for s in model.workstations.values() if user in s.users)
+    accounts = []
+    for account in entry.accounts:
+        keys = account.keys
+        password = keys.get("password")
+        sealed = password is not None and isinstance(password.value, str)
+        kid = str(password.value).split(":")[2] if sealed and password else ""
+        accounts.append({
+            "id": account.id,
+            "active": account.active,
+            "sip": f"{keys['username'].value}@{keys['domain'].value}"
+            if "username" in keys and "domain" in keys else "",
+            "password": f"(sealed, key {kid})" if sealed else "(not set)",
+        })
+    last: list[dict[str, Any]] = []
+    folder = state_dir(inventory, state_folder)
+    if (folder / "state.sqlite3").exists():
+        last = [r.to_dict() for r in state.StateStore(folder).last_results(user=user)]
+    data = {
+        "user": user,
+        "windows": entry.windows,
+        "display_name": entry.display_name,
+        "groups": list(entry.groups),
+        "workstations": stations,
+        "accounts": accounts,
+        "last_push": last,
+    }
+    if as_json:
+        echo(json.dumps(data, indent=2, default=str))
+        return
+    echo(f"{user} ({entry.display_name or '-'}), Windows account {entry.windows}")
+    echo(f"  groups:       {', '.join(entry.groups) or '-'}")
+    echo(f"  workstations: {', '.join(stations) or '-'}")
+    for account in accounts:
+        flag = " (active)" if account["active"] else ""
+        echo(f"  account {account['id']}{flag}: {account['sip']}  password {account['password']}")
+    if not last:
+        echo("  last push:    never (no rollout recorded in the state folder)")
+    for item in last:
+        echo(f"  last push:    {item.get('workstation')}: {item.get('status')} "
+             f"{item.get('message', '')} ({item.get('time', item.get('started', ''))})")
+
+
+@app.command()
+def regenerate(
+    user: UserArg,
+    inventory: InventoryOpt = Path("."),
+    reset: Annotated[bool, typer.Option("--reset", help="Write the render outright, keeping "
+                                        "the old file as a backup (repairs a broken file).")]
+    = False,
+    check: Annotated[bool, typer.Option("--check", help="Only show what would change.")] = False,
+    diff: Annotated[bool, typer.Option("--diff", help="Show the diff (passwords masked).")]
+    = True,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
+    = False,
+    if_running: Annotated[str, typer.Option("--if-running", help="skip, stop or force.")]
+    = "stop",
+    identities: IdentityOpt = None,
+    passphrase_file: PassFileOpt = None,
+    passphrase_fd: PassFdOpt = None,
+    lab: LabOpt = None,
+    state_folder: StateOpt = None,
+) -> None:
+    """Render and push this user's profile to every workstation they use, diff first."""
+    _user(inventory, user)
+    options = runner.RolloutOptions(
+        forks=8, canary="0", batch="100%", max_fail=100.0, retries=1, check=check,
+        push=PushOptions(if_running=if_running, reset=reset, users=(user,)),
+    )
+    run = execute(
+        inventory=inventory, limit=f"user:{user}", options=options, identities=identities,
+        passphrase_file=passphrase_file, passphrase_fd=passphrase_fd, lab_file=lab,
+        state_folder=state_folder, timeout=30, quiet=True, yes=yes, show_diff=diff,
+        report_json=None, report_junit=None, action="reset" if reset else "regenerate",
+        command=f"user regenerate {user}",
+    )
+    code = exit_code(run)
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command("set-password")
+def set_password(
+    user: UserArg,
+    inventory: InventoryOpt = Path("."),
+    account: Annotated[str | None, typer.Option("--account", help="Account id (default: the "
+                                                "active one).")] = None,
+    stdin: Annotated[bool, typer.Option("--stdin", help="Read the password from stdin.")] = False,
+    push_now: Annotated[bool, typer.Option("--push", help="Push the user's profile right away "
+                                           "(needs an identity).")] = False,
+    identities: IdentityOpt = None,
+    passphrase_file: PassFileOpt = None,
+    passphrase_fd: PassFdOpt = None,
+    lab: LabOpt = None,
+    state_folder: StateOpt = None,
+) -> None:
+    """Seal a new SIP password with the public key and write it into the inventory."""
+    _, entry = _user(inventory, user)
+    ids = [a.id for a in entry.accounts]
+    chosen = account or next((a.id for a in entry.accounts if a.active), ids[0])
+    if chosen not in ids:
+        raise ProvisionerError(f"{user} has no account {chosen!r} (accounts: {', '.join(ids)})")
+    pointer = f"/users/{user}/accounts/{chosen}/password"
+    recipients = secretstore.load_recipients(inventory)
+    secret = read_new_password(from_stdin=stdin)
+    written = secretstore.set_secret(inventory, pointer, secret, recipients)
+    echo(f"updated {pointer} in {written.file}:{written.line} (key {written.kid})")
+    who = getpass.getuser()
+    state.AuditLog(state_dir(inventory, state_folder)).append([
+        state.AuditRecord.now(
+            who=who, action="set-password", user=user, file=str(written.file),
+            status="changed", message=f"sealed {pointer} to key {written.kid}",
+        )
+    ])
+    if push_now:
+        regenerate(user, inventory, reset=False, check=False, diff=False, yes=True,
+                   if_running="stop", identities=identities, passphrase_file=passphrase_file,
+                   passphrase_fd=passphrase_fd, lab=lab, state_folder=state_folder)
+    else:
+        echo("commit and push the inventory change; it reaches the workstations with the next "
+             f"rollout or 'provisioner user regenerate {user}'")

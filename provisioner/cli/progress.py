@@ -1,0 +1,163 @@
+"""Live progress and the final summary of a rollout: rich on a terminal, plain lines otherwise."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Mapping, Sequence
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from provisioner.results import HostResult, Status
+from provisioner.runner import RunResult
+
+STYLES = {
+    Status.CHANGED: "green",
+    Status.UNCHANGED: "dim",
+    Status.BUSY: "yellow",
+    Status.SKIPPED: "yellow",
+    Status.CONFLICT: "red",
+    Status.FAILED: "bold red",
+}
+
+
+class PlainReporter:
+    """One line per workstation, for logs and pipes."""
+
+    def __init__(self, console: Console, total: int) -> None:
+        self.console = console
+        self.total = total
+        self.done = 0
+        self._lock = threading.Lock()
+
+    def batch_started(self, index: int, hosts: Sequence[str]) -> None:
+        """Announce a batch."""
+        label = "canary batch" if index == 0 else f"batch {index + 1}"
+        self.console.print(f"-- {label}: {len(hosts)} workstation(s)", highlight=False)
+
+    def host_started(self, host: str) -> None:
+        """Nothing to show until the host is done."""
+
+    def host_done(self, result: HostResult) -> None:
+        """Print the host's outcome."""
+        with self._lock:
+            self.done += 1
+            tries = f" after {result.attempts} attempts" if result.attempts > 1 else ""
+            self.console.print(
+                f"[{self.done}/{self.total}] {result.host}: {result.status.value}{tries} "
+                f"- {result.message} ({result.duration:.1f}s)",
+                highlight=False,
+                markup=False,
+            )
+
+
+class RichReporter:
+    """A progress bar with counts per status and the current batch."""
+
+    def __init__(self, console: Console, total: int) -> None:
+        self.counts: Counter[Status] = Counter()
+        self.batch = ""
+        self._lock = threading.Lock()
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[counts]}"),
+            console=console,
+            transient=False,
+        )
+        self.task = self.progress.add_task("rollout", total=total, counts="")
+
+    def __enter__(self) -> RichReporter:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def _refresh(self) -> None:
+        counts = "  ".join(
+            f"[{STYLES[s]}]{s.value} {self.counts[s]}[/]" for s in Status if self.counts[s]
+        )
+        self.progress.update(self.task, description=self.batch, counts=counts)
+
+    def batch_started(self, index: int, hosts: Sequence[str]) -> None:
+        """Show which batch runs."""
+        with self._lock:
+            self.batch = "canary" if index == 0 else f"batch {index + 1}"
+            self._refresh()
+
+    def host_started(self, host: str) -> None:
+        """Nothing: the bar advances when hosts finish."""
+
+    def host_done(self, result: HostResult) -> None:
+        """Count the outcome and advance the bar; failures are printed as they happen."""
+        with self._lock:
+            self.counts[result.status] += 1
+            self.progress.advance(self.task)
+            if result.status in (Status.FAILED, Status.CONFLICT):
+                self.progress.console.print(
+                    f"[red]{result.host}: {result.status.value}[/] {result.message}",
+                    highlight=False,
+                )
+            self._refresh()
+
+
+def print_summary(
+    console: Console, run: RunResult, groups: Mapping[str, Sequence[str]], *, diffs: bool
+) -> None:
+    """Per status, per group, the slowest hosts, and every failure with its reason."""
+    counts = run.counts()
+    table = Table(
+        title=f"Run {run.run_id}" + (" (dry run)" if run.options.check else ""),
+        title_justify="left",
+    )
+    table.add_column("status")
+    table.add_column("workstations", justify="right")
+    for status in Status:
+        if counts[status]:
+            table.add_row(f"[{STYLES[status]}]{status.value}[/]", str(counts[status]))
+    console.print(table)
+    per_group: dict[str, Counter[Status]] = {}
+    for host, result in run.results.items():
+        for group in groups.get(host, ()) or ("(no group)",):
+            per_group.setdefault(group, Counter())[result.status] += 1
+    if len(per_group) > 1:
+        by_group = Table(title="Per group", title_justify="left")
+        by_group.add_column("group")
+        for status in Status:
+            by_group.add_column(status.value, justify="right")
+        for group, group_counts in sorted(per_group.items()):
+            by_group.add_row(group, *(str(group_counts[s] or "") for s in Status))
+        console.print(by_group)
+    timed = sorted((r for r in run.results.values() if r.attempts), key=lambda r: -r.duration)
+    if timed:
+        slow = Table(title="Slowest workstations", title_justify="left")
+        slow.add_column("workstation")
+        slow.add_column("seconds", justify="right")
+        slow.add_column("attempts", justify="right")
+        for result in timed[:5]:
+            slow.add_row(result.host, f"{result.duration:.2f}", str(result.attempts))
+        console.print(slow)
+    if diffs:
+        for result in sorted(run.results.values(), key=lambda r: r.host):
+            for change in result.files:
+                if change.diff:
+                    console.print(
+                        f"--- {result.host} {change.label}", highlight=False, markup=False
+                    )
+                    console.print(change.diff, highlight=False, markup=False)
+    problems = [r for r in run.results.values() if not r.ok]
+    if problems:
+        console.print(f"[bold]{len(problems)} workstation(s) need attention:[/]")
+        for result in sorted(problems, key=lambda r: (r.status.rank, r.host), reverse=True):
+            console.print(
+                f"  {result.host}: {result.status.value} - {result.message}",
+                highlight=False,
+                markup=False,
+            )
+    if run.stopped:
+        console.print(f"[bold yellow]stopped:[/] {run.stopped}", highlight=False)

@@ -1,0 +1,230 @@
+"""``push``, ``diff``, ``rollback`` and ``doctor``: one workstation at a time."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from provisioner import build as phase1
+from provisioner import connections, doctor, push, resolve, vault
+from provisioner.cli.common import IdentityOpt, PassFdOpt, PassFileOpt, echo, open_keyring
+from provisioner.errors import ProvisionerError
+from provisioner.results import HostResult
+from provisioner.transport.base import ReadOnlyTransport, Transport
+
+EXIT_HOSTS_FAILED = 3
+
+WorkstationArg = Annotated[str, typer.Argument(help="Workstation name from the inventory.")]
+InventoryOpt = Annotated[
+    Path, typer.Option("--inventory", "-i", envvar="PROVISIONER_INVENTORY", file_okay=False)
+]
+UserOpt = Annotated[
+    list[str] | None, typer.Option("--user", "-u", help="Only this user (repeatable).")
+]
+IfRunningOpt = Annotated[
+    str,
+    typer.Option(
+        "--if-running",
+        help="When the user's MicroSIP runs: skip (report busy), stop (stop that user's "
+        "MicroSIP first) or force (write anyway).",
+    ),
+]
+LabOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--lab",
+        envvar="PROVISIONER_LAB_FILE",
+        help="Lab file from 'provisioner lab up': connect to the emulated workstations.",
+    ),
+]
+
+
+@dataclass
+class Remote:
+    """Phase 1 for one workstation, its keyring, and how to reach it."""
+
+    station: resolve.StationPlan
+    files: list[phase1.BuiltFile]
+    keyring: vault.Opener
+    lab: connections.LabMap | None
+
+    def transport(self) -> Transport:
+        """A fresh transport to the workstation."""
+        return connections.open_transport(self.station, self.keyring, self.lab)
+
+
+def prepare(
+    inventory: Path,
+    workstation: str,
+    users: list[str] | None,
+    identities: list[Path] | None,
+    passphrase_file: Path | None,
+    passphrase_fd: int | None,
+    lab_file: Path | None,
+) -> Remote:
+    """Phase 1 with real keys for one workstation; any finding stops here."""
+    opened: list[vault.Opener] = []
+
+    def factory(recipients: vault.Recipients) -> vault.Opener:
+        kids = [k.kid for k in recipients.keys if k.status != "retired"]
+        keyring = open_keyring(recipients, identities, kids, passphrase_file, passphrase_fd)
+        opened.append(keyring)
+        return keyring
+
+    limit = f"ws:{workstation}"
+    result = phase1.build(inventory, selection=resolve.Selection(limit), opener_factory=factory)
+    if result.inventory is not None and workstation not in result.inventory.workstations:
+        raise ProvisionerError(f"no workstation {workstation!r} in {inventory}")
+    if not result.ok:
+        for finding in result.findings:
+            echo(str(finding))
+        raise ProvisionerError("the inventory has errors; nothing was sent (see above)")
+    assert result.inventory is not None  # noqa: S101 - a clean build has an inventory
+    station = resolve.resolve_station(result.inventory, workstation)
+    if users:
+        unknown = [u for u in users if u not in station.workstation.users]
+        if unknown:
+            raise ProvisionerError(f"{', '.join(unknown)} not on {workstation}")
+    lab = connections.LabMap.load(lab_file) if lab_file else None
+    return Remote(station, result.files, opened[0], lab)
+
+
+def print_result(result: HostResult, *, show_diff: bool) -> None:
+    """One line per host, one per file, diffs on request."""
+    mode = " (dry run: nothing written)" if result.dry_run else ""
+    echo(f"{result.host}: {result.status.value}{mode} - {result.message}  [{result.duration:.2f}s]")
+    for change in result.files:
+        note = f"  {change.message}" if change.message else ""
+        echo(f"  {change.status.value:<10} {change.label}{note}")
+        for conflict in change.conflicts:
+            echo(f"    conflict: {conflict} changed on the workstation too; the inventory won")
+        if show_diff and change.diff:
+            for line in change.diff.splitlines():
+                echo(f"    {line}")
+    for warning in result.warnings:
+        echo(f"  warning: {warning}")
+
+
+def _exit(result: HostResult) -> None:
+    if not result.ok:
+        raise typer.Exit(EXIT_HOSTS_FAILED)
+
+
+def _run(
+    action: Callable[[Remote], HostResult],
+    remote: Remote,
+    show_diff: bool,
+) -> None:
+    result = action(remote)
+    print_result(result, show_diff=show_diff)
+    _exit(result)
+
+
+def push_cmd(
+    workstation: WorkstationArg,
+    inventory: InventoryOpt = Path("."),
+    user: UserOpt = None,
+    check: Annotated[bool, typer.Option("--check", help="Change nothing; report.")] = False,
+    diff: Annotated[
+        bool, typer.Option("--diff", help="Show what changes (passwords masked).")
+    ] = False,
+    reset: Annotated[
+        bool,
+        typer.Option(
+            "--reset",
+            help="Write the render outright (helpdesk repair); the old file is kept as a backup.",
+        ),
+    ] = False,
+    if_running: IfRunningOpt = "skip",
+    identities: IdentityOpt = None,
+    passphrase_file: PassFileOpt = None,
+    passphrase_fd: PassFdOpt = None,
+    lab: LabOpt = None,
+) -> None:
+    """Bring one workstation's MicroSIP files to the inventory's state.
+
+    Exit 0 when changed or unchanged, 3 when the workstation failed, was busy or in conflict.
+    """
+    remote = prepare(inventory, workstation, user, identities, passphrase_file, passphrase_fd, lab)
+    options = push.PushOptions(if_running=if_running, reset=reset, users=tuple(user or ()))
+
+    def action(r: Remote) -> HostResult:
+        transport = r.transport()
+        wrapped: Transport = ReadOnlyTransport(transport) if check else transport
+        return push.push_host(r.station, r.files, wrapped, options, dry_run=check)
+
+    _run(action, remote, diff)
+
+
+def diff_cmd(
+    workstation: WorkstationArg,
+    inventory: InventoryOpt = Path("."),
+    user: UserOpt = None,
+    reset: Annotated[bool, typer.Option("--reset", help="Diff against a full reset.")] = False,
+    identities: IdentityOpt = None,
+    passphrase_file: PassFileOpt = None,
+    passphrase_fd: PassFdOpt = None,
+    lab: LabOpt = None,
+) -> None:
+    """Show what a push would change: a unified diff per file, passwords masked.
+
+    The same code path as push, through a read-only transport: nothing is written.
+    """
+    remote = prepare(inventory, workstation, user, identities, passphrase_file, passphrase_fd, lab)
+    options = push.PushOptions(if_running="force", reset=reset, users=tuple(user or ()))
+
+    def action(r: Remote) -> HostResult:
+        return push.push_host(
+            r.station, r.files, ReadOnlyTransport(r.transport()), options, dry_run=True
+        )
+
+    _run(action, remote, True)
+
+
+def rollback_cmd(
+    workstation: WorkstationArg,
+    inventory: InventoryOpt = Path("."),
+    user: UserOpt = None,
+    if_running: IfRunningOpt = "skip",
+    identities: IdentityOpt = None,
+    passphrase_file: PassFileOpt = None,
+    passphrase_fd: PassFdOpt = None,
+    lab: LabOpt = None,
+) -> None:
+    """Restore the newest backup of a workstation's files (or of one user's file)."""
+    remote = prepare(inventory, workstation, user, identities, passphrase_file, passphrase_fd, lab)
+    options = push.PushOptions(if_running=if_running, users=tuple(user or ()))
+
+    def action(r: Remote) -> HostResult:
+        return push.rollback_host(r.station, r.files, r.transport(), options)
+
+    _run(action, remote, False)
+
+
+def doctor_cmd(
+    workstation: WorkstationArg,
+    inventory: InventoryOpt = Path("."),
+    identities: IdentityOpt = None,
+    passphrase_file: PassFileOpt = None,
+    passphrase_fd: PassFdOpt = None,
+    lab: LabOpt = None,
+) -> None:
+    """Check DNS, port, TLS, auth, encryption, PowerShell, MicroSIP, profiles and disk."""
+    remote = prepare(inventory, workstation, None, identities, passphrase_file, passphrase_fd, lab)
+    options = connections.winrm_options(remote.station, remote.keyring, remote.lab)
+    checks = doctor.network_checks(options)
+    if all(c.ok for c in checks):
+        checks += doctor.remote_checks(remote.station, remote.files, remote.transport(), options)
+    for check in checks:
+        mark = "ok  " if check.ok else "FAIL"
+        echo(f"{mark} {check.name:<18} {check.detail}")
+        if not check.ok and check.fix:
+            echo(f"     fix: {check.fix}")
+    failed = [c for c in checks if not c.ok]
+    echo(f"{workstation}: {len(checks) - len(failed)} check(s) passed, {len(failed)} failed")
+    if failed:
+        raise typer.Exit(EXIT_HOSTS_FAILED)

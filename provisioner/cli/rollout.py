@@ -1,0 +1,289 @@
+"""``rollout``, ``runs`` and ``audit``: the fleet commands."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import replace
+from pathlib import Path
+from types import FrameType
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from provisioner import build as phase1
+from provisioner import connections, report, resolve, runner, state, vault
+from provisioner.cli.common import IdentityOpt, PassFdOpt, PassFileOpt, echo, open_keyring
+from provisioner.cli.progress import PlainReporter, RichReporter, print_summary
+from provisioner.errors import ProvisionerError
+from provisioner.push import PushOptions
+from provisioner.results import Reporter, Status
+
+InventoryOpt = Annotated[
+    Path, typer.Option("--inventory", "-i", envvar="PROVISIONER_INVENTORY", file_okay=False)
+]
+StateOpt = Annotated[
+    Path | None,
+    typer.Option("--state", envvar="PROVISIONER_STATE",
+                 help="State folder (default: INVENTORY/../.provisioner-state).", file_okay=False),
+]
+LabOpt = Annotated[
+    Path | None,
+    typer.Option("--lab", envvar="PROVISIONER_LAB_FILE",
+                 help="Lab file from 'provisioner lab up': use the emulated workstations."),
+]
+
+runs_app = typer.Typer(help="Past rollouts recorded in the state folder.", no_args_is_help=True)
+
+
+def state_dir(inventory: Path, explicit: Path | None) -> Path:
+    """The state folder: explicit, or beside the inventory (never inside it: it is not YAML)."""
+    return explicit or inventory.resolve().parent / ".provisioner-state"
+
+
+@contextmanager
+def interrupt_to(stop: threading.Event) -> Iterator[None]:
+    """First Ctrl-C: stop launching new workstations; the second one aborts at once."""
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if stop.is_set():
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        stop.set()
+        print("\ninterrupt: finishing the workstations in flight, starting no new one "
+              "(Ctrl-C again to abort)", file=sys.stderr)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, previous)
+
+
+def _phase1(
+    inventory: Path,
+    limit: str,
+    identities: list[Path] | None,
+    passphrase_file: Path | None,
+    passphrase_fd: int | None,
+) -> tuple[phase1.BuildResult, vault.Opener]:
+    opened: list[vault.Opener] = []
+
+    def factory(recipients: vault.Recipients) -> vault.Opener:
+        kids = [k.kid for k in recipients.keys if k.status != "retired"]
+        keyring = open_keyring(recipients, identities, kids, passphrase_file, passphrase_fd)
+        opened.append(keyring)
+        return keyring
+
+    result = phase1.build(inventory, selection=resolve.Selection(limit), opener_factory=factory)
+    if not result.ok:
+        for finding in result.findings:
+            echo(str(finding))
+        raise ProvisionerError(
+            "Phase 1 found errors; no workstation was contacted (fix them and run again)"
+        )
+    return result, opened[0]
+
+
+def execute(
+    *,
+    inventory: Path,
+    limit: str,
+    options: runner.RolloutOptions,
+    identities: list[Path] | None,
+    passphrase_file: Path | None,
+    passphrase_fd: int | None,
+    lab_file: Path | None,
+    state_folder: Path | None,
+    timeout: int,
+    quiet: bool,
+    yes: bool,
+    show_diff: bool,
+    report_json: Path | None,
+    report_junit: Path | None,
+    action: str = "push",
+    command: str = "rollout",
+) -> runner.RunResult:
+    """Phase 1, confirmation, the rollout itself, state, audit and reports."""
+    console = Console(highlight=False, stderr=False)
+    built, keyring = _phase1(inventory, limit, identities, passphrase_file, passphrase_fd)
+    assert built.inventory is not None  # noqa: S101 - a clean build has an inventory
+    model = built.inventory
+    files: dict[str, list[phase1.BuiltFile]] = {}
+    for item in built.files:
+        files.setdefault(item.target.workstation, []).append(item)
+    stations = {name: resolve.resolve_station(model, name) for name in files}
+    if not stations:
+        raise ProvisionerError("no workstation matches the selection")
+    lab = connections.LabMap.load(lab_file) if lab_file else None
+
+    def transport(plan: resolve.StationPlan) -> Any:
+        return connections.open_transport(plan, keyring, lab, timeout=timeout)
+
+    groups = {name: list(plan.groups) for name, plan in stations.items()}
+    users = sum(len(f) - 1 for f in files.values())
+    console.print(f"{len(stations)} workstation(s), {users} user profile(s) selected; "
+                  f"batches: canary {options.canary}, then {options.batch}; "
+                  f"stop above {options.max_fail:g}% failures")
+    if not options.check and not yes:
+        if not sys.stdin.isatty():
+            raise ProvisionerError("not a terminal: pass --yes to confirm, or --check to look")
+        preview = runner.run_fleet(stations, files, transport, replace(options, check=True,
+                                                                       canary="0", max_fail=100))
+        counts = preview.counts()
+        print_summary(console, preview, groups, diffs=show_diff)
+        if not typer.confirm(
+            f"Apply: {counts[Status.CHANGED]} workstation(s) will change, "
+            f"{counts[Status.UNCHANGED]} are up to date. Proceed?", default=False
+        ):
+            raise typer.Exit(1)
+    folder = state_dir(inventory, state_folder)
+    store = state.StateStore(folder)
+    stop = threading.Event()
+    who = getpass.getuser()
+    lock = store.lock(f"{who}: {command}") if not options.check else nullcontext()
+    with lock, interrupt_to(stop):
+        reporter: Reporter
+        if quiet or not console.is_terminal:
+            reporter = PlainReporter(console, len(stations))
+            run = runner.run_fleet(stations, files, transport, options, reporter=reporter,
+                                   stop=stop)
+        else:
+            with RichReporter(console, len(stations)) as rich_reporter:
+                run = runner.run_fleet(stations, files, transport, options,
+                                       reporter=rich_reporter, stop=stop)
+        if not options.check:
+            store.record_run(run, who=who, command=command)
+            state.AuditLog(folder).append(state.records_for_run(run, who, action=action))
+    print_summary(console, run, groups, diffs=show_diff)
+    if report_json:
+        report.write_run_json(run, report_json)
+    if report_junit:
+        report.write_run_junit(run, report_junit)
+    return run
+
+
+def rollout(
+    inventory: InventoryOpt = Path("."),
+    limit: Annotated[str, typer.Option("--limit", "-l", help="Targets (see validate).")] = "",
+    check: Annotated[bool, typer.Option("--check", help="Change nothing; report.")] = False,
+    diff: Annotated[bool, typer.Option("--diff", help="Show diffs (passwords masked).")] = False,
+    forks: Annotated[int, typer.Option("--forks", min=1, max=500)] = 20,
+    canary: Annotated[str, typer.Option("--canary", help="First batch: N or P%; 0 for none.")]
+    = "1",
+    batch: Annotated[str, typer.Option("--batch", help="Later batches: N or P%.")] = "100%",
+    max_fail: Annotated[
+        str, typer.Option("--max-fail", help="Stop when more than P% of attempted hosts failed.")
+    ] = "10%",
+    retries: Annotated[int, typer.Option("--retries", min=0, max=10)] = 2,
+    timeout: Annotated[int, typer.Option("--timeout", min=5, help="Seconds per request.")] = 60,
+    if_running: Annotated[str, typer.Option("--if-running", help="skip, stop or force.")]
+    = "skip",
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
+    = False,
+    only_failed: Annotated[
+        str | None,
+        typer.Option("--only-failed", help="Only the hosts that failed, were busy or skipped in "
+                     "RUN (or 'last')."),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Plain lines, no progress bar.")]
+    = False,
+    report_json: Annotated[Path | None, typer.Option("--report-json")] = None,
+    report_junit: Annotated[Path | None, typer.Option("--report-junit")] = None,
+    state_folder: StateOpt = None,
+    identities: IdentityOpt = None,
+    passphrase_file: PassFileOpt = None,
+    passphrase_fd: PassFdOpt = None,
+    lab: LabOpt = None,
+) -> None:
+    """Push the inventory to every selected workstation: canary, batches, threshold, retries.
+
+    Exit 0 when every workstation is changed or unchanged, 3 when any failed, was busy or was
+    skipped, 1 on input errors (nothing contacted).
+    """
+    try:
+        threshold = float(max_fail.rstrip("%"))
+    except ValueError:
+        raise ProvisionerError("--max-fail is a percentage such as 10%") from None
+    if only_failed is not None:
+        store = state.StateStore(state_dir(inventory, state_folder))
+        hosts = store.hosts_to_retry(None if only_failed in ("", "last") else only_failed)
+        if not hosts:
+            echo("nothing to retry: every workstation of that run succeeded")
+            return
+        limit = ",".join(f"ws:{h}" for h in hosts) + (f",&{limit}" if limit else "")
+    options = runner.RolloutOptions(
+        forks=forks, canary=canary, batch=batch, max_fail=threshold, retries=retries,
+        check=check, push=PushOptions(if_running=if_running),
+    )
+    run = execute(
+        inventory=inventory, limit=limit, options=options, identities=identities,
+        passphrase_file=passphrase_file, passphrase_fd=passphrase_fd, lab_file=lab,
+        state_folder=state_folder, timeout=timeout, quiet=quiet, yes=yes, show_diff=diff,
+        report_json=report_json, report_junit=report_junit,
+    )
+    code = report.exit_code(run)
+    if code:
+        raise typer.Exit(code)
+
+
+@runs_app.command("list")
+def runs_list(
+    inventory: InventoryOpt = Path("."),
+    state_folder: StateOpt = None,
+    limit: Annotated[int, typer.Option("--last", help="How many runs.")] = 20,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """The most recent rollouts, newest first."""
+    store = state.StateStore(state_dir(inventory, state_folder))
+    summaries = store.runs(limit)
+    if as_json:
+        echo(json.dumps([s.to_dict() for s in summaries], indent=2, default=str))
+        return
+    for summary in summaries:
+        echo(str(summary))
+
+
+@runs_app.command("show")
+def runs_show(
+    run_id: Annotated[str, typer.Argument(help="Run id (a unique prefix will do).")],
+    inventory: InventoryOpt = Path("."),
+    state_folder: StateOpt = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Every workstation and file of one rollout."""
+    store = state.StateStore(state_dir(inventory, state_folder))
+    detail = store.run(run_id)
+    if as_json:
+        echo(json.dumps(detail.to_dict(), indent=2, default=str))
+        return
+    echo(str(detail))
+
+
+def audit(
+    inventory: InventoryOpt = Path("."),
+    state_folder: StateOpt = None,
+    user: Annotated[str | None, typer.Option("--user", "-u")] = None,
+    workstation: Annotated[str | None, typer.Option("--workstation", "-w")] = None,
+    since: Annotated[str | None, typer.Option("--since", help="ISO date or time.")] = None,
+    until: Annotated[str | None, typer.Option("--until", help="ISO date or time.")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Who changed which file, when, in which run (never a secret)."""
+    log = state.AuditLog(state_dir(inventory, state_folder))
+    records = log.query(user=user, workstation=workstation, since=since, until=until)
+    if as_json:
+        echo(json.dumps([r.to_dict() for r in records], indent=2, default=str))
+        return
+    for record in records:
+        echo(str(record))
+    echo(f"{len(records)} record(s)")

@@ -1,0 +1,205 @@
+"""``doctor``: check every step between the controller and a workstation's MicroSIP files.
+
+Each check says what it found and, when it fails, the fix to try. Checks stop at the first
+failure of the network path (no point testing auth when the port is closed).
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from provisioner.build import BuiltFile
+from provisioner.errors import AuthError, ProvisionerError, TransportError
+from provisioner.push import inspect_request
+from provisioner.resolve import StationPlan
+from provisioner.transport.base import Transport
+from provisioner.transport.winrm import WinrmOptions
+
+MIN_FREE_BYTES = 50 * 1024 * 1024
+SETUP = "see docs/windows-setup.md"
+
+
+@dataclass(frozen=True)
+class Check:
+    """One doctor check: its name, whether it passed, what was seen and what to do."""
+
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+
+
+def _port(options: WinrmOptions) -> int:
+    return options.port or (5986 if options.effective_scheme == "https" else 5985)
+
+
+def network_checks(options: WinrmOptions, timeout: float = 5.0) -> list[Check]:
+    """DNS, TCP and (for https) TLS with certificate validation."""
+    checks: list[Check] = []
+    port = _port(options)
+    try:
+        infos = socket.getaddrinfo(options.address, port, type=socket.SOCK_STREAM)
+        addresses = sorted({str(i[4][0]) for i in infos})
+        checks.append(Check("dns", True, f"{options.address} -> {', '.join(addresses)}"))
+    except socket.gaierror as exc:
+        checks.append(
+            Check(
+                "dns",
+                False,
+                f"{options.address}: {exc.strerror}",
+                "fix the name in DNS, or set the workstation's address to its IP",
+            )
+        )
+        return checks
+    try:
+        with socket.create_connection((options.address, port), timeout=timeout):
+            checks.append(Check("port", True, f"TCP {port} open"))
+    except OSError as exc:
+        checks.append(
+            Check(
+                "port",
+                False,
+                f"TCP {port}: {exc.strerror or exc}",
+                f"is the WinRM listener on {port} and the firewall open? On the workstation run "
+                f"'winrm quickconfig' (http) or create an HTTPS listener; {SETUP}",
+            )
+        )
+        return checks
+    if options.effective_scheme == "https":
+        checks.append(_tls_check(options, port, timeout))
+    return checks
+
+
+def _tls_check(options: WinrmOptions, port: int, timeout: float) -> Check:
+    context = ssl.create_default_context(cafile=options.ca_trust_path)
+    if options.server_cert_validation == "ignore":
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    try:
+        with (
+            socket.create_connection((options.address, port), timeout=timeout) as raw,
+            context.wrap_socket(raw, server_hostname=options.address) as tls,
+        ):
+            cert: Any = tls.getpeercert() or {}
+            expires = cert.get("notAfter", "?")
+            return Check("tls", True, f"{tls.version()}, certificate valid until {expires}")
+    except ssl.SSLCertVerificationError as exc:
+        return Check(
+            "tls",
+            False,
+            f"certificate rejected: {exc.verify_message}",
+            "the listener's certificate must be issued by a CA in ca_trust_path and "
+            f"name {options.address} (subject or SAN); {SETUP}",
+        )
+    except (ssl.SSLError, OSError) as exc:
+        return Check(
+            "tls",
+            False,
+            f"TLS handshake failed: {exc}",
+            f"is port {port} an HTTPS listener? {SETUP}",
+        )
+
+
+def remote_checks(
+    station: StationPlan,
+    files: Sequence[BuiltFile],
+    transport: Transport,
+    options: WinrmOptions,
+) -> list[Check]:
+    """Authentication, encryption, PowerShell, MicroSIP install, profiles and free disk."""
+    checks: list[Check] = []
+    try:
+        answer = transport.request("inspect", inspect_request(station, files))
+    except AuthError as exc:
+        return [
+            Check(
+                "auth",
+                False,
+                str(exc),
+                "check winrm.username and winrm.password; NTLM with a local account "
+                "needs LocalAccountTokenFilterPolicy=1; basic needs Basic=true on the "
+                f"service; {SETUP}",
+            )
+        ]
+    except TransportError as exc:
+        return [Check("auth", False, str(exc), f"run the checks above first; {SETUP}")]
+    except ProvisionerError as exc:
+        return [Check("agent", False, str(exc), "")]
+    finally:
+        transport.close()
+    checks.append(Check("auth", True, f"{options.transport} as {options.username}"))
+    encrypted = options.effective_scheme == "https" or (
+        options.transport in ("ntlm", "kerberos", "credssp")
+        and options.message_encryption != "never"
+    )
+    checks.append(
+        Check(
+            "encryption",
+            encrypted,
+            "TLS"
+            if options.effective_scheme == "https"
+            else "message encryption"
+            if encrypted
+            else "NONE: traffic and passwords in clear text",
+            "" if encrypted else "use https, or ntlm/kerberos with message encryption",
+        )
+    )
+    host = answer.get("host") or {}
+    version = str(host.get("ps_version") or "?")
+    major_minor = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+    checks.append(
+        Check(
+            "powershell",
+            major_minor >= (5, 1),
+            f"PowerShell {version}",
+            "install Windows Management Framework 5.1",
+        )
+    )
+    install = answer.get("install") or {}
+    if install.get("found"):
+        checks.append(
+            Check(
+                "microsip",
+                True,
+                f"{install.get('exe_path')} ({install.get('mode')}, found by "
+                f"{install.get('source')})",
+            )
+        )
+    else:
+        checks.append(
+            Check(
+                "microsip",
+                False,
+                f"not found in {station.install.install_dir}, nor by registry or MSI",
+                "install MicroSIP, or set microsip.install_dir and microsip.exe",
+            )
+        )
+    for user in answer.get("users") or []:
+        error = user.get("error")
+        if error:
+            checks.append(
+                Check(
+                    f"profile {user.get('name')}",
+                    False,
+                    f"{error.get('code')}: {error.get('message')}",
+                    "the user must log on once so that Windows creates the profile"
+                    if error.get("code") == "no-profile"
+                    else "check the user's windows account name",
+                )
+            )
+        else:
+            checks.append(Check(f"profile {user.get('name')}", True, str(user.get("path"))))
+    free = int(host.get("free_bytes") or 0)
+    checks.append(
+        Check(
+            "disk",
+            free >= MIN_FREE_BYTES,
+            f"{free / 1024 / 1024:,.0f} MiB free",
+            "free some disk space on the system drive",
+        )
+    )
+    return checks

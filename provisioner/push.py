@@ -1,0 +1,432 @@
+"""Phase 2 for one workstation: inspect, merge, plan, apply. ``push_host`` never raises.
+
+An unchanged workstation costs one agent command (inspect); a changed one two (inspect and
+apply). Dry runs go through :class:`~provisioner.transport.base.ReadOnlyTransport`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from provisioner import ini, plan
+from provisioner.build import BuiltFile
+from provisioner.errors import ProvisionerError, RemoteError, TransportError
+from provisioner.inidoc import IniDocument
+from provisioner.keytable import load_key_table
+from provisioner.resolve import StationPlan
+from provisioner.results import FileChange, HostResult, Status
+from provisioner.transport.base import Transport
+
+IF_RUNNING = ("skip", "stop", "force")
+FORCE_WARNING = (
+    "MicroSIP was running: it rewrites every [Settings] key from memory when it exits, so "
+    "some new settings may be lost until the next push"
+)
+
+
+@dataclass(frozen=True)
+class PushOptions:
+    """How to push: running-MicroSIP policy, helpdesk reset, which users."""
+
+    if_running: str = "skip"
+    reset: bool = False
+    users: tuple[str, ...] = ()
+
+
+@dataclass
+class _Planned:
+    built: BuiltFile
+    path: str
+    sid: str | None
+    expect: str | None
+    data: bytes
+    applied: bytes
+    status: Status
+    message: str = ""
+    diff: str = ""
+    conflicts: tuple[str, ...] = ()
+    running: bool = False
+    extra: list[str] = field(default_factory=list)
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.data).hexdigest()
+
+
+def push_host(
+    station: StationPlan,
+    files: Sequence[BuiltFile],
+    transport: Transport,
+    options: PushOptions = PushOptions(),
+    *,
+    dry_run: bool = False,
+) -> HostResult:
+    """Bring one workstation's MicroSIP files to the rendered state. Never raises."""
+    start = time.monotonic()
+    name = station.workstation.name
+    try:
+        result = _push(station, files, transport, options)
+    except TransportError as exc:
+        result = HostResult(name, Status.FAILED, str(exc), retryable=exc.retryable)
+    except ProvisionerError as exc:
+        result = HostResult(name, Status.FAILED, str(exc))
+    finally:
+        transport.close()
+    result.duration = time.monotonic() - start
+    result.dry_run = dry_run
+    return result
+
+
+def _push(
+    station: StationPlan,
+    files: Sequence[BuiltFile],
+    transport: Transport,
+    options: PushOptions,
+) -> HostResult:
+    name = station.workstation.name
+    if options.if_running not in IF_RUNNING:
+        raise ProvisionerError(f"--if-running must be one of {', '.join(IF_RUNNING)}")
+    wanted = [
+        f
+        for f in files
+        if f.target.kind == "override" or not options.users or f.target.user in options.users
+    ]
+    answer = transport.request("inspect", inspect_request(station, wanted))
+    planned = _plan(station, wanted, answer, options)
+    if isinstance(planned, HostResult):
+        return planned
+    to_write = [p for p in planned if p.status == Status.CHANGED]
+    if to_write:
+        reply = transport.request("apply", _apply_request(to_write, options))
+        conflicts = _absorb_apply(to_write, reply)
+        if conflicts:
+            # The file moved between inspect and apply: look again, once.
+            answer = transport.request("inspect", inspect_request(station, wanted))
+            replanned = _plan(station, wanted, answer, options)
+            if isinstance(replanned, HostResult):
+                return replanned
+            retry = [p for p in replanned if p.status == Status.CHANGED and p.path in conflicts]
+            if retry:
+                reply = transport.request("apply", _apply_request(retry, options))
+                for still in _absorb_apply(retry, reply):
+                    for p in retry:
+                        if p.path == still:
+                            p.status = Status.CONFLICT
+                            p.message = "the file changed while it was being written, twice"
+            by_path = {p.path: p for p in retry}
+            planned = [by_path.get(p.path, p) for p in planned]
+    changes = [_change(p) for p in planned]
+    worst = max((c.status for c in changes), key=lambda s: s.rank, default=Status.UNCHANGED)
+    warnings = sorted({w for p in planned for w in p.extra})
+    message = _summary(changes)
+    return HostResult(name, worst, message, changes, warnings=warnings)
+
+
+def inspect_request(station: StationPlan, files: Sequence[BuiltFile]) -> dict[str, Any]:
+    users = [
+        {"name": built.target.user, "windows": built.windows}
+        for built in files
+        if built.target.kind == "microsip" and built.target.user is not None
+    ]
+    install = station.install
+    return {
+        "op": "inspect",
+        "protocol": 1,
+        "install": {"mode": install.mode, "install_dir": install.install_dir, "exe": install.exe},
+        "users": users,
+        "override": any(f.target.kind == "override" for f in files),
+    }
+
+
+def _decode(item: Mapping[str, Any], key: str = "content_b64") -> bytes | None:
+    value = item.get(key)
+    if not item.get("exists", value is not None) or value is None:
+        return None
+    try:
+        return base64.b64decode(str(value), validate=True)
+    except (binascii.Error, ValueError):
+        raise RemoteError("the agent sent file content that is not base64") from None
+
+
+def _plan(
+    station: StationPlan,
+    files: Sequence[BuiltFile],
+    answer: Mapping[str, Any],
+    options: PushOptions,
+) -> list[_Planned] | HostResult:
+    name = station.workstation.name
+    if not answer.get("ok"):
+        error = answer.get("error") or {}
+        return HostResult(name, Status.FAILED, f"agent: {error.get('message', 'failed')}")
+    install = answer.get("install") or {}
+    if not install.get("found"):
+        return HostResult(
+            name,
+            Status.FAILED,
+            f"MicroSIP is not installed in {station.install.install_dir} (nor found by registry "
+            "or MSI); install it or fix microsip.install_dir",
+        )
+    override_built = next((f for f in files if f.target.kind == "override"), None)
+    enforced = override_built.document if override_built is not None else None
+    users = {str(u.get("name")): u for u in answer.get("users") or []}
+    table = load_key_table()
+    planned: list[_Planned] = []
+    for built in files:
+        if built.target.kind == "override":
+            item = answer.get("override") or {}
+            planned.append(_plan_override(built, item, options))
+            continue
+        item = users.get(str(built.target.user))
+        if item is None:
+            raise RemoteError(f"the agent did not report user {built.target.user}")
+        planned.append(
+            _plan_microsip(
+                built, item, enforced, options, table.runtime_keys(), table.runtime_sections()
+            )
+        )
+    return planned
+
+
+def _plan_override(built: BuiltFile, item: Mapping[str, Any], options: PushOptions) -> _Planned:
+    theirs = _decode(item)
+    path = str(item.get("path") or built.relative_path)
+    step = _Planned(built, path, None, item.get("sha256"), built.data, built.data, Status.UNCHANGED)
+    if theirs == built.data and not options.reset:
+        return step
+    step.status = Status.CHANGED
+    old_text = ini.decode_ini_bytes(theirs) if theirs is not None else None
+    step.diff = plan.masked_diff(old_text, ini.decode_ini_bytes(built.data), step.built.target.name)
+    return step
+
+
+def _plan_microsip(
+    built: BuiltFile,
+    item: Mapping[str, Any],
+    enforced: IniDocument | None,
+    options: PushOptions,
+    runtime_keys: frozenset[tuple[str, str]],
+    runtime_sections: frozenset[str],
+) -> _Planned:
+    error = item.get("error")
+    path = str(item.get("path") or "")
+    if error:
+        message = f"{error.get('code', 'error')}: {error.get('message', '')}".strip()
+        return _Planned(built, path, None, None, b"", b"", Status.FAILED, message)
+    theirs_bytes = _decode(item)
+    applied = item.get("applied") or {}
+    base_bytes = _decode(applied) if applied.get("exists") else None
+    theirs = ini.parse_ini(ini.decode_ini_bytes(theirs_bytes)) if theirs_bytes else None
+    base = ini.parse_ini(ini.decode_ini_bytes(base_bytes)) if base_bytes else None
+    ours = built.document
+    if options.reset:
+        merged_doc = ini.reset_ini(ours, enforced)
+        changed = True
+        conflicts: tuple[str, ...] = ()
+    else:
+        ours_kept = plan.keep_unchanged_passwords(ours, base, theirs)
+        merged = ini.merge_ini(
+            base=base,
+            ours=ours_kept,
+            theirs=theirs,
+            enforced=enforced,
+            runtime_keys=runtime_keys,
+            runtime_sections=runtime_sections,
+        )
+        merged_doc = merged.document
+        changed = theirs is None or bool(merged.changed_keys)
+        conflicts = tuple(f"[{c.section}] {c.key}" for c in merged.conflicts)
+    text = ini.serialize_ini(merged_doc)
+    data = ini.encode_ini(text)
+    applied_bytes = ini.encode_ini(ini.serialize_ini(plan.redact(ours)))
+    step = _Planned(
+        built,
+        path,
+        item.get("sid"),
+        item.get("sha256"),
+        data,
+        applied_bytes,
+        Status.CHANGED if changed else Status.UNCHANGED,
+        conflicts=conflicts,
+        running=bool(item.get("running")),
+    )
+    if not changed:
+        return step
+    old_text = ini.serialize_ini(theirs) if theirs is not None else None
+    lines = [plan.masked_diff(old_text, text, built.target.name)]
+    lines += plan.password_changes(theirs, merged_doc)
+    step.diff = "\n".join(line for line in lines if line)
+    if step.running:
+        if options.if_running == "skip":
+            step.status = Status.BUSY
+            step.message = (
+                f"MicroSIP is running for {built.target.user}; nothing written "
+                "(use --if-running stop to stop it first)"
+            )
+        elif options.if_running == "force":
+            step.extra.append(FORCE_WARNING)
+    return step
+
+
+def _apply_request(steps: Sequence[_Planned], options: PushOptions) -> dict[str, Any]:
+    return {
+        "op": "apply",
+        "protocol": 1,
+        "if_running": options.if_running,
+        "files": [
+            {
+                "kind": s.built.target.kind,
+                "user": s.built.target.user,
+                "sid": s.sid,
+                "path": s.path,
+                "expect_sha256": s.expect,
+                "content_b64": base64.b64encode(s.data).decode("ascii"),
+                "sha256": s.sha256,
+                "applied_b64": base64.b64encode(s.applied).decode("ascii"),
+                "process": s.built.install.exe if s.built.target.kind == "microsip" else None,
+            }
+            for s in steps
+        ],
+    }
+
+
+def _absorb_apply(steps: Sequence[_Planned], reply: Mapping[str, Any]) -> set[str]:
+    """Record the agent's per-file statuses; return the paths that hit a conflict."""
+    results = {str(r.get("path")): r for r in reply.get("files") or []}
+    conflicts: set[str] = set()
+    for step in steps:
+        item = results.get(step.path)
+        if item is None:
+            step.status = Status.FAILED
+            step.message = "the agent did not report this file"
+            continue
+        status = item.get("status")
+        error = item.get("error") or {}
+        if status == "written":
+            if item.get("stopped"):
+                step.extra.append(f"stopped MicroSIP of {step.built.target.user} before writing")
+            continue
+        if status == "conflict":
+            conflicts.add(step.path)
+            step.status = Status.CONFLICT
+            step.message = "the file changed between inspect and apply"
+        elif status == "busy":
+            step.status = Status.BUSY
+            step.message = f"MicroSIP is running for {step.built.target.user}; nothing written"
+        else:
+            step.status = Status.FAILED
+            step.message = f"{error.get('code', 'error')}: {error.get('message', '')}".strip()
+    return conflicts
+
+
+def _change(step: _Planned) -> FileChange:
+    return FileChange(
+        kind=step.built.target.kind,
+        user=step.built.target.user,
+        path=step.path,
+        status=step.status,
+        message=step.message,
+        old_sha256=step.expect,
+        new_sha256=step.sha256 if step.status == Status.CHANGED else step.expect,
+        diff=step.diff if step.status in (Status.CHANGED, Status.BUSY) else "",
+        conflicts=step.conflicts,
+    )
+
+
+def _summary(changes: Sequence[FileChange]) -> str:
+    parts = []
+    for status in Status:
+        count = sum(1 for c in changes if c.status == status)
+        if count:
+            parts.append(f"{count} {status.value}")
+    failures = [
+        f"{c.label}: {c.message}" for c in changes if c.message and c.status != Status.CHANGED
+    ]
+    return ", ".join(parts) + (f" ({'; '.join(failures)})" if failures else "")
+
+
+def rollback_host(
+    station: StationPlan,
+    files: Sequence[BuiltFile],
+    transport: Transport,
+    options: PushOptions = PushOptions(),
+) -> HostResult:
+    """Restore the newest backup of each selected file. Never raises."""
+    start = time.monotonic()
+    name = station.workstation.name
+    try:
+        wanted = [
+            f
+            for f in files
+            if f.target.kind == "microsip" and (not options.users or f.target.user in options.users)
+        ]
+        if not options.users:
+            wanted += [f for f in files if f.target.kind == "override"]
+        answer = transport.request("inspect", inspect_request(station, wanted))
+        users = {str(u.get("name")): u for u in answer.get("users") or []}
+        items = []
+        for built in wanted:
+            if built.target.kind == "override":
+                item = answer.get("override") or {}
+                items.append(
+                    {
+                        "kind": "override",
+                        "user": None,
+                        "sid": None,
+                        "path": item.get("path"),
+                        "process": None,
+                    }
+                )
+                continue
+            user = users.get(str(built.target.user)) or {}
+            if user.get("error"):
+                continue
+            items.append(
+                {
+                    "kind": "microsip",
+                    "user": built.target.user,
+                    "sid": user.get("sid"),
+                    "path": user.get("path"),
+                    "process": built.install.exe,
+                }
+            )
+        reply = transport.request(
+            "rollback",
+            {"op": "rollback", "protocol": 1, "if_running": options.if_running, "files": items},
+        )
+        changes = []
+        for item, outcome in zip(items, reply.get("files") or [], strict=False):
+            status = outcome.get("status")
+            error = outcome.get("error") or {}
+            changes.append(
+                FileChange(
+                    kind=str(item["kind"]),
+                    user=item["user"],
+                    path=str(item["path"]),
+                    status=Status.CHANGED
+                    if status == "restored"
+                    else Status.BUSY
+                    if status == "busy"
+                    else Status.FAILED,
+                    message="restored the newest backup"
+                    if status == "restored"
+                    else f"{error.get('code', status)}: {error.get('message', '')}".strip(),
+                    old_sha256=outcome.get("old_sha256"),
+                    new_sha256=outcome.get("new_sha256"),
+                )
+            )
+        worst = max((c.status for c in changes), key=lambda s: s.rank, default=Status.UNCHANGED)
+        result = HostResult(name, worst, _summary(changes), changes)
+    except TransportError as exc:
+        result = HostResult(name, Status.FAILED, str(exc), retryable=exc.retryable)
+    except ProvisionerError as exc:
+        result = HostResult(name, Status.FAILED, str(exc))
+    finally:
+        transport.close()
+    result.duration = time.monotonic() - start
+    return result

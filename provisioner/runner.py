@@ -1,0 +1,242 @@
+"""Phase 2 for a fleet: canary and batches, a bounded thread pool, retries, a failure threshold.
+
+``run_fleet`` never raises for a host's failure: every workstation ends with a HostResult.
+Reporting hangs off the :class:`~provisioner.results.Reporter` hooks; the runner never prints.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from provisioner.build import BuiltFile
+from provisioner.errors import ProvisionerError
+from provisioner.push import PushOptions, push_host
+from provisioner.resolve import StationPlan
+from provisioner.results import HostResult, Reporter, Status
+from provisioner.transport.base import ReadOnlyTransport, Transport
+
+FAILURES = (Status.FAILED, Status.CONFLICT)
+
+
+@dataclass(frozen=True)
+class RolloutOptions:
+    """How a rollout proceeds. Sizes are a count (``5``) or a share of the fleet (``10%``)."""
+
+    forks: int = 20
+    canary: str = "1"
+    batch: str = "100%"
+    max_fail: float = 10.0
+    retries: int = 2
+    backoff: float = 1.0
+    backoff_cap: float = 30.0
+    check: bool = False
+    push: PushOptions = field(default_factory=PushOptions)
+
+
+@dataclass
+class RunResult:
+    """Every workstation's result, and how the run ended."""
+
+    run_id: str
+    started: datetime
+    options: RolloutOptions
+    results: dict[str, HostResult] = field(default_factory=dict)
+    batches: list[list[str]] = field(default_factory=list)
+    finished: datetime | None = None
+    stopped: str = ""
+
+    def counts(self) -> dict[Status, int]:
+        """Results per status."""
+        counts = dict.fromkeys(Status, 0)
+        for result in self.results.values():
+            counts[result.status] += 1
+        return counts
+
+    @property
+    def failed(self) -> list[HostResult]:
+        """Hosts that failed or ended in conflict."""
+        return [r for r in self.results.values() if r.status in FAILURES]
+
+    @property
+    def ok(self) -> bool:
+        """True when every host is changed or unchanged."""
+        return all(r.ok for r in self.results.values())
+
+
+def parse_size(text: str, total: int) -> int:
+    """``5`` → 5, ``10%`` → ceil(10% of total); at least 1 when total > 0."""
+    text = text.strip()
+    try:
+        if text.endswith("%"):
+            share = float(text[:-1])
+            if not 0 < share <= 100:
+                raise ValueError
+            size = math.ceil(total * share / 100)
+        else:
+            size = int(text)
+            if size < 0:
+                raise ValueError
+    except ValueError:
+        raise ProvisionerError(
+            f"{text!r} is not a size: use a count like 5 or a share like 10%"
+        ) from None
+    return min(total, max(size, 1 if total else 0))
+
+
+def plan_batches(hosts: Sequence[str], canary: str, batch: str) -> list[list[str]]:
+    """The canary batch first (``0`` for none), then batches of ``batch`` size."""
+    remaining = list(hosts)
+    batches: list[list[str]] = []
+    first = 0 if canary.strip() == "0" else parse_size(canary, len(remaining))
+    if first:
+        batches.append(remaining[:first])
+        remaining = remaining[first:]
+    size = parse_size(batch, len(hosts))
+    while remaining:
+        batches.append(remaining[:size])
+        remaining = remaining[size:]
+    return batches
+
+
+class _NullReporter:
+    def host_started(self, host: str) -> None:
+        pass
+
+    def host_done(self, result: HostResult) -> None:
+        pass
+
+    def batch_started(self, index: int, hosts: Sequence[str]) -> None:
+        pass
+
+
+TransportFactory = Callable[[StationPlan], Transport]
+
+
+def run_fleet(
+    stations: Mapping[str, StationPlan],
+    files: Mapping[str, Sequence[BuiltFile]],
+    transport_factory: TransportFactory,
+    options: RolloutOptions = RolloutOptions(),
+    *,
+    reporter: Reporter | None = None,
+    stop: threading.Event | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> RunResult:
+    """Push every station in batches; stop launching on ``stop`` or past the threshold."""
+    report = reporter or _NullReporter()
+    stop = stop or threading.Event()
+    run = RunResult(uuid.uuid4().hex[:12], datetime.now(UTC), options)
+    run.batches = plan_batches(sorted(stations), options.canary, options.batch)
+    attempted = 0
+    failures = 0
+    for index, batch in enumerate(run.batches):
+        if run.stopped or stop.is_set():
+            run.stopped = run.stopped or "interrupted: no new workstation was started"
+            _skip(run, batch, report, run.stopped)
+            continue
+        getattr(report, "batch_started", lambda *_: None)(index, batch)
+        _run_batch(run, batch, stations, files, transport_factory, options, report, stop, sleep)
+        attempted += len(batch)
+        failures += sum(1 for h in batch if run.results[h].status in FAILURES)
+        if attempted and failures * 100 / attempted > options.max_fail:
+            run.stopped = (
+                f"failure threshold exceeded after batch {index + 1}: {failures} of "
+                f"{attempted} failed (more than {options.max_fail:g}%)"
+            )
+        if stop.is_set() and not run.stopped:
+            run.stopped = "interrupted: no new workstation was started"
+    run.finished = datetime.now(UTC)
+    return run
+
+
+def _skip(run: RunResult, hosts: Sequence[str], report: Reporter, reason: str) -> None:
+    for host in hosts:
+        if host not in run.results:
+            result = HostResult(host, Status.SKIPPED, reason, attempts=0, dry_run=run.options.check)
+            run.results[host] = result
+            report.host_done(result)
+
+
+def _run_batch(
+    run: RunResult,
+    batch: Sequence[str],
+    stations: Mapping[str, StationPlan],
+    files: Mapping[str, Sequence[BuiltFile]],
+    factory: TransportFactory,
+    options: RolloutOptions,
+    report: Reporter,
+    stop: threading.Event,
+    sleep: Callable[[float], None],
+) -> None:
+    pending = list(batch)
+    with ThreadPoolExecutor(max_workers=max(1, options.forks), thread_name_prefix="push") as pool:
+        running: dict[Future[HostResult], str] = {}
+        while pending or running:
+            while pending and len(running) < options.forks and not stop.is_set():
+                host = pending.pop(0)
+                report.host_started(host)
+                future = pool.submit(
+                    _push_with_retries,
+                    stations[host],
+                    files.get(host, ()),
+                    factory,
+                    options,
+                    stop,
+                    sleep,
+                )
+                running[future] = host
+            if stop.is_set() and pending:
+                _skip(run, pending, report, "interrupted: no new workstation was started")
+                pending = []
+            if not running:
+                break
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                host = running.pop(future)
+                result = future.result()
+                run.results[host] = result
+                report.host_done(result)
+
+
+def _push_with_retries(
+    station: StationPlan,
+    files: Sequence[BuiltFile],
+    factory: TransportFactory,
+    options: RolloutOptions,
+    stop: threading.Event,
+    sleep: Callable[[float], None],
+) -> HostResult:
+    """Retry only retryable failures (connect, timeout), with capped exponential backoff."""
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            transport = factory(station)
+        except ProvisionerError as exc:
+            return HostResult(
+                station.workstation.name,
+                Status.FAILED,
+                str(exc),
+                attempts=attempt,
+                dry_run=options.check,
+            )
+        if options.check:
+            transport = ReadOnlyTransport(transport)
+        result = push_host(station, files, transport, options.push, dry_run=options.check)
+        result.attempts = attempt
+        if not (result.retryable and result.status == Status.FAILED):
+            return result
+        if attempt > options.retries or stop.is_set():
+            if attempt > 1:
+                result.message += f" (after {attempt} attempts)"
+            return result
+        delay = min(options.backoff_cap, options.backoff * 2 ** (attempt - 1))
+        sleep(delay * (0.5 + random.random() / 2))  # noqa: S311 - jitter, not security

@@ -1,0 +1,1144 @@
+"""The state directory: run history in SQLite, the rollout lock, and the audit log.
+
+::
+
+    <state>/               mode 0700
+      state.sqlite3        runs, per-workstation results, per-file hashes (WAL mode)
+      rollout.lock         OS lock held by the running rollout; its text says who holds it
+      audit.jsonl          append-only, one JSON record per change
+      audit.lock           short lock serialising appends to audit.jsonl
+
+Only hashes, statuses, names and messages are stored: never a diff, never a secret.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import enum
+import getpass
+import json
+import os
+import socket
+import sqlite3
+import sys
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path, PurePath
+from typing import Any, Protocol
+
+from provisioner.errors import ProvisionerError
+from provisioner.results import HostResult, Status
+
+if sys.platform == "win32":
+    import msvcrt
+else:
+    import fcntl
+
+SCHEMA_VERSION = 1
+DB_NAME = "state.sqlite3"
+LOCK_NAME = "rollout.lock"
+AUDIT_NAME = "audit.jsonl"
+AUDIT_LOCK_NAME = "audit.lock"
+ACTIONS = ("push", "rollback", "reset", "set-password", "regenerate")
+RETRY_STATUSES = (Status.FAILED, Status.CONFLICT, Status.BUSY, Status.SKIPPED)
+_FAILURES = (Status.FAILED, Status.CONFLICT)
+_BUSY_TIMEOUT = 10.0
+# msvcrt locks are mandatory: lock one byte far past the text so readers can still read it.
+_WINDOWS_LOCK_OFFSET = 1 << 30
+_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
+
+
+class StateError(ProvisionerError):
+    """The state directory cannot be used: unreadable, newer schema, unknown run."""
+
+
+class StateLockedError(StateError):
+    """Another rollout holds the state directory (or the audit log stayed locked)."""
+
+    def __init__(self, message: str, *, holder: LockInfo | None = None) -> None:
+        self.holder = holder
+        super().__init__(message)
+
+
+class RunLike(Protocol):
+    """What the state needs from a run (``runner.RunResult`` fits)."""
+
+    @property
+    def run_id(self) -> str:
+        """Short unique id of the run."""
+        ...
+
+    @property
+    def started(self) -> datetime:
+        """When the run started (UTC)."""
+        ...
+
+    @property
+    def finished(self) -> datetime | None:
+        """When the run ended, if it did."""
+        ...
+
+    @property
+    def stopped(self) -> str:
+        """Why the run stopped early; empty when it ran to the end."""
+        ...
+
+    @property
+    def options(self) -> object:
+        """The rollout options (a dataclass)."""
+        ...
+
+    @property
+    def results(self) -> Mapping[str, HostResult]:
+        """Every workstation's result, by name."""
+        ...
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def current_user() -> str:
+    """The login name of whoever runs the provisioner."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError, ImportError):
+        return "unknown"
+
+
+def controller_name() -> str:
+    """This machine's host name (the controller)."""
+    return socket.gethostname() or "unknown"
+
+
+def _iso(moment: datetime) -> str:
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).strftime(_TIME_FORMAT)
+
+
+def _parse_iso(text: str) -> datetime:
+    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _jsonable(value: object) -> Any:
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, enum.Enum):
+        return _jsonable(value.value)
+    if isinstance(value, datetime):
+        return _iso(value)
+    if isinstance(value, PurePath):
+        return str(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_jsonable(v) for v in value]
+    # Anything else (a Secret included) goes through str(), which masks secrets.
+    return str(value)
+
+
+def _is_dry_run(run: RunLike) -> bool:
+    check = getattr(run.options, "check", None)
+    if isinstance(check, bool):
+        return check
+    return bool(run.results) and all(r.dry_run for r in run.results.values())
+
+
+def _status(value: str) -> Status:
+    try:
+        return Status(value)
+    except ValueError:
+        return Status.FAILED
+
+
+def _make_directory(directory: Path) -> None:
+    if not directory.exists():
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # mkdir's mode is filtered by the umask; the state is private to its owner.
+        os.chmod(directory, 0o700)
+
+
+def _touch_private(path: Path) -> None:
+    """Create ``path`` with mode 0600 unless it exists (sqlite would use 0644)."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
+# --------------------------------------------------------------------------- OS file locks
+
+
+def _try_lock(fd: int) -> bool:
+    """Take an exclusive lock on ``fd`` without waiting; False when someone holds it."""
+    if sys.platform == "win32":
+        os.lseek(fd, _WINDOWS_LOCK_OFFSET, os.SEEK_SET)
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _unlock(fd: int) -> None:
+    if sys.platform == "win32":
+        os.lseek(fd, _WINDOWS_LOCK_OFFSET, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def _open_lock_file(path: Path) -> int:
+    return os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o600)
+
+
+@dataclasses.dataclass(frozen=True)
+class LockInfo:
+    """Who holds the rollout lock; written into the lock file for the next one to read."""
+
+    owner: str
+    user: str
+    controller: str
+    pid: int
+    since: datetime
+
+    def describe(self) -> str:
+        """One line: what, who, where, since when."""
+        what = f"{self.owner!r} " if self.owner else ""
+        return (
+            f"{what}run by {self.user} on {self.controller} (pid {self.pid}) "
+            f"since {_iso(self.since)}"
+        )
+
+    def to_json(self) -> str:
+        """The lock file's text."""
+        data = {
+            "owner": self.owner,
+            "user": self.user,
+            "controller": self.controller,
+            "pid": self.pid,
+            "since": _iso(self.since),
+        }
+        return json.dumps(data, ensure_ascii=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> LockInfo | None:
+        """Parse a lock file's text; None when it is empty or being written."""
+        try:
+            data = json.loads(text)
+            return cls(
+                str(data["owner"]),
+                str(data["user"]),
+                str(data["controller"]),
+                int(data["pid"]),
+                _parse_iso(str(data["since"])),
+            )
+        except (ValueError, KeyError, TypeError):
+            return None
+
+
+# --------------------------------------------------------------------------- stored rows
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSummary:
+    """One recorded run, without its per-workstation results."""
+
+    id: str
+    started: datetime
+    finished: datetime | None
+    user: str
+    controller: str
+    command: str
+    dry_run: bool
+    stopped: str
+    counts: dict[Status, int]
+    options: dict[str, Any]
+
+    @property
+    def total(self) -> int:
+        """Number of workstations in the run."""
+        return sum(self.counts.values())
+
+    @property
+    def ok(self) -> bool:
+        """True when every workstation ended changed or unchanged."""
+        return all(self.counts[s] == 0 for s in RETRY_STATUSES)
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredFile:
+    """One file of one workstation in a recorded run."""
+
+    workstation: str
+    user: str | None
+    kind: str
+    path: str
+    status: Status
+    message: str
+    old_sha256: str | None
+    new_sha256: str | None
+    conflicts: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredResult:
+    """One workstation in a recorded run."""
+
+    workstation: str
+    status: Status
+    message: str
+    attempts: int
+    duration: float
+    retryable: bool
+    warnings: tuple[str, ...]
+    files: tuple[StoredFile, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunDetail:
+    """A recorded run with every workstation and file."""
+
+    summary: RunSummary
+    results: tuple[StoredResult, ...]
+
+    @property
+    def to_retry(self) -> list[str]:
+        """Workstations that failed, conflicted, were busy or skipped."""
+        return [r.workstation for r in self.results if r.status in RETRY_STATUSES]
+
+
+@dataclasses.dataclass(frozen=True)
+class LastResult:
+    """The latest recorded outcome for one workstation and user (user None: override.ini).
+
+    ``kind`` and ``path`` are None when that run failed before reaching any file; the
+    status and message are then the workstation's.
+    """
+
+    workstation: str
+    user: str | None
+    kind: str | None
+    path: str | None
+    status: Status
+    message: str
+    run_id: str
+    time: datetime
+    dry_run: bool
+    old_sha256: str | None
+    new_sha256: str | None
+
+
+# --------------------------------------------------------------------------- schema
+
+_SCHEMA_V1 = (
+    """CREATE TABLE runs (
+        id        TEXT PRIMARY KEY,
+        started   TEXT NOT NULL,
+        finished  TEXT,
+        user      TEXT NOT NULL,
+        host      TEXT NOT NULL,
+        command   TEXT NOT NULL DEFAULT '',
+        dry_run   INTEGER NOT NULL DEFAULT 0,
+        options   TEXT NOT NULL DEFAULT '{}',
+        stopped   TEXT NOT NULL DEFAULT '',
+        counts    TEXT NOT NULL DEFAULT '{}'
+    )""",
+    "CREATE INDEX runs_by_start ON runs (started)",
+    """CREATE TABLE results (
+        run_id       TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+        workstation  TEXT NOT NULL,
+        status       TEXT NOT NULL,
+        message      TEXT NOT NULL DEFAULT '',
+        attempts     INTEGER NOT NULL DEFAULT 0,
+        duration     REAL NOT NULL DEFAULT 0,
+        retryable    INTEGER NOT NULL DEFAULT 0,
+        warnings     TEXT NOT NULL DEFAULT '[]',
+        PRIMARY KEY (run_id, workstation)
+    )""",
+    "CREATE INDEX results_by_workstation ON results (workstation)",
+    """CREATE TABLE files (
+        run_id       TEXT NOT NULL,
+        workstation  TEXT NOT NULL,
+        user         TEXT,
+        kind         TEXT NOT NULL,
+        path         TEXT NOT NULL,
+        status       TEXT NOT NULL,
+        old_sha256   TEXT,
+        new_sha256   TEXT,
+        message      TEXT NOT NULL DEFAULT '',
+        conflicts    TEXT NOT NULL DEFAULT '[]',
+        FOREIGN KEY (run_id, workstation)
+            REFERENCES results (run_id, workstation) ON DELETE CASCADE
+    )""",
+    "CREATE INDEX files_by_run ON files (run_id, workstation)",
+    "CREATE INDEX files_by_target ON files (workstation, user)",
+    "CREATE INDEX files_by_user ON files (user)",
+)
+# MIGRATIONS[n] takes a database from schema version n to n + 1 (0: empty database).
+MIGRATIONS: dict[int, tuple[str, ...]] = {0: _SCHEMA_V1}
+
+_LAST_RESULTS = """
+WITH pairs AS (
+    SELECT DISTINCT workstation, user FROM files
+    UNION
+    SELECT DISTINCT workstation, NULL FROM results
+    WHERE workstation NOT IN (SELECT workstation FROM files)
+),
+candidates AS (
+    SELECT f.workstation AS workstation, f.user AS user, f.kind AS kind, f.path AS path,
+           f.status AS status, f.message AS message, f.old_sha256 AS old_sha256,
+           f.new_sha256 AS new_sha256, r.id AS run_id, r.started AS started,
+           r.dry_run AS dry_run
+    FROM files f JOIN runs r ON r.id = f.run_id
+    UNION ALL
+    -- a run that failed before any file (unreachable, credentials) counts for every user
+    SELECT p.workstation, p.user, NULL, NULL, res.status, res.message, NULL, NULL,
+           r.id, r.started, r.dry_run
+    FROM results res
+    JOIN runs r ON r.id = res.run_id
+    JOIN pairs p ON p.workstation = res.workstation
+    WHERE NOT EXISTS (
+        SELECT 1 FROM files f2 WHERE f2.run_id = res.run_id AND f2.workstation = res.workstation
+    )
+)
+SELECT workstation, user, kind, path, status, message, run_id, started, dry_run,
+       old_sha256, new_sha256
+FROM (
+    SELECT c.*, ROW_NUMBER() OVER (
+        PARTITION BY workstation, user ORDER BY started DESC, run_id DESC
+    ) AS rank
+    FROM candidates c
+    WHERE (:workstation IS NULL OR workstation = :workstation COLLATE NOCASE)
+      AND (:user IS NULL OR user = :user COLLATE NOCASE)
+      AND (:dry OR dry_run = 0)
+)
+WHERE rank = 1
+ORDER BY workstation, user
+"""
+
+_SELECT_RUNS = (
+    "SELECT id, started, finished, user, host, command, dry_run, stopped, counts, options FROM runs"
+)
+
+
+# --------------------------------------------------------------------------- the store
+
+
+class StateStore:
+    """Run history of one state directory, in ``<directory>/state.sqlite3``.
+
+    Each method opens and closes its own connection, so a store can be shared between
+    threads and processes; SQLite's WAL mode and busy timeout handle concurrent readers
+    and writers.
+    """
+
+    def __init__(self, directory: Path, *, busy_timeout: float = _BUSY_TIMEOUT) -> None:
+        self.directory = Path(directory)
+        self.path = self.directory / DB_NAME
+        self.lock_path = self.directory / LOCK_NAME
+        self.busy_timeout = busy_timeout
+        try:
+            _make_directory(self.directory)
+            _touch_private(self.path)
+        except OSError as exc:
+            raise StateError(f"cannot create the state directory {self.directory}: {exc}") from exc
+        self._migrate()
+
+    # -- connections
+
+    @contextlib.contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        try:
+            db = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise StateError(f"cannot open the state database {self.path}: {exc}") from exc
+        try:
+            db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+            db.execute("PRAGMA foreign_keys = ON")
+            yield db
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                raise StateError(
+                    f"the state database {self.path} stayed busy for {self.busy_timeout:g} s "
+                    "(another provisioner is writing it); try again"
+                ) from exc
+            raise StateError(f"state database {self.path}: {exc}") from exc
+        except sqlite3.DatabaseError as exc:
+            raise StateError(
+                f"state database {self.path} is unreadable ({exc}); move it aside to start "
+                "a new history"
+            ) from exc
+        finally:
+            db.close()
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    def _version(self, db: sqlite3.Connection) -> int:
+        has_meta = db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+        ).fetchone()
+        if not has_meta:
+            return 0
+        row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        try:
+            return int(row[0]) if row else 0
+        except ValueError:
+            raise StateError(
+                f"state database {self.path} has an invalid schema_version {row[0]!r}"
+            ) from None
+
+    def _refuse_newer(self, version: int) -> None:
+        if version > SCHEMA_VERSION:
+            raise StateError(
+                f"state database {self.path} has schema version {version}, newer than this "
+                f"provisioner supports ({SCHEMA_VERSION}); upgrade microsip-provisioner, or "
+                "use another --state directory"
+            )
+
+    def _migrate(self) -> None:
+        with self._connect() as db:
+            version = self._version(db)
+            self._refuse_newer(version)
+            if version == SCHEMA_VERSION:
+                return
+            # WAL cannot be switched on inside a transaction; the setting persists in the file.
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                # Another process may have migrated while we waited for the write lock.
+                version = self._version(db)
+                self._refuse_newer(version)
+                db.execute(
+                    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
+                )
+                while version < SCHEMA_VERSION:
+                    for statement in MIGRATIONS[version]:
+                        db.execute(statement)
+                    version += 1
+                db.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
+                    (str(version),),
+                )
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    def schema_version(self) -> int:
+        """The schema version of the database file."""
+        with self._connect() as db:
+            return self._version(db)
+
+    # -- writing
+
+    def record_run(self, run: RunLike, *, who: str | None = None, command: str = "") -> None:
+        """Store a run with every workstation and file, in one transaction.
+
+        Recording the same run id again replaces it (a run recorded when interrupted,
+        then once finished).
+        """
+        counts = dict.fromkeys((s.value for s in Status), 0)
+        results = []
+        files = []
+        for name in sorted(run.results):
+            result = run.results[name]
+            counts[result.status.value] += 1
+            results.append(
+                (
+                    run.run_id,
+                    name,
+                    result.status.value,
+                    result.message,
+                    result.attempts,
+                    float(result.duration),
+                    int(result.retryable),
+                    json.dumps(list(result.warnings), ensure_ascii=False),
+                )
+            )
+            for change in result.files:
+                files.append(
+                    (
+                        run.run_id,
+                        name,
+                        change.user,
+                        change.kind,
+                        change.path,
+                        change.status.value,
+                        change.old_sha256,
+                        change.new_sha256,
+                        change.message,
+                        json.dumps(list(change.conflicts), ensure_ascii=False),
+                    )
+                )
+        row = (
+            run.run_id,
+            _iso(run.started),
+            _iso(run.finished) if run.finished else None,
+            who or current_user(),
+            controller_name(),
+            command,
+            int(_is_dry_run(run)),
+            json.dumps(_jsonable(run.options), ensure_ascii=False, sort_keys=True),
+            run.stopped,
+            json.dumps(counts),
+        )
+        with self._transaction() as db:
+            db.execute("DELETE FROM files WHERE run_id = ?", (run.run_id,))
+            db.execute("DELETE FROM results WHERE run_id = ?", (run.run_id,))
+            db.execute("DELETE FROM runs WHERE id = ?", (run.run_id,))
+            db.execute(
+                "INSERT INTO runs (id, started, finished, user, host, command, dry_run, options, "
+                "stopped, counts) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                row,
+            )
+            db.executemany("INSERT INTO results VALUES (?,?,?,?,?,?,?,?)", results)
+            db.executemany(
+                "INSERT INTO files (run_id, workstation, user, kind, path, status, old_sha256, "
+                "new_sha256, message, conflicts) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                files,
+            )
+
+    # -- reading
+
+    @staticmethod
+    def _summary(row: Sequence[Any]) -> RunSummary:
+        raw_counts = json.loads(row[8] or "{}")
+        counts = dict.fromkeys(Status, 0)
+        for key, value in raw_counts.items():
+            with contextlib.suppress(ValueError):
+                counts[Status(key)] = int(value)
+        return RunSummary(
+            id=row[0],
+            started=_parse_iso(row[1]),
+            finished=_parse_iso(row[2]) if row[2] else None,
+            user=row[3],
+            controller=row[4],
+            command=row[5],
+            dry_run=bool(row[6]),
+            stopped=row[7],
+            counts=counts,
+            options=json.loads(row[9] or "{}"),
+        )
+
+    def runs(self, limit: int | None = 20) -> list[RunSummary]:
+        """The most recent runs first; ``limit=None`` for all."""
+        with self._connect() as db:
+            rows = db.execute(
+                _SELECT_RUNS + " ORDER BY started DESC, rowid DESC LIMIT ?",
+                (-1 if limit is None else max(0, limit),),
+            ).fetchall()
+        return [self._summary(row) for row in rows]
+
+    def latest_run(self, *, include_dry_runs: bool = True) -> RunSummary | None:
+        """The most recent run (optionally the most recent that changed things), or None."""
+        with self._connect() as db:
+            row = db.execute(
+                _SELECT_RUNS
+                + " WHERE (? OR dry_run = 0) ORDER BY started DESC, rowid DESC LIMIT 1",
+                (int(include_dry_runs),),
+            ).fetchone()
+        return self._summary(row) if row else None
+
+    def resolve_run_id(self, run_id: str) -> str:
+        """The full id of the run that ``run_id`` (a full id or unique prefix) names."""
+        wanted = run_id.strip()
+        if not wanted:
+            raise StateError(
+                "give a run id or a unique prefix of one (see `provisioner runs list`)"
+            )
+        with self._connect() as db:
+            if db.execute("SELECT 1 FROM runs WHERE id = ?", (wanted,)).fetchone():
+                return wanted
+            rows = db.execute(
+                "SELECT id FROM runs WHERE substr(id, 1, ?) = ? ORDER BY started DESC LIMIT 6",
+                (len(wanted), wanted),
+            ).fetchall()
+        if not rows:
+            raise StateError(
+                f"no run {wanted!r} in {self.path}; `provisioner runs list` shows the recorded runs"
+            )
+        if len(rows) > 1:
+            shown = ", ".join(r[0] for r in rows[:5]) + (", ..." if len(rows) > 5 else "")
+            raise StateError(
+                f"run id prefix {wanted!r} is ambiguous: it matches {shown}; give more characters"
+            )
+        return str(rows[0][0])
+
+    def run(self, run_id: str) -> RunDetail:
+        """A recorded run with all results and files; ``run_id`` may be a unique prefix."""
+        full = self.resolve_run_id(run_id)
+        with self._connect() as db:
+            summary = db.execute(_SELECT_RUNS + " WHERE id = ?", (full,))
+            row = summary.fetchone()
+            result_rows = db.execute(
+                "SELECT workstation, status, message, attempts, duration, retryable, warnings "
+                "FROM results WHERE run_id = ? ORDER BY workstation",
+                (full,),
+            ).fetchall()
+            file_rows = db.execute(
+                "SELECT workstation, user, kind, path, status, message, old_sha256, new_sha256, "
+                "conflicts FROM files WHERE run_id = ? ORDER BY workstation, rowid",
+                (full,),
+            ).fetchall()
+        if row is None:
+            raise StateError(f"run {full!r} disappeared from {self.path} while being read")
+        by_host: dict[str, list[StoredFile]] = {}
+        for f in file_rows:
+            by_host.setdefault(f[0], []).append(
+                StoredFile(
+                    workstation=f[0],
+                    user=f[1],
+                    kind=f[2],
+                    path=f[3],
+                    status=_status(f[4]),
+                    message=f[5],
+                    old_sha256=f[6],
+                    new_sha256=f[7],
+                    conflicts=tuple(json.loads(f[8] or "[]")),
+                )
+            )
+        results = tuple(
+            StoredResult(
+                workstation=r[0],
+                status=_status(r[1]),
+                message=r[2],
+                attempts=int(r[3]),
+                duration=float(r[4]),
+                retryable=bool(r[5]),
+                warnings=tuple(json.loads(r[6] or "[]")),
+                files=tuple(by_host.get(r[0], ())),
+            )
+            for r in result_rows
+        )
+        return RunDetail(self._summary(row), results)
+
+    def hosts_to_retry(self, run_id: str | None = None) -> list[str]:
+        """Workstations that failed, conflicted, were busy or skipped in a run, sorted.
+
+        Without ``run_id``: the latest run that was not a dry run (a ``--check`` run
+        reports what would change, which says nothing about what a real run left behind).
+        """
+        if run_id is None:
+            latest = self.latest_run(include_dry_runs=False)
+            if latest is None:
+                raise StateError(f"no rollout is recorded in {self.path} yet: nothing to retry")
+            full = latest.id
+        else:
+            full = self.resolve_run_id(run_id)
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT workstation FROM results WHERE run_id = ? AND status IN (?, ?, ?, ?) "
+                "ORDER BY workstation",
+                (full, *(s.value for s in RETRY_STATUSES)),
+            ).fetchall()
+        return [str(r[0]) for r in rows]
+
+    def last_results(
+        self,
+        workstation: str | None = None,
+        user: str | None = None,
+        *,
+        include_dry_runs: bool = False,
+    ) -> list[LastResult]:
+        """The latest recorded status per workstation and user, optionally filtered.
+
+        Names match case-insensitively, as Windows does. Dry runs are left out unless
+        asked for: they tell what would change, not what the workstation holds.
+        A run that failed before reaching any file (unreachable, credentials) counts as
+        the latest result for every user known on that workstation.
+        """
+        with self._connect() as db:
+            rows = db.execute(
+                _LAST_RESULTS,
+                {"workstation": workstation, "user": user, "dry": int(include_dry_runs)},
+            ).fetchall()
+        return [
+            LastResult(
+                workstation=r[0],
+                user=r[1],
+                kind=r[2],
+                path=r[3],
+                status=_status(r[4]),
+                message=r[5],
+                run_id=r[6],
+                time=_parse_iso(r[7]),
+                dry_run=bool(r[8]),
+                old_sha256=r[9],
+                new_sha256=r[10],
+            )
+            for r in rows
+        ]
+
+    # -- the rollout lock
+
+    def read_lock(self) -> LockInfo | None:
+        """What the lock file says about its last holder (informative only)."""
+        try:
+            text = self.lock_path.read_text(encoding="utf-8")
+        except OSError:
+            return None
+        return LockInfo.from_json(text)
+
+    @contextlib.contextmanager
+    def lock(self, owner: str, *, who: str | None = None) -> Iterator[LockInfo]:
+        """Hold the rollout lock of this state directory, or fail at once.
+
+        An OS lock (flock on POSIX, msvcrt on Windows) on ``rollout.lock``: the OS releases
+        it when the holder exits, even when killed, so a leftover file never blocks. The
+        holder's details are written into the file for whoever finds it locked.
+
+        Raises :class:`StateLockedError` naming the holder when another process holds it.
+        """
+        fd = _open_lock_file(self.lock_path)
+        try:
+            if not _try_lock(fd):
+                holder = _read_fd(fd)
+                about = holder.describe() if holder else "a process that is still starting"
+                raise StateLockedError(
+                    f"another rollout is using the state in {self.directory}: {about}; wait "
+                    "for it to end (the lock is released when that process exits)",
+                    holder=holder,
+                )
+            info = LockInfo(owner, who or current_user(), controller_name(), os.getpid(), _now())
+            try:
+                _rewrite_fd(fd, info.to_json().encode("utf-8"))
+                yield info
+            finally:
+                with contextlib.suppress(OSError):
+                    # Leave the file (removing it would race with the next locker): empty it.
+                    os.ftruncate(fd, 0)
+                _unlock(fd)
+        finally:
+            os.close(fd)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _read_fd(fd: int) -> LockInfo | None:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        data = os.read(fd, 65536)
+    except OSError:
+        return None
+    return LockInfo.from_json(data.decode("utf-8", "replace"))
+
+
+def _rewrite_fd(fd: int, data: bytes) -> None:
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    _write_all(fd, data)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+# --------------------------------------------------------------------------- audit log
+
+
+@dataclasses.dataclass(frozen=True)
+class AuditRecord:
+    """One change (or failed attempt) on one file, as stored in ``audit.jsonl``.
+
+    Holds hashes, statuses and names only, never file content or a secret.
+    """
+
+    time: datetime
+    who: str
+    controller: str
+    run_id: str
+    action: str
+    workstation: str
+    user: str | None
+    file: str | None
+    sha256_before: str | None
+    sha256_after: str | None
+    status: str
+    message: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object of one line, keys in a fixed order."""
+        return {
+            "time": _iso(self.time),
+            "who": self.who,
+            "controller": self.controller,
+            "run_id": self.run_id,
+            "action": self.action,
+            "workstation": self.workstation,
+            "user": self.user,
+            "file": self.file,
+            "sha256_before": self.sha256_before,
+            "sha256_after": self.sha256_after,
+            "status": self.status,
+            "message": self.message,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AuditRecord:
+        """Parse one line's object; raises ValueError, KeyError or TypeError if malformed."""
+
+        def optional(key: str) -> str | None:
+            value = data.get(key)
+            return None if value is None else str(value)
+
+        return cls(
+            time=_parse_iso(str(data["time"])),
+            who=str(data.get("who", "")),
+            controller=str(data.get("controller", "")),
+            run_id=str(data.get("run_id", "")),
+            action=str(data["action"]),
+            workstation=str(data.get("workstation", "")),
+            user=optional("user"),
+            file=optional("file"),
+            sha256_before=optional("sha256_before"),
+            sha256_after=optional("sha256_after"),
+            status=str(data.get("status", "")),
+            message=str(data.get("message", "")),
+        )
+
+
+def _moment(value: datetime | date | str | None, *, end: bool) -> datetime | None:
+    """A bound for :meth:`AuditLog.query`; a bare date as ``until`` includes that day."""
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        moment = value
+    elif isinstance(value, date):
+        moment = datetime.combine(value + timedelta(days=1 if end else 0), datetime.min.time())
+    else:
+        text = value.strip()
+        try:
+            if len(text) == 10:
+                return _moment(date.fromisoformat(text), end=end)
+            moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            raise StateError(
+                f"{value!r} is not a date or time: use 2024-05-31 or 2024-05-31T14:00Z"
+            ) from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+class AuditLog:
+    """The append-only audit log ``<directory>/audit.jsonl``: one JSON object per line."""
+
+    def __init__(self, directory: Path, *, lock_timeout: float = _BUSY_TIMEOUT) -> None:
+        self.directory = Path(directory)
+        self.path = self.directory / AUDIT_NAME
+        self.lock_path = self.directory / AUDIT_LOCK_NAME
+        self.lock_timeout = lock_timeout
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        fd = _open_lock_file(self.lock_path)
+        try:
+            deadline = time.monotonic() + self.lock_timeout
+            while not _try_lock(fd):
+                if time.monotonic() >= deadline:
+                    raise StateLockedError(
+                        f"the audit log {self.path} stayed locked for {self.lock_timeout:g} s "
+                        "(another provisioner is writing it); try again"
+                    )
+                time.sleep(0.02)
+            try:
+                yield
+            finally:
+                _unlock(fd)
+        finally:
+            os.close(fd)
+
+    def append(self, records: Iterable[AuditRecord]) -> int:
+        """Append records (fsynced, under a short lock); returns how many were written.
+
+        The file is only ever opened for appending: existing lines are never rewritten.
+        """
+        lines = []
+        for record in records:
+            if record.action not in ACTIONS:
+                raise StateError(
+                    f"unknown audit action {record.action!r}; one of {', '.join(ACTIONS)}"
+                )
+            lines.append(json.dumps(record.to_dict(), ensure_ascii=False) + "\n")
+        if not lines:
+            return 0
+        data = "".join(lines).encode("utf-8")
+        try:
+            _make_directory(self.directory)
+            with self._locked():
+                created = not self.path.exists()
+                flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0)
+                fd = os.open(self.path, flags, 0o600)
+                try:
+                    size = os.fstat(fd).st_size
+                    if size:
+                        os.lseek(fd, size - 1, os.SEEK_SET)
+                        # A writer died mid-line: start on a fresh line, keep the torn one.
+                        if os.read(fd, 1) != b"\n":
+                            data = b"\n" + data
+                    _write_all(fd, data)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                if created:
+                    _fsync_directory(self.directory)
+        except OSError as exc:
+            raise StateError(f"cannot append to the audit log {self.path}: {exc}") from exc
+        return len(lines)
+
+    def records(self) -> Iterator[AuditRecord]:
+        """Every readable record in file order; torn or malformed lines are skipped."""
+        try:
+            handle = self.path.open("rb")
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise StateError(f"cannot read the audit log {self.path}: {exc}") from exc
+        with handle:
+            for raw in handle:
+                try:
+                    data = json.loads(raw.decode("utf-8"))
+                    if not isinstance(data, dict):
+                        continue
+                    yield AuditRecord.from_dict(data)
+                except (ValueError, KeyError, TypeError):
+                    continue
+
+    def query(
+        self,
+        user: str | None = None,
+        workstation: str | None = None,
+        since: datetime | date | str | None = None,
+        until: datetime | date | str | None = None,
+        action: str | None = None,
+        run_id: str | None = None,
+    ) -> list[AuditRecord]:
+        """Records matching every filter given, oldest first.
+
+        Names match case-insensitively. ``since`` is inclusive, ``until`` exclusive; a bare
+        date (``2024-05-31``) as ``until`` includes that whole day. Times without a zone
+        are UTC, like every time the provisioner writes. ``run_id`` may be a prefix.
+        """
+        start = _moment(since, end=False)
+        stop = _moment(until, end=True)
+        wanted_user = user.casefold() if user is not None else None
+        wanted_host = workstation.casefold() if workstation is not None else None
+        found = []
+        for record in self.records():
+            if wanted_user is not None and (record.user or "").casefold() != wanted_user:
+                continue
+            if wanted_host is not None and record.workstation.casefold() != wanted_host:
+                continue
+            if action is not None and record.action != action:
+                continue
+            if run_id is not None and not record.run_id.startswith(run_id):
+                continue
+            if start is not None and record.time < start:
+                continue
+            if stop is not None and record.time >= stop:
+                continue
+            found.append(record)
+        return found
+
+
+def _fsync_directory(directory: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def records_for_results(
+    results: Iterable[HostResult],
+    *,
+    who: str,
+    action: str,
+    run_id: str,
+    when: datetime | None = None,
+    controller: str | None = None,
+) -> list[AuditRecord]:
+    """Audit records for workstation results: one per changed file, one per failed file.
+
+    A workstation that failed outside its files (unreachable, credentials) gets one record
+    with ``file`` None. Dry-run results change nothing and give no record.
+    """
+    moment = when or _now()
+    host = controller or controller_name()
+    records: list[AuditRecord] = []
+    for result in sorted(results, key=lambda r: r.host):
+        if result.dry_run:
+            continue
+        worst = max((c.status for c in result.files), key=lambda s: s.rank, default=None)
+        if result.status in _FAILURES and (worst is None or result.status.rank > worst.rank):
+            records.append(
+                AuditRecord(
+                    moment,
+                    who,
+                    host,
+                    run_id,
+                    action,
+                    result.host,
+                    None,
+                    None,
+                    None,
+                    None,
+                    result.status.value,
+                    result.message,
+                )
+            )
+        for change in result.files:
+            if change.status != Status.CHANGED and change.status not in _FAILURES:
+                continue
+            records.append(
+                AuditRecord(
+                    moment,
+                    who,
+                    host,
+                    run_id,
+                    action,
+                    result.host,
+                    change.user,
+                    change.path,
+                    change.old_sha256,
+                    change.new_sha256,
+                    change.status.value,
+                    change.message,
+                )
+            )
+    return records
+
+
+def records_for_run(run: RunLike, who: str, action: str = "push") -> list[AuditRecord]:
+    """Audit records for a run (see :func:`records_for_results`); none for a dry run."""
+    if _is_dry_run(run):
+        return []
+    return records_for_results(
+        run.results.values(),
+        who=who,
+        action=action,
+        run_id=run.run_id,
+        when=run.finished or run.started,
+    )

@@ -1,0 +1,1 @@
+"""Reaching workstations: the Transport protocol, the WinRM adapter and the agent scripts."""

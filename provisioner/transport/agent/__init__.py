@@ -1,0 +1,1 @@
+"""The fixed PowerShell scripts sent to workstations (see docs/agent-protocol.md)."""

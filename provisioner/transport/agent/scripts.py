@@ -1,0 +1,198 @@
+"""The PowerShell agent: the fixed scripts a workstation runs, and the envelope around them.
+
+docs/agent-protocol.md is the contract. Per request the controller runs
+``powershell.exe ... -EncodedCommand <bootstrap>`` (:func:`bootstrap_command`), sends the
+envelope (:func:`make_envelope`) on stdin, and decodes stdout with :func:`parse_answer` and,
+on exit code 1, stderr with :func:`decode_clixml`.
+
+What is sent for an op is ``common.ps1`` followed by ``<op>.ps1``: a request carries one script
+text, so the helpers the three scripts share are put in front of each of them here rather than
+kept three times. :data:`SCRIPTS` holds those exact texts (the lab recognises them, and
+``tests/golden/agent/`` keeps copies).
+
+Why the bootstrap is written as it is (its comments cost command-line length):
+
+- It is short: its UTF-16LE base64 must fit cmd.exe's 8,191 characters with room to spare,
+  whatever the size of the request, which travels on stdin instead.
+- ``$ProgressPreference`` and ``$WarningPreference`` are silenced: with ``-EncodedCommand``
+  PowerShell writes such records to stderr as CLIXML, and anything on stdout would corrupt the
+  answer.
+- Only the last object the agent writes is the answer, so a stray value written by a helper
+  cannot corrupt it; it is passed with ``-InputObject`` so that arrays keep their shape, and
+  ``-Depth 10`` because the default depth (2) would flatten nested objects into strings.
+- stdin and stdout carry base64 only: ASCII is the same in every console code page.
+- A terminating error goes to stderr as plain text with the agent line number, and exit 1.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from types import MappingProxyType
+
+from provisioner.errors import RemoteError
+
+__all__ = [
+    "BOOTSTRAP",
+    "CMD_LINE_LIMIT",
+    "OPS",
+    "POWERSHELL",
+    "POWERSHELL_ARGS",
+    "SCRIPTS",
+    "bootstrap_command",
+    "command_line",
+    "decode_clixml",
+    "make_envelope",
+    "parse_answer",
+]
+
+_PACKAGE = "provisioner.transport.agent"
+
+OPS = ("inspect", "apply", "rollback")
+POWERSHELL = "powershell.exe"
+POWERSHELL_ARGS = ("-NoLogo", "-NoProfile", "-NonInteractive", "-ExecutionPolicy", "Bypass")
+CMD_LINE_LIMIT = 8191
+"""cmd.exe's limit on a command line, which WinRS commands are subject to."""
+
+
+def _read_script(name: str) -> str:
+    """The exact text of a packaged script: package data, or the file beside this module."""
+    try:
+        data = resources.files(_PACKAGE).joinpath(name).read_bytes()
+    except (ImportError, OSError, TypeError):
+        # A layout importlib.resources cannot see into (a zipapp built by hand, a frozen
+        # build): the file next to the module is the same text.
+        data = Path(__file__).with_name(name).read_bytes()
+    # Bytes, not read_text(): text mode would translate line endings, and the exact text
+    # matters (the lab and the golden copies compare it).
+    return data.decode("utf-8")
+
+
+BOOTSTRAP = _read_script("bootstrap.ps1")
+_COMMON = _read_script("common.ps1")
+SCRIPTS: Mapping[str, str] = MappingProxyType(
+    {op: _COMMON + _read_script(f"{op}.ps1") for op in OPS}
+)
+
+
+def bootstrap_command() -> tuple[str, list[str]]:
+    """The command and arguments for ``Protocol.run_command``: PowerShell running the bootstrap."""
+    encoded = base64.b64encode(BOOTSTRAP.encode("utf-16-le")).decode("ascii")
+    return POWERSHELL, [*POWERSHELL_ARGS, "-EncodedCommand", encoded]
+
+
+def command_line() -> str:
+    """The command line WinRS builds from :func:`bootstrap_command` (arguments joined by spaces)."""
+    command, arguments = bootstrap_command()
+    return " ".join([command, *arguments])
+
+
+def make_envelope(op: str, request: Mapping[str, object]) -> bytes:
+    """The stdin of one request: base64 (ASCII) of UTF-8 JSON ``{"script", "request"}``."""
+    script = SCRIPTS.get(op)
+    if script is None:
+        raise ValueError(f"unknown agent op {op!r}; the agent knows {', '.join(OPS)}")
+    named = request.get("op", op)
+    if named != op:
+        raise ValueError(f"the request is for op {named!r} but would be sent to the {op!r} script")
+    payload = json.dumps(
+        {"script": script, "request": dict(request)},
+        ensure_ascii=False,
+        separators=(",", ":"),
+        allow_nan=False,
+    )
+    return base64.b64encode(payload.encode("utf-8"))
+
+
+_BOM = b"\xef\xbb\xbf"
+
+
+def parse_answer(stdout: bytes, *, host: str = "") -> dict[str, object]:
+    """Decode the agent's stdout (base64 of UTF-8 JSON) into the answer object.
+
+    Raises :class:`RemoteError` when it is not a protocol 1 answer. The message never quotes
+    stdout: an answer can carry file contents, and so passwords.
+    """
+    text = stdout.strip()
+    # Harmless if the console ever prefixed a UTF-8 byte order mark.
+    text = text.removeprefix(_BOM).strip()
+    if not text:
+        raise RemoteError("the agent wrote no answer on stdout", host=host)
+    try:
+        raw = base64.b64decode(b"".join(text.split()), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise RemoteError(
+            f"the agent's answer is not base64 ({len(stdout)} bytes on stdout): {exc}", host=host
+        ) from exc
+    try:
+        answer = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RemoteError(f"the agent's answer is not UTF-8 JSON: {exc}", host=host) from exc
+    if not isinstance(answer, dict):
+        raise RemoteError(
+            f"the agent's answer is a JSON {type(answer).__name__}, not an object", host=host
+        )
+    if answer.get("protocol") != 1:
+        raise RemoteError(
+            f"the agent answered protocol {answer.get('protocol')!r}; this controller speaks 1",
+            host=host,
+        )
+    return answer
+
+
+_CLIXML_HEADER = "#< CLIXML"
+_OBJS = re.compile(r"<Objs\b[^>]*>(.*?)</Objs>", re.DOTALL)
+_ERROR_STRING = re.compile(r'<S\s+S="Error"\s*>(.*?)</S>|<S\s+S="Error"\s*/>', re.DOTALL)
+_ESCAPE = re.compile(r"_x([0-9A-Fa-f]{4})_")
+_ENTITY = re.compile(r"&(#x[0-9A-Fa-f]+|#[0-9]+|lt|gt|amp|quot|apos);")
+_NAMED = {"lt": "<", "gt": ">", "amp": "&", "quot": '"', "apos": "'"}
+
+
+def _unescape_xml(text: str) -> str:
+    def entity(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name.startswith("#x"):
+            return chr(int(name[2:], 16))
+        if name.startswith("#"):
+            return chr(int(name[1:]))
+        return _NAMED[name]
+
+    return _ENTITY.sub(entity, text)
+
+
+def _unescape_clixml_string(text: str) -> str:
+    # PowerShell writes characters XML cannot carry (CR, LF, control characters, and "_x"
+    # itself as _x005F_) as _xHHHH_ UTF-16 code units; pairs of them make surrogate pairs.
+    decoded = _ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), _unescape_xml(text))
+    return decoded.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+
+
+def decode_clixml(stderr: bytes) -> str:
+    """Readable text from PowerShell's stderr, which may be CLIXML (``#< CLIXML``).
+
+    The ``<S S="Error">`` strings are concatenated (PowerShell splits one error record into one
+    string per line, each ending in ``_x000D__x000A_``) and unescaped; progress records and other
+    streams are dropped. Text outside the CLIXML passes through. Line endings become ``\\n`` and
+    the result is stripped.
+    """
+    text = stderr.decode("utf-8", "replace")
+    plain, _, clixml = text.partition(_CLIXML_HEADER)
+    parts = [plain.strip()] if plain.strip() else []
+    remainder = clixml
+    for block in _OBJS.finditer(clixml):
+        strings = [_unescape_clixml_string(m.group(1) or "") for m in _ERROR_STRING.finditer(block.group(1))]
+        joined = "".join(strings).strip()
+        if joined:
+            parts.append(joined)
+        remainder = remainder.replace(block.group(0), "", 1)
+    # Whatever is neither header nor a complete <Objs> block (a truncated stream, a second
+    # header, plain text after the XML) is kept rather than lost.
+    leftover = remainder.replace(_CLIXML_HEADER, "").strip()
+    if leftover:
+        parts.append(leftover)
+    return "\n".join(parts).replace("\r\n", "\n").replace("\r", "\n").strip()

@@ -1,0 +1,215 @@
+"""The WinRM transport: the only pywinrm (and requests) user.
+
+One shell per workstation through ``winrm.protocol.Protocol`` (not ``Session.run_ps``, which
+opens a new connection per call and breaks past cmd.exe's line limit), UTF-8 code page, the
+short bootstrap of :mod:`provisioner.transport.agent.scripts` with the request on stdin.
+pywinrm and requests errors are translated here into the TransportError tree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import requests
+import winrm.exceptions
+from winrm.protocol import Protocol
+
+from provisioner.errors import (
+    AuthError,
+    ConnectError,
+    ProvisionerError,
+    RemoteError,
+    TransportError,
+    TransportTimeoutError,
+)
+from provisioner.model import Secret
+from provisioner.transport.agent import scripts
+
+UTF8_CODEPAGE = 65001
+AUTH_TRANSPORTS = ("ntlm", "basic", "kerberos", "credssp")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class WinrmOptions:
+    """How to reach one workstation; the password stays a Secret until the wire."""
+
+    address: str
+    username: str
+    password: Secret | None
+    transport: str = "ntlm"
+    scheme: str = ""
+    port: int = 0
+    ca_trust_path: str | None = None
+    server_cert_validation: str = "validate"
+    allow_basic_over_http: bool = False
+    message_encryption: str = "auto"
+    operation_timeout: int = 20
+    read_timeout: int = 30
+
+    @property
+    def effective_scheme(self) -> str:
+        """http for NTLM/Kerberos/CredSSP (message encryption), https for basic, unless set."""
+        if self.scheme:
+            return self.scheme
+        return "https" if self.transport == "basic" else "http"
+
+    @property
+    def endpoint(self) -> str:
+        """The WS-Management URL."""
+        scheme = self.effective_scheme
+        port = self.port or (5986 if scheme == "https" else 5985)
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"{scheme}://{host}:{port}/wsman"
+
+
+def check_options(options: WinrmOptions) -> None:
+    """Refuse unsafe or impossible combinations before any connection."""
+    if options.transport not in AUTH_TRANSPORTS:
+        raise TransportError(
+            f"unknown WinRM transport {options.transport!r}; use one of "
+            + ", ".join(AUTH_TRANSPORTS)
+        )
+    if (
+        options.transport == "basic"
+        and options.effective_scheme == "http"
+        and not options.allow_basic_over_http
+    ):
+        raise TransportError(
+            "basic authentication over plain HTTP sends the password in clear text; use "
+            "scheme: https, or transport: ntlm (message encryption), or set "
+            "allow_basic_over_http: true for a lab"
+        )
+    if options.read_timeout <= options.operation_timeout:
+        raise TransportError("read_timeout must be longer than operation_timeout")
+    if not options.username or options.password is None:
+        raise AuthError("no WinRM credentials: set winrm.username and winrm.password")
+
+
+class WinrmTransport:
+    """Agent requests over one WinRM shell, opened on first use."""
+
+    def __init__(self, host: str, options: WinrmOptions) -> None:
+        check_options(options)
+        self.host = host
+        self.options = options
+        self.http_requests = 0
+        self._protocol: Protocol | None = None
+        self._shell: str | None = None
+
+    def _connect(self) -> tuple[Protocol, str]:
+        if self._protocol is None or self._shell is None:
+            options = self.options
+            assert options.password is not None  # noqa: S101 - check_options guarantees it
+            protocol = Protocol(
+                options.endpoint,
+                transport="basic" if options.transport == "basic" else options.transport,  # type: ignore[arg-type]
+                username=options.username,
+                password=options.password.reveal(),
+                # None: requests' own CA bundle, without pywinrm's deprecated env lookup.
+                ca_trust_path=options.ca_trust_path,  # type: ignore[arg-type]
+                server_cert_validation=options.server_cert_validation,  # type: ignore[arg-type]
+                read_timeout_sec=options.read_timeout,
+                operation_timeout_sec=options.operation_timeout,
+                message_encryption=options.message_encryption,  # type: ignore[arg-type]
+                proxy=None,
+            )
+            self._protocol = protocol
+            self._shell = self._call(
+                lambda: protocol.open_shell(codepage=UTF8_CODEPAGE, noprofile=True)
+            )
+        return self._protocol, self._shell
+
+    def request(self, op: str, request: Mapping[str, Any]) -> dict[str, Any]:
+        """Run one agent operation in this workstation's shell."""
+        protocol, shell = self._connect()
+        command, arguments = scripts.bootstrap_command()
+        envelope = scripts.make_envelope(op, request)
+        command_id = self._call(lambda: protocol.run_command(shell, command, arguments))
+        try:
+            self._call(lambda: protocol.send_command_input(shell, command_id, envelope, end=True))
+            stdout, stderr, code = self._call(
+                lambda: protocol.get_command_output(shell, command_id)
+            )
+        finally:
+            with contextlib.suppress(TransportError):
+                self._call(lambda: protocol.cleanup_command(shell, command_id))
+        if code != 0:
+            detail = scripts.decode_clixml(stderr).strip() or f"exit code {code}"
+            raise RemoteError(f"the agent failed: {detail}", host=self.host)
+        answer: dict[str, Any] = scripts.parse_answer(stdout)
+        if answer.get("protocol") != 1:
+            raise RemoteError("the agent answered with an unknown protocol", host=self.host)
+        return answer
+
+    def close(self) -> None:
+        """Close the shell and the HTTP session; errors are ignored."""
+        protocol, shell = self._protocol, self._shell
+        self._protocol = self._shell = None
+        if protocol is None:
+            return
+        # Closing is best effort: the push result is already decided.
+        with contextlib.suppress(Exception):
+            if shell is not None:
+                protocol.close_shell(shell)
+        with contextlib.suppress(Exception):
+            protocol.transport.close_session()
+
+    def _call(self, action: Callable[[], T]) -> T:
+        """Run a pywinrm call, translating its errors; never lets a password through."""
+        try:
+            return action()
+        except winrm.exceptions.InvalidCredentialsError:
+            raise AuthError(
+                f"the credentials were rejected ({self.options.transport} as "
+                f"{self.options.username})",
+                host=self.host,
+            ) from None
+        except winrm.exceptions.BasicAuthDisabledError:
+            raise AuthError(
+                "basic authentication is disabled on the workstation", host=self.host
+            ) from None
+        except winrm.exceptions.WSManFaultError as exc:
+            reason = (exc.reason or "").strip() or f"HTTP {exc.code}"
+            raise RemoteError(
+                f"WS-Management fault {exc.wsman_fault_code or exc.fault_code}: {reason}",
+                host=self.host,
+            ) from None
+        except winrm.exceptions.WinRMTransportError as exc:
+            raise RemoteError(f"WinRM transport error: HTTP {exc.code}", host=self.host) from None
+        except requests.exceptions.SSLError as exc:
+            raise TransportError(
+                f"TLS failed: {_short(exc)}; check the certificate and ca_trust_path",
+                host=self.host,
+            ) from None
+        except requests.exceptions.ConnectTimeout:
+            raise ConnectError("connection timed out", host=self.host) from None
+        except requests.exceptions.ReadTimeout:
+            raise TransportTimeoutError(
+                f"no answer within {self.options.read_timeout} s", host=self.host
+            ) from None
+        except requests.exceptions.ConnectionError as exc:
+            raise ConnectError(f"cannot connect: {_short(exc)}", host=self.host) from None
+        except requests.exceptions.RequestException as exc:
+            raise ConnectError(f"HTTP error: {_short(exc)}", host=self.host) from None
+        except winrm.exceptions.WinRMError as exc:
+            raise RemoteError(f"WinRM error: {_short(exc)}", host=self.host) from None
+        except ProvisionerError:
+            raise
+        except Exception as exc:
+            if "credential" in str(exc).lower() or "auth" in type(exc).__name__.lower():
+                raise AuthError(
+                    f"authentication failed: {type(exc).__name__}", host=self.host
+                ) from None
+            raise TransportError(f"{type(exc).__name__}: {_short(exc)}", host=self.host) from None
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).replace("\n", " ")
+    for marker in ("Caused by ", "Max retries exceeded"):
+        if marker in text:
+            text = text.split(marker, 1)[-1]
+    return text[:200]
