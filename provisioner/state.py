@@ -118,6 +118,16 @@ def _iso(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime(_TIME_FORMAT)
 
 
+def _short(moment: datetime) -> str:
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _hash(value: str | None) -> str:
+    return value[:12] if value else "-"
+
+
 def _parse_iso(text: str) -> datetime:
     moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
@@ -273,6 +283,21 @@ class RunSummary:
         """True when every workstation ended changed or unchanged."""
         return all(self.counts[s] == 0 for s in RETRY_STATUSES)
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON data (times in ISO 8601 UTC)."""
+        data: dict[str, Any] = _jsonable(self)
+        data.update(total=self.total, ok=self.ok)
+        return data
+
+    def __str__(self) -> str:
+        counts = ", ".join(f"{n} {s.value}" for s, n in self.counts.items() if n) or "no host"
+        line = f"{self.id}  {_short(self.started)}  {self.user}@{self.controller}  {counts}"
+        if self.dry_run:
+            line += "  (check)"
+        if self.stopped:
+            line += f"  stopped: {self.stopped}"
+        return line + (f"  [{self.command}]" if self.command else "")
+
 
 @dataclasses.dataclass(frozen=True)
 class StoredFile:
@@ -288,6 +313,12 @@ class StoredFile:
     new_sha256: str | None
     conflicts: tuple[str, ...]
 
+    @property
+    def label(self) -> str:
+        """``user/microsip.ini`` or ``override.ini``."""
+        name = self.path.replace("\\", "/").rsplit("/", 1)[-1]
+        return f"{self.user}/{name}" if self.user else name
+
 
 @dataclasses.dataclass(frozen=True)
 class StoredResult:
@@ -302,6 +333,19 @@ class StoredResult:
     warnings: tuple[str, ...]
     files: tuple[StoredFile, ...]
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON data."""
+        data: dict[str, Any] = _jsonable(self)
+        return data
+
+    def __str__(self) -> str:
+        lines = [f"{self.workstation}  {self.status.value}  {self.message}".rstrip()]
+        for f in self.files:
+            line = f"  {f.label}  {f.status.value}  {_hash(f.old_sha256)} -> {_hash(f.new_sha256)}"
+            lines.append(line + (f"  {f.message}" if f.message else ""))
+        lines += [f"  warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
 
 @dataclasses.dataclass(frozen=True)
 class RunDetail:
@@ -314,6 +358,17 @@ class RunDetail:
     def to_retry(self) -> list[str]:
         """Workstations that failed, conflicted, were busy or skipped."""
         return [r.workstation for r in self.results if r.status in RETRY_STATUSES]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON data: the summary, every result with its files, the hosts to retry."""
+        return {
+            "summary": self.summary.to_dict(),
+            "results": [r.to_dict() for r in self.results],
+            "to_retry": self.to_retry,
+        }
+
+    def __str__(self) -> str:
+        return "\n".join([str(self.summary), *(str(r) for r in self.results)])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -335,6 +390,17 @@ class LastResult:
     dry_run: bool
     old_sha256: str | None
     new_sha256: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON data."""
+        data: dict[str, Any] = _jsonable(self)
+        return data
+
+    def __str__(self) -> str:
+        who = self.user or "override.ini"
+        check = " (check)" if self.dry_run else ""
+        line = f"{self.workstation}  {who}  {self.status.value}{check}  {_short(self.time)}"
+        return f"{line}  run {self.run_id}" + (f"  {self.message}" if self.message else "")
 
 
 # --------------------------------------------------------------------------- schema
@@ -487,7 +553,9 @@ class StateStore:
             try:
                 yield db
             except BaseException:
-                db.execute("ROLLBACK")
+                # SQLite has already rolled back after some errors (disk full, I/O).
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
 
@@ -538,7 +606,9 @@ class StateStore:
                     (str(version),),
                 )
             except BaseException:
-                db.execute("ROLLBACK")
+                # SQLite has already rolled back after some errors (disk full, I/O).
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
 
@@ -807,7 +877,10 @@ class StateStore:
 
         Raises :class:`StateLockedError` naming the holder when another process holds it.
         """
-        fd = _open_lock_file(self.lock_path)
+        try:
+            fd = _open_lock_file(self.lock_path)
+        except OSError as exc:
+            raise StateError(f"cannot open the lock file {self.lock_path}: {exc}") from exc
         try:
             if not _try_lock(fd):
                 holder = _read_fd(fd)
@@ -895,6 +968,48 @@ class AuditRecord:
             "status": self.status,
             "message": self.message,
         }
+
+    @classmethod
+    def now(
+        cls,
+        *,
+        who: str,
+        action: str,
+        status: str,
+        workstation: str = "",
+        user: str | None = None,
+        file: str | None = None,
+        sha256_before: str | None = None,
+        sha256_after: str | None = None,
+        message: str = "",
+        run_id: str = "",
+        controller: str | None = None,
+    ) -> AuditRecord:
+        """A record stamped now, on this controller (for helpdesk actions)."""
+        return cls(
+            _now(),
+            who,
+            controller or controller_name(),
+            run_id,
+            action,
+            workstation,
+            user,
+            file,
+            sha256_before,
+            sha256_after,
+            status,
+            message,
+        )
+
+    def __str__(self) -> str:
+        where = " ".join(p for p in (self.workstation, self.user or "", self.file or "") if p)
+        line = f"{_short(self.time)}  {self.who}@{self.controller}  {self.action}  {where}"
+        line += f"  {self.status}"
+        if self.sha256_before or self.sha256_after:
+            line += f"  {_hash(self.sha256_before)} -> {_hash(self.sha256_after)}"
+        if self.run_id:
+            line += f"  run {self.run_id}"
+        return line + (f"  {self.message}" if self.message else "")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AuditRecord:
@@ -1085,8 +1200,20 @@ def records_for_results(
     A workstation that failed outside its files (unreachable, credentials) gets one record
     with ``file`` None. Dry-run results change nothing and give no record.
     """
-    moment = when or _now()
-    host = controller or controller_name()
+    blank = AuditRecord(
+        time=when or _now(),
+        who=who,
+        controller=controller or controller_name(),
+        run_id=run_id,
+        action=action,
+        workstation="",
+        user=None,
+        file=None,
+        sha256_before=None,
+        sha256_after=None,
+        status="",
+        message="",
+    )
     records: list[AuditRecord] = []
     for result in sorted(results, key=lambda r: r.host):
         if result.dry_run:
@@ -1094,40 +1221,27 @@ def records_for_results(
         worst = max((c.status for c in result.files), key=lambda s: s.rank, default=None)
         if result.status in _FAILURES and (worst is None or result.status.rank > worst.rank):
             records.append(
-                AuditRecord(
-                    moment,
-                    who,
-                    host,
-                    run_id,
-                    action,
-                    result.host,
-                    None,
-                    None,
-                    None,
-                    None,
-                    result.status.value,
-                    result.message,
+                dataclasses.replace(
+                    blank,
+                    workstation=result.host,
+                    status=result.status.value,
+                    message=result.message,
                 )
             )
-        for change in result.files:
-            if change.status != Status.CHANGED and change.status not in _FAILURES:
-                continue
-            records.append(
-                AuditRecord(
-                    moment,
-                    who,
-                    host,
-                    run_id,
-                    action,
-                    result.host,
-                    change.user,
-                    change.path,
-                    change.old_sha256,
-                    change.new_sha256,
-                    change.status.value,
-                    change.message,
-                )
+        records += [
+            dataclasses.replace(
+                blank,
+                workstation=result.host,
+                user=change.user,
+                file=change.path,
+                sha256_before=change.old_sha256,
+                sha256_after=change.new_sha256,
+                status=change.status.value,
+                message=change.message,
             )
+            for change in result.files
+            if change.status == Status.CHANGED or change.status in _FAILURES
+        ]
     return records
 
 

@@ -25,7 +25,7 @@ LAYERS: dict[str, int] = {
     "results": 1,
     "transport": 2,
     "build": 3,
-    "lab": 3,
+    "lab": 5,
     "push": 4,
     "connections": 4,
     "doctor": 5,
@@ -46,7 +46,10 @@ ADAPTERS = {
     "requests": ("transport.winrm",),
     "spnego": ("lab",),
 }
-REVEAL_ALLOWED = {"model", "vault", "secretstore", "render", "transport.winrm"}
+# transport.winrm hands the WinRM password to pywinrm; the lab configures an emulated account.
+REVEAL_ALLOWED = {
+    "model", "vault", "secretstore", "render", "transport.winrm", "lab.inventory_lab",
+}
 
 
 def _modules() -> dict[str, ast.Module]:

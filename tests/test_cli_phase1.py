@@ -323,7 +323,7 @@ def test_explain_key_filter_workstation_and_errors() -> None:
     assert out.splitlines()[1] == "  [Settings] autoAnswer = header"
     assert out.splitlines()[2:] == [
         f"      {'':<32} {EXAMPLE}/defaults.yaml:8:5 (defaults)",
-        f"      {'header':<32} {EXAMPLE}/groups.yaml:41:7 (group support)",
+        f"      {'header':<32} {EXAMPLE}/groups.yaml:42:7 (group support)",
     ]
     code, out, _ = cli("explain", "alice", "-i", str(EXAMPLE), "-w", "ham-ws-001")
     assert code == 0 and out == "alice is on no workstation named ham-ws-001\n"

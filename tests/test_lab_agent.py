@@ -14,6 +14,7 @@ import os
 import random
 import signal
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -231,7 +232,7 @@ def write(st: Station, user: User, content: bytes, if_running: str = "skip") -> 
     entry = file_entry(path, content, expect=st.ws.sha256(path), user=user)
     [result] = st.agent.call(apply_request([entry], if_running))["files"]
     assert set(result) == APPLY_KEYS
-    return result
+    return dict(result)
 
 
 def state(ws: Workstation, path: str, item: str) -> bytes | None:
@@ -305,6 +306,7 @@ def test_inspect_installed_mode(station: Station) -> None:
         "sha256": sha(b"[Settings]\r\n"),
         "content_b64": b64(b"[Settings]\r\n"),
         "applied": {"exists": False, "sha256": None, "content_b64": None},
+        "error": None,
     }
     first, second = answer["users"]
     assert first == {
@@ -366,9 +368,9 @@ def test_inspect_user_errors_do_not_hide_the_others(station: Station) -> None:
     carol, ghost, alice = answer["users"]
     assert carol["error"]["code"] == "no-profile"
     assert carol["sid"].startswith(DOMAIN_SID) and carol["profile"] is None
-    assert "path" not in carol and "exists" not in carol
+    assert carol["path"] is None and "exists" not in carol and "running" not in carol
     assert ghost["error"]["code"] == "no-account"
-    assert ghost["sid"] is None and "path" not in ghost
+    assert ghost["sid"] is None and ghost["path"] is None and "exists" not in ghost
     assert alice["error"] is None and alice["path"] == ALICE_INI
 
 
@@ -380,10 +382,12 @@ def test_inspect_uses_the_users_own_shell_folders_never_the_winrm_account(
     ws.add_user("ACME\\dave", shell_appdata="%USERPROFILE%\\Roaming2", hive_loaded=True)
     ws.add_user("ACME\\erin", shell_appdata="H:\\Redirected\\erin", hive_loaded=False)
     ws.add_user("ACME\\fred", profile="C:\\Users\\fred.ACME")
-    answer = station.agent.call(
-        inspect_request([("dave", "ACME\\dave"), ("erin", "ACME\\erin"), ("fred", "ACME\\fred")])
-    )
-    paths = [user["path"] for user in answer["users"]]
+    ws.add_user("ACME\\gina", shell_appdata="%HOMESHARE%\\AppData", hive_loaded=True)
+    names = ["dave", "erin", "fred", "gina"]
+    answer = station.agent.call(inspect_request([(name, f"ACME\\{name}") for name in names]))
+    *resolved, gina = answer["users"]
+    assert gina["error"]["code"] == "internal" and "%HOMESHARE%" in gina["error"]["message"]
+    paths = [user["path"] for user in resolved]
     assert paths == [
         "C:\\Users\\dave\\Roaming2\\MicroSIP\\microsip.ini",
         "C:\\Users\\erin\\AppData\\Roaming\\MicroSIP\\microsip.ini",
@@ -413,10 +417,11 @@ def test_inspect_discovery_when_the_inventory_dir_is_wrong(
             "exe_path": None,
             "source": None,
         }
-        assert answer["override"] is None
+        assert answer["override"]["path"] is None
+        assert answer["override"]["error"]["code"] == "not-installed"
         [alice] = answer["users"]
         assert alice["error"]["code"] == "not-installed"
-        assert alice["sid"] == station.alice.sid and "path" not in alice
+        assert alice["path"] is None and "exists" not in alice
     else:
         assert install["found"] is True
         assert install["exe_path"] == "E:\\Apps\\MicroSIP\\microsip.exe"
@@ -559,7 +564,7 @@ def test_disk_full_leaves_everything_as_it_was(station: Station) -> None:
     ws.faults.disk_full = True
     result = write(station, station.alice, ini("v3"))
     assert (result["status"], error_code(result)) == ("error", "disk-full")
-    assert result["new_sha256"] == sha(versions[2])
+    assert (result["old_sha256"], result["new_sha256"]) == (sha(versions[2]), None)
     assert ws.read(ALICE_INI) == versions[2]
     assert _backups(ws, ALICE_INI) == [versions[1], versions[0], None]
     assert temp_files(ws, "C:\\Users\\alice\\AppData\\Roaming\\MicroSIP") == []
@@ -599,7 +604,7 @@ def test_failed_verification_restores_the_old_file(station: Station) -> None:
     ws.faults.fail_verify = 1
     result = write(station, station.alice, ini("v3"))
     assert (result["status"], error_code(result)) == ("error", "verify-failed")
-    assert (result["new_sha256"], result["backup"]) == (sha(versions[2]), None)
+    assert (result["new_sha256"], result["backup"]) == (sha(corrupt(ini("v3"))), None)
     assert ws.read(ALICE_INI) == versions[2]
     assert _backups(ws, ALICE_INI) == [versions[1], versions[0], None]
     assert state(ws, ALICE_INI, "applied") == b"applied " + versions[2]
@@ -663,7 +668,7 @@ def test_override_and_per_file_errors_do_not_abort_the_others(station: Station) 
     assert OVERRIDE_ACL.rights() == {
         SYSTEM: "FullControl",
         ADMINISTRATORS: "FullControl",
-        USERS: "Read",
+        USERS: "ReadAndExecute",
     }
     assert ws.acl(f"{PROGRAM_DIR}\\.provisioner\\override.ini") == OVERRIDE_ACL
     assert state(ws, override, "applied") is None
@@ -843,21 +848,26 @@ def _expect_apply(model: FileModel, step: Step, stale: bool, new: bytes) -> tupl
 
 
 def _expect_rollback(model: FileModel, step: Step) -> tuple[str, str | None]:
+    if model.backups[0] is None:
+        return "error", "no-backup"
     if model.user is not None and model.user.sid in step.running:
         if step.policy == "skip":
             return "busy", "busy"
         if step.policy == "stop":
             step.running.discard(model.user.sid)
-    if model.backups[0] is None:
-        return "error", "no-backup"
     codes = {"locked": "locked", "read_only_file": "read-only", "read_only_folder": "read-only"}
     if step.target == model.path and step.fault in codes:
+        if step.fault != "read_only_folder":
+            model.rolled = None  # the old rolled-back copy goes before the replace fails
         return "error", codes[step.fault]
     model.rolled = model.current
     model.current = model.backups[0]
     model.backups = [*model.backups[1:], None]
     model.applied = None
     return "restored", None
+
+
+OUTCOMES: Counter[str] = Counter()
 
 
 @pytest.mark.parametrize("seed", [11, 22, 33])
@@ -892,7 +902,8 @@ def test_random_pushes_and_faults_never_mix_contents(station: Station, seed: int
                     violations.append(f"{event}: {path} holds bytes never written")
 
     ws.observe(observe)
-    for number in range(30):
+    tally: Counter[str] = Counter()
+    for number in range(60):
         chosen = rng.sample(models, rng.randint(1, len(models)))
         op = "apply" if rng.random() < 0.7 else "rollback"
         fault = rng.choice(
@@ -959,6 +970,7 @@ def test_random_pushes_and_faults_never_mix_contents(station: Station, seed: int
         out, err, code = station.agent.raw(scripts.make_envelope(op, request))
         ws.faults = WorkstationFaults()
         context = f"seed {seed} step {number}: {op} {fault} {expected}"
+        tally.update(f"{op}:{status}:{code_}" for status, code_, _ in expected)
         assert violations == [], context
         if expected and expected[-1][0] == "crash":
             assert (out, code) == (b"", CRASH_EXIT_CODE), context
@@ -967,7 +979,7 @@ def test_random_pushes_and_faults_never_mix_contents(station: Station, seed: int
                 ws.host_path(f"{folder}\\{name}").unlink()
         else:
             assert code == 0, (context, err)
-            results = scripts.parse_answer(out)["files"]
+            results: list[dict[str, Any]] = scripts.parse_answer(out)["files"]  # type: ignore[assignment]
             got = [(r["status"], error_code(r)) for r in results]
             assert got == [(status, code_) for status, code_, _ in expected], context
             for result, (status, _, before) in zip(results, expected, strict=True):
@@ -981,3 +993,27 @@ def test_random_pushes_and_faults_never_mix_contents(station: Station, seed: int
             assert state(ws, model.path, "rolled-back") == model.rolled, (context, model.path)
             folder = model.path.rsplit("\\", 1)[0]
             assert temp_files(ws, folder) == [], (context, folder)
+    # the seeds are chosen so that each run meets most outcomes; all of them together are checked
+    # by test_the_random_runs_cover_every_outcome
+    OUTCOMES.update(tally)
+
+
+def test_the_random_runs_cover_every_outcome() -> None:
+    if len(OUTCOMES) == 0:
+        pytest.skip("the random runs did not run in this session")
+    wanted = {
+        "apply:written:None",
+        "apply:busy:busy",
+        "apply:conflict:conflict",
+        "apply:crash:None",
+        "apply:error:disk-full",
+        "apply:error:locked",
+        "apply:error:read-only",
+        "apply:error:verify-failed",
+        "rollback:restored:None",
+        "rollback:busy:busy",
+        "rollback:error:no-backup",
+        "rollback:error:locked",
+        "rollback:error:read-only",
+    }
+    assert wanted <= set(OUTCOMES), sorted(wanted - set(OUTCOMES))

@@ -496,6 +496,24 @@ def test_audit_appends_never_rewrite_existing_bytes(tmp_path: Path) -> None:
     assert len(log.query()) == 6
 
 
+def test_audit_log_is_opened_append_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    log = _sample_log(tmp_path)
+    opened: list[int] = []
+    real_open = os.open
+
+    def spy(path: str | os.PathLike[str], flags: int, *args: int, **kwargs: int) -> int:
+        if Path(path) == log.path:
+            opened.append(flags)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", spy)
+    log.append([_record("2024-06-01T00:00:00+00:00")])
+    assert opened, "the audit log was not opened through os.open"
+    for flags in opened:
+        assert flags & os.O_APPEND
+        assert not flags & os.O_TRUNC
+
+
 def test_a_torn_last_line_is_skipped_and_the_next_append_starts_a_new_line(
     tmp_path: Path,
 ) -> None:
@@ -620,3 +638,52 @@ def test_state_and_audit_never_hold_the_diff(tmp_path: Path) -> None:
     for path in tmp_path.iterdir():
         assert CANARY.encode() not in path.read_bytes(), path
     assert "diff" not in (tmp_path / state.AUDIT_NAME).read_text(encoding="utf-8")
+
+
+def test_stored_rows_as_json_and_text(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    store.record_run(make_run(), who="admin1", command="provisioner rollout")
+    [summary] = store.runs()
+    data = json.loads(json.dumps(summary.to_dict()))
+    assert data["id"] == "a1b2c3d4e5f6"
+    assert data["started"] == "2024-05-01T10:00:00.000000Z"
+    assert data["counts"]["failed"] == 3
+    assert data["total"] == 8 and data["ok"] is False
+    text = str(summary)
+    assert text.startswith("a1b2c3d4e5f6  2024-05-01 10:00:00Z  admin1@")
+    assert "3 failed" in text and "[provisioner rollout]" in text
+    detail = store.run("a1b2")
+    as_json = json.loads(json.dumps(detail.to_dict()))
+    assert as_json["to_retry"] == detail.to_retry
+    assert as_json["results"][0]["workstation"] == "ws-auth"
+    shown = str(detail)
+    assert "ws-conflict  conflict" in shown
+    assert "  dave/microsip.ini  conflict  aaaaaaaaaaaa -> aaaaaaaaaaaa" in shown
+    assert "  override.ini  changed  bbbbbbbbbbbb -> cccccccccccc" in shown
+    assert "  warning: MicroSIP was running" in shown
+    last = store.last_results(user="alice")
+    assert json.loads(json.dumps(last[0].to_dict()))["status"] == "changed"
+    assert str(last[0]).startswith("ws-changed  alice  changed  2024-05-01 10:00:00Z  run a1b2")
+    assert CANARY not in shown + text + json.dumps(as_json)
+
+
+def test_audit_record_now_for_helpdesk_actions(tmp_path: Path) -> None:
+    record = AuditRecord.now(
+        who="helpdesk1",
+        action="set-password",
+        user="alice",
+        file="inventory/users.yaml",
+        status="changed",
+        message="sealed /users/alice/accounts/1/password to key k1",
+    )
+    assert abs(record.time - datetime.now(UTC)) < timedelta(minutes=1)
+    assert record.controller == state.controller_name()
+    assert (record.workstation, record.run_id, record.sha256_before) == ("", "", None)
+    log = AuditLog(tmp_path)
+    log.append([record])
+    [back] = log.query(action="set-password", user="alice")
+    assert back == record
+    assert str(back).endswith(
+        "set-password  alice inventory/users.yaml  changed  "
+        "sealed /users/alice/accounts/1/password to key k1"
+    )

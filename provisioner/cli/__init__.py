@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from provisioner.cli import inventory_cmds, keys, phase1, remote, secrets
+from provisioner.cli import helpdesk, inventory_cmds, keys, lab, phase1, remote, rollout, secrets
 from provisioner.errors import ProvisionerError
 
 EXIT_OK = 0
@@ -31,6 +31,11 @@ app.command("push")(remote.push_cmd)
 app.command("diff")(remote.diff_cmd)
 app.command("rollback")(remote.rollback_cmd)
 app.command("doctor")(remote.doctor_cmd)
+app.command("rollout")(rollout.rollout)
+app.add_typer(rollout.runs_app, name="runs")
+app.command("audit")(rollout.audit)
+app.add_typer(helpdesk.app, name="user")
+app.add_typer(lab.app, name="lab")
 app.add_typer(inventory_cmds.app, name="inventory")
 app.add_typer(keys.app, name="keys")
 app.add_typer(secrets.app, name="secrets")

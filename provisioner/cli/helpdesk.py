@@ -49,19 +49,22 @@ def show(
     """Workstations, accounts (passwords masked), groups and the last push per workstation."""
     model, entry = _user(inventory, user)
     stations = sorted(s.name for s in model.workstations.values() if user in s.users)
-    accounts = []
-    for account in entry.accounts:
-        keys = account.keys
+    accounts: list[dict[str, Any]] = []
+    for sip in entry.accounts:
+        keys = sip.keys
         password = keys.get("password")
         sealed = password is not None and isinstance(password.value, str)
         kid = str(password.value).split(":")[2] if sealed and password else ""
-        accounts.append({
-            "id": account.id,
-            "active": account.active,
-            "sip": f"{keys['username'].value}@{keys['domain'].value}"
-            if "username" in keys and "domain" in keys else "",
-            "password": f"(sealed, key {kid})" if sealed else "(not set)",
-        })
+        accounts.append(
+            {
+                "id": sip.id,
+                "active": sip.active,
+                "sip": f"{keys['username'].value}@{keys['domain'].value}"
+                if "username" in keys and "domain" in keys
+                else "",
+                "password": f"(sealed, key {kid})" if sealed else "(not set)",
+            }
+        )
     last: list[dict[str, Any]] = []
     folder = state_dir(inventory, state_folder)
     if (folder / "state.sqlite3").exists():
@@ -87,24 +90,28 @@ def show(
     if not last:
         echo("  last push:    never (no rollout recorded in the state folder)")
     for item in last:
-        echo(f"  last push:    {item.get('workstation')}: {item.get('status')} "
-             f"{item.get('message', '')} ({item.get('time', item.get('started', ''))})")
+        echo(
+            f"  last push:    {item.get('workstation')}: {item.get('status')} "
+            f"{item.get('message', '')} ({item.get('time', item.get('started', ''))})"
+        )
 
 
 @app.command()
 def regenerate(
     user: UserArg,
     inventory: InventoryOpt = Path("."),
-    reset: Annotated[bool, typer.Option("--reset", help="Write the render outright, keeping "
-                                        "the old file as a backup (repairs a broken file).")]
-    = False,
+    reset: Annotated[
+        bool,
+        typer.Option(
+            "--reset",
+            help="Write the render outright, keeping "
+            "the old file as a backup (repairs a broken file).",
+        ),
+    ] = False,
     check: Annotated[bool, typer.Option("--check", help="Only show what would change.")] = False,
-    diff: Annotated[bool, typer.Option("--diff", help="Show the diff (passwords masked).")]
-    = True,
-    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
-    = False,
-    if_running: Annotated[str, typer.Option("--if-running", help="skip, stop or force.")]
-    = "stop",
+    diff: Annotated[bool, typer.Option("--diff", help="Show the diff (passwords masked).")] = True,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    if_running: Annotated[str, typer.Option("--if-running", help="skip, stop or force.")] = "stop",
     identities: IdentityOpt = None,
     passphrase_file: PassFileOpt = None,
     passphrase_fd: PassFdOpt = None,
@@ -114,14 +121,30 @@ def regenerate(
     """Render and push this user's profile to every workstation they use, diff first."""
     _user(inventory, user)
     options = runner.RolloutOptions(
-        forks=8, canary="0", batch="100%", max_fail=100.0, retries=1, check=check,
+        forks=8,
+        canary="0",
+        batch="100%",
+        max_fail=100.0,
+        retries=1,
+        check=check,
         push=PushOptions(if_running=if_running, reset=reset, users=(user,)),
     )
     run = execute(
-        inventory=inventory, limit=f"user:{user}", options=options, identities=identities,
-        passphrase_file=passphrase_file, passphrase_fd=passphrase_fd, lab_file=lab,
-        state_folder=state_folder, timeout=30, quiet=True, yes=yes, show_diff=diff,
-        report_json=None, report_junit=None, action="reset" if reset else "regenerate",
+        inventory=inventory,
+        limit=f"user:{user}",
+        options=options,
+        identities=identities,
+        passphrase_file=passphrase_file,
+        passphrase_fd=passphrase_fd,
+        lab_file=lab,
+        state_folder=state_folder,
+        timeout=30,
+        quiet=True,
+        yes=yes,
+        show_diff=diff,
+        report_json=None,
+        report_junit=None,
+        action="reset" if reset else "regenerate",
         command=f"user regenerate {user}",
     )
     code = exit_code(run)
@@ -133,11 +156,13 @@ def regenerate(
 def set_password(
     user: UserArg,
     inventory: InventoryOpt = Path("."),
-    account: Annotated[str | None, typer.Option("--account", help="Account id (default: the "
-                                                "active one).")] = None,
+    account: Annotated[
+        str | None, typer.Option("--account", help="Account id (default: the active one).")
+    ] = None,
     stdin: Annotated[bool, typer.Option("--stdin", help="Read the password from stdin.")] = False,
-    push_now: Annotated[bool, typer.Option("--push", help="Push the user's profile right away "
-                                           "(needs an identity).")] = False,
+    push_now: Annotated[
+        bool, typer.Option("--push", help="Push the user's profile right away (needs an identity).")
+    ] = False,
     identities: IdentityOpt = None,
     passphrase_file: PassFileOpt = None,
     passphrase_fd: PassFdOpt = None,
@@ -156,16 +181,35 @@ def set_password(
     written = secretstore.set_secret(inventory, pointer, secret, recipients)
     echo(f"updated {pointer} in {written.file}:{written.line} (key {written.kid})")
     who = getpass.getuser()
-    state.AuditLog(state_dir(inventory, state_folder)).append([
-        state.AuditRecord.now(
-            who=who, action="set-password", user=user, file=str(written.file),
-            status="changed", message=f"sealed {pointer} to key {written.kid}",
-        )
-    ])
+    state.AuditLog(state_dir(inventory, state_folder)).append(
+        [
+            state.AuditRecord.now(
+                who=who,
+                action="set-password",
+                user=user,
+                file=str(written.file),
+                status="changed",
+                message=f"sealed {pointer} to key {written.kid}",
+            )
+        ]
+    )
     if push_now:
-        regenerate(user, inventory, reset=False, check=False, diff=False, yes=True,
-                   if_running="stop", identities=identities, passphrase_file=passphrase_file,
-                   passphrase_fd=passphrase_fd, lab=lab, state_folder=state_folder)
+        regenerate(
+            user,
+            inventory,
+            reset=False,
+            check=False,
+            diff=False,
+            yes=True,
+            if_running="stop",
+            identities=identities,
+            passphrase_file=passphrase_file,
+            passphrase_fd=passphrase_fd,
+            lab=lab,
+            state_folder=state_folder,
+        )
     else:
-        echo("commit and push the inventory change; it reaches the workstations with the next "
-             f"rollout or 'provisioner user regenerate {user}'")
+        echo(
+            "commit and push the inventory change; it reaches the workstations with the next "
+            f"rollout or 'provisioner user regenerate {user}'"
+        )

@@ -30,13 +30,20 @@ InventoryOpt = Annotated[
 ]
 StateOpt = Annotated[
     Path | None,
-    typer.Option("--state", envvar="PROVISIONER_STATE",
-                 help="State folder (default: INVENTORY/../.provisioner-state).", file_okay=False),
+    typer.Option(
+        "--state",
+        envvar="PROVISIONER_STATE",
+        help="State folder (default: INVENTORY/../.provisioner-state).",
+        file_okay=False,
+    ),
 ]
 LabOpt = Annotated[
     Path | None,
-    typer.Option("--lab", envvar="PROVISIONER_LAB_FILE",
-                 help="Lab file from 'provisioner lab up': use the emulated workstations."),
+    typer.Option(
+        "--lab",
+        envvar="PROVISIONER_LAB_FILE",
+        help="Lab file from 'provisioner lab up': use the emulated workstations.",
+    ),
 ]
 
 runs_app = typer.Typer(help="Past rollouts recorded in the state folder.", no_args_is_help=True)
@@ -57,8 +64,11 @@ def interrupt_to(stop: threading.Event) -> Iterator[None]:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt
         stop.set()
-        print("\ninterrupt: finishing the workstations in flight, starting no new one "
-              "(Ctrl-C again to abort)", file=sys.stderr)
+        print(
+            "\ninterrupt: finishing the workstations in flight, starting no new one "
+            "(Ctrl-C again to abort)",
+            file=sys.stderr,
+        )
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, handler)
@@ -131,19 +141,23 @@ def execute(
 
     groups = {name: list(plan.groups) for name, plan in stations.items()}
     users = sum(len(f) - 1 for f in files.values())
-    console.print(f"{len(stations)} workstation(s), {users} user profile(s) selected; "
-                  f"batches: canary {options.canary}, then {options.batch}; "
-                  f"stop above {options.max_fail:g}% failures")
+    console.print(
+        f"{len(stations)} workstation(s), {users} user profile(s) selected; "
+        f"batches: canary {options.canary}, then {options.batch}; "
+        f"stop above {options.max_fail:g}% failures"
+    )
     if not options.check and not yes:
         if not sys.stdin.isatty():
             raise ProvisionerError("not a terminal: pass --yes to confirm, or --check to look")
-        preview = runner.run_fleet(stations, files, transport, replace(options, check=True,
-                                                                       canary="0", max_fail=100))
+        preview = runner.run_fleet(
+            stations, files, transport, replace(options, check=True, canary="0", max_fail=100)
+        )
         counts = preview.counts()
         print_summary(console, preview, groups, diffs=show_diff)
         if not typer.confirm(
             f"Apply: {counts[Status.CHANGED]} workstation(s) will change, "
-            f"{counts[Status.UNCHANGED]} are up to date. Proceed?", default=False
+            f"{counts[Status.UNCHANGED]} are up to date. Proceed?",
+            default=False,
         ):
             raise typer.Exit(1)
     folder = state_dir(inventory, state_folder)
@@ -155,12 +169,14 @@ def execute(
         reporter: Reporter
         if quiet or not console.is_terminal:
             reporter = PlainReporter(console, len(stations))
-            run = runner.run_fleet(stations, files, transport, options, reporter=reporter,
-                                   stop=stop)
+            run = runner.run_fleet(
+                stations, files, transport, options, reporter=reporter, stop=stop
+            )
         else:
             with RichReporter(console, len(stations)) as rich_reporter:
-                run = runner.run_fleet(stations, files, transport, options,
-                                       reporter=rich_reporter, stop=stop)
+                run = runner.run_fleet(
+                    stations, files, transport, options, reporter=rich_reporter, stop=stop
+                )
         if not options.check:
             store.record_run(run, who=who, command=command)
             state.AuditLog(folder).append(state.records_for_run(run, who, action=action))
@@ -178,25 +194,27 @@ def rollout(
     check: Annotated[bool, typer.Option("--check", help="Change nothing; report.")] = False,
     diff: Annotated[bool, typer.Option("--diff", help="Show diffs (passwords masked).")] = False,
     forks: Annotated[int, typer.Option("--forks", min=1, max=500)] = 20,
-    canary: Annotated[str, typer.Option("--canary", help="First batch: N or P%; 0 for none.")]
-    = "1",
+    canary: Annotated[
+        str, typer.Option("--canary", help="First batch: N or P%; 0 for none.")
+    ] = "1",
     batch: Annotated[str, typer.Option("--batch", help="Later batches: N or P%.")] = "100%",
     max_fail: Annotated[
         str, typer.Option("--max-fail", help="Stop when more than P% of attempted hosts failed.")
     ] = "10%",
     retries: Annotated[int, typer.Option("--retries", min=0, max=10)] = 2,
     timeout: Annotated[int, typer.Option("--timeout", min=5, help="Seconds per request.")] = 60,
-    if_running: Annotated[str, typer.Option("--if-running", help="skip, stop or force.")]
-    = "skip",
-    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
-    = False,
+    if_running: Annotated[str, typer.Option("--if-running", help="skip, stop or force.")] = "skip",
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
     only_failed: Annotated[
         str | None,
-        typer.Option("--only-failed", help="Only the hosts that failed, were busy or skipped in "
-                     "RUN (or 'last')."),
+        typer.Option(
+            "--only-failed",
+            help="Only the hosts that failed, were busy or skipped in RUN (or 'last').",
+        ),
     ] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Plain lines, no progress bar.")]
-    = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Plain lines, no progress bar.")
+    ] = False,
     report_json: Annotated[Path | None, typer.Option("--report-json")] = None,
     report_junit: Annotated[Path | None, typer.Option("--report-junit")] = None,
     state_folder: StateOpt = None,
@@ -222,14 +240,29 @@ def rollout(
             return
         limit = ",".join(f"ws:{h}" for h in hosts) + (f",&{limit}" if limit else "")
     options = runner.RolloutOptions(
-        forks=forks, canary=canary, batch=batch, max_fail=threshold, retries=retries,
-        check=check, push=PushOptions(if_running=if_running),
+        forks=forks,
+        canary=canary,
+        batch=batch,
+        max_fail=threshold,
+        retries=retries,
+        check=check,
+        push=PushOptions(if_running=if_running),
     )
     run = execute(
-        inventory=inventory, limit=limit, options=options, identities=identities,
-        passphrase_file=passphrase_file, passphrase_fd=passphrase_fd, lab_file=lab,
-        state_folder=state_folder, timeout=timeout, quiet=quiet, yes=yes, show_diff=diff,
-        report_json=report_json, report_junit=report_junit,
+        inventory=inventory,
+        limit=limit,
+        options=options,
+        identities=identities,
+        passphrase_file=passphrase_file,
+        passphrase_fd=passphrase_fd,
+        lab_file=lab,
+        state_folder=state_folder,
+        timeout=timeout,
+        quiet=quiet,
+        yes=yes,
+        show_diff=diff,
+        report_json=report_json,
+        report_junit=report_junit,
     )
     code = report.exit_code(run)
     if code:

@@ -7,19 +7,25 @@ that the script text is **exactly** the packaged script of the request's ``op`` 
 script fails like PowerShell does: CLIXML on stderr, exit code 1), and then does what
 ``docs/agent-protocol.md`` says the script does. It never interprets PowerShell.
 
-Choices where the contract is silent (each keeps the managed file old-or-new at all times):
+Where the contract is silent the lab does what the packaged scripts do (``apply.ps1`` and
+friends), so that the controller meets the same answers in the lab as on Windows:
 
 * the ini path follows the inventory's ``mode``; an install found by registry or MSI is
-  reported and treated as ``installed``; registry and MSI candidates count only if
-  ``<dir>\\<exe>`` exists;
-* backups rotate only when the file exists (a first write makes no backup); a failed replace
-  undoes the rotation; a failed verify puts ``backup.1`` back and moves ``backup.2``/``.3``
-  up again (the oldest generation, dropped by the rotation, is lost);
-* ``busy`` and ``conflict`` carry an error object with the same code; a failure after the file
-  was written (the ``applied`` copy) keeps ``status: written`` and sets ``error``;
-* ``applied_b64: null`` removes ``applied``; rollback's ``backup`` is the ``rolled-back`` path;
-* the ``.provisioner`` folder gets the ACL of the file that created it;
-* ``protocol`` other than 1 answers ``ok: false`` with the error in ``"error"``.
+  ``installed``; every candidate counts only if ``<dir>\\<exe>`` exists; ``exe`` defaults to
+  ``microsip.exe``, ``mode`` to ``installed``, ``if_running`` to ``skip``;
+* ``not-installed`` is reported for every user (and the override) before accounts are resolved;
+  a user in error keeps ``path: null``; the override entry has an ``error`` field too;
+* backups rotate only when the file exists; a failed replace undoes the rotation; a failed
+  verify puts ``backup.1`` back and moves the others up (the generation dropped by the
+  rotation is lost) and answers ``new_sha256`` = the hash read back;
+* ``busy`` and ``conflict`` carry an error object with the same code; a failure to write
+  ``applied`` after the file was written is ``status: error`` with a message that says so;
+  ``applied_b64: null`` leaves ``applied`` alone; rollback checks ``no-backup`` before the
+  running policy, drops the old ``rolled-back`` first, and answers ``backup`` = ``rolled-back``;
+* a refused ``protocol`` or ``if_running`` is ``ok: false`` with the error in ``"error"``;
+* a terminating error of the bootstrap (bad envelope) is plain text on stderr, exit code 1;
+  a command line or script text the lab does not recognise is CLIXML on stderr, exit code 1;
+  a ``crash_after_temp`` is no output at all and exit code ``0xC0000005``.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import binascii
 import contextlib
 import hashlib
 import json
+import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -57,6 +64,8 @@ CRASH_EXIT_CODE = 0xC0000005
 """What WinRS reports for a powershell.exe that died (STATUS_ACCESS_VIOLATION)."""
 
 Json = dict[str, Any]
+_UNEXPANDED = re.compile(r"%[^%\\]+%")
+_SID = re.compile(r"^S-1-\d+(-\d+)+$")
 
 
 class AgentFailure(Exception):
@@ -178,28 +187,48 @@ def clixml_error(message: str) -> bytes:
 
 def execute(workstation: Workstation, request: Json) -> Json:
     """Run one request (already matched to its script) and return the answer."""
-    op = request["op"]
+    op = str(request["op"])
     protocol = request.get("protocol")
-    if type(protocol) is not int or protocol != PROTOCOL:
-        return {
-            "protocol": PROTOCOL,
-            "op": op,
-            "ok": False,
-            "error": _error("internal", f"protocol {json.dumps(protocol)} not supported"),
-        }
+    if not _is_one(protocol):
+        return _refusal(op, f"protocol {_ps_text(protocol)} not supported")
     if op == "inspect":
         return _inspect(workstation, request)
-    if op in ("apply", "rollback"):
-        policy = request.get("if_running")
-        if policy not in POLICIES:
-            raise ScriptFailure(f"if_running must be one of {', '.join(POLICIES)}.")
-        files = request.get("files")
-        if not isinstance(files, list):
-            raise ScriptFailure("The request needs a 'files' list.")
-        step = _apply_file if op == "apply" else _rollback_file
-        results = [step(workstation, item, policy) for item in files]
-        return {"protocol": PROTOCOL, "op": op, "ok": True, "files": results}
-    raise ScriptFailure(f"Unknown op '{op}'.")
+    policy = _ps_text(request.get("if_running")) or "skip"
+    if policy not in POLICIES:
+        return _refusal(op, f"if_running '{policy}' not supported")
+    step = _apply_file if op == "apply" else _rollback_file
+    results = [step(workstation, item, policy) for item in _items(request.get("files"))]
+    return {"protocol": PROTOCOL, "op": op, "ok": True, "files": results}
+
+
+def _refusal(op: str, message: str) -> Json:
+    return {"protocol": PROTOCOL, "op": op, "ok": False, "error": _error("internal", message)}
+
+
+def _is_one(value: object) -> bool:
+    # PowerShell's -ne compares loosely: 1, 1.0 and "1" are all protocol 1.
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int | float):
+        return value == PROTOCOL
+    return isinstance(value, str) and value.strip() == str(PROTOCOL)
+
+
+def _ps_text(value: object) -> str:
+    """``[string]$value`` in PowerShell: null is empty."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "True" if value else "False"
+    return str(value)
+
+
+def _items(value: object) -> list[Json]:
+    """``@($list)`` without nulls; a non-object item reads as an object with no fields."""
+    if value is None:
+        return []
+    values = value if isinstance(value, list) else [value]
+    return [item if isinstance(item, dict) else {} for item in values if item is not None]
 
 
 def _error(code: str, message: str) -> Json:
@@ -214,70 +243,57 @@ def _b64(data: bytes | None) -> str | None:
     return None if data is None else base64.b64encode(data).decode("ascii")
 
 
-def _text(container: Mapping[str, Any], name: str) -> str:
-    value = container.get(name)
-    if not isinstance(value, str) or not value:
-        raise ScriptFailure(f"'{name}' must be a non-empty string.")
-    return value
+def _file_facts(workstation: Workstation, path: str) -> Json:
+    data = workstation.read(path)
+    return {"exists": data is not None, "sha256": _sha(data), "content_b64": _b64(data)}
 
 
 # --- inspect ----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class _Found:
-    dir: str
-    source: str
+class _Install:
+    found: bool
+    mode: str
+    dir: str | None
+    exe_path: str | None
+    source: str | None
+    exe: str
 
 
-def _locate(workstation: Workstation, install_dir: str, exe: str) -> _Found | None:
-    candidates = [(install_dir, "inventory")]
+def _locate(workstation: Workstation, wanted: Json) -> _Install:
+    exe = _ps_text(wanted.get("exe")) or "microsip.exe"
+    mode = _ps_text(wanted.get("mode")) or "installed"
+    candidates: list[tuple[str, str]] = []
+    if _ps_text(wanted.get("install_dir")):
+        candidates.append(("inventory", _ps_text(wanted.get("install_dir"))))
     if workstation.hklm_microsip:
-        candidates.append((workstation.hklm_microsip, "registry"))
+        candidates.append(("registry", workstation.hklm_microsip))
     candidates += [
-        (product.install_location, "msi")
+        ("msi", product.install_location)
         for product in workstation.msi_products
         if product.name.casefold() == "microsip" and product.install_location
     ]
-    for folder, source in candidates:
-        folder = folder.strip().strip('"').rstrip("\\/")
+    for source, raw in candidates:
+        folder = raw.strip().strip('"')
         try:
             exe_path = join(folder, exe)
-            if workstation.exists(exe_path) and not workstation.is_dir(exe_path):
-                return _Found(folder, source)
+            if not workstation.is_file(exe_path):
+                continue
         except FileError:
             continue
-    return None
-
-
-def _file_facts(workstation: Workstation, path: str) -> Json:
-    data = workstation.read(path)
-    return {"exists": data is not None, "sha256": _sha(data), "content_b64": _b64(data)}
-
-
-def _managed_facts(workstation: Workstation, path: str) -> Json:
-    facts = {"path": path, **_file_facts(workstation, path)}
-    facts["applied"] = _file_facts(workstation, Workstation.state_path(path, "applied"))
-    return facts
+        # installer markers mean installed mode, whatever the inventory says (MicroSIP's rule)
+        return _Install(
+            True, "installed" if source != "inventory" else mode, folder, exe_path, source, exe
+        )
+    return _Install(False, mode, None, None, None, exe)
 
 
 def _inspect(workstation: Workstation, request: Json) -> Json:
     wanted = request.get("install")
-    if not isinstance(wanted, dict):
-        raise ScriptFailure("The request needs an 'install' object.")
-    mode = wanted.get("mode")
-    if mode not in ("installed", "portable"):
-        raise ScriptFailure("install.mode must be 'installed' or 'portable'.")
-    exe = _text(wanted, "exe")
-    found = _locate(workstation, _text(wanted, "install_dir"), exe)
-    if found is not None and found.source != "inventory":
-        mode = "installed"
-    users = request.get("users")
-    if not isinstance(users, list):
-        raise ScriptFailure("The request needs a 'users' list.")
-    override = None
-    if request.get("override") and found is not None:
-        override = _managed_facts(workstation, join(found.dir, "override.ini"))
+    install = _locate(workstation, wanted if isinstance(wanted, dict) else {})
+    override = _inspect_override(workstation, install) if request.get("override") else None
+    users = [_inspect_user(workstation, user, install) for user in _items(request.get("users"))]
     return {
         "protocol": PROTOCOL,
         "op": "inspect",
@@ -288,58 +304,83 @@ def _inspect(workstation: Workstation, request: Json) -> Json:
             "free_bytes": workstation.free_bytes,
         },
         "install": {
-            "found": found is not None,
-            "mode": mode,
-            "dir": found.dir if found else None,
-            "exe_path": join(found.dir, exe) if found else None,
-            "source": found.source if found else None,
+            "found": install.found,
+            "mode": install.mode,
+            "dir": install.dir,
+            "exe_path": install.exe_path,
+            "source": install.source,
         },
         "override": override,
-        "users": [_inspect_user(workstation, user, mode, exe, found) for user in users],
+        "users": users,
     }
 
 
-def _inspect_user(
-    workstation: Workstation, wanted: object, mode: str, exe: str, found: _Found | None
-) -> Json:
-    spec = wanted if isinstance(wanted, dict) else {}
-    windows = spec.get("windows")
+def _not_installed() -> FileError:
+    return FileError(
+        "not-installed", "MicroSIP was not found where the inventory says, nor by registry or MSI."
+    )
+
+
+def _inspect_override(workstation: Workstation, install: _Install) -> Json:
+    entry: Json = {"path": None}
+    try:
+        if install.dir is None:
+            raise _not_installed()
+        path = join(install.dir, "override.ini")
+        entry["path"] = path
+        facts = _file_facts(workstation, path)
+        facts["applied"] = _file_facts(workstation, Workstation.state_path(path, "applied"))
+        entry.update(facts)
+        entry["error"] = None
+    except FileError as failed:
+        entry["error"] = _error(failed.code, failed.message)
+    return entry
+
+
+def _inspect_user(workstation: Workstation, wanted: Json, install: _Install) -> Json:
     entry: Json = {
-        "name": spec.get("name"),
-        "windows": windows,
+        "name": wanted.get("name"),
+        "windows": wanted.get("windows"),
         "sid": None,
         "profile": None,
         "appdata": None,
+        "path": None,
     }
-    if not isinstance(windows, str) or not windows:
-        entry["error"] = _error("internal", "The user entry needs a 'windows' account name.")
-        return entry
-    account = workstation.lookup_account(windows)
-    if account is None:
-        entry["error"] = _error("no-account", f"The account '{windows}' cannot be resolved.")
-        return entry
-    entry["sid"] = account.sid
-    user = workstation.profile_of(account.sid)
-    if user is None or user.profile is None or user.appdata is None:
-        entry["error"] = _error(
-            "no-profile", f"'{windows}' has no profile on {workstation.computer}."
-        )
-        return entry
-    entry["profile"] = user.profile
-    entry["appdata"] = user.appdata
-    if found is None:
-        entry["error"] = _error("not-installed", "MicroSIP was not found on this workstation.")
-        return entry
-    name = ini_name(exe)
-    path = join(found.dir, name) if mode == "portable" else join(user.appdata, "MicroSIP", name)
     try:
-        facts = _managed_facts(workstation, path)
+        if install.dir is None:
+            raise _not_installed()
+        account = _ps_text(entry["windows"])
+        if not account:
+            raise FileError("no-account", "no Windows account is given for this user.")
+        user = workstation.lookup_account(account)
+        if user is None:
+            raise FileError("no-account", f"the Windows account {account} cannot be resolved.")
+        entry["sid"] = user.sid
+        if user.profile is None or not workstation.is_dir(user.profile):
+            raise FileError(
+                "no-profile", f"{account} has no profile on this workstation (never logged on)."
+            )
+        entry["profile"] = user.profile
+        appdata = user.appdata or ""
+        if _UNEXPANDED.search(appdata):
+            raise FileError(
+                "internal",
+                f"cannot expand the AppData folder '{user.shell_appdata}' for this user.",
+            )
+        entry["appdata"] = appdata
+        name = ini_name(install.exe)
+        if install.mode == "portable":
+            path = join(install.dir, name)
+        else:
+            path = join(appdata, "MicroSIP", name)
+        entry["path"] = path
+        facts = _file_facts(workstation, path)
+        facts["applied"] = _file_facts(workstation, Workstation.state_path(path, "applied"))
+        facts["running"] = bool(workstation.processes_of(user.sid, install.exe))
+        entry.update(facts)
+        entry["error"] = None
     except FileError as failed:
         entry["error"] = _error(failed.code, failed.message)
-        return entry
-    entry.update(facts)
-    entry["running"] = bool(workstation.processes_of(account.sid, exe))
-    entry["error"] = None
     return entry
 
 
@@ -350,8 +391,8 @@ def _inspect_user(
 class _FileSpec:
     kind: str
     path: str
-    sid: str | None
-    process: str | None
+    sid: str
+    process: str
     acl: Acl
 
     @property
@@ -370,41 +411,25 @@ class _FileSpec:
         return join(self.state_dir, item)
 
 
-def _parse_file(item: Mapping[str, Any]) -> _FileSpec:
-    kind, path, sid, process = (item.get(key) for key in ("kind", "path", "sid", "process"))
+def _parse_file(item: Json) -> _FileSpec:
+    kind, path, sid = (_ps_text(item.get(key)) for key in ("kind", "path", "sid"))
     if kind not in KINDS:
-        raise FileError("internal", f"kind must be one of {', '.join(KINDS)}.")
-    if not isinstance(path, str) or not path:
-        raise FileError("internal", "The file entry needs a 'path'.")
-    leaf(path)  # validates
-    if kind == "microsip" and (not isinstance(sid, str) or not sid.startswith("S-1-")):
-        raise FileError("internal", "A microsip file needs the user's 'sid'.")
-    if process is not None and not isinstance(process, str):
-        raise FileError("internal", "'process' must be a string or null.")
-    acl = user_file_acl(sid) if kind == "microsip" and isinstance(sid, str) else OVERRIDE_ACL
-    return _FileSpec(str(kind), path, sid if isinstance(sid, str) else None, process, acl)
-
-
-def _decode_b64(item: Mapping[str, Any], name: str) -> bytes:
-    value = item.get(name)
-    if not isinstance(value, str):
-        raise FileError("internal", f"'{name}' must be base64 text.")
+        raise FileError("internal", f"unknown file kind '{kind}'.")
     try:
-        return base64.b64decode(value, validate=True)
-    except binascii.Error:
-        raise FileError("internal", f"'{name}' is not valid base64.") from None
+        leaf(path)
+    except FileError:
+        raise FileError("internal", f"the path '{path}' is not absolute.") from None
+    if kind == "microsip":
+        # without the SID the ACL would lock the user out of their own file
+        if not sid:
+            raise FileError("internal", "a microsip file needs the user's SID.")
+        if not _SID.match(sid):
+            raise FileError("internal", f"'{sid}' is not a valid SID.")
+    acl = user_file_acl(sid) if kind == "microsip" else OVERRIDE_ACL
+    return _FileSpec(kind, path, sid, _ps_text(item.get("process")), acl)
 
 
-def _hash_field(item: Mapping[str, Any], name: str, *, nullable: bool) -> str | None:
-    value = item.get(name)
-    if value is None and nullable:
-        return None
-    if not isinstance(value, str) or len(value) != 64:
-        raise FileError("internal", f"'{name}' must be a hex SHA-256.")
-    return value.lower()
-
-
-def _new_result(item: Mapping[str, Any]) -> Json:
+def _new_result(item: Json) -> Json:
     return {
         "path": item.get("path"),
         "status": "error",
@@ -416,199 +441,194 @@ def _new_result(item: Mapping[str, Any]) -> Json:
     }
 
 
-def _current_hash(workstation: Workstation, path: str) -> str | None:
-    try:
-        return workstation.sha256(path)
-    except FileError:
-        return None
-
-
-def _running_check(workstation: Workstation, spec: _FileSpec, policy: str, result: Json) -> bool:
-    """Apply the ``if_running`` policy; True when the file must be skipped (busy)."""
-    if spec.kind != "microsip" or not spec.process or spec.sid is None:
-        return False
+def _may_write(workstation: Workstation, spec: _FileSpec, policy: str, result: Json) -> bool:
+    """The ``if_running`` policy; False (and ``busy``) when the file must be left alone."""
+    if spec.kind != "microsip" or not spec.process:
+        return True
     running = workstation.processes_of(spec.sid, spec.process)
-    if not running:
-        return False
-    if policy == "skip":
-        pids = ", ".join(str(p.pid) for p in running)
-        result["status"] = "busy"
-        result["error"] = _error("busy", f"{spec.process} runs for {spec.sid} (pid {pids}).")
-        result["old_sha256"] = result["new_sha256"] = _current_hash(workstation, spec.path)
+    if not running or policy == "force":
         return True
     if policy == "stop":
         result["stopped"] = workstation.stop(running)
+        return True
+    result["status"] = "busy"
+    result["error"] = _error(
+        "busy", f"{spec.process} is running for this user ({len(running)} process(es))."
+    )
     return False
 
 
 def _discard(workstation: Workstation, temp: str | None) -> None:
-    if temp is None:
-        return
-    with contextlib.suppress(FileError):
-        workstation.delete(temp)
+    if temp is not None:
+        with contextlib.suppress(FileError):
+            workstation.delete(temp)
 
 
 def _temp_name(folder: str, name: str) -> str:
-    return join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
+    return join(folder, f".{name}.{secrets.token_hex(6)}.tmp")
 
 
-def _rotate(workstation: Workstation, spec: _FileSpec) -> list[tuple[str, str]]:
-    moved: list[tuple[str, str]] = []
-    for newer, older in (("backup.2", "backup.3"), ("backup.1", "backup.2")):
-        source, target = spec.state(newer), spec.state(older)
+def _move_over(workstation: Workstation, source: str, target: str) -> None:
+    """.NET Framework's File.Move cannot overwrite; File.Replace can."""
+    if workstation.exists(target):
+        workstation.replace(source, target, None)
+    else:
+        workstation.move(source, target)
+
+
+def _backups_down(workstation: Workstation, spec: _FileSpec) -> None:
+    for number in (2, 1):
+        source = spec.state(f"backup.{number}")
         if workstation.exists(source):
-            workstation.move(source, target, overwrite=True)
-            moved.append((source, target))
-    return moved
+            _move_over(workstation, source, spec.state(f"backup.{number + 1}"))
 
 
-def _unrotate(workstation: Workstation, moved: list[tuple[str, str]]) -> None:
-    for source, target in reversed(moved):
-        try:
-            workstation.move(target, source)
-        except FileError:
-            return
+def _backups_up(workstation: Workstation, spec: _FileSpec) -> None:
+    for number in (2, 3):
+        source = spec.state(f"backup.{number}")
+        if workstation.exists(source):
+            _move_over(workstation, source, spec.state(f"backup.{number - 1}"))
 
 
-def _move_up(workstation: Workstation, spec: _FileSpec) -> None:
-    """``backup.2`` to ``backup.1`` and ``backup.3`` to ``backup.2`` (after backup.1 left)."""
-    for older, newer in (("backup.2", "backup.1"), ("backup.3", "backup.2")):
-        if workstation.exists(spec.state(older)) and not workstation.exists(spec.state(newer)):
-            workstation.move(spec.state(older), spec.state(newer))
+def _set_state_acl(workstation: Workstation, spec: _FileSpec) -> None:
+    workstation.set_acl(spec.state_dir, spec.acl)
+    for name in workstation.listdir(spec.state_dir):
+        if workstation.is_file(join(spec.state_dir, name)):
+            workstation.set_acl(join(spec.state_dir, name), spec.acl)
 
 
-def _write_state_file(
-    workstation: Workstation, spec: _FileSpec, item: str, data: bytes | None
-) -> None:
-    target = spec.state(item)
-    if data is None:
-        workstation.delete(target)
-        return
+def _write_state_file(workstation: Workstation, spec: _FileSpec, item: str, data: bytes) -> None:
     temp = _temp_name(spec.state_dir, item)
     try:
         workstation.write_new(temp, data, spec.acl)
-        if workstation.exists(target):
-            workstation.replace(temp, target, None)
-        else:
-            workstation.move(temp, target)
-    except FileError:
+        _move_over(workstation, temp, spec.state(item))
+    finally:
         _discard(workstation, temp)
-        raise
 
 
-def _apply_file(workstation: Workstation, item: object, policy: str) -> Json:
-    if not isinstance(item, dict):
-        return {**_new_result({}), "error": _error("internal", "A file entry is not an object.")}
+def _decode(item: Json, name: str) -> bytes:
+    try:
+        return base64.b64decode(_ps_text(item.get(name)), validate=True)
+    except binascii.Error:
+        raise FileError("internal", f"'{name}' is not valid base64.") from None
+
+
+def _apply_file(workstation: Workstation, item: Json, policy: str) -> Json:
     result = _new_result(item)
     temp: str | None = None
-    written = False
     try:
         spec = _parse_file(item)
-        content = _decode_b64(item, "content_b64")
-        applied = None if item.get("applied_b64") is None else _decode_b64(item, "applied_b64")
-        expect = _hash_field(item, "expect_sha256", nullable=True)
-        intended = _hash_field(item, "sha256", nullable=False)
-        if _running_check(workstation, spec, policy, result):
-            return result
-        current = workstation.read(spec.path)
-        result["old_sha256"] = result["new_sha256"] = _sha(current)
-        if _sha(current) != expect:
-            result["status"] = "conflict"
-            result["error"] = _error(
-                "conflict", f"'{spec.path}' changed since inspect (sha256 {_sha(current)})."
+        intended = _ps_text(item.get("sha256")).lower()
+        # refused rather than guessed: a missing content would truncate the user's file
+        if item.get("content_b64") is None or not intended:
+            raise FileError(
+                "internal", "the request gives no content_b64 or no sha256 for this file."
             )
+        content = _decode(item, "content_b64")
+        if not _may_write(workstation, spec, policy, result):
             return result
-        workstation.make_dir(spec.folder, spec.acl)
-        workstation.make_dir(spec.state_dir, spec.acl)
+        current = _sha(workstation.read(spec.path))
+        result["old_sha256"] = current
+        expected = item.get("expect_sha256")
+        if current != (expected.lower() if isinstance(expected, str) else expected):
+            result["status"] = "conflict"
+            result["error"] = _error("conflict", "the file changed since inspect.")
+            return result
+        if not workstation.is_dir(spec.folder):
+            # override.ini lives in the install folder: creating that would fake an install
+            if spec.kind != "microsip":
+                raise FileError(
+                    "not-installed", f"the MicroSIP folder {spec.folder} does not exist."
+                )
+            workstation.make_dir(spec.folder, spec.acl)
         temp = _temp_name(spec.folder, spec.name)
         workstation.write_new(temp, content, spec.acl, managed=True)
+        workstation.make_dir(spec.state_dir, spec.acl)
         backup = spec.state("backup.1")
-        if current is not None:
-            moved = _rotate(workstation, spec)
+        had_file = workstation.exists(spec.path)
+        if had_file:
+            _backups_down(workstation, spec)
             try:
                 workstation.replace(temp, spec.path, backup)
             except FileError:
-                _unrotate(workstation, moved)
+                # undo the rotation, so that backup.1 stays the newest generation
+                if not workstation.exists(backup):
+                    with contextlib.suppress(FileError):
+                        _backups_up(workstation, spec)
                 raise
-            workstation.set_acl(backup, spec.acl)
+            result["backup"] = backup
         else:
             workstation.move(temp, spec.path)
         temp = None
-        now = workstation.sha256(spec.path)
-        if now != intended:
-            _undo_write(workstation, spec, had_file=current is not None)
-            result["new_sha256"] = _current_hash(workstation, spec.path)
-            result["error"] = _error(
+        workstation.set_acl(spec.path, spec.acl)
+        _set_state_acl(workstation, spec)
+        written = workstation.sha256(spec.path)
+        result["new_sha256"] = written
+        if written != intended:
+            if had_file:
+                _move_over(workstation, backup, spec.path)
+                _backups_up(workstation, spec)
+                result["backup"] = None
+            else:
+                workstation.delete(spec.path)
+            raise FileError(
                 "verify-failed",
-                f"'{spec.path}' hashed {now} after the write, not {intended}; the old file "
-                "is restored.",
+                "the file read back differs from the intended content; the previous file was "
+                "put back.",
             )
-            return result
-        written = True
-        result.update(status="written", new_sha256=now)
-        if current is not None:
-            result["backup"] = backup
-        _write_state_file(workstation, spec, "applied", applied)
+        if item.get("applied_b64") is not None:
+            try:
+                _write_state_file(workstation, spec, "applied", _decode(item, "applied_b64"))
+                _set_state_acl(workstation, spec)
+            except FileError as failed:
+                # the file itself is written: say so, or nothing would seem to have changed
+                raise FileError(
+                    failed.code,
+                    f"the file was written, but not its applied copy: {failed.message}",
+                ) from None
+        result["status"] = "written"
+    except Crashed:
+        temp = None  # the agent died: nothing removes its temp file
+        raise
     except FileError as failed:
-        _discard(workstation, temp)
-        if not written:
-            result["status"] = "error"
-            result["new_sha256"] = _current_hash(workstation, str(item.get("path")))
+        result["status"] = "error"
         result["error"] = _error(failed.code, failed.message)
     except OSError as failed:
-        _discard(workstation, temp)
-        result["status"] = "written" if written else "error"
+        result["status"] = "error"
         result["error"] = _error("internal", f"{failed.strerror or failed}.")
+    finally:
+        _discard(workstation, temp)
     return result
 
 
-def _undo_write(workstation: Workstation, spec: _FileSpec, *, had_file: bool) -> None:
-    try:
-        if had_file:
-            workstation.replace(spec.state("backup.1"), spec.path, None)
-            _move_up(workstation, spec)
-        else:
-            workstation.delete(spec.path)
-    except FileError as failed:
-        raise FileError(
-            "verify-failed",
-            f"The write of '{spec.path}' failed verification and the old "
-            f"file could not be restored: {failed.message}",
-        ) from None
-
-
-def _rollback_file(workstation: Workstation, item: object, policy: str) -> Json:
-    if not isinstance(item, dict):
-        return {**_new_result({}), "error": _error("internal", "A file entry is not an object.")}
+def _rollback_file(workstation: Workstation, item: Json, policy: str) -> Json:
     result = _new_result(item)
-    restored = False
     try:
         spec = _parse_file(item)
-        if _running_check(workstation, spec, policy, result):
-            return result
-        current = workstation.read(spec.path)
-        result["old_sha256"] = result["new_sha256"] = _sha(current)
         backup, rolled = spec.state("backup.1"), spec.state("rolled-back")
         if not workstation.exists(backup):
-            result["error"] = _error("no-backup", f"There is no backup of '{spec.path}'.")
+            raise FileError("no-backup", f"there is no backup of {spec.path} to restore.")
+        if not _may_write(workstation, spec, policy, result):
             return result
-        if current is not None:
+        # the previous rolled-back copy is superseded either way
+        workstation.delete(rolled)
+        if workstation.exists(spec.path):
+            result["old_sha256"] = workstation.sha256(spec.path)
             workstation.replace(backup, spec.path, rolled)
-            workstation.set_acl(rolled, spec.acl)
             result["backup"] = rolled
         else:
             workstation.move(backup, spec.path)
-            workstation.delete(rolled)
-        restored = True
-        result.update(status="restored", new_sha256=workstation.sha256(spec.path))
         workstation.set_acl(spec.path, spec.acl)
-        _move_up(workstation, spec)
+        _backups_up(workstation, spec)
+        # without a merge base the next push treats the restored file as new
         workstation.delete(spec.state("applied"))
+        _set_state_acl(workstation, spec)
+        result["new_sha256"] = workstation.sha256(spec.path)
+        result["status"] = "restored"
     except FileError as failed:
-        if not restored:
-            result["status"] = "error"
+        result["status"] = "error"
         result["error"] = _error(failed.code, failed.message)
     except OSError as failed:
-        result["status"] = "restored" if restored else "error"
+        result["status"] = "error"
         result["error"] = _error("internal", f"{failed.strerror or failed}.")
     return result

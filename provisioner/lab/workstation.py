@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Literal
 
 Mode = Literal["installed", "portable"]
-Rights = Literal["FullControl", "Read"]
+Rights = Literal["FullControl", "ReadAndExecute"]
 
 SYSTEM = "S-1-5-18"
 ADMINISTRATORS = "S-1-5-32-544"
@@ -44,6 +44,16 @@ DOMAIN_SID = "S-1-5-21-1000-2000-3000"
 """The domain's SID prefix; domain accounts get ``<prefix>-<rid>``."""
 MACHINE_SID = "S-1-5-21-4000-5000-6000"
 """This machine's SID prefix; local accounts get ``<prefix>-<rid>``."""
+
+SYSTEM_VARIABLES = {
+    "SystemDrive": "C:",
+    "SystemRoot": "C:\\Windows",
+    "windir": "C:\\Windows",
+    "ProgramData": "C:\\ProgramData",
+    "ALLUSERSPROFILE": "C:\\ProgramData",
+    "PUBLIC": "C:\\Users\\Public",
+}
+"""Machine-wide environment variables a shell folder value may use."""
 
 _DRIVE = re.compile(r"^([A-Za-z]):(?:[\\/](.*))?$")
 _BAD_NAME = re.compile(r'[<>:"|?*\x00-\x1f]')
@@ -81,9 +91,9 @@ def user_file_acl(sid: str) -> Acl:
 
 
 OVERRIDE_ACL = Acl(
-    (Ace(SYSTEM, "FullControl"), Ace(ADMINISTRATORS, "FullControl"), Ace(USERS, "Read"))
+    (Ace(SYSTEM, "FullControl"), Ace(ADMINISTRATORS, "FullControl"), Ace(USERS, "ReadAndExecute"))
 )
-"""``override.ini``: full control for SYSTEM and Administrators, read for Users."""
+"""``override.ini``: full control for SYSTEM and Administrators, read (and execute) for Users."""
 
 
 # --- errors -----------------------------------------------------------------------------------
@@ -128,12 +138,29 @@ class User:
 
     @property
     def appdata(self) -> str | None:
-        """The roaming AppData folder the agent resolves (None without a profile)."""
+        """The roaming AppData folder the agent resolves (None without a profile).
+
+        With the hive loaded, the raw shell folder value is expanded with the *user's*
+        variables; one that stays unexpanded (``%FOO%``) is left in place.
+        """
         if self.profile is None:
             return None
-        if self.hive_loaded and self.shell_appdata:
-            return _expand(self.shell_appdata, self.profile)
-        return f"{self.profile}\\AppData\\Roaming"
+        if not (self.hive_loaded and self.shell_appdata):
+            return f"{self.profile}\\AppData\\Roaming"
+        variables = {
+            "USERPROFILE": self.profile,
+            "USERDOMAIN": self.domain,
+            "USERNAME": self.sam,
+            **SYSTEM_VARIABLES,
+        }
+        return re.sub(
+            r"%([^%\\]+)%",
+            lambda m: next(
+                (v for k, v in variables.items() if k.casefold() == m.group(1).casefold()),
+                m.group(0),
+            ),
+            self.shell_appdata,
+        )
 
 
 @dataclass(frozen=True)
@@ -244,10 +271,6 @@ def ini_name(exe: str) -> str:
     return f"{base if dot else exe}.ini"
 
 
-def _expand(value: str, profile: str) -> str:
-    return re.sub("%USERPROFILE%", lambda _: profile, value, flags=re.IGNORECASE)
-
-
 def _same_image(process: str, wanted: str) -> bool:
     def stem(name: str) -> str:
         name = name.casefold()
@@ -328,9 +351,11 @@ class Workstation:
         home = (profile or f"C:\\Users\\{sam}") if logged_on else None
         user = User(domain, sam, sid, home, shell_appdata, hive_loaded)
         self.users.append(user)
-        if user.profile is not None and user.appdata is not None:
+        if user.profile is not None:
             self.host_path(user.profile).mkdir(parents=True, exist_ok=True)
-            self.host_path(user.appdata).mkdir(parents=True, exist_ok=True)
+            # an unexpandable shell folder (the agent reports it) has no folder to create
+            with contextlib.suppress(FileError):
+                self.host_path(user.appdata or "").mkdir(parents=True, exist_ok=True)
         return user
 
     def install_microsip(
@@ -462,6 +487,10 @@ class Workstation:
     def is_dir(self, path: str) -> bool:
         """True if ``path`` is a folder."""
         return self.host_path(path).is_dir()
+
+    def is_file(self, path: str) -> bool:
+        """True if ``path`` is a file."""
+        return self.host_path(path).is_file()
 
     def read(self, path: str) -> bytes | None:
         """The file's bytes, None if absent; a folder is an ``internal`` error."""

@@ -2,6 +2,47 @@
 # or its new content, with three backups and the merge base kept beside it.
 $Request = $args[0]
 
+function Remove-FileQuietly([string]$Path) {
+    # Cleanup only: it must not hide the error that made it necessary.
+    try { if ([IO.File]::Exists($Path)) { [IO.File]::Delete($Path) } } catch { }
+}
+
+function Move-BackupsDown([string]$StateFolder) {
+    # backup.2 -> backup.3 (the oldest generation goes), backup.1 -> backup.2.
+    foreach ($n in 2, 1) {
+        $from = [IO.Path]::Combine($StateFolder, "backup.$n")
+        if ([IO.File]::Exists($from)) { Move-FileOver $from ([IO.Path]::Combine($StateFolder, "backup.$($n + 1)")) }
+    }
+}
+
+function Write-NewFile([string]$Path, [byte[]]$Bytes, $Acl) {
+    # Created with its final ACL, so the content is never readable under the folder's defaults.
+    $stream = [IO.File]::Create($Path, 4096, [IO.FileOptions]::None, $Acl)
+    try {
+        $stream.Write($Bytes, 0, $Bytes.Length)
+        $stream.Flush($true)
+    } finally {
+        $stream.Dispose()
+    }
+}
+
+function New-TempPath([string]$Folder, [string]$Name) {
+    # Same folder as the target: File.Replace and File.Move stay atomic only within a volume.
+    $random = [Guid]::NewGuid().ToString('N').Substring(0, 12)
+    return [IO.Path]::Combine($Folder, ('.{0}.{1}.tmp' -f $Name, $random))
+}
+
+function Write-StateFile([string]$StateFolder, [string]$Name, [byte[]]$Bytes, $Acl) {
+    $target = [IO.Path]::Combine($StateFolder, $Name)
+    $temp = New-TempPath $StateFolder $Name
+    try {
+        Write-NewFile $temp $Bytes $Acl
+        Move-FileOver $temp $target
+    } finally {
+        Remove-FileQuietly $temp
+    }
+}
+
 function Invoke-ApplyFile($File, [string]$IfRunning) {
     $item = [ordered]@{
         path = (Get-Field $File 'path'); status = 'error'; old_sha256 = $null; new_sha256 = $null
@@ -52,7 +93,7 @@ function Invoke-ApplyFile($File, [string]$IfRunning) {
         if ($hadFile) {
             Move-BackupsDown $stateFolder
             try {
-                Set-FileFromTemp $temp $path $backup1
+                Move-ReplacementOver $temp $path $backup1
             } catch {
                 $failure = $_
                 # Undo the rotation, so backup.1 stays the newest generation.
@@ -75,10 +116,12 @@ function Invoke-ApplyFile($File, [string]$IfRunning) {
                 Move-FileOver $backup1 $path
                 Move-BackupsUp $stateFolder
                 $item['backup'] = $null
+                $undone = 'the previous file was put back'
             } else {
                 [IO.File]::Delete($path)
+                $undone = 'the new file was removed'
             }
-            throw (New-AgentException 'verify-failed' 'the file read back differs from the intended content; the previous file was put back.')
+            throw (New-AgentException 'verify-failed' ('the file read back differs from the intended content; {0}.' -f $undone))
         }
 
         # The merge base of the next push, with passwords already replaced by the controller.

@@ -58,14 +58,6 @@ function Get-Sha256([byte[]]$Bytes) {
     return ([BitConverter]::ToString($digest) -replace '-', '').ToLowerInvariant()
 }
 
-function Read-FileState([string]$Path) {
-    if (-not [IO.File]::Exists($Path)) {
-        return [ordered]@{ exists = $false; sha256 = $null; content_b64 = $null }
-    }
-    $bytes = [IO.File]::ReadAllBytes($Path)
-    return [ordered]@{ exists = $true; sha256 = (Get-Sha256 $bytes); content_b64 = [Convert]::ToBase64String($bytes) }
-}
-
 function Get-StateFolder([string]$Path) {
     return [IO.Path]::Combine([IO.Path]::GetDirectoryName($Path), '.provisioner', [IO.Path]::GetFileName($Path))
 }
@@ -122,22 +114,17 @@ function Set-StateAcl([string]$StateFolder, [string]$Kind, [string]$Sid) {
     }
 }
 
-function Remove-FileQuietly([string]$Path) {
-    # Cleanup only: it must not hide the error that made it necessary.
-    try { if ([IO.File]::Exists($Path)) { [IO.File]::Delete($Path) } } catch { }
-}
-
 function Move-FileOver([string]$Source, [string]$Target) {
     # .NET Framework's File.Move cannot overwrite; File.Replace can, in one step.
     if ([IO.File]::Exists($Target)) { [IO.File]::Replace($Source, $Target, $null) }
     else { [IO.File]::Move($Source, $Target) }
 }
 
-function Set-FileFromTemp([string]$Temp, [string]$Path, $Backup) {
+function Move-ReplacementOver([string]$Replacement, [string]$Path, $Backup) {
     # $Backup is untyped on purpose: a [string] parameter turns $null into '', which
     # File.Replace rejects. The backup must sit on the same volume and its folder must exist.
     try {
-        [IO.File]::Replace($Temp, $Path, $Backup)
+        [IO.File]::Replace($Replacement, $Path, $Backup)
     } catch {
         $failure = $_
         # ERROR_UNABLE_TO_MOVE_REPLACEMENT_2 leaves the old file under the backup name only:
@@ -149,47 +136,11 @@ function Set-FileFromTemp([string]$Temp, [string]$Path, $Backup) {
     }
 }
 
-function Move-BackupsDown([string]$StateFolder) {
-    # backup.2 -> backup.3 (the oldest generation goes), backup.1 -> backup.2.
-    foreach ($n in 2, 1) {
-        $from = [IO.Path]::Combine($StateFolder, "backup.$n")
-        if ([IO.File]::Exists($from)) { Move-FileOver $from ([IO.Path]::Combine($StateFolder, "backup.$($n + 1)")) }
-    }
-}
-
 function Move-BackupsUp([string]$StateFolder) {
     # backup.2 -> backup.1, backup.3 -> backup.2, once backup.1 has been used.
     foreach ($n in 2, 3) {
         $from = [IO.Path]::Combine($StateFolder, "backup.$n")
         if ([IO.File]::Exists($from)) { Move-FileOver $from ([IO.Path]::Combine($StateFolder, "backup.$($n - 1)")) }
-    }
-}
-
-function Write-NewFile([string]$Path, [byte[]]$Bytes, $Acl) {
-    # Created with its final ACL, so the content is never readable under the folder's defaults.
-    $stream = [IO.File]::Create($Path, 4096, [IO.FileOptions]::None, $Acl)
-    try {
-        $stream.Write($Bytes, 0, $Bytes.Length)
-        $stream.Flush($true)
-    } finally {
-        $stream.Dispose()
-    }
-}
-
-function New-TempPath([string]$Folder, [string]$Name) {
-    # Same folder as the target: File.Replace and File.Move stay atomic only within a volume.
-    $random = [Guid]::NewGuid().ToString('N').Substring(0, 12)
-    return [IO.Path]::Combine($Folder, ('.{0}.{1}.tmp' -f $Name, $random))
-}
-
-function Write-StateFile([string]$StateFolder, [string]$Name, [byte[]]$Bytes, $Acl) {
-    $target = [IO.Path]::Combine($StateFolder, $Name)
-    $temp = New-TempPath $StateFolder $Name
-    try {
-        Write-NewFile $temp $Bytes $Acl
-        Move-FileOver $temp $target
-    } finally {
-        Remove-FileQuietly $temp
     }
 }
 
@@ -209,14 +160,14 @@ function Test-FileRequest($File) {
         if ([string]::IsNullOrEmpty($sid)) { throw (New-AgentException 'internal' 'a microsip file needs the user''s SID.') }
         $null = [System.Security.Principal.SecurityIdentifier]::new($sid)
     }
-    return [ordered]@{ kind = $kind; path = $path; sid = $sid; process = [string](Get-Field $File 'process') }
+    return [ordered]@{ kind = $kind; path = $path; sid = $sid; exe = [string](Get-Field $File 'process') }
 }
 
 function Invoke-RunningPolicy($Checked, [string]$IfRunning, $Item) {
     # Returns $true when the file may be written. MicroSIP rewrites [Settings] from memory when
     # it exits, so a running instance would undo part of the push.
-    if ($Checked.kind -ne 'microsip' -or [string]::IsNullOrEmpty($Checked.process)) { return $true }
-    $ids = @(Get-OwnedProcessId $Checked.process $Checked.sid)
+    if ($Checked.kind -ne 'microsip' -or [string]::IsNullOrEmpty($Checked.exe)) { return $true }
+    $ids = @(Get-OwnedProcessId $Checked.exe $Checked.sid)
     if ($ids.Count -eq 0 -or $IfRunning -eq 'force') { return $true }
     if ($IfRunning -eq 'stop') {
         foreach ($id in $ids) {
@@ -228,12 +179,12 @@ function Invoke-RunningPolicy($Checked, [string]$IfRunning, $Item) {
         $Item['stopped'] = $ids.Count
         $deadline = [DateTime]::UtcNow.AddSeconds(5)
         do {
-            if (@(Get-OwnedProcessId $Checked.process $Checked.sid).Count -eq 0) { return $true }
+            if (@(Get-OwnedProcessId $Checked.exe $Checked.sid).Count -eq 0) { return $true }
             Start-Sleep -Milliseconds 200
         } while ([DateTime]::UtcNow -lt $deadline)
-        $text = '{0} still runs for this user 5 s after being stopped.' -f $Checked.process
+        $text = '{0} still runs for this user 5 s after being stopped.' -f $Checked.exe
     } else {
-        $text = '{0} is running for this user ({1} process(es)).' -f $Checked.process, $ids.Count
+        $text = '{0} is running for this user ({1} process(es)).' -f $Checked.exe, $ids.Count
     }
     $Item['status'] = 'busy'
     $Item['error'] = New-AgentError 'busy' $text

@@ -1,6 +1,14 @@
 # inspect: where MicroSIP and each user's ini are, and what they hold. Reads only.
 $Request = $args[0]
 
+function Read-FileState([string]$Path) {
+    if (-not [IO.File]::Exists($Path)) {
+        return [ordered]@{ exists = $false; sha256 = $null; content_b64 = $null }
+    }
+    $bytes = [IO.File]::ReadAllBytes($Path)
+    return [ordered]@{ exists = $true; sha256 = (Get-Sha256 $bytes); content_b64 = [Convert]::ToBase64String($bytes) }
+}
+
 function Get-RegistryValue([string]$Key, [string]$Name) {
     if (-not (Test-Path -LiteralPath $Key)) { return $null }
     return (Get-Item -LiteralPath $Key).GetValue($Name)

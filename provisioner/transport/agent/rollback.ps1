@@ -23,7 +23,7 @@ function Invoke-RollbackFile($File, [string]$IfRunning) {
         if ([IO.File]::Exists($path)) {
             $item['old_sha256'] = Get-Sha256 ([IO.File]::ReadAllBytes($path))
             # One atomic step: backup.1 becomes the file, the current content becomes rolled-back.
-            Set-FileFromTemp $backup1 $path $rolledBack
+            Move-ReplacementOver $backup1 $path $rolledBack
             $item['backup'] = $rolledBack
         } else {
             [IO.File]::Move($backup1, $path)

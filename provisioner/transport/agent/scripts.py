@@ -156,11 +156,11 @@ _NAMED = {"lt": "<", "gt": ">", "amp": "&", "quot": '"', "apos": "'"}
 def _unescape_xml(text: str) -> str:
     def entity(match: re.Match[str]) -> str:
         name = match.group(1)
-        if name.startswith("#x"):
-            return chr(int(name[2:], 16))
-        if name.startswith("#"):
-            return chr(int(name[1:]))
-        return _NAMED[name]
+        if not name.startswith("#"):
+            return _NAMED[name]
+        code = int(name[2:], 16) if name.startswith("#x") else int(name[1:])
+        # Out of Unicode's range: not from PowerShell; keep it as written.
+        return chr(code) if code <= 0x10FFFF else match.group(0)
 
     return _ENTITY.sub(entity, text)
 
@@ -185,7 +185,10 @@ def decode_clixml(stderr: bytes) -> str:
     parts = [plain.strip()] if plain.strip() else []
     remainder = clixml
     for block in _OBJS.finditer(clixml):
-        strings = [_unescape_clixml_string(m.group(1) or "") for m in _ERROR_STRING.finditer(block.group(1))]
+        strings = [
+            _unescape_clixml_string(m.group(1) or "")
+            for m in _ERROR_STRING.finditer(block.group(1))
+        ]
         joined = "".join(strings).strip()
         if joined:
             parts.append(joined)

@@ -1,0 +1,157 @@
+"""``provisioner lab``: emulated workstations for the inventory, on loopback addresses."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from provisioner import build as phase1
+from provisioner.atomicfile import write_atomic
+from provisioner.cli.common import IdentityOpt, PassFdOpt, PassFileOpt, echo, open_keyring
+from provisioner.connections import LabMap
+from provisioner.errors import ProvisionerError
+from provisioner.inventory import InventoryErrors, load_inventory
+from provisioner.lab.inventory_lab import start_inventory_lab
+from provisioner.vault import load_recipients_file
+
+app = typer.Typer(
+    help="Emulated Windows workstations for tests, demos and template CI.", no_args_is_help=True
+)
+
+InventoryOpt = Annotated[
+    Path, typer.Option("--inventory", "-i", envvar="PROVISIONER_INVENTORY", file_okay=False)
+]
+LabFileOpt = Annotated[
+    Path, typer.Option("--file", help="The lab file that push, rollout and doctor take with --lab.")
+]
+
+
+def default_lab_file(inventory: Path) -> Path:
+    """``.lab.json`` beside the inventory's folder (the loader skips dot files)."""
+    return inventory / ".lab.json"
+
+
+@app.command()
+def up(
+    inventory: InventoryOpt = Path("."),
+    file: Annotated[
+        Path | None, typer.Option("--file", help="Where to write the lab file.")
+    ] = None,
+    detach: Annotated[
+        bool,
+        typer.Option(
+            "--detach", help="Run in the background; stop it with 'provisioner lab down'."
+        ),
+    ] = False,
+    identities: IdentityOpt = None,
+    passphrase_file: PassFileOpt = None,
+    passphrase_fd: PassFdOpt = None,
+) -> None:
+    """Start one emulated workstation per inventory workstation and write the lab file."""
+    target = file or default_lab_file(inventory)
+    if detach:
+        _detach(inventory, target, identities, passphrase_file)
+        return
+    try:
+        model = load_inventory(inventory)
+    except InventoryErrors as exc:
+        raise ProvisionerError(f"the inventory has problems:\n{exc}") from None
+    recipients = load_recipients_file(inventory / phase1.RECIPIENTS_FILE)
+    kids = [k.kid for k in recipients.keys if k.status != "retired"]
+    keyring = open_keyring(recipients, identities, kids, passphrase_file, passphrase_fd)
+    folder = Path(tempfile.mkdtemp(prefix="microsip-lab-"))
+    running = start_inventory_lab(model, keyring, folder=folder, port=None)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        write_atomic(target, running.lab_map(pid=os.getpid()).dump().encode(), mode=0o600)
+        echo(f"lab up: {len(running.hosts)} workstation(s), lab file {target}")
+        for name, host in sorted(running.hosts.items()):
+            echo(f"  {name:<16} {host.scheme}://{host.address}:{host.port}/wsman")
+        echo(
+            f"use --lab {target} with push, diff, rollback, doctor and rollout; "
+            "'provisioner lab down' stops it"
+        )
+        sys.stdout.flush()
+        while not stop.wait(0.5):
+            pass
+    finally:
+        running.stop()
+        with contextlib.suppress(FileNotFoundError):
+            target.unlink()
+
+
+def _detach(
+    inventory: Path, target: Path, identities: list[Path] | None, passphrase_file: Path | None
+) -> None:
+    if target.exists():
+        raise ProvisionerError(f"{target} exists: a lab may be running ('provisioner lab down')")
+    command = [
+        sys.executable,
+        "-m",
+        "provisioner",
+        "lab",
+        "up",
+        "-i",
+        str(inventory),
+        "--file",
+        str(target),
+    ]
+    for identity in identities or []:
+        command += ["--identity", str(identity)]
+    if passphrase_file is not None:
+        command += ["--passphrase-file", str(passphrase_file)]
+    log = target.with_suffix(".log")
+    with log.open("wb") as handle:
+        process = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if target.exists():
+            echo(log.read_text(encoding="utf-8", errors="replace").rstrip())
+            return
+        if process.poll() is not None:
+            raise ProvisionerError(
+                "the lab did not start:\n" + log.read_text(encoding="utf-8", errors="replace")
+            )
+        time.sleep(0.1)
+    process.terminate()
+    raise ProvisionerError("the lab did not start within 60 s")
+
+
+@app.command()
+def down(
+    inventory: InventoryOpt = Path("."),
+    file: Annotated[Path | None, typer.Option("--file", help="The lab file.")] = None,
+) -> None:
+    """Stop a lab started with 'lab up --detach'."""
+    target = file or default_lab_file(inventory)
+    lab = LabMap.load(target)
+    if not lab.pid:
+        raise ProvisionerError(f"{target} names no process")
+    try:
+        os.kill(lab.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        target.unlink(missing_ok=True)
+        echo("the lab was not running; removed its file")
+        return
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and target.exists():
+        time.sleep(0.1)
+    echo("lab down" if not target.exists() else f"lab {lab.pid} did not stop in time")

@@ -1,0 +1,16 @@
+# Runs the agent script sent on stdin; the why is in scripts.py.
+$ErrorActionPreference = 'Stop'
+$ProgressPreference = 'SilentlyContinue'
+$WarningPreference = 'SilentlyContinue'
+try {
+  $utf8 = [Text.Encoding]::UTF8
+  $envelope = $utf8.GetString([Convert]::FromBase64String([Console]::In.ReadToEnd())) | ConvertFrom-Json
+  $out = @(& ([ScriptBlock]::Create($envelope.script)) $envelope.request)
+  if ($out.Count -eq 0) { throw 'the agent script wrote no answer' }
+  $json = ConvertTo-Json -InputObject $out[-1] -Compress -Depth 10
+  [Console]::Out.Write([Convert]::ToBase64String($utf8.GetBytes($json)))
+} catch {
+  [Console]::Error.WriteLine(('{0} (line {1})' -f $_.Exception.Message, $_.InvocationInfo.ScriptLineNumber))
+  exit 1
+}
+exit 0

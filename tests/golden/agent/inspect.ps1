@@ -1,0 +1,399 @@
+# Helpers shared by the agent scripts (inspect, apply, rollback). scripts.py puts this text in
+# front of each of them: a request carries one script, so they cannot be loaded from a file.
+# Windows PowerShell 5.1; the contract is docs/agent-protocol.md.
+Set-StrictMode -Version 2
+$ErrorActionPreference = 'Stop'
+$ProgressPreference = 'SilentlyContinue'
+
+function Get-Field($Object, [string]$Name) {
+    # Strict mode makes a missing property an error, and a request may leave fields out.
+    # Callers wrap list fields in @(): PowerShell unrolls an array returned from a function.
+    if ($null -eq $Object) { return $null }
+    $property = $Object.PSObject.Properties[$Name]
+    if ($null -eq $property) { return $null }
+    return $property.Value
+}
+
+function New-AgentError([string]$Code, [string]$Message) {
+    return [ordered]@{ code = $Code; message = $Message }
+}
+
+function New-AgentException([string]$Code, [string]$Message) {
+    # Thrown for the failures the contract names, so one catch per item reports them all.
+    $exception = [System.Exception]::new($Message)
+    $exception.Data['agent_code'] = $Code
+    return $exception
+}
+
+function ConvertTo-AgentError($ErrorRecord) {
+    # .NET calls surface wrapped (MethodInvocationException and the like): the first exception
+    # of the chain that says something precise decides the code.
+    $exception = $ErrorRecord.Exception
+    $code = 'internal'
+    $message = $exception.GetBaseException().Message
+    while ($null -ne $exception) {
+        if ($exception.Data.Contains('agent_code')) {
+            $code = [string]$exception.Data['agent_code']; $message = $exception.Message; break
+        }
+        if ($exception -is [System.UnauthorizedAccessException]) {
+            $code = 'read-only'; $message = $exception.Message; break
+        }
+        if ($exception -is [System.IO.IOException]) {
+            # The low word of the HRESULT is the Win32 error code.
+            $win32 = $exception.HResult -band 0xFFFF
+            # 32 sharing violation, 33 lock violation; 112 disk full, 39 handle disk full.
+            if ($win32 -eq 32 -or $win32 -eq 33) { $code = 'locked'; $message = $exception.Message; break }
+            if ($win32 -eq 112 -or $win32 -eq 39) { $code = 'disk-full'; $message = $exception.Message; break }
+        }
+        $exception = $exception.InnerException
+    }
+    # One line: the controller shows it as is.
+    $oneLine = ($message -replace '\s+', ' ').Trim()
+    return New-AgentError $code $oneLine
+}
+
+function Get-Sha256([byte[]]$Bytes) {
+    $sha = [System.Security.Cryptography.SHA256]::Create()
+    try { $digest = $sha.ComputeHash($Bytes) } finally { $sha.Dispose() }
+    return ([BitConverter]::ToString($digest) -replace '-', '').ToLowerInvariant()
+}
+
+function Get-StateFolder([string]$Path) {
+    return [IO.Path]::Combine([IO.Path]::GetDirectoryName($Path), '.provisioner', [IO.Path]::GetFileName($Path))
+}
+
+function Get-OwnedProcessId([string]$Name, [string]$Sid) {
+    # By owner SID, never by window: a MicroSIP in another session has no window this
+    # non-interactive WinRM session can see (the reason microsip.exe /exit cannot work here).
+    $filter = "Name = '{0}'" -f $Name.Replace('\', '\\').Replace("'", "\'")
+    foreach ($process in @(Get-CimInstance -ClassName Win32_Process -Filter $filter)) {
+        $owner = $null
+        try { $owner = Invoke-CimMethod -InputObject $process -MethodName GetOwnerSid } catch { $owner = $null }
+        if ($null -eq $owner -or $owner.ReturnValue -ne 0) {
+            # Gone in the meantime is fine; alive with an unknown owner is not, it may be the user's.
+            if ($null -ne (Get-Process -Id $process.ProcessId -ErrorAction SilentlyContinue)) {
+                $text = 'cannot tell who owns process {0} ({1}).' -f $process.ProcessId, $Name
+                throw (New-AgentException 'internal' $text)
+            }
+        } elseif ($owner.Sid -eq $Sid) {
+            [int]$process.ProcessId
+        }
+    }
+}
+
+function New-Acl([string]$Kind, [string]$Sid, [bool]$Folder) {
+    # Explicit rules with inheritance cut, so the defaults of the profile or of Program Files
+    # never widen access to the file (MicroSIP keeps passwords in it).
+    if ($Folder) {
+        $acl = [System.Security.AccessControl.DirectorySecurity]::new()
+        $inherit = [System.Security.AccessControl.InheritanceFlags]'ContainerInherit, ObjectInherit'
+    } else {
+        $acl = [System.Security.AccessControl.FileSecurity]::new()
+        $inherit = [System.Security.AccessControl.InheritanceFlags]::None
+    }
+    $acl.SetAccessRuleProtection($true, $false)
+    $rights = [ordered]@{ 'S-1-5-18' = 'FullControl'; 'S-1-5-32-544' = 'FullControl' }
+    if ($Kind -eq 'microsip') { $rights[$Sid] = 'FullControl' } else { $rights['S-1-5-32-545'] = 'ReadAndExecute' }
+    foreach ($account in $rights.Keys) {
+        $rule = [System.Security.AccessControl.FileSystemAccessRule]::new(
+            [System.Security.Principal.SecurityIdentifier]::new($account),
+            [System.Security.AccessControl.FileSystemRights]($rights[$account]),
+            $inherit,
+            [System.Security.AccessControl.PropagationFlags]::None,
+            [System.Security.AccessControl.AccessControlType]::Allow)
+        $acl.AddAccessRule($rule)
+    }
+    return $acl
+}
+
+function Set-StateAcl([string]$StateFolder, [string]$Kind, [string]$Sid) {
+    # Backups arrive by rename and keep the ACL they had; every file here must get the file's.
+    [IO.Directory]::SetAccessControl($StateFolder, (New-Acl $Kind $Sid $true))
+    foreach ($file in [IO.Directory]::GetFiles($StateFolder)) {
+        [IO.File]::SetAccessControl($file, (New-Acl $Kind $Sid $false))
+    }
+}
+
+function Move-FileOver([string]$Source, [string]$Target) {
+    # .NET Framework's File.Move cannot overwrite; File.Replace can, in one step.
+    if ([IO.File]::Exists($Target)) { [IO.File]::Replace($Source, $Target, $null) }
+    else { [IO.File]::Move($Source, $Target) }
+}
+
+function Move-ReplacementOver([string]$Replacement, [string]$Path, $Backup) {
+    # $Backup is untyped on purpose: a [string] parameter turns $null into '', which
+    # File.Replace rejects. The backup must sit on the same volume and its folder must exist.
+    try {
+        [IO.File]::Replace($Replacement, $Path, $Backup)
+    } catch {
+        $failure = $_
+        # ERROR_UNABLE_TO_MOVE_REPLACEMENT_2 leaves the old file under the backup name only:
+        # put it back so that the file always has its old or its new content.
+        if ($null -ne $Backup -and -not [IO.File]::Exists($Path) -and [IO.File]::Exists($Backup)) {
+            [IO.File]::Move($Backup, $Path)
+        }
+        throw $failure
+    }
+}
+
+function Move-BackupsUp([string]$StateFolder) {
+    # backup.2 -> backup.1, backup.3 -> backup.2, once backup.1 has been used.
+    foreach ($n in 2, 3) {
+        $from = [IO.Path]::Combine($StateFolder, "backup.$n")
+        if ([IO.File]::Exists($from)) { Move-FileOver $from ([IO.Path]::Combine($StateFolder, "backup.$($n - 1)")) }
+    }
+}
+
+function Test-FileRequest($File) {
+    # The fields apply and rollback need before touching anything; returns them checked.
+    $kind = [string](Get-Field $File 'kind')
+    $path = [string](Get-Field $File 'path')
+    $sid = [string](Get-Field $File 'sid')
+    if ($kind -ne 'microsip' -and $kind -ne 'override') {
+        throw (New-AgentException 'internal' ("unknown file kind '{0}'." -f $kind))
+    }
+    if ([string]::IsNullOrEmpty($path) -or -not [IO.Path]::IsPathRooted($path)) {
+        throw (New-AgentException 'internal' ("the path '{0}' is not absolute." -f $path))
+    }
+    if ($kind -eq 'microsip') {
+        # Without the SID the ACL would lock the user out of their own file.
+        if ([string]::IsNullOrEmpty($sid)) { throw (New-AgentException 'internal' 'a microsip file needs the user''s SID.') }
+        $null = [System.Security.Principal.SecurityIdentifier]::new($sid)
+    }
+    return [ordered]@{ kind = $kind; path = $path; sid = $sid; exe = [string](Get-Field $File 'process') }
+}
+
+function Invoke-RunningPolicy($Checked, [string]$IfRunning, $Item) {
+    # Returns $true when the file may be written. MicroSIP rewrites [Settings] from memory when
+    # it exits, so a running instance would undo part of the push.
+    if ($Checked.kind -ne 'microsip' -or [string]::IsNullOrEmpty($Checked.exe)) { return $true }
+    $ids = @(Get-OwnedProcessId $Checked.exe $Checked.sid)
+    if ($ids.Count -eq 0 -or $IfRunning -eq 'force') { return $true }
+    if ($IfRunning -eq 'stop') {
+        foreach ($id in $ids) {
+            # Killed, not closed: a normal exit would first save [Settings] over the new file.
+            try { Stop-Process -Id $id -Force } catch {
+                if ($null -ne (Get-Process -Id $id -ErrorAction SilentlyContinue)) { throw }
+            }
+        }
+        $Item['stopped'] = $ids.Count
+        $deadline = [DateTime]::UtcNow.AddSeconds(5)
+        do {
+            if (@(Get-OwnedProcessId $Checked.exe $Checked.sid).Count -eq 0) { return $true }
+            Start-Sleep -Milliseconds 200
+        } while ([DateTime]::UtcNow -lt $deadline)
+        $text = '{0} still runs for this user 5 s after being stopped.' -f $Checked.exe
+    } else {
+        $text = '{0} is running for this user ({1} process(es)).' -f $Checked.exe, $ids.Count
+    }
+    $Item['status'] = 'busy'
+    $Item['error'] = New-AgentError 'busy' $text
+    return $false
+}
+
+function New-RefusalAnswer([string]$Op, [string]$Message) {
+    return [ordered]@{ protocol = 1; op = $Op; ok = $false; error = (New-AgentError 'internal' $Message) }
+}
+
+function Test-Request($Request, [string]$Op) {
+    # Returns a refusal answer, or $null when the request is for this script and version.
+    $protocol = Get-Field $Request 'protocol'
+    if ($protocol -ne 1) { return New-RefusalAnswer $Op ('protocol {0} not supported' -f $protocol) }
+    $requested = Get-Field $Request 'op'
+    if ($requested -ne $Op) { return New-RefusalAnswer $Op ("this script runs '{0}', not '{1}'" -f $Op, $requested) }
+    return $null
+}
+# inspect: where MicroSIP and each user's ini are, and what they hold. Reads only.
+$Request = $args[0]
+
+function Read-FileState([string]$Path) {
+    if (-not [IO.File]::Exists($Path)) {
+        return [ordered]@{ exists = $false; sha256 = $null; content_b64 = $null }
+    }
+    $bytes = [IO.File]::ReadAllBytes($Path)
+    return [ordered]@{ exists = $true; sha256 = (Get-Sha256 $bytes); content_b64 = [Convert]::ToBase64String($bytes) }
+}
+
+function Get-RegistryValue([string]$Key, [string]$Name) {
+    if (-not (Test-Path -LiteralPath $Key)) { return $null }
+    return (Get-Item -LiteralPath $Key).GetValue($Name)
+}
+
+function Get-InstallerDirectory {
+    # The installer's own markers, in MicroSIP's order: the default value of HKLM\Software\MicroSIP
+    # (a 32-bit installer writes it under WOW6432Node), then an MSI product named MicroSIP.
+    foreach ($key in 'SOFTWARE\MicroSIP', 'SOFTWARE\WOW6432Node\MicroSIP') {
+        $dir = Get-RegistryValue ('Registry::HKEY_LOCAL_MACHINE\' + $key) ''
+        if (-not [string]::IsNullOrEmpty($dir)) { [ordered]@{ source = 'registry'; dir = [string]$dir } }
+    }
+    foreach ($key in 'SOFTWARE\Microsoft\Windows\CurrentVersion\Uninstall', 'SOFTWARE\WOW6432Node\Microsoft\Windows\CurrentVersion\Uninstall') {
+        $root = 'Registry::HKEY_LOCAL_MACHINE\' + $key
+        if (-not (Test-Path -LiteralPath $root)) { continue }
+        # Best effort: one unreadable product key must not hide the others.
+        foreach ($product in @(Get-ChildItem -LiteralPath $root -ErrorAction SilentlyContinue)) {
+            if ([string]$product.GetValue('DisplayName') -ne 'MicroSIP') { continue }
+            $dir = [string]$product.GetValue('InstallLocation')
+            if (-not [string]::IsNullOrEmpty($dir)) { [ordered]@{ source = 'msi'; dir = $dir } }
+        }
+    }
+}
+
+function Find-MicroSip($Install) {
+    $exe = [string](Get-Field $Install 'exe')
+    if ([string]::IsNullOrEmpty($exe)) { $exe = 'microsip.exe' }
+    $mode = [string](Get-Field $Install 'mode')
+    if ([string]::IsNullOrEmpty($mode)) { $mode = 'installed' }
+    $candidates = @()
+    $inventoryDir = [string](Get-Field $Install 'install_dir')
+    if (-not [string]::IsNullOrEmpty($inventoryDir)) { $candidates += , [ordered]@{ source = 'inventory'; dir = $inventoryDir } }
+    $candidates += @(Get-InstallerDirectory)
+    foreach ($candidate in $candidates) {
+        $dir = $candidate.dir.Trim().Trim('"')
+        $exePath = [IO.Path]::Combine($dir, $exe)
+        if ([IO.File]::Exists($exePath)) {
+            # The installer's markers mean installed mode, whatever the inventory guessed: that
+            # is how MicroSIP itself decides (microsip-format.md 1.2).
+            if ($candidate.source -ne 'inventory') { $mode = 'installed' }
+            return [ordered]@{ found = $true; mode = $mode; dir = $dir; exe_path = $exePath; source = $candidate.source; exe = $exe }
+        }
+    }
+    return [ordered]@{ found = $false; mode = $mode; dir = $null; exe_path = $null; source = $null; exe = $exe }
+}
+
+function Get-RoamingAppData([string]$Sid, [string]$ProfilePath, [string]$Account) {
+    $default = [IO.Path]::Combine($ProfilePath, 'AppData', 'Roaming')
+    $hive = 'Registry::HKEY_USERS\' + $Sid
+    $folders = $hive + '\Software\Microsoft\Windows\CurrentVersion\Explorer\User Shell Folders'
+    # A logged-off user's hive is not loaded. Loading NTUSER.DAT ourselves could collide with a
+    # logon, so the default location is the answer then.
+    if (-not (Test-Path -LiteralPath $folders)) { return $default }
+    $raw = [string](Get-Item -LiteralPath $folders).GetValue('AppData', $null, 'DoNotExpandEnvironmentNames')
+    if ([string]::IsNullOrEmpty($raw)) { return $default }
+    # Expanded with the target user's values: this session's own variables (USERPROFILE,
+    # USERNAME, APPDATA) belong to the WinRM account and would point into its profile.
+    $vars = @{ USERPROFILE = $ProfilePath }
+    $parts = $Account.Split('\')
+    if ($parts.Length -eq 2) { $vars['USERDOMAIN'] = $parts[0]; $vars['USERNAME'] = $parts[1] }
+    $volatile = $hive + '\Volatile Environment'
+    if (Test-Path -LiteralPath $volatile) {
+        $key = Get-Item -LiteralPath $volatile
+        foreach ($name in $key.GetValueNames()) {
+            if (-not [string]::IsNullOrEmpty($name) -and -not $vars.ContainsKey($name)) { $vars[$name] = [string]$key.GetValue($name) }
+        }
+    }
+    foreach ($name in 'SystemDrive', 'SystemRoot', 'windir', 'ProgramData', 'ALLUSERSPROFILE', 'PUBLIC') {
+        $value = [Environment]::GetEnvironmentVariable($name)
+        if (-not [string]::IsNullOrEmpty($value)) { $vars[$name] = $value }
+    }
+    $expanded = $raw
+    foreach ($name in @($vars.Keys)) {
+        $pattern = '%' + [regex]::Escape($name) + '%'
+        $expanded = $expanded -replace $pattern, $vars[$name].Replace('$', '$$')
+    }
+    if ($expanded -match '%[^%\\]+%') {
+        # Guessing would write an ini that MicroSIP never reads.
+        throw (New-AgentException 'internal' ("cannot expand the AppData folder '{0}' for this user." -f $raw))
+    }
+    return $expanded
+}
+
+function Get-UserState($User, $Install) {
+    $item = [ordered]@{
+        name = (Get-Field $User 'name'); windows = (Get-Field $User 'windows')
+        sid = $null; profile = $null; appdata = $null; path = $null
+    }
+    try {
+        if (-not $Install.found) {
+            throw (New-AgentException 'not-installed' 'MicroSIP was not found where the inventory says, nor by registry or MSI.')
+        }
+        $account = [string]$item.windows
+        if ([string]::IsNullOrEmpty($account)) { throw (New-AgentException 'no-account' 'no Windows account is given for this user.') }
+        try {
+            $sidObject = [System.Security.Principal.NTAccount]::new($account).Translate([System.Security.Principal.SecurityIdentifier])
+        } catch {
+            if ($_.Exception.GetBaseException() -is [System.Security.Principal.IdentityNotMappedException]) {
+                throw (New-AgentException 'no-account' ("the Windows account {0} cannot be resolved to a SID." -f $account))
+            }
+            throw
+        }
+        $sid = $sidObject.Value
+        $item['sid'] = $sid
+        # The canonical DOMAIN\name, as %USERNAME% and %USERDOMAIN% would give it at logon.
+        $canonical = $account
+        try { $canonical = $sidObject.Translate([System.Security.Principal.NTAccount]).Value } catch { $canonical = $account }
+        # From ProfileList, never from this session's environment, which is the WinRM account's.
+        $profileKey = 'Registry::HKEY_LOCAL_MACHINE\SOFTWARE\Microsoft\Windows NT\CurrentVersion\ProfileList\' + $sid
+        $profilePath = [string](Get-RegistryValue $profileKey 'ProfileImagePath')
+        if ([string]::IsNullOrEmpty($profilePath) -or -not [IO.Directory]::Exists($profilePath)) {
+            throw (New-AgentException 'no-profile' ("{0} has no profile on this workstation (never logged on)." -f $account))
+        }
+        $item['profile'] = $profilePath
+        $appData = Get-RoamingAppData $sid $profilePath $canonical
+        $item['appdata'] = $appData
+        $iniName = [IO.Path]::GetFileNameWithoutExtension($Install.exe) + '.ini'
+        if ($Install.mode -eq 'portable') { $path = [IO.Path]::Combine($Install.dir, $iniName) }
+        else { $path = [IO.Path]::Combine($appData, 'MicroSIP', $iniName) }
+        $item['path'] = $path
+        # Gathered apart and added only once all is read: a user in error has no file fields.
+        $file = Read-FileState $path
+        $applied = Read-FileState ([IO.Path]::Combine((Get-StateFolder $path), 'applied'))
+        $running = @(Get-OwnedProcessId ([IO.Path]::GetFileName($Install.exe_path)) $sid).Count -gt 0
+        foreach ($field in $file.Keys) { $item[$field] = $file[$field] }
+        $item['applied'] = $applied
+        $item['running'] = $running
+        $item['error'] = $null
+    } catch {
+        $item['error'] = ConvertTo-AgentError $_
+    }
+    return $item
+}
+
+function Get-OverrideState($Install) {
+    $item = [ordered]@{ path = $null }
+    try {
+        if (-not $Install.found) {
+            throw (New-AgentException 'not-installed' 'MicroSIP was not found where the inventory says, nor by registry or MSI.')
+        }
+        $path = [IO.Path]::Combine($Install.dir, 'override.ini')
+        $item['path'] = $path
+        $file = Read-FileState $path
+        $applied = Read-FileState ([IO.Path]::Combine((Get-StateFolder $path), 'applied'))
+        foreach ($field in $file.Keys) { $item[$field] = $file[$field] }
+        $item['applied'] = $applied
+        $item['error'] = $null
+    } catch {
+        $item['error'] = ConvertTo-AgentError $_
+    }
+    return $item
+}
+
+$refusal = Test-Request $Request 'inspect'
+if ($null -ne $refusal) { return $refusal }
+
+$freeBytes = $null
+try { $freeBytes = [IO.DriveInfo]::new($env:SystemDrive).AvailableFreeSpace } catch { $freeBytes = $null }
+$hostInfo = [ordered]@{
+    computer = $env:COMPUTERNAME
+    ps_version = $PSVersionTable.PSVersion.ToString()
+    free_bytes = $freeBytes
+}
+
+$found = Find-MicroSip (Get-Field $Request 'install')
+$install = [ordered]@{
+    found = $found.found; mode = $found.mode; dir = $found.dir; exe_path = $found.exe_path; source = $found.source
+}
+
+$override = $null
+if ([bool](Get-Field $Request 'override')) { $override = Get-OverrideState $found }
+
+$users = [System.Collections.Generic.List[object]]::new()
+$requested = Get-Field $Request 'users'
+foreach ($user in @($requested)) {
+    if ($null -ne $user) { $users.Add((Get-UserState $user $found)) }
+}
+
+# ToArray: a plain array, so ConvertTo-Json writes a JSON array even for one user.
+return [ordered]@{
+    protocol = 1; op = 'inspect'; ok = $true
+    host = $hostInfo; install = $install; override = $override; users = $users.ToArray()
+}

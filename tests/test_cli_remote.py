@@ -1,0 +1,68 @@
+"""push, diff, rollback and doctor from the shell against 'provisioner lab up --detach'."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [sys.executable, "-m", "provisioner", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert "Traceback" not in result.stderr, result.stderr
+    if check:
+        assert result.returncode == 0, (result.stdout, result.stderr)
+    return result
+
+
+@pytest.fixture
+def example(tmp_path: Path) -> Iterator[tuple[Path, list[str]]]:
+    inventory = tmp_path / "inventory"
+    shutil.copytree(ROOT / "inventory", inventory)
+    identity = tmp_path / "demo.sipid"
+    shutil.copyfile(ROOT / "inventory/.demo-key/demo-only.sipid", identity)
+    identity.chmod(0o600)
+    keys = [
+        "--identity",
+        str(identity),
+        "--passphrase-file",
+        str(inventory / ".demo-key/demo-only.passphrase"),
+    ]
+    _run("lab", "up", "-i", "inventory", "--detach", *keys, cwd=tmp_path)
+    try:
+        yield tmp_path, [*keys, "--lab", "inventory/.lab.json", "-i", "inventory"]
+    finally:
+        _run("lab", "down", "-i", "inventory", cwd=tmp_path, check=False)
+    assert not (inventory / ".lab.json").exists()
+
+
+def test_push_diff_doctor_rollback_from_the_shell(example: tuple[Path, list[str]]) -> None:
+    cwd, args = example
+    diff = _run("diff", "ber-ws-001", *args, cwd=cwd)
+    assert "dry run: nothing written" in diff.stdout and "+accountId=1" in diff.stdout
+    assert "password=********" in diff.stdout
+    first = _run("push", "ber-ws-001", *args, cwd=cwd)
+    assert "ber-ws-001: changed" in first.stdout
+    again = _run("push", "ber-ws-001", *args, "--check", cwd=cwd)
+    assert "unchanged" in again.stdout
+    doctor = _run("doctor", "ber-ws-001", *args, cwd=cwd)
+    assert "check(s) passed, 0 failed" in doctor.stdout
+    reset = _run("push", "ber-ws-001", *args, "--reset", "--user", "alice", cwd=cwd)
+    assert "changed" in reset.stdout
+    back = _run("rollback", "ber-ws-001", *args, "--user", "alice", cwd=cwd)
+    assert "restored the newest backup" in back.stdout
+    busy = _run("push", "nonexistent", *args, cwd=cwd, check=False)
+    assert busy.returncode == 1 and "no workstation 'nonexistent'" in busy.stderr
