@@ -211,6 +211,22 @@ class _Builder:
             )
         with self.clock("resolve"):
             profile = resolve.resolve_profile(self.inventory, target.workstation, target.user)
+        for name in profile.unapplied_groups:
+            source = self.inventory.groups[name].source
+            self.result.findings.append(
+                Finding(
+                    "warning",
+                    "unapplied-group-blocks",
+                    f"the enforced, winrm and microsip blocks of group {name} do not apply to "
+                    f"{target.name}: they are per workstation, and the group reaches "
+                    f"{target.workstation} only through user {target.user}; list the group "
+                    "under the workstation's groups",
+                    source.file,
+                    source.line,
+                    source.column,
+                    f"/groups/{name}",
+                )
+            )
         with self.clock("open"):
             secrets = self._open(profile)
         context = self._microsip_context(profile, secrets)

@@ -370,8 +370,9 @@ class _Merger:
             keep = bool(entries) or ours is not None or not removed
             return IniSection(theirs.name, tuple(entries)) if keep else None
         header = ours if ours is not None else self.enforced.sections.get(name)
-        # A new section whose keys are all withheld (the user deleted them) stays away.
-        if header is None or (keys_kept == 0 and self.ours.keys(name)):
+        # A new section whose keys are all withheld (the user deleted them) stays away, and
+        # so does an enforced section that brings no key.
+        if header is None or (keys_kept == 0 and (ours is None or self.ours.keys(name))):
             return None
         return IniSection(header.name, tuple(entries))
 

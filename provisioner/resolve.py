@@ -71,6 +71,9 @@ class Profile:
     settings: Mapping[str, Resolved]
     accounts: tuple[ResolvedAccount, ...]
     enforced_settings: Mapping[str, Resolved]
+    # Groups reached only through the user whose enforced, winrm or microsip blocks do not
+    # apply here: those blocks are per workstation (override.ini, connection, install facts).
+    unapplied_groups: tuple[str, ...] = ()
 
     @property
     def active_index(self) -> int:
@@ -130,19 +133,11 @@ def resolve_profile(inventory: Inventory, station_name: str, user_name: str) -> 
     user = inventory.users[user_name]
     groups = tuple(group_chain(inventory, [*station.groups, *user.groups]))
     station_groups = plan.groups
-    for name in groups:
-        group = inventory.groups[name]
-        layer = group.layer
-        if name not in station_groups and (
-            layer.enforced_settings or layer.enforced_account or layer.winrm or layer.microsip
-        ):
-            # These blocks are per workstation (override.ini, connection, install facts);
-            # reached only through the user they would silently do nothing.
-            raise ResolveError(
-                f"{group.source}: group {name} carries enforced, winrm or microsip settings, "
-                f"which apply per workstation, but reaches {station_name} only through user "
-                f"{user_name}; list it under the workstation's groups instead"
-            )
+    unapplied = tuple(
+        name
+        for name in groups
+        if name not in station_groups and _has_station_blocks(inventory.groups[name].layer)
+    )
     lower = [*_layers(inventory, groups), station.layer, user.layer]
     enforced_layers = [*_layers(inventory, station_groups), station.layer]
     settings = _merge(
@@ -171,7 +166,12 @@ def resolve_profile(inventory: Inventory, station_name: str, user_name: str) -> 
         settings=settings,
         accounts=tuple(accounts),
         enforced_settings=plan.enforced_settings,
+        unapplied_groups=unapplied,
     )
+
+
+def _has_station_blocks(layer: Layer) -> bool:
+    return bool(layer.enforced_settings or layer.enforced_account or layer.winrm or layer.microsip)
 
 
 @dataclass(frozen=True)

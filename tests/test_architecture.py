@@ -22,6 +22,8 @@ LAYERS: dict[str, int] = {
     "resolve": 2,
     "render": 2,
     "plan": 2,
+    "report": 2,
+    "state": 2,
     "results": 1,
     "transport": 2,
     "build": 3,
@@ -48,7 +50,12 @@ ADAPTERS = {
 }
 # transport.winrm hands the WinRM password to pywinrm; the lab configures an emulated account.
 REVEAL_ALLOWED = {
-    "model", "vault", "secretstore", "render", "transport.winrm", "lab.inventory_lab",
+    "model",
+    "vault",
+    "secretstore",
+    "render",
+    "transport.winrm",
+    "lab.inventory_lab",
 }
 
 

@@ -10,7 +10,7 @@ from provisioner import build, resolve
 from provisioner.errors import InventoryError, ProvisionerError, ResolveError
 from provisioner.inventory import load_inventory
 from provisioner.model import Inventory
-from tests.test_build import BASE, EXAMPLE, build_files, errors_of, write_inventory
+from tests.test_build import BASE, EXAMPLE, build_files, write_inventory
 
 GOLDEN_PRECEDENCE = Path(__file__).parent / "golden" / "inventories" / "precedence" / "inventory"
 
@@ -112,7 +112,7 @@ def test_install_defaults_when_nothing_is_said(tmp_path: Path) -> None:
     )
 
 
-def test_station_only_blocks_reached_through_a_user_are_an_error(tmp_path: Path) -> None:
+def test_station_only_blocks_reached_through_a_user_are_flagged(tmp_path: Path) -> None:
     files = {
         "groups.yaml": """\
             groups:
@@ -133,18 +133,26 @@ def test_station_only_blocks_reached_through_a_user_are_an_error(tmp_path: Path)
             """,
     }
     root, result = build_files(tmp_path / "inv", files)
-    [message] = errors_of(result)
-    assert "group dept carries enforced, winrm or microsip settings" in message
-    assert f"{root / 'groups.yaml'}:2:3" in message
-    inventory = load_inventory(root)
-    with pytest.raises(ResolveError, match="reaches ws1 only through user u1"):
-        resolve.resolve_profile(inventory, "ws1", "u1")
-    # The same group on the workstation is fine.
+    # The blocks do not apply: enforced EC=1 is neither enforced nor rendered, nor portable.
+    assert result.ok
+    assert [(f.severity, f.code, f.path, f.line, f.column) for f in result.findings] == [
+        ("warning", "unapplied-group-blocks", "/groups/dept", 2, 3),
+        ("warning", "unapplied-group-blocks", "/groups/tools", 5, 3),
+    ]
+    assert result.findings[0].file == str(root / "groups.yaml")
+    assert "reaches ws1 only through user u1" in result.findings[0].message
+    microsip = next(f for f in result.files if f.target.kind == "microsip")
+    assert microsip.relative_path == "ws1/u1/microsip.ini"
+    assert microsip.document.get("Settings", "EC") == "0"
+    profile = resolve.resolve_profile(load_inventory(root), "ws1", "u1")
+    assert profile.unapplied_groups == ("dept", "tools")
+    # The same groups on the workstation apply, and nothing is flagged.
     files["workstations.yaml"] = (
         "workstations:\n  ws1:\n    groups: [dept, tools]\n    users: [u1]\n"
     )
     _, result = build_files(tmp_path / "inv2", files)
-    assert result.ok, errors_of(result)
+    assert result.findings == []
+    assert [f.relative_path for f in result.files] == ["ws1/override.ini", "ws1/microsip.ini"]
 
 
 # --------------------------------------------------------------------------- --limit
