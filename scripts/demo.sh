@@ -1,31 +1,49 @@
 #!/usr/bin/env bash
-# The main job on the bundled example: validate the inventory as CI does (no private key),
-# then render every profile with the demo key into build/ and show a summary.
+# The main job on the bundled example, end to end: CI checks, a lab of emulated Windows
+# workstations, a rollout with a canary and batches, a second rollout that changes nothing,
+# a helpdesk password change, then the lab is stopped. Works on a copy in build/demo.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
-key=inventory/.demo-key/demo-only.sipid
-chmod 600 "$key"    # git does not keep file modes; identities must be private
+work=build/demo
+rm -rf "$work" && mkdir -p "$work"
+cp -r inventory "$work/inventory"
+inv="$work/inventory"
+key="$work/demo-only.sipid"
+cp inventory/.demo-key/demo-only.sipid "$key" && chmod 600 "$key"   # git keeps no file modes
+keys=(--identity "$key" --passphrase-file inventory/.demo-key/demo-only.passphrase)
 
-step "CI: check every sealed password without any private key"
-provisioner secrets lint -i inventory
+step "CI: every sealed password checked without any private key"
+provisioner secrets lint -i "$inv"
 
-step "CI: validate every template and profile, with placeholders instead of passwords"
-provisioner validate inventory
+step "CI: every profile rendered with placeholders and linted"
+provisioner validate "$inv"
 
 step "Where does alice's transport come from?"
-provisioner explain alice transport -i inventory -w ber-ws-001
+provisioner explain alice transport -i "$inv" -w ber-ws-001
 
-step "Admin: render every profile with the (demo) key into build/"
-provisioner render inventory --out build \
-    --identity "$key" --passphrase-file inventory/.demo-key/demo-only.passphrase
+step "Start the lab: one emulated Windows workstation per inventory workstation"
+provisioner lab up -i "$inv" --detach "${keys[@]}"
+trap 'provisioner lab down -i "$inv" >/dev/null 2>&1 || true' EXIT
+lab=(--lab "$inv/.lab.json")
 
-step "One of the files, as MicroSIP will read it (UTF-16LE with BOM, CRLF; password masked here)"
-python - <<'PY'
-data = open("build/ber-ws-001/alice/microsip.ini", "rb").read()
-crlf = data.count(bytes([13, 0, 10, 0]))
-print(f"first bytes {data[:2].hex(' ')} (UTF-16LE BOM), {crlf} CRLF line ends")
-for line in data[2:].decode("utf-16-le").splitlines()[:24]:
-    print("password=********" if line.startswith("password=") else line)
-PY
+step "Rollout: canary first, then batches of 50%, live progress"
+provisioner rollout -i "$inv" "${keys[@]}" "${lab[@]}" --yes --canary 1 --batch 50% \
+    --report-json "$work/run.json" --report-junit "$work/run.xml"
+
+step "Run it again: every workstation is already up to date"
+provisioner rollout -i "$inv" "${keys[@]}" "${lab[@]}" --yes --quiet
+
+step "Helpdesk: alice gets a new SIP password (public key only), then her profile is pushed"
+printf 'Alice-New-SIP-2026!\n' | provisioner user set-password alice -i "$inv" --stdin
+provisioner user regenerate alice -i "$inv" "${keys[@]}" "${lab[@]}" --yes
+provisioner user show alice -i "$inv"
+
+step "History"
+provisioner runs list -i "$inv"
+provisioner audit -i "$inv" --user alice
+
+step "Stop the lab"
+provisioner lab down -i "$inv"
+trap - EXIT
