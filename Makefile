@@ -28,7 +28,11 @@ unit: $(STAMP)
 	$(BIN)/pytest
 
 bench: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python bench/vault_bench.py
+	$(BIN)/python bench/phase1_bench.py --sizes 1000,10000,100000 --ansible 1000
+	$(BIN)/python bench/push_bench.py
+	$(BIN)/python bench/fleet_bench.py
 
 clean:
 	rm -rf $(VENV) build .mypy_cache .ruff_cache

@@ -164,7 +164,7 @@ def bench_ansible(hosts: int, forks: int) -> float | None:
         (root / "play.yml").write_text(
             ANSIBLE_PLAYBOOK.format(template=root / "microsip.ini.j2", out=out)
         )
-        lines = ["all:", "  hosts:"]
+        lines = ["all:", "  vars:", f"    ansible_python_interpreter: {sys.executable}", "  hosts:"]
         for i in range(hosts):
             lines += [
                 f"    ws-{i:06d}:",
@@ -182,14 +182,18 @@ def bench_ansible(hosts: int, forks: int) -> float | None:
             ANSIBLE_INVENTORY_UNPARSED_WARNING="False",
         )
         start = time.perf_counter()
-        subprocess.run(
+        done = subprocess.run(
             [playbook_bin, "-i", str(root / "hosts.yml"), str(root / "play.yml")],
-            check=True,
+            check=False,
             env=env,
             capture_output=True,
+            text=True,
             timeout=3600,
         )
         elapsed = time.perf_counter() - start
+        if done.returncode != 0:
+            print(f"ansible-playbook failed ({done.returncode}):\n{done.stdout[-2000:]}")
+            return None
         assert len(list(out.iterdir())) == hosts
         return elapsed
 

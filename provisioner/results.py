@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Protocol
+from pathlib import PurePath
+from typing import Any, Protocol
 
 
 class Status(StrEnum):
@@ -74,3 +79,75 @@ class Reporter(Protocol):
     def host_done(self, result: HostResult) -> None:
         """A workstation's push ended (whatever the outcome)."""
         ...
+
+
+class RunLike(Protocol):
+    """What the run files need from a run (``RunResult`` fits)."""
+
+    @property
+    def run_id(self) -> str:
+        """Short unique id of the run."""
+        ...
+
+    @property
+    def started(self) -> datetime:
+        """When the run started (UTC)."""
+        ...
+
+    @property
+    def finished(self) -> datetime | None:
+        """When the run ended, if it did."""
+        ...
+
+    @property
+    def stopped(self) -> str:
+        """Why the run stopped early; empty when it ran to the end."""
+        ...
+
+    @property
+    def options(self) -> object:
+        """The rollout options (a dataclass)."""
+        ...
+
+    @property
+    def results(self) -> Mapping[str, HostResult]:
+        """Every workstation's result, by name."""
+        ...
+
+
+def iso_utc(moment: datetime | None) -> str | None:
+    """ISO 8601 in UTC with a ``Z`` suffix; naive datetimes are taken as UTC."""
+    if moment is None:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def jsonable(value: object) -> Any:
+    """Plain JSON data from options: dataclasses, enums, paths, tuples, datetimes."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, enum.Enum):
+        return jsonable(value.value)
+    if isinstance(value, datetime):
+        return iso_utc(value)
+    if isinstance(value, PurePath):
+        return str(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        items = [jsonable(v) for v in value]
+        return sorted(items, key=str) if isinstance(value, set | frozenset) else items
+    # Anything else (a Secret included) goes through str(), which masks secrets.
+    return str(value)
+
+
+def is_dry_run(run: RunLike) -> bool:
+    """True when the run changed nothing on purpose (``--check``)."""
+    check = getattr(run.options, "check", None)
+    if isinstance(check, bool):
+        return check
+    return bool(run.results) and all(r.dry_run for r in run.results.values())

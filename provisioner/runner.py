@@ -13,12 +13,13 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from typing import Any
 
 from provisioner.build import BuiltFile
 from provisioner.errors import ProvisionerError
-from provisioner.push import PushOptions, push_host
+from provisioner.push import PushOptions, _summary, push_host
 from provisioner.resolve import StationPlan
 from provisioner.results import HostResult, Reporter, Status
 from provisioner.transport.base import ReadOnlyTransport, Transport
@@ -82,7 +83,7 @@ def parse_size(text: str, total: int) -> int:
             size = math.ceil(total * share / 100)
         else:
             size = int(text)
-            if size < 0:
+            if size < 1:
                 raise ValueError
     except ValueError:
         raise ProvisionerError(
@@ -95,7 +96,7 @@ def plan_batches(hosts: Sequence[str], canary: str, batch: str) -> list[list[str
     """The canary batch first (``0`` for none), then batches of ``batch`` size."""
     remaining = list(hosts)
     batches: list[list[str]] = []
-    first = 0 if canary.strip() == "0" else parse_size(canary, len(remaining))
+    first = 0 if _is_zero(canary) else parse_size(canary, len(remaining))
     if first:
         batches.append(remaining[:first])
         remaining = remaining[first:]
@@ -104,6 +105,14 @@ def plan_batches(hosts: Sequence[str], canary: str, batch: str) -> list[list[str
         batches.append(remaining[:size])
         remaining = remaining[size:]
     return batches
+
+
+def _is_zero(text: str) -> bool:
+    """``0``, ``00`` or ``0%``: no canary batch."""
+    try:
+        return float(text.strip().removesuffix("%")) == 0
+    except ValueError:
+        return False
 
 
 class _NullReporter:
@@ -131,6 +140,8 @@ def run_fleet(
     sleep: Callable[[float], None] = time.sleep,
 ) -> RunResult:
     """Push every station in batches; stop launching on ``stop`` or past the threshold."""
+    if options.forks < 1:
+        raise ProvisionerError(f"forks must be at least 1, not {options.forks}")
     report = reporter or _NullReporter()
     stop = stop or threading.Event()
     run = RunResult(uuid.uuid4().hex[:12], datetime.now(UTC), options)
@@ -216,10 +227,11 @@ def _push_with_retries(
 ) -> HostResult:
     """Retry only retryable failures (connect, timeout), with capped exponential backoff."""
     attempt = 0
+    sent: dict[str, tuple[str | None, str]] = {}
     while True:
         attempt += 1
         try:
-            transport = factory(station)
+            transport: Transport = _SentFiles(factory(station), sent)
         except ProvisionerError as exc:
             return HostResult(
                 station.workstation.name,
@@ -232,6 +244,8 @@ def _push_with_retries(
             transport = ReadOnlyTransport(transport)
         result = push_host(station, files, transport, options.push, dry_run=options.check)
         result.attempts = attempt
+        if attempt > 1:
+            _count_lost_writes(result, sent)
         if not (result.retryable and result.status == Status.FAILED):
             return result
         if attempt > options.retries or stop.is_set():
@@ -240,3 +254,48 @@ def _push_with_retries(
             return result
         delay = min(options.backoff_cap, options.backoff * 2 ** (attempt - 1))
         sleep(delay * (0.5 + random.random() / 2))  # noqa: S311 - jitter, not security
+
+
+class _SentFiles:
+    """Remembers, per path, the hash before the first apply sent and the hash last sent."""
+
+    def __init__(self, inner: Transport, sent: dict[str, tuple[str | None, str]]) -> None:
+        self.inner = inner
+        self.sent = sent
+
+    @property
+    def host(self) -> str:
+        return self.inner.host
+
+    def request(self, op: str, request: Mapping[str, Any]) -> dict[str, Any]:
+        if op == "apply":
+            for item in request.get("files") or []:
+                path, expect = str(item.get("path")), item.get("expect_sha256")
+                first = self.sent.get(path, (expect, ""))[0]
+                self.sent[path] = (first, str(item.get("sha256")))
+        return self.inner.request(op, request)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def _count_lost_writes(result: HostResult, sent: Mapping[str, tuple[str | None, str]]) -> None:
+    """A file an earlier attempt wrote (its answer lost in a reset) was changed by this run.
+
+    The retry finds it up to date; without this the run would call it unchanged and the
+    audit log would miss the change.
+    """
+    lost = False
+    for index, change in enumerate(result.files):
+        before, written = sent.get(change.path, (None, ""))
+        if change.status == Status.UNCHANGED and written == change.new_sha256 != before:
+            lost = True
+            result.files[index] = replace(
+                change,
+                status=Status.CHANGED,
+                old_sha256=before,
+                message="written by an earlier attempt whose answer was lost",
+            )
+    if lost:
+        result.status = max(result.status, Status.CHANGED, key=lambda s: s.rank)
+        result.message = _summary(result.files)

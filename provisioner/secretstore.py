@@ -172,6 +172,11 @@ class Scan:
         return [s for s in self.secret_fields if vault.looks_like_token(s.ref.value)]
 
 
+def kids_in_use(scan: Scan) -> Counter[str]:
+    """How many tokens of the inventory use each key id (well-formed tokens only)."""
+    return Counter(s.ref.value.split(":")[2] for s in scan.tokens() if s.ref.value.count(":") == 4)
+
+
 def scan_inventory(root: Path, files: Sequence[Path] | None = None) -> Scan:
     """Compose every inventory file and classify its scalars."""
     docs: list[yamldoc.YamlText] = []

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import enum
 import getpass
 import json
 import os
@@ -25,11 +24,11 @@ import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta
-from pathlib import Path, PurePath
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any
 
 from provisioner.errors import ProvisionerError
-from provisioner.results import HostResult, Status
+from provisioner.results import HostResult, RunLike, Status, is_dry_run, jsonable
 
 if sys.platform == "win32":
     import msvcrt
@@ -60,43 +59,6 @@ class StateLockedError(StateError):
     def __init__(self, message: str, *, holder: LockInfo | None = None) -> None:
         self.holder = holder
         super().__init__(message)
-
-
-class RunLike(Protocol):
-    """What the state needs from a run (``runner.RunResult`` fits)."""
-
-    @property
-    def run_id(self) -> str:
-        """Short unique id of the run."""
-        ...
-
-    @property
-    def started(self) -> datetime:
-        """When the run started (UTC)."""
-        ...
-
-    @property
-    def finished(self) -> datetime | None:
-        """When the run ended, if it did."""
-        ...
-
-    @property
-    def stopped(self) -> str:
-        """Why the run stopped early; empty when it ran to the end."""
-        ...
-
-    @property
-    def options(self) -> object:
-        """The rollout options (a dataclass)."""
-        ...
-
-    @property
-    def results(self) -> Mapping[str, HostResult]:
-        """Every workstation's result, by name."""
-        ...
-
-
-# --------------------------------------------------------------------------- helpers
 
 
 def current_user() -> str:
@@ -131,32 +93,6 @@ def _hash(value: str | None) -> str:
 def _parse_iso(text: str) -> datetime:
     moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
-def _jsonable(value: object) -> Any:
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    if isinstance(value, enum.Enum):
-        return _jsonable(value.value)
-    if isinstance(value, datetime):
-        return _iso(value)
-    if isinstance(value, PurePath):
-        return str(value)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple | set | frozenset):
-        return [_jsonable(v) for v in value]
-    # Anything else (a Secret included) goes through str(), which masks secrets.
-    return str(value)
-
-
-def _is_dry_run(run: RunLike) -> bool:
-    check = getattr(run.options, "check", None)
-    if isinstance(check, bool):
-        return check
-    return bool(run.results) and all(r.dry_run for r in run.results.values())
 
 
 def _status(value: str) -> Status:
@@ -285,7 +221,7 @@ class RunSummary:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON data (times in ISO 8601 UTC)."""
-        data: dict[str, Any] = _jsonable(self)
+        data: dict[str, Any] = jsonable(self)
         data.update(total=self.total, ok=self.ok)
         return data
 
@@ -335,7 +271,7 @@ class StoredResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON data."""
-        data: dict[str, Any] = _jsonable(self)
+        data: dict[str, Any] = jsonable(self)
         return data
 
     def __str__(self) -> str:
@@ -393,7 +329,7 @@ class LastResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON data."""
-        data: dict[str, Any] = _jsonable(self)
+        data: dict[str, Any] = jsonable(self)
         return data
 
     def __str__(self) -> str:
@@ -665,8 +601,8 @@ class StateStore:
             who or current_user(),
             controller_name(),
             command,
-            int(_is_dry_run(run)),
-            json.dumps(_jsonable(run.options), ensure_ascii=False, sort_keys=True),
+            int(is_dry_run(run)),
+            json.dumps(jsonable(run.options), ensure_ascii=False, sort_keys=True),
             run.stopped,
             json.dumps(counts),
         )
@@ -1247,7 +1183,7 @@ def records_for_results(
 
 def records_for_run(run: RunLike, who: str, action: str = "push") -> list[AuditRecord]:
     """Audit records for a run (see :func:`records_for_results`); none for a dry run."""
-    if _is_dry_run(run):
+    if is_dry_run(run):
         return []
     return records_for_results(
         run.results.values(),

@@ -133,6 +133,32 @@ def _fast_yaml() -> YAML:
     return yaml
 
 
+def mapping_key(
+    key: Node, segments: tuple[str, ...], seen: dict[str, int], problems: list[Problem]
+) -> str | None:
+    """The key's name, or None after recording why it cannot be used (and ``seen`` updated)."""
+    where = (key.start_mark.line + 1, key.start_mark.column + 1)
+    key_tag = key.tag or ""
+    if not isinstance(key, ScalarNode) or key_tag.endswith(":merge"):
+        what = "merge keys (<<)" if isinstance(key, ScalarNode) else "complex keys"
+        problems.append(Problem(f"{what} are not supported", *where, segments))
+        return None
+    if not key_tag.endswith((":str", ":int")):
+        problems.append(Problem(f"key {key.value!r} must be a string", *where, segments))
+        return None
+    name = str(key.value)
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        problems.append(Problem("a key contains control characters", *where, segments))
+        return None
+    if name in seen:
+        problems.append(
+            Problem(f"duplicate key {name!r} (first at line {seen[name]})", *where, segments)
+        )
+        return None
+    seen[name] = where[0]
+    return name
+
+
 def _compose(text: str, source: str) -> Node | None:
     try:
         return _fast_yaml().compose(io.StringIO(text))  # type: ignore[no-any-return]
@@ -257,29 +283,9 @@ class _Walker:
         single_line: list[tuple[str, int]] = []
         key_column = node.value[0][0].start_mark.column if node.value else 0
         for key, value in node.value:
-            where = (key.start_mark.line + 1, key.start_mark.column + 1)
-            key_tag = key.tag or ""
-            if not isinstance(key, ScalarNode) or key_tag.endswith(":merge"):
-                what = "merge keys (<<)" if isinstance(key, ScalarNode) else "complex keys"
-                self.problems.append(Problem(f"{what} are not supported", *where, segments))
+            name = mapping_key(key, segments, seen, self.problems)
+            if name is None:
                 continue
-            if not key_tag.endswith((":str", ":int")):
-                self.problems.append(
-                    Problem(f"key {key.value!r} must be a string", *where, segments)
-                )
-                continue
-            name = str(key.value)
-            if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
-                self.problems.append(Problem("a key contains control characters", *where, segments))
-                continue
-            if name in seen:
-                self.problems.append(
-                    Problem(
-                        f"duplicate key {name!r} (first at line {seen[name]})", *where, segments
-                    )
-                )
-                continue
-            seen[name] = where[0]
             if (
                 isinstance(value, ScalarNode)
                 and value.style not in ("|", ">")
@@ -534,26 +540,10 @@ class _TreeBuilder:
         positions: list[tuple[int, int]] = []
         seen: dict[str, int] = {}
         for key, value in node.value:
+            name = mapping_key(key, segments, seen, self.problems)
+            if name is None:
+                continue
             where = (key.start_mark.line + 1, key.start_mark.column + 1)
-            key_tag = key.tag or ""
-            if not isinstance(key, ScalarNode) or key_tag.endswith(":merge"):
-                what = "merge keys (<<)" if isinstance(key, ScalarNode) else "complex keys"
-                self.problems.append(Problem(f"{what} are not supported", *where, segments))
-                continue
-            if not key_tag.endswith((":str", ":int")):
-                self.problems.append(
-                    Problem(f"key {key.value!r} must be a string", *where, segments)
-                )
-                continue
-            name = str(key.value)
-            if name in seen:
-                self.problems.append(
-                    Problem(
-                        f"duplicate key {name!r} (first at line {seen[name]})", *where, segments
-                    )
-                )
-                continue
-            seen[name] = where[0]
             entries.append((name, self.build(value, (*segments, name))))
             positions.append(where)
         return YNode(

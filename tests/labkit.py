@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from provisioner import build, connections, push, resolve, secretstore, vault
+from provisioner.inventory import load_inventory
 from provisioner.lab.inventory_lab import InventoryLab, start_inventory_lab
+from provisioner.lab.workstation import Workstation
 from provisioner.model import Secret
 from provisioner.results import HostResult
 from provisioner.transport.base import Transport
@@ -130,5 +136,139 @@ def lab_kit(tmp: Path, **kwargs: object) -> Iterator[Kit]:
     running = start_inventory_lab(result.inventory, keyring, folder=tmp / "lab")
     try:
         yield Kit(root, keyring, running, result)
+    finally:
+        running.stop()
+
+
+# --------------------------------------------------------------------------- the example inventory
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE_INVENTORY = REPO / "inventory"
+
+
+@dataclass
+class ExampleLab:
+    """A tmp copy of the example inventory, its demo key (mode 600) and an in-process lab.
+
+    The lab runs in the test process on ephemeral ports, so tests can inject faults and read
+    the emulated disks while the real CLI runs in a subprocess with ``--lab lab_file``.
+    """
+
+    root: Path
+    inventory: Path
+    identity: Path
+    passphrase: Path
+    lab_file: Path
+    keyring: vault.Keyring
+    lab: InventoryLab
+    env: dict[str, str]
+
+    @property
+    def keys(self) -> list[str]:
+        """The options that open the demo key."""
+        return ["--identity", str(self.identity), "--passphrase-file", str(self.passphrase)]
+
+    @property
+    def state(self) -> Path:
+        """The default state folder (beside the inventory)."""
+        return self.root / ".provisioner-state"
+
+    def cli(
+        self,
+        *args: str,
+        stdin: str | None = None,
+        keys: bool = True,
+        lab: bool = True,
+        timeout: float = 120,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run the real CLI from the shell (no terminal) with ``-i``, the keys and the lab."""
+        extra = ["-i", str(self.inventory)]
+        extra += self.keys if keys else []
+        extra += ["--lab", str(self.lab_file)] if lab else []
+        result = subprocess.run(
+            [sys.executable, "-m", "provisioner", *args, *extra],
+            input=stdin if stdin is not None else "",
+            capture_output=True,
+            text=True,
+            cwd=self.root,
+            env=self.env,
+            timeout=timeout,
+            check=False,
+        )
+        assert "Traceback" not in result.stderr, result.stderr
+        assert "internal error" not in result.stderr, result.stderr
+        return result
+
+    def machine(self, name: str) -> Workstation:
+        """The emulated workstation ``name``."""
+        return self.lab.workstations[name]
+
+    def ini_path(self, workstation: str, user: str) -> str:
+        """The Windows path of ``user``'s microsip.ini on ``workstation`` (user: inventory name)."""
+        assert self.lab is not None
+        model = load_inventory(self.inventory)
+        ws = self.machine(workstation)
+        account = ws.lookup_account(model.users[user].windows)
+        assert account is not None, user
+        return ws.ini_path(account)
+
+    def ini(self, workstation: str, user: str) -> bytes | None:
+        """The bytes of ``user``'s microsip.ini on ``workstation`` (None: absent)."""
+        return self.machine(workstation).read(self.ini_path(workstation, user))
+
+    def all_files(self) -> dict[tuple[str, str], bytes | None]:
+        """Every managed file of the fleet: (workstation, user or '') to its bytes."""
+        model = load_inventory(self.inventory)
+        files: dict[tuple[str, str], bytes | None] = {}
+        for name, station in model.workstations.items():
+            ws = self.machine(name)
+            for user in station.users:
+                files[(name, user)] = self.ini(name, user)
+            files[(name, "")] = ws.read(ws.override_path())
+        return files
+
+
+def copy_example(tmp: Path) -> tuple[Path, Path, Path]:
+    """The example inventory copied to ``tmp/inventory``, its demo key to ``tmp`` (mode 600)."""
+    inventory = tmp / "inventory"
+    shutil.copytree(
+        EXAMPLE_INVENTORY, inventory, ignore=shutil.ignore_patterns(".lab.json", ".lab.log")
+    )
+    identity = tmp / "demo.sipid"
+    shutil.copyfile(EXAMPLE_INVENTORY / ".demo-key/demo-only.sipid", identity)
+    identity.chmod(0o600)
+    return inventory, identity, inventory / ".demo-key/demo-only.passphrase"
+
+
+def clean_env(tmp: Path) -> dict[str, str]:
+    """An environment without PROVISIONER_* variables and with no identity directory."""
+    config = tmp / "config"
+    config.mkdir(exist_ok=True)
+    return {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(tmp),
+        "XDG_CONFIG_HOME": str(config),
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "LANG": "C.UTF-8",
+        "COLUMNS": "200",
+    }
+
+
+@contextmanager
+def example_lab(tmp: Path) -> Iterator[ExampleLab]:
+    """Copy the example inventory and start an in-process lab emulating it (ephemeral ports)."""
+    inventory, identity, passphrase = copy_example(tmp)
+    recipients = vault.load_recipients_file(inventory / "recipients.yaml")
+    keyring = vault.Keyring(recipients)
+    secret = passphrase.read_bytes().split(b"\n", 1)[0]
+    keyring.add(secretstore.unlock(secretstore.read_identity(identity), secret))
+    model = load_inventory(inventory)
+    running = start_inventory_lab(model, keyring, folder=tmp / "lab", port=0)
+    try:
+        lab_file = tmp / "lab.json"
+        lab_file.write_text(running.lab_map().dump(), encoding="utf-8")
+        yield ExampleLab(
+            tmp, inventory, identity, passphrase, lab_file, keyring, running, clean_env(tmp)
+        )
     finally:
         running.stop()

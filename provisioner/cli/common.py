@@ -11,7 +11,9 @@ import typer
 
 from provisioner import secretstore, vault
 from provisioner.cli.inputs import read_passphrase
-from provisioner.errors import IdentityError
+from provisioner.errors import IdentityError, ProvisionerError
+from provisioner.inventory import InventoryErrors, load_inventory
+from provisioner.model import Inventory
 
 InventoryOpt = Annotated[
     Path,
@@ -85,6 +87,16 @@ def open_keyring(
             + ")"
         )
     return keyring
+
+
+def load_model(inventory: Path) -> Inventory:
+    """The inventory, or one error listing every problem (and the command that shows them)."""
+    try:
+        return load_inventory(inventory)
+    except InventoryErrors as exc:
+        raise ProvisionerError(
+            f"the inventory has problems; run 'provisioner validate':\n{exc}"
+        ) from None
 
 
 def env_flag(name: str) -> bool:

@@ -10,11 +10,10 @@ from typing import Annotated, Any
 import typer
 
 from provisioner import runner, secretstore, state
-from provisioner.cli.common import IdentityOpt, PassFdOpt, PassFileOpt, echo
+from provisioner.cli.common import IdentityOpt, PassFdOpt, PassFileOpt, echo, load_model
 from provisioner.cli.inputs import read_new_password
 from provisioner.cli.rollout import LabOpt, StateOpt, execute, state_dir
 from provisioner.errors import ProvisionerError
-from provisioner.inventory import InventoryErrors, load_inventory
 from provisioner.model import Inventory, User
 from provisioner.push import PushOptions
 from provisioner.report import exit_code
@@ -28,12 +27,7 @@ UserArg = Annotated[str, typer.Argument(help="User name as in the inventory.")]
 
 
 def _user(inventory: Path, name: str) -> tuple[Inventory, User]:
-    try:
-        model = load_inventory(inventory)
-    except InventoryErrors as exc:
-        raise ProvisionerError(
-            f"the inventory has problems; run 'provisioner validate':\n{exc}"
-        ) from None
+    model = load_model(inventory)
     if name not in model.users:
         raise ProvisionerError(f"no user {name!r} in {inventory}")
     return model, model.users[name]

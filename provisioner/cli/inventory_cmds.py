@@ -12,10 +12,7 @@ from rich.table import Table
 from rich.tree import Tree
 
 from provisioner import resolve
-from provisioner.cli.common import echo
-from provisioner.errors import ProvisionerError
-from provisioner.inventory import InventoryErrors, load_inventory
-from provisioner.model import Inventory
+from provisioner.cli.common import echo, load_model
 
 app = typer.Typer(help="Inspect an inventory.", no_args_is_help=True)
 
@@ -27,21 +24,12 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output."
 LimitOpt = Annotated[str, typer.Option("--limit", "-l", help="Target selection (see validate).")]
 
 
-def _load(inventory: Path) -> Inventory:
-    try:
-        return load_inventory(inventory)
-    except InventoryErrors as exc:
-        raise ProvisionerError(
-            f"the inventory has problems; run 'provisioner validate':\n{exc}"
-        ) from None
-
-
 @app.command("list")
 def list_inventory(
     inventory: InventoryOpt = Path("."), limit: LimitOpt = "", as_json: JsonOpt = False
 ) -> None:
     """Workstations with their groups, install mode and users."""
-    model = _load(inventory)
+    model = load_model(inventory)
     selection = resolve.Selection(limit)
     rows: list[dict[str, Any]] = []
     for name in sorted(model.workstations):
@@ -83,7 +71,7 @@ def list_inventory(
 @app.command()
 def graph(inventory: InventoryOpt = Path("."), as_json: JsonOpt = False) -> None:
     """The group graph: each group under its parents, with its workstations and users."""
-    model = _load(inventory)
+    model = load_model(inventory)
     children: dict[str, list[str]] = {name: [] for name in model.groups}
     for group in model.groups.values():
         for parent in group.parents:

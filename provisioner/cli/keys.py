@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections import Counter
 from pathlib import Path
 from typing import Annotated
 
@@ -168,7 +167,7 @@ def retire(
     """Mark a key retired: tokens sealed to it are rejected from now on."""
     recipients = secretstore.load_recipients(inventory)
     scan = secretstore.scan_inventory(inventory)
-    in_use = sum(1 for s in scan.tokens() if s.ref.value.split(":")[2:3] == [kid])
+    in_use = secretstore.kids_in_use(scan)[kid]
     if in_use and not force:
         raise RecipientsError(
             f"{in_use} token(s) still use key {kid}; run 'provisioner secrets rekey' first"
@@ -182,7 +181,7 @@ def list_keys(inventory: InventoryOpt = Path(".")) -> None:
     """Show the realm's keys, their status and how many tokens use each."""
     recipients = secretstore.load_recipients(inventory)
     scan = secretstore.scan_inventory(inventory)
-    usage = Counter(s.ref.value.split(":")[2] for s in scan.tokens() if s.ref.value.count(":") == 4)
+    usage = secretstore.kids_in_use(scan)
     echo(f"realm {recipients.realm}, active key {recipients.active}")
     for key in recipients.keys:
         echo(f"  {key.kid}  {key.status:<12}  {usage.get(key.kid, 0):>6} tokens  {key.created}")

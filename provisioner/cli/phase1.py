@@ -17,9 +17,15 @@ from rich.table import Table
 from provisioner import build as phase1
 from provisioner import resolve, vault
 from provisioner.atomicfile import write_atomic
-from provisioner.cli.common import IdentityOpt, PassFdOpt, PassFileOpt, echo, open_keyring
+from provisioner.cli.common import (
+    IdentityOpt,
+    PassFdOpt,
+    PassFileOpt,
+    echo,
+    load_model,
+    open_keyring,
+)
 from provisioner.errors import ProvisionerError
-from provisioner.inventory import InventoryErrors, load_inventory
 from provisioner.model import Finding
 
 InventoryArg = Annotated[
@@ -288,12 +294,7 @@ def explain(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Show a user's final values and every layer they came from (passwords masked)."""
-    try:
-        model = load_inventory(inventory)
-    except InventoryErrors as exc:
-        raise ProvisionerError(
-            f"the inventory has problems; run 'provisioner validate':\n{exc}"
-        ) from None
+    model = load_model(inventory)
     if user not in model.users:
         raise ProvisionerError(f"no user {user!r} in {inventory}")
     stations = sorted(

@@ -19,17 +19,32 @@ from provisioner.cli.common import (
 )
 from provisioner.cli.inputs import read_new_password
 from provisioner.errors import VaultError
+from provisioner.inventory import InventoryErrors, load_inventory
 
 app = typer.Typer(help="Set and check the sealed passwords of an inventory.", no_args_is_help=True)
 
 
 @app.command("set")
 def set_value(
-    path: Annotated[str, typer.Option("--path", help="JSON Pointer, e.g. /users/alice/...")],
+    path: Annotated[
+        str | None,
+        typer.Option("--path", help="JSON Pointer, e.g. /users/alice/accounts/main/password"),
+    ] = None,
+    user: Annotated[
+        str | None, typer.Option("--user", help="Instead of --path: the user...")
+    ] = None,
+    account: Annotated[
+        str | None, typer.Option("--account", help="...and the account id (default: active).")
+    ] = None,
     inventory: InventoryOpt = Path("."),
     stdin: Annotated[bool, typer.Option("--stdin", help="Read the password from stdin.")] = False,
 ) -> None:
     """Seal a new password with the public key and patch it into its YAML file."""
+    if (path is None) == (user is None):
+        raise VaultError("give either --path or --user (with an optional --account)")
+    if user is not None:
+        path = _account_path(inventory, user, account)
+    assert path is not None  # noqa: S101 - one of the two was given
     recipients = secretstore.load_recipients(inventory)
     secret = read_new_password(from_stdin=stdin)
     written = secretstore.set_secret(inventory, path, secret, recipients)
@@ -46,7 +61,7 @@ def verify(
     """Open every token with the identity and check each value; print counts only."""
     recipients = secretstore.load_recipients(inventory)
     scan = secretstore.scan_inventory(inventory)
-    kids = {s.ref.value.split(":")[2] for s in scan.tokens() if s.ref.value.count(":") == 4}
+    kids = set(secretstore.kids_in_use(scan))
     keyring = open_keyring(recipients, identities, kids, passphrase_file, passphrase_fd)
     report = secretstore.verify_secrets(scan, keyring)
     for failure in report.failures:
@@ -78,7 +93,7 @@ def rekey(
     recipients = secretstore.load_recipients(inventory)
     target = to or recipients.active
     scan = secretstore.scan_inventory(inventory)
-    kids = {s.ref.value.split(":")[2] for s in scan.tokens() if s.ref.value.count(":") == 4}
+    kids = set(secretstore.kids_in_use(scan))
     keyring = open_keyring(recipients, identities, kids | {target}, passphrase_file, passphrase_fd)
     report = secretstore.rekey(scan, keyring, target, from_kids or ())
     how = "each checked by opening it" if report.verified_by_opening else "structure checked"
@@ -134,6 +149,21 @@ def lint(
         )
     if errors:
         raise typer.Exit(1)
+
+
+def _account_path(inventory: Path, user: str, account: str | None) -> str:
+    try:
+        model = load_inventory(inventory)
+    except InventoryErrors as exc:
+        raise VaultError(f"the inventory has problems; fix them or use --path:\n{exc}") from None
+    entry = model.users.get(user)
+    if entry is None:
+        raise VaultError(f"no user {user!r} in {inventory}")
+    ids = [a.id for a in entry.accounts]
+    chosen = account or next((a.id for a in entry.accounts if a.active), ids[0])
+    if chosen not in ids:
+        raise VaultError(f"{user} has no account {chosen!r} (accounts: {', '.join(ids)})")
+    return f"/users/{user}/accounts/{chosen}/password"
 
 
 __all__ = ["app", "vault"]

@@ -1,0 +1,467 @@
+"""``rollout``, ``runs`` and ``audit`` from the shell, against the lab emulating the example.
+
+The first test drives a lab started with ``provisioner lab up --detach``, as an admin would.
+The others start the lab in the test process (ephemeral ports) and hand it to the CLI with
+``--lab FILE``, so that faults can be injected and the emulated disks read.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from provisioner import ini, state
+from provisioner.lab import Faults
+from tests.labkit import ExampleLab, clean_env, copy_example, example_lab
+
+HOSTS = [
+    "ber-rds-01",
+    "ber-ws-001",
+    "ber-ws-002",
+    "ber-ws-003",
+    "ber-ws-004",
+    "ham-kiosk-01",
+    "ham-ws-001",
+    "ham-ws-002",
+    "ham-ws-003",
+]
+USERS = 12  # user profiles over the nine workstations
+
+
+def cli(
+    cwd: Path, env: dict[str, str], *args: str, stdin: str = ""
+) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [sys.executable, "-m", "provisioner", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "internal error" not in result.stderr, result.stderr
+    return result
+
+
+def host_lines(stdout: str) -> dict[str, str]:
+    """``[n/9] host: status ...`` lines (plain output: not a terminal) by host."""
+    found = re.findall(r"^\[\d+/\d+\] (\S+): (\w+)", stdout, flags=re.MULTILINE)
+    return dict(found)
+
+
+def junit_root(path: Path) -> ET.Element:
+    return ET.fromstring(path.read_text(encoding="utf-8"))  # noqa: S314 - our own report
+
+
+def change_defaults(inventory: Path) -> None:
+    """A settings change that reaches every user's microsip.ini."""
+    path = inventory / "defaults.yaml"
+    text = path.read_text(encoding="utf-8")
+    assert "    EC: 1\n" in text
+    path.write_text(text.replace("    EC: 1\n", "    EC: 0\n"), encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- a detached lab
+
+
+@pytest.fixture
+def detached(tmp_path: Path) -> Iterator[tuple[Path, dict[str, str], list[str]]]:
+    inventory, identity, passphrase = copy_example(tmp_path)
+    env = clean_env(tmp_path)
+    keys = ["--identity", str(identity), "--passphrase-file", str(passphrase)]
+    for _ in range(3):  # another lab on this machine may hold port 5985 for a moment
+        up = cli(tmp_path, env, "lab", "up", "-i", "inventory", "--detach", *keys)
+        if up.returncode == 0 or "cannot listen" not in up.stdout + up.stderr:
+            break
+        time.sleep(3)
+    assert up.returncode == 0, (up.stdout, up.stderr)
+    try:
+        yield tmp_path, env, [*keys, "--lab", "inventory/.lab.json", "-i", "inventory"]
+    finally:
+        cli(tmp_path, env, "lab", "down", "-i", "inventory")
+    assert not (inventory / ".lab.json").exists()
+
+
+def test_rollout_runs_and_audit_against_a_detached_lab(
+    detached: tuple[Path, dict[str, str], list[str]],
+) -> None:
+    cwd, env, args = detached
+    report_json, report_junit = cwd / "out/run.json", cwd / "out/run.xml"
+
+    # ---- first rollout: canary then batches of half the fleet, plain lines, run files
+    first = cli(
+        cwd,
+        env,
+        "rollout",
+        "--yes",
+        "--canary",
+        "1",
+        "--batch",
+        "50%",
+        "--report-json",
+        str(report_json),
+        "--report-junit",
+        str(report_junit),
+        *args,
+    )
+    assert first.returncode == 0, (first.stdout, first.stderr)
+    out = first.stdout
+    assert f"9 workstation(s), {USERS} user profile(s) selected" in out
+    assert "-- canary batch: 1 workstation(s)" in out
+    assert "-- batch 2: 5 workstation(s)" in out and "-- batch 3: 3 workstation(s)" in out
+    assert out.index("-- canary batch") < out.index("ber-rds-01: changed") < out.index("-- batch 2")
+    assert host_lines(out) == dict.fromkeys(HOSTS, "changed")
+    assert "need attention" not in out
+    data = json.loads(report_json.read_text(encoding="utf-8"))
+    assert data["exit_code"] == 0 and data["ok"] is True and data["dry_run"] is False
+    assert data["counts"]["changed"] == 9 and data["retry"] == [] and data["stopped"] == ""
+    assert data["options"]["canary"] == "1" and data["options"]["batch"] == "50%"
+    batches = {h["workstation"]: h["batch"] for h in data["hosts"]}
+    assert batches["ber-rds-01"] == 1
+    assert sorted(batches.values()) == [1, 2, 2, 2, 2, 2, 3, 3, 3]
+    files = [f for h in data["hosts"] for f in h["files"]]
+    assert len(files) == USERS + 9  # every microsip.ini and every override.ini
+    assert all(f["status"] == "changed" and len(f["new_sha256"]) == 64 for f in files)
+    suite = junit_root(report_junit)
+    assert suite.tag == "testsuites"
+    assert (suite.get("tests"), suite.get("failures"), suite.get("skipped")) == ("21", "0", "0")
+    cases = suite.findall(".//testcase")
+    assert {c.get("classname") for c in cases} == set(HOSTS)
+    assert {c.get("name") for c in cases if c.get("classname") == "ham-ws-002"} == {
+        "ivan/microsip.ini",
+        "judy/microsip.ini",
+        "override.ini",
+    }
+    run_id = data["run_id"]
+
+    # ---- the same again: nothing to do
+    second = cli(cwd, env, "rollout", "--yes", "--quiet", *args)
+    assert second.returncode == 0, second.stderr
+    assert host_lines(second.stdout) == dict.fromkeys(HOSTS, "unchanged")
+
+    # ---- --check on a changed inventory reports, writes and records nothing
+    change_defaults(cwd / "inventory")
+    check = cli(cwd, env, "rollout", "--check", "--report-json", str(cwd / "check.json"), *args)
+    assert check.returncode == 0, check.stderr
+    assert "(dry run)" in check.stdout
+    assert host_lines(check.stdout) == dict.fromkeys(HOSTS, "changed")
+    checked = json.loads((cwd / "check.json").read_text(encoding="utf-8"))
+    assert checked["dry_run"] is True and checked["counts"]["changed"] == 9
+    third = cli(cwd, env, "rollout", "--yes", "--canary", "0", *args)
+    assert third.returncode == 0, third.stderr
+    assert host_lines(third.stdout) == dict.fromkeys(HOSTS, "changed")  # check wrote nothing
+
+    # ---- runs list / show, text and JSON
+    listed = cli(cwd, env, "runs", "list", "-i", "inventory")
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.splitlines()
+    assert len(lines) == 3  # the check run is not recorded
+    assert lines[2].startswith(run_id) and "9 changed" in lines[2]
+    assert "9 unchanged" in lines[1] and "9 changed" in lines[0]
+    as_json = json.loads(cli(cwd, env, "runs", "list", "-i", "inventory", "--json").stdout)
+    assert [r["id"] for r in as_json][2] == run_id
+    assert as_json[2]["counts"]["changed"] == 9 and as_json[2]["dry_run"] is False
+    assert as_json[2]["command"] == "rollout" and as_json[2]["total"] == 9
+    shown = cli(cwd, env, "runs", "show", run_id[:5], "-i", "inventory")
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith(run_id)
+    assert all(f"{h}  changed" in shown.stdout for h in HOSTS)
+    assert "alice/microsip.ini  changed  - -> " in shown.stdout
+    detail = json.loads(
+        cli(cwd, env, "runs", "show", run_id[:5], "-i", "inventory", "--json").stdout
+    )
+    assert detail["summary"]["id"] == run_id and detail["to_retry"] == []
+    assert sorted(r["workstation"] for r in detail["results"]) == HOSTS
+    by_host = {r["workstation"]: r for r in detail["results"]}
+    stored = {f["path"]: f["new_sha256"] for r in detail["results"] for f in r["files"]}
+    reported = {f["path"]: f["new_sha256"] for h in data["hosts"] for f in h["files"] if f["user"]}
+    assert all(stored[p] == digest for p, digest in reported.items())
+    assert [f["user"] for f in by_host["ber-rds-01"]["files"] if f["user"]] == [
+        "carol",
+        "dave",
+        "erin",
+    ]
+    missing = cli(cwd, env, "runs", "show", "zzzz", "-i", "inventory")
+    assert missing.returncode == 1 and "no run 'zzzz'" in missing.stderr
+
+    # ---- audit: one record per changed file, never a secret
+    audit = cli(cwd, env, "audit", "--user", "alice", "-i", "inventory")
+    assert audit.returncode == 0, audit.stderr
+    records = [line for line in audit.stdout.splitlines() if "ber-ws-001 alice" in line]
+    assert len(records) == 2 and all("  push  " in r and "changed" in r for r in records)
+    assert audit.stdout.rstrip().endswith("2 record(s)")
+    audited = json.loads(
+        cli(cwd, env, "audit", "--user", "alice", "--json", "-i", "inventory").stdout
+    )
+    assert audited[0]["run_id"] == run_id
+    assert {(r["action"], r["workstation"], r["user"], r["status"]) for r in audited} == {
+        ("push", "ber-ws-001", "alice", "changed")
+    }
+    assert audited[1]["sha256_before"] == audited[0]["sha256_after"]
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    dated = cli(
+        cwd, env, "audit", "-w", "ham-ws-002", "--since", today, "--json", "-i", "inventory"
+    )
+    assert {r["user"] for r in json.loads(dated.stdout)} == {None, "ivan", "judy"}
+    bad = cli(cwd, env, "audit", "--since", "last tuesday", "-i", "inventory")
+    assert bad.returncode == 1 and "is not a date or time" in bad.stderr
+
+    # ---- no confirmation without a terminal and without --yes
+    refused = cli(cwd, env, "rollout", *args)
+    assert refused.returncode == 1
+    assert "error: not a terminal: pass --yes to confirm, or --check to look" in refused.stderr
+
+    # ---- a second rollout on the same state is refused with the holder's details
+    store = state.StateStore(cwd / ".provisioner-state")
+    with store.lock("held by the test: rollout") as held:
+        locked = cli(cwd, env, "rollout", "--yes", *args)
+    assert locked.returncode == 1
+    assert "another rollout is using the state" in locked.stderr
+    assert "'held by the test: rollout'" in locked.stderr and f"pid {held.pid}" in locked.stderr
+    assert len(cli(cwd, env, "runs", "list", "-i", "inventory").stdout.splitlines()) == 3
+
+
+# --------------------------------------------------------------------------- an in-process lab
+
+
+@pytest.fixture
+def example(tmp_path: Path) -> Iterator[ExampleLab]:
+    with example_lab(tmp_path) as running:
+        yield running
+
+
+def test_failures_exit_3_then_only_failed_converges(example: ExampleLab) -> None:
+    hosts = example.lab.hosts
+    hosts["ber-ws-002"].set_faults(Faults(refuse=True))
+    hosts["ber-ws-003"].set_faults(Faults(http_401=True))
+    alice_ws = example.machine("ber-ws-001")
+    alice = alice_ws.lookup_account("ACME\\alice")
+    assert alice is not None
+    alice_ws.start_microsip(alice)
+    report = example.root / "run.json"
+    junit = example.root / "run.xml"
+
+    # batches: [ber-rds-01] [ber-ws-001 .. ham-kiosk-01] [ham-ws-001 .. ham-ws-003]
+    run = example.cli(
+        "rollout",
+        "--yes",
+        "--canary",
+        "1",
+        "--batch",
+        "50%",
+        "--retries",
+        "1",
+        "--report-json",
+        str(report),
+        "--report-junit",
+        str(junit),
+    )
+    assert run.returncode == 3, (run.stdout, run.stderr)
+    out = run.stdout
+    assert "6 workstation(s) need attention:" in out
+    assert "  ber-ws-002: failed - cannot connect" in out
+    assert "(after 2 attempts)" in out
+    assert "  ber-ws-003: failed - the credentials were rejected (ntlm as svc-microsip)" in out
+    assert "  ber-ws-001: busy - 1 changed, 1 busy (alice/microsip.ini: MicroSIP is running" in out
+    reason = "failure threshold exceeded after batch 2: 2 of 6 failed (more than 10%)"
+    assert f"stopped: {reason}" in out
+    for host in ("ham-ws-001", "ham-ws-002", "ham-ws-003"):
+        assert f"  {host}: skipped - {reason}" in out
+    data = json.loads(report.read_text(encoding="utf-8"))
+    retry = ["ber-ws-001", "ber-ws-002", "ber-ws-003", "ham-ws-001", "ham-ws-002", "ham-ws-003"]
+    assert data["exit_code"] == 3 and data["retry"] == retry and data["stopped"] == reason
+    attempts = {h["workstation"]: h["attempts"] for h in data["hosts"]}
+    assert attempts["ber-ws-002"] == 2 and attempts["ber-ws-003"] == 1
+    assert attempts["ham-ws-001"] == 0
+    suite = junit_root(junit)
+    failures = {
+        c.get("classname"): c.find("failure").get("message")  # type: ignore[union-attr]
+        for c in suite.iter("testcase")
+        if c.find("failure") is not None
+    }
+    assert sorted(failures) == ["ber-ws-002", "ber-ws-003"]
+    assert failures["ber-ws-003"].startswith("the credentials were rejected")  # type: ignore[union-attr]
+    skipped = [
+        (c.get("classname"), c.get("name"))
+        for c in suite.iter("testcase")
+        if c.find("skipped") is not None
+    ]
+    assert ("ber-ws-001", "alice/microsip.ini") in skipped
+    assert ("ham-ws-003", "connection") in skipped
+    assert example.ini("ber-ws-001", "alice") is None  # busy: nothing written
+    assert example.ini("ham-ws-001", "frank") is None  # skipped: never contacted
+
+    # ---- the faults go away; --only-failed retries exactly the hosts of that run
+    for host in hosts.values():
+        host.clear_faults()
+    alice_ws.stop(alice_ws.processes)
+    for host in hosts.values():
+        host.reset_counts()
+    again = example.cli("rollout", "--yes", "--only-failed", "--report-json", str(report))
+    assert again.returncode == 0, (again.stdout, again.stderr)
+    data = json.loads(report.read_text(encoding="utf-8"))
+    assert sorted(h["workstation"] for h in data["hosts"]) == retry
+    assert {h["status"] for h in data["hosts"]} == {"changed"}
+    assert {name for name, host in hosts.items() if host.request_count} == set(retry)
+    assert all(data is not None for data in example.all_files().values())
+    nothing = example.cli("rollout", "--yes", "--only-failed")
+    assert nothing.returncode == 0
+    assert "nothing to retry" in nothing.stdout
+    # an older run can still be named
+    first_id = state.StateStore(example.state).runs()[-1].id
+    named = example.cli("rollout", "--yes", "--only-failed", first_id[:6], "--check")
+    assert named.returncode == 0, named.stderr
+    assert set(host_lines(named.stdout)) == set(retry)
+    assert set(host_lines(named.stdout).values()) == {"unchanged"}
+
+
+def test_ctrl_c_finishes_the_host_in_flight_and_records_the_run(example: ExampleLab) -> None:
+    for host in example.lab.hosts.values():
+        host.set_faults(Faults(slow=0.1))
+    command = [
+        sys.executable,
+        "-m",
+        "provisioner",
+        "rollout",
+        "--yes",
+        "--canary",
+        "0",
+        "--forks",
+        "1",
+        "-i",
+        str(example.inventory),
+        *example.keys,
+        "--lab",
+        str(example.lab_file),
+    ]
+    process = subprocess.Popen(
+        command,
+        cwd=example.root,
+        env=example.env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        lines = []
+        for line in process.stdout:
+            lines.append(line)
+            if line.startswith("[1/9]"):
+                process.send_signal(signal.SIGINT)
+                break
+        rest, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    out = "".join(lines) + rest
+    assert process.returncode == 3, (out, err)
+    assert "interrupt: finishing the workstations in flight, starting no new one" in err
+    assert "Traceback" not in err
+    done = host_lines(out)
+    changed = [h for h, s in done.items() if s == "changed"]
+    assert 1 <= len(changed) <= 2 and changed == HOSTS[: len(changed)]
+    assert "stopped: interrupted: no new workstation was started" in out
+    assert sum(1 for s in done.values() if s == "skipped") == 9 - len(changed)
+    runs = state.StateStore(example.state).runs()
+    assert len(runs) == 1 and runs[0].stopped == "interrupted: no new workstation was started"
+    assert runs[0].counts[state.Status.SKIPPED] == 9 - len(changed)
+    retry = state.StateStore(example.state).hosts_to_retry()
+    assert retry == HOSTS[len(changed) :]
+    for host in HOSTS[len(changed) :]:
+        assert all(data is None for (ws, _), data in example.all_files().items() if ws == host)
+
+
+# --------------------------------------------------------------------------- a canary password
+
+
+CANARY = "Canary-Pw-7f3a9c1e5b"
+
+
+def _leaks(data: bytes) -> bool:
+    encodings = (CANARY.encode("utf-8"), CANARY.encode("utf-16-le"))
+    return any(form in data for form in encodings)
+
+
+def test_a_canary_password_never_leaks_from_a_rollout(example: ExampleLab) -> None:
+    outputs: list[subprocess.CompletedProcess[str]] = []
+    outputs.append(example.cli("user", "set-password", "bob", "--stdin", stdin=CANARY + "\n"))
+    assert outputs[-1].returncode == 0, outputs[-1].stderr
+    # one host fails, so that error paths are printed and recorded too
+    example.lab.hosts["ham-ws-003"].set_faults(Faults(http_401=True))
+    report, junit = example.root / "r.json", example.root / "r.xml"
+    outputs.append(
+        example.cli(
+            "rollout",
+            "--yes",
+            "--diff",
+            "--max-fail",
+            "100%",
+            "--report-json",
+            str(report),
+            "--report-junit",
+            str(junit),
+        )
+    )
+    assert outputs[-1].returncode == 3, outputs[-1].stdout
+    assert "[Account1] password: changed" in outputs[-1].stdout  # the diff names it, masked
+    run_id = json.loads(report.read_text(encoding="utf-8"))["run_id"]
+    outputs.append(example.cli("rollout", "--check", "--diff"))
+    outputs.append(example.cli("runs", "show", run_id, "--json", keys=False, lab=False))
+    outputs.append(example.cli("audit", "--json", keys=False, lab=False))
+    outputs.append(example.cli("user", "show", "bob", "--json", keys=False, lab=False))
+    example.lab.hosts["ham-ws-003"].clear_faults()
+    outputs.append(example.cli("user", "regenerate", "bob", "--yes", "--reset"))
+    assert outputs[-1].returncode == 0, outputs[-1].stderr
+
+    # the canary did reach bob's workstation: the test can see it if it leaks
+    bob_ini = example.ini("ber-ws-002", "bob")
+    assert bob_ini is not None
+    assert f"password={CANARY}" in ini.decode_ini_bytes(bob_ini)
+    for output in outputs:
+        assert CANARY not in output.stdout and CANARY not in output.stderr, output.args
+    for path in (report, junit):
+        assert not _leaks(path.read_bytes()), path
+    state_files = [p for p in example.state.rglob("*") if p.is_file()]
+    assert {p.name for p in state_files} >= {"state.sqlite3", "audit.jsonl"}
+    for path in state_files:
+        assert not _leaks(path.read_bytes()), path
+    for path in example.inventory.rglob("*"):
+        if path.is_file():
+            assert not _leaks(path.read_bytes()), path
+    # the applied copy kept on the workstation for the next merge has no password either
+    bob_ws = example.machine("ber-ws-002")
+    applied = bob_ws.read(bob_ws.state_path(example.ini_path("ber-ws-002", "bob"), "applied"))
+    assert applied is not None and not _leaks(applied)
+
+
+def test_bad_input_exits_1_before_any_connection(example: ExampleLab) -> None:
+    for host in example.lab.hosts.values():
+        host.reset_counts()
+    cases: list[tuple[tuple[str, ...], str]] = [
+        (("--canary", "ten"), "'ten' is not a size"),
+        (("--batch", "0"), "'0' is not a size"),
+        (("--max-fail", "lots"), "--max-fail is a percentage"),
+        (("--limit", "ws:nowhere"), "nowhere"),
+    ]
+    for extra, message in cases:
+        result = example.cli("rollout", "--yes", *extra)
+        assert result.returncode == 1, (extra, result.stdout, result.stderr)
+        assert message in result.stderr, (extra, result.stderr)
+    assert all(host.request_count == 0 for host in example.lab.hosts.values())
+    assert (
+        not (example.state / "state.sqlite3").exists() or not state.StateStore(example.state).runs()
+    )

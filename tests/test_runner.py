@@ -1,0 +1,574 @@
+"""The fleet runner: sizes and batches, the failure threshold, retries, Ctrl-C (a stop Event).
+
+The pushes are real (``push_host``, the merge, the lab agent writing real files of emulated
+workstations); only the wire is short-circuited: a transport hands each request to the lab
+agent in-process, or raises the transport error a test scripts for that host and attempt.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from provisioner import build, runner
+from provisioner.errors import (
+    AuthError,
+    ConnectError,
+    ProvisionerError,
+    RemoteError,
+    TransportError,
+    TransportTimeoutError,
+)
+from provisioner.lab import agent
+from provisioner.lab.fleet import WorkstationSpec, build_workstation
+from provisioner.lab.workstation import Workstation
+from provisioner.report import exit_code, hosts_to_retry
+from provisioner.resolve import StationPlan, resolve_station
+from provisioner.results import HostResult, Status
+from provisioner.runner import RolloutOptions, parse_size, plan_batches, run_fleet
+from provisioner.transport.base import Transport
+from tests.labkit import write_inventory
+
+HOSTS = [f"ws{n:02d}" for n in range(1, 11)]
+INTERRUPTED = "interrupted: no new workstation was started"
+
+# --------------------------------------------------------------------------- sizes and batches
+
+
+@pytest.mark.parametrize(
+    ("text", "total", "size"),
+    [
+        ("5", 20, 5),
+        (" 5 ", 20, 5),
+        ("50", 20, 20),  # never more than the fleet
+        ("10%", 20, 2),
+        ("10%", 5, 1),  # a share rounds up: at least one host
+        ("33%", 10, 4),
+        ("100%", 7, 7),
+        ("0.5%", 1000, 5),
+        ("1", 0, 0),  # an empty fleet has empty batches
+        ("10%", 0, 0),
+    ],
+)
+def test_parse_size(text: str, total: int, size: int) -> None:
+    assert parse_size(text, total) == size
+
+
+@pytest.mark.parametrize("text", ["", "abc", "-1", "5.5", "0%", "150%", "-10%", "%", "nan%", "0"])
+def test_bad_sizes_are_clear_errors(text: str) -> None:
+    with pytest.raises(ProvisionerError) as caught:
+        parse_size(text, 10)
+    assert "is not a size" in str(caught.value)
+    assert "count like 5" in str(caught.value) and "share like 10%" in str(caught.value)
+
+
+def test_plan_batches_counts_percentages_and_canary() -> None:
+    hosts = [f"h{n}" for n in range(10)]
+    assert plan_batches(hosts, "1", "3") == [
+        ["h0"],
+        ["h1", "h2", "h3"],
+        ["h4", "h5", "h6"],
+        ["h7", "h8", "h9"],
+    ]
+    # shares are of the whole fleet, the canary included
+    assert [len(b) for b in plan_batches(hosts, "10%", "50%")] == [1, 5, 4]
+    assert [len(b) for b in plan_batches(hosts, "2", "100%")] == [2, 8]
+    assert [len(b) for b in plan_batches(hosts, "0", "4")] == [4, 4, 2]  # no canary
+    assert [len(b) for b in plan_batches(hosts, "0%", "100%")] == [10]  # 0% canary: none
+    assert [len(b) for b in plan_batches(hosts, "20", "1")] == [10]  # canary takes all
+    assert plan_batches([], "1", "10%") == []
+    for canary, batch in (("1", "3"), ("30%", "25%"), ("0", "1")):
+        flat = [h for b in plan_batches(hosts, canary, batch) for h in b]
+        assert flat == hosts  # every host exactly once, in order
+
+
+@pytest.mark.parametrize(("canary", "batch"), [("x", "10%"), ("1", "0"), ("1", "abc"), ("-2", "1")])
+def test_plan_batches_refuses_bad_sizes(canary: str, batch: str) -> None:
+    with pytest.raises(ProvisionerError, match="is not a size"):
+        plan_batches(HOSTS, canary, batch)
+
+
+# --------------------------------------------------------------------------- a scripted fleet
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> build.BuildResult:
+    root = tmp_path_factory.mktemp("inventory")
+    keyring = write_inventory(root, workstations=len(HOSTS))
+    result = build.build(root, opener_factory=lambda _: keyring)
+    assert result.ok, [str(f) for f in result.findings]
+    return result
+
+
+class AgentTransport:
+    """The lab agent in-process: the request goes through a JSON round trip, like the wire."""
+
+    def __init__(self, host: str, machine: Workstation, hook: Callable[[str, str], None]) -> None:
+        self.host = host
+        self.machine = machine
+        self.hook = hook
+        self.closed = False
+
+    def request(self, op: str, request: Mapping[str, Any]) -> dict[str, Any]:
+        self.hook(self.host, op)
+        answer: dict[str, Any] = agent.execute(self.machine, json.loads(json.dumps(request)))
+        return json.loads(json.dumps(answer))  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FailingTransport:
+    """Raises a transport error on the first request."""
+
+    def __init__(self, host: str, error: TransportError) -> None:
+        self.host = host
+        self.error = error
+
+    def request(self, op: str, request: Mapping[str, Any]) -> dict[str, Any]:
+        raise self.error
+
+    def close(self) -> None:
+        pass
+
+
+Step = TransportError | ProvisionerError | None
+
+
+@dataclass
+class Fleet:
+    """Stations, files and emulated machines; the transport factory follows a per-host script.
+
+    ``script[host]`` lists what each attempt does: None pushes through the agent, a
+    TransportError fails the first request, a ProvisionerError fails the factory itself.
+    Attempts past the end of the script push through the agent.
+    """
+
+    stations: dict[str, StationPlan]
+    files: dict[str, list[build.BuiltFile]]
+    machines: dict[str, Workstation]
+    script: dict[str, list[Step]] = field(default_factory=dict)
+    opened: list[str] = field(default_factory=list)
+    requests: list[tuple[str, str]] = field(default_factory=list)
+    on_request: Callable[[str, str], None] = lambda host, op: None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def factory(self, plan: StationPlan) -> Transport:
+        host = plan.workstation.name
+        with self._lock:
+            attempt = self.opened.count(host)
+            self.opened.append(host)
+        steps = self.script.get(host, [])
+        step = steps[attempt] if attempt < len(steps) else None
+        if isinstance(step, TransportError):
+            return FailingTransport(host, step)
+        if isinstance(step, ProvisionerError):
+            raise step
+        return AgentTransport(host, self.machines[host], self._hook)
+
+    def _hook(self, host: str, op: str) -> None:
+        with self._lock:
+            self.requests.append((host, op))
+        self.on_request(host, op)
+
+    def attempts(self, host: str) -> int:
+        return self.opened.count(host)
+
+    def ini(self, host: str) -> bytes | None:
+        machine = self.machines[host]
+        user = machine.users[0]
+        return machine.read(machine.ini_path(user))
+
+    def run(self, options: RolloutOptions, **kwargs: Any) -> runner.RunResult:
+        return run_fleet(self.stations, self.files, self.factory, options, **kwargs)
+
+
+@pytest.fixture
+def fleet(built: build.BuildResult, tmp_path: Path) -> Fleet:
+    assert built.inventory is not None
+    files: dict[str, list[build.BuiltFile]] = {}
+    for item in built.files:
+        files.setdefault(item.target.workstation, []).append(item)
+    stations = {name: resolve_station(built.inventory, name) for name in HOSTS}
+    machines = {}
+    for number, name in enumerate(HOSTS, start=1):
+        spec = WorkstationSpec(users=(f"ACME\\u{number}x1",))
+        machines[name] = build_workstation(tmp_path / name, spec, computer=name.upper())
+    return Fleet(stations, files, machines)
+
+
+class Recorder:
+    """A Reporter that keeps every event, in order."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, Any]] = []
+        self._lock = threading.Lock()
+
+    def batch_started(self, index: int, hosts: Sequence[str]) -> None:
+        with self._lock:
+            self.events.append(("batch", (index, list(hosts))))
+
+    def host_started(self, host: str) -> None:
+        with self._lock:
+            self.events.append(("start", host))
+
+    def host_done(self, result: HostResult) -> None:
+        with self._lock:
+            self.events.append(("done", result.host))
+
+    def of(self, kind: str) -> list[Any]:
+        return [value for event, value in self.events if event == kind]
+
+
+@pytest.fixture
+def sleeps() -> list[float]:
+    return []
+
+
+FAST = RolloutOptions(forks=4, canary="1", batch="3", max_fail=10.0, retries=2, backoff=0.01)
+
+
+# --------------------------------------------------------------------------- a clean run
+
+
+def test_a_clean_run_pushes_every_host_in_planned_batches(fleet: Fleet) -> None:
+    reporter = Recorder()
+    run = fleet.run(FAST, reporter=reporter)
+    assert run.batches == [HOSTS[:1], HOSTS[1:4], HOSTS[4:7], HOSTS[7:]]
+    assert {h: r.status for h, r in run.results.items()} == dict.fromkeys(HOSTS, Status.CHANGED)
+    assert run.ok and not run.stopped and exit_code(run) == 0 and hosts_to_retry(run) == []
+    assert run.finished is not None and run.finished >= run.started
+    assert all(r.attempts == 1 for r in run.results.values())
+    assert all(fleet.ini(h) is not None for h in HOSTS)
+    assert reporter.of("batch") == [(i, b) for i, b in enumerate(run.batches)]
+    assert sorted(reporter.of("done")) == HOSTS and sorted(reporter.of("start")) == HOSTS
+    # a batch ends before the next one starts
+    order = [value for event, value in reporter.events if event in ("batch", "done")]
+    assert order.index((1, HOSTS[1:4])) > order.index("ws01")
+    assert all(order.index(h) < order.index((2, HOSTS[4:7])) for h in HOSTS[1:4])
+    again = fleet.run(FAST)
+    assert {r.status for r in again.results.values()} == {Status.UNCHANGED}
+
+
+def test_check_mode_writes_nothing(fleet: Fleet) -> None:
+    run = fleet.run(replace(FAST, check=True))
+    assert {r.status for r in run.results.values()} == {Status.CHANGED}
+    assert all(r.dry_run for r in run.results.values())
+    assert all(fleet.ini(h) is None for h in HOSTS)
+    assert {op for _, op in fleet.requests} == {"inspect"}
+
+
+def test_forks_bound_the_hosts_in_flight(fleet: Fleet) -> None:
+    in_flight: set[str] = set()
+    peak = 0
+    lock = threading.Lock()
+    seen = threading.Event()
+
+    def hook(host: str, op: str) -> None:
+        nonlocal peak
+        if op != "inspect":
+            return
+        with lock:
+            in_flight.add(host)
+            peak = max(peak, len(in_flight))
+        seen.wait(0.05)  # let others pile up if the pool allowed it
+        with lock:
+            in_flight.discard(host)
+
+    fleet.on_request = hook
+    run = fleet.run(replace(FAST, forks=2, canary="0", batch="100%"))
+    assert run.ok
+    assert peak == 2
+
+
+def test_options_that_cannot_run_are_refused(fleet: Fleet) -> None:
+    with pytest.raises(ProvisionerError, match="forks"):
+        fleet.run(replace(FAST, forks=0))
+    with pytest.raises(ProvisionerError, match="is not a size"):
+        fleet.run(replace(FAST, batch="0"))
+    assert fleet.opened == []
+
+
+# --------------------------------------------------------------------------- the threshold
+
+
+@pytest.mark.parametrize(
+    ("failing", "max_fail", "stopped_after", "failed", "attempted"),
+    [
+        # batches: [ws01] [ws02 ws03 ws04] [ws05 ws06 ws07] [ws08 ws09 ws10]
+        (["ws01"], 10.0, 1, 1, 1),  # the canary fails: nothing else starts
+        (["ws03"], 10.0, 2, 1, 4),  # 25% > 10%
+        (["ws03"], 25.0, None, 1, 10),  # 25% is not more than 25%; then 1 of 7, 1 of 10
+        (["ws03", "ws06"], 25.0, 3, 2, 7),  # 2 of 7 = 28.6% > 25%
+        (["ws06", "ws09"], 15.0, 4, 2, 10),  # 1 of 7 = 14.3%, then 2 of 10 in the last batch
+        (["ws02", "ws03", "ws04"], 100.0, None, 3, 10),  # 100%: never stops
+        (["ws09"], 0.0, 4, 1, 10),  # 0%: the first failure stops the run
+    ],
+)
+def test_threshold_stops_after_the_batch_that_exceeds_it(
+    fleet: Fleet,
+    failing: list[str],
+    max_fail: float,
+    stopped_after: int | None,
+    failed: int,
+    attempted: int,
+) -> None:
+    for host in failing:
+        fleet.script[host] = [AuthError("the credentials were rejected", host=host)]
+    reporter = Recorder()
+    run = fleet.run(replace(FAST, max_fail=max_fail), reporter=reporter)
+    assert len(run.results) == len(HOSTS)
+    counts = run.counts()
+    assert counts[Status.FAILED] == failed
+    if stopped_after is None:
+        assert run.stopped == ""
+        assert counts[Status.SKIPPED] == 0
+        return
+    reason = (
+        f"failure threshold exceeded after batch {stopped_after}: {failed} of {attempted} "
+        f"failed (more than {max_fail:g}%)"
+    )
+    assert run.stopped == reason
+    skipped = [h for batch in run.batches[stopped_after:] for h in batch]
+    assert sorted(h for h, r in run.results.items() if r.status == Status.SKIPPED) == skipped
+    for host in skipped:
+        result = run.results[host]
+        assert result.message == reason and result.attempts == 0
+        assert fleet.attempts(host) == 0 and fleet.ini(host) is None
+    assert len(reporter.of("batch")) == stopped_after
+    assert sorted(reporter.of("done")) == HOSTS  # skipped hosts are reported too
+    assert not set(reporter.of("start")) & set(skipped)
+    assert hosts_to_retry(run) == sorted([*failing, *skipped])
+    assert exit_code(run) == 3
+
+
+def test_busy_hosts_do_not_count_as_failures(fleet: Fleet) -> None:
+    for host in ("ws02", "ws03"):
+        machine = fleet.machines[host]
+        machine.start_microsip(machine.users[0])
+    run = fleet.run(replace(FAST, max_fail=0.0))
+    assert not run.stopped
+    assert run.results["ws02"].status == Status.BUSY
+    assert "MicroSIP is running" in run.results["ws02"].message
+    assert fleet.ini("ws02") is None and fleet.ini("ws05") is not None
+    assert run.counts()[Status.CHANGED] == 8
+    assert hosts_to_retry(run) == ["ws02", "ws03"] and exit_code(run) == 3
+
+
+def test_conflicts_count_as_failures(fleet: Fleet) -> None:
+    # ws02's file changes between inspect and apply, twice (MicroSIP writing it): a conflict
+    machine = fleet.machines["ws02"]
+    path = machine.ini_path(machine.users[0])
+    fleet.run(RolloutOptions(canary="0"))
+
+    def meddle(host: str, op: str) -> None:
+        if host == "ws02" and op == "apply":
+            data = machine.read(path)
+            assert data is not None
+            machine.put(path, data + "x=1\r\n".encode("utf-16-le"))
+
+    fleet.on_request = meddle
+    run = fleet.run(replace(FAST, max_fail=0.0, check=False, push=replace(FAST.push, reset=True)))
+    assert run.results["ws02"].status == Status.CONFLICT
+    assert run.stopped.startswith("failure threshold exceeded after batch 2: 1 of 4 failed")
+
+
+# --------------------------------------------------------------------------- retries
+
+
+@pytest.fixture
+def exact_jitter(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    # jitter multiplies the delay by 0.5 + random()/2: random() = 1.0 gives the full delay
+    monkeypatch.setattr(runner.random, "random", lambda: 1.0)
+    yield
+
+
+@pytest.mark.usefixtures("exact_jitter")
+@pytest.mark.parametrize(
+    "error",
+    [
+        ConnectError("cannot connect: refused", host="ws02"),
+        TransportTimeoutError("no answer within 5 s", host="ws02"),
+    ],
+)
+def test_retryable_failures_are_retried_then_succeed(
+    fleet: Fleet, sleeps: list[float], error: TransportError
+) -> None:
+    fleet.script["ws02"] = [error, error]
+    options = replace(FAST, retries=2, backoff=1.0, backoff_cap=30.0)
+    run = fleet.run(options, sleep=sleeps.append)
+    result = run.results["ws02"]
+    assert result.status == Status.CHANGED and result.attempts == 3
+    assert fleet.attempts("ws02") == 3 and fleet.ini("ws02") is not None
+    assert sleeps == [1.0, 2.0]  # exponential
+    assert all(run.results[h].attempts == 1 for h in HOSTS if h != "ws02")
+
+
+@pytest.mark.usefixtures("exact_jitter")
+def test_backoff_is_capped_and_retries_are_bounded(fleet: Fleet, sleeps: list[float]) -> None:
+    refused = ConnectError("cannot connect: connection refused", host="ws01")
+    fleet.script["ws01"] = [refused] * 10
+    options = replace(FAST, retries=5, backoff=1.0, backoff_cap=4.0, max_fail=100.0)
+    run = fleet.run(options, sleep=sleeps.append)
+    result = run.results["ws01"]
+    assert result.status == Status.FAILED and result.retryable
+    assert result.attempts == 6 and fleet.attempts("ws01") == 6
+    assert result.message == "cannot connect: connection refused (after 6 attempts)"
+    assert sleeps == [1.0, 2.0, 4.0, 4.0, 4.0]
+
+
+def test_jitter_stays_between_half_and_the_full_delay(fleet: Fleet, sleeps: list[float]) -> None:
+    fleet.script["ws01"] = [ConnectError("refused", host="ws01")] * 4
+    run = fleet.run(replace(FAST, retries=3, backoff=0.5, backoff_cap=1.5), sleep=sleeps.append)
+    assert run.results["ws01"].attempts == 4
+    assert len(sleeps) == 3
+    for delay, full in zip(sleeps, [0.5, 1.0, 1.5], strict=True):
+        assert full / 2 <= delay <= full
+
+
+def test_no_retries_means_one_attempt(fleet: Fleet, sleeps: list[float]) -> None:
+    fleet.script["ws01"] = [ConnectError("refused", host="ws01")]
+    run = fleet.run(replace(FAST, retries=0), sleep=sleeps.append)
+    assert run.results["ws01"].attempts == 1 and sleeps == []
+    assert run.results["ws01"].message == "refused"
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        AuthError("the credentials were rejected (ntlm as svc-microsip)", host="ws01"),
+        RemoteError("WS-Management fault 2147943418: Fault injected", host="ws01"),
+        RemoteError("the agent failed: exit code 1", host="ws01"),
+        TransportError("TLS failed: certificate verify failed", host="ws01"),
+    ],
+)
+def test_auth_and_remote_errors_are_never_retried(
+    fleet: Fleet, sleeps: list[float], error: TransportError
+) -> None:
+    fleet.script["ws01"] = [error] * 3
+    run = fleet.run(replace(FAST, retries=3, max_fail=100.0), sleep=sleeps.append)
+    result = run.results["ws01"]
+    assert result.status == Status.FAILED and not result.retryable
+    assert result.attempts == 1 and fleet.attempts("ws01") == 1
+    assert result.message == str(error)
+    assert sleeps == []
+
+
+def test_an_agent_failure_is_not_retried(fleet: Fleet, sleeps: list[float]) -> None:
+    fleet.machines["ws01"].uninstall_microsip()
+    fleet.machines["ws02"].faults.disk_full = True
+    run = fleet.run(replace(FAST, retries=3, max_fail=100.0), sleep=sleeps.append)
+    assert "not installed" in run.results["ws01"].message
+    assert "disk-full" in run.results["ws02"].message
+    for host in ("ws01", "ws02"):
+        assert run.results[host].status == Status.FAILED and run.results[host].attempts == 1
+        assert fleet.attempts(host) == 1
+    assert fleet.ini("ws02") is None
+    assert sleeps == []
+
+
+def test_a_retry_that_meets_an_auth_error_stops(fleet: Fleet, sleeps: list[float]) -> None:
+    fleet.script["ws01"] = [
+        ConnectError("refused", host="ws01"),
+        AuthError("the credentials were rejected", host="ws01"),
+    ]
+    run = fleet.run(replace(FAST, retries=5, max_fail=100.0), sleep=sleeps.append)
+    result = run.results["ws01"]
+    assert result.status == Status.FAILED and result.attempts == 2 and len(sleeps) == 1
+    assert result.message == "the credentials were rejected"
+
+
+def test_a_factory_error_fails_the_host_without_retry(fleet: Fleet, sleeps: list[float]) -> None:
+    fleet.script["ws01"] = [ProvisionerError("no winrm.username for ws01")]
+    run = fleet.run(replace(FAST, max_fail=100.0), sleep=sleeps.append)
+    result = run.results["ws01"]
+    assert result.status == Status.FAILED and result.attempts == 1
+    assert result.message == "no winrm.username for ws01" and sleeps == []
+    assert run.counts()[Status.CHANGED] == 9
+
+
+# --------------------------------------------------------------------------- Ctrl-C: the stop Event
+
+
+def test_stop_before_the_run_skips_everything(fleet: Fleet) -> None:
+    stop = threading.Event()
+    stop.set()
+    reporter = Recorder()
+    run = fleet.run(FAST, stop=stop, reporter=reporter)
+    assert run.stopped == INTERRUPTED
+    assert {r.status for r in run.results.values()} == {Status.SKIPPED}
+    assert {r.message for r in run.results.values()} == {INTERRUPTED}
+    assert fleet.opened == [] and reporter.of("start") == [] and reporter.of("batch") == []
+    assert sorted(reporter.of("done")) == HOSTS
+
+
+def test_stop_lets_the_host_in_flight_finish_and_launches_no_other(fleet: Fleet) -> None:
+    stop = threading.Event()
+
+    def interrupt(host: str, op: str) -> None:
+        if host == "ws01" and op == "inspect":
+            stop.set()
+
+    fleet.on_request = interrupt
+    run = fleet.run(replace(FAST, forks=1, canary="0", batch="100%"), stop=stop)
+    assert fleet.opened == ["ws01"]
+    assert run.results["ws01"].status == Status.CHANGED  # finished, apply included
+    assert ("ws01", "apply") in fleet.requests
+    assert fleet.ini("ws01") is not None
+    for host in HOSTS[1:]:
+        assert run.results[host].status == Status.SKIPPED
+        assert run.results[host].message == INTERRUPTED
+        assert fleet.ini(host) is None
+    assert run.stopped == INTERRUPTED
+    assert hosts_to_retry(run) == HOSTS[1:]
+
+
+def test_stop_with_several_in_flight(fleet: Fleet) -> None:
+    stop = threading.Event()
+    started = threading.Barrier(3, timeout=10)
+
+    def interrupt(host: str, op: str) -> None:
+        if op == "inspect" and host in ("ws01", "ws02", "ws03"):
+            started.wait()  # all three are in flight before anyone sets stop
+            if host == "ws01":
+                stop.set()
+
+    fleet.on_request = interrupt
+    run = fleet.run(replace(FAST, forks=3, canary="0", batch="100%"), stop=stop)
+    assert sorted(fleet.opened) == ["ws01", "ws02", "ws03"]
+    for host in ("ws01", "ws02", "ws03"):
+        assert run.results[host].status == Status.CHANGED
+        assert fleet.ini(host) is not None
+    assert {run.results[h].status for h in HOSTS[3:]} == {Status.SKIPPED}
+
+
+def test_stop_in_the_canary_skips_the_later_batches(fleet: Fleet) -> None:
+    stop = threading.Event()
+    fleet.on_request = lambda host, op: stop.set()
+    reporter = Recorder()
+    run = fleet.run(FAST, stop=stop, reporter=reporter)
+    assert run.results["ws01"].status == Status.CHANGED
+    assert fleet.opened == ["ws01"]
+    assert len(reporter.of("batch")) == 1
+    assert {run.results[h].message for h in HOSTS[1:]} == {INTERRUPTED}
+
+
+def test_stop_ends_the_retries_of_a_host(fleet: Fleet, sleeps: list[float]) -> None:
+    stop = threading.Event()
+    fleet.script["ws01"] = [ConnectError("refused", host="ws01")] * 3
+
+    def sleep(delay: float) -> None:
+        sleeps.append(delay)
+        stop.set()  # Ctrl-C during the backoff
+
+    run = fleet.run(replace(FAST, retries=5), stop=stop, sleep=sleep)
+    result = run.results["ws01"]
+    assert result.status == Status.FAILED and result.attempts == 2 and len(sleeps) == 1
+    assert result.message.endswith("(after 2 attempts)")
+    assert {run.results[h].status for h in HOSTS[1:]} == {Status.SKIPPED}
