@@ -318,3 +318,29 @@ def test_user_without_profile_and_missing_install(tmp_path: Path) -> None:
         ws.uninstall_microsip()
         gone = kit.push("ws01")
         assert gone.status == Status.FAILED and "not installed" in gone.message
+
+
+def test_tls_failure_is_fatal_and_names_the_certificate(tmp_path: Path) -> None:
+    from provisioner import connections
+    from provisioner.transport.winrm import WinrmTransport
+
+    with lab_kit(tmp_path, transport="basic") as kit:
+        options = connections.winrm_options(kit.station("ws01"), kit.keyring, kit.lab.lab_map())
+        # The system store does not know the lab's CA: validation must fail, not be skipped.
+        untrusted = dataclasses.replace(options, ca_trust_path=None)
+        result = kit.push("ws01", transport=WinrmTransport("ws01", untrusted))
+        assert result.status == Status.FAILED and not result.retryable
+        assert "TLS failed" in result.message and "ca_trust_path" in result.message
+        assert machine(kit).read(INI) is None
+
+
+def test_basic_over_plain_http_is_refused_before_connecting(tmp_path: Path) -> None:
+    from provisioner import connections
+    from provisioner.errors import TransportError
+    from provisioner.transport.winrm import WinrmTransport
+
+    with lab_kit(tmp_path, transport="basic") as kit:
+        options = connections.winrm_options(kit.station("ws01"), kit.keyring, kit.lab.lab_map())
+        with pytest.raises(TransportError, match="clear text"):
+            WinrmTransport("ws01", dataclasses.replace(options, scheme="http"))
+        assert kit.lab.hosts["ws01"].request_count == 0

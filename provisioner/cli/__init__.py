@@ -41,10 +41,28 @@ app.add_typer(keys.app, name="keys")
 app.add_typer(secrets.app, name="secrets")
 
 
+# Options whose value may be left out, and what a bare option means. Typer has no optional
+# option values (its flag_value is ignored), so a bare one gets its value here.
+OPTIONAL_VALUES = {"--only-failed": "last"}
+
+
+def fill_optional_values(argv: list[str]) -> list[str]:
+    """``rollout --only-failed`` (no RUN, or another option next) means ``--only-failed last``."""
+    filled: list[str] = []
+    for index, arg in enumerate(argv):
+        filled.append(arg)
+        if arg == "--":
+            return filled + argv[index + 1 :]
+        following = argv[index + 1] if index + 1 < len(argv) else None
+        if arg in OPTIONAL_VALUES and (following is None or following.startswith("-")):
+            filled.append(OPTIONAL_VALUES[arg])
+    return filled
+
+
 def main() -> None:
     """Run the CLI, turning every error into one message and an exit code."""
     try:
-        app(standalone_mode=True)
+        app(args=fill_optional_values(sys.argv[1:]), standalone_mode=True)
     except ProvisionerError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_INPUT)

@@ -209,7 +209,7 @@ def rollout(
         str | None,
         typer.Option(
             "--only-failed",
-            help="Only the hosts that failed, were busy or skipped in RUN (or 'last').",
+            help="Only the hosts that failed, were busy or skipped in RUN (bare: the last run).",
         ),
     ] = None,
     quiet: Annotated[
