@@ -231,12 +231,63 @@ def lab_stats(hosts: dict[str, Any], cpu_mark: tuple[float, float]) -> dict[str,
 # --------------------------------------------------------------------------- controller child
 
 
+PATCHES = ("environ-lock", "no-trust-env")
+
+
+def apply_patches(names: list[str]) -> None:
+    """Candidate controller changes, applied in this process only, to measure their effect.
+
+    * ``environ-lock``: requests' ``should_bypass_proxies`` sets and deletes
+      ``os.environ["no_proxy"]`` around every request (``requests.utils.set_environ``,
+      psf/requests#4997) because pywinrm passes ``proxies={"no_proxy": "*"}`` for
+      ``proxy=None``; concurrent pushes race on it (``KeyError: 'no_proxy'``). Serialize it.
+    * ``no-trust-env``: once pywinrm has built a host's requests session (proxies already
+      resolved: none), stop requests from re-reading proxy settings from the environment on
+      every request (``session.trust_env = False``).
+    """
+    import contextlib
+    from collections.abc import Iterator
+
+    import requests.utils
+    import winrm.transport
+
+    if "environ-lock" in names:
+        lock = threading.Lock()
+        set_environ = requests.utils.set_environ
+
+        @contextlib.contextmanager
+        def locked(name: str, value: str | None) -> Iterator[None]:
+            if value is None:
+                yield
+                return
+            with lock, set_environ(name, value):
+                yield
+
+        requests.utils.set_environ = locked
+    if "no-trust-env" in names:
+        build_session = winrm.transport.Transport.build_session
+
+        def built(self: Any) -> Any:
+            session = build_session(self)
+            session.trust_env = False
+            return session
+
+        winrm.transport.Transport.build_session = built  # type: ignore[method-assign]
+
+
 def controller_child(
-    root: Path, identity_path: Path, lab_file: Path, forks: int, canary: str, profile: str
+    root: Path,
+    identity_path: Path,
+    lab_file: Path,
+    forks: int,
+    canary: str,
+    profile: str,
+    patches: list[str],
 ) -> None:
     """Phase 1 then run_fleet, as ``provisioner rollout --lab FILE --yes`` does."""
     from provisioner import build, connections, resolve, runner
 
+    apply_patches(patches)
     start = time.perf_counter()
     keyring = open_keyring(root, identity_path)
     result = build.build(root, opener_factory=lambda _: keyring)
@@ -364,10 +415,19 @@ class LabProcess:
 
 
 def run_controller(
-    root: Path, identity: Path, lab_file: Path, forks: int, canary: str, timeout: float, prof: str
+    root: Path, identity: Path, lab_file: Path, args: argparse.Namespace, prof: str
 ) -> dict[str, Any]:
-    command = [sys.executable, __file__, "--controller-child", str(root), str(identity)]
-    command += [str(lab_file), str(forks), canary, prof]
+    spec = {
+        "root": str(root),
+        "identity_path": str(identity),
+        "lab_file": str(lab_file),
+        "forks": args.forks,
+        "canary": args.canary,
+        "profile": prof,
+        "patches": [p for p in args.patch.split(",") if p],
+    }
+    command = [sys.executable, __file__, "--controller-child", json.dumps(spec)]
+    timeout = args.max_seconds
     child = subprocess.run(command, check=True, capture_output=True, text=True, timeout=timeout)
     if child.stderr.strip():
         print(child.stderr.strip()[-2000:], file=sys.stderr)
@@ -393,7 +453,8 @@ def scenario(
     print(
         f"\n== {label}: {hosts} workstations x 1 user, {args.transport}, latency "
         f"{slow * 1000:g} ms/request, forks {args.forks}, canary {args.canary} "
-        f"(inventory written in {generated:.1f}s; load {load_average()})"
+        f"(inventory written in {generated:.1f}s; load {load_average()}); controller patches: "
+        f"{args.patch or 'none'}"
     )
     lab = LabProcess(root, identity, lab_file, slow, args.max_seconds)
     rows = []
@@ -409,9 +470,7 @@ def scenario(
             prof = ""
             if args.profile:
                 prof = str(Path(args.profile).with_suffix(f".{label}.{round_name[0]}.prof"))
-            ctl = run_controller(
-                root, identity, lab_file, args.forks, args.canary, args.max_seconds, prof
-            )
+            ctl = run_controller(root, identity, lab_file, args, prof)
             if "error" in ctl:
                 print(f"Phase 1 failed: {ctl['error']}")
                 return rows
@@ -424,6 +483,7 @@ def scenario(
                 "hosts": hosts,
                 "latency": slow,
                 "forks": args.forks,
+                "patches": args.patch or "none",
                 "requests_per_host": per_host,
                 "lower_bound_s": bound,
                 "load": load_average(),
@@ -463,17 +523,18 @@ def print_row(row: dict[str, Any]) -> None:
 
 def summary(rows: list[dict[str, Any]]) -> None:
     print(
-        "\n| scenario | round | hosts | latency | forks | req/host | wall | lower bound | ratio "
-        "| failed | controller peak RSS | controller CPU | lab CPU | load |"
+        "\n| scenario | round | hosts | latency | forks | patches | req/host | wall | lower bound "
+        "| ratio | failed | controller peak RSS | controller CPU | lab CPU | load |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         ratio = f"{row['wall_s'] / row['lower_bound_s']:.2f}x" if row["lower_bound_s"] else "n/a"
         failed = sum(v for k, v in row["counts"].items() if k not in ("changed", "unchanged"))
         lab_cpu = row["lab"]["cpu_user_s"] + row["lab"]["cpu_sys_s"]
         print(
             f"| {row['scenario']} | {row['round']} | {row['hosts']} | "
-            f"{row['latency'] * 1000:g} ms | {row['forks']} | {row['requests_per_host']:.2f} | "
+            f"{row['latency'] * 1000:g} ms | {row['forks']} | {row['patches']} | "
+            f"{row['requests_per_host']:.2f} | "
             f"{row['wall_s']:.1f} s | {row['lower_bound_s']:.1f} s | {ratio} | {failed} | "
             f"{row['peak_rss_mib']:.0f} MiB | {row['cpu_user_s'] + row['cpu_sys_s']:.1f} s | "
             f"{lab_cpu:.1f} s | {row['load']} |"
@@ -493,15 +554,22 @@ def main() -> None:
     parser.add_argument("--profile", default="", help="cProfile file stem for the controller")
     parser.add_argument("--json", default="", help="also write the rows to this file")
     parser.add_argument("--lab-child", nargs=5, help=argparse.SUPPRESS)
-    parser.add_argument("--controller-child", nargs=6, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--patch",
+        default="",
+        help=f"candidate controller changes to measure, comma-separated: {', '.join(PATCHES)}",
+    )
+    parser.add_argument("--controller-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.lab_child:
         root, identity, lab_file, slow, max_s = args.lab_child
         lab_child(Path(root), Path(identity), Path(lab_file), float(slow), float(max_s))
         return
     if args.controller_child:
-        root, identity, lab_file, forks, canary, prof = args.controller_child
-        controller_child(Path(root), Path(identity), Path(lab_file), int(forks), canary, prof)
+        spec = json.loads(args.controller_child)
+        for key in ("root", "identity_path", "lab_file"):
+            spec[key] = Path(spec[key])
+        controller_child(**spec)
         return
     if args.quick:
         args.hosts, args.memory_hosts = 20, 20

@@ -119,7 +119,8 @@ def _push(
                         if p.path == still:
                             p.status = Status.CONFLICT
                             p.message = "the file changed while it was being written, twice"
-            by_path = {p.path: p for p in retry}
+            # What the second look found wins: a file already as wanted is no conflict.
+            by_path = {p.path: p for p in replanned if p.path in conflicts}
             planned = [by_path.get(p.path, p) for p in planned]
     changes = [_change(p) for p in planned]
     worst = max((c.status for c in changes), key=lambda s: s.rank, default=Status.UNCHANGED)

@@ -96,7 +96,7 @@ def plan_batches(hosts: Sequence[str], canary: str, batch: str) -> list[list[str
     """The canary batch first (``0`` for none), then batches of ``batch`` size."""
     remaining = list(hosts)
     batches: list[list[str]] = []
-    first = 0 if _is_zero(canary) else parse_size(canary, len(remaining))
+    first = parse_size(canary, len(remaining)) if has_canary(canary) else 0
     if first:
         batches.append(remaining[:first])
         remaining = remaining[first:]
@@ -107,12 +107,12 @@ def plan_batches(hosts: Sequence[str], canary: str, batch: str) -> list[list[str
     return batches
 
 
-def _is_zero(text: str) -> bool:
-    """``0``, ``00`` or ``0%``: no canary batch."""
+def has_canary(canary: str) -> bool:
+    """False for ``0``, ``00`` or ``0%``: no canary batch."""
     try:
-        return float(text.strip().removesuffix("%")) == 0
+        return float(canary.strip().removesuffix("%")) != 0
     except ValueError:
-        return False
+        return True  # not a number: parse_size says why
 
 
 class _NullReporter:

@@ -20,7 +20,9 @@ from pathlib import Path
 import pytest
 
 from provisioner import ini, state
+from provisioner.cli import fill_optional_values
 from provisioner.lab import Faults
+from provisioner.results import Status
 from tests.labkit import ExampleLab, clean_env, copy_example, example_lab
 
 HOSTS = [
@@ -81,9 +83,9 @@ def detached(tmp_path: Path) -> Iterator[tuple[Path, dict[str, str], list[str]]]
     inventory, identity, passphrase = copy_example(tmp_path)
     env = clean_env(tmp_path)
     keys = ["--identity", str(identity), "--passphrase-file", str(passphrase)]
-    for _ in range(3):  # another lab on this machine may hold port 5985 for a moment
+    for _ in range(10):  # another lab on this machine may hold port 5985 for a while
         up = cli(tmp_path, env, "lab", "up", "-i", "inventory", "--detach", *keys)
-        if up.returncode == 0 or "cannot listen" not in up.stdout + up.stderr:
+        if up.returncode == 0 or "cannot listen" not in up.stderr:
             break
         time.sleep(3)
     assert up.returncode == 0, (up.stdout, up.stderr)
@@ -193,30 +195,26 @@ def test_rollout_runs_and_audit_against_a_detached_lab(
         "dave",
         "erin",
     ]
-    missing = cli(cwd, env, "runs", "show", "zzzz", "-i", "inventory")
-    assert missing.returncode == 1 and "no run 'zzzz'" in missing.stderr
 
-    # ---- audit: one record per changed file, never a secret
+    # ---- audit: one record per changed file, queried by user, workstation and date
+    inv = ["-i", "inventory"]
     audit = cli(cwd, env, "audit", "--user", "alice", "-i", "inventory")
     assert audit.returncode == 0, audit.stderr
     records = [line for line in audit.stdout.splitlines() if "ber-ws-001 alice" in line]
     assert len(records) == 2 and all("  push  " in r and "changed" in r for r in records)
     assert audit.stdout.rstrip().endswith("2 record(s)")
+    since = time.strftime("%Y-%m-%d", time.gmtime(time.time() - 86400))
     audited = json.loads(
-        cli(cwd, env, "audit", "--user", "alice", "--json", "-i", "inventory").stdout
+        cli(
+            cwd, env, "audit", "-u", "alice", "-w", "ber-ws-001", "--since", since, "--json", *inv
+        ).stdout
     )
     assert audited[0]["run_id"] == run_id
     assert {(r["action"], r["workstation"], r["user"], r["status"]) for r in audited} == {
         ("push", "ber-ws-001", "alice", "changed")
     }
     assert audited[1]["sha256_before"] == audited[0]["sha256_after"]
-    today = time.strftime("%Y-%m-%d", time.gmtime())
-    dated = cli(
-        cwd, env, "audit", "-w", "ham-ws-002", "--since", today, "--json", "-i", "inventory"
-    )
-    assert {r["user"] for r in json.loads(dated.stdout)} == {None, "ivan", "judy"}
-    bad = cli(cwd, env, "audit", "--since", "last tuesday", "-i", "inventory")
-    assert bad.returncode == 1 and "is not a date or time" in bad.stderr
+    assert audited[0]["sha256_after"] == stored[audited[0]["file"]]
 
     # ---- no confirmation without a terminal and without --yes
     refused = cli(cwd, env, "rollout", *args)
@@ -287,12 +285,12 @@ def test_failures_exit_3_then_only_failed_converges(example: ExampleLab) -> None
     assert attempts["ham-ws-001"] == 0
     suite = junit_root(junit)
     failures = {
-        c.get("classname"): c.find("failure").get("message")  # type: ignore[union-attr]
+        str(c.get("classname")): str(c.find("failure").get("message"))  # type: ignore[union-attr]
         for c in suite.iter("testcase")
         if c.find("failure") is not None
     }
     assert sorted(failures) == ["ber-ws-002", "ber-ws-003"]
-    assert failures["ber-ws-003"].startswith("the credentials were rejected")  # type: ignore[union-attr]
+    assert failures["ber-ws-003"].startswith("the credentials were rejected")
     skipped = [
         (c.get("classname"), c.get("name"))
         for c in suite.iter("testcase")
@@ -304,11 +302,10 @@ def test_failures_exit_3_then_only_failed_converges(example: ExampleLab) -> None
     assert example.ini("ham-ws-001", "frank") is None  # skipped: never contacted
 
     # ---- the faults go away; --only-failed retries exactly the hosts of that run
-    for host in hosts.values():
-        host.clear_faults()
+    for lab_host in hosts.values():
+        lab_host.clear_faults()
+        lab_host.reset_counts()
     alice_ws.stop(alice_ws.processes)
-    for host in hosts.values():
-        host.reset_counts()
     again = example.cli("rollout", "--yes", "--only-failed", "--report-json", str(report))
     assert again.returncode == 0, (again.stdout, again.stderr)
     data = json.loads(report.read_text(encoding="utf-8"))
@@ -375,14 +372,16 @@ def test_ctrl_c_finishes_the_host_in_flight_and_records_the_run(example: Example
     changed = [h for h, s in done.items() if s == "changed"]
     assert 1 <= len(changed) <= 2 and changed == HOSTS[: len(changed)]
     assert "stopped: interrupted: no new workstation was started" in out
+    assert "-- batch 1: 9 workstation(s)" in out and "canary batch" not in out  # --canary 0
     assert sum(1 for s in done.values() if s == "skipped") == 9 - len(changed)
     runs = state.StateStore(example.state).runs()
     assert len(runs) == 1 and runs[0].stopped == "interrupted: no new workstation was started"
-    assert runs[0].counts[state.Status.SKIPPED] == 9 - len(changed)
+    assert runs[0].counts[Status.SKIPPED] == 9 - len(changed)
     retry = state.StateStore(example.state).hosts_to_retry()
     assert retry == HOSTS[len(changed) :]
-    for host in HOSTS[len(changed) :]:
-        assert all(data is None for (ws, _), data in example.all_files().items() if ws == host)
+    files = example.all_files()
+    for name in HOSTS[len(changed) :]:
+        assert all(data is None for (ws, _), data in files.items() if ws == name)
 
 
 # --------------------------------------------------------------------------- a canary password
@@ -397,7 +396,9 @@ def _leaks(data: bytes) -> bool:
 
 
 def test_a_canary_password_never_leaks_from_a_rollout(example: ExampleLab) -> None:
-    outputs: list[subprocess.CompletedProcess[str]] = []
+    outputs = [example.cli("rollout", "--yes", "--limit", "ws:ber-ws-002")]
+    assert outputs[-1].returncode == 0, outputs[-1].stdout
+    # the helpdesk rotates bob's password: the canary
     outputs.append(example.cli("user", "set-password", "bob", "--stdin", stdin=CANARY + "\n"))
     assert outputs[-1].returncode == 0, outputs[-1].stderr
     # one host fails, so that error paths are printed and recorded too
@@ -418,11 +419,7 @@ def test_a_canary_password_never_leaks_from_a_rollout(example: ExampleLab) -> No
     )
     assert outputs[-1].returncode == 3, outputs[-1].stdout
     assert "[Account1] password: changed" in outputs[-1].stdout  # the diff names it, masked
-    run_id = json.loads(report.read_text(encoding="utf-8"))["run_id"]
-    outputs.append(example.cli("rollout", "--check", "--diff"))
-    outputs.append(example.cli("runs", "show", run_id, "--json", keys=False, lab=False))
-    outputs.append(example.cli("audit", "--json", keys=False, lab=False))
-    outputs.append(example.cli("user", "show", "bob", "--json", keys=False, lab=False))
+    assert json.loads(report.read_text(encoding="utf-8"))["counts"]["changed"] == 8
     example.lab.hosts["ham-ws-003"].clear_faults()
     outputs.append(example.cli("user", "regenerate", "bob", "--yes", "--reset"))
     assert outputs[-1].returncode == 0, outputs[-1].stderr
@@ -452,16 +449,35 @@ def test_bad_input_exits_1_before_any_connection(example: ExampleLab) -> None:
     for host in example.lab.hosts.values():
         host.reset_counts()
     cases: list[tuple[tuple[str, ...], str]] = [
-        (("--canary", "ten"), "'ten' is not a size"),
-        (("--batch", "0"), "'0' is not a size"),
-        (("--max-fail", "lots"), "--max-fail is a percentage"),
-        (("--limit", "ws:nowhere"), "nowhere"),
+        (("--canary", "ten"), "error: 'ten' is not a size: use a count like 5 or a share like 10%"),
+        (("--batch", "0"), "error: '0' is not a size"),
+        (("--max-fail", "-5%"), "error: --max-fail is a percentage such as 10%"),
     ]
     for extra, message in cases:
         result = example.cli("rollout", "--yes", *extra)
         assert result.returncode == 1, (extra, result.stdout, result.stderr)
         assert message in result.stderr, (extra, result.stderr)
+        assert "selected" not in result.stdout  # refused before Phase 1
     assert all(host.request_count == 0 for host in example.lab.hosts.values())
-    assert (
-        not (example.state / "state.sqlite3").exists() or not state.StateStore(example.state).runs()
-    )
+    assert not example.state.exists()
+
+
+def test_only_failed_takes_an_optional_run() -> None:
+    def filled(*argv: str) -> list[str]:
+        return fill_optional_values(list(argv))
+
+    assert filled("rollout", "--only-failed") == ["rollout", "--only-failed", "last"]
+    assert filled("rollout", "--only-failed", "--yes") == [
+        "rollout",
+        "--only-failed",
+        "last",
+        "--yes",
+    ]
+    assert filled("rollout", "--only-failed", "9f70d0", "-y") == [
+        "rollout",
+        "--only-failed",
+        "9f70d0",
+        "-y",
+    ]
+    assert filled("rollout", "--", "--only-failed") == ["rollout", "--", "--only-failed"]
+    assert filled("audit", "--user", "alice") == ["audit", "--user", "alice"]

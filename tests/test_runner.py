@@ -7,16 +7,21 @@ agent in-process, or raises the transport error a test scripts for that host and
 
 from __future__ import annotations
 
+import io
 import json
+import re
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
+from rich.console import Console
 
-from provisioner import build, runner
+from provisioner import build, runner, state
+from provisioner.cli.progress import PlainReporter, RichReporter, print_summary
 from provisioner.errors import (
     AuthError,
     ConnectError,
@@ -88,6 +93,11 @@ def test_plan_batches_counts_percentages_and_canary() -> None:
         assert flat == hosts  # every host exactly once, in order
 
 
+def test_has_canary() -> None:
+    assert not any(runner.has_canary(text) for text in ("0", " 0 ", "00", "0%", "0.0%"))
+    assert all(runner.has_canary(text) for text in ("1", "10%", "x", ""))
+
+
 @pytest.mark.parametrize(("canary", "batch"), [("x", "10%"), ("1", "0"), ("1", "abc"), ("-2", "1")])
 def test_plan_batches_refuses_bad_sizes(canary: str, batch: str) -> None:
     with pytest.raises(ProvisionerError, match="is not a size"):
@@ -138,7 +148,31 @@ class FailingTransport:
         pass
 
 
-Step = TransportError | ProvisionerError | None
+class LosingTransport(AgentTransport):
+    """The agent applies the files, then the connection resets: the answer is lost."""
+
+    def request(self, op: str, request: Mapping[str, Any]) -> dict[str, Any]:
+        answer = super().request(op, request)
+        if op == "apply":
+            raise ConnectError("cannot connect: connection reset by peer", host=self.host)
+        return answer
+
+
+class RacingTransport(AgentTransport):
+    """Another push writes the very same files between our inspect and our apply."""
+
+    raced = False
+
+    def request(self, op: str, request: Mapping[str, Any]) -> dict[str, Any]:
+        if op == "apply" and not self.raced:
+            self.raced = True
+            agent.execute(self.machine, json.loads(json.dumps(request)))
+        return super().request(op, request)
+
+
+LOSE_APPLY = "lose the answer of apply"
+RACE = "another push gets there first"
+Step = TransportError | ProvisionerError | str | None
 
 
 @dataclass
@@ -170,6 +204,10 @@ class Fleet:
             return FailingTransport(host, step)
         if isinstance(step, ProvisionerError):
             raise step
+        if step == LOSE_APPLY:
+            return LosingTransport(host, self.machines[host], self._hook)
+        if step == RACE:
+            return RacingTransport(host, self.machines[host], self._hook)
         return AgentTransport(host, self.machines[host], self._hook)
 
     def _hook(self, host: str, op: str) -> None:
@@ -268,7 +306,7 @@ def test_forks_bound_the_hosts_in_flight(fleet: Fleet) -> None:
     in_flight: set[str] = set()
     peak = 0
     lock = threading.Lock()
-    seen = threading.Event()
+    both = threading.Barrier(2, timeout=10)
 
     def hook(host: str, op: str) -> None:
         nonlocal peak
@@ -277,7 +315,9 @@ def test_forks_bound_the_hosts_in_flight(fleet: Fleet) -> None:
         with lock:
             in_flight.add(host)
             peak = max(peak, len(in_flight))
-        seen.wait(0.05)  # let others pile up if the pool allowed it
+        if host in ("ws01", "ws02"):
+            both.wait()  # the first two are in flight together...
+            threading.Event().wait(0.1)  # ...and stay, so a third would be seen
         with lock:
             in_flight.discard(host)
 
@@ -385,7 +425,7 @@ def test_conflicts_count_as_failures(fleet: Fleet) -> None:
 @pytest.fixture
 def exact_jitter(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     # jitter multiplies the delay by 0.5 + random()/2: random() = 1.0 gives the full delay
-    monkeypatch.setattr(runner.random, "random", lambda: 1.0)
+    monkeypatch.setattr("provisioner.runner.random.random", lambda: 1.0)
     yield
 
 
@@ -484,6 +524,37 @@ def test_a_retry_that_meets_an_auth_error_stops(fleet: Fleet, sleeps: list[float
     assert result.message == "the credentials were rejected"
 
 
+def test_a_write_whose_answer_was_lost_counts_as_changed(fleet: Fleet, sleeps: list[float]) -> None:
+    fleet.script["ws01"] = [LOSE_APPLY]
+    run = fleet.run(FAST, sleep=sleeps.append)
+    result = run.results["ws01"]
+    assert result.attempts == 2 and len(sleeps) == 1
+    assert fleet.requests[:3] == [("ws01", "inspect"), ("ws01", "apply"), ("ws01", "inspect")]
+    assert ("ws01", "apply") not in fleet.requests[3:]  # the retry found it all written
+    assert result.status == Status.CHANGED and result.message == "2 changed"
+    machine = fleet.machines["ws01"]
+    for change in result.files:
+        assert change.status == Status.CHANGED and change.old_sha256 is None
+        assert change.message == "written by an earlier attempt whose answer was lost"
+        assert change.new_sha256 == machine.sha256(change.path)
+    records = state.records_for_run(run, "tester")
+    assert sorted((r.workstation, r.status) for r in records if r.workstation == "ws01") == [
+        ("ws01", "changed"),
+        ("ws01", "changed"),
+    ]
+
+
+def test_a_file_another_push_brought_up_to_date_is_no_conflict(fleet: Fleet) -> None:
+    fleet.script["ws01"] = [RACE]
+    run = fleet.run(FAST)
+    result = run.results["ws01"]
+    # our apply met the file changed since inspect; looking again, it is what we wanted
+    assert [op for host, op in fleet.requests if host == "ws01"] == ["inspect", "apply", "inspect"]
+    assert result.status == Status.UNCHANGED, result.message
+    assert {c.status for c in result.files} == {Status.UNCHANGED}
+    assert fleet.ini("ws01") is not None and result.attempts == 1
+
+
 def test_a_factory_error_fails_the_host_without_retry(fleet: Fleet, sleeps: list[float]) -> None:
     fleet.script["ws01"] = [ProvisionerError("no winrm.username for ws01")]
     run = fleet.run(replace(FAST, max_fail=100.0), sleep=sleeps.append)
@@ -572,3 +643,61 @@ def test_stop_ends_the_retries_of_a_host(fleet: Fleet, sleeps: list[float]) -> N
     assert result.status == Status.FAILED and result.attempts == 2 and len(sleeps) == 1
     assert result.message.endswith("(after 2 attempts)")
     assert {run.results[h].status for h in HOSTS[1:]} == {Status.SKIPPED}
+
+
+# --------------------------------------------------------------------------- progress and summary
+
+
+def test_plain_progress_is_one_line_per_host(fleet: Fleet, sleeps: list[float]) -> None:
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=200, color_system=None)
+    fleet.script["ws03"] = [ConnectError("cannot connect: refused", host="ws03")] * 3
+    reporter = PlainReporter(console, len(HOSTS), canary=True)
+    fleet.run(replace(FAST, max_fail=100.0), reporter=reporter, sleep=sleeps.append)
+    lines = buffer.getvalue().splitlines()
+    assert [line for line in lines if line.startswith("--")] == [
+        "-- canary batch: 1 workstation(s)",
+        "-- batch 2: 3 workstation(s)",
+        "-- batch 3: 3 workstation(s)",
+        "-- batch 4: 3 workstation(s)",
+    ]
+    done = [line for line in lines if line.startswith("[")]
+    assert [line.split("]")[0] for line in done] == [f"[{n}/10" for n in range(1, 11)]
+    assert done[0] == f"[1/10] ws01: changed - 2 changed ({fleet_duration(done[0])})"
+    [failed] = [line for line in done if " ws03: " in line]
+    assert "ws03: failed after 3 attempts - cannot connect: refused (after 3 attempts)" in failed
+    buffer = io.StringIO()
+    PlainReporter(Console(file=buffer), 1, canary=False).batch_started(0, ["ws01"])
+    assert buffer.getvalue() == "-- batch 1: 1 workstation(s)\n"
+
+
+def fleet_duration(line: str) -> str:
+    found = re.search(r"\((\d+\.\ds)\)$", line)
+    assert found is not None, line
+    return found[1]
+
+
+def test_rich_progress_and_the_final_summary(fleet: Fleet) -> None:
+    buffer = io.StringIO()
+    console = Console(file=buffer, force_terminal=True, width=150, color_system=None)
+    fleet.script["ws03"] = [AuthError("the credentials were rejected", host="ws03")]
+    machine = fleet.machines["ws05"]
+    machine.start_microsip(machine.users[0])
+    with RichReporter(console, len(HOSTS), canary=True) as reporter:
+        run = fleet.run(replace(FAST, max_fail=100.0), reporter=reporter)
+    assert reporter.counts == Counter({Status.CHANGED: 8, Status.FAILED: 1, Status.BUSY: 1})
+    assert reporter.batch == "batch 4"
+    live = buffer.getvalue()
+    assert "ws03: failed the credentials were rejected" in live  # printed as it happens
+    assert "10/10" in live and "changed 8" in live and "failed 1" in live and "busy 1" in live
+    buffer.truncate(0)
+    groups = {h: ["berlin" if h < "ws06" else "hamburg"] for h in HOSTS}
+    print_summary(console, run, groups, diffs=False)
+    summary = buffer.getvalue()
+    for title in (f"Run {run.run_id}", "Per group", "Slowest workstations"):
+        assert title in summary
+    assert re.search(r"berlin\s.*\s3\s.*\s1\s.*\s1\s", summary)  # changed, busy, failed
+    assert "2 workstation(s) need attention:" in summary
+    lines = summary.splitlines()
+    first = lines.index("  ws03: failed - the credentials were rejected")
+    assert lines[first + 1].startswith("  ws05: busy - ")  # worst first

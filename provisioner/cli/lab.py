@@ -70,7 +70,12 @@ def up(
     kids = [k.kid for k in recipients.keys if k.status != "retired"]
     keyring = open_keyring(recipients, identities, kids, passphrase_file, passphrase_fd)
     folder = Path(tempfile.mkdtemp(prefix="microsip-lab-"))
-    running = start_inventory_lab(model, keyring, folder=folder, port=None)
+    try:
+        running = start_inventory_lab(model, keyring, folder=folder, port=None)
+    except OSError as exc:  # an address in use: another lab, or a real WinRM listener
+        raise ProvisionerError(
+            f"the lab cannot start: {exc}; is another lab running ('provisioner lab down')?"
+        ) from None
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

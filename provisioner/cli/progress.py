@@ -23,18 +23,24 @@ STYLES = {
 }
 
 
+def batch_label(index: int, canary: bool) -> str:
+    """``canary batch`` for the first batch of a run with a canary, else ``batch N``."""
+    return "canary batch" if canary and index == 0 else f"batch {index + 1}"
+
+
 class PlainReporter:
     """One line per workstation, for logs and pipes."""
 
-    def __init__(self, console: Console, total: int) -> None:
+    def __init__(self, console: Console, total: int, *, canary: bool = True) -> None:
         self.console = console
         self.total = total
+        self.canary = canary
         self.done = 0
         self._lock = threading.Lock()
 
     def batch_started(self, index: int, hosts: Sequence[str]) -> None:
         """Announce a batch."""
-        label = "canary batch" if index == 0 else f"batch {index + 1}"
+        label = batch_label(index, self.canary)
         self.console.print(f"-- {label}: {len(hosts)} workstation(s)", highlight=False)
 
     def host_started(self, host: str) -> None:
@@ -56,7 +62,8 @@ class PlainReporter:
 class RichReporter:
     """A progress bar with counts per status and the current batch."""
 
-    def __init__(self, console: Console, total: int) -> None:
+    def __init__(self, console: Console, total: int, *, canary: bool = True) -> None:
+        self.canary = canary
         self.counts: Counter[Status] = Counter()
         self.batch = ""
         self._lock = threading.Lock()
@@ -87,7 +94,7 @@ class RichReporter:
     def batch_started(self, index: int, hosts: Sequence[str]) -> None:
         """Show which batch runs."""
         with self._lock:
-            self.batch = "canary" if index == 0 else f"batch {index + 1}"
+            self.batch = batch_label(index, self.canary).removesuffix(" batch")
             self._refresh()
 
     def host_started(self, host: str) -> None:

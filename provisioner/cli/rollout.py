@@ -165,15 +165,16 @@ def execute(
     stop = threading.Event()
     who = getpass.getuser()
     lock = store.lock(f"{who}: {command}") if not options.check else nullcontext()
+    canary = runner.has_canary(options.canary)
     with lock, interrupt_to(stop):
         reporter: Reporter
         if quiet or not console.is_terminal:
-            reporter = PlainReporter(console, len(stations))
+            reporter = PlainReporter(console, len(stations), canary=canary)
             run = runner.run_fleet(
                 stations, files, transport, options, reporter=reporter, stop=stop
             )
         else:
-            with RichReporter(console, len(stations)) as rich_reporter:
+            with RichReporter(console, len(stations), canary=canary) as rich_reporter:
                 run = runner.run_fleet(
                     stations, files, transport, options, reporter=rich_reporter, stop=stop
                 )
@@ -230,8 +231,11 @@ def rollout(
     """
     try:
         threshold = float(max_fail.rstrip("%"))
+        if not 0 <= threshold <= 100:
+            raise ValueError
     except ValueError:
         raise ProvisionerError("--max-fail is a percentage such as 10%") from None
+    runner.plan_batches([], canary, batch)  # bad sizes are input errors: fail before Phase 1
     if only_failed is not None:
         store = state.StateStore(state_dir(inventory, state_folder))
         hosts = store.hosts_to_retry(None if only_failed in ("", "last") else only_failed)
