@@ -204,7 +204,7 @@ def lab_stats(hosts: dict[str, Any], cpu_mark: tuple[float, float]) -> dict[str,
     """Every host's counters summed (then reset), and the lab's CPU time since ``cpu_mark``."""
     operations: Counter[str] = Counter()
     per_host: list[int] = []
-    connections = commands = errors = 0
+    connections = commands = errors = shells = 0
     for host in hosts.values():
         stats = host.stats()
         host.reset_counts()
@@ -213,6 +213,7 @@ def lab_stats(hosts: dict[str, Any], cpu_mark: tuple[float, float]) -> dict[str,
         connections += stats.connections
         commands += stats.commands
         errors += len(host.handler_errors)
+        shells += host.open_shells
     user, system = cpu_seconds()
     return {
         "requests": sum(per_host),
@@ -222,6 +223,7 @@ def lab_stats(hosts: dict[str, Any], cpu_mark: tuple[float, float]) -> dict[str,
         "connections": connections,
         "commands": commands,
         "handler_errors": errors,
+        "open_shells": shells,
         "cpu_user_s": user - cpu_mark[0],
         "cpu_sys_s": system - cpu_mark[1],
         "rss_mib": peak_rss_mib(),
@@ -517,7 +519,8 @@ def print_row(row: dict[str, Any]) -> None:
         f"max {row['host_max_s'] * 1000:.0f} ms\n"
         f"    lab: CPU {lab_cpu:.1f}s = {lab_cpu / row['wall_s'] * 100:.0f}% of one core, "
         f"{lab_cpu / max(lab['requests'], 1) * 1000:.2f} ms/request, RSS {lab['rss_mib']:.0f} MiB,"
-        f" handler errors {lab['handler_errors']}; load {row['load']}"
+        f" handler errors {lab['handler_errors']}, shells left open {lab['open_shells']}; "
+        f"load {row['load']}"
     )
 
 
