@@ -9,11 +9,13 @@ pywinrm and requests errors are translated here into the TransportError tree.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import requests
+import requests.utils
 import winrm.exceptions
 from winrm.protocol import Protocol
 
@@ -27,6 +29,24 @@ from provisioner.errors import (
 )
 from provisioner.model import Secret
 from provisioner.transport.agent import scripts
+
+# With proxy=None pywinrm passes proxies={"no_proxy": "*"}; requests then sets and deletes
+# os.environ["no_proxy"] around every request without a lock (psf/requests#4997), which races
+# between concurrent pushes (KeyError, or the variable left set). Serialize it.
+_ENVIRON_LOCK = threading.Lock()
+_set_environ = requests.utils.set_environ
+
+
+@contextlib.contextmanager
+def _locked_set_environ(env_name: str, value: str | None) -> Iterator[None]:
+    if value is None:
+        yield
+        return
+    with _ENVIRON_LOCK, _set_environ(env_name, value):
+        yield
+
+
+requests.utils.set_environ = _locked_set_environ
 
 UTF8_CODEPAGE = 65001
 AUTH_TRANSPORTS = ("ntlm", "basic", "kerberos", "credssp")
