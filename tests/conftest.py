@@ -59,7 +59,7 @@ class Realm:
         """Run the real CLI in a subprocess with a private TMPDIR and config dir."""
         data = stdin.encode() if isinstance(stdin, str) else stdin
         proc = subprocess.run(
-            [sys.executable, "-m", "provisioner", *args],
+            [sys.executable, "-m", "provisioner.cli", *args],
             input=data,
             capture_output=True,
             env=self.env,

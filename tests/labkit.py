@@ -186,7 +186,7 @@ class ExampleLab:
         extra += self.keys if keys else []
         extra += ["--lab", str(self.lab_file)] if lab else []
         result = subprocess.run(
-            [sys.executable, "-m", "provisioner", *args, *extra],
+            [sys.executable, "-m", "provisioner.cli", *args, *extra],
             input=stdin if stdin is not None else "",
             capture_output=True,
             text=True,

@@ -88,7 +88,7 @@ def _layer(module: str) -> int:
 
 def test_imports_point_down_and_l2_modules_stay_independent() -> None:
     for module, tree in _modules().items():
-        if module == "__main__" or module == "":
+        if module == "":
             continue
         mine = _layer(module)
         for imported in _imports(tree):
@@ -150,3 +150,12 @@ def test_environment_is_read_only_in_known_places() -> None:
         for node in ast.walk(tree):
             if isinstance(node, ast.Attribute) and node.attr in ("environ", "getenv"):
                 assert module in allowed, f"{module} reads the environment"
+
+
+def test_the_engine_never_imports_its_client() -> None:
+    for module, tree in _modules().items():
+        if module.split(".")[0] == "cli":
+            continue
+        for imported in _imports(tree):
+            assert imported.split(".")[0] != "typer", f"{module} imports typer"
+            assert not imported.startswith("provisioner.cli"), f"{module} imports the CLI"

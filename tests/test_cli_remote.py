@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _run(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
-        [sys.executable, "-m", "provisioner", *args],
+        [sys.executable, "-m", "provisioner.cli", *args],
         cwd=cwd,
         capture_output=True,
         text=True,

@@ -43,7 +43,7 @@ def cli(
     cwd: Path, env: dict[str, str], *args: str, stdin: str = ""
 ) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
-        [sys.executable, "-m", "provisioner", *args],
+        [sys.executable, "-m", "provisioner.cli", *args],
         input=stdin,
         capture_output=True,
         text=True,
@@ -330,7 +330,7 @@ def test_ctrl_c_finishes_the_host_in_flight_and_records_the_run(example: Example
     command = [
         sys.executable,
         "-m",
-        "provisioner",
+        "provisioner.cli",
         "rollout",
         "--yes",
         "--canary",

@@ -105,7 +105,7 @@ def _detach(
     command = [
         sys.executable,
         "-m",
-        "provisioner",
+        "provisioner.cli",
         "lab",
         "up",
         "-i",

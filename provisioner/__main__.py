@@ -1,5 +1,0 @@
-"""Allow ``python -m provisioner``."""
-
-from provisioner.cli import main
-
-main()
