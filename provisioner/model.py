@@ -43,6 +43,10 @@ class Secret:
 
     __hash__ = None  # type: ignore[assignment]
 
+    def matches(self, text: str) -> bool:
+        """True when ``text`` is the plaintext. Not constant-time: for checks of our own output."""
+        return self._plain == text
+
     def __setattr__(self, name: str, value: Any) -> NoReturn:
         raise AttributeError("Secret is immutable")
 

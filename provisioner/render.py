@@ -22,6 +22,7 @@ from provisioner.inidoc import unquote
 from provisioner.model import Secret
 
 TemplateEnvironment = SandboxedEnvironment
+Template = jinja2.Template
 MICROSIP_TEMPLATE = "microsip.ini.j2"
 OVERRIDE_TEMPLATE = "override.ini.j2"
 _LINE_BREAKING = re.compile("[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")
@@ -108,6 +109,9 @@ def make_environment(template_dirs: Sequence[Path]) -> SandboxedEnvironment:
         keep_trailing_newline=True,
         trim_blocks=True,
         lstrip_blocks=True,
+        # One process renders one run: checking every template file's mtime per render
+        # (a stat per target) buys nothing.
+        auto_reload=False,
     )
     env.filters["ini"] = ini_value
     env.filters["bool01"] = bool01

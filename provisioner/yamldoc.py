@@ -10,21 +10,24 @@ YAML 1.2 parser, which accepts ``:`` inside plain scalars in flow mappings.
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from ruamel.yaml import YAML
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from ruamel.yaml.resolver import VersionedResolver
+from ruamel.yaml.tag import Tag
 
 from provisioner.errors import InventoryError, YamlEditError
 from provisioner.schema import join_pointer
 
 _TAG_PREFIX = "tag:yaml.org,2002:"
+_KEY_CONTROL = re.compile("[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True)
@@ -112,11 +115,14 @@ class YamlText:
 
 
 class _CachingResolver(VersionedResolver):
-    """The YAML 1.2 resolver, with its per-scalar version lookup done once per document.
+    """The YAML 1.2 resolver, with its per-scalar work cut to what an inventory needs.
 
     ruamel looks the YAML version up (through a failing attribute access under the C parser)
-    for every scalar; for large inventories that lookup cost more than parsing.
+    and builds a new Tag object for every scalar; for large inventories that cost more than
+    parsing. The version lookup is done once per document, and tags are shared objects.
     """
+
+    _shared_tags: ClassVar[dict[str, Tag]] = {}
 
     @property
     def versioned_resolver(self) -> Any:
@@ -125,6 +131,19 @@ class _CachingResolver(VersionedResolver):
             cached = VersionedResolver.versioned_resolver.fget(self)  # type: ignore[attr-defined]
             self.__dict__["_versioned"] = cached
         return cached
+
+    def resolve(self, kind: Any, value: Any, implicit: Any) -> Any:
+        if kind is not ScalarNode or self.yaml_path_resolvers:
+            return super().resolve(kind, value, implicit)
+        if implicit[0]:
+            table = self.versioned_resolver
+            for tag, regexp in (*table.get(value[:1], ()), *table.get(None, ())):
+                if regexp.match(value):
+                    shared = self._shared_tags.get(tag)
+                    if shared is None:
+                        shared = self._shared_tags.setdefault(tag, Tag(suffix=tag))
+                    return shared
+        return self.DEFAULT_SCALAR_TAG
 
 
 def _fast_yaml() -> YAML:
@@ -137,26 +156,30 @@ def mapping_key(
     key: Node, segments: tuple[str, ...], seen: dict[str, int], problems: list[Problem]
 ) -> str | None:
     """The key's name, or None after recording why it cannot be used (and ``seen`` updated)."""
-    where = (key.start_mark.line + 1, key.start_mark.column + 1)
     key_tag = key.tag or ""
+    if (
+        isinstance(key, ScalarNode)
+        and key_tag.endswith((":str", ":int"))
+        and not _KEY_CONTROL.search(key.value)
+        and key.value not in seen
+    ):
+        name = str(key.value)
+        seen[name] = key.start_mark.line + 1
+        return name
+    where = (key.start_mark.line + 1, key.start_mark.column + 1)
     if not isinstance(key, ScalarNode) or key_tag.endswith(":merge"):
         what = "merge keys (<<)" if isinstance(key, ScalarNode) else "complex keys"
         problems.append(Problem(f"{what} are not supported", *where, segments))
-        return None
-    if not key_tag.endswith((":str", ":int")):
+    elif not key_tag.endswith((":str", ":int")):
         problems.append(Problem(f"key {key.value!r} must be a string", *where, segments))
-        return None
-    name = str(key.value)
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+    elif _KEY_CONTROL.search(key.value):
         problems.append(Problem("a key contains control characters", *where, segments))
-        return None
-    if name in seen:
+    else:
+        name = str(key.value)
         problems.append(
             Problem(f"duplicate key {name!r} (first at line {seen[name]})", *where, segments)
         )
-        return None
-    seen[name] = where[0]
-    return name
+    return None
 
 
 def _compose(text: str, source: str) -> Node | None:
@@ -429,9 +452,13 @@ def load_data(path: Path) -> Any:
 # --------------------------------------------------------------------------- positioned trees
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class YNode:
-    """A YAML value with its position: a mapping, a sequence or a typed scalar."""
+    """A YAML value with its position: a mapping, a sequence or a typed scalar.
+
+    Treat as immutable; not frozen because a frozen dataclass costs four times as much to
+    build, and a large inventory builds hundreds of thousands.
+    """
 
     kind: str
     line: int
@@ -493,64 +520,54 @@ def compose_tree(text: str, source: str) -> tuple[YNode | None, tuple[Problem, .
     root = _compose(text, source)
     if root is None:
         return None, ()
-    builder = _TreeBuilder()
+    # Without an anchor no node can be met twice, and tracking visits costs a dict entry each.
+    builder = _TreeBuilder(track_aliases="&" in text)
     return builder.build(root, ()), tuple(builder.problems)
 
 
 class _TreeBuilder:
-    def __init__(self) -> None:
-        self.visits: dict[int, int] = {}
+    def __init__(self, *, track_aliases: bool = True) -> None:
+        self.track_aliases = track_aliases
+        self.visits: set[int] = set()
         self.problems: list[Problem] = []
+        self.short_tags: dict[int, tuple[Any, str]] = {}
 
-    def count(self, node: Node) -> None:
-        seen = self.visits.get(id(node), 0)
-        self.visits[id(node)] = seen + 1
-        if seen:
-            return
-        if isinstance(node, MappingNode):
-            for key, value in node.value:
-                self.count(key)
-                self.count(value)
-        elif isinstance(node, SequenceNode):
-            for item in node.value:
-                self.count(item)
-
-    def build(self, node: Node, segments: tuple[str, ...]) -> YNode:
-        line, column = node.start_mark.line + 1, node.start_mark.column + 1
-        # An alias is the same node object met again; only the repeats are marked.
-        shared = id(node) in self.visits
-        self.visits[id(node)] = 1
-        if isinstance(node, ScalarNode):
+    def short_tag(self, node: Node) -> str:
+        ctag = node.ctag
+        known = self.short_tags.get(id(ctag))
+        if known is None:
             tag = node.tag or ""
             short = tag[len(_TAG_PREFIX) :] if tag.startswith(_TAG_PREFIX) else tag
-            return YNode(
-                "scalar",
-                line,
-                column,
-                _scalar_value(short, str(node.value)),
-                tag=short,
-                shared=shared,
-            )
+            # The tag object is kept with its id so that the id cannot be reused meanwhile.
+            known = self.short_tags[id(ctag)] = (ctag, short)
+        return known[1]
+
+    def build(self, node: Node, segments: tuple[str, ...]) -> YNode:
+        mark = node.start_mark
+        line, column = mark.line + 1, mark.column + 1
+        shared = False
+        if self.track_aliases:
+            # An alias is the same node object met again; only the repeats are marked.
+            shared = id(node) in self.visits
+            self.visits.add(id(node))
+        if isinstance(node, ScalarNode):
+            short = self.short_tag(node)
+            value = node.value if short == "str" else _scalar_value(short, str(node.value))
+            return YNode("scalar", line, column, value, (), (), short, shared)
         if isinstance(node, SequenceNode):
             items = tuple(
                 (str(i), self.build(item, (*segments, str(i)))) for i, item in enumerate(node.value)
             )
-            return YNode("seq", line, column, items=items, shared=shared)
+            return YNode("seq", line, column, None, items, (), "", shared)
         entries: list[tuple[str, YNode]] = []
         positions: list[tuple[int, int]] = []
         seen: dict[str, int] = {}
+        problems = self.problems
         for key, value in node.value:
-            name = mapping_key(key, segments, seen, self.problems)
+            name = mapping_key(key, segments, seen, problems)
             if name is None:
                 continue
-            where = (key.start_mark.line + 1, key.start_mark.column + 1)
+            key_mark = key.start_mark
             entries.append((name, self.build(value, (*segments, name))))
-            positions.append(where)
-        return YNode(
-            "map",
-            line,
-            column,
-            items=tuple(entries),
-            key_positions=tuple(positions),
-            shared=shared,
-        )
+            positions.append((key_mark.line + 1, key_mark.column + 1))
+        return YNode("map", line, column, None, tuple(entries), tuple(positions), "", shared)

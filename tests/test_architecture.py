@@ -16,6 +16,7 @@ LAYERS: dict[str, int] = {
     "inidoc": 1,
     "keytable": 1,
     "atomicfile": 1,
+    "forked": 1,
     "yamldoc": 1,
     "vault": 2,
     "inventory": 2,
