@@ -99,8 +99,13 @@ def generate(root: Path, users: int) -> Path:
     return identity_path
 
 
-def run_child(root: Path, identity_path: Path) -> dict[str, object]:
-    """Build with real decryption in this process; report timings and peak memory."""
+def run_child(root: Path, identity_path: Path, workers: int | None) -> dict[str, object]:
+    """Build with real decryption in this process; report timings and peak memory.
+
+    With several workers, the per-phase figures are summed over the processes (CPU-like
+    seconds) while ``total`` is wall time; ``child_peak_rss_mib`` is the largest worker's peak
+    (its pages are mostly shared with this process, copy-on-write).
+    """
     from provisioner import build
 
     def opener(recipients: vault.Recipients) -> vault.Opener:
@@ -109,14 +114,16 @@ def run_child(root: Path, identity_path: Path) -> dict[str, object]:
         return keyring
 
     start = time.perf_counter()
-    result = build.build(root, opener_factory=opener)
+    result = build.build(root, opener_factory=opener, workers=workers)
     total = time.perf_counter() - start
     return {
         "total": total,
+        "workers": result.workers,
         "timings": result.timings,
         "files": len(result.files),
         "errors": sum(1 for f in result.findings if f.severity == "error"),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "child_peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
     }
 
 
@@ -203,32 +210,42 @@ def main() -> None:
     parser.add_argument("--sizes", default="1000,10000,100000")
     parser.add_argument("--ansible", type=int, default=0, help="hosts for the Ansible run")
     parser.add_argument("--forks", type=int, default=20)
+    parser.add_argument(
+        "--workers", type=int, default=0, help="Phase 1 processes (0: the tool's default)"
+    )
+    parser.add_argument(
+        "--keep", default="", help="generate into (or reuse) this folder instead of a temp one"
+    )
     parser.add_argument("--child", nargs=2, metavar=("ROOT", "IDENTITY"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    workers = args.workers or None
     if args.child:
-        print(json.dumps(run_child(Path(args.child[0]), Path(args.child[1]))))
+        print(json.dumps(run_child(Path(args.child[0]), Path(args.child[1]), workers)))
         return
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores")
     for size in (int(s) for s in args.sizes.split(",")):
         with tempfile.TemporaryDirectory() as folder:
-            root = Path(folder) / "inventory"
-            root.mkdir()
+            base = Path(args.keep) / str(size) if args.keep else Path(folder)
+            root = base / "inventory"
+            identity = base / "bench.sipid"
             start = time.perf_counter()
-            identity = generate(root, size)
+            if not identity.exists():
+                root.mkdir(parents=True)
+                identity = generate(root, size)
             generated = time.perf_counter() - start
+            command = [sys.executable, __file__, "--child", str(root), str(identity)]
+            if args.workers:
+                command[2:2] = ["--workers", str(args.workers)]
             child = subprocess.run(
-                [sys.executable, __file__, "--child", str(root), str(identity)],
-                check=True,
-                capture_output=True,
-                text=True,
-                timeout=3600,
+                command, check=True, capture_output=True, text=True, timeout=3600
             )
             report = json.loads(child.stdout.strip().splitlines()[-1])
             phases = ", ".join(f"{k} {v:.2f}s" for k, v in report["timings"].items())
             print(
-                f"{size:>7} users: total {report['total']:.2f}s ({phases}); "
-                f"{report['files']} files, {report['errors']} errors, "
-                f"peak RSS {report['peak_rss_mib']:.0f} MiB (generation {generated:.1f}s)"
+                f"{size:>7} users: total {report['total']:.2f}s with {report['workers']} "
+                f"process(es) ({phases}); {report['files']} files, {report['errors']} errors, "
+                f"peak RSS {report['peak_rss_mib']:.0f} MiB, largest worker "
+                f"{report['child_peak_rss_mib']:.0f} MiB (generation {generated:.1f}s)"
             )
     if args.ansible:
         elapsed = bench_ansible(args.ansible, args.forks)

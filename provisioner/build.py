@@ -251,7 +251,7 @@ class _Builder:
                 "only one user"
             )
         with self.clock("resolve"):
-            profile = resolve.resolve_profile(self.inventory, target.workstation, target.user)
+            profile = resolve.resolve_profile(self.inventory, target.workstation, target.user, plan)
         for name in profile.unapplied_groups:
             source = self.inventory.groups[name].source
             self.result.findings.append(

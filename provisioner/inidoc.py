@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 
 
 def unquote(raw: str) -> str:
@@ -27,7 +28,7 @@ class IniEntry:
     raw_value: str
     line: int = 0
 
-    @property
+    @cached_property
     def value(self) -> str:
         """The value as MicroSIP reads it."""
         return unquote(self.raw_value)

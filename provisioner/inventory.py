@@ -146,8 +146,12 @@ class _Raw:
 
     defaults: list[tuple[str, yamldoc.YNode]] = field(default_factory=list)
     groups: dict[str, tuple[str, yamldoc.YNode, Source]] = field(default_factory=dict)
-    workstations: dict[str, tuple[str, yamldoc.YNode, Source]] = field(default_factory=dict)
-    users: dict[str, tuple[str, yamldoc.YNode, Source]] = field(default_factory=dict)
+    # Workstations and users are checked as soon as their file is read, so that each file's
+    # tree can be dropped before the next one is composed (peak memory of large inventories).
+    workstations: dict[str, Workstation] = field(default_factory=dict)
+    users: dict[str, User] = field(default_factory=dict)
+    # Where each name of each section was first defined, for the duplicate check.
+    sources: dict[str, dict[str, Source]] = field(default_factory=dict)
 
 
 def inventory_files(root: Path) -> list[Path]:
@@ -187,13 +191,8 @@ def load_inventory(root: Path) -> Inventory:
     groups = {
         name: _group(context, name, node, source) for name, (_, node, source) in raw.groups.items()
     }
-    workstations = {
-        name: _workstation(context, name, node, source)
-        for name, (_, node, source) in raw.workstations.items()
-    }
-    users = {
-        name: _user(context, name, node, source) for name, (_, node, source) in raw.users.items()
-    }
+    workstations = raw.workstations
+    users = raw.users
     inventory = Inventory(
         root=str(root),
         defaults=defaults,
@@ -232,7 +231,7 @@ def _collect(context: _Context, raw: _Raw, file: str, tree: yamldoc.YNode) -> No
         if node.kind != "map":
             context.error(f"{section} must be a mapping of names", source, (section,))
             continue
-        target: dict[str, tuple[str, yamldoc.YNode, Source]] = getattr(raw, section)
+        seen = raw.sources.setdefault(section, {})
         for (name, child), (kline, kcol) in zip(node.items, node.key_positions, strict=True):
             entry_source = Source(file, kline, kcol)
             if not NAME_RE.match(name):
@@ -243,8 +242,8 @@ def _collect(context: _Context, raw: _Raw, file: str, tree: yamldoc.YNode) -> No
                     (section, name),
                 )
                 continue
-            if name in target:
-                first = target[name][2]
+            if name in seen:
+                first = seen[name]
                 context.error(
                     f"{section[:-1]} {name!r} is defined twice (first at {first.file}:"
                     f"{first.line})",
@@ -252,7 +251,13 @@ def _collect(context: _Context, raw: _Raw, file: str, tree: yamldoc.YNode) -> No
                     (section, name),
                 )
                 continue
-            target[name] = (file, child, entry_source)
+            seen[name] = entry_source
+            if section == "groups":
+                raw.groups[name] = (file, child, entry_source)
+            elif section == "workstations":
+                raw.workstations[name] = _workstation(context, name, child, entry_source)
+            else:
+                raw.users[name] = _user(context, name, child, entry_source)
 
 
 def _unknown(key: str, known: Sequence[str], what: str) -> str:

@@ -126,9 +126,12 @@ def resolve_station(inventory: Inventory, name: str) -> StationPlan:
     )
 
 
-def resolve_profile(inventory: Inventory, station_name: str, user_name: str) -> Profile:
-    """Resolve one user's configuration on one workstation."""
-    plan = resolve_station(inventory, station_name)
+def resolve_profile(
+    inventory: Inventory, station_name: str, user_name: str, plan: StationPlan | None = None
+) -> Profile:
+    """Resolve one user's configuration on one workstation (``plan``: its resolved station)."""
+    if plan is None or plan.workstation.name != station_name:
+        plan = resolve_station(inventory, station_name)
     station = plan.workstation
     user = inventory.users[user_name]
     groups = tuple(group_chain(inventory, [*station.groups, *user.groups]))

@@ -136,14 +136,24 @@ class _CachingResolver(VersionedResolver):
         if kind is not ScalarNode or self.yaml_path_resolvers:
             return super().resolve(kind, value, implicit)
         if implicit[0]:
-            table = self.versioned_resolver
-            for tag, regexp in (*table.get(value[:1], ()), *table.get(None, ())):
+            first = value[:1]
+            by_first: dict[str, list[tuple[Tag, Any]]] = self.__dict__.setdefault("_by_first", {})
+            candidates = by_first.get(first)
+            if candidates is None:
+                candidates = by_first[first] = self._candidates(first)
+            for tag, regexp in candidates:
                 if regexp.match(value):
-                    shared = self._shared_tags.get(tag)
-                    if shared is None:
-                        shared = self._shared_tags.setdefault(tag, Tag(suffix=tag))
-                    return shared
+                    return tag
         return self.DEFAULT_SCALAR_TAG
+
+    def _candidates(self, first: str) -> list[tuple[Tag, Any]]:
+        """The implicit resolvers for scalars starting with ``first``, with shared tags."""
+        table = self.versioned_resolver
+        candidates = []
+        for tag, regexp in (*table.get(first, ()), *table.get(None, ())):
+            shared = self._shared_tags.setdefault(tag, Tag(suffix=tag))
+            candidates.append((shared, regexp))
+        return candidates
 
 
 def _fast_yaml() -> YAML:
@@ -156,16 +166,16 @@ def mapping_key(
     key: Node, segments: tuple[str, ...], seen: dict[str, int], problems: list[Problem]
 ) -> str | None:
     """The key's name, or None after recording why it cannot be used (and ``seen`` updated)."""
-    key_tag = key.tag or ""
     if (
-        isinstance(key, ScalarNode)
-        and key_tag.endswith((":str", ":int"))
+        key.ctag is _CachingResolver.DEFAULT_SCALAR_TAG
+        and isinstance(key, ScalarNode)
         and not _KEY_CONTROL.search(key.value)
         and key.value not in seen
     ):
-        name = str(key.value)
-        seen[name] = key.start_mark.line + 1
-        return name
+        # The common case, a plain or quoted string key met first, without string formatting.
+        seen[key.value] = key.start_mark.line + 1
+        return str(key.value)
+    key_tag = key.tag or ""
     where = (key.start_mark.line + 1, key.start_mark.column + 1)
     if not isinstance(key, ScalarNode) or key_tag.endswith(":merge"):
         what = "merge keys (<<)" if isinstance(key, ScalarNode) else "complex keys"
@@ -174,11 +184,15 @@ def mapping_key(
         problems.append(Problem(f"key {key.value!r} must be a string", *where, segments))
     elif _KEY_CONTROL.search(key.value):
         problems.append(Problem("a key contains control characters", *where, segments))
-    else:
+    elif key.value in seen:
         name = str(key.value)
         problems.append(
             Problem(f"duplicate key {name!r} (first at line {seen[name]})", *where, segments)
         )
+    else:
+        name = str(key.value)
+        seen[name] = where[0]
+        return name
     return None
 
 
