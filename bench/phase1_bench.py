@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -127,6 +128,49 @@ def run_child(root: Path, identity_path: Path, workers: int | None) -> dict[str,
     }
 
 
+def _pss_mib(pid: int) -> float:
+    """Proportional set size of one process: shared pages counted once across processes."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def _tree(pid: int) -> list[int]:
+    pids = [pid]
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return pids
+    for child in children:
+        pids += _tree(int(child))
+    return pids
+
+
+def run_sampled(command: list[str]) -> tuple[str, float]:
+    """Run the child; return its stdout and the peak summed PSS of it and its workers."""
+    peak = 0.0
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as child:
+        done = threading.Event()
+
+        def sample() -> None:
+            nonlocal peak
+            while not done.wait(0.25):
+                peak = max(peak, sum(_pss_mib(pid) for pid in _tree(child.pid)))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        stdout, _ = child.communicate(timeout=3600)
+        done.set()
+        sampler.join()
+    if child.returncode:
+        raise SystemExit(f"benchmark child failed with exit code {child.returncode}")
+    return stdout, peak
+
+
 ANSIBLE_PLAYBOOK = """\
 - hosts: all
   connection: local
@@ -236,16 +280,15 @@ def main() -> None:
             command = [sys.executable, __file__, "--child", str(root), str(identity)]
             if args.workers:
                 command[2:2] = ["--workers", str(args.workers)]
-            child = subprocess.run(
-                command, check=True, capture_output=True, text=True, timeout=3600
-            )
-            report = json.loads(child.stdout.strip().splitlines()[-1])
+            stdout, tree_peak = run_sampled(command)
+            report = json.loads(stdout.strip().splitlines()[-1])
             phases = ", ".join(f"{k} {v:.2f}s" for k, v in report["timings"].items())
             print(
                 f"{size:>7} users: total {report['total']:.2f}s with {report['workers']} "
                 f"process(es) ({phases}); {report['files']} files, {report['errors']} errors, "
                 f"peak RSS {report['peak_rss_mib']:.0f} MiB, largest worker "
-                f"{report['child_peak_rss_mib']:.0f} MiB (generation {generated:.1f}s)"
+                f"{report['child_peak_rss_mib']:.0f} MiB, peak PSS of all processes "
+                f"{tree_peak:.0f} MiB (generation {generated:.1f}s)"
             )
     if args.ansible:
         elapsed = bench_ansible(args.ansible, args.forks)

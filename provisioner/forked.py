@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import pickle
 import threading
 from collections.abc import Callable, Sequence
-from multiprocessing.connection import Connection
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -56,34 +56,38 @@ def map_chunks(
 ) -> list[Result]:
     """``work(chunk)`` for every chunk, in order: the first here, the others in forked children.
 
-    An exception raised by ``work`` in a child is raised here. Results must be picklable.
+    An exception raised by ``work`` in a child is raised here. Results must be picklable; they
+    are streamed through a pipe (pickle frames), so neither side holds a second, serialised
+    copy of a large result.
     """
     if len(chunks) <= 1:
         return [work(chunk) for chunk in chunks]
     context = multiprocessing.get_context("fork")
-    children: list[tuple[multiprocessing.process.BaseProcess, Connection]] = []
+    children: list[tuple[multiprocessing.process.BaseProcess, BinaryIO]] = []
     try:
         for chunk in chunks[1:]:
-            receiver, sender = context.Pipe(duplex=False)
-            child = context.Process(target=_child, args=(work, chunk, sender), daemon=True)
+            read_fd, write_fd = os.pipe()
+            child = context.Process(
+                target=_child, args=(work, chunk, read_fd, write_fd), daemon=True
+            )
             child.start()
-            sender.close()
-            children.append((child, receiver))
+            os.close(write_fd)
+            children.append((child, os.fdopen(read_fd, "rb")))
         results = [work(chunks[0])]
-        results.extend(_receive(process, receiver) for process, receiver in children)
+        results.extend(_receive(process, stream) for process, stream in children)
         return results
     finally:
-        for process, receiver in children:
-            receiver.close()
+        for process, stream in children:
+            stream.close()
             if process.is_alive():
                 process.terminate()
             process.join()
 
 
-def _receive(process: multiprocessing.process.BaseProcess, receiver: Connection) -> Any:
+def _receive(process: multiprocessing.process.BaseProcess, stream: BinaryIO) -> Any:
     try:
-        status, payload = receiver.recv()
-    except EOFError:
+        status, payload = pickle.load(stream)  # noqa: S301 - our own forked child writes it
+    except (EOFError, pickle.UnpicklingError):
         process.join()
         raise WorkerError(
             f"a worker process ended without a result (exit code {process.exitcode})"
@@ -94,20 +98,21 @@ def _receive(process: multiprocessing.process.BaseProcess, receiver: Connection)
 
 
 def _child(
-    work: Callable[[Sequence[Item]], Result], chunk: Sequence[Item], sender: Connection
+    work: Callable[[Sequence[Item]], Result], chunk: Sequence[Item], read_fd: int, write_fd: int
 ) -> None:
+    os.close(read_fd)
     try:
         message: tuple[str, Any] = ("ok", work(chunk))
     except BaseException as exc:  # every failure must reach the parent
         message = ("error", exc)
-    try:
-        sender.send(message)
-    except Exception as exc:  # the result or the exception would not pickle
-        sender.send(
-            (
-                "error",
-                WorkerError(f"a worker's result could not be sent back: {type(exc).__name__}"),
-            )
-        )
-    finally:
-        sender.close()
+    with os.fdopen(write_fd, "wb") as stream:
+        try:
+            pickle.dump(message, stream, protocol=pickle.HIGHEST_PROTOCOL)
+        except (pickle.PicklingError, TypeError, AttributeError):
+            # Part of the message may be in the pipe already: the parent sees a broken stream
+            # and reports this exit code.
+            os._exit(_UNPICKLABLE)
+
+
+# Exit code of a worker whose result or exception could not be serialised.
+_UNPICKLABLE = 70

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from provisioner import build, forked
+from provisioner.model import Secret
 from tests.test_build import EXAMPLE, real_opener, secret_for, write_inventory
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
@@ -96,3 +97,15 @@ def test_map_chunks_keeps_order_and_reports_failures() -> None:
     with pytest.raises(forked.WorkerError, match="exit code 7"):
         forked.map_chunks(_die_in_second_chunk, chunks)
     assert forked.split([1], 4) == [[1]]
+
+
+def _secret_in_second_chunk(chunk: Sequence[int]) -> object:
+    return Secret("canary-password") if 0 not in chunk else sum(chunk)
+
+
+def test_a_secret_never_travels_between_processes(capfd: pytest.CaptureFixture[str]) -> None:
+    chunks = forked.split(list(range(4)), 2)
+    with pytest.raises(forked.WorkerError, match="exit code 70") as failure:
+        forked.map_chunks(_secret_in_second_chunk, chunks)
+    out, err = capfd.readouterr()
+    assert "canary-password" not in str(failure.value) + out + err
