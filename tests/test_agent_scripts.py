@@ -415,6 +415,37 @@ def test_the_state_folder_layout_is_the_contracts() -> None:
     assert "[IO.File]::Replace(" in sent["apply"] and "[IO.File]::Move(" in sent["apply"]
 
 
+def test_stale_temp_files_go_first_and_match_the_temp_names_exactly() -> None:
+    # The order the contract gives (docs/agent-protocol.md, apply steps 0 and 5-7).
+    apply = _code_only(scripts.SCRIPTS["apply"])
+    body = apply[apply.index("function Invoke-ApplyFile") :]
+    first = body.index("Remove-StaleTempFiles $folder $name")
+    assert first < body.index("Remove-StaleTempFiles $stateFolder 'applied'")
+    assert first < body.index("Invoke-RunningPolicy") < body.index("Write-NewFile $temp")
+    rollback = _code_only(scripts.SCRIPTS["rollback"])
+    body = rollback[rollback.index("function Invoke-RollbackFile") :]
+    assert body.index("Remove-StaleTempFiles") < body.index("'no-backup'")
+    assert body.index("Move-BackupsDown") < body.index("'no-backup'")
+    # The cleanup pattern must match what New-TempPath creates, and nothing wider.
+    code = _code_only(scripts.SCRIPTS["apply"])
+    [digits] = re.findall(r"ToString\('N'\)\.Substring\(0, (\d+)\)", code)
+    assert "('.{0}.{1}.tmp' -f $Name, $random)" in code
+    [pattern] = re.findall(r"\$pattern = '\^\\\.' \+ \[regex\]::Escape\(\$Name\) \+ '(.*)'", code)
+    assert pattern == rf"\.[0-9a-f]{{{digits}}}\.tmp$"
+
+
+def test_backups_rotate_only_after_the_verify() -> None:
+    code = _code_only(scripts.SCRIPTS["apply"])
+    body = code[code.index("function Invoke-ApplyFile") :]
+    replace = body.index("Move-ReplacementOver $temp $path $pending")
+    verify = body.index("'verify-failed'")
+    # once before the replace (a backup.new left by a dead agent), once after the verify
+    rotations = [m.start() for m in re.finditer(r"Move-BackupsDown \$stateFolder", body)]
+    assert len(rotations) == 2 and rotations[0] < replace < verify < rotations[1]
+    assert "Move-BackupsUp" not in body
+    assert "$pending = [IO.Path]::Combine($stateFolder, 'backup.new')" in body
+
+
 # --- the bootstrap command line ------------------------------------------------------------
 
 

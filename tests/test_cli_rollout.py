@@ -19,8 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from provisioner import ini, state
+from provisioner import ini, runner, state
 from provisioner.cli import fill_optional_values
+from provisioner.cli.rollout import shown_selection
+from provisioner.errors import ProvisionerError
 from provisioner.lab import Faults
 from provisioner.results import Status
 from tests.labkit import ExampleLab, clean_env, copy_example, example_lab
@@ -481,3 +483,43 @@ def test_only_failed_takes_an_optional_run() -> None:
     ]
     assert filled("rollout", "--", "--only-failed") == ["rollout", "--", "--only-failed"]
     assert filled("audit", "--user", "alice") == ["audit", "--user", "alice"]
+
+
+def test_an_empty_selection_repeats_the_limit_given(tmp_path: Path) -> None:
+    copy_example(tmp_path)
+    env = clean_env(tmp_path)
+    result = cli(tmp_path, env, "rollout", "-i", "inventory", "--yes", "--limit", "ber-ws-9*")
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert result.stderr == "error: no workstation matches the selection --limit 'ber-ws-9*'\n"
+    assert not (tmp_path / ".provisioner-state").exists()
+
+
+def test_the_selection_is_shown_as_typed() -> None:
+    assert shown_selection("ber-ws-9*") == "--limit 'ber-ws-9*'"
+    assert shown_selection("group:sales,!bob") == "--limit 'group:sales,!bob'"
+    assert shown_selection("alice") == "--limit alice"
+    assert shown_selection("", "last") == "--only-failed"
+    assert shown_selection("ham-*", "9f70d0") == "--only-failed 9f70d0 --limit 'ham-*'"
+    assert shown_selection("") == "(the whole inventory)"
+
+
+ROLLOUT_DOC = Path(__file__).resolve().parent.parent / "docs" / "rollout.md"
+
+
+def test_the_documented_sizes_are_what_the_code_does() -> None:
+    doc = " ".join(ROLLOUT_DOC.read_text(encoding="utf-8").split())
+    hosts = [f"ws{n}" for n in range(10)]
+    for bad in ("0", "0%", "-1", "2.5", "150%", "ten"):
+        with pytest.raises(ProvisionerError, match="is not a size"):
+            runner.plan_batches(hosts, "1", bad)
+    assert "`--batch 0`, `--batch 0%`, negative numbers, fractions (`2.5`), `150%`" in doc
+    for none in ("0", "0%", "00", "0.0%"):
+        assert runner.plan_batches(hosts, none, "3") == runner.plan_batches(hosts, "3", "3")
+        assert not runner.has_canary(none)
+    assert "`--canary 0` means **no canary**, and so do `0%`, `00` and `0.0%`" in doc
+    with pytest.raises(ProvisionerError, match="is not a size"):
+        runner.plan_batches(hosts, "-1", "3")
+    assert [len(b) for b in runner.plan_batches(hosts, "1", "1%")] == [1] * 10
+    assert "`--batch 1%` of 10 workstations is batches of 1" in doc
+    assert [len(b) for b in runner.plan_batches(hosts, "50", "100%")] == [10]
+    assert "a number above the selection means all of it" in doc

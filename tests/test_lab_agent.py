@@ -642,6 +642,125 @@ def test_crash_after_the_temp_file_leaves_the_old_file(station: Station) -> None
     assert leftover.startswith(".microsip.ini.")
     assert ws.read(f"C:\\Users\\alice\\AppData\\Roaming\\MicroSIP\\{leftover}") == ini("v3")
     assert write(station, station.alice, ini("v3"))["status"] == "written"
+    # the next apply removed the dead agent's temp file (it may hold a plaintext password)
+    assert temp_files(ws, "C:\\Users\\alice\\AppData\\Roaming\\MicroSIP") == []
+
+
+ALICE_DIR = "C:\\Users\\alice\\AppData\\Roaming\\MicroSIP"
+ALICE_STATE = f"{ALICE_DIR}\\.provisioner\\microsip.ini"
+PLAINTEXT = ini("password=Plain-Text-Pw-1")
+STALE = [
+    f"{ALICE_DIR}\\.microsip.ini.0123456789ab.tmp",
+    f"{ALICE_STATE}\\.applied.CDEF01234567.tmp",
+]
+# Files that look alike but are not the agent's temp files of this ini: left alone.
+LOOKALIKES = [
+    f"{ALICE_DIR}\\.microsip.ini.notes.tmp",
+    f"{ALICE_DIR}\\.microsip.ini.0123456789ab.tmp.keep",
+    f"{ALICE_DIR}\\.other.ini.0123456789ab.tmp",
+    f"{ALICE_DIR}\\microsip.ini.0123456789ab.tmp",
+    f"{ALICE_STATE}\\.backup.1.0123456789ab.tmp",
+]
+
+
+def _plant_stale_temps(ws: Workstation) -> None:
+    for path in [*STALE, *LOOKALIKES]:
+        ws.put(path, PLAINTEXT)
+
+
+@pytest.mark.parametrize("policy", ["skip", "force"])
+def test_apply_removes_stale_temp_files_first(station: Station, policy: str) -> None:
+    ws = station.ws
+    versions = _prepare_history(station)
+    _plant_stale_temps(ws)
+    ws.start_microsip(station.alice)
+    result = write(station, station.alice, ini("v3"), policy)
+    # even an apply that then writes nothing (busy) removes them
+    assert result["status"] == ("busy" if policy == "skip" else "written")
+    assert ws.read(ALICE_INI) == (versions[2] if policy == "skip" else ini("v3"))
+    assert [path for path in STALE if ws.exists(path)] == []
+    assert [ws.read(path) for path in LOOKALIKES] == [PLAINTEXT] * len(LOOKALIKES)
+
+
+def test_rollback_removes_stale_temp_files_first(station: Station) -> None:
+    ws = station.ws
+    versions = _prepare_history(station)
+    _plant_stale_temps(ws)
+    [result] = station.agent.call(rollback_request([target(ALICE_INI, station.alice)]))["files"]
+    assert result["status"] == "restored" and ws.read(ALICE_INI) == versions[1]
+    assert [path for path in STALE if ws.exists(path)] == []
+    assert [ws.read(path) for path in LOOKALIKES] == [PLAINTEXT] * len(LOOKALIKES)
+
+
+def _full_history(st: Station) -> list[bytes]:
+    """alice's ini written five times: the file and three backups all hold something."""
+    versions = [ini(f"v{n}") for n in range(5)]
+    st.ws.put(ALICE_INI, versions[0])
+    for content in versions[1:]:
+        assert write(st, st.alice, content)["status"] == "written"
+    assert _backups(st.ws, ALICE_INI) == [versions[3], versions[2], versions[1]]
+    return versions
+
+
+@pytest.mark.parametrize(
+    ("fault", "code"),
+    [("locked", "locked"), ("read_only", "read-only"), ("fail_verify", "verify-failed")],
+)
+def test_a_failed_replace_or_verify_loses_no_backup(
+    station: Station, fault: str, code: str
+) -> None:
+    ws = station.ws
+    versions = _full_history(station)
+    if fault == "fail_verify":
+        ws.faults.fail_verify = 1
+    else:
+        getattr(ws.faults, fault).add(ALICE_INI)
+    result = write(station, station.alice, ini("v5"))
+    assert (result["status"], error_code(result), result["backup"]) == ("error", code, None)
+    assert ws.read(ALICE_INI) == versions[4]
+    assert _backups(ws, ALICE_INI) == [versions[3], versions[2], versions[1]]
+    assert ws.listdir(ALICE_STATE) == ["applied", "backup.1", "backup.2", "backup.3"]
+    ws.faults = WorkstationFaults()
+    assert write(station, station.alice, ini("v5"))["status"] == "written"
+    assert _backups(ws, ALICE_INI) == [versions[4], versions[3], versions[2]]
+
+
+def test_a_rotation_that_fails_after_the_write_is_finished_next_time(station: Station) -> None:
+    ws = station.ws
+    versions = _full_history(station)
+    ws.faults.locked.add(Workstation.state_path(ALICE_INI, "backup.2"))
+    result = write(station, station.alice, ini("v5"))
+    # the file is written and verified; its old content waits as backup.new
+    assert (result["status"], result["backup"]) == (
+        "written",
+        Workstation.state_path(ALICE_INI, "backup.new"),
+    )
+    assert ws.read(ALICE_INI) == ini("v5")
+    assert state(ws, ALICE_INI, "backup.new") == versions[4]
+    assert _backups(ws, ALICE_INI) == [versions[3], versions[2], versions[1]]
+    ws.faults = WorkstationFaults()
+    assert write(station, station.alice, ini("v6"))["status"] == "written"
+    assert _backups(ws, ALICE_INI) == [ini("v5"), versions[4], versions[3]]
+    assert state(ws, ALICE_INI, "backup.new") is None
+
+
+def test_a_backup_new_left_by_a_dead_agent_is_rotated_in_first(station: Station) -> None:
+    ws = station.ws
+    versions = _full_history(station)
+    # an agent died after its replace, in the middle of its rotation: backup.1 has moved
+    # down to backup.2 (and backup.2 to backup.3, the oldest gone), backup.new is still there
+    for number in (2, 1):
+        source = Workstation.state_path(ALICE_INI, f"backup.{number}")
+        ws.host_path(source).replace(
+            ws.host_path(Workstation.state_path(ALICE_INI, f"backup.{number + 1}"))
+        )
+    ws.put(Workstation.state_path(ALICE_INI, "backup.new"), ini("before the dead agent"))
+    [restored] = station.agent.call(rollback_request([target(ALICE_INI, station.alice)]))["files"]
+    assert restored["status"] == "restored"
+    assert ws.read(ALICE_INI) == ini("before the dead agent")
+    assert _backups(ws, ALICE_INI) == [versions[3], versions[2], None]
+    assert write(station, station.alice, ini("v6"))["status"] == "written"
+    assert _backups(ws, ALICE_INI) == [ini("before the dead agent"), versions[3], versions[2]]
 
 
 def test_override_and_per_file_errors_do_not_abort_the_others(station: Station) -> None:
@@ -830,17 +949,13 @@ def _expect_apply(model: FileModel, step: Step, stale: bool, new: bytes) -> tupl
         return "error", "read-only"
     if step.crash_armed:
         raise Crash
-    existed = model.current is not None
+    # a failed replace or verify moves no backup: nothing is lost
     if step.verify_armed:
         step.verify_armed = False
-        if existed:
-            model.backups = [*model.backups[:2], None]
         return "error", "verify-failed"
     if step.fault in ("locked", "read_only_file") and mine:
-        if existed:
-            model.backups = [*model.backups[:2], None]
         return "error", "locked" if step.fault == "locked" else "read-only"
-    if existed:
+    if model.current is not None:
         model.backups = [model.current, *model.backups[:2]]
     model.current = new
     model.applied = b"applied " + new

@@ -653,7 +653,7 @@ def test_plain_progress_is_one_line_per_host(fleet: Fleet, sleeps: list[float]) 
     console = Console(file=buffer, width=200, color_system=None)
     fleet.script["ws03"] = [ConnectError("cannot connect: refused", host="ws03")] * 3
     reporter = PlainReporter(console, len(HOSTS), canary=True)
-    fleet.run(replace(FAST, max_fail=100.0), reporter=reporter, sleep=sleeps.append)
+    run = fleet.run(replace(FAST, max_fail=100.0), reporter=reporter, sleep=sleeps.append)
     lines = buffer.getvalue().splitlines()
     assert [line for line in lines if line.startswith("--")] == [
         "-- canary batch: 1 workstation(s)",
@@ -665,7 +665,12 @@ def test_plain_progress_is_one_line_per_host(fleet: Fleet, sleeps: list[float]) 
     assert [line.split("]")[0] for line in done] == [f"[{n}/10" for n in range(1, 11)]
     assert done[0] == f"[1/10] ws01: changed - 2 changed ({fleet_duration(done[0])})"
     [failed] = [line for line in done if " ws03: " in line]
-    assert "ws03: failed after 3 attempts - cannot connect: refused (after 3 attempts)" in failed
+    assert (
+        f"ws03: failed after 3 attempts - cannot connect: refused ({fleet_duration(failed)})"
+        in failed
+    )
+    assert failed.count("attempts") == 1  # said once, though the runner's message says it too
+    assert run.results["ws03"].message == "cannot connect: refused (after 3 attempts)"
     buffer = io.StringIO()
     PlainReporter(Console(file=buffer), 1, canary=False).batch_started(0, ["ws01"])
     assert buffer.getvalue() == "-- batch 1: 1 workstation(s)\n"

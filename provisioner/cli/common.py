@@ -1,19 +1,24 @@
-"""Options and helpers shared by the command groups."""
+"""Options and helpers shared by the command groups.
+
+The command modules import the engine inside their commands, not at the top: ``--help`` and
+the offline commands then start without pywinrm, requests or cryptography
+(``tests/test_cli_startup.py``).
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from provisioner import secretstore, vault
-from provisioner.cli.inputs import read_passphrase
 from provisioner.errors import IdentityError, ProvisionerError
-from provisioner.inventory import InventoryErrors, load_inventory
-from provisioner.model import Inventory
+
+if TYPE_CHECKING:
+    from provisioner import vault
+    from provisioner.model import Inventory
 
 InventoryOpt = Annotated[
     Path,
@@ -49,6 +54,8 @@ def echo(message: str) -> None:
 
 def identity_candidates(explicit: list[Path] | None) -> list[Path]:
     """The identity files to consider."""
+    from provisioner import secretstore
+
     if explicit:
         return list(explicit)
     directory = secretstore.default_identity_dir()
@@ -63,6 +70,9 @@ def open_keyring(
     passphrase_fd: int | None,
 ) -> vault.Keyring:
     """Unlock the identities whose kids are needed; ask for passphrases only for those."""
+    from provisioner import secretstore, vault
+    from provisioner.cli.inputs import read_passphrase
+
     wanted = set(needed)
     keyring = vault.Keyring(recipients)
     fd_passphrase: bytes | None = None
@@ -91,6 +101,8 @@ def open_keyring(
 
 def load_model(inventory: Path) -> Inventory:
     """The inventory, or one error listing every problem (and the command that shows them)."""
+    from provisioner.inventory import InventoryErrors, load_inventory
+
     try:
         return load_inventory(inventory)
     except InventoryErrors as exc:

@@ -5,18 +5,16 @@ from __future__ import annotations
 import getpass
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from provisioner import runner, secretstore, state
 from provisioner.cli.common import IdentityOpt, PassFdOpt, PassFileOpt, echo, load_model
-from provisioner.cli.inputs import read_new_password
 from provisioner.cli.rollout import LabOpt, StateOpt, execute, state_dir
 from provisioner.errors import ProvisionerError
-from provisioner.model import Inventory, User
-from provisioner.push import PushOptions
-from provisioner.report import exit_code
+
+if TYPE_CHECKING:
+    from provisioner.model import Inventory, User
 
 app = typer.Typer(help="Helpdesk tasks for one user.", no_args_is_help=True)
 
@@ -41,6 +39,8 @@ def show(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Workstations, accounts (passwords masked), groups and the last push per workstation."""
+    from provisioner import state
+
     model, entry = _user(inventory, user)
     stations = sorted(s.name for s in model.workstations.values() if user in s.users)
     accounts: list[dict[str, Any]] = []
@@ -113,6 +113,10 @@ def regenerate(
     state_folder: StateOpt = None,
 ) -> None:
     """Render and push this user's profile to every workstation they use, diff first."""
+    from provisioner import runner
+    from provisioner.push import PushOptions
+    from provisioner.report import exit_code
+
     _user(inventory, user)
     options = runner.RolloutOptions(
         forks=8,
@@ -140,6 +144,7 @@ def regenerate(
         report_junit=None,
         action="reset" if reset else "regenerate",
         command=f"user regenerate {user}",
+        selection=f"(user {user})",
     )
     code = exit_code(run)
     if code:
@@ -164,6 +169,9 @@ def set_password(
     state_folder: StateOpt = None,
 ) -> None:
     """Seal a new SIP password with the public key and write it into the inventory."""
+    from provisioner import secretstore, state
+    from provisioner.cli.inputs import read_new_password
+
     _, entry = _user(inventory, user)
     ids = [a.id for a in entry.accounts]
     chosen = account or next((a.id for a in entry.accounts if a.active), ids[0])

@@ -6,9 +6,12 @@ import getpass
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from provisioner.errors import ProvisionerError
-from provisioner.model import Secret
+
+if TYPE_CHECKING:
+    from provisioner.model import Secret
 
 _MAX_STDIN = 4096
 
@@ -66,6 +69,8 @@ def read_passphrase(
 
 def read_new_password(*, from_stdin: bool) -> Secret:
     """The new password from the terminal (asked twice, no echo) or one line of stdin."""
+    from provisioner.model import Secret
+
     if from_stdin or not sys.stdin.isatty():
         # All of stdin, one trailing newline dropped: an embedded CR or LF must reach the
         # policy check instead of silently cutting the password short.

@@ -7,11 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
-from rich.tree import Tree
 
-from provisioner import resolve
 from provisioner.cli.common import echo, load_model
 
 app = typer.Typer(help="Inspect an inventory.", no_args_is_help=True)
@@ -29,6 +25,11 @@ def list_inventory(
     inventory: InventoryOpt = Path("."), limit: LimitOpt = "", as_json: JsonOpt = False
 ) -> None:
     """Workstations with their groups, install mode and users."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from provisioner import resolve
+
     model = load_model(inventory)
     selection = resolve.Selection(limit)
     rows: list[dict[str, Any]] = []
@@ -71,6 +72,9 @@ def list_inventory(
 @app.command()
 def graph(inventory: InventoryOpt = Path("."), as_json: JsonOpt = False) -> None:
     """The group graph: each group under its parents, with its workstations and users."""
+    from rich.console import Console
+    from rich.tree import Tree
+
     model = load_model(inventory)
     children: dict[str, list[str]] = {name: [] for name in model.groups}
     for group in model.groups.values():

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from provisioner import secretstore, vault
 from provisioner.cli.common import (
     IdentityOpt,
     InventoryOpt,
@@ -19,6 +18,9 @@ from provisioner.cli.common import (
 )
 from provisioner.cli.inputs import read_passphrase
 from provisioner.errors import IdentityError, RecipientsError
+
+if TYPE_CHECKING:
+    from provisioner import vault
 
 app = typer.Typer(help="Manage the realm's keys and identity files.", no_args_is_help=True)
 
@@ -37,6 +39,8 @@ OutOpt = Annotated[
 
 
 def _protection(kdf: str, unprotected: bool) -> str:
+    from provisioner import vault
+
     if unprotected:
         return "none"
     if kdf not in ("argon2id", "scrypt"):
@@ -53,6 +57,8 @@ def _new_identity_file(
     passphrase_file: Path | None,
     passphrase_fd: int | None,
 ) -> tuple[vault.Identity, Path]:
+    from provisioner import secretstore, vault
+
     identity = vault.generate_identity()
     path = out or secretstore.default_identity_dir() / secretstore.identity_file_name(
         realm, identity.kid
@@ -79,6 +85,8 @@ def init(
     passphrase_fd: PassFdOpt = None,
 ) -> None:
     """Create a realm: recipients.yaml in the inventory and a new identity file."""
+    from provisioner import secretstore, vault
+
     target = inventory / secretstore.RECIPIENTS_FILE
     if target.exists():
         raise RecipientsError(
@@ -114,6 +122,8 @@ def add_admin(
     ] = None,
 ) -> None:
     """Write another copy of an identity, wrapped under a new passphrase."""
+    from provisioner import secretstore
+
     identity_file = secretstore.read_identity(identity)
     current = (
         read_passphrase(passphrase_file, passphrase_fd, confirm=False)
@@ -143,6 +153,8 @@ def rotate(
     passphrase_fd: PassFdOpt = None,
 ) -> None:
     """Create a new active key; the old active key becomes decrypt-only."""
+    from provisioner import secretstore
+
     recipients = secretstore.load_recipients(inventory)
     protection = _protection(kdf, unprotected)
     identity, path = _new_identity_file(
@@ -165,6 +177,8 @@ def retire(
     force: Annotated[bool, typer.Option("--force", help="Retire even if tokens use it.")] = False,
 ) -> None:
     """Mark a key retired: tokens sealed to it are rejected from now on."""
+    from provisioner import secretstore
+
     recipients = secretstore.load_recipients(inventory)
     scan = secretstore.scan_inventory(inventory)
     in_use = secretstore.kids_in_use(scan)[kid]
@@ -179,6 +193,8 @@ def retire(
 @app.command("list")
 def list_keys(inventory: InventoryOpt = Path(".")) -> None:
     """Show the realm's keys, their status and how many tokens use each."""
+    from provisioner import secretstore
+
     recipients = secretstore.load_recipients(inventory)
     scan = secretstore.scan_inventory(inventory)
     usage = secretstore.kids_in_use(scan)
@@ -195,6 +211,8 @@ def check(
     passphrase_fd: PassFdOpt = None,
 ) -> None:
     """Unlock the identities for this realm, to test a passphrase or a file."""
+    from provisioner import secretstore
+
     recipients = secretstore.load_recipients(inventory)
     keyring = open_keyring(
         recipients, identities, [k.kid for k in recipients.keys], passphrase_file, passphrase_fd

@@ -15,14 +15,8 @@ from typing import Annotated
 
 import typer
 
-from provisioner import build as phase1
-from provisioner.atomicfile import write_atomic
 from provisioner.cli.common import IdentityOpt, PassFdOpt, PassFileOpt, echo, open_keyring
-from provisioner.connections import LabMap
 from provisioner.errors import ProvisionerError
-from provisioner.inventory import InventoryErrors, load_inventory
-from provisioner.lab.inventory_lab import start_inventory_lab
-from provisioner.vault import load_recipients_file
 
 app = typer.Typer(
     help="Emulated Windows workstations for tests, demos and template CI.", no_args_is_help=True
@@ -62,6 +56,12 @@ def up(
     if detach:
         _detach(inventory, target, identities, passphrase_file)
         return
+    from provisioner import build as phase1
+    from provisioner.atomicfile import write_atomic
+    from provisioner.inventory import InventoryErrors, load_inventory
+    from provisioner.lab.inventory_lab import start_inventory_lab
+    from provisioner.vault import load_recipients_file
+
     try:
         model = load_inventory(inventory)
     except InventoryErrors as exc:
@@ -146,6 +146,8 @@ def down(
     file: Annotated[Path | None, typer.Option("--file", help="The lab file.")] = None,
 ) -> None:
     """Stop a lab started with 'lab up --detach'."""
+    from provisioner.connections import LabMap
+
     target = file or default_lab_file(inventory)
     lab = LabMap.load(target)
     if not lab.pid:

@@ -7,16 +7,10 @@ import os
 import subprocess
 from collections import defaultdict
 from pathlib import Path
-from typing import Annotated, Any
-from xml.sax.saxutils import escape, quoteattr
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from provisioner import build as phase1
-from provisioner import resolve, vault
-from provisioner.atomicfile import write_atomic
 from provisioner.cli.common import (
     IdentityOpt,
     PassFdOpt,
@@ -26,7 +20,11 @@ from provisioner.cli.common import (
     open_keyring,
 )
 from provisioner.errors import ProvisionerError
-from provisioner.model import Finding
+
+if TYPE_CHECKING:
+    from provisioner import build as phase1
+    from provisioner import vault
+    from provisioner.model import Finding
 
 InventoryArg = Annotated[
     Path,
@@ -60,6 +58,9 @@ def run_build(
     passphrase_fd: int | None,
 ) -> phase1.BuildResult:
     """Phase 1 with real keys when an identity is given, placeholders otherwise."""
+    from provisioner import build as phase1
+    from provisioner import resolve
+
     factory: phase1.OpenerFactory = phase1.placeholder_opener
     if identities or passphrase_file or passphrase_fd is not None:
 
@@ -149,6 +150,8 @@ def _github(finding: Finding) -> str:
 
 
 def _junit_report(result: phase1.BuildResult) -> str:
+    from xml.sax.saxutils import escape, quoteattr
+
     by_target: dict[str, list[Finding]] = defaultdict(list)
     names = [t.name for t in result.targets]
     for finding in result.findings:
@@ -222,6 +225,8 @@ def render(
 
     Files are UTF-16LE with BOM and CRLF, as MicroSIP writes them, readable by you only.
     """
+    from provisioner.atomicfile import write_atomic
+
     real = bool(identities or passphrase_file or passphrase_fd is not None)
     result = run_build(inventory, limit, templates, identities, passphrase_file, passphrase_fd)
     for finding in result.findings:
@@ -253,6 +258,9 @@ def render(
 
 
 def _summary(result: phase1.BuildResult, out: Path, real: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
     console = Console(highlight=False)
     table = Table(title=f"Rendered into {out}", title_justify="left")
     for column in ("workstation", "mode", "users", "files", "accounts"):
@@ -294,6 +302,8 @@ def explain(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Show a user's final values and every layer they came from (passwords masked)."""
+    from provisioner import resolve
+
     model = load_model(inventory)
     if user not in model.users:
         raise ProvisionerError(f"no user {user!r} in {inventory}")

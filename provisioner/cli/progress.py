@@ -51,9 +51,12 @@ class PlainReporter:
         with self._lock:
             self.done += 1
             tries = f" after {result.attempts} attempts" if result.attempts > 1 else ""
+            # The runner ends the message of a host that ran out of retries with the same
+            # words: said once, after the status.
+            message = result.message.removesuffix(f" (after {result.attempts} attempts)")
             self.console.print(
                 f"[{self.done}/{self.total}] {result.host}: {result.status.value}{tries} "
-                f"- {result.message} ({result.duration:.1f}s)",
+                f"- {message} ({result.duration:.1f}s)",
                 highlight=False,
                 markup=False,
             )

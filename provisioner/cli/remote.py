@@ -5,16 +5,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from provisioner import build as phase1
-from provisioner import connections, doctor, push, resolve, vault
 from provisioner.cli.common import IdentityOpt, PassFdOpt, PassFileOpt, echo, open_keyring
 from provisioner.errors import ProvisionerError
-from provisioner.results import HostResult
-from provisioner.transport.base import ReadOnlyTransport, Transport
+
+if TYPE_CHECKING:
+    from provisioner import build as phase1
+    from provisioner import connections, resolve, vault
+    from provisioner.results import HostResult
+    from provisioner.transport.base import Transport
 
 EXIT_HOSTS_FAILED = 3
 
@@ -54,6 +56,8 @@ class Remote:
 
     def transport(self) -> Transport:
         """A fresh transport to the workstation."""
+        from provisioner import connections
+
         return connections.open_transport(self.station, self.keyring, self.lab)
 
 
@@ -67,6 +71,9 @@ def prepare(
     lab_file: Path | None,
 ) -> Remote:
     """Phase 1 with real keys for one workstation; any finding stops here."""
+    from provisioner import build as phase1
+    from provisioner import connections, resolve
+
     opened: list[vault.Opener] = []
 
     def factory(recipients: vault.Recipients) -> vault.Opener:
@@ -149,6 +156,9 @@ def push_cmd(
 
     Exit 0 when changed or unchanged, 3 when the workstation failed, was busy or in conflict.
     """
+    from provisioner import push
+    from provisioner.transport.base import ReadOnlyTransport
+
     remote = prepare(inventory, workstation, user, identities, passphrase_file, passphrase_fd, lab)
     options = push.PushOptions(if_running=if_running, reset=reset, users=tuple(user or ()))
 
@@ -174,6 +184,9 @@ def diff_cmd(
 
     The same code path as push, through a read-only transport: nothing is written.
     """
+    from provisioner import push
+    from provisioner.transport.base import ReadOnlyTransport
+
     remote = prepare(inventory, workstation, user, identities, passphrase_file, passphrase_fd, lab)
     options = push.PushOptions(if_running="force", reset=reset, users=tuple(user or ()))
 
@@ -196,6 +209,8 @@ def rollback_cmd(
     lab: LabOpt = None,
 ) -> None:
     """Restore the newest backup of a workstation's files (or of one user's file)."""
+    from provisioner import push
+
     remote = prepare(inventory, workstation, user, identities, passphrase_file, passphrase_fd, lab)
     options = push.PushOptions(if_running=if_running, users=tuple(user or ()))
 
@@ -214,6 +229,8 @@ def doctor_cmd(
     lab: LabOpt = None,
 ) -> None:
     """Check DNS, port, TLS, auth, encryption, PowerShell, MicroSIP, profiles and disk."""
+    from provisioner import connections, doctor
+
     remote = prepare(inventory, workstation, None, identities, passphrase_file, passphrase_fd, lab)
     options = connections.winrm_options(remote.station, remote.keyring, remote.lab)
     checks = doctor.network_checks(options)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import shlex
 import signal
 import sys
 import threading
@@ -12,18 +13,16 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
 
-from provisioner import build as phase1
-from provisioner import connections, report, resolve, runner, state, vault
 from provisioner.cli.common import IdentityOpt, PassFdOpt, PassFileOpt, echo, open_keyring
-from provisioner.cli.progress import PlainReporter, RichReporter, print_summary
 from provisioner.errors import ProvisionerError
-from provisioner.push import PushOptions
-from provisioner.results import Reporter, Status
+
+if TYPE_CHECKING:
+    from provisioner import build as phase1
+    from provisioner import runner, vault
 
 InventoryOpt = Annotated[
     Path, typer.Option("--inventory", "-i", envvar="PROVISIONER_INVENTORY", file_okay=False)
@@ -47,6 +46,17 @@ LabOpt = Annotated[
 ]
 
 runs_app = typer.Typer(help="Past rollouts recorded in the state folder.", no_args_is_help=True)
+
+
+def shown_selection(limit: str, only_failed: str | None = None) -> str:
+    """The selection as the user gave it on the command line, for messages."""
+    parts = []
+    if only_failed is not None:
+        run = "" if only_failed in ("", "last") else f" {shlex.quote(only_failed)}"
+        parts.append(f"--only-failed{run}")
+    if limit:
+        parts.append(f"--limit {shlex.quote(limit)}")
+    return " ".join(parts) or "(the whole inventory)"
 
 
 def state_dir(inventory: Path, explicit: Path | None) -> Path:
@@ -86,6 +96,9 @@ def _phase1(
     passphrase_file: Path | None,
     passphrase_fd: int | None,
 ) -> tuple[phase1.BuildResult, vault.Opener]:
+    from provisioner import build as phase1
+    from provisioner import resolve
+
     opened: list[vault.Opener] = []
 
     def factory(recipients: vault.Recipients) -> vault.Opener:
@@ -122,8 +135,18 @@ def execute(
     report_junit: Path | None,
     action: str = "push",
     command: str = "rollout",
+    selection: str | None = None,
 ) -> runner.RunResult:
-    """Phase 1, confirmation, the rollout itself, state, audit and reports."""
+    """Phase 1, confirmation, the rollout itself, state, audit and reports.
+
+    ``selection`` says in messages what the user selected (default: ``--limit LIMIT``).
+    """
+    from rich.console import Console
+
+    from provisioner import connections, report, resolve, runner, state
+    from provisioner.cli.progress import PlainReporter, RichReporter, print_summary
+    from provisioner.results import Reporter, Status
+
     console = Console(highlight=False, stderr=False)
     built, keyring = _phase1(inventory, limit, identities, passphrase_file, passphrase_fd)
     assert built.inventory is not None  # noqa: S101 - a clean build has an inventory
@@ -133,7 +156,8 @@ def execute(
         files.setdefault(item.target.workstation, []).append(item)
     stations = {name: resolve.resolve_station(model, name) for name in files}
     if not stations:
-        raise ProvisionerError("no workstation matches the selection")
+        shown = selection if selection is not None else shown_selection(limit)
+        raise ProvisionerError(f"no workstation matches the selection {shown}")
     lab = connections.LabMap.load(lab_file) if lab_file else None
 
     def transport(plan: resolve.StationPlan) -> Any:
@@ -229,6 +253,9 @@ def rollout(
     Exit 0 when every workstation is changed or unchanged, 3 when any failed, was busy or was
     skipped, 1 on input errors (nothing contacted).
     """
+    from provisioner import report, runner, state
+    from provisioner.push import PushOptions
+
     try:
         threshold = float(max_fail.rstrip("%"))
         if not 0 <= threshold <= 100:
@@ -236,6 +263,7 @@ def rollout(
     except ValueError:
         raise ProvisionerError("--max-fail is a percentage such as 10%") from None
     runner.plan_batches([], canary, batch)  # bad sizes are input errors: fail before Phase 1
+    selection = shown_selection(limit, only_failed)
     if only_failed is not None:
         store = state.StateStore(state_dir(inventory, state_folder))
         hosts = store.hosts_to_retry(None if only_failed in ("", "last") else only_failed)
@@ -267,6 +295,7 @@ def rollout(
         show_diff=diff,
         report_json=report_json,
         report_junit=report_junit,
+        selection=selection,
     )
     code = report.exit_code(run)
     if code:
@@ -281,6 +310,8 @@ def runs_list(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """The most recent rollouts, newest first."""
+    from provisioner import state
+
     store = state.StateStore(state_dir(inventory, state_folder))
     summaries = store.runs(limit)
     if as_json:
@@ -298,6 +329,8 @@ def runs_show(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Every workstation and file of one rollout."""
+    from provisioner import state
+
     store = state.StateStore(state_dir(inventory, state_folder))
     detail = store.run(run_id)
     if as_json:
@@ -316,6 +349,8 @@ def audit(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Who changed which file, when, in which run (never a secret)."""
+    from provisioner import state
+
     log = state.AuditLog(state_dir(inventory, state_folder))
     records = log.query(user=user, workstation=workstation, since=since, until=until)
     if as_json:

@@ -8,7 +8,6 @@ from typing import Annotated
 
 import typer
 
-from provisioner import secretstore, vault
 from provisioner.cli.common import (
     IdentityOpt,
     InventoryOpt,
@@ -19,7 +18,6 @@ from provisioner.cli.common import (
 )
 from provisioner.cli.inputs import read_new_password
 from provisioner.errors import VaultError
-from provisioner.inventory import InventoryErrors, load_inventory
 
 app = typer.Typer(help="Set and check the sealed passwords of an inventory.", no_args_is_help=True)
 
@@ -40,6 +38,8 @@ def set_value(
     stdin: Annotated[bool, typer.Option("--stdin", help="Read the password from stdin.")] = False,
 ) -> None:
     """Seal a new password with the public key and patch it into its YAML file."""
+    from provisioner import secretstore
+
     if (path is None) == (user is None):
         raise VaultError("give either --path or --user (with an optional --account)")
     if user is not None:
@@ -59,6 +59,8 @@ def verify(
     passphrase_fd: PassFdOpt = None,
 ) -> None:
     """Open every token with the identity and check each value; print counts only."""
+    from provisioner import secretstore
+
     recipients = secretstore.load_recipients(inventory)
     scan = secretstore.scan_inventory(inventory)
     kids = set(secretstore.kids_in_use(scan))
@@ -90,6 +92,8 @@ def rekey(
     passphrase_fd: PassFdOpt = None,
 ) -> None:
     """Re-seal every token of other keys to the new key; only token text changes."""
+    from provisioner import secretstore
+
     recipients = secretstore.load_recipients(inventory)
     target = to or recipients.active
     scan = secretstore.scan_inventory(inventory)
@@ -112,6 +116,8 @@ def rebind(
     passphrase_fd: PassFdOpt = None,
 ) -> None:
     """Re-seal a value after its user or list entry moved in the YAML."""
+    from provisioner import secretstore
+
     recipients = secretstore.load_recipients(inventory)
     scan = secretstore.scan_inventory(inventory)
     kids = {k.kid for k in recipients.keys if k.status != "retired"}
@@ -128,6 +134,8 @@ def lint(
     ] = "text",
 ) -> None:
     """Key-less CI check of every token and secret field. Exit 1 on any error."""
+    from provisioner import secretstore
+
     if output not in ("text", "json", "github"):
         raise VaultError("--format must be text, json or github")
     recipients = secretstore.load_recipients(inventory)
@@ -152,6 +160,8 @@ def lint(
 
 
 def _account_path(inventory: Path, user: str, account: str | None) -> str:
+    from provisioner.inventory import InventoryErrors, load_inventory
+
     try:
         model = load_inventory(inventory)
     except InventoryErrors as exc:
@@ -166,4 +176,4 @@ def _account_path(inventory: Path, user: str, account: str | None) -> str:
     return f"/users/{user}/accounts/{chosen}/password"
 
 
-__all__ = ["app", "vault"]
+__all__ = ["app"]

@@ -15,9 +15,13 @@ friends), so that the controller meets the same answers in the lab as on Windows
   ``microsip.exe``, ``mode`` to ``installed``, ``if_running`` to ``skip``;
 * ``not-installed`` is reported for every user (and the override) before accounts are resolved;
   a user in error keeps ``path: null``; the override entry has an ``error`` field too;
-* backups rotate only when the file exists; a failed replace undoes the rotation; a failed
-  verify puts ``backup.1`` back and moves the others up (the generation dropped by the
-  rotation is lost) and answers ``new_sha256`` = the hash read back;
+* apply and rollback first delete the file's stale ``.<name>.<12 hex>.tmp`` (and those of
+  ``applied`` in the state folder), quietly, even when they then report ``busy`` or
+  ``conflict``, and rotate in a ``backup.new`` left by an agent that died after its replace;
+* the replaced content waits as ``backup.new`` and the backups rotate only after the verify, down
+  to the first free slot; a failed replace or verify moves no backup (a failed verify puts
+  ``backup.new`` back) and answers ``new_sha256`` = the hash read back; a rotation that fails
+  after the verify leaves ``backup.new``, named in ``backup``, and the file ``written``;
 * ``busy`` and ``conflict`` carry an error object with the same code; a failure to write
   ``applied`` after the file was written is ``status: error`` with a message that says so;
   ``applied_b64: null`` leaves ``applied`` alone; rollback checks ``no-backup`` before the
@@ -60,6 +64,8 @@ from provisioner.transport.agent import scripts
 PROTOCOL = 1
 POLICIES = ("skip", "stop", "force")
 KINDS = ("microsip", "override")
+PENDING = "backup.new"
+"""Where apply keeps the replaced content until the new file is verified."""
 CRASH_EXIT_CODE = 0xC0000005
 """What WinRS reports for a powershell.exe that died (STATUS_ACCESS_VIOLATION)."""
 
@@ -468,6 +474,19 @@ def _temp_name(folder: str, name: str) -> str:
     return join(folder, f".{name}.{secrets.token_hex(6)}.tmp")
 
 
+def _remove_stale_temps(workstation: Workstation, folder: str, name: str) -> None:
+    """``Remove-StaleTempFiles``: ``.<name>.<12 hex>.tmp`` of a dead agent, best effort."""
+    stale = re.compile(rf"^\.{re.escape(name)}\.[0-9a-f]{{12}}\.tmp$", re.IGNORECASE)
+    for entry in workstation.listdir(folder):
+        if stale.match(entry):
+            _discard(workstation, join(folder, entry))
+
+
+def _remove_stale_temps_of(workstation: Workstation, spec: _FileSpec) -> None:
+    _remove_stale_temps(workstation, spec.folder, spec.name)
+    _remove_stale_temps(workstation, spec.state_dir, "applied")
+
+
 def _move_over(workstation: Workstation, source: str, target: str) -> None:
     """.NET Framework's File.Move cannot overwrite; File.Replace can."""
     if workstation.exists(target):
@@ -477,10 +496,21 @@ def _move_over(workstation: Workstation, source: str, target: str) -> None:
 
 
 def _backups_down(workstation: Workstation, spec: _FileSpec) -> None:
-    for number in (2, 1):
-        source = spec.state(f"backup.{number}")
-        if workstation.exists(source):
-            _move_over(workstation, source, spec.state(f"backup.{number + 1}"))
+    """``backup.new`` becomes ``backup.1``, the others moving down to the first free slot."""
+    pending = spec.state(PENDING)
+    if not workstation.exists(pending):
+        return
+    backup1, backup2 = spec.state("backup.1"), spec.state("backup.2")
+    free = 3
+    if not workstation.exists(backup1):
+        free = 1
+    elif not workstation.exists(backup2):
+        free = 2
+    if free >= 3:
+        _move_over(workstation, backup2, spec.state("backup.3"))
+    if free >= 2:
+        _move_over(workstation, backup1, backup2)
+    _move_over(workstation, pending, backup1)
 
 
 def _backups_up(workstation: Workstation, spec: _FileSpec) -> None:
@@ -518,6 +548,7 @@ def _apply_file(workstation: Workstation, item: Json, policy: str) -> Json:
     temp: str | None = None
     try:
         spec = _parse_file(item)
+        _remove_stale_temps_of(workstation, spec)
         intended = _ps_text(item.get("sha256")).lower()
         # refused rather than guessed: a missing content would truncate the user's file
         if item.get("content_b64") is None or not intended:
@@ -544,38 +575,38 @@ def _apply_file(workstation: Workstation, item: Json, policy: str) -> Json:
         temp = _temp_name(spec.folder, spec.name)
         workstation.write_new(temp, content, spec.acl, managed=True)
         workstation.make_dir(spec.state_dir, spec.acl)
-        backup = spec.state("backup.1")
+        # a backup.new left by an agent that died after its replace is the newest generation
+        _backups_down(workstation, spec)
+        pending = spec.state(PENDING)
         had_file = workstation.exists(spec.path)
         if had_file:
-            _backups_down(workstation, spec)
-            try:
-                workstation.replace(temp, spec.path, backup)
-            except FileError:
-                # undo the rotation, so that backup.1 stays the newest generation
-                if not workstation.exists(backup):
-                    with contextlib.suppress(FileError):
-                        _backups_up(workstation, spec)
-                raise
-            result["backup"] = backup
+            # no backup moves until the new file is verified
+            workstation.replace(temp, spec.path, pending)
         else:
             workstation.move(temp, spec.path)
         temp = None
         workstation.set_acl(spec.path, spec.acl)
-        _set_state_acl(workstation, spec)
         written = workstation.sha256(spec.path)
         result["new_sha256"] = written
         if written != intended:
             if had_file:
-                _move_over(workstation, backup, spec.path)
-                _backups_up(workstation, spec)
-                result["backup"] = None
+                _move_over(workstation, pending, spec.path)
+                undone = "the previous file was put back"
             else:
                 workstation.delete(spec.path)
+                undone = "the new file was removed"
             raise FileError(
                 "verify-failed",
-                "the file read back differs from the intended content; the previous file was "
-                "put back.",
+                f"the file read back differs from the intended content; {undone}.",
             )
+        if had_file:
+            # written and verified: a failed rotation leaves backup.new for the next request
+            try:
+                _backups_down(workstation, spec)
+                result["backup"] = spec.state("backup.1")
+            except FileError:
+                result["backup"] = pending
+        _set_state_acl(workstation, spec)
         if item.get("applied_b64") is not None:
             try:
                 _write_state_file(workstation, spec, "applied", _decode(item, "applied_b64"))
@@ -605,6 +636,8 @@ def _rollback_file(workstation: Workstation, item: Json, policy: str) -> Json:
     result = _new_result(item)
     try:
         spec = _parse_file(item)
+        _remove_stale_temps_of(workstation, spec)
+        _backups_down(workstation, spec)
         backup, rolled = spec.state("backup.1"), spec.state("rolled-back")
         if not workstation.exists(backup):
             raise FileError("no-backup", f"there is no backup of {spec.path} to restore.")

@@ -144,6 +144,36 @@ function Move-BackupsUp([string]$StateFolder) {
     }
 }
 
+function Move-BackupsDown([string]$StateFolder) {
+    # backup.new (the content an apply replaced) becomes backup.1, the others moving down only
+    # as far as the first free slot (backup.3, the oldest, goes when all three are taken): an
+    # interrupted rotation then resumes without loss. Nothing moves without a backup.new.
+    $pending = [IO.Path]::Combine($StateFolder, 'backup.new')
+    if (-not [IO.File]::Exists($pending)) { return }
+    $backup1 = [IO.Path]::Combine($StateFolder, 'backup.1')
+    $backup2 = [IO.Path]::Combine($StateFolder, 'backup.2')
+    $free = 3
+    if (-not [IO.File]::Exists($backup1)) { $free = 1 } elseif (-not [IO.File]::Exists($backup2)) { $free = 2 }
+    if ($free -ge 3) { Move-FileOver $backup2 ([IO.Path]::Combine($StateFolder, 'backup.3')) }
+    if ($free -ge 2) { Move-FileOver $backup1 $backup2 }
+    Move-FileOver $pending $backup1
+}
+
+function Remove-FileQuietly([string]$Path) {
+    # Cleanup only: it must not hide the error that made it necessary.
+    try { if ([IO.File]::Exists($Path)) { [IO.File]::Delete($Path) } } catch { }
+}
+
+function Remove-StaleTempFiles([string]$Folder, [string]$Name) {
+    # .<name>.<12 hex>.tmp left by an agent that died before its replace: it may hold a
+    # plaintext password. Best effort; matched exactly, so no other file is touched.
+    if (-not [IO.Directory]::Exists($Folder)) { return }
+    $pattern = '^\.' + [regex]::Escape($Name) + '\.[0-9a-f]{12}\.tmp$'
+    foreach ($file in [IO.Directory]::GetFiles($Folder)) {
+        if ([IO.Path]::GetFileName($file) -match $pattern) { Remove-FileQuietly $file }
+    }
+}
+
 function Test-FileRequest($File) {
     # The fields apply and rollback need before touching anything; returns them checked.
     $kind = [string](Get-Field $File 'kind')

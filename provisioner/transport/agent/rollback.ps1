@@ -10,6 +10,10 @@ function Invoke-RollbackFile($File, [string]$IfRunning) {
         $checked = Test-FileRequest $File
         $kind = $checked.kind; $path = $checked.path; $sid = $checked.sid
         $stateFolder = Get-StateFolder $path
+        Remove-StaleTempFiles ([IO.Path]::GetDirectoryName($path)) ([IO.Path]::GetFileName($path))
+        Remove-StaleTempFiles $stateFolder 'applied'
+        # A backup.new left by an apply that died after its replace is the newest generation.
+        Move-BackupsDown $stateFolder
         $backup1 = [IO.Path]::Combine($stateFolder, 'backup.1')
         if (-not [IO.File]::Exists($backup1)) {
             throw (New-AgentException 'no-backup' ("there is no backup of {0} to restore." -f $path))

@@ -144,6 +144,36 @@ function Move-BackupsUp([string]$StateFolder) {
     }
 }
 
+function Move-BackupsDown([string]$StateFolder) {
+    # backup.new (the content an apply replaced) becomes backup.1, the others moving down only
+    # as far as the first free slot (backup.3, the oldest, goes when all three are taken): an
+    # interrupted rotation then resumes without loss. Nothing moves without a backup.new.
+    $pending = [IO.Path]::Combine($StateFolder, 'backup.new')
+    if (-not [IO.File]::Exists($pending)) { return }
+    $backup1 = [IO.Path]::Combine($StateFolder, 'backup.1')
+    $backup2 = [IO.Path]::Combine($StateFolder, 'backup.2')
+    $free = 3
+    if (-not [IO.File]::Exists($backup1)) { $free = 1 } elseif (-not [IO.File]::Exists($backup2)) { $free = 2 }
+    if ($free -ge 3) { Move-FileOver $backup2 ([IO.Path]::Combine($StateFolder, 'backup.3')) }
+    if ($free -ge 2) { Move-FileOver $backup1 $backup2 }
+    Move-FileOver $pending $backup1
+}
+
+function Remove-FileQuietly([string]$Path) {
+    # Cleanup only: it must not hide the error that made it necessary.
+    try { if ([IO.File]::Exists($Path)) { [IO.File]::Delete($Path) } } catch { }
+}
+
+function Remove-StaleTempFiles([string]$Folder, [string]$Name) {
+    # .<name>.<12 hex>.tmp left by an agent that died before its replace: it may hold a
+    # plaintext password. Best effort; matched exactly, so no other file is touched.
+    if (-not [IO.Directory]::Exists($Folder)) { return }
+    $pattern = '^\.' + [regex]::Escape($Name) + '\.[0-9a-f]{12}\.tmp$'
+    foreach ($file in [IO.Directory]::GetFiles($Folder)) {
+        if ([IO.Path]::GetFileName($file) -match $pattern) { Remove-FileQuietly $file }
+    }
+}
+
 function Test-FileRequest($File) {
     # The fields apply and rollback need before touching anything; returns them checked.
     $kind = [string](Get-Field $File 'kind')
@@ -204,21 +234,9 @@ function Test-Request($Request, [string]$Op) {
     return $null
 }
 # apply: write each file, independently and in order, so that it always holds either its old
-# or its new content, with three backups and the merge base kept beside it.
+# or its new content, with three backups and the merge base kept beside it. The backups rotate
+# only once the new content is in place and verified, so a failed write loses no generation.
 $Request = $args[0]
-
-function Remove-FileQuietly([string]$Path) {
-    # Cleanup only: it must not hide the error that made it necessary.
-    try { if ([IO.File]::Exists($Path)) { [IO.File]::Delete($Path) } } catch { }
-}
-
-function Move-BackupsDown([string]$StateFolder) {
-    # backup.2 -> backup.3 (the oldest generation goes), backup.1 -> backup.2.
-    foreach ($n in 2, 1) {
-        $from = [IO.Path]::Combine($StateFolder, "backup.$n")
-        if ([IO.File]::Exists($from)) { Move-FileOver $from ([IO.Path]::Combine($StateFolder, "backup.$($n + 1)")) }
-    }
-}
 
 function Write-NewFile([string]$Path, [byte[]]$Bytes, $Acl) {
     # Created with its final ACL, so the content is never readable under the folder's defaults.
@@ -257,6 +275,11 @@ function Invoke-ApplyFile($File, [string]$IfRunning) {
     try {
         $checked = Test-FileRequest $File
         $kind = $checked.kind; $path = $checked.path; $sid = $checked.sid
+        $folder = [IO.Path]::GetDirectoryName($path)
+        $name = [IO.Path]::GetFileName($path)
+        $stateFolder = Get-StateFolder $path
+        Remove-StaleTempFiles $folder $name
+        Remove-StaleTempFiles $stateFolder 'applied'
         $encoded = Get-Field $File 'content_b64'
         $intended = Get-Field $File 'sha256'
         # Refused rather than guessed: a missing content would truncate the user's file.
@@ -277,8 +300,6 @@ function Invoke-ApplyFile($File, [string]$IfRunning) {
             return $item
         }
 
-        $folder = [IO.Path]::GetDirectoryName($path)
-        $name = [IO.Path]::GetFileName($path)
         if (-not [IO.Directory]::Exists($folder)) {
             # override.ini lives in the install folder: creating that would fake an installation.
             if ($kind -ne 'microsip') {
@@ -290,37 +311,26 @@ function Invoke-ApplyFile($File, [string]$IfRunning) {
         $temp = New-TempPath $folder $name
         Write-NewFile $temp $content (New-Acl $kind $sid $false)
 
-        $stateFolder = Get-StateFolder $path
         $null = [IO.Directory]::CreateDirectory($stateFolder, (New-Acl $kind $sid $true))
-        $backup1 = [IO.Path]::Combine($stateFolder, 'backup.1')
-        # Nothing to back up on a first write, and rotating then would leave no backup.1.
+        # A backup.new left by an apply that died after its replace is the newest generation.
+        Move-BackupsDown $stateFolder
+        $pending = [IO.Path]::Combine($stateFolder, 'backup.new')
         $hadFile = [IO.File]::Exists($path)
         if ($hadFile) {
-            Move-BackupsDown $stateFolder
-            try {
-                Move-ReplacementOver $temp $path $backup1
-            } catch {
-                $failure = $_
-                # Undo the rotation, so backup.1 stays the newest generation.
-                if (-not [IO.File]::Exists($backup1)) { try { Move-BackupsUp $stateFolder } catch { } }
-                throw $failure
-            }
-            $item['backup'] = $backup1
+            # The old content waits as backup.new: until the new file is verified, no backup moves.
+            Move-ReplacementOver $temp $path $pending
         } else {
             [IO.File]::Move($temp, $path)
         }
         $temp = $null
         # File.Replace keeps the DACL of the file it replaces: set ours again.
         [IO.File]::SetAccessControl($path, (New-Acl $kind $sid $false))
-        Set-StateAcl $stateFolder $kind $sid
 
         $written = Get-Sha256 ([IO.File]::ReadAllBytes($path))
         $item['new_sha256'] = $written
         if ($written -ne $intended) {
             if ($hadFile) {
-                Move-FileOver $backup1 $path
-                Move-BackupsUp $stateFolder
-                $item['backup'] = $null
+                Move-FileOver $pending $path
                 $undone = 'the previous file was put back'
             } else {
                 [IO.File]::Delete($path)
@@ -328,6 +338,17 @@ function Invoke-ApplyFile($File, [string]$IfRunning) {
             }
             throw (New-AgentException 'verify-failed' ('the file read back differs from the intended content; {0}.' -f $undone))
         }
+        if ($hadFile) {
+            # Written and verified: only now do the backups move. If that fails, backup.new
+            # keeps the old content and the next apply or rollback rotates it in.
+            try {
+                Move-BackupsDown $stateFolder
+                $item['backup'] = [IO.Path]::Combine($stateFolder, 'backup.1')
+            } catch {
+                $item['backup'] = $pending
+            }
+        }
+        Set-StateAcl $stateFolder $kind $sid
 
         # The merge base of the next push, with passwords already replaced by the controller.
         $applied = Get-Field $File 'applied_b64'
