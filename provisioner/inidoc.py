@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from functools import cached_property
 
 
 def unquote(raw: str) -> str:
@@ -28,7 +27,7 @@ class IniEntry:
     raw_value: str
     line: int = 0
 
-    @cached_property
+    @property
     def value(self) -> str:
         """The value as MicroSIP reads it."""
         return unquote(self.raw_value)
