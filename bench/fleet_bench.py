@@ -146,12 +146,26 @@ def raise_nofile(wanted: int) -> tuple[int, int]:
     return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
-def lab_child(root: Path, identity_path: Path, lab_file: Path, slow: float, max_s: float) -> None:
+def lab_child(
+    root: Path, identity_path: Path, lab_file: Path, slow: float, max_s: float, profile: str
+) -> None:
     """Run the lab until told to stop; answer ``stats`` lines on stdin."""
     from provisioner.inventory import load_inventory
     from provisioner.lab import Faults
     from provisioner.lab.inventory_lab import start_inventory_lab
 
+    profiles: list[Any] = []
+    if profile:
+        # cProfile sees only the thread that enables it: one profiler per lab thread, each
+        # enabled by the thread's first profile event (the lab starts its threads later).
+        import cProfile
+
+        def start_profiler(*_: object) -> None:
+            profiler = cProfile.Profile()
+            profiles.append(profiler)
+            profiler.enable()
+
+        threading.setprofile(start_profiler)
     start = time.perf_counter()
     inventory = load_inventory(root)
     hosts = len(inventory.workstations)
@@ -164,6 +178,13 @@ def lab_child(root: Path, identity_path: Path, lab_file: Path, slow: float, max_
         if not stopped.is_set():
             stopped.set()
             running.lab.stop(timeout=10)
+            if profiles:
+                import pstats
+
+                merged = pstats.Stats(profiles[0])
+                for other in profiles[1:]:
+                    merged.add(other)
+                merged.dump_stats(profile)
 
     try:
         if slow:
@@ -367,7 +388,9 @@ def controller_child(
 class LabProcess:
     """The lab child: started, asked for stats, stopped (it also stops by itself)."""
 
-    def __init__(self, root: Path, identity: Path, lab_file: Path, slow: float, max_s: float):
+    def __init__(
+        self, root: Path, identity: Path, lab_file: Path, slow: float, max_s: float, profile: str
+    ):
         self.process = subprocess.Popen(
             [
                 sys.executable,
@@ -378,6 +401,7 @@ class LabProcess:
                 str(lab_file),
                 str(slow),
                 str(max_s),
+                profile,
             ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -458,7 +482,10 @@ def scenario(
         f"(inventory written in {generated:.1f}s; load {load_average()}); controller patches: "
         f"{args.patch or 'none'}"
     )
-    lab = LabProcess(root, identity, lab_file, slow, args.max_seconds)
+    lab_profile = (
+        str(Path(args.lab_profile).with_suffix(f".{label}.prof")) if args.lab_profile else ""
+    )
+    lab = LabProcess(root, identity, lab_file, slow, args.max_seconds, lab_profile)
     rows = []
     try:
         ready = lab.ready
@@ -556,7 +583,10 @@ def main() -> None:
     parser.add_argument("--max-seconds", type=float, default=1800.0, help="cap per child")
     parser.add_argument("--profile", default="", help="cProfile file stem for the controller")
     parser.add_argument("--json", default="", help="also write the rows to this file")
-    parser.add_argument("--lab-child", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--lab-profile", default="", help="cProfile file stem for the lab (both pushes)"
+    )
+    parser.add_argument("--lab-child", nargs=6, help=argparse.SUPPRESS)
     parser.add_argument(
         "--patch",
         default="",
@@ -565,8 +595,10 @@ def main() -> None:
     parser.add_argument("--controller-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.lab_child:
-        root, identity, lab_file, slow, max_s = args.lab_child
-        lab_child(Path(root), Path(identity), Path(lab_file), float(slow), float(max_s))
+        root, identity, lab_file, slow, max_s, lab_profile = args.lab_child
+        lab_child(
+            Path(root), Path(identity), Path(lab_file), float(slow), float(max_s), lab_profile
+        )
         return
     if args.controller_child:
         spec = json.loads(args.controller_child)

@@ -36,6 +36,7 @@ class BuiltFile:
     install: resolve.Install
     secret_paths: tuple[str, ...] = ()
     windows: str = ""
+    accounts: int = 0
 
     @property
     def document(self) -> IniDocument:
@@ -376,7 +377,9 @@ class _Builder:
                 )
         with self.clock("encode"):
             data = ini.encode_ini(text)
-        self.result.files.append(BuiltFile(target, path, data, install, secret_paths, windows))
+        accounts = sum(1 for s in document.sections if ini.is_account_section(s.name))
+        built = BuiltFile(target, path, data, install, secret_paths, windows, accounts)
+        self.result.files.append(built)
         return document
 
     def _check_secrets_landed(
@@ -386,7 +389,7 @@ class _Builder:
         for index, pointer, secret in secrets:
             section = document.section(f"Account{index}")
             value = section.get("password") if section else None
-            if value is None or not secret.matches(value):
+            if value is None or not secret.matches_text(value):
                 self.result.findings.append(
                     Finding(
                         "error",
@@ -400,7 +403,7 @@ class _Builder:
             for entry in section.keys():  # noqa: SIM118 - IniSection.keys() yields entries
                 if entry.key and entry.key.lower() == "password":
                     continue
-                if any(s.matches(entry.value) for _, _, s in secrets):
+                if any(s.matches_text(entry.value) for _, _, s in secrets):
                     self.result.findings.append(
                         Finding(
                             "error",

@@ -9,29 +9,51 @@ by other threads, which could deadlock it).
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 import pickle
+import signal
 import threading
+import traceback
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 
 
+# Each worker copies the pages whose reference counts it touches; beyond a few workers memory
+# grows faster than Phase 1 speeds up.
+MAX_WORKERS = 8
+_CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
 def available_cores() -> int:
-    """CPU cores this process may run on."""
+    """CPU cores this process may use: its affinity, capped by a cgroup (container) quota."""
     if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+        cores = len(os.sched_getaffinity(0))
+    else:
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = _CGROUP_CPU_MAX.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
 
 
 def usable_workers(items: int, *, per_worker: int) -> int:
-    """How many processes are worth using for ``items`` items (1: stay serial)."""
+    """How many processes are worth using for ``items`` items (1: stay serial).
+
+    ``min(cores, items // per_worker)``, at most :data:`MAX_WORKERS`; 1 where forking is not
+    possible or not safe (another thread is running).
+    """
     if not hasattr(os, "fork") or threading.active_count() > 1:
         return 1
-    return max(1, min(available_cores(), items // max(1, per_worker)))
+    return max(1, min(available_cores(), items // max(1, per_worker), MAX_WORKERS))
 
 
 def split(items: Sequence[Item], parts: int) -> list[Sequence[Item]]:
@@ -67,51 +89,82 @@ def map_chunks(
     try:
         for chunk in chunks[1:]:
             read_fd, write_fd = os.pipe()
+            reader: BinaryIO = os.fdopen(read_fd, "rb")
             child = context.Process(
                 target=_child, args=(work, chunk, read_fd, write_fd), daemon=True
             )
-            child.start()
-            os.close(write_fd)
-            children.append((child, os.fdopen(read_fd, "rb")))
+            children.append((child, reader))
+            try:
+                child.start()
+            finally:
+                os.close(write_fd)
         results = [work(chunks[0])]
         results.extend(_receive(process, stream) for process, stream in children)
         return results
     finally:
         for process, stream in children:
             stream.close()
+            if process.pid is None:
+                continue
+            process.join(timeout=1)
             if process.is_alive():
                 process.terminate()
-            process.join()
+                process.join()
+
+
+class _RemoteTraceback(Exception):
+    """The worker's traceback, as text (shown as the cause of its exception)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 def _receive(process: multiprocessing.process.BaseProcess, stream: BinaryIO) -> Any:
     try:
-        status, payload = pickle.load(stream)  # noqa: S301 - our own forked child writes it
-    except (EOFError, pickle.UnpicklingError):
+        message = pickle.load(stream)  # noqa: S301 - our own forked child writes it
+    except Exception:  # a broken stream, or an exception class that cannot be rebuilt here
         process.join()
         raise WorkerError(
             f"a worker process ended without a result (exit code {process.exitcode})"
         ) from None
-    if status == "error":
-        raise payload
-    return payload
+    if message[0] == "error":
+        _, error, where, remote = message
+        error.add_note(f"(raised in a worker process at {where})")
+        raise error from _RemoteTraceback(remote)
+    return message[1]
 
 
 def _child(
     work: Callable[[Sequence[Item]], Result], chunk: Sequence[Item], read_fd: int, write_fd: int
 ) -> None:
+    # Ctrl-C reaches the whole process group: the parent decides, and ends the workers.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.close(read_fd)
     try:
-        message: tuple[str, Any] = ("ok", work(chunk))
+        message: tuple[Any, ...] = ("ok", work(chunk))
     except BaseException as exc:  # every failure must reach the parent
-        message = ("error", exc)
-    with os.fdopen(write_fd, "wb") as stream:
-        try:
+        message = ("error", _sendable(exc), _innermost(exc), traceback.format_exc())
+    try:
+        with os.fdopen(write_fd, "wb") as stream:
             pickle.dump(message, stream, protocol=pickle.HIGHEST_PROTOCOL)
-        except (pickle.PicklingError, TypeError, AttributeError):
-            # Part of the message may be in the pipe already: the parent sees a broken stream
-            # and reports this exit code.
-            os._exit(_UNPICKLABLE)
+    except BaseException:  # unpicklable result (a Secret), or the parent is gone
+        # Part of the message may be in the pipe already: the parent sees a broken stream
+        # and reports this exit code.
+        os._exit(_UNPICKLABLE)
+
+
+def _sendable(exc: BaseException) -> BaseException:
+    """``exc`` if it survives pickling both ways, else a WorkerError naming only its type."""
+    try:
+        pickle.loads(pickle.dumps(exc))  # noqa: S301 - our own bytes
+    except Exception:
+        return WorkerError(f"{type(exc).__name__} in a worker process")
+    return exc
+
+
+def _innermost(exc: BaseException) -> str:
+    frames = traceback.extract_tb(exc.__traceback__)
+    return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
 
 
 # Exit code of a worker whose result or exception could not be serialised.

@@ -142,7 +142,8 @@ class _Context:
 
 @dataclass
 class _Raw:
-    """Top-level entries collected from every file, before checks."""
+    """Top-level entries collected from every file: defaults and groups as trees (checked once
+    all files are read), workstations and users already checked."""
 
     defaults: list[tuple[str, yamldoc.YNode]] = field(default_factory=list)
     groups: dict[str, tuple[str, yamldoc.YNode, Source]] = field(default_factory=dict)
@@ -203,7 +204,9 @@ def load_inventory(root: Path) -> Inventory:
     )
     _cross_check(context, inventory)
     if context.errors:
-        raise InventoryErrors(context.errors)
+        # Entities are checked file by file as they are read: report in file order.
+        errors = sorted(context.errors, key=lambda e: (e.file or "", e.line or 0, e.column or 0))
+        raise InventoryErrors(errors)
     return inventory
 
 

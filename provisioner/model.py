@@ -43,7 +43,7 @@ class Secret:
 
     __hash__ = None  # type: ignore[assignment]
 
-    def matches(self, text: str) -> bool:
+    def matches_text(self, text: str) -> bool:
         """True when ``text`` is the plaintext. Not constant-time: for checks of our own output."""
         return self._plain == text
 

@@ -270,9 +270,7 @@ def _summary(result: phase1.BuildResult, out: Path, real: bool) -> None:
         per_station[built.target.workstation].append(built)
     for name, files in sorted(per_station.items()):
         users = [f.target.user for f in files if f.target.user]
-        accounts = sum(
-            1 for f in files for s in f.document.sections if s.name.lower().startswith("account")
-        )
+        accounts = sum(f.accounts for f in files)
         table.add_row(
             name,
             files[0].install.mode,

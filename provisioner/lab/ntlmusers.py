@@ -5,13 +5,15 @@ variable ``NTLM_USER_FILE``, read when the context is created *and* again when t
 AUTHENTICATE message is checked. Flipping that variable per request would race between
 threads, so the variable is set once for the process, under a lock, by the first lab that
 registers NTLM accounts; it points to one file in a private temp folder. The file holds the
-union of the accounts of every registered host (``DOMAIN:USER:PASSWORD`` lines); it is
-replaced atomically when a host brings a new account (accounts of hosts that are gone stay
-until the last release, which is harmless). The lab then checks that the authenticated user
-is an account of the host that was contacted. One consequence: two hosts of one process may
-not give the same account different passwords (``register`` raises ``ValueError``).
-When the last registration is released the variable gets its previous value back and the
-folder is removed.
+union of the accounts of every registered host, one smbpasswd line each
+(``[DOMAIN\\]USER:0:LM_HASH:NT_HASH:[U]:LCT-00000000``): with a password line pyspnego would
+derive the hashes (pure-Python DES) on every authentication; here they are derived once per
+account. A new account is appended; the file is replaced atomically only when an account
+comes back with another password (accounts of hosts that are gone stay until the last
+release, which is harmless). The lab then checks that the authenticated user is an account
+of the host that was contacted. One consequence: two hosts of one process may not give the
+same account different passwords (``register`` raises ``ValueError``). When the last
+registration is released the variable gets its previous value back and the folder is removed.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import tempfile
 import threading
 from collections.abc import Mapping
 from pathlib import Path
+
+from spnego._ntlm_raw import crypto
 
 ENV_VAR = "NTLM_USER_FILE"
 
@@ -42,39 +46,63 @@ def account_key(user: str) -> Account:
     return domain.upper(), name.upper()
 
 
+def _smbpasswd_line(user: str, password: str) -> str:
+    lm_hash = crypto.lmowfv1(password).hex().upper()
+    nt_hash = crypto.ntowfv1(password).hex().upper()
+    return f"{user}:0:{lm_hash}:{nt_hash}:[U]:LCT-00000000\n"
+
+
 class _Registry:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._owners: dict[int, dict[Account, tuple[str, str]]] = {}
+        # Running views of the owners, so that a registration costs O(its accounts), not
+        # O(every host): live accounts with their password and owner count, and the line of
+        # each account the file holds.
+        self._live: dict[Account, tuple[str, int]] = {}
+        self._written: dict[Account, tuple[str, str]] = {}
         self._folder: Path | None = None
         self._previous: str | None = None
+        self._published = False
         self._tokens = itertools.count(1)
 
     def register(self, credentials: Mapping[str, str]) -> int:
         with self._lock:
-            known = {
-                key: password
-                for entries in self._owners.values()
-                for key, (_, password) in entries.items()
-            }
             entries = {
                 account_key(user): (user, password) for user, password in credentials.items()
             }
             for key, (user, password) in entries.items():
-                if known.get(key, password) != password:
+                live = self._live.get(key)
+                if live is not None and live[0] != password:
                     raise ValueError(
                         f"NTLM account {user!r} already has another password in this process; "
                         "lab hosts that accept NTLM must agree on each account's password"
                     )
             owner = next(self._tokens)
             self._owners[owner] = entries
-            if any(key not in known for key in entries):
+            for key, (_, password) in entries.items():
+                count = self._live.get(key, (password, 0))[1]
+                self._live[key] = (password, count + 1)
+            stale = [k for k, (_, pw) in entries.items() if self._written.get(k, ("", pw))[0] != pw]
+            new = [k for k in entries if k not in self._written]
+            if stale:
                 self._rewrite()
+            elif new:
+                self._append({key: entries[key] for key in new})
             return owner
 
     def release(self, owner: int) -> None:
         with self._lock:
-            if self._owners.pop(owner, None) is None or self._owners:
+            entries = self._owners.pop(owner, None)
+            if entries is None:
+                return
+            for key in entries:
+                password, count = self._live[key]
+                if count > 1:
+                    self._live[key] = (password, count - 1)
+                else:
+                    del self._live[key]
+            if self._owners:
                 return
             if self._previous is None:
                 os.environ.pop(ENV_VAR, None)
@@ -84,24 +112,51 @@ class _Registry:
                 shutil.rmtree(self._folder, ignore_errors=True)
             self._folder = None
             self._previous = None
+            self._written.clear()
 
-    def _rewrite(self) -> None:
-        first = self._folder is None
+    def _path(self) -> Path:
         if self._folder is None:
             self._folder = Path(tempfile.mkdtemp(prefix="microsip-lab-ntlm-"))
-        path = self._folder / "users"
+            self._previous = os.environ.get(ENV_VAR)
+            self._published = False
+        return self._folder / "users"
+
+    def _publish(self, path: Path) -> None:
+        if not self._published:
+            self._published = True
+            os.environ[ENV_VAR] = str(path)
+
+    def _append(self, entries: Mapping[Account, tuple[str, str]]) -> None:
+        path = self._path()
         lines = []
+        for key, (user, password) in entries.items():
+            line = _smbpasswd_line(user, password)
+            self._written[key] = (password, line)
+            lines.append(line)
+        # One write of whole lines: a concurrent reader sees at most a partial last line,
+        # which names an account whose host is not listening yet.
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, "".join(lines).encode("utf-8"))
+        finally:
+            os.close(fd)
+        self._publish(path)
+
+    def _rewrite(self) -> None:
+        path = self._path()
+        written: dict[Account, tuple[str, str]] = {}
         for entries in self._owners.values():
-            for user, password in entries.values():
-                domain, name = split_account(user)
-                lines.append(f"{domain}:{name}:{password}\n")
+            for key, (user, password) in entries.items():
+                known = self._written.get(key)
+                line = known[1] if known and known[0] == password else None
+                written[key] = (password, line or _smbpasswd_line(user, password))
+        assert self._folder is not None  # noqa: S101 - _path() created it
         fd, temp = tempfile.mkstemp(dir=self._folder)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.writelines(sorted(set(lines)))
+            handle.writelines(line for _, line in written.values())
         os.replace(temp, path)
-        if first:
-            self._previous = os.environ.get(ENV_VAR)
-            os.environ[ENV_VAR] = str(path)
+        self._written = written
+        self._publish(path)
 
 
 _REGISTRY = _Registry()
