@@ -26,7 +26,7 @@ RECIPIENTS_FILE = "recipients.yaml"
 TEMPLATES_DIR = "templates"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class BuiltFile:
     """A rendered target in MicroSIP's encoding. ``data`` may hold plaintext passwords."""
 

@@ -177,7 +177,7 @@ def _has_station_blocks(layer: Layer) -> bool:
     return bool(layer.enforced_settings or layer.enforced_account or layer.winrm or layer.microsip)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TargetRef:
     """One file to produce: a user's microsip.ini, or a workstation's override.ini."""
 
