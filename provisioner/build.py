@@ -6,7 +6,6 @@ with an error finding must not proceed to any workstation.
 
 from __future__ import annotations
 
-import gc
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -90,15 +89,8 @@ def build(
     ``workers`` processes share the targets after the load (default: one per core for large
     inventories where the platform can fork safely, else 1).
     """
-    # Phase 1 allocates hundreds of thousands of long-lived objects and almost no cycles;
-    # the cyclic collector would rescan them over and over (half of the load time).
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
+    with forked.paused_gc():
         return _build(root, selection, opener_factory, templates, workers)
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _build(

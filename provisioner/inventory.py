@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from provisioner import yamldoc
+from provisioner import forked, yamldoc
 from provisioner.errors import InventoryError, ProvisionerError
 from provisioner.inidoc import unquote
 from provisioner.keytable import KeySpec, KeyTable, load_key_table
@@ -173,6 +173,11 @@ def inventory_files(root: Path) -> list[Path]:
 
 def load_inventory(root: Path) -> Inventory:
     """Load, check and cross-reference every file of an inventory directory."""
+    with forked.paused_gc():
+        return _load_inventory(root)
+
+
+def _load_inventory(root: Path) -> Inventory:
     files = inventory_files(root)
     context = _Context(load_key_table())
     raw = _Raw()

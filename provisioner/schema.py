@@ -42,6 +42,19 @@ def matches_pattern(segments: tuple[str, ...] | list[str], pattern: str) -> bool
     return all(w == "*" or w == s for w, s in zip(wanted, segments, strict=True))
 
 
+_SPLIT_PATTERNS: tuple[tuple[str, ...], ...] = tuple(
+    tuple(p[1:].split("/")) for p in SECRET_PATH_PATTERNS
+)
+_LAST_SEGMENTS = frozenset(p[-1] for p in _SPLIT_PATTERNS)
+
+
 def is_secret_path(segments: tuple[str, ...] | list[str]) -> bool:
     """True when a value at this path must be a sealed token."""
-    return any(matches_pattern(segments, p) for p in SECRET_PATH_PATTERNS)
+    # Called for every scalar of an inventory: most paths end in a key no pattern ends in.
+    if not segments or (segments[-1] not in _LAST_SEGMENTS and "*" not in _LAST_SEGMENTS):
+        return False
+    return any(
+        len(wanted) == len(segments)
+        and all(w == "*" or w == s for w, s in zip(wanted, segments, strict=True))
+        for wanted in _SPLIT_PATTERNS
+    )

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from provisioner import vault, yamldoc
+from provisioner import forked, vault, yamldoc
 from provisioner.atomicfile import create_exclusive, write_atomic
 from provisioner.errors import (
     CannotDecryptError,
@@ -179,6 +179,11 @@ def kids_in_use(scan: Scan) -> Counter[str]:
 
 def scan_inventory(root: Path, files: Sequence[Path] | None = None) -> Scan:
     """Compose every inventory file and classify its scalars."""
+    with forked.paused_gc():
+        return _scan_inventory(root, files)
+
+
+def _scan_inventory(root: Path, files: Sequence[Path] | None) -> Scan:
     docs: list[yamldoc.YamlText] = []
     secret_fields: list[Site] = []
     strays: list[Site] = []

@@ -241,7 +241,8 @@ def compose_text(text: str, source: str) -> YamlText:
     root = _compose(text, source)
     walker = _Walker(text)
     if root is not None:
-        walker.count(root)
+        if "&" in text:  # without an anchor no node is met twice: nothing to count
+            walker.count(root)
         walker.walk(root, (), in_flow=False, aliased=False)
     return YamlText(
         source=source,

@@ -139,7 +139,8 @@ def lint(
     if output not in ("text", "json", "github"):
         raise VaultError("--format must be text, json or github")
     recipients = secretstore.load_recipients(inventory)
-    findings = secretstore.lint_secrets(secretstore.scan_inventory(inventory), recipients)
+    scan = secretstore.scan_inventory(inventory)
+    findings = secretstore.lint_secrets(scan, recipients)
     errors = [f for f in findings if f.severity == "error"]
     if output == "json":
         echo(json.dumps([f.__dict__ for f in findings], indent=2))
@@ -150,7 +151,7 @@ def lint(
                 echo(f"::{kind} file={f.file},line={f.line},col={f.column}::{f.path}: {f.message}")
             else:
                 echo(str(f))
-        tokens = sum(1 for s in secretstore.scan_inventory(inventory).tokens())
+        tokens = sum(1 for _ in scan.tokens())
         echo(
             f"{tokens} token(s) checked, {len(errors)} error(s), "
             f"{len(findings) - len(errors)} warning(s)"
