@@ -560,3 +560,21 @@ def test_host_config_validation() -> None:
         HostConfig(credentials={})
     with pytest.raises(ValueError, match="operation"):
         Trigger("Execute")
+
+
+@pytest.mark.parametrize("hashed", [True, False], ids=["hashes", "plain-fallback"])
+def test_ntlm_user_file_in_both_forms_authenticates(
+    monkeypatch: pytest.MonkeyPatch, hashed: bool
+) -> None:
+    # Without pyspnego's private hash helpers the lab writes the plain form pyspnego also reads.
+    from provisioner.lab import ntlmusers
+
+    if not hashed:
+        monkeypatch.setattr(ntlmusers, "_crypto", None)
+    lab = Lab(EchoHandler(), io_timeout=5.0)
+    try:
+        host = http_host(lab)
+        out, _, code = run(client(lab, host, "ntlm"), "read-stdin", stdin=b"either form")
+        assert (out, code) == (b"either form", 0)
+    finally:
+        lab.stop(timeout=5.0)

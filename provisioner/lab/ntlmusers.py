@@ -25,8 +25,13 @@ import tempfile
 import threading
 from collections.abc import Mapping
 from pathlib import Path
+from types import ModuleType
 
-from spnego._ntlm_raw import crypto
+_crypto: ModuleType | None
+try:  # pyspnego's own hash functions; private, so a later release may move them
+    from spnego._ntlm_raw import crypto as _crypto
+except ImportError:  # pragma: no cover - depends on the installed pyspnego
+    _crypto = None
 
 ENV_VAR = "NTLM_USER_FILE"
 
@@ -47,8 +52,12 @@ def account_key(user: str) -> Account:
 
 
 def _smbpasswd_line(user: str, password: str) -> str:
-    lm_hash = crypto.lmowfv1(password).hex().upper()
-    nt_hash = crypto.ntowfv1(password).hex().upper()
+    if _crypto is None:
+        # The plain form pyspnego also reads: it then derives the hashes per authentication.
+        domain, name = split_account(user)
+        return f"{domain}:{name}:{password}\n"
+    lm_hash = _crypto.lmowfv1(password).hex().upper()
+    nt_hash = _crypto.ntowfv1(password).hex().upper()
     return f"{user}:0:{lm_hash}:{nt_hash}:[U]:LCT-00000000\n"
 
 
