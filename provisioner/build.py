@@ -126,6 +126,7 @@ def _build(
         return result
     env = render.make_environment([templates or root / TEMPLATES_DIR])
     builder = _Builder(inventory, recipients, opener, env)
+    result.findings.extend(builder.compile_templates())
     if workers is None:
         workers = forked.usable_workers(len(result.targets), per_worker=TARGETS_PER_WORKER)
     chunks = forked.split(result.targets, workers)
@@ -192,8 +193,22 @@ class _Builder:
         self.table = load_key_table()
         self.order = {(s.section, s.key): i for i, s in enumerate(self.table.specs)}
         self.templates: dict[str, render.Template] = {}
+        self.broken_templates: set[str] = set()
+
+    def compile_templates(self) -> list[Finding]:
+        """Compile both templates once, before any target: a syntax error is reported once."""
+        findings = []
+        for name in (render.MICROSIP_TEMPLATE, render.OVERRIDE_TEMPLATE):
+            try:
+                self.template(name)
+            except ProvisionerError as exc:
+                self.broken_templates.add(name)
+                findings.append(Finding("error", _code(exc), str(exc)))
+        return findings
 
     def template(self, name: str) -> render.Template:
+        if name in self.broken_templates:
+            raise _Skip  # reported once by compile_templates
         if name not in self.templates:
             self.templates[name] = render.load_template(self.env, name)
         return self.templates[name]

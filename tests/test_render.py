@@ -120,12 +120,29 @@ def test_template_syntax_error_names_file_and_line(tmp_path: Path) -> None:
     root, result = build_files(tmp_path / "inv", {"templates/microsip.ini.j2": template})
     [finding] = result.findings
     assert finding.code == "template"
-    assert finding.file == "ws1/u1/microsip.ini"
+    assert finding.file == ""  # the template, not a target: the message names it
     path = root / "templates" / "microsip.ini.j2"
     assert finding.message.startswith(f"{path}:4: template syntax error")
     assert "4 | {% for x in %}" in finding.message
     # The override.ini still renders from the built-in template.
     assert [f.relative_path for f in result.files] == ["ws1/override.ini"]
+
+
+def test_template_syntax_error_is_reported_once_for_many_targets(tmp_path: Path) -> None:
+    users = "".join(
+        f"  u{i}:\n    accounts:\n      main: {{sip_uri: 100{i}@pbx.example.com, password: SEAL}}\n"
+        for i in range(3)
+    )
+    _, result = build_files(
+        tmp_path / "inv",
+        {
+            "templates/microsip.ini.j2": "[Settings]\n{% if %}\n",
+            "users.yaml": "users:\n" + users,
+            "workstations.yaml": "workstations:\n  ws1:\n    users: [u0, u1, u2]\n",
+        },
+    )
+    assert [f.code for f in result.findings] == ["template"]
+    assert len(result.files) == 1  # override.ini
 
 
 def test_undefined_variables_name_file_and_line(tmp_path: Path) -> None:
