@@ -433,6 +433,7 @@ def _code(exc: ProvisionerError) -> str:
         "PathMismatchError": "path-mismatch",
         "CannotDecryptError": "cannot-decrypt",
         "UnknownKeyError": "unknown-key",
+        "MissingIdentityError": "no-identity",
         "RetiredKeyError": "retired-key",
         "TokenFormatError": "token-format",
         "PolicyViolationError": "policy",

@@ -7,7 +7,8 @@
     ├── ResolveError          key, layers involved
     ├── VaultError            never carries plaintext
     │   ├── TokenFormatError      structure of a token (checked without any key)
-    │   ├── UnknownKeyError       kid not in recipients.yaml, or no identity holds it
+    │   ├── UnknownKeyError       kid not in recipients.yaml
+    │   │   └── MissingIdentityError  kid known, but no identity for it was given
     │   ├── RetiredKeyError       kid is retired
     │   ├── PathMismatchError     pathtag differs from the token's location
     │   ├── CannotDecryptError    uniform failure after the structure checks (no oracle)
@@ -67,6 +68,10 @@ class TokenFormatError(VaultError):
 
 class UnknownKeyError(VaultError):
     """The token's key id is not known, or no identity for it was given."""
+
+
+class MissingIdentityError(UnknownKeyError):
+    """The token's key id is in recipients.yaml, but no identity for it was given."""
 
 
 class RetiredKeyError(VaultError):

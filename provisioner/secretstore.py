@@ -21,6 +21,7 @@ from provisioner.errors import (
     CannotDecryptError,
     IdentityError,
     InventoryError,
+    MissingIdentityError,
     PathMismatchError,
     PolicyViolationError,
     RecipientsError,
@@ -223,6 +224,7 @@ class SecretFinding:
 
 _ERROR_CODES: dict[type[VaultError], str] = {
     TokenFormatError: "token-format",
+    MissingIdentityError: "no-identity",
     UnknownKeyError: "unknown-key",
     RetiredKeyError: "retired-key",
     PathMismatchError: "path-mismatch",
@@ -525,7 +527,9 @@ def rebind(scan: Scan, keyring: vault.Keyring, old_pointer: str, new_pointer: st
     parts = vault.parse_token(site.ref.value)
     identity = keyring.identities.get(parts.kid)
     if identity is None:
-        raise UnknownKeyError(f"no identity for key {parts.kid} was given")
+        raise MissingIdentityError(
+            f"no identity for key {parts.kid} was given (pass --identity FILE)"
+        )
     if parts.pathtag != vault.compute_pathtag(keyring.recipients.realm, old_pointer):
         raise PathMismatchError(f"the token at {new_pointer} was not sealed for {old_pointer}")
     secret = keyring.open(site.ref.value, old_pointer)

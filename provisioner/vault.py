@@ -37,6 +37,7 @@ from provisioner import yamldoc
 from provisioner.errors import (
     CannotDecryptError,
     IdentityError,
+    MissingIdentityError,
     PathMismatchError,
     PolicyViolationError,
     RecipientsError,
@@ -650,7 +651,9 @@ class Keyring:
         parts = check_token(token, path, self.recipients)
         identity = self.identities.get(parts.kid)
         if identity is None:
-            raise UnknownKeyError(f"no identity for key {parts.kid} was given")
+            raise MissingIdentityError(
+                f"no identity for key {parts.kid} was given (pass --identity FILE)"
+            )
         info = hpke_info(self.recipients.realm, parts.kid, path)
         padded = identity.decrypt(parts.enc + parts.ciphertext, info)
         try:

@@ -329,7 +329,8 @@ def test_verify_without_the_needed_identity(realm: Realm) -> None:
     shutil.rmtree(realm.config)
     result = realm.run("secrets", "verify", "-i", str(realm.inventory), *_pp(realm))
     assert result.returncode == 1
-    assert "unknown-key: 2" in result.stdout
+    assert "no-identity: 2" in result.stdout
+    assert "pass --identity FILE" in result.stdout
 
 
 def test_missing_recipients_and_bad_paths(realm: Realm) -> None:
