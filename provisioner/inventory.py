@@ -111,6 +111,15 @@ class _Context:
     table: KeyTable
     errors: list[InventoryError] = field(default_factory=list)
     lines: dict[str, list[str]] = field(default_factory=dict)
+    # Where each name of a list of references was written (keyed by the list's key path), so
+    # that a wrong reference is reported at the list item rather than at its entity.
+    item_sources: dict[tuple[str, ...], dict[str, Source]] = field(default_factory=dict)
+    # Files that could not be read or parsed: what they define is unknown.
+    unparsed: list[str] = field(default_factory=list)
+
+    def item_source(self, segments: tuple[str, ...], name: str, fallback: Source) -> Source:
+        """Where ``name`` was written in the list at ``segments`` (``fallback`` if unknown)."""
+        return self.item_sources.get(segments, {}).get(name, fallback)
 
     def plain_text(self, file: str, line: int, column: int) -> str | None:
         """The text of the plain scalar written at ``line``:``column`` of ``file``, if any."""
@@ -186,6 +195,7 @@ def _load_inventory(root: Path) -> Inventory:
             tree, problems = yamldoc.load_tree(path)
         except InventoryError as exc:
             context.errors.append(exc)
+            context.unparsed.append(str(path))
             continue
         for problem in problems:
             context.error(
@@ -207,7 +217,10 @@ def _load_inventory(root: Path) -> Inventory:
         users=users,
         files=tuple(str(p) for p in files),
     )
-    _cross_check(context, inventory)
+    if not context.unparsed:
+        # A file that did not parse may define the groups, workstations and users others refer
+        # to: checking references without it buries the real error under false ones.
+        _cross_check(context, inventory)
     if context.errors:
         # Entities are checked file by file as they are read: report in file order.
         errors = sorted(context.errors, key=lambda e: (e.file or "", e.line or 0, e.column or 0))
@@ -333,6 +346,7 @@ def _names(
         context.error("expected a list of names", source, segments)
         return ()
     names: list[str] = []
+    positions = context.item_sources.setdefault(segments, {})
     for index, item in node.items:
         item_source = Source(source.file, item.line, item.column)
         value = _text(context, item, item_source, (*segments, index))
@@ -340,6 +354,7 @@ def _names(
             context.error(f"{value!r} is listed twice", item_source, (*segments, index))
         elif value is not None:
             names.append(value)
+            positions[value] = item_source
     return tuple(names)
 
 
@@ -787,7 +802,7 @@ def _accounts(
             key_segments = (*account_segments, key)
             if key == "active":
                 if not isinstance(value.value, bool):
-                    context.error("active is true or false", key_source, key_segments)
+                    context.error("active must be true or false", key_source, key_segments)
                 active = value.value is True
                 continue
             if key == "sip_uri":
@@ -829,11 +844,14 @@ def _accounts(
     if len(accounts) == 1 and not actives:
         accounts[0] = SipAccount(accounts[0].id, True, accounts[0].keys, accounts[0].source)
     elif len(actives) != 1 and accounts:
-        message = (
-            "two or more accounts are active; exactly one may be"
-            if actives
-            else "several accounts and none is active; mark exactly one 'active: true'"
-        )
+        if actives:
+            named = ", ".join(f"{a.id!r} (line {a.source.line})" for a in actives)
+            message = (
+                f"two or more accounts are active: {named}; exactly one may be, remove "
+                "'active: true' from all but one"
+            )
+        else:
+            message = "several accounts and none is active; mark exactly one 'active: true'"
         context.error(message, source, segments)
     return tuple(accounts)
 
@@ -894,13 +912,15 @@ def _link_users(
 
 def _cross_check(context: _Context, inventory: Inventory) -> None:
     groups = inventory.groups
+    at: tuple[str, ...]
     for group in groups.values():
+        at = ("groups", group.name, "parents")
         for parent in group.parents:
             if parent not in groups:
                 context.error(
                     _unknown(parent, list(groups), "parent group"),
-                    group.source,
-                    ("groups", group.name, "parents"),
+                    context.item_source(at, parent, group.source),
+                    at,
                 )
     for cycle in _group_cycles(groups):
         first = groups[cycle[0]]
@@ -913,28 +933,39 @@ def _cross_check(context: _Context, inventory: Inventory) -> None:
         where = ("workstations", station.name)
         for name in station.groups:
             if name not in groups:
+                at = (*where, "groups")
                 context.error(
-                    _unknown(name, list(groups), "group"), station.source, (*where, "groups")
+                    _unknown(name, list(groups), "group"),
+                    context.item_source(at, name, station.source),
+                    at,
                 )
         for name in station.users:
             if name not in inventory.users:
+                # A user that names this workstation is known; only listed names can be wrong.
+                at = (*where, "users")
                 context.error(
-                    _unknown(name, list(inventory.users), "user"), station.source, (*where, "users")
+                    _unknown(name, list(inventory.users), "user"),
+                    context.item_source(at, name, station.source),
+                    at,
                 )
     placed = {name for s in inventory.workstations.values() for name in s.users}
     for user in inventory.users.values():
         where = ("users", user.name)
         for name in user.groups:
             if name not in groups:
+                at = (*where, "groups")
                 context.error(
-                    _unknown(name, list(groups), "group"), user.source, (*where, "groups")
+                    _unknown(name, list(groups), "group"),
+                    context.item_source(at, name, user.source),
+                    at,
                 )
         for name in user.workstations:
             if name not in inventory.workstations:
+                at = (*where, "workstations")
                 context.error(
                     _unknown(name, list(inventory.workstations), "workstation"),
-                    user.source,
-                    (*where, "workstations"),
+                    context.item_source(at, name, user.source),
+                    at,
                 )
         if user.name not in placed:
             context.error(

@@ -207,8 +207,13 @@ def _compose(text: str, source: str) -> Node | None:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else 0
         column = mark.column + 1 if mark is not None else 0
+        problem = str(exc.problem or exc.context)
+        if "mapping values are not allowed" in problem:
+            problem += (
+                "; a value that contains ': ' must be quoted, e.g. display_name: \"Bob: Smith\""
+            )
         raise InventoryError(
-            f"invalid YAML: {exc.problem or exc.context}", file=source, line=line, column=column
+            f"invalid YAML: {problem}", file=source, line=line, column=column
         ) from None
     except YAMLError as exc:
         raise InventoryError(f"invalid YAML: {exc}", file=source) from None

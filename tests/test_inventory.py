@@ -252,7 +252,32 @@ BAD: list[tuple[str, dict[str, str], list[Expected]]] = [
             "      a: {sip_uri: 1@x.example.com, active: true, password: SEAL}\n"
             "      b: {sip_uri: 2@x.example.com, active: true, password: SEAL}\n"
         },
-        [("users.yaml", 3, 5, "/users/u1/accounts", "two or more accounts are active")],
+        [
+            (
+                "users.yaml",
+                3,
+                5,
+                "/users/u1/accounts",
+                "two or more accounts are active: 'a' (line 4), 'b' (line 5)",
+            )
+        ],
+    ),
+    (
+        "active-not-a-boolean",
+        {
+            "users.yaml": "users:\n  u1:\n    accounts:\n"
+            "      a: {sip_uri: 1@x.example.com, active: 'yes', password: SEAL}\n"
+        },
+        [("users.yaml", 4, 37, "/users/u1/accounts/a/active", "active must be true or false")],
+    ),
+    (
+        "group-reference-in-block-list",
+        {
+            "workstations.yaml": "workstations:\n  ws1:\n    users: [u1]\n"
+            "    groups:\n      - site-berlin\n      - nope\n",
+            "groups.yaml": "groups:\n  site-berlin: {}\n",
+        },
+        [("workstations.yaml", 6, 9, "/workstations/ws1/groups", "unknown group 'nope'")],
     ),
     (
         "no-active-account",
@@ -284,11 +309,12 @@ BAD: list[tuple[str, dict[str, str], list[Expected]]] = [
             "    accounts: {main: {sip_uri: 1@x.example.com, password: SEAL}}\n",
         },
         [
-            ("bad.yaml", 2, 3, "/groups/a/parents", "unknown parent group 'nope'"),
-            ("bad.yaml", 5, 3, "/workstations/ws2/groups", "unknown group 'zz'"),
-            ("bad.yaml", 5, 3, "/workstations/ws2/users", "unknown user 'nobody'"),
-            ("users.yaml", 2, 3, "/users/u1/groups", "unknown group 'sals'"),
-            ("users.yaml", 2, 3, "/users/u1/workstations", "unknown workstation 'ws3'"),
+            # Each wrong reference is reported at the list item that names it.
+            ("bad.yaml", 3, 15, "/groups/a/parents", "unknown parent group 'nope'"),
+            ("bad.yaml", 6, 14, "/workstations/ws2/groups", "unknown group 'zz'"),
+            ("bad.yaml", 7, 13, "/workstations/ws2/users", "unknown user 'nobody'"),
+            ("users.yaml", 3, 14, "/users/u1/groups", "unknown group 'sals'"),
+            ("users.yaml", 4, 20, "/users/u1/workstations", "unknown workstation 'ws3'"),
         ],
     ),
     (
@@ -481,6 +507,38 @@ def test_bad_input_names_file_line_column_and_path(
     for finding in result.findings:
         assert finding.file and finding.line > 0 and finding.column > 0, finding
         assert "Traceback" not in finding.message
+
+
+# A file that does not parse must not bury its error under false reference errors: here the
+# other files refer to users (or hold users placed by) what the broken file defines.
+CASCADES = {
+    "colon-in-a-value": (
+        "users.yaml",
+        "users:\n  u1:\n    display_name: Bob: Schneider\n    accounts:\n"
+        "      main: {sip_uri: 1001@pbx.example.com, password: SEAL}\n",
+        (3, 22),
+        "quoted",
+    ),
+    "tab-in-workstations": (
+        "workstations.yaml",
+        "workstations:\n  ws1:\n\tusers: [u1, u2]\n",
+        (3, 1),
+        "'\\t'",
+    ),
+}
+MORE_USERS = "users:\n  u2:\n    accounts: {main: {sip_uri: 2@x.example.com, password: SEAL}}\n"
+
+
+@pytest.mark.parametrize("case", sorted(CASCADES))
+def test_unparsable_file_reports_only_its_own_error(tmp_path: Path, case: str) -> None:
+    name, text, (line, column), hint = CASCADES[case]
+    more = "workstations:\n  ws2:\n    users: [u1]\n" if name == "users.yaml" else MORE_USERS
+    root = write_inventory(tmp_path / "inv", {**BASE, "more.yaml": more, name: text})
+    with pytest.raises(InventoryErrors) as caught:
+        load_inventory(root)
+    errors = caught.value.errors
+    assert [(Path(e.file or "").name, e.line, e.column) for e in errors] == [(name, line, column)]
+    assert "invalid YAML" in str(errors[0]) and hint in str(errors[0])
 
 
 def test_load_inventory_raises_all_errors_as_one_exception(tmp_path: Path) -> None:
