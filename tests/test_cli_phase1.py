@@ -325,8 +325,9 @@ def test_explain_key_filter_workstation_and_errors() -> None:
         f"      {'':<32} {EXAMPLE}/defaults.yaml:8:5 (defaults)",
         f"      {'header':<32} {EXAMPLE}/groups.yaml:42:7 (group support)",
     ]
-    code, out, _ = cli("explain", "alice", "-i", str(EXAMPLE), "-w", "ham-ws-001")
-    assert code == 0 and out == "alice is on no workstation named ham-ws-001\n"
+    code, out, err = cli("explain", "alice", "-i", str(EXAMPLE), "-w", "ham-ws-001")
+    assert code == 1 and out == ""
+    assert err == "error: alice is not on ham-ws-001; alice is on ber-ws-001\n"
     code, _, err = cli("explain", "zoe", "-i", str(EXAMPLE))
     assert code == 1 and err.startswith("error: no user 'zoe'")
 

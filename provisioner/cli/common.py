@@ -17,6 +17,8 @@ import typer
 from provisioner.errors import IdentityError, ProvisionerError
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
     from provisioner import vault
     from provisioner.model import Inventory
 
@@ -45,6 +47,47 @@ PassFdOpt = Annotated[
     int | None,
     typer.Option("--passphrase-fd", help="Read the passphrase from this file descriptor."),
 ]
+
+
+# The --if-running policies (provisioner.push.IF_RUNNING; not imported here to keep startup
+# light, a test keeps the two equal).
+IF_RUNNING = ("skip", "stop", "force")
+
+
+def check_if_running(value: str) -> str:
+    """Refuse an unknown --if-running policy on the command line, before anything runs."""
+    if value not in IF_RUNNING:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(IF_RUNNING)}")
+    return value
+
+
+IfRunningOpt = Annotated[
+    str,
+    typer.Option(
+        "--if-running",
+        help="When the user's MicroSIP runs: skip (report busy), stop (stop that user's "
+        "MicroSIP first) or force (write anyway).",
+        callback=check_if_running,
+    ),
+]
+
+# Width for output that is not a terminal (a file, a pipe, CI logs): wide enough that no
+# table column is truncated and no line is folded, so ``> file`` keeps diffs valid.
+PIPE_WIDTH = 10_000
+
+
+def make_console(*, stderr: bool = False) -> Console:
+    """A rich console: on a terminal as rich sizes it; otherwise nothing wraps or truncates.
+
+    Plain lines are never wrapped (``soft_wrap``) and tables get a very wide page, so a
+    redirected ``rollout --check --diff`` gives whole diff lines and whole table cells.
+    """
+    from rich.console import Console
+
+    console = Console(highlight=False, stderr=stderr)
+    if console.is_terminal:
+        return console
+    return Console(highlight=False, stderr=stderr, soft_wrap=True, width=PIPE_WIDTH)
 
 
 def echo(message: str) -> None:

@@ -9,7 +9,14 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from provisioner.cli.common import IdentityOpt, PassFdOpt, PassFileOpt, echo, load_model
+from provisioner.cli.common import (
+    IdentityOpt,
+    IfRunningOpt,
+    PassFdOpt,
+    PassFileOpt,
+    echo,
+    load_model,
+)
 from provisioner.cli.rollout import LabOpt, StateOpt, execute, state_dir
 from provisioner.errors import ProvisionerError
 
@@ -105,7 +112,7 @@ def regenerate(
     check: Annotated[bool, typer.Option("--check", help="Only show what would change.")] = False,
     diff: Annotated[bool, typer.Option("--diff", help="Show the diff (passwords masked).")] = True,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
-    if_running: Annotated[str, typer.Option("--if-running", help="skip, stop or force.")] = "stop",
+    if_running: IfRunningOpt = "stop",
     identities: IdentityOpt = None,
     passphrase_file: PassFileOpt = None,
     passphrase_fd: PassFdOpt = None,

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from provisioner.cli.common import echo, load_model
+from provisioner.cli.common import echo, load_model, make_console
 
 app = typer.Typer(help="Inspect an inventory.", no_args_is_help=True)
 
@@ -25,7 +25,6 @@ def list_inventory(
     inventory: InventoryOpt = Path("."), limit: LimitOpt = "", as_json: JsonOpt = False
 ) -> None:
     """Workstations with their groups, install mode and users."""
-    from rich.console import Console
     from rich.table import Table
 
     from provisioner import resolve
@@ -66,13 +65,12 @@ def list_inventory(
             ", ".join(row["users"]),
             str(row["accounts"]),
         )
-    Console(highlight=False).print(table)
+    make_console().print(table)
 
 
 @app.command()
 def graph(inventory: InventoryOpt = Path("."), as_json: JsonOpt = False) -> None:
     """The group graph: each group under its parents, with its workstations and users."""
-    from rich.console import Console
     from rich.tree import Tree
 
     model = load_model(inventory)
@@ -115,4 +113,4 @@ def graph(inventory: InventoryOpt = Path("."), as_json: JsonOpt = False) -> None
 
     for name in sorted(n for n, g in model.groups.items() if not g.parents):
         add(tree, name)
-    Console(highlight=False).print(tree)
+    make_console().print(tree)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import subprocess
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -17,6 +19,7 @@ from provisioner.cli.common import (
     PassFileOpt,
     echo,
     load_model,
+    make_console,
     open_keyring,
 )
 from provisioner.errors import ProvisionerError
@@ -29,6 +32,15 @@ if TYPE_CHECKING:
 InventoryArg = Annotated[
     Path,
     typer.Argument(help="Inventory directory.", envvar="PROVISIONER_INVENTORY", file_okay=False),
+]
+InventoryOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--inventory",
+        "-i",
+        help="Inventory directory, as for the other commands (instead of INVENTORY).",
+        file_okay=False,
+    ),
 ]
 LimitOpt = Annotated[
     str,
@@ -47,6 +59,19 @@ TemplatesOpt = Annotated[
         file_okay=False,
     ),
 ]
+
+
+def pick_inventory(ctx: typer.Context, positional: Path, option: Path | None) -> Path:
+    """INVENTORY or -i/--inventory (which wins over PROVISIONER_INVENTORY); both must agree."""
+    if option is None:
+        return positional
+    source = ctx.get_parameter_source("inventory")
+    given = source is not None and source.name == "COMMANDLINE"
+    if given and positional.resolve() != option.resolve():
+        raise ProvisionerError(
+            f"two inventories given: {positional} and -i {option}; give one of them"
+        )
+    return option
 
 
 def run_build(
@@ -77,7 +102,9 @@ def run_build(
 
 
 def validate(
+    ctx: typer.Context,
     inventory: InventoryArg = Path("."),
+    inventory_option: InventoryOpt = None,
     limit: LimitOpt = "",
     output: Annotated[str, typer.Option("--format", help="text, json, junit or github.")] = "text",
     strict: Annotated[bool, typer.Option("--strict", help="Warnings fail too.")] = False,
@@ -92,6 +119,7 @@ def validate(
     """
     if output not in ("text", "json", "junit", "github"):
         raise ProvisionerError("--format must be text, json, junit or github")
+    inventory = pick_inventory(ctx, inventory, inventory_option)
     result = run_build(inventory, limit, templates, identities, passphrase_file, passphrase_fd)
     real = bool(identities or passphrase_file or passphrase_fd is not None)
     keys = "real keys" if real else "placeholders (no private key)"
@@ -209,7 +237,9 @@ def _in_git_tree_and_not_ignored(out: Path, relative_paths: list[str]) -> bool:
 
 
 def render(
+    ctx: typer.Context,
     inventory: InventoryArg = Path("."),
+    inventory_option: InventoryOpt = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("build"),
     limit: LimitOpt = "",
     templates: TemplatesOpt = None,
@@ -227,6 +257,7 @@ def render(
     """
     from provisioner.atomicfile import write_atomic
 
+    inventory = pick_inventory(ctx, inventory, inventory_option)
     real = bool(identities or passphrase_file or passphrase_fd is not None)
     result = run_build(inventory, limit, templates, identities, passphrase_file, passphrase_fd)
     for finding in result.findings:
@@ -258,10 +289,9 @@ def render(
 
 
 def _summary(result: phase1.BuildResult, out: Path, real: bool) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console(highlight=False)
+    console = make_console()
     table = Table(title=f"Rendered into {out}", title_justify="left")
     for column in ("workstation", "mode", "users", "files", "accounts"):
         table.add_column(column)
@@ -304,13 +334,18 @@ def explain(
 
     model = load_model(inventory)
     if user not in model.users:
-        raise ProvisionerError(f"no user {user!r} in {inventory}")
-    stations = sorted(
-        s.name
-        for s in model.workstations.values()
-        if user in s.users and (workstation is None or s.name == workstation)
-    )
+        raise ProvisionerError(f"no user {user!r} in {inventory}{_did_you_mean(user, model.users)}")
+    on = sorted(s.name for s in model.workstations.values() if user in s.users)
+    if workstation is not None and workstation not in on:
+        if workstation not in model.workstations:
+            hint = _did_you_mean(workstation, model.workstations)
+            raise ProvisionerError(f"no workstation {workstation!r} in {inventory}{hint}")
+        raise ProvisionerError(
+            f"{user} is not on {workstation}; {user} is on " + (", ".join(on) or "no workstation")
+        )
+    stations = [name for name in on if workstation is None or name == workstation]
     report: list[dict[str, Any]] = []
+    known: set[str] = set()
     for station in stations:
         profile = resolve.resolve_profile(model, station, user)
         sections: list[tuple[str, dict[str, resolve.Resolved]]] = [
@@ -334,7 +369,14 @@ def explain(
                         ],
                     }
                 )
+        known.update(name for _, values in sections for name in values)
         report.append({"workstation": station, "groups": list(profile.groups), "entries": entries})
+    if key is not None and report and not any(r["entries"] for r in report):
+        # Keys match case-insensitively: suggest in lower case, show the key's own spelling.
+        folded = {name.lower(): name for name in known}
+        matches = difflib.get_close_matches(key.lower(), list(folded), n=3, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(folded[m] for m in matches)}?" if matches else ""
+        raise ProvisionerError(f"{user} has no key {key!r}{hint}")
     if as_json:
         echo(json.dumps({"user": user, "workstations": report}, indent=2))
         return
@@ -347,7 +389,13 @@ def explain(
             for link in entry["chain"]:
                 echo(f"      {link['value']!s:<32} {link['source']}")
     if not report:
-        echo(f"{user} is on no workstation" + (f" named {workstation}" if workstation else ""))
+        echo(f"{user} is on no workstation")
+
+
+def _did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """``; did you mean X?`` for the closest names (difflib), or nothing."""
+    matches = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.6)
+    return f"; did you mean {' or '.join(matches)}?" if matches else ""
 
 
 def _shown(key: str, value: object) -> str:

@@ -121,10 +121,13 @@ def print_summary(
 ) -> None:
     """Per status, per group, the slowest hosts, and every failure with its reason."""
     counts = run.counts()
-    table = Table(
-        title=f"Run {run.run_id}" + (" (dry run)" if run.options.check else ""),
-        title_justify="left",
+    # A dry run is not recorded in the state folder: no id that 'runs show' would not know.
+    title = (
+        "Check (dry run): nothing written, not recorded"
+        if run.options.check
+        else f"Run {run.run_id}"
     )
+    table = Table(title=title, title_justify="left")
     table.add_column("status")
     table.add_column("workstations", justify="right")
     for status in Status:

@@ -9,7 +9,14 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from provisioner.cli.common import IdentityOpt, PassFdOpt, PassFileOpt, echo, open_keyring
+from provisioner.cli.common import (
+    IdentityOpt,
+    IfRunningOpt,
+    PassFdOpt,
+    PassFileOpt,
+    echo,
+    open_keyring,
+)
 from provisioner.errors import ProvisionerError
 
 if TYPE_CHECKING:
@@ -26,14 +33,6 @@ InventoryOpt = Annotated[
 ]
 UserOpt = Annotated[
     list[str] | None, typer.Option("--user", "-u", help="Only this user (repeatable).")
-]
-IfRunningOpt = Annotated[
-    str,
-    typer.Option(
-        "--if-running",
-        help="When the user's MicroSIP runs: skip (report busy), stop (stop that user's "
-        "MicroSIP first) or force (write anyway).",
-    ),
 ]
 LabOpt = Annotated[
     Path | None,

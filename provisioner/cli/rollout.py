@@ -17,7 +17,15 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from provisioner.cli.common import IdentityOpt, PassFdOpt, PassFileOpt, echo, open_keyring
+from provisioner.cli.common import (
+    IdentityOpt,
+    IfRunningOpt,
+    PassFdOpt,
+    PassFileOpt,
+    echo,
+    make_console,
+    open_keyring,
+)
 from provisioner.errors import ProvisionerError
 
 if TYPE_CHECKING:
@@ -141,13 +149,11 @@ def execute(
 
     ``selection`` says in messages what the user selected (default: ``--limit LIMIT``).
     """
-    from rich.console import Console
-
     from provisioner import connections, report, resolve, runner, state
     from provisioner.cli.progress import PlainReporter, RichReporter, print_summary
     from provisioner.results import Reporter, Status
 
-    console = Console(highlight=False, stderr=False)
+    console = make_console()
     built, keyring = _phase1(inventory, limit, identities, passphrase_file, passphrase_fd)
     assert built.inventory is not None  # noqa: S101 - a clean build has an inventory
     model = built.inventory
@@ -228,7 +234,7 @@ def rollout(
     ] = "10%",
     retries: Annotated[int, typer.Option("--retries", min=0, max=10)] = 2,
     timeout: Annotated[int, typer.Option("--timeout", min=5, help="Seconds per request.")] = 60,
-    if_running: Annotated[str, typer.Option("--if-running", help="skip, stop or force.")] = "skip",
+    if_running: IfRunningOpt = "skip",
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
     only_failed: Annotated[
         str | None,

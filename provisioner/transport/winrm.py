@@ -9,6 +9,7 @@ pywinrm and requests errors are translated here into the TransportError tree.
 from __future__ import annotations
 
 import contextlib
+import socket
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -212,7 +213,7 @@ class WinrmTransport:
                 f"no answer within {self.options.read_timeout} s", host=self.host
             ) from None
         except requests.exceptions.ConnectionError as exc:
-            raise ConnectError(f"cannot connect: {_short(exc)}", host=self.host) from None
+            raise ConnectError(_connection_message(exc, self.options), host=self.host) from None
         except requests.exceptions.RequestException as exc:
             raise ConnectError(f"HTTP error: {_short(exc)}", host=self.host) from None
         except winrm.exceptions.WinRMError as exc:
@@ -225,6 +226,32 @@ class WinrmTransport:
                     f"authentication failed: {type(exc).__name__}", host=self.host
                 ) from None
             raise TransportError(f"{type(exc).__name__}: {_short(exc)}", host=self.host) from None
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """The exception and everything it wraps (requests -> urllib3 -> socket), each once."""
+    pending, seen = [exc], set()
+    while pending:
+        current = pending.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        wrapped = [*current.args, getattr(current, "reason", None)]
+        wrapped += [current.__cause__, current.__context__]
+        pending += [w for w in wrapped if isinstance(w, BaseException)]
+
+
+def _connection_message(exc: BaseException, options: WinrmOptions) -> str:
+    """A short reason for a failed connection, without urllib3's nested reprs."""
+    causes = list(_causes(exc))
+    if any(
+        isinstance(c, socket.gaierror) or type(c).__name__ == "NameResolutionError" for c in causes
+    ):
+        return f"cannot resolve host name {options.address}"
+    if any(isinstance(c, ConnectionRefusedError) for c in causes):
+        return f"cannot connect: connection refused by {options.endpoint} (is WinRM listening?)"
+    return f"cannot connect: {_short(exc)}"
 
 
 def _short(exc: BaseException) -> str:
