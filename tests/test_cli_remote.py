@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -42,11 +43,19 @@ def example(tmp_path: Path) -> Iterator[tuple[Path, list[str]]]:
         str(inventory / ".demo-key/demo-only.passphrase"),
     ]
     _run("lab", "up", "-i", "inventory", "--detach", *keys, cwd=tmp_path)
+    pid = json.loads((inventory / ".lab.json").read_text())["pid"]
     try:
         yield tmp_path, [*keys, "--lab", "inventory/.lab.json", "-i", "inventory"]
     finally:
         _run("lab", "down", "-i", "inventory", cwd=tmp_path, check=False)
+    # lab down returns once the process is gone, leaving neither its file nor its log.
     assert not (inventory / ".lab.json").exists()
+    assert not (inventory / ".lab.log").exists()
+    try:  # gone, or exited and waiting to be reaped by init
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        state = "gone"
+    assert state in ("gone", "Z")
 
 
 def test_push_diff_doctor_rollback_from_the_shell(example: tuple[Path, list[str]]) -> None:

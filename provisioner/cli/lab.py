@@ -159,6 +159,27 @@ def down(
         echo("the lab was not running; removed its file")
         return
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and target.exists():
+    while time.monotonic() < deadline and (target.exists() or _alive(lab.pid)):
         time.sleep(0.1)
-    echo("lab down" if not target.exists() else f"lab {lab.pid} did not stop in time")
+    if target.exists() or _alive(lab.pid):
+        echo(f"lab {lab.pid} did not stop in time; its log is {target.with_suffix('.log')}")
+        return
+    # The log only matters when the lab misbehaves; a clean stop leaves nothing behind.
+    target.with_suffix(".log").unlink(missing_ok=True)
+    echo("lab down")
+
+
+def _alive(pid: int) -> bool:
+    """True while process ``pid`` runs (an exited lab that nobody reaped yet counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        # Linux: a zombie ("Z") has exited and released its ports.
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state != "Z"
