@@ -85,7 +85,7 @@ def up(
         for name, host in sorted(running.hosts.items()):
             echo(f"  {name:<16} {host.scheme}://{host.address}:{host.port}/wsman")
         echo(
-            f"use --lab {target} with push, diff, rollback, doctor and rollout; "
+            f"use --lab {target} with rollout, push, diff, rollback, doctor and user regenerate; "
             "'provisioner lab down' stops it"
         )
         sys.stdout.flush()
