@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -104,3 +106,30 @@ def test_the_check_sees_pywinrm_when_a_command_loads_it(tmp_path: Path) -> None:
     )
     modules = json.loads(result.stdout.rstrip("\n").split("\n")[-1])["modules"]
     assert {"winrm", "requests"} <= {name.split(".")[0] for name in modules}
+
+
+def test_ctrl_c_at_a_prompt_says_interrupted(tmp_path: Path) -> None:
+    # The helpdesk presses Ctrl-C while set-password waits for the password on stdin.
+    inventory = tmp_path / "inventory"
+    shutil.copytree(EXAMPLE, inventory)
+    process = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "provisioner.cli"),
+            *("user", "set-password", "alice", "-i", str(inventory), "--stdin"),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(3)  # start-up and loading; then it blocks reading stdin
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 130, (out, err)
+    assert err.strip().endswith("interrupted") and "Traceback" not in err
+    assert (inventory / "users/berlin.yaml").read_text() == (
+        EXAMPLE / "users/berlin.yaml"
+    ).read_text()

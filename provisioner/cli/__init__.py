@@ -69,7 +69,10 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
-    except SystemExit:
+    except SystemExit as exc:
+        # typer turns Ctrl-C into a silent exit 130; say what happened.
+        if exc.code == 130:
+            typer.echo("interrupted", err=True)
         raise
     except Exception as exc:
         if os.environ.get("PROVISIONER_DEBUG"):
