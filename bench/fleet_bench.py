@@ -254,39 +254,21 @@ def lab_stats(hosts: dict[str, Any], cpu_mark: tuple[float, float]) -> dict[str,
 # --------------------------------------------------------------------------- controller child
 
 
-PATCHES = ("environ-lock", "no-trust-env")
+PATCHES = ("no-trust-env",)
 
 
 def apply_patches(names: list[str]) -> None:
     """Candidate controller changes, applied in this process only, to measure their effect.
 
-    * ``environ-lock``: requests' ``should_bypass_proxies`` sets and deletes
-      ``os.environ["no_proxy"]`` around every request (``requests.utils.set_environ``,
-      psf/requests#4997) because pywinrm passes ``proxies={"no_proxy": "*"}`` for
-      ``proxy=None``; concurrent pushes race on it (``KeyError: 'no_proxy'``). Serialize it.
+    (The ``environ-lock`` candidate measured in bench/RESULTS-push-fleet.md section 4 is now
+    the transport's own code, provisioner/transport/winrm.py.)
+
     * ``no-trust-env``: once pywinrm has built a host's requests session (proxies already
       resolved: none), stop requests from re-reading proxy settings from the environment on
       every request (``session.trust_env = False``).
     """
-    import contextlib
-    from collections.abc import Iterator
-
-    import requests.utils
     import winrm.transport
 
-    if "environ-lock" in names:
-        lock = threading.Lock()
-        set_environ = requests.utils.set_environ
-
-        @contextlib.contextmanager
-        def locked(name: str, value: str | None) -> Iterator[None]:
-            if value is None:
-                yield
-                return
-            with lock, set_environ(name, value):
-                yield
-
-        requests.utils.set_environ = locked
     if "no-trust-env" in names:
         build_session = winrm.transport.Transport.build_session
 
@@ -345,7 +327,7 @@ def controller_child(
                 profiler.disable()
                 profiles.append(profiler)
 
-        runner._push_with_retries = profiled  # type: ignore[assignment]
+        runner._push_with_retries = profiled
     cpu_before = cpu_seconds()
     start = time.perf_counter()
     run = runner.run_fleet(stations, files, transport, options)
@@ -486,7 +468,7 @@ def scenario(
         str(Path(args.lab_profile).with_suffix(f".{label}.prof")) if args.lab_profile else ""
     )
     lab = LabProcess(root, identity, lab_file, slow, args.max_seconds, lab_profile)
-    rows = []
+    rows: list[dict[str, Any]] = []
     try:
         ready = lab.ready
         print(

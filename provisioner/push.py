@@ -20,10 +20,9 @@ from provisioner.errors import ProvisionerError, RemoteError, TransportError
 from provisioner.inidoc import IniDocument
 from provisioner.keytable import load_key_table
 from provisioner.resolve import StationPlan
-from provisioner.results import FileChange, HostResult, Status
+from provisioner.results import IF_RUNNING, FileChange, HostResult, Status
 from provisioner.transport.base import Transport
 
-IF_RUNNING = ("skip", "stop", "force")
 FORCE_WARNING = (
     "MicroSIP was running: it rewrites every [Settings] key from memory when it exits, so "
     "some new settings may be lost until the next push"

@@ -28,6 +28,11 @@ class Status(StrEnum):
         return list(Status).index(self)
 
 
+# What a push may do when the user's MicroSIP runs (--if-running): report busy, stop it first,
+# or write anyway. Here, with the statuses, so that the CLI can check it without the engine.
+IF_RUNNING = ("skip", "stop", "force")
+
+
 @dataclass(frozen=True)
 class FileChange:
     """One managed file of a push. ``diff`` never contains a password."""

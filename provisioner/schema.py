@@ -34,14 +34,6 @@ def join_pointer(segments: list[str] | tuple[str, ...]) -> str:
     return "".join("/" + s.replace("~", "~0").replace("/", "~1") for s in segments)
 
 
-def matches_pattern(segments: tuple[str, ...] | list[str], pattern: str) -> bool:
-    """True when the path segments match one pattern segment for segment."""
-    wanted = pattern[1:].split("/")
-    if len(wanted) != len(segments):
-        return False
-    return all(w == "*" or w == s for w, s in zip(wanted, segments, strict=True))
-
-
 _SPLIT_PATTERNS: tuple[tuple[str, ...], ...] = tuple(
     tuple(p[1:].split("/")) for p in SECRET_PATH_PATTERNS
 )

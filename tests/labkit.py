@@ -254,6 +254,25 @@ def clean_env(tmp: Path) -> dict[str, str]:
     }
 
 
+def run_cli(
+    cwd: Path, *args: str, env: dict[str, str] | None = None, stdin: str = ""
+) -> subprocess.CompletedProcess[str]:
+    """``python -m provisioner.cli ARGS`` in ``cwd``; never a traceback or an internal error."""
+    result = subprocess.run(
+        [sys.executable, "-m", "provisioner.cli", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "internal error" not in result.stderr, result.stderr
+    return result
+
+
 @contextmanager
 def example_lab(tmp: Path) -> Iterator[ExampleLab]:
     """Copy the example inventory and start an in-process lab emulating it (ephemeral ports)."""

@@ -5,25 +5,18 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.labkit import run_cli
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _run(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        [sys.executable, "-m", "provisioner.cli", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert "Traceback" not in result.stderr, result.stderr
+    result = run_cli(cwd, *args)
     if check:
         assert result.returncode == 0, (result.stdout, result.stderr)
     return result

@@ -25,7 +25,7 @@ from provisioner.cli.rollout import shown_selection
 from provisioner.errors import ProvisionerError
 from provisioner.lab import Faults
 from provisioner.results import Status
-from tests.labkit import ExampleLab, clean_env, copy_example, example_lab
+from tests.labkit import ExampleLab, clean_env, copy_example, example_lab, run_cli
 
 HOSTS = [
     "ber-rds-01",
@@ -44,19 +44,7 @@ USERS = 12  # user profiles over the nine workstations
 def cli(
     cwd: Path, env: dict[str, str], *args: str, stdin: str = ""
 ) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        [sys.executable, "-m", "provisioner.cli", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env=env,
-        timeout=120,
-        check=False,
-    )
-    assert "Traceback" not in result.stderr, result.stderr
-    assert "internal error" not in result.stderr, result.stderr
-    return result
+    return run_cli(cwd, *args, env=env, stdin=stdin)
 
 
 def host_lines(stdout: str) -> dict[str, str]:

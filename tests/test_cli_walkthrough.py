@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ from provisioner.model import Secret
 from provisioner.results import FileChange, HostResult, Status
 from provisioner.runner import RolloutOptions, RunResult
 from provisioner.transport.winrm import WinrmOptions, WinrmTransport
-from tests.labkit import clean_env, copy_example
+from tests.labkit import clean_env, copy_example, run_cli
 from tests.test_build import EXAMPLE
 from tests.test_cli_phase1 import cli
 from tests.test_report import STARTED
@@ -25,17 +24,7 @@ from tests.test_report import STARTED
 def _subprocess(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = clean_env(cwd)
     env.pop("COLUMNS")  # as in a cron job or CI: not a terminal, no COLUMNS
-    result = subprocess.run(
-        [sys.executable, "-m", "provisioner.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env=env,
-        timeout=120,
-        check=False,
-    )
-    assert "Traceback" not in result.stderr, result.stderr
-    return result
+    return run_cli(cwd, *args, env=env)
 
 
 # --------------------------------------------------------------------------- 1. no wrapping

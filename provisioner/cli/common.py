@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from provisioner.errors import IdentityError, ProvisionerError
+from provisioner.results import IF_RUNNING
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -47,11 +48,6 @@ PassFdOpt = Annotated[
     int | None,
     typer.Option("--passphrase-fd", help="Read the passphrase from this file descriptor."),
 ]
-
-
-# The --if-running policies (provisioner.push.IF_RUNNING; not imported here to keep startup
-# light, a test keeps the two equal).
-IF_RUNNING = ("skip", "stop", "force")
 
 
 def check_if_running(value: str) -> str:
