@@ -12,7 +12,7 @@ import difflib
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from provisioner import forked, yamldoc
@@ -753,12 +753,34 @@ def _user(context: _Context, name: str, node: yamldoc.YNode, source: Source) -> 
     layer = _layer(context, entries, source.file, segments, f"user {name}")
     if layer.enforced_settings or layer.enforced_account or layer.winrm or layer.microsip:
         context.error("users cannot carry enforced, winrm or microsip blocks", source, segments)
+    if display_name and "displayName" not in layer.account:
+        layer = _with_display_name(context, layer, entries["display_name"], segments, name)
     accounts: tuple[SipAccount, ...] = ()
     if "accounts" in entries:
         accounts = _accounts(context, name, *entries["accounts"], (*segments, "accounts"))
     else:
         context.error("a user needs at least one SIP account under accounts", source, segments)
     return User(name, windows, display_name, groups, stations, layer, accounts, source)
+
+
+def _with_display_name(
+    context: _Context,
+    layer: Layer,
+    entry: tuple[yamldoc.YNode, Source],
+    segments: tuple[str, ...],
+    name: str,
+) -> Layer:
+    """``display_name`` is the user's default account ``displayName`` (an account's own wins)."""
+    node, at = entry
+    source = Source(at.file, at.line, at.column, f"user {name}")
+    key_segments = (*segments, "display_name")
+    spec = context.table.lookup("Account", "displayName")
+    assert spec is not None  # noqa: S101 - displayName is in the key table
+    value = _coerce_microsip(context, spec, node, source, key_segments)
+    if value is None:
+        return layer
+    shown = Sourced(value, source, join_pointer(list(key_segments)))  # type: ignore[arg-type]
+    return replace(layer, account={"displayName": shown, **layer.account})
 
 
 def _accounts(

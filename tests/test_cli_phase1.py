@@ -308,13 +308,13 @@ def test_explain_json_chain_and_masked_secrets() -> None:
     assert password["chain"] == [
         {
             "value": "(sealed, key k54bgbx6f)",
-            "source": f"{EXAMPLE}/users/berlin.yaml:14:9 (account alice/main)",
+            "source": f"{EXAMPLE}/users/berlin.yaml:13:9 (account alice/main)",
         }
     ]
     assert "sipvault:" not in out
     username = entries[("Account2 (hotline)", "username")]
     assert username["value"] == "1901"
-    assert username["chain"][0]["source"].endswith("berlin.yaml:16:9 (account alice/hotline)")
+    assert username["chain"][0]["source"].endswith("berlin.yaml:15:9 (account alice/hotline)")
 
 
 def test_explain_key_filter_workstation_and_errors() -> None:

@@ -248,3 +248,71 @@ def test_unknown_term_kind_is_an_error(example: Inventory, term: str) -> None:
 
 def test_resolve_error_is_a_provisioner_error() -> None:
     assert issubclass(ResolveError, ProvisionerError)
+
+
+def test_display_name_is_the_default_account_display_name(tmp_path: Path) -> None:
+    files = {
+        "groups.yaml": """\
+            groups:
+              sales:
+                account: {displayName: ACME}
+            """,
+        "users.yaml": """\
+            users:
+              u1:
+                display_name: Ann Lee
+                groups: [sales]
+                accounts:
+                  main: {sip_uri: 1001@pbx.example.com, password: SEAL, active: true}
+                  hotline: {sip_uri: 1901@pbx.example.com, password: SEAL, displayName: Sales}
+              u2:
+                display_name: Bo Kim
+                account: {displayName: Bo K.}
+                accounts:
+                  main: {sip_uri: 1002@pbx.example.com, password: SEAL}
+              u3:
+                accounts:
+                  main: {sip_uri: 1003@pbx.example.com, password: SEAL}
+            """,
+        "workstations.yaml": """\
+            workstations:
+              ws1:
+                users: [u1, u2, u3]
+            """,
+    }
+    root, result = build_files(tmp_path / "inv", files)
+    assert result.findings == []
+    inventory = load_inventory(root)
+    u1 = resolve.resolve_profile(inventory, "ws1", "u1")
+    main, hotline = (account.keys["displayName"] for account in u1.accounts)
+    # The user's name beats the group's, and the account's own beats the user's.
+    assert main.value == "Ann Lee"
+    assert [s.pointer for s in main.chain] == [
+        "/groups/sales/account/displayName",
+        "/users/u1/display_name",
+    ]
+    assert main.final.source.layer == "user u1" and main.final.source.line == 3
+    assert hotline.value == "Sales"
+    # A user's own account: block says displayName explicitly: it wins over display_name.
+    (u2,) = resolve.resolve_profile(inventory, "ws1", "u2").accounts
+    assert u2.keys["displayName"].value == "Bo K."
+    (u3,) = resolve.resolve_profile(inventory, "ws1", "u3").accounts
+    assert "displayName" not in u3.keys
+    rendered = {f.target.user: f.document for f in result.files if f.target.user}
+    assert rendered["u1"].get("Account1", "displayName") == "Ann Lee"
+    assert rendered["u3"].get("Account1", "displayName") is None
+
+
+def test_display_name_too_long_for_microsip_points_at_display_name(tmp_path: Path) -> None:
+    files = {
+        "users.yaml": f"""\
+            users:
+              u1:
+                display_name: {"x" * 1100}
+                accounts:
+                  main: {{sip_uri: 1001@pbx.example.com, password: SEAL}}
+            """,
+    }
+    _, result = build_files(tmp_path / "inv", files)
+    errors = [f for f in result.findings if f.severity == "error"]
+    assert [(f.path, f.line) for f in errors] == [("/users/u1/display_name", 3)]
