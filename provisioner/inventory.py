@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -35,6 +35,8 @@ RECIPIENTS_FILE = "recipients.yaml"
 SKIPPED_DIRS = {"build", "templates", "state", "node_modules", "__pycache__"}
 TOKEN_PREFIX = "sipvault:"  # noqa: S105 - a format prefix, not a password
 
+# Below about this much YAML per process, forking composers costs more than it saves.
+BYTES_PER_COMPOSE_WORKER = 1_000_000
 TOP_LEVEL = ("defaults", "groups", "workstations", "users")
 LAYER_BLOCKS = ("settings", "account", "enforced", "winrm", "microsip")
 GROUP_KEYS = (*LAYER_BLOCKS, "parents", "description")
@@ -190,13 +192,12 @@ def _load_inventory(root: Path) -> Inventory:
     files = inventory_files(root)
     context = _Context(load_key_table())
     raw = _Raw()
-    for path in files:
-        try:
-            tree, problems = yamldoc.load_tree(path)
-        except InventoryError as exc:
-            context.errors.append(exc)
+    for path, loaded in _trees(files):
+        if isinstance(loaded, InventoryError):
+            context.errors.append(loaded)
             context.unparsed.append(str(path))
             continue
+        tree, problems = loaded
         for problem in problems:
             context.error(
                 problem.message, Source(str(path), problem.line, problem.column), problem.segments
@@ -226,6 +227,42 @@ def _load_inventory(root: Path) -> Inventory:
         errors = sorted(context.errors, key=lambda e: (e.file or "", e.line or 0, e.column or 0))
         raise InventoryErrors(errors)
     return inventory
+
+
+def _trees(
+    files: Sequence[Path], workers: int | None = None
+) -> Iterator[
+    tuple[Path, tuple[yamldoc.YNode | None, tuple[yamldoc.Problem, ...]] | InventoryError]
+]:
+    """Every file's positioned tree (or why it has none), in order.
+
+    Composing is the larger half of a load; for a large inventory forked workers compose the
+    files while this process checks the ones already composed (``workers``: forced count).
+    """
+    if workers is None:
+        size = sum(_size(path) for path in files)
+        workers = forked.usable_workers(size, per_worker=BYTES_PER_COMPOSE_WORKER)
+    if workers <= 1:
+        for path in files:
+            try:
+                yield path, yamldoc.load_tree(path)
+            except InventoryError as exc:
+                yield path, exc
+        return
+    for path, data in zip(
+        files, forked.ordered_map(yamldoc.packed_tree, files, workers), strict=True
+    ):
+        try:
+            yield path, yamldoc.unpacked_tree(data, path)
+        except InventoryError as exc:
+            yield path, exc
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0  # reading it reports why
 
 
 # --------------------------------------------------------------------------- top level

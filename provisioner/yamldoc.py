@@ -10,6 +10,7 @@ YAML 1.2 parser, which accepts ``:`` inside plain scalars in flow mappings.
 from __future__ import annotations
 
 import io
+import marshal
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -537,12 +538,75 @@ def load_tree(path: Path) -> tuple[YNode | None, tuple[Problem, ...]]:
 
 def compose_tree(text: str, source: str) -> tuple[YNode | None, tuple[Problem, ...]]:
     """Compose YAML text into a positioned tree; problems (duplicates...) are returned."""
-    root = _compose(text, source)
-    if root is None:
-        return None, ()
     # Without an anchor no node can be met twice, and tracking visits costs a dict entry each.
     builder = _TreeBuilder(track_aliases="&" in text)
-    return builder.build(root, ()), tuple(builder.problems)
+    try:
+        root = _compose(text, source)
+        if root is None:
+            return None, ()
+        tree = builder.build(root, ())
+    except RecursionError:
+        raise InventoryError(
+            "the YAML is nested too deeply (hundreds of levels); an inventory needs a few",
+            file=source,
+        ) from None
+    return tree, tuple(builder.problems)
+
+
+def packed_tree(path: Path) -> bytes:
+    """:func:`load_tree` of ``path`` as marshal bytes, to rebuild in another process.
+
+    A positioned tree is plain tuples, strings and numbers: marshal writes and reads it many
+    times faster than pickle writes objects. An :class:`InventoryError` travels as data too.
+    """
+    try:
+        tree, problems = load_tree(path)
+        return marshal.dumps(
+            (
+                _pack(tree) if tree is not None else None,
+                tuple((p.message, p.line, p.column, p.segments) for p in problems),
+            )
+        )
+    except InventoryError as exc:
+        return marshal.dumps((str(exc.args[0]), exc.file, exc.line, exc.column, exc.path))
+    except (ValueError, RecursionError):  # nested deeper than marshal goes: load it at home
+        return marshal.dumps(None)
+
+
+def unpacked_tree(data: bytes, path: Path) -> tuple[YNode | None, tuple[Problem, ...]]:
+    """The result of :func:`packed_tree`: the tree and problems, or its InventoryError raised."""
+    packed = marshal.loads(data)  # noqa: S302 - our own forked worker wrote it
+    if packed is None:
+        return load_tree(path)
+    if len(packed) == 5:
+        message, file, line, column, pointer = packed
+        raise InventoryError(message, file=file, line=line, column=column, path=pointer)
+    tree, problems = packed
+    return (
+        _unpack(tree) if tree is not None else None,
+        tuple(Problem(*problem) for problem in problems),
+    )
+
+
+def _pack(node: YNode) -> tuple[Any, ...]:
+    items = tuple((name, _pack(child)) for name, child in node.items)
+    return (
+        node.kind,
+        node.line,
+        node.column,
+        node.value,
+        items,
+        node.key_positions,
+        node.tag,
+        node.shared,
+    )
+
+
+def _unpack(packed: tuple[Any, ...]) -> YNode:
+    kind, line, column, value, items, positions, tag, shared = packed
+    if items:
+        items = tuple((name, _unpack(child)) for name, child in items)
+    return YNode(kind, line, column, value, items, positions, tag, shared)
 
 
 class _TreeBuilder:

@@ -137,3 +137,88 @@ def test_a_secret_never_travels_between_processes(capfd: pytest.CaptureFixture[s
         forked.map_chunks(_secret_in_second_chunk, chunks)
     out, err = capfd.readouterr()
     assert "canary-password" not in str(failure.value) + out + err
+
+
+def _encode_or_fail(item: int) -> bytes:
+    if item == 5:
+        raise ValueError(f"bad item {item}")
+    if item == 7:
+        os._exit(9)
+    return str(item * item).encode()
+
+
+def test_ordered_map_keeps_order_while_children_stream() -> None:
+    items = list(range(5))
+    for workers in (1, 2, 3, 8):
+        assert [int(b) for b in forked.ordered_map(_encode_or_fail, items, workers)] == [
+            0,
+            1,
+            4,
+            9,
+            16,
+        ]
+    results = forked.ordered_map(_encode_or_fail, list(range(7)), 2)
+    # Every result before the failing item arrives; then its exception, with where it came from.
+    assert [int(next(results)) for _ in range(5)] == [0, 1, 4, 9, 16]
+    with pytest.raises(ValueError, match="bad item 5") as failure:
+        next(results)
+    assert failure.value.__notes__[0].startswith("(raised in a worker process at ")
+    with pytest.raises(forked.WorkerError, match="exit code 9"):
+        list(forked.ordered_map(_encode_or_fail, [6, 7, 8, 9], 2))
+
+
+def test_inventory_files_composed_by_workers_give_the_same_trees(tmp_path: Path) -> None:
+    from provisioner import inventory, yamldoc
+
+    root = write_inventory(
+        tmp_path / "inv",
+        {
+            "a.yaml": "groups:\n  site:\n    account: {transport: tls, transport: udp}\n",
+            "b.yaml": 'users:\n  u1:\n    display_name: "a\\ud800b \\U0001f600 \\t"\n',
+            "c.yaml": "workstations:\n  ws1: {users: [u1]\n",  # not YAML
+            "d.yaml": "defaults:\n  settings: " + "[" * 600 + "]" * 600 + "\n",
+            "e.yaml": "defaults: &d {settings: {EC: 1, n: .nan, i: 0x1f, f: 1.5e3, o: ~}}\nx: *d\n",
+        },
+        dedent=False,
+    )
+    files = inventory.inventory_files(root)
+    serial = list(inventory._trees(files, 1))
+    forked_trees = list(inventory._trees(files, 2))
+    assert [p for p, _ in forked_trees] == [p for p, _ in serial] == files
+    for (_, one), (_, other) in zip(serial, forked_trees, strict=True):
+        if isinstance(one, Exception):
+            assert type(other) is type(one) and str(other) == str(one)
+            assert (other.line, other.column) == (one.line, one.column)  # type: ignore[union-attr]
+        else:
+            assert repr(other) == repr(one)  # NaN != NaN, so compare the whole repr
+    errors = [str(e) for _, e in serial if isinstance(e, Exception)]
+    assert any("c.yaml:" in e and "invalid YAML" in e for e in errors)
+    assert any("nested too deeply" in e for e in errors)
+    problems = [t[1] for _, t in serial if not isinstance(t, Exception) and t[1]]
+    assert problems and "transport" in problems[0][0].message
+    tree, _ = yamldoc.unpacked_tree(yamldoc.packed_tree(files[1]), files[1])
+    users = tree.get("users") if tree is not None else None
+    user = users.get("u1") if users is not None else None
+    name = user.get("display_name") if user is not None else None
+    assert name is not None and name.value == "a\ud800b \U0001f600 \t"
+
+
+def test_a_tree_marshal_cannot_carry_is_composed_at_home(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from provisioner import yamldoc
+
+    path = tmp_path / "a.yaml"
+    path.write_text("defaults: {settings: {EC: 1}}\n")
+    expected = yamldoc.load_tree(path)
+    real_dumps = yamldoc.marshal.dumps
+
+    def too_deep(value: object) -> bytes:
+        if value is not None:
+            raise ValueError("object too deeply nested to marshal")
+        return real_dumps(value)
+
+    monkeypatch.setattr(yamldoc.marshal, "dumps", too_deep)
+    data = yamldoc.packed_tree(path)
+    monkeypatch.undo()
+    assert yamldoc.unpacked_tree(data, path) == expected
