@@ -399,6 +399,7 @@ def _coerce_microsip(
     context: _Context, spec: KeySpec, node: yamldoc.YNode, source: Source, segments: tuple[str, ...]
 ) -> object:
     """A MicroSIP value in its canonical form (ints for 0/1 and numbers, text otherwise)."""
+    name = segments[-1]  # as written: display_name stands for displayName
     value = node.value
     if node.kind == "seq" and spec.type in ("list", "codecs"):
         parts = []
@@ -413,37 +414,37 @@ def _coerce_microsip(
         separator = " " if spec.type == "codecs" or spec.key == "proxy" else ";"
         value = separator.join(parts)
     elif node.kind != "scalar":
-        context.error(f"{spec.key} takes a single value", source, segments)
+        context.error(f"{name} takes a single value", source, segments)
         return None
     if value is None:
         value = ""
     if spec.type == "bool01":
         if isinstance(value, bool) or value in (0, 1, "0", "1"):
             return int(value)
-        context.error(f"{spec.key} is 0 or 1 (or true/false), got {value!r}", source, segments)
+        context.error(f"{name} is 0 or 1 (or true/false), got {value!r}", source, segments)
         return None
     if spec.type == "int":
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, str) and re.fullmatch(r"-?\d+", value):
                 value = int(value)
             else:
-                context.error(f"{spec.key} is a whole number, got {value!r}", source, segments)
+                context.error(f"{name} is a whole number, got {value!r}", source, segments)
                 return None
         if (spec.min is not None and value < spec.min) or (
             spec.max is not None and value > spec.max
         ):
             context.error(
-                f"{spec.key} must be between {spec.min} and {spec.max}, got {value}",
+                f"{name} must be between {spec.min} and {spec.max}, got {value}",
                 source,
                 segments,
             )
             return None
         return value
     if isinstance(value, bool):
-        context.error(f"{spec.key} takes text; quote {str(value).lower()!r}", source, segments)
+        context.error(f"{name} takes text; quote {str(value).lower()!r}", source, segments)
         return None
     if isinstance(value, float) and not math.isfinite(value):
-        context.error(f"{spec.key} takes text", source, segments)
+        context.error(f"{name} takes text", source, segments)
         return None
     if spec.type != "enum" and _number_for_text(context, spec, node, source, segments):
         return None
@@ -465,16 +466,17 @@ def _coerce_microsip(
             text, [a for a in spec.allowed if a], n=1, cutoff=0.5
         )
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        context.error(f"{spec.key} must be one of {shown}, got {text!r}{hint}", source, segments)
+        context.error(f"{name} must be one of {shown}, got {text!r}{hint}", source, segments)
         return None
     if len(text) > spec.max_len:
         context.error(
-            f"{spec.key} is longer than {spec.max_len} characters; MicroSIP would truncate it",
+            f"{name} is {len(text)} characters long, more than the {spec.max_len} MicroSIP "
+            "keeps (it would truncate it)",
             source,
             segments,
         )
         return None
-    problem = _readback_problem(spec.key, text, quotes_kept=_quotes_kept(spec))
+    problem = _readback_problem(name, text, quotes_kept=_quotes_kept(spec))
     if problem is not None:
         context.error(problem, source, segments)
         return None

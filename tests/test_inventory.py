@@ -406,8 +406,8 @@ BAD: list[tuple[str, dict[str, str], list[Expected]]] = [
             + "\n"
         },
         [
-            ("bad.yaml", 4, 7, "/groups/a/settings/userAgent", "longer than 255"),
-            ("bad.yaml", 6, 7, "/groups/a/account/server", "longer than 1040"),
+            ("bad.yaml", 4, 7, "/groups/a/settings/userAgent", "more than the 255"),
+            ("bad.yaml", 6, 7, "/groups/a/account/server", "more than the 1040"),
         ],
     ),
     (

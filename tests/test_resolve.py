@@ -316,3 +316,4 @@ def test_display_name_too_long_for_microsip_points_at_display_name(tmp_path: Pat
     _, result = build_files(tmp_path / "inv", files)
     errors = [f for f in result.findings if f.severity == "error"]
     assert [(f.path, f.line) for f in errors] == [("/users/u1/display_name", 3)]
+    assert "display_name is 1100 characters long, more than the 1040" in errors[0].message
