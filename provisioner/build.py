@@ -119,11 +119,14 @@ def _build(
             return result
     result.inventory, result.recipients = inventory, recipients
     opener = opener_factory(recipients)
+    selection = selection or Selection()
     try:
-        result.targets = resolve.select_targets(inventory, selection or Selection())
+        result.targets = resolve.select_targets(inventory, selection)
+        unmatched = selection.unmatched(inventory) if selection.expression.strip() else []
     except ProvisionerError as exc:
         result.findings.append(Finding("error", "limit", str(exc)))
         return result
+    result.findings.extend(Finding("warning", "limit-unmatched", text) for text in unmatched)
     env = render.make_environment([templates or root / TEMPLATES_DIR])
     builder = _Builder(inventory, recipients, opener, env)
     result.findings.extend(builder.compile_templates())

@@ -8,6 +8,7 @@ win; they are also what ``override.ini`` carries.
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -250,6 +251,38 @@ class Selection:
         if not all(hit(t) for t in required):
             return False
         return not any(hit(t) for t in excluded)
+
+    def unmatched(self, inventory: Inventory) -> list[str]:
+        """Why each term that selects nothing in ``inventory`` (most likely a typo) is suspect."""
+        terms = [t.strip() for t in self.expression.split(",") if t.strip()]
+        pairs = [
+            (name, user)
+            for name, station in inventory.workstations.items()
+            for user in (*station.users, None)
+        ]
+        found = []
+        for term in terms:
+            bare = term.lstrip("!&")
+            if not any(_term_matches(inventory, bare, name, user) for name, user in pairs):
+                found.append(f"--limit term {term!r} matches nothing{_closest(inventory, bare)}")
+        return found
+
+
+def _closest(inventory: Inventory, term: str) -> str:
+    kind, _, pattern = term.partition(":") if ":" in term else ("", "", term)
+    names = {
+        "group": list(inventory.groups),
+        "user": list(inventory.users),
+        "ws": list(inventory.workstations),
+        "workstation": list(inventory.workstations),
+        "": [*inventory.workstations, *inventory.users],
+    }.get(kind, [])
+    if any(c in pattern for c in "*?["):
+        return ""  # a glob: no single name to suggest
+    # Names are case-sensitive: ALICE selects nobody, though alice exists.
+    close = [n for n in names if n.lower() == pattern.lower()]
+    close = close or difflib.get_close_matches(pattern, names, n=1, cutoff=0.6)
+    return f"; did you mean {(kind + ':' if kind else '') + close[0]!r}?" if close else ""
 
 
 def _term_matches(inventory: Inventory, term: str, workstation: str, user: str | None) -> bool:

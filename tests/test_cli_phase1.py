@@ -275,6 +275,22 @@ def test_validate_with_real_keys_and_limit(tmp_path: Path) -> None:
     assert report["targets"] == ["ws1/override.ini", "ws1/u1/microsip.ini"]
 
 
+def test_validate_names_limit_typos_and_fails_on_an_empty_selection() -> None:
+    code, out, _ = cli("validate", str(EXAMPLE), "--limit", "ber-ws-001,group:salse")
+    assert code == 0  # a warning: ber-ws-001 was still validated
+    assert (
+        "warning[limit-unmatched]: --limit term 'group:salse' matches nothing; did you mean " in out
+    )
+    assert "1 error" not in out and "2 file(s) rendered" in out
+    code, out, _ = cli("validate", str(EXAMPLE), "--limit", "user:alcie", "--format", "json")
+    assert code == 1
+    findings = {f["code"]: f["message"] for f in json.loads(out)["findings"]}
+    assert findings == {
+        "limit": "no target matches the selection --limit 'user:alcie'",
+        "limit-unmatched": "--limit term 'user:alcie' matches nothing; did you mean 'user:alice'?",
+    }
+
+
 def test_validate_rejects_an_unknown_format() -> None:
     code, _, err = cli("validate", str(EXAMPLE), "--format", "xml")
     assert code == 1

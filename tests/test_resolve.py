@@ -317,3 +317,21 @@ def test_display_name_too_long_for_microsip_points_at_display_name(tmp_path: Pat
     errors = [f for f in result.findings if f.severity == "error"]
     assert [(f.path, f.line) for f in errors] == [("/users/u1/display_name", 3)]
     assert "display_name is 1100 characters long, more than the 1040" in errors[0].message
+
+
+@pytest.mark.parametrize(
+    ("expression", "unmatched"),
+    [
+        ("alice,group:sales,!ws:ham-*", []),
+        ("ber-ws-001,ber-ws-0002", ["'ber-ws-0002' matches nothing; did you mean 'ber-ws-002'?"]),
+        ("group:salse", ["'group:salse' matches nothing; did you mean 'group:sales'?"]),
+        ("!user:alcie", ["'!user:alcie' matches nothing; did you mean 'user:alice'?"]),
+        ("&ws:zz-*", ["'&ws:zz-*' matches nothing"]),
+        ("ALICE", ["'ALICE' matches nothing; did you mean 'alice'?"]),
+    ],
+)
+def test_limit_terms_that_match_nothing_are_named(
+    example: Inventory, expression: str, unmatched: list[str]
+) -> None:
+    found = resolve.Selection(expression).unmatched(example)
+    assert found == [f"--limit term {text}" for text in unmatched]

@@ -85,6 +85,7 @@ def run_build(
     """Phase 1 with real keys when an identity is given, placeholders otherwise."""
     from provisioner import build as phase1
     from provisioner import resolve
+    from provisioner.model import Finding
 
     factory: phase1.OpenerFactory = phase1.placeholder_opener
     if identities or passphrase_file or passphrase_fd is not None:
@@ -93,12 +94,18 @@ def run_build(
             kids = [k.kid for k in recipients.keys if k.status != "retired"]
             return open_keyring(recipients, identities, kids, passphrase_file, passphrase_fd)
 
-    return phase1.build(
+    result = phase1.build(
         inventory,
         selection=resolve.Selection(limit),
         opener_factory=factory,
         templates=templates,
     )
+    if limit.strip() and result.inventory is not None and not result.targets:
+        # A typo in CI's --limit must not pass as "0 errors".
+        result.findings.append(
+            Finding("error", "limit", f"no target matches the selection --limit {limit!r}")
+        )
+    return result
 
 
 def validate(
