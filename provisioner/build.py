@@ -409,21 +409,26 @@ class _Builder:
                         target.name,
                     )
                 )
-        for section in document.sections:
-            for entry in section.keys():  # noqa: SIM118 - IniSection.keys() yields entries
-                if entry.key and entry.key.lower() == "password":
-                    continue
-                if any(s.matches_text(entry.value) for _, _, s in secrets):
-                    self.result.findings.append(
-                        Finding(
-                            "error",
-                            "secret-misplaced",
-                            f"[{section.name}] {entry.key} holds "
-                            "a password; the template puts a secret in a non-secret key",
-                            target.name,
-                            entry.line,
-                        )
+        lines = [
+            (section.name, entry) for section in document.sections for entry in section.entries
+        ]
+        lines += [("", entry) for entry in document.preamble]
+        for section_name, entry in lines:
+            if entry.key and entry.key.lower() == "password":
+                continue
+            text = f"{section_name}\n{entry.key or ''}\n{entry.raw_value}"
+            if any(s.occurs_in(text) for _, _, s in secrets):
+                where = f"[{section_name}] {entry.key}" if entry.key else "a comment"
+                self.result.findings.append(
+                    Finding(
+                        "error",
+                        "secret-misplaced",
+                        f"{where} holds a password (or contains one); the template puts a "
+                        "secret outside its password key",
+                        target.name,
+                        entry.line,
                     )
+                )
 
 
 class _Skip(ProvisionerError):

@@ -47,6 +47,16 @@ class Secret:
         """True when ``text`` is the plaintext. Not constant-time: for checks of our own output."""
         return self._plain == text
 
+    def occurs_in(self, text: str) -> bool:
+        """True when the plaintext stands anywhere in ``text`` (whole, for short ones).
+
+        Not constant-time: for checks of our own output. A short secret (a 4-digit PIN) would
+        be "found" in unrelated text such as a number or a host name, so it must match whole.
+        """
+        if len(self._plain) < 8:
+            return self._plain == text
+        return self._plain in text
+
     def __setattr__(self, name: str, value: Any) -> NoReturn:
         raise AttributeError("Secret is immutable")
 

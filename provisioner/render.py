@@ -81,6 +81,13 @@ def _plain_value(value: object) -> str:
     return text
 
 
+def _refuse_raw_secret(value: object) -> object:
+    """``{{ password }}`` without ``| ini`` would write ``Secret(***)`` into the file."""
+    if isinstance(value, Secret):
+        raise _ValueError("a password is written only through the ini filter: {{ ... | ini }}")
+    return value
+
+
 def bool01(value: object) -> str:
     """``1`` or ``0`` for anything truthy or falsy (``"0"`` counts as false)."""
     if isinstance(value, str):
@@ -112,6 +119,7 @@ def make_environment(template_dirs: Sequence[Path]) -> SandboxedEnvironment:
         # One process renders one run: checking every template file's mtime per render
         # (a stat per target) buys nothing.
         auto_reload=False,
+        finalize=_refuse_raw_secret,
     )
     env.filters["ini"] = ini_value
     env.filters["bool01"] = bool01

@@ -31,6 +31,7 @@ LAYERS: dict[str, int] = {
     "lab": 5,
     "push": 4,
     "connections": 4,
+    "lanes": 4,
     "doctor": 5,
     "runner": 5,
     "ini": 2,
@@ -130,8 +131,9 @@ def test_only_the_renderer_and_the_sealing_code_reveal_secrets() -> None:
 def test_only_phase1_compares_guesses_with_secrets() -> None:
     # Secret.matches_text is not constant-time: fine for checking our own rendered output, not for
     # anything that compares input from elsewhere.
-    for module in _modules_using("matches_text"):
-        assert module in {"build", "model"}, f"{module} calls Secret.matches_text"
+    for name in ("matches_text", "occurs_in"):
+        for module in _modules_using(name):
+            assert module in {"build", "model"}, f"{module} calls Secret.{name}"
 
 
 def test_no_command_takes_a_secret_as_an_argument() -> None:

@@ -190,6 +190,35 @@ def test_template_that_misplaces_the_password_is_caught(tmp_path: Path) -> None:
     assert "[Settings] userAgent holds a password" in messages
 
 
+def test_a_password_inside_another_value_or_a_comment_is_caught(tmp_path: Path) -> None:
+    template = (
+        "; for {{ accounts[0].fields.password | ini }}\n"
+        "[Settings]\naccountId={{ active_account }}\n"
+        "[Account1]\ndomain=x.example.com\nusername=u\n"
+        "label=x{{ accounts[0].fields.password | ini }}y\n"
+        "password={{ accounts[0].fields.password | ini }}\n"
+    )
+    _, result = build_files(tmp_path / "inv", {"templates/microsip.ini.j2": template})
+    found = sorted((f.code, f.line, f.message.split(";")[0]) for f in result.findings)
+    assert found == [
+        ("secret-misplaced", 1, "a comment holds a password (or contains one)"),
+        ("secret-misplaced", 7, "[Account1] label holds a password (or contains one)"),
+    ]
+
+
+def test_a_password_written_without_the_ini_filter_is_an_error(tmp_path: Path) -> None:
+    template = (
+        "[Settings]\naccountId={{ active_account }}\n"
+        "[Account1]\ndomain=x.example.com\nusername=u\n"
+        "password={{ accounts[0].fields.password }}\n"
+    )
+    root, result = build_files(tmp_path / "inv", {"templates/microsip.ini.j2": template})
+    [finding] = result.findings
+    assert finding.message.startswith(f"{root / 'templates' / 'microsip.ini.j2'}:6: ")
+    assert "a password is written only through the ini filter" in finding.message
+    assert result.files == [f for f in result.files if f.target.kind == "override"]
+
+
 def test_rendered_output_is_linted(tmp_path: Path) -> None:
     template = "[Settings]\naccountId=3\nvolumeOutput=5\n[Account1]\ndomain=x\nusername=u\n"
     _, result = build_files(tmp_path / "inv", {"templates/microsip.ini.j2": template})
