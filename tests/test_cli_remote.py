@@ -68,3 +68,16 @@ def test_push_diff_doctor_rollback_from_the_shell(example: tuple[Path, list[str]
     assert "restored the newest backup" in back.stdout
     busy = _run("push", "nonexistent", *args, cwd=cwd, check=False)
     assert busy.returncode == 1 and "no workstation 'nonexistent'" in busy.stderr
+    # Every push and rollback that wrote is a run in the state, with audit records; the
+    # --check push is not.
+    state = ["--state", str(cwd / ".provisioner-state")]
+    runs = _run("runs", "list", *state, cwd=cwd).stdout
+    commands = [line.rsplit("[", 1)[-1].rstrip("]") for line in runs.splitlines() if "[" in line]
+    assert commands == [
+        "rollback ber-ws-001",
+        "push ber-ws-001",
+        "push ber-ws-001",
+    ], runs
+    audit = _run("audit", "-w", "ber-ws-001", "--json", *state, cwd=cwd).stdout
+    records = json.loads(audit)
+    assert [r["action"] for r in records] == ["push", "push", "reset", "reset", "rollback"]

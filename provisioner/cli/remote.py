@@ -21,7 +21,7 @@ from provisioner.errors import ProvisionerError
 
 if TYPE_CHECKING:
     from provisioner import build as phase1
-    from provisioner import connections, resolve, vault
+    from provisioner import connections, push, resolve, vault
     from provisioner.results import HostResult
     from provisioner.transport.base import Transport
 
@@ -40,6 +40,15 @@ LabOpt = Annotated[
         "--lab",
         envvar="PROVISIONER_LAB_FILE",
         help="Lab file from 'provisioner lab up': connect to the emulated workstations.",
+    ),
+]
+StateOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--state",
+        envvar="PROVISIONER_STATE",
+        help="State folder for runs and audit (default: INVENTORY/../.provisioner-state).",
+        file_okay=False,
     ),
 ]
 
@@ -130,6 +139,46 @@ def _run(
     _exit(result)
 
 
+def _run_recorded(
+    action: Callable[[Remote], HostResult],
+    remote: Remote,
+    *,
+    inventory: Path,
+    state_folder: Path | None,
+    command: str,
+    audit_action: str,
+    options: push.PushOptions,
+    show_diff: bool,
+) -> None:
+    """``_run`` under the state lock, recorded as a run (``runs list``) with audit records."""
+    import getpass
+    import uuid
+    from datetime import UTC, datetime
+
+    from provisioner import runner, state
+    from provisioner.cli.rollout import state_dir
+
+    folder = state_dir(inventory, state_folder)
+    store = state.StateStore(folder)
+    who = getpass.getuser()
+    with store.lock(f"{who}: {command}"):
+        started = datetime.now(UTC)
+        result = action(remote)
+        run = runner.RunResult(
+            uuid.uuid4().hex[:12],
+            started,
+            runner.RolloutOptions(forks=1, canary="0", retries=0, push=options),
+            results={result.host: result},
+            batches=[[result.host]],
+            finished=datetime.now(UTC),
+        )
+        store.record_run(run, who=who, command=command)
+        state.AuditLog(folder).append(state.records_for_run(run, who, action=audit_action))
+    print_result(result, show_diff=show_diff)
+    echo(f"recorded as run {run.run_id} in {folder}")
+    _exit(result)
+
+
 def push_cmd(
     workstation: WorkstationArg,
     inventory: InventoryOpt = Path("."),
@@ -150,6 +199,7 @@ def push_cmd(
     passphrase_file: PassFileOpt = None,
     passphrase_fd: PassFdOpt = None,
     lab: LabOpt = None,
+    state_folder: StateOpt = None,
 ) -> None:
     """Bring one workstation's MicroSIP files to the inventory's state.
 
@@ -166,7 +216,19 @@ def push_cmd(
         wrapped: Transport = ReadOnlyTransport(transport) if check else transport
         return push.push_host(r.station, r.files, wrapped, options, dry_run=check)
 
-    _run(action, remote, diff)
+    if check:
+        _run(action, remote, diff)
+        return
+    _run_recorded(
+        action,
+        remote,
+        inventory=inventory,
+        state_folder=state_folder,
+        command=f"push {workstation}",
+        audit_action="reset" if reset else "push",
+        options=options,
+        show_diff=diff,
+    )
 
 
 def diff_cmd(
@@ -206,6 +268,7 @@ def rollback_cmd(
     passphrase_file: PassFileOpt = None,
     passphrase_fd: PassFdOpt = None,
     lab: LabOpt = None,
+    state_folder: StateOpt = None,
 ) -> None:
     """Restore the newest backup of a workstation's files (or of one user's file)."""
     from provisioner import push
@@ -216,7 +279,16 @@ def rollback_cmd(
     def action(r: Remote) -> HostResult:
         return push.rollback_host(r.station, r.files, r.transport(), options)
 
-    _run(action, remote, False)
+    _run_recorded(
+        action,
+        remote,
+        inventory=inventory,
+        state_folder=state_folder,
+        command=f"rollback {workstation}",
+        audit_action="rollback",
+        options=options,
+        show_diff=False,
+    )
 
 
 def doctor_cmd(
