@@ -41,6 +41,8 @@ LOCK_NAME = "rollout.lock"
 AUDIT_NAME = "audit.jsonl"
 AUDIT_LOCK_NAME = "audit.lock"
 ACTIONS = ("push", "rollback", "reset", "set-password", "regenerate")
+# Commands recorded as runs that act on one user or workstation, not on a fleet selection.
+ONE_TARGET_COMMANDS = ("user", "push", "rollback")
 RETRY_STATUSES = (Status.FAILED, Status.CONFLICT, Status.BUSY, Status.SKIPPED)
 _FAILURES = (Status.FAILED, Status.CONFLICT)
 _BUSY_TIMEOUT = 10.0
@@ -653,13 +655,24 @@ class StateStore:
             ).fetchall()
         return [self._summary(row) for row in rows]
 
-    def latest_run(self, *, include_dry_runs: bool = True) -> RunSummary | None:
-        """The most recent run (optionally the most recent that changed things), or None."""
+    def latest_run(
+        self, *, include_dry_runs: bool = True, fleet_only: bool = False
+    ) -> RunSummary | None:
+        """The most recent run, or None.
+
+        ``include_dry_runs=False``: the most recent that could change things; ``fleet_only``:
+        leave out the helpdesk's and single-workstation commands (:data:`ONE_TARGET_COMMANDS`).
+        """
+        one_target = " AND ".join("command NOT LIKE ?" for _ in ONE_TARGET_COMMANDS)
         with self._connect() as db:
             row = db.execute(
-                _SELECT_RUNS
-                + " WHERE (? OR dry_run = 0) ORDER BY started DESC, rowid DESC LIMIT 1",
-                (int(include_dry_runs),),
+                _SELECT_RUNS + f" WHERE (? OR dry_run = 0) AND (? OR ({one_target})) "
+                "ORDER BY started DESC, rowid DESC LIMIT 1",
+                (
+                    int(include_dry_runs),
+                    int(not fleet_only),
+                    *(f"{prefix} %" for prefix in ONE_TARGET_COMMANDS),
+                ),
             ).fetchone()
         return self._summary(row) if row else None
 
@@ -739,11 +752,12 @@ class StateStore:
     def hosts_to_retry(self, run_id: str | None = None) -> list[str]:
         """Workstations that failed, conflicted, were busy or skipped in a run, sorted.
 
-        Without ``run_id``: the latest run that was not a dry run (a ``--check`` run
-        reports what would change, which says nothing about what a real run left behind).
+        Without ``run_id``: the latest rollout that was not a dry run (a ``--check`` run
+        reports what would change, which says nothing about what a real run left behind; a
+        helpdesk push of one workstation must not hide a fleet rollout's failures).
         """
         if run_id is None:
-            latest = self.latest_run(include_dry_runs=False)
+            latest = self.latest_run(include_dry_runs=False, fleet_only=True)
             if latest is None:
                 raise StateError(f"no rollout is recorded in {self.path} yet: nothing to retry")
             full = latest.id

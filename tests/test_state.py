@@ -206,6 +206,13 @@ def test_hosts_to_retry(tmp_path: Path) -> None:
     # ...unless it is asked for by id.
     assert store.hosts_to_retry("check") == ["ws5"]
     assert store.hosts_to_retry("first") == ["ws3", "ws4", "ws5", "ws6"]
+    # Neither a helpdesk action nor a one-workstation push or rollback hides the fleet run.
+    for number, command in enumerate(("user regenerate alice", "push ws1", "rollback ws1")):
+        when = STARTED + timedelta(hours=2, minutes=number + 1)
+        one = _simple_run(f"one{number}00000000", when, {"ws1": Status.CHANGED})
+        store.record_run(one, who="helpdesk", command=command)
+    assert store.latest_run().command == "rollback ws1"  # type: ignore[union-attr]
+    assert store.hosts_to_retry() == ["ws5"]
     store.record_run(
         _simple_run("third0000000", STARTED + timedelta(hours=3), {"ws5": Status.CHANGED}), who="a"
     )
