@@ -174,3 +174,30 @@ def print_summary(
             )
     if run.stopped:
         console.print(f"[bold yellow]stopped:[/] {run.stopped}", highlight=False)
+    if problems and not run.options.check:
+        for line in next_steps(run, problems):
+            console.print(line, highlight=False, markup=False)
+
+
+def next_steps(run: RunResult, problems: Sequence[HostResult]) -> list[str]:
+    """What to run next about the workstations that need attention."""
+    statuses = {r.status for r in problems}
+    lines = [
+        "Next:",
+        f"  retry exactly these: provisioner rollout --only-failed {run.run_id} "
+        "(with the same -i, keys and --lab)",
+    ]
+    failed = sorted(r.host for r in problems if r.status == Status.FAILED)
+    if failed:
+        lines.append(f"  diagnose a failed one: provisioner doctor {failed[0]} -i INVENTORY")
+    if Status.BUSY in statuses:
+        lines.append(
+            "  busy: the user's MicroSIP was running; retry later, or add --if-running stop "
+            "to close it first"
+        )
+    if Status.CONFLICT in statuses:
+        lines.append(
+            "  conflict: the file changed on the workstation while it was written; nothing was "
+            "overwritten, a retry starts from the new file"
+        )
+    return lines
