@@ -62,6 +62,12 @@ def test_push_diff_doctor_rollback_from_the_shell(example: tuple[Path, list[str]
     assert "unchanged" in again.stdout
     doctor = _run("doctor", "ber-ws-001", *args, cwd=cwd)
     assert "check(s) passed, 0 failed" in doctor.stdout
+    # Without any key: the network checks still run; no SIP password is needed at all.
+    keyless = _run(
+        "doctor", "ber-ws-001", "--lab", "inventory/.lab.json", "-i", "inventory", cwd=cwd
+    )
+    assert "skip auth and the remote checks: the WinRM password cannot be opened" in keyless.stdout
+    assert keyless.stdout.count("ok  ") >= 2 and "FAIL" not in keyless.stdout
     reset = _run("push", "ber-ws-001", *args, "--reset", "--user", "alice", cwd=cwd)
     assert "changed" in reset.stdout
     back = _run("rollback", "ber-ws-001", *args, "--user", "alice", cwd=cwd)

@@ -59,7 +59,7 @@ class Remote:
 
     station: resolve.StationPlan
     files: list[phase1.BuiltFile]
-    keyring: vault.Opener
+    keyring: vault.Keyring
     lab: connections.LabMap | None
 
     def transport(self) -> Transport:
@@ -77,18 +77,24 @@ def prepare(
     passphrase_file: Path | None,
     passphrase_fd: int | None,
     lab_file: Path | None,
+    *,
+    sip_passwords: bool = True,
 ) -> Remote:
-    """Phase 1 with real keys for one workstation; any finding stops here."""
+    """Phase 1 with real keys for one workstation; any finding stops here.
+
+    ``sip_passwords=False``: the files carry placeholders (for checks that need only their
+    names); the keyring is still opened where an identity is found, for the WinRM password.
+    """
     from provisioner import build as phase1
     from provisioner import connections, resolve
 
-    opened: list[vault.Opener] = []
+    opened: list[vault.Keyring] = []
 
     def factory(recipients: vault.Recipients) -> vault.Opener:
         kids = [k.kid for k in recipients.keys if k.status != "retired"]
         keyring = open_keyring(recipients, identities, kids, passphrase_file, passphrase_fd)
         opened.append(keyring)
-        return keyring
+        return keyring if sip_passwords else phase1.placeholder_opener(recipients)
 
     limit = f"ws:{workstation}"
     result = phase1.build(inventory, selection=resolve.Selection(limit), opener_factory=factory)
@@ -299,19 +305,40 @@ def doctor_cmd(
     passphrase_fd: PassFdOpt = None,
     lab: LabOpt = None,
 ) -> None:
-    """Check DNS, port, TLS, auth, encryption, PowerShell, MicroSIP, profiles and disk."""
-    from provisioner import connections, doctor
+    """Check DNS, port, TLS, auth, encryption, PowerShell, MicroSIP, profiles and disk.
 
-    remote = prepare(inventory, workstation, None, identities, passphrase_file, passphrase_fd, lab)
-    options = connections.winrm_options(remote.station, remote.keyring, remote.lab)
+    Needs no SIP password: only the WinRM password's key, and without it the network checks.
+    """
+    from provisioner import connections, doctor, vault
+    from provisioner.errors import VaultError
+
+    remote = prepare(
+        inventory,
+        workstation,
+        None,
+        identities,
+        passphrase_file,
+        passphrase_fd,
+        lab,
+        sip_passwords=False,
+    )
+    try:
+        options = connections.winrm_options(remote.station, remote.keyring, remote.lab)
+        no_auth = ""
+    except VaultError as exc:
+        placeholders = vault.PlaceholderOpener(remote.keyring.recipients)
+        options = connections.winrm_options(remote.station, placeholders, remote.lab)
+        no_auth = str(exc)
     checks = doctor.network_checks(options)
-    if all(c.ok for c in checks):
+    if all(c.ok for c in checks) and not no_auth:
         checks += doctor.remote_checks(remote.station, remote.files, remote.transport(), options)
     for check in checks:
         mark = "ok  " if check.ok else "FAIL"
         echo(f"{mark} {check.name:<18} {check.detail}")
         if not check.ok and check.fix:
             echo(f"     fix: {check.fix}")
+    if no_auth:
+        echo(f"skip auth and the remote checks: the WinRM password cannot be opened ({no_auth})")
     failed = [c for c in checks if not c.ok]
     echo(f"{workstation}: {len(checks) - len(failed)} check(s) passed, {len(failed)} failed")
     if failed:
