@@ -205,6 +205,15 @@ def test_set_password_seals_with_the_public_key_and_pushes_on_request(
     assert example.keyring.open(token, pointer).reveal() == HOTLINE_PASSWORD
     assert contacted(example) == set()
 
+    # --push without any identity: refused before the inventory is touched
+    keyless = example.cli(
+        "user", "set-password", "alice", "--stdin", "--push", stdin=NEW_PASSWORD, keys=False
+    )
+    assert keyless.returncode == 1
+    assert "needs an identity for one of the keys k54bgbx6f" in keyless.stderr
+    assert "Nothing was written" in keyless.stderr
+    assert berlin.read_text(encoding="utf-8") == new_text and contacted(example) == set()
+
     # now the active account, pushed at once (this needs the identity)
     pushed = example.cli("user", "set-password", "alice", "--stdin", "--push", stdin=NEW_PASSWORD)
     assert pushed.returncode == 0, (pushed.stdout, pushed.stderr)

@@ -21,6 +21,7 @@ from provisioner.cli.rollout import LabOpt, StateOpt, execute, state_dir
 from provisioner.errors import ProvisionerError
 
 if TYPE_CHECKING:
+    from provisioner import vault
     from provisioner.model import Inventory, User
 
 app = typer.Typer(help="Helpdesk tasks for one user.", no_args_is_help=True)
@@ -158,6 +159,26 @@ def regenerate(
         raise typer.Exit(code)
 
 
+def _identity_for_push(recipients: vault.Recipients, explicit: list[Path] | None) -> None:
+    """``--push`` needs a private key: say so before anything is written, not after."""
+    from provisioner import secretstore
+    from provisioner.cli.common import identity_candidates
+
+    usable = {k.kid for k in recipients.keys if k.status != "retired"}
+    for path in identity_candidates(explicit):
+        try:
+            if secretstore.read_identity(path).kid in usable:
+                return
+        except ProvisionerError:
+            continue  # a broken identity file is reported where it is used
+    where = "the given --identity files" if explicit else str(secretstore.default_identity_dir())
+    raise ProvisionerError(
+        f"--push decrypts the user's profile and needs an identity for one of the keys "
+        f"{', '.join(sorted(usable))}; none found in {where}. Nothing was written: pass "
+        "--identity FILE, or set the password without --push"
+    )
+
+
 @app.command("set-password")
 def set_password(
     user: UserArg,
@@ -169,6 +190,7 @@ def set_password(
     push_now: Annotated[
         bool, typer.Option("--push", help="Push the user's profile right away (needs an identity).")
     ] = False,
+    if_running: IfRunningOpt = "skip",
     identities: IdentityOpt = None,
     passphrase_file: PassFileOpt = None,
     passphrase_fd: PassFdOpt = None,
@@ -186,6 +208,8 @@ def set_password(
         raise ProvisionerError(f"{user} has no account {chosen!r} (accounts: {', '.join(ids)})")
     pointer = f"/users/{user}/accounts/{chosen}/password"
     recipients = secretstore.load_recipients(inventory)
+    if push_now:
+        _identity_for_push(recipients, identities)
     secret = read_new_password(from_stdin=stdin)
     written = secretstore.set_secret(inventory, pointer, secret, recipients)
     echo(f"updated {pointer} in {written.file}:{written.line} (key {written.kid})")
@@ -203,20 +227,31 @@ def set_password(
         ]
     )
     if push_now:
-        regenerate(
-            user,
-            inventory,
-            reset=False,
-            check=False,
-            diff=False,
-            yes=True,
-            if_running="stop",
-            identities=identities,
-            passphrase_file=passphrase_file,
-            passphrase_fd=passphrase_fd,
-            lab=lab,
-            state_folder=state_folder,
+        saved = (
+            f"the new password is saved in {written.file}; push it later with "
+            f"'provisioner user regenerate {user}'"
         )
+        try:
+            regenerate(
+                user,
+                inventory,
+                reset=False,
+                check=False,
+                diff=False,
+                yes=True,
+                if_running=if_running,
+                identities=identities,
+                passphrase_file=passphrase_file,
+                passphrase_fd=passphrase_fd,
+                lab=lab,
+                state_folder=state_folder,
+            )
+        except ProvisionerError as exc:
+            raise ProvisionerError(f"{exc}; {saved}") from None
+        except typer.Exit as exc:
+            if exc.exit_code:
+                echo(f"not every workstation took it: {saved}")
+            raise
     else:
         echo(
             "commit and push the inventory change; it reaches the workstations with the next "
