@@ -36,7 +36,9 @@ def example(tmp_path: Path) -> Iterator[tuple[Path, list[str]]]:
         str(inventory / ".demo-key/demo-only.passphrase"),
     ]
     _run("lab", "up", "-i", "inventory", "--detach", *keys, cwd=tmp_path)
-    pid = json.loads((inventory / ".lab.json").read_text())["pid"]
+    lab_file = json.loads((inventory / ".lab.json").read_text())
+    pid, ca_path = lab_file["pid"], Path(lab_file["ca_path"])
+    assert ca_path.is_file()
     try:
         yield tmp_path, [*keys, "--lab", "inventory/.lab.json", "-i", "inventory"]
     finally:
@@ -44,6 +46,9 @@ def example(tmp_path: Path) -> Iterator[tuple[Path, list[str]]]:
     # lab down returns once the process is gone, leaving neither its file nor its log.
     assert not (inventory / ".lab.json").exists()
     assert not (inventory / ".lab.log").exists()
+    # Nor its emulated disks, which hold plaintext passwords.
+    [lab_folder] = [p for p in ca_path.parents if p.name.startswith("microsip-lab-")]
+    assert not lab_folder.exists()
     try:  # gone, or exited and waiting to be reaped by init
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except FileNotFoundError:

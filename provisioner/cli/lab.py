@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -69,13 +70,18 @@ def up(
     recipients = load_recipients_file(inventory / phase1.RECIPIENTS_FILE)
     kids = [k.kid for k in recipients.keys if k.status != "retired"]
     keyring = open_keyring(recipients, identities, kids, passphrase_file, passphrase_fd)
+    # The emulated disks hold rendered files with plaintext passwords: removed on every exit.
     folder = Path(tempfile.mkdtemp(prefix="microsip-lab-"))
     try:
         running = start_inventory_lab(model, keyring, folder=folder, port=None)
     except OSError as exc:  # an address in use: another lab, or a real WinRM listener
+        shutil.rmtree(folder, ignore_errors=True)
         raise ProvisionerError(
             f"the lab cannot start: {exc}; is another lab running ('provisioner lab down')?"
         ) from None
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -92,9 +98,12 @@ def up(
         while not stop.wait(0.5):
             pass
     finally:
-        running.stop()
-        with contextlib.suppress(FileNotFoundError):
-            target.unlink()
+        try:
+            running.stop()
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError):
+                target.unlink()
 
 
 def _detach(
@@ -132,9 +141,9 @@ def _detach(
             echo(log.read_text(encoding="utf-8", errors="replace").rstrip())
             return
         if process.poll() is not None:
-            raise ProvisionerError(
-                "the lab did not start:\n" + log.read_text(encoding="utf-8", errors="replace")
-            )
+            output = log.read_text(encoding="utf-8", errors="replace")
+            log.unlink(missing_ok=True)  # its whole content is in this message
+            raise ProvisionerError("the lab did not start:\n" + output)
         time.sleep(0.1)
     process.terminate()
     raise ProvisionerError("the lab did not start within 60 s")
