@@ -291,6 +291,20 @@ def test_validate_names_limit_typos_and_fails_on_an_empty_selection() -> None:
     }
 
 
+def test_real_keys_without_any_identity_is_one_error_not_one_per_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    passphrase = tmp_path / "passphrase"
+    passphrase.write_text("unused\n")
+    code, out, err = cli("validate", str(EXAMPLE), "--passphrase-file", str(passphrase))
+    assert code == 1 and out == ""
+    assert err == (
+        "error: no identity for key k54bgbx6f: pass --identity FILE, or keep the identity file "
+        f"in {tmp_path / 'config' / 'microsip-provisioner'}\n"
+    )
+
+
 def test_validate_rejects_an_unknown_format() -> None:
     code, _, err = cli("validate", str(EXAMPLE), "--format", "xml")
     assert code == 1

@@ -138,6 +138,21 @@ def open_keyring(
     return keyring
 
 
+def require_identity(keyring: vault.Keyring, needed: Iterable[str]) -> None:
+    """Stop once, before any token is opened, when no identity was found at all.
+
+    Otherwise every token would fail alone with the same no-identity error.
+    """
+    from provisioner import secretstore
+
+    if keyring.identities:
+        return
+    raise IdentityError(
+        f"no identity for key {', '.join(sorted(set(needed)))}: pass --identity FILE, or keep "
+        f"the identity file in {secretstore.default_identity_dir()}"
+    )
+
+
 def load_model(inventory: Path) -> Inventory:
     """The inventory, or one error listing every problem (and the command that shows them)."""
     from provisioner.inventory import InventoryErrors, load_inventory

@@ -21,6 +21,7 @@ from provisioner.cli.common import (
     load_model,
     make_console,
     open_keyring,
+    require_identity,
 )
 from provisioner.errors import ProvisionerError
 
@@ -92,7 +93,9 @@ def run_build(
 
         def factory(recipients: vault.Recipients) -> vault.Opener:
             kids = [k.kid for k in recipients.keys if k.status != "retired"]
-            return open_keyring(recipients, identities, kids, passphrase_file, passphrase_fd)
+            keyring = open_keyring(recipients, identities, kids, passphrase_file, passphrase_fd)
+            require_identity(keyring, kids)
+            return keyring
 
     result = phase1.build(
         inventory,

@@ -16,6 +16,7 @@ from provisioner.cli.common import (
     PassFileOpt,
     echo,
     open_keyring,
+    require_identity,
 )
 from provisioner.errors import ProvisionerError
 
@@ -94,7 +95,10 @@ def prepare(
         kids = [k.kid for k in recipients.keys if k.status != "retired"]
         keyring = open_keyring(recipients, identities, kids, passphrase_file, passphrase_fd)
         opened.append(keyring)
-        return keyring if sip_passwords else phase1.placeholder_opener(recipients)
+        if not sip_passwords:
+            return phase1.placeholder_opener(recipients)
+        require_identity(keyring, kids)
+        return keyring
 
     limit = f"ws:{workstation}"
     result = phase1.build(inventory, selection=resolve.Selection(limit), opener_factory=factory)
