@@ -213,6 +213,11 @@ def _compose(text: str, source: str) -> Node | None:
             problem += (
                 "; a value that contains ': ' must be quoted, e.g. display_name: \"Bob: Smith\""
             )
+        elif "expected <block end>" in problem or "expected <document start>" in problem:
+            problem += (
+                "; check the indentation of this line and the lines just above it (spaces "
+                "only, the same depth for keys of one mapping)"
+            )
         raise InventoryError(
             f"invalid YAML: {problem}", file=source, line=line, column=column
         ) from None

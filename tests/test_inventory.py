@@ -519,6 +519,13 @@ CASCADES = {
         (3, 22),
         "quoted",
     ),
+    "key-out-of-line": (
+        "users.yaml",
+        "users:\n  u1:\n    accounts:\n      main: {sip_uri: 1@x.example.com, password: SEAL}\n"
+        "   windows: ACME\\u1\n",
+        (5, 4),
+        "check the indentation of this line and the lines just above it",
+    ),
     "tab-in-workstations": (
         "workstations.yaml",
         "workstations:\n  ws1:\n\tusers: [u1, u2]\n",
