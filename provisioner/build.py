@@ -14,11 +14,11 @@ from pathlib import Path
 
 import provisioner.lint as ini_lint
 from provisioner import forked, ini, render, resolve, vault
-from provisioner.errors import InventoryError, ProvisionerError, VaultError
+from provisioner.errors import InventoryError, ProvisionerError, RenderError, VaultError
 from provisioner.inidoc import IniDocument
 from provisioner.inventory import InventoryErrors, load_inventory
 from provisioner.keytable import load_key_table
-from provisioner.model import Finding, Inventory, Secret
+from provisioner.model import Finding, Inventory, Secret, Source
 from provisioner.resolve import Profile, Selection, StationPlan, TargetRef
 
 RECIPIENTS_FILE = "recipients.yaml"
@@ -237,7 +237,12 @@ class _Builder:
         except _Skip:
             return
         except ProvisionerError as exc:
-            self.result.findings.append(Finding("error", _code(exc), str(exc), target.name))
+            at = None
+            if isinstance(exc, RenderError) and exc.file:
+                at = Source(exc.file, exc.line, 0, "template")
+            self.result.findings.append(
+                Finding("error", _code(exc), str(exc), target.name, source=at)
+            )
 
     def _override(self, target: TargetRef) -> None:
         plan = self.station(target.workstation)
@@ -250,7 +255,8 @@ class _Builder:
         with self.clock("render"):
             text = render.render(self.template(render.OVERRIDE_TEMPLATE), context, target.name)
         path = f"{target.workstation}/override.ini"
-        self._finish(target, path, text, plan.install, (), ini_lint.lint_override_ini)
+        origin = _origin({"settings": plan.enforced_settings}, ())
+        self._finish(target, path, text, plan.install, (), ini_lint.lint_override_ini, origin)
 
     def _microsip(self, target: TargetRef) -> None:
         assert target.user is not None  # noqa: S101 - microsip targets always have a user
@@ -297,6 +303,7 @@ class _Builder:
             plan.install,
             paths,
             ini_lint.lint_microsip_ini,
+            _origin({"settings": profile.settings}, profile.accounts),
             windows=profile.user.windows,
         )
         self._check_secrets_landed(target, document, secrets)
@@ -369,6 +376,7 @@ class _Builder:
         install: resolve.Install,
         secret_paths: tuple[str, ...],
         lint: Callable[..., list[ini_lint.Finding]],
+        origin: Callable[[str, str], Source | None],
         windows: str = "",
     ) -> IniDocument:
         with self.clock("lint"):
@@ -383,6 +391,7 @@ class _Builder:
                         finding.line,
                         0,
                         f"[{finding.section}] {finding.key}".strip() if finding.section else "",
+                        origin(finding.section, finding.key),
                     )
                 )
         with self.clock("encode"):
@@ -429,6 +438,23 @@ class _Builder:
                         entry.line,
                     )
                 )
+
+
+def _origin(
+    blocks: Mapping[str, Mapping[str, resolve.Resolved]],
+    accounts: Sequence[resolve.ResolvedAccount],
+) -> Callable[[str, str], Source | None]:
+    """Where the value of a rendered ``[section] key`` was set in the inventory, if it was."""
+
+    def origin(section: str, key: str) -> Source | None:
+        values = blocks.get(section.lower())
+        if values is None and ini.is_account_section(section):
+            index = int(section[len("account") :]) - 1
+            values = accounts[index].keys if 0 <= index < len(accounts) else None
+        resolved = values.get(key) if values is not None and key else None
+        return resolved.final.source if resolved is not None else None
+
+    return origin
 
 
 class _Skip(ProvisionerError):

@@ -103,7 +103,12 @@ class YamlEditError(ProvisionerError):
 
 
 class RenderError(ProvisionerError):
-    """A template failed for a target."""
+    """A template failed for a target; ``file`` and ``line`` name the template line."""
+
+    def __init__(self, message: str, *, file: str = "", line: int = 0) -> None:
+        self.file = file
+        self.line = line
+        super().__init__(message)
 
 
 class LintError(ProvisionerError):

@@ -188,6 +188,9 @@ class Finding:
     line: int = 0
     column: int = 0
     path: str = ""
+    # For a finding on a rendered file: the inventory or template line it comes from, where
+    # known (CI annotations point there, at a file of the repository).
+    source: Source | None = None
 
     @property
     def where(self) -> str:
@@ -202,4 +205,6 @@ class Finding:
     def __str__(self) -> str:
         prefix = f"{self.where}: " if self.where else ""
         at = f" {self.path}:" if self.path else ""
-        return f"{prefix}{self.severity}[{self.code}]:{at} {self.message}"
+        # A template error's message starts with the template line already.
+        origin = f" (value set at {self.source})" if self.source and self.source.column else ""
+        return f"{prefix}{self.severity}[{self.code}]:{at} {self.message}{origin}"

@@ -148,7 +148,9 @@ def render(template: jinja2.Template, context: Mapping[str, object], target: str
         file, line = _template_frame(exc.__traceback__, template)
         detail = exc.message if isinstance(exc, jinja2.TemplateError) else str(exc)
         raise RenderError(
-            f"{file}:{line}: {detail} (rendering {target})" + _snippet(file, line)
+            f"{file}:{line}: {detail} (rendering {target})" + _snippet(file, line),
+            file=file,
+            line=line,
         ) from None
 
 

@@ -189,7 +189,17 @@ def test_validate_json_with_errors(tmp_path: Path) -> None:
     report = json.loads(out)
     assert report["ok"] is False and report["files"] == []
     first = report["findings"][0]
-    assert set(first) == {"severity", "code", "file", "line", "column", "path", "message"}
+    assert set(first) == {
+        "severity",
+        "code",
+        "file",
+        "line",
+        "column",
+        "path",
+        "message",
+        "source",
+    }
+    assert first["source"] is None  # an inventory finding is at its place already
     assert (first["line"], first["column"], first["path"]) == (3, 3, "/groups/site/parents")
     assert first["file"].endswith("groups.yaml")
     assert len(report["findings"]) == 11
@@ -260,7 +270,17 @@ def test_validate_strict_fails_on_a_warning(tmp_path: Path) -> None:
     assert code == 1
     code, out, _ = cli("validate", str(root), "--strict", "--format", "github")
     assert code == 1
-    assert out.startswith("::warning file=ws1/u1/microsip.ini,line=5,title=unknown-codec")
+    # The annotation lands on the inventory line the value came from, not on a rendered file
+    # that is not in the repository; the message names the rendered line.
+    defaults = root / "defaults.yaml"
+    assert out.startswith(
+        f"::warning file={defaults},line=3,col=5,title=unknown-codec [Settings] audioCodecs::"
+        "ws1/u1/microsip.ini:5 [Settings] audioCodecs: "
+    )
+    code, out, _ = cli("validate", str(root), "--format", "json")
+    [finding] = json.loads(out)["findings"]
+    assert (finding["file"], finding["line"]) == ("ws1/u1/microsip.ini", 5)
+    assert finding["source"] == {"file": str(defaults), "line": 3, "column": 5}
 
 
 def test_validate_with_real_keys_and_limit(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ import pytest
 
 from provisioner import build, ini, render, vault
 from provisioner.errors import PolicyViolationError
-from provisioner.model import Secret
+from provisioner.model import Secret, Source
 from tests.test_build import BASE, build_files, files_of, write_inventory
 
 GOLDEN = Path(__file__).parent / "golden" / "inventories"
@@ -161,6 +161,11 @@ def test_undefined_variables_name_file_and_line(tmp_path: Path) -> None:
     assert microsip.startswith(f"{root / 'templates' / 'microsip.ini.j2'}:3: ")
     assert "has no attribute 'nickname'" in microsip
     assert result.files == []
+    # CI annotations go to the template line, a file of the repository.
+    sources = {f.file: f.source for f in result.findings}
+    assert sources["ws1/u1/microsip.ini"] == Source(
+        str(root / "templates" / "microsip.ini.j2"), 3, 0, "template"
+    )
 
 
 def test_template_cannot_escape_the_sandbox_or_inject_lines(tmp_path: Path) -> None:

@@ -165,6 +165,11 @@ def _json_report(result: phase1.BuildResult, keys: str) -> dict[str, object]:
                 "column": f.column,
                 "path": f.path,
                 "message": f.message,
+                "source": (
+                    {"file": f.source.file, "line": f.source.line, "column": f.source.column}
+                    if f.source
+                    else None
+                ),
             }
             for f in result.findings
         ],
@@ -178,11 +183,17 @@ def _github_escape(text: str, *, prop: bool = False) -> str:
 
 
 def _github(finding: Finding) -> str:
+    """An annotation on a file of the repository: for a rendered file, where its value came from."""
     kind = "error" if finding.severity == "error" else "warning"
-    message = _github_escape(finding.message)
-    place = f"file={_github_escape(finding.file, prop=True)},line={finding.line or 1}"
-    if finding.column:
-        place += f",col={finding.column}"
+    file, line, column, message = finding.file, finding.line, finding.column, finding.message
+    if finding.source is not None:
+        file, line, column = finding.source.file, finding.source.line, finding.source.column
+        if finding.source.column:  # a value from the inventory: say which rendered line it is
+            message = f"{finding.where} {finding.path}: {message}"
+    place = f"file={_github_escape(file, prop=True)},line={line or 1}"
+    if column:
+        place += f",col={column}"
+    message = _github_escape(message)
     title = _github_escape(f"{finding.code} {finding.path}".strip(), prop=True)
     return f"::{kind} {place},title={title}::{message}"
 
