@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import stat
 import subprocess
@@ -323,6 +324,28 @@ def test_real_keys_without_any_identity_is_one_error_not_one_per_token(
         "error: no identity for key k54bgbx6f: pass --identity FILE, or keep the identity file "
         f"in {tmp_path / 'config' / 'microsip-provisioner'}\n"
     )
+
+
+def test_one_cause_in_many_rendered_files_is_reported_once(tmp_path: Path) -> None:
+    root = tmp_path / "inventory"
+    shutil.copytree(EXAMPLE, root)
+    groups = root / "groups.yaml"
+    text = groups.read_text(encoding="utf-8")
+    line = next(n for n, t in enumerate(text.splitlines(), 1) if "cmdIncomingCall:" in t)
+    groups.write_text(
+        re.sub(r"cmdIncomingCall: .*", 'cmdIncomingCall: crm.exe "a b"', text), encoding="utf-8"
+    )
+    code, out, _ = cli("validate", str(root))
+    assert code == 0
+    [finding, summary] = out.splitlines()
+    assert finding.startswith("ber-ws-001/alice/microsip.ini:17: warning[hook-quotes]: ")
+    assert finding.endswith(
+        f"(value set at {groups}:{line}:7 (group sales)) (and 2 more file(s): "
+        "ber-ws-002/bob/microsip.ini, ham-ws-001/frank/microsip.ini)"
+    )
+    assert summary.endswith("0 error(s), 3 warning(s)")
+    code, out, _ = cli("validate", str(root), "--format", "json")
+    assert len(json.loads(out)["findings"]) == 3  # machine-readable output keeps every one
 
 
 def test_validate_rejects_an_unknown_format() -> None:

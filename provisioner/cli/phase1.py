@@ -7,7 +7,7 @@ import json
 import os
 import subprocess
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -139,8 +139,12 @@ def validate(
     elif output == "junit":
         echo(_junit_report(result))
     else:
-        for finding in result.findings:
-            echo(_github(finding) if output == "github" else str(finding))
+        for finding, others in _grouped(result.findings):
+            line = _github(finding) if output == "github" else str(finding)
+            if others:
+                shown = ", ".join(others[:3]) + (", …" if len(others) > 3 else "")
+                line += f" (and {len(others)} more file(s): {shown})"
+            echo(line)
         counts = result.counts()
         echo(
             f"{len(result.files)} file(s) rendered for {len(result.targets)} target(s) with "
@@ -148,6 +152,26 @@ def validate(
         )
     if failed:
         raise typer.Exit(1)
+
+
+def _grouped(findings: Sequence[Finding]) -> list[tuple[Finding, list[str]]]:
+    """Findings with one cause (the same code at the same inventory or template line) once.
+
+    One undefined template variable, or one bad value in a group, would otherwise repeat for
+    every rendered file; the first stands for the others, whose files are listed.
+    """
+    groups: dict[object, tuple[Finding, list[str]]] = {}
+    for finding in findings:
+        key: object = (
+            (finding.severity, finding.code, finding.path, finding.source)
+            if finding.source is not None
+            else id(finding)
+        )
+        if key in groups:
+            groups[key][1].append(finding.file)
+        else:
+            groups[key] = (finding, [])
+    return list(groups.values())
 
 
 def _json_report(result: phase1.BuildResult, keys: str) -> dict[str, object]:
