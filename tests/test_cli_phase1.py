@@ -436,8 +436,12 @@ def test_inventory_list_json_and_limit() -> None:
     code, out, _ = cli("inventory", "list", "-i", str(EXAMPLE), "--json", "-l", "group:rds,!dave")
     rows = {r["workstation"]: r for r in json.loads(out)["workstations"]}
     assert list(rows) == ["ber-rds-01"] and rows["ber-rds-01"]["users"] == ["carol", "erin"]
+    assert json.loads(out)["users"] == ["carol", "erin"]  # the selected users only
     code, out, _ = cli("inventory", "list", "-i", str(EXAMPLE))
     assert code == 0 and "9 workstation(s), 12 user(s)" in out
+    code, out, err = cli("inventory", "list", "-i", str(EXAMPLE), "-l", "group:sales,&ws:ham-*,x")
+    assert code == 0 and "1 workstation(s), 1 user(s)" in out
+    assert err == "warning: --limit term 'x' matches nothing\n"
 
 
 def test_inventory_graph_json() -> None:

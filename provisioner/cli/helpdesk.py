@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import getpass
 import json
 from pathlib import Path
@@ -35,7 +36,10 @@ UserArg = Annotated[str, typer.Argument(help="User name as in the inventory.")]
 def _user(inventory: Path, name: str) -> tuple[Inventory, User]:
     model = load_model(inventory)
     if name not in model.users:
-        raise ProvisionerError(f"no user {name!r} in {inventory}")
+        close = [u for u in model.users if u.lower() == name.lower()]
+        close = close or difflib.get_close_matches(name, list(model.users), n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ProvisionerError(f"no user {name!r} in {inventory}{hint}")
     return model, model.users[name]
 
 
@@ -111,7 +115,9 @@ def regenerate(
         ),
     ] = False,
     check: Annotated[bool, typer.Option("--check", help="Only show what would change.")] = False,
-    diff: Annotated[bool, typer.Option("--diff", help="Show the diff (passwords masked).")] = True,
+    diff: Annotated[
+        bool, typer.Option("--diff/--no-diff", help="Show the diff (passwords masked).")
+    ] = True,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
     if_running: IfRunningOpt = "stop",
     identities: IdentityOpt = None,

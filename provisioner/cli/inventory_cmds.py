@@ -48,11 +48,14 @@ def list_inventory(
                 "accounts": sum(len(model.users[u].accounts) for u in users),
             }
         )
+    selected = sorted({u for row in rows for u in row["users"]}) if limit else sorted(model.users)
+    for problem in selection.unmatched(model) if limit else []:
+        typer.echo(f"warning: {problem}", err=True)
     if as_json:
-        echo(json.dumps({"workstations": rows, "users": sorted(model.users)}, indent=2))
+        echo(json.dumps({"workstations": rows, "users": selected}, indent=2))
         return
     table = Table(
-        title=f"{len(rows)} workstation(s), {len(model.users)} user(s)", title_justify="left"
+        title=f"{len(rows)} workstation(s), {len(selected)} user(s)", title_justify="left"
     )
     for column in ("workstation", "address", "groups", "mode", "users", "accounts"):
         table.add_column(column)
