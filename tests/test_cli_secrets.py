@@ -102,6 +102,18 @@ def test_passphrase_from_file_descriptor(realm: Realm) -> None:
     assert result.returncode == 0, result.stderr
 
 
+def test_rekey_without_the_new_identity_says_the_tokens_were_not_opened(realm: Realm) -> None:
+    _setup(realm)
+    inv = str(realm.inventory)
+    [old_identity] = realm.config.rglob("*.sipid")
+    realm.run("keys", "rotate", "-i", inv, *_pp(realm), check=True)
+    rekey = realm.run(
+        "secrets", "rekey", "-i", inv, "--identity", str(old_identity), *_pp(realm), check=True
+    )
+    assert "re-sealed 2 value(s)" in rekey.stdout and "(structure checked)" in rekey.stdout
+    assert "note: the new tokens were not opened again" in rekey.stdout
+
+
 def test_rotation_rekey_and_retire(realm: Realm) -> None:
     _setup(realm)
     inv = str(realm.inventory)

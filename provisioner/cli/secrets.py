@@ -102,6 +102,11 @@ def rekey(
     report = secretstore.rekey(scan, keyring, target, from_kids or ())
     how = "each checked by opening it" if report.verified_by_opening else "structure checked"
     echo(f"re-sealed {report.resealed} value(s) to {target} in {len(report.files)} file(s) ({how})")
+    if report.resealed and not report.verified_by_opening:
+        echo(
+            f"note: the new tokens were not opened again, as no identity for {target} was "
+            f"given; check them with 'provisioner secrets verify' and the identity of {target}"
+        )
     for path in report.files:
         echo(f"  {path}")
 
