@@ -119,7 +119,16 @@ class RichReporter:
 def print_summary(
     console: Console, run: RunResult, groups: Mapping[str, Sequence[str]], *, diffs: bool
 ) -> None:
-    """Per status, per group, the slowest hosts, and every failure with its reason."""
+    """Diffs, then per status, per group, the slowest hosts, every failure and what next."""
+    # Diffs first: on a large fleet the tables and the list of problems must end the output.
+    if diffs:
+        for result in sorted(run.results.values(), key=lambda r: r.host):
+            for change in result.files:
+                if change.diff:
+                    console.print(
+                        f"--- {result.host} {change.label}", highlight=False, markup=False
+                    )
+                    console.print(change.diff, highlight=False, markup=False)
     counts = run.counts()
     # A dry run is not recorded in the state folder: no id that 'runs show' would not know.
     title = (
@@ -155,14 +164,6 @@ def print_summary(
         for result in timed[:5]:
             slow.add_row(result.host, f"{result.duration:.2f}", str(result.attempts))
         console.print(slow)
-    if diffs:
-        for result in sorted(run.results.values(), key=lambda r: r.host):
-            for change in result.files:
-                if change.diff:
-                    console.print(
-                        f"--- {result.host} {change.label}", highlight=False, markup=False
-                    )
-                    console.print(change.diff, highlight=False, markup=False)
     problems = [r for r in run.results.values() if not r.ok]
     if problems:
         console.print(f"[bold]{len(problems)} workstation(s) need attention:[/]")
