@@ -10,9 +10,11 @@ Three processes, so that the lab's CPU use does not distort the controller's fig
   stops by itself on ``stop``, when its stdin closes (the orchestrator died) or after
   ``--max-seconds``;
 * the controller child does what ``provisioner rollout --lab FILE --yes`` does: Phase 1
-  (build), then ``run_fleet`` with ``open_transport``, and reports wall time, statuses, CPU
-  time and its peak memory (ru_maxrss). It runs twice per scenario: first push (every
-  workstation changed), then second push (every workstation unchanged).
+  (build), push lanes (``--processes``, as the CLI chooses them), then ``run_fleet`` with
+  ``open_transport``, and reports wall time, statuses, CPU time (its own plus its lanes') and
+  memory (peak RSS of each process, and the PSS of all of them summed at the end of the push:
+  pages the lanes share with it by fork count once). It runs twice per scenario: first push
+  (every workstation changed), then second push (every workstation unchanged).
 
 Lower bound of a rollout = requests per host (measured by the lab) x latency x hosts / forks.
 
@@ -126,6 +128,23 @@ def cpu_seconds() -> tuple[float, float]:
 def peak_rss_mib() -> float:
     """ru_maxrss of this process in MiB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def children_cpu_seconds() -> float:
+    """User plus system CPU time of this process's children reaped so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def proc_mib(pid: int, path: str, key: str) -> float:
+    """A ``kB`` figure of ``/proc/PID/PATH`` (such as status VmHWM or smaps_rollup Pss) in MiB."""
+    try:
+        for line in Path(f"/proc/{pid}/{path}").read_text().splitlines():
+            if line.startswith(f"{key}:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
 
 
 def emit(payload: dict[str, Any]) -> None:
@@ -288,9 +307,10 @@ def controller_child(
     canary: str,
     profile: str,
     patches: list[str],
+    processes: int,
 ) -> None:
-    """Phase 1 then run_fleet, as ``provisioner rollout --lab FILE --yes`` does."""
-    from provisioner import build, connections, resolve, runner
+    """Phase 1, lanes, then run_fleet, as ``provisioner rollout --lab FILE --yes`` does."""
+    from provisioner import build, connections, lanes, resolve, runner
 
     apply_patches(patches)
     start = time.perf_counter()
@@ -311,8 +331,10 @@ def controller_child(
         return connections.open_transport(plan, keyring, lab, timeout=60)
 
     options = runner.RolloutOptions(forks=forks, canary=canary, max_fail=100.0)
+    wanted = lanes.choose_processes(len(stations), forks, processes)
     profiles: list[Any] = []
     if profile:
+        wanted = 1  # the profiles are collected in this process only
         # cProfile sees only the thread that enables it: profile each push on its worker.
         import cProfile
 
@@ -328,11 +350,17 @@ def controller_child(
                 profiles.append(profiler)
 
         runner._push_with_retries = profiled
+    lanes_cpu_before = children_cpu_seconds()  # Phase 1's workers, if any
     cpu_before = cpu_seconds()
     start = time.perf_counter()
-    run = runner.run_fleet(stations, files, transport, options)
-    wall = time.perf_counter() - start
+    with runner.open_lanes(stations, files, transport, wanted) as pushers:
+        pids = pushers.pids
+        run = runner.run_fleet(stations, files, transport, options, executor=pushers)
+        wall = time.perf_counter() - start
+        lane_peaks = [proc_mib(pid, "status", "VmHWM") for pid in pids]
+        pss = sum(proc_mib(pid, "smaps_rollup", "Pss") for pid in [os.getpid(), *pids])
     cpu_after = cpu_seconds()
+    lanes_cpu = children_cpu_seconds() - lanes_cpu_before
     if profiles:
         import pstats
 
@@ -360,6 +388,11 @@ def controller_child(
             "host_max_s": durations[-1] if durations else 0.0,
             "peak_rss_mib": peak_rss_mib(),
             "threads_peak": threading.active_count(),
+            "processes": len(pids),
+            "fallback": pushers.fallback,
+            "lanes_cpu_s": lanes_cpu,
+            "lane_peak_rss_mib": lane_peaks,
+            "pss_total_mib": pss,
         }
     )
 
@@ -433,6 +466,7 @@ def run_controller(
         "canary": args.canary,
         "profile": prof,
         "patches": [p for p in args.patch.split(",") if p],
+        "processes": args.processes,
     }
     command = [sys.executable, __file__, "--controller-child", json.dumps(spec)]
     timeout = args.max_seconds
@@ -460,7 +494,8 @@ def scenario(
     lab_file = folder / f"lab-{label}.json"
     print(
         f"\n== {label}: {hosts} workstations x 1 user, {args.transport}, latency "
-        f"{slow * 1000:g} ms/request, forks {args.forks}, canary {args.canary} "
+        f"{slow * 1000:g} ms/request, forks {args.forks}, canary {args.canary}, "
+        f"--processes {args.processes} "
         f"(inventory written in {generated:.1f}s; load {load_average()}); controller patches: "
         f"{args.patch or 'none'}"
     )
@@ -508,20 +543,33 @@ def scenario(
     return rows
 
 
+def controller_cpu(row: dict[str, Any]) -> float:
+    """CPU seconds of the controller's push: its own and its lanes'."""
+    return float(row["cpu_user_s"] + row["cpu_sys_s"] + row["lanes_cpu_s"])
+
+
 def print_row(row: dict[str, Any]) -> None:
     lab = row["lab"]
     ratio = f"{row['wall_s'] / row['lower_bound_s']:.2f}x" if row["lower_bound_s"] else "n/a"
     ops = ", ".join(f"{k} {v / row['hosts']:g}" for k, v in sorted(lab["by_operation"].items()))
-    cpu = row["cpu_user_s"] + row["cpu_sys_s"]
+    cpu = controller_cpu(row)
     lab_cpu = lab["cpu_user_s"] + lab["cpu_sys_s"]
+    lanes = (
+        f"{row['processes']} push processes (CPU {row['lanes_cpu_s']:.1f}s, peak RSS "
+        + ", ".join(f"{mib:.0f}" for mib in row["lane_peak_rss_mib"])
+        + " MiB)"
+        if row["processes"]
+        else f"no push process{' (' + row['fallback'] + ')' if row['fallback'] else ''}"
+    )
     print(
         f"  {row['round']}: {row['counts']}, retried {row['retried']}, "
         f"{len(row['failures'])} failure(s) {row['failures'][:2]}\n"
         f"    wall {row['wall_s']:.1f}s vs lower bound {row['lower_bound_s']:.1f}s ({ratio}); "
         f"requests/host {row['requests_per_host']:.2f} (min {lab['per_host_min']}, "
         f"max {lab['per_host_max']}) [{ops}]\n"
-        f"    controller: peak RSS {row['peak_rss_mib']:.0f} MiB "
+        f"    controller: {lanes}; peak RSS {row['peak_rss_mib']:.0f} MiB "
         f"(after Phase 1 {row['rss_after_phase1_mib']:.0f} MiB, Phase 1 {row['phase1_s']:.1f}s), "
+        f"PSS of all its processes {row['pss_total_mib']:.0f} MiB, "
         f"CPU {cpu:.1f}s = {cpu / row['wall_s'] * 100:.0f}% of one core, "
         f"{cpu / max(lab['requests'], 1) * 1000:.2f} ms/request; "
         f"push p50 {row['host_p50_s'] * 1000:.0f} ms, p95 {row['host_p95_s'] * 1000:.0f} ms, "
@@ -535,20 +583,22 @@ def print_row(row: dict[str, Any]) -> None:
 
 def summary(rows: list[dict[str, Any]]) -> None:
     print(
-        "\n| scenario | round | hosts | latency | forks | patches | req/host | wall | lower bound "
-        "| ratio | failed | controller peak RSS | controller CPU | lab CPU | load |"
+        "\n| scenario | round | hosts | latency | forks | processes | patches | req/host | wall "
+        "| lower bound | ratio | failed | controller peak RSS | controller PSS | controller CPU "
+        "| lab CPU | load |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         ratio = f"{row['wall_s'] / row['lower_bound_s']:.2f}x" if row["lower_bound_s"] else "n/a"
         failed = sum(v for k, v in row["counts"].items() if k not in ("changed", "unchanged"))
         lab_cpu = row["lab"]["cpu_user_s"] + row["lab"]["cpu_sys_s"]
         print(
             f"| {row['scenario']} | {row['round']} | {row['hosts']} | "
-            f"{row['latency'] * 1000:g} ms | {row['forks']} | {row['patches']} | "
-            f"{row['requests_per_host']:.2f} | "
+            f"{row['latency'] * 1000:g} ms | {row['forks']} | {max(1, row['processes'])} | "
+            f"{row['patches']} | {row['requests_per_host']:.2f} | "
             f"{row['wall_s']:.1f} s | {row['lower_bound_s']:.1f} s | {ratio} | {failed} | "
-            f"{row['peak_rss_mib']:.0f} MiB | {row['cpu_user_s'] + row['cpu_sys_s']:.1f} s | "
+            f"{max([row['peak_rss_mib'], *row['lane_peak_rss_mib']]):.0f} MiB | "
+            f"{row['pss_total_mib']:.0f} MiB | {controller_cpu(row):.1f} s | "
             f"{lab_cpu:.1f} s | {row['load']} |"
         )
 
@@ -559,6 +609,12 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=0.02, help="seconds per request")
     parser.add_argument("--memory-hosts", type=int, default=10000, help="0 to skip")
     parser.add_argument("--forks", type=int, default=20)
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=0,
+        help="push processes of the controller, as rollout --processes (0: automatic)",
+    )
     parser.add_argument("--canary", default="1")
     parser.add_argument("--transport", choices=("ntlm", "basic"), default="ntlm")
     parser.add_argument("--quick", action="store_true", help="20 hosts in each scenario")

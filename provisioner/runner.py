@@ -1,7 +1,11 @@
-"""Phase 2 for a fleet: canary and batches, a bounded thread pool, retries, a failure threshold.
+"""Phase 2 for a fleet: canary and batches, at most ``forks`` pushes at a time, retries, a
+failure threshold.
 
 ``run_fleet`` never raises for a host's failure: every workstation ends with a HostResult.
 Reporting hangs off the :class:`~provisioner.results.Reporter` hooks; the runner never prints.
+Pushes run on a thread pool of this process, or on push lanes (forked processes, see
+:mod:`provisioner.lanes`) opened with :func:`open_lanes` and passed as ``executor``; the
+batches, the threshold and Ctrl-C are decided here either way.
 """
 
 from __future__ import annotations
@@ -12,11 +16,12 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
+from provisioner import lanes
 from provisioner.build import BuiltFile
 from provisioner.errors import ProvisionerError
 from provisioner.push import PushOptions, _summary, push_host
@@ -127,6 +132,30 @@ class _NullReporter:
 
 
 TransportFactory = Callable[[StationPlan], Transport]
+PushLanes = lanes.Lanes[RolloutOptions]
+
+
+def open_lanes(
+    stations: Mapping[str, StationPlan],
+    files: Mapping[str, Sequence[BuiltFile]],
+    transport_factory: TransportFactory,
+    processes: int,
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+) -> PushLanes:
+    """Push lanes for ``run_fleet(..., executor=)`` with these stations, files and factory.
+
+    Enter it while this process has no other thread (before a progress display starts): the
+    lanes fork then. With ``processes`` below 2, or where forking is unsafe, there are none
+    and ``run_fleet`` pushes from threads of this process.
+    """
+    return lanes.Lanes(
+        _work(stations, files, transport_factory, sleep),
+        _failed,
+        processes,
+        sendable=(RolloutOptions, PushOptions),
+        origin=(stations, files, transport_factory),
+    )
 
 
 def run_fleet(
@@ -138,34 +167,77 @@ def run_fleet(
     reporter: Reporter | None = None,
     stop: threading.Event | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    executor: PushLanes | None = None,
 ) -> RunResult:
-    """Push every station in batches; stop launching on ``stop`` or past the threshold."""
+    """Push every station in batches; stop launching on ``stop`` or past the threshold.
+
+    ``executor``: lanes from :func:`open_lanes` with the same stations, files and factory
+    (their retries sleep with the ``sleep`` given there).
+    """
     if options.forks < 1:
         raise ProvisionerError(f"forks must be at least 1, not {options.forks}")
+    if executor is not None and not executor.made_for(stations, files, transport_factory):
+        raise ValueError("the push lanes were opened for other stations, files or factory")
     report = reporter or _NullReporter()
     stop = stop or threading.Event()
     run = RunResult(uuid.uuid4().hex[:12], datetime.now(UTC), options)
     run.batches = plan_batches(sorted(stations), options.canary, options.batch)
     attempted = 0
     failures = 0
-    for index, batch in enumerate(run.batches):
-        if run.stopped or stop.is_set():
-            run.stopped = run.stopped or "interrupted: no new workstation was started"
-            _skip(run, batch, report, run.stopped)
-            continue
-        getattr(report, "batch_started", lambda *_: None)(index, batch)
-        _run_batch(run, batch, stations, files, transport_factory, options, report, stop, sleep)
-        attempted += len(batch)
-        failures += sum(1 for h in batch if run.results[h].status in FAILURES)
-        if attempted and failures * 100 / attempted > options.max_fail:
-            run.stopped = (
-                f"failure threshold exceeded after batch {index + 1}: {failures} of "
-                f"{attempted} failed (more than {options.max_fail:g}%)"
-            )
-        if stop.is_set() and not run.stopped:
-            run.stopped = "interrupted: no new workstation was started"
+    with _dispatch(stations, files, transport_factory, options, stop, sleep, executor) as pushes:
+        for index, batch in enumerate(run.batches):
+            if run.stopped or stop.is_set():
+                run.stopped = run.stopped or "interrupted: no new workstation was started"
+                _skip(run, batch, report, run.stopped)
+                continue
+            getattr(report, "batch_started", lambda *_: None)(index, batch)
+            _run_batch(run, batch, pushes, report, stop)
+            attempted += len(batch)
+            failures += sum(1 for h in batch if run.results[h].status in FAILURES)
+            if attempted and failures * 100 / attempted > options.max_fail:
+                run.stopped = (
+                    f"failure threshold exceeded after batch {index + 1}: {failures} of "
+                    f"{attempted} failed (more than {options.max_fail:g}%)"
+                )
+            if stop.is_set() and not run.stopped:
+                run.stopped = "interrupted: no new workstation was started"
     run.finished = datetime.now(UTC)
     return run
+
+
+def _dispatch(
+    stations: Mapping[str, StationPlan],
+    files: Mapping[str, Sequence[BuiltFile]],
+    factory: TransportFactory,
+    options: RolloutOptions,
+    stop: threading.Event,
+    sleep: Callable[[float], None],
+    executor: PushLanes | None,
+) -> AbstractContextManager[lanes.Dispatch]:
+    """The lanes' session for this run, or a thread pool of this process."""
+    if executor is not None and executor.processes:
+        return executor.session(options, stop, options.forks)
+    return lanes.InProcess(_work(stations, files, factory, sleep), options, stop, options.forks)
+
+
+def _work(
+    stations: Mapping[str, StationPlan],
+    files: Mapping[str, Sequence[BuiltFile]],
+    factory: TransportFactory,
+    sleep: Callable[[float], None],
+) -> lanes.Work[RolloutOptions]:
+    """Push one host by name: what a lane (or a thread of this process) runs."""
+
+    def work(host: str, options: RolloutOptions, stop: threading.Event) -> HostResult:
+        return _push_with_retries(
+            stations[host], files.get(host, ()), factory, options, stop, sleep
+        )
+
+    return work
+
+
+def _failed(host: str, options: RolloutOptions, reason: str) -> HostResult:
+    return HostResult(host, Status.FAILED, reason, dry_run=options.check)
 
 
 def _skip(run: RunResult, hosts: Sequence[str], report: Reporter, reason: str) -> None:
@@ -179,42 +251,24 @@ def _skip(run: RunResult, hosts: Sequence[str], report: Reporter, reason: str) -
 def _run_batch(
     run: RunResult,
     batch: Sequence[str],
-    stations: Mapping[str, StationPlan],
-    files: Mapping[str, Sequence[BuiltFile]],
-    factory: TransportFactory,
-    options: RolloutOptions,
+    pushes: lanes.Dispatch,
     report: Reporter,
     stop: threading.Event,
-    sleep: Callable[[float], None],
 ) -> None:
     pending = list(batch)
-    with ThreadPoolExecutor(max_workers=max(1, options.forks), thread_name_prefix="push") as pool:
-        running: dict[Future[HostResult], str] = {}
-        while pending or running:
-            while pending and len(running) < options.forks and not stop.is_set():
-                host = pending.pop(0)
-                report.host_started(host)
-                future = pool.submit(
-                    _push_with_retries,
-                    stations[host],
-                    files.get(host, ()),
-                    factory,
-                    options,
-                    stop,
-                    sleep,
-                )
-                running[future] = host
-            if stop.is_set() and pending:
-                _skip(run, pending, report, "interrupted: no new workstation was started")
-                pending = []
-            if not running:
-                break
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in done:
-                host = running.pop(future)
-                result = future.result()
-                run.results[host] = result
-                report.host_done(result)
+    while pending or pushes.busy:
+        while pending and pushes.free() > 0 and not stop.is_set():
+            host = pending.pop(0)
+            report.host_started(host)
+            pushes.start(host)
+        if stop.is_set() and pending:
+            _skip(run, pending, report, "interrupted: no new workstation was started")
+            pending = []
+        if not pushes.busy:
+            break
+        for host, result in pushes.results():
+            run.results[host] = result
+            report.host_done(result)
 
 
 def _push_with_retries(

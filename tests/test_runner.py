@@ -645,6 +645,23 @@ def test_stop_ends_the_retries_of_a_host(fleet: Fleet, sleeps: list[float]) -> N
     assert {run.results[h].status for h in HOSTS[1:]} == {Status.SKIPPED}
 
 
+# --------------------------------------------------------------------------- push lanes
+
+
+def test_lanes_of_one_process_are_this_process_thread_pool(
+    fleet: Fleet, sleeps: list[float]
+) -> None:
+    # (tests/test_lanes.py runs forked lanes against the lab)
+    fleet.script["ws02"] = [ConnectError("refused", host="ws02")]
+    with runner.open_lanes(fleet.stations, fleet.files, fleet.factory, 1) as pushers:
+        assert pushers.processes == 0 and pushers.fallback == ""
+        reporter = Recorder()
+        run = fleet.run(FAST, reporter=reporter, sleep=sleeps.append, executor=pushers)
+    assert {h: r.status for h, r in run.results.items()} == dict.fromkeys(HOSTS, Status.CHANGED)
+    assert run.results["ws02"].attempts == 2 and len(sleeps) == 1  # the run's own sleep
+    assert reporter.of("batch") == [(i, b) for i, b in enumerate(run.batches)]
+
+
 # --------------------------------------------------------------------------- progress and summary
 
 

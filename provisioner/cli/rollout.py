@@ -144,12 +144,14 @@ def execute(
     action: str = "push",
     command: str = "rollout",
     selection: str | None = None,
+    processes: int = 0,
 ) -> runner.RunResult:
     """Phase 1, confirmation, the rollout itself, state, audit and reports.
 
     ``selection`` says in messages what the user selected (default: ``--limit LIMIT``).
+    ``processes``: push lanes (0: automatic, 1: this process only).
     """
-    from provisioner import connections, report, resolve, runner, state
+    from provisioner import connections, lanes, report, resolve, runner, state
     from provisioner.cli.progress import PlainReporter, RichReporter, print_summary
     from provisioner.results import Reporter, Status
 
@@ -171,52 +173,97 @@ def execute(
 
     groups = {name: list(plan.groups) for name, plan in stations.items()}
     users = sum(len(f) - 1 for f in files.values())
-    console.print(
-        f"{len(stations)} workstation(s), {users} user profile(s) selected; "
-        f"batches: canary {options.canary}, then {options.batch}; "
-        f"stop above {options.max_fail:g}% failures"
-    )
-    if not options.check and not yes:
-        if not sys.stdin.isatty():
-            raise ProvisionerError("not a terminal: pass --yes to confirm, or --check to look")
-        preview = runner.run_fleet(
-            stations, files, transport, replace(options, check=True, canary="0", max_fail=100)
+    wanted = lanes.choose_processes(len(stations), options.forks, processes)
+    # The lanes fork here, before the progress display or anything else starts a thread; the
+    # preview and the real run both use them.
+    with runner.open_lanes(stations, files, transport, wanted) as pushers:
+        console.print(
+            f"{len(stations)} workstation(s), {users} user profile(s) selected; "
+            f"batches: canary {options.canary}, then {options.batch}; "
+            f"stop above {options.max_fail:g}% failures{_lanes_said(pushers, options.forks)}"
         )
-        counts = preview.counts()
-        print_summary(console, preview, groups, diffs=show_diff)
-        if not typer.confirm(
-            f"Apply: {counts[Status.CHANGED]} workstation(s) will change, "
-            f"{counts[Status.UNCHANGED]} are up to date. Proceed?",
-            default=False,
-        ):
-            raise typer.Exit(1)
-    folder = state_dir(inventory, state_folder)
-    store = state.StateStore(folder)
-    stop = threading.Event()
-    who = getpass.getuser()
-    lock = store.lock(f"{who}: {command}") if not options.check else nullcontext()
-    canary = runner.has_canary(options.canary)
-    with lock, interrupt_to(stop):
-        reporter: Reporter
-        if quiet or not console.is_terminal:
-            reporter = PlainReporter(console, len(stations), canary=canary)
-            run = runner.run_fleet(
-                stations, files, transport, options, reporter=reporter, stop=stop
+        if not options.check and not yes:
+            if not sys.stdin.isatty():
+                raise ProvisionerError("not a terminal: pass --yes to confirm, or --check to look")
+            preview = runner.run_fleet(
+                stations,
+                files,
+                transport,
+                replace(options, check=True, canary="0", max_fail=100),
+                executor=pushers,
             )
-        else:
-            with RichReporter(console, len(stations), canary=canary) as rich_reporter:
+            counts = preview.counts()
+            print_summary(console, preview, groups, diffs=show_diff)
+            if not typer.confirm(
+                f"Apply: {counts[Status.CHANGED]} workstation(s) will change, "
+                f"{counts[Status.UNCHANGED]} are up to date. Proceed?",
+                default=False,
+            ):
+                raise typer.Exit(1)
+        folder = state_dir(inventory, state_folder)
+        store = state.StateStore(folder)
+        stop = threading.Event()
+        who = getpass.getuser()
+        lock = store.lock(f"{who}: {command}") if not options.check else nullcontext()
+        canary = runner.has_canary(options.canary)
+        with lock, interrupt_to(stop):
+            reporter: Reporter
+            if quiet or not console.is_terminal:
+                reporter = PlainReporter(console, len(stations), canary=canary)
                 run = runner.run_fleet(
-                    stations, files, transport, options, reporter=rich_reporter, stop=stop
+                    stations,
+                    files,
+                    transport,
+                    options,
+                    reporter=reporter,
+                    stop=stop,
+                    executor=pushers,
                 )
-        if not options.check:
-            store.record_run(run, who=who, command=command)
-            state.AuditLog(folder).append(state.records_for_run(run, who, action=action))
+            else:
+                with RichReporter(console, len(stations), canary=canary) as rich_reporter:
+                    run = runner.run_fleet(
+                        stations,
+                        files,
+                        transport,
+                        options,
+                        reporter=rich_reporter,
+                        stop=stop,
+                        executor=pushers,
+                    )
+            if not options.check:
+                store.record_run(run, who=who, command=command)
+                state.AuditLog(folder).append(state.records_for_run(run, who, action=action))
     print_summary(console, run, groups, diffs=show_diff)
     if report_json:
         report.write_run_json(run, report_json)
     if report_junit:
         report.write_run_junit(run, report_junit)
     return run
+
+
+def _lanes_said(pushers: runner.PushLanes, forks: int) -> str:
+    """The header's note on push processes: empty when one process was wanted."""
+    if pushers.processes:
+        return f"; pushing from {pushers.processes} processes (forks {forks} shared)"
+    if pushers.fallback:
+        return f"; pushing from this process only: {pushers.fallback}"
+    return ""
+
+
+def check_processes(processes: int, forks: int) -> None:
+    """``--processes``: 0 (automatic), 1 (this process) or up to MAX_PROCESSES, at most forks."""
+    from provisioner.lanes import MAX_PROCESSES
+
+    if not 0 <= processes <= MAX_PROCESSES:
+        raise ProvisionerError(
+            f"--processes is 0 (automatic), 1 (this process only) or a number of push "
+            f"processes up to {MAX_PROCESSES}, not {processes}"
+        )
+    if processes > forks:
+        raise ProvisionerError(
+            f"--processes {processes} needs --forks {processes} or more: each process pushes "
+            "at least one workstation at a time"
+        )
 
 
 def rollout(
@@ -233,6 +280,14 @@ def rollout(
         str, typer.Option("--max-fail", help="Stop when more than P% of attempted hosts failed.")
     ] = "10%",
     retries: Annotated[int, typer.Option("--retries", min=0, max=10)] = 2,
+    processes: Annotated[
+        int,
+        typer.Option(
+            "--processes",
+            help="Push from N processes sharing --forks (0: one per core for large runs; "
+            "1: this process only).",
+        ),
+    ] = 0,
     timeout: Annotated[int, typer.Option("--timeout", min=5, help="Seconds per request.")] = 60,
     if_running: IfRunningOpt = "skip",
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
@@ -268,6 +323,7 @@ def rollout(
             raise ValueError
     except ValueError:
         raise ProvisionerError("--max-fail is a percentage such as 10%") from None
+    check_processes(processes, forks)
     runner.plan_batches([], canary, batch)  # bad sizes are input errors: fail before Phase 1
     selection = shown_selection(limit, only_failed)
     if only_failed is not None:
@@ -302,6 +358,7 @@ def rollout(
         report_json=report_json,
         report_junit=report_junit,
         selection=selection,
+        processes=processes,
     )
     code = report.exit_code(run)
     if code:
