@@ -118,7 +118,6 @@ def _build(
             result.findings.append(Finding("error", "recipients", str(exc)))
             return result
     result.inventory, result.recipients = inventory, recipients
-    opener = opener_factory(recipients)
     selection = selection or Selection()
     try:
         result.targets = resolve.select_targets(inventory, selection)
@@ -127,6 +126,9 @@ def _build(
         result.findings.append(Finding("error", "limit", str(exc)))
         return result
     result.findings.extend(Finding("warning", "limit-unmatched", text) for text in unmatched)
+    if not result.targets:
+        return result  # nothing to open: no key is asked for
+    opener = opener_factory(recipients)
     env = render.make_environment([templates or root / TEMPLATES_DIR])
     builder = _Builder(inventory, recipients, opener, env)
     result.findings.extend(builder.compile_templates())

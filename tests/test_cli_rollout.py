@@ -296,8 +296,10 @@ def test_failures_exit_3_then_only_failed_converges(example: ExampleLab) -> None
         lab_host.clear_faults()
         lab_host.reset_counts()
     alice_ws.stop(alice_ws.processes)
+    failed_run = state.StateStore(example.state).runs()[0].id
     again = example.cli("rollout", "--yes", "--only-failed", "--report-json", str(report))
     assert again.returncode == 0, (again.stdout, again.stderr)
+    assert f"of run {failed_run} that did not succeed" in again.stdout
     data = json.loads(report.read_text(encoding="utf-8"))
     assert sorted(h["workstation"] for h in data["hosts"]) == retry
     assert {h["status"] for h in data["hosts"]} == {"changed"}
@@ -305,7 +307,8 @@ def test_failures_exit_3_then_only_failed_converges(example: ExampleLab) -> None
     assert all(data is not None for data in example.all_files().values())
     nothing = example.cli("rollout", "--yes", "--only-failed")
     assert nothing.returncode == 0
-    assert "nothing to retry" in nothing.stdout
+    retry_run = state.StateStore(example.state).runs()[0].id
+    assert f"nothing to retry: every workstation of run {retry_run} succeeded" in nothing.stdout
     # an older run can still be named
     first_id = state.StateStore(example.state).runs()[-1].id
     named = example.cli("rollout", "--yes", "--only-failed", first_id[:6], "--check")

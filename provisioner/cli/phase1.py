@@ -139,11 +139,7 @@ def validate(
     elif output == "junit":
         echo(_junit_report(result))
     else:
-        for finding, others in _grouped(result.findings):
-            line = _github(finding) if output == "github" else str(finding)
-            if others:
-                shown = ", ".join(others[:3]) + (", …" if len(others) > 3 else "")
-                line += f" (and {len(others)} more file(s): {shown})"
+        for line in finding_lines(result.findings, github=output == "github"):
             echo(line)
         counts = result.counts()
         echo(
@@ -152,6 +148,18 @@ def validate(
         )
     if failed:
         raise typer.Exit(1)
+
+
+def finding_lines(findings: Sequence[Finding], *, github: bool = False) -> list[str]:
+    """One line per finding (GitHub annotations with ``github``), repeats of one cause folded."""
+    lines = []
+    for finding, others in _grouped(findings):
+        line = _github(finding) if github else str(finding)
+        if others:
+            shown = ", ".join(others[:3]) + (", …" if len(others) > 3 else "")
+            line += f" (and {len(others)} more file(s): {shown})"
+        lines.append(line)
+    return lines
 
 
 def _grouped(findings: Sequence[Finding]) -> list[tuple[Finding, list[str]]]:

@@ -25,7 +25,9 @@ from provisioner.cli.common import (
     echo,
     make_console,
     open_keyring,
+    require_identity,
 )
+from provisioner.cli.phase1 import finding_lines
 from provisioner.errors import ProvisionerError
 
 if TYPE_CHECKING:
@@ -112,16 +114,22 @@ def _phase1(
     def factory(recipients: vault.Recipients) -> vault.Opener:
         kids = [k.kid for k in recipients.keys if k.status != "retired"]
         keyring = open_keyring(recipients, identities, kids, passphrase_file, passphrase_fd)
+        require_identity(keyring, kids)
         opened.append(keyring)
         return keyring
 
     result = phase1.build(inventory, selection=resolve.Selection(limit), opener_factory=factory)
+    # Warnings too (a --limit term that matches nothing, a hook MicroSIP will mangle): the
+    # admin sees them before anything is pushed.
+    for line in finding_lines(result.findings):
+        echo(line)
     if not result.ok:
-        for finding in result.findings:
-            echo(str(finding))
         raise ProvisionerError(
             "Phase 1 found errors; no workstation was contacted (fix them and run again)"
         )
+    if not opened:  # nothing selected, so no key was needed: the caller says so
+        assert result.recipients is not None  # noqa: S101 - a clean build has recipients
+        return result, phase1.placeholder_opener(result.recipients)
     return result, opened[0]
 
 
@@ -328,10 +336,14 @@ def rollout(
     selection = shown_selection(limit, only_failed)
     if only_failed is not None:
         store = state.StateStore(state_dir(inventory, state_folder))
-        hosts = store.hosts_to_retry(None if only_failed in ("", "last") else only_failed)
+        asked = None if only_failed in ("", "last") else only_failed
+        hosts = store.hosts_to_retry(asked)
+        latest = store.latest_run(include_dry_runs=False, fleet_only=True)
+        used = store.resolve_run_id(asked) if asked else (latest.id if latest else "?")
         if not hosts:
-            echo("nothing to retry: every workstation of that run succeeded")
+            echo(f"nothing to retry: every workstation of run {used} succeeded")
             return
+        echo(f"retrying the {len(hosts)} workstation(s) of run {used} that did not succeed")
         limit = ",".join(f"ws:{h}" for h in hosts) + (f",&{limit}" if limit else "")
     options = runner.RolloutOptions(
         forks=forks,
