@@ -218,6 +218,7 @@ def test_rollout_runs_and_audit_against_a_detached_lab(
     assert locked.returncode == 1
     assert "another rollout is using the state" in locked.stderr
     assert "'held by the test: rollout'" in locked.stderr and f"pid {held.pid}" in locked.stderr
+    assert "selected" not in locked.stdout  # refused before Phase 1, not after it
     assert len(cli(cwd, env, "runs", "list", "-i", "inventory").stdout.splitlines()) == 3
 
 

@@ -164,6 +164,13 @@ def execute(
     from provisioner.results import Reporter, Status
 
     console = make_console()
+    if not options.check and state_dir(inventory, state_folder).is_dir():
+        # Fail fast when another rollout holds the state: not after Phase 1 and the preview.
+        # The lock itself is taken again below, for the run.
+        with state.StateStore(state_dir(inventory, state_folder)).lock(
+            f"{getpass.getuser()}: {command}"
+        ):
+            pass
     built, keyring = _phase1(inventory, limit, identities, passphrase_file, passphrase_fd)
     assert built.inventory is not None  # noqa: S101 - a clean build has an inventory
     model = built.inventory
