@@ -106,20 +106,10 @@ def map_chunks(
     """
     if len(chunks) <= 1:
         return [work(chunk) for chunk in chunks]
-    context = multiprocessing.get_context("fork")
     children: list[tuple[multiprocessing.process.BaseProcess, BinaryIO]] = []
     try:
         for chunk in chunks[1:]:
-            read_fd, write_fd = os.pipe()
-            reader: BinaryIO = os.fdopen(read_fd, "rb")
-            child = context.Process(
-                target=_child, args=(work, chunk, read_fd, write_fd), daemon=True
-            )
-            children.append((child, reader))
-            try:
-                child.start()
-            finally:
-                os.close(write_fd)
+            _start(children, _child, work, chunk)
         results = [work(chunks[0])]
         results.extend(_receive(process, stream) for process, stream in children)
         return results
@@ -139,26 +129,34 @@ def ordered_map(
     if workers <= 1 or len(items) <= 1:
         yield from (work(item) for item in items)
         return
-    context = multiprocessing.get_context("fork")
     children: list[tuple[multiprocessing.process.BaseProcess, BinaryIO]] = []
     try:
         for first in range(min(workers, len(items))):
-            read_fd, write_fd = os.pipe()
-            reader: BinaryIO = os.fdopen(read_fd, "rb")
-            share = items[first::workers]
-            child = context.Process(
-                target=_frames_child, args=(work, share, read_fd, write_fd), daemon=True
-            )
-            children.append((child, reader))
-            try:
-                child.start()
-            finally:
-                os.close(write_fd)
+            _start(children, _frames_child, work, items[first::workers])
         for index in range(len(items)):
             process, stream = children[index % len(children)]
             yield _frame(process, stream)
     finally:
         _end(children)
+
+
+def _start(
+    children: list[tuple[multiprocessing.process.BaseProcess, BinaryIO]],
+    target: Callable[..., None],
+    work: Callable[[Any], Any],
+    share: Sequence[Any],
+) -> None:
+    """Fork ``target(work, share, read_fd, write_fd)``; keep the child and its pipe's reader."""
+    read_fd, write_fd = os.pipe()
+    reader: BinaryIO = os.fdopen(read_fd, "rb")
+    child = multiprocessing.get_context("fork").Process(
+        target=target, args=(work, share, read_fd, write_fd), daemon=True
+    )
+    children.append((child, reader))
+    try:
+        child.start()
+    finally:
+        os.close(write_fd)
 
 
 def _end(children: Sequence[tuple[multiprocessing.process.BaseProcess, BinaryIO]]) -> None:
