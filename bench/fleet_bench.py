@@ -273,32 +273,6 @@ def lab_stats(hosts: dict[str, Any], cpu_mark: tuple[float, float]) -> dict[str,
 # --------------------------------------------------------------------------- controller child
 
 
-PATCHES = ("no-trust-env",)
-
-
-def apply_patches(names: list[str]) -> None:
-    """Candidate controller changes, applied in this process only, to measure their effect.
-
-    (The ``environ-lock`` candidate measured in bench/RESULTS-push-fleet.md section 4 is now
-    the transport's own code, provisioner/transport/winrm.py.)
-
-    * ``no-trust-env``: once pywinrm has built a host's requests session (proxies already
-      resolved: none), stop requests from re-reading proxy settings from the environment on
-      every request (``session.trust_env = False``).
-    """
-    import winrm.transport
-
-    if "no-trust-env" in names:
-        build_session = winrm.transport.Transport.build_session
-
-        def built(self: Any) -> Any:
-            session = build_session(self)
-            session.trust_env = False
-            return session
-
-        winrm.transport.Transport.build_session = built  # type: ignore[method-assign]
-
-
 def controller_child(
     root: Path,
     identity_path: Path,
@@ -306,13 +280,11 @@ def controller_child(
     forks: int,
     canary: str,
     profile: str,
-    patches: list[str],
     processes: int,
 ) -> None:
     """Phase 1, lanes, then run_fleet, as ``provisioner rollout --lab FILE --yes`` does."""
     from provisioner import build, connections, lanes, resolve, runner
 
-    apply_patches(patches)
     start = time.perf_counter()
     keyring = open_keyring(root, identity_path)
     result = build.build(root, opener_factory=lambda _: keyring)
@@ -465,7 +437,6 @@ def run_controller(
         "forks": args.forks,
         "canary": args.canary,
         "profile": prof,
-        "patches": [p for p in args.patch.split(",") if p],
         "processes": args.processes,
     }
     command = [sys.executable, __file__, "--controller-child", json.dumps(spec)]
@@ -496,8 +467,7 @@ def scenario(
         f"\n== {label}: {hosts} workstations x 1 user, {args.transport}, latency "
         f"{slow * 1000:g} ms/request, forks {args.forks}, canary {args.canary}, "
         f"--processes {args.processes} "
-        f"(inventory written in {generated:.1f}s; load {load_average()}); controller patches: "
-        f"{args.patch or 'none'}"
+        f"(inventory written in {generated:.1f}s; load {load_average()})"
     )
     lab_profile = (
         str(Path(args.lab_profile).with_suffix(f".{label}.prof")) if args.lab_profile else ""
@@ -529,7 +499,6 @@ def scenario(
                 "hosts": hosts,
                 "latency": slow,
                 "forks": args.forks,
-                "patches": args.patch or "none",
                 "requests_per_host": per_host,
                 "lower_bound_s": bound,
                 "load": load_average(),
@@ -583,11 +552,11 @@ def print_row(row: dict[str, Any]) -> None:
 
 def summary(rows: list[dict[str, Any]]) -> None:
     print(
-        "\n| scenario | round | hosts | latency | forks | processes | patches | req/host | wall "
+        "\n| scenario | round | hosts | latency | forks | processes | req/host | wall "
         "| lower bound | ratio | failed | controller peak RSS | controller PSS | controller CPU "
         "| lab CPU | load |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         ratio = f"{row['wall_s'] / row['lower_bound_s']:.2f}x" if row["lower_bound_s"] else "n/a"
         failed = sum(v for k, v in row["counts"].items() if k not in ("changed", "unchanged"))
@@ -595,7 +564,7 @@ def summary(rows: list[dict[str, Any]]) -> None:
         print(
             f"| {row['scenario']} | {row['round']} | {row['hosts']} | "
             f"{row['latency'] * 1000:g} ms | {row['forks']} | {max(1, row['processes'])} | "
-            f"{row['patches']} | {row['requests_per_host']:.2f} | "
+            f"{row['requests_per_host']:.2f} | "
             f"{row['wall_s']:.1f} s | {row['lower_bound_s']:.1f} s | {ratio} | {failed} | "
             f"{max([row['peak_rss_mib'], *row['lane_peak_rss_mib']]):.0f} MiB | "
             f"{row['pss_total_mib']:.0f} MiB | {controller_cpu(row):.1f} s | "
@@ -625,11 +594,6 @@ def main() -> None:
         "--lab-profile", default="", help="cProfile file stem for the lab (both pushes)"
     )
     parser.add_argument("--lab-child", nargs=6, help=argparse.SUPPRESS)
-    parser.add_argument(
-        "--patch",
-        default="",
-        help=f"candidate controller changes to measure, comma-separated: {', '.join(PATCHES)}",
-    )
     parser.add_argument("--controller-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.lab_child:

@@ -9,11 +9,29 @@ from pathlib import Path
 import pytest
 
 from provisioner import errors, secretstore, vault
+from provisioner.lab import Lab
+from provisioner.lab.agent import LabAgent
+from provisioner.lab.fleet import WorkstationSpec, add_workstation
+from provisioner.lab.host import HostConfig
 from provisioner.model import Secret
+from provisioner.transport import winrm
 from tests.conftest import USERS_YAML, Realm, make_realm
 
 CANARY = "Canary-Pw-7731"
 FORMS = [CANARY.encode("utf-8"), CANARY.encode("utf-16-le"), CANARY.lower().encode()]
+# NTLM derives the canary's LM and NT hashes (pyspnego): as good as the password to an attacker
+# (pass-the-hash), so they are kept out wherever the canary is. MS-NLMP LMOWFv1 and NTOWFv1
+# (MD4 of UTF-16LE) of CANARY:
+CANARY_LM = "9a7ea64e9d3a509675056e4918115f8d"
+CANARY_NT = "545a777085fd94d90d001611acd5213c"
+HASH_TEXTS = [form for h in (CANARY_NT, CANARY_LM) for form in (h, h.upper())]
+FORMS += [text.encode() for text in HASH_TEXTS]
+FORMS += [bytes.fromhex(CANARY_NT), bytes.fromhex(CANARY_LM)]
+
+
+def _assert_no_canary_hash(text: str) -> None:
+    for form in HASH_TEXTS:
+        assert form not in text, "an NTLM hash of the canary leaked"
 
 
 def _assert_no_canary_in_tree(root: Path) -> None:
@@ -91,6 +109,7 @@ def test_every_command_keeps_the_canary_secret(realm: Realm) -> None:
     assert "policy: 1" in joined and "Traceback" not in joined
     for form in (CANARY, CANARY.lower()):
         assert form not in joined
+    _assert_no_canary_hash(joined)
     _assert_no_canary_in_tree(realm.root)
 
 
@@ -112,6 +131,7 @@ def test_plaintext_in_a_password_field_is_reported_without_its_value(realm: Real
         str(realm.passphrase_file),
     )
     assert CANARY not in result.stdout + result.stderr
+    _assert_no_canary_hash(result.stdout + result.stderr)
 
 
 def _chain_text(exc: BaseException) -> str:
@@ -157,4 +177,43 @@ def test_exception_text_and_logs_never_hold_the_canary(
     for failure in failures:
         assert CANARY not in _chain_text(failure)
     assert CANARY not in caplog.text
+    for failure in failures:
+        _assert_no_canary_hash(_chain_text(failure))
+    _assert_no_canary_hash(caplog.text)
+    _assert_no_canary_in_tree(tmp_path)
+
+
+def test_ntlm_pushes_keep_the_canary_and_its_hashes_secret(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    texts: list[str] = []
+    inspect = {"op": "inspect", "protocol": 1, "users": []}
+    with Lab(LabAgent(), folder=tmp_path / "lab") as lab:
+        good, _ = add_workstation(
+            lab, HostConfig(credentials={"svc-canary": CANARY}, port=0), WorkstationSpec()
+        )
+        other, _ = add_workstation(
+            lab, HostConfig(credentials={"svc-other": "Other-Pw-1"}, port=0), WorkstationSpec()
+        )
+        options = winrm.WinrmOptions(good.address, "svc-canary", Secret(CANARY), port=good.port)
+        accepted = winrm.WinrmTransport("ws-good", options)
+        try:
+            assert accepted.request("inspect", inspect)["protocol"] == 1
+            texts += [repr(accepted), repr(vars(accepted)), repr(options)]
+        finally:
+            accepted.close()
+        # Wrong credentials: the canary's hashes against an account with another password.
+        options = winrm.WinrmOptions(other.address, "svc-other", Secret(CANARY), port=other.port)
+        rejected = winrm.WinrmTransport("ws-bad", options)
+        with pytest.raises(errors.AuthError) as caught:
+            rejected.request("inspect", inspect)
+        texts += [_chain_text(caught.value), repr(vars(rejected))]
+        rejected.close()
+    assert "credentials were rejected" in str(caught.value)
+    captured = capsys.readouterr()
+    joined = "\n".join([*texts, caplog.text, captured.out, captured.err])
+    for form in (CANARY, CANARY.lower()):
+        assert form not in joined
+    _assert_no_canary_hash(joined)
     _assert_no_canary_in_tree(tmp_path)

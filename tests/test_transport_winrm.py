@@ -1,13 +1,21 @@
-"""The WinRM transport against the lab: what one NTLM push costs on the wire."""
+"""The WinRM transport against the lab: what one push costs on the wire, what pywinrm is handed."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+import pytest
+import requests.utils
 
 from provisioner.lab import Lab
 from provisioner.lab.agent import LabAgent
 from provisioner.lab.fleet import WorkstationSpec, add_workstation
-from provisioner.lab.host import HostConfig
+from provisioner.lab.host import HostConfig, LabHost, Scheme
 from provisioner.model import Secret
 from provisioner.transport.winrm import WinrmOptions, WinrmTransport
 
@@ -29,3 +37,93 @@ def test_ntlm_push_uses_one_connection(tmp_path: Path) -> None:
         assert stats.requests == 9
         assert stats.encrypted_requests == stats.encrypted_responses == 6
         assert host.open_shells == 0
+
+
+INSPECT = {"op": "inspect", "protocol": 1, "users": []}
+
+
+def _ntlm_host(lab: Lab, user: str, password: str, scheme: Scheme = "http") -> LabHost:
+    config = HostConfig(credentials={user: password}, port=0, scheme=scheme)
+    host, _ = add_workstation(lab, config, WorkstationSpec())
+    return host
+
+
+def _transport(host: LabHost, user: str, password: str, **changes: Any) -> WinrmTransport:
+    options = WinrmOptions(host.address, user, Secret(password), port=host.port, **changes)
+    return WinrmTransport(host.name, options)
+
+
+def _inspect(transport: WinrmTransport) -> str:
+    """One agent request; returns the password pywinrm was handed (read while connected)."""
+    assert transport.request("inspect", dict(INSPECT))["protocol"] == 1
+    assert transport._protocol is not None
+    password = transport._protocol.transport.password
+    assert password is not None
+    return password
+
+
+def test_basic_gets_the_password(tmp_path: Path) -> None:
+    with Lab(LabAgent(), folder=tmp_path) as lab:
+        host = _ntlm_host(lab, "svc-basic", "Basic-Pw-1", scheme="https")
+        transport = _transport(
+            host, "svc-basic", "Basic-Pw-1", transport="basic", ca_trust_path=str(lab.ca_path)
+        )
+        try:
+            assert _inspect(transport) == "Basic-Pw-1"
+        finally:
+            transport.close()
+
+
+def test_requests_reads_the_environment_once_per_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("http_proxy", "HTTP_PROXY", "all_proxy"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")  # a proxy that would refuse
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    entered: list[str] = []
+    set_environ = requests.utils.set_environ
+
+    @contextlib.contextmanager
+    def counting(name: str, value: str | None) -> Iterator[None]:
+        entered.append(name)
+        with set_environ(name, value):
+            yield
+
+    monkeypatch.setattr(requests.utils, "set_environ", counting)
+    with Lab(LabAgent(), folder=tmp_path) as lab:
+        host = _ntlm_host(lab, "svc-env", "Env-Pw-1")
+        transport = _transport(host, "svc-env", "Env-Pw-1")
+        try:
+            _inspect(transport)
+            assert transport._protocol is not None
+            session = transport._protocol.transport.session
+            assert session is not None and session.trust_env is False
+        finally:
+            transport.close()
+        assert host.stats().requests == 9
+    # Inside pywinrm's build_session only (proxy=None): its environment merge and the blank
+    # POST that starts NTLM; none of the 6 WS-Management requests that follow.
+    assert entered == ["no_proxy", "no_proxy"]
+    assert "no_proxy" not in os.environ
+
+
+def test_https_keeps_the_ca_bundle_pywinrm_took_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with Lab(LabAgent(), folder=tmp_path) as lab:
+        host = _ntlm_host(lab, "svc-tls", "Tls-Pw-1", scheme="https")
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(lab.ca_path))
+        transport = _transport(
+            host, "svc-tls", "Tls-Pw-1", scheme="https", ca_trust_path="legacy_requests"
+        )
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # pywinrm's legacy notice
+                _inspect(transport)
+            assert transport._protocol is not None
+            session = transport._protocol.transport.session
+            assert session is not None
+            assert (session.trust_env, session.verify) == (False, str(lab.ca_path))
+        finally:
+            transport.close()

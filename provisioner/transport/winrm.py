@@ -4,6 +4,9 @@ One shell per workstation through ``winrm.protocol.Protocol`` (not ``Session.run
 opens a new connection per call and breaks past cmd.exe's line limit), UTF-8 code page, the
 short bootstrap of :mod:`provisioner.transport.agent.scripts` with the request on stdin.
 pywinrm and requests errors are translated here into the TransportError tree.
+
+CPU per request is the controller's ceiling in a fleet rollout (docs/performance.md): each
+requests session stops reading the environment once pywinrm has built it.
 """
 
 from __future__ import annotations
@@ -139,6 +142,10 @@ class WinrmTransport:
                 proxy=None,
             )
             self._protocol = protocol
+            session = self._call(protocol.transport.build_session)
+            # build_session has just merged the environment's proxy and CA settings (proxy=None:
+            # no proxy); requests would otherwise scan os.environ again on every request.
+            session.trust_env = False
             self._shell = self._call(
                 lambda: protocol.open_shell(codepage=UTF8_CODEPAGE, noprofile=True)
             )
