@@ -35,6 +35,7 @@ from provisioner.lab.workstation import (
     OVERRIDE_ACL,
     SYSTEM,
     USERS,
+    FileError,
     User,
     Workstation,
     WorkstationFaults,
@@ -273,6 +274,41 @@ def test_paths_resolve_case_insensitively_and_accounts_translate(tmp_path: Path)
     assert ws.host_path(alice.appdata or "").is_dir()
     with pytest.raises(ValueError, match="exists"):
         ws.add_user("Acme\\Alice")
+
+
+def test_folders_are_created_under_existing_ones_whatever_their_case(tmp_path: Path) -> None:
+    ws = Workstation(tmp_path)
+    ws.put("C:\\Data\\Sub\\File.txt", b"x")
+    events: list[str] = []
+    ws.observe(events.append)
+    assert ws.make_dir("c:\\DATA\\sub", OVERRIDE_ACL) is False
+    assert ws.make_dir("c:\\DATA\\sub\\New\\Deeper", OVERRIDE_ACL) is True
+    assert sorted(os.listdir(tmp_path / "C")) == ["Data"]
+    assert sorted(os.listdir(tmp_path / "C" / "Data" / "Sub")) == ["File.txt", "New"]
+    assert events == ["mkdir C:\\DATA\\sub\\New", "mkdir C:\\DATA\\sub\\New\\Deeper"]
+    assert ws.acl("C:\\Data\\Sub") is None and ws.acl("C:\\data\\sub\\new") == OVERRIDE_ACL
+    assert ws.read("c:\\data\\SUB\\file.TXT") == b"x"
+    assert ws.is_dir("C:\\DATA\\SUB\\NEW\\DEEPER") and not ws.exists("C:\\Data\\Sub\\Other")
+    assert ws.list_files("c:\\data\\sub") == ["File.txt"]
+    assert ws.list_files("C:\\Data\\Missing") == []
+    with pytest.raises(FileError, match="not a folder"):
+        ws.make_dir("C:\\data\\sub\\file.txt\\Inside", OVERRIDE_ACL)
+    ws.write_new("c:\\data\\sub\\NEW\\f.tmp", b"abc", OVERRIDE_ACL)
+    assert (tmp_path / "C" / "Data" / "Sub" / "New" / "f.tmp").read_bytes() == b"abc"
+    with pytest.raises(FileError, match="exists already"):
+        ws.write_new("C:\\Data\\Sub\\New\\F.TMP", b"other", OVERRIDE_ACL)
+
+
+def test_changes_behind_the_workstations_back_are_seen_at_once(tmp_path: Path) -> None:
+    ws = Workstation(tmp_path)
+    ws.put("C:\\Data\\a.ini", b"1")
+    assert ws.read("c:\\data\\A.INI") == b"1"
+    (tmp_path / "C" / "Data").rename(tmp_path / "C" / "DATA")
+    (tmp_path / "C" / "DATA" / "a.ini").write_bytes(b"2")
+    assert ws.read("c:\\data\\A.INI") == b"2"
+    assert ws.host_path("C:\\Data\\a.ini") == tmp_path / "C" / "DATA" / "a.ini"
+    (tmp_path / "C" / "DATA" / "a.ini").unlink()
+    assert ws.read("C:\\Data\\a.ini") is None and not ws.is_file("C:\\Data\\a.ini")
 
 
 # --- inspect ----------------------------------------------------------------------------------

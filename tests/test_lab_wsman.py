@@ -529,6 +529,29 @@ def test_twenty_hosts_pushed_concurrently_by_eight_threads(lab: Lab) -> None:
         assert host.open_shells == 0
 
 
+def test_many_keep_alive_connections_at_once_each_get_every_answer(lab: Lab) -> None:
+    # Connections go back to the selector thread in batches; none may be forgotten.
+    host = lab.add_host(HostConfig(credentials=CREDS, port=0))
+    request = b"POST /wsman HTTP/1.1\r\nHost: lab\r\nContent-Length: 0\r\n\r\n"
+
+    def talk(_: int) -> list[bytes]:
+        lines = []
+        with socket.create_connection((host.address, host.port), timeout=10) as sock:
+            stream = sock.makefile("rb")
+            for _ in range(25):
+                sock.sendall(request)
+                lines.append(stream.readline())
+                while stream.readline() not in (b"\r\n", b""):
+                    pass  # headers; a 401 challenge has no body
+        return lines
+
+    with ThreadPoolExecutor(32) as pool:
+        answers = [line for lines in pool.map(talk, range(32), timeout=60) for line in lines]
+    assert answers == [b"HTTP/1.1 401 Unauthorized\r\n"] * 800
+    assert host.request_count == 800
+    assert host.stats().connections == 32
+
+
 def test_stop_closes_every_port_and_thread() -> None:
     lab = Lab(EchoHandler())
     hosts = [

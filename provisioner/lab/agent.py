@@ -37,6 +37,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import functools
 import hashlib
 import json
 import re
@@ -401,15 +402,15 @@ class _FileSpec:
     process: str
     acl: Acl
 
-    @property
+    @functools.cached_property
     def folder(self) -> str:
         return parent(self.path)
 
-    @property
+    @functools.cached_property
     def name(self) -> str:
         return leaf(self.path)
 
-    @property
+    @functools.cached_property
     def state_dir(self) -> str:
         return join(self.folder, ".provisioner", self.name)
 
@@ -522,9 +523,8 @@ def _backups_up(workstation: Workstation, spec: _FileSpec) -> None:
 
 def _set_state_acl(workstation: Workstation, spec: _FileSpec) -> None:
     workstation.set_acl(spec.state_dir, spec.acl)
-    for name in workstation.listdir(spec.state_dir):
-        if workstation.is_file(join(spec.state_dir, name)):
-            workstation.set_acl(join(spec.state_dir, name), spec.acl)
+    for name in workstation.list_files(spec.state_dir):
+        workstation.set_acl(join(spec.state_dir, name), spec.acl)
 
 
 def _write_state_file(workstation: Workstation, spec: _FileSpec, item: str, data: bytes) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 MAX_HEADER_BYTES = 64 * 1024
 MAX_BODY_BYTES = 8 * 1024 * 1024
 _RECV = 256 * 1024
+_PHRASES = {status.value: status.phrase for status in http.HTTPStatus}
 
 
 class HttpError(Exception):
@@ -58,10 +59,7 @@ class HttpResponse:
 
     def serialize(self) -> bytes:
         """Status line, headers (with Content-Length) and body in one buffer."""
-        try:
-            phrase = http.HTTPStatus(self.status).phrase
-        except ValueError:
-            phrase = "Unknown"
+        phrase = _PHRASES.get(self.status, "Unknown")
         lines = [f"HTTP/1.1 {self.status} {phrase}", "Server: Microsoft-HTTPAPI/2.0"]
         lines.extend(f"{name}: {value}" for name, value in self.headers)
         lines.append(f"Content-Length: {len(self.body)}")

@@ -191,19 +191,24 @@ class Reactor:
             finally:
                 done.set()
 
-        with self._lock:
-            if self._stopping:
-                return
-            self._calls.append(wrapped)
-        self._wake()
-        done.wait(5.0)
+        if self._queue(wrapped):
+            done.wait(5.0)
 
     def _soon(self, call: Callable[[], None]) -> None:
+        self._queue(call)
+
+    def _queue(self, call: Callable[[], None]) -> bool:
+        """Queue ``call`` for the selector thread; False once stopping."""
         with self._lock:
             if self._stopping:
-                return
+                return False
+            # One wake per batch: calls queued before the selector thread takes the batch
+            # ride on the wake byte that the first of them sent.
+            first = not self._calls
             self._calls.append(call)
-        self._wake()
+        if first:
+            self._wake()
+        return True
 
     def _run(self) -> None:
         last_sweep = time.monotonic()
@@ -344,7 +349,8 @@ class Reactor:
     def _serve(self, conn: Connection) -> None:
         sock = conn.sock
         try:
-            sock.settimeout(self._io_timeout)
+            if sock.gettimeout() != self._io_timeout:  # settimeout is a syscall every time
+                sock.settimeout(self._io_timeout)
             if not conn.handshaken and isinstance(sock, ssl.SSLSocket):
                 sock.do_handshake()
                 conn.handshaken = True
