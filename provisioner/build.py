@@ -427,8 +427,9 @@ class _Builder:
         for section_name, entry in lines:
             if entry.key and entry.key.lower() == "password":
                 continue
-            text = f"{section_name}\n{entry.key or ''}\n{entry.raw_value}"
-            if any(s.occurs_in(text) for _, _, s in secrets):
+            # A key's value whole (any length) or containing a long password; a comment's text.
+            values = (entry.value, entry.raw_value) if entry.key else (entry.raw_value,)
+            if any(s.matches_text(v) or s.occurs_in(v) for _, _, s in secrets for v in values):
                 where = f"[{section_name}] {entry.key}" if entry.key else "a comment"
                 self.result.findings.append(
                     Finding(

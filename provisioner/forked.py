@@ -149,8 +149,11 @@ def _start(
     """Fork ``target(work, share, read_fd, write_fd)``; keep the child and its pipe's reader."""
     read_fd, write_fd = os.pipe()
     reader: BinaryIO = os.fdopen(read_fd, "rb")
+    # The child closes the parent's readers of its older siblings: kept open, they would hide
+    # from a sibling that the parent stopped reading (no EPIPE), and it would block until killed.
+    siblings = [stream.fileno() for _, stream in children]
     child = multiprocessing.get_context("fork").Process(
-        target=target, args=(work, share, read_fd, write_fd), daemon=True
+        target=target, args=(work, share, read_fd, write_fd, siblings), daemon=True
     )
     children.append((child, reader))
     try:
@@ -185,22 +188,36 @@ def _frame(process: multiprocessing.process.BaseProcess, stream: BinaryIO) -> by
 
 
 def _frames_child(
-    work: Callable[[Item], bytes], share: Sequence[Item], read_fd: int, write_fd: int
+    work: Callable[[Item], bytes],
+    share: Sequence[Item],
+    read_fd: int,
+    write_fd: int,
+    siblings: Sequence[int],
 ) -> None:
-    # Ctrl-C reaches the whole process group: the parent decides, and ends the workers.
+    _detach(read_fd, siblings)
+    try:
+        with os.fdopen(write_fd, "wb") as stream:
+            for item in share:
+                try:
+                    payload = work(item)
+                except BaseException as exc:  # every failure must reach the parent
+                    message = ("error", _sendable(exc), _innermost(exc), traceback.format_exc())
+                    error = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+                    stream.write(_FRAME.pack(True, len(error)) + error)
+                    return
+                stream.write(_FRAME.pack(False, len(payload)))
+                stream.write(payload)
+    except OSError:  # the parent stopped reading (it has what it wanted, or it is gone)
+        os._exit(0)
+
+
+def _detach(read_fd: int, siblings: Sequence[int]) -> None:
+    """A worker's start: Ctrl-C is the parent's to handle; no reader of any pipe stays open."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.close(read_fd)
-    with os.fdopen(write_fd, "wb") as stream:
-        for item in share:
-            try:
-                payload = work(item)
-            except BaseException as exc:  # every failure must reach the parent
-                message = ("error", _sendable(exc), _innermost(exc), traceback.format_exc())
-                error = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-                stream.write(_FRAME.pack(True, len(error)) + error)
-                return
-            stream.write(_FRAME.pack(False, len(payload)))
-            stream.write(payload)
+    for fd in siblings:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def _no_result(process: multiprocessing.process.BaseProcess) -> WorkerError:
@@ -228,11 +245,13 @@ def _receive(process: multiprocessing.process.BaseProcess, stream: BinaryIO) -> 
 
 
 def _child(
-    work: Callable[[Sequence[Item]], Result], chunk: Sequence[Item], read_fd: int, write_fd: int
+    work: Callable[[Sequence[Item]], Result],
+    chunk: Sequence[Item],
+    read_fd: int,
+    write_fd: int,
+    siblings: Sequence[int],
 ) -> None:
-    # Ctrl-C reaches the whole process group: the parent decides, and ends the workers.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    os.close(read_fd)
+    _detach(read_fd, siblings)
     try:
         message: tuple[Any, ...] = ("ok", work(chunk))
     except BaseException as exc:  # every failure must reach the parent

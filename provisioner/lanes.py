@@ -59,6 +59,8 @@ MAX_PROCESSES = 32
 
 # How often a waiting parent looks at the stop event, to tell the lanes to end their retries.
 _STOP_POLL_S = 0.2
+# Exit code of a lane whose own loop failed (a push that fails is a result, not this).
+_CRASHED = 70
 # How long a closing parent waits for a lane to exit before ending it.
 _CLOSE_GRACE_S = 10.0
 
@@ -364,6 +366,13 @@ class _LaneSession(Generic[Params]):
 
     def _lane_died(self, lane: _Lane, why: str) -> None:
         lane.alive = False
+        # Answers it sent before it died still count: only the hosts without one failed.
+        with contextlib.suppress(EOFError, OSError, pickle.UnpicklingError, ValueError, TypeError):
+            while lane.in_flight and lane.outbox.poll(0):
+                kind, host, result = _decode(_read(lane.outbox), self._owner._types)
+                if kind == "done" and host in lane.in_flight and isinstance(result, HostResult):
+                    lane.in_flight.remove(host)
+                    self._ready.append((host, result))
         lane.inbox.close()
         lane.outbox.close()
         code = _reap(lane.process, 1.0)
@@ -425,15 +434,16 @@ def _lane_main(
     types: _Types,
 ) -> None:
     """A lane: push the hosts it is sent on its own thread pool until its pipe closes."""
+    code = 0
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to decide
         for end in inherited:
             end.close()
         _serve(work, failure, inbox, outbox, types)
-    except BaseException:  # noqa: S110 - a lane never prints; the parent reports its death
-        pass
+    except BaseException:  # a lane never prints; the parent reports its death and exit code
+        code = _CRASHED
     finally:
-        os._exit(0)  # no atexit handlers or stream flushes inherited from the parent
+        os._exit(code)  # no atexit handlers or stream flushes inherited from the parent
 
 
 def _serve(

@@ -348,6 +348,27 @@ def test_one_cause_in_many_rendered_files_is_reported_once(tmp_path: Path) -> No
     assert len(json.loads(out)["findings"]) == 3  # machine-readable output keeps every one
 
 
+def test_different_causes_on_one_template_line_are_not_folded(tmp_path: Path) -> None:
+    line = "{% if user.name == 'u1' %}{{ user.nope1 }}{% else %}{{ user.nope2 }}{% endif %}"
+    files = {
+        **BASE,
+        "workstations.yaml": "workstations:\n  ws1:\n    users: [u1, u2, u3]\n",
+        "users.yaml": "users:\n"
+        + "".join(
+            f"  {u}:\n    accounts:\n      main: {{sip_uri: 10{i}@x.example.com, password: SEAL}}\n"
+            for i, u in enumerate(("u1", "u2", "u3"))
+        ),
+        "templates/microsip.ini.j2": f"[Settings]\nuserAgent={line}\n",
+    }
+    root = write_inventory(tmp_path / "inv", files, dedent=False)
+    code, out, _ = cli("validate", str(root))
+    assert code == 1
+    errors = out.split("error[template]")[1:]  # each with its template snippet line
+    assert len(errors) == 2
+    assert "'nope1'" in errors[0] and "more file(s)" not in errors[0]
+    assert "'nope2'" in errors[1] and "(and 1 more file(s): ws1/u3/microsip.ini)" in errors[1]
+
+
 def test_validate_rejects_an_unknown_format() -> None:
     code, _, err = cli("validate", str(EXAMPLE), "--format", "xml")
     assert code == 1

@@ -222,3 +222,15 @@ def test_a_tree_marshal_cannot_carry_is_composed_at_home(
     data = yamldoc.packed_tree(path)
     monkeypatch.undo()
     assert yamldoc.unpacked_tree(data, path) == expected
+
+
+def _big(item: int) -> bytes:
+    return bytes([item % 256]) * 200_000  # more than a pipe holds
+
+
+def test_stopping_early_ends_the_workers_quietly(capfd: pytest.CaptureFixture[str]) -> None:
+    results = forked.ordered_map(_big, list(range(8)), 4)
+    assert next(results) == _big(0)
+    results.close()  # the workers are blocked writing: each must see the pipe close
+    _, err = capfd.readouterr()
+    assert "Traceback" not in err and "BrokenPipeError" not in err

@@ -460,3 +460,33 @@ def test_rollout_pushes_from_processes_and_validates_the_option(tmp_path: Path) 
         again = example.cli("rollout", "--yes", "--check")  # 9 hosts: automatic, no lanes
         assert again.returncode == 0 and "pushing from" not in again.stdout
         assert again.stdout.count(": unchanged") == 9
+
+
+def _quick_or_fatal(host: str, params: object, stop: threading.Event) -> HostResult:
+    if host == "dies":
+        time.sleep(0.2)  # after the other host's answer is in the pipe
+        os._exit(3)  # the whole lane goes
+    return HostResult(host, Status.CHANGED, "written")
+
+
+def _failed(host: str, params: object, reason: str) -> HostResult:
+    return HostResult(host, Status.FAILED, reason)
+
+
+def test_answers_a_dead_lane_sent_before_dying_still_count() -> None:
+    only_thread()
+    with lanes.Lanes(_quick_or_fatal, _failed, 2) as pushers:
+        assert pushers.processes == 2
+        first = pushers._lanes[0]
+        with pushers.session(None, threading.Event(), 3) as dispatch:
+            dispatch.start("written-first")  # shares 2 and 1: both go to the first lane
+            dispatch.start("dies")
+            assert first.in_flight == ["written-first", "dies"]
+            first.process.join(BOUND)
+            assert first.process.exitcode == 3
+            # Found dead on a send: what it answered before is read, not thrown away.
+            assert not dispatch._send(first, ("push", "next"))  # type: ignore[attr-defined]
+            results = dict(bounded(dispatch.results))
+    assert results["written-first"].status == Status.CHANGED
+    assert results["dies"].status == Status.FAILED
+    assert "ended unexpectedly (exit code 3)" in results["dies"].message

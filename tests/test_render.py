@@ -27,7 +27,15 @@ import pytest
 from provisioner import build, ini, render, vault
 from provisioner.errors import PolicyViolationError
 from provisioner.model import Secret, Source
-from tests.test_build import BASE, build_files, files_of, write_inventory
+from tests.test_build import (
+    BASE,
+    REALM,
+    build_files,
+    files_of,
+    real_opener,
+    recipients,
+    write_inventory,
+)
 
 GOLDEN = Path(__file__).parent / "golden" / "inventories"
 GOLDEN_REALM = "golden-test"
@@ -208,6 +216,28 @@ def test_a_password_inside_another_value_or_a_comment_is_caught(tmp_path: Path) 
     assert found == [
         ("secret-misplaced", 1, "a comment holds a password (or contains one)"),
         ("secret-misplaced", 7, "[Account1] label holds a password (or contains one)"),
+    ]
+
+
+def test_a_short_password_as_a_whole_value_elsewhere_is_caught(tmp_path: Path) -> None:
+    pointer = "/users/u1/accounts/main/password"
+    token = vault.seal(
+        Secret("1234"), realm=REALM, path=pointer, recipient=recipients().active_key()
+    )
+    account = f"{{sip_uri: 1001@x.example.com, password: {token}}}"
+    users = f"users:\n  u1:\n    accounts:\n      main: {account}\n"
+    template = (
+        "[Settings]\naccountId={{ active_account }}\n"
+        "[Account1]\ndomain=x.example.com\nusername=u\n"
+        "displayName={{ accounts[0].fields.password | ini }}\n"
+        "label=ext 1234 main\n"  # a short password inside other text is no finding
+        "password={{ accounts[0].fields.password | ini }}\n"
+    )
+    files = {"users.yaml": users, "templates/microsip.ini.j2": template}
+    _, result = build_files(tmp_path / "inv", files, opener_factory=real_opener)
+    found = [(f.code, f.line, f.message.split(";")[0]) for f in result.findings]
+    assert found == [
+        ("secret-misplaced", 6, "[Account1] displayName holds a password (or contains one)")
     ]
 
 

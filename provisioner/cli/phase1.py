@@ -170,8 +170,10 @@ def _grouped(findings: Sequence[Finding]) -> list[tuple[Finding, list[str]]]:
     """
     groups: dict[object, tuple[Finding, list[str]]] = {}
     for finding in findings:
+        # A render error's message ends with the target it was rendering; the rest is the cause.
+        cause = finding.message.replace(f" (rendering {finding.file})", "")
         key: object = (
-            (finding.severity, finding.code, finding.path, finding.source)
+            (finding.severity, finding.code, finding.path, finding.source, cause)
             if finding.source is not None
             else id(finding)
         )
