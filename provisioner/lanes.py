@@ -295,7 +295,11 @@ class _LaneSession(Generic[Params]):
         self._local: InProcess[Params] | None = None
         self._stop_sent = False
         for lane in self._live():
-            self._send(lane, ("run", params, limit))
+            # A lane that died between runs: known now, before any host is sent its way.
+            if not lane.process.is_alive():
+                self._lane_died(lane, "")
+            else:
+                self._send(lane, ("run", params, limit))
         self._reshare()
 
     def _live(self) -> list[_Lane]:
