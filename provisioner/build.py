@@ -18,7 +18,7 @@ from provisioner.errors import InventoryError, ProvisionerError, RenderError, Va
 from provisioner.inidoc import IniDocument
 from provisioner.inventory import InventoryErrors, load_inventory
 from provisioner.keytable import load_key_table
-from provisioner.model import Finding, Inventory, Secret, Source
+from provisioner.model import TEMPLATE_LAYER, Finding, Inventory, Secret, Source
 from provisioner.resolve import Profile, Selection, StationPlan, TargetRef
 
 RECIPIENTS_FILE = "recipients.yaml"
@@ -241,7 +241,7 @@ class _Builder:
         except ProvisionerError as exc:
             at = None
             if isinstance(exc, RenderError) and exc.file:
-                at = Source(exc.file, exc.line, 0, "template")
+                at = Source(exc.file, exc.line, 0, TEMPLATE_LAYER)
             self.result.findings.append(
                 Finding("error", _code(exc), str(exc), target.name, source=at)
             )

@@ -8,7 +8,6 @@ MicroSIP keys are checked against the key table (:mod:`provisioner.keytable`).
 
 from __future__ import annotations
 
-import difflib
 import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -29,6 +28,7 @@ from provisioner.model import (
     User,
     Workstation,
 )
+from provisioner.names import closest
 from provisioner.schema import is_secret_path, join_pointer
 
 RECIPIENTS_FILE = "recipients.yaml"
@@ -319,8 +319,8 @@ def _collect(context: _Context, raw: _Raw, file: str, tree: yamldoc.YNode) -> No
 
 
 def _unknown(key: str, known: Sequence[str], what: str) -> str:
-    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
-    hint = f"; did you mean {close[0]!r}?" if close else f" (expected one of: {', '.join(known)})"
+    close = closest(key, known)
+    hint = f"; did you mean {close!r}?" if close else f" (expected one of: {', '.join(known)})"
     return f"unknown {what} {key!r}{hint}"
 
 
@@ -461,11 +461,8 @@ def _coerce_microsip(
         return None
     if spec.type == "enum" and text not in spec.allowed:
         shown = ", ".join(repr(a) for a in spec.allowed)
-        close = [a for a in spec.allowed if a and a.lower() == text.lower()]
-        close = close or difflib.get_close_matches(
-            text, [a for a in spec.allowed if a], n=1, cutoff=0.5
-        )
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+        close = closest(text, spec.allowed, cutoff=0.5)
+        hint = f"; did you mean {close!r}?" if close else ""
         context.error(f"{name} must be one of {shown}, got {text!r}{hint}", source, segments)
         return None
     if len(text) > spec.max_len:

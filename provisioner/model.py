@@ -93,6 +93,10 @@ class Source:
         return f"{where} ({self.layer})" if self.layer else where
 
 
+# The layer of a Source that is a template line (a template error), not an inventory value.
+TEMPLATE_LAYER = "template"
+
+
 @dataclass(frozen=True, slots=True)
 class Sourced:
     """A value and where it came from; ``token`` is the sealed text for secret fields."""
@@ -193,6 +197,14 @@ class Finding:
     source: Source | None = None
 
     @property
+    def value_source(self) -> bool:
+        """True when ``source`` is where a rendered value was set in the inventory.
+
+        False for a template line (a template error's message names that line already).
+        """
+        return self.source is not None and self.source.layer != TEMPLATE_LAYER
+
+    @property
     def where(self) -> str:
         """``file:line:column`` (as much as is known)."""
         where = self.file
@@ -205,6 +217,5 @@ class Finding:
     def __str__(self) -> str:
         prefix = f"{self.where}: " if self.where else ""
         at = f" {self.path}:" if self.path else ""
-        # A template error's message starts with the template line already.
-        origin = f" (value set at {self.source})" if self.source and self.source.column else ""
+        origin = f" (value set at {self.source})" if self.value_source else ""
         return f"{prefix}{self.severity}[{self.code}]:{at} {self.message}{origin}"

@@ -8,13 +8,13 @@ win; they are also what ``override.ini`` carries.
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from provisioner.errors import InventoryError, ResolveError
 from provisioner.model import Block, Inventory, Layer, Sourced, User, Workstation
+from provisioner.names import closest
 
 DEFAULT_INSTALL_DIR = "C:\\Program Files\\MicroSIP"
 DEFAULT_EXE = "microsip.exe"
@@ -279,10 +279,8 @@ def _closest(inventory: Inventory, term: str) -> str:
     }.get(kind, [])
     if any(c in pattern for c in "*?["):
         return ""  # a glob: no single name to suggest
-    # Names are case-sensitive: ALICE selects nobody, though alice exists.
-    close = [n for n in names if n.lower() == pattern.lower()]
-    close = close or difflib.get_close_matches(pattern, names, n=1, cutoff=0.6)
-    return f"; did you mean {(kind + ':' if kind else '') + close[0]!r}?" if close else ""
+    close = closest(pattern, names)
+    return f"; did you mean {(kind + ':' if kind else '') + close!r}?" if close else ""
 
 
 def _term_matches(inventory: Inventory, term: str, workstation: str, user: str | None) -> bool:

@@ -11,6 +11,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "provisioner"
 
 LAYERS: dict[str, int] = {
     "errors": 0,
+    "names": 0,
     "model": 1,
     "schema": 1,
     "inidoc": 1,

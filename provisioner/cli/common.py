@@ -138,19 +138,29 @@ def open_keyring(
     return keyring
 
 
-def require_identity(keyring: vault.Keyring, needed: Iterable[str]) -> None:
-    """Stop once, before any token is opened, when no identity was found at all.
+def keyring_for_keys_in_use(
+    recipients: vault.Recipients,
+    identities: list[Path] | None,
+    passphrase_file: Path | None,
+    passphrase_fd: int | None,
+    *,
+    required: bool = True,
+) -> vault.Keyring:
+    """The identities of every key not retired, unlocked.
 
-    Otherwise every token would fail alone with the same no-identity error.
+    ``required``: stop once, before any token is opened, when no identity was found at all;
+    otherwise every token would fail alone with the same no-identity error.
     """
     from provisioner import secretstore
 
-    if keyring.identities:
-        return
-    raise IdentityError(
-        f"no identity for key {', '.join(sorted(set(needed)))}: pass --identity FILE, or keep "
-        f"the identity file in {secretstore.default_identity_dir()}"
-    )
+    kids = [k.kid for k in recipients.keys if k.status != "retired"]
+    keyring = open_keyring(recipients, identities, kids, passphrase_file, passphrase_fd)
+    if required and not keyring.identities:
+        raise IdentityError(
+            f"no identity for key {', '.join(sorted(set(kids)))}: pass --identity FILE, or keep "
+            f"the identity file in {secretstore.default_identity_dir()}"
+        )
+    return keyring
 
 
 def load_model(inventory: Path) -> Inventory:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import getpass
 import json
 from pathlib import Path
@@ -20,6 +19,7 @@ from provisioner.cli.common import (
 )
 from provisioner.cli.rollout import LabOpt, StateOpt, execute, state_dir
 from provisioner.errors import ProvisionerError
+from provisioner.names import closest
 
 if TYPE_CHECKING:
     from provisioner import vault
@@ -36,9 +36,8 @@ UserArg = Annotated[str, typer.Argument(help="User name as in the inventory.")]
 def _user(inventory: Path, name: str) -> tuple[Inventory, User]:
     model = load_model(inventory)
     if name not in model.users:
-        close = [u for u in model.users if u.lower() == name.lower()]
-        close = close or difflib.get_close_matches(name, list(model.users), n=1, cutoff=0.6)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+        close = closest(name, model.users)
+        hint = f"; did you mean {close!r}?" if close else ""
         raise ProvisionerError(f"no user {name!r} in {inventory}{hint}")
     return model, model.users[name]
 

@@ -16,7 +16,13 @@ from typing import Annotated
 
 import typer
 
-from provisioner.cli.common import IdentityOpt, PassFdOpt, PassFileOpt, echo, open_keyring
+from provisioner.cli.common import (
+    IdentityOpt,
+    PassFdOpt,
+    PassFileOpt,
+    echo,
+    keyring_for_keys_in_use,
+)
 from provisioner.errors import ProvisionerError
 
 app = typer.Typer(
@@ -68,8 +74,7 @@ def up(
     except InventoryErrors as exc:
         raise ProvisionerError(f"the inventory has problems:\n{exc}") from None
     recipients = load_recipients_file(inventory / phase1.RECIPIENTS_FILE)
-    kids = [k.kid for k in recipients.keys if k.status != "retired"]
-    keyring = open_keyring(recipients, identities, kids, passphrase_file, passphrase_fd)
+    keyring = keyring_for_keys_in_use(recipients, identities, passphrase_file, passphrase_fd)
     # The emulated disks hold rendered files with plaintext passwords: removed on every exit.
     folder = Path(tempfile.mkdtemp(prefix="microsip-lab-"))
     try:

@@ -18,10 +18,9 @@ from provisioner.cli.common import (
     PassFdOpt,
     PassFileOpt,
     echo,
+    keyring_for_keys_in_use,
     load_model,
     make_console,
-    open_keyring,
-    require_identity,
 )
 from provisioner.errors import ProvisionerError
 
@@ -92,10 +91,7 @@ def run_build(
     if identities or passphrase_file or passphrase_fd is not None:
 
         def factory(recipients: vault.Recipients) -> vault.Opener:
-            kids = [k.kid for k in recipients.keys if k.status != "retired"]
-            keyring = open_keyring(recipients, identities, kids, passphrase_file, passphrase_fd)
-            require_identity(keyring, kids)
-            return keyring
+            return keyring_for_keys_in_use(recipients, identities, passphrase_file, passphrase_fd)
 
     result = phase1.build(
         inventory,
@@ -222,7 +218,7 @@ def _github(finding: Finding) -> str:
     file, line, column, message = finding.file, finding.line, finding.column, finding.message
     if finding.source is not None:
         file, line, column = finding.source.file, finding.source.line, finding.source.column
-        if finding.source.column:  # a value from the inventory: say which rendered line it is
+        if finding.value_source:  # say which rendered line the inventory value ended up on
             message = f"{finding.where} {finding.path}: {message}"
     place = f"file={_github_escape(file, prop=True)},line={line or 1}"
     if column:

@@ -15,8 +15,7 @@ from provisioner.cli.common import (
     PassFdOpt,
     PassFileOpt,
     echo,
-    open_keyring,
-    require_identity,
+    keyring_for_keys_in_use,
 )
 from provisioner.errors import ProvisionerError
 
@@ -92,13 +91,11 @@ def prepare(
     opened: list[vault.Keyring] = []
 
     def factory(recipients: vault.Recipients) -> vault.Opener:
-        kids = [k.kid for k in recipients.keys if k.status != "retired"]
-        keyring = open_keyring(recipients, identities, kids, passphrase_file, passphrase_fd)
+        keyring = keyring_for_keys_in_use(
+            recipients, identities, passphrase_file, passphrase_fd, required=sip_passwords
+        )
         opened.append(keyring)
-        if not sip_passwords:
-            return phase1.placeholder_opener(recipients)
-        require_identity(keyring, kids)
-        return keyring
+        return keyring if sip_passwords else phase1.placeholder_opener(recipients)
 
     limit = f"ws:{workstation}"
     result = phase1.build(inventory, selection=resolve.Selection(limit), opener_factory=factory)

@@ -23,9 +23,8 @@ from provisioner.cli.common import (
     PassFdOpt,
     PassFileOpt,
     echo,
+    keyring_for_keys_in_use,
     make_console,
-    open_keyring,
-    require_identity,
 )
 from provisioner.cli.phase1 import finding_lines
 from provisioner.errors import ProvisionerError
@@ -112,9 +111,7 @@ def _phase1(
     opened: list[vault.Opener] = []
 
     def factory(recipients: vault.Recipients) -> vault.Opener:
-        kids = [k.kid for k in recipients.keys if k.status != "retired"]
-        keyring = open_keyring(recipients, identities, kids, passphrase_file, passphrase_fd)
-        require_identity(keyring, kids)
+        keyring = keyring_for_keys_in_use(recipients, identities, passphrase_file, passphrase_fd)
         opened.append(keyring)
         return keyring
 
