@@ -21,7 +21,7 @@ import signal
 import struct
 import threading
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
@@ -33,6 +33,10 @@ Result = TypeVar("Result")
 # grows faster than Phase 1 speeds up.
 MAX_WORKERS = 8
 _CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+# Objects allocated in a paused block above which they are frozen when it ends.
+_FREEZE_ABOVE = 200_000
 
 
 @contextlib.contextmanager
@@ -49,6 +53,11 @@ def paused_gc() -> Iterator[None]:
         yield
     finally:
         if enabled:
+            if gc.get_count()[0] > _FREEZE_ABOVE:
+                # The block's survivors live as long as the run; left in generation 0, the
+                # next collection would scan them all (0.4 s at 10,000 users) and a full one
+                # again later. Frozen, only reference counting frees them.
+                gc.freeze()
             gc.enable()
 
 
@@ -100,21 +109,72 @@ def map_chunks(
 ) -> list[Result]:
     """``work(chunk)`` for every chunk, in order: the first here, the others in forked children.
 
-    An exception raised by ``work`` in a child is raised here. Results must be picklable; they
-    are streamed through a pipe (pickle frames), so neither side holds a second, serialised
-    copy of a large result.
+    An exception raised by ``work`` in a child is raised here. Results must be picklable.
+    """
+    return stream_chunks(lambda chunk: (work(chunk),), chunks)
+
+
+def stream_chunks(
+    work: Callable[[Sequence[Item]], Iterable[Result]], chunks: Sequence[Sequence[Item]]
+) -> list[Result]:
+    """Every result ``work(chunk)`` yields, chunk after chunk: the first chunk here, the others
+    in forked children.
+
+    A child sends each result as it is yielded (a pickle frame through a pipe), and a thread
+    here reads it while this process works on its own chunk: neither side piles up the other's
+    results, and nothing is left to read when this process is done. An exception raised by
+    ``work`` in a child is raised here, after the results that child sent before it.
     """
     if len(chunks) <= 1:
-        return [work(chunk) for chunk in chunks]
+        return [result for chunk in chunks for result in work(chunk)]
     children: list[tuple[multiprocessing.process.BaseProcess, BinaryIO]] = []
+    readers: list[_Reader] = []
     try:
         for chunk in chunks[1:]:
-            _start(children, _child, work, chunk)
-        results = [work(chunks[0])]
-        results.extend(_receive(process, stream) for process, stream in children)
+            _start(children, _streaming_child, work, chunk)
+        # Threads only once every child is forked: a child must not inherit a running thread.
+        readers = [_Reader(process, stream) for process, stream in children]
+        results = list(work(chunks[0]))
+        for reader in readers:
+            results.extend(reader.results())
         return results
     finally:
+        for reader in readers:
+            reader.stop()
         _end(children)
+
+
+class _Reader:
+    """A thread that reads one streaming child's results as they arrive."""
+
+    def __init__(self, process: multiprocessing.process.BaseProcess, stream: BinaryIO) -> None:
+        self.process, self.stream = process, stream
+        self.received: list[Any] = []
+        self.failure: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            while (message := _receive(self.process, self.stream))[0] == "ok":
+                self.received.append(message[1])
+        except BaseException as exc:  # raised in the main thread by results()
+            self.failure = exc
+
+    def results(self) -> list[Any]:
+        """What the child sent, once it has finished; its failure raised here."""
+        self.thread.join()
+        if self.failure is not None:
+            raise self.failure
+        return self.received
+
+    def stop(self) -> None:
+        """End the child early (this process failed or was interrupted) and the thread."""
+        if self.thread.is_alive():
+            # Its end of the pipe closing gives the thread end-of-file; closing the stream
+            # under a thread blocked in read() could hang.
+            self.process.terminate()
+            self.thread.join()
 
 
 def ordered_map(
@@ -183,7 +243,8 @@ def _frame(process: multiprocessing.process.BaseProcess, stream: BinaryIO) -> by
     if len(payload) != length or (failed and not payload):
         raise _no_result(process)
     if failed:
-        return _receive(process, io.BytesIO(payload))  # type: ignore[no-any-return]
+        _receive(process, io.BytesIO(payload))  # raises the child's exception
+        raise _no_result(process)
     return payload
 
 
@@ -232,7 +293,8 @@ class _RemoteTraceback(Exception):
         return str(self.args[0])
 
 
-def _receive(process: multiprocessing.process.BaseProcess, stream: BinaryIO) -> Any:
+def _receive(process: multiprocessing.process.BaseProcess, stream: BinaryIO) -> tuple[Any, ...]:
+    """The child's next message; its exception raised, or WorkerError for a broken stream."""
     try:
         message = pickle.load(stream)  # noqa: S301 - our own forked child writes it
     except Exception:  # a broken stream, or an exception class that cannot be rebuilt here
@@ -241,11 +303,11 @@ def _receive(process: multiprocessing.process.BaseProcess, stream: BinaryIO) -> 
         _, error, where, remote = message
         error.add_note(f"(raised in a worker process at {where})")
         raise error from _RemoteTraceback(remote)
-    return message[1]
+    return tuple(message)
 
 
-def _child(
-    work: Callable[[Sequence[Item]], Result],
+def _streaming_child(
+    work: Callable[[Sequence[Item]], Iterable[Result]],
     chunk: Sequence[Item],
     read_fd: int,
     write_fd: int,
@@ -253,16 +315,32 @@ def _child(
 ) -> None:
     _detach(read_fd, siblings)
     try:
-        message: tuple[Any, ...] = ("ok", work(chunk))
-    except BaseException as exc:  # every failure must reach the parent
-        message = ("error", _sendable(exc), _innermost(exc), traceback.format_exc())
-    try:
         with os.fdopen(write_fd, "wb") as stream:
-            pickle.dump(message, stream, protocol=pickle.HIGHEST_PROTOCOL)
+            for message in _messages(work, chunk):
+                pickle.dump(message, stream, protocol=pickle.HIGHEST_PROTOCOL)
     except BaseException:  # unpicklable result (a Secret), or the parent is gone
         # Part of the message may be in the pipe already: the parent sees a broken stream
         # and reports this exit code.
         os._exit(_UNPICKLABLE)
+
+
+def _messages(
+    work: Callable[[Sequence[Item]], Iterable[Result]], chunk: Sequence[Item]
+) -> Iterator[tuple[Any, ...]]:
+    """``("ok", result)`` for each result, then ``("end",)`` or the failure of ``work``."""
+    results: Iterator[Result] | None = None
+    while True:
+        try:
+            if results is None:
+                results = iter(work(chunk))
+            result = next(results)
+        except StopIteration:
+            yield ("end",)
+            return
+        except BaseException as exc:  # every failure must reach the parent
+            yield ("error", _sendable(exc), _innermost(exc), traceback.format_exc())
+            return
+        yield ("ok", result)
 
 
 def _sendable(exc: BaseException) -> BaseException:

@@ -57,6 +57,10 @@ class Secret:
             return self._plain == text
         return self._plain in text
 
+    def count_in(self, text: str) -> int:
+        """How many times the plaintext stands in ``text`` (for checks of our own output)."""
+        return text.count(self._plain)
+
     def __setattr__(self, name: str, value: Any) -> NoReturn:
         raise AttributeError("Secret is immutable")
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -48,7 +49,11 @@ def _summary(result: build.BuildResult) -> tuple[object, ...]:
     )
 
 
-def test_workers_build_the_same_files_in_the_same_order(tmp_path: Path) -> None:
+@pytest.mark.parametrize("per_part", [500, 7])
+def test_workers_build_the_same_files_in_the_same_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, per_part: int
+) -> None:
+    monkeypatch.setattr(build, "TARGETS_PER_PART", per_part)  # 7: each worker sends 3 parts
     root = _inventory(tmp_path / "inv", 30, bad_user=23)
     serial = build.build(root, opener_factory=real_opener, workers=1)
     parallel = build.build(root, opener_factory=real_opener, workers=3)
@@ -226,6 +231,38 @@ def test_a_tree_marshal_cannot_carry_is_composed_at_home(
 
 def _big(item: int) -> bytes:
     return bytes([item % 256]) * 200_000  # more than a pipe holds
+
+
+def _parts(chunk: Sequence[int]) -> list[bytes]:
+    if 0 in chunk:
+        time.sleep(0.3)  # this process is busy while the children fill their pipes
+    return [_big(item) for item in chunk]
+
+
+def _fail_after_two(chunk: Sequence[int]) -> Iterator[int]:
+    yield from chunk[:2]
+    if 0 not in chunk:
+        raise ValueError(f"bad item {chunk[2]}")
+    yield from chunk[2:]
+
+
+def _busy_forever(chunk: Sequence[int]) -> Iterator[bytes]:
+    if 0 in chunk:
+        raise KeyError("this process failed first")
+    while True:
+        yield _big(1)
+
+
+def test_stream_chunks_keeps_order_and_ends_children_on_failure() -> None:
+    chunks = forked.split(list(range(12)), 3)
+    # 200 kB results, 4 per child: far more than a pipe holds while this process sleeps.
+    assert forked.stream_chunks(_parts, chunks) == [_big(i) for i in range(12)]
+    with pytest.raises(ValueError, match="bad item 6"):
+        forked.stream_chunks(_fail_after_two, chunks)
+    start = time.monotonic()
+    with pytest.raises(KeyError, match="this process failed first"):
+        forked.stream_chunks(_busy_forever, chunks)
+    assert time.monotonic() - start < 10  # the endless children were ended, not waited for
 
 
 def test_stopping_early_ends_the_workers_quietly(capfd: pytest.CaptureFixture[str]) -> None:

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from provisioner import ini as ini_module
 from provisioner.errors import LintError
 from provisioner.ini import (
     MergeConflict,
@@ -244,6 +245,37 @@ def test_parse_accepts_every_line_ending_and_counts_lines() -> None:
 
 def test_parse_empty_text() -> None:
     assert parse_ini("") == IniDocument()
+
+
+def _reference_parse(text: str) -> IniDocument:
+    """The parser spelled out line by line with the classifier the serializer checks against."""
+    preamble: list[IniEntry] = []
+    sections: list[tuple[str, int, list[IniEntry]]] = []
+    for number, raw in enumerate(re.split(r"\r\n|\r|\n", text), start=1):
+        line = ini_module._classify(raw)
+        if line.kind == "header":
+            sections.append((line.name, number, []))
+        elif line.kind == "comment":
+            (sections[-1][2] if sections else preamble).append(IniEntry(None, line.value, number))
+        elif line.kind == "key" and sections:
+            sections[-1][2].append(IniEntry(line.name, line.value, number))
+    built = tuple(IniSection(name, tuple(entries), at) for name, at, entries in sections)
+    return IniDocument(built, tuple(preamble))
+
+
+_INI_LINES = st.lists(
+    st.one_of(
+        st.sampled_from(["[A]", " [b] x", "[", "[]", "k=v", " k = v ", "=v", "k", ";c", " #c", ""]),
+        st.text(alphabet=st.sampled_from("[]=;# \tk\x85\u2028"), max_size=8),
+    ),
+    max_size=12,
+).map("\r\n".join)
+
+
+@given(_INI_LINES)
+@PROPS
+def test_parse_agrees_with_the_line_classifier(text: str) -> None:
+    assert parse_ini(text) == _reference_parse(text)
 
 
 # --------------------------------------------------------------------------- serializing
