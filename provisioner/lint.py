@@ -191,8 +191,32 @@ class _Linter:
             self.check_section(section)
 
     def check_section(self, section: IniSection) -> None:
+        table_section = self.table.table_section(section.name)
+        readable = not self.table.is_runtime_section(section.name) and not (
+            table_section is None or (self.override and table_section == "Shortcuts")
+        )
+        first_line: dict[str, int] = {}
+        # One pass per section: thousands of rendered files go through here.
         for entry in section.entries:
-            self.check_control_chars(entry, section.name)
+            key = entry.key
+            if _CONTROL_RE.search(entry.raw_value if key is None else key + entry.raw_value):
+                self.check_control_chars(entry, section.name)
+            if key is None or not readable:
+                continue
+            name = key.strip().lower()
+            if name in first_line:
+                self.add(
+                    "warning",
+                    "duplicate-key",
+                    f"'{key}' appears again in [{section.name}] (first at line"
+                    f" {first_line[name]}); MicroSIP uses the first value and ignores this one.",
+                    _Where(entry.line, section.name, key),
+                )
+            else:
+                first_line[name] = entry.line
+            self.check_entry(section, entry, key, name)
+        if readable:
+            return
         if self.table.is_runtime_section(section.name):
             if self.override or not self.allow_runtime:
                 self.add(
@@ -203,13 +227,7 @@ class _Linter:
                     _at(section),
                 )
             return
-        table_section = self.table.table_section(section.name)
-        if table_section is None or (self.override and table_section == "Shortcuts"):
-            self.add("error", "unknown-section", self.unknown_section(section), _at(section))
-            return
-        self.check_duplicate_keys(section)
-        for entry, key in _keyed(section):
-            self.check_entry(section, entry, key)
+        self.add("error", "unknown-section", self.unknown_section(section), _at(section))
 
     def unknown_section(self, section: IniSection) -> str:
         if self.override:
@@ -223,21 +241,6 @@ class _Linter:
                 " [Account1], [Account2], … without leading zeros."
             )
         return f"MicroSIP does not read a [{section.name}] section."
-
-    def check_duplicate_keys(self, section: IniSection) -> None:
-        first_line: dict[str, int] = {}
-        for entry, key in _keyed(section):
-            name = key.strip().lower()
-            if name in first_line:
-                self.add(
-                    "warning",
-                    "duplicate-key",
-                    f"'{key}' appears again in [{section.name}] (first at line"
-                    f" {first_line[name]}); MicroSIP uses the first value and ignores this one.",
-                    _Where(entry.line, section.name, key),
-                )
-            else:
-                first_line[name] = entry.line
 
     def check_control_chars(self, entry: IniEntry, section: str) -> None:
         text = (entry.key or "") + entry.raw_value
@@ -255,13 +258,13 @@ class _Linter:
 
     # ---- one key -------------------------------------------------------------------------
 
-    def check_entry(self, section: IniSection, entry: IniEntry, written: str) -> None:
+    def check_entry(self, section: IniSection, entry: IniEntry, written: str, name: str) -> None:
         # Thousands of profiles repeat the same (section, key, value): check each once.
         # Passwords are never used as cache keys, so no plaintext outlives its document.
-        if written.strip().lower() == "password":
+        if name == "password":
             self._check_entry(section, entry, written)
             return
-        cache_key = (self.override, self.allow_runtime, section.name, written, entry.value)
+        cache_key = (self.override, self.allow_runtime, section.name, written, entry.raw_value)
         cached = _ENTRY_CACHE.get(cache_key)
         if cached is None:
             before = len(self.findings)
