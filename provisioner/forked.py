@@ -123,7 +123,7 @@ def stream_chunks(
     A child sends each result as it is yielded (a pickle frame through a pipe), and a thread
     here reads it while this process works on its own chunk: neither side piles up the other's
     results, and nothing is left to read when this process is done. An exception raised by
-    ``work`` in a child is raised here, after the results that child sent before it.
+    ``work`` in a child is raised here once this process has done its own chunk.
     """
     if len(chunks) <= 1:
         return [result for chunk in chunks for result in work(chunk)]
