@@ -31,6 +31,7 @@ from provisioner.results import (
 REPORT_VERSION = 1
 EXIT_OK = 0
 EXIT_HOSTS_FAILED = 3
+EXIT_DRIFT = 4
 RETRY_STATUSES = (Status.FAILED, Status.CONFLICT, Status.BUSY, Status.SKIPPED)
 CONNECTION_CASE = "connection"
 FILE_MODE = 0o644
@@ -52,17 +53,23 @@ def hosts_to_retry(run: RunLike) -> list[str]:
     return sorted(h for h, r in run.results.items() if r.status in RETRY_STATUSES)
 
 
-def exit_code(run: RunLike) -> int:
+def exit_code(run: RunLike, *, detailed: bool = False) -> int:
     """The process exit code for a finished run.
 
     * 0: every workstation ended changed or unchanged (in a dry run: would change, or
       is up to date); also for a run with no workstation.
     * 3: at least one workstation failed, ended in conflict, was busy (MicroSIP running)
       or was skipped (threshold exceeded, interrupted).
+    * 4, only when ``detailed`` (``--check --detailed-exitcode``): none of the above, but at
+      least one workstation is not up to date (drift).
 
     Input and configuration errors (exit 1) stop the command before any run exists.
     """
-    return EXIT_OK if all(r.ok for r in run.results.values()) else EXIT_HOSTS_FAILED
+    if not all(r.ok for r in run.results.values()):
+        return EXIT_HOSTS_FAILED
+    if detailed and any(r.status is Status.CHANGED for r in run.results.values()):
+        return EXIT_DRIFT
+    return EXIT_OK
 
 
 def _duration(run: RunLike) -> float | None:

@@ -439,6 +439,40 @@ def test_a_canary_password_never_leaks_from_a_rollout(example: ExampleLab) -> No
     assert applied is not None and not _leaks(applied)
 
 
+def test_check_with_detailed_exitcode_tells_drift_from_failure(example: ExampleLab) -> None:
+    # Nothing pushed yet: every workstation would change.
+    assert example.cli("rollout", "--check", "--detailed-exitcode").returncode == 4
+    assert example.cli("rollout", "--yes").returncode == 0
+    in_sync = example.cli("rollout", "--check", "--detailed-exitcode")
+    assert in_sync.returncode == 0, (in_sync.stdout, in_sync.stderr)
+    # Alice's own change to a key that is not enforced is kept by a push: not drift.
+    ws, path = example.machine("ber-ws-001"), example.ini_path("ber-ws-001", "alice")
+    text = ini.decode_ini_bytes(ws.read(path) or b"")
+    assert "\r\nEC=1\r\n" in text
+    ws.put(path, ini.encode_ini(text.replace("\r\nEC=1\r\n", "\r\nEC=0\r\n")))
+    kept = example.cli("rollout", "--check", "--detailed-exitcode", "--limit", "ber-ws-001")
+    assert kept.returncode == 0, (kept.stdout, kept.stderr)
+    # An enforced key changed on the workstation is drift.
+    ws.put(path, ini.encode_ini(text.replace("updatesInterval=never", "updatesInterval=daily")))
+    enforced = example.cli("rollout", "--check", "--detailed-exitcode", "--limit", "ber-ws-001")
+    assert enforced.returncode == 4, (enforced.stdout, enforced.stderr)
+    ws.put(path, ini.encode_ini(text))
+    change_defaults(example.inventory)
+    drift = example.cli("rollout", "--check", "--detailed-exitcode", "--limit", "ber-ws-001")
+    assert drift.returncode == 4, (drift.stdout, drift.stderr)
+    assert host_lines(drift.stdout) == {"ber-ws-001": "changed"}
+    # Without the flag a check that finds drift succeeds, as before.
+    assert example.cli("rollout", "--check", "--limit", "ber-ws-001").returncode == 0
+    # A workstation that cannot be checked outranks drift.
+    example.lab.hosts["ber-ws-002"].set_faults(Faults(refuse=True))
+    failed = example.cli("rollout", "--check", "--detailed-exitcode", "--retries", "0")
+    assert failed.returncode == 3, (failed.stdout, failed.stderr)
+    refused = example.cli("rollout", "--yes", "--detailed-exitcode")
+    assert refused.returncode == 1
+    assert "--detailed-exitcode reports drift and needs --check" in refused.stderr
+    assert len(state.StateStore(example.state).runs()) == 1  # the push; checks are not runs
+
+
 def test_bad_input_exits_1_before_any_connection(example: ExampleLab) -> None:
     for host in example.lab.hosts.values():
         host.reset_counts()

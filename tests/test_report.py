@@ -413,19 +413,20 @@ def test_write_run_junit(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("statuses", "code"),
+    ("statuses", "code", "detailed"),
     [
-        ([], 0),
-        ([Status.UNCHANGED], 0),
-        ([Status.CHANGED, Status.UNCHANGED], 0),
-        ([Status.CHANGED, Status.FAILED], 3),
-        ([Status.CONFLICT], 3),
-        ([Status.UNCHANGED, Status.BUSY], 3),
-        ([Status.SKIPPED], 3),
+        ([], 0, 0),
+        ([Status.UNCHANGED], 0, 0),
+        ([Status.CHANGED, Status.UNCHANGED], 0, 4),
+        ([Status.CHANGED, Status.FAILED], 3, 3),
+        ([Status.CONFLICT], 3, 3),
+        ([Status.UNCHANGED, Status.BUSY], 3, 3),
+        ([Status.SKIPPED], 3, 3),
     ],
 )
-def test_exit_code(statuses: list[Status], code: int) -> None:
+def test_exit_code(statuses: list[Status], code: int, detailed: int) -> None:
     assert report.exit_code(_only(statuses)) == code
+    assert report.exit_code(_only(statuses), detailed=True) == detailed
 
 
 def test_exit_codes_of_the_sample_runs() -> None:

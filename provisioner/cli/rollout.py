@@ -283,6 +283,14 @@ def rollout(
     limit: Annotated[str, typer.Option("--limit", "-l", help="Targets (see validate).")] = "",
     check: Annotated[bool, typer.Option("--check", help="Change nothing; report.")] = False,
     diff: Annotated[bool, typer.Option("--diff", help="Show diffs (passwords masked).")] = False,
+    detailed_exitcode: Annotated[
+        bool,
+        typer.Option(
+            "--detailed-exitcode",
+            help="With --check: exit 4 when a workstation would change (drift), 0 when every "
+            "one is up to date.",
+        ),
+    ] = False,
     forks: Annotated[int, typer.Option("--forks", min=1, max=500)] = 20,
     canary: Annotated[
         str, typer.Option("--canary", help="First batch: N or P%; 0 for none.")
@@ -324,10 +332,14 @@ def rollout(
     """Push the inventory to every selected workstation: canary, batches, threshold, retries.
 
     Exit 0 when every workstation is changed or unchanged, 3 when any failed, was busy or was
-    skipped, 1 on input errors (nothing contacted).
+    skipped, 1 on input errors (nothing contacted); with --check --detailed-exitcode, 4 when
+    nothing failed but a workstation would change.
     """
     from provisioner import report, runner, state
     from provisioner.push import PushOptions
+
+    if detailed_exitcode and not check:
+        raise ProvisionerError("--detailed-exitcode reports drift and needs --check")
 
     try:
         threshold = float(max_fail.rstrip("%"))
@@ -376,7 +388,7 @@ def rollout(
         selection=selection,
         processes=processes,
     )
-    code = report.exit_code(run)
+    code = report.exit_code(run, detailed=detailed_exitcode)
     if code:
         raise typer.Exit(code)
 
