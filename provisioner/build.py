@@ -85,13 +85,16 @@ def build(
     opener_factory: OpenerFactory = placeholder_opener,
     templates: Path | None = None,
     workers: int | None = None,
+    process_lifetime: bool = False,
 ) -> BuildResult:
     """Run Phase 1 for every selected target of the inventory at ``root``.
 
     ``workers`` processes share the targets after the load (default: one per core for large
-    inventories where the platform can fork safely, else 1).
+    inventories where the platform can fork safely, else 1). ``process_lifetime``: the result
+    is kept until the process ends (a command-line run), so its objects are frozen out of the
+    garbage collector's scans (see :func:`forked.paused_gc`).
     """
-    with forked.paused_gc():
+    with forked.paused_gc(freeze=process_lifetime):
         return _build(root, selection, opener_factory, templates, workers)
 
 
@@ -442,6 +445,7 @@ class _Builder:
             # A key's value whole (any length) or containing a long password; a comment's text.
             values = (entry.value, entry.raw_value) if entry.key else (entry.raw_value,)
             if any(s.matches_text(v) or s.occurs_in(v) for _, _, s in secrets for v in values):
+                ini_lint.forget_cached_values()  # lint may have cached that value as a key
                 where = f"[{section_name}] {entry.key}" if entry.key else "a comment"
                 self.result.findings.append(
                     Finding(

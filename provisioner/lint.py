@@ -143,6 +143,11 @@ _ENTRY_CACHE: dict[tuple[bool, bool, str, str, str], tuple[tuple[Severity, str, 
 _ENTRY_CACHE_LIMIT = 100_000
 
 
+def forget_cached_values() -> None:
+    """Drop every cached key check: a rendered file held a password outside its key."""
+    _ENTRY_CACHE.clear()
+
+
 class _Where(NamedTuple):
     line: int
     section: str

@@ -210,18 +210,20 @@ def select_targets(inventory: Inventory, selection: Selection) -> list[TargetRef
 def group_chain(inventory: Inventory, names: Sequence[str]) -> list[str]:
     """Groups in precedence order: each group after its parents, in listed order, no repeats."""
     chain: list[str] = []
-
-    def add(name: str, trail: tuple[str, ...]) -> None:
-        group = inventory.groups.get(name)
-        if group is None or name in chain or name in trail:
-            return
-        for parent in group.parents:
-            add(parent, (*trail, name))
-        chain.append(name)
-
     for name in names:
-        add(name, ())
+        _add_group(inventory, name, (), chain)
     return chain
+
+
+def _add_group(inventory: Inventory, name: str, trail: tuple[str, ...], chain: list[str]) -> None:
+    # A module function, not a closure: a closure that calls itself is a reference cycle, and
+    # one per resolved profile would wait for the collector (or, frozen, for the process's end).
+    group = inventory.groups.get(name)
+    if group is None or name in chain or name in trail:
+        return
+    for parent in group.parents:
+        _add_group(inventory, parent, (*trail, name), chain)
+    chain.append(name)
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import sys
 import threading
@@ -259,10 +261,31 @@ def test_stream_chunks_keeps_order_and_ends_children_on_failure() -> None:
     assert forked.stream_chunks(_parts, chunks) == [_big(i) for i in range(12)]
     with pytest.raises(ValueError, match="bad item 6"):
         forked.stream_chunks(_fail_after_two, chunks)
+    assert threading.active_count() == 1  # no reader left: push lanes may fork after this
     start = time.monotonic()
     with pytest.raises(KeyError, match="this process failed first"):
         forked.stream_chunks(_busy_forever, chunks)
     assert time.monotonic() - start < 10  # the endless children were ended, not waited for
+    assert threading.active_count() == 1
+
+
+def test_a_failure_leaves_no_reference_cycle_behind() -> None:
+    # A cycle through the exception would keep every result (rendered files, passwords
+    # included) until a collection, and for good where a command froze the collector's scans.
+    chunks = forked.split(list(range(12)), 3)
+    gc.collect()
+    gc.disable()
+    try:
+        with contextlib.suppress(ValueError):
+            forked.stream_chunks(_fail_after_two, chunks)
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        cyclic = sorted({type(o).__name__ for o in gc.garbage} & {"frame", "_Reader", "list"})
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert cyclic == []
 
 
 def test_stopping_early_ends_the_workers_quietly(capfd: pytest.CaptureFixture[str]) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 import jinja2
 import pytest
 
+import provisioner.lint as ini_lint
 from provisioner import build, ini, render, vault
 from provisioner.errors import PolicyViolationError
 from provisioner.model import Secret, Source
@@ -201,6 +202,8 @@ def test_template_that_misplaces_the_password_is_caught(tmp_path: Path) -> None:
     messages = " ".join(f.message for f in result.findings)
     assert "[Account1] password does not hold the value sealed at" in messages
     assert "[Settings] userAgent holds a password" in messages
+    # Lint had checked userAgent's value before the misplacement was found: not kept cached.
+    assert not any("PH-" in key[-1] for key in ini_lint._ENTRY_CACHE)
 
 
 def test_a_password_inside_another_value_or_a_comment_is_caught(tmp_path: Path) -> None:

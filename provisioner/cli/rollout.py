@@ -115,7 +115,12 @@ def _phase1(
         opened.append(keyring)
         return keyring
 
-    result = phase1.build(inventory, selection=resolve.Selection(limit), opener_factory=factory)
+    result = phase1.build(
+        inventory,
+        selection=resolve.Selection(limit),
+        opener_factory=factory,
+        process_lifetime=True,
+    )
     # Warnings too (a --limit term that matches nothing, a hook MicroSIP will mangle): the
     # admin sees them before anything is pushed.
     for line in finding_lines(result.findings):
