@@ -378,6 +378,56 @@ def test_ctrl_c_finishes_the_host_in_flight_and_records_the_run(example: Example
         assert all(data is None for (ws, _), data in files.items() if ws == name)
 
 
+def _push_interrupted(example: ExampleLab, signals: int) -> tuple[int, str, str]:
+    """``push ber-ws-001`` on a slow host, sent ``signals`` Ctrl-C once it is being written."""
+    host = example.lab.hosts["ber-ws-001"]
+    host.set_faults(Faults(slow=0.3))
+    host.reset_counts()
+    command = [sys.executable, "-m", "provisioner.cli", "push", "ber-ws-001"]
+    command += ["-i", str(example.inventory), *example.keys, "--lab", str(example.lab_file)]
+    process = subprocess.Popen(
+        command,
+        cwd=example.root,
+        env=example.env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while host.request_count < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        for _ in range(signals):
+            process.send_signal(signal.SIGINT)
+            time.sleep(0.2)
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    return process.returncode, out, err
+
+
+def test_ctrl_c_during_a_push_lets_it_finish_and_records_it(example: ExampleLab) -> None:
+    code, out, err = _push_interrupted(example, signals=1)
+    assert code == 0, (out, err)
+    assert "interrupt: finishing the workstations in flight" in err and "Traceback" not in err
+    [run] = state.StateStore(example.state).runs()
+    assert run.stopped == "interrupted" and run.counts[Status.CHANGED] == 1
+    assert example.ini("ber-ws-001", "alice") is not None
+    audit = example.cli("audit", "--json", keys=False, lab=False)
+    assert {r["workstation"] for r in json.loads(audit.stdout)} == {"ber-ws-001"}
+
+
+def test_a_second_ctrl_c_abandons_the_push_and_records_that(example: ExampleLab) -> None:
+    code, out, err = _push_interrupted(example, signals=2)
+    assert code == 3, (out, err)
+    assert "Traceback" not in err
+    assert "interrupted while the workstation was being written" in out
+    [run] = state.StateStore(example.state).runs()
+    assert run.stopped == "interrupted" and run.counts[Status.FAILED] == 1
+
+
 # --------------------------------------------------------------------------- a canary password
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,14 +164,27 @@ def _run_recorded(
     from datetime import UTC, datetime
 
     from provisioner import runner, state
-    from provisioner.cli.rollout import state_dir
+    from provisioner.cli.rollout import interrupt_to, state_dir
+    from provisioner.results import HostResult, Status
 
     folder = state_dir(inventory, state_folder)
     store = state.StateStore(folder)
     who = getpass.getuser()
+    name = remote.station.workstation.name
+    interrupted = threading.Event()
     with store.lock(f"{who}: {command}"):
         started = datetime.now(UTC)
-        result = action(remote)
+        try:
+            # First Ctrl-C: the workstation in flight finishes and is recorded as usual.
+            with interrupt_to(interrupted):
+                result = action(remote)
+        except KeyboardInterrupt:  # the second one: recorded, as its outcome is unknown
+            result = HostResult(
+                name,
+                Status.FAILED,
+                "interrupted while the workstation was being written: its files may or may "
+                f"not have changed; see 'provisioner diff {name}'",
+            )
         run = runner.RunResult(
             uuid.uuid4().hex[:12],
             started,
@@ -178,6 +192,7 @@ def _run_recorded(
             results={result.host: result},
             batches=[[result.host]],
             finished=datetime.now(UTC),
+            stopped="interrupted" if interrupted.is_set() else "",
         )
         store.record_run(run, who=who, command=command)
         state.AuditLog(folder).append(state.records_for_run(run, who, action=audit_action))
