@@ -102,10 +102,11 @@ def _file_json(change: FileChange) -> dict[str, Any]:
     }
 
 
-def run_json(run: RunLike) -> dict[str, Any]:
+def run_json(run: RunLike, *, revision: str = "") -> dict[str, Any]:
     """The run as JSON data: options, counts and every workstation with its files.
 
-    File entries carry hashes, statuses and messages, never the diff text.
+    File entries carry hashes, statuses and messages, never the diff text. ``revision``: the
+    inventory's git commit (``+dirty`` when its files differed), ``""`` when unknown.
     """
     batch_of = _batches(run)
     hosts = []
@@ -133,6 +134,7 @@ def run_json(run: RunLike) -> dict[str, Any]:
         "duration": _duration(run),
         "dry_run": is_dry_run(run),
         "options": jsonable(run.options),
+        "revision": revision,
         "stopped": run.stopped,
         "ok": exit_code(run) == EXIT_OK,
         "exit_code": exit_code(run),
@@ -142,9 +144,9 @@ def run_json(run: RunLike) -> dict[str, Any]:
     }
 
 
-def write_run_json(run: RunLike, path: Path) -> None:
+def write_run_json(run: RunLike, path: Path, *, revision: str = "") -> None:
     """Write :func:`run_json` to ``path`` atomically (mode 0644 for a new file)."""
-    text = json.dumps(run_json(run), indent=2, ensure_ascii=False) + "\n"
+    text = json.dumps(run_json(run, revision=revision), indent=2, ensure_ascii=False) + "\n"
     _write(path, text.encode("utf-8"))
 
 

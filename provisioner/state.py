@@ -27,6 +27,7 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from provisioner import revision
 from provisioner.errors import ProvisionerError
 from provisioner.results import HostResult, RunLike, Status, is_dry_run, jsonable
 
@@ -35,7 +36,7 @@ if sys.platform == "win32":
 else:
     import fcntl
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DB_NAME = "state.sqlite3"
 LOCK_NAME = "rollout.lock"
 AUDIT_NAME = "audit.jsonl"
@@ -210,6 +211,7 @@ class RunSummary:
     stopped: str
     counts: dict[Status, int]
     options: dict[str, Any]
+    revision: str = ""
 
     @property
     def total(self) -> int:
@@ -234,6 +236,8 @@ class RunSummary:
             line += "  (check)"
         if self.stopped:
             line += f"  stopped: {self.stopped}"
+        if self.revision:
+            line += f"  inventory {revision.short(self.revision)}"
         return line + (f"  [{self.command}]" if self.command else "")
 
 
@@ -387,8 +391,10 @@ _SCHEMA_V1 = (
     "CREATE INDEX files_by_target ON files (workstation, user)",
     "CREATE INDEX files_by_user ON files (user)",
 )
+# The inventory's git commit a run used (provisioner.revision); '' for runs before it.
+_SCHEMA_V2 = ("ALTER TABLE runs ADD COLUMN revision TEXT NOT NULL DEFAULT ''",)
 # MIGRATIONS[n] takes a database from schema version n to n + 1 (0: empty database).
-MIGRATIONS: dict[int, tuple[str, ...]] = {0: _SCHEMA_V1}
+MIGRATIONS: dict[int, tuple[str, ...]] = {0: _SCHEMA_V1, 1: _SCHEMA_V2}
 
 _LAST_RESULTS = """
 WITH pairs AS (
@@ -430,7 +436,8 @@ ORDER BY workstation, user
 """
 
 _SELECT_RUNS = (
-    "SELECT id, started, finished, user, host, command, dry_run, stopped, counts, options FROM runs"
+    "SELECT id, started, finished, user, host, command, dry_run, stopped, counts, options, "
+    "revision FROM runs"
 )
 
 
@@ -557,8 +564,12 @@ class StateStore:
 
     # -- writing
 
-    def record_run(self, run: RunLike, *, who: str | None = None, command: str = "") -> None:
+    def record_run(
+        self, run: RunLike, *, who: str | None = None, command: str = "", revision: str = ""
+    ) -> None:
         """Store a run with every workstation and file, in one transaction.
+
+        ``revision``: the inventory's git commit (:func:`provisioner.revision.inventory_revision`).
 
         Recording the same run id again replaces it (a run recorded when interrupted,
         then once finished).
@@ -607,6 +618,7 @@ class StateStore:
             json.dumps(jsonable(run.options), ensure_ascii=False, sort_keys=True),
             run.stopped,
             json.dumps(counts),
+            revision,
         )
         with self._transaction() as db:
             db.execute("DELETE FROM files WHERE run_id = ?", (run.run_id,))
@@ -614,7 +626,7 @@ class StateStore:
             db.execute("DELETE FROM runs WHERE id = ?", (run.run_id,))
             db.execute(
                 "INSERT INTO runs (id, started, finished, user, host, command, dry_run, options, "
-                "stopped, counts) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                "stopped, counts, revision) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 row,
             )
             db.executemany("INSERT INTO results VALUES (?,?,?,?,?,?,?,?)", results)
@@ -644,6 +656,7 @@ class StateStore:
             stopped=row[7],
             counts=counts,
             options=json.loads(row[9] or "{}"),
+            revision=row[10],
         )
 
     def runs(self, limit: int | None = 20) -> list[RunSummary]:

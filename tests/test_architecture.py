@@ -27,6 +27,7 @@ LAYERS: dict[str, int] = {
     "report": 2,
     "state": 2,
     "results": 1,
+    "revision": 1,
     "transport": 2,
     "build": 3,
     "lab": 5,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -376,6 +377,35 @@ def test_ctrl_c_finishes_the_host_in_flight_and_records_the_run(example: Example
     files = example.all_files()
     for name in HOSTS[len(changed) :]:
         assert all(data is None for (ws, _), data in files.items() if ws == name)
+
+
+def _git(folder: Path, *args: str) -> str:
+    command = ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid", *args]
+    done = subprocess.run(command, cwd=folder, capture_output=True, text=True, check=True)
+    return done.stdout.strip()
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_a_run_records_the_inventory_commit(example: ExampleLab) -> None:
+    _git(example.root, "init", "-q")
+    _git(example.root, "add", "inventory")
+    _git(example.root, "commit", "-q", "-m", "inventory")
+    commit = _git(example.root, "rev-parse", "HEAD")
+    report = example.root / "run.json"
+    run = example.cli("rollout", "--yes", "--report-json", str(report))
+    assert run.returncode == 0, (run.stdout, run.stderr)
+    assert "differs from its last commit" not in run.stdout
+    assert json.loads(report.read_text(encoding="utf-8"))["revision"] == commit
+    listed = example.cli("runs", "list", keys=False, lab=False)
+    assert f"inventory {commit[:12]}  [rollout]" in listed.stdout, listed.stdout
+    change_defaults(example.inventory)  # not committed
+    again = example.cli("rollout", "--yes", "--limit", "ber-ws-001")
+    assert again.returncode == 0, (again.stdout, again.stderr)
+    assert f"differs from its last commit ({commit[:12]}+dirty)" in again.stdout
+    pushed = example.cli("push", "ber-ws-002")
+    assert pushed.returncode == 0, (pushed.stdout, pushed.stderr)
+    newest, second, _ = state.StateStore(example.state).runs()
+    assert newest.revision == second.revision == commit + "+dirty"
 
 
 def _push_interrupted(example: ExampleLab, signals: int) -> tuple[int, str, str]:

@@ -70,7 +70,7 @@ def test_state_directory_and_database_are_private(tmp_path: Path) -> None:
     store = StateStore(directory)
     assert stat.S_IMODE(directory.stat().st_mode) == 0o700
     assert stat.S_IMODE(store.path.stat().st_mode) == 0o600
-    assert store.schema_version() == state.SCHEMA_VERSION == 1
+    assert store.schema_version() == state.SCHEMA_VERSION == 2
     with sqlite3.connect(store.path) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
@@ -272,7 +272,7 @@ def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
     with sqlite3.connect(store.path) as db:
         db.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
     db.close()
-    with pytest.raises(StateError, match=r"schema version 99, newer than .* supports \(1\)"):
+    with pytest.raises(StateError, match=r"schema version 99, newer than .* supports \(2\)"):
         StateStore(tmp_path)
 
 
@@ -283,9 +283,33 @@ def test_an_old_schema_is_migrated(tmp_path: Path) -> None:
         db.execute("INSERT INTO meta VALUES ('schema_version', '0')")
     db.close()
     store = StateStore(tmp_path)
-    assert store.schema_version() == 1
+    assert store.schema_version() == 2
     store.record_run(make_run(), who="a")
     assert len(store.run("a1b2").results) == 8
+
+
+def test_runs_of_schema_1_are_kept_and_get_no_revision(tmp_path: Path) -> None:
+    path = tmp_path / state.DB_NAME
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        db.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+        for statement in state.MIGRATIONS[0]:
+            db.execute(statement)
+        db.execute(
+            "INSERT INTO runs (id, started, user, host) VALUES ('old1', ?, 'a', 'c')",
+            (STARTED.isoformat(),),
+        )
+    db.close()
+    store = StateStore(tmp_path)
+    assert store.schema_version() == 2
+    [old] = store.runs()
+    assert (old.id, old.revision) == ("old1", "")
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    store.record_run(make_run(), who="a", revision=commit + "+dirty")
+    newest = store.runs()[0]
+    assert newest.revision == commit + "+dirty"
+    assert "inventory 0123456789ab+dirty" in str(newest)
+    assert store.run(newest.id).to_dict()["summary"]["revision"] == commit + "+dirty"
 
 
 def test_a_garbage_database_is_a_clear_error(tmp_path: Path) -> None:

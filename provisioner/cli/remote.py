@@ -163,7 +163,7 @@ def _run_recorded(
     import uuid
     from datetime import UTC, datetime
 
-    from provisioner import runner, state
+    from provisioner import revision, runner, state
     from provisioner.cli.rollout import interrupt_to, state_dir
     from provisioner.results import HostResult, Status
 
@@ -172,6 +172,7 @@ def _run_recorded(
     who = getpass.getuser()
     name = remote.station.workstation.name
     interrupted = threading.Event()
+    inventory_revision = revision.inventory_revision(inventory)
     with store.lock(f"{who}: {command}"):
         started = datetime.now(UTC)
         try:
@@ -194,7 +195,7 @@ def _run_recorded(
             finished=datetime.now(UTC),
             stopped="interrupted" if interrupted.is_set() else "",
         )
-        store.record_run(run, who=who, command=command)
+        store.record_run(run, who=who, command=command, revision=inventory_revision)
         state.AuditLog(folder).append(state.records_for_run(run, who, action=audit_action))
     print_result(result, show_diff=show_diff)
     echo(f"recorded as run {run.run_id} in {folder}")

@@ -161,7 +161,7 @@ def execute(
     ``selection`` says in messages what the user selected (default: ``--limit LIMIT``).
     ``processes``: push lanes (0: automatic, 1: this process only).
     """
-    from provisioner import connections, lanes, report, resolve, runner, state
+    from provisioner import connections, lanes, report, resolve, revision, runner, state
     from provisioner.cli.progress import PlainReporter, RichReporter, print_summary
     from provisioner.results import Reporter, Status
 
@@ -173,6 +173,7 @@ def execute(
             f"{getpass.getuser()}: {command}"
         ):
             pass
+    inventory_revision = revision.inventory_revision(inventory)  # before the files are read
     built, keyring = _phase1(inventory, limit, identities, passphrase_file, passphrase_fd)
     assert built.inventory is not None  # noqa: S101 - a clean build has an inventory
     model = built.inventory
@@ -248,11 +249,16 @@ def execute(
                         executor=pushers,
                     )
             if not options.check:
-                store.record_run(run, who=who, command=command)
+                store.record_run(run, who=who, command=command, revision=inventory_revision)
                 state.AuditLog(folder).append(state.records_for_run(run, who, action=action))
     print_summary(console, run, groups, diffs=show_diff)
+    if inventory_revision.endswith(revision.DIRTY):
+        console.print(
+            "note: the inventory differs from its last commit "
+            f"({revision.short(inventory_revision)}); the run records that commit as dirty"
+        )
     if report_json:
-        report.write_run_json(run, report_json)
+        report.write_run_json(run, report_json, revision=inventory_revision)
     if report_junit:
         report.write_run_junit(run, report_junit)
     return run

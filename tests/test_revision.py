@@ -1,0 +1,46 @@
+"""The inventory's git commit as a run records it, with a real git in a temporary folder."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from provisioner import revision
+
+pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+
+
+def git(folder: Path, *args: str) -> str:
+    command = ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid", *args]
+    done = subprocess.run(command, cwd=folder, capture_output=True, text=True, check=True)
+    return done.stdout.strip()
+
+
+def test_outside_git_there_is_no_revision(tmp_path: Path) -> None:
+    assert revision.inventory_revision(tmp_path) == ""
+    assert revision.inventory_revision(tmp_path / "missing") == ""
+
+
+def test_the_commit_and_whether_the_inventory_differs_from_it(tmp_path: Path) -> None:
+    git(tmp_path, "init", "-q")
+    inventory = tmp_path / "inventory"
+    inventory.mkdir()
+    (inventory / "users.yaml").write_text("users: {}\n")
+    (tmp_path / "notes.txt").write_text("outside the inventory\n")
+    assert revision.inventory_revision(inventory) == ""  # no commit yet
+    git(tmp_path, "add", ".")
+    git(tmp_path, "commit", "-q", "-m", "first")
+    commit = git(tmp_path, "rev-parse", "HEAD")
+    assert revision.inventory_revision(inventory) == commit
+    (tmp_path / "notes.txt").write_text("changed, but not in the inventory\n")
+    assert revision.inventory_revision(inventory) == commit
+    (inventory / "users.yaml").write_text("users: {alice: {}}\n")
+    assert revision.inventory_revision(inventory) == commit + "+dirty"
+    git(tmp_path, "checkout", "-q", "--", ".")
+    (inventory / "new.yaml").write_text("groups: {}\n")  # untracked: the load reads it too
+    assert revision.inventory_revision(inventory) == commit + "+dirty"
+    assert revision.short(commit + "+dirty") == commit[:12] + "+dirty"
+    assert revision.short(commit) == commit[:12]
