@@ -45,6 +45,8 @@ class RolloutOptions:
     backoff_cap: float = 30.0
     check: bool = False
     push: PushOptions = field(default_factory=PushOptions)
+    # The canary batch by name (``--canary-hosts``), in place of the first ``canary`` hosts.
+    canary_hosts: tuple[str, ...] = ()
 
 
 @dataclass
@@ -97,12 +99,22 @@ def parse_size(text: str, total: int) -> int:
     return min(total, max(size, 1 if total else 0))
 
 
-def plan_batches(hosts: Sequence[str], canary: str, batch: str) -> list[list[str]]:
-    """The canary batch first (``0`` for none), then batches of ``batch`` size."""
+def plan_batches(
+    hosts: Sequence[str], canary: str, batch: str, pinned: Sequence[str] = ()
+) -> list[list[str]]:
+    """The canary batch first, then batches of ``batch`` size.
+
+    The canary batch is the ``pinned`` hosts (in ``hosts`` order) when given, else the first
+    ``canary`` hosts (``0`` for none).
+    """
     remaining = list(hosts)
     batches: list[list[str]] = []
-    first = parse_size(canary, len(remaining)) if has_canary(canary) else 0
-    if first:
+    if pinned:
+        chosen = set(pinned)
+        if first_batch := [h for h in remaining if h in chosen]:
+            batches.append(first_batch)
+            remaining = [h for h in remaining if h not in chosen]
+    elif has_canary(canary) and (first := parse_size(canary, len(remaining))):
         batches.append(remaining[:first])
         remaining = remaining[first:]
     size = parse_size(batch, len(hosts))
@@ -181,7 +193,9 @@ def run_fleet(
     report = reporter or _NullReporter()
     stop = stop or threading.Event()
     run = RunResult(uuid.uuid4().hex[:12], datetime.now(UTC), options)
-    run.batches = plan_batches(sorted(stations), options.canary, options.batch)
+    run.batches = plan_batches(
+        sorted(stations), options.canary, options.batch, options.canary_hosts
+    )
     attempted = 0
     failures = 0
     with _dispatch(stations, files, transport_factory, options, stop, sleep, executor) as pushes:

@@ -519,6 +519,27 @@ def test_a_canary_password_never_leaks_from_a_rollout(example: ExampleLab) -> No
     assert applied is not None and not _leaks(applied)
 
 
+def test_the_canary_can_be_named(example: ExampleLab) -> None:
+    for host in example.lab.hosts.values():
+        host.reset_counts()
+    nothing = example.cli("rollout", "--yes", "--canary-hosts", "ws:nowhere-*")
+    assert nothing.returncode == 1
+    assert "--canary-hosts 'ws:nowhere-*' matches none of the selected workstations" in (
+        nothing.stderr
+    )
+    assert all(host.request_count == 0 for host in example.lab.hosts.values())
+    run = example.cli("rollout", "--yes", "--canary-hosts", "ham-ws-002,ber-ws-003")
+    assert run.returncode == 0, (run.stdout, run.stderr)
+    out = run.stdout
+    assert "batches: canary ber-ws-003, ham-ws-002, then 100%" in out
+    assert "-- canary batch: 2 workstation(s)" in out
+    first = list(host_lines(out))
+    assert sorted(first[:2]) == ["ber-ws-003", "ham-ws-002"] and len(first) == 9
+    assert out.index("-- batch 2") > out.index("ham-ws-002: changed")
+    [recorded] = state.StateStore(example.state).runs()
+    assert recorded.options["canary_hosts"] == ["ber-ws-003", "ham-ws-002"]
+
+
 def test_check_with_detailed_exitcode_tells_drift_from_failure(example: ExampleLab) -> None:
     # Nothing pushed yet: every workstation would change.
     assert example.cli("rollout", "--check", "--detailed-exitcode").returncode == 4

@@ -93,6 +93,14 @@ def test_plan_batches_counts_percentages_and_canary() -> None:
         assert flat == hosts  # every host exactly once, in order
 
 
+def test_a_pinned_canary_goes_first_and_the_rest_follow_in_order() -> None:
+    hosts = [f"h{n}" for n in range(10)]
+    batches = plan_batches(hosts, "1", "4", pinned=["h7", "h2", "missing"])
+    assert batches == [["h2", "h7"], ["h0", "h1", "h3", "h4"], ["h5", "h6", "h8", "h9"]]
+    assert plan_batches(hosts, "0", "100%", pinned=["h9"]) == [["h9"], hosts[:9]]
+    assert plan_batches(hosts, "1", "100%", pinned=["nowhere"]) == [hosts]  # no empty batch
+
+
 def test_has_canary() -> None:
     assert not any(runner.has_canary(text) for text in ("0", " 0 ", "00", "0%", "0.0%"))
     assert all(runner.has_canary(text) for text in ("1", "10%", "x", ""))

@@ -8,7 +8,7 @@ import shlex
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
@@ -32,6 +32,7 @@ from provisioner.errors import ProvisionerError
 if TYPE_CHECKING:
     from provisioner import build as phase1
     from provisioner import runner, vault
+    from provisioner.model import Inventory
 
 InventoryOpt = Annotated[
     Path, typer.Option("--inventory", "-i", envvar="PROVISIONER_INVENTORY", file_okay=False)
@@ -135,6 +136,33 @@ def _phase1(
     return result, opened[0]
 
 
+def _pinned_canary(
+    model: Inventory, files: Mapping[str, Sequence[phase1.BuiltFile]], expression: str
+) -> tuple[str, ...]:
+    """The selected workstations that ``--canary-hosts`` names (any of their targets)."""
+    from provisioner import resolve
+
+    pick = resolve.Selection(expression)
+    pinned = tuple(
+        name
+        for name in sorted(files)
+        if any(pick.matches(model, name, f.target.user) for f in files[name])
+    )
+    if not pinned:
+        raise ProvisionerError(
+            f"--canary-hosts {expression!r} matches none of the selected workstations"
+        )
+    return pinned
+
+
+def _canary_said(options: runner.RolloutOptions) -> str:
+    hosts = options.canary_hosts
+    if not hosts:
+        return options.canary
+    more = f" and {len(hosts) - 3} more" if len(hosts) > 3 else ""
+    return ", ".join(hosts[:3]) + more
+
+
 def execute(
     *,
     inventory: Path,
@@ -155,11 +183,13 @@ def execute(
     command: str = "rollout",
     selection: str | None = None,
     processes: int = 0,
+    canary_hosts: str = "",
 ) -> runner.RunResult:
     """Phase 1, confirmation, the rollout itself, state, audit and reports.
 
     ``selection`` says in messages what the user selected (default: ``--limit LIMIT``).
-    ``processes``: push lanes (0: automatic, 1: this process only).
+    ``processes``: push lanes (0: automatic, 1: this process only). ``canary_hosts``: the
+    canary batch as a ``--limit`` expression.
     """
     from provisioner import connections, lanes, report, resolve, revision, runner, state
     from provisioner.cli.progress import PlainReporter, RichReporter, print_summary
@@ -185,6 +215,8 @@ def execute(
         shown = selection if selection is not None else shown_selection(limit)
         raise ProvisionerError(f"no workstation matches the selection {shown}")
     lab = connections.LabMap.load(lab_file) if lab_file else None
+    if canary_hosts.strip():
+        options = replace(options, canary_hosts=_pinned_canary(model, files, canary_hosts))
 
     def transport(plan: resolve.StationPlan) -> Any:
         return connections.open_transport(plan, keyring, lab, timeout=timeout)
@@ -197,7 +229,7 @@ def execute(
     with runner.open_lanes(stations, files, transport, wanted) as pushers:
         console.print(
             f"{len(stations)} workstation(s), {users} user profile(s) selected; "
-            f"batches: canary {options.canary}, then {options.batch}; "
+            f"batches: canary {_canary_said(options)}, then {options.batch}; "
             f"stop above {options.max_fail:g}% failures{_lanes_said(pushers, options.forks)}"
         )
         if not options.check and not yes:
@@ -207,7 +239,7 @@ def execute(
                 stations,
                 files,
                 transport,
-                replace(options, check=True, canary="0", max_fail=100),
+                replace(options, check=True, canary="0", canary_hosts=(), max_fail=100),
                 executor=pushers,
             )
             counts = preview.counts()
@@ -223,7 +255,7 @@ def execute(
         stop = threading.Event()
         who = getpass.getuser()
         lock = store.lock(f"{who}: {command}") if not options.check else nullcontext()
-        canary = runner.has_canary(options.canary)
+        canary = bool(options.canary_hosts) or runner.has_canary(options.canary)
         with lock, interrupt_to(stop):
             reporter: Reporter
             if quiet or not console.is_terminal:
@@ -306,6 +338,14 @@ def rollout(
     canary: Annotated[
         str, typer.Option("--canary", help="First batch: N or P%; 0 for none.")
     ] = "1",
+    canary_hosts: Annotated[
+        str,
+        typer.Option(
+            "--canary-hosts",
+            help="The canary batch by name instead: workstations as in --limit (names, globs, "
+            "group:NAME), e.g. the IT department's own.",
+        ),
+    ] = "",
     batch: Annotated[str, typer.Option("--batch", help="Later batches: N or P%.")] = "100%",
     max_fail: Annotated[
         str, typer.Option("--max-fail", help="Stop when more than P% of attempted hosts failed.")
@@ -381,6 +421,7 @@ def rollout(
         check=check,
         push=PushOptions(if_running=if_running),
     )
+
     run = execute(
         inventory=inventory,
         limit=limit,
@@ -398,6 +439,7 @@ def rollout(
         report_junit=report_junit,
         selection=selection,
         processes=processes,
+        canary_hosts=canary_hosts,
     )
     code = report.exit_code(run, detailed=detailed_exitcode)
     if code:
