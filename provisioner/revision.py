@@ -12,6 +12,7 @@ from pathlib import Path
 
 GIT_TIMEOUT_S = 10
 DIRTY = "+dirty"
+INVENTORY_SUFFIXES = (".yaml", ".yml", ".j2")
 
 
 def inventory_revision(folder: Path) -> str:
@@ -21,10 +22,19 @@ def inventory_revision(folder: Path) -> str:
     if git is None:
         return ""
     commit = _git(git, folder, "rev-parse", "--verify", "--quiet", "HEAD")
-    if not commit:
-        return ""
-    changes = _git(git, folder, "status", "--porcelain", "--", ".")
-    return commit if changes == "" else commit + DIRTY
+    if not commit or not _git(git, folder, "ls-files", "--", "."):
+        return ""  # no commit, or a folder git ignores (a copy): no version describes it
+    changes = _git(git, folder, "status", "--porcelain", "--ignored=matching", "--", ".")
+    if changes is None:
+        return commit + DIRTY
+    # An ignored file counts only where the inventory would read it (YAML, templates): the
+    # lab's files and the like are ignored by design.
+    differing = [
+        line
+        for line in changes.splitlines()
+        if not line.startswith("!! ") or line.endswith(INVENTORY_SUFFIXES)
+    ]
+    return commit + DIRTY if differing else commit
 
 
 def short(revision: str) -> str:

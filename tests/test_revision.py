@@ -42,5 +42,18 @@ def test_the_commit_and_whether_the_inventory_differs_from_it(tmp_path: Path) ->
     git(tmp_path, "checkout", "-q", "--", ".")
     (inventory / "new.yaml").write_text("groups: {}\n")  # untracked: the load reads it too
     assert revision.inventory_revision(inventory) == commit + "+dirty"
+    (inventory / "new.yaml").unlink()
+    (tmp_path / ".gitignore").write_text("/inventory/.lab.json\n/inventory/local.yaml\n/copy/\n")
+    git(tmp_path, "add", ".gitignore")
+    git(tmp_path, "commit", "-q", "-m", "ignore")
+    commit = git(tmp_path, "rev-parse", "HEAD")
+    (inventory / ".lab.json").write_text("{}")  # ignored, and not read by the load
+    assert revision.inventory_revision(inventory) == commit
+    (inventory / "local.yaml").write_text("groups: {}\n")  # ignored, but the load reads it
+    assert revision.inventory_revision(inventory) == commit + "+dirty"
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "users.yaml").write_text("users: {}\n")
+    assert revision.inventory_revision(copy) == ""  # an ignored copy: no commit describes it
     assert revision.short(commit + "+dirty") == commit[:12] + "+dirty"
     assert revision.short(commit) == commit[:12]
