@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 GIT_TIMEOUT_S = 10
 DIRTY = "+dirty"
@@ -24,17 +24,29 @@ def inventory_revision(folder: Path) -> str:
     commit = _git(git, folder, "rev-parse", "--verify", "--quiet", "HEAD")
     if not commit or not _git(git, folder, "ls-files", "--", "."):
         return ""  # no commit, or a folder git ignores (a copy): no version describes it
-    changes = _git(git, folder, "status", "--porcelain", "--ignored=matching", "--", ".")
+    prefix = _git(git, folder, "rev-parse", "--show-prefix") or ""
+    # Every untracked and ignored file listed one by one, whatever the repository's settings;
+    # no index refresh (a check must not take git's lock from under the user's commit).
+    changes = _git(
+        git,
+        folder,
+        "status",
+        "--porcelain",
+        "-z",
+        "--ignored=traditional",
+        "--untracked-files=all",
+        "--",
+        ".",
+        strip=False,
+    )
     if changes is None:
         return commit + DIRTY
-    # An ignored file counts only where the inventory would read it (YAML, templates): the
-    # lab's files and the like are ignored by design.
-    differing = [
-        line
-        for line in changes.splitlines()
-        if not line.startswith("!! ") or line.endswith(INVENTORY_SUFFIXES)
-    ]
-    return commit + DIRTY if differing else commit
+    for entry in changes.split("\0"):
+        if not entry:
+            continue
+        if not entry.startswith("!! ") or _read_by_the_load(entry[3:], prefix):
+            return commit + DIRTY
+    return commit
 
 
 def short(revision: str) -> str:
@@ -43,11 +55,19 @@ def short(revision: str) -> str:
     return commit[:12] + dirty
 
 
-def _git(git: str, folder: Path, *args: str) -> str | None:
-    """The command's output, stripped; None when it failed."""
+def _read_by_the_load(path: str, prefix: str) -> bool:
+    """An ignored file counts where the inventory would read it: YAML or a template, not a
+    dotfile (the lab's ``.lab.json`` and the like are ignored by design)."""
+    relative = PurePosixPath(path.removeprefix(prefix))
+    hidden = any(part.startswith(".") for part in relative.parts)
+    return relative.suffix in INVENTORY_SUFFIXES and not hidden
+
+
+def _git(git: str, folder: Path, *args: str, strip: bool = True) -> str | None:
+    """The command's output (stripped); None when it failed."""
     try:
         done = subprocess.run(
-            [git, "-C", str(folder), *args],
+            [git, "--no-optional-locks", "-C", str(folder), *args],
             capture_output=True,
             text=True,
             timeout=GIT_TIMEOUT_S,
@@ -56,4 +76,6 @@ def _git(git: str, folder: Path, *args: str) -> str | None:
         )
     except (OSError, subprocess.SubprocessError, UnicodeDecodeError):
         return None
-    return done.stdout.strip() if done.returncode == 0 else None
+    if done.returncode != 0:
+        return None
+    return done.stdout.strip() if strip else done.stdout

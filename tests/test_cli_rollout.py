@@ -401,7 +401,9 @@ def test_a_run_records_the_inventory_commit(example: ExampleLab) -> None:
     change_defaults(example.inventory)  # not committed
     again = example.cli("rollout", "--yes", "--limit", "ber-ws-001")
     assert again.returncode == 0, (again.stdout, again.stderr)
-    assert f"differs from its last commit ({commit[:12]}+dirty)" in again.stdout
+    assert f"note: recorded as {commit[:12]}+dirty: the inventory differs" in again.stdout
+    check = example.cli("rollout", "--check", "--limit", "ber-ws-001")
+    assert "recorded as" not in check.stdout  # a check is not recorded
     pushed = example.cli("push", "ber-ws-002")
     assert pushed.returncode == 0, (pushed.stdout, pushed.stderr)
     newest, second, _ = state.StateStore(example.state).runs()
@@ -456,6 +458,8 @@ def test_a_second_ctrl_c_abandons_the_push_and_records_that(example: ExampleLab)
     assert "interrupted while the workstation was being written" in out
     [run] = state.StateStore(example.state).runs()
     assert run.stopped == "interrupted" and run.counts[Status.FAILED] == 1
+    [record] = json.loads(example.cli("audit", "--json", keys=False, lab=False).stdout)
+    assert (record["run_id"], record["status"]) == (run.id, "failed")
 
 
 # --------------------------------------------------------------------------- a canary password
@@ -527,11 +531,14 @@ def test_the_canary_can_be_named(example: ExampleLab) -> None:
     assert "--canary-hosts 'ws:nowhere-*' matches none of the selected workstations" in (
         nothing.stderr
     )
+    empty = example.cli("rollout", "--yes", "--canary-hosts", " , ")
+    assert empty.returncode == 1 and "--canary-hosts ' , ' names no workstation" in empty.stderr
     assert all(host.request_count == 0 for host in example.lab.hosts.values())
-    run = example.cli("rollout", "--yes", "--canary-hosts", "ham-ws-002,ber-ws-003")
+    run = example.cli("rollout", "--yes", "--canary-hosts", "ham-ws-002,ber-ws-003,ber-ws-0009")
     assert run.returncode == 0, (run.stdout, run.stderr)
     out = run.stdout
     assert "batches: canary ber-ws-003, ham-ws-002, then 100%" in out
+    assert "warning: --canary-hosts term 'ber-ws-0009' matches nothing; did you mean" in out
     assert "-- canary batch: 2 workstation(s)" in out
     first = list(host_lines(out))
     assert sorted(first[:2]) == ["ber-ws-003", "ham-ws-002"] and len(first) == 9

@@ -19,6 +19,20 @@ def git(folder: Path, *args: str) -> str:
     return done.stdout.strip()
 
 
+def test_a_folder_with_spaces_and_an_ignored_yaml_file_in_it(tmp_path: Path) -> None:
+    git(tmp_path, "init", "-q")
+    inventory = tmp_path / "inv dir"
+    inventory.mkdir()
+    (inventory / "a.yaml").write_text("users: {}\n")
+    (tmp_path / ".gitignore").write_text("/inv dir/*.local.yaml\n")
+    git(tmp_path, "add", ".")
+    git(tmp_path, "commit", "-q", "-m", "first")
+    commit = git(tmp_path, "rev-parse", "HEAD")
+    assert revision.inventory_revision(inventory) == commit
+    (inventory / "c.local.yaml").write_text("groups: {}\n")
+    assert revision.inventory_revision(inventory) == commit + "+dirty"
+
+
 def test_outside_git_there_is_no_revision(tmp_path: Path) -> None:
     assert revision.inventory_revision(tmp_path) == ""
     assert revision.inventory_revision(tmp_path / "missing") == ""
@@ -51,6 +65,22 @@ def test_the_commit_and_whether_the_inventory_differs_from_it(tmp_path: Path) ->
     assert revision.inventory_revision(inventory) == commit
     (inventory / "local.yaml").write_text("groups: {}\n")  # ignored, but the load reads it
     assert revision.inventory_revision(inventory) == commit + "+dirty"
+    (inventory / "local.yaml").unlink()
+    ignored = inventory / "ign"  # an ignored folder the load would still read
+    (tmp_path / ".gitignore").write_text("/inventory/.lab.json\n/inventory/ign/\n/copy/\n")
+    ignored.mkdir()
+    (ignored / "more.yaml").write_text("groups: {}\n")
+    git(tmp_path, "add", ".gitignore")
+    git(tmp_path, "commit", "-q", "-m", "ignore a folder")
+    commit = git(tmp_path, "rev-parse", "HEAD")
+    assert revision.inventory_revision(inventory) == commit + "+dirty"
+    shutil.rmtree(ignored)
+    assert revision.inventory_revision(inventory) == commit
+    git(tmp_path, "config", "status.showUntrackedFiles", "no")  # a repository's own setting
+    assert revision.inventory_revision(inventory) == commit
+    (inventory / "new.yaml").write_text("groups: {}\n")
+    assert revision.inventory_revision(inventory) == commit + "+dirty"
+    (inventory / "new.yaml").unlink()
     copy = tmp_path / "copy"
     copy.mkdir()
     (copy / "users.yaml").write_text("users: {}\n")

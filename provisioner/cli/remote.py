@@ -164,7 +164,7 @@ def _run_recorded(
     from datetime import UTC, datetime
 
     from provisioner import revision, runner, state
-    from provisioner.cli.rollout import interrupt_to, state_dir
+    from provisioner.cli.rollout import interrupt_to, state_dir, uninterrupted
     from provisioner.results import HostResult, Status
 
     folder = state_dir(inventory, state_folder)
@@ -195,8 +195,9 @@ def _run_recorded(
             finished=datetime.now(UTC),
             stopped="interrupted" if interrupted.is_set() else "",
         )
-        store.record_run(run, who=who, command=command, revision=inventory_revision)
-        state.AuditLog(folder).append(state.records_for_run(run, who, action=audit_action))
+        with uninterrupted():
+            store.record_run(run, who=who, command=command, revision=inventory_revision)
+            state.AuditLog(folder).append(state.records_for_run(run, who, action=audit_action))
     print_result(result, show_diff=show_diff)
     echo(f"recorded as run {run.run_id} in {folder}")
     _exit(result)

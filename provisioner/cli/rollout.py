@@ -75,6 +75,19 @@ def state_dir(inventory: Path, explicit: Path | None) -> Path:
 
 
 @contextmanager
+def uninterrupted() -> Iterator[None]:
+    """Ctrl-C ignored for the block: a run recorded without its audit records would hide a
+    change (recording takes milliseconds)."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+    try:
+        yield
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
+
+
+@contextmanager
 def interrupt_to(stop: threading.Event) -> Iterator[None]:
     """First Ctrl-C: stop launching new workstations; the second one aborts at once."""
     previous = signal.getsignal(signal.SIGINT)
@@ -142,16 +155,25 @@ def _pinned_canary(
     """The selected workstations that ``--canary-hosts`` names (any of their targets)."""
     from provisioner import resolve
 
+    if not any(term.strip() for term in expression.split(",")):
+        # "$A,$B" with both empty would otherwise select everything: a canary of the fleet.
+        raise ProvisionerError(f"--canary-hosts {expression!r} names no workstation")
     pick = resolve.Selection(expression)
-    pinned = tuple(
-        name
-        for name in sorted(files)
-        if any(pick.matches(model, name, f.target.user) for f in files[name])
-    )
+    try:
+        pinned = tuple(
+            name
+            for name in sorted(files)
+            if any(pick.matches(model, name, f.target.user) for f in files[name])
+        )
+        unmatched = pick.unmatched(model)
+    except ProvisionerError as exc:
+        raise ProvisionerError(f"--canary-hosts: {exc}") from None
     if not pinned:
         raise ProvisionerError(
             f"--canary-hosts {expression!r} matches none of the selected workstations"
         )
+    for warning in unmatched:  # a typo next to a good term would shrink the canary silently
+        echo("warning: " + warning.replace("--limit term", "--canary-hosts term", 1))
     return pinned
 
 
@@ -281,13 +303,14 @@ def execute(
                         executor=pushers,
                     )
             if not options.check:
-                store.record_run(run, who=who, command=command, revision=inventory_revision)
-                state.AuditLog(folder).append(state.records_for_run(run, who, action=action))
+                with uninterrupted():
+                    store.record_run(run, who=who, command=command, revision=inventory_revision)
+                    state.AuditLog(folder).append(state.records_for_run(run, who, action=action))
     print_summary(console, run, groups, diffs=show_diff)
-    if inventory_revision.endswith(revision.DIRTY):
+    if inventory_revision.endswith(revision.DIRTY) and not options.check:
         console.print(
-            "note: the inventory differs from its last commit "
-            f"({revision.short(inventory_revision)}); the run records that commit as dirty"
+            f"note: recorded as {revision.short(inventory_revision)}: the inventory differs "
+            "from its last commit (or git could not compare them)"
         )
     if report_json:
         report.write_run_json(run, report_json, revision=inventory_revision)
