@@ -319,26 +319,11 @@ def test_failures_exit_3_then_only_failed_converges(example: ExampleLab) -> None
     assert set(host_lines(named.stdout).values()) == {"unchanged"}
 
 
-def test_ctrl_c_finishes_the_host_in_flight_and_records_the_run(example: ExampleLab) -> None:
-    for host in example.lab.hosts.values():
-        host.set_faults(Faults(slow=0.1))
-    command = [
-        sys.executable,
-        "-m",
-        "provisioner.cli",
-        "rollout",
-        "--yes",
-        "--canary",
-        "0",
-        "--forks",
-        "1",
-        "-i",
-        str(example.inventory),
-        *example.keys,
-        "--lab",
-        str(example.lab_file),
-    ]
-    process = subprocess.Popen(
+def _start_cli(example: ExampleLab, *args: str) -> subprocess.Popen[str]:
+    """The real CLI started from the shell with the example's inventory, keys and lab."""
+    command = [sys.executable, "-m", "provisioner.cli", *args, "-i", str(example.inventory)]
+    command += [*example.keys, "--lab", str(example.lab_file)]
+    return subprocess.Popen(
         command,
         cwd=example.root,
         env=example.env,
@@ -347,6 +332,12 @@ def test_ctrl_c_finishes_the_host_in_flight_and_records_the_run(example: Example
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def test_ctrl_c_finishes_the_host_in_flight_and_records_the_run(example: ExampleLab) -> None:
+    for host in example.lab.hosts.values():
+        host.set_faults(Faults(slow=0.1))
+    process = _start_cli(example, "rollout", "--yes", "--canary", "0", "--forks", "1")
     try:
         assert process.stdout is not None
         lines = []
@@ -415,17 +406,7 @@ def _push_interrupted(example: ExampleLab, signals: int) -> tuple[int, str, str]
     host = example.lab.hosts["ber-ws-001"]
     host.set_faults(Faults(slow=0.3))
     host.reset_counts()
-    command = [sys.executable, "-m", "provisioner.cli", "push", "ber-ws-001"]
-    command += ["-i", str(example.inventory), *example.keys, "--lab", str(example.lab_file)]
-    process = subprocess.Popen(
-        command,
-        cwd=example.root,
-        env=example.env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = _start_cli(example, "push", "ber-ws-001")
     try:
         deadline = time.monotonic() + 60
         while host.request_count < 2 and time.monotonic() < deadline:

@@ -25,12 +25,17 @@ def test_a_folder_with_spaces_and_an_ignored_yaml_file_in_it(tmp_path: Path) -> 
     inventory.mkdir()
     (inventory / "a.yaml").write_text("users: {}\n")
     (tmp_path / ".gitignore").write_text("/inv dir/*.local.yaml\n")
-    git(tmp_path, "add", ".")
-    git(tmp_path, "commit", "-q", "-m", "first")
-    commit = git(tmp_path, "rev-parse", "HEAD")
+    commit = commit_all(tmp_path, "first")
     assert revision.inventory_revision(inventory) == commit
     (inventory / "c.local.yaml").write_text("groups: {}\n")
     assert revision.inventory_revision(inventory) == commit + "+dirty"
+
+
+def commit_all(repo: Path, message: str) -> str:
+    """Commit every file of ``repo``; the new commit."""
+    git(repo, "add", ".")
+    git(repo, "commit", "-q", "-m", message)
+    return git(repo, "rev-parse", "HEAD")
 
 
 def test_outside_git_there_is_no_revision(tmp_path: Path) -> None:
@@ -45,9 +50,7 @@ def test_the_commit_and_whether_the_inventory_differs_from_it(tmp_path: Path) ->
     (inventory / "users.yaml").write_text("users: {}\n")
     (tmp_path / "notes.txt").write_text("outside the inventory\n")
     assert revision.inventory_revision(inventory) == ""  # no commit yet
-    git(tmp_path, "add", ".")
-    git(tmp_path, "commit", "-q", "-m", "first")
-    commit = git(tmp_path, "rev-parse", "HEAD")
+    commit = commit_all(tmp_path, "first")
     assert revision.inventory_revision(inventory) == commit
     (tmp_path / "notes.txt").write_text("changed, but not in the inventory\n")
     assert revision.inventory_revision(inventory) == commit
@@ -58,9 +61,7 @@ def test_the_commit_and_whether_the_inventory_differs_from_it(tmp_path: Path) ->
     assert revision.inventory_revision(inventory) == commit + "+dirty"
     (inventory / "new.yaml").unlink()
     (tmp_path / ".gitignore").write_text("/inventory/.lab.json\n/inventory/local.yaml\n/copy/\n")
-    git(tmp_path, "add", ".gitignore")
-    git(tmp_path, "commit", "-q", "-m", "ignore")
-    commit = git(tmp_path, "rev-parse", "HEAD")
+    commit = commit_all(tmp_path, "ignore")
     (inventory / ".lab.json").write_text("{}")  # ignored, and not read by the load
     assert revision.inventory_revision(inventory) == commit
     (inventory / "local.yaml").write_text("groups: {}\n")  # ignored, but the load reads it
@@ -70,9 +71,7 @@ def test_the_commit_and_whether_the_inventory_differs_from_it(tmp_path: Path) ->
     (tmp_path / ".gitignore").write_text("/inventory/.lab.json\n/inventory/ign/\n/copy/\n")
     ignored.mkdir()
     (ignored / "more.yaml").write_text("groups: {}\n")
-    git(tmp_path, "add", ".gitignore")
-    git(tmp_path, "commit", "-q", "-m", "ignore a folder")
-    commit = git(tmp_path, "rev-parse", "HEAD")
+    commit = commit_all(tmp_path, "ignore a folder")
     assert revision.inventory_revision(inventory) == commit + "+dirty"
     shutil.rmtree(ignored)
     assert revision.inventory_revision(inventory) == commit
