@@ -188,10 +188,17 @@ def wait_until_dead(pid: int) -> None:
     while time.monotonic() < deadline:
         try:
             tasks = list(Path(f"/proc/{pid}/task").iterdir())
-            states = {(task / "stat").read_text().rsplit(")", 1)[1].split()[0] for task in tasks}
-        except (OSError, IndexError):
-            return
-        if states <= {"Z"}:
+        except OSError:
+            return  # reaped
+        states = set()
+        for task in tasks:
+            try:
+                states.add((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+            except (OSError, IndexError):
+                # A thread that went while being looked at: the others may still run (this
+                # returned early before, and the next run met a lane still holding its pipes).
+                states.add("?")
+        if states <= {"Z", "X"}:
             return
         time.sleep(0.01)
     raise AssertionError(f"process {pid} still runs {BOUND:g} s after SIGKILL")
