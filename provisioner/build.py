@@ -444,7 +444,7 @@ class _Builder:
                 continue
             # A key's value whole (any length) or containing a long password; a comment's text.
             values = (entry.value, entry.raw_value) if entry.key else (entry.raw_value,)
-            if any(s.matches_text(v) or s.occurs_in(v) for _, _, s in secrets for v in values):
+            if any(s.occurs_in(v) for _, _, s in secrets for v in values):
                 ini_lint.forget_cached_values()  # lint may have cached that value as a key
                 where = f"[{section_name}] {entry.key}" if entry.key else "a comment"
                 self.result.findings.append(

@@ -100,16 +100,6 @@ class WorkerError(RuntimeError):
     """A worker process failed without an exception that could travel back."""
 
 
-def map_chunks(
-    work: Callable[[Sequence[Item]], Result], chunks: Sequence[Sequence[Item]]
-) -> list[Result]:
-    """``work(chunk)`` for every chunk, in order: the first here, the others in forked children.
-
-    An exception raised by ``work`` in a child is raised here. Results must be picklable.
-    """
-    return stream_chunks(lambda chunk: (work(chunk),), chunks)
-
-
 def stream_chunks(
     work: Callable[[Sequence[Item]], Iterable[Result]], chunks: Sequence[Sequence[Item]]
 ) -> list[Result]:
@@ -267,8 +257,7 @@ def _frames_child(
                 try:
                     payload = work(item)
                 except BaseException as exc:  # every failure must reach the parent
-                    message = ("error", _sendable(exc), _innermost(exc), traceback.format_exc())
-                    error = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+                    error = pickle.dumps(_failure(exc), protocol=pickle.HIGHEST_PROTOCOL)
                     stream.write(_FRAME.pack(True, len(error)) + error)
                     return
                 stream.write(_FRAME.pack(False, len(payload)))
@@ -351,9 +340,14 @@ def _messages(
             yield ("end",)
             return
         except BaseException as exc:  # every failure must reach the parent
-            yield ("error", _sendable(exc), _innermost(exc), traceback.format_exc())
+            yield _failure(exc)
             return
         yield ("ok", result)
+
+
+def _failure(exc: BaseException) -> tuple[Any, ...]:
+    """The message that carries ``exc`` (being handled) to the parent: see :func:`_receive`."""
+    return ("error", _sendable(exc), _innermost(exc), traceback.format_exc())
 
 
 def _sendable(exc: BaseException) -> BaseException:

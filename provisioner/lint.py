@@ -197,7 +197,8 @@ class _Linter:
 
     def check_section(self, section: IniSection) -> None:
         table_section = self.table.table_section(section.name)
-        readable = not self.table.is_runtime_section(section.name) and not (
+        runtime = self.table.is_runtime_section(section.name)
+        readable = not runtime and not (
             table_section is None or (self.override and table_section == "Shortcuts")
         )
         first_line: dict[str, int] = {}
@@ -222,7 +223,7 @@ class _Linter:
             self.check_entry(section, entry, key, name)
         if readable:
             return
-        if self.table.is_runtime_section(section.name):
+        if runtime:
             if self.override or not self.allow_runtime:
                 self.add(
                     "error",

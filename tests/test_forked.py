@@ -8,7 +8,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -117,20 +117,25 @@ def _unrebuildable_in_second_chunk(chunk: Sequence[int]) -> int:
     return sum(chunk)
 
 
-def test_map_chunks_keeps_order_and_reports_failures() -> None:
+def _per_chunk(work: Callable[[Sequence[int]], object]) -> Callable[[Sequence[int]], list[object]]:
+    """``work`` giving one result per chunk, as stream_chunks takes it."""
+    return lambda chunk: [work(chunk)]
+
+
+def test_stream_chunks_keeps_order_and_reports_failures() -> None:
     chunks = forked.split(list(range(10)), 3)
     assert [list(c) for c in chunks] == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
-    assert forked.map_chunks(sum, chunks) == [6, 15, 24]
+    assert forked.stream_chunks(_per_chunk(sum), chunks) == [6, 15, 24]
     with pytest.raises(ValueError, match="bad chunk starting at 4") as failure:
-        forked.map_chunks(_fail_in_second_chunk, chunks)
+        forked.stream_chunks(_per_chunk(_fail_in_second_chunk), chunks)
     # Where the worker failed travels with the exception: a note and the remote traceback.
     [note] = failure.value.__notes__
     assert note.startswith("(raised in a worker process at ") and __file__ in note
     assert "_fail_in_second_chunk" in str(failure.value.__cause__)
     with pytest.raises(forked.WorkerError, match="_NeedsKeyword in a worker process"):
-        forked.map_chunks(_unrebuildable_in_second_chunk, chunks)
+        forked.stream_chunks(_per_chunk(_unrebuildable_in_second_chunk), chunks)
     with pytest.raises(forked.WorkerError, match="exit code 7"):
-        forked.map_chunks(_die_in_second_chunk, chunks)
+        forked.stream_chunks(_per_chunk(_die_in_second_chunk), chunks)
     assert forked.split([1], 4) == [[1]]
 
 
@@ -141,7 +146,7 @@ def _secret_in_second_chunk(chunk: Sequence[int]) -> object:
 def test_a_secret_never_travels_between_processes(capfd: pytest.CaptureFixture[str]) -> None:
     chunks = forked.split(list(range(4)), 2)
     with pytest.raises(forked.WorkerError, match="exit code 70") as failure:
-        forked.map_chunks(_secret_in_second_chunk, chunks)
+        forked.stream_chunks(_per_chunk(_secret_in_second_chunk), chunks)
     out, err = capfd.readouterr()
     assert "canary-password" not in str(failure.value) + out + err
 
