@@ -78,9 +78,33 @@ def usable_workers(items: int, *, per_worker: int) -> int:
     ``min(cores, items // per_worker)``, at most :data:`MAX_WORKERS`; 1 where forking is not
     possible or not safe (another thread is running).
     """
-    if not hasattr(os, "fork") or threading.active_count() > 1:
+    if fork_unsafe_reason():
         return 1
     return max(1, min(available_cores(), items // max(1, per_worker), MAX_WORKERS))
+
+
+def fork_unsafe_reason() -> str:
+    """Why this process must not fork now; empty when it may."""
+    if not hasattr(os, "fork"):
+        return "this platform cannot fork"
+    if threading.active_count() > 1:
+        return "another thread is running (forking now could deadlock a child)"
+    return ""
+
+
+def reap(process: multiprocessing.process.BaseProcess, grace: float) -> int | None:
+    """Wait up to ``grace`` seconds for a child, then end it (terminate, then kill); its exit
+    code, or None for a child never started."""
+    if process.pid is None:
+        return None
+    process.join(grace)
+    if process.is_alive():
+        process.terminate()
+        process.join(1.0)
+    if process.is_alive():
+        process.kill()
+        process.join()
+    return process.exitcode
 
 
 def split(items: Sequence[Item], parts: int) -> list[Sequence[Item]]:
@@ -219,13 +243,8 @@ def _start(
 def _end(children: Sequence[tuple[multiprocessing.process.BaseProcess, BinaryIO]]) -> None:
     for process, stream in children:
         stream.close()
-        if process.pid is None:
-            continue
-        process.join(timeout=1)
-        if process.is_alive():
-            process.terminate()
-            process.join()
-        process.close()  # its sentinel descriptor, now rather than when collected
+        if reap(process, 1.0) is not None:
+            process.close()  # its sentinel descriptor, now rather than when collected
 
 
 _FRAME = struct.Struct("<?Q")  # failed, payload length
@@ -277,12 +296,8 @@ def _detach(read_fd: int, siblings: Sequence[int]) -> None:
 
 def _no_result(process: multiprocessing.process.BaseProcess) -> WorkerError:
     # A child may still be writing (its stream could not be read here): it would never end.
-    if process.is_alive():
-        process.join(timeout=1)
-        if process.is_alive():
-            process.terminate()
-    process.join()
-    return WorkerError(f"a worker process ended without a result (exit code {process.exitcode})")
+    code = reap(process, 1.0)
+    return WorkerError(f"a worker process ended without a result (exit code {code})")
 
 
 class _RemoteTraceback(Exception):

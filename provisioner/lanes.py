@@ -200,16 +200,14 @@ class Lanes(Generic[Params]):
         """Fork the lanes now, if this process may fork."""
         if self.requested < 2 or self._lanes:
             return self
-        if not hasattr(os, "fork"):
-            self.fallback = "this platform cannot fork"
-            return self
-        if threading.active_count() > 1:
-            self.fallback = "another thread is running (forking now could deadlock a child)"
+        if reason := forked.fork_unsafe_reason():
+            self.fallback = reason
             return self
         # Objects that exist now stay out of the collector's scans, so that a child's first
-        # full collection does not copy every page it shares with the parent.
+        # full collection does not copy every page it shares with the parent. Whoever froze
+        # first (a command-line Phase 1) unfreezes, so close() leaves their freeze alone.
+        self._frozen = gc.get_freeze_count() == 0
         gc.freeze()
-        self._frozen = True
         # Children are born ignoring Ctrl-C: no window in which it would kill one mid-start.
         main = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
@@ -267,7 +265,7 @@ class Lanes(Generic[Params]):
             lane.inbox.close()
             lane.outbox.close()
         for lane in self._lanes:
-            _reap(lane.process, _CLOSE_GRACE_S)
+            forked.reap(lane.process, _CLOSE_GRACE_S)
         if self._frozen:
             gc.unfreeze()
             self._frozen = False
@@ -348,15 +346,17 @@ class _LaneSession(Generic[Params]):
 
     def _receive(self, lane: _Lane) -> None:
         try:
-            kind, host, result = _decode(_read(lane.outbox), self._owner._types)
-            if kind != "done" or host not in lane.in_flight or not isinstance(result, HostResult):
-                raise pickle.UnpicklingError(f"unexpected message {kind!r}")
+            self._take_answer(lane)
         except (EOFError, OSError):
             self._lane_died(lane, "")
-            return
         except (pickle.UnpicklingError, ValueError, TypeError) as exc:
             self._lane_died(lane, f"sent an unreadable answer: {exc}")
-            return
+
+    def _take_answer(self, lane: _Lane) -> None:
+        """Read one answer of ``lane``: its host is done. Raises for anything else."""
+        kind, host, result = _decode(_read(lane.outbox), self._owner._types)
+        if kind != "done" or host not in lane.in_flight or not isinstance(result, HostResult):
+            raise pickle.UnpicklingError(f"unexpected message {kind!r}")
         lane.in_flight.remove(host)
         self._ready.append((host, result))
 
@@ -373,13 +373,10 @@ class _LaneSession(Generic[Params]):
         # Answers it sent before it died still count: only the hosts without one failed.
         with contextlib.suppress(EOFError, OSError, pickle.UnpicklingError, ValueError, TypeError):
             while lane.in_flight and lane.outbox.poll(0):
-                kind, host, result = _decode(_read(lane.outbox), self._owner._types)
-                if kind == "done" and host in lane.in_flight and isinstance(result, HostResult):
-                    lane.in_flight.remove(host)
-                    self._ready.append((host, result))
+                self._take_answer(lane)
         lane.inbox.close()
         lane.outbox.close()
-        code = _reap(lane.process, 1.0)
+        code = forked.reap(lane.process, 1.0)
         reason = f"push process {lane.pid} {why or _ending(code)} while pushing this workstation"
         reason += ": it may be partly written, push it again"
         for host in lane.in_flight:
@@ -409,20 +406,6 @@ def _ending(code: int | None) -> str:
         except ValueError:
             return f"was killed by signal {-code}"
     return f"ended unexpectedly (exit code {code})"
-
-
-def _reap(process: multiprocessing.process.BaseProcess, grace: float) -> int | None:
-    """Wait up to ``grace`` seconds for ``process``, then end it; its exit code."""
-    if process.pid is None:
-        return None
-    process.join(grace)
-    if process.is_alive():
-        process.terminate()
-        process.join(1.0)
-    if process.is_alive():
-        process.kill()
-        process.join()
-    return process.exitcode
 
 
 # --------------------------------------------------------------------------- the child
@@ -492,7 +475,9 @@ def _serve(
                 if pool is not None:
                     pool.shutdown(wait=True)
                 pool, pool_size = ThreadPoolExecutor(limit, thread_name_prefix="push"), limit
-        elif message[0] == "push" and pool is not None:
+        elif message[0] == "push":
+            # A push before any run is a bug: the lane crashes and its hosts fail, not hang.
+            assert pool is not None  # noqa: S101
             pool.submit(push, message[1], params)
         elif message[0] == "stop":
             stop.set()

@@ -235,6 +235,7 @@ class Selection:
     """
 
     expression: str = ""
+    option: str = "--limit"  # how messages name the expression
 
     def matches(self, inventory: Inventory, workstation: str, user: str | None) -> bool:
         """True when the (workstation, user) target is selected."""
@@ -246,7 +247,7 @@ class Selection:
         excluded = [t[1:] for t in terms if t.startswith("!")]
 
         def hit(term: str) -> bool:
-            return _term_matches(inventory, term, workstation, user)
+            return _term_matches(inventory, term, workstation, user, self.option)
 
         if include and not any(hit(t) for t in include):
             return False
@@ -265,8 +266,11 @@ class Selection:
         found = []
         for term in terms:
             bare = term.lstrip("!&")
-            if not any(_term_matches(inventory, bare, name, user) for name, user in pairs):
-                found.append(f"--limit term {term!r} matches nothing{_closest(inventory, bare)}")
+            if not any(
+                _term_matches(inventory, bare, name, user, self.option) for name, user in pairs
+            ):
+                hint = _closest(inventory, bare)
+                found.append(f"{self.option} term {term!r} matches nothing{hint}")
         return found
 
 
@@ -285,7 +289,9 @@ def _closest(inventory: Inventory, term: str) -> str:
     return f"; did you mean {(kind + ':' if kind else '') + close!r}?" if close else ""
 
 
-def _term_matches(inventory: Inventory, term: str, workstation: str, user: str | None) -> bool:
+def _term_matches(
+    inventory: Inventory, term: str, workstation: str, user: str | None, option: str
+) -> bool:
     kind, _, pattern = term.partition(":") if ":" in term else ("", "", term)
     station = inventory.workstations.get(workstation)
     if kind == "group":
@@ -298,7 +304,7 @@ def _term_matches(inventory: Inventory, term: str, workstation: str, user: str |
     if kind in ("ws", "workstation"):
         return fnmatch.fnmatchcase(workstation, pattern)
     if kind:
-        raise InventoryError(f"unknown --limit term {term!r}; use group:, user: or ws:")
+        raise InventoryError(f"unknown {option} term {term!r}; use group:, user: or ws:")
     return fnmatch.fnmatchcase(workstation, pattern) or (
         user is not None and fnmatch.fnmatchcase(user, pattern)
     )

@@ -569,6 +569,7 @@ def test_bad_input_exits_1_before_any_connection(example: ExampleLab) -> None:
         (("--canary", "ten"), "error: 'ten' is not a size: use a count like 5 or a share like 10%"),
         (("--batch", "0"), "error: '0' is not a size"),
         (("--max-fail", "-5%"), "error: --max-fail is a percentage such as 10%"),
+        (("--canary-hosts", " "), "error: --canary-hosts ' ' names no workstation"),
     ]
     for extra, message in cases:
         result = example.cli("rollout", "--yes", *extra)

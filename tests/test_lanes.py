@@ -9,6 +9,7 @@ here. Every wait is bounded: a run that does not end within :data:`BOUND` second
 
 from __future__ import annotations
 
+import gc
 import os
 import pickle
 import signal
@@ -310,6 +311,18 @@ def test_stop_ends_the_retries_inside_a_lane(fleet: Fleet) -> None:
     assert result.status == Status.FAILED and result.retryable
     assert result.attempts <= 20, result.attempts
     assert {run.results[h].status for h in HOSTS[1:]} == {Status.SKIPPED}
+
+
+def test_closing_the_lanes_keeps_a_freeze_made_before_them(fleet: Fleet) -> None:
+    only_thread()
+    gc.freeze()  # as a command-line Phase 1 does (build(process_lifetime=True))
+    try:
+        frozen = gc.get_freeze_count()
+        with fleet.lanes(2) as pushers:
+            assert pushers.processes == 2
+        assert gc.get_freeze_count() >= frozen
+    finally:
+        gc.unfreeze()
 
 
 # --------------------------------------------------------------------------- a lane dies

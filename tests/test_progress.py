@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 from rich.console import Console
 
-from provisioner.cli.progress import print_summary
+from provisioner.cli.progress import next_steps, print_summary
 from provisioner.results import HostResult, Status
 from provisioner.runner import RolloutOptions, RunResult
 
@@ -42,6 +42,11 @@ def test_next_steps_name_the_run_a_failed_host_and_each_kind_of_trouble() -> Non
         "  busy: the user's MicroSIP was running; retry later, or add --if-running stop to "
         "close it first",
     ]
+    helpdesk = next_steps(run, [run.results["ws3"]], "provisioner user regenerate alice")
+    assert helpdesk[1] == (
+        "  retry exactly these: provisioner user regenerate alice (with the same -i, keys and "
+        "--lab)"
+    )
     conflict = _run(HostResult("ws1", Status.CONFLICT, "changed while written"))
     assert "  conflict: the file changed on the workstation" in _summary(conflict)
     assert "doctor" not in _summary(conflict)

@@ -57,6 +57,15 @@ def check_if_running(value: str) -> str:
     return value
 
 
+StateOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--state",
+        envvar="PROVISIONER_STATE",
+        help="State folder for runs and audit (default: INVENTORY/../.provisioner-state).",
+        file_okay=False,
+    ),
+]
 IfRunningOpt = Annotated[
     str,
     typer.Option(

@@ -14,10 +14,11 @@ from provisioner.cli.common import (
     IfRunningOpt,
     PassFdOpt,
     PassFileOpt,
+    StateOpt,
     echo,
     load_model,
 )
-from provisioner.cli.rollout import LabOpt, StateOpt, execute, state_dir
+from provisioner.cli.rollout import LabOpt, execute, state_dir
 from provisioner.errors import ProvisionerError
 from provisioner.names import closest
 
@@ -158,6 +159,7 @@ def regenerate(
         action="reset" if reset else "regenerate",
         command=f"user regenerate {user}",
         selection=f"(user {user})",
+        retry=f"provisioner user regenerate {user}",
     )
     code = exit_code(run)
     if code:

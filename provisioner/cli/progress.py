@@ -117,9 +117,17 @@ class RichReporter:
 
 
 def print_summary(
-    console: Console, run: RunResult, groups: Mapping[str, Sequence[str]], *, diffs: bool
+    console: Console,
+    run: RunResult,
+    groups: Mapping[str, Sequence[str]],
+    *,
+    diffs: bool,
+    retry: str = "",
 ) -> None:
-    """Diffs, then per status, per group, the slowest hosts, every failure and what next."""
+    """Diffs, then per status, per group, the slowest hosts, every failure and what next.
+
+    ``retry``: the command that retries this run (default: the rollout's ``--only-failed``).
+    """
     # Diffs first: on a large fleet the tables and the list of problems must end the output.
     if diffs:
         for result in sorted(run.results.values(), key=lambda r: r.host):
@@ -176,18 +184,15 @@ def print_summary(
     if run.stopped:
         console.print(f"[bold yellow]stopped:[/] {run.stopped}", highlight=False)
     if problems and not run.options.check:
-        for line in next_steps(run, problems):
+        for line in next_steps(run, problems, retry):
             console.print(line, highlight=False, markup=False)
 
 
-def next_steps(run: RunResult, problems: Sequence[HostResult]) -> list[str]:
+def next_steps(run: RunResult, problems: Sequence[HostResult], retry: str = "") -> list[str]:
     """What to run next about the workstations that need attention."""
     statuses = {r.status for r in problems}
-    lines = [
-        "Next:",
-        f"  retry exactly these: provisioner rollout --only-failed {run.run_id} "
-        "(with the same -i, keys and --lab)",
-    ]
+    retry = retry or f"provisioner rollout --only-failed {run.run_id}"
+    lines = ["Next:", f"  retry exactly these: {retry} (with the same -i, keys and --lab)"]
     failed = sorted(r.host for r in problems if r.status == Status.FAILED)
     if failed:
         lines.append(f"  diagnose a failed one: provisioner doctor {failed[0]} -i INVENTORY")

@@ -15,6 +15,7 @@ from provisioner.cli.common import (
     IfRunningOpt,
     PassFdOpt,
     PassFileOpt,
+    StateOpt,
     echo,
     keyring_for_keys_in_use,
 )
@@ -41,15 +42,6 @@ LabOpt = Annotated[
         "--lab",
         envvar="PROVISIONER_LAB_FILE",
         help="Lab file from 'provisioner lab up': connect to the emulated workstations.",
-    ),
-]
-StateOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--state",
-        envvar="PROVISIONER_STATE",
-        help="State folder for runs and audit (default: INVENTORY/../.provisioner-state).",
-        file_okay=False,
     ),
 ]
 
@@ -164,7 +156,7 @@ def _run_recorded(
     from datetime import UTC, datetime
 
     from provisioner import revision, runner, state
-    from provisioner.cli.rollout import interrupt_to, state_dir, uninterrupted
+    from provisioner.cli.rollout import interrupt_to, record, state_dir
     from provisioner.results import HostResult, Status
 
     folder = state_dir(inventory, state_folder)
@@ -195,9 +187,9 @@ def _run_recorded(
             finished=datetime.now(UTC),
             stopped="interrupted" if interrupted.is_set() else "",
         )
-        with uninterrupted():
-            store.record_run(run, who=who, command=command, revision=inventory_revision)
-            state.AuditLog(folder).append(state.records_for_run(run, who, action=audit_action))
+        record(
+            store, run, who=who, command=command, action=audit_action, revision=inventory_revision
+        )
     print_result(result, show_diff=show_diff)
     echo(f"recorded as run {run.run_id} in {folder}")
     _exit(result)

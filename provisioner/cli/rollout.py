@@ -22,6 +22,7 @@ from provisioner.cli.common import (
     IfRunningOpt,
     PassFdOpt,
     PassFileOpt,
+    StateOpt,
     echo,
     keyring_for_keys_in_use,
     make_console,
@@ -31,20 +32,11 @@ from provisioner.errors import ProvisionerError
 
 if TYPE_CHECKING:
     from provisioner import build as phase1
-    from provisioner import runner, vault
+    from provisioner import runner, state, vault
     from provisioner.model import Inventory
 
 InventoryOpt = Annotated[
     Path, typer.Option("--inventory", "-i", envvar="PROVISIONER_INVENTORY", file_okay=False)
-]
-StateOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--state",
-        envvar="PROVISIONER_STATE",
-        help="State folder (default: INVENTORY/../.provisioner-state).",
-        file_okay=False,
-    ),
 ]
 LabOpt = Annotated[
     Path | None,
@@ -74,10 +66,27 @@ def state_dir(inventory: Path, explicit: Path | None) -> Path:
     return explicit or inventory.resolve().parent / ".provisioner-state"
 
 
+def record(
+    store: state.StateStore,
+    run: runner.RunResult,
+    *,
+    who: str,
+    command: str,
+    action: str,
+    revision: str,
+) -> None:
+    """A run and its audit records, written with Ctrl-C ignored: a run recorded without its
+    audit records would hide a change (recording takes milliseconds)."""
+    from provisioner import state
+
+    with uninterrupted():
+        store.record_run(run, who=who, command=command, revision=revision)
+        state.AuditLog(store.directory).append(state.records_for_run(run, who, action=action))
+
+
 @contextmanager
 def uninterrupted() -> Iterator[None]:
-    """Ctrl-C ignored for the block: a run recorded without its audit records would hide a
-    change (recording takes milliseconds)."""
+    """Ctrl-C ignored for the block (see :func:`record`)."""
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
     try:
@@ -155,25 +164,18 @@ def _pinned_canary(
     """The selected workstations that ``--canary-hosts`` names (any of their targets)."""
     from provisioner import resolve
 
-    if not any(term.strip() for term in expression.split(",")):
-        # "$A,$B" with both empty would otherwise select everything: a canary of the fleet.
-        raise ProvisionerError(f"--canary-hosts {expression!r} names no workstation")
-    pick = resolve.Selection(expression)
-    try:
-        pinned = tuple(
-            name
-            for name in sorted(files)
-            if any(pick.matches(model, name, f.target.user) for f in files[name])
-        )
-        unmatched = pick.unmatched(model)
-    except ProvisionerError as exc:
-        raise ProvisionerError(f"--canary-hosts: {exc}") from None
+    pick = resolve.Selection(expression, option="--canary-hosts")
+    pinned = tuple(
+        name
+        for name in sorted(files)
+        if any(pick.matches(model, name, f.target.user) for f in files[name])
+    )
     if not pinned:
         raise ProvisionerError(
             f"--canary-hosts {expression!r} matches none of the selected workstations"
         )
-    for warning in unmatched:  # a typo next to a good term would shrink the canary silently
-        echo("warning: " + warning.replace("--limit term", "--canary-hosts term", 1))
+    for warning in pick.unmatched(model):  # a typo next to a good term: a smaller canary
+        echo(f"warning: {warning}")
     return pinned
 
 
@@ -206,12 +208,14 @@ def execute(
     selection: str | None = None,
     processes: int = 0,
     canary_hosts: str = "",
+    retry: str = "",
 ) -> runner.RunResult:
     """Phase 1, confirmation, the rollout itself, state, audit and reports.
 
     ``selection`` says in messages what the user selected (default: ``--limit LIMIT``).
     ``processes``: push lanes (0: automatic, 1: this process only). ``canary_hosts``: the
-    canary batch as a ``--limit`` expression.
+    canary batch as a ``--limit`` expression. ``retry``: the command that retries this run,
+    when not the rollout's ``--only-failed``.
     """
     from provisioner import connections, lanes, report, resolve, revision, runner, state
     from provisioner.cli.progress import PlainReporter, RichReporter, print_summary
@@ -237,7 +241,7 @@ def execute(
         shown = selection if selection is not None else shown_selection(limit)
         raise ProvisionerError(f"no workstation matches the selection {shown}")
     lab = connections.LabMap.load(lab_file) if lab_file else None
-    if canary_hosts.strip():
+    if canary_hosts:
         options = replace(options, canary_hosts=_pinned_canary(model, files, canary_hosts))
 
     def transport(plan: resolve.StationPlan) -> Any:
@@ -303,10 +307,10 @@ def execute(
                         executor=pushers,
                     )
             if not options.check:
-                with uninterrupted():
-                    store.record_run(run, who=who, command=command, revision=inventory_revision)
-                    state.AuditLog(folder).append(state.records_for_run(run, who, action=action))
-    print_summary(console, run, groups, diffs=show_diff)
+                record(
+                    store, run, who=who, command=command, action=action, revision=inventory_revision
+                )
+    print_summary(console, run, groups, diffs=show_diff, retry=retry)
     if inventory_revision.endswith(revision.DIRTY) and not options.check:
         console.print(
             f"note: recorded as {revision.short(inventory_revision)}: the inventory differs "
@@ -422,6 +426,9 @@ def rollout(
     except ValueError:
         raise ProvisionerError("--max-fail is a percentage such as 10%") from None
     check_processes(processes, forks)
+    if canary_hosts and not any(term.strip() for term in canary_hosts.split(",")):
+        # "$A,$B" with both empty would otherwise select everything: a canary of the fleet.
+        raise ProvisionerError(f"--canary-hosts {canary_hosts!r} names no workstation")
     runner.plan_batches([], canary, batch)  # bad sizes are input errors: fail before Phase 1
     selection = shown_selection(limit, only_failed)
     if only_failed is not None:

@@ -194,9 +194,6 @@ class Reactor:
         if self._queue(wrapped):
             done.wait(5.0)
 
-    def _soon(self, call: Callable[[], None]) -> None:
-        self._queue(call)
-
     def _queue(self, call: Callable[[], None]) -> bool:
         """Queue ``call`` for the selector thread; False once stopping."""
         with self._lock:
@@ -364,7 +361,7 @@ class Reactor:
                     self._abort(conn)
                     return
                 if outcome is Action.PARK:
-                    self._soon(partial(self._park, conn))
+                    self._queue(partial(self._park, conn))
                     return
                 sock.sendall(outcome.serialize())
                 if outcome.close or not request.keep_alive:
@@ -384,4 +381,4 @@ class Reactor:
             _log.exception("request handling failed on %s", conn.peer)
             self._abort(conn)
             return
-        self._soon(partial(self._watch, conn))
+        self._queue(partial(self._watch, conn))

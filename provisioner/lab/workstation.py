@@ -236,12 +236,6 @@ def corrupt(data: bytes) -> bytes:
 # --- paths ------------------------------------------------------------------------------------
 
 
-def split_path(path: str) -> tuple[str, list[str]]:
-    """``C:\\a\\b`` to ``("C", ["a", "b"])``; only absolute drive paths are accepted."""
-    drive, parts = _split(path)
-    return drive, list(parts)
-
-
 @functools.lru_cache(maxsize=4096)
 def _split(path: str) -> tuple[str, tuple[str, ...]]:
     # A pure function of the text, asked for the same few paths dozens of times per command.
@@ -322,7 +316,6 @@ class Workstation:
         """Processes the agent stopped, in order."""
         self.faults = WorkstationFaults()
         self._acls: dict[str, Acl] = {}
-        self._drives: dict[str, str] = {}
         self._observers: list[Callable[[str], None]] = []
         self._next_rid = {"domain": 1104, "local": 1001}
         self._next_pid = 4100
@@ -671,13 +664,9 @@ class Workstation:
     # --- internals ------------------------------------------------------------------------
 
     def _drive_root(self, drive: str) -> str:
-        # The only cached resolution: a drive's folder under ``root``, which never changes.
-        # Everything below it is looked up on disk every time, since tests (and the agent)
-        # change the disk between and during commands.
-        real = self._drives.get(drive)
-        if real is None:
-            real = self._drives[drive] = os.path.join(self.root, drive)
-        return real
+        # A drive's folder under ``root``. Everything below it is looked up on disk every
+        # time, since tests (and the agent) change the disk between and during commands.
+        return os.path.join(self.root, drive)
 
     def _resolve(self, path: str) -> tuple[str, os.stat_result | None]:
         """The real path of a Windows path and its ``stat`` (None: it does not exist).
