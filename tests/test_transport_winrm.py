@@ -17,7 +17,7 @@ from provisioner.lab.agent import LabAgent
 from provisioner.lab.fleet import WorkstationSpec, add_workstation
 from provisioner.lab.host import HostConfig, LabHost, Scheme
 from provisioner.model import Secret
-from provisioner.transport.winrm import WinrmOptions, WinrmTransport
+from provisioner.transport.winrm import WinrmOptions, WinrmTransport, stdin_pieces
 
 
 def test_ntlm_push_uses_one_connection(tmp_path: Path) -> None:
@@ -127,3 +127,23 @@ def test_https_keeps_the_ca_bundle_pywinrm_took_from_the_environment(
             assert (session.trust_env, session.verify) == (False, str(lab.ca_path))
         finally:
             transport.close()
+
+
+def test_stdin_travels_in_sends_under_the_envelope_limit(tmp_path: Path) -> None:
+    # A request of ~1.3 MB base64: one Send would exceed MaxEnvelopeSizekb (500) and fail
+    # with a SOAP fault on every attempt, as on Windows.
+    with Lab(LabAgent(), folder=tmp_path) as lab:
+        host = _ntlm_host(lab, "svc", "Pw-1")
+        transport = _transport(host, "svc", "Pw-1")
+        request = {"op": "inspect", "protocol": 1, "users": [], "padding": "x" * 1_000_000}
+        try:
+            assert transport.request("inspect", request)["ok"] is True
+        finally:
+            transport.close()
+        assert host.stats().by_operation.get("Send", 0) == 7  # ceil(1.33 MB / 200,000 bytes)
+
+
+def test_stdin_pieces() -> None:
+    assert list(stdin_pieces(b"", 4)) == [(b"", True)]
+    assert list(stdin_pieces(b"abcd", 4)) == [(b"abcd", True)]
+    assert list(stdin_pieces(b"abcdefghi", 4)) == [(b"abcd", False), (b"efgh", False), (b"i", True)]

@@ -12,6 +12,7 @@ requests session stops reading the environment once pywinrm has built it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import socket
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -53,6 +54,10 @@ def _locked_set_environ(env_name: str, value: str | None) -> Iterator[None]:
 requests.utils.set_environ = _locked_set_environ
 
 UTF8_CODEPAGE = 65001
+STDIN_CHUNK = 200_000
+"""Bytes of stdin per WS-Management Send. Windows refuses an envelope larger than
+``MaxEnvelopeSizekb`` (500 KB by default) and pywinrm does not split; Ansible sends stdin in
+pieces of this size, whose base64 with the SOAP around it stays near 270 KB."""
 AUTH_TRANSPORTS = ("ntlm", "basic", "kerberos", "credssp")
 T = TypeVar("T")
 
@@ -158,7 +163,10 @@ class WinrmTransport:
         envelope = scripts.make_envelope(op, request)
         command_id = self._call(lambda: protocol.run_command(shell, command, arguments))
         try:
-            self._call(lambda: protocol.send_command_input(shell, command_id, envelope, end=True))
+            for piece, last in stdin_pieces(envelope):
+                self._call(
+                    functools.partial(protocol.send_command_input, shell, command_id, piece, last)
+                )
             stdout, stderr, code = self._call(
                 lambda: protocol.get_command_output(shell, command_id)
             )
@@ -233,6 +241,15 @@ class WinrmTransport:
                     f"authentication failed: {type(exc).__name__}", host=self.host
                 ) from None
             raise TransportError(f"{type(exc).__name__}: {_short(exc)}", host=self.host) from None
+
+
+def stdin_pieces(data: bytes, size: int = STDIN_CHUNK) -> Iterator[tuple[bytes, bool]]:
+    """``data`` in Sends of at most ``size`` bytes, the last one flagged (one Send when empty)."""
+    if size < 1:
+        raise ValueError("size must be positive")
+    count = max(1, -(-len(data) // size))
+    for index in range(count):
+        yield data[index * size : (index + 1) * size], index == count - 1
 
 
 def _causes(exc: BaseException) -> Iterator[BaseException]:
