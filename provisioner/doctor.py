@@ -21,6 +21,25 @@ from provisioner.transport.winrm import WinrmOptions
 
 MIN_FREE_BYTES = 50 * 1024 * 1024
 SETUP = "see docs/windows-setup.md"
+REMOTESHELLS_NOT_ALLOWED = "2150859180"
+"""The WS-Management fault of a shell refused by policy (ERROR_WSMAN_REMOTESHELLS_NOT_ALLOWED)."""
+CONSTRAINED = "constrained-language:"
+"""How the bootstrap's refusal to run outside FullLanguage mode begins."""
+
+USER_FIXES = {
+    "no-profile": "the user must log on once so that Windows creates the profile",
+    "no-account": "check the user's windows account name",
+    "unsafe-path": (
+        "a junction, symbolic or hard link, or an AppData folder outside the user's profile is "
+        "in the way: the agent will not write through it; look at the folder with the user"
+    ),
+    "redirected": "if that share is your Folder Redirection, allow it with microsip.appdata_roots",
+    "mode-mismatch": (
+        "MicroSIP decides installed or portable itself: set microsip.mode to what it decided, or "
+        "fix the registry value or MSI install location it reads"
+    ),
+    "locked": "another program held the file or the user's registry hive: try again",
+}
 
 
 @dataclass(frozen=True)
@@ -126,6 +145,30 @@ def remote_checks(
             )
         ]
     except TransportError as exc:
+        if REMOTESHELLS_NOT_ALLOWED in str(exc):
+            return [
+                Check("auth", True, f"{options.transport} as {options.username}"),
+                Check(
+                    "winrs",
+                    False,
+                    "remote shells are disabled on the workstation by policy",
+                    "enable Computer Configuration > Administrative Templates > Windows "
+                    "Components > Windows Remote Shell > Allow Remote Shell Access "
+                    f"(AllowRemoteShellAccess=1); {SETUP}",
+                ),
+            ]
+        if CONSTRAINED in str(exc):
+            return [
+                Check("auth", True, f"{options.transport} as {options.username}"),
+                Check(
+                    "powershell",
+                    False,
+                    str(exc).split(CONSTRAINED, 1)[1].strip(),
+                    "the agent needs FullLanguage mode: under WDAC (Device Guard) every unsigned "
+                    "command runs constrained, so exempt these workstations or the WinRM account "
+                    f"from the policy; AppLocker's default rule lets Administrators run; {SETUP}",
+                ),
+            ]
         return [Check("auth", False, str(exc), f"run the checks above first; {SETUP}")]
     except ProvisionerError as exc:
         return [Check("agent", False, str(exc), "")]
@@ -155,7 +198,7 @@ def remote_checks(
         Check(
             "powershell",
             major_minor >= (5, 1),
-            f"PowerShell {version}",
+            f"PowerShell {version}, {host.get('language_mode') or 'FullLanguage'}",
             "install Windows Management Framework 5.1",
         )
     )
@@ -165,8 +208,7 @@ def remote_checks(
             Check(
                 "microsip",
                 True,
-                f"{install.get('exe_path')} ({install.get('mode')}, found by "
-                f"{install.get('source')})",
+                f"{install.get('exe_path')} (found by {install.get('source')})",
             )
         )
     else:
@@ -186,13 +228,15 @@ def remote_checks(
                     f"profile {user.get('name')}",
                     False,
                     f"{error.get('code')}: {error.get('message')}",
-                    "the user must log on once so that Windows creates the profile"
-                    if error.get("code") == "no-profile"
-                    else "check the user's windows account name",
+                    USER_FIXES.get(str(error.get("code")), ""),
                 )
             )
         else:
-            checks.append(Check(f"profile {user.get('name')}", True, str(user.get("path"))))
+            # Which of MicroSIP's own rules decided where it reads its ini (settings.cpp).
+            mode = f"{user.get('mode')}, decided by {user.get('mode_rule')}"
+            checks.append(
+                Check(f"profile {user.get('name')}", True, f"{user.get('path')} ({mode})")
+            )
     free = int(host.get("free_bytes") or 0)
     checks.append(
         Check(

@@ -23,6 +23,14 @@ from provisioner.resolve import StationPlan
 from provisioner.results import IF_RUNNING, FileChange, HostResult, Status
 from provisioner.transport.base import Transport
 
+RETRYABLE_CODES = frozenset({"locked"})
+"""Agent error codes that a later attempt may not meet: another program held a file or the
+user's registry hive for a moment."""
+
+READ_ONLY_MESSAGE = (
+    "read-only: the file has the read-only attribute (set to keep it from changing?); clear it "
+    "to let the push write; nothing written"
+)
 FORCE_WARNING = (
     "MicroSIP was running: it rewrites every [Settings] key from memory when it exits, so "
     "some new settings may be lost until the next push"
@@ -51,6 +59,7 @@ class _Planned:
     diff: str = ""
     conflicts: tuple[str, ...] = ()
     running: bool = False
+    retryable: bool = False
     extra: list[str] = field(default_factory=list)
 
     @property
@@ -96,13 +105,14 @@ def _push(
         for f in files
         if f.target.kind == "override" or not options.users or f.target.user in options.users
     ]
+    roots = station.install.appdata_roots
     answer = transport.request("inspect", inspect_request(station, wanted))
     planned = _plan(station, wanted, answer, options)
     if isinstance(planned, HostResult):
         return planned
     to_write = [p for p in planned if p.status == Status.CHANGED]
     if to_write:
-        reply = transport.request("apply", _apply_request(to_write, options))
+        reply = transport.request("apply", _apply_request(to_write, options, roots))
         conflicts = _absorb_apply(to_write, reply)
         if conflicts:
             # The file moved between inspect and apply: look again, once.
@@ -112,7 +122,7 @@ def _push(
                 return replanned
             retry = [p for p in replanned if p.status == Status.CHANGED and p.path in conflicts]
             if retry:
-                reply = transport.request("apply", _apply_request(retry, options))
+                reply = transport.request("apply", _apply_request(retry, options, roots))
                 for still in _absorb_apply(retry, reply):
                     for p in retry:
                         if p.path == still:
@@ -125,7 +135,9 @@ def _push(
     worst = max((c.status for c in changes), key=lambda s: s.rank, default=Status.UNCHANGED)
     warnings = sorted({w for p in planned for w in p.extra})
     message = _summary(changes)
-    return HostResult(name, worst, message, changes, warnings=warnings)
+    failed = [p for p in planned if p.status == Status.FAILED]
+    retryable = bool(failed) and all(p.retryable for p in failed)
+    return HostResult(name, worst, message, changes, retryable=retryable, warnings=warnings)
 
 
 def inspect_request(station: StationPlan, files: Sequence[BuiltFile]) -> dict[str, Any]:
@@ -140,6 +152,7 @@ def inspect_request(station: StationPlan, files: Sequence[BuiltFile]) -> dict[st
         "protocol": 1,
         "install": {"mode": install.mode, "install_dir": install.install_dir, "exe": install.exe},
         "users": users,
+        "appdata_roots": list(install.appdata_roots),
         "override": any(f.target.kind == "override" for f in files),
     }
 
@@ -194,14 +207,23 @@ def _plan(
 
 
 def _plan_override(built: BuiltFile, item: Mapping[str, Any], options: PushOptions) -> _Planned:
-    theirs = _decode(item)
     path = str(item.get("path") or built.relative_path)
+    error = item.get("error")
+    if error:
+        message = f"{error.get('code', 'error')}: {error.get('message', '')}".strip()
+        failed = _Planned(built, path, None, None, b"", b"", Status.FAILED, message)
+        failed.retryable = error.get("code") in RETRYABLE_CODES
+        return failed
+    theirs = _decode(item)
     step = _Planned(built, path, None, item.get("sha256"), built.data, built.data, Status.UNCHANGED)
     if theirs == built.data and not options.reset:
         return step
     step.status = Status.CHANGED
     old_text = ini.decode_ini_bytes(theirs) if theirs is not None else None
     step.diff = plan.masked_diff(old_text, ini.decode_ini_bytes(built.data), step.built.target.name)
+    if item.get("read_only"):
+        step.status = Status.FAILED
+        step.message = READ_ONLY_MESSAGE
     return step
 
 
@@ -217,7 +239,9 @@ def _plan_microsip(
     path = str(item.get("path") or "")
     if error:
         message = f"{error.get('code', 'error')}: {error.get('message', '')}".strip()
-        return _Planned(built, path, None, None, b"", b"", Status.FAILED, message)
+        failed = _Planned(built, path, None, None, b"", b"", Status.FAILED, message)
+        failed.retryable = error.get("code") in RETRYABLE_CODES
+        return failed
     theirs_bytes = _decode(item)
     applied = item.get("applied") or {}
     base_bytes = _decode(applied) if applied.get("exists") else None
@@ -261,6 +285,10 @@ def _plan_microsip(
     lines = [plan.masked_diff(old_text, text, built.target.name)]
     lines += plan.password_changes(theirs, merged_doc)
     step.diff = "\n".join(line for line in lines if line)
+    if item.get("read_only"):
+        step.status = Status.FAILED
+        step.message = READ_ONLY_MESSAGE
+        return step
     if step.running:
         if options.if_running == "skip":
             step.status = Status.BUSY
@@ -273,11 +301,14 @@ def _plan_microsip(
     return step
 
 
-def _apply_request(steps: Sequence[_Planned], options: PushOptions) -> dict[str, Any]:
+def _apply_request(
+    steps: Sequence[_Planned], options: PushOptions, appdata_roots: Sequence[str]
+) -> dict[str, Any]:
     return {
         "op": "apply",
         "protocol": 1,
         "if_running": options.if_running,
+        "appdata_roots": list(appdata_roots),
         "files": [
             {
                 "kind": s.built.target.kind,
@@ -309,7 +340,9 @@ def _absorb_apply(steps: Sequence[_Planned], reply: Mapping[str, Any]) -> set[st
         error = item.get("error") or {}
         if status == "written":
             if item.get("stopped"):
-                step.extra.append(f"stopped MicroSIP of {step.built.target.user} before writing")
+                # In the result and so in the audit record, with who ran the push.
+                step.message = f"MicroSIP was closed ({item['stopped']} process(es)) to write"
+                step.extra.append(f"closed MicroSIP of {step.built.target.user} to write its file")
             continue
         if status == "conflict":
             conflicts.add(step.path)
@@ -321,6 +354,7 @@ def _absorb_apply(steps: Sequence[_Planned], reply: Mapping[str, Any]) -> set[st
         else:
             step.status = Status.FAILED
             step.message = f"{error.get('code', 'error')}: {error.get('message', '')}".strip()
+            step.retryable = error.get("code") in RETRYABLE_CODES
     return conflicts
 
 
@@ -397,7 +431,13 @@ def rollback_host(
             )
         reply = transport.request(
             "rollback",
-            {"op": "rollback", "protocol": 1, "if_running": options.if_running, "files": items},
+            {
+                "op": "rollback",
+                "protocol": 1,
+                "if_running": options.if_running,
+                "appdata_roots": list(station.install.appdata_roots),
+                "files": items,
+            },
         )
         changes = []
         for item, outcome in zip(items, reply.get("files") or [], strict=False):

@@ -54,6 +54,8 @@ class Install:
     mode: str
     install_dir: str
     exe: str
+    appdata_roots: tuple[str, ...] = ()
+    """Where a user's AppData may be redirected (``microsip.appdata_roots``)."""
 
     @property
     def ini_name(self) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from provisioner import secretstore, vault, yamldoc
+from tests.agentkit import lab, station, time_budget  # noqa: F401 - the agent tests' fixtures
 
 VECTORS = Path(__file__).parent / "vectors"
 TEST_PASSPHRASE = b"sipvault test vectors only"

@@ -208,7 +208,7 @@ class ExampleLab:
         assert self.lab is not None
         model = load_inventory(self.inventory)
         ws = self.machine(workstation)
-        account = ws.lookup_account(model.users[user].windows)
+        account = ws.user(model.users[user].windows)
         assert account is not None, user
         return ws.ini_path(account)
 

@@ -269,7 +269,16 @@ def test_every_helper_is_used() -> None:
     assert shared - used == set()
 
 
-AUTOMATIC = {"_", "args", "null", "true", "false", "psversiontable"}
+AUTOMATIC = {
+    "_",
+    "args",
+    "null",
+    "true",
+    "false",
+    "psversiontable",
+    "executioncontext",
+    "lastexitcode",
+}
 
 
 def _assigned(source: str) -> set[str]:
@@ -406,44 +415,75 @@ def test_every_field_the_contract_names_is_in_the_script(op: str) -> None:
 
 def test_the_state_folder_layout_is_the_contracts() -> None:
     sent = scripts.SCRIPTS
-    assert "'.provisioner'" in sent["inspect"]
-    for name in ("'applied'", "'backup.1'", '"backup.$n"', "'rolled-back'"):
+    for op in scripts.OPS:
+        assert "'MicroSIP-provisioner'" in sent[op] and "'CommonApplicationData'" in sent[op]
+        assert "'users', $Sid, $Name" in sent[op] and "'machine', $Name" in sent[op]
+    for name in ("'applied'", "'backup.1'", '"backup.$n"', "'rolled-back'", "'.provisioner'"):
         assert name in sent["apply"] + sent["rollback"], name
     for sid in ("'S-1-5-18'", "'S-1-5-32-544'", "'S-1-5-32-545'"):
         assert sid in sent["apply"]
     assert "SetAccessRuleProtection($true, $false)" in sent["apply"]
-    assert "[IO.File]::Replace(" in sent["apply"] and "[IO.File]::Move(" in sent["apply"]
+    assert "[IO.File]::Replace($Temp, $Path, $old)" in sent["apply"]
+    assert "[IO.File]::Move(" in sent["apply"]
 
 
-def test_stale_temp_files_go_first_and_match_the_temp_names_exactly() -> None:
-    # The order the contract gives (docs/agent-protocol.md, apply steps 0 and 5-7).
-    apply = _code_only(scripts.SCRIPTS["apply"])
-    body = apply[apply.index("function Invoke-ApplyFile") :]
-    first = body.index("Remove-StaleTempFiles $folder $name")
-    assert first < body.index("Remove-StaleTempFiles $stateFolder 'applied'")
-    assert first < body.index("Invoke-RunningPolicy") < body.index("Write-NewFile $temp")
-    rollback = _code_only(scripts.SCRIPTS["rollback"])
-    body = rollback[rollback.index("function Invoke-RollbackFile") :]
-    assert body.index("Remove-StaleTempFiles") < body.index("'no-backup'")
-    assert body.index("Move-BackupsDown") < body.index("'no-backup'")
+def _body(op: str, function: str) -> str:
+    code = _code_only(scripts.SCRIPTS[op])
+    start = code.index(f"function {function}")
+    following = code.find("\nfunction ", start + 1)
+    return code[start : following if following > 0 else len(code)]
+
+
+def test_nothing_is_touched_before_the_path_is_checked_for_links() -> None:
+    # The order the contract gives (docs/agent-protocol.md, apply steps 1-6).
+    prelude = _body("apply", "Initialize-ManagedFile")
+    order = [
+        "Assert-SafePath $path $start",
+        "Remove-StaleFiles ([IO.Path]::GetDirectoryName($path))",
+        "Open-StateFolder $state",
+        "Move-LegacyState $path $start $state",
+        "Remove-StaleFiles $state 'applied'",
+        "Resolve-PendingBackup $state $path",
+        "[IO.FileAttributes]::ReadOnly",
+    ]
+    assert [prelude.index(step) for step in order] == sorted(prelude.index(s) for s in order)
     # The cleanup pattern must match what New-TempPath creates, and nothing wider.
     code = _code_only(scripts.SCRIPTS["apply"])
     [digits] = re.findall(r"ToString\('N'\)\.Substring\(0, (\d+)\)", code)
-    assert "('.{0}.{1}.tmp' -f $Name, $random)" in code
+    assert "('.{0}.{1}.{2}' -f $Name, $random, $Suffix)" in code
     [pattern] = re.findall(r"\$pattern = '\^\\\.' \+ \[regex\]::Escape\(\$Name\) \+ '(.*)'", code)
-    assert pattern == rf"\.[0-9a-f]{{{digits}}}\.tmp$"
+    assert pattern == rf"\.[0-9a-f]{{{digits}}}\.(' + $alternatives + ')$"
+
+
+def test_microsip_is_stopped_only_once_the_file_will_be_written() -> None:
+    apply = _body("apply", "Invoke-ApplyFile")
+    assert (
+        apply.index("Initialize-ManagedFile")
+        < apply.index("'conflict'")
+        < apply.index("Invoke-RunningPolicy")
+        < apply.index("Write-ManagedFile")
+    )
+    rollback = _body("rollback", "Invoke-RollbackFile")
+    assert rollback.index("'no-backup'") < rollback.index("Invoke-RunningPolicy")
+
+
+def test_the_final_acl_is_set_before_the_replace_and_checked_after() -> None:
+    write = _body("apply", "Write-ManagedFile")
+    first = write.index("[IO.File]::SetAccessControl($path, $acl)")
+    assert first < write.index("Invoke-ReplaceFile $temp $path") < write.index("Test-ExpectedAcl")
+    assert "Write-NewFile $temp $Content $acl" in write
 
 
 def test_backups_rotate_only_after_the_verify() -> None:
-    code = _code_only(scripts.SCRIPTS["apply"])
-    body = code[code.index("function Invoke-ApplyFile") :]
-    replace = body.index("Move-ReplacementOver $temp $path $pending")
+    body = _body("apply", "Invoke-ApplyFile")
+    pending = body.index("Write-StateFile $state 'backup.new' $old")
+    write = body.index("Write-ManagedFile $checked $content $backup")
     verify = body.index("'verify-failed'")
-    # once before the replace (a backup.new left by a dead agent), once after the verify
-    rotations = [m.start() for m in re.finditer(r"Move-BackupsDown \$stateFolder", body)]
-    assert len(rotations) == 2 and rotations[0] < replace < verify < rotations[1]
+    rotations = [m.start() for m in re.finditer(r"Move-BackupsDown \$state", body)]
+    assert len(rotations) == 1 and pending < write < verify < rotations[0]
     assert "Move-BackupsUp" not in body
-    assert "$pending = [IO.Path]::Combine($stateFolder, 'backup.new')" in body
+    # A backup.new left by an agent that died is settled first.
+    assert "Resolve-PendingBackup $state $path" in _body("apply", "Initialize-ManagedFile")
 
 
 # --- the bootstrap command line ------------------------------------------------------------
@@ -462,7 +502,7 @@ def test_bootstrap_command_line_is_well_under_the_cmd_limit() -> None:
     ]
     encoded = arguments[-1]
     assert base64.b64decode(encoded).decode("utf-16-le") == scripts.BOOTSTRAP
-    assert len(encoded) < 2000
+    assert len(encoded) < 3000
     assert len(scripts.command_line()) < scripts.CMD_LINE_LIMIT
     assert scripts.command_line() == " ".join([command, *arguments])
 

@@ -500,7 +500,7 @@ def test_a_canary_password_never_leaks_from_a_rollout(example: ExampleLab) -> No
             assert not _leaks(path.read_bytes()), path
     # the applied copy kept on the workstation for the next merge has no password either
     bob_ws = example.machine("ber-ws-002")
-    applied = bob_ws.read(bob_ws.state_path(example.ini_path("ber-ws-002", "bob"), "applied"))
+    applied = bob_ws.read(bob_ws.state_for(example.ini_path("ber-ws-002", "bob"), "applied"))
     assert applied is not None and not _leaks(applied)
 
 

@@ -163,7 +163,7 @@ def test_regenerate_reset_repairs_a_broken_file(example: ExampleLab) -> None:
     repaired = example.cli("user", "regenerate", "alice", "--reset", "--yes")
     assert repaired.returncode == 0, (repaired.stdout, repaired.stderr)
     assert example.ini("ber-ws-001", "alice") == rendered  # the render, outright
-    assert ws.read(ws.state_path(path, "backup.1")) == broken  # the old file is kept
+    assert ws.read(ws.state_for(path, "backup.1")) == broken  # the old file is kept
     [record] = state.AuditLog(example.state).query(user="alice")
     assert (record.action, record.status) == ("reset", "changed")
     assert record.sha256_before == sha(broken) and record.sha256_after == sha(rendered)

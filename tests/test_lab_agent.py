@@ -8,31 +8,25 @@ Every request goes through the packaged bootstrap and scripts of
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import random
-import signal
-import threading
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import pytest
-from winrm.protocol import Protocol
 
-from provisioner.lab import HostConfig, Lab, LabHost
-from provisioner.lab.agent import CRASH_EXIT_CODE, LabAgent
+from provisioner.lab import HostConfig, Lab
+from provisioner.lab.agent import CRASH_EXIT_CODE
 from provisioner.lab.fleet import UserSpec, WorkstationSpec, add_fleet
-from provisioner.lab.ntlmusers import ENV_VAR
 from provisioner.lab.workstation import (
     ADMINISTRATORS,
     DOMAIN_SID,
     MACHINE_SID,
     OVERRIDE_ACL,
+    STATE_ACL,
     SYSTEM,
     USERS,
     FileError,
@@ -40,214 +34,35 @@ from provisioner.lab.workstation import (
     Workstation,
     WorkstationFaults,
     corrupt,
+    state_folder_acl,
     user_file_acl,
+    user_folder_acl,
 )
 from provisioner.transport.agent import scripts
+from tests.agentkit import (
+    ADMIN,
+    ALICE_INI,
+    ALICE_SID,
+    CREDS,
+    PROGRAM_DIR,
+    Agent,
+    Station,
+    apply_request,
+    b64,
+    error_code,
+    file_entry,
+    ini,
+    inspect_request,
+    rollback_request,
+    sha,
+    state,
+    state_path,
+    target,
+    temp_files,
+    write,
+)
 
-ADMIN = "lab-admin"
-PASSWORD = "Corr3ct-h0rse"
-CREDS = {ADMIN: PASSWORD}
-PROGRAM_DIR = "C:\\Program Files\\MicroSIP"
-ALICE_INI = "C:\\Users\\alice\\AppData\\Roaming\\MicroSIP\\microsip.ini"
-APPLY_KEYS = {"path", "status", "old_sha256", "new_sha256", "backup", "stopped", "error"}
-
-
-def _alarm(signum: int, frame: FrameType | None) -> None:
-    raise TimeoutError("test exceeded its time budget")
-
-
-@pytest.fixture(autouse=True)
-def time_budget() -> Iterator[None]:
-    """Every test of this file must finish within 30 s, whatever happens."""
-    previous = signal.signal(signal.SIGALRM, _alarm)
-    signal.alarm(30)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-@pytest.fixture
-def lab() -> Iterator[Lab]:
-    before = os.environ.get(ENV_VAR)
-    lab = Lab(LabAgent(), io_timeout=5.0)
-    try:
-        yield lab
-    finally:
-        lab.stop(timeout=5.0)
-    assert [t.name for t in threading.enumerate() if t.name.startswith("lab-")] == []
-    assert os.environ.get(ENV_VAR) == before
-
-
-class Agent:
-    """One WinRM shell on one lab host, as the controller uses it."""
-
-    def __init__(self, lab: Lab, host: LabHost) -> None:
-        self.host = host
-        self.protocol = Protocol(
-            host.url,
-            transport="basic",
-            username=ADMIN,
-            password=PASSWORD,
-            read_timeout_sec=5,
-            operation_timeout_sec=3,
-            server_cert_validation="validate",
-            ca_trust_path=str(lab.ca_path),
-            proxy=None,
-        )
-        self._shell: str | None = None
-
-    def raw(
-        self, stdin: bytes, command: tuple[str, list[str]] | None = None
-    ) -> tuple[bytes, bytes, int]:
-        """Run a command with ``stdin`` in the shared shell."""
-        if self._shell is None:
-            self._shell = self.protocol.open_shell(codepage=65001)
-        line, arguments = command or scripts.bootstrap_command()
-        command_id = self.protocol.run_command(self._shell, line, arguments)
-        self.protocol.send_command_input(self._shell, command_id, stdin, end=True)
-        result: tuple[bytes, bytes, int] = self.protocol.get_command_output(self._shell, command_id)
-        self.protocol.cleanup_command(self._shell, command_id)
-        return result
-
-    def call(self, request: dict[str, Any]) -> dict[str, Any]:
-        """Send one request; the agent must exit 0 with a protocol-1 answer."""
-        out, err, code = self.raw(scripts.make_envelope(request["op"], request))
-        assert (code, err) == (0, b"")
-        answer: dict[str, Any] = scripts.parse_answer(out)
-        assert answer["protocol"] == 1 and answer["op"] == request["op"]
-        return answer
-
-    def close(self) -> None:
-        if self._shell is not None:
-            self.protocol.close_shell(self._shell)
-            self._shell = None
-
-
-@dataclass
-class Station:
-    host: LabHost
-    ws: Workstation
-    agent: Agent
-    alice: User
-    bob: User
-
-
-@pytest.fixture
-def station(lab: Lab, tmp_path: Path) -> Iterator[Station]:
-    """An installed-mode workstation with two logged-on domain users."""
-    host = lab.add_host(HostConfig(credentials=CREDS, scheme="https", port=0))
-    ws = Workstation(tmp_path / "ws", computer="BER-WS-001")
-    ws.install_microsip("installed")
-    alice = ws.add_user("ACME\\alice")
-    bob = ws.add_user("ACME\\bob")
-    host.state = ws
-    agent = Agent(lab, host)
-    try:
-        yield Station(host, ws, agent, alice, bob)
-    finally:
-        agent.close()
-    assert host.handler_errors == []
-    assert host.open_shells == 0
-
-
-# --- request builders -------------------------------------------------------------------------
-
-
-def ini(text: str) -> bytes:
-    """A MicroSIP ini as written: UTF-16LE with BOM, CRLF."""
-    return b"\xff\xfe" + f"[Settings]\r\naccountId=1\r\n; {text}\r\n".encode("utf-16-le")
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def inspect_request(
-    users: list[tuple[str, str]],
-    *,
-    mode: str = "installed",
-    install_dir: str = PROGRAM_DIR,
-    exe: str = "microsip.exe",
-    override: bool = True,
-) -> dict[str, Any]:
-    return {
-        "op": "inspect",
-        "protocol": 1,
-        "install": {"mode": mode, "install_dir": install_dir, "exe": exe},
-        "users": [{"name": name, "windows": windows} for name, windows in users],
-        "override": override,
-    }
-
-
-def file_entry(
-    path: str,
-    content: bytes,
-    *,
-    expect: str | None,
-    user: User | None = None,
-    applied: bytes | None = None,
-    sha256: str | None = None,
-) -> dict[str, Any]:
-    """An apply entry: a user's microsip.ini when ``user`` is given, else override.ini."""
-    return {
-        "kind": "microsip" if user else "override",
-        "user": user.sam if user else None,
-        "sid": user.sid if user else None,
-        "path": path,
-        "expect_sha256": expect,
-        "content_b64": b64(content),
-        "sha256": sha256 or sha(content),
-        "applied_b64": b64(b"applied " + content if applied is None else applied),
-        "process": "microsip.exe" if user else None,
-    }
-
-
-def target(path: str, user: User | None = None) -> dict[str, Any]:
-    """A rollback entry."""
-    return {
-        "kind": "microsip" if user else "override",
-        "user": user.sam if user else None,
-        "sid": user.sid if user else None,
-        "path": path,
-        "process": "microsip.exe" if user else None,
-    }
-
-
-def apply_request(files: list[dict[str, Any]], if_running: str = "skip") -> dict[str, Any]:
-    return {"op": "apply", "protocol": 1, "if_running": if_running, "files": files}
-
-
-def rollback_request(files: list[dict[str, Any]], if_running: str = "skip") -> dict[str, Any]:
-    return {"op": "rollback", "protocol": 1, "if_running": if_running, "files": files}
-
-
-def write(st: Station, user: User, content: bytes, if_running: str = "skip") -> dict[str, Any]:
-    """Apply ``content`` to the user's ini with the right compare-and-swap hash."""
-    path = st.ws.ini_path(user)
-    entry = file_entry(path, content, expect=st.ws.sha256(path), user=user)
-    [result] = st.agent.call(apply_request([entry], if_running))["files"]
-    assert set(result) == APPLY_KEYS
-    return dict(result)
-
-
-def state(ws: Workstation, path: str, item: str) -> bytes | None:
-    return ws.read(Workstation.state_path(path, item))
-
-
-def temp_files(ws: Workstation, folder: str) -> list[str]:
-    return [name for name in ws.listdir(folder) if name.endswith(".tmp")]
-
-
-def error_code(result: dict[str, Any]) -> str | None:
-    error = result["error"]
-    return None if error is None else str(error["code"])
-
+pytestmark = pytest.mark.usefixtures("time_budget")
 
 # --- the workstation itself -------------------------------------------------------------------
 
@@ -268,7 +83,8 @@ def test_paths_resolve_case_insensitively_and_accounts_translate(tmp_path: Path)
         None,
     )
     assert ws.lookup_account("acme\\ALICE") is alice
-    assert ws.lookup_account(".\\Kiosk") is kiosk
+    assert ws.lookup_account("ber-ws-002\\Kiosk") is kiosk
+    assert ws.lookup_account(".\\Kiosk") is None  # NTAccount knows no domain named "."
     assert ws.lookup_account("alice") is alice
     assert ws.lookup_account("OTHER\\alice") is None
     assert ws.host_path(alice.appdata or "").is_dir()
@@ -283,10 +99,11 @@ def test_folders_are_created_under_existing_ones_whatever_their_case(tmp_path: P
     ws.observe(events.append)
     assert ws.make_dir("c:\\DATA\\sub", OVERRIDE_ACL) is False
     assert ws.make_dir("c:\\DATA\\sub\\New\\Deeper", OVERRIDE_ACL) is True
-    assert sorted(os.listdir(tmp_path / "C")) == ["Data"]
+    assert "Data" in os.listdir(tmp_path / "C")
     assert sorted(os.listdir(tmp_path / "C" / "Data" / "Sub")) == ["File.txt", "New"]
     assert events == ["mkdir C:\\DATA\\sub\\New", "mkdir C:\\DATA\\sub\\New\\Deeper"]
     assert ws.acl("C:\\Data\\Sub") is None and ws.acl("C:\\data\\sub\\new") == OVERRIDE_ACL
+    assert ws.owner("C:\\data\\sub\\new") == ADMINISTRATORS
     assert ws.read("c:\\data\\SUB\\file.TXT") == b"x"
     assert ws.is_dir("C:\\DATA\\SUB\\NEW\\DEEPER") and not ws.exists("C:\\Data\\Sub\\Other")
     assert ws.list_files("c:\\data\\sub") == ["File.txt"]
@@ -318,7 +135,7 @@ def test_inspect_installed_mode(station: Station) -> None:
     ws, alice = station.ws, station.alice
     old = ini("alice by hand")
     ws.put(ALICE_INI, old)
-    ws.put(Workstation.state_path(ALICE_INI, "applied"), b"applied base")
+    ws.put(state_path("applied"), b"applied base")
     ws.put(f"{PROGRAM_DIR}\\override.ini", b"[Settings]\r\n")
     ws.start_microsip(alice)
     ws.start_microsip(station.bob, "other.exe")
@@ -328,10 +145,10 @@ def test_inspect_installed_mode(station: Station) -> None:
         "computer": "BER-WS-001",
         "ps_version": "5.1.19041.4648",
         "free_bytes": 51_234_567_890,
+        "language_mode": "FullLanguage",
     }
     assert answer["install"] == {
         "found": True,
-        "mode": "installed",
         "dir": PROGRAM_DIR,
         "exe_path": f"{PROGRAM_DIR}\\microsip.exe",
         "source": "inventory",
@@ -341,7 +158,8 @@ def test_inspect_installed_mode(station: Station) -> None:
         "exists": True,
         "sha256": sha(b"[Settings]\r\n"),
         "content_b64": b64(b"[Settings]\r\n"),
-        "applied": {"exists": False, "sha256": None, "content_b64": None},
+        "read_only": False,
+        "applied": {"exists": False, "sha256": None, "content_b64": None, "legacy": False},
         "error": None,
     }
     first, second = answer["users"]
@@ -351,14 +169,19 @@ def test_inspect_installed_mode(station: Station) -> None:
         "sid": alice.sid,
         "profile": "C:\\Users\\alice",
         "appdata": "C:\\Users\\alice\\AppData\\Roaming",
+        "mode": "installed",
+        "mode_rule": "hklm",
+        "mode_detail": "HKCU=None HKLM='C:\\\\Program Files\\\\MicroSIP'",
         "path": ALICE_INI,
         "exists": True,
         "sha256": sha(old),
         "content_b64": b64(old),
+        "read_only": False,
         "applied": {
             "exists": True,
             "sha256": sha(b"applied base"),
             "content_b64": b64(b"applied base"),
+            "legacy": False,
         },
         "running": True,
         "error": None,
@@ -375,7 +198,7 @@ def test_inspect_portable_mode_uses_the_ini_next_to_the_renamed_exe(
     host = lab.add_host(HostConfig(credentials=CREDS, scheme="https", port=0))
     ws = Workstation(tmp_path, computer="KIOSK-7")
     ws.install_microsip("portable", install_dir="D:\\Tools\\Qphone", exe="Qphone.exe")
-    kiosk = ws.add_user(".\\kiosk")
+    kiosk = ws.add_user(".\\kiosk")  # the agent asks for KIOSK-7\\kiosk: "." does not resolve
     ws.put("D:\\tools\\qphone\\QPHONE.ini", b"portable")
     host.state = ws
     agent = Agent(lab, host)
@@ -385,9 +208,9 @@ def test_inspect_portable_mode_uses_the_ini_next_to_the_renamed_exe(
     answer = agent.call(request)
     agent.close()
     assert answer["install"]["source"] == "inventory"
-    assert answer["install"]["mode"] == "portable"
     assert ws.hklm_microsip is None
     [user] = answer["users"]
+    assert (user["mode"], user["mode_rule"]) == ("portable", "none")
     assert user["sid"] == kiosk.sid
     assert user["path"] == "D:\\Tools\\Qphone\\Qphone.ini"
     assert user["content_b64"] == b64(b"portable")
@@ -421,15 +244,22 @@ def test_inspect_uses_the_users_own_shell_folders_never_the_winrm_account(
     ws.add_user("ACME\\gina", shell_appdata="%HOMESHARE%\\AppData", hive_loaded=True)
     names = ["dave", "erin", "fred", "gina"]
     answer = station.agent.call(inspect_request([(name, f"ACME\\{name}") for name in names]))
-    *resolved, gina = answer["users"]
+    dave, erin, fred, gina = answer["users"]
     assert gina["error"]["code"] == "internal" and "%HOMESHARE%" in gina["error"]["message"]
-    paths = [user["path"] for user in resolved]
+    paths = [user["path"] for user in (dave, fred)]
     assert paths == [
         "C:\\Users\\dave\\Roaming2\\MicroSIP\\microsip.ini",
-        "C:\\Users\\erin\\AppData\\Roaming\\MicroSIP\\microsip.ini",
         "C:\\Users\\fred.ACME\\AppData\\Roaming\\MicroSIP\\microsip.ini",
     ]
     assert all(ADMIN not in path for path in paths)
+    # erin is logged off: her hive, read from a copy, says H:, outside her profile; the local
+    # AppData\\Roaming is a copy her MicroSIP never reads, so nothing is written anywhere.
+    assert (
+        erin["error"]["code"] == "unsafe-path"
+        and "H:\\Redirected\\erin" in erin["error"]["message"]
+    )
+    assert erin["appdata"] == "H:\\Redirected\\erin" and erin["path"] is None
+    assert station.ws.hives_read == [erin["sid"], fred["sid"]]  # the others are logged on
 
 
 @pytest.mark.parametrize(
@@ -448,7 +278,6 @@ def test_inspect_discovery_when_the_inventory_dir_is_wrong(
     if source is None:
         assert install == {
             "found": False,
-            "mode": "installed",
             "dir": None,
             "exe_path": None,
             "source": None,
@@ -491,25 +320,26 @@ def test_first_write_creates_the_folder_the_file_and_applied_with_acls(station: 
         "error": None,
     }
     assert ws.read(ALICE_INI) == content
-    assert state(ws, ALICE_INI, "applied") == b"applied " + content
-    assert state(ws, ALICE_INI, "backup.1") is None
+    assert state(ws, "applied") == b"applied " + content
+    assert state(ws, "backup.1") is None
     user_acl = user_file_acl(alice.sid)
     assert user_acl.rights() == {
         alice.sid: "FullControl",
         SYSTEM: "FullControl",
         ADMINISTRATORS: "FullControl",
     }
-    assert user_acl.inherit is False
-    for path in (
-        folder,
-        ALICE_INI,
-        f"{folder}\\.provisioner\\microsip.ini",
-        f"{folder}\\.provisioner\\microsip.ini\\applied",
-    ):
-        assert ws.acl(path) == user_acl, path
+    assert user_acl.protected is True
+    assert ws.acl(folder) == user_folder_acl(alice.sid)
+    assert ws.acl(ALICE_INI) == user_acl
     assert ws.acl("C:\\Users\\alice\\AppData\\Roaming") is None  # existed: not touched
     assert temp_files(ws, folder) == []
-    assert ws.listdir(f"{folder}\\.provisioner\\microsip.ini") == ["applied"]
+    assert ws.listdir(folder) == ["microsip.ini"]  # the state is not beside the file
+    # The merge base is the agent's: SYSTEM and Administrators only, and alice cannot reach it.
+    assert ws.listdir(state_path("")) == ["applied"]
+    assert ws.acl(state_path("applied")) == STATE_ACL
+    assert not ws.allows(alice.sid, "read", state_path("applied"))
+    assert not ws.allows(alice.sid, "write", state_path(""))
+    assert ws.allows(alice.sid, "write", ALICE_INI)
 
 
 def test_updates_rotate_three_backup_generations(station: Station) -> None:
@@ -520,14 +350,16 @@ def test_updates_rotate_three_backup_generations(station: Station) -> None:
         result = write(station, alice, content)
         assert result["status"] == "written"
         assert result["old_sha256"] == sha(contents[number - 1])
-        assert result["backup"] == Workstation.state_path(ALICE_INI, "backup.1")
+        assert result["backup"] == state_path("backup.1")
         assert ws.read(ALICE_INI) == content
-        assert state(ws, ALICE_INI, "backup.1") == contents[number - 1]
-    assert [state(ws, ALICE_INI, f"backup.{n}") for n in (1, 2, 3)] == contents[4:1:-1]
-    items = ws.listdir("C:\\Users\\alice\\AppData\\Roaming\\MicroSIP\\.provisioner\\microsip.ini")
+        assert state(ws, "backup.1") == contents[number - 1]
+    assert [state(ws, f"backup.{n}") for n in (1, 2, 3)] == contents[4:1:-1]
+    items = ws.listdir(state_path(""))
     assert items == ["applied", "backup.1", "backup.2", "backup.3"]
     for item in items:
-        assert ws.acl(Workstation.state_path(ALICE_INI, item)) == user_file_acl(alice.sid)
+        # old passwords: SYSTEM and Administrators only, never the user
+        assert ws.acl(state_path(item)) == STATE_ACL
+        assert not ws.allows(alice.sid, "read", state_path(item))
 
 
 def test_compare_and_swap_conflict_writes_nothing(station: Station) -> None:
@@ -545,7 +377,7 @@ def test_compare_and_swap_conflict_writes_nothing(station: Station) -> None:
     assert first["old_sha256"] == sha(ini("edited by alice meanwhile"))
     assert (second["status"], second["old_sha256"]) == ("conflict", None)
     assert ws.read(ALICE_INI) == ini("edited by alice meanwhile")
-    assert state(ws, ALICE_INI, "backup.1") is None
+    assert state(ws, "backup.1") is None
     assert not ws.exists("C:\\Users\\bob\\AppData\\Roaming\\MicroSIP")
 
 
@@ -590,8 +422,8 @@ def _prepare_history(st: Station) -> list[bytes]:
     return versions
 
 
-def _backups(ws: Workstation, path: str) -> list[bytes | None]:
-    return [state(ws, path, f"backup.{n}") for n in (1, 2, 3)]
+def _backups(ws: Workstation, owner: str | None = ALICE_SID) -> list[bytes | None]:
+    return [state(ws, f"backup.{n}", owner) for n in (1, 2, 3)]
 
 
 def test_disk_full_leaves_everything_as_it_was(station: Station) -> None:
@@ -602,7 +434,7 @@ def test_disk_full_leaves_everything_as_it_was(station: Station) -> None:
     assert (result["status"], error_code(result)) == ("error", "disk-full")
     assert (result["old_sha256"], result["new_sha256"]) == (sha(versions[2]), None)
     assert ws.read(ALICE_INI) == versions[2]
-    assert _backups(ws, ALICE_INI) == [versions[1], versions[0], None]
+    assert _backups(ws) == [versions[1], versions[0], None]
     assert temp_files(ws, "C:\\Users\\alice\\AppData\\Roaming\\MicroSIP") == []
 
 
@@ -621,9 +453,9 @@ def test_locked_or_read_only_file_keeps_the_old_content(station: Station, fault:
     result = write(station, station.alice, ini("v3"))
     assert (result["status"], error_code(result)) == ("error", fault.replace("_", "-"))
     assert ws.read(ALICE_INI) == versions[2]
-    assert _backups(ws, ALICE_INI) == [versions[1], versions[0], None]
+    assert _backups(ws) == [versions[1], versions[0], None]
     assert temp_files(ws, "C:\\Users\\alice\\AppData\\Roaming\\MicroSIP") == []
-    assert state(ws, ALICE_INI, "applied") == b"applied " + versions[2]
+    assert state(ws, "applied") == b"applied " + versions[2]
 
 
 def test_read_only_folder_refuses_the_first_write(station: Station) -> None:
@@ -642,8 +474,8 @@ def test_failed_verification_restores_the_old_file(station: Station) -> None:
     assert (result["status"], error_code(result)) == ("error", "verify-failed")
     assert (result["new_sha256"], result["backup"]) == (sha(corrupt(ini("v3"))), None)
     assert ws.read(ALICE_INI) == versions[2]
-    assert _backups(ws, ALICE_INI) == [versions[1], versions[0], None]
-    assert state(ws, ALICE_INI, "applied") == b"applied " + versions[2]
+    assert _backups(ws) == [versions[1], versions[0], None]
+    assert state(ws, "applied") == b"applied " + versions[2]
     assert temp_files(ws, "C:\\Users\\alice\\AppData\\Roaming\\MicroSIP") == []
     assert write(station, station.alice, ini("v3"))["status"] == "written"
 
@@ -673,7 +505,7 @@ def test_crash_after_the_temp_file_leaves_the_old_file(station: Station) -> None
     out, _, code = station.agent.raw(scripts.make_envelope("apply", apply_request([entry])))
     assert (out, code) == (b"", CRASH_EXIT_CODE)
     assert ws.read(path) == versions[2]
-    assert _backups(ws, path) == [versions[1], versions[0], None]
+    assert _backups(ws) == [versions[1], versions[0], None]
     [leftover] = temp_files(ws, "C:\\Users\\alice\\AppData\\Roaming\\MicroSIP")
     assert leftover.startswith(".microsip.ini.")
     assert ws.read(f"C:\\Users\\alice\\AppData\\Roaming\\MicroSIP\\{leftover}") == ini("v3")
@@ -683,7 +515,7 @@ def test_crash_after_the_temp_file_leaves_the_old_file(station: Station) -> None
 
 
 ALICE_DIR = "C:\\Users\\alice\\AppData\\Roaming\\MicroSIP"
-ALICE_STATE = f"{ALICE_DIR}\\.provisioner\\microsip.ini"
+ALICE_STATE = state_path("")
 PLAINTEXT = ini("password=Plain-Text-Pw-1")
 STALE = [
     f"{ALICE_DIR}\\.microsip.ini.0123456789ab.tmp",
@@ -734,7 +566,7 @@ def _full_history(st: Station) -> list[bytes]:
     st.ws.put(ALICE_INI, versions[0])
     for content in versions[1:]:
         assert write(st, st.alice, content)["status"] == "written"
-    assert _backups(st.ws, ALICE_INI) == [versions[3], versions[2], versions[1]]
+    assert _backups(st.ws) == [versions[3], versions[2], versions[1]]
     return versions
 
 
@@ -754,30 +586,30 @@ def test_a_failed_replace_or_verify_loses_no_backup(
     result = write(station, station.alice, ini("v5"))
     assert (result["status"], error_code(result), result["backup"]) == ("error", code, None)
     assert ws.read(ALICE_INI) == versions[4]
-    assert _backups(ws, ALICE_INI) == [versions[3], versions[2], versions[1]]
+    assert _backups(ws) == [versions[3], versions[2], versions[1]]
     assert ws.listdir(ALICE_STATE) == ["applied", "backup.1", "backup.2", "backup.3"]
     ws.faults = WorkstationFaults()
     assert write(station, station.alice, ini("v5"))["status"] == "written"
-    assert _backups(ws, ALICE_INI) == [versions[4], versions[3], versions[2]]
+    assert _backups(ws) == [versions[4], versions[3], versions[2]]
 
 
 def test_a_rotation_that_fails_after_the_write_is_finished_next_time(station: Station) -> None:
     ws = station.ws
     versions = _full_history(station)
-    ws.faults.locked.add(Workstation.state_path(ALICE_INI, "backup.2"))
+    ws.faults.locked.add(state_path("backup.2"))
     result = write(station, station.alice, ini("v5"))
     # the file is written and verified; its old content waits as backup.new
     assert (result["status"], result["backup"]) == (
         "written",
-        Workstation.state_path(ALICE_INI, "backup.new"),
+        state_path("backup.new"),
     )
     assert ws.read(ALICE_INI) == ini("v5")
-    assert state(ws, ALICE_INI, "backup.new") == versions[4]
-    assert _backups(ws, ALICE_INI) == [versions[3], versions[2], versions[1]]
+    assert state(ws, "backup.new") == versions[4]
+    assert _backups(ws) == [versions[3], versions[2], versions[1]]
     ws.faults = WorkstationFaults()
     assert write(station, station.alice, ini("v6"))["status"] == "written"
-    assert _backups(ws, ALICE_INI) == [ini("v5"), versions[4], versions[3]]
-    assert state(ws, ALICE_INI, "backup.new") is None
+    assert _backups(ws) == [ini("v5"), versions[4], versions[3]]
+    assert state(ws, "backup.new") is None
 
 
 def test_a_backup_new_left_by_a_dead_agent_is_rotated_in_first(station: Station) -> None:
@@ -786,17 +618,15 @@ def test_a_backup_new_left_by_a_dead_agent_is_rotated_in_first(station: Station)
     # an agent died after its replace, in the middle of its rotation: backup.1 has moved
     # down to backup.2 (and backup.2 to backup.3, the oldest gone), backup.new is still there
     for number in (2, 1):
-        source = Workstation.state_path(ALICE_INI, f"backup.{number}")
-        ws.host_path(source).replace(
-            ws.host_path(Workstation.state_path(ALICE_INI, f"backup.{number + 1}"))
-        )
-    ws.put(Workstation.state_path(ALICE_INI, "backup.new"), ini("before the dead agent"))
+        source = state_path(f"backup.{number}")
+        ws.host_path(source).replace(ws.host_path(state_path(f"backup.{number + 1}")))
+    ws.put(state_path("backup.new"), ini("before the dead agent"))
     [restored] = station.agent.call(rollback_request([target(ALICE_INI, station.alice)]))["files"]
     assert restored["status"] == "restored"
     assert ws.read(ALICE_INI) == ini("before the dead agent")
-    assert _backups(ws, ALICE_INI) == [versions[3], versions[2], None]
+    assert _backups(ws) == [versions[3], versions[2], None]
     assert write(station, station.alice, ini("v6"))["status"] == "written"
-    assert _backups(ws, ALICE_INI) == [ini("before the dead agent"), versions[3], versions[2]]
+    assert _backups(ws) == [ini("before the dead agent"), versions[3], versions[2]]
 
 
 def test_override_and_per_file_errors_do_not_abort_the_others(station: Station) -> None:
@@ -825,8 +655,9 @@ def test_override_and_per_file_errors_do_not_abort_the_others(station: Station) 
         ADMINISTRATORS: "FullControl",
         USERS: "ReadAndExecute",
     }
-    assert ws.acl(f"{PROGRAM_DIR}\\.provisioner\\override.ini") == OVERRIDE_ACL
-    assert state(ws, override, "applied") is None
+    assert ws.listdir(PROGRAM_DIR) == ["microsip.exe", "override.ini"]
+    assert ws.acl(state_path("", None)) == state_folder_acl()
+    assert state(ws, "applied", None) is None
 
 
 # --- rollback ---------------------------------------------------------------------------------
@@ -842,20 +673,20 @@ def test_rollback_restores_backup_1_and_keeps_rolled_back(station: Station) -> N
         "status": "restored",
         "old_sha256": sha(versions[2]),
         "new_sha256": sha(versions[1]),
-        "backup": Workstation.state_path(ALICE_INI, "rolled-back"),
+        "backup": state_path("rolled-back"),
         "stopped": 0,
         "error": None,
     }
     assert ws.read(ALICE_INI) == versions[1]
-    assert state(ws, ALICE_INI, "rolled-back") == versions[2]
-    assert _backups(ws, ALICE_INI) == [versions[0], None, None]
-    assert state(ws, ALICE_INI, "applied") is None
+    assert state(ws, "rolled-back") == versions[2]
+    assert _backups(ws) == [versions[0], None, None]
+    assert state(ws, "applied") is None
     for item in ("rolled-back", "backup.1"):
-        assert ws.acl(Workstation.state_path(ALICE_INI, item)) == user_file_acl(alice.sid)
+        assert ws.acl(state_path(item)) == STATE_ACL
     assert ws.acl(ALICE_INI) == user_file_acl(alice.sid)
     [again] = station.agent.call(rollback_request([target(ALICE_INI, alice)]))["files"]
     assert again["status"] == "restored" and ws.read(ALICE_INI) == versions[0]
-    assert state(ws, ALICE_INI, "rolled-back") == versions[1]
+    assert state(ws, "rolled-back") == versions[1]
     [empty] = station.agent.call(rollback_request([target(ALICE_INI, alice)]))["files"]
     assert (empty["status"], error_code(empty)) == ("error", "no-backup")
     assert ws.read(ALICE_INI) == versions[0]
@@ -970,27 +801,46 @@ class Step:
     running: set[str] = field(default_factory=set)
 
 
-def _expect_apply(model: FileModel, step: Step, stale: bool, new: bytes) -> tuple[str, str | None]:
+def _running(model: FileModel, step: Step) -> tuple[str, str] | None:
     if model.user is not None and model.user.sid in step.running:
         if step.policy == "skip":
             return "busy", "busy"
         if step.policy == "stop":
             step.running.discard(model.user.sid)
-    if stale:
-        return "conflict", "conflict"
+    return None
+
+
+def _write_fault(model: FileModel, step: Step) -> tuple[str, str] | None:
+    """Where a managed write fails, in the agent's order: the pending backup or the temp file
+    (disk full), the final ACL on the file or the temp file in its folder (read-only), the agent
+    dying after its temp file, the replace (locked), the verify."""
     mine = step.target == model.path
     if step.fault == "disk_full":
         return "error", "disk-full"
-    if step.fault == "read_only_folder" and mine:
+    if step.fault in ("read_only_folder", "read_only_file") and mine:
         return "error", "read-only"
     if step.crash_armed:
         raise Crash
-    # a failed replace or verify moves no backup: nothing is lost
+    if step.fault == "locked" and mine:
+        return "error", "locked"
     if step.verify_armed:
         step.verify_armed = False
         return "error", "verify-failed"
-    if step.fault in ("locked", "read_only_file") and mine:
-        return "error", "locked" if step.fault == "locked" else "read-only"
+    return None
+
+
+def _expect_apply(model: FileModel, step: Step, stale: bool, new: bytes) -> tuple[str, str | None]:
+    # The compare-and-swap comes first: a conflict never stops anybody's MicroSIP.
+    if stale:
+        return "conflict", "conflict"
+    busy = _running(model, step)
+    if busy is not None:
+        return busy
+    # A failed write moves no backup: nothing is lost. A crash leaves a backup.new with the
+    # current content, which the next request drops.
+    failed = _write_fault(model, step)
+    if failed is not None:
+        return failed
     if model.current is not None:
         model.backups = [model.current, *model.backups[:2]]
     model.current = new
@@ -1001,16 +851,18 @@ def _expect_apply(model: FileModel, step: Step, stale: bool, new: bytes) -> tupl
 def _expect_rollback(model: FileModel, step: Step) -> tuple[str, str | None]:
     if model.backups[0] is None:
         return "error", "no-backup"
-    if model.user is not None and model.user.sid in step.running:
-        if step.policy == "skip":
-            return "busy", "busy"
-        if step.policy == "stop":
-            step.running.discard(model.user.sid)
-    codes = {"locked": "locked", "read_only_file": "read-only", "read_only_folder": "read-only"}
-    if step.target == model.path and step.fault in codes:
-        if step.fault != "read_only_folder":
-            model.rolled = None  # the old rolled-back copy goes before the replace fails
-        return "error", codes[step.fault]
+    busy = _running(model, step)
+    if busy is not None:
+        return busy
+    # The current content goes to rolled-back first; a failed rollback removes it again.
+    try:
+        failed = _write_fault(model, step)
+    except Crash:
+        model.rolled = model.current
+        raise
+    if failed is not None:
+        model.rolled = None
+        return failed
     model.rolled = model.current
     model.current = model.backups[0]
     model.backups = [*model.backups[1:], None]
@@ -1041,10 +893,8 @@ def test_random_pushes_and_faults_never_mix_contents(station: Station, seed: int
 
     def observe(event: str) -> None:
         for model in models:
-            for path in (
-                model.path,
-                *(ws.state_path(model.path, f"backup.{n}") for n in (1, 2, 3)),
-            ):
+            owner = model.user.sid if model.user is not None else None
+            for path in (model.path, *(state_path(f"backup.{n}", owner) for n in (1, 2, 3))):
                 data = ws.read(path)
                 if data is None:
                     if path in must_exist:
@@ -1114,7 +964,11 @@ def test_random_pushes_and_faults_never_mix_contents(station: Station, seed: int
                     expected.append((*outcome, None))
             else:
                 entries.append(target(model.path, model.user))
-                outcome = _expect_rollback(model, step)
+                try:
+                    outcome = _expect_rollback(model, step)
+                except Crash:
+                    expected.append(("crash", None, None))
+                    break
                 expected.append((*outcome, None))
         ws.faults = faults
         request = (apply_request if op == "apply" else rollback_request)(entries, step.policy)
@@ -1133,15 +987,17 @@ def test_random_pushes_and_faults_never_mix_contents(station: Station, seed: int
             results: list[dict[str, Any]] = scripts.parse_answer(out)["files"]  # type: ignore[assignment]
             got = [(r["status"], error_code(r)) for r in results]
             assert got == [(status, code_) for status, code_, _ in expected], context
+            owners = {model.path: model.user.sid if model.user else None for model in models}
             for result, (status, _, before) in zip(results, expected, strict=True):
                 if status == "written" and before is not None:
                     # a successful overwrite always leaves the old content as backup.1
-                    assert state(ws, result["path"], "backup.1") == before, context
+                    assert state(ws, "backup.1", owners[result["path"]]) == before, context
         for model in models:
+            owner = model.user.sid if model.user is not None else None
             assert ws.read(model.path) == model.current, (context, model.path)
-            assert _backups(ws, model.path) == model.backups, (context, model.path)
-            assert state(ws, model.path, "applied") == model.applied, (context, model.path)
-            assert state(ws, model.path, "rolled-back") == model.rolled, (context, model.path)
+            assert _backups(ws, owner) == model.backups, (context, model.path)
+            assert state(ws, "applied", owner) == model.applied, (context, model.path)
+            assert state(ws, "rolled-back", owner) == model.rolled, (context, model.path)
             folder = model.path.rsplit("\\", 1)[0]
             assert temp_files(ws, folder) == [], (context, folder)
     # the seeds are chosen so that each run meets most outcomes; all of them together are checked

@@ -18,7 +18,6 @@ from provisioner.transport.base import ReadOnlyTransport, Transport
 from tests.labkit import Kit, lab_kit
 
 INI = "C:\\Users\\u1x1\\AppData\\Roaming\\MicroSIP\\microsip.ini"
-STATE = "C:\\Users\\u1x1\\AppData\\Roaming\\MicroSIP\\.provisioner\\microsip.ini"
 
 
 @pytest.fixture
@@ -48,8 +47,8 @@ def test_first_push_then_unchanged_with_request_counts(tmp_path: Path, transport
         assert data is not None and data.startswith(b"\xff\xfe")
         assert b"\n" not in data.replace(b"\r\x00\n\x00", b"")  # CRLF only
         assert "password=Sip-1-1-pw" in text(data)
-        assert machine(kit).read(f"{STATE}\\applied") is not None
-        assert "Sip-1-1-pw" not in text(machine(kit).read(f"{STATE}\\applied"))
+        applied = machine(kit).read(machine(kit).state_for(INI, "applied"))
+        assert applied is not None and "Sip-1-1-pw" not in text(applied)
         host.reset_counts()
         again = kit.push("ws01")
         assert again.status == Status.UNCHANGED, again.message
@@ -67,7 +66,7 @@ def test_acl_and_backups(kit: Kit) -> None:
     assert acl is not None
     assert set(acl.rights()) == {user.sid, "S-1-5-18", "S-1-5-32-544"}
     kit.push("ws01", PushOptions(reset=True))
-    assert ws.read(f"{STATE}\\backup.1") is not None
+    assert ws.read(ws.state_for(INI, "backup.1")) is not None
 
 
 def _edit(ws: Workstation, path: str, change: Mapping[tuple[str, str], str | None]) -> None:

@@ -205,7 +205,7 @@ def test_faults_across_a_fleet_then_retry_converges(fleet: Fleet, tmp_path: Path
         if was_written:
             doc = ini.parse_ini(ini.decode_ini_bytes(after[(host, ini_path)] or b""))
             assert doc.get("Settings", "EC") == "0"
-            backup = fleet.machine(host).read(Workstation.state_path(ini_path, "backup.1"))
+            backup = fleet.machine(host).read(fleet.machine(host).state_for(ini_path, "backup.1"))
             assert backup == before[(host, ini_path)], host
 
     # ---- the state store agrees with the emulated disks

@@ -66,6 +66,8 @@ class HostConfig:
     allow_unencrypted: bool = False
     receive_chunk: int = 64 * 1024
     max_envelope_kb: int = 500
+    remote_shells: bool = True
+    """False: remote shell access is disabled by policy (``AllowRemoteShellAccess`` 0)."""
     faults: Faults = field(default_factory=Faults)
 
     def __post_init__(self) -> None:
@@ -138,6 +140,7 @@ class LabHost:
             counters=self._counters,
             stopping=stopping,
             receive_chunk=config.receive_chunk,
+            remote_shells=config.remote_shells,
         )
         self._listener: Listener | None = None
         if config.faults.refuse:
@@ -169,6 +172,10 @@ class LabHost:
     def faults(self) -> Faults:
         """The fault plan in force."""
         return self._faults.plan
+
+    def set_remote_shells(self, enabled: bool) -> None:
+        """Allow or refuse remote shells, as the ``AllowRemoteShellAccess`` policy does."""
+        self._winrs.remote_shells = enabled
 
     def set_faults(self, faults: Faults) -> None:
         """Install a new fault plan (fresh counters); ``refuse`` takes effect on return."""
@@ -316,14 +323,10 @@ class LabHost:
             return self._fault(bad, "", seal)
         self._counters.operation(soap.operation)
         if len(plaintext) > self.config.max_envelope_kb * 1024:
-            too_large = wsman.WsmanFault(
-                wsman.CODE_ENVELOPE_TOO_LARGE,
-                "w:EncodingLimit",
-                "The WS-Management service cannot process the request because the request "
-                "envelope is larger than MaxEnvelopeSizekb.",
-                receiver=False,
-            )
-            return self._fault(too_large, soap.message_id, seal)
+            # Windows answers a request over MaxEnvelopeSizekb with HTTP 413 and no SOAP body
+            # (pywinrm: "Bad HTTP response returned from server. Code 413").
+            self._counters.operation(REJECTED)
+            return HttpResponse(413, close=True)
         if self._faults.hang(soap.operation):
             return Action.PARK
         injected = self._faults.soap_fault(soap.operation)

@@ -117,8 +117,10 @@ class WinRS:
         counters: Counters,
         stopping: threading.Event,
         receive_chunk: int,
+        remote_shells: bool = True,
     ) -> None:
         self._endpoint = endpoint
+        self.remote_shells = remote_shells
         self._slot = slot
         self._handler = handler
         self._pool = pool
@@ -177,6 +179,8 @@ class WinRS:
         return command
 
     def _create(self, request: SoapRequest, user: str, peer: str) -> bytes:
+        if not self.remote_shells:
+            raise wsman.remote_shells_not_allowed()
         spec = wsman.parse_shell(request.body)
         try:
             codepage = int(request.options.get("WINRS_CODEPAGE", "437"))

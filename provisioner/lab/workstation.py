@@ -1,16 +1,17 @@
-"""An emulated Windows workstation backed by a real folder: accounts, MicroSIP, files, faults.
+"""An emulated Windows workstation: accounts and their hives, MicroSIP's install facts, processes.
 
-Drive ``X:`` is the folder ``<root>/X/``. Paths are Windows paths (``C:\\Users\\alice``) and
-resolve case-insensitively against what exists, as on NTFS; missing components keep the case
-they were given. Every write is real: the agent (``provisioner.lab.agent``) writes a temp file
-in the target folder and moves or replaces it with ``os.replace``, so a managed file is at every
-moment either its old or its new content, byte for byte. Nothing is fsynced (see
-:meth:`Workstation.write_new`), and nothing under a drive's folder is cached: the disk is looked
-at on every call, so a change made behind the workstation's back is seen at once.
+The files live on an emulated NTFS (:mod:`provisioner.lab.ntfs`, which this class extends):
+owners, DACLs with inheritance, junctions, symbolic and hard links, the read-only attribute and
+``ReplaceFile``'s documented results, on a real folder. The agent (``provisioner.lab.agent``)
+writes a temp file in the target folder and moves or replaces it, so a managed file is at every
+moment either its old or its new content, byte for byte.
 
-What the agent may learn about the machine goes through the same few facts a PowerShell script
-can query: accounts (``NTAccount.Translate``), ``ProfileList``, the user's shell folders, the
-default value of ``HKLM\\Software\\MicroSIP``, the MSI products, the processes and the files.
+What the agent may learn about the machine goes through the facts a PowerShell script can query:
+accounts (``NTAccount.Translate``, which does not resolve ``.\\name``), ``ProfileList``, the
+user's hive (loaded while they are logged on; otherwise readable from a copy of ``NTUSER.DAT``
+unless it is in use or absent), the default values of ``HKCU`` and ``HKLM\\Software\\MicroSIP``,
+the MSI products, the processes (one query per request is what the agent should cost), the
+PowerShell language mode, and the files.
 
 Typical use::
 
@@ -20,30 +21,81 @@ Typical use::
     ws.install_microsip("installed")                    # registry value set, exe created
     ws.start_microsip(alice)
     ws.faults.locked.add(ws.ini_path(alice))
+    ws.make_link("C:\\Users\\alice\\AppData\\Roaming\\MicroSIP", "C:\\Windows\\Tasks")
     host.state = ws                                     # a Lab host running LabAgent
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import functools
-import hashlib
-import os
 import re
-import shutil
-import stat
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-Mode = Literal["installed", "portable"]
-Rights = Literal["FullControl", "ReadAndExecute"]
+from provisioner.lab.ntfs import (
+    ADMINISTRATORS,
+    AUTHENTICATED_USERS,
+    CREATOR_OWNER,
+    EVERYONE,
+    SYSTEM,
+    USERS,
+    Ace,
+    Acl,
+    Crashed,
+    FileError,
+    FileSystem,
+    Rights,
+    WorkstationFaults,
+    corrupt,
+    is_within,
+    join,
+    leaf,
+    parent,
+    path_key,
+    protected_acl,
+)
 
-SYSTEM = "S-1-5-18"
-ADMINISTRATORS = "S-1-5-32-544"
-USERS = "S-1-5-32-545"
+__all__ = [
+    "ADMINISTRATORS",
+    "AUTHENTICATED_USERS",
+    "CREATOR_OWNER",
+    "DOMAIN_SID",
+    "EVERYONE",
+    "MACHINE_SID",
+    "OVERRIDE_ACL",
+    "STATE_ACL",
+    "STATE_ROOT",
+    "SYSTEM",
+    "SYSTEM_VARIABLES",
+    "USERS",
+    "Ace",
+    "Acl",
+    "Crashed",
+    "FileError",
+    "Install",
+    "Mode",
+    "MsiProduct",
+    "Process",
+    "User",
+    "Workstation",
+    "WorkstationFaults",
+    "corrupt",
+    "expand",
+    "ini_name",
+    "join",
+    "leaf",
+    "parent",
+    "path_key",
+    "state_folder_acl",
+    "user_file_acl",
+    "user_folder_acl",
+]
+
+Mode = Literal["installed", "portable"]
+LanguageMode = Literal["FullLanguage", "ConstrainedLanguage", "RestrictedLanguage", "NoLanguage"]
+
 DOMAIN_SID = "S-1-5-21-1000-2000-3000"
 """The domain's SID prefix; domain accounts get ``<prefix>-<rid>``."""
 MACHINE_SID = "S-1-5-21-4000-5000-6000"
@@ -56,77 +108,78 @@ SYSTEM_VARIABLES = {
     "ProgramData": "C:\\ProgramData",
     "ALLUSERSPROFILE": "C:\\ProgramData",
     "PUBLIC": "C:\\Users\\Public",
+    "ProgramFiles": "C:\\Program Files",
+    "ProgramFiles(x86)": "C:\\Program Files (x86)",
 }
-"""Machine-wide environment variables a shell folder value may use."""
+"""Machine-wide environment variables a shell folder or install folder may use."""
 
-_DRIVE = re.compile(r"^([A-Za-z]):(?:[\\/](.*))?$")
-_BAD_NAME = re.compile(r'[<>:"|?*\x00-\x1f]')
-_SEPARATOR = re.compile(r"[\\/]")
+STATE_ROOT = "C:\\ProgramData\\MicroSIP-provisioner"
+"""Where the agent keeps its merge bases and backups (docs/agent-protocol.md)."""
+
 _EXE_IMAGE = b"MZ\x90\x00lab MicroSIP stand-in\r\n"
-
-
-# --- ACLs -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Ace:
-    """One allow entry: ``sid`` gets ``rights``."""
-
-    sid: str
-    rights: Rights
-
-
-@dataclass(frozen=True)
-class Acl:
-    """The explicit ACL of a file or folder (what ``Set-Acl`` left)."""
-
-    aces: tuple[Ace, ...]
-    inherit: bool = False
-
-    def rights(self) -> dict[str, Rights]:
-        """SID to rights, for assertions."""
-        return {ace.sid: ace.rights for ace in self.aces}
+_VARIABLE = re.compile(r"%([^%\\]+)%")
 
 
 def user_file_acl(sid: str) -> Acl:
-    """``microsip.ini``: full control for the user, SYSTEM and Administrators; no inheritance."""
-    return Acl(
-        (Ace(sid, "FullControl"), Ace(SYSTEM, "FullControl"), Ace(ADMINISTRATORS, "FullControl"))
-    )
+    """``microsip.ini``: full control for the user, SYSTEM and Administrators; protected."""
+    return protected_acl({sid: "FullControl", SYSTEM: "FullControl", ADMINISTRATORS: "FullControl"})
 
 
-OVERRIDE_ACL = Acl(
-    (Ace(SYSTEM, "FullControl"), Ace(ADMINISTRATORS, "FullControl"), Ace(USERS, "ReadAndExecute"))
+def user_folder_acl(sid: str) -> Acl:
+    """A MicroSIP folder the agent creates for a user: as the file, inherited by its contents."""
+    rights: dict[str, Rights] = {sid: "FullControl", SYSTEM: "FullControl"}
+    rights[ADMINISTRATORS] = "FullControl"
+    return protected_acl(rights, folder=True)
+
+
+OVERRIDE_ACL = protected_acl(
+    {SYSTEM: "FullControl", ADMINISTRATORS: "FullControl", USERS: "ReadAndExecute"}
 )
 """``override.ini``: full control for SYSTEM and Administrators, read (and execute) for Users."""
 
-
-# --- errors -----------------------------------------------------------------------------------
-
-
-class FileError(Exception):
-    """A file operation failed; ``code`` is the agent protocol's error code."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+STATE_ACL = protected_acl({SYSTEM: "FullControl", ADMINISTRATORS: "FullControl"})
+"""Every file of the agent's state: SYSTEM and Administrators only."""
 
 
-class Crashed(Exception):
-    """The agent process died (``crash_after_temp``); nothing after this point runs."""
+def state_folder_acl() -> Acl:
+    """The agent's state folders: SYSTEM and Administrators only, inherited by their contents."""
+    return protected_acl({SYSTEM: "FullControl", ADMINISTRATORS: "FullControl"}, folder=True)
 
 
-# --- accounts, install facts, processes -------------------------------------------------------
+def ini_name(exe: str) -> str:
+    """MicroSIP's ini name: the exe base name without its extension, plus ``.ini``."""
+    base, dot, _ = exe.rpartition(".")
+    return f"{base if dot else exe}.ini"
 
 
-@dataclass(frozen=True)
+def _same_image(process: str, wanted: str) -> bool:
+    def stem(name: str) -> str:
+        name = name.casefold()
+        return name[:-4] if name.endswith(".exe") else name
+
+    return stem(process) == stem(wanted)
+
+
+def expand(raw: str, variables: dict[str, str]) -> str:
+    """``%NAME%`` replaced case-insensitively; an unknown one is left as written."""
+    folded = {name.casefold(): value for name, value in variables.items()}
+    return _VARIABLE.sub(lambda m: folded.get(m.group(1).casefold(), m.group(0)), raw)
+
+
+# --- accounts, install facts, processes ---------------------------------------------------------
+
+
+@dataclass(eq=False)
 class User:
-    """A Windows account known to the workstation.
+    """A Windows account known to the workstation, and what its hive holds.
 
     ``profile`` is ``ProfileList\\<SID>\\ProfileImagePath`` (None: never logged on here).
-    ``shell_appdata`` is the raw ``User Shell Folders\\AppData`` value of the user's hive, used
-    only while ``hive_loaded``; otherwise the agent falls back to ``<profile>\\AppData\\Roaming``.
+    ``shell_appdata`` is the raw ``User Shell Folders\\AppData`` value of the user's hive (None:
+    absent, so ``%USERPROFILE%\\AppData\\Roaming``); ``hkcu_microsip`` the default value of
+    ``HKCU\\Software\\MicroSIP``. The hive is in ``HKU\\<SID>`` while ``hive_loaded`` (the user is
+    logged on); otherwise it is the file ``NTUSER.DAT`` in the profile, which the agent reads
+    from a copy, and which is absent when ``hive_file`` is False (a profile disk or a roaming
+    profile that is not on the machine while the user is logged off).
     """
 
     domain: str
@@ -135,37 +188,45 @@ class User:
     profile: str | None
     shell_appdata: str | None = None
     hive_loaded: bool = False
+    hkcu_microsip: str | None = None
+    hive_file: bool = True
 
     @property
     def windows(self) -> str:
         """``DOMAIN\\sam``."""
         return f"{self.domain}\\{self.sam}"
 
-    @property
-    def appdata(self) -> str | None:
-        """The roaming AppData folder the agent resolves (None without a profile).
-
-        With the hive loaded, the raw shell folder value is expanded with the *user's*
-        variables; one that stays unexpanded (``%FOO%``) is left in place.
-        """
+    def variables(self) -> dict[str, str]:
+        """The environment variables of the user's logon, as far as the workstation knows them."""
         if self.profile is None:
-            return None
-        if not (self.hive_loaded and self.shell_appdata):
-            return f"{self.profile}\\AppData\\Roaming"
-        variables = {
+            return dict(SYSTEM_VARIABLES)
+        return {
+            **SYSTEM_VARIABLES,
             "USERPROFILE": self.profile,
             "USERDOMAIN": self.domain,
             "USERNAME": self.sam,
-            **SYSTEM_VARIABLES,
+            "APPDATA": self.appdata or "",
+            "LOCALAPPDATA": f"{self.profile}\\AppData\\Local",
         }
-        return re.sub(
-            r"%([^%\\]+)%",
-            lambda m: next(
-                (v for k, v in variables.items() if k.casefold() == m.group(1).casefold()),
-                m.group(0),
-            ),
-            self.shell_appdata,
-        )
+
+    @property
+    def appdata(self) -> str | None:
+        """The roaming AppData folder MicroSIP uses for this user (None without a profile).
+
+        The raw shell folder value expanded with the user's variables; one that stays
+        unexpanded (``%FOO%``) is left in place.
+        """
+        if self.profile is None:
+            return None
+        if not self.shell_appdata:
+            return f"{self.profile}\\AppData\\Roaming"
+        variables = {
+            **SYSTEM_VARIABLES,
+            "USERPROFILE": self.profile,
+            "USERDOMAIN": self.domain,
+            "USERNAME": self.sam,
+        }
+        return expand(self.shell_appdata, variables)
 
 
 @dataclass(frozen=True)
@@ -189,10 +250,12 @@ class Install:
 
 @dataclass(frozen=True)
 class MsiProduct:
-    """An installed MSI product (``Win32_Product``-like: name and InstallLocation)."""
+    """An installed MSI product: its name, ``InstallLocation``, and the SID of the user it was
+    installed for (None: per machine)."""
 
     name: str
     install_location: str
+    user_sid: str | None = None
 
 
 @dataclass
@@ -205,91 +268,27 @@ class Process:
     running: bool = True
 
 
-# --- faults -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModeDecision:
+    """Installed or portable for one user, and the rule of MicroSIP's that decided it."""
+
+    mode: Mode
+    rule: Literal["hkcu", "hklm", "msi", "msi-any-location", "none"]
+    detail: str
 
 
 @dataclass
-class WorkstationFaults:
-    """What goes wrong on the file system; change it between commands.
+class ProcessQueries:
+    """How many process queries and owner lookups the agent made (the RDS cost)."""
 
-    * ``disk_full``: every file write fails (``disk-full``) after writing half of its bytes;
-    * ``locked``: paths held open by another process with read sharing: they can be read but
-      not written, replaced, renamed or deleted (``locked``);
-    * ``read_only``: paths (and everything under them) that deny writing (``read-only``);
-    * ``fail_verify``: how many of the next managed-file temp writes get corrupted bytes;
-    * ``crash_after_temp``: the agent dies right after the Nth next managed-file temp write,
-      before it replaces anything (0: off; 1: the next one).
-    """
-
-    disk_full: bool = False
-    locked: set[str] = field(default_factory=set)
-    read_only: set[str] = field(default_factory=set)
-    fail_verify: int = 0
-    crash_after_temp: int = 0
+    queries: int = 0
+    owner_lookups: int = 0
 
 
-def corrupt(data: bytes) -> bytes:
-    """The bytes a ``fail_verify`` write lands on disk instead of ``data``."""
-    return data[:-1] + bytes([data[-1] ^ 0xFF]) if data else b"\x00"
+# --- the workstation ----------------------------------------------------------------------------
 
 
-# --- paths ------------------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=4096)
-def _split(path: str) -> tuple[str, tuple[str, ...]]:
-    # A pure function of the text, asked for the same few paths dozens of times per command.
-    match = _DRIVE.match(path)
-    if match is None:
-        raise FileError("internal", f"'{path}' is not an absolute local path.")
-    parts = tuple(part for part in _SEPARATOR.split(match.group(2) or "") if part)
-    for part in parts:
-        if part in (".", "..") or _BAD_NAME.search(part):
-            raise FileError("internal", f"'{path}' contains an invalid path component.")
-    return match.group(1).upper(), parts
-
-
-@functools.lru_cache(maxsize=4096)
-def path_key(path: str) -> str:
-    """A canonical, case-folded form of a Windows path (for ACLs and fault sets)."""
-    drive, parts = _split(path)
-    return f"{drive}:\\" + "\\".join(part.casefold() for part in parts)
-
-
-def parent(path: str) -> str:
-    """The folder of ``path``."""
-    drive, parts = _split(path)
-    return f"{drive}:\\" + "\\".join(parts[:-1])
-
-
-def leaf(path: str) -> str:
-    """The last component of ``path``."""
-    return _split(path)[1][-1]
-
-
-def join(folder: str, *names: str) -> str:
-    """``folder\\name\\...`` without doubled separators."""
-    return "\\".join([folder.rstrip("\\/"), *names])
-
-
-def ini_name(exe: str) -> str:
-    """MicroSIP's ini name: the exe base name without its extension, plus ``.ini``."""
-    base, dot, _ = exe.rpartition(".")
-    return f"{base if dot else exe}.ini"
-
-
-def _same_image(process: str, wanted: str) -> bool:
-    def stem(name: str) -> str:
-        name = name.casefold()
-        return name[:-4] if name.endswith(".exe") else name
-
-    return stem(process) == stem(wanted)
-
-
-# --- the workstation --------------------------------------------------------------------------
-
-
-class Workstation:
+class Workstation(FileSystem):
     """One emulated Windows machine on a real folder; see the module docstring."""
 
     def __init__(
@@ -301,28 +300,66 @@ class Workstation:
         ps_version: str = "5.1.19041.4648",
         free_bytes: int = 51_234_567_890,
     ) -> None:
-        self.root = root
+        super().__init__(root)
         self.computer = computer.upper()
         self.domain = domain.upper()
         self.ps_version = ps_version
         self.free_bytes = free_bytes
+        self.language_mode: LanguageMode = "FullLanguage"
         self.users: list[User] = []
         self.install: Install | None = None
         self.hklm_microsip: str | None = None
-        """Default value of ``HKLM\\Software\\MicroSIP`` (None: absent)."""
+        """Default value of ``HKLM\\Software\\MicroSIP`` in the registry view of MicroSIP's
+        bitness (None: absent)."""
         self.msi_products: list[MsiProduct] = []
         self.processes: list[Process] = []
         self.stopped: list[Process] = []
         """Processes the agent stopped, in order."""
-        self.faults = WorkstationFaults()
-        self._acls: dict[str, Acl] = {}
-        self._observers: list[Callable[[str], None]] = []
+        self.process_queries = ProcessQueries()
+        self.hives_read: list[str] = []
+        """SIDs whose offline hive the agent read (from a copy of ``NTUSER.DAT``), in order."""
+        self.hive_locked: set[str] = set()
+        """SIDs whose ``NTUSER.DAT`` cannot be copied just now (the user is logging on)."""
         self._next_rid = {"domain": 1104, "local": 1001}
         self._next_pid = 4100
-        (root / "C").mkdir(parents=True, exist_ok=True)
+        self._system_folders()
 
     def __repr__(self) -> str:
         return f"Workstation({self.computer} at {self.root})"
+
+    def _system_folders(self) -> None:
+        """The Windows defaults the agent meets: who may create what where."""
+        everyone_reads: dict[str, Rights] = {
+            SYSTEM: "FullControl",
+            ADMINISTRATORS: "FullControl",
+            USERS: "ReadAndExecute",
+        }
+        self.put_dir("C:\\", protected_acl(everyone_reads, folder=True), owner=SYSTEM)
+        for folder in ("C:\\Users", "C:\\Program Files", "C:\\Windows", "C:\\Windows\\System32"):
+            self.put_dir(folder, protected_acl(everyone_reads, folder=True), owner=SYSTEM)
+        # C:\ProgramData: Users may create files and folders and own what they create.
+        program_data = Acl(
+            (
+                Ace(CREATOR_OWNER, "FullControl", "children"),
+                Ace(SYSTEM, "FullControl", "all"),
+                Ace(ADMINISTRATORS, "FullControl", "all"),
+                Ace(USERS, "ReadAndExecute", "all"),
+                Ace(USERS, "Write", "folders"),
+            )
+        )
+        self.put_dir("C:\\ProgramData", program_data, owner=SYSTEM)
+
+    def free_space(self) -> int:
+        """Bytes free on the system drive."""
+        return self.free_bytes
+
+    def default_owner(self, path: str) -> str:
+        """Objects in a user's profile belong to that user; elsewhere to Administrators."""
+        for user in self.users:
+            inside = user.profile is not None and is_within(path, user.profile)
+            if inside and path_key(path) != path_key(user.profile or ""):
+                return user.sid
+        return ADMINISTRATORS
 
     # --- set-up ---------------------------------------------------------------------------
 
@@ -335,18 +372,21 @@ class Workstation:
         profile: str | None = None,
         shell_appdata: str | None = None,
         hive_loaded: bool = False,
+        hkcu_microsip: str | None = None,
+        hive_file: bool = True,
     ) -> User:
         """Create an account (``ACME\\alice`` or ``.\\kiosk``) and, if ``logged_on``, its profile.
 
-        The profile defaults to ``C:\\Users\\<sam>``; the profile folder and its roaming AppData
-        are created (with inherited ACLs) when the user has logged on.
+        The profile defaults to ``C:\\Users\\<sam>``: its folder (protected: the user, SYSTEM and
+        Administrators), ``NTUSER.DAT`` (unless ``hive_file`` is False) and the roaming AppData
+        folder when it lies inside the profile (owned by the user, inheriting).
         """
         domain, sep, sam = windows.rpartition("\\")
         if not sep or not sam or not domain:
             raise ValueError(f"{windows!r}: use DOMAIN\\name or .\\name")
         local = domain == "." or domain.upper() == self.computer
         domain = self.computer if local else domain.upper()
-        if self.lookup_account(f"{domain}\\{sam}") is not None:
+        if self.find_account(domain, sam) is not None:
             raise ValueError(f"{windows!r} exists already")
         kind = "local" if local else "domain"
         if rid is None:
@@ -356,13 +396,17 @@ class Workstation:
         if any(user.sid == sid for user in self.users):
             raise ValueError(f"SID {sid} is taken")
         home = (profile or f"C:\\Users\\{sam}") if logged_on else None
-        user = User(domain, sam, sid, home, shell_appdata, hive_loaded)
+        user = User(domain, sam, sid, home, shell_appdata, hive_loaded, hkcu_microsip, hive_file)
         self.users.append(user)
         if user.profile is not None:
-            self.host_path(user.profile).mkdir(parents=True, exist_ok=True)
-            # an unexpandable shell folder (the agent reports it) has no folder to create
-            with contextlib.suppress(FileError):
-                self.host_path(user.appdata or "").mkdir(parents=True, exist_ok=True)
+            rights: dict[str, Rights] = {SYSTEM: "FullControl", ADMINISTRATORS: "FullControl"}
+            rights[sid] = "FullControl"
+            self.put_dir(user.profile, protected_acl(rights, folder=True), owner=SYSTEM)
+            if hive_file:
+                self.put(join(user.profile, "NTUSER.DAT"), b"regf lab hive\r\n", owner=sid)
+            appdata = user.appdata or ""
+            if "%" not in appdata and is_within(appdata, user.profile):
+                self.put_dir(appdata)
         return user
 
     def install_microsip(
@@ -376,9 +420,8 @@ class Workstation:
     ) -> Install:
         """Put the exe in ``install_dir``; the HKLM default value defaults to installed mode."""
         install = Install(mode, install_dir.rstrip("\\/"), exe)
-        folder = self.host_path(install.install_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.host_path(install.exe_path).write_bytes(_EXE_IMAGE)
+        self.put_dir(install.install_dir)
+        self.put(install.exe_path, _EXE_IMAGE)
         self.install = install
         if registry if registry is not None else mode == "installed":
             self.hklm_microsip = install.install_dir
@@ -389,7 +432,7 @@ class Workstation:
     def uninstall_microsip(self) -> None:
         """Remove the install folder, the registry value and the MSI product."""
         if self.install is not None:
-            shutil.rmtree(self.host_path(self.install.install_dir), ignore_errors=True)
+            self.remove_tree(self.install.install_dir)
         self.install = None
         self.hklm_microsip = None
         self.msi_products = [p for p in self.msi_products if p.name.casefold() != "microsip"]
@@ -408,11 +451,40 @@ class Workstation:
         """SIDs that own a running MicroSIP-like process (any image name)."""
         return {p.sid for p in self.processes if p.running}
 
+    def microsip_mode(self, user: User, exe_dir: str | None = None) -> ModeDecision:
+        """Installed or portable, as MicroSIP 3.22.3 decides it for ``user`` (``settings.cpp``,
+        ``AccountSettings::Init``): the default value of ``HKCU\\Software\\MicroSIP``, else of
+        ``HKLM\\Software\\MicroSIP``; when that is empty or not the exe's folder, the first MSI
+        product named MicroSIP (its ``InstallLocation`` without a trailing backslash, or the
+        exe's folder when empty). Installed when the result equals the exe's folder, compared
+        case-insensitively and exactly (a registry value with a trailing backslash never does).
+        """
+        folder = exe_dir or (self.install.install_dir if self.install else "")
+        value, rule = user.hkcu_microsip or "", "hkcu"
+        if not value:
+            value, rule = self.hklm_microsip or "", "hklm"
+        seen = f"HKCU={user.hkcu_microsip!r} HKLM={self.hklm_microsip!r}"
+        if not value or value.casefold() != folder.casefold():
+            for product in self.msi_products_for(user.sid):
+                if product.name.casefold() == "microsip":
+                    location = product.install_location
+                    value = location.rstrip("\\") if location else folder
+                    rule = "msi" if location else "msi-any-location"
+                    seen += f" MSI InstallLocation={location!r}"
+                    break
+        if value and value.casefold() == folder.casefold():
+            return ModeDecision("installed", rule, seen)  # type: ignore[arg-type]
+        return ModeDecision("portable", "none", seen)
+
+    def msi_products_for(self, sid: str) -> list[MsiProduct]:
+        """The products ``MsiEnumProducts`` lists when run as ``sid``: per machine and theirs."""
+        return [p for p in self.msi_products if p.user_sid in (None, sid)]
+
     def ini_path(self, user: User) -> str:
         """Where this user's MicroSIP reads its ini, given the install facts."""
         if self.install is None:
             raise ValueError("MicroSIP is not installed")
-        if self.install.mode == "portable":
+        if self.microsip_mode(user).mode == "portable":
             return join(self.install.install_dir, self.install.ini_name)
         if user.appdata is None:
             raise ValueError(f"{user.windows} has no profile")
@@ -425,27 +497,61 @@ class Workstation:
         return join(self.install.install_dir, "override.ini")
 
     @staticmethod
-    def state_path(path: str, item: str) -> str:
-        """``<folder>\\.provisioner\\<name>\\<item>`` for the managed file ``path``."""
-        return join(parent(path), ".provisioner", leaf(path), item)
+    def state_path(owner: User | str | None, name: str, item: str = "") -> str:
+        """``<state root>\\users\\<SID>\\<name>\\<item>`` for a user's ini (``owner`` a User or
+        SID), ``<state root>\\machine\\<name>\\<item>`` for the workstation's override.ini."""
+        sid = owner.sid if isinstance(owner, User) else owner
+        folder = join(STATE_ROOT, "users", sid) if sid else join(STATE_ROOT, "machine")
+        return join(folder, name, item) if item else join(folder, name)
 
-    def observe(self, callback: Callable[[str], None]) -> None:
-        """Call ``callback(event)`` after every change the agent makes on disk."""
-        self._observers.append(callback)
+    def state_for(self, path: str, item: str) -> str:
+        """:meth:`state_path` of the managed file at ``path`` (a user's ini or override.ini)."""
+        if self.install is not None and path_key(path) == path_key(self.override_path()):
+            return self.state_path(None, leaf(path), item)
+        for user in self.users:
+            with contextlib.suppress(ValueError, FileError):
+                if path_key(self.ini_path(user)) == path_key(path):
+                    return self.state_path(user, leaf(path), item)
+        raise ValueError(f"{path} is no managed file of {self.computer}")
+
+    @staticmethod
+    def legacy_state_path(path: str, item: str) -> str:
+        """``<folder>\\.provisioner\\<name>\\<item>``: where agents before the ProgramData state
+        kept the merge base and backups of ``path``."""
+        return join(parent(path), ".provisioner", leaf(path), item)
 
     # --- queries the agent makes ----------------------------------------------------------
 
+    def find_account(self, domain: str, sam: str) -> User | None:
+        """The account ``domain\\sam`` (the computer name for local accounts)."""
+        for user in self.users:
+            if (
+                user.sam.casefold() == sam.casefold()
+                and user.domain.casefold() == domain.casefold()
+            ):
+                return user
+        return None
+
     def lookup_account(self, name: str) -> User | None:
-        """``NTAccount.Translate``: ``DOMAIN\\sam``, ``.\\sam`` or a bare ``sam``."""
+        """``NTAccount.Translate``: ``DOMAIN\\sam`` or a bare ``sam`` (local accounts first).
+        ``.\\sam`` does not resolve: Windows knows no domain named ``.``."""
         domain, sep, sam = name.rpartition("\\")
-        if domain == ".":
-            domain = self.computer
-        candidates = [u for u in self.users if u.sam.casefold() == sam.casefold()]
         if sep:
-            candidates = [u for u in candidates if u.domain.casefold() == domain.casefold()]
-        # like LookupAccountName: local accounts before the domain's
+            return self.find_account(domain, sam)
+        candidates = [u for u in self.users if u.sam.casefold() == sam.casefold()]
         candidates.sort(key=lambda u: u.domain != self.computer)
         return candidates[0] if candidates else None
+
+    def user(self, name: str) -> User | None:
+        """The account an inventory names (``.\\name`` is this computer's): for set-up and
+        assertions; the agent itself goes through :meth:`lookup_account`."""
+        if name.startswith(".\\"):
+            name = f"{self.computer}\\{name[2:]}"
+        return self.lookup_account(name)
+
+    def account_of(self, sid: str) -> User | None:
+        """The account whose SID is ``sid``."""
+        return next((user for user in self.users if user.sid == sid), None)
 
     def profile_of(self, sid: str) -> User | None:
         """The user whose ``ProfileList`` entry exists for ``sid``."""
@@ -454,8 +560,15 @@ class Workstation:
                 return user
         return None
 
+    def process_table(self, image: str) -> list[Process]:
+        """One ``Win32_Process`` query for ``image`` and one ``GetOwnerSid`` per match."""
+        found = [p for p in self.processes if p.running and _same_image(p.name, image)]
+        self.process_queries.queries += 1
+        self.process_queries.owner_lookups += len(found)
+        return found
+
     def processes_of(self, sid: str, image: str) -> list[Process]:
-        """Running processes named like ``image`` (with or without ``.exe``) owned by ``sid``."""
+        """Running processes named like ``image`` owned by ``sid`` (no query is counted)."""
         return [
             p for p in self.processes if p.running and p.sid == sid and _same_image(p.name, image)
         ]
@@ -470,293 +583,24 @@ class Workstation:
                 count += 1
         return count
 
-    # --- the file system ------------------------------------------------------------------
+    def read_hive(self, user: User) -> User:
+        """The user's hive as the agent reads it: loaded, or from a copy of ``NTUSER.DAT``.
 
-    def host_path(self, path: str) -> Path:
-        """The real path of a Windows path, matching existing names case-insensitively."""
-        return Path(self._resolve(path)[0])
-
-    def exists(self, path: str) -> bool:
-        """True if the file or folder exists."""
-        return self._resolve(path)[1] is not None
-
-    def is_dir(self, path: str) -> bool:
-        """True if ``path`` is a folder."""
-        return _is_dir(self._resolve(path)[1])
-
-    def is_file(self, path: str) -> bool:
-        """True if ``path`` is a file."""
-        return _is_file(self._resolve(path)[1])
-
-    def read(self, path: str) -> bytes | None:
-        """The file's bytes, None if absent; a folder is an ``internal`` error."""
-        real, found = self._resolve(path)
-        if _is_dir(found):
-            raise FileError("internal", f"'{path}' is a folder, not a file.")
-        try:
-            with open(real, "rb") as handle:
-                return handle.read()
-        except FileNotFoundError:
-            return None
-        except OSError as failed:
-            raise FileError("internal", f"Cannot read '{path}': {failed.strerror}.") from None
-
-    def sha256(self, path: str) -> str | None:
-        """Lower-case hex SHA-256 of the file's bytes, None if absent."""
-        data = self.read(path)
-        return None if data is None else hashlib.sha256(data).hexdigest()
-
-    def acl(self, path: str) -> Acl | None:
-        """The explicit ACL recorded for ``path`` (None: inherited, never set)."""
-        return self._acls.get(path_key(path))
-
-    def listdir(self, path: str) -> list[str]:
-        """Names in a folder (empty if it does not exist)."""
-        real, found = self._resolve(path)
-        return sorted(os.listdir(real)) if _is_dir(found) else []
-
-    def list_files(self, path: str) -> list[str]:
-        """Names of the files (not folders) in a folder, sorted (empty if it does not exist)."""
-        real, found = self._resolve(path)
-        if not _is_dir(found):
-            return []
-        with os.scandir(real) as entries:
-            return sorted(entry.name for entry in entries if entry.is_file())
-
-    def put(self, path: str, data: bytes, acl: Acl | None = None) -> None:
-        """Test set-up: write a file directly (no faults, no events), creating folders."""
-        real = self.host_path(path)
-        real.parent.mkdir(parents=True, exist_ok=True)
-        real.write_bytes(data)
-        if acl is not None:
-            self._acls[path_key(path)] = acl
-
-    # --- the file system, as the agent changes it -----------------------------------------
-
-    def make_dir(self, path: str, acl: Acl) -> bool:
-        """Create ``path`` and missing parents, each new folder with ``acl``; True if created."""
-        drive, parts = _split(path)
-        base = self._drive_root(drive)
-        if _is_dir(_stat("/".join((base, *parts)))):
-            return False  # every parent exists too
-        created = False
-        current, current_is_dir = base, _is_dir(_stat(base))
-        for depth, name in enumerate(parts, start=1):
-            real, found = self._child(current, current_is_dir, name)
-            current, current_is_dir = real, True
-            if _is_dir(found):
-                continue
-            folder = f"{drive}:\\" + "\\".join(parts[:depth])
-            if found is not None:
-                raise FileError("internal", f"'{folder}' exists and is not a folder.")
-            self._check_writable(folder)
-            os.mkdir(real)
-            self._acls[path_key(folder)] = acl
-            created = True
-            self._notify(f"mkdir {folder}")
-        return created
-
-    def write_new(self, path: str, data: bytes, acl: Acl, *, managed: bool = False) -> None:
-        """Create ``path`` (must not exist), write ``data``, set ``acl``.
-
-        ``managed`` marks the temp file of a managed file: ``fail_verify`` and
-        ``crash_after_temp`` apply to those writes only.
-
-        The agent flushes its temp file to disk (``Flush($true)``) before it replaces anything,
-        for power-loss durability on the real machine. The lab does not fsync: nothing in it can
-        observe durability (there is no power loss to emulate, and the folder is thrown away),
-        while atomicity, which the tests do observe through the protocol and on the emulated disk,
-        comes from the write-then-``os.replace`` order alone. An fsync cost about 0.15 ms of CPU
-        and 1.4 ms of waiting per write (ext4), four writes per first push, under the host's lock.
+        Raises ``no-profile`` when the file is absent and ``locked`` while it is in use.
         """
-        self._check_writable(path)
-        real, _ = self._resolve(path)
-        if managed and self.faults.fail_verify > 0:
-            self.faults.fail_verify -= 1
-            data = corrupt(data)
-        full = self.faults.disk_full or len(data) > self.free_bytes
-        try:
-            fd = os.open(real, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            raise FileError("internal", f"'{path}' exists already.") from None
-        except FileNotFoundError:
-            raise FileError("internal", f"The folder of '{path}' does not exist.") from None
-        self._acls[path_key(path)] = acl
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data[: len(data) // 2] if full else data)
-        except OSError as failed:
-            if failed.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise FileError("internal", f"Cannot write '{path}': {failed.strerror}.") from None
-            full = True
-        self._notify(f"write {path}")
-        if full:
+        if user.hive_loaded:
+            return user
+        if user.profile is None or not user.hive_file:
             raise FileError(
-                "disk-full", f"There is not enough space on the disk to write '{path}'."
+                "no-profile",
+                f"{user.windows} is logged off and their registry hive is not on this "
+                "workstation (profile disk or roaming profile).",
             )
-        if managed and self.faults.crash_after_temp > 0:
-            self.faults.crash_after_temp -= 1
-            if self.faults.crash_after_temp == 0:
-                raise Crashed(f"the agent died after writing '{path}'")
-
-    def replace(self, source: str, target: str, backup: str | None) -> None:
-        """``[IO.File]::Replace``: ``source`` becomes ``target``; the old ``target`` goes to
-        ``backup`` (overwritten) or away. ``target`` is never missing in between."""
-        real_source, source_found = self._resolve(source)
-        real_target, target_found = self._resolve(target)
-        if not _is_file(source_found) or not _is_file(target_found):
-            raise FileError("internal", f"Cannot replace '{target}': a file is missing.")
-        for path in (source, target, *([backup] if backup else [])):
-            self._check_unlocked(path)
-            self._check_writable(path)
-        if backup is not None:
-            real_backup, backup_found = self._resolve(backup)
-            if _is_dir(backup_found):
-                raise FileError("internal", f"'{backup}' is a folder.")
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(real_backup)
-            try:
-                os.link(real_target, real_backup)
-            except OSError:  # file systems without hard links: a copy is as good here
-                shutil.copyfile(real_target, real_backup)
-            self._move_acl(target, backup)
-            self._notify(f"backup {target} -> {backup}")
-        os.replace(real_source, real_target)
-        self._move_acl(source, target)
-        self._notify(f"replace {source} -> {target}")
-
-    def move(self, source: str, target: str, *, overwrite: bool = False) -> None:
-        """``[IO.File]::Move`` (``overwrite``: delete the target first, as ``Move-Item -Force``)."""
-        real_source, source_found = self._resolve(source)
-        real_target, target_found = self._resolve(target)
-        if not _is_file(source_found):
-            raise FileError("internal", f"Cannot move '{source}': it does not exist.")
-        for path in (source, target):
-            self._check_unlocked(path)
-            self._check_writable(path)
-        if target_found is not None and not overwrite:
-            raise FileError("internal", f"Cannot move to '{target}': it exists.")
-        if _is_dir(target_found):
-            raise FileError("internal", f"'{target}' is a folder.")
-        os.replace(real_source, real_target)
-        self._move_acl(source, target)
-        self._notify(f"move {source} -> {target}")
-
-    def delete(self, path: str) -> bool:
-        """Delete a file; False if it did not exist."""
-        real, found = self._resolve(path)
-        if not _is_file(found):
-            return False
-        self._check_unlocked(path)
-        self._check_writable(path)
-        os.unlink(real)
-        self._acls.pop(path_key(path), None)
-        self._notify(f"delete {path}")
-        return True
-
-    def set_acl(self, path: str, acl: Acl) -> None:
-        """``Set-Acl`` on an existing file or folder."""
-        if not self.exists(path):
-            raise FileError("internal", f"Cannot set the ACL of '{path}': it does not exist.")
-        self._check_writable(path)
-        self._acls[path_key(path)] = acl
-
-    # --- internals ------------------------------------------------------------------------
-
-    def _drive_root(self, drive: str) -> str:
-        # A drive's folder under ``root``. Everything below it is looked up on disk every
-        # time, since tests (and the agent) change the disk between and during commands.
-        return os.path.join(self.root, drive)
-
-    def _resolve(self, path: str) -> tuple[str, os.stat_result | None]:
-        """The real path of a Windows path and its ``stat`` (None: it does not exist).
-
-        As on NTFS, each component matches an existing name case-insensitively; a missing
-        component keeps the case it was given. An exact match (one ``stat`` of the whole path,
-        the usual case) is taken as it is.
-        """
-        drive, parts = _split(path)
-        return self._walk(self._drive_root(drive), parts)
-
-    def _walk(self, base: str, parts: tuple[str, ...]) -> tuple[str, os.stat_result | None]:
-        # "/".join is os.path.join here: no part is empty or contains a separator
-        exact = "/".join((base, *parts))
-        found = _stat(exact)
-        if found is not None or not parts:
-            return exact, found
-        folder, folder_found = self._walk(base, parts[:-1])
-        return self._child(folder, _is_dir(folder_found), parts[-1], missing=exact)
-
-    @staticmethod
-    def _child(
-        folder: str, folder_is_dir: bool, name: str, *, missing: str = ""
-    ) -> tuple[str, os.stat_result | None]:
-        """``name`` in the real ``folder``: as given if it exists, else any case of it."""
-        candidate = f"{folder}/{name}"
-        if not folder_is_dir:
-            return candidate, None
-        if candidate != missing:
-            found = _stat(candidate)
-            if found is not None:
-                return candidate, found
-        wanted = name.casefold()
-        for entry in os.listdir(folder):
-            if entry.casefold() == wanted:
-                real = f"{folder}/{entry}"
-                return real, _stat(real)
-        return candidate, None
-
-    def _check_writable(self, path: str) -> None:
-        if not self.faults.read_only:
-            return
-        key = path_key(path)
-        for denied in self.faults.read_only:
-            other = path_key(denied)
-            if key == other or key.startswith(other.rstrip("\\") + "\\"):
-                raise FileError("read-only", f"Access to the path '{path}' is denied.")
-
-    def _check_unlocked(self, path: str) -> None:
-        if not self.faults.locked:
-            return
-        key = path_key(path)
-        if any(path_key(locked) == key for locked in self.faults.locked):
+        if user.sid in self.hive_locked:
             raise FileError(
                 "locked",
-                f"The process cannot access the file '{path}' because it is being used by "
-                "another process.",
+                f"The registry hive of {user.windows} is in use (a logon or logoff is under "
+                "way); try again.",
             )
-
-    def _move_acl(self, source: str, target: str) -> None:
-        acl = self._acls.pop(path_key(source), None)
-        if acl is None:
-            self._acls.pop(path_key(target), None)
-        else:
-            self._acls[path_key(target)] = acl
-
-    def _notify(self, event: str) -> None:
-        for callback in self._observers:
-            callback(event)
-
-
-# pathlib's ``exists()`` treats these as "does not exist" and raises on any other error.
-_MISSING = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP})
-
-
-def _stat(real: str) -> os.stat_result | None:
-    """``os.stat``, None where ``Path.exists()`` would say False."""
-    try:
-        return os.stat(real)
-    except OSError as failed:
-        if failed.errno in _MISSING:
-            return None
-        raise
-    except ValueError:  # a name the file system cannot encode
-        return None
-
-
-def _is_dir(found: os.stat_result | None) -> bool:
-    return found is not None and stat.S_ISDIR(found.st_mode)
-
-
-def _is_file(found: os.stat_result | None) -> bool:
-    return found is not None and stat.S_ISREG(found.st_mode)
+        self.hives_read.append(user.sid)
+        return user

@@ -50,7 +50,8 @@ CODE_TIMED_OUT = 2150858793
 CODE_SHELL_NOT_FOUND = 2150858843
 CODE_BAD_RESOURCE_URI = 2150858770  # unverified
 CODE_INVALID_PARAMETER = 87  # unverified: ERROR_INVALID_PARAMETER as the WSManFault code
-CODE_ENVELOPE_TOO_LARGE = 2150858817  # unverified
+CODE_REMOTESHELLS_NOT_ALLOWED = 2150859180
+"""ERROR_WSMAN_REMOTESHELLS_NOT_ALLOWED (0x803381AC, wsmerror.h): AllowRemoteShellAccess is 0."""
 CODE_INTERNAL = 2147943418  # seen on Windows with w:InternalError
 
 _DURATION = re.compile(r"^PT(?:(\d+)H)?(?:(\d+)M)?(?:(\d+(?:\.\d+)?)S)?$")
@@ -68,6 +69,16 @@ class WsmanFault(Exception):
         self.reason = reason
         self.receiver = receiver
         self.machine = machine
+
+
+def remote_shells_not_allowed() -> WsmanFault:
+    """Create of a shell where a policy disabled remote shells (subcode unverified)."""
+    return WsmanFault(
+        CODE_REMOTESHELLS_NOT_ALLOWED,
+        "w:AccessDenied",
+        "The WS-Management service cannot process the request. The service is configured to "
+        "not accept any remote shell requests.",
+    )
 
 
 def timed_out() -> WsmanFault:

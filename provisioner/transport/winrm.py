@@ -215,6 +215,12 @@ class WinrmTransport:
                 host=self.host,
             ) from None
         except winrm.exceptions.WinRMTransportError as exc:
+            if exc.code == 413:
+                raise RemoteError(
+                    "WinRM refused a request larger than the workstation's MaxEnvelopeSizekb "
+                    "(HTTP 413)",
+                    host=self.host,
+                ) from None
             raise RemoteError(f"WinRM transport error: HTTP {exc.code}", host=self.host) from None
         except requests.exceptions.SSLError as exc:
             raise TransportError(

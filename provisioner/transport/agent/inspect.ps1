@@ -9,82 +9,110 @@ function Read-FileState([string]$Path) {
     return [ordered]@{ exists = $true; sha256 = (Get-Sha256 $bytes); content_b64 = [Convert]::ToBase64String($bytes) }
 }
 
-function Get-RegistryValue([string]$Key, [string]$Name) {
-    if (-not (Test-Path -LiteralPath $Key)) { return $null }
-    return (Get-Item -LiteralPath $Key).GetValue($Name)
+function ConvertTo-AppliedState($Bytes, [bool]$Legacy) {
+    if ($null -eq $Bytes) { return [ordered]@{ exists = $false; sha256 = $null; content_b64 = $null; legacy = $false } }
+    return [ordered]@{ exists = $true; sha256 = (Get-Sha256 $Bytes); content_b64 = [Convert]::ToBase64String($Bytes); legacy = $Legacy }
 }
 
-function Get-InstallerDirectory {
-    # The installer's own markers, in MicroSIP's order: the default value of HKLM\Software\MicroSIP
-    # (a 32-bit installer writes it under WOW6432Node), then an MSI product named MicroSIP.
-    foreach ($key in 'SOFTWARE\MicroSIP', 'SOFTWARE\WOW6432Node\MicroSIP') {
-        $dir = Get-RegistryValue ('Registry::HKEY_LOCAL_MACHINE\' + $key) ''
-        if (-not [string]::IsNullOrEmpty($dir)) { [ordered]@{ source = 'registry'; dir = [string]$dir } }
+function Test-ReadOnly([string]$Path) {
+    if (-not [IO.File]::Exists($Path)) { return $false }
+    return [bool]([IO.File]::GetAttributes($Path) -band [IO.FileAttributes]::ReadOnly)
+}
+
+function Get-RegistryText($Key, [string]$Name) {
+    # The value as stored (REG_EXPAND_SZ not expanded), or $null.
+    if ($null -eq $Key) { return $null }
+    $value = $Key.GetValue($Name, $null, [Microsoft.Win32.RegistryValueOptions]::DoNotExpandEnvironmentNames)
+    if ($null -eq $value) { return $null }
+    return [string]$value
+}
+
+function Read-HiveValues($Root, [string]$Source) {
+    # What the agent needs of a user's hive, through .NET keys closed at once: an open handle
+    # would keep a hive loaded from a copy from unloading.
+    $values = [ordered]@{ source = $Source; appdata = $null; microsip = $null; volatile = @{} }
+    $key = $Root.OpenSubKey('Software\Microsoft\Windows\CurrentVersion\Explorer\User Shell Folders')
+    try { $values.appdata = Get-RegistryText $key 'AppData' } finally { if ($null -ne $key) { $key.Dispose() } }
+    $key = $Root.OpenSubKey('Software\MicroSIP')
+    try { $values.microsip = Get-RegistryText $key '' } finally { if ($null -ne $key) { $key.Dispose() } }
+    $key = $Root.OpenSubKey('Volatile Environment')
+    try {
+        if ($null -ne $key) {
+            foreach ($name in $key.GetValueNames()) {
+                if (-not [string]::IsNullOrEmpty($name)) { $values.volatile[$name] = [string]$key.GetValue($name) }
+            }
+        }
+    } finally { if ($null -ne $key) { $key.Dispose() } }
+    return $values
+}
+
+function Invoke-Reg([string[]]$Arguments) {
+    # reg.exe writes to stderr on failure; with ErrorActionPreference Stop that would throw
+    # before its exit code could be read.
+    $previous = $ErrorActionPreference
+    $ErrorActionPreference = 'Continue'
+    try { $output = @(& ([IO.Path]::Combine([Environment]::SystemDirectory, 'reg.exe')) $Arguments 2>&1) }
+    finally { $ErrorActionPreference = $previous }
+    if ($LASTEXITCODE -ne 0) {
+        $text = ([string]::Join(' ', $output) -replace '\s+', ' ').Trim()
+        throw (New-AgentException 'internal' ('reg {0} failed: {1}' -f $Arguments[0], $text))
     }
-    foreach ($key in 'SOFTWARE\Microsoft\Windows\CurrentVersion\Uninstall', 'SOFTWARE\WOW6432Node\Microsoft\Windows\CurrentVersion\Uninstall') {
-        $root = 'Registry::HKEY_LOCAL_MACHINE\' + $key
-        if (-not (Test-Path -LiteralPath $root)) { continue }
-        # Best effort: one unreadable product key must not hide the others.
-        foreach ($product in @(Get-ChildItem -LiteralPath $root -ErrorAction SilentlyContinue)) {
-            if ([string]$product.GetValue('DisplayName') -ne 'MicroSIP') { continue }
-            $dir = [string]$product.GetValue('InstallLocation')
-            if (-not [string]::IsNullOrEmpty($dir)) { [ordered]@{ source = 'msi'; dir = $dir } }
+}
+
+function Read-UserHive([string]$Sid, [string]$ProfilePath, [string]$Account) {
+    # The user's own registry: HKU\<SID> while they are logged on. Logged off, a copy of their
+    # NTUSER.DAT loaded under a name of ours (loading the file itself could make their next
+    # logon fail). Never guessed: with AppData redirected, the local folder is a copy MicroSIP
+    # does not read.
+    $users = [Microsoft.Win32.Registry]::Users
+    $loaded = $users.OpenSubKey($Sid)
+    if ($null -ne $loaded) {
+        try { return Read-HiveValues $loaded 'loaded' } finally { $loaded.Dispose() }
+    }
+    $hiveFile = [IO.Path]::Combine($ProfilePath, 'NTUSER.DAT')
+    if (-not [IO.File]::Exists($hiveFile)) {
+        throw (New-AgentException 'no-profile' ("{0} is logged off and their registry hive is not on this workstation (profile disk or roaming profile)." -f $Account))
+    }
+    $token = [Guid]::NewGuid().ToString('N')
+    $copy = [IO.Path]::Combine([IO.Path]::GetTempPath(), ('microsip-provisioner-{0}.dat' -f $token))
+    $mount = 'MicroSIP-provisioner-' + $token
+    try {
+        try {
+            $source = [IO.FileStream]::new($hiveFile, [IO.FileMode]::Open, [IO.FileAccess]::Read, [IO.FileShare]'ReadWrite, Delete')
+        } catch {
+            throw (New-AgentException 'locked' ("The registry hive of {0} is in use (a logon or logoff is under way); try again." -f $Account))
+        }
+        try {
+            $target = [IO.File]::Create($copy)
+            try { $source.CopyTo($target) } finally { $target.Dispose() }
+        } finally { $source.Dispose() }
+        Invoke-Reg @('load', "HKU\$mount", $copy)
+        try {
+            $root = $users.OpenSubKey($mount)
+            try { return Read-HiveValues $root 'offline' } finally { if ($null -ne $root) { $root.Dispose() } }
+        } finally {
+            [GC]::Collect(); [GC]::WaitForPendingFinalizers()
+            try { Invoke-Reg @('unload', "HKU\$mount") } catch { }
+        }
+    } finally {
+        foreach ($leftover in @([IO.Directory]::GetFiles([IO.Path]::GetDirectoryName($copy), ('microsip-provisioner-{0}.dat*' -f $token)))) {
+            Remove-FileQuietly $leftover
         }
     }
 }
 
-function Find-MicroSip($Install) {
-    $exe = [string](Get-Field $Install 'exe')
-    if ([string]::IsNullOrEmpty($exe)) { $exe = 'microsip.exe' }
-    $mode = [string](Get-Field $Install 'mode')
-    if ([string]::IsNullOrEmpty($mode)) { $mode = 'installed' }
-    $candidates = @()
-    $inventoryDir = [string](Get-Field $Install 'install_dir')
-    if (-not [string]::IsNullOrEmpty($inventoryDir)) { $candidates += , [ordered]@{ source = 'inventory'; dir = $inventoryDir } }
-    $candidates += @(Get-InstallerDirectory)
-    foreach ($candidate in $candidates) {
-        $dir = $candidate.dir.Trim().Trim('"')
-        $exePath = [IO.Path]::Combine($dir, $exe)
-        if ([IO.File]::Exists($exePath)) {
-            # The installer's markers mean installed mode, whatever the inventory guessed: that
-            # is how MicroSIP itself decides (microsip-format.md 1.2).
-            if ($candidate.source -ne 'inventory') { $mode = 'installed' }
-            return [ordered]@{ found = $true; mode = $mode; dir = $dir; exe_path = $exePath; source = $candidate.source; exe = $exe }
-        }
-    }
-    return [ordered]@{ found = $false; mode = $mode; dir = $null; exe_path = $null; source = $null; exe = $exe }
-}
-
-function Get-RoamingAppData([string]$Sid, [string]$ProfilePath, [string]$Account) {
-    $default = [IO.Path]::Combine($ProfilePath, 'AppData', 'Roaming')
-    $hive = 'Registry::HKEY_USERS\' + $Sid
-    $folders = $hive + '\Software\Microsoft\Windows\CurrentVersion\Explorer\User Shell Folders'
-    # A logged-off user's hive is not loaded. Loading NTUSER.DAT ourselves could collide with a
-    # logon, so the default location is the answer then.
-    if (-not (Test-Path -LiteralPath $folders)) { return $default }
-    $raw = [string](Get-Item -LiteralPath $folders).GetValue('AppData', $null, 'DoNotExpandEnvironmentNames')
-    if ([string]::IsNullOrEmpty($raw)) { return $default }
+function Get-RoamingAppData($Hive, [string]$ProfilePath, [string]$Account) {
+    $raw = $Hive.appdata
+    if ([string]::IsNullOrEmpty($raw)) { $raw = '%USERPROFILE%\AppData\Roaming' }
     # Expanded with the target user's values: this session's own variables (USERPROFILE,
     # USERNAME, APPDATA) belong to the WinRM account and would point into its profile.
     $vars = @{ USERPROFILE = $ProfilePath }
     $parts = $Account.Split('\')
     if ($parts.Length -eq 2) { $vars['USERDOMAIN'] = $parts[0]; $vars['USERNAME'] = $parts[1] }
-    $volatile = $hive + '\Volatile Environment'
-    if (Test-Path -LiteralPath $volatile) {
-        $key = Get-Item -LiteralPath $volatile
-        foreach ($name in $key.GetValueNames()) {
-            if (-not [string]::IsNullOrEmpty($name) -and -not $vars.ContainsKey($name)) { $vars[$name] = [string]$key.GetValue($name) }
-        }
-    }
-    foreach ($name in 'SystemDrive', 'SystemRoot', 'windir', 'ProgramData', 'ALLUSERSPROFILE', 'PUBLIC') {
-        $value = [Environment]::GetEnvironmentVariable($name)
-        if (-not [string]::IsNullOrEmpty($value)) { $vars[$name] = $value }
-    }
-    $expanded = $raw
-    foreach ($name in @($vars.Keys)) {
-        $pattern = '%' + [regex]::Escape($name) + '%'
-        $expanded = $expanded -replace $pattern, $vars[$name].Replace('$', '$$')
-    }
+    foreach ($name in @($Hive.volatile.Keys)) { if (-not $vars.ContainsKey($name)) { $vars[$name] = $Hive.volatile[$name] } }
+    $machine = Get-MachineVariables
+    foreach ($name in @($machine.Keys)) { $vars[$name] = $machine[$name] }
+    $expanded = Expand-Variables $raw $vars
     if ($expanded -match '%[^%\\]+%') {
         # Guessing would write an ini that MicroSIP never reads.
         throw (New-AgentException 'internal' ("cannot expand the AppData folder '{0}' for this user." -f $raw))
@@ -92,7 +120,143 @@ function Get-RoamingAppData([string]$Sid, [string]$ProfilePath, [string]$Account
     return $expanded
 }
 
-function Get-UserState($User, $Install) {
+function Test-AppData([string]$AppData, [string]$ProfilePath, $Roots) {
+    # The user writes their own User Shell Folders: their AppData is accepted only inside their
+    # profile or under a redirection root the inventory allows. A share elsewhere is Folder
+    # Redirection (reported); a local folder elsewhere may be another user's profile.
+    try { $folder = Get-FullPathSafe $AppData } catch {
+        throw (New-AgentException 'unsafe-path' ("the AppData folder '{0}' is not a plain absolute path." -f $AppData))
+    }
+    if (Test-Within $folder $ProfilePath) { return $folder }
+    foreach ($root in @($Roots)) { if (Test-Within $folder $root) { return $folder } }
+    if ($folder.StartsWith('\\')) {
+        throw (New-AgentException 'redirected' ("AppData is redirected to {0}; MicroSIP reads its ini there. Allow that location with microsip.appdata_roots to write it." -f $folder))
+    }
+    throw (New-AgentException 'unsafe-path' ("AppData points to {0}, outside the profile {1}; set by the user, or a redirection to allow with microsip.appdata_roots." -f $folder, $ProfilePath))
+}
+
+function Get-ExeRegistryView([string]$ExePath) {
+    # MicroSIP opens HKLM without KEY_WOW64_*: a 32-bit build reads the 32-bit view
+    # (WOW6432Node). The PE header says which build this is.
+    $view = [Microsoft.Win32.RegistryView]::Registry64
+    try {
+        $stream = [IO.File]::Open($ExePath, [IO.FileMode]::Open, [IO.FileAccess]::Read, [IO.FileShare]::ReadWrite)
+        try {
+            $header = [byte[]]::new(1024)
+            $count = $stream.Read($header, 0, $header.Length)
+        } finally { $stream.Dispose() }
+        if ($count -ge 64) {
+            $pe = [BitConverter]::ToInt32($header, 60)
+            if ($pe -gt 0 -and $pe + 6 -le $count -and $header[$pe] -eq 0x50 -and $header[$pe + 1] -eq 0x45) {
+                if ([BitConverter]::ToUInt16($header, $pe + 4) -eq 0x14c) { $view = [Microsoft.Win32.RegistryView]::Registry32 }
+            }
+        }
+    } catch { }
+    return $view
+}
+
+function Get-HklmMicroSip([string]$ExePath) {
+    $base = [Microsoft.Win32.RegistryKey]::OpenBaseKey([Microsoft.Win32.RegistryHive]::LocalMachine, (Get-ExeRegistryView $ExePath))
+    try {
+        $key = $base.OpenSubKey('SOFTWARE\MicroSIP')
+        try { return Get-RegistryText $key '' } finally { if ($null -ne $key) { $key.Dispose() } }
+    } finally { $base.Dispose() }
+}
+
+function Get-MsiProducts([string]$Sid) {
+    # What MsiEnumProducts lists for the user: per-machine products (S-1-5-18) and the user's own.
+    $base = [Microsoft.Win32.RegistryKey]::OpenBaseKey([Microsoft.Win32.RegistryHive]::LocalMachine, [Microsoft.Win32.RegistryView]::Registry64)
+    try {
+        foreach ($owner in @('S-1-5-18', $Sid)) {
+            if ([string]::IsNullOrEmpty($owner)) { continue }
+            $products = $base.OpenSubKey('SOFTWARE\Microsoft\Windows\CurrentVersion\Installer\UserData\' + $owner + '\Products')
+            if ($null -eq $products) { continue }
+            try {
+                foreach ($name in $products.GetSubKeyNames()) {
+                    $properties = $products.OpenSubKey($name + '\InstallProperties')
+                    if ($null -eq $properties) { continue }
+                    try {
+                        [ordered]@{ name = [string](Get-RegistryText $properties 'DisplayName'); location = [string](Get-RegistryText $properties 'InstallLocation') }
+                    } finally { $properties.Dispose() }
+                }
+            } finally { $products.Dispose() }
+        }
+    } finally { $base.Dispose() }
+}
+
+function Get-MicroSipMode($Hive, [string]$ExeDir, [string]$ExePath, [string]$Sid) {
+    # MicroSIP 3.22.3's own rule (settings.cpp, AccountSettings::Init): the default value of
+    # HKCU\Software\MicroSIP, else of HKLM\Software\MicroSIP; when that is empty or not the
+    # exe's folder, the first MSI product named MicroSIP (its InstallLocation without a trailing
+    # backslash, or the exe's folder when empty). Installed when the result equals the exe's
+    # folder, compared case-insensitively and exactly.
+    $hklm = Get-HklmMicroSip $ExePath
+    $value = [string]$Hive.microsip; $rule = 'hkcu'
+    if ([string]::IsNullOrEmpty($value)) { $value = [string]$hklm; $rule = 'hklm' }
+    $detail = "HKCU='{0}' HKLM='{1}'" -f $Hive.microsip, $hklm
+    if ([string]::IsNullOrEmpty($value) -or -not $value.Equals($ExeDir, [StringComparison]::OrdinalIgnoreCase)) {
+        foreach ($product in @(Get-MsiProducts $Sid)) {
+            if (-not $product.name.Equals('MicroSIP', [StringComparison]::OrdinalIgnoreCase)) { continue }
+            if ([string]::IsNullOrEmpty($product.location)) { $value = $ExeDir; $rule = 'msi-any-location' }
+            else { $value = $product.location.TrimEnd('\'); $rule = 'msi' }
+            $detail += " MSI InstallLocation='{0}'" -f $product.location
+            break
+        }
+    }
+    if (-not [string]::IsNullOrEmpty($value) -and $value.Equals($ExeDir, [StringComparison]::OrdinalIgnoreCase)) {
+        return [ordered]@{ mode = 'installed'; rule = $rule; detail = $detail }
+    }
+    return [ordered]@{ mode = 'portable'; rule = 'none'; detail = $detail }
+}
+
+function Find-MicroSip($Install) {
+    # The inventory's folder if the exe is there, else the installer's markers: the default
+    # value of HKLM\Software\MicroSIP (either registry view), then a per-machine MSI product.
+    $exe = [string](Get-Field $Install 'exe')
+    if ([string]::IsNullOrEmpty($exe)) { $exe = 'microsip.exe' }
+    $candidates = @()
+    $inventoryDir = [string](Get-Field $Install 'install_dir')
+    if (-not [string]::IsNullOrEmpty($inventoryDir)) {
+        $candidates += , [ordered]@{ source = 'inventory'; dir = (Expand-Variables $inventoryDir (Get-MachineVariables)) }
+    }
+    foreach ($view in [Microsoft.Win32.RegistryView]::Registry64, [Microsoft.Win32.RegistryView]::Registry32) {
+        $base = [Microsoft.Win32.RegistryKey]::OpenBaseKey([Microsoft.Win32.RegistryHive]::LocalMachine, $view)
+        try {
+            $key = $base.OpenSubKey('SOFTWARE\MicroSIP')
+            try { $dir = Get-RegistryText $key '' } finally { if ($null -ne $key) { $key.Dispose() } }
+        } finally { $base.Dispose() }
+        if (-not [string]::IsNullOrEmpty($dir)) { $candidates += , [ordered]@{ source = 'registry'; dir = $dir } }
+    }
+    foreach ($product in @(Get-MsiProducts '')) {
+        if ($product.name.Equals('MicroSIP', [StringComparison]::OrdinalIgnoreCase) -and -not [string]::IsNullOrEmpty($product.location)) {
+            $candidates += , [ordered]@{ source = 'msi'; dir = $product.location }
+        }
+    }
+    foreach ($candidate in $candidates) {
+        $dir = $candidate.dir.Trim().Trim('"').TrimEnd('\')
+        try { $exePath = [IO.Path]::Combine($dir, $exe) } catch { continue }
+        if ([IO.File]::Exists($exePath)) {
+            return [ordered]@{ found = $true; dir = $dir; exe_path = $exePath; source = $candidate.source; exe = $exe }
+        }
+    }
+    return [ordered]@{ found = $false; dir = $null; exe_path = $null; source = $null; exe = $exe }
+}
+
+function Resolve-Account([string]$Account) {
+    # NTAccount does not resolve '.': the local account '.\name' is '<COMPUTERNAME>\name'.
+    $name = $Account
+    if ($name.StartsWith('.\')) { $name = $env:COMPUTERNAME + $name.Substring(1) }
+    try {
+        return [System.Security.Principal.NTAccount]::new($name).Translate([System.Security.Principal.SecurityIdentifier])
+    } catch {
+        if ($_.Exception.GetBaseException() -is [System.Security.Principal.IdentityNotMappedException]) {
+            throw (New-AgentException 'no-account' ("the Windows account {0} cannot be resolved to a SID." -f $Account))
+        }
+        throw
+    }
+}
+
+function Get-UserState($User, $Install, [string]$Mode, $Roots, $Context) {
     $item = [ordered]@{
         name = (Get-Field $User 'name'); windows = (Get-Field $User 'windows')
         sid = $null; profile = $null; appdata = $null; path = $null
@@ -103,38 +267,49 @@ function Get-UserState($User, $Install) {
         }
         $account = [string]$item.windows
         if ([string]::IsNullOrEmpty($account)) { throw (New-AgentException 'no-account' 'no Windows account is given for this user.') }
-        try {
-            $sidObject = [System.Security.Principal.NTAccount]::new($account).Translate([System.Security.Principal.SecurityIdentifier])
-        } catch {
-            if ($_.Exception.GetBaseException() -is [System.Security.Principal.IdentityNotMappedException]) {
-                throw (New-AgentException 'no-account' ("the Windows account {0} cannot be resolved to a SID." -f $account))
-            }
-            throw
-        }
+        $sidObject = Resolve-Account $account
         $sid = $sidObject.Value
         $item['sid'] = $sid
         # The canonical DOMAIN\name, as %USERNAME% and %USERDOMAIN% would give it at logon.
         $canonical = $account
         try { $canonical = $sidObject.Translate([System.Security.Principal.NTAccount]).Value } catch { $canonical = $account }
-        # From ProfileList, never from this session's environment, which is the WinRM account's.
-        $profileKey = 'Registry::HKEY_LOCAL_MACHINE\SOFTWARE\Microsoft\Windows NT\CurrentVersion\ProfileList\' + $sid
-        $profilePath = [string](Get-RegistryValue $profileKey 'ProfileImagePath')
+        $profilePath = Get-ProfilePath $sid
         if ([string]::IsNullOrEmpty($profilePath) -or -not [IO.Directory]::Exists($profilePath)) {
             throw (New-AgentException 'no-profile' ("{0} has no profile on this workstation (never logged on)." -f $account))
         }
+        $profilePath = Get-FullPathSafe $profilePath
         $item['profile'] = $profilePath
-        $appData = Get-RoamingAppData $sid $profilePath $canonical
+        $hive = Read-UserHive $sid $profilePath $canonical
+        $item['appdata'] = Get-RoamingAppData $hive $profilePath $canonical
+        $allowed = @(Expand-AppDataRoots $Roots (Get-AccountVariables $sid $profilePath))
+        $appData = Test-AppData $item['appdata'] $profilePath $allowed
         $item['appdata'] = $appData
+        $decided = Get-MicroSipMode $hive $Install.dir $Install.exe_path $sid
+        $item['mode'] = $decided.mode; $item['mode_rule'] = $decided.rule; $item['mode_detail'] = $decided.detail
+        if ($decided.mode -ne $Mode) {
+            throw (New-AgentException 'mode-mismatch' ("MicroSIP runs {0} for this user (rule {1}: {2}); the inventory says {3}." -f $decided.mode, $decided.rule, $decided.detail, $Mode))
+        }
         $iniName = [IO.Path]::GetFileNameWithoutExtension($Install.exe) + '.ini'
-        if ($Install.mode -eq 'portable') { $path = [IO.Path]::Combine($Install.dir, $iniName) }
+        if ($decided.mode -eq 'portable') { $path = [IO.Path]::Combine($Install.dir, $iniName) }
         else { $path = [IO.Path]::Combine($appData, 'MicroSIP', $iniName) }
         $item['path'] = $path
+        $start = Get-CheckStart $path $sid $Roots
+        Assert-SafePath $path $start
         # Gathered apart and added only once all is read: a user in error has no file fields.
         $file = Read-FileState $path
-        $applied = Read-FileState ([IO.Path]::Combine((Get-StateFolder $path), 'applied'))
-        $running = @(Get-OwnedProcessId ([IO.Path]::GetFileName($Install.exe_path)) $sid).Count -gt 0
+        $readOnly = Test-ReadOnly $path
+        $appliedBytes = Read-StateFile (Get-StateFolder $sid $iniName) 'applied'
+        $legacy = $null -eq $appliedBytes
+        if ($legacy) {
+            $legacyPath = [IO.Path]::Combine((Get-LegacyFolder $path), 'applied')
+            $safe = $true
+            try { Assert-SafePath $legacyPath $start } catch { $safe = $false }
+            if ($safe -and (Test-PlainFile $legacyPath)) { $appliedBytes = [IO.File]::ReadAllBytes($legacyPath) }
+        }
+        $running = @(Get-OwnedProcessId $Context ([IO.Path]::GetFileName($Install.exe_path)) $sid).Count -gt 0
         foreach ($field in $file.Keys) { $item[$field] = $file[$field] }
-        $item['applied'] = $applied
+        $item['read_only'] = $readOnly
+        $item['applied'] = ConvertTo-AppliedState $appliedBytes $legacy
         $item['running'] = $running
         $item['error'] = $null
     } catch {
@@ -151,9 +326,12 @@ function Get-OverrideState($Install) {
         }
         $path = [IO.Path]::Combine($Install.dir, 'override.ini')
         $item['path'] = $path
+        Assert-SafePath $path ([IO.Path]::GetPathRoot($path))
         $file = Read-FileState $path
-        $applied = Read-FileState ([IO.Path]::Combine((Get-StateFolder $path), 'applied'))
+        $readOnly = Test-ReadOnly $path
+        $applied = ConvertTo-AppliedState (Read-StateFile (Get-StateFolder '' 'override.ini') 'applied') $false
         foreach ($field in $file.Keys) { $item[$field] = $file[$field] }
+        $item['read_only'] = $readOnly
         $item['applied'] = $applied
         $item['error'] = $null
     } catch {
@@ -171,12 +349,16 @@ $hostInfo = [ordered]@{
     computer = $env:COMPUTERNAME
     ps_version = $PSVersionTable.PSVersion.ToString()
     free_bytes = $freeBytes
+    language_mode = [string]$ExecutionContext.SessionState.LanguageMode
 }
 
-$found = Find-MicroSip (Get-Field $Request 'install')
-$install = [ordered]@{
-    found = $found.found; mode = $found.mode; dir = $found.dir; exe_path = $found.exe_path; source = $found.source
-}
+$wanted = Get-Field $Request 'install'
+$found = Find-MicroSip $wanted
+$mode = [string](Get-Field $wanted 'mode')
+if ([string]::IsNullOrEmpty($mode)) { $mode = 'installed' }
+$roots = @(Get-Field $Request 'appdata_roots')
+$install = [ordered]@{ found = $found.found; dir = $found.dir; exe_path = $found.exe_path; source = $found.source }
+$context = @{ processes = $null }
 
 $override = $null
 if ([bool](Get-Field $Request 'override')) { $override = Get-OverrideState $found }
@@ -184,7 +366,7 @@ if ([bool](Get-Field $Request 'override')) { $override = Get-OverrideState $foun
 $users = [System.Collections.Generic.List[object]]::new()
 $requested = Get-Field $Request 'users'
 foreach ($user in @($requested)) {
-    if ($null -ne $user) { $users.Add((Get-UserState $user $found)) }
+    if ($null -ne $user) { $users.Add((Get-UserState $user $found $mode $roots $context)) }
 }
 
 # ToArray: a plain array, so ConvertTo-Json writes a JSON array even for one user.

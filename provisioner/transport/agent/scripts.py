@@ -22,6 +22,10 @@ Why the bootstrap is written as it is (its comments cost command-line length):
   ``-Depth 10`` because the default depth (2) would flatten nested objects into strings.
 - stdin and stdout carry base64 only: ASCII is the same in every console code page.
 - A terminating error goes to stderr as plain text with the agent line number, and exit 1.
+- Its first line stops in any language mode but FullLanguage, with a message the controller
+  recognises (:data:`LANGUAGE_MODE_ERROR`): under Constrained Language Mode (WDAC or AppLocker)
+  the calls that follow would fail with PowerShell's less helpful "Cannot invoke method". A
+  ``throw`` outside the ``try`` is what works there: ``[Console]`` is not a core type.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from provisioner.errors import RemoteError
 __all__ = [
     "BOOTSTRAP",
     "CMD_LINE_LIMIT",
+    "LANGUAGE_MODE_ERROR",
     "OPS",
     "POWERSHELL",
     "POWERSHELL_ARGS",
@@ -58,6 +63,11 @@ POWERSHELL = "powershell.exe"
 POWERSHELL_ARGS = ("-NoLogo", "-NoProfile", "-NonInteractive", "-ExecutionPolicy", "Bypass")
 CMD_LINE_LIMIT = 8191
 """cmd.exe's limit on a command line, which WinRS commands are subject to."""
+LANGUAGE_MODE_ERROR = (
+    "constrained-language: PowerShell runs in {mode} mode on this workstation (WDAC or AppLocker "
+    "policy); the agent needs FullLanguage mode"
+)
+"""What the bootstrap throws when PowerShell does not run in FullLanguage mode."""
 
 
 def _read_script(name: str) -> str:

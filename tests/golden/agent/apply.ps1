@@ -1,6 +1,8 @@
 # Helpers shared by the agent scripts (inspect, apply, rollback). scripts.py puts this text in
 # front of each of them: a request carries one script, so they cannot be loaded from a file.
-# Windows PowerShell 5.1; the contract is docs/agent-protocol.md.
+# Windows PowerShell 5.1; the contract is docs/agent-protocol.md. The workstation's users own
+# their profile folders and registry: every path below a profile is checked for junctions,
+# symbolic and hard links before the agent (an administrator) writes, deletes or sets an ACL.
 Set-StrictMode -Version 2
 $ErrorActionPreference = 'Stop'
 $ProgressPreference = 'SilentlyContinue'
@@ -25,6 +27,16 @@ function New-AgentException([string]$Code, [string]$Message) {
     return $exception
 }
 
+function Get-Win32Code($ErrorRecord) {
+    # The Win32 error of the first IOException in the chain (.NET wraps them), or 0.
+    $exception = $ErrorRecord.Exception
+    while ($null -ne $exception) {
+        if ($exception -is [System.IO.IOException]) { return $exception.HResult -band 0xFFFF }
+        $exception = $exception.InnerException
+    }
+    return 0
+}
+
 function ConvertTo-AgentError($ErrorRecord) {
     # .NET calls surface wrapped (MethodInvocationException and the like): the first exception
     # of the chain that says something precise decides the code.
@@ -41,8 +53,9 @@ function ConvertTo-AgentError($ErrorRecord) {
         if ($exception -is [System.IO.IOException]) {
             # The low word of the HRESULT is the Win32 error code.
             $win32 = $exception.HResult -band 0xFFFF
-            # 32 sharing violation, 33 lock violation; 112 disk full, 39 handle disk full.
-            if ($win32 -eq 32 -or $win32 -eq 33) { $code = 'locked'; $message = $exception.Message; break }
+            # 32 sharing violation, 33 lock violation, 1175-1177 ReplaceFile could not swap the
+            # files (another program held one): retry later. 112 disk full, 39 handle disk full.
+            if (@(32, 33, 1175, 1176, 1177) -contains $win32) { $code = 'locked'; $message = $exception.Message; break }
             if ($win32 -eq 112 -or $win32 -eq 39) { $code = 'disk-full'; $message = $exception.Message; break }
         }
         $exception = $exception.InnerException
@@ -58,32 +71,129 @@ function Get-Sha256([byte[]]$Bytes) {
     return ([BitConverter]::ToString($digest) -replace '-', '').ToLowerInvariant()
 }
 
-function Get-StateFolder([string]$Path) {
-    return [IO.Path]::Combine([IO.Path]::GetDirectoryName($Path), '.provisioner', [IO.Path]::GetFileName($Path))
+# --- paths ----------------------------------------------------------------------------------
+
+function Get-FullPathSafe([string]$Path) {
+    # A plain absolute path, normalised as Windows resolves it (GetFullPath drops trailing dots
+    # and spaces and folds '..'); device paths, drive-relative forms and streams are refused.
+    $refusal = "'{0}' is not a plain absolute path." -f $Path
+    if ([string]::IsNullOrEmpty($Path) -or $Path.StartsWith('\\?\') -or $Path.StartsWith('\\.\')) {
+        throw (New-AgentException 'unsafe-path' $refusal)
+    }
+    if (-not ($Path -match '^[A-Za-z]:\\' -or $Path -match '^\\\\[^\\]+\\[^\\]+')) {
+        throw (New-AgentException 'unsafe-path' $refusal)
+    }
+    try { $full = [IO.Path]::GetFullPath($Path) } catch { throw (New-AgentException 'unsafe-path' $refusal) }
+    if ($full.Length -gt 3) { $full = $full.TrimEnd('\') }
+    return $full
 }
 
-function Get-OwnedProcessId([string]$Name, [string]$Sid) {
-    # By owner SID, never by window: a MicroSIP in another session has no window this
-    # non-interactive WinRM session can see (the reason microsip.exe /exit cannot work here).
-    $filter = "Name = '{0}'" -f $Name.Replace('\', '\\').Replace("'", "\'")
-    foreach ($process in @(Get-CimInstance -ClassName Win32_Process -Filter $filter)) {
-        $owner = $null
-        try { $owner = Invoke-CimMethod -InputObject $process -MethodName GetOwnerSid } catch { $owner = $null }
-        if ($null -eq $owner -or $owner.ReturnValue -ne 0) {
-            # Gone in the meantime is fine; alive with an unknown owner is not, it may be the user's.
-            if ($null -ne (Get-Process -Id $process.ProcessId -ErrorAction SilentlyContinue)) {
-                $text = 'cannot tell who owns process {0} ({1}).' -f $process.ProcessId, $Name
-                throw (New-AgentException 'internal' $text)
-            }
-        } elseif ($owner.Sid -eq $Sid) {
-            [int]$process.ProcessId
-        }
+function Test-Within([string]$Path, [string]$Folder) {
+    # Case-insensitive and by whole components: C:\Users\al is not within C:\Users\a.
+    $inner = $Path.TrimEnd('\'); $outer = $Folder.TrimEnd('\')
+    return $inner.Equals($outer, [StringComparison]::OrdinalIgnoreCase) -or
+        $inner.StartsWith($outer + '\', [StringComparison]::OrdinalIgnoreCase)
+}
+
+function Expand-Variables([string]$Text, $Variables) {
+    $expanded = $Text
+    foreach ($name in @($Variables.Keys)) {
+        $pattern = '%' + [regex]::Escape($name) + '%'
+        $expanded = $expanded -replace $pattern, ([string]$Variables[$name]).Replace('$', '$$')
+    }
+    return $expanded
+}
+
+function Get-MachineVariables {
+    $variables = @{}
+    foreach ($name in 'SystemDrive', 'SystemRoot', 'windir', 'ProgramData', 'ALLUSERSPROFILE', 'PUBLIC', 'ProgramFiles', 'ProgramFiles(x86)') {
+        $value = [Environment]::GetEnvironmentVariable($name)
+        if (-not [string]::IsNullOrEmpty($value)) { $variables[$name] = $value }
+    }
+    return $variables
+}
+
+function Get-ProfilePath([string]$Sid) {
+    # From ProfileList, never from this session's environment, which is the WinRM account's.
+    $base = [Microsoft.Win32.RegistryKey]::OpenBaseKey([Microsoft.Win32.RegistryHive]::LocalMachine, [Microsoft.Win32.RegistryView]::Default)
+    try {
+        $key = $base.OpenSubKey('SOFTWARE\Microsoft\Windows NT\CurrentVersion\ProfileList\' + $Sid)
+        if ($null -eq $key) { return $null }
+        try { $value = $key.GetValue('ProfileImagePath') } finally { $key.Dispose() }
+    } finally { $base.Dispose() }
+    if ($null -eq $value -or [string]::IsNullOrEmpty([string]$value)) { return $null }
+    return [string]$value
+}
+
+function Get-AccountVariables([string]$Sid, [string]$ProfilePath) {
+    # %USERNAME%, %USERDOMAIN% and %USERPROFILE% of an account, for the allowed AppData roots.
+    $variables = Get-MachineVariables
+    try {
+        $account = [System.Security.Principal.SecurityIdentifier]::new($Sid).Translate([System.Security.Principal.NTAccount]).Value
+        $parts = $account.Split('\')
+        if ($parts.Length -eq 2) { $variables['USERDOMAIN'] = $parts[0]; $variables['USERNAME'] = $parts[1] }
+    } catch { }
+    if (-not [string]::IsNullOrEmpty($ProfilePath)) { $variables['USERPROFILE'] = $ProfilePath }
+    return $variables
+}
+
+function Expand-AppDataRoots($Roots, $Variables) {
+    # The inventory's microsip.appdata_roots for one user; a root that stays unexpanded is dropped.
+    foreach ($root in @($Roots)) {
+        if ([string]::IsNullOrEmpty([string]$root)) { continue }
+        $value = Expand-Variables ([string]$root) $Variables
+        if ($value -match '%[^%\\]+%') { continue }
+        try { Get-FullPathSafe $value } catch { }
     }
 }
 
+function Get-CheckStart([string]$Path, [string]$Sid, $Roots) {
+    # Where the link check of a path begins: below the user's profile folder or an allowed
+    # root when the path lies inside one, else below the root of its volume.
+    $profilePath = $null
+    if (-not [string]::IsNullOrEmpty($Sid)) { $profilePath = Get-ProfilePath $Sid }
+    if ($null -ne $profilePath) {
+        $profileFull = Get-FullPathSafe $profilePath
+        if (Test-Within $Path $profileFull) { return $profileFull }
+    }
+    if (-not [string]::IsNullOrEmpty($Sid)) {
+        foreach ($root in @(Expand-AppDataRoots $Roots (Get-AccountVariables $Sid $profilePath))) {
+            if (Test-Within $Path $root) { return $root }
+        }
+    }
+    return [IO.Path]::GetPathRoot($Path)
+}
+
+function Assert-SafePath([string]$Path, [string]$Start) {
+    # No existing component of the path below Start may be a junction or symbolic link, and
+    # the file itself may have no other name: the agent would act on whatever they point to.
+    $full = Get-FullPathSafe $Path
+    $startFull = $Start
+    if (-not (Test-Within $full $startFull)) {
+        throw (New-AgentException 'unsafe-path' ("{0} is not under {1}." -f $full, $startFull))
+    }
+    $current = $startFull.TrimEnd('\')
+    $relative = $full.Substring([Math]::Min($current.Length, $full.Length)).TrimStart('\')
+    foreach ($name in $relative.Split('\')) {
+        if ($name -eq '') { continue }
+        $current = $current + '\' + $name
+        # GetAttributes describes a link itself, not its target. Absent: nothing below exists.
+        try { $attributes = [IO.File]::GetAttributes($current) } catch { return }
+        if ($attributes -band [IO.FileAttributes]::ReparsePoint) {
+            throw (New-AgentException 'unsafe-path' ("{0} is a junction or symbolic link; the agent never writes through one." -f $current))
+        }
+    }
+    if ([IO.File]::Exists($full) -and (Get-Item -LiteralPath $full -Force).LinkType -eq 'HardLink') {
+        throw (New-AgentException 'unsafe-path' ("{0} is a hard link to another file; the agent never writes through one." -f $full))
+    }
+}
+
+# --- ACLs -----------------------------------------------------------------------------------
+
 function New-Acl([string]$Kind, [string]$Sid, [bool]$Folder) {
     # Explicit rules with inheritance cut, so the defaults of the profile or of Program Files
-    # never widen access to the file (MicroSIP keeps passwords in it).
+    # never widen access to the file (MicroSIP keeps passwords in it). The state (merge base,
+    # backups with old passwords) is for SYSTEM and Administrators only.
     if ($Folder) {
         $acl = [System.Security.AccessControl.DirectorySecurity]::new()
         $inherit = [System.Security.AccessControl.InheritanceFlags]'ContainerInherit, ObjectInherit'
@@ -93,7 +203,8 @@ function New-Acl([string]$Kind, [string]$Sid, [bool]$Folder) {
     }
     $acl.SetAccessRuleProtection($true, $false)
     $rights = [ordered]@{ 'S-1-5-18' = 'FullControl'; 'S-1-5-32-544' = 'FullControl' }
-    if ($Kind -eq 'microsip') { $rights[$Sid] = 'FullControl' } else { $rights['S-1-5-32-545'] = 'ReadAndExecute' }
+    if ($Kind -eq 'microsip') { $rights[$Sid] = 'FullControl' }
+    elseif ($Kind -eq 'override') { $rights['S-1-5-32-545'] = 'ReadAndExecute' }
     foreach ($account in $rights.Keys) {
         $rule = [System.Security.AccessControl.FileSystemAccessRule]::new(
             [System.Security.Principal.SecurityIdentifier]::new($account),
@@ -106,12 +217,87 @@ function New-Acl([string]$Kind, [string]$Sid, [bool]$Folder) {
     return $acl
 }
 
-function Set-StateAcl([string]$StateFolder, [string]$Kind, [string]$Sid) {
-    # Backups arrive by rename and keep the ACL they had; every file here must get the file's.
-    [IO.Directory]::SetAccessControl($StateFolder, (New-Acl $Kind $Sid $true))
-    foreach ($file in [IO.Directory]::GetFiles($StateFolder)) {
-        [IO.File]::SetAccessControl($file, (New-Acl $Kind $Sid $false))
+function Get-DaclText($Security) {
+    # The protection flag and the entries, in a fixed order: Windows may add flags (AI) and
+    # reorder entries it stores.
+    $sddl = $Security.GetSecurityDescriptorSddlForm([System.Security.AccessControl.AccessControlSections]::Access)
+    $protected = $sddl -match '^D:[A-Z]*P'
+    $aces = [System.Collections.Generic.List[string]]::new()
+    foreach ($match in [regex]::Matches($sddl, '\([^)]*\)')) { $aces.Add($match.Value) }
+    $aces.Sort([StringComparer]::Ordinal)
+    return ('{0}|{1}' -f $protected, ($aces -join ''))
+}
+
+function Test-ExpectedAcl([string]$Path, $Expected) {
+    $actual = [IO.File]::GetAccessControl($Path, [System.Security.AccessControl.AccessControlSections]::Access)
+    return (Get-DaclText $actual) -eq (Get-DaclText $Expected)
+}
+
+# --- the agent's own state ------------------------------------------------------------------
+
+function Get-StateRoot {
+    return [IO.Path]::Combine([Environment]::GetFolderPath('CommonApplicationData'), 'MicroSIP-provisioner')
+}
+
+function Get-StateFolder([string]$Sid, [string]$Name) {
+    # Keyed by the user's SID (the workstation's own files under 'machine'), never beside the
+    # file: there the user could edit the merge base, read old backups or plant links.
+    if ([string]::IsNullOrEmpty($Sid)) { return [IO.Path]::Combine((Get-StateRoot), 'machine', $Name) }
+    return [IO.Path]::Combine((Get-StateRoot), 'users', $Sid, $Name)
+}
+
+function Test-StateRoot {
+    # False when absent. Users may create folders in ProgramData and own them: a root that is a
+    # link or is not owned by SYSTEM, Administrators or this account is refused.
+    $root = Get-StateRoot
+    try { $attributes = [IO.File]::GetAttributes($root) } catch { return $false }
+    if ($attributes -band [IO.FileAttributes]::ReparsePoint) {
+        throw (New-AgentException 'unsafe-path' ("{0} is a junction or symbolic link; remove it." -f $root))
     }
+    $owner = [IO.Directory]::GetAccessControl($root, [System.Security.AccessControl.AccessControlSections]::Owner).GetOwner([System.Security.Principal.SecurityIdentifier]).Value
+    $trusted = @('S-1-5-18', 'S-1-5-32-544', [System.Security.Principal.WindowsIdentity]::GetCurrent().User.Value)
+    if ($trusted -notcontains $owner) {
+        throw (New-AgentException 'unsafe-path' ("{0} is owned by {1}, not by SYSTEM or Administrators: a user created it; remove it (rmdir /s /q) so that the agent can create its own." -f $root, $owner))
+    }
+    return $true
+}
+
+function Open-StateFolder([string]$Folder) {
+    $root = Get-StateRoot
+    if (-not (Test-StateRoot)) {
+        $null = [IO.Directory]::CreateDirectory($root, (New-Acl 'state' '' $true))
+        $null = Test-StateRoot
+    }
+    [IO.Directory]::SetAccessControl($root, (New-Acl 'state' '' $true))
+    Assert-SafePath $Folder $root
+    $null = [IO.Directory]::CreateDirectory($Folder, (New-Acl 'state' '' $true))
+    Assert-SafePath $Folder $root
+}
+
+function Read-StateFile([string]$Folder, [string]$Item) {
+    # What inspect reads of the state: nothing while the root does not exist.
+    if (-not (Test-StateRoot)) { return $null }
+    $path = [IO.Path]::Combine($Folder, $Item)
+    Assert-SafePath $path (Get-StateRoot)
+    if (-not [IO.File]::Exists($path)) { return $null }
+    return , [IO.File]::ReadAllBytes($path)
+}
+
+function Write-NewFile([string]$Path, [byte[]]$Bytes, $Acl) {
+    # Created with its final ACL, so the content is never readable under the folder's defaults.
+    $stream = [IO.File]::Create($Path, 4096, [IO.FileOptions]::None, $Acl)
+    try {
+        $stream.Write($Bytes, 0, $Bytes.Length)
+        $stream.Flush($true)
+    } finally {
+        $stream.Dispose()
+    }
+}
+
+function New-TempPath([string]$Folder, [string]$Name, [string]$Suffix) {
+    # Same folder as the target: File.Replace and File.Move stay atomic only within a volume.
+    $random = [Guid]::NewGuid().ToString('N').Substring(0, 12)
+    return [IO.Path]::Combine($Folder, ('.{0}.{1}.{2}' -f $Name, $random, $Suffix))
 }
 
 function Move-FileOver([string]$Source, [string]$Target) {
@@ -120,43 +306,51 @@ function Move-FileOver([string]$Source, [string]$Target) {
     else { [IO.File]::Move($Source, $Target) }
 }
 
-function Move-ReplacementOver([string]$Replacement, [string]$Path, $Backup) {
-    # $Backup is untyped on purpose: a [string] parameter turns $null into '', which
-    # File.Replace rejects. The backup must sit on the same volume and its folder must exist.
+function Write-StateFile([string]$Folder, [string]$Item, [byte[]]$Bytes) {
+    $target = [IO.Path]::Combine($Folder, $Item)
+    $temp = New-TempPath $Folder $Item 'tmp'
     try {
-        [IO.File]::Replace($Replacement, $Path, $Backup)
-    } catch {
-        $failure = $_
-        # ERROR_UNABLE_TO_MOVE_REPLACEMENT_2 leaves the old file under the backup name only:
-        # put it back so that the file always has its old or its new content.
-        if ($null -ne $Backup -and -not [IO.File]::Exists($Path) -and [IO.File]::Exists($Backup)) {
-            [IO.File]::Move($Backup, $Path)
-        }
-        throw $failure
+        Write-NewFile $temp $Bytes (New-Acl 'state' '' $false)
+        Move-FileOver $temp $target
+    } finally {
+        Remove-FileQuietly $temp
     }
 }
 
-function Move-BackupsUp([string]$StateFolder) {
+function Move-BackupsUp([string]$Folder) {
     # backup.2 -> backup.1, backup.3 -> backup.2, once backup.1 has been used.
     foreach ($n in 2, 3) {
-        $from = [IO.Path]::Combine($StateFolder, "backup.$n")
-        if ([IO.File]::Exists($from)) { Move-FileOver $from ([IO.Path]::Combine($StateFolder, "backup.$($n - 1)")) }
+        $from = [IO.Path]::Combine($Folder, "backup.$n")
+        if ([IO.File]::Exists($from)) { Move-FileOver $from ([IO.Path]::Combine($Folder, "backup.$($n - 1)")) }
     }
 }
 
-function Move-BackupsDown([string]$StateFolder) {
+function Move-BackupsDown([string]$Folder) {
     # backup.new (the content an apply replaced) becomes backup.1, the others moving down only
     # as far as the first free slot (backup.3, the oldest, goes when all three are taken): an
     # interrupted rotation then resumes without loss. Nothing moves without a backup.new.
-    $pending = [IO.Path]::Combine($StateFolder, 'backup.new')
+    $pending = [IO.Path]::Combine($Folder, 'backup.new')
     if (-not [IO.File]::Exists($pending)) { return }
-    $backup1 = [IO.Path]::Combine($StateFolder, 'backup.1')
-    $backup2 = [IO.Path]::Combine($StateFolder, 'backup.2')
+    $backup1 = [IO.Path]::Combine($Folder, 'backup.1')
+    $backup2 = [IO.Path]::Combine($Folder, 'backup.2')
     $free = 3
     if (-not [IO.File]::Exists($backup1)) { $free = 1 } elseif (-not [IO.File]::Exists($backup2)) { $free = 2 }
-    if ($free -ge 3) { Move-FileOver $backup2 ([IO.Path]::Combine($StateFolder, 'backup.3')) }
+    if ($free -ge 3) { Move-FileOver $backup2 ([IO.Path]::Combine($Folder, 'backup.3')) }
     if ($free -ge 2) { Move-FileOver $backup1 $backup2 }
     Move-FileOver $pending $backup1
+}
+
+function Resolve-PendingBackup([string]$Folder, [string]$Path) {
+    # A backup.new left by an agent that died. Written before its replace, it is the newest
+    # generation once the file holds something else; while the file still holds the same
+    # bytes the replace never happened, and it goes.
+    $pending = [IO.Path]::Combine($Folder, 'backup.new')
+    if (-not [IO.File]::Exists($pending)) { return }
+    if ([IO.File]::Exists($Path) -and (Get-Sha256 ([IO.File]::ReadAllBytes($pending))) -eq (Get-Sha256 ([IO.File]::ReadAllBytes($Path)))) {
+        [IO.File]::Delete($pending)
+        return
+    }
+    Move-BackupsDown $Folder
 }
 
 function Remove-FileQuietly([string]$Path) {
@@ -164,15 +358,115 @@ function Remove-FileQuietly([string]$Path) {
     try { if ([IO.File]::Exists($Path)) { [IO.File]::Delete($Path) } } catch { }
 }
 
-function Remove-StaleTempFiles([string]$Folder, [string]$Name) {
-    # .<name>.<12 hex>.tmp left by an agent that died before its replace: it may hold a
-    # plaintext password. Best effort; matched exactly, so no other file is touched.
+function Remove-StaleFiles([string]$Folder, [string]$Name, [string[]]$Suffixes) {
+    # .<name>.<12 hex>.tmp or .old left by an agent that died: either may hold a password.
+    # Best effort; matched exactly, so no other file is touched.
     if (-not [IO.Directory]::Exists($Folder)) { return }
-    $pattern = '^\.' + [regex]::Escape($Name) + '\.[0-9a-f]{12}\.tmp$'
+    $escaped = foreach ($suffix in $Suffixes) { [regex]::Escape($suffix) }
+    $alternatives = @($escaped) -join '|'
+    $pattern = '^\.' + [regex]::Escape($Name) + '\.[0-9a-f]{12}\.(' + $alternatives + ')$'
     foreach ($file in [IO.Directory]::GetFiles($Folder)) {
         if ([IO.Path]::GetFileName($file) -match $pattern) { Remove-FileQuietly $file }
     }
 }
+
+function Get-LegacyFolder([string]$Path) {
+    # Where agents before the ProgramData state kept it: beside the file, writable by its user.
+    return [IO.Path]::Combine([IO.Path]::GetDirectoryName($Path), '.provisioner', [IO.Path]::GetFileName($Path))
+}
+
+function Test-PlainFile([string]$Path) {
+    # A file that is neither a link nor one of several names of the same file.
+    try { $attributes = [IO.File]::GetAttributes($Path) } catch { return $false }
+    if ($attributes -band ([IO.FileAttributes]::ReparsePoint -bor [IO.FileAttributes]::Directory)) { return $false }
+    return (Get-Item -LiteralPath $Path -Force).LinkType -ne 'HardLink'
+}
+
+function Move-LegacyState([string]$Path, [string]$Start, [string]$StateFolder) {
+    # Copies what the old .provisioner folder beside the file holds into the state folder, where
+    # the state has none, then removes it. A folder that is a link is left alone; a file that is
+    # a link or has other names is not read (its name is removed).
+    $folder = Get-LegacyFolder $Path
+    try { Assert-SafePath $folder $Start } catch { return }
+    if (-not [IO.Directory]::Exists($folder)) { return }
+    foreach ($item in 'applied', 'backup.1', 'backup.2', 'backup.3', 'backup.new', 'rolled-back') {
+        $source = [IO.Path]::Combine($folder, $item)
+        try { $attributes = [IO.File]::GetAttributes($source) } catch { continue }
+        if ($attributes -band [IO.FileAttributes]::Directory) { continue }
+        if ((Test-PlainFile $source) -and -not [IO.File]::Exists([IO.Path]::Combine($StateFolder, $item))) {
+            Write-StateFile $StateFolder $item ([IO.File]::ReadAllBytes($source))
+        }
+        try { [IO.File]::Delete($source) } catch { }
+    }
+    Remove-StaleFiles $folder 'applied' @('tmp')
+    try { [IO.Directory]::Delete($folder) } catch { }
+    $container = [IO.Path]::GetDirectoryName($folder)
+    try { if (@([IO.Directory]::GetFileSystemEntries($container)).Count -eq 0) { [IO.Directory]::Delete($container) } } catch { }
+}
+
+# --- processes ------------------------------------------------------------------------------
+
+function Get-ProcessTable($Context, [string]$Image) {
+    # One Win32_Process query per request and one GetOwnerSid per MicroSIP process: a query per
+    # user asked every process's owner once per user (thousands of calls on an RDS host).
+    # By owner SID, never by window: a MicroSIP in another session has no window this
+    # non-interactive WinRM session can see (the reason microsip.exe /exit cannot work here).
+    if ($null -ne $Context.processes) { return $Context.processes }
+    $rows = [System.Collections.Generic.List[object]]::new()
+    $filter = "Name = '{0}'" -f $Image.Replace('\', '\\').Replace("'", "\'")
+    foreach ($process in @(Get-CimInstance -ClassName Win32_Process -Filter $filter)) {
+        $owner = $null
+        try { $owner = Invoke-CimMethod -InputObject $process -MethodName GetOwnerSid } catch { $owner = $null }
+        $sid = $null
+        if ($null -ne $owner -and $owner.ReturnValue -eq 0) { $sid = [string]$owner.Sid }
+        elseif ($null -eq (Get-Process -Id $process.ProcessId -ErrorAction SilentlyContinue)) { continue }
+        $rows.Add([pscustomobject]@{ id = [int]$process.ProcessId; sid = $sid })
+    }
+    $Context.processes = $rows.ToArray()
+    return $Context.processes
+}
+
+function Get-OwnedProcessId($Context, [string]$Image, [string]$Sid) {
+    foreach ($row in @(Get-ProcessTable $Context $Image)) {
+        if ($null -eq $row.sid) {
+            # Alive with an unknown owner: it may be the user's.
+            throw (New-AgentException 'internal' ('cannot tell who owns process {0} ({1}).' -f $row.id, $Image))
+        }
+        if ($row.sid -eq $Sid) { $row.id }
+    }
+}
+
+function Invoke-RunningPolicy($Checked, [string]$IfRunning, $Item, $Context) {
+    # Returns $true when the file may be written. Called once the compare-and-swap passed, so a
+    # conflict never stops anybody's MicroSIP. MicroSIP rewrites [Settings] from memory when it
+    # exits, so a running instance would undo part of the push.
+    if ($Checked.kind -ne 'microsip' -or [string]::IsNullOrEmpty($Checked.exe)) { return $true }
+    $ids = @(Get-OwnedProcessId $Context $Checked.exe $Checked.sid)
+    if ($ids.Count -eq 0 -or $IfRunning -eq 'force') { return $true }
+    if ($IfRunning -eq 'stop') {
+        foreach ($id in $ids) {
+            # Killed, not closed: a normal exit would first save [Settings] over the new file.
+            try { Stop-Process -Id $id -Force } catch {
+                if ($null -ne (Get-Process -Id $id -ErrorAction SilentlyContinue)) { throw }
+            }
+        }
+        $Item['stopped'] = $ids.Count
+        $deadline = [DateTime]::UtcNow.AddSeconds(5)
+        do {
+            $Context.processes = $null
+            if (@(Get-OwnedProcessId $Context $Checked.exe $Checked.sid).Count -eq 0) { return $true }
+            Start-Sleep -Milliseconds 200
+        } while ([DateTime]::UtcNow -lt $deadline)
+        $text = '{0} still runs for this user 5 s after being stopped.' -f $Checked.exe
+    } else {
+        $text = '{0} is running for this user ({1} process(es)).' -f $Checked.exe, $ids.Count
+    }
+    $Item['status'] = 'busy'
+    $Item['error'] = New-AgentError 'busy' $text
+    return $false
+}
+
+# --- writing a managed file -----------------------------------------------------------------
 
 function Test-FileRequest($File) {
     # The fields apply and rollback need before touching anything; returns them checked.
@@ -185,41 +479,112 @@ function Test-FileRequest($File) {
     if ([string]::IsNullOrEmpty($path) -or -not [IO.Path]::IsPathRooted($path)) {
         throw (New-AgentException 'internal' ("the path '{0}' is not absolute." -f $path))
     }
+    $path = Get-FullPathSafe $path
     if ($kind -eq 'microsip') {
         # Without the SID the ACL would lock the user out of their own file.
         if ([string]::IsNullOrEmpty($sid)) { throw (New-AgentException 'internal' 'a microsip file needs the user''s SID.') }
         $null = [System.Security.Principal.SecurityIdentifier]::new($sid)
+    } else {
+        $sid = ''
     }
     return [ordered]@{ kind = $kind; path = $path; sid = $sid; exe = [string](Get-Field $File 'process') }
 }
 
-function Invoke-RunningPolicy($Checked, [string]$IfRunning, $Item) {
-    # Returns $true when the file may be written. MicroSIP rewrites [Settings] from memory when
-    # it exits, so a running instance would undo part of the push.
-    if ($Checked.kind -ne 'microsip' -or [string]::IsNullOrEmpty($Checked.exe)) { return $true }
-    $ids = @(Get-OwnedProcessId $Checked.exe $Checked.sid)
-    if ($ids.Count -eq 0 -or $IfRunning -eq 'force') { return $true }
-    if ($IfRunning -eq 'stop') {
-        foreach ($id in $ids) {
-            # Killed, not closed: a normal exit would first save [Settings] over the new file.
-            try { Stop-Process -Id $id -Force } catch {
-                if ($null -ne (Get-Process -Id $id -ErrorAction SilentlyContinue)) { throw }
+function Initialize-ManagedFile($Checked, $Roots) {
+    # Before anything is read or written: the path checked for links, the stale temp files of a
+    # dead agent gone, the state folder opened and the old .provisioner state migrated, and a
+    # backup.new left by an agent that died settled.
+    $path = $Checked.path
+    $start = Get-CheckStart $path $Checked.sid $Roots
+    Assert-SafePath $path $start
+    Remove-StaleFiles ([IO.Path]::GetDirectoryName($path)) ([IO.Path]::GetFileName($path)) @('tmp', 'old')
+    $state = Get-StateFolder $Checked.sid ([IO.Path]::GetFileName($path))
+    Open-StateFolder $state
+    Move-LegacyState $path $start $state
+    Remove-StaleFiles $state 'applied' @('tmp')
+    Resolve-PendingBackup $state $path
+    if ([IO.File]::Exists($path) -and ([IO.File]::GetAttributes($path) -band [IO.FileAttributes]::ReadOnly)) {
+        throw (New-AgentException 'read-only' ('{0} has the read-only attribute.' -f $path))
+    }
+    return $state
+}
+
+function Invoke-ReplaceFile([string]$Temp, [string]$Path) {
+    # ReplaceFile with a backup name beside the file: after error 1177 the old file is there
+    # (with no backup name it would be under a name nobody knows), and is put back. Sharing
+    # violations are retried for a second: antivirus, backup and indexer hold files briefly.
+    $old = New-TempPath ([IO.Path]::GetDirectoryName($Path)) ([IO.Path]::GetFileName($Path)) 'old'
+    for ($attempt = 1; $attempt -le 5; $attempt++) {
+        try {
+            [IO.File]::Replace($Temp, $Path, $old)
+            break
+        } catch {
+            $failure = $_
+            $win32 = Get-Win32Code $failure
+            if ($win32 -eq 1177 -and -not [IO.File]::Exists($Path) -and [IO.File]::Exists($old)) {
+                [IO.File]::Move($old, $Path)
+            }
+            if (($win32 -eq 32 -or $win32 -eq 33) -and $attempt -lt 5) { Start-Sleep -Milliseconds 200; continue }
+            if (@(1175, 1176, 1177) -contains $win32) {
+                $text = 'the file could not be replaced ({0}: {1}); the previous content is in place.' -f $win32, $failure.Exception.GetBaseException().Message
+                throw (New-AgentException 'locked' $text)
+            }
+            throw
+        }
+    }
+    Remove-FileQuietly $old
+}
+
+function Restore-Previous($Checked, $Backup, [bool]$HadFile) {
+    # The file's previous content again (from a state file), or no file if there was none.
+    if (-not $HadFile) { Remove-FileQuietly $Checked.path; return }
+    if ($null -eq $Backup -or -not [IO.File]::Exists($Backup)) { return }
+    $temp = New-TempPath ([IO.Path]::GetDirectoryName($Checked.path)) ([IO.Path]::GetFileName($Checked.path)) 'tmp'
+    try {
+        Write-NewFile $temp ([IO.File]::ReadAllBytes($Backup)) (New-Acl $Checked.kind $Checked.sid $false)
+        Invoke-ReplaceFile $temp $Checked.path
+        $temp = $null
+    } finally {
+        if ($null -ne $temp) { Remove-FileQuietly $temp }
+    }
+}
+
+function Write-ManagedFile($Checked, [byte[]]$Content, $Backup) {
+    # The content replaces the file atomically, under its final ACL from first to last:
+    # ReplaceFile keeps the DACL of the file it replaces, so the final one goes on the existing
+    # file first (if that fails, nothing is written), on the temp file too (a first write moves
+    # it), and is checked after; a wrong one then puts the previous content back from $Backup.
+    $path = $Checked.path
+    $folder = [IO.Path]::GetDirectoryName($path)
+    $acl = New-Acl $Checked.kind $Checked.sid $false
+    $temp = $null
+    try {
+        if (-not [IO.Directory]::Exists($folder)) {
+            # override.ini lives in the install folder: creating that would fake an installation.
+            if ($Checked.kind -ne 'microsip') {
+                throw (New-AgentException 'not-installed' ("the MicroSIP folder {0} does not exist." -f $folder))
+            }
+            $null = [IO.Directory]::CreateDirectory($folder, (New-Acl $Checked.kind $Checked.sid $true))
+        }
+        $hadFile = [IO.File]::Exists($path)
+        if ($hadFile) { [IO.File]::SetAccessControl($path, $acl) }
+        $temp = New-TempPath $folder ([IO.Path]::GetFileName($path)) 'tmp'
+        Write-NewFile $temp $Content $acl
+        if ($hadFile) { Invoke-ReplaceFile $temp $path } else { [IO.File]::Move($temp, $path) }
+        $temp = $null
+        if (-not (Test-ExpectedAcl $path $acl)) {
+            try { [IO.File]::SetAccessControl($path, $acl) } catch { }
+            if (-not (Test-ExpectedAcl $path $acl)) {
+                Restore-Previous $Checked $Backup $hadFile
+                throw (New-AgentException 'acl-failed' "the file's permissions could not be set after the write; the previous content was put back.")
             }
         }
-        $Item['stopped'] = $ids.Count
-        $deadline = [DateTime]::UtcNow.AddSeconds(5)
-        do {
-            if (@(Get-OwnedProcessId $Checked.exe $Checked.sid).Count -eq 0) { return $true }
-            Start-Sleep -Milliseconds 200
-        } while ([DateTime]::UtcNow -lt $deadline)
-        $text = '{0} still runs for this user 5 s after being stopped.' -f $Checked.exe
-    } else {
-        $text = '{0} is running for this user ({1} process(es)).' -f $Checked.exe, $ids.Count
+    } finally {
+        if ($null -ne $temp) { Remove-FileQuietly $temp }
     }
-    $Item['status'] = 'busy'
-    $Item['error'] = New-AgentError 'busy' $text
-    return $false
 }
+
+# --- requests -------------------------------------------------------------------------------
 
 function New-RefusalAnswer([string]$Op, [string]$Message) {
     return [ordered]@{ protocol = 1; op = $Op; ok = $false; error = (New-AgentError 'internal' $Message) }
@@ -234,52 +599,19 @@ function Test-Request($Request, [string]$Op) {
     return $null
 }
 # apply: write each file, independently and in order, so that it always holds either its old
-# or its new content, with three backups and the merge base kept beside it. The backups rotate
-# only once the new content is in place and verified, so a failed write loses no generation.
+# or its new content, with three backups and the merge base kept in the agent's state folder.
+# The backups rotate only once the new content is in place and verified, so a failed write
+# loses no generation.
 $Request = $args[0]
 
-function Write-NewFile([string]$Path, [byte[]]$Bytes, $Acl) {
-    # Created with its final ACL, so the content is never readable under the folder's defaults.
-    $stream = [IO.File]::Create($Path, 4096, [IO.FileOptions]::None, $Acl)
-    try {
-        $stream.Write($Bytes, 0, $Bytes.Length)
-        $stream.Flush($true)
-    } finally {
-        $stream.Dispose()
-    }
-}
-
-function New-TempPath([string]$Folder, [string]$Name) {
-    # Same folder as the target: File.Replace and File.Move stay atomic only within a volume.
-    $random = [Guid]::NewGuid().ToString('N').Substring(0, 12)
-    return [IO.Path]::Combine($Folder, ('.{0}.{1}.tmp' -f $Name, $random))
-}
-
-function Write-StateFile([string]$StateFolder, [string]$Name, [byte[]]$Bytes, $Acl) {
-    $target = [IO.Path]::Combine($StateFolder, $Name)
-    $temp = New-TempPath $StateFolder $Name
-    try {
-        Write-NewFile $temp $Bytes $Acl
-        Move-FileOver $temp $target
-    } finally {
-        Remove-FileQuietly $temp
-    }
-}
-
-function Invoke-ApplyFile($File, [string]$IfRunning) {
+function Invoke-ApplyFile($File, [string]$IfRunning, $Roots, $Context) {
     $item = [ordered]@{
         path = (Get-Field $File 'path'); status = 'error'; old_sha256 = $null; new_sha256 = $null
         backup = $null; stopped = 0; error = $null
     }
-    $temp = $null
     try {
         $checked = Test-FileRequest $File
-        $kind = $checked.kind; $path = $checked.path; $sid = $checked.sid
-        $folder = [IO.Path]::GetDirectoryName($path)
-        $name = [IO.Path]::GetFileName($path)
-        $stateFolder = Get-StateFolder $path
-        Remove-StaleTempFiles $folder $name
-        Remove-StaleTempFiles $stateFolder 'applied'
+        $path = $checked.path
         $encoded = Get-Field $File 'content_b64'
         $intended = Get-Field $File 'sha256'
         # Refused rather than guessed: a missing content would truncate the user's file.
@@ -287,11 +619,15 @@ function Invoke-ApplyFile($File, [string]$IfRunning) {
             throw (New-AgentException 'internal' 'the request gives no content_b64 or no sha256 for this file.')
         }
         $content = [Convert]::FromBase64String([string]$encoded)
-        if (-not (Invoke-RunningPolicy $checked $IfRunning $item)) { return $item }
+        $state = Initialize-ManagedFile $checked $Roots
 
         # Compare-and-swap: anything else than what inspect saw may be the user's own edit.
+        $old = $null
         $current = $null
-        if ([IO.File]::Exists($path)) { $current = Get-Sha256 ([IO.File]::ReadAllBytes($path)) }
+        if ([IO.File]::Exists($path)) {
+            $old = [IO.File]::ReadAllBytes($path)
+            $current = Get-Sha256 $old
+        }
         $item['old_sha256'] = $current
         $expected = Get-Field $File 'expect_sha256'
         if ($current -ne $expected) {
@@ -299,63 +635,48 @@ function Invoke-ApplyFile($File, [string]$IfRunning) {
             $item['error'] = New-AgentError 'conflict' 'the file changed since inspect.'
             return $item
         }
+        # Only now, when it will be written: a conflict must not stop anybody's MicroSIP.
+        if (-not (Invoke-RunningPolicy $checked $IfRunning $item $Context)) { return $item }
 
-        if (-not [IO.Directory]::Exists($folder)) {
-            # override.ini lives in the install folder: creating that would fake an installation.
-            if ($kind -ne 'microsip') {
-                throw (New-AgentException 'not-installed' ("the MicroSIP folder {0} does not exist." -f $folder))
-            }
-            $null = [IO.Directory]::CreateDirectory($folder, (New-Acl $kind $sid $true))
+        # The old content waits as backup.new (for SYSTEM and Administrators only): until the
+        # new file is verified, no backup moves.
+        $pending = [IO.Path]::Combine($state, 'backup.new')
+        $backup = $null
+        if ($null -ne $old) {
+            Write-StateFile $state 'backup.new' $old
+            $backup = $pending
         }
-
-        $temp = New-TempPath $folder $name
-        Write-NewFile $temp $content (New-Acl $kind $sid $false)
-
-        $null = [IO.Directory]::CreateDirectory($stateFolder, (New-Acl $kind $sid $true))
-        # A backup.new left by an apply that died after its replace is the newest generation.
-        Move-BackupsDown $stateFolder
-        $pending = [IO.Path]::Combine($stateFolder, 'backup.new')
-        $hadFile = [IO.File]::Exists($path)
-        if ($hadFile) {
-            # The old content waits as backup.new: until the new file is verified, no backup moves.
-            Move-ReplacementOver $temp $path $pending
-        } else {
-            [IO.File]::Move($temp, $path)
+        try {
+            Write-ManagedFile $checked $content $backup
+        } catch {
+            if ($null -ne $backup) { Remove-FileQuietly $pending }
+            throw
         }
-        $temp = $null
-        # File.Replace keeps the DACL of the file it replaces: set ours again.
-        [IO.File]::SetAccessControl($path, (New-Acl $kind $sid $false))
 
         $written = Get-Sha256 ([IO.File]::ReadAllBytes($path))
         $item['new_sha256'] = $written
         if ($written -ne $intended) {
-            if ($hadFile) {
-                Move-FileOver $pending $path
-                $undone = 'the previous file was put back'
-            } else {
-                [IO.File]::Delete($path)
-                $undone = 'the new file was removed'
-            }
+            Restore-Previous $checked $backup ($null -ne $old)
+            if ($null -ne $backup) { Remove-FileQuietly $pending; $undone = 'the previous file was put back' }
+            else { $undone = 'it was removed' }
             throw (New-AgentException 'verify-failed' ('the file read back differs from the intended content; {0}.' -f $undone))
         }
-        if ($hadFile) {
+        if ($null -ne $old) {
             # Written and verified: only now do the backups move. If that fails, backup.new
             # keeps the old content and the next apply or rollback rotates it in.
             try {
-                Move-BackupsDown $stateFolder
-                $item['backup'] = [IO.Path]::Combine($stateFolder, 'backup.1')
+                Move-BackupsDown $state
+                $item['backup'] = [IO.Path]::Combine($state, 'backup.1')
             } catch {
                 $item['backup'] = $pending
             }
         }
-        Set-StateAcl $stateFolder $kind $sid
 
         # The merge base of the next push, with passwords already replaced by the controller.
         $applied = Get-Field $File 'applied_b64'
         if ($null -ne $applied) {
             try {
-                Write-StateFile $stateFolder 'applied' ([Convert]::FromBase64String([string]$applied)) (New-Acl $kind $sid $false)
-                Set-StateAcl $stateFolder $kind $sid
+                Write-StateFile $state 'applied' ([Convert]::FromBase64String([string]$applied))
             } catch {
                 # The file itself is written: say so, or the controller would think nothing changed.
                 $cause = ConvertTo-AgentError $_
@@ -366,8 +687,6 @@ function Invoke-ApplyFile($File, [string]$IfRunning) {
     } catch {
         $item['status'] = 'error'
         $item['error'] = ConvertTo-AgentError $_
-    } finally {
-        if ($null -ne $temp) { Remove-FileQuietly $temp }
     }
     return $item
 }
@@ -379,11 +698,13 @@ if ([string]::IsNullOrEmpty($ifRunning)) { $ifRunning = 'skip' }
 if (@('skip', 'stop', 'force') -notcontains $ifRunning) {
     return New-RefusalAnswer 'apply' ("if_running '{0}' not supported" -f $ifRunning)
 }
+$roots = @(Get-Field $Request 'appdata_roots')
+$context = @{ processes = $null }
 
 $files = [System.Collections.Generic.List[object]]::new()
 $requested = Get-Field $Request 'files'
 foreach ($file in @($requested)) {
-    if ($null -ne $file) { $files.Add((Invoke-ApplyFile $file $ifRunning)) }
+    if ($null -ne $file) { $files.Add((Invoke-ApplyFile $file $ifRunning $roots $context)) }
 }
 
 # ToArray: a plain array, so ConvertTo-Json writes a JSON array even for one file.

@@ -1,4 +1,6 @@
 # Runs the agent script sent on stdin; the why is in scripts.py.
+$m = $ExecutionContext.SessionState.LanguageMode
+if ($m -ne 'FullLanguage') { throw ('constrained-language: PowerShell runs in {0} mode on this workstation (WDAC or AppLocker policy); the agent needs FullLanguage mode' -f $m) }
 $ErrorActionPreference = 'Stop'
 $ProgressPreference = 'SilentlyContinue'
 $WarningPreference = 'SilentlyContinue'

@@ -1,6 +1,8 @@
 # Helpers shared by the agent scripts (inspect, apply, rollback). scripts.py puts this text in
 # front of each of them: a request carries one script, so they cannot be loaded from a file.
-# Windows PowerShell 5.1; the contract is docs/agent-protocol.md.
+# Windows PowerShell 5.1; the contract is docs/agent-protocol.md. The workstation's users own
+# their profile folders and registry: every path below a profile is checked for junctions,
+# symbolic and hard links before the agent (an administrator) writes, deletes or sets an ACL.
 Set-StrictMode -Version 2
 $ErrorActionPreference = 'Stop'
 $ProgressPreference = 'SilentlyContinue'
@@ -25,6 +27,16 @@ function New-AgentException([string]$Code, [string]$Message) {
     return $exception
 }
 
+function Get-Win32Code($ErrorRecord) {
+    # The Win32 error of the first IOException in the chain (.NET wraps them), or 0.
+    $exception = $ErrorRecord.Exception
+    while ($null -ne $exception) {
+        if ($exception -is [System.IO.IOException]) { return $exception.HResult -band 0xFFFF }
+        $exception = $exception.InnerException
+    }
+    return 0
+}
+
 function ConvertTo-AgentError($ErrorRecord) {
     # .NET calls surface wrapped (MethodInvocationException and the like): the first exception
     # of the chain that says something precise decides the code.
@@ -41,8 +53,9 @@ function ConvertTo-AgentError($ErrorRecord) {
         if ($exception -is [System.IO.IOException]) {
             # The low word of the HRESULT is the Win32 error code.
             $win32 = $exception.HResult -band 0xFFFF
-            # 32 sharing violation, 33 lock violation; 112 disk full, 39 handle disk full.
-            if ($win32 -eq 32 -or $win32 -eq 33) { $code = 'locked'; $message = $exception.Message; break }
+            # 32 sharing violation, 33 lock violation, 1175-1177 ReplaceFile could not swap the
+            # files (another program held one): retry later. 112 disk full, 39 handle disk full.
+            if (@(32, 33, 1175, 1176, 1177) -contains $win32) { $code = 'locked'; $message = $exception.Message; break }
             if ($win32 -eq 112 -or $win32 -eq 39) { $code = 'disk-full'; $message = $exception.Message; break }
         }
         $exception = $exception.InnerException
@@ -58,32 +71,129 @@ function Get-Sha256([byte[]]$Bytes) {
     return ([BitConverter]::ToString($digest) -replace '-', '').ToLowerInvariant()
 }
 
-function Get-StateFolder([string]$Path) {
-    return [IO.Path]::Combine([IO.Path]::GetDirectoryName($Path), '.provisioner', [IO.Path]::GetFileName($Path))
+# --- paths ----------------------------------------------------------------------------------
+
+function Get-FullPathSafe([string]$Path) {
+    # A plain absolute path, normalised as Windows resolves it (GetFullPath drops trailing dots
+    # and spaces and folds '..'); device paths, drive-relative forms and streams are refused.
+    $refusal = "'{0}' is not a plain absolute path." -f $Path
+    if ([string]::IsNullOrEmpty($Path) -or $Path.StartsWith('\\?\') -or $Path.StartsWith('\\.\')) {
+        throw (New-AgentException 'unsafe-path' $refusal)
+    }
+    if (-not ($Path -match '^[A-Za-z]:\\' -or $Path -match '^\\\\[^\\]+\\[^\\]+')) {
+        throw (New-AgentException 'unsafe-path' $refusal)
+    }
+    try { $full = [IO.Path]::GetFullPath($Path) } catch { throw (New-AgentException 'unsafe-path' $refusal) }
+    if ($full.Length -gt 3) { $full = $full.TrimEnd('\') }
+    return $full
 }
 
-function Get-OwnedProcessId([string]$Name, [string]$Sid) {
-    # By owner SID, never by window: a MicroSIP in another session has no window this
-    # non-interactive WinRM session can see (the reason microsip.exe /exit cannot work here).
-    $filter = "Name = '{0}'" -f $Name.Replace('\', '\\').Replace("'", "\'")
-    foreach ($process in @(Get-CimInstance -ClassName Win32_Process -Filter $filter)) {
-        $owner = $null
-        try { $owner = Invoke-CimMethod -InputObject $process -MethodName GetOwnerSid } catch { $owner = $null }
-        if ($null -eq $owner -or $owner.ReturnValue -ne 0) {
-            # Gone in the meantime is fine; alive with an unknown owner is not, it may be the user's.
-            if ($null -ne (Get-Process -Id $process.ProcessId -ErrorAction SilentlyContinue)) {
-                $text = 'cannot tell who owns process {0} ({1}).' -f $process.ProcessId, $Name
-                throw (New-AgentException 'internal' $text)
-            }
-        } elseif ($owner.Sid -eq $Sid) {
-            [int]$process.ProcessId
-        }
+function Test-Within([string]$Path, [string]$Folder) {
+    # Case-insensitive and by whole components: C:\Users\al is not within C:\Users\a.
+    $inner = $Path.TrimEnd('\'); $outer = $Folder.TrimEnd('\')
+    return $inner.Equals($outer, [StringComparison]::OrdinalIgnoreCase) -or
+        $inner.StartsWith($outer + '\', [StringComparison]::OrdinalIgnoreCase)
+}
+
+function Expand-Variables([string]$Text, $Variables) {
+    $expanded = $Text
+    foreach ($name in @($Variables.Keys)) {
+        $pattern = '%' + [regex]::Escape($name) + '%'
+        $expanded = $expanded -replace $pattern, ([string]$Variables[$name]).Replace('$', '$$')
+    }
+    return $expanded
+}
+
+function Get-MachineVariables {
+    $variables = @{}
+    foreach ($name in 'SystemDrive', 'SystemRoot', 'windir', 'ProgramData', 'ALLUSERSPROFILE', 'PUBLIC', 'ProgramFiles', 'ProgramFiles(x86)') {
+        $value = [Environment]::GetEnvironmentVariable($name)
+        if (-not [string]::IsNullOrEmpty($value)) { $variables[$name] = $value }
+    }
+    return $variables
+}
+
+function Get-ProfilePath([string]$Sid) {
+    # From ProfileList, never from this session's environment, which is the WinRM account's.
+    $base = [Microsoft.Win32.RegistryKey]::OpenBaseKey([Microsoft.Win32.RegistryHive]::LocalMachine, [Microsoft.Win32.RegistryView]::Default)
+    try {
+        $key = $base.OpenSubKey('SOFTWARE\Microsoft\Windows NT\CurrentVersion\ProfileList\' + $Sid)
+        if ($null -eq $key) { return $null }
+        try { $value = $key.GetValue('ProfileImagePath') } finally { $key.Dispose() }
+    } finally { $base.Dispose() }
+    if ($null -eq $value -or [string]::IsNullOrEmpty([string]$value)) { return $null }
+    return [string]$value
+}
+
+function Get-AccountVariables([string]$Sid, [string]$ProfilePath) {
+    # %USERNAME%, %USERDOMAIN% and %USERPROFILE% of an account, for the allowed AppData roots.
+    $variables = Get-MachineVariables
+    try {
+        $account = [System.Security.Principal.SecurityIdentifier]::new($Sid).Translate([System.Security.Principal.NTAccount]).Value
+        $parts = $account.Split('\')
+        if ($parts.Length -eq 2) { $variables['USERDOMAIN'] = $parts[0]; $variables['USERNAME'] = $parts[1] }
+    } catch { }
+    if (-not [string]::IsNullOrEmpty($ProfilePath)) { $variables['USERPROFILE'] = $ProfilePath }
+    return $variables
+}
+
+function Expand-AppDataRoots($Roots, $Variables) {
+    # The inventory's microsip.appdata_roots for one user; a root that stays unexpanded is dropped.
+    foreach ($root in @($Roots)) {
+        if ([string]::IsNullOrEmpty([string]$root)) { continue }
+        $value = Expand-Variables ([string]$root) $Variables
+        if ($value -match '%[^%\\]+%') { continue }
+        try { Get-FullPathSafe $value } catch { }
     }
 }
 
+function Get-CheckStart([string]$Path, [string]$Sid, $Roots) {
+    # Where the link check of a path begins: below the user's profile folder or an allowed
+    # root when the path lies inside one, else below the root of its volume.
+    $profilePath = $null
+    if (-not [string]::IsNullOrEmpty($Sid)) { $profilePath = Get-ProfilePath $Sid }
+    if ($null -ne $profilePath) {
+        $profileFull = Get-FullPathSafe $profilePath
+        if (Test-Within $Path $profileFull) { return $profileFull }
+    }
+    if (-not [string]::IsNullOrEmpty($Sid)) {
+        foreach ($root in @(Expand-AppDataRoots $Roots (Get-AccountVariables $Sid $profilePath))) {
+            if (Test-Within $Path $root) { return $root }
+        }
+    }
+    return [IO.Path]::GetPathRoot($Path)
+}
+
+function Assert-SafePath([string]$Path, [string]$Start) {
+    # No existing component of the path below Start may be a junction or symbolic link, and
+    # the file itself may have no other name: the agent would act on whatever they point to.
+    $full = Get-FullPathSafe $Path
+    $startFull = $Start
+    if (-not (Test-Within $full $startFull)) {
+        throw (New-AgentException 'unsafe-path' ("{0} is not under {1}." -f $full, $startFull))
+    }
+    $current = $startFull.TrimEnd('\')
+    $relative = $full.Substring([Math]::Min($current.Length, $full.Length)).TrimStart('\')
+    foreach ($name in $relative.Split('\')) {
+        if ($name -eq '') { continue }
+        $current = $current + '\' + $name
+        # GetAttributes describes a link itself, not its target. Absent: nothing below exists.
+        try { $attributes = [IO.File]::GetAttributes($current) } catch { return }
+        if ($attributes -band [IO.FileAttributes]::ReparsePoint) {
+            throw (New-AgentException 'unsafe-path' ("{0} is a junction or symbolic link; the agent never writes through one." -f $current))
+        }
+    }
+    if ([IO.File]::Exists($full) -and (Get-Item -LiteralPath $full -Force).LinkType -eq 'HardLink') {
+        throw (New-AgentException 'unsafe-path' ("{0} is a hard link to another file; the agent never writes through one." -f $full))
+    }
+}
+
+# --- ACLs -----------------------------------------------------------------------------------
+
 function New-Acl([string]$Kind, [string]$Sid, [bool]$Folder) {
     # Explicit rules with inheritance cut, so the defaults of the profile or of Program Files
-    # never widen access to the file (MicroSIP keeps passwords in it).
+    # never widen access to the file (MicroSIP keeps passwords in it). The state (merge base,
+    # backups with old passwords) is for SYSTEM and Administrators only.
     if ($Folder) {
         $acl = [System.Security.AccessControl.DirectorySecurity]::new()
         $inherit = [System.Security.AccessControl.InheritanceFlags]'ContainerInherit, ObjectInherit'
@@ -93,7 +203,8 @@ function New-Acl([string]$Kind, [string]$Sid, [bool]$Folder) {
     }
     $acl.SetAccessRuleProtection($true, $false)
     $rights = [ordered]@{ 'S-1-5-18' = 'FullControl'; 'S-1-5-32-544' = 'FullControl' }
-    if ($Kind -eq 'microsip') { $rights[$Sid] = 'FullControl' } else { $rights['S-1-5-32-545'] = 'ReadAndExecute' }
+    if ($Kind -eq 'microsip') { $rights[$Sid] = 'FullControl' }
+    elseif ($Kind -eq 'override') { $rights['S-1-5-32-545'] = 'ReadAndExecute' }
     foreach ($account in $rights.Keys) {
         $rule = [System.Security.AccessControl.FileSystemAccessRule]::new(
             [System.Security.Principal.SecurityIdentifier]::new($account),
@@ -106,12 +217,87 @@ function New-Acl([string]$Kind, [string]$Sid, [bool]$Folder) {
     return $acl
 }
 
-function Set-StateAcl([string]$StateFolder, [string]$Kind, [string]$Sid) {
-    # Backups arrive by rename and keep the ACL they had; every file here must get the file's.
-    [IO.Directory]::SetAccessControl($StateFolder, (New-Acl $Kind $Sid $true))
-    foreach ($file in [IO.Directory]::GetFiles($StateFolder)) {
-        [IO.File]::SetAccessControl($file, (New-Acl $Kind $Sid $false))
+function Get-DaclText($Security) {
+    # The protection flag and the entries, in a fixed order: Windows may add flags (AI) and
+    # reorder entries it stores.
+    $sddl = $Security.GetSecurityDescriptorSddlForm([System.Security.AccessControl.AccessControlSections]::Access)
+    $protected = $sddl -match '^D:[A-Z]*P'
+    $aces = [System.Collections.Generic.List[string]]::new()
+    foreach ($match in [regex]::Matches($sddl, '\([^)]*\)')) { $aces.Add($match.Value) }
+    $aces.Sort([StringComparer]::Ordinal)
+    return ('{0}|{1}' -f $protected, ($aces -join ''))
+}
+
+function Test-ExpectedAcl([string]$Path, $Expected) {
+    $actual = [IO.File]::GetAccessControl($Path, [System.Security.AccessControl.AccessControlSections]::Access)
+    return (Get-DaclText $actual) -eq (Get-DaclText $Expected)
+}
+
+# --- the agent's own state ------------------------------------------------------------------
+
+function Get-StateRoot {
+    return [IO.Path]::Combine([Environment]::GetFolderPath('CommonApplicationData'), 'MicroSIP-provisioner')
+}
+
+function Get-StateFolder([string]$Sid, [string]$Name) {
+    # Keyed by the user's SID (the workstation's own files under 'machine'), never beside the
+    # file: there the user could edit the merge base, read old backups or plant links.
+    if ([string]::IsNullOrEmpty($Sid)) { return [IO.Path]::Combine((Get-StateRoot), 'machine', $Name) }
+    return [IO.Path]::Combine((Get-StateRoot), 'users', $Sid, $Name)
+}
+
+function Test-StateRoot {
+    # False when absent. Users may create folders in ProgramData and own them: a root that is a
+    # link or is not owned by SYSTEM, Administrators or this account is refused.
+    $root = Get-StateRoot
+    try { $attributes = [IO.File]::GetAttributes($root) } catch { return $false }
+    if ($attributes -band [IO.FileAttributes]::ReparsePoint) {
+        throw (New-AgentException 'unsafe-path' ("{0} is a junction or symbolic link; remove it." -f $root))
     }
+    $owner = [IO.Directory]::GetAccessControl($root, [System.Security.AccessControl.AccessControlSections]::Owner).GetOwner([System.Security.Principal.SecurityIdentifier]).Value
+    $trusted = @('S-1-5-18', 'S-1-5-32-544', [System.Security.Principal.WindowsIdentity]::GetCurrent().User.Value)
+    if ($trusted -notcontains $owner) {
+        throw (New-AgentException 'unsafe-path' ("{0} is owned by {1}, not by SYSTEM or Administrators: a user created it; remove it (rmdir /s /q) so that the agent can create its own." -f $root, $owner))
+    }
+    return $true
+}
+
+function Open-StateFolder([string]$Folder) {
+    $root = Get-StateRoot
+    if (-not (Test-StateRoot)) {
+        $null = [IO.Directory]::CreateDirectory($root, (New-Acl 'state' '' $true))
+        $null = Test-StateRoot
+    }
+    [IO.Directory]::SetAccessControl($root, (New-Acl 'state' '' $true))
+    Assert-SafePath $Folder $root
+    $null = [IO.Directory]::CreateDirectory($Folder, (New-Acl 'state' '' $true))
+    Assert-SafePath $Folder $root
+}
+
+function Read-StateFile([string]$Folder, [string]$Item) {
+    # What inspect reads of the state: nothing while the root does not exist.
+    if (-not (Test-StateRoot)) { return $null }
+    $path = [IO.Path]::Combine($Folder, $Item)
+    Assert-SafePath $path (Get-StateRoot)
+    if (-not [IO.File]::Exists($path)) { return $null }
+    return , [IO.File]::ReadAllBytes($path)
+}
+
+function Write-NewFile([string]$Path, [byte[]]$Bytes, $Acl) {
+    # Created with its final ACL, so the content is never readable under the folder's defaults.
+    $stream = [IO.File]::Create($Path, 4096, [IO.FileOptions]::None, $Acl)
+    try {
+        $stream.Write($Bytes, 0, $Bytes.Length)
+        $stream.Flush($true)
+    } finally {
+        $stream.Dispose()
+    }
+}
+
+function New-TempPath([string]$Folder, [string]$Name, [string]$Suffix) {
+    # Same folder as the target: File.Replace and File.Move stay atomic only within a volume.
+    $random = [Guid]::NewGuid().ToString('N').Substring(0, 12)
+    return [IO.Path]::Combine($Folder, ('.{0}.{1}.{2}' -f $Name, $random, $Suffix))
 }
 
 function Move-FileOver([string]$Source, [string]$Target) {
@@ -120,43 +306,51 @@ function Move-FileOver([string]$Source, [string]$Target) {
     else { [IO.File]::Move($Source, $Target) }
 }
 
-function Move-ReplacementOver([string]$Replacement, [string]$Path, $Backup) {
-    # $Backup is untyped on purpose: a [string] parameter turns $null into '', which
-    # File.Replace rejects. The backup must sit on the same volume and its folder must exist.
+function Write-StateFile([string]$Folder, [string]$Item, [byte[]]$Bytes) {
+    $target = [IO.Path]::Combine($Folder, $Item)
+    $temp = New-TempPath $Folder $Item 'tmp'
     try {
-        [IO.File]::Replace($Replacement, $Path, $Backup)
-    } catch {
-        $failure = $_
-        # ERROR_UNABLE_TO_MOVE_REPLACEMENT_2 leaves the old file under the backup name only:
-        # put it back so that the file always has its old or its new content.
-        if ($null -ne $Backup -and -not [IO.File]::Exists($Path) -and [IO.File]::Exists($Backup)) {
-            [IO.File]::Move($Backup, $Path)
-        }
-        throw $failure
+        Write-NewFile $temp $Bytes (New-Acl 'state' '' $false)
+        Move-FileOver $temp $target
+    } finally {
+        Remove-FileQuietly $temp
     }
 }
 
-function Move-BackupsUp([string]$StateFolder) {
+function Move-BackupsUp([string]$Folder) {
     # backup.2 -> backup.1, backup.3 -> backup.2, once backup.1 has been used.
     foreach ($n in 2, 3) {
-        $from = [IO.Path]::Combine($StateFolder, "backup.$n")
-        if ([IO.File]::Exists($from)) { Move-FileOver $from ([IO.Path]::Combine($StateFolder, "backup.$($n - 1)")) }
+        $from = [IO.Path]::Combine($Folder, "backup.$n")
+        if ([IO.File]::Exists($from)) { Move-FileOver $from ([IO.Path]::Combine($Folder, "backup.$($n - 1)")) }
     }
 }
 
-function Move-BackupsDown([string]$StateFolder) {
+function Move-BackupsDown([string]$Folder) {
     # backup.new (the content an apply replaced) becomes backup.1, the others moving down only
     # as far as the first free slot (backup.3, the oldest, goes when all three are taken): an
     # interrupted rotation then resumes without loss. Nothing moves without a backup.new.
-    $pending = [IO.Path]::Combine($StateFolder, 'backup.new')
+    $pending = [IO.Path]::Combine($Folder, 'backup.new')
     if (-not [IO.File]::Exists($pending)) { return }
-    $backup1 = [IO.Path]::Combine($StateFolder, 'backup.1')
-    $backup2 = [IO.Path]::Combine($StateFolder, 'backup.2')
+    $backup1 = [IO.Path]::Combine($Folder, 'backup.1')
+    $backup2 = [IO.Path]::Combine($Folder, 'backup.2')
     $free = 3
     if (-not [IO.File]::Exists($backup1)) { $free = 1 } elseif (-not [IO.File]::Exists($backup2)) { $free = 2 }
-    if ($free -ge 3) { Move-FileOver $backup2 ([IO.Path]::Combine($StateFolder, 'backup.3')) }
+    if ($free -ge 3) { Move-FileOver $backup2 ([IO.Path]::Combine($Folder, 'backup.3')) }
     if ($free -ge 2) { Move-FileOver $backup1 $backup2 }
     Move-FileOver $pending $backup1
+}
+
+function Resolve-PendingBackup([string]$Folder, [string]$Path) {
+    # A backup.new left by an agent that died. Written before its replace, it is the newest
+    # generation once the file holds something else; while the file still holds the same
+    # bytes the replace never happened, and it goes.
+    $pending = [IO.Path]::Combine($Folder, 'backup.new')
+    if (-not [IO.File]::Exists($pending)) { return }
+    if ([IO.File]::Exists($Path) -and (Get-Sha256 ([IO.File]::ReadAllBytes($pending))) -eq (Get-Sha256 ([IO.File]::ReadAllBytes($Path)))) {
+        [IO.File]::Delete($pending)
+        return
+    }
+    Move-BackupsDown $Folder
 }
 
 function Remove-FileQuietly([string]$Path) {
@@ -164,15 +358,115 @@ function Remove-FileQuietly([string]$Path) {
     try { if ([IO.File]::Exists($Path)) { [IO.File]::Delete($Path) } } catch { }
 }
 
-function Remove-StaleTempFiles([string]$Folder, [string]$Name) {
-    # .<name>.<12 hex>.tmp left by an agent that died before its replace: it may hold a
-    # plaintext password. Best effort; matched exactly, so no other file is touched.
+function Remove-StaleFiles([string]$Folder, [string]$Name, [string[]]$Suffixes) {
+    # .<name>.<12 hex>.tmp or .old left by an agent that died: either may hold a password.
+    # Best effort; matched exactly, so no other file is touched.
     if (-not [IO.Directory]::Exists($Folder)) { return }
-    $pattern = '^\.' + [regex]::Escape($Name) + '\.[0-9a-f]{12}\.tmp$'
+    $escaped = foreach ($suffix in $Suffixes) { [regex]::Escape($suffix) }
+    $alternatives = @($escaped) -join '|'
+    $pattern = '^\.' + [regex]::Escape($Name) + '\.[0-9a-f]{12}\.(' + $alternatives + ')$'
     foreach ($file in [IO.Directory]::GetFiles($Folder)) {
         if ([IO.Path]::GetFileName($file) -match $pattern) { Remove-FileQuietly $file }
     }
 }
+
+function Get-LegacyFolder([string]$Path) {
+    # Where agents before the ProgramData state kept it: beside the file, writable by its user.
+    return [IO.Path]::Combine([IO.Path]::GetDirectoryName($Path), '.provisioner', [IO.Path]::GetFileName($Path))
+}
+
+function Test-PlainFile([string]$Path) {
+    # A file that is neither a link nor one of several names of the same file.
+    try { $attributes = [IO.File]::GetAttributes($Path) } catch { return $false }
+    if ($attributes -band ([IO.FileAttributes]::ReparsePoint -bor [IO.FileAttributes]::Directory)) { return $false }
+    return (Get-Item -LiteralPath $Path -Force).LinkType -ne 'HardLink'
+}
+
+function Move-LegacyState([string]$Path, [string]$Start, [string]$StateFolder) {
+    # Copies what the old .provisioner folder beside the file holds into the state folder, where
+    # the state has none, then removes it. A folder that is a link is left alone; a file that is
+    # a link or has other names is not read (its name is removed).
+    $folder = Get-LegacyFolder $Path
+    try { Assert-SafePath $folder $Start } catch { return }
+    if (-not [IO.Directory]::Exists($folder)) { return }
+    foreach ($item in 'applied', 'backup.1', 'backup.2', 'backup.3', 'backup.new', 'rolled-back') {
+        $source = [IO.Path]::Combine($folder, $item)
+        try { $attributes = [IO.File]::GetAttributes($source) } catch { continue }
+        if ($attributes -band [IO.FileAttributes]::Directory) { continue }
+        if ((Test-PlainFile $source) -and -not [IO.File]::Exists([IO.Path]::Combine($StateFolder, $item))) {
+            Write-StateFile $StateFolder $item ([IO.File]::ReadAllBytes($source))
+        }
+        try { [IO.File]::Delete($source) } catch { }
+    }
+    Remove-StaleFiles $folder 'applied' @('tmp')
+    try { [IO.Directory]::Delete($folder) } catch { }
+    $container = [IO.Path]::GetDirectoryName($folder)
+    try { if (@([IO.Directory]::GetFileSystemEntries($container)).Count -eq 0) { [IO.Directory]::Delete($container) } } catch { }
+}
+
+# --- processes ------------------------------------------------------------------------------
+
+function Get-ProcessTable($Context, [string]$Image) {
+    # One Win32_Process query per request and one GetOwnerSid per MicroSIP process: a query per
+    # user asked every process's owner once per user (thousands of calls on an RDS host).
+    # By owner SID, never by window: a MicroSIP in another session has no window this
+    # non-interactive WinRM session can see (the reason microsip.exe /exit cannot work here).
+    if ($null -ne $Context.processes) { return $Context.processes }
+    $rows = [System.Collections.Generic.List[object]]::new()
+    $filter = "Name = '{0}'" -f $Image.Replace('\', '\\').Replace("'", "\'")
+    foreach ($process in @(Get-CimInstance -ClassName Win32_Process -Filter $filter)) {
+        $owner = $null
+        try { $owner = Invoke-CimMethod -InputObject $process -MethodName GetOwnerSid } catch { $owner = $null }
+        $sid = $null
+        if ($null -ne $owner -and $owner.ReturnValue -eq 0) { $sid = [string]$owner.Sid }
+        elseif ($null -eq (Get-Process -Id $process.ProcessId -ErrorAction SilentlyContinue)) { continue }
+        $rows.Add([pscustomobject]@{ id = [int]$process.ProcessId; sid = $sid })
+    }
+    $Context.processes = $rows.ToArray()
+    return $Context.processes
+}
+
+function Get-OwnedProcessId($Context, [string]$Image, [string]$Sid) {
+    foreach ($row in @(Get-ProcessTable $Context $Image)) {
+        if ($null -eq $row.sid) {
+            # Alive with an unknown owner: it may be the user's.
+            throw (New-AgentException 'internal' ('cannot tell who owns process {0} ({1}).' -f $row.id, $Image))
+        }
+        if ($row.sid -eq $Sid) { $row.id }
+    }
+}
+
+function Invoke-RunningPolicy($Checked, [string]$IfRunning, $Item, $Context) {
+    # Returns $true when the file may be written. Called once the compare-and-swap passed, so a
+    # conflict never stops anybody's MicroSIP. MicroSIP rewrites [Settings] from memory when it
+    # exits, so a running instance would undo part of the push.
+    if ($Checked.kind -ne 'microsip' -or [string]::IsNullOrEmpty($Checked.exe)) { return $true }
+    $ids = @(Get-OwnedProcessId $Context $Checked.exe $Checked.sid)
+    if ($ids.Count -eq 0 -or $IfRunning -eq 'force') { return $true }
+    if ($IfRunning -eq 'stop') {
+        foreach ($id in $ids) {
+            # Killed, not closed: a normal exit would first save [Settings] over the new file.
+            try { Stop-Process -Id $id -Force } catch {
+                if ($null -ne (Get-Process -Id $id -ErrorAction SilentlyContinue)) { throw }
+            }
+        }
+        $Item['stopped'] = $ids.Count
+        $deadline = [DateTime]::UtcNow.AddSeconds(5)
+        do {
+            $Context.processes = $null
+            if (@(Get-OwnedProcessId $Context $Checked.exe $Checked.sid).Count -eq 0) { return $true }
+            Start-Sleep -Milliseconds 200
+        } while ([DateTime]::UtcNow -lt $deadline)
+        $text = '{0} still runs for this user 5 s after being stopped.' -f $Checked.exe
+    } else {
+        $text = '{0} is running for this user ({1} process(es)).' -f $Checked.exe, $ids.Count
+    }
+    $Item['status'] = 'busy'
+    $Item['error'] = New-AgentError 'busy' $text
+    return $false
+}
+
+# --- writing a managed file -----------------------------------------------------------------
 
 function Test-FileRequest($File) {
     # The fields apply and rollback need before touching anything; returns them checked.
@@ -185,41 +479,112 @@ function Test-FileRequest($File) {
     if ([string]::IsNullOrEmpty($path) -or -not [IO.Path]::IsPathRooted($path)) {
         throw (New-AgentException 'internal' ("the path '{0}' is not absolute." -f $path))
     }
+    $path = Get-FullPathSafe $path
     if ($kind -eq 'microsip') {
         # Without the SID the ACL would lock the user out of their own file.
         if ([string]::IsNullOrEmpty($sid)) { throw (New-AgentException 'internal' 'a microsip file needs the user''s SID.') }
         $null = [System.Security.Principal.SecurityIdentifier]::new($sid)
+    } else {
+        $sid = ''
     }
     return [ordered]@{ kind = $kind; path = $path; sid = $sid; exe = [string](Get-Field $File 'process') }
 }
 
-function Invoke-RunningPolicy($Checked, [string]$IfRunning, $Item) {
-    # Returns $true when the file may be written. MicroSIP rewrites [Settings] from memory when
-    # it exits, so a running instance would undo part of the push.
-    if ($Checked.kind -ne 'microsip' -or [string]::IsNullOrEmpty($Checked.exe)) { return $true }
-    $ids = @(Get-OwnedProcessId $Checked.exe $Checked.sid)
-    if ($ids.Count -eq 0 -or $IfRunning -eq 'force') { return $true }
-    if ($IfRunning -eq 'stop') {
-        foreach ($id in $ids) {
-            # Killed, not closed: a normal exit would first save [Settings] over the new file.
-            try { Stop-Process -Id $id -Force } catch {
-                if ($null -ne (Get-Process -Id $id -ErrorAction SilentlyContinue)) { throw }
+function Initialize-ManagedFile($Checked, $Roots) {
+    # Before anything is read or written: the path checked for links, the stale temp files of a
+    # dead agent gone, the state folder opened and the old .provisioner state migrated, and a
+    # backup.new left by an agent that died settled.
+    $path = $Checked.path
+    $start = Get-CheckStart $path $Checked.sid $Roots
+    Assert-SafePath $path $start
+    Remove-StaleFiles ([IO.Path]::GetDirectoryName($path)) ([IO.Path]::GetFileName($path)) @('tmp', 'old')
+    $state = Get-StateFolder $Checked.sid ([IO.Path]::GetFileName($path))
+    Open-StateFolder $state
+    Move-LegacyState $path $start $state
+    Remove-StaleFiles $state 'applied' @('tmp')
+    Resolve-PendingBackup $state $path
+    if ([IO.File]::Exists($path) -and ([IO.File]::GetAttributes($path) -band [IO.FileAttributes]::ReadOnly)) {
+        throw (New-AgentException 'read-only' ('{0} has the read-only attribute.' -f $path))
+    }
+    return $state
+}
+
+function Invoke-ReplaceFile([string]$Temp, [string]$Path) {
+    # ReplaceFile with a backup name beside the file: after error 1177 the old file is there
+    # (with no backup name it would be under a name nobody knows), and is put back. Sharing
+    # violations are retried for a second: antivirus, backup and indexer hold files briefly.
+    $old = New-TempPath ([IO.Path]::GetDirectoryName($Path)) ([IO.Path]::GetFileName($Path)) 'old'
+    for ($attempt = 1; $attempt -le 5; $attempt++) {
+        try {
+            [IO.File]::Replace($Temp, $Path, $old)
+            break
+        } catch {
+            $failure = $_
+            $win32 = Get-Win32Code $failure
+            if ($win32 -eq 1177 -and -not [IO.File]::Exists($Path) -and [IO.File]::Exists($old)) {
+                [IO.File]::Move($old, $Path)
+            }
+            if (($win32 -eq 32 -or $win32 -eq 33) -and $attempt -lt 5) { Start-Sleep -Milliseconds 200; continue }
+            if (@(1175, 1176, 1177) -contains $win32) {
+                $text = 'the file could not be replaced ({0}: {1}); the previous content is in place.' -f $win32, $failure.Exception.GetBaseException().Message
+                throw (New-AgentException 'locked' $text)
+            }
+            throw
+        }
+    }
+    Remove-FileQuietly $old
+}
+
+function Restore-Previous($Checked, $Backup, [bool]$HadFile) {
+    # The file's previous content again (from a state file), or no file if there was none.
+    if (-not $HadFile) { Remove-FileQuietly $Checked.path; return }
+    if ($null -eq $Backup -or -not [IO.File]::Exists($Backup)) { return }
+    $temp = New-TempPath ([IO.Path]::GetDirectoryName($Checked.path)) ([IO.Path]::GetFileName($Checked.path)) 'tmp'
+    try {
+        Write-NewFile $temp ([IO.File]::ReadAllBytes($Backup)) (New-Acl $Checked.kind $Checked.sid $false)
+        Invoke-ReplaceFile $temp $Checked.path
+        $temp = $null
+    } finally {
+        if ($null -ne $temp) { Remove-FileQuietly $temp }
+    }
+}
+
+function Write-ManagedFile($Checked, [byte[]]$Content, $Backup) {
+    # The content replaces the file atomically, under its final ACL from first to last:
+    # ReplaceFile keeps the DACL of the file it replaces, so the final one goes on the existing
+    # file first (if that fails, nothing is written), on the temp file too (a first write moves
+    # it), and is checked after; a wrong one then puts the previous content back from $Backup.
+    $path = $Checked.path
+    $folder = [IO.Path]::GetDirectoryName($path)
+    $acl = New-Acl $Checked.kind $Checked.sid $false
+    $temp = $null
+    try {
+        if (-not [IO.Directory]::Exists($folder)) {
+            # override.ini lives in the install folder: creating that would fake an installation.
+            if ($Checked.kind -ne 'microsip') {
+                throw (New-AgentException 'not-installed' ("the MicroSIP folder {0} does not exist." -f $folder))
+            }
+            $null = [IO.Directory]::CreateDirectory($folder, (New-Acl $Checked.kind $Checked.sid $true))
+        }
+        $hadFile = [IO.File]::Exists($path)
+        if ($hadFile) { [IO.File]::SetAccessControl($path, $acl) }
+        $temp = New-TempPath $folder ([IO.Path]::GetFileName($path)) 'tmp'
+        Write-NewFile $temp $Content $acl
+        if ($hadFile) { Invoke-ReplaceFile $temp $path } else { [IO.File]::Move($temp, $path) }
+        $temp = $null
+        if (-not (Test-ExpectedAcl $path $acl)) {
+            try { [IO.File]::SetAccessControl($path, $acl) } catch { }
+            if (-not (Test-ExpectedAcl $path $acl)) {
+                Restore-Previous $Checked $Backup $hadFile
+                throw (New-AgentException 'acl-failed' "the file's permissions could not be set after the write; the previous content was put back.")
             }
         }
-        $Item['stopped'] = $ids.Count
-        $deadline = [DateTime]::UtcNow.AddSeconds(5)
-        do {
-            if (@(Get-OwnedProcessId $Checked.exe $Checked.sid).Count -eq 0) { return $true }
-            Start-Sleep -Milliseconds 200
-        } while ([DateTime]::UtcNow -lt $deadline)
-        $text = '{0} still runs for this user 5 s after being stopped.' -f $Checked.exe
-    } else {
-        $text = '{0} is running for this user ({1} process(es)).' -f $Checked.exe, $ids.Count
+    } finally {
+        if ($null -ne $temp) { Remove-FileQuietly $temp }
     }
-    $Item['status'] = 'busy'
-    $Item['error'] = New-AgentError 'busy' $text
-    return $false
 }
+
+# --- requests -------------------------------------------------------------------------------
 
 function New-RefusalAnswer([string]$Op, [string]$Message) {
     return [ordered]@{ protocol = 1; op = $Op; ok = $false; error = (New-AgentError 'internal' $Message) }
@@ -244,82 +609,110 @@ function Read-FileState([string]$Path) {
     return [ordered]@{ exists = $true; sha256 = (Get-Sha256 $bytes); content_b64 = [Convert]::ToBase64String($bytes) }
 }
 
-function Get-RegistryValue([string]$Key, [string]$Name) {
-    if (-not (Test-Path -LiteralPath $Key)) { return $null }
-    return (Get-Item -LiteralPath $Key).GetValue($Name)
+function ConvertTo-AppliedState($Bytes, [bool]$Legacy) {
+    if ($null -eq $Bytes) { return [ordered]@{ exists = $false; sha256 = $null; content_b64 = $null; legacy = $false } }
+    return [ordered]@{ exists = $true; sha256 = (Get-Sha256 $Bytes); content_b64 = [Convert]::ToBase64String($Bytes); legacy = $Legacy }
 }
 
-function Get-InstallerDirectory {
-    # The installer's own markers, in MicroSIP's order: the default value of HKLM\Software\MicroSIP
-    # (a 32-bit installer writes it under WOW6432Node), then an MSI product named MicroSIP.
-    foreach ($key in 'SOFTWARE\MicroSIP', 'SOFTWARE\WOW6432Node\MicroSIP') {
-        $dir = Get-RegistryValue ('Registry::HKEY_LOCAL_MACHINE\' + $key) ''
-        if (-not [string]::IsNullOrEmpty($dir)) { [ordered]@{ source = 'registry'; dir = [string]$dir } }
+function Test-ReadOnly([string]$Path) {
+    if (-not [IO.File]::Exists($Path)) { return $false }
+    return [bool]([IO.File]::GetAttributes($Path) -band [IO.FileAttributes]::ReadOnly)
+}
+
+function Get-RegistryText($Key, [string]$Name) {
+    # The value as stored (REG_EXPAND_SZ not expanded), or $null.
+    if ($null -eq $Key) { return $null }
+    $value = $Key.GetValue($Name, $null, [Microsoft.Win32.RegistryValueOptions]::DoNotExpandEnvironmentNames)
+    if ($null -eq $value) { return $null }
+    return [string]$value
+}
+
+function Read-HiveValues($Root, [string]$Source) {
+    # What the agent needs of a user's hive, through .NET keys closed at once: an open handle
+    # would keep a hive loaded from a copy from unloading.
+    $values = [ordered]@{ source = $Source; appdata = $null; microsip = $null; volatile = @{} }
+    $key = $Root.OpenSubKey('Software\Microsoft\Windows\CurrentVersion\Explorer\User Shell Folders')
+    try { $values.appdata = Get-RegistryText $key 'AppData' } finally { if ($null -ne $key) { $key.Dispose() } }
+    $key = $Root.OpenSubKey('Software\MicroSIP')
+    try { $values.microsip = Get-RegistryText $key '' } finally { if ($null -ne $key) { $key.Dispose() } }
+    $key = $Root.OpenSubKey('Volatile Environment')
+    try {
+        if ($null -ne $key) {
+            foreach ($name in $key.GetValueNames()) {
+                if (-not [string]::IsNullOrEmpty($name)) { $values.volatile[$name] = [string]$key.GetValue($name) }
+            }
+        }
+    } finally { if ($null -ne $key) { $key.Dispose() } }
+    return $values
+}
+
+function Invoke-Reg([string[]]$Arguments) {
+    # reg.exe writes to stderr on failure; with ErrorActionPreference Stop that would throw
+    # before its exit code could be read.
+    $previous = $ErrorActionPreference
+    $ErrorActionPreference = 'Continue'
+    try { $output = @(& ([IO.Path]::Combine([Environment]::SystemDirectory, 'reg.exe')) $Arguments 2>&1) }
+    finally { $ErrorActionPreference = $previous }
+    if ($LASTEXITCODE -ne 0) {
+        $text = ([string]::Join(' ', $output) -replace '\s+', ' ').Trim()
+        throw (New-AgentException 'internal' ('reg {0} failed: {1}' -f $Arguments[0], $text))
     }
-    foreach ($key in 'SOFTWARE\Microsoft\Windows\CurrentVersion\Uninstall', 'SOFTWARE\WOW6432Node\Microsoft\Windows\CurrentVersion\Uninstall') {
-        $root = 'Registry::HKEY_LOCAL_MACHINE\' + $key
-        if (-not (Test-Path -LiteralPath $root)) { continue }
-        # Best effort: one unreadable product key must not hide the others.
-        foreach ($product in @(Get-ChildItem -LiteralPath $root -ErrorAction SilentlyContinue)) {
-            if ([string]$product.GetValue('DisplayName') -ne 'MicroSIP') { continue }
-            $dir = [string]$product.GetValue('InstallLocation')
-            if (-not [string]::IsNullOrEmpty($dir)) { [ordered]@{ source = 'msi'; dir = $dir } }
+}
+
+function Read-UserHive([string]$Sid, [string]$ProfilePath, [string]$Account) {
+    # The user's own registry: HKU\<SID> while they are logged on. Logged off, a copy of their
+    # NTUSER.DAT loaded under a name of ours (loading the file itself could make their next
+    # logon fail). Never guessed: with AppData redirected, the local folder is a copy MicroSIP
+    # does not read.
+    $users = [Microsoft.Win32.Registry]::Users
+    $loaded = $users.OpenSubKey($Sid)
+    if ($null -ne $loaded) {
+        try { return Read-HiveValues $loaded 'loaded' } finally { $loaded.Dispose() }
+    }
+    $hiveFile = [IO.Path]::Combine($ProfilePath, 'NTUSER.DAT')
+    if (-not [IO.File]::Exists($hiveFile)) {
+        throw (New-AgentException 'no-profile' ("{0} is logged off and their registry hive is not on this workstation (profile disk or roaming profile)." -f $Account))
+    }
+    $token = [Guid]::NewGuid().ToString('N')
+    $copy = [IO.Path]::Combine([IO.Path]::GetTempPath(), ('microsip-provisioner-{0}.dat' -f $token))
+    $mount = 'MicroSIP-provisioner-' + $token
+    try {
+        try {
+            $source = [IO.FileStream]::new($hiveFile, [IO.FileMode]::Open, [IO.FileAccess]::Read, [IO.FileShare]'ReadWrite, Delete')
+        } catch {
+            throw (New-AgentException 'locked' ("The registry hive of {0} is in use (a logon or logoff is under way); try again." -f $Account))
+        }
+        try {
+            $target = [IO.File]::Create($copy)
+            try { $source.CopyTo($target) } finally { $target.Dispose() }
+        } finally { $source.Dispose() }
+        Invoke-Reg @('load', "HKU\$mount", $copy)
+        try {
+            $root = $users.OpenSubKey($mount)
+            try { return Read-HiveValues $root 'offline' } finally { if ($null -ne $root) { $root.Dispose() } }
+        } finally {
+            [GC]::Collect(); [GC]::WaitForPendingFinalizers()
+            try { Invoke-Reg @('unload', "HKU\$mount") } catch { }
+        }
+    } finally {
+        foreach ($leftover in @([IO.Directory]::GetFiles([IO.Path]::GetDirectoryName($copy), ('microsip-provisioner-{0}.dat*' -f $token)))) {
+            Remove-FileQuietly $leftover
         }
     }
 }
 
-function Find-MicroSip($Install) {
-    $exe = [string](Get-Field $Install 'exe')
-    if ([string]::IsNullOrEmpty($exe)) { $exe = 'microsip.exe' }
-    $mode = [string](Get-Field $Install 'mode')
-    if ([string]::IsNullOrEmpty($mode)) { $mode = 'installed' }
-    $candidates = @()
-    $inventoryDir = [string](Get-Field $Install 'install_dir')
-    if (-not [string]::IsNullOrEmpty($inventoryDir)) { $candidates += , [ordered]@{ source = 'inventory'; dir = $inventoryDir } }
-    $candidates += @(Get-InstallerDirectory)
-    foreach ($candidate in $candidates) {
-        $dir = $candidate.dir.Trim().Trim('"')
-        $exePath = [IO.Path]::Combine($dir, $exe)
-        if ([IO.File]::Exists($exePath)) {
-            # The installer's markers mean installed mode, whatever the inventory guessed: that
-            # is how MicroSIP itself decides (microsip-format.md 1.2).
-            if ($candidate.source -ne 'inventory') { $mode = 'installed' }
-            return [ordered]@{ found = $true; mode = $mode; dir = $dir; exe_path = $exePath; source = $candidate.source; exe = $exe }
-        }
-    }
-    return [ordered]@{ found = $false; mode = $mode; dir = $null; exe_path = $null; source = $null; exe = $exe }
-}
-
-function Get-RoamingAppData([string]$Sid, [string]$ProfilePath, [string]$Account) {
-    $default = [IO.Path]::Combine($ProfilePath, 'AppData', 'Roaming')
-    $hive = 'Registry::HKEY_USERS\' + $Sid
-    $folders = $hive + '\Software\Microsoft\Windows\CurrentVersion\Explorer\User Shell Folders'
-    # A logged-off user's hive is not loaded. Loading NTUSER.DAT ourselves could collide with a
-    # logon, so the default location is the answer then.
-    if (-not (Test-Path -LiteralPath $folders)) { return $default }
-    $raw = [string](Get-Item -LiteralPath $folders).GetValue('AppData', $null, 'DoNotExpandEnvironmentNames')
-    if ([string]::IsNullOrEmpty($raw)) { return $default }
+function Get-RoamingAppData($Hive, [string]$ProfilePath, [string]$Account) {
+    $raw = $Hive.appdata
+    if ([string]::IsNullOrEmpty($raw)) { $raw = '%USERPROFILE%\AppData\Roaming' }
     # Expanded with the target user's values: this session's own variables (USERPROFILE,
     # USERNAME, APPDATA) belong to the WinRM account and would point into its profile.
     $vars = @{ USERPROFILE = $ProfilePath }
     $parts = $Account.Split('\')
     if ($parts.Length -eq 2) { $vars['USERDOMAIN'] = $parts[0]; $vars['USERNAME'] = $parts[1] }
-    $volatile = $hive + '\Volatile Environment'
-    if (Test-Path -LiteralPath $volatile) {
-        $key = Get-Item -LiteralPath $volatile
-        foreach ($name in $key.GetValueNames()) {
-            if (-not [string]::IsNullOrEmpty($name) -and -not $vars.ContainsKey($name)) { $vars[$name] = [string]$key.GetValue($name) }
-        }
-    }
-    foreach ($name in 'SystemDrive', 'SystemRoot', 'windir', 'ProgramData', 'ALLUSERSPROFILE', 'PUBLIC') {
-        $value = [Environment]::GetEnvironmentVariable($name)
-        if (-not [string]::IsNullOrEmpty($value)) { $vars[$name] = $value }
-    }
-    $expanded = $raw
-    foreach ($name in @($vars.Keys)) {
-        $pattern = '%' + [regex]::Escape($name) + '%'
-        $expanded = $expanded -replace $pattern, $vars[$name].Replace('$', '$$')
-    }
+    foreach ($name in @($Hive.volatile.Keys)) { if (-not $vars.ContainsKey($name)) { $vars[$name] = $Hive.volatile[$name] } }
+    $machine = Get-MachineVariables
+    foreach ($name in @($machine.Keys)) { $vars[$name] = $machine[$name] }
+    $expanded = Expand-Variables $raw $vars
     if ($expanded -match '%[^%\\]+%') {
         # Guessing would write an ini that MicroSIP never reads.
         throw (New-AgentException 'internal' ("cannot expand the AppData folder '{0}' for this user." -f $raw))
@@ -327,7 +720,143 @@ function Get-RoamingAppData([string]$Sid, [string]$ProfilePath, [string]$Account
     return $expanded
 }
 
-function Get-UserState($User, $Install) {
+function Test-AppData([string]$AppData, [string]$ProfilePath, $Roots) {
+    # The user writes their own User Shell Folders: their AppData is accepted only inside their
+    # profile or under a redirection root the inventory allows. A share elsewhere is Folder
+    # Redirection (reported); a local folder elsewhere may be another user's profile.
+    try { $folder = Get-FullPathSafe $AppData } catch {
+        throw (New-AgentException 'unsafe-path' ("the AppData folder '{0}' is not a plain absolute path." -f $AppData))
+    }
+    if (Test-Within $folder $ProfilePath) { return $folder }
+    foreach ($root in @($Roots)) { if (Test-Within $folder $root) { return $folder } }
+    if ($folder.StartsWith('\\')) {
+        throw (New-AgentException 'redirected' ("AppData is redirected to {0}; MicroSIP reads its ini there. Allow that location with microsip.appdata_roots to write it." -f $folder))
+    }
+    throw (New-AgentException 'unsafe-path' ("AppData points to {0}, outside the profile {1}; set by the user, or a redirection to allow with microsip.appdata_roots." -f $folder, $ProfilePath))
+}
+
+function Get-ExeRegistryView([string]$ExePath) {
+    # MicroSIP opens HKLM without KEY_WOW64_*: a 32-bit build reads the 32-bit view
+    # (WOW6432Node). The PE header says which build this is.
+    $view = [Microsoft.Win32.RegistryView]::Registry64
+    try {
+        $stream = [IO.File]::Open($ExePath, [IO.FileMode]::Open, [IO.FileAccess]::Read, [IO.FileShare]::ReadWrite)
+        try {
+            $header = [byte[]]::new(1024)
+            $count = $stream.Read($header, 0, $header.Length)
+        } finally { $stream.Dispose() }
+        if ($count -ge 64) {
+            $pe = [BitConverter]::ToInt32($header, 60)
+            if ($pe -gt 0 -and $pe + 6 -le $count -and $header[$pe] -eq 0x50 -and $header[$pe + 1] -eq 0x45) {
+                if ([BitConverter]::ToUInt16($header, $pe + 4) -eq 0x14c) { $view = [Microsoft.Win32.RegistryView]::Registry32 }
+            }
+        }
+    } catch { }
+    return $view
+}
+
+function Get-HklmMicroSip([string]$ExePath) {
+    $base = [Microsoft.Win32.RegistryKey]::OpenBaseKey([Microsoft.Win32.RegistryHive]::LocalMachine, (Get-ExeRegistryView $ExePath))
+    try {
+        $key = $base.OpenSubKey('SOFTWARE\MicroSIP')
+        try { return Get-RegistryText $key '' } finally { if ($null -ne $key) { $key.Dispose() } }
+    } finally { $base.Dispose() }
+}
+
+function Get-MsiProducts([string]$Sid) {
+    # What MsiEnumProducts lists for the user: per-machine products (S-1-5-18) and the user's own.
+    $base = [Microsoft.Win32.RegistryKey]::OpenBaseKey([Microsoft.Win32.RegistryHive]::LocalMachine, [Microsoft.Win32.RegistryView]::Registry64)
+    try {
+        foreach ($owner in @('S-1-5-18', $Sid)) {
+            if ([string]::IsNullOrEmpty($owner)) { continue }
+            $products = $base.OpenSubKey('SOFTWARE\Microsoft\Windows\CurrentVersion\Installer\UserData\' + $owner + '\Products')
+            if ($null -eq $products) { continue }
+            try {
+                foreach ($name in $products.GetSubKeyNames()) {
+                    $properties = $products.OpenSubKey($name + '\InstallProperties')
+                    if ($null -eq $properties) { continue }
+                    try {
+                        [ordered]@{ name = [string](Get-RegistryText $properties 'DisplayName'); location = [string](Get-RegistryText $properties 'InstallLocation') }
+                    } finally { $properties.Dispose() }
+                }
+            } finally { $products.Dispose() }
+        }
+    } finally { $base.Dispose() }
+}
+
+function Get-MicroSipMode($Hive, [string]$ExeDir, [string]$ExePath, [string]$Sid) {
+    # MicroSIP 3.22.3's own rule (settings.cpp, AccountSettings::Init): the default value of
+    # HKCU\Software\MicroSIP, else of HKLM\Software\MicroSIP; when that is empty or not the
+    # exe's folder, the first MSI product named MicroSIP (its InstallLocation without a trailing
+    # backslash, or the exe's folder when empty). Installed when the result equals the exe's
+    # folder, compared case-insensitively and exactly.
+    $hklm = Get-HklmMicroSip $ExePath
+    $value = [string]$Hive.microsip; $rule = 'hkcu'
+    if ([string]::IsNullOrEmpty($value)) { $value = [string]$hklm; $rule = 'hklm' }
+    $detail = "HKCU='{0}' HKLM='{1}'" -f $Hive.microsip, $hklm
+    if ([string]::IsNullOrEmpty($value) -or -not $value.Equals($ExeDir, [StringComparison]::OrdinalIgnoreCase)) {
+        foreach ($product in @(Get-MsiProducts $Sid)) {
+            if (-not $product.name.Equals('MicroSIP', [StringComparison]::OrdinalIgnoreCase)) { continue }
+            if ([string]::IsNullOrEmpty($product.location)) { $value = $ExeDir; $rule = 'msi-any-location' }
+            else { $value = $product.location.TrimEnd('\'); $rule = 'msi' }
+            $detail += " MSI InstallLocation='{0}'" -f $product.location
+            break
+        }
+    }
+    if (-not [string]::IsNullOrEmpty($value) -and $value.Equals($ExeDir, [StringComparison]::OrdinalIgnoreCase)) {
+        return [ordered]@{ mode = 'installed'; rule = $rule; detail = $detail }
+    }
+    return [ordered]@{ mode = 'portable'; rule = 'none'; detail = $detail }
+}
+
+function Find-MicroSip($Install) {
+    # The inventory's folder if the exe is there, else the installer's markers: the default
+    # value of HKLM\Software\MicroSIP (either registry view), then a per-machine MSI product.
+    $exe = [string](Get-Field $Install 'exe')
+    if ([string]::IsNullOrEmpty($exe)) { $exe = 'microsip.exe' }
+    $candidates = @()
+    $inventoryDir = [string](Get-Field $Install 'install_dir')
+    if (-not [string]::IsNullOrEmpty($inventoryDir)) {
+        $candidates += , [ordered]@{ source = 'inventory'; dir = (Expand-Variables $inventoryDir (Get-MachineVariables)) }
+    }
+    foreach ($view in [Microsoft.Win32.RegistryView]::Registry64, [Microsoft.Win32.RegistryView]::Registry32) {
+        $base = [Microsoft.Win32.RegistryKey]::OpenBaseKey([Microsoft.Win32.RegistryHive]::LocalMachine, $view)
+        try {
+            $key = $base.OpenSubKey('SOFTWARE\MicroSIP')
+            try { $dir = Get-RegistryText $key '' } finally { if ($null -ne $key) { $key.Dispose() } }
+        } finally { $base.Dispose() }
+        if (-not [string]::IsNullOrEmpty($dir)) { $candidates += , [ordered]@{ source = 'registry'; dir = $dir } }
+    }
+    foreach ($product in @(Get-MsiProducts '')) {
+        if ($product.name.Equals('MicroSIP', [StringComparison]::OrdinalIgnoreCase) -and -not [string]::IsNullOrEmpty($product.location)) {
+            $candidates += , [ordered]@{ source = 'msi'; dir = $product.location }
+        }
+    }
+    foreach ($candidate in $candidates) {
+        $dir = $candidate.dir.Trim().Trim('"').TrimEnd('\')
+        try { $exePath = [IO.Path]::Combine($dir, $exe) } catch { continue }
+        if ([IO.File]::Exists($exePath)) {
+            return [ordered]@{ found = $true; dir = $dir; exe_path = $exePath; source = $candidate.source; exe = $exe }
+        }
+    }
+    return [ordered]@{ found = $false; dir = $null; exe_path = $null; source = $null; exe = $exe }
+}
+
+function Resolve-Account([string]$Account) {
+    # NTAccount does not resolve '.': the local account '.\name' is '<COMPUTERNAME>\name'.
+    $name = $Account
+    if ($name.StartsWith('.\')) { $name = $env:COMPUTERNAME + $name.Substring(1) }
+    try {
+        return [System.Security.Principal.NTAccount]::new($name).Translate([System.Security.Principal.SecurityIdentifier])
+    } catch {
+        if ($_.Exception.GetBaseException() -is [System.Security.Principal.IdentityNotMappedException]) {
+            throw (New-AgentException 'no-account' ("the Windows account {0} cannot be resolved to a SID." -f $Account))
+        }
+        throw
+    }
+}
+
+function Get-UserState($User, $Install, [string]$Mode, $Roots, $Context) {
     $item = [ordered]@{
         name = (Get-Field $User 'name'); windows = (Get-Field $User 'windows')
         sid = $null; profile = $null; appdata = $null; path = $null
@@ -338,38 +867,49 @@ function Get-UserState($User, $Install) {
         }
         $account = [string]$item.windows
         if ([string]::IsNullOrEmpty($account)) { throw (New-AgentException 'no-account' 'no Windows account is given for this user.') }
-        try {
-            $sidObject = [System.Security.Principal.NTAccount]::new($account).Translate([System.Security.Principal.SecurityIdentifier])
-        } catch {
-            if ($_.Exception.GetBaseException() -is [System.Security.Principal.IdentityNotMappedException]) {
-                throw (New-AgentException 'no-account' ("the Windows account {0} cannot be resolved to a SID." -f $account))
-            }
-            throw
-        }
+        $sidObject = Resolve-Account $account
         $sid = $sidObject.Value
         $item['sid'] = $sid
         # The canonical DOMAIN\name, as %USERNAME% and %USERDOMAIN% would give it at logon.
         $canonical = $account
         try { $canonical = $sidObject.Translate([System.Security.Principal.NTAccount]).Value } catch { $canonical = $account }
-        # From ProfileList, never from this session's environment, which is the WinRM account's.
-        $profileKey = 'Registry::HKEY_LOCAL_MACHINE\SOFTWARE\Microsoft\Windows NT\CurrentVersion\ProfileList\' + $sid
-        $profilePath = [string](Get-RegistryValue $profileKey 'ProfileImagePath')
+        $profilePath = Get-ProfilePath $sid
         if ([string]::IsNullOrEmpty($profilePath) -or -not [IO.Directory]::Exists($profilePath)) {
             throw (New-AgentException 'no-profile' ("{0} has no profile on this workstation (never logged on)." -f $account))
         }
+        $profilePath = Get-FullPathSafe $profilePath
         $item['profile'] = $profilePath
-        $appData = Get-RoamingAppData $sid $profilePath $canonical
+        $hive = Read-UserHive $sid $profilePath $canonical
+        $item['appdata'] = Get-RoamingAppData $hive $profilePath $canonical
+        $allowed = @(Expand-AppDataRoots $Roots (Get-AccountVariables $sid $profilePath))
+        $appData = Test-AppData $item['appdata'] $profilePath $allowed
         $item['appdata'] = $appData
+        $decided = Get-MicroSipMode $hive $Install.dir $Install.exe_path $sid
+        $item['mode'] = $decided.mode; $item['mode_rule'] = $decided.rule; $item['mode_detail'] = $decided.detail
+        if ($decided.mode -ne $Mode) {
+            throw (New-AgentException 'mode-mismatch' ("MicroSIP runs {0} for this user (rule {1}: {2}); the inventory says {3}." -f $decided.mode, $decided.rule, $decided.detail, $Mode))
+        }
         $iniName = [IO.Path]::GetFileNameWithoutExtension($Install.exe) + '.ini'
-        if ($Install.mode -eq 'portable') { $path = [IO.Path]::Combine($Install.dir, $iniName) }
+        if ($decided.mode -eq 'portable') { $path = [IO.Path]::Combine($Install.dir, $iniName) }
         else { $path = [IO.Path]::Combine($appData, 'MicroSIP', $iniName) }
         $item['path'] = $path
+        $start = Get-CheckStart $path $sid $Roots
+        Assert-SafePath $path $start
         # Gathered apart and added only once all is read: a user in error has no file fields.
         $file = Read-FileState $path
-        $applied = Read-FileState ([IO.Path]::Combine((Get-StateFolder $path), 'applied'))
-        $running = @(Get-OwnedProcessId ([IO.Path]::GetFileName($Install.exe_path)) $sid).Count -gt 0
+        $readOnly = Test-ReadOnly $path
+        $appliedBytes = Read-StateFile (Get-StateFolder $sid $iniName) 'applied'
+        $legacy = $null -eq $appliedBytes
+        if ($legacy) {
+            $legacyPath = [IO.Path]::Combine((Get-LegacyFolder $path), 'applied')
+            $safe = $true
+            try { Assert-SafePath $legacyPath $start } catch { $safe = $false }
+            if ($safe -and (Test-PlainFile $legacyPath)) { $appliedBytes = [IO.File]::ReadAllBytes($legacyPath) }
+        }
+        $running = @(Get-OwnedProcessId $Context ([IO.Path]::GetFileName($Install.exe_path)) $sid).Count -gt 0
         foreach ($field in $file.Keys) { $item[$field] = $file[$field] }
-        $item['applied'] = $applied
+        $item['read_only'] = $readOnly
+        $item['applied'] = ConvertTo-AppliedState $appliedBytes $legacy
         $item['running'] = $running
         $item['error'] = $null
     } catch {
@@ -386,9 +926,12 @@ function Get-OverrideState($Install) {
         }
         $path = [IO.Path]::Combine($Install.dir, 'override.ini')
         $item['path'] = $path
+        Assert-SafePath $path ([IO.Path]::GetPathRoot($path))
         $file = Read-FileState $path
-        $applied = Read-FileState ([IO.Path]::Combine((Get-StateFolder $path), 'applied'))
+        $readOnly = Test-ReadOnly $path
+        $applied = ConvertTo-AppliedState (Read-StateFile (Get-StateFolder '' 'override.ini') 'applied') $false
         foreach ($field in $file.Keys) { $item[$field] = $file[$field] }
+        $item['read_only'] = $readOnly
         $item['applied'] = $applied
         $item['error'] = $null
     } catch {
@@ -406,12 +949,16 @@ $hostInfo = [ordered]@{
     computer = $env:COMPUTERNAME
     ps_version = $PSVersionTable.PSVersion.ToString()
     free_bytes = $freeBytes
+    language_mode = [string]$ExecutionContext.SessionState.LanguageMode
 }
 
-$found = Find-MicroSip (Get-Field $Request 'install')
-$install = [ordered]@{
-    found = $found.found; mode = $found.mode; dir = $found.dir; exe_path = $found.exe_path; source = $found.source
-}
+$wanted = Get-Field $Request 'install'
+$found = Find-MicroSip $wanted
+$mode = [string](Get-Field $wanted 'mode')
+if ([string]::IsNullOrEmpty($mode)) { $mode = 'installed' }
+$roots = @(Get-Field $Request 'appdata_roots')
+$install = [ordered]@{ found = $found.found; dir = $found.dir; exe_path = $found.exe_path; source = $found.source }
+$context = @{ processes = $null }
 
 $override = $null
 if ([bool](Get-Field $Request 'override')) { $override = Get-OverrideState $found }
@@ -419,7 +966,7 @@ if ([bool](Get-Field $Request 'override')) { $override = Get-OverrideState $foun
 $users = [System.Collections.Generic.List[object]]::new()
 $requested = Get-Field $Request 'users'
 foreach ($user in @($requested)) {
-    if ($null -ne $user) { $users.Add((Get-UserState $user $found)) }
+    if ($null -ne $user) { $users.Add((Get-UserState $user $found $mode $roots $context)) }
 }
 
 # ToArray: a plain array, so ConvertTo-Json writes a JSON array even for one user.

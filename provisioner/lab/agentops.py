@@ -1,0 +1,927 @@
+"""What the agent scripts do, executed on an emulated :class:`Workstation`.
+
+docs/agent-protocol.md is the contract; where it is silent this module does what the packaged
+scripts (``provisioner/transport/agent/*.ps1``) do, step for step and with the same error codes,
+so that the controller meets the same answers in the lab as on Windows. The function names
+follow the scripts' (``Assert-SafePath`` is :func:`assert_safe_path`, and so on).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import hashlib
+import re
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from provisioner.lab.ntfs import (
+    ERROR_LOCK_VIOLATION,
+    ERROR_SHARING_VIOLATION,
+    ERROR_UNABLE_TO_MOVE_REPLACEMENT_2,
+    components,
+    full_path,
+    is_within,
+    normalize,
+    split,
+)
+from provisioner.lab.workstation import (
+    ADMINISTRATORS,
+    OVERRIDE_ACL,
+    STATE_ACL,
+    STATE_ROOT,
+    SYSTEM,
+    SYSTEM_VARIABLES,
+    Acl,
+    Crashed,
+    FileError,
+    Process,
+    User,
+    Workstation,
+    expand,
+    ini_name,
+    join,
+    leaf,
+    parent,
+    state_folder_acl,
+    user_file_acl,
+    user_folder_acl,
+)
+
+PROTOCOL = 1
+POLICIES = ("skip", "stop", "force")
+KINDS = ("microsip", "override")
+PENDING = "backup.new"
+"""Where apply keeps the replaced content until the new file is verified."""
+STATE_ITEMS = ("applied", "backup.1", "backup.2", "backup.3", PENDING, "rolled-back")
+REPLACE_ATTEMPTS = 5
+"""ReplaceFile attempts while another program holds the file (antivirus, backup, indexer)."""
+
+Json = dict[str, Any]
+_UNEXPANDED = re.compile(r"%[^%\\]+%")
+_SID = re.compile(r"^S-1-\d+(-\d+)+$")
+_OWNERS = frozenset({SYSTEM, ADMINISTRATORS})
+
+
+# --- small helpers --------------------------------------------------------------------------------
+
+
+def ps_text(value: object) -> str:
+    """``[string]$value`` in PowerShell: null is empty."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "True" if value else "False"
+    return str(value)
+
+
+def items(value: object) -> list[Json]:
+    """``@($list)`` without nulls; a non-object item reads as an object with no fields."""
+    if value is None:
+        return []
+    values = value if isinstance(value, list) else [value]
+    return [item if isinstance(item, dict) else {} for item in values if item is not None]
+
+
+def error(code: str, message: str) -> Json:
+    """An error object of the contract."""
+    return {"code": code, "message": message}
+
+
+def _sha(data: bytes | None) -> str | None:
+    return None if data is None else hashlib.sha256(data).hexdigest()
+
+
+def _b64(data: bytes | None) -> str | None:
+    return None if data is None else base64.b64encode(data).decode("ascii")
+
+
+def _temp_name(folder: str, name: str, suffix: str = "tmp") -> str:
+    return join(folder, f".{name}.{secrets.token_hex(6)}.{suffix}")
+
+
+def _discard(ws: Workstation, path: str | None) -> None:
+    if path is not None:
+        with contextlib.suppress(FileError):
+            ws.delete(path)
+
+
+def _unsafe(message: str) -> FileError:
+    return FileError("unsafe-path", message)
+
+
+# --- paths the workstation's users control --------------------------------------------------------
+
+
+def expand_roots(roots: list[str], user: User | None) -> list[str]:
+    """The inventory's ``appdata_roots`` for ``user``: ``%USERNAME%``, ``%USERDOMAIN%`` and
+    ``%USERPROFILE%`` expanded; a root that stays unexpanded or is not absolute is dropped."""
+    if user is None:
+        return []
+    expanded = []
+    for root in roots:
+        value = expand(root, user.variables())
+        if _UNEXPANDED.search(value):
+            continue
+        with contextlib.suppress(FileError):
+            expanded.append(full_path(value))
+    return expanded
+
+
+def check_start(ws: Workstation, path: str, sid: str | None, roots: list[str]) -> str:
+    """Where the reparse-point check of ``path`` begins: below the user's profile folder or an
+    allowed root when ``path`` lies inside one, else below the volume root."""
+    user = ws.profile_of(sid) if sid else None
+    if user is not None and user.profile is not None and is_within(path, user.profile):
+        return normalize(user.profile)
+    for root in expand_roots(roots, user or (ws.account_of(sid) if sid else None)):
+        if is_within(path, root):
+            return root
+    volume, _ = split(path)
+    return normalize(f"{volume}:\\" if len(volume) == 1 else volume + "\\")
+
+
+def assert_safe_path(ws: Workstation, path: str, start: str) -> None:
+    """``Assert-SafePath``: no existing component of ``path`` below ``start`` is a junction or
+    symbolic link, and the file itself (if it exists) has one name; else ``unsafe-path``."""
+    depth = len(split(start)[1])
+    for component in list(components(path))[depth:]:
+        if ws.is_reparse_point(component):
+            raise _unsafe(
+                f"{component} is a junction or symbolic link; the agent never writes through one."
+            )
+        if not ws.exists(component):
+            return
+    if ws.is_file(path) and ws.link_count(path) > 1:
+        raise _unsafe(f"{path} is a hard link to another file; the agent never writes through one.")
+
+
+# --- the agent's own state ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StateFolder:
+    """``<state root>\\users\\<SID>\\<name>`` (``machine\\<name>``): merge base and backups."""
+
+    folder: str
+
+    def item(self, name: str) -> str:
+        """A file of the state folder."""
+        return join(self.folder, name)
+
+
+def state_folder(sid: str | None, name: str) -> StateFolder:
+    """Where the state of the managed file ``name`` of ``sid`` (None: the workstation) lives."""
+    return StateFolder(Workstation.state_path(sid, name))
+
+
+def check_state_root(ws: Workstation) -> bool:
+    """``Test-StateRoot``: False when the root is absent; ``unsafe-path`` when it is a link or
+    is owned by someone else than SYSTEM or Administrators (a user may create folders in
+    ``C:\\ProgramData`` and would own one created before the agent's)."""
+    if ws.is_reparse_point(STATE_ROOT):
+        raise _unsafe(f"{STATE_ROOT} is a junction or symbolic link; remove it.")
+    if not ws.exists(STATE_ROOT):
+        return False
+    owner = ws.owner(STATE_ROOT)
+    if owner not in _OWNERS:
+        raise _unsafe(
+            f"{STATE_ROOT} is owned by {owner}, not by SYSTEM or Administrators: a user created "
+            "it; remove it (rmdir /s /q) so that the agent can create its own."
+        )
+    return True
+
+
+def open_state(ws: Workstation, state: StateFolder) -> None:
+    """``Open-StateFolder``: the root (created protected if absent, its DACL reset), then the
+    file's folder below it; every component checked."""
+    if not check_state_root(ws):
+        ws.make_dir(STATE_ROOT, state_folder_acl())
+    ws.set_acl(STATE_ROOT, state_folder_acl())
+    assert_safe_path(ws, state.folder, STATE_ROOT)
+    ws.make_dir(state.folder, state_folder_acl())
+    assert_safe_path(ws, state.folder, STATE_ROOT)
+
+
+def read_state(ws: Workstation, state: StateFolder, item: str) -> bytes | None:
+    """A state file as inspect reads it (nothing when the root is absent)."""
+    if not check_state_root(ws):
+        return None
+    assert_safe_path(ws, state.item(item), STATE_ROOT)
+    return ws.read(state.item(item))
+
+
+def write_state_file(ws: Workstation, state: StateFolder, item: str, data: bytes) -> None:
+    """A state file replaced through a temp file; SYSTEM and Administrators only."""
+    temp = _temp_name(state.folder, item)
+    try:
+        ws.write_new(temp, data, STATE_ACL)
+        move_over(ws, temp, state.item(item))
+    finally:
+        _discard(ws, temp)
+
+
+def move_over(ws: Workstation, source: str, target: str) -> None:
+    """.NET Framework's File.Move cannot overwrite; File.Replace can."""
+    if ws.exists(target):
+        ws.replace(source, target, None)
+    else:
+        ws.move(source, target)
+
+
+def backups_down(ws: Workstation, state: StateFolder) -> None:
+    """``backup.new`` becomes ``backup.1``, the others moving down to the first free slot."""
+    pending = state.item(PENDING)
+    if not ws.exists(pending):
+        return
+    backup1, backup2 = state.item("backup.1"), state.item("backup.2")
+    free = 3
+    if not ws.exists(backup1):
+        free = 1
+    elif not ws.exists(backup2):
+        free = 2
+    if free >= 3:
+        move_over(ws, backup2, state.item("backup.3"))
+    if free >= 2:
+        move_over(ws, backup1, backup2)
+    move_over(ws, pending, backup1)
+
+
+def settle_pending(ws: Workstation, state: StateFolder, path: str) -> None:
+    """``Resolve-PendingBackup``: a ``backup.new`` left by an agent that died. Written before its
+    replace, it is the newest generation once the file holds something else; while the file
+    still holds the same bytes the replace never happened, and it goes."""
+    pending = state.item(PENDING)
+    data = ws.read(pending)
+    if data is None:
+        return
+    if data == ws.read(path):
+        ws.delete(pending)
+        return
+    backups_down(ws, state)
+
+
+def backups_up(ws: Workstation, state: StateFolder) -> None:
+    """``backup.2`` becomes ``backup.1``, ``backup.3`` becomes ``backup.2``."""
+    for number in (2, 3):
+        source = state.item(f"backup.{number}")
+        if ws.exists(source):
+            move_over(ws, source, state.item(f"backup.{number - 1}"))
+
+
+def remove_stale(ws: Workstation, folder: str, name: str, suffixes: tuple[str, ...]) -> None:
+    """``.<name>.<12 hex>.<suffix>`` left by an agent that died: best effort, exact names only."""
+    alternatives = "|".join(re.escape(s) for s in suffixes)
+    stale = re.compile(rf"^\.{re.escape(name)}\.[0-9a-f]{{12}}\.({alternatives})$", re.IGNORECASE)
+    for entry in ws.listdir(folder):
+        if stale.match(entry):
+            _discard(ws, join(folder, entry))
+
+
+def legacy_folder(path: str) -> str:
+    """``<folder>\\.provisioner\\<name>``: the state of agents before the ProgramData one."""
+    return join(parent(path), ".provisioner", leaf(path))
+
+
+def read_legacy(ws: Workstation, path: str, start: str, item: str) -> bytes | None:
+    """A legacy state file, only when no link stands in its way (the user could edit it)."""
+    legacy = join(legacy_folder(path), item)
+    try:
+        assert_safe_path(ws, legacy, start)
+    except FileError:
+        return None
+    return ws.read(legacy) if ws.is_file(legacy) else None
+
+
+def migrate_legacy(ws: Workstation, path: str, start: str, state: StateFolder) -> None:
+    """``Move-LegacyState``: copy what the old ``.provisioner`` folder beside ``path`` holds into
+    the state folder (where the state has none), then remove it. A folder that is a link is
+    left alone; a file that is a link or has other names is not read, only its name removed."""
+    folder = legacy_folder(path)
+    container = parent(folder)
+    try:
+        assert_safe_path(ws, folder, start)
+    except FileError:
+        return
+    if not ws.is_dir(folder):
+        return
+    for item in STATE_ITEMS:
+        source = join(folder, item)
+        if not ws.exists(source) and not ws.is_reparse_point(source):
+            continue
+        plain = not ws.is_reparse_point(source) and ws.link_count(source) == 1
+        if plain and ws.is_file(source) and not ws.exists(state.item(item)):
+            data = ws.read(source)
+            if data is not None:
+                write_state_file(ws, state, item, data)
+        _discard(ws, source)
+    remove_stale(ws, folder, "applied", ("tmp",))
+    with contextlib.suppress(FileError):
+        ws.remove_dir(folder)
+    if not ws.listdir(container):
+        with contextlib.suppress(FileError):
+            ws.remove_dir(container)
+
+
+# --- accounts, hives and MicroSIP's own rule ------------------------------------------------------
+
+
+def resolve_account(ws: Workstation, account: str) -> User:
+    """``Resolve-Account``: ``.\\name`` becomes ``<COMPUTERNAME>\\name`` (``NTAccount`` does not
+    resolve ``.``), then the SID; ``no-account`` if it cannot be translated."""
+    name = account
+    if name.startswith(".\\"):
+        name = f"{ws.computer}\\{name[2:]}"
+    user = ws.lookup_account(name)
+    if user is None:
+        raise FileError("no-account", f"the Windows account {account} cannot be resolved to a SID.")
+    return user
+
+
+def roaming_appdata(user: User) -> str:
+    """``Get-RoamingAppData``: the hive's raw AppData expanded with the user's variables."""
+    assert user.profile is not None  # noqa: S101 - callers checked the profile
+    raw = user.shell_appdata or "%USERPROFILE%\\AppData\\Roaming"
+    expanded = expand(
+        raw,
+        {
+            "SystemDrive": "C:",
+            "SystemRoot": "C:\\Windows",
+            "windir": "C:\\Windows",
+            "ProgramData": "C:\\ProgramData",
+            "ALLUSERSPROFILE": "C:\\ProgramData",
+            "PUBLIC": "C:\\Users\\Public",
+            "USERPROFILE": user.profile,
+            "USERDOMAIN": user.domain,
+            "USERNAME": user.sam,
+        },
+    )
+    if _UNEXPANDED.search(expanded):
+        raise FileError("internal", f"cannot expand the AppData folder '{raw}' for this user.")
+    return expanded
+
+
+def check_appdata(appdata: str, user: User, roots: list[str]) -> str:
+    """``Test-AppData``: the folder, normalised, when it lies inside the user's profile or an
+    allowed root; a share elsewhere is ``redirected``, a local folder elsewhere ``unsafe-path``."""
+    try:
+        folder = full_path(appdata)
+    except FileError:
+        raise _unsafe(f"the AppData folder '{appdata}' is not a plain absolute path.") from None
+    assert user.profile is not None  # noqa: S101 - callers checked the profile
+    if is_within(folder, user.profile):
+        return folder
+    if any(is_within(folder, root) for root in expand_roots(roots, user)):
+        return folder
+    if folder.startswith("\\\\"):
+        raise FileError(
+            "redirected",
+            f"AppData is redirected to {folder}; MicroSIP reads its ini there. Allow that "
+            "location with microsip.appdata_roots to write it.",
+        )
+    raise _unsafe(
+        f"AppData points to {folder}, outside the profile {user.profile}; set by the user, or "
+        "a redirection to allow with microsip.appdata_roots."
+    )
+
+
+# --- inspect --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Install:
+    """Where MicroSIP was found."""
+
+    found: bool
+    dir: str | None
+    exe_path: str | None
+    source: str | None
+    exe: str
+
+
+def locate(ws: Workstation, wanted: Json) -> Install:
+    """``Find-MicroSip``: the inventory's folder, else the installer's markers (registry, MSI)."""
+    exe = ps_text(wanted.get("exe")) or "microsip.exe"
+    candidates: list[tuple[str, str]] = []
+    if ps_text(wanted.get("install_dir")):
+        candidates.append(
+            ("inventory", expand(ps_text(wanted.get("install_dir")), SYSTEM_VARIABLES))
+        )
+    if ws.hklm_microsip:
+        candidates.append(("registry", ws.hklm_microsip))
+    candidates += [
+        ("msi", product.install_location)
+        for product in ws.msi_products
+        if product.user_sid is None
+        and product.name.casefold() == "microsip"
+        and product.install_location
+    ]
+    for source, raw in candidates:
+        folder = raw.strip().strip('"').rstrip("\\")
+        try:
+            exe_path = join(folder, exe)
+            if not ws.is_file(exe_path):
+                continue
+        except FileError:
+            continue
+        return Install(True, folder, exe_path, source, exe)
+    return Install(False, None, None, None, exe)
+
+
+class ProcessTable:
+    """``Get-MicroSipProcesses``: one query per request, owners looked up once per process."""
+
+    def __init__(self, ws: Workstation, image: str) -> None:
+        self._ws = ws
+        self._image = image
+        self._rows: list[Process] | None = None
+
+    def of(self, sid: str) -> list[Process]:
+        """The processes of ``image`` owned by ``sid``."""
+        if self._rows is None:
+            self._rows = self._ws.process_table(self._image)
+        return [p for p in self._rows if p.sid == sid and p.running]
+
+    def refresh(self) -> None:
+        """Query again at the next look (after stopping some)."""
+        self._rows = None
+
+
+def file_facts(ws: Workstation, path: str) -> Json:
+    """``Read-FileState``."""
+    data = ws.read(path)
+    return {"exists": data is not None, "sha256": _sha(data), "content_b64": _b64(data)}
+
+
+def inspect(ws: Workstation, request: Json) -> Json:
+    """The ``inspect`` operation."""
+    wanted = request.get("install")
+    install = locate(ws, wanted if isinstance(wanted, dict) else {})
+    mode = ps_text((wanted or {}).get("mode") if isinstance(wanted, dict) else None)
+    roots = [ps_text(r) for r in request.get("appdata_roots") or [] if ps_text(r)]
+    table = ProcessTable(ws, install.exe)
+    override = inspect_override(ws, install) if request.get("override") else None
+    users = [
+        inspect_user(ws, user, install, mode or "installed", roots, table)
+        for user in items(request.get("users"))
+    ]
+    return {
+        "protocol": PROTOCOL,
+        "op": "inspect",
+        "ok": True,
+        "host": {
+            "computer": ws.computer,
+            "ps_version": ws.ps_version,
+            "free_bytes": ws.free_bytes,
+            "language_mode": ws.language_mode,
+        },
+        "install": {
+            "found": install.found,
+            "dir": install.dir,
+            "exe_path": install.exe_path,
+            "source": install.source,
+        },
+        "override": override,
+        "users": users,
+    }
+
+
+def _not_installed() -> FileError:
+    return FileError(
+        "not-installed", "MicroSIP was not found where the inventory says, nor by registry or MSI."
+    )
+
+
+def inspect_override(ws: Workstation, install: Install) -> Json:
+    """``Get-OverrideState``."""
+    entry: Json = {"path": None}
+    try:
+        if install.dir is None:
+            raise _not_installed()
+        path = join(install.dir, "override.ini")
+        entry["path"] = path
+        assert_safe_path(ws, path, check_start(ws, path, None, []))
+        facts = file_facts(ws, path)
+        facts["read_only"] = ws.readonly(path)
+        applied = read_state(ws, state_folder(None, "override.ini"), "applied")
+        facts["applied"] = _applied_facts(applied, False)
+        entry.update(facts)
+        entry["error"] = None
+    except FileError as failed:
+        entry["error"] = error(failed.code, failed.message)
+    return entry
+
+
+def _applied_facts(data: bytes | None, legacy: bool) -> Json:
+    return {
+        "exists": data is not None,
+        "sha256": _sha(data),
+        "content_b64": _b64(data),
+        "legacy": legacy and data is not None,
+    }
+
+
+def inspect_user(
+    ws: Workstation,
+    wanted: Json,
+    install: Install,
+    mode: str,
+    roots: list[str],
+    table: ProcessTable,
+) -> Json:
+    """``Get-UserState``: where this user's MicroSIP reads its ini, and what it holds."""
+    entry: Json = {
+        "name": wanted.get("name"),
+        "windows": wanted.get("windows"),
+        "sid": None,
+        "profile": None,
+        "appdata": None,
+        "path": None,
+    }
+    try:
+        if install.dir is None:
+            raise _not_installed()
+        account = ps_text(entry["windows"])
+        if not account:
+            raise FileError("no-account", "no Windows account is given for this user.")
+        user = resolve_account(ws, account)
+        entry["sid"] = user.sid
+        if user.profile is None or not ws.is_dir(user.profile):
+            raise FileError(
+                "no-profile", f"{account} has no profile on this workstation (never logged on)."
+            )
+        entry["profile"] = user.profile
+        hive = ws.read_hive(user)
+        entry["appdata"] = roaming_appdata(hive)
+        appdata = check_appdata(entry["appdata"], hive, roots)
+        entry["appdata"] = appdata
+        decided = ws.microsip_mode(hive, install.dir)
+        entry["mode"], entry["mode_rule"], entry["mode_detail"] = (
+            decided.mode,
+            decided.rule,
+            decided.detail,
+        )
+        if decided.mode != mode:
+            raise FileError(
+                "mode-mismatch",
+                f"MicroSIP runs {decided.mode} for this user (rule {decided.rule}: "
+                f"{decided.detail}); the inventory says {mode}.",
+            )
+        name = ini_name(install.exe)
+        if decided.mode == "portable":
+            path = join(install.dir, name)
+        else:
+            path = join(appdata, "MicroSIP", name)
+        entry["path"] = path
+        start = check_start(ws, path, user.sid, roots)
+        assert_safe_path(ws, path, start)
+        facts = file_facts(ws, path)
+        facts["read_only"] = ws.readonly(path)
+        applied = read_state(ws, state_folder(user.sid, name), "applied")
+        legacy = applied is None
+        if legacy:
+            applied = read_legacy(ws, path, start, "applied")
+        facts["applied"] = _applied_facts(applied, legacy)
+        facts["running"] = bool(table.of(user.sid))
+        entry.update(facts)
+        entry["error"] = None
+    except FileError as failed:
+        entry["error"] = error(failed.code, failed.message)
+    return entry
+
+
+# --- apply and rollback ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    """A file entry of an apply or rollback request, checked."""
+
+    kind: str
+    path: str
+    sid: str
+    process: str
+    acl: Acl
+
+    @property
+    def folder(self) -> str:
+        return parent(self.path)
+
+    @property
+    def name(self) -> str:
+        return leaf(self.path)
+
+    @property
+    def folder_acl(self) -> Acl:
+        return user_folder_acl(self.sid)
+
+
+def parse_file(entry: Json) -> FileSpec:
+    """``Test-FileRequest``."""
+    kind, path, sid = (ps_text(entry.get(key)) for key in ("kind", "path", "sid"))
+    if kind not in KINDS:
+        raise FileError("internal", f"unknown file kind '{kind}'.")
+    try:
+        leaf(path)
+    except FileError:
+        raise FileError("internal", f"the path '{path}' is not absolute.") from None
+    if kind == "microsip":
+        # without the SID the ACL would lock the user out of their own file
+        if not sid:
+            raise FileError("internal", "a microsip file needs the user's SID.")
+        if not _SID.match(sid):
+            raise FileError("internal", f"'{sid}' is not a valid SID.")
+    acl = user_file_acl(sid) if kind == "microsip" else OVERRIDE_ACL
+    return FileSpec(kind, full_path(path), sid, ps_text(entry.get("process")), acl)
+
+
+def new_result(entry: Json) -> Json:
+    """The answer item before anything happened."""
+    return {
+        "path": entry.get("path"),
+        "status": "error",
+        "old_sha256": None,
+        "new_sha256": None,
+        "backup": None,
+        "stopped": 0,
+        "error": None,
+    }
+
+
+def running_policy(
+    ws: Workstation, spec: FileSpec, policy: str, result: Json, table: ProcessTable
+) -> bool:
+    """``Invoke-RunningPolicy``; False (and ``busy``) when the file must be left alone."""
+    if spec.kind != "microsip" or not spec.process:
+        return True
+    running = table.of(spec.sid)
+    if not running or policy == "force":
+        return True
+    if policy == "stop":
+        result["stopped"] = ws.stop(running)
+        table.refresh()
+        if not table.of(spec.sid):
+            return True
+        text = f"{spec.process} still runs for this user 5 s after being stopped."
+    else:
+        text = f"{spec.process} is running for this user ({len(running)} process(es))."
+    result["status"] = "busy"
+    result["error"] = error("busy", text)
+    return False
+
+
+def _decode(entry: Json, name: str) -> bytes:
+    try:
+        return base64.b64decode(ps_text(entry.get(name)), validate=True)
+    except binascii.Error:
+        raise FileError("internal", f"'{name}' is not valid base64.") from None
+
+
+@dataclass
+class Prepared:
+    """What the prelude of apply and rollback established for one file."""
+
+    spec: FileSpec
+    state: StateFolder
+    start: str
+
+
+def prepare(ws: Workstation, spec: FileSpec, roots: list[str]) -> Prepared:
+    """``Initialize-ManagedFile``: the path checked, stale files gone, the state opened and the
+    legacy state migrated, a pending backup rotated in."""
+    start = check_start(ws, spec.path, spec.sid or None, roots)
+    assert_safe_path(ws, spec.path, start)
+    if ws.is_dir(spec.folder):
+        remove_stale(ws, spec.folder, spec.name, ("tmp", "old"))
+    state = state_folder(spec.sid or None, spec.name)
+    open_state(ws, state)
+    migrate_legacy(ws, spec.path, start, state)
+    remove_stale(ws, state.folder, "applied", ("tmp",))
+    settle_pending(ws, state, spec.path)
+    if ws.readonly(spec.path):
+        raise FileError("read-only", f"{spec.path} has the read-only attribute.")
+    return Prepared(spec, state, start)
+
+
+def write_managed(ws: Workstation, spec: FileSpec, content: bytes, old_backup: str | None) -> None:
+    """``Write-ManagedFile``: ``content`` replaces the file atomically with its final ACL.
+
+    The final ACL goes on the existing file first (``ReplaceFile`` keeps the replaced file's
+    DACL), so the new content is never readable under a wider one; on the temp file too (a
+    first write moves it); and is checked after. A failed replace leaves the old file; a
+    failed ACL check puts the old content back from ``old_backup`` (a state file)."""
+    temp: str | None = None
+    try:
+        if not ws.is_dir(spec.folder):
+            # override.ini lives in the install folder: creating that would fake an install
+            if spec.kind != "microsip":
+                raise FileError(
+                    "not-installed", f"the MicroSIP folder {spec.folder} does not exist."
+                )
+            ws.make_dir(spec.folder, spec.folder_acl)
+        had_file = ws.exists(spec.path)
+        if had_file:
+            ws.set_acl(spec.path, spec.acl)
+        temp = _temp_name(spec.folder, spec.name)
+        ws.write_new(temp, content, spec.acl, managed=True)
+        if had_file:
+            replace_file(ws, temp, spec)
+        else:
+            ws.move(temp, spec.path)
+        temp = None
+        if ws.acl(spec.path) != spec.acl:
+            with contextlib.suppress(FileError):
+                ws.set_acl(spec.path, spec.acl)
+            if ws.acl(spec.path) != spec.acl:
+                put_back(ws, spec, old_backup, had_file)
+                raise FileError(
+                    "acl-failed",
+                    "the file's permissions could not be set after the write; the previous "
+                    "content was put back.",
+                )
+    except Crashed:
+        temp = None  # the agent died: nothing removes its temp file
+        raise
+    finally:
+        _discard(ws, temp)
+
+
+def replace_file(ws: Workstation, temp: str, spec: FileSpec) -> None:
+    """``Invoke-ReplaceFile``: ``ReplaceFile`` with a backup name beside the file, retried while
+    another program holds it; after 1177 the old file is put back under its name."""
+    old = _temp_name(spec.folder, spec.name, "old")
+    for attempt in range(1, REPLACE_ATTEMPTS + 1):
+        try:
+            ws.replace(temp, spec.path, old)
+            break
+        except FileError as failed:
+            if failed.win32 == ERROR_UNABLE_TO_MOVE_REPLACEMENT_2 and not ws.exists(spec.path):
+                ws.move(old, spec.path)
+            held = failed.win32 in (ERROR_SHARING_VIOLATION, ERROR_LOCK_VIOLATION)
+            if held and attempt < REPLACE_ATTEMPTS:
+                continue  # the script waits 200 ms
+            if failed.win32 in (1175, 1176, ERROR_UNABLE_TO_MOVE_REPLACEMENT_2):
+                raise FileError(
+                    "locked",
+                    f"the file could not be replaced ({failed.win32}: {failed.message}); the "
+                    "previous content is in place.",
+                    win32=failed.win32,
+                ) from None
+            raise
+    _discard(ws, old)
+
+
+def put_back(ws: Workstation, spec: FileSpec, backup: str | None, had_file: bool) -> None:
+    """The file's previous content again (from the state file ``backup``), or no file."""
+    if not had_file:
+        ws.delete(spec.path)
+        return
+    data = ws.read(backup) if backup is not None else None
+    if data is None:
+        return
+    temp = _temp_name(spec.folder, spec.name)
+    try:
+        ws.write_new(temp, data, spec.acl)
+        replace_file(ws, temp, spec)
+    except BaseException:
+        _discard(ws, temp)
+        raise
+
+
+def apply_file(
+    ws: Workstation, entry: Json, policy: str, roots: list[str], table: ProcessTable
+) -> Json:
+    """``Invoke-ApplyFile``: one file of an apply request."""
+    result = new_result(entry)
+    try:
+        spec = parse_file(entry)
+        intended = ps_text(entry.get("sha256")).lower()
+        # refused rather than guessed: a missing content would truncate the user's file
+        if entry.get("content_b64") is None or not intended:
+            raise FileError(
+                "internal", "the request gives no content_b64 or no sha256 for this file."
+            )
+        content = _decode(entry, "content_b64")
+        state = prepare(ws, spec, roots).state
+        old = ws.read(spec.path)
+        current = _sha(old)
+        result["old_sha256"] = current
+        expected = entry.get("expect_sha256")
+        if current != (expected.lower() if isinstance(expected, str) else expected):
+            result["status"] = "conflict"
+            result["error"] = error("conflict", "the file changed since inspect.")
+            return result
+        if not running_policy(ws, spec, policy, result, table):
+            return result
+        pending = state.item(PENDING)
+        if old is not None:
+            write_state_file(ws, state, PENDING, old)
+        try:
+            write_managed(ws, spec, content, pending if old is not None else None)
+        except FileError:
+            if old is not None:
+                _discard(ws, pending)
+            raise
+        written = ws.sha256(spec.path)
+        result["new_sha256"] = written
+        if written != intended:
+            put_back(ws, spec, pending if old is not None else None, old is not None)
+            _discard(ws, pending)
+            undone = "the previous file was put back" if old is not None else "it was removed"
+            raise FileError(
+                "verify-failed",
+                f"the file read back differs from the intended content; {undone}.",
+            )
+        if old is not None:
+            # written and verified: a failed rotation leaves backup.new for the next request
+            try:
+                backups_down(ws, state)
+                result["backup"] = state.item("backup.1")
+            except FileError:
+                result["backup"] = pending
+        if entry.get("applied_b64") is not None:
+            try:
+                write_state_file(ws, state, "applied", _decode(entry, "applied_b64"))
+            except FileError as failed:
+                # the file itself is written: say so, or nothing would seem to have changed
+                raise FileError(
+                    failed.code,
+                    f"the file was written, but not its applied copy: {failed.message}",
+                ) from None
+        result["status"] = "written"
+    except Crashed:
+        raise
+    except FileError as failed:
+        result["status"] = "error"
+        result["error"] = error(failed.code, failed.message)
+    except OSError as failed:
+        result["status"] = "error"
+        result["error"] = error("internal", f"{failed.strerror or failed}.")
+    return result
+
+
+def rollback_file(
+    ws: Workstation, entry: Json, policy: str, roots: list[str], table: ProcessTable
+) -> Json:
+    """``Invoke-RollbackFile``: put ``backup.1`` back in place of one file."""
+    result = new_result(entry)
+    try:
+        spec = parse_file(entry)
+        state = prepare(ws, spec, roots).state
+        backup = state.item("backup.1")
+        content = ws.read(backup)
+        if content is None:
+            raise FileError("no-backup", f"there is no backup of {spec.path} to restore.")
+        if not running_policy(ws, spec, policy, result, table):
+            return result
+        old = ws.read(spec.path)
+        rolled = state.item("rolled-back")
+        previous = rolled if old is not None else None
+        try:
+            if old is not None:
+                result["old_sha256"] = _sha(old)
+                write_state_file(ws, state, "rolled-back", old)
+                result["backup"] = rolled
+            else:
+                _discard(ws, rolled)
+            write_managed(ws, spec, content, previous)
+            if ws.sha256(spec.path) != _sha(content):
+                put_back(ws, spec, previous, old is not None)
+                raise FileError(
+                    "verify-failed",
+                    "the file read back differs from the backup; the previous content was put "
+                    "back.",
+                )
+        except FileError:
+            result["backup"] = None
+            _discard(ws, rolled)
+            raise
+        ws.delete(backup)
+        backups_up(ws, state)
+        # without a merge base the next push treats the restored file as new
+        ws.delete(state.item("applied"))
+        result["new_sha256"] = ws.sha256(spec.path)
+        result["status"] = "restored"
+    except Crashed:
+        raise
+    except FileError as failed:
+        result["status"] = "error"
+        result["error"] = error(failed.code, failed.message)
+    except OSError as failed:
+        result["status"] = "error"
+        result["error"] = error("internal", f"{failed.strerror or failed}.")
+    return result
+
+
+def execute_files(ws: Workstation, request: Json, op: str, policy: str) -> list[Json]:
+    """Every file of an apply or rollback request, independently and in order."""
+    roots = [ps_text(r) for r in request.get("appdata_roots") or [] if ps_text(r)]
+    entries = items(request.get("files"))
+    image = next((ps_text(e.get("process")) for e in entries if ps_text(e.get("process"))), "")
+    table = ProcessTable(ws, image or "microsip.exe")
+    step: Callable[[Workstation, Json, str, list[str], ProcessTable], Json]
+    step = apply_file if op == "apply" else rollback_file
+    return [step(ws, entry, policy, roots, table) for entry in entries]

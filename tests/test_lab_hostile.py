@@ -1,0 +1,588 @@
+"""A workstation's own users against the push, and Windows as it really behaves.
+
+The agent runs as an administrator on every workstation, but a standard user owns their profile
+folders and their registry. Each test here plays that user (a junction, a link, a redirected
+AppData folder, a folder squatted in ProgramData) or a Windows behaviour the agent must survive
+(ReplaceFile's DACL and error codes, MicroSIP's own install-mode rule, large requests, many
+sessions), through the real controller or the real agent envelope against the lab.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from provisioner import connections, doctor, ini, push, state
+from provisioner.lab.ntfs import EVERYONE, Acl, protected_acl
+from provisioner.lab.workstation import (
+    ADMINISTRATORS,
+    STATE_ROOT,
+    SYSTEM,
+    MsiProduct,
+    User,
+    Workstation,
+    user_file_acl,
+)
+from provisioner.results import Status
+from provisioner.transport.agent import scripts
+from tests.agentkit import (
+    ALICE_INI,
+    PROGRAM_DIR,
+    Station,
+    apply_request,
+    error_code,
+    file_entry,
+    inspect_request,
+    rollback_request,
+    sha,
+    state_path,
+    target,
+    write,
+)
+from tests.agentkit import ini as ini_bytes
+from tests.labkit import Kit, lab_kit
+
+pytestmark = pytest.mark.usefixtures("time_budget")
+
+U1_INI = "C:\\Users\\u1x1\\AppData\\Roaming\\MicroSIP\\microsip.ini"
+U2_INI = "C:\\Users\\u1x2\\AppData\\Roaming\\MicroSIP\\microsip.ini"
+TASKS = "C:\\Windows\\System32\\Tasks"
+
+
+@pytest.fixture
+def shared(tmp_path: Path) -> Iterator[Kit]:
+    """One shared PC (ws01) with two users, u1x1 and u1x2, both pushed once already."""
+    with lab_kit(tmp_path, users_per_ws=2) as kit:
+        first = kit.push("ws01")
+        assert first.status == Status.CHANGED, first.message
+        yield kit
+
+
+def _ws(kit: Kit) -> Workstation:
+    return kit.lab.workstations["ws01"]
+
+
+def _account(ws: Workstation, name: str) -> User:
+    user = ws.lookup_account(f"ACME\\{name}")
+    assert user is not None
+    return user
+
+
+def _reset(kit: Kit) -> push.PushOptions:
+    """A push that rewrites every file (the helpdesk's reset), so that each one is written."""
+    return push.PushOptions(reset=True)
+
+
+def readable_with(ws: Workstation, sid: str, secret: str) -> list[str]:
+    """Every file ``sid`` may read that holds ``secret`` (as MicroSIP writes it, UTF-16LE)."""
+    needle = secret.encode("utf-16-le")
+    found = []
+    for path in ws.walk("C:\\"):
+        if ws.is_reparse_point(path) or not ws.is_file(path):
+            continue
+        if needle in (ws.read(path) or b"") and ws.allows(sid, "read", path):
+            found.append(path)
+    return found
+
+
+def _file(result: object, user: str) -> object:
+    return next(f for f in result.files if f.user == user)  # type: ignore[attr-defined]
+
+
+# --- 1. reparse points and hard links --------------------------------------------------------
+
+
+def test_a_junction_in_place_of_the_old_state_folder_gives_the_user_nothing(shared: Kit) -> None:
+    # The state used to live in <ini folder>\.provisioner\<name>, which the user can replace
+    # with a junction to any folder; the agent then set a protected ACL with the user at Full
+    # Control on the junction's target and every file in it.
+    ws = _ws(shared)
+    u1 = _account(ws, "u1x1")
+    ws.put(f"{TASKS}\\backup.xml", b"<Task/>", protected_acl({SYSTEM: "FullControl"}))
+    before = ws.acl(TASKS)
+    legacy = Workstation.legacy_state_path(U1_INI, "")
+    ws.remove_tree(legacy)  # the user's own folder: they may replace whatever is there
+    ws.make_link(legacy, TASKS, owner=u1.sid)
+    result = shared.push("ws01", _reset(shared))
+    assert result.status == Status.CHANGED, result.message
+    assert ws.acl(TASKS) == before
+    assert not ws.allows(u1.sid, "write", TASKS)
+    assert not ws.allows(u1.sid, "read", f"{TASKS}\\backup.xml")
+    assert sorted(ws.listdir(TASKS)) == ["backup.xml"]
+    assert ws.acl(f"{TASKS}\\backup.xml") == protected_acl({SYSTEM: "FullControl"})
+
+
+def test_a_junction_on_the_path_to_the_ini_is_refused_and_nothing_is_written(shared: Kit) -> None:
+    ws = _ws(shared)
+    u1 = _account(ws, "u1x1")
+    folder = U1_INI.rsplit("\\", 1)[0]
+    ws.remove_tree(folder)
+    ws.make_link(folder, PROGRAM_DIR, owner=u1.sid)
+    listing = ws.listdir(PROGRAM_DIR)
+    result = shared.push("ws01", _reset(shared))
+    assert result.status == Status.FAILED
+    mine = _file(result, "u1x1")
+    assert mine.status == Status.FAILED and "unsafe-path" in mine.message  # type: ignore[attr-defined]
+    assert folder in mine.message  # type: ignore[attr-defined]
+    assert _file(result, "u1x2").status == Status.CHANGED  # type: ignore[attr-defined]
+    assert ws.listdir(PROGRAM_DIR) == listing  # no microsip.ini, no state beside it
+    assert not ws.allows(u1.sid, "create", PROGRAM_DIR)
+    assert not ws.allows(u1.sid, "write", f"{PROGRAM_DIR}\\override.ini")
+
+
+@pytest.mark.parametrize("kind", ["symlink", "hardlink"])
+def test_a_link_as_the_ini_never_reaches_another_users_file(shared: Kit, kind: str) -> None:
+    ws = _ws(shared)
+    u1, u2 = _account(ws, "u1x1"), _account(ws, "u1x2")
+    ws.delete(U1_INI)
+    ws.make_link(U1_INI, U2_INI, kind, owner=u1.sid)  # type: ignore[arg-type]
+    result = shared.push("ws01", _reset(shared))
+    mine = _file(result, "u1x1")
+    assert mine.status == Status.FAILED and "unsafe-path" in mine.message  # type: ignore[attr-defined]
+    assert "link" in mine.message  # type: ignore[attr-defined]
+    # u1x2's file is u1x2's: never written with u1x1's content, no right for u1x1 on it. As a
+    # hard link it is the very same file under two names, so it is not written either.
+    theirs = _file(result, "u1x2")
+    assert theirs.status == (Status.FAILED if kind == "hardlink" else Status.CHANGED)  # type: ignore[attr-defined]
+    assert "Sip-1-1-pw" not in ini.decode_ini_bytes(ws.read(U2_INI) or b"")
+    assert ws.acl(U2_INI) == user_file_acl(u2.sid)
+    assert readable_with(ws, u1.sid, "Sip-1-2-pw") == []
+
+
+# --- 2. the merge base and backups -----------------------------------------------------------
+
+
+def test_the_merge_base_and_backups_are_out_of_the_users_reach(shared: Kit) -> None:
+    ws = _ws(shared)
+    u1 = _account(ws, "u1x1")
+    assert shared.push("ws01", _reset(shared)).status == Status.CHANGED
+    for item in ("applied", "backup.1"):
+        path = state_path(item, u1)
+        assert ws.read(path) is not None, item
+        assert not ws.allows(u1.sid, "read", path) and not ws.allows(u1.sid, "write", path)
+    assert not ws.allows(u1.sid, "create", state_path("", u1))
+    assert ws.owner(STATE_ROOT) == ADMINISTRATORS
+    assert not ws.allows(u1.sid, "create", STATE_ROOT)
+    # Nothing of the tool's is left beside the user's file.
+    assert ws.listdir(U1_INI.rsplit("\\", 1)[0]) == ["microsip.ini"]
+
+
+def test_a_swapped_legacy_merge_base_or_backup_is_never_followed(shared: Kit) -> None:
+    # An agent of an earlier version kept its state beside the file. u1x1 makes its merge base
+    # and a backup names of u1x2's file (hard links): the agent used to read them, and to give
+    # u1x1 Full Control of every file there, u1x2's file included.
+    ws = _ws(shared)
+    u1, u2 = _account(ws, "u1x1"), _account(ws, "u1x2")
+    legacy = Workstation.legacy_state_path(U1_INI, "")
+    ws.remove_tree(legacy)
+    ws.put(f"{legacy}\\backup.1", ini_bytes("u1x1 by an old agent"), owner=u1.sid)
+    ws.make_link(f"{legacy}\\applied", U2_INI, "hardlink", owner=u1.sid)
+    ws.make_link(f"{legacy}\\backup.2", U2_INI, "hardlink", owner=u1.sid)
+    for item in ("applied", "backup.1", "backup.2", "backup.3"):
+        ws.delete(state_path(item, u1))
+    # The helpdesk resets u1x1's profile only.
+    result = shared.push("ws01", push.PushOptions(reset=True, users=("u1x1",)))
+    assert _file(result, "u1x1").status == Status.CHANGED, result.message  # type: ignore[attr-defined]
+    assert readable_with(ws, u1.sid, "Sip-1-2-pw") == []
+    assert ws.acl(U2_INI) == user_file_acl(u2.sid)
+    assert shared.push("ws01", _reset(shared)).status == Status.CHANGED
+    # The plain backup was migrated (two pushes later, the oldest), the links were not read,
+    # the old folder is gone.
+    migrated = [ws.read(state_path(f"backup.{n}", u1)) or b"" for n in (1, 2, 3)]
+    assert migrated[2] == ini_bytes("u1x1 by an old agent")
+    assert all(b"u\x001\x00x\x002" not in data for data in migrated)
+    assert not ws.exists(legacy.rstrip("\\").rsplit("\\", 1)[0])
+    assert ws.read(U2_INI) is not None and ws.link_count(U2_INI) == 1
+
+
+def test_a_state_folder_created_by_a_user_is_refused(shared: Kit) -> None:
+    # Users may create folders in C:\ProgramData and own what they create.
+    ws = _ws(shared)
+    u1 = _account(ws, "u1x1")
+    ws.remove_tree(STATE_ROOT)
+    assert ws.allows(u1.sid, "create", "C:\\ProgramData")
+    ws.put_dir(STATE_ROOT, owner=u1.sid)
+    ws.make_link(f"{STATE_ROOT}\\users", TASKS, owner=u1.sid)
+    result = shared.push("ws01", _reset(shared))
+    assert result.status == Status.FAILED
+    for change in result.files:
+        assert change.status == Status.FAILED and "owned by" in change.message, change
+    assert ws.listdir(TASKS) == []
+    assert not ws.allows(u1.sid, "write", TASKS)
+
+
+# --- 3. redirected AppData -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value", ["C:\\Users\\u1x2\\AppData\\Roaming", "%USERPROFILE%\\..\\u1x2\\AppData\\Roaming."]
+)
+def test_appdata_pointed_at_another_users_profile_is_refused(shared: Kit, value: str) -> None:
+    # On a shared PC (or RDS host) u1x1 sets their own User Shell Folders\AppData to u1x2's.
+    ws = _ws(shared)
+    u1, u2 = _account(ws, "u1x1"), _account(ws, "u1x2")
+    theirs = ws.read(U2_INI)
+    u1.shell_appdata = value
+    u1.hive_loaded = True
+    result = shared.push("ws01", _reset(shared))
+    mine = _file(result, "u1x1")
+    assert mine.status == Status.FAILED and "unsafe-path" in mine.message  # type: ignore[attr-defined]
+    assert "C:\\Users\\u1x2\\AppData\\Roaming" in mine.message  # type: ignore[attr-defined]
+    after = ws.read(U2_INI)
+    assert after is not None and theirs is not None
+    assert "Sip-1-1-pw" not in ini.decode_ini_bytes(after)
+    assert ws.acl(U2_INI) == user_file_acl(u2.sid)
+    assert readable_with(ws, u1.sid, "Sip-1-2-pw") == []
+
+
+def test_a_logged_off_users_redirected_appdata_is_reported_never_written_locally(
+    shared: Kit,
+) -> None:
+    ws = _ws(shared)
+    u1 = _account(ws, "u1x1")
+    ws.remove_tree(U1_INI.rsplit("\\", 1)[0])
+    u1.shell_appdata = "\\\\fs01\\redirect$\\%USERNAME%\\AppData"
+    u1.hive_loaded = False
+    result = shared.push("ws01", _reset(shared))
+    mine = _file(result, "u1x1")
+    assert mine.status == Status.FAILED and "redirected" in mine.message  # type: ignore[attr-defined]
+    assert "\\\\fs01\\redirect$\\u1x1\\AppData" in mine.message  # type: ignore[attr-defined]
+    assert u1.sid in ws.hives_read  # read from a copy of NTUSER.DAT, not guessed
+    assert not ws.exists(U1_INI.rsplit("\\", 1)[0])  # the local copy MicroSIP would not read
+
+
+def test_an_allowed_redirection_root_is_written(station: Station) -> None:
+    ws, alice = station.ws, station.alice
+    ws.add_share("\\\\fs01\\redirect$")
+    alice.shell_appdata = "\\\\FS01\\Redirect$\\alice\\AppData"
+    roots = ["\\\\fs01\\redirect$\\%USERNAME%"]
+    answer = station.agent.call(
+        {**inspect_request([("alice", "ACME\\alice")]), "appdata_roots": roots}
+    )
+    [user] = answer["users"]
+    assert user["error"] is None, user
+    path = "\\\\fs01\\redirect$\\alice\\AppData\\MicroSIP\\microsip.ini"
+    assert user["path"] == path
+    entry = file_entry(path, ini_bytes("redirected"), expect=None, user=alice)
+    [result] = station.agent.call({**apply_request([entry]), "appdata_roots": roots})["files"]
+    assert result["status"] == "written", result
+    assert ws.read(path) == ini_bytes("redirected")
+    # A root that names another user's folder is no root for alice.
+    bob_root = ["\\\\fs01\\redirect$\\bob"]
+    answer = station.agent.call(
+        {**inspect_request([("alice", "ACME\\alice")]), "appdata_roots": bob_root}
+    )
+    assert answer["users"][0]["error"]["code"] == "redirected"
+
+
+@pytest.mark.parametrize(
+    ("change", "code"),
+    [("no-hive-file", "no-profile"), ("hive-in-use", "locked")],
+)
+def test_a_logged_off_hive_that_cannot_be_read_writes_nothing(
+    shared: Kit, change: str, code: str
+) -> None:
+    ws = _ws(shared)
+    u1 = _account(ws, "u1x1")
+    if change == "no-hive-file":
+        u1.hive_file = False  # a profile disk: not on the machine while logged off
+    else:
+        ws.hive_locked.add(u1.sid)  # a logon under way
+    before = ws.read(U1_INI)
+    result = shared.push("ws01", _reset(shared))
+    mine = _file(result, "u1x1")
+    assert mine.status == Status.FAILED and mine.message.startswith(code)  # type: ignore[attr-defined]
+    assert ws.read(U1_INI) == before
+    assert result.retryable is (code == "locked")
+
+
+# --- 4. the ACL window -----------------------------------------------------------------------
+
+
+WIDE = Acl(
+    (
+        *user_file_acl("S-1-5-21-1000-2000-3000-1104").aces,
+        *protected_acl({EVERYONE: "ReadAndExecute"}).aces,
+    )
+)
+"""alice's file readable by everyone (a portable folder's defaults, or the user's own choice)."""
+
+
+def test_new_content_is_never_readable_under_the_old_files_wider_dacl(station: Station) -> None:
+    ws, alice = station.ws, station.alice
+    ws.put(ALICE_INI, ini_bytes("old"), WIDE, owner=alice.sid)
+    exposed: list[str] = []
+
+    def watch(event: str) -> None:
+        written = event.startswith("replace") and ws.read(ALICE_INI) == ini_bytes("new password")
+        if written and ws.allows(EVERYONE, "read", ALICE_INI):
+            exposed.append(event)
+
+    ws.observe(watch)
+    assert write(station, alice, ini_bytes("new password"))["status"] == "written"
+    assert exposed == []
+    assert ws.acl(ALICE_INI) == user_file_acl(alice.sid)
+
+
+def test_a_dacl_that_cannot_be_set_leaves_the_old_content(station: Station) -> None:
+    ws, alice = station.ws, station.alice
+    ws.put(ALICE_INI, ini_bytes("old"), WIDE, owner=alice.sid)
+    ws.faults.acl_errors[ALICE_INI.casefold()] = 1
+    result = write(station, alice, ini_bytes("new password"))
+    assert (result["status"], error_code(result)) == ("error", "read-only")
+    assert ws.read(ALICE_INI) == ini_bytes("old")
+    assert ws.read(state_path("backup.new")) is None and ws.read(state_path("backup.1")) is None
+
+
+def test_a_dacl_changed_behind_the_agents_back_is_caught_after_the_replace(
+    station: Station,
+) -> None:
+    # The user owns their file and may change its DACL at any time; here between the agent
+    # setting the final one and the replace, and the agent's second attempt fails too.
+    ws, alice = station.ws, station.alice
+    ws.put(ALICE_INI, ini_bytes("old"), owner=alice.sid)
+
+    raced: list[str] = []
+
+    def race(event: str) -> None:
+        if event == f"acl {ALICE_INI}" and not raced:
+            raced.append(event)
+            ws.set_acl(ALICE_INI, WIDE)
+            ws.faults.acl_errors[ALICE_INI.casefold()] = 1
+
+    ws.observe(race)
+    result = write(station, alice, ini_bytes("new password"))
+    assert (result["status"], error_code(result)) == ("error", "acl-failed")
+    assert ws.read(ALICE_INI) == ini_bytes("old")
+
+
+# --- 5. request size -------------------------------------------------------------------------
+
+
+def test_a_40_user_rds_host_with_100_kib_files_pushes(tmp_path: Path) -> None:
+    with lab_kit(tmp_path, users_per_ws=40, workstations=1) as kit:
+        ws = kit.lab.workstations["ws01"]
+        history = "".join(
+            f"call{n}=2026-12-01 10:{n % 60:02d} +4930{n:07d} 42\r\n" for n in range(1700)
+        )
+        for number in range(1, 41):
+            user = _account(ws, f"u1x{number}")
+            text = f"[Settings]\r\naccountId=1\r\n[Calls]\r\n{history}"
+            ws.put(ws.ini_path(user), ini.encode_ini(text), owner=user.sid)
+        assert all(len(ws.read(ws.ini_path(u)) or b"") > 100 * 1024 for u in ws.users)
+        result = kit.push("ws01")
+        assert result.status == Status.CHANGED, result.message
+        assert sum(f.status == Status.CHANGED for f in result.files) == 41
+        host = kit.lab.hosts["ws01"]
+        assert host.stats().by_operation["Send"] > 2  # the apply went out in pieces
+
+
+def test_powershell_before_5_cannot_parse_a_large_request(station: Station) -> None:
+    station.ws.ps_version = "4.0"
+    big = {**inspect_request([("alice", "ACME\\alice")]), "padding": "x" * 2_200_000}
+    _, err, code = station.agent.raw(scripts.make_envelope("inspect", big))
+    assert code == 1 and b"maxJsonLength" in err
+    station.ws.ps_version = "5.1.19041.4648"
+    assert station.agent.call(big)["ok"] is True
+
+
+# --- 6. local accounts -----------------------------------------------------------------------
+
+
+def test_a_local_account_written_dot_backslash_resolves_on_the_workstation(
+    station: Station,
+) -> None:
+    kiosk = station.ws.add_user(".\\kiosk")
+    answer = station.agent.call(inspect_request([("kiosk", ".\\kiosk")]))
+    [user] = answer["users"]
+    assert user["error"] is None and user["sid"] == kiosk.sid
+    assert user["path"] == "C:\\Users\\kiosk\\AppData\\Roaming\\MicroSIP\\microsip.ini"
+
+
+# --- 7. MicroSIP's own install-mode rule -----------------------------------------------------
+
+
+def _mode(station: Station, mode: str = "installed") -> dict[str, object]:
+    answer = station.agent.call(inspect_request([("alice", "ACME\\alice")], mode=mode))
+    return dict(answer["users"][0])
+
+
+def test_hkcu_decides_first(station: Station) -> None:
+    station.ws.hklm_microsip = None
+    station.alice.hkcu_microsip = PROGRAM_DIR.upper()  # compared case-insensitively
+    user = _mode(station)
+    assert (user["mode"], user["mode_rule"], user["error"]) == ("installed", "hkcu", None)
+    wrong = _mode(station, "portable")
+    assert wrong["error"]["code"] == "mode-mismatch"  # type: ignore[index]
+    assert "rule hkcu" in wrong["error"]["message"]  # type: ignore[index]
+
+
+def test_a_registry_value_with_a_trailing_backslash_means_portable(station: Station) -> None:
+    # MicroSIP compares the registry value with the exe's folder exactly: no trim.
+    station.ws.hklm_microsip = PROGRAM_DIR + "\\"
+    user = _mode(station)
+    assert user["error"]["code"] == "mode-mismatch", user  # type: ignore[index]
+    assert (user["mode"], user["mode_rule"]) == ("portable", "none")
+    assert user["path"] is None  # nothing MicroSIP would not read is written
+    portable = _mode(station, "portable")
+    assert portable["path"] == f"{PROGRAM_DIR}\\microsip.ini"
+
+
+def test_an_msi_product_decides_when_the_registry_does_not(station: Station) -> None:
+    ws = station.ws
+    ws.hklm_microsip = None
+    ws.msi_products.append(MsiProduct("MicroSIP", PROGRAM_DIR + "\\"))
+    user = _mode(station)
+    assert (user["mode"], user["mode_rule"]) == ("installed", "msi")  # its location is trimmed
+    ws.msi_products.clear()
+    ws.msi_products.append(MsiProduct("microsip", ""))
+    user = _mode(station)
+    assert (user["mode"], user["mode_rule"]) == ("installed", "msi-any-location")
+    ws.msi_products[:] = [MsiProduct("MicroSIP", PROGRAM_DIR, user_sid=station.bob.sid)]
+    assert _mode(station)["mode"] == "portable"  # bob's per-user product is not alice's
+
+
+def test_doctor_reports_which_rule_decided(shared: Kit) -> None:
+    options = connections.winrm_options(
+        shared.station("ws01"), shared.keyring, shared.lab.lab_map()
+    )
+    checks = doctor.remote_checks(
+        shared.station("ws01"), shared.files("ws01"), shared.transport("ws01"), options
+    )
+    profile = next(c for c in checks if c.name == "profile u1x1")
+    assert profile.ok and "installed, decided by hklm" in profile.detail
+
+
+# --- 8. Windows errors -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("number", [1175, 1176, 1177])
+def test_replacefile_errors_leave_the_old_content_and_are_retryable(
+    station: Station, number: int
+) -> None:
+    ws, alice = station.ws, station.alice
+    ws.put(ALICE_INI, ini_bytes("old"), owner=alice.sid)
+    ws.faults.replace_errors[ALICE_INI.casefold()] = [number]
+    result = write(station, alice, ini_bytes("new"))
+    assert (result["status"], error_code(result)) == ("error", "locked")
+    assert str(number) in result["error"]["message"]
+    assert ws.read(ALICE_INI) == ini_bytes("old")
+    folder = ALICE_INI.rsplit("\\", 1)[0]
+    assert ws.listdir(folder) == ["microsip.ini"]  # no temp, no .old left beside it
+    assert ws.read(state_path("backup.1")) is None and ws.read(state_path("backup.new")) is None
+    assert write(station, alice, ini_bytes("new"))["status"] == "written"
+
+
+def test_an_antivirus_holding_the_file_for_a_moment_is_waited_for(station: Station) -> None:
+    ws, alice = station.ws, station.alice
+    ws.put(ALICE_INI, ini_bytes("old"), owner=alice.sid)
+    ws.faults.replace_errors[ALICE_INI.casefold()] = [32, 32]
+    assert write(station, alice, ini_bytes("new"))["status"] == "written"
+    ws.faults.replace_errors[ALICE_INI.casefold()] = [32] * 5
+    result = write(station, alice, ini_bytes("newer"))
+    assert (result["status"], error_code(result)) == ("error", "locked")
+    assert ws.read(ALICE_INI) == ini_bytes("new")
+
+
+def test_the_read_only_attribute_is_a_clear_status(station: Station) -> None:
+    ws, alice = station.ws, station.alice
+    ws.put(ALICE_INI, ini_bytes("locked by an admin"), owner=alice.sid, readonly=True)
+    [user] = station.agent.call(inspect_request([("alice", "ACME\\alice")]))["users"]
+    assert user["read_only"] is True
+    result = write(station, alice, ini_bytes("new"))
+    assert (result["status"], error_code(result)) == ("error", "read-only")
+    assert "read-only attribute" in result["error"]["message"]
+    assert ws.read(ALICE_INI) == ini_bytes("locked by an admin")
+    [back] = station.agent.call(rollback_request([target(ALICE_INI, alice)]))["files"]
+    assert error_code(back) == "read-only"
+
+
+def test_a_read_only_file_fails_in_the_plan_before_any_write(shared: Kit) -> None:
+    ws = _ws(shared)
+    ws.set_readonly(U1_INI)
+    before = shared.lab.hosts["ws01"].stats().commands
+    result = shared.push("ws01", _reset(shared))
+    mine = _file(result, "u1x1")
+    assert mine.status == Status.FAILED and "read-only attribute" in mine.message  # type: ignore[attr-defined]
+    assert shared.lab.hosts["ws01"].stats().commands - before == 2  # inspect, apply for u1x2
+
+
+# --- 9. stop only when it will write ---------------------------------------------------------
+
+
+def test_a_conflict_never_stops_the_users_microsip(station: Station) -> None:
+    ws, alice = station.ws, station.alice
+    ws.put(ALICE_INI, ini_bytes("edited by alice meanwhile"), owner=alice.sid)
+    process = ws.start_microsip(alice)
+    entry = file_entry(ALICE_INI, ini_bytes("ours"), expect=sha(b"what we saw"), user=alice)
+    [result] = station.agent.call(apply_request([entry], "stop"))["files"]
+    assert (result["status"], result["stopped"]) == ("conflict", 0)
+    assert process.running and ws.stopped == []
+
+
+def test_a_stop_is_said_in_the_result_and_the_audit_with_who(shared: Kit) -> None:
+    ws = _ws(shared)
+    u1 = _account(ws, "u1x1")
+    ws.start_microsip(u1)
+    result = shared.push("ws01", push.PushOptions(reset=True, if_running="stop"))
+    mine = _file(result, "u1x1")
+    assert mine.status == Status.CHANGED  # type: ignore[attr-defined]
+    assert "MicroSIP was closed" in mine.message  # type: ignore[attr-defined]
+    [record] = [
+        r
+        for r in state.records_for_results(
+            [result], who="helpdesk-anna", action="push", run_id="r1"
+        )
+        if r.user == "u1x1"
+    ]
+    assert record.who == "helpdesk-anna" and "MicroSIP was closed" in record.message
+
+
+# --- 10. many sessions -----------------------------------------------------------------------
+
+
+def test_one_process_query_per_request_on_an_rds_host(station: Station) -> None:
+    ws = station.ws
+    names = [f"rds{n:02d}" for n in range(50)]
+    users = [ws.add_user(f"ACME\\{name}", hive_loaded=True) for name in names]
+    for user in users:
+        ws.start_microsip(user)
+    answer = station.agent.call(inspect_request([(n, f"ACME\\{n}") for n in names]))
+    assert all(u["running"] for u in answer["users"])
+    assert (ws.process_queries.queries, ws.process_queries.owner_lookups) == (1, 50)
+    entries = [file_entry(ws.ini_path(u), ini_bytes(u.sam), expect=None, user=u) for u in users]
+    results = station.agent.call(apply_request(entries))["files"]
+    assert {r["status"] for r in results} == {"busy"}
+    assert (ws.process_queries.queries, ws.process_queries.owner_lookups) == (2, 100)
+
+
+# --- 11. Constrained Language Mode and WinRS disabled ----------------------------------------
+
+
+def test_constrained_language_mode_is_named_by_push_and_doctor(shared: Kit) -> None:
+    _ws(shared).language_mode = "ConstrainedLanguage"
+    result = shared.push("ws01")
+    assert result.status == Status.FAILED and "ConstrainedLanguage" in result.message
+    options = connections.winrm_options(
+        shared.station("ws01"), shared.keyring, shared.lab.lab_map()
+    )
+    checks = doctor.remote_checks(
+        shared.station("ws01"), shared.files("ws01"), shared.transport("ws01"), options
+    )
+    powershell = next(c for c in checks if c.name == "powershell")
+    assert not powershell.ok and "ConstrainedLanguage" in powershell.detail
+    assert "WDAC" in powershell.fix
+
+
+def test_remote_shells_disabled_by_policy_is_named_by_doctor(shared: Kit) -> None:
+    shared.lab.hosts["ws01"].set_remote_shells(False)
+    options = connections.winrm_options(
+        shared.station("ws01"), shared.keyring, shared.lab.lab_map()
+    )
+    checks = doctor.remote_checks(
+        shared.station("ws01"), shared.files("ws01"), shared.transport("ws01"), options
+    )
+    winrs = next(c for c in checks if c.name == "winrs")
+    assert not winrs.ok and "AllowRemoteShellAccess" in winrs.fix
