@@ -210,7 +210,7 @@ def check_options(options: WinrmOptions, host: str = "") -> None:
         )
     problem = address_problem(options.address)
     if problem is not None:
-        raise TransportError(f"address: {problem}", host=host)
+        raise TransportError(f"{host}: address: {problem}", host=host)
     if not options.username or options.password is None:
         raise AuthError("no WinRM credentials: set winrm.username and winrm.password", host=host)
     problem = scope_problem(host, options)
@@ -220,7 +220,7 @@ def check_options(options: WinrmOptions, host: str = "") -> None:
         problems = policy_problems(options)
         if problems:
             raise TransportError(
-                "push and rollout refuse these winrm settings: " + "; ".join(problems),
+                f"{host}: push and rollout refuse these winrm settings: " + "; ".join(problems),
                 host=host,
             )
     elif (
