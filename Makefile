@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/vault_bench.py
 	$(BIN)/python bench/phase1_bench.py --sizes 1000,10000,100000 --ansible 1000
 	$(BIN)/python bench/push_bench.py
+	$(BIN)/python bench/reply_check_bench.py
 	$(BIN)/python bench/fleet_bench.py
 
 clean:

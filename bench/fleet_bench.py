@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from provisioner import secretstore, vault
+from provisioner.credscope import Scope
 from provisioner.model import Secret
 
 REALM = "bench-fleet"
@@ -82,15 +83,17 @@ def write_inventory(root: Path, hosts: int, transport: str) -> Path:
     secretstore.write_identity(identity_path, identity, None, protection="none")
     key = recipients.active_key()
 
-    def seal(value: str, pointer: str) -> str:
-        return vault.seal(Secret(value), realm=REALM, path=pointer, recipient=key)
+    def seal(value: str, pointer: str, scope: Scope | None = None) -> str:
+        return vault.seal(Secret(value), realm=REALM, path=pointer, recipient=key, scope=scope)
 
     (root / "defaults.yaml").write_text(
         DEFAULTS.format(
             transport=transport,
             scheme="https" if transport == "basic" else "http",
             user=WINRM_USER,
-            token=seal(WINRM_PASSWORD, "/defaults/winrm/password"),
+            token=seal(
+                WINRM_PASSWORD, "/defaults/winrm/password", Scope.build(["ws*"], "encrypted")
+            ),
         )
     )
     for start in range(1, hosts + 1, PER_FILE):

@@ -1,4 +1,9 @@
-"""From a workstation's resolved ``winrm:`` options to a ready transport (lab-aware)."""
+"""From a workstation's resolved ``winrm:`` options to a ready transport (lab-aware).
+
+The WinRM password comes with the scope sealed into its token; with ``--lab`` the connection
+goes to the lab's loopback endpoint and the scope is checked against the inventory address, as
+the real push would check it (a lab file names loopback addresses only).
+"""
 
 from __future__ import annotations
 
@@ -9,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from provisioner import vault
+from provisioner.credscope import Scope, is_loopback
 from provisioner.errors import AuthError, ProvisionerError
 from provisioner.model import Secret
 from provisioner.resolve import StationPlan
-from provisioner.transport.winrm import WinrmOptions, WinrmTransport
+from provisioner.transport.winrm import WinrmOptions, WinrmTransport, check_options
 
 
 @dataclass(frozen=True)
@@ -41,13 +47,22 @@ class LabMap:
                 name: LabEndpoint(str(h["address"]), int(h["port"]), str(h["scheme"]))
                 for name, h in data["hosts"].items()
             }
-            return cls(str(data["ca_path"]), hosts, int(data.get("pid", 0)))
+            mapped = cls(str(data["ca_path"]), hosts, int(data.get("pid", 0)))
         except FileNotFoundError:
             raise ProvisionerError(
                 f"{path} does not exist; start the lab with 'provisioner lab up'"
             ) from None
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ProvisionerError(f"{path} is not a lab file: {exc}") from None
+        # A lab file may sit in the inventory folder, where its editors could write one: it
+        # must never send a real WinRM password off this machine.
+        remote = sorted(name for name, e in mapped.hosts.items() if not is_loopback(e.address))
+        if remote:
+            raise ProvisionerError(
+                f"{path} is not a lab file: it sends {', '.join(remote[:3])} to addresses that "
+                "are not loopback (127.0.0.0/8, ::1)"
+            )
+        return mapped
 
     def dump(self) -> str:
         """The JSON text of this lab file."""
@@ -67,12 +82,25 @@ class LabMap:
 
 def winrm_password(plan: StationPlan, opener: vault.Opener) -> Secret | None:
     """The workstation's WinRM password, opened from its sealed token."""
+    credential = winrm_credential(plan, opener)
+    return credential[0] if credential is not None else None
+
+
+def winrm_credential(
+    plan: StationPlan, opener: vault.Opener
+) -> tuple[Secret, Scope | None, str] | None:
+    """The WinRM password, the scope sealed with it, and the path of its token.
+
+    Opening authenticates the whole token, so the scope read from it is the sealed one (with
+    a key-less placeholder opener it is only claimed, and no real password is involved).
+    """
     resolved = plan.winrm.get("password")
     if resolved is None or resolved.value is None:
         return None
-    secret = opener.open(str(resolved.value), resolved.final.pointer)
-    vault.check_policy(secret, where=resolved.final.pointer)
-    return secret
+    token, pointer = str(resolved.value), resolved.final.pointer
+    secret = opener.open(token, pointer)
+    vault.check_policy(secret, where=pointer)
+    return secret, vault.token_scope(token), pointer
 
 
 def winrm_options(
@@ -81,14 +109,17 @@ def winrm_options(
     lab: LabMap | None = None,
     *,
     timeout: int | None = None,
+    diagnostic: bool = False,
 ) -> WinrmOptions:
-    """Everything needed to connect to one workstation."""
+    """Everything needed to connect to one workstation (``diagnostic``: for ``doctor``)."""
     values: dict[str, Any] = {key: r.value for key, r in plan.winrm.items()}
     name = plan.workstation.name
     address, port, scheme = plan.workstation.address, int(values.get("port") or 0), ""
     scheme = str(values.get("scheme") or "")
     ca_path = values.get("ca_trust_path")
+    lab_for = ""
     if lab is not None:
+        lab_for = address
         endpoint = lab.hosts.get(name)
         if endpoint is None:
             raise ProvisionerError(f"the lab does not emulate {name}; restart 'provisioner lab up'")
@@ -105,10 +136,16 @@ def winrm_options(
     username = values.get("username")
     if not username:
         raise AuthError(f"no winrm.username for {name}", host=name)
+    credential = winrm_credential(plan, opener)
+    password, scope, password_path = credential if credential else (None, None, "")
     return WinrmOptions(
         address=address,
         username=str(username),
-        password=winrm_password(plan, opener),
+        password=password,
+        scope=scope,
+        lab_for=lab_for,
+        diagnostic=diagnostic,
+        password_path=password_path,
         transport=str(values.get("transport") or "ntlm"),
         scheme=scheme,
         port=port,
@@ -127,6 +164,37 @@ def open_transport(
     lab: LabMap | None = None,
     *,
     timeout: int | None = None,
+    diagnostic: bool = False,
 ) -> WinrmTransport:
-    """A WinRM transport to one workstation (no connection is made yet)."""
-    return WinrmTransport(plan.workstation.name, winrm_options(plan, opener, lab, timeout=timeout))
+    """A WinRM transport to one workstation (no connection is made yet; scope checked)."""
+    options = winrm_options(plan, opener, lab, timeout=timeout, diagnostic=diagnostic)
+    return WinrmTransport(plan.workstation.name, options)
+
+
+def refused_connections(
+    stations: Mapping[str, StationPlan], opener: vault.Opener, lab: LabMap | None = None
+) -> list[str]:
+    """``host: why`` for every workstation whose connection would be refused (none is made).
+
+    A fleet run checks this before the first connection, so that one address outside the
+    credential's scope stops the run instead of failing one host among many. Each token is
+    opened once, however many workstations share it.
+    """
+    opened: dict[tuple[str, str], Secret] = {}
+
+    class Cached:
+        def open(self, token: str, path: str) -> Secret:
+            key = (token, path)
+            if key not in opened:
+                opened[key] = opener.open(token, path)
+            return opened[key]
+
+    cached = Cached()
+    refused = []
+    for name, plan in sorted(stations.items()):
+        try:
+            options = winrm_options(plan, cached, lab)
+            check_options(options, name)
+        except ProvisionerError as exc:
+            refused.append(f"{name}: {exc}")
+    return refused

@@ -1,7 +1,10 @@
 """``doctor``: check every step between the controller and a workstation's MicroSIP files.
 
 Each check says what it found and, when it fails, the fix to try. Checks stop at the first
-failure of the network path (no point testing auth when the port is closed).
+failure of the network path (no point testing auth when the port is closed). The credential's
+scope comes first: outside it, doctor opens no connection at all. Settings that push refuses
+(``server_cert_validation: ignore``, ``message_encryption: never``, basic without TLS) are
+reported, and doctor still connects with them when the scope allows it.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from provisioner.errors import AuthError, ProvisionerError, TransportError
 from provisioner.push import inspect_request
 from provisioner.resolve import StationPlan
 from provisioner.transport.base import Transport
-from provisioner.transport.winrm import WinrmOptions
+from provisioner.transport.winrm import WinrmOptions, policy_problems, scope_problem
 
 MIN_FREE_BYTES = 50 * 1024 * 1024
 SETUP = "see docs/windows-setup.md"
@@ -52,30 +55,57 @@ class Check:
     fix: str = ""
 
 
-def _port(options: WinrmOptions) -> int:
-    return options.port or (5986 if options.effective_scheme == "https" else 5985)
+def credential_checks(host: str, options: WinrmOptions) -> list[Check]:
+    """The credential's scope (a failure stops doctor before any connection) and the settings
+    push and rollout refuse."""
+    problem = scope_problem(host, options)
+    if problem is not None:
+        return [
+            Check(
+                "scope",
+                False,
+                problem,
+                "check the workstation's address and winrm options; if they are right, an "
+                "admin seals the password again with a wider scope (docs/secrets.md)",
+            )
+        ]
+    assert options.scope is not None  # noqa: S101 - scope_problem refuses a missing scope
+    target = options.lab_for or options.address
+    checks = [Check("scope", True, f"{target} is within {options.scope}")]
+    problems = policy_problems(options)
+    if problems:
+        checks.append(
+            Check(
+                "winrm settings",
+                False,
+                "; ".join(problems),
+                "push and rollout refuse these settings; doctor connects with them only to "
+                f"diagnose; {SETUP}",
+            )
+        )
+    return checks
 
 
 def network_checks(options: WinrmOptions, timeout: float = 5.0) -> list[Check]:
-    """DNS, TCP and (for https) TLS with certificate validation."""
+    """DNS, TCP and (for https) TLS with certificate validation, to where a push connects."""
     checks: list[Check] = []
-    port = _port(options)
+    host, port = options.connect_to
     try:
-        infos = socket.getaddrinfo(options.address, port, type=socket.SOCK_STREAM)
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         addresses = sorted({str(i[4][0]) for i in infos})
-        checks.append(Check("dns", True, f"{options.address} -> {', '.join(addresses)}"))
+        checks.append(Check("dns", True, f"{host} -> {', '.join(addresses)}"))
     except socket.gaierror as exc:
         checks.append(
             Check(
                 "dns",
                 False,
-                f"{options.address}: {exc.strerror}",
+                f"{host}: {exc.strerror}",
                 "fix the name in DNS, or set the workstation's address to its IP",
             )
         )
         return checks
     try:
-        with socket.create_connection((options.address, port), timeout=timeout):
+        with socket.create_connection((host, port), timeout=timeout):
             checks.append(Check("port", True, f"TCP {port} open"))
     except OSError as exc:
         checks.append(
@@ -89,19 +119,19 @@ def network_checks(options: WinrmOptions, timeout: float = 5.0) -> list[Check]:
         )
         return checks
     if options.effective_scheme == "https":
-        checks.append(_tls_check(options, port, timeout))
+        checks.append(_tls_check(options, host, port, timeout))
     return checks
 
 
-def _tls_check(options: WinrmOptions, port: int, timeout: float) -> Check:
+def _tls_check(options: WinrmOptions, host: str, port: int, timeout: float) -> Check:
     context = ssl.create_default_context(cafile=options.ca_trust_path)
     if options.server_cert_validation == "ignore":
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     try:
         with (
-            socket.create_connection((options.address, port), timeout=timeout) as raw,
-            context.wrap_socket(raw, server_hostname=options.address) as tls,
+            socket.create_connection((host, port), timeout=timeout) as raw,
+            context.wrap_socket(raw, server_hostname=host) as tls,
         ):
             cert: Any = tls.getpeercert() or {}
             expires = cert.get("notAfter", "?")
@@ -112,7 +142,7 @@ def _tls_check(options: WinrmOptions, port: int, timeout: float) -> Check:
             False,
             f"certificate rejected: {exc.verify_message}",
             "the listener's certificate must be issued by a CA in ca_trust_path and "
-            f"name {options.address} (subject or SAN); {SETUP}",
+            f"name {host} (subject or SAN); {SETUP}",
         )
     except (ssl.SSLError, OSError) as exc:
         return Check(

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from provisioner import forked, yamldoc
+from provisioner.credscope import address_problem
 from provisioner.errors import InventoryError, ProvisionerError
 from provisioner.inidoc import unquote
 from provisioner.keytable import KeySpec, KeyTable, load_key_table
@@ -746,9 +747,7 @@ def _workstation(context: _Context, name: str, node: yamldoc.YNode, source: Sour
     entries = _mapping(
         context, node, source.file, segments, WORKSTATION_KEYS, f"workstation {name}"
     )
-    address = name
-    if "address" in entries:
-        address = _text(context, *entries["address"], (*segments, "address")) or name
+    address = _address(context, name, entries, source, segments)
     groups = (
         _names(context, *entries["groups"], (*segments, "groups")) if "groups" in entries else ()
     )
@@ -758,6 +757,38 @@ def _workstation(context: _Context, name: str, node: yamldoc.YNode, source: Sour
         description = _text(context, *entries["description"], (*segments, "description")) or ""
     layer = _layer(context, entries, source.file, segments, f"workstation {name}")
     return Workstation(name, address, groups, users, layer, source, description)
+
+
+def _address(
+    context: _Context,
+    name: str,
+    entries: Mapping[str, tuple[yamldoc.YNode, Source]],
+    source: Source,
+    segments: tuple[str, ...],
+) -> str:
+    """The workstation's address (its name when absent): a host name or an IP literal only.
+
+    An inventory editor controls it; anything else (a URL, ``host:port``, a user@, a number
+    the resolver reads as an IPv4 address) would change where the controller connects.
+    """
+    at = (*segments, "address")
+    if "address" not in entries:
+        problem = address_problem(name)
+        if problem is not None:
+            context.error(
+                f"the workstation's name is its address unless 'address' is set: {problem}",
+                source,
+                at,
+            )
+        return name
+    node, key_source = entries["address"]
+    value = _text(context, node, Source(key_source.file, node.line, node.column), at)
+    if value is None:
+        return name
+    problem = address_problem(value)
+    if problem is not None:
+        context.error(problem, Source(key_source.file, node.line, node.column), at)
+    return value
 
 
 def _user(context: _Context, name: str, node: yamldoc.YNode, source: Source) -> User:

@@ -16,6 +16,10 @@ SECRET_PATH_PATTERNS: tuple[str, ...] = (
 )
 
 
+SCOPED_PATH_PATTERNS: tuple[str, ...] = SECRET_PATH_PATTERNS[1:]
+"""The WinRM passwords: sealed with a credential scope (``sipvault:v2``, docs/secrets.md)."""
+
+
 def split_pointer(pointer: str) -> list[str]:
     """Split an RFC 6901 JSON Pointer into unescaped segments."""
     if pointer == "":
@@ -49,4 +53,13 @@ def is_secret_path(segments: tuple[str, ...] | list[str]) -> bool:
         len(wanted) == len(segments)
         and all(w == "*" or w == s for w, s in zip(wanted, segments, strict=True))
         for wanted in _SPLIT_PATTERNS
+    )
+
+
+def is_scoped_path(segments: tuple[str, ...] | list[str]) -> bool:
+    """True for a WinRM password: its token must carry a credential scope."""
+    return any(
+        len(wanted) == len(segments)
+        and all(w == "*" or w == s for w, s in zip(wanted, segments, strict=True))
+        for wanted in (tuple(p[1:].split("/")) for p in SCOPED_PATH_PATTERNS)
     )

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from provisioner import forked, vault, yamldoc
 from provisioner.atomicfile import create_exclusive, write_atomic
+from provisioner.credscope import Scope
 from provisioner.errors import (
     CannotDecryptError,
     IdentityError,
@@ -32,7 +33,7 @@ from provisioner.errors import (
     YamlEditError,
 )
 from provisioner.model import Secret
-from provisioner.schema import is_secret_path, join_pointer, split_pointer
+from provisioner.schema import is_scoped_path, is_secret_path, join_pointer, split_pointer
 
 RECIPIENTS_FILE = "recipients.yaml"
 IDENTITY_SUFFIX = ".sipid"
@@ -175,7 +176,9 @@ class Scan:
 
 def kids_in_use(scan: Scan) -> Counter[str]:
     """How many tokens of the inventory use each key id (well-formed tokens only)."""
-    return Counter(s.ref.value.split(":")[2] for s in scan.tokens() if s.ref.value.count(":") == 4)
+    return Counter(
+        s.ref.value.split(":")[2] for s in scan.tokens() if s.ref.value.count(":") in (4, 5)
+    )
 
 
 def scan_inventory(root: Path, files: Sequence[Path] | None = None) -> Scan:
@@ -298,6 +301,26 @@ def lint_secrets(scan: Scan, recipients: vault.Recipients) -> list[SecretFinding
         except VaultError as exc:
             findings.append(_finding(site, "error", error_code(exc), str(exc)))
             continue
+        if is_scoped_path(site.ref.segments) and parts.scope is None:
+            findings.append(
+                _finding(
+                    site,
+                    "warning",
+                    "unscoped-credential",
+                    "this WinRM password has no scope, so commands that connect refuse it; "
+                    f"an admin adds one with 'provisioner secrets scope --path {site.pointer} "
+                    "--scope PATTERN' (docs/secrets.md)",
+                )
+            )
+        elif not is_scoped_path(site.ref.segments) and parts.scope is not None:
+            findings.append(
+                _finding(
+                    site,
+                    "error",
+                    "misplaced-scope",
+                    "only WinRM passwords carry a scope; set this value anew without --scope",
+                )
+            )
         if parts.kid != recipients.active:
             findings.append(
                 _finding(
@@ -363,13 +386,32 @@ def _edit_file(doc: yamldoc.YamlText, new_text: str, expected: dict[tuple[str, .
     write_atomic(Path(doc.source), new_text.encode("utf-8"))
 
 
-def set_secret(root: Path, pointer: str, secret: Secret, recipients: vault.Recipients) -> Written:
-    """Seal ``secret`` for ``pointer`` and patch it into the one file that holds that entry."""
+def check_scope_fits(pointer: str, scope: Scope | None) -> None:
+    """WinRM passwords are sealed with a scope, and nothing else is."""
+    scoped = is_scoped_path(split_pointer(pointer))
+    if scoped and scope is None:
+        raise VaultError(
+            f"{pointer} is a WinRM password: seal it with the addresses it may be sent to, "
+            "e.g. --scope '*.corp.example.com' --scope 10.20.0.0/16 (docs/secrets.md)"
+        )
+    if not scoped and scope is not None:
+        raise VaultError(f"{pointer} is not a WinRM password; only those take --scope")
+
+
+def set_secret(
+    root: Path,
+    pointer: str,
+    secret: Secret,
+    recipients: vault.Recipients,
+    scope: Scope | None = None,
+) -> Written:
+    """Seal ``secret`` for ``pointer`` (WinRM passwords: with ``scope``) and patch it in."""
     segments = tuple(split_pointer(pointer))
     if not is_secret_path(segments):
         raise VaultError(f"{pointer} is not a secret field of the inventory schema")
+    check_scope_fits(pointer, scope)
     key = recipients.active_key()
-    token = vault.seal(secret, realm=recipients.realm, path=pointer, recipient=key)
+    token = vault.seal(secret, realm=recipients.realm, path=pointer, recipient=key, scope=scope)
     scan = scan_inventory(root)
     holders = [doc for doc in scan.docs if doc.scalar(segments) is not None]
     if len(holders) > 1:
@@ -428,7 +470,7 @@ def verify_secrets(scan: Scan, keyring: vault.Keyring) -> VerifyReport:
             report.errors_by_class[code] += 1
             report.failures.append(_finding(site, "error", code, "no token in this secret field"))
             continue
-        kid = ref.value.split(":")[2] if ref.value.count(":") == 4 else ""
+        kid = ref.value.split(":")[2] if ref.value.count(":") in (4, 5) else ""
         try:
             if kid in known and kid not in keyring.identities:
                 vault.check_token(ref.value, site.pointer, keyring.recipients)  # key-less checks
@@ -466,10 +508,14 @@ class RekeyReport:
 
 
 def _reseal_checked(
-    keyring: vault.Keyring, secret: Secret, pointer: str, target: vault.RecipientKey
+    keyring: vault.Keyring,
+    secret: Secret,
+    pointer: str,
+    target: vault.RecipientKey,
+    scope: Scope | None,
 ) -> str:
     realm = keyring.recipients.realm
-    token = vault.seal(secret, realm=realm, path=pointer, recipient=target)
+    token = vault.seal(secret, realm=realm, path=pointer, recipient=target, scope=scope)
     if target.kid in keyring.identities:
         again = keyring.open(token, pointer)
         if not hmac.compare_digest(again.reveal().encode(), secret.reveal().encode()):
@@ -502,7 +548,7 @@ def rekey(
         except VaultError as exc:
             raise type(exc)(f"{site.where}: {site.pointer}: {exc}; nothing was changed") from None
         edits[str(site.file)][site.ref.segments] = _reseal_checked(
-            keyring, secret, site.pointer, target
+            keyring, secret, site.pointer, target, vault.token_scope(site.ref.value)
         )
         count += 1
     planned: list[tuple[yamldoc.YamlText, str, dict[tuple[str, ...], str]]] = []
@@ -549,8 +595,38 @@ def rebind(scan: Scan, keyring: vault.Keyring, old_pointer: str, new_pointer: st
         raise PathMismatchError(f"the token at {new_pointer} was not sealed for {old_pointer}")
     secret = keyring.open(site.ref.value, old_pointer)
     target = keyring.recipients.active_key()
-    token = _reseal_checked(keyring, secret, new_pointer, target)
+    token = _reseal_checked(keyring, secret, new_pointer, target, parts.scope)
     doc = next(d for d in scan.docs if d.source == str(site.file))
     new_text = yamldoc.replace_scalars(doc, {new_segments: token})
     _edit_file(doc, new_text, {new_segments: token})
     return Written(site.file, site.ref.line, new_pointer, target.kid)
+
+
+def token_at(scan: Scan, pointer: str) -> Site:
+    """The one token standing at ``pointer``."""
+    segments = tuple(split_pointer(pointer))
+    sites = [s for s in scan.secret_fields if s.ref.segments == segments]
+    if not sites:
+        raise VaultError(f"no value stands at {pointer}")
+    if len(sites) > 1:
+        raise YamlEditError(f"{pointer} is defined in more than one file")
+    if not vault.looks_like_token(sites[0].ref.value):
+        raise TokenFormatError(f"{sites[0].where}: {pointer} does not hold a token")
+    return sites[0]
+
+
+def rescope(scan: Scan, keyring: vault.Keyring, pointer: str, scope: Scope) -> Written:
+    """Seal the WinRM password at ``pointer`` again with ``scope`` (the admin's migration).
+
+    The value is opened with the keyring (so only someone who can read it can change where it
+    may go), sealed to the active key with the new scope, opened again and compared.
+    """
+    check_scope_fits(pointer, scope)
+    site = token_at(scan, pointer)
+    secret = keyring.open(site.ref.value, pointer)
+    target = keyring.recipients.active_key()
+    token = _reseal_checked(keyring, secret, pointer, target, scope)
+    doc = next(d for d in scan.docs if d.source == str(site.file))
+    new_text = yamldoc.replace_scalars(doc, {site.ref.segments: token})
+    _edit_file(doc, new_text, {site.ref.segments: token})
+    return Written(site.file, site.ref.line, pointer, target.kid)

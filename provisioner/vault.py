@@ -1,12 +1,17 @@
 """sipvault: per-value HPKE tokens bound to realm, key id and path; recipients and identities.
 
-Token (v1)::
+Tokens::
 
     sipvault:v1:<kid>:<pathtag>:<base64url(enc || ct)>
+    sipvault:v2:<kid>:<pathtag>:<base64url(scope)>:<base64url(enc || ct)>
 
 HPKE base mode, DHKEM(X25519, HKDF-SHA256), HKDF-SHA256, AES-256-GCM, with
-``info = "sipvault/v1" || LP(realm) || LP(kid) || LP(path)`` and a plaintext padded to a
-multiple of 32 bytes. This is the only module that imports ``cryptography``.
+``info = "sipvault/v1" || LP(realm) || LP(kid) || LP(path)`` (v1) or
+``info = "sipvault/v2" || LP(realm) || LP(kid) || LP(path) || LP(scope)`` (v2) and a plaintext
+padded to a multiple of 32 bytes. A v2 token carries a credential scope
+(:class:`provisioner.credscope.Scope`, WinRM passwords): readable without a key, authenticated
+by the seal, so an edited or transplanted scope does not open.
+This is the only module that imports ``cryptography``.
 Nothing here ever puts a plaintext into an exception, a log record or a return value
 other than a :class:`~provisioner.model.Secret`.
 """
@@ -34,6 +39,7 @@ from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from provisioner import yamldoc
+from provisioner.credscope import Scope
 from provisioner.errors import (
     CannotDecryptError,
     IdentityError,
@@ -49,6 +55,7 @@ from provisioner.model import Secret
 
 PREFIX = "sipvault:"
 VERSION = "v1"
+SCOPED_VERSION = "v2"
 MAX_SECRET_BYTES = 256
 PAD_BLOCK = 32
 ENC_LEN = 32
@@ -59,6 +66,10 @@ _B64URL = r"[A-Za-z0-9_-]"
 TOKEN_RE = re.compile(
     rf"^sipvault:v1:(k[a-z2-7]{{8}}):({_B64URL}{{8}}):({_B64URL}+)$",
 )
+SCOPED_TOKEN_RE = re.compile(
+    rf"^sipvault:v2:(k[a-z2-7]{{8}}):({_B64URL}{{8}}):({_B64URL}+):({_B64URL}+)$",
+)
+MAX_SCOPE_BYTES = 4096
 KID_RE = re.compile(r"^k[a-z2-7]{8}$")
 REALM_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 
@@ -105,14 +116,12 @@ def compute_pathtag(realm: str, path: str) -> str:
     return b64url_encode(digest[:6])
 
 
-def hpke_info(realm: str, kid: str, path: str) -> bytes:
-    """The HPKE ``info`` that binds a token to its realm, key and path."""
-    return (
-        b"sipvault/v1"
-        + _lp(realm.encode("utf-8"))
-        + _lp(kid.encode("ascii"))
-        + _lp(path.encode("utf-8"))
-    )
+def hpke_info(realm: str, kid: str, path: str, scope: Scope | None = None) -> bytes:
+    """The HPKE ``info`` that binds a token to its realm, key, path and (v2) scope."""
+    bound = _lp(realm.encode("utf-8")) + _lp(kid.encode("ascii")) + _lp(path.encode("utf-8"))
+    if scope is None:
+        return b"sipvault/v1" + bound
+    return b"sipvault/v2" + bound + _lp(scope.text.encode("ascii"))
 
 
 def pad_plaintext(secret_bytes: bytes) -> bytes:
@@ -173,6 +182,8 @@ class TokenParts:
     pathtag: str
     enc: bytes
     ciphertext: bytes
+    scope: Scope | None = None
+    """The credential scope of a v2 token; authentic only once the token has been opened."""
 
 
 def looks_like_token(text: str) -> bool:
@@ -187,8 +198,10 @@ def parse_token(text: str) -> TokenParts:
             raise TokenFormatError("the token must start with 'sipvault:' exactly")
         raise TokenFormatError("the value is not a sipvault token")
     parts = text.split(":")
+    if len(parts) >= 2 and parts[1] == SCOPED_VERSION:
+        return _parse_scoped(text, parts)
     if len(parts) >= 2 and parts[1] != VERSION:
-        raise TokenFormatError(f"unsupported token version {parts[1][:8]!r} (expected v1)")
+        raise TokenFormatError(f"unsupported token version {parts[1][:8]!r} (expected v1 or v2)")
     match = TOKEN_RE.match(text)
     if match is None:
         if text != text.strip():
@@ -201,30 +214,82 @@ def parse_token(text: str) -> TokenParts:
             raise TokenFormatError("the token's pathtag is malformed")
         raise TokenFormatError("the token's payload is not unpadded base64url")
     kid, pathtag, payload_text = match.groups()
+    return _parts(kid, pathtag, payload_text, None)
+
+
+def _parts(kid: str, pathtag: str, payload_text: str, scope: Scope | None) -> TokenParts:
     payload = b64url_decode(payload_text, what="the token's payload")
     body = len(payload) - ENC_LEN - TAG_LEN
     if body < PAD_BLOCK or body % PAD_BLOCK:
         raise TokenFormatError("the token's payload has an impossible length (truncated?)")
-    return TokenParts(kid=kid, pathtag=pathtag, enc=payload[:ENC_LEN], ciphertext=payload[ENC_LEN:])
+    return TokenParts(
+        kid=kid, pathtag=pathtag, enc=payload[:ENC_LEN], ciphertext=payload[ENC_LEN:], scope=scope
+    )
 
 
-def seal(secret: Secret, *, realm: str, path: str, recipient: RecipientKey) -> str:
-    """Encrypt ``secret`` to ``recipient`` for ``path`` in ``realm``; policy checked first."""
+def _parse_scoped(text: str, parts: list[str]) -> TokenParts:
+    match = SCOPED_TOKEN_RE.match(text)
+    if match is None:
+        if len(parts) != 6:
+            raise TokenFormatError("a v2 token must have six ':'-separated fields")
+        if not KID_RE.match(parts[2]):
+            raise TokenFormatError("the token's key id is malformed")
+        if not re.fullmatch(rf"{_B64URL}{{8}}", parts[3]):
+            raise TokenFormatError("the token's pathtag is malformed")
+        raise TokenFormatError("the token's scope or payload is not unpadded base64url")
+    kid, pathtag, scope_text, payload_text = match.groups()
+    raw = b64url_decode(scope_text, what="the token's scope")
+    if len(raw) > MAX_SCOPE_BYTES:
+        raise TokenFormatError("the token's scope is too long")
+    try:
+        scope = Scope.parse(raw.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        raise TokenFormatError("the token's scope is malformed") from None
+    return _parts(kid, pathtag, payload_text, scope)
+
+
+def token_scope(token: str) -> Scope | None:
+    """The scope a token claims (None: a v1 token has none). Authentic once it has opened."""
+    return parse_token(token).scope
+
+
+def seal(
+    secret: Secret,
+    *,
+    realm: str,
+    path: str,
+    recipient: RecipientKey,
+    scope: Scope | None = None,
+) -> str:
+    """Encrypt ``secret`` to ``recipient`` for ``path`` in ``realm`` (and ``scope``: v2)."""
     check_policy(secret, where=path)
     if recipient.status != "active":
         raise RetiredKeyError(f"key {recipient.kid} is {recipient.status}; seal to the active key")
     return seal_padded(
-        pad_plaintext(secret.reveal().encode("utf-8")), realm=realm, path=path, recipient=recipient
+        pad_plaintext(secret.reveal().encode("utf-8")),
+        realm=realm,
+        path=path,
+        recipient=recipient,
+        scope=scope,
     )
 
 
-def seal_padded(padded: bytes, *, realm: str, path: str, recipient: RecipientKey) -> str:
+def seal_padded(
+    padded: bytes,
+    *,
+    realm: str,
+    path: str,
+    recipient: RecipientKey,
+    scope: Scope | None = None,
+) -> str:
     """Seal an already padded plaintext. Tests use it to build malformed-plaintext vectors."""
     public = X25519PublicKey.from_public_bytes(recipient.public_raw)
-    sealed = _SUITE.encrypt(padded, public, info=hpke_info(realm, recipient.kid, path))
-    return (
-        f"{PREFIX}{VERSION}:{recipient.kid}:{compute_pathtag(realm, path)}:{b64url_encode(sealed)}"
-    )
+    sealed = _SUITE.encrypt(padded, public, info=hpke_info(realm, recipient.kid, path, scope))
+    fields = [recipient.kid, compute_pathtag(realm, path)]
+    if scope is not None:
+        fields.append(b64url_encode(scope.text.encode("ascii")))
+    version = VERSION if scope is None else SCOPED_VERSION
+    return f"{PREFIX}{version}:{':'.join(fields)}:{b64url_encode(sealed)}"
 
 
 def _unpad(padded: bytes) -> str:
@@ -654,7 +719,7 @@ class Keyring:
             raise MissingIdentityError(
                 f"no identity for key {parts.kid} was given (pass --identity FILE)"
             )
-        info = hpke_info(self.recipients.realm, parts.kid, path)
+        info = hpke_info(self.recipients.realm, parts.kid, path, parts.scope)
         padded = identity.decrypt(parts.enc + parts.ciphertext, info)
         try:
             return Secret(_unpad(padded))

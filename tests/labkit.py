@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from provisioner import build, connections, push, resolve, secretstore, vault
+from provisioner.credscope import Scope
 from provisioner.inventory import load_inventory
 from provisioner.lab.inventory_lab import InventoryLab, start_inventory_lab
 from provisioner.lab.workstation import Workstation
@@ -20,6 +21,8 @@ from provisioner.results import HostResult
 from provisioner.transport.base import Transport
 
 WINRM_PASSWORD = "Lab-WinRM-Pw-1"
+# The workstations are ws01, ws02...: their names are their addresses.
+WINRM_SCOPE = Scope.build(["ws*"], "encrypted")
 
 INVENTORY = """\
 defaults:
@@ -113,7 +116,9 @@ def write_inventory(
     identity = vault.generate_identity()
     recipients = vault.new_recipients("lab-test", identity.recipient())
     secretstore.write_recipients(root, recipients)
-    secretstore.set_secret(root, "/defaults/winrm/password", Secret(WINRM_PASSWORD), recipients)
+    secretstore.set_secret(
+        root, "/defaults/winrm/password", Secret(WINRM_PASSWORD), recipients, WINRM_SCOPE
+    )
     for w in range(1, workstations + 1):
         for u in range(1, users_per_ws + 1):
             secretstore.set_secret(

@@ -13,6 +13,7 @@ LAYERS: dict[str, int] = {
     "errors": 0,
     "names": 0,
     "model": 1,
+    "credscope": 1,
     "schema": 1,
     "inidoc": 1,
     "keytable": 1,
@@ -50,6 +51,7 @@ ADAPTERS = {
     "rich": ("cli",),
     "winrm": ("transport.winrm",),
     "requests": ("transport.winrm",),
+    "yarl": ("transport.winrm",),
     "spnego": ("lab",),
 }
 # transport.winrm hands the WinRM password to pywinrm; the lab configures an emulated account.

@@ -10,6 +10,7 @@ import pytest
 from provisioner import push
 from provisioner.cli import common
 from provisioner.cli.progress import print_summary
+from provisioner.credscope import Scope
 from provisioner.errors import ConnectError
 from provisioner.model import Secret
 from provisioner.results import FileChange, HostResult, Status
@@ -101,7 +102,10 @@ def test_a_dry_run_shows_no_run_id_that_runs_show_would_not_know(
 
 
 def test_an_unresolvable_host_name_gives_a_clean_message() -> None:
-    options = WinrmOptions("ws-does-not-exist.invalid", "admin", Secret("pw"), read_timeout=30)
+    scope = Scope.build(["*.invalid"], "encrypted")
+    options = WinrmOptions(
+        "ws-does-not-exist.invalid", "admin", Secret("pw"), read_timeout=30, scope=scope
+    )
     transport = WinrmTransport("ws1", options)
     with pytest.raises(ConnectError) as caught:
         transport.request("inspect", {})
@@ -114,6 +118,14 @@ def test_a_rollout_to_an_unresolvable_host_says_attempts_once(tmp_path: Path) ->
     stations = inventory / "workstations.yaml"
     text = stations.read_text(encoding="utf-8")
     stations.write_text(text.replace("corp.example.com", "corp.invalid"), encoding="utf-8")
+    keys = ["--identity", str(identity), "--passphrase-file", str(passphrase)]
+    # The WinRM password may go to corp.invalid only once an admin has sealed it so.
+    rescoped = _subprocess(
+        tmp_path,
+        "secrets", "scope", "-i", "inventory", "--path", "/defaults/winrm/password",
+        "--scope", "*.corp.invalid", *keys,
+    )  # fmt: skip
+    assert rescoped.returncode == 0, rescoped.stderr
     result = _subprocess(
         tmp_path,
         "rollout", "-i", "inventory", "--check", "--limit", "ber-ws-001", "--retries", "2",

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from provisioner import errors, secretstore, vault
+from provisioner.credscope import Scope
 from provisioner.lab import Lab
 from provisioner.lab.agent import LabAgent
 from provisioner.lab.fleet import WorkstationSpec, add_workstation
@@ -196,7 +197,10 @@ def test_ntlm_pushes_keep_the_canary_and_its_hashes_secret(
         other, _ = add_workstation(
             lab, HostConfig(credentials={"svc-other": "Other-Pw-1"}, port=0), WorkstationSpec()
         )
-        options = winrm.WinrmOptions(good.address, "svc-canary", Secret(CANARY), port=good.port)
+        loopback = Scope.build(["127.0.0.0/8"], "encrypted")
+        options = winrm.WinrmOptions(
+            good.address, "svc-canary", Secret(CANARY), port=good.port, scope=loopback
+        )
         accepted = winrm.WinrmTransport("ws-good", options)
         try:
             assert accepted.request("inspect", inspect)["protocol"] == 1
@@ -204,7 +208,9 @@ def test_ntlm_pushes_keep_the_canary_and_its_hashes_secret(
         finally:
             accepted.close()
         # Wrong credentials: the canary's hashes against an account with another password.
-        options = winrm.WinrmOptions(other.address, "svc-other", Secret(CANARY), port=other.port)
+        options = winrm.WinrmOptions(
+            other.address, "svc-other", Secret(CANARY), port=other.port, scope=loopback
+        )
         rejected = winrm.WinrmTransport("ws-bad", options)
         with pytest.raises(errors.AuthError) as caught:
             rejected.request("inspect", inspect)

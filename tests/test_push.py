@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from provisioner import ini
+from provisioner.credscope import Scope
 from provisioner.lab import Faults, ResetMidCommand, Trigger
 from provisioner.lab.workstation import Workstation
 from provisioner.push import PushOptions
@@ -340,6 +341,10 @@ def test_basic_over_plain_http_is_refused_before_connecting(tmp_path: Path) -> N
 
     with lab_kit(tmp_path, transport="basic") as kit:
         options = connections.winrm_options(kit.station("ws01"), kit.keyring, kit.lab.lab_map())
-        with pytest.raises(TransportError, match="clear text"):
+        with pytest.raises(TransportError, match="does not protect it"):
             WinrmTransport("ws01", dataclasses.replace(options, scheme="http"))
+        # A scope that asks for nothing still does not let a push send it in clear text.
+        weak = Scope.build(["ws*"], "none")
+        with pytest.raises(TransportError, match="basic authentication sends the password"):
+            WinrmTransport("ws01", dataclasses.replace(options, scheme="http", scope=weak))
         assert kit.lab.hosts["ws01"].request_count == 0

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import requests.utils
 
+from provisioner.credscope import Scope
 from provisioner.lab import Lab
 from provisioner.lab.agent import LabAgent
 from provisioner.lab.fleet import WorkstationSpec, add_workstation
@@ -20,13 +21,15 @@ from provisioner.model import Secret
 from provisioner.transport.agent import scripts
 from provisioner.transport.winrm import STDIN_CHUNK, WinrmOptions, WinrmTransport, stdin_pieces
 
+LOOPBACK = Scope.build(["127.0.0.0/8"], "encrypted")
+
 
 def test_ntlm_push_uses_one_connection(tmp_path: Path) -> None:
     with Lab(LabAgent(), folder=tmp_path) as lab:
         host, _ = add_workstation(
             lab, HostConfig(credentials={"svc": "Pw-1"}, port=0), WorkstationSpec()
         )
-        options = WinrmOptions(host.address, "svc", Secret("Pw-1"), port=host.port)
+        options = WinrmOptions(host.address, "svc", Secret("Pw-1"), port=host.port, scope=LOOPBACK)
         transport = WinrmTransport("ws01", options)
         try:
             answer = transport.request("inspect", {"op": "inspect", "protocol": 1, "users": []})
@@ -50,6 +53,7 @@ def _ntlm_host(lab: Lab, user: str, password: str, scheme: Scheme = "http") -> L
 
 
 def _transport(host: LabHost, user: str, password: str, **changes: Any) -> WinrmTransport:
+    changes.setdefault("scope", LOOPBACK)
     options = WinrmOptions(host.address, user, Secret(password), port=host.port, **changes)
     return WinrmTransport(host.name, options)
 

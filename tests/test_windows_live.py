@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from provisioner import build, connections, push, resolve, secretstore, vault
+from provisioner.credscope import Scope
 from provisioner.model import Secret
 from provisioner.results import Status
 from provisioner.transport.base import ReadOnlyTransport
@@ -61,7 +62,8 @@ users:
     recipients = vault.new_recipients("live-test", identity.recipient())
     secretstore.write_recipients(root, recipients)
     password = Path(env["PROVISIONER_LIVE_PASSWORD_FILE"]).read_text().strip()
-    secretstore.set_secret(root, "/defaults/winrm/password", Secret(password), recipients)
+    scope = Scope.build([env["PROVISIONER_LIVE_HOST"]], "encrypted")
+    secretstore.set_secret(root, "/defaults/winrm/password", Secret(password), recipients, scope)
     secretstore.set_secret(
         root, "/users/tester/accounts/main/password", Secret("Live-Test-Pw-1"), recipients
     )

@@ -452,7 +452,7 @@ def _did_you_mean(name: str, choices: Iterable[str]) -> str:
 
 def _shown(key: str, value: object) -> str:
     if key == "password":
-        if isinstance(value, str) and value.count(":") == 4:
+        if isinstance(value, str) and value.count(":") in (4, 5):
             return f"(sealed, key {value.split(':')[2]})"
         return "(not set)"
     return str(value)

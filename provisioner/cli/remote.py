@@ -332,16 +332,20 @@ def doctor_cmd(
         lab,
         sip_passwords=False,
     )
+    station, lab_map = remote.station, remote.lab
     try:
-        options = connections.winrm_options(remote.station, remote.keyring, remote.lab)
+        options = connections.winrm_options(station, remote.keyring, lab_map, diagnostic=True)
         no_auth = ""
     except VaultError as exc:
         placeholders = vault.PlaceholderOpener(remote.keyring.recipients)
-        options = connections.winrm_options(remote.station, placeholders, remote.lab)
+        options = connections.winrm_options(station, placeholders, lab_map, diagnostic=True)
         no_auth = str(exc)
-    checks = doctor.network_checks(options)
-    if all(c.ok for c in checks) and not no_auth:
-        checks += doctor.remote_checks(remote.station, remote.files, remote.transport(), options)
+    checks = doctor.credential_checks(workstation, options)
+    if checks[0].ok:  # outside the scope nothing is contacted, not even the port
+        checks += doctor.network_checks(options)
+    if all(c.ok or c.name == "winrm settings" for c in checks) and not no_auth:
+        transport = connections.open_transport(station, remote.keyring, lab_map, diagnostic=True)
+        checks += doctor.remote_checks(station, remote.files, transport, options)
     for check in checks:
         mark = "ok  " if check.ok else "FAIL"
         echo(f"{mark} {check.name:<18} {check.detail}")

@@ -241,6 +241,14 @@ def execute(
         shown = selection if selection is not None else shown_selection(limit)
         raise ProvisionerError(f"no workstation matches the selection {shown}")
     lab = connections.LabMap.load(lab_file) if lab_file else None
+    refused = connections.refused_connections(stations, keyring, lab)
+    if refused:
+        for line in refused:
+            echo(line)
+        raise ProvisionerError(
+            f"{len(refused)} workstation(s) cannot be reached with their WinRM credential "
+            "(see above); nothing was contacted"
+        )
     if canary_hosts:
         options = replace(options, canary_hosts=_pinned_canary(model, files, canary_hosts))
 

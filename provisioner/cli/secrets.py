@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -19,7 +19,27 @@ from provisioner.cli.common import (
 from provisioner.cli.inputs import read_new_password
 from provisioner.errors import VaultError
 
+if TYPE_CHECKING:
+    from provisioner.credscope import Scope
+
 app = typer.Typer(help="Set and check the sealed passwords of an inventory.", no_args_is_help=True)
+
+ScopeOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--scope",
+        help="WinRM passwords: an address pattern it may be sent to, e.g. '*.corp.example.com', "
+        "'ber-ws-*', 10.20.0.0/16 (repeatable).",
+    ),
+]
+MinSecurityOpt = Annotated[
+    str,
+    typer.Option(
+        "--min-security",
+        help="WinRM passwords: the least transport security it may travel over: tls (HTTPS with "
+        "certificate validation), encrypted (or NTLM/Kerberos message encryption) or none.",
+    ),
+]
 
 
 @app.command("set")
@@ -36,6 +56,8 @@ def set_value(
     ] = None,
     inventory: InventoryOpt = Path("."),
     stdin: Annotated[bool, typer.Option("--stdin", help="Read the password from stdin.")] = False,
+    scope: ScopeOpt = None,
+    min_security: MinSecurityOpt = "encrypted",
 ) -> None:
     """Seal a new password with the public key and patch it into its YAML file."""
     from provisioner import secretstore
@@ -46,9 +68,52 @@ def set_value(
         path = _account_path(inventory, user, account)
     assert path is not None  # noqa: S101 - one of the two was given
     recipients = secretstore.load_recipients(inventory)
+    sealed_scope = _scope(scope, min_security)
+    secretstore.check_scope_fits(path, sealed_scope)  # before the password is asked for
     secret = read_new_password(from_stdin=stdin)
-    written = secretstore.set_secret(inventory, path, secret, recipients)
+    written = secretstore.set_secret(inventory, path, secret, recipients, sealed_scope)
     echo(f"updated {written.pointer} in {written.file}:{written.line} (key {written.kid})")
+    if sealed_scope is not None:
+        echo(f"  scope: {sealed_scope}")
+
+
+@app.command("scope")
+def scope_cmd(
+    path: Annotated[
+        str, typer.Option("--path", help="The WinRM password, e.g. /defaults/winrm/password")
+    ],
+    inventory: InventoryOpt = Path("."),
+    scope: ScopeOpt = None,
+    min_security: MinSecurityOpt = "encrypted",
+    identities: IdentityOpt = None,
+    passphrase_file: PassFileOpt = None,
+    passphrase_fd: PassFdOpt = None,
+) -> None:
+    """Show a WinRM password's scope, or seal it again with a new one (--scope; admin key).
+
+    The scope is where the password may be sent and over what: the inventory cannot widen it.
+    """
+    from provisioner import secretstore, vault
+
+    recipients = secretstore.load_recipients(inventory)
+    scan = secretstore.scan_inventory(inventory)
+    site = secretstore.token_at(scan, path)
+    if not scope:
+        current = vault.token_scope(site.ref.value)
+        shown = str(current) if current is not None else "none (sealed without a scope)"
+        echo(f"{path} ({site.where}): scope {shown}")
+        return
+    new_scope = _scope(scope, min_security)
+    assert new_scope is not None  # noqa: S101 - scope was given
+    kid = vault.parse_token(site.ref.value).kid
+    keyring = open_keyring(
+        recipients, identities, {kid, recipients.active}, passphrase_file, passphrase_fd
+    )
+    written = secretstore.rescope(scan, keyring, path, new_scope)
+    echo(
+        f"sealed {written.pointer} again in {written.file}:{written.line} (key {written.kid}), "
+        f"scope {new_scope}"
+    )
 
 
 @app.command()
@@ -163,6 +228,17 @@ def lint(
         )
     if errors:
         raise typer.Exit(1)
+
+
+def _scope(patterns: list[str] | None, min_security: str) -> Scope | None:
+    from provisioner.credscope import Scope
+
+    if not patterns:
+        return None
+    try:
+        return Scope.build(patterns, min_security)
+    except ValueError as exc:
+        raise VaultError(f"--scope: {exc}") from None
 
 
 def _account_path(inventory: Path, user: str, account: str | None) -> str:

@@ -10,7 +10,7 @@ The package imports only the standard library, ``cryptography`` and ``spnego``.
 
 from __future__ import annotations
 
-from provisioner.lab.faults import Faults, ResetMidCommand, SoapFault, Trigger
+from provisioner.lab.faults import Faults, ForgedReply, ResetMidCommand, SoapFault, Trigger
 from provisioner.lab.handler import (
     CMD_LINE_LIMIT,
     CMD_LINE_TOO_LONG,
@@ -28,6 +28,7 @@ __all__ = [
     "CommandHandler",
     "CommandResult",
     "Faults",
+    "ForgedReply",
     "HostConfig",
     "HostContext",
     "HostStats",

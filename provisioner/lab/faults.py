@@ -14,7 +14,9 @@ WS-Management ones: ``Create``, ``Command``, ``Send``, ``Receive``, ``Signal``, 
   like ``soap_fault`` it takes a :class:`Trigger`: ``Trigger()`` hits the first request once,
   ``Trigger("Receive", nth=2, times=None)`` every Receive from the second on;
 * ``command_delay``: commands finish this many seconds after their stdin is complete, so a
-  Receive waits its OperationTimeout and answers ``w:TimedOut`` meanwhile.
+  Receive waits its OperationTimeout and answers ``w:TimedOut`` meanwhile;
+* ``forged_reply``: a man in the middle answers instead of the host (:class:`ForgedReply`):
+  in plaintext on an encrypted connection, or with the ``RelatesTo`` of another message.
 """
 
 from __future__ import annotations
@@ -63,6 +65,25 @@ class ResetMidCommand:
 
 
 @dataclass(frozen=True)
+class ForgedReply:
+    """A reply the host did not vouch for, on the requests ``trigger`` hits.
+
+    ``plaintext``: the answer travels unsealed although the connection is encrypted (anyone on
+    the path could have written it); with ``stdout``, a Receive is answered with that output
+    and exit code 0, as a forger would ("unchanged", "busy"). ``relates_to``: the host's own
+    (sealed) answer, relating to a message that was never sent.
+    """
+
+    kind: Literal["plaintext", "relates_to"] = "plaintext"
+    trigger: Trigger = field(default_factory=lambda: Trigger("Receive"))
+    stdout: bytes | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("plaintext", "relates_to"):
+            raise ValueError("kind is 'plaintext' or 'relates_to'")
+
+
+@dataclass(frozen=True)
 class Faults:
     """The fault plan of one host; the default plan injects nothing."""
 
@@ -74,6 +95,7 @@ class Faults:
     reset_mid_command: ResetMidCommand | None = None
     hang: Trigger | None = None
     command_delay: float = 0.0
+    forged_reply: ForgedReply | None = None
 
     def __post_init__(self) -> None:
         if self.operation_timeout < 0 or self.slow < 0 or self.command_delay < 0:
@@ -108,6 +130,7 @@ class FaultState:
         self._plan = Faults()
         self._soap: _TriggerState | None = None
         self._hang: _TriggerState | None = None
+        self._forged: _TriggerState | None = None
         self._timeouts_left = 0
         self._reset_armed = False
         self._commands = 0
@@ -126,6 +149,8 @@ class FaultState:
             self._plan = plan
             self._soap = _TriggerState(plan.soap_fault.trigger) if plan.soap_fault else None
             self._hang = _TriggerState(plan.hang) if plan.hang else None
+            forged = plan.forged_reply
+            self._forged = _TriggerState(forged.trigger) if forged else None
             self._timeouts_left = plan.operation_timeout
             self._reset_armed = plan.reset_mid_command is not None
             self._commands = 0
@@ -148,6 +173,13 @@ class FaultState:
         """True if this request must never be answered."""
         with self._lock:
             return self._hang is not None and self._hang.hit(operation)
+
+    def forged_reply(self, operation: str) -> ForgedReply | None:
+        """The forgery to answer this request with, if its trigger fires."""
+        with self._lock:
+            if self._forged is None or self._plan.forged_reply is None:
+                return None
+            return self._plan.forged_reply if self._forged.hit(operation) else None
 
     def take_operation_timeout(self) -> bool:
         """True if this Receive must answer ``w:TimedOut`` (uses one of the K)."""

@@ -33,7 +33,7 @@ from provisioner.lab.auth import (
     parse_authorization,
 )
 from provisioner.lab.certs import ServerCert
-from provisioner.lab.faults import Faults, FaultState
+from provisioner.lab.faults import Faults, FaultState, ForgedReply
 from provisioner.lab.handler import CommandHandler, HostSlot
 from provisioner.lab.httpwire import HttpRequest, HttpResponse
 from provisioner.lab.pool import WorkerPool
@@ -339,7 +339,24 @@ class LabHost:
             return Action.ABORT
         except wsman.WsmanFault as failed:
             return self._fault(failed, soap.message_id, seal)
+        forged = self._faults.forged_reply(soap.operation)
+        if forged is not None:
+            return self._forged(forged, soap, answer, seal)
         return self._reply(200, answer, seal)
+
+    # --- the man in the middle (faults.ForgedReply) -----------------------------------------
+
+    def _forged(
+        self, forged: ForgedReply, soap: wsman.SoapRequest, answer: bytes, seal: NtlmSession | None
+    ) -> HttpResponse:
+        if forged.kind == "relates_to":
+            return self._reply(200, wsman.relating_to(answer, f"uuid:{wsman.new_id()}"), seal)
+        if forged.stdout is not None and soap.operation == "Receive":
+            command_id = wsman.parse_command_ref(soap.body, "Receive")
+            streams = [("stdout", forged.stdout)]
+            answer = wsman.receive_response(soap.message_id, command_id, streams, 0)
+        # Unsealed: the host's sequence numbers do not move, as the host never sent it.
+        return HttpResponse(200, answer, [("Content-Type", _SOAP)])
 
     def _fault(self, fault: wsman.WsmanFault, relates_to: str, seal: NtlmSession | None) -> Outcome:
         return self._reply(500, wsman.fault_envelope(fault, relates_to, self.name), seal)

@@ -282,6 +282,16 @@ def _envelope(action: str, relates_to: str, body: str) -> bytes:
     ).encode()
 
 
+def relating_to(envelope: bytes, relates_to: str) -> bytes:
+    """The same answer, relating to another message (a forgery the lab can inject)."""
+    return re.sub(
+        rb"<a:RelatesTo>[^<]*</a:RelatesTo>",
+        f"<a:RelatesTo>{escape(relates_to)}</a:RelatesTo>".encode(),
+        envelope,
+        count=1,
+    )
+
+
 def create_response(
     relates_to: str, shell_id: str, address: str, owner: str, client_ip: str, spec: ShellSpec
 ) -> bytes:

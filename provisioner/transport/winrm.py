@@ -5,6 +5,13 @@ opens a new connection per call and breaks past cmd.exe's line limit), UTF-8 cod
 short bootstrap of :mod:`provisioner.transport.agent.scripts` with the request on stdin.
 pywinrm and requests errors are translated here into the TransportError tree.
 
+Before any connection, the options must fit the credential's scope (sealed with the WinRM
+password, :mod:`provisioner.credscope`) and, outside ``doctor``, the push policy (no basic
+auth without verified TLS, no ``server_cert_validation: ignore``, no
+``message_encryption: never``). On the wire, two checks pywinrm 0.5 does not make: a reply
+must be sealed when message encryption is on (pywinrm takes a plaintext reply as genuine), and
+every reply's ``RelatesTo`` must be the request's ``MessageID``.
+
 CPU per request is the controller's ceiling in a fleet rollout (docs/performance.md): each
 requests session stops reading the environment once pywinrm has built it.
 """
@@ -13,8 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 import socket
 import threading
+import uuid
+import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -22,8 +32,11 @@ from typing import Any, TypeVar
 import requests
 import requests.utils
 import winrm.exceptions
+import yarl
+from winrm.encryption import Encryption
 from winrm.protocol import Protocol
 
+from provisioner.credscope import Scope, address_problem, at_least, is_loopback, security_level
 from provisioner.errors import (
     AuthError,
     ConnectError,
@@ -64,7 +77,13 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class WinrmOptions:
-    """How to reach one workstation; the password stays a Secret until the wire."""
+    """How to reach one workstation; the password stays a Secret until the wire.
+
+    ``scope`` is the one sealed with the password (None: sealed without one, never sent).
+    ``lab_for``: this is a lab's loopback stand-in for the inventory address given, which the
+    scope is checked against. ``diagnostic``: ``doctor``'s connection, which may use settings
+    a push refuses in order to report them. ``password_path`` names the token in messages.
+    """
 
     address: str
     username: str
@@ -78,6 +97,10 @@ class WinrmOptions:
     message_encryption: str = "auto"
     operation_timeout: int = 20
     read_timeout: int = 30
+    scope: Scope | None = None
+    lab_for: str = ""
+    diagnostic: bool = False
+    password_path: str = ""
 
     @property
     def effective_scheme(self) -> str:
@@ -87,22 +110,120 @@ class WinrmOptions:
         return "https" if self.transport == "basic" else "http"
 
     @property
-    def endpoint(self) -> str:
-        """The WS-Management URL."""
+    def url(self) -> yarl.URL:
+        """The WS-Management URL, built from its parts (ValueError for an impossible host)."""
         scheme = self.effective_scheme
         port = self.port or (5986 if scheme == "https" else 5985)
-        host = f"[{self.address}]" if ":" in self.address else self.address
-        return f"{scheme}://{host}:{port}/wsman"
+        return yarl.URL.build(scheme=scheme, host=self.address, port=port, path="/wsman")
+
+    @property
+    def endpoint(self) -> str:
+        """The WS-Management URL as text."""
+        return str(self.url)
+
+    @property
+    def connect_to(self) -> tuple[str, int]:
+        """The host and port the connection goes to, read back from :attr:`url`."""
+        url = self.url
+        assert url.raw_host is not None and url.port is not None  # noqa: S101 - built with both
+        return url.raw_host, url.port
+
+    @property
+    def security(self) -> str:
+        """The transport security these options give the credential (credscope levels)."""
+        return security_level(
+            scheme=self.effective_scheme,
+            transport=self.transport,
+            cert_validation=self.server_cert_validation,
+            message_encryption=self.message_encryption,
+        )
+
+    @property
+    def message_encrypted(self) -> bool:
+        """True when pywinrm must seal every message (NTLM/Kerberos/CredSSP over HTTP)."""
+        return self.transport != "basic" and (
+            self.message_encryption == "always"
+            or (self.message_encryption == "auto" and self.effective_scheme == "http")
+        )
 
 
-def check_options(options: WinrmOptions) -> None:
-    """Refuse unsafe or impossible combinations before any connection."""
+def scope_problem(host: str, options: WinrmOptions) -> str | None:
+    """Why the credential may not be used with these options, or None (checked first)."""
+    where = f" ({options.password_path})" if options.password_path else ""
+    if options.scope is None:
+        command = f"provisioner secrets scope --path {options.password_path or 'PATH'}"
+        return (
+            f"the WinRM password{where} was sealed without a scope, so it is not sent to "
+            f"{host} or anywhere: an admin seals it again with the addresses it may go to "
+            f"('{command} --scope PATTERN'; docs/secrets.md)"
+        )
+    target = options.lab_for or options.address
+    if options.lab_for and not is_loopback(options.address):
+        return f"the lab's endpoint for {host} is {options.address}, not a loopback address"
+    if not options.scope.allows(target):
+        return (
+            f"refused to send the WinRM password{where} for {host} to {target}: outside its "
+            f"scope {options.scope}; the inventory cannot widen a scope, only sealing the "
+            "password again can (provisioner secrets scope)"
+        )
+    if not at_least(options.security, options.scope.min_security):
+        return (
+            f"refused to send the WinRM password{where} for {host} to {target} over "
+            f"{_SECURITY_SAID[options.security]}: its scope {options.scope} asks for more"
+        )
+    return None
+
+
+_SECURITY_SAID = {
+    "none": "a connection that does not protect it",
+    "encrypted": "message encryption without verified TLS",
+    "tls": "verified TLS",
+}
+
+
+def policy_problems(options: WinrmOptions) -> list[str]:
+    """Settings that push and rollout refuse (``doctor`` connects anyway and reports them)."""
+    problems = []
+    if options.server_cert_validation == "ignore":
+        problems.append(
+            "server_cert_validation: ignore lets anyone on the path pose as the workstation; "
+            "give the CA in ca_trust_path instead"
+        )
+    if options.message_encryption == "never":
+        problems.append("message_encryption: never sends every message in clear text; remove it")
+    if options.transport == "basic" and options.effective_scheme != "https":
+        problems.append(
+            "basic authentication sends the password itself: only over https (scheme: https) "
+            "with certificate validation"
+        )
+    return problems
+
+
+def check_options(options: WinrmOptions, host: str = "") -> None:
+    """Refuse unsafe or impossible combinations, and anything outside the scope, up front."""
+    host = host or options.address
     if options.transport not in AUTH_TRANSPORTS:
         raise TransportError(
             f"unknown WinRM transport {options.transport!r}; use one of "
-            + ", ".join(AUTH_TRANSPORTS)
+            + ", ".join(AUTH_TRANSPORTS),
+            host=host,
         )
-    if (
+    problem = address_problem(options.address)
+    if problem is not None:
+        raise TransportError(f"{host}: address: {problem}", host=host)
+    if not options.username or options.password is None:
+        raise AuthError("no WinRM credentials: set winrm.username and winrm.password", host=host)
+    problem = scope_problem(host, options)
+    if problem is not None:
+        raise TransportError(problem, host=host)
+    if not options.diagnostic:
+        problems = policy_problems(options)
+        if problems:
+            raise TransportError(
+                f"{host}: push and rollout refuse these winrm settings: " + "; ".join(problems),
+                host=host,
+            )
+    elif (
         options.transport == "basic"
         and options.effective_scheme == "http"
         and not options.allow_basic_over_http
@@ -110,19 +231,18 @@ def check_options(options: WinrmOptions) -> None:
         raise TransportError(
             "basic authentication over plain HTTP sends the password in clear text; use "
             "scheme: https, or transport: ntlm (message encryption), or set "
-            "allow_basic_over_http: true for a lab"
+            "allow_basic_over_http: true for a lab",
+            host=host,
         )
     if options.read_timeout <= options.operation_timeout:
-        raise TransportError("read_timeout must be longer than operation_timeout")
-    if not options.username or options.password is None:
-        raise AuthError("no WinRM credentials: set winrm.username and winrm.password")
+        raise TransportError("read_timeout must be longer than operation_timeout", host=host)
 
 
 class WinrmTransport:
     """Agent requests over one WinRM shell, opened on first use."""
 
     def __init__(self, host: str, options: WinrmOptions) -> None:
-        check_options(options)
+        check_options(options, host)
         self.host = host
         self.options = options
         self.http_requests = 0
@@ -133,7 +253,7 @@ class WinrmTransport:
         if self._protocol is None or self._shell is None:
             options = self.options
             assert options.password is not None  # noqa: S101 - check_options guarantees it
-            protocol = Protocol(
+            protocol = _CheckedProtocol(
                 options.endpoint,
                 transport="basic" if options.transport == "basic" else options.transport,  # type: ignore[arg-type]
                 username=options.username,
@@ -151,6 +271,13 @@ class WinrmTransport:
             # build_session has just merged the environment's proxy and CA settings (proxy=None:
             # no proxy); requests would otherwise scan os.environ again on every request.
             session.trust_env = False
+            # build_session also started message encryption where it applies: from now on a
+            # reply must be sealed too.
+            started = protocol.transport.encryption
+            if started is not None:
+                protocol.transport.encryption = _SealedReplies(session, started.protocol)
+            elif options.message_encrypted:
+                raise TransportError("message encryption did not start", host=self.host)
             self._shell = self._call(
                 lambda: protocol.open_shell(codepage=UTF8_CODEPAGE, noprofile=True)
             )
@@ -198,6 +325,12 @@ class WinrmTransport:
         """Run a pywinrm call, translating its errors; never lets a password through."""
         try:
             return action()
+        except _UnprovenReply as exc:
+            raise TransportError(
+                f"refused a reply: {exc}; a man in the middle may have answered. The outcome "
+                "of the request is unknown (see 'provisioner diff')",
+                host=self.host,
+            ) from None
         except winrm.exceptions.InvalidCredentialsError:
             raise AuthError(
                 f"the credentials were rejected ({self.options.transport} as "
@@ -247,6 +380,94 @@ class WinrmTransport:
                     f"authentication failed: {type(exc).__name__}", host=self.host
                 ) from None
             raise TransportError(f"{type(exc).__name__}: {_short(exc)}", host=self.host) from None
+
+
+class _UnprovenReply(Exception):
+    """A reply that does not prove it comes from the workstation and answers this request."""
+
+
+class _SealedReplies(Encryption):
+    """pywinrm's message encryption, refusing replies that are not sealed.
+
+    ``Encryption.parse_encrypted_response`` returns the body as is when the Content-Type does
+    not announce an encrypted one, so anyone in the middle could answer in plaintext
+    (tests/test_transport_winrm.py pins that pywinrm still does).
+    """
+
+    def parse_encrypted_response(self, response: requests.Response) -> bytes:
+        """Decrypt a sealed reply; refuse any other."""
+        announced = f'protocol="{self.protocol_string.decode()}"'
+        if announced not in response.headers.get("Content-Type", ""):
+            raise _UnprovenReply(
+                f"HTTP {response.status_code} in plaintext although message encryption is on"
+            )
+        return super().parse_encrypted_response(response)
+
+
+_MESSAGE_ID = re.compile(r"<a:MessageID>uuid:([0-9A-Fa-f-]{36})</a:MessageID>")
+_NS_S = "http://www.w3.org/2003/05/soap-envelope"
+_RELATES_TO = "{http://schemas.xmlsoap.org/ws/2004/08/addressing}RelatesTo"
+
+
+class _CheckedProtocol(Protocol):
+    """pywinrm's Protocol, checking that every reply relates to the request it answers.
+
+    pywinrm checks ``RelatesTo`` only for Signal and Delete (with ``assert``); every
+    WS-Management operation goes through ``send_message``, so the check sits there.
+    """
+
+    def send_message(self, message: str) -> bytes:
+        """Send one envelope; its reply (or fault) must name this request's MessageID."""
+        found = _MESSAGE_ID.search(message)
+        if found is None:
+            raise _UnprovenReply("the request has no MessageID to check the reply against")
+        sent = uuid.UUID(found.group(1))
+        try:
+            reply = super().send_message(message)
+        except winrm.exceptions.WSManFaultError as fault:
+            _check_relates_to(fault.response or "", sent)
+            raise
+        _check_relates_to(reply, sent)
+        return reply
+
+
+def _check_relates_to(reply: str | bytes, sent: uuid.UUID) -> None:
+    relates_to = _relates_to(reply.encode() if isinstance(reply, str) else reply)
+    if relates_to is None:
+        raise _UnprovenReply("the reply has no RelatesTo header")
+    try:
+        answered = uuid.UUID(relates_to.removeprefix("uuid:"))
+    except ValueError:
+        raise _UnprovenReply("the reply's RelatesTo is not a message id") from None
+    if answered != sent:
+        raise _UnprovenReply(f"the reply answers message {answered}, not {sent}")
+
+
+def _relates_to(reply: bytes, piece: int = 4096) -> str | None:
+    """``s:Envelope/s:Header/a:RelatesTo`` of a reply; parses no further than the header."""
+    if b"<!DOCTYPE" in reply:
+        raise _UnprovenReply("the reply declares a DTD")
+    parser: ET.XMLPullParser[Any] = ET.XMLPullParser(events=("start", "end"))
+    path: list[str] = []
+    for offset in range(0, len(reply), piece):
+        try:
+            parser.feed(reply[offset : offset + piece])
+            events = list(parser.read_events())
+        except ET.ParseError:
+            raise _UnprovenReply("the reply is not well-formed XML") from None
+        for item in events:
+            event, element = item[0], item[-1]
+            if not isinstance(element, ET.Element):
+                continue
+            if event == "start":
+                path.append(element.tag)
+                if path == [f"{{{_NS_S}}}Envelope", f"{{{_NS_S}}}Body"]:
+                    return None  # the header is over
+                continue
+            if path == [f"{{{_NS_S}}}Envelope", f"{{{_NS_S}}}Header", _RELATES_TO]:
+                return (element.text or "").strip()
+            path.pop()
+    return None
 
 
 def stdin_pieces(data: bytes, size: int = STDIN_CHUNK) -> Iterator[tuple[bytes, bool]]:
