@@ -69,6 +69,7 @@ def _demo_key(folder: Path) -> tuple[Path, Path]:
     identity.chmod(0o600)
     passphrase = folder / "demo-only.passphrase"
     shutil.copyfile(DEMO_KEY / "demo-only.passphrase", passphrase)
+    passphrase.chmod(0o600)
     return identity, passphrase
 
 
