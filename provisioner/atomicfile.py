@@ -13,14 +13,18 @@ from pathlib import Path
 from provisioner.errors import ProvisionerError
 
 
-def write_atomic(path: Path, data: bytes, *, mode: int | None = None) -> None:
+def write_atomic(
+    path: Path, data: bytes, *, mode: int | None = None, force_mode: bool = False
+) -> None:
     """Replace ``path`` with ``data`` through a temp file in the same folder and os.replace.
 
-    Keeps the file's permission bits when it exists; ``mode`` applies to new files
-    (default 0o600, because what we write is often sensitive).
+    Keeps the file's permission bits when it exists, unless ``force_mode``; ``mode`` applies
+    to new files (default 0o600, because what we write is often sensitive).
     """
     directory = path.parent
     try:
+        if force_mode:
+            raise FileNotFoundError
         keep = stat.S_IMODE(path.stat().st_mode)
     except FileNotFoundError:
         keep = 0o600 if mode is None else mode

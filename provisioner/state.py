@@ -3,12 +3,16 @@
 ::
 
     <state>/               mode 0700
-      state.sqlite3        runs, per-workstation results, per-file hashes (WAL mode)
+      state.sqlite3        runs, per-workstation results, per-file fingerprints (WAL mode)
+      fingerprint.key      the key of the files' fingerprints (provisioner.fingerprint)
       rollout.lock         OS lock held by the running rollout; its text says who holds it
       audit.jsonl          append-only, one JSON record per change
       audit.lock           short lock serialising appends to audit.jsonl
 
-Only hashes, statuses, names and messages are stored: never a diff, never a secret.
+Only fingerprints, statuses, names and messages are stored: never a diff, never a secret,
+never a file's SHA-256 (it would let a reader test password guesses offline). The columns
+and fields keep their names (``old_sha256``, ``sha256_before`` ...) for the tools that read
+them; since schema 3 they hold fingerprints.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from typing import Any
 
 from provisioner import revision
 from provisioner.errors import ProvisionerError
+from provisioner.fingerprint import Fingerprints, is_legacy_hash
 from provisioner.results import HostResult, RunLike, Status, is_dry_run, jsonable
 
 if sys.platform == "win32":
@@ -36,7 +41,7 @@ if sys.platform == "win32":
 else:
     import fcntl
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 DB_NAME = "state.sqlite3"
 LOCK_NAME = "rollout.lock"
 AUDIT_NAME = "audit.jsonl"
@@ -393,8 +398,14 @@ _SCHEMA_V1 = (
 )
 # The inventory's git commit a run used (provisioner.revision); '' for runs before it.
 _SCHEMA_V2 = ("ALTER TABLE runs ADD COLUMN revision TEXT NOT NULL DEFAULT ''",)
+# Files' SHA-256 recorded before schema 3 become fingerprints (the function is the store's
+# key, registered on the connection); the freed pages are then wiped (see _migrate).
+_SCHEMA_V3 = (
+    "UPDATE files SET old_sha256 = fingerprint(old_sha256) WHERE length(old_sha256) = 64",
+    "UPDATE files SET new_sha256 = fingerprint(new_sha256) WHERE length(new_sha256) = 64",
+)
 # MIGRATIONS[n] takes a database from schema version n to n + 1 (0: empty database).
-MIGRATIONS: dict[int, tuple[str, ...]] = {0: _SCHEMA_V1, 1: _SCHEMA_V2}
+MIGRATIONS: dict[int, tuple[str, ...]] = {0: _SCHEMA_V1, 1: _SCHEMA_V2, 2: _SCHEMA_V3}
 
 _LAST_RESULTS = """
 WITH pairs AS (
@@ -460,6 +471,7 @@ class StateStore:
         try:
             _make_directory(self.directory)
             _touch_private(self.path)
+            self.fingerprints = Fingerprints.in_folder(self.directory)
         except OSError as exc:
             raise StateError(f"cannot create the state directory {self.directory}: {exc}") from exc
         self._migrate()
@@ -534,10 +546,12 @@ class StateStore:
                 return
             # WAL cannot be switched on inside a transaction; the setting persists in the file.
             db.execute("PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA secure_delete = ON")
+            db.create_function("fingerprint", 1, self.fingerprints.of, deterministic=True)
             db.execute("BEGIN IMMEDIATE")
             try:
                 # Another process may have migrated while we waited for the write lock.
-                version = self._version(db)
+                version = from_version = self._version(db)
                 self._refuse_newer(version)
                 db.execute(
                     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
@@ -556,6 +570,11 @@ class StateStore:
                     db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
+            if 0 < from_version <= 2:
+                # The hashes replaced by fingerprints may linger in free pages and in the
+                # write-ahead log: rewrite the file and empty the log.
+                db.execute("VACUUM")
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def schema_version(self) -> int:
         """The schema version of the database file."""
@@ -601,8 +620,8 @@ class StateStore:
                         change.kind,
                         change.path,
                         change.status.value,
-                        change.old_sha256,
-                        change.new_sha256,
+                        self.fingerprints.of(change.old_sha256),
+                        self.fingerprints.of(change.new_sha256),
                         change.message,
                         json.dumps(list(change.conflicts), ensure_ascii=False),
                     )
@@ -1027,6 +1046,27 @@ class AuditLog:
         self.path = self.directory / AUDIT_NAME
         self.lock_path = self.directory / AUDIT_LOCK_NAME
         self.lock_timeout = lock_timeout
+        self._fingerprints: Fingerprints | None = None
+
+    def _legacy(self, record: AuditRecord) -> AuditRecord:
+        """A record written before fingerprints, shown with fingerprints like the others.
+
+        Its line keeps the full SHA-256 (the log is never rewritten): see docs/rollout.md.
+        """
+        if not (is_legacy_hash(record.sha256_before) or is_legacy_hash(record.sha256_after)):
+            return record
+        if self._fingerprints is None:
+            try:
+                self._fingerprints = Fingerprints.in_folder(self.directory)
+            except OSError as exc:
+                raise StateError(
+                    f"cannot read the fingerprint key in {self.directory}: {exc}"
+                ) from exc
+        return dataclasses.replace(
+            record,
+            sha256_before=self._fingerprints.of_legacy(record.sha256_before),
+            sha256_after=self._fingerprints.of_legacy(record.sha256_after),
+        )
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -1099,9 +1139,10 @@ class AuditLog:
                     data = json.loads(raw.decode("utf-8"))
                     if not isinstance(data, dict):
                         continue
-                    yield AuditRecord.from_dict(data)
+                    record = AuditRecord.from_dict(data)
                 except (ValueError, KeyError, TypeError):
                     continue
+                yield self._legacy(record)
 
     def query(
         self,
@@ -1155,13 +1196,15 @@ def records_for_results(
     who: str,
     action: str,
     run_id: str,
+    fingerprints: Fingerprints,
     when: datetime | None = None,
     controller: str | None = None,
 ) -> list[AuditRecord]:
     """Audit records for workstation results: one per changed file, one per failed file.
 
     A workstation that failed outside its files (unreachable, credentials) gets one record
-    with ``file`` None. Dry-run results change nothing and give no record.
+    with ``file`` None. Dry-run results change nothing and give no record. Files' hashes are
+    recorded as ``fingerprints`` (those of the state folder the log is in).
     """
     blank = AuditRecord(
         time=when or _now(),
@@ -1197,8 +1240,8 @@ def records_for_results(
                 workstation=result.host,
                 user=change.user,
                 file=change.path,
-                sha256_before=change.old_sha256,
-                sha256_after=change.new_sha256,
+                sha256_before=fingerprints.of(change.old_sha256),
+                sha256_after=fingerprints.of(change.new_sha256),
                 status=change.status.value,
                 message=change.message,
             )
@@ -1208,7 +1251,9 @@ def records_for_results(
     return records
 
 
-def records_for_run(run: RunLike, who: str, action: str = "push") -> list[AuditRecord]:
+def records_for_run(
+    run: RunLike, who: str, action: str = "push", *, fingerprints: Fingerprints
+) -> list[AuditRecord]:
     """Audit records for a run (see :func:`records_for_results`); none for a dry run."""
     if is_dry_run(run):
         return []
@@ -1217,5 +1262,6 @@ def records_for_run(run: RunLike, who: str, action: str = "push") -> list[AuditR
         who=who,
         action=action,
         run_id=run.run_id,
+        fingerprints=fingerprints,
         when=run.finished or run.started,
     )

@@ -81,7 +81,8 @@ def record(
 
     with uninterrupted():
         store.record_run(run, who=who, command=command, revision=revision)
-        state.AuditLog(store.directory).append(state.records_for_run(run, who, action=action))
+        records = state.records_for_run(run, who, action=action, fingerprints=store.fingerprints)
+        state.AuditLog(store.directory).append(records)
 
 
 @contextmanager
@@ -317,9 +318,11 @@ def execute(
             "from its last commit (or git could not compare them)"
         )
     if report_json:
-        report.write_run_json(run, report_json, revision=inventory_revision)
+        report.write_run_json(
+            run, report_json, fingerprints=store.fingerprints, revision=inventory_revision
+        )
     if report_junit:
-        report.write_run_junit(run, report_junit)
+        report.write_run_junit(run, report_junit, fingerprints=store.fingerprints)
     return run
 
 
