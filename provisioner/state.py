@@ -446,6 +446,26 @@ WHERE rank = 1
 ORDER BY workstation, user
 """
 
+_INSERT_RESULT = "INSERT INTO results VALUES (?,?,?,?,?,?,?,?)"
+_INSERT_FILE = (
+    "INSERT INTO files (run_id, workstation, user, kind, path, status, old_sha256, "
+    "new_sha256, message, conflicts) VALUES (?,?,?,?,?,?,?,?,?,?)"
+)
+
+
+def _result_row(run_id: str, name: str, result: HostResult) -> tuple[Any, ...]:
+    return (
+        run_id,
+        name,
+        result.status.value,
+        result.message,
+        result.attempts,
+        float(result.duration),
+        int(result.retryable),
+        json.dumps(list(result.warnings), ensure_ascii=False),
+    )
+
+
 _SELECT_RUNS = (
     "SELECT id, started, finished, user, host, command, dry_run, stopped, counts, options, "
     "revision FROM runs"
@@ -504,8 +524,10 @@ class StateStore:
             db.close()
 
     @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
+    def _transaction(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
         with self._connect() as db:
+            if not durable:
+                db.execute("PRAGMA synchronous = NORMAL")
             db.execute("BEGIN IMMEDIATE")
             try:
                 yield db
@@ -599,33 +621,8 @@ class StateStore:
         for name in sorted(run.results):
             result = run.results[name]
             counts[result.status.value] += 1
-            results.append(
-                (
-                    run.run_id,
-                    name,
-                    result.status.value,
-                    result.message,
-                    result.attempts,
-                    float(result.duration),
-                    int(result.retryable),
-                    json.dumps(list(result.warnings), ensure_ascii=False),
-                )
-            )
-            for change in result.files:
-                files.append(
-                    (
-                        run.run_id,
-                        name,
-                        change.user,
-                        change.kind,
-                        change.path,
-                        change.status.value,
-                        self.fingerprints.of(change.old_sha256),
-                        self.fingerprints.of(change.new_sha256),
-                        change.message,
-                        json.dumps(list(change.conflicts), ensure_ascii=False),
-                    )
-                )
+            results.append(_result_row(run.run_id, name, result))
+            files += self._file_rows(run.run_id, name, result)
         row = (
             run.run_id,
             _iso(run.started),
@@ -648,12 +645,63 @@ class StateStore:
                 "stopped, counts, revision) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 row,
             )
-            db.executemany("INSERT INTO results VALUES (?,?,?,?,?,?,?,?)", results)
-            db.executemany(
-                "INSERT INTO files (run_id, workstation, user, kind, path, status, old_sha256, "
-                "new_sha256, message, conflicts) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                files,
+            db.executemany(_INSERT_RESULT, results)
+            db.executemany(_INSERT_FILE, files)
+
+    def _file_rows(self, run_id: str, name: str, result: HostResult) -> list[tuple[Any, ...]]:
+        return [
+            (
+                run_id,
+                name,
+                change.user,
+                change.kind,
+                change.path,
+                change.status.value,
+                self.fingerprints.of(change.old_sha256),
+                self.fingerprints.of(change.new_sha256),
+                change.message,
+                json.dumps(list(change.conflicts), ensure_ascii=False),
             )
+            for change in result.files
+        ]
+
+    def record_host(self, run_id: str, result: HostResult) -> None:
+        """Store (or replace) one workstation's result in a recorded run, counts updated.
+
+        What :class:`RunJournal` writes as each workstation completes. Committed without
+        waiting for the disk (``synchronous = NORMAL`` in WAL mode): that survives the process
+        being killed, and a fleet's worth of commits stays cheap.
+        """
+        with self._transaction(durable=False) as db:
+            self._replace_host(db, run_id, result)
+            self._update_run(db, run_id, stopped=None, finished=False)
+
+    def finish_run(self, run_id: str, stopped: str) -> None:
+        """Mark a journaled run finished, with why it stopped (empty: it ran to the end)."""
+        with self._transaction() as db:
+            self._update_run(db, run_id, stopped=stopped, finished=True)
+
+    def _replace_host(self, db: sqlite3.Connection, run_id: str, result: HostResult) -> None:
+        db.execute("DELETE FROM files WHERE run_id = ? AND workstation = ?", (run_id, result.host))
+        db.execute(
+            "DELETE FROM results WHERE run_id = ? AND workstation = ?", (run_id, result.host)
+        )
+        db.execute(_INSERT_RESULT, _result_row(run_id, result.host, result))
+        db.executemany(_INSERT_FILE, self._file_rows(run_id, result.host, result))
+
+    def _update_run(
+        self, db: sqlite3.Connection, run_id: str, *, stopped: str | None, finished: bool
+    ) -> None:
+        counts = dict.fromkeys((s.value for s in Status), 0)
+        for status, number in db.execute(
+            "SELECT status, count(*) FROM results WHERE run_id = ? GROUP BY status", (run_id,)
+        ):
+            counts[_status(status).value] += int(number)
+        db.execute("UPDATE runs SET counts = ? WHERE id = ?", (json.dumps(counts), run_id))
+        if stopped is not None:
+            db.execute("UPDATE runs SET stopped = ? WHERE id = ?", (stopped, run_id))
+        if finished:
+            db.execute("UPDATE runs SET finished = ? WHERE id = ?", (_iso(_now()), run_id))
 
     # -- reading
 
@@ -1265,3 +1313,70 @@ def records_for_run(
         fingerprints=fingerprints,
         when=run.finished or run.started,
     )
+
+
+# Until the run ends, its row says it did not: what a killed run leaves.
+JOURNAL_STOPPED = (
+    "interrupted: the run did not finish (the controller was stopped or killed); "
+    "workstations marked 'not reported' may or may not have been written"
+)
+NOT_REPORTED = (
+    "not reported: the run ended before this workstation's result came back; it may or may "
+    "not have been written (see 'provisioner diff')"
+)
+
+
+class RunJournal:
+    """A run recorded as it goes, so that a run killed halfway leaves what it did.
+
+    :meth:`begin` records the run, marked interrupted, with every workstation ``skipped``
+    and "not reported"; :meth:`host_done` appends a workstation's audit records (first: the
+    log must not miss a change the history shows) and stores its result as it completes;
+    :meth:`finish` records how the run ended. A run killed before :meth:`finish` stays
+    marked interrupted, lists every workstation that completed, and offers the others to
+    ``rollout --only-failed``.
+    """
+
+    def __init__(
+        self, store: StateStore, *, who: str, command: str, action: str, revision: str
+    ) -> None:
+        self.store = store
+        self.log = AuditLog(store.directory)
+        self.who, self.command, self.action, self.revision = who, command, action, revision
+        self.run_id = ""
+
+    def begin(self, run: RunLike, hosts: Iterable[str]) -> None:
+        """Record the run as interrupted, with ``hosts`` not reported yet."""
+        self.run_id = run.run_id
+        pending = _PendingRun(run, hosts)
+        self.store.record_run(pending, who=self.who, command=self.command, revision=self.revision)
+
+    def host_done(self, result: HostResult) -> None:
+        """One workstation ended: its audit records, then its result in the run."""
+        if result.dry_run:
+            return
+        records = records_for_results(
+            [result],
+            who=self.who,
+            action=self.action,
+            run_id=self.run_id,
+            fingerprints=self.store.fingerprints,
+        )
+        self.log.append(records)
+        self.store.record_host(self.run_id, result)
+
+    def finish(self, run: RunLike) -> None:
+        """The run ended (normally, or aborted: ``run.stopped`` says how)."""
+        self.store.finish_run(self.run_id, run.stopped)
+
+
+class _PendingRun:
+    """A run as :meth:`RunJournal.begin` records it."""
+
+    def __init__(self, run: RunLike, hosts: Iterable[str]) -> None:
+        self.run_id, self.started, self.options = run.run_id, run.started, run.options
+        self.finished: datetime | None = None
+        self.stopped = JOURNAL_STOPPED
+        self.results = {
+            host: HostResult(host, Status.SKIPPED, NOT_REPORTED, attempts=0) for host in hosts
+        }

@@ -705,3 +705,69 @@ def test_records_do_not_let_a_reader_test_password_guesses(example: ExampleLab) 
     # And the reports are the owner's only.
     assert stat.S_IMODE(report_json.stat().st_mode) == 0o600
     assert stat.S_IMODE(report_junit.stat().st_mode) == 0o600
+
+
+# --------------------------------------------------------------------------- a killed rollout
+
+
+def _journaled(example: ExampleLab) -> dict[str, Status]:
+    """The workstations the running rollout's journal lists, with their status (none yet: {})."""
+    if not (example.state / state.DB_NAME).exists():
+        return {}
+    runs = state.StateStore(example.state).runs()
+    if not runs:
+        return {}
+    return {
+        r.workstation: r.status for r in state.StateStore(example.state).run(runs[0].id).results
+    }
+
+
+def test_a_killed_rollout_leaves_every_write_in_the_runs_and_the_audit_log(
+    example: ExampleLab,
+) -> None:
+    # The third workstation answers nothing for two minutes: when the rollout is killed, the
+    # first two are written and reported, and no other was written.
+    stuck = HOSTS[2]
+    example.lab.hosts[stuck].set_faults(Faults(slow=120))
+    process = _start_cli(example, "rollout", "--yes", "--canary", "0", "--forks", "1", "--quiet")
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            listed = _journaled(example)
+            if sum(1 for s in listed.values() if s == Status.CHANGED) >= 2:
+                break
+            assert process.poll() is None, process.communicate()
+            time.sleep(0.05)
+        else:
+            raise AssertionError(f"the journal never showed two workstations: {listed}")
+        process.kill()  # SIGKILL: no handler, no finally, nothing runs after this
+        process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    example.lab.hosts[stuck].clear_faults()
+
+    written = {key for key, data in example.all_files().items() if data is not None}
+    assert {ws for ws, _ in written} == set(HOSTS[:2])  # what the kill left on the fleet
+    [run] = state.StateStore(example.state).runs()
+    assert run.stopped.startswith("interrupted: the run did not finish") and run.finished is None
+    detail = state.StateStore(example.state).run(run.id)
+    by_host = {r.workstation: r for r in detail.results}
+    assert sorted(by_host) == HOSTS  # every workstation of the run is listed
+    assert {h for h, r in by_host.items() if r.status == Status.CHANGED} == set(HOSTS[:2])
+    for host in HOSTS[2:]:
+        assert by_host[host].status == Status.SKIPPED
+        assert by_host[host].message.startswith("not reported:")
+    assert detail.to_retry == HOSTS[2:]
+    # The audit log has one record per file written, in this run.
+    audit = json.loads(example.cli("audit", "--json", keys=False, lab=False).stdout)
+    assert {(r["workstation"], r["user"] or "") for r in audit} == written
+    assert {(r["run_id"], r["status"], r["action"]) for r in audit} == {(run.id, "changed", "push")}
+    listed = example.cli("runs", "list", keys=False, lab=False).stdout
+    assert "2 changed, 7 skipped  stopped: interrupted" in listed, listed
+
+    # --only-failed finishes the job: exactly the workstations that were not reported.
+    again = example.cli("rollout", "--yes", "--only-failed", "--quiet")
+    assert again.returncode == 0, (again.stdout, again.stderr)
+    assert set(host_lines(again.stdout)) == set(HOSTS[2:])
+    assert all(data is not None for data in example.all_files().values())
