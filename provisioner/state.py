@@ -499,14 +499,16 @@ class StateStore:
     # -- connections
 
     @contextlib.contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
+    def _connect(self, held: sqlite3.Connection | None = None) -> Iterator[sqlite3.Connection]:
+        """A new connection, closed at the end; or ``held`` (a journal's), left open."""
         try:
-            db = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
+            db = held or sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
         except sqlite3.Error as exc:
             raise StateError(f"cannot open the state database {self.path}: {exc}") from exc
         try:
-            db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
-            db.execute("PRAGMA foreign_keys = ON")
+            if held is None:
+                db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+                db.execute("PRAGMA foreign_keys = ON")
             yield db
         except sqlite3.OperationalError as exc:
             if "locked" in str(exc) or "busy" in str(exc):
@@ -521,13 +523,28 @@ class StateStore:
                 "a new history"
             ) from exc
         finally:
-            db.close()
+            if held is None:
+                db.close()
+
+    def open_held(self) -> sqlite3.Connection:
+        """A connection kept open for many small commits (:class:`RunJournal`).
+
+        Commits on it do not wait for the disk (``synchronous = NORMAL`` in WAL mode): they
+        survive the process being killed; the last ones may be lost with a power cut. Closing
+        the only connection checkpoints the log, which is why one is kept.
+        """
+        try:
+            db = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
+            db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+            db.execute("PRAGMA foreign_keys = ON")
+            db.execute("PRAGMA synchronous = NORMAL")
+        except sqlite3.Error as exc:
+            raise StateError(f"cannot open the state database {self.path}: {exc}") from exc
+        return db
 
     @contextlib.contextmanager
-    def _transaction(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
-        with self._connect() as db:
-            if not durable:
-                db.execute("PRAGMA synchronous = NORMAL")
+    def _transaction(self, held: sqlite3.Connection | None = None) -> Iterator[sqlite3.Connection]:
+        with self._connect(held) as db:
             db.execute("BEGIN IMMEDIATE")
             try:
                 yield db
@@ -665,19 +682,33 @@ class StateStore:
             for change in result.files
         ]
 
-    def record_host(self, run_id: str, result: HostResult) -> None:
+    def record_host(
+        self, run_id: str, result: HostResult, *, held: sqlite3.Connection | None = None
+    ) -> None:
         """Store (or replace) one workstation's result in a recorded run, counts updated.
 
-        What :class:`RunJournal` writes as each workstation completes. Committed without
-        waiting for the disk (``synchronous = NORMAL`` in WAL mode): that survives the process
-        being killed, and a fleet's worth of commits stays cheap.
+        What :class:`RunJournal` writes as each workstation completes, on its ``held``
+        connection (:meth:`open_held`).
         """
-        with self._transaction(durable=False) as db:
+        with self._transaction(held) as db:
+            before = db.execute(
+                "SELECT status FROM results WHERE run_id = ? AND workstation = ?",
+                (run_id, result.host),
+            ).fetchone()
             self._replace_host(db, run_id, result)
-            self._update_run(db, run_id, stopped=None, finished=False)
+            row = db.execute("SELECT counts FROM runs WHERE id = ?", (run_id,)).fetchone()
+            counts = dict.fromkeys((s.value for s in Status), 0)
+            counts.update(json.loads(row[0] or "{}") if row else {})
+            if before is not None:
+                counts[_status(before[0]).value] -= 1
+            counts[result.status.value] += 1
+            db.execute("UPDATE runs SET counts = ? WHERE id = ?", (json.dumps(counts), run_id))
 
     def finish_run(self, run_id: str, stopped: str) -> None:
-        """Mark a journaled run finished, with why it stopped (empty: it ran to the end)."""
+        """Mark a journaled run finished, with why it stopped (empty: it ran to the end).
+
+        Committed with a full sync, which also makes the journal's earlier commits durable.
+        """
         with self._transaction() as db:
             self._update_run(db, run_id, stopped=stopped, finished=True)
 
@@ -1135,10 +1166,12 @@ class AuditLog:
         finally:
             os.close(fd)
 
-    def append(self, records: Iterable[AuditRecord]) -> int:
+    def append(self, records: Iterable[AuditRecord], *, durable: bool = True) -> int:
         """Append records (fsynced, under a short lock); returns how many were written.
 
         The file is only ever opened for appending: existing lines are never rewritten.
+        ``durable=False`` leaves the flush to disk to the system (or to :meth:`sync`): the
+        lines then survive the process being killed, not a power cut.
         """
         lines = []
         for record in records:
@@ -1164,7 +1197,8 @@ class AuditLog:
                         if os.read(fd, 1) != b"\n":
                             data = b"\n" + data
                     _write_all(fd, data)
-                    os.fsync(fd)
+                    if durable:
+                        os.fsync(fd)
                 finally:
                     os.close(fd)
                 if created:
@@ -1172,6 +1206,19 @@ class AuditLog:
         except OSError as exc:
             raise StateError(f"cannot append to the audit log {self.path}: {exc}") from exc
         return len(lines)
+
+    def sync(self) -> None:
+        """Flush what was appended with ``durable=False`` to disk."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise StateError(f"cannot sync the audit log {self.path}: {exc}") from exc
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def records(self) -> Iterator[AuditRecord]:
         """Every readable record in file order; torn or malformed lines are skipped."""
@@ -1344,12 +1391,14 @@ class RunJournal:
         self.log = AuditLog(store.directory)
         self.who, self.command, self.action, self.revision = who, command, action, revision
         self.run_id = ""
+        self._db: sqlite3.Connection | None = None
 
     def begin(self, run: RunLike, hosts: Iterable[str]) -> None:
         """Record the run as interrupted, with ``hosts`` not reported yet."""
         self.run_id = run.run_id
         pending = _PendingRun(run, hosts)
         self.store.record_run(pending, who=self.who, command=self.command, revision=self.revision)
+        self._db = self.store.open_held()
 
     def host_done(self, result: HostResult) -> None:
         """One workstation ended: its audit records, then its result in the run."""
@@ -1362,12 +1411,20 @@ class RunJournal:
             run_id=self.run_id,
             fingerprints=self.store.fingerprints,
         )
-        self.log.append(records)
-        self.store.record_host(self.run_id, result)
+        # Written through to the system at once (a killed process loses nothing); flushed to
+        # disk with the run's end, so that a fleet's worth of fsyncs does not slow the run.
+        self.log.append(records, durable=False)
+        self.store.record_host(self.run_id, result, held=self._db)
 
     def finish(self, run: RunLike) -> None:
         """The run ended (normally, or aborted: ``run.stopped`` says how)."""
-        self.store.finish_run(self.run_id, run.stopped)
+        self.log.sync()
+        try:
+            self.store.finish_run(self.run_id, run.stopped)
+        finally:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
 
 
 class _PendingRun:
