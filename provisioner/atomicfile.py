@@ -4,19 +4,27 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import stat
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
+from provisioner.errors import ProvisionerError
 
-def write_atomic(path: Path, data: bytes, *, mode: int | None = None) -> None:
+
+def write_atomic(
+    path: Path, data: bytes, *, mode: int | None = None, force_mode: bool = False
+) -> None:
     """Replace ``path`` with ``data`` through a temp file in the same folder and os.replace.
 
-    Keeps the file's permission bits when it exists; ``mode`` applies to new files
-    (default 0o600, because what we write is often sensitive).
+    Keeps the file's permission bits when it exists, unless ``force_mode``; ``mode`` applies
+    to new files (default 0o600, because what we write is often sensitive).
     """
     directory = path.parent
     try:
+        if force_mode:
+            raise FileNotFoundError
         keep = stat.S_IMODE(path.stat().st_mode)
     except FileNotFoundError:
         keep = 0o600 if mode is None else mode
@@ -47,3 +55,127 @@ def create_exclusive(path: Path, data: bytes, *, mode: int = 0o600) -> None:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
+
+
+class UnsafeTreeError(ProvisionerError):
+    """A file of a tree would be written through a link or outside its root."""
+
+
+def _parts(relative: str) -> list[str]:
+    """The names of ``relative`` (``/``-separated), each a plain name inside the root."""
+    parts = relative.split("/")
+    for part in parts:
+        if part in ("", ".", "..") or "\\" in part or "\x00" in part or ":" in part:
+            raise UnsafeTreeError(
+                f"{relative!r} is not a plain relative path: it could reach outside the folder"
+            )
+    return parts
+
+
+def write_tree(
+    root: Path, files: Iterable[tuple[str, bytes]], *, mode: int = 0o600, dir_mode: int = 0o700
+) -> None:
+    """Write each ``(relative path, data)`` below ``root``, never outside it.
+
+    Folders are created with ``dir_mode`` and existing ones inside ``root`` are set to it;
+    each file is replaced atomically with ``mode``. No symbolic link below ``root`` is
+    followed (a link where a folder or a file should be is an error, and it is left alone),
+    no permission outside ``root`` is changed, and nothing is removed but this call's own temp
+    files. ``root`` itself is created if needed and may be a link.
+    """
+    root.mkdir(parents=True, exist_ok=True, mode=dir_mode)
+    if not _SAFE_DIR_FD:
+        _write_tree_by_name(root, files, mode=mode, dir_mode=dir_mode)
+        return
+    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    folders: dict[tuple[str, ...], int] = {(): root_fd}
+    try:
+        for relative, data in files:
+            parts = _parts(relative)
+            parent = root_fd
+            for depth in range(1, len(parts)):
+                key = tuple(parts[:depth])
+                if key not in folders:
+                    folders[key] = _open_folder(parent, parts[depth - 1], relative, dir_mode)
+                parent = folders[key]
+            _replace_in(parent, parts[-1], data, mode, relative)
+    finally:
+        for fd in folders.values():
+            os.close(fd)
+
+
+# Folder file descriptors with O_NOFOLLOW make every step of a path safe from a link swapped
+# in at any time; without them (Windows) the names are checked just before use.
+_SAFE_DIR_FD = (
+    os.open in os.supports_dir_fd
+    and os.mkdir in os.supports_dir_fd
+    and hasattr(os, "O_NOFOLLOW")
+    and hasattr(os, "O_DIRECTORY")
+)
+
+
+def _open_folder(parent: int, name: str, relative: str, dir_mode: int) -> int:
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(name, dir_mode, dir_fd=parent)
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent)
+    except OSError as exc:
+        raise UnsafeTreeError(
+            f"cannot write {relative}: {name!r} is a symbolic link or not a folder "
+            "(left as it is; remove it or choose another folder)"
+        ) from exc
+    try:
+        os.fchmod(fd, dir_mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _replace_in(folder: int, name: str, data: bytes, mode: int, relative: str) -> None:
+    try:
+        existing = os.stat(name, dir_fd=folder, follow_symlinks=False)
+    except FileNotFoundError:
+        existing = None
+    if existing is not None and not stat.S_ISREG(existing.st_mode):
+        raise UnsafeTreeError(
+            f"cannot write {relative}: a symbolic link or another non-file stands there "
+            "(left as it is; remove it or choose another folder)"
+        )
+    temp = f".{name}.{secrets.token_hex(6)}.tmp"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode, dir_fd=folder)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), mode)  # the umask may have narrowed or widened it
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        # rename replaces a link or file standing at ``name`` itself, never what a link names.
+        os.replace(temp, name, src_dir_fd=folder, dst_dir_fd=folder)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp, dir_fd=folder)
+        raise
+    with contextlib.suppress(OSError):
+        os.fsync(folder)
+
+
+def _write_tree_by_name(
+    root: Path, files: Iterable[tuple[str, bytes]], *, mode: int, dir_mode: int
+) -> None:
+    for relative, data in files:
+        parts = _parts(relative)
+        folder = root
+        for part in parts[:-1]:
+            folder = folder / part
+            if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+                raise UnsafeTreeError(
+                    f"cannot write {relative}: {part!r} is a symbolic link or not a folder"
+                )
+            folder.mkdir(exist_ok=True, mode=dir_mode)
+            folder.chmod(dir_mode)
+        target = folder / parts[-1]
+        if target.is_symlink() or (target.exists() and not target.is_file()):
+            raise UnsafeTreeError(f"cannot write {relative}: a symbolic link stands there")
+        write_atomic(target, data, mode=mode)
+        target.chmod(mode)

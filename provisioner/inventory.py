@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from provisioner import forked, yamldoc
+from provisioner import forked, winpath, yamldoc
 from provisioner.credscope import address_problem
 from provisioner.errors import InventoryError, ProvisionerError
 from provisioner.inidoc import unquote
@@ -58,8 +58,9 @@ WINDOWS_USER_RE = re.compile(
     r"^(?:[A-Za-z0-9][A-Za-z0-9.-]{0,62}|\.)\\[^\\/\[\]:;|=,+*?<>\"@]{1,104}$"
 )
 SIP_URI_RE = re.compile(r"^(?:sips?:)?([^@\s:;]+)@([A-Za-z0-9.-]+(?::\d{1,5})?)$")
-# Line breaks, control characters and lone surrogates (not encodable as UTF-16).
-_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029\ud800-\udfff]")
+# Line breaks, control characters (TAB and the C1 set included: the profile API and the
+# agent's line handling would not keep them as written) and lone surrogates (not UTF-16).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 # Keys MicroSIP itself saves wrapped in quotes, so a value enclosed in quotes survives its
 # rewrites when the renderer adds the outer pair (see render.ini_value).
 _PLAIN_TOKEN = re.compile(r"[^\s,\]}#]+")
@@ -104,8 +105,8 @@ WINRM_OPTIONS: dict[str, OptionSpec] = {
 }
 MICROSIP_OPTIONS: dict[str, OptionSpec] = {
     "mode": OptionSpec("enum", ("installed", "portable")),
-    "install_dir": OptionSpec("string"),
-    "exe": OptionSpec("string"),
+    "install_dir": OptionSpec("folder"),
+    "exe": OptionSpec("file"),
 }
 
 
@@ -306,6 +307,15 @@ def _collect(context: _Context, raw: _Raw, file: str, tree: yamldoc.YNode) -> No
                 context.error(
                     f"{section[:-1]} {name!r} is defined twice (first at {first.file}:"
                     f"{first.line})",
+                    entry_source,
+                    (section, name),
+                )
+                continue
+            reserved = winpath.reserved_name_problem(name) if section != "groups" else None
+            if reserved is not None:
+                # Names become folder names (render's output) and are shown on Windows.
+                context.error(
+                    f"{section[:-1]} name {name!r} {reserved}; rename it",
                     entry_source,
                     (section, name),
                 )
@@ -649,6 +659,16 @@ def _options_block(
                     source,
                     key_segments,
                 )
+                continue
+            problem = (
+                winpath.install_dir_problem(text)
+                if spec.type == "folder"
+                else winpath.file_name_problem(text)
+                if spec.type == "file"
+                else None
+            )
+            if problem is not None:
+                context.error(f"{key} '{text}' {problem}", source, key_segments)
                 continue
             value = text
         out[key] = Sourced(value, source, join_pointer(list(key_segments)))

@@ -3,7 +3,9 @@
 Pure functions over a finished run. They take any object shaped like
 :class:`~provisioner.runner.RunResult` (see :class:`RunLike`), so this module does not
 depend on the runner. Nothing here ever includes a diff: diffs may show settings, and a
-run file ends up in CI artefacts that many people can read.
+run file ends up in CI artefacts that many people can read. For the same reason files are
+named by fingerprints (:mod:`provisioner.fingerprint`), never by their SHA-256, and run files
+are written readable by their owner only.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 from xml.sax.saxutils import escape, quoteattr
 
 from provisioner.atomicfile import write_atomic
+from provisioner.fingerprint import Fingerprints
 from provisioner.results import (
     FileChange,
     HostResult,
@@ -28,13 +31,14 @@ from provisioner.results import (
     jsonable,
 )
 
-REPORT_VERSION = 1
+# 2: old_sha256 and new_sha256 hold fingerprints, no longer the files' SHA-256.
+REPORT_VERSION = 2
 EXIT_OK = 0
 EXIT_HOSTS_FAILED = 3
 EXIT_DRIFT = 4
 RETRY_STATUSES = (Status.FAILED, Status.CONFLICT, Status.BUSY, Status.SKIPPED)
 CONNECTION_CASE = "connection"
-FILE_MODE = 0o644
+FILE_MODE = 0o600
 
 # XML 1.0 forbids these; a remote error message could carry one and break every CI parser.
 _XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
@@ -88,7 +92,7 @@ def _batches(run: RunLike) -> dict[str, int]:
     return index
 
 
-def _file_json(change: FileChange) -> dict[str, Any]:
+def _file_json(change: FileChange, fingerprints: Fingerprints) -> dict[str, Any]:
     return {
         "kind": change.kind,
         "user": change.user,
@@ -96,17 +100,18 @@ def _file_json(change: FileChange) -> dict[str, Any]:
         "name": change.label,
         "status": change.status.value,
         "message": change.message,
-        "old_sha256": change.old_sha256,
-        "new_sha256": change.new_sha256,
+        "old_sha256": fingerprints.of(change.old_sha256),
+        "new_sha256": fingerprints.of(change.new_sha256),
         "conflicts": list(change.conflicts),
     }
 
 
-def run_json(run: RunLike, *, revision: str = "") -> dict[str, Any]:
+def run_json(run: RunLike, *, fingerprints: Fingerprints, revision: str = "") -> dict[str, Any]:
     """The run as JSON data: options, counts and every workstation with its files.
 
-    File entries carry hashes, statuses and messages, never the diff text. ``revision``: the
-    inventory's git commit (``+dirty`` when its files differed), ``""`` when unknown.
+    File entries carry fingerprints, statuses and messages, never the diff text nor a
+    SHA-256. ``revision``: the inventory's git commit (``+dirty`` when its files differed),
+    ``""`` when unknown.
     """
     batch_of = _batches(run)
     hosts = []
@@ -123,7 +128,7 @@ def run_json(run: RunLike, *, revision: str = "") -> dict[str, Any]:
                 "dry_run": result.dry_run,
                 "batch": batch_of.get(name),
                 "warnings": list(result.warnings),
-                "files": [_file_json(change) for change in result.files],
+                "files": [_file_json(change, fingerprints) for change in result.files],
             }
         )
     return {
@@ -144,9 +149,12 @@ def run_json(run: RunLike, *, revision: str = "") -> dict[str, Any]:
     }
 
 
-def write_run_json(run: RunLike, path: Path, *, revision: str = "") -> None:
-    """Write :func:`run_json` to ``path`` atomically (mode 0644 for a new file)."""
-    text = json.dumps(run_json(run, revision=revision), indent=2, ensure_ascii=False) + "\n"
+def write_run_json(
+    run: RunLike, path: Path, *, fingerprints: Fingerprints, revision: str = ""
+) -> None:
+    """Write :func:`run_json` to ``path`` atomically, readable by its owner only."""
+    data = run_json(run, fingerprints=fingerprints, revision=revision)
+    text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
     _write(path, text.encode("utf-8"))
 
 
@@ -173,16 +181,17 @@ class _Case:
     output: list[str]
 
 
-def _file_details(change: FileChange, result: HostResult) -> list[str]:
+def _file_details(change: FileChange, result: HostResult, fingerprints: Fingerprints) -> list[str]:
     lines = [f"status: {change.status.value}", f"path: {change.path}"]
     if change.message:
         lines.append(f"reason: {change.message}")
     if change.conflicts:
         lines.append("conflicting keys: " + ", ".join(change.conflicts))
-    if change.old_sha256 and change.old_sha256 == change.new_sha256:
-        lines.append(f"sha256: {change.old_sha256}")
-    elif change.old_sha256 or change.new_sha256:
-        lines.append(f"sha256: {change.old_sha256 or '-'} -> {change.new_sha256 or '-'}")
+    old, new = fingerprints.of(change.old_sha256), fingerprints.of(change.new_sha256)
+    if old and old == new:
+        lines.append(f"fingerprint: {old}")
+    elif old or new:
+        lines.append(f"fingerprint: {old or '-'} -> {new or '-'}")
     if result.message and result.message != change.message:
         lines.append(f"workstation: {result.message}")
     lines.append(f"attempts: {result.attempts}")
@@ -207,7 +216,7 @@ def _default_reason(status: Status, dry_run: bool) -> str:
     return status.value
 
 
-def _cases(run: RunLike) -> list[_Case]:
+def _cases(run: RunLike, fingerprints: Fingerprints) -> list[_Case]:
     cases: list[_Case] = []
     for host in sorted(run.results):
         result = run.results[host]
@@ -239,14 +248,14 @@ def _cases(run: RunLike) -> list[_Case]:
                     time,
                     change.status,
                     reason,
-                    _file_details(change, result),
+                    _file_details(change, result, fingerprints),
                     output,
                 )
             )
     return cases
 
 
-def run_junit(run: RunLike) -> str:
+def run_junit(run: RunLike, *, fingerprints: Fingerprints) -> str:
     """The run as JUnit XML: one test case per workstation and file.
 
     ``classname`` is the workstation, ``name`` is ``user/microsip.ini`` or ``override.ini``.
@@ -256,7 +265,7 @@ def run_junit(run: RunLike) -> str:
     with why. A case's time is its workstation's time shared among its cases, since one
     round trip handles all files of a workstation.
     """
-    cases = _cases(run)
+    cases = _cases(run, fingerprints)
     failures = sum(1 for c in cases if c.status in (Status.FAILED, Status.CONFLICT))
     skipped = sum(1 for c in cases if c.status in (Status.BUSY, Status.SKIPPED))
     duration = _duration(run)
@@ -314,11 +323,12 @@ def run_junit(run: RunLike) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_run_junit(run: RunLike, path: Path) -> None:
-    """Write :func:`run_junit` to ``path`` atomically (mode 0644 for a new file)."""
-    _write(path, run_junit(run).encode("utf-8"))
+def write_run_junit(run: RunLike, path: Path, *, fingerprints: Fingerprints) -> None:
+    """Write :func:`run_junit` to ``path`` atomically, readable by its owner only."""
+    _write(path, run_junit(run, fingerprints=fingerprints).encode("utf-8"))
 
 
 def _write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, data, mode=FILE_MODE)
+    # A run file written earlier with a looser mode is tightened too.
+    write_atomic(path, data, mode=FILE_MODE, force_mode=True)

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from provisioner import lanes
 from provisioner.build import BuiltFile
@@ -143,6 +143,45 @@ class _NullReporter:
         pass
 
 
+class Journal(Protocol):
+    """Records a run as it goes (:class:`provisioner.state.RunJournal`)."""
+
+    def begin(self, run: RunResult, hosts: Sequence[str]) -> None:
+        """The run starts with these workstations, in order."""
+        ...
+
+    def host_done(self, result: HostResult) -> None:
+        """A workstation ended (before the reporter hears of it)."""
+        ...
+
+    def finish(self, run: RunResult) -> None:
+        """The run ended; ``run.stopped`` says why it stopped early, if it did."""
+        ...
+
+
+ABORTED = (
+    "interrupted: aborted while workstations were being pushed; those are marked "
+    "'not reported' and may or may not have been written"
+)
+
+
+class _Journaled:
+    """The reporter, with each result journaled first."""
+
+    def __init__(self, inner: Reporter, journal: Journal) -> None:
+        self.inner, self.journal = inner, journal
+
+    def host_started(self, host: str) -> None:
+        self.inner.host_started(host)
+
+    def host_done(self, result: HostResult) -> None:
+        self.journal.host_done(result)
+        self.inner.host_done(result)
+
+    def batch_started(self, index: int, hosts: Sequence[str]) -> None:
+        getattr(self.inner, "batch_started", lambda *_: None)(index, hosts)
+
+
 TransportFactory = Callable[[StationPlan], Transport]
 PushLanes = lanes.Lanes[RolloutOptions]
 
@@ -180,11 +219,14 @@ def run_fleet(
     stop: threading.Event | None = None,
     sleep: Callable[[float], None] = time.sleep,
     executor: PushLanes | None = None,
+    journal: Journal | None = None,
 ) -> RunResult:
     """Push every station in batches; stop launching on ``stop`` or past the threshold.
 
     ``executor``: lanes from :func:`open_lanes` with the same stations, files and factory
-    (their retries sleep with the ``sleep`` given there).
+    (their retries sleep with the ``sleep`` given there). ``journal``: told of the run's
+    start, of each result as it arrives and of the end, also when an exception (a second
+    Ctrl-C) aborts the run.
     """
     if options.forks < 1:
         raise ProvisionerError(f"forks must be at least 1, not {options.forks}")
@@ -196,6 +238,33 @@ def run_fleet(
     run.batches = plan_batches(
         sorted(stations), options.canary, options.batch, options.canary_hosts
     )
+    if journal is not None:
+        journal.begin(run, [host for batch in run.batches for host in batch])
+        report = _Journaled(report, journal)
+    try:
+        _run_batches(run, stations, files, transport_factory, report, stop, sleep, executor)
+    except BaseException:
+        if journal is not None:
+            run.stopped, run.finished = ABORTED, datetime.now(UTC)
+            journal.finish(run)
+        raise
+    run.finished = datetime.now(UTC)
+    if journal is not None:
+        journal.finish(run)
+    return run
+
+
+def _run_batches(
+    run: RunResult,
+    stations: Mapping[str, StationPlan],
+    files: Mapping[str, Sequence[BuiltFile]],
+    transport_factory: TransportFactory,
+    report: Reporter,
+    stop: threading.Event,
+    sleep: Callable[[float], None],
+    executor: PushLanes | None,
+) -> None:
+    options = run.options
     attempted = 0
     failures = 0
     with _dispatch(stations, files, transport_factory, options, stop, sleep, executor) as pushes:
@@ -215,8 +284,6 @@ def run_fleet(
                 )
             if stop.is_set() and not run.stopped:
                 run.stopped = "interrupted: no new workstation was started"
-    run.finished = datetime.now(UTC)
-    return run
 
 
 def _dispatch(

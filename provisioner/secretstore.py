@@ -93,16 +93,24 @@ class IdentityFile:
     data: object = field(repr=False)
 
 
-def read_identity(path: Path) -> IdentityFile:
-    """Parse an identity file without unlocking it; checks owner-only permissions."""
-    if not path.is_file():
-        raise IdentityError(f"identity file {path} does not exist")
+def require_owner_only(path: Path, *, fd: int | None = None) -> None:
+    """Refuse a file that others may read or write (identity and passphrase files).
+
+    ``fd``: the file already open, checked instead of the name (which could be swapped).
+    """
     if os.name == "posix":
-        mode = stat.S_IMODE(path.stat().st_mode)
+        mode = stat.S_IMODE((os.fstat(fd) if fd is not None else path.stat()).st_mode)
         if mode & 0o077:
             raise IdentityError(
                 f"{path} is readable by others (mode {mode:o}); run 'chmod 600 {path}'"
             )
+
+
+def read_identity(path: Path) -> IdentityFile:
+    """Parse an identity file without unlocking it; checks owner-only permissions."""
+    if not path.is_file():
+        raise IdentityError(f"identity file {path} does not exist")
+    require_owner_only(path)
     try:
         data = yamldoc.load_data(path)
     except InventoryError as exc:

@@ -3,12 +3,16 @@
 ::
 
     <state>/               mode 0700
-      state.sqlite3        runs, per-workstation results, per-file hashes (WAL mode)
+      state.sqlite3        runs, per-workstation results, per-file fingerprints (WAL mode)
+      fingerprint.key      the key of the files' fingerprints (provisioner.fingerprint)
       rollout.lock         OS lock held by the running rollout; its text says who holds it
       audit.jsonl          append-only, one JSON record per change
       audit.lock           short lock serialising appends to audit.jsonl
 
-Only hashes, statuses, names and messages are stored: never a diff, never a secret.
+Only fingerprints, statuses, names and messages are stored: never a diff, never a secret,
+never a file's SHA-256 (it would let a reader test password guesses offline). The columns
+and fields keep their names (``old_sha256``, ``sha256_before`` ...) for the tools that read
+them; since schema 3 they hold fingerprints.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from typing import Any
 
 from provisioner import revision
 from provisioner.errors import ProvisionerError
+from provisioner.fingerprint import Fingerprints, is_legacy_hash
 from provisioner.results import HostResult, RunLike, Status, is_dry_run, jsonable
 
 if sys.platform == "win32":
@@ -36,7 +41,7 @@ if sys.platform == "win32":
 else:
     import fcntl
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 DB_NAME = "state.sqlite3"
 LOCK_NAME = "rollout.lock"
 AUDIT_NAME = "audit.jsonl"
@@ -393,8 +398,14 @@ _SCHEMA_V1 = (
 )
 # The inventory's git commit a run used (provisioner.revision); '' for runs before it.
 _SCHEMA_V2 = ("ALTER TABLE runs ADD COLUMN revision TEXT NOT NULL DEFAULT ''",)
+# Files' SHA-256 recorded before schema 3 become fingerprints (the function is the store's
+# key, registered on the connection); the freed pages are then wiped (see _migrate).
+_SCHEMA_V3 = (
+    "UPDATE files SET old_sha256 = fingerprint(old_sha256) WHERE length(old_sha256) = 64",
+    "UPDATE files SET new_sha256 = fingerprint(new_sha256) WHERE length(new_sha256) = 64",
+)
 # MIGRATIONS[n] takes a database from schema version n to n + 1 (0: empty database).
-MIGRATIONS: dict[int, tuple[str, ...]] = {0: _SCHEMA_V1, 1: _SCHEMA_V2}
+MIGRATIONS: dict[int, tuple[str, ...]] = {0: _SCHEMA_V1, 1: _SCHEMA_V2, 2: _SCHEMA_V3}
 
 _LAST_RESULTS = """
 WITH pairs AS (
@@ -435,6 +446,26 @@ WHERE rank = 1
 ORDER BY workstation, user
 """
 
+_INSERT_RESULT = "INSERT INTO results VALUES (?,?,?,?,?,?,?,?)"
+_INSERT_FILE = (
+    "INSERT INTO files (run_id, workstation, user, kind, path, status, old_sha256, "
+    "new_sha256, message, conflicts) VALUES (?,?,?,?,?,?,?,?,?,?)"
+)
+
+
+def _result_row(run_id: str, name: str, result: HostResult) -> tuple[Any, ...]:
+    return (
+        run_id,
+        name,
+        result.status.value,
+        result.message,
+        result.attempts,
+        float(result.duration),
+        int(result.retryable),
+        json.dumps(list(result.warnings), ensure_ascii=False),
+    )
+
+
 _SELECT_RUNS = (
     "SELECT id, started, finished, user, host, command, dry_run, stopped, counts, options, "
     "revision FROM runs"
@@ -460,6 +491,7 @@ class StateStore:
         try:
             _make_directory(self.directory)
             _touch_private(self.path)
+            self.fingerprints = Fingerprints.in_folder(self.directory)
         except OSError as exc:
             raise StateError(f"cannot create the state directory {self.directory}: {exc}") from exc
         self._migrate()
@@ -467,14 +499,16 @@ class StateStore:
     # -- connections
 
     @contextlib.contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
+    def _connect(self, held: sqlite3.Connection | None = None) -> Iterator[sqlite3.Connection]:
+        """A new connection, closed at the end; or ``held`` (a journal's), left open."""
         try:
-            db = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
+            db = held or sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
         except sqlite3.Error as exc:
             raise StateError(f"cannot open the state database {self.path}: {exc}") from exc
         try:
-            db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
-            db.execute("PRAGMA foreign_keys = ON")
+            if held is None:
+                db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+                db.execute("PRAGMA foreign_keys = ON")
             yield db
         except sqlite3.OperationalError as exc:
             if "locked" in str(exc) or "busy" in str(exc):
@@ -489,11 +523,28 @@ class StateStore:
                 "a new history"
             ) from exc
         finally:
-            db.close()
+            if held is None:
+                db.close()
+
+    def open_held(self) -> sqlite3.Connection:
+        """A connection kept open for many small commits (:class:`RunJournal`).
+
+        Commits on it do not wait for the disk (``synchronous = NORMAL`` in WAL mode): they
+        survive the process being killed; the last ones may be lost with a power cut. Closing
+        the only connection checkpoints the log, which is why one is kept.
+        """
+        try:
+            db = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
+            db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+            db.execute("PRAGMA foreign_keys = ON")
+            db.execute("PRAGMA synchronous = NORMAL")
+        except sqlite3.Error as exc:
+            raise StateError(f"cannot open the state database {self.path}: {exc}") from exc
+        return db
 
     @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._connect() as db:
+    def _transaction(self, held: sqlite3.Connection | None = None) -> Iterator[sqlite3.Connection]:
+        with self._connect(held) as db:
             db.execute("BEGIN IMMEDIATE")
             try:
                 yield db
@@ -534,10 +585,12 @@ class StateStore:
                 return
             # WAL cannot be switched on inside a transaction; the setting persists in the file.
             db.execute("PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA secure_delete = ON")
+            db.create_function("fingerprint", 1, self.fingerprints.of, deterministic=True)
             db.execute("BEGIN IMMEDIATE")
             try:
                 # Another process may have migrated while we waited for the write lock.
-                version = self._version(db)
+                version = from_version = self._version(db)
                 self._refuse_newer(version)
                 db.execute(
                     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
@@ -556,6 +609,11 @@ class StateStore:
                     db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
+            if 0 < from_version <= 2:
+                # The hashes replaced by fingerprints may linger in free pages and in the
+                # write-ahead log: rewrite the file and empty the log.
+                db.execute("VACUUM")
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def schema_version(self) -> int:
         """The schema version of the database file."""
@@ -580,33 +638,8 @@ class StateStore:
         for name in sorted(run.results):
             result = run.results[name]
             counts[result.status.value] += 1
-            results.append(
-                (
-                    run.run_id,
-                    name,
-                    result.status.value,
-                    result.message,
-                    result.attempts,
-                    float(result.duration),
-                    int(result.retryable),
-                    json.dumps(list(result.warnings), ensure_ascii=False),
-                )
-            )
-            for change in result.files:
-                files.append(
-                    (
-                        run.run_id,
-                        name,
-                        change.user,
-                        change.kind,
-                        change.path,
-                        change.status.value,
-                        change.old_sha256,
-                        change.new_sha256,
-                        change.message,
-                        json.dumps(list(change.conflicts), ensure_ascii=False),
-                    )
-                )
+            results.append(_result_row(run.run_id, name, result))
+            files += self._file_rows(run.run_id, name, result)
         row = (
             run.run_id,
             _iso(run.started),
@@ -629,12 +662,77 @@ class StateStore:
                 "stopped, counts, revision) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 row,
             )
-            db.executemany("INSERT INTO results VALUES (?,?,?,?,?,?,?,?)", results)
-            db.executemany(
-                "INSERT INTO files (run_id, workstation, user, kind, path, status, old_sha256, "
-                "new_sha256, message, conflicts) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                files,
+            db.executemany(_INSERT_RESULT, results)
+            db.executemany(_INSERT_FILE, files)
+
+    def _file_rows(self, run_id: str, name: str, result: HostResult) -> list[tuple[Any, ...]]:
+        return [
+            (
+                run_id,
+                name,
+                change.user,
+                change.kind,
+                change.path,
+                change.status.value,
+                self.fingerprints.of(change.old_sha256),
+                self.fingerprints.of(change.new_sha256),
+                change.message,
+                json.dumps(list(change.conflicts), ensure_ascii=False),
             )
+            for change in result.files
+        ]
+
+    def record_host(
+        self, run_id: str, result: HostResult, *, held: sqlite3.Connection | None = None
+    ) -> None:
+        """Store (or replace) one workstation's result in a recorded run, counts updated.
+
+        What :class:`RunJournal` writes as each workstation completes, on its ``held``
+        connection (:meth:`open_held`).
+        """
+        with self._transaction(held) as db:
+            before = db.execute(
+                "SELECT status FROM results WHERE run_id = ? AND workstation = ?",
+                (run_id, result.host),
+            ).fetchone()
+            self._replace_host(db, run_id, result)
+            row = db.execute("SELECT counts FROM runs WHERE id = ?", (run_id,)).fetchone()
+            counts = dict.fromkeys((s.value for s in Status), 0)
+            counts.update(json.loads(row[0] or "{}") if row else {})
+            if before is not None:
+                counts[_status(before[0]).value] -= 1
+            counts[result.status.value] += 1
+            db.execute("UPDATE runs SET counts = ? WHERE id = ?", (json.dumps(counts), run_id))
+
+    def finish_run(self, run_id: str, stopped: str) -> None:
+        """Mark a journaled run finished, with why it stopped (empty: it ran to the end).
+
+        Committed with a full sync, which also makes the journal's earlier commits durable.
+        """
+        with self._transaction() as db:
+            self._update_run(db, run_id, stopped=stopped, finished=True)
+
+    def _replace_host(self, db: sqlite3.Connection, run_id: str, result: HostResult) -> None:
+        db.execute("DELETE FROM files WHERE run_id = ? AND workstation = ?", (run_id, result.host))
+        db.execute(
+            "DELETE FROM results WHERE run_id = ? AND workstation = ?", (run_id, result.host)
+        )
+        db.execute(_INSERT_RESULT, _result_row(run_id, result.host, result))
+        db.executemany(_INSERT_FILE, self._file_rows(run_id, result.host, result))
+
+    def _update_run(
+        self, db: sqlite3.Connection, run_id: str, *, stopped: str | None, finished: bool
+    ) -> None:
+        counts = dict.fromkeys((s.value for s in Status), 0)
+        for status, number in db.execute(
+            "SELECT status, count(*) FROM results WHERE run_id = ? GROUP BY status", (run_id,)
+        ):
+            counts[_status(status).value] += int(number)
+        db.execute("UPDATE runs SET counts = ? WHERE id = ?", (json.dumps(counts), run_id))
+        if stopped is not None:
+            db.execute("UPDATE runs SET stopped = ? WHERE id = ?", (stopped, run_id))
+        if finished:
+            db.execute("UPDATE runs SET finished = ? WHERE id = ?", (_iso(_now()), run_id))
 
     # -- reading
 
@@ -1027,6 +1125,27 @@ class AuditLog:
         self.path = self.directory / AUDIT_NAME
         self.lock_path = self.directory / AUDIT_LOCK_NAME
         self.lock_timeout = lock_timeout
+        self._fingerprints: Fingerprints | None = None
+
+    def _legacy(self, record: AuditRecord) -> AuditRecord:
+        """A record written before fingerprints, shown with fingerprints like the others.
+
+        Its line keeps the full SHA-256 (the log is never rewritten): see docs/rollout.md.
+        """
+        if not (is_legacy_hash(record.sha256_before) or is_legacy_hash(record.sha256_after)):
+            return record
+        if self._fingerprints is None:
+            try:
+                self._fingerprints = Fingerprints.in_folder(self.directory)
+            except OSError as exc:
+                raise StateError(
+                    f"cannot read the fingerprint key in {self.directory}: {exc}"
+                ) from exc
+        return dataclasses.replace(
+            record,
+            sha256_before=self._fingerprints.of_legacy(record.sha256_before),
+            sha256_after=self._fingerprints.of_legacy(record.sha256_after),
+        )
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -1047,10 +1166,12 @@ class AuditLog:
         finally:
             os.close(fd)
 
-    def append(self, records: Iterable[AuditRecord]) -> int:
+    def append(self, records: Iterable[AuditRecord], *, durable: bool = True) -> int:
         """Append records (fsynced, under a short lock); returns how many were written.
 
         The file is only ever opened for appending: existing lines are never rewritten.
+        ``durable=False`` leaves the flush to disk to the system (or to :meth:`sync`): the
+        lines then survive the process being killed, not a power cut.
         """
         lines = []
         for record in records:
@@ -1076,7 +1197,8 @@ class AuditLog:
                         if os.read(fd, 1) != b"\n":
                             data = b"\n" + data
                     _write_all(fd, data)
-                    os.fsync(fd)
+                    if durable:
+                        os.fsync(fd)
                 finally:
                     os.close(fd)
                 if created:
@@ -1084,6 +1206,19 @@ class AuditLog:
         except OSError as exc:
             raise StateError(f"cannot append to the audit log {self.path}: {exc}") from exc
         return len(lines)
+
+    def sync(self) -> None:
+        """Flush what was appended with ``durable=False`` to disk."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise StateError(f"cannot sync the audit log {self.path}: {exc}") from exc
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def records(self) -> Iterator[AuditRecord]:
         """Every readable record in file order; torn or malformed lines are skipped."""
@@ -1099,9 +1234,10 @@ class AuditLog:
                     data = json.loads(raw.decode("utf-8"))
                     if not isinstance(data, dict):
                         continue
-                    yield AuditRecord.from_dict(data)
+                    record = AuditRecord.from_dict(data)
                 except (ValueError, KeyError, TypeError):
                     continue
+                yield self._legacy(record)
 
     def query(
         self,
@@ -1155,13 +1291,15 @@ def records_for_results(
     who: str,
     action: str,
     run_id: str,
+    fingerprints: Fingerprints,
     when: datetime | None = None,
     controller: str | None = None,
 ) -> list[AuditRecord]:
     """Audit records for workstation results: one per changed file, one per failed file.
 
     A workstation that failed outside its files (unreachable, credentials) gets one record
-    with ``file`` None. Dry-run results change nothing and give no record.
+    with ``file`` None. Dry-run results change nothing and give no record. Files' hashes are
+    recorded as ``fingerprints`` (those of the state folder the log is in).
     """
     blank = AuditRecord(
         time=when or _now(),
@@ -1197,8 +1335,8 @@ def records_for_results(
                 workstation=result.host,
                 user=change.user,
                 file=change.path,
-                sha256_before=change.old_sha256,
-                sha256_after=change.new_sha256,
+                sha256_before=fingerprints.of(change.old_sha256),
+                sha256_after=fingerprints.of(change.new_sha256),
                 status=change.status.value,
                 message=change.message,
             )
@@ -1208,7 +1346,9 @@ def records_for_results(
     return records
 
 
-def records_for_run(run: RunLike, who: str, action: str = "push") -> list[AuditRecord]:
+def records_for_run(
+    run: RunLike, who: str, action: str = "push", *, fingerprints: Fingerprints
+) -> list[AuditRecord]:
     """Audit records for a run (see :func:`records_for_results`); none for a dry run."""
     if is_dry_run(run):
         return []
@@ -1217,5 +1357,83 @@ def records_for_run(run: RunLike, who: str, action: str = "push") -> list[AuditR
         who=who,
         action=action,
         run_id=run.run_id,
+        fingerprints=fingerprints,
         when=run.finished or run.started,
     )
+
+
+# Until the run ends, its row says it did not: what a killed run leaves.
+JOURNAL_STOPPED = (
+    "interrupted: the run did not finish (the controller was stopped or killed); "
+    "workstations marked 'not reported' may or may not have been written"
+)
+NOT_REPORTED = (
+    "not reported: the run ended before this workstation's result came back; it may or may "
+    "not have been written (see 'provisioner diff')"
+)
+
+
+class RunJournal:
+    """A run recorded as it goes, so that a run killed halfway leaves what it did.
+
+    :meth:`begin` records the run, marked interrupted, with every workstation ``skipped``
+    and "not reported"; :meth:`host_done` appends a workstation's audit records (first: the
+    log must not miss a change the history shows) and stores its result as it completes;
+    :meth:`finish` records how the run ended. A run killed before :meth:`finish` stays
+    marked interrupted, lists every workstation that completed, and offers the others to
+    ``rollout --only-failed``.
+    """
+
+    def __init__(
+        self, store: StateStore, *, who: str, command: str, action: str, revision: str
+    ) -> None:
+        self.store = store
+        self.log = AuditLog(store.directory)
+        self.who, self.command, self.action, self.revision = who, command, action, revision
+        self.run_id = ""
+        self._db: sqlite3.Connection | None = None
+
+    def begin(self, run: RunLike, hosts: Iterable[str]) -> None:
+        """Record the run as interrupted, with ``hosts`` not reported yet."""
+        self.run_id = run.run_id
+        pending = _PendingRun(run, hosts)
+        self.store.record_run(pending, who=self.who, command=self.command, revision=self.revision)
+        self._db = self.store.open_held()
+
+    def host_done(self, result: HostResult) -> None:
+        """One workstation ended: its audit records, then its result in the run."""
+        if result.dry_run:
+            return
+        records = records_for_results(
+            [result],
+            who=self.who,
+            action=self.action,
+            run_id=self.run_id,
+            fingerprints=self.store.fingerprints,
+        )
+        # Written through to the system at once (a killed process loses nothing); flushed to
+        # disk with the run's end, so that a fleet's worth of fsyncs does not slow the run.
+        self.log.append(records, durable=False)
+        self.store.record_host(self.run_id, result, held=self._db)
+
+    def finish(self, run: RunLike) -> None:
+        """The run ended (normally, or aborted: ``run.stopped`` says how)."""
+        self.log.sync()
+        try:
+            self.store.finish_run(self.run_id, run.stopped)
+        finally:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+
+class _PendingRun:
+    """A run as :meth:`RunJournal.begin` records it."""
+
+    def __init__(self, run: RunLike, hosts: Iterable[str]) -> None:
+        self.run_id, self.started, self.options = run.run_id, run.started, run.options
+        self.finished: datetime | None = None
+        self.stopped = JOURNAL_STOPPED
+        self.results = {
+            host: HostResult(host, Status.SKIPPED, NOT_REPORTED, attempts=0) for host in hosts
+        }

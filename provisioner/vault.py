@@ -471,6 +471,15 @@ ARGON2_DEFAULT: dict[str, int] = {"t": 3, "p": 4, "m_kib": 65536}
 SCRYPT_DEFAULT: dict[str, int] = {"log_n": 17, "r": 8, "p": 1}
 ARGON2_FLOOR: dict[str, int] = {"t": 3, "p": 1, "m_kib": 65536}
 SCRYPT_FLOOR: dict[str, int] = {"log_n": 17, "r": 8, "p": 1}
+# Ceilings above which an identity file is refused before any derivation: the parameters are
+# read before they can be authenticated, so a tampered file could otherwise ask for hours of
+# work or terabytes of memory. At the ceilings an unlock takes seconds and at most 1 GiB.
+ARGON2_CEILING: dict[str, int] = {"t": 10, "p": 16, "m_kib": 1024 * 1024}
+SCRYPT_CEILING: dict[str, int] = {"log_n": 20, "r": 16, "p": 4}
+KDF_MAX_MEMORY = 1024 * 1024 * 1024
+SALT_BYTES = (16, 64)
+NONCE_BYTES = 12
+SEALED_KEY_BYTES = 32 + TAG_LEN
 
 Protection = Literal["argon2id", "scrypt", "none"]
 
@@ -637,29 +646,17 @@ def unlock_identity(data: Any, passphrase: bytes | None, *, source: str) -> Iden
 
 def _unwrap(data: Mapping[str, Any], protection: str, passphrase: bytes | None, fail: Any) -> bytes:
     kdf = data.get("kdf")
-    floor, names = (
-        (ARGON2_FLOOR, ("t", "p", "m_kib"))
-        if protection == "argon2id"
-        else (SCRYPT_FLOOR, ("log_n", "r", "p"))
-    )
-    if not isinstance(kdf, Mapping) or any(not isinstance(kdf.get(n), int) for n in names):
-        raise fail(f"kdf parameters for {protection} are missing or malformed")
-    weakened = [f"{n}={kdf[n]} (minimum {floor[n]})" for n in names if kdf[n] < floor[n]]
-    if weakened:
-        raise fail(
-            "the key-derivation parameters were lowered below the minimum ("
-            + ", ".join(weakened)
-            + "); refusing to use this file"
-        )
-    if protection == "argon2id" and kdf["m_kib"] > 4 * 1024 * 1024:
-        raise fail("the Argon2id memory parameter is unreasonably large")
+    _check_kdf(kdf, protection, fail)
+    assert isinstance(kdf, Mapping)  # noqa: S101 - _check_kdf refused anything else
     if not passphrase:
         raise fail("a passphrase is required to unlock this identity")
     try:
-        nonce = b64url_decode(str(data.get("nonce", "")), what="nonce")
-        sealed = b64url_decode(str(data.get("sealed", "")), what="sealed key")
+        nonce = b64url_decode(_field_text(data, "nonce"), what="nonce")
+        sealed = b64url_decode(_field_text(data, "sealed"), what="sealed key")
     except TokenFormatError as exc:
         raise fail(str(exc)) from None
+    if len(nonce) != NONCE_BYTES or len(sealed) != SEALED_KEY_BYTES:
+        raise fail("the nonce or the sealed key has the wrong length (the file is damaged)")
     fields = {k: data[k] for k in ("format", "kid", "public", "protection", "nonce")}
     fields["kdf"] = dict(kdf)
     try:
@@ -672,6 +669,57 @@ def _unwrap(data: Mapping[str, Any], protection: str, passphrase: bytes | None, 
         return AESGCM(kek).decrypt(nonce, sealed, _identity_aad(fields))
     except (InvalidTag, ValueError):
         raise fail("wrong passphrase, or the identity file was altered") from None
+
+
+def _field_text(data: Mapping[str, Any], name: str) -> str:
+    value = data.get(name)
+    if not isinstance(value, str):
+        raise TokenFormatError(f"{name} is missing or not text")
+    return value
+
+
+def _check_kdf(kdf: object, protection: str, fail: Any) -> None:
+    """Refuse KDF parameters outside [floor, ceiling], before any work is spent on them."""
+    floor, ceiling = (
+        (ARGON2_FLOOR, ARGON2_CEILING)
+        if protection == "argon2id"
+        else (SCRYPT_FLOOR, SCRYPT_CEILING)
+    )
+    names = tuple(floor)
+    if not isinstance(kdf, Mapping) or any(
+        type(kdf.get(n)) is not int
+        for n in names  # bool is an int too: refused
+    ):
+        raise fail(f"kdf parameters for {protection} are missing or malformed")
+    weakened = [f"{n}={kdf[n]} (minimum {floor[n]})" for n in names if kdf[n] < floor[n]]
+    if weakened:
+        raise fail(
+            "the key-derivation parameters were lowered below the minimum ("
+            + ", ".join(weakened)
+            + "); refusing to use this file"
+        )
+    excessive = [f"{n}={kdf[n]} (maximum {ceiling[n]})" for n in names if kdf[n] > ceiling[n]]
+    if protection == "scrypt" and not excessive:
+        memory = 128 * kdf["r"] * 2 ** kdf["log_n"]
+        if memory > KDF_MAX_MEMORY:
+            excessive.append(
+                f"r={kdf['r']} with log_n={kdf['log_n']} needs {memory // 2**20} MiB "
+                f"(maximum {KDF_MAX_MEMORY // 2**20})"
+            )
+    if excessive:
+        raise fail(
+            "the key-derivation parameters are out of range ("
+            + ", ".join(excessive)
+            + "); the file was altered or damaged: refusing to use it"
+        )
+    try:
+        salt = b64url_decode(_field_text(kdf, "salt"), what="kdf salt")
+    except TokenFormatError as exc:
+        raise fail(str(exc)) from None
+    if not SALT_BYTES[0] <= len(salt) <= SALT_BYTES[1]:
+        raise fail(
+            f"the kdf salt is {len(salt)} bytes; it must be {SALT_BYTES[0]} to {SALT_BYTES[1]}"
+        )
 
 
 # --------------------------------------------------------------------------- openers

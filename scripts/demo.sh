@@ -11,8 +11,11 @@ rm -rf "$work" && mkdir -p "$work"
 cp -r inventory "$work/inventory"
 inv="$work/inventory"
 key="$work/demo-only.sipid"
-cp inventory/.demo-key/demo-only.sipid "$key" && chmod 600 "$key"   # git keeps no file modes
-keys=(--identity "$key" --passphrase-file inventory/.demo-key/demo-only.passphrase)
+pass="$work/demo-only.passphrase"
+# git keeps no file modes, and both files must be readable by their owner only
+cp inventory/.demo-key/demo-only.sipid "$key" && chmod 600 "$key"
+cp inventory/.demo-key/demo-only.passphrase "$pass" && chmod 600 "$pass"
+keys=(--identity "$key" --passphrase-file "$pass")
 
 step "CI: every sealed password checked without any private key"
 provisioner secrets lint -i "$inv"

@@ -242,7 +242,10 @@ def copy_example(tmp: Path) -> tuple[Path, Path, Path]:
     identity = tmp / "demo.sipid"
     shutil.copyfile(EXAMPLE_INVENTORY / ".demo-key/demo-only.sipid", identity)
     identity.chmod(0o600)
-    return inventory, identity, inventory / ".demo-key/demo-only.passphrase"
+    passphrase = tmp / "demo.passphrase"
+    shutil.copyfile(EXAMPLE_INVENTORY / ".demo-key/demo-only.passphrase", passphrase)
+    passphrase.chmod(0o600)
+    return inventory, identity, passphrase
 
 
 def clean_env(tmp: Path) -> dict[str, str]:

@@ -18,6 +18,8 @@ LAYERS: dict[str, int] = {
     "inidoc": 1,
     "keytable": 1,
     "atomicfile": 1,
+    "winpath": 1,
+    "fingerprint": 1,
     "forked": 1,
     "yamldoc": 1,
     "vault": 2,

@@ -69,6 +69,7 @@ def _demo_key(folder: Path) -> tuple[Path, Path]:
     identity.chmod(0o600)
     passphrase = folder / "demo-only.passphrase"
     shutil.copyfile(DEMO_KEY / "demo-only.passphrase", passphrase)
+    passphrase.chmod(0o600)
     return identity, passphrase
 
 
@@ -549,3 +550,88 @@ def test_render_overwrites_and_keeps_modes(tmp_path: Path) -> None:
     assert data.startswith(b"\xff\xfe")
     # Files written earlier with looser modes are tightened: they may hold passwords.
     assert _modes(out) == ({0o600}, {0o700})
+
+
+# --------------------------------------------------------------------------- hostile paths
+
+PORTABLE = {
+    **BASE,
+    "defaults.yaml": """\
+        defaults:
+          settings:
+            updatesInterval: never
+          microsip:
+            mode: portable
+            install_dir: C:\\Tools\\MicroSIP
+            exe: {exe}
+        """,
+}
+
+
+def test_render_of_a_hostile_exe_writes_nothing_outside_out(tmp_path: Path) -> None:
+    # An inventory editor names the program so that its ini lands beside OUT: a key-less
+    # render (what CI runs on every merge request) replaced that file.
+    victim = tmp_path / "victim.ini"
+    victim.write_text("the admin's own file")
+    out = tmp_path / "out"
+    for exe in ("../victim.exe", "..\\..\\victim.exe", "sub/../../../victim.exe"):
+        files = {**PORTABLE, "defaults.yaml": PORTABLE["defaults.yaml"].format(exe=exe)}
+        root = write_inventory(tmp_path / "inv", files)
+        code, stdout, _ = cli("render", str(root), "--out", str(out))
+        assert code == 1, (exe, stdout)
+        assert "/defaults/microsip/exe" in stdout and "is a file name only" in stdout, stdout
+        assert victim.read_text() == "the admin's own file"
+        assert not out.exists()
+
+
+def test_render_never_writes_outside_out_even_for_an_unchecked_path(tmp_path: Path) -> None:
+    from provisioner.atomicfile import UnsafeTreeError, write_tree
+
+    out = tmp_path / "out"
+    for relative in ("ws/../../victim.ini", "/etc/victim.ini", "ws//x.ini", "ws\\..\\x.ini"):
+        with pytest.raises(UnsafeTreeError, match="not a plain relative path"):
+            write_tree(out, [(relative, b"x")])
+    assert not (tmp_path / "victim.ini").exists()
+
+
+def _planted(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """OUT from an earlier render, where someone who can write into OUT planted links."""
+    root = write_inventory(tmp_path / "inv", BASE)
+    out = tmp_path / "out"
+    assert cli("render", str(root), "--out", str(out))[0] == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    elsewhere.chmod(0o755)
+    (elsewhere / "keep.txt").write_text("not the tool's")
+    return root, out, elsewhere
+
+
+def test_render_does_not_follow_a_folder_link_inside_out(tmp_path: Path) -> None:
+    root, out, elsewhere = _planted(tmp_path)
+    shutil.rmtree(out / "ws1")
+    (out / "ws1").symlink_to(elsewhere, target_is_directory=True)
+    code, _, err = cli("render", str(root), "--out", str(out))
+    assert code == 1
+    assert "'ws1' is a symbolic link or not a folder" in err
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["keep.txt"]  # nothing written there
+    assert stat.S_IMODE(elsewhere.stat().st_mode) == 0o755  # and its mode untouched
+    assert (out / "ws1").is_symlink()  # the link itself is left for its owner to look at
+
+
+def test_render_does_not_write_through_or_remove_a_file_link(tmp_path: Path) -> None:
+    root, out, elsewhere = _planted(tmp_path)
+    target = out / "ws1" / "u1" / "microsip.ini"
+    target.unlink()
+    target.symlink_to(elsewhere / "keep.txt")
+    (out / "ws1" / "notes.txt").write_text("someone's notes")
+    code, _, err = cli("render", str(root), "--out", str(out))
+    assert code == 1
+    assert "ws1/u1/microsip.ini: a symbolic link or another non-file stands there" in err
+    assert (elsewhere / "keep.txt").read_text() == "not the tool's"
+    assert stat.S_IMODE((elsewhere / "keep.txt").stat().st_mode) == 0o644
+    assert target.is_symlink()  # not removed: the render did not write it
+    assert (out / "ws1" / "notes.txt").read_text() == "someone's notes"
+    assert not [p for p in out.rglob("*.tmp")]  # no temp file left behind
+    target.unlink()
+    assert cli("render", str(root), "--out", str(out))[0] == 0
+    assert (out / "ws1" / "notes.txt").read_text() == "someone's notes"

@@ -29,12 +29,10 @@ def example(tmp_path: Path) -> Iterator[tuple[Path, list[str]]]:
     identity = tmp_path / "demo.sipid"
     shutil.copyfile(ROOT / "inventory/.demo-key/demo-only.sipid", identity)
     identity.chmod(0o600)
-    keys = [
-        "--identity",
-        str(identity),
-        "--passphrase-file",
-        str(inventory / ".demo-key/demo-only.passphrase"),
-    ]
+    passphrase = tmp_path / "demo.passphrase"
+    shutil.copyfile(ROOT / "inventory/.demo-key/demo-only.passphrase", passphrase)
+    passphrase.chmod(0o600)
+    keys = ["--identity", str(identity), "--passphrase-file", str(passphrase)]
     _run("lab", "up", "-i", "inventory", "--detach", *keys, cwd=tmp_path)
     lab_file = json.loads((inventory / ".lab.json").read_text())
     pid, ca_path = lab_file["pid"], Path(lab_file["ca_path"])

@@ -7,10 +7,12 @@ The others start the lab in the test process (ephemeral ports) and hand it to th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from provisioner import ini, runner, state
+from provisioner import build, ini, resolve, runner, state, vault
 from provisioner.cli import fill_optional_values
 from provisioner.cli.rollout import shown_selection
 from provisioner.errors import ProvisionerError
@@ -126,7 +128,7 @@ def test_rollout_runs_and_audit_against_a_detached_lab(
     assert sorted(batches.values()) == [1, 2, 2, 2, 2, 2, 3, 3, 3]
     files = [f for h in data["hosts"] for f in h["files"]]
     assert len(files) == USERS + 9  # every microsip.ini and every override.ini
-    assert all(f["status"] == "changed" and len(f["new_sha256"]) == 64 for f in files)
+    assert all(f["status"] == "changed" and len(f["new_sha256"]) == 32 for f in files)
     suite = junit_root(report_junit)
     assert suite.tag == "testsuites"
     assert (suite.get("tests"), suite.get("failures"), suite.get("skipped")) == ("21", "0", "0")
@@ -639,3 +641,133 @@ def test_the_documented_sizes_are_what_the_code_does() -> None:
     assert "`--batch 1%` of 10 workstations is batches of 1" in doc
     assert [len(b) for b in runner.plan_batches(hosts, "50", "100%")] == [10]
     assert "a number above the selection means all of it" in doc
+
+
+# --------------------------------------------------------------------------- what records give away
+
+GUESSES = ["123456", "Password1", "Welcome2024!", "Summer2024!", "letmein", "Bob-1002"]
+
+
+def _recorded_values(example: ExampleLab, *paths: Path) -> set[str]:
+    """Every hex string of 32 characters or more in the reports, the audit log and the state."""
+    found: set[str] = set()
+    files = [*paths, *(p for p in example.state.rglob("*") if p.is_file())]
+    for path in files:
+        if path.name == "fingerprint.key":
+            continue
+        text = path.read_bytes().decode("latin-1")
+        found.update(re.findall(r"[0-9a-f]{32,64}", text))
+    return found
+
+
+def test_records_do_not_let_a_reader_test_password_guesses(example: ExampleLab) -> None:
+    # The helpdesk sets bob's password (a weak one); an admin rolls it out with reports.
+    chosen = "Summer2024!"
+    done = example.cli("user", "set-password", "bob", "--stdin", stdin=chosen + "\n", keys=False)
+    assert done.returncode == 0, done.stderr
+    report_json, report_junit = example.root / "run.json", example.root / "run.xml"
+    run = example.cli(
+        "rollout",
+        "--yes",
+        "--limit",
+        "ws:ber-ws-002",
+        "--report-json",
+        str(report_json),
+        "--report-junit",
+        str(report_junit),
+    )
+    assert run.returncode == 0, (run.stdout, run.stderr)
+    recorded = _recorded_values(example, report_json, report_junit)
+    assert recorded  # the records still tell one version of a file from another
+
+    # Someone who reads a report (a CI artefact, a shipped audit log) and the inventory (no
+    # key) renders bob's file with each guess in place of the placeholder, and hashes it.
+    built = build.build(example.inventory, selection=resolve.Selection("ws:ber-ws-002"))
+    assert built.ok and built.recipients is not None
+    [bob] = [f for f in built.files if f.target.user == "bob"]
+    placeholder = vault.placeholder_for(built.recipients.realm, "/users/bob/accounts/main/password")
+    text = ini.decode_ini_bytes(bob.data)
+    assert text.count(placeholder) == 1
+    matches = [
+        guess
+        for guess in GUESSES
+        if hashlib.sha256(ini.encode_ini(text.replace(placeholder, guess))).hexdigest() in recorded
+    ]
+    # The same dictionary finds the password when it holds the file's SHA-256 (the check of
+    # the method itself: the file on the workstation is exactly that render).
+    on_disk = example.ini("ber-ws-002", "bob")
+    assert on_disk is not None
+    assert (
+        hashlib.sha256(on_disk).hexdigest()
+        == hashlib.sha256(ini.encode_ini(text.replace(placeholder, chosen))).hexdigest()
+    )
+    assert matches == [], "a reader of the records found the password offline"
+    # And the reports are the owner's only.
+    assert stat.S_IMODE(report_json.stat().st_mode) == 0o600
+    assert stat.S_IMODE(report_junit.stat().st_mode) == 0o600
+
+
+# --------------------------------------------------------------------------- a killed rollout
+
+
+def _journaled(example: ExampleLab) -> dict[str, Status]:
+    """The workstations the running rollout's journal lists, with their status (none yet: {})."""
+    if not (example.state / state.DB_NAME).exists():
+        return {}
+    runs = state.StateStore(example.state).runs()
+    if not runs:
+        return {}
+    return {
+        r.workstation: r.status for r in state.StateStore(example.state).run(runs[0].id).results
+    }
+
+
+def test_a_killed_rollout_leaves_every_write_in_the_runs_and_the_audit_log(
+    example: ExampleLab,
+) -> None:
+    # The third workstation answers nothing for two minutes: when the rollout is killed, the
+    # first two are written and reported, and no other was written.
+    stuck = HOSTS[2]
+    example.lab.hosts[stuck].set_faults(Faults(slow=120))
+    process = _start_cli(example, "rollout", "--yes", "--canary", "0", "--forks", "1", "--quiet")
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            listed = _journaled(example)
+            if sum(1 for s in listed.values() if s == Status.CHANGED) >= 2:
+                break
+            assert process.poll() is None, process.communicate()
+            time.sleep(0.05)
+        else:
+            raise AssertionError(f"the journal never showed two workstations: {listed}")
+        process.kill()  # SIGKILL: no handler, no finally, nothing runs after this
+        process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    example.lab.hosts[stuck].clear_faults()
+
+    written = {key for key, data in example.all_files().items() if data is not None}
+    assert {ws for ws, _ in written} == set(HOSTS[:2])  # what the kill left on the fleet
+    [run] = state.StateStore(example.state).runs()
+    assert run.stopped.startswith("interrupted: the run did not finish") and run.finished is None
+    detail = state.StateStore(example.state).run(run.id)
+    by_host = {r.workstation: r for r in detail.results}
+    assert sorted(by_host) == HOSTS  # every workstation of the run is listed
+    assert {h for h, r in by_host.items() if r.status == Status.CHANGED} == set(HOSTS[:2])
+    for host in HOSTS[2:]:
+        assert by_host[host].status == Status.SKIPPED
+        assert by_host[host].message.startswith("not reported:")
+    assert detail.to_retry == HOSTS[2:]
+    # The audit log has one record per file written, in this run.
+    audit = json.loads(example.cli("audit", "--json", keys=False, lab=False).stdout)
+    assert {(r["workstation"], r["user"] or "") for r in audit} == written
+    assert {(r["run_id"], r["status"], r["action"]) for r in audit} == {(run.id, "changed", "push")}
+    listed = example.cli("runs", "list", keys=False, lab=False).stdout
+    assert "2 changed, 7 skipped  stopped: interrupted" in listed, listed
+
+    # --only-failed finishes the job: exactly the workstations that were not reported.
+    again = example.cli("rollout", "--yes", "--only-failed", "--quiet")
+    assert again.returncode == 0, (again.stdout, again.stderr)
+    assert set(host_lines(again.stdout)) == set(HOSTS[2:])
+    assert all(data is not None for data in example.all_files().values())

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+from pathlib import Path
 
 from provisioner import vault
 from tests.conftest import USERS_YAML, Realm, make_realm
@@ -170,6 +171,7 @@ def test_add_admin_copy_unlocks_with_its_own_passphrase(realm: Realm) -> None:
     [identity] = realm.identity_files
     new_pp = realm.root / "new-admin-passphrase"
     new_pp.write_text("another long passphrase here\n")
+    new_pp.chmod(0o600)
     copy = realm.root / "new-admin.sipid"
     realm.run(
         "keys",
@@ -205,6 +207,7 @@ def test_wrong_passphrase_names_the_file(realm: Realm) -> None:
     _setup(realm)
     bad = realm.root / "bad-pp"
     bad.write_text("not the passphrase\n")
+    bad.chmod(0o600)
     result = realm.run(
         "secrets", "verify", "-i", str(realm.inventory), "--passphrase-file", str(bad)
     )
@@ -386,3 +389,179 @@ def test_duplicate_keys_are_lint_errors(realm: Realm) -> None:
         "users.yaml:4:3: error[yaml]: /users: duplicate key 'alice' (first at line 2)"
         in result.stdout
     )
+
+
+# --------------------------------------------------------------------------- hostile key files
+
+
+def _limited_cli(realm: Realm, *args: str, pass_fds: tuple[int, ...] = ()) -> object:
+    """The CLI under a 2 GB address-space limit and a deadline: a hostile file must fail fast."""
+    import resource
+    import subprocess
+    import sys
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (2_000_000_000, 2_000_000_000))
+
+    return subprocess.run(
+        [sys.executable, "-m", "provisioner.cli", *args],
+        capture_output=True,
+        text=True,
+        env=realm.env,
+        cwd=realm.root,
+        timeout=60,
+        check=False,
+        preexec_fn=limit,
+        pass_fds=pass_fds,
+    )
+
+
+# What an attacker who can edit a copy of an identity file writes into its kdf line: each
+# used to hang for hours, raise MemoryError or OverflowError, or end in a traceback.
+ABSURD_KDF = [
+    ("argon2id", r"t: \d+", "t: 100000", "t=100000 (maximum 10)"),
+    ("argon2id", r"t: \d+", "t: 1000000000000", "maximum 10"),
+    ("argon2id", r"p: \d+", "p: 100000000", "p=100000000 (maximum 16)"),
+    ("argon2id", r"m_kib: \d+", "m_kib: 3000000", "m_kib=3000000 (maximum 1048576)"),
+    ("argon2id", r"t: \d+", "t: 3.5", "missing or malformed"),
+    ("argon2id", r"t: \d+", "t: true", "missing or malformed"),
+    ("argon2id", r'salt: "[\w-]+"', 'salt: ""', "the kdf salt is 0 bytes"),
+    ("argon2id", r', salt: "[\w-]+"', "", "salt is missing or not text"),
+    ("argon2id", r'nonce: "[\w-]+"', 'nonce: "AAAA"', "wrong length"),
+    ("argon2id", r'\nnonce: "[\w-]+"', "", "nonce is missing or not text"),
+    ("scrypt", r"log_n: \d+", "log_n: 40", "log_n=40 (maximum 20)"),
+    ("scrypt", r"log_n: \d+", "log_n: 100000", "maximum 20"),
+    ("scrypt", r"r: \d+", "r: 1000000", "r=1000000 (maximum 16)"),
+    ("scrypt", r"p: \d+", "p: 100000", "p=100000 (maximum 4)"),
+    ("scrypt", r"log_n: \d+, r: \d+", "log_n: 20, r: 16", "needs 2048 MiB (maximum 1024)"),
+]
+
+
+def test_identity_with_absurd_kdf_parameters_is_refused_at_once(realm: Realm) -> None:
+    _setup(realm)
+    [identity] = realm.identity_files
+    scrypt_copy = realm.root / "scrypt-copy.sipid"
+    realm.run(
+        "keys",
+        "add-admin",
+        "--identity",
+        str(identity),
+        "--out",
+        str(scrypt_copy),
+        "--kdf",
+        "scrypt",
+        *_pp(realm),
+        "--new-passphrase-file",
+        str(realm.passphrase_file),
+        check=True,
+    )
+    texts = {"argon2id": identity.read_text(), "scrypt": scrypt_copy.read_text()}
+    for index, (protection, pattern, replacement, message) in enumerate(ABSURD_KDF):
+        tampered, count = re.subn(pattern, replacement, texts[protection], count=1)
+        assert count == 1, (pattern, texts[protection])
+        path = realm.root / f"tampered-{index}.sipid"
+        path.write_text(tampered)
+        path.chmod(0o600)
+        result = _limited_cli(
+            realm, "keys", "check", "-i", str(realm.inventory), "--identity", str(path), *_pp(realm)
+        )
+        assert result.returncode == 1, (replacement, result.stdout, result.stderr)  # type: ignore[attr-defined]
+        _assert_clean_error(result, str(path), message)
+
+
+def test_passphrase_file_readable_by_others_is_refused(realm: Realm) -> None:
+    _setup(realm)
+    realm.passphrase_file.chmod(0o644)
+    result = realm.run("secrets", "verify", "-i", str(realm.inventory), *_pp(realm))
+    _assert_clean_error(result, str(realm.passphrase_file), "chmod 600")
+    realm.passphrase_file.chmod(0o600)
+    realm.run("secrets", "verify", "-i", str(realm.inventory), *_pp(realm), check=True)
+
+
+def test_an_endless_passphrase_is_refused_in_bounded_memory(realm: Realm) -> None:
+    _setup(realm)
+    endless = os.open("/dev/zero", os.O_RDONLY)
+    try:
+        result = _limited_cli(
+            realm,
+            "secrets",
+            "verify",
+            "-i",
+            str(realm.inventory),
+            "--passphrase-fd",
+            str(endless),
+            pass_fds=(endless,),
+        )
+    finally:
+        os.close(endless)
+    _assert_clean_error(result, f"fd {endless}", "longer than 1024 bytes")
+
+
+def test_rekey_runs_unattended_with_a_passphrase_for_each_identity(realm: Realm) -> None:
+    _setup(realm)
+    inv = str(realm.inventory)
+    [old_identity] = realm.identity_files
+    new_pp = realm.root / "new-key-passphrase"
+    new_pp.write_text("a different passphrase for the new key\n")
+    new_pp.chmod(0o600)
+    rotate = realm.run("keys", "rotate", "-i", inv, "--passphrase-file", str(new_pp), check=True)
+    new_identity = Path(rotate.stdout.split("identity file: ", 1)[1].split()[0])
+    both = ("--identity", str(old_identity), "--identity", str(new_identity))
+    # One passphrase for both cannot open the new identity...
+    one = realm.run("secrets", "rekey", "-i", inv, *both, *_pp(realm))
+    _assert_clean_error(one, str(new_identity), "wrong passphrase")
+    # ...a passphrase for each does, with no terminal, and every new token is opened again.
+    rekey = realm.run(
+        "secrets",
+        "rekey",
+        "-i",
+        inv,
+        *both,
+        *_pp(realm),
+        "--new-passphrase-file",
+        str(new_pp),
+        stdin="",
+        check=True,
+    )
+    assert "re-sealed 2 value(s)" in rekey.stdout and "checked by opening it" in rekey.stdout
+    realm.run(
+        "secrets",
+        "verify",
+        "-i",
+        inv,
+        "--identity",
+        str(new_identity),
+        "--passphrase-file",
+        str(new_pp),
+        check=True,
+    )
+    # The same from file descriptors: the old passphrase on one, the new one on another.
+    realm.run("keys", "rotate", "-i", inv, "--passphrase-file", str(new_pp), check=True)
+    newest = max(realm.identity_files, key=lambda p: p.stat().st_mtime_ns)
+    old_read, old_write = os.pipe()
+    new_read, new_write = os.pipe()
+    os.write(old_write, new_pp.read_bytes())
+    os.write(new_write, new_pp.read_bytes())
+    os.close(old_write)
+    os.close(new_write)
+    try:
+        by_fd = realm.run(
+            "secrets",
+            "rekey",
+            "-i",
+            inv,
+            "--identity",
+            str(new_identity),
+            "--identity",
+            str(newest),
+            "--passphrase-fd",
+            str(old_read),
+            "--new-passphrase-fd",
+            str(new_read),
+            pass_fds=(old_read, new_read),
+        )
+    finally:
+        os.close(old_read)
+        os.close(new_read)
+    assert by_fd.returncode == 0, by_fd.stderr
+    assert "checked by opening it" in by_fd.stdout

@@ -66,6 +66,11 @@ def sha(data: bytes | None) -> str | None:
     return None if data is None else hashlib.sha256(data).hexdigest()
 
 
+def recorded(example: ExampleLab, data: bytes | None) -> str | None:
+    """What the state folder's records hold for a file: its fingerprint, not its SHA-256."""
+    return state.StateStore(example.state).fingerprints.of(sha(data))
+
+
 def test_user_show_before_and_after_a_rollout(example: ExampleLab) -> None:
     never = example.cli("user", "show", "alice", keys=False, lab=False)
     assert never.returncode == 0, never.stderr
@@ -96,7 +101,7 @@ def test_user_show_before_and_after_a_rollout(example: ExampleLab) -> None:
     assert {a["password"] for a in data["accounts"]} == {"(sealed, key k54bgbx6f)"}
     [last] = data["last_push"]
     assert (last["workstation"], last["user"], last["status"]) == ("ber-ws-001", "alice", "changed")
-    assert last["new_sha256"] == sha(example.ini("ber-ws-001", "alice"))
+    assert last["new_sha256"] == recorded(example, example.ini("ber-ws-001", "alice"))
     # masked: neither the token nor the password is shown
     token = yamldoc.load_data(example.inventory / "users/berlin.yaml")["users"]["alice"]
     sealed = token["accounts"]["main"]["password"]
@@ -141,8 +146,8 @@ def test_regenerate_writes_only_that_users_file(example: ExampleLab) -> None:
         "ber-ws-001",
         "changed",
     )
-    assert record.sha256_before == sha(before[("ber-ws-001", "alice")])
-    assert record.sha256_after == sha(after[("ber-ws-001", "alice")])
+    assert record.sha256_before == recorded(example, before[("ber-ws-001", "alice")])
+    assert record.sha256_after == recorded(example, after[("ber-ws-001", "alice")])
     assert record.file == example.ini_path("ber-ws-001", "alice")
     assert [r.action for r in log.query(user="judy")] == ["regenerate"]
     assert log.query(user="ivan") == []  # a check changes nothing and is not audited
@@ -166,7 +171,8 @@ def test_regenerate_reset_repairs_a_broken_file(example: ExampleLab) -> None:
     assert ws.read(ws.state_for(path, "backup.1")) == broken  # the old file is kept
     [record] = state.AuditLog(example.state).query(user="alice")
     assert (record.action, record.status) == ("reset", "changed")
-    assert record.sha256_before == sha(broken) and record.sha256_after == sha(rendered)
+    assert record.sha256_before == recorded(example, broken)
+    assert record.sha256_after == recorded(example, rendered)
 
 
 def test_set_password_seals_with_the_public_key_and_pushes_on_request(

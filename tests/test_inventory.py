@@ -477,6 +477,72 @@ BAD: list[tuple[str, dict[str, str], list[Expected]]] = [
         ],
     ),
     (
+        # What an inventory editor could point the agent (administrator on every workstation)
+        # at: a system folder, a relative path, a path out of the folder, a device name.
+        "hostile-install-dir-and-exe",
+        {
+            "bad.yaml": "groups:\n"
+            "  a:\n    microsip: {install_dir: 'C:\\Windows\\System32', exe: '..\\..\\evil.exe'}\n"
+            "  b:\n    microsip: {install_dir: 'MicroSIP', exe: 'con.exe'}\n"
+            "  c:\n    microsip: {install_dir: 'C:\\', exe: 'x/microsip.exe'}\n"
+            "  d:\n    microsip: {install_dir: 'C:\\Program Files', exe: 'microsip.exe.'}\n"
+            "  e:\n    microsip: {install_dir: '\\\\server\\share\\MicroSIP'}\n"
+            "  f:\n    microsip: {install_dir: 'C:\\Apps\\..\\Windows'}\n"
+            "  g:\n    microsip: {install_dir: '%SystemRoot%\\MicroSIP'}\n"
+            "  h:\n    microsip: {install_dir: 'C:\\PROGRA~1'}\n"
+            "  i:\n    microsip: {install_dir: 'C:\\Windows.\\Temp'}\n"
+            "  ok:\n    microsip: {install_dir: '%LOCALAPPDATA%\\Programs\\MicroSIP'}\n",
+        },
+        [
+            ("bad.yaml", 3, 16, "/groups/a/microsip/install_dir", "belongs to Windows"),
+            ("bad.yaml", 3, 52, "/groups/a/microsip/exe", "is a file name only"),
+            ("bad.yaml", 5, 16, "/groups/b/microsip/install_dir", "not an absolute path"),
+            ("bad.yaml", 5, 41, "/groups/b/microsip/exe", "device name Windows reserves"),
+            ("bad.yaml", 7, 16, "/groups/c/microsip/install_dir", "is a drive root"),
+            ("bad.yaml", 7, 36, "/groups/c/microsip/exe", "is a file name only"),
+            ("bad.yaml", 9, 16, "/groups/d/microsip/install_dir", "is a system folder"),
+            ("bad.yaml", 9, 49, "/groups/d/microsip/exe", "ends with a dot"),
+            ("bad.yaml", 11, 16, "/groups/e/microsip/install_dir", "network or device path"),
+            ("bad.yaml", 13, 16, "/groups/f/microsip/install_dir", "'..'"),
+            ("bad.yaml", 15, 16, "/groups/g/microsip/install_dir", "%SystemRoot%"),
+            ("bad.yaml", 17, 16, "/groups/h/microsip/install_dir", "short (8.3) name"),
+            ("bad.yaml", 19, 16, "/groups/i/microsip/install_dir", "ends with a dot"),
+        ],
+    ),
+    (
+        "names-windows-reserves",
+        {
+            "workstations.yaml": "workstations:\n  con:\n    users: [u1]\n  ws.:\n"
+            "    users: [u1]\n  COM1:\n    users: [u1]\n",
+            "users.yaml": "users:\n  u1:\n    accounts: {main: {sip_uri: 1@x.example.com, "
+            "password: SEAL}}\n  nul.x:\n    accounts: {main: {sip_uri: 2@x.example.com, "
+            "password: SEAL}}\n  aux:\n    accounts: {}\n",
+        },
+        [
+            ("workstations.yaml", 2, 3, "/workstations/con", "device name Windows reserves"),
+            ("workstations.yaml", 4, 3, "/workstations/ws.", "ends with a dot"),
+            ("workstations.yaml", 6, 3, "/workstations/COM1", "device name"),
+            ("users.yaml", 4, 3, "/users/nul.x", "user name 'nul.x' is a device name"),
+            ("users.yaml", 6, 3, "/users/aux", "device name"),
+        ],
+    ),
+    (
+        "tab-and-c1-controls-reach-no-ini-line",
+        {
+            "bad.yaml": 'groups:\n  a:\n    settings:\n      userAgent: "a\\tb"\n'
+            '    account:\n      label: "x\\u0085y"\n      authID: "x\\x9by"\n'
+            '    microsip:\n      install_dir: "C:\\\\Apps\\tMicroSIP"\n'
+            '    winrm:\n      username: "svc\\tx"\n',
+        },
+        [
+            ("bad.yaml", 4, 7, "/groups/a/settings/userAgent", "control character"),
+            ("bad.yaml", 6, 7, "/groups/a/account/label", "control character"),
+            ("bad.yaml", 7, 7, "/groups/a/account/authID", "control character"),
+            ("bad.yaml", 9, 7, "/groups/a/microsip/install_dir", "control character"),
+            ("bad.yaml", 11, 7, "/groups/a/winrm/username", "control character"),
+        ],
+    ),
+    (
         "not-a-mapping",
         {"bad.yaml": "- just\n- a list\n", "more.yaml": "groups: [a, b]\n"},
         [

@@ -69,6 +69,7 @@ def test_every_command_keeps_the_canary_secret(realm: Realm) -> None:
     run("secrets", "verify", "-i", inv, *pp)
     bad_pp = realm.root / "bad"
     bad_pp.write_text("wrong passphrase entirely\n")
+    bad_pp.chmod(0o600)
     run("secrets", "verify", "-i", inv, "--passphrase-file", str(bad_pp))
     run("secrets", "lint", "-i", inv)
     run("secrets", "lint", "-i", inv, "--format", "json")

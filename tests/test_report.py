@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from provisioner import report
+from provisioner.fingerprint import Fingerprints
 from provisioner.push import PushOptions
 from provisioner.results import FileChange, HostResult, Status
 from provisioner.runner import RolloutOptions, RunResult
@@ -20,6 +21,7 @@ STARTED = datetime(2024, 5, 1, 10, 0, 0, tzinfo=UTC)
 SHA_A = "a" * 64
 SHA_B = "b" * 64
 SHA_C = "c" * 64
+FP = Fingerprints(b"k" * 32)
 THRESHOLD = "failure threshold exceeded after batch 2: 3 of 7 failed (more than 10%)"
 
 
@@ -154,8 +156,8 @@ def _only(statuses: list[Status]) -> RunResult:
 
 
 def test_run_json_has_the_run_options_counts_and_every_host() -> None:
-    data = report.run_json(make_run())
-    assert data["report_version"] == 1
+    data = report.run_json(make_run(), fingerprints=FP)
+    assert data["report_version"] == 2
     assert data["run_id"] == "a1b2c3d4e5f6"
     assert data["started"] == "2024-05-01T10:00:00.000000Z"
     assert data["finished"] == "2024-05-01T10:00:12.500000Z"
@@ -211,25 +213,26 @@ def test_run_json_has_the_run_options_counts_and_every_host() -> None:
         "name": "dave/microsip.ini",
         "status": "conflict",
         "message": "the file changed while it was being written, twice",
-        "old_sha256": SHA_A,
-        "new_sha256": SHA_A,
+        "old_sha256": FP.of(SHA_A),
+        "new_sha256": FP.of(SHA_A),
         "conflicts": ["[Settings] ringtone"],
     }
     changed = hosts["ws-changed"]["files"]
     assert [f["name"] for f in changed] == ["alice/microsip.ini", "override.ini"]
-    assert changed[0]["old_sha256"] == SHA_A and changed[0]["new_sha256"] == SHA_B
+    assert changed[0]["old_sha256"] == FP.of(SHA_A) and changed[0]["new_sha256"] == FP.of(SHA_B)
+    assert SHA_A not in json.dumps(data) and SHA_B not in json.dumps(data)
     assert changed[1]["user"] is None
 
 
 def test_run_json_never_contains_the_diff() -> None:
-    text = json.dumps(report.run_json(make_run()))
+    text = json.dumps(report.run_json(make_run(), fingerprints=FP))
     assert CANARY not in text
     assert "diff" not in text
-    assert CANARY not in json.dumps(report.run_json(make_check_run()))
+    assert CANARY not in json.dumps(report.run_json(make_check_run(), fingerprints=FP))
 
 
 def test_run_json_of_a_dry_run() -> None:
-    data = report.run_json(make_check_run())
+    data = report.run_json(make_check_run(), fingerprints=FP)
     assert data["dry_run"] is True
     assert data["options"]["check"] is True
     assert data["exit_code"] == 0 and data["ok"] is True
@@ -237,13 +240,18 @@ def test_run_json_of_a_dry_run() -> None:
     assert data["retry"] == []
 
 
-def test_write_run_json_writes_atomically_with_mode_0644(tmp_path: Path) -> None:
+def test_write_run_json_writes_atomically_with_mode_0600(tmp_path: Path) -> None:
     path = tmp_path / "out" / "run.json"
-    report.write_run_json(make_run(), path)
-    assert stat.S_IMODE(path.stat().st_mode) == 0o644
-    assert json.loads(path.read_text(encoding="utf-8")) == report.run_json(make_run())
+    path.parent.mkdir()
+    path.write_text("an older report")
+    path.chmod(0o644)  # written by an older version: tightened
+    report.write_run_json(make_run(), path, fingerprints=FP)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert json.loads(path.read_text(encoding="utf-8")) == report.run_json(
+        make_run(), fingerprints=FP
+    )
     assert path.read_bytes().endswith(b"\n")
-    report.write_run_json(make_check_run(), path)
+    report.write_run_json(make_check_run(), path, fingerprints=FP)
     assert json.loads(path.read_text(encoding="utf-8"))["run_id"] == "c0ffee000001"
     assert sorted(p.name for p in path.parent.iterdir()) == ["run.json"]
 
@@ -263,7 +271,7 @@ def _cases(root: ET.Element) -> dict[tuple[str, str], ET.Element]:
 
 def test_junit_has_one_case_per_workstation_and_file_plus_connection_cases() -> None:
     run = make_run()
-    root = _parse(report.run_junit(run))
+    root = _parse(report.run_junit(run, fingerprints=FP))
     assert root.tag == "testsuites"
     suites = root.findall("testsuite")
     assert len(suites) == 1
@@ -289,7 +297,7 @@ def test_junit_has_one_case_per_workstation_and_file_plus_connection_cases() -> 
 
 
 def test_junit_failures_skips_and_passes() -> None:
-    root = _parse(report.run_junit(make_run()))
+    root = _parse(report.run_junit(make_run(), fingerprints=FP))
     cases = _cases(root)
 
     def only(case: ET.Element) -> list[str]:
@@ -332,7 +340,7 @@ def test_junit_failures_skips_and_passes() -> None:
 
 
 def test_junit_totals_times_and_properties() -> None:
-    root = _parse(report.run_junit(make_run()))
+    root = _parse(report.run_junit(make_run(), fingerprints=FP))
     suite = root.find("testsuite")
     assert suite is not None
     cases = list(suite.iter("testcase"))
@@ -362,12 +370,12 @@ def test_junit_totals_times_and_properties() -> None:
 
 
 def test_junit_never_contains_the_diff() -> None:
-    assert CANARY not in report.run_junit(make_run())
-    assert CANARY not in report.run_junit(make_check_run())
+    assert CANARY not in report.run_junit(make_run(), fingerprints=FP)
+    assert CANARY not in report.run_junit(make_check_run(), fingerprints=FP)
 
 
 def test_junit_of_a_dry_run_says_would_change() -> None:
-    root = _parse(report.run_junit(make_check_run()))
+    root = _parse(report.run_junit(make_check_run(), fingerprints=FP))
     suite = root.find("testsuite")
     assert suite is not None
     assert (suite.get("name") or "").startswith("provisioner check")
@@ -382,7 +390,7 @@ def test_junit_survives_markup_and_control_characters() -> None:
     run = _only([Status.FAILED])
     run.results["ws0"].message = message
     run.results["ws<&>"] = HostResult("ws<&>", Status.UNCHANGED, "", [_override(Status.UNCHANGED)])
-    root = _parse(report.run_junit(run))
+    root = _parse(report.run_junit(run, fingerprints=FP))
     failure = root.find("testsuite/testcase/failure")
     assert failure is not None
     assert "\n" not in (failure.get("message") or "")
@@ -395,15 +403,15 @@ def test_host_failure_outside_its_files_gets_a_connection_case_too() -> None:
     run.results["ws9"] = HostResult(
         "ws9", Status.FAILED, "agent: script blocked", [_ini("zed", Status.UNCHANGED)]
     )
-    cases = _cases(_parse(report.run_junit(run)))
+    cases = _cases(_parse(report.run_junit(run, fingerprints=FP)))
     assert set(cases) == {("ws9", "connection"), ("ws9", "zed/microsip.ini")}
     assert cases[("ws9", "connection")].find("failure") is not None
 
 
 def test_write_run_junit(tmp_path: Path) -> None:
     path = tmp_path / "junit.xml"
-    report.write_run_junit(make_run(), path)
-    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    report.write_run_junit(make_run(), path, fingerprints=FP)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
     root = _parse(path.read_text(encoding="utf-8"))
     assert len(list(root.iter("testcase"))) == 13
     assert path.read_text(encoding="utf-8").startswith('<?xml version="1.0" encoding="UTF-8"?>')

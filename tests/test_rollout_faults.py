@@ -142,10 +142,11 @@ def test_faults_across_a_fleet_then_retry_converges(fleet: Fleet, tmp_path: Path
     fleet.watch()
     store = state.StateStore(tmp_path / "state")
     audit = state.AuditLog(tmp_path / "state")
+    fp = store.fingerprints.of  # what records hold instead of a file's SHA-256
 
     run = fleet.run()
     store.record_run(run, who="tester", command="rollout")
-    audit.append(state.records_for_run(run, "tester"))
+    audit.append(state.records_for_run(run, "tester", fingerprints=store.fingerprints))
     results = run.results
 
     # ---- every host: status, reason and attempts
@@ -216,8 +217,8 @@ def test_faults_across_a_fleet_then_retry_converges(fleet: Fleet, tmp_path: Path
         if stored.status in (Status.FAILED, Status.SKIPPED) and stored.workstation != "ws09":
             assert stored.files == ()  # failed before reaching any file
         for item in stored.files:
-            on_disk = sha(after[(stored.workstation, item.path)])
-            old = sha(before[(stored.workstation, item.path)])
+            on_disk = fp(sha(after[(stored.workstation, item.path)]))
+            old = fp(sha(before[(stored.workstation, item.path)]))
             assert item.old_sha256 == old, (stored.workstation, item)
             if item.status in (Status.CHANGED, Status.UNCHANGED):
                 assert item.new_sha256 == on_disk, (stored.workstation, item)
@@ -228,8 +229,8 @@ def test_faults_across_a_fleet_then_retry_converges(fleet: Fleet, tmp_path: Path
     changed = {(r.workstation, str(r.file)): r for r in records if r.status == "changed"}
     assert sorted(h for h, _ in changed) == ["ws01", "ws04", "ws05", "ws07"]
     for (host, path), record in changed.items():
-        assert record.sha256_before == sha(before[(host, path)])
-        assert record.sha256_after == sha(after[(host, path)])
+        assert record.sha256_before == fp(sha(before[(host, path)]))
+        assert record.sha256_after == fp(sha(after[(host, path)]))
     failed = {r.workstation for r in records if r.status == "failed"}
     assert failed == {"ws02", "ws03", "ws08", "ws09"}
 
@@ -255,6 +256,6 @@ def test_faults_across_a_fleet_then_retry_converges(fleet: Fleet, tmp_path: Path
     }
     assert len(latest) == len(HOSTS)
     for (host, path), digest in latest.items():
-        assert sha(final[(host, path)]) == digest
+        assert fp(sha(final[(host, path)])) == digest
     for key, contents in fleet.seen.items():
         assert contents <= {before[key], final[key]}, key

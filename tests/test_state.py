@@ -27,7 +27,7 @@ from provisioner.state import (
     StateStore,
     records_for_run,
 )
-from tests.test_report import CANARY, SHA_A, SHA_B, STARTED, make_check_run, make_run
+from tests.test_report import CANARY, FP, SHA_A, SHA_B, STARTED, make_check_run, make_run
 
 REPO = Path(__file__).resolve().parent.parent
 POSIX_ONLY = pytest.mark.skipif(sys.platform == "win32", reason="POSIX modes and signals")
@@ -70,7 +70,8 @@ def test_state_directory_and_database_are_private(tmp_path: Path) -> None:
     store = StateStore(directory)
     assert stat.S_IMODE(directory.stat().st_mode) == 0o700
     assert stat.S_IMODE(store.path.stat().st_mode) == 0o600
-    assert store.schema_version() == state.SCHEMA_VERSION == 2
+    assert store.schema_version() == state.SCHEMA_VERSION == 3
+    assert stat.S_IMODE((directory / "fingerprint.key").stat().st_mode) == 0o600
     with sqlite3.connect(store.path) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
@@ -116,9 +117,10 @@ def test_record_and_read_back_a_run(tmp_path: Path) -> None:
     assert dave.conflicts == ("[Settings] ringtone",)
     assert dave.path.endswith("dave\\AppData\\Roaming\\MicroSIP\\microsip.ini")
     changed = by_host["ws-changed"].files
+    fp = store.fingerprints.of
     assert [(f.user, f.old_sha256, f.new_sha256) for f in changed] == [
-        ("alice", SHA_A, SHA_B),
-        (None, "c" * 64, "c" * 64),
+        ("alice", fp(SHA_A), fp(SHA_B)),
+        (None, fp("c" * 64), fp("c" * 64)),
     ]
     assert detail.to_retry == [
         "ws-auth",
@@ -240,7 +242,7 @@ def test_last_results_per_workstation_and_user(tmp_path: Path) -> None:
     assert set(rows) == {("ws1", "alice"), ("ws1", "bob"), ("ws2", "alice")}
     assert (rows[("ws1", "alice")].status, rows[("ws1", "alice")].run_id) == (Status.BUSY, "r2")
     assert (rows[("ws1", "bob")].status, rows[("ws1", "bob")].run_id) == (Status.CHANGED, "r1")
-    assert rows[("ws1", "bob")].new_sha256 == SHA_B
+    assert rows[("ws1", "bob")].new_sha256 == store.fingerprints.of(SHA_B)
     assert rows[("ws1", "bob")].time == t
     assert rows[("ws2", "alice")].run_id == "r1"
     with_dry = {(r.workstation, r.user): r for r in store.last_results(include_dry_runs=True)}
@@ -272,7 +274,7 @@ def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
     with sqlite3.connect(store.path) as db:
         db.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
     db.close()
-    with pytest.raises(StateError, match=r"schema version 99, newer than .* supports \(2\)"):
+    with pytest.raises(StateError, match=r"schema version 99, newer than .* supports \(3\)"):
         StateStore(tmp_path)
 
 
@@ -283,7 +285,7 @@ def test_an_old_schema_is_migrated(tmp_path: Path) -> None:
         db.execute("INSERT INTO meta VALUES ('schema_version', '0')")
     db.close()
     store = StateStore(tmp_path)
-    assert store.schema_version() == 2
+    assert store.schema_version() == 3
     store.record_run(make_run(), who="a")
     assert len(store.run("a1b2").results) == 8
 
@@ -301,7 +303,7 @@ def test_runs_of_schema_1_are_kept_and_get_no_revision(tmp_path: Path) -> None:
         )
     db.close()
     store = StateStore(tmp_path)
-    assert store.schema_version() == 2
+    assert store.schema_version() == 3
     [old] = store.runs()
     assert (old.id, old.revision) == ("old1", "")
     commit = "0123456789abcdef0123456789abcdef01234567"
@@ -425,8 +427,8 @@ def _record(when: str, **overrides: str | None) -> AuditRecord:
         "workstation": "ws1",
         "user": "alice",
         "file": "C:\\Users\\alice\\AppData\\Roaming\\MicroSIP\\microsip.ini",
-        "sha256_before": SHA_A,
-        "sha256_after": SHA_B,
+        "sha256_before": "a" * 32,  # fingerprints, as records hold them
+        "sha256_after": "b" * 32,
         "status": "changed",
         "message": "",
     }
@@ -628,7 +630,7 @@ def test_concurrent_appends_from_several_processes_keep_every_line_whole(
 
 def test_records_for_run(tmp_path: Path) -> None:
     run = make_run()
-    records = records_for_run(run, "ops-amy")
+    records = records_for_run(run, "ops-amy", fingerprints=FP)
     summary = [(r.workstation, r.user, r.status, r.file is not None) for r in records]
     assert summary == [
         ("ws-auth", None, "failed", False),
@@ -640,15 +642,15 @@ def test_records_for_run(tmp_path: Path) -> None:
         ("ws-partial", "frank", "changed", True),
     ]
     alice = records[1]
-    assert alice.sha256_before == SHA_A and alice.sha256_after == SHA_B
+    assert alice.sha256_before == FP.of(SHA_A) and alice.sha256_after == FP.of(SHA_B)
     assert alice.file == "C:\\Users\\alice\\AppData\\Roaming\\MicroSIP\\microsip.ini"
     assert alice.run_id == run.run_id
     assert alice.time == run.finished
     assert alice.who == "ops-amy" and alice.action == "push"
     assert alice.controller == state.controller_name()
     assert records[0].message == run.results["ws-auth"].message
-    assert records_for_run(run, "x", action="rollback")[0].action == "rollback"
-    assert records_for_run(make_check_run(), "ops-amy") == []
+    assert records_for_run(run, "x", action="rollback", fingerprints=FP)[0].action == "rollback"
+    assert records_for_run(make_check_run(), "ops-amy", fingerprints=FP) == []
 
 
 # --------------------------------------------------------------------------- no secrets
@@ -659,7 +661,7 @@ def test_state_and_audit_never_hold_the_diff(tmp_path: Path) -> None:
     for run in (make_run(), make_check_run()):
         assert CANARY in json.dumps([c.diff for r in run.results.values() for c in r.files])
         store.record_run(run, who="ops-amy", command="provisioner rollout --diff")
-        AuditLog(tmp_path).append(records_for_run(run, "ops-amy"))
+        AuditLog(tmp_path).append(records_for_run(run, "ops-amy", fingerprints=FP))
     store.last_results()
     with sqlite3.connect(store.path) as db:
         dump = "\n".join(db.iterdump())
@@ -689,8 +691,11 @@ def test_stored_rows_as_json_and_text(tmp_path: Path) -> None:
     assert as_json["results"][0]["workstation"] == "ws-auth"
     shown = str(detail)
     assert "ws-conflict  conflict" in shown
-    assert "  dave/microsip.ini  conflict  aaaaaaaaaaaa -> aaaaaaaaaaaa" in shown
-    assert "  override.ini  changed  bbbbbbbbbbbb -> cccccccccccc" in shown
+    dave = store.fingerprints.of(SHA_A)
+    assert dave is not None
+    assert f"  dave/microsip.ini  conflict  {dave[:12]} -> {dave[:12]}" in shown
+    b, c = (store.fingerprints.of(x * 64) or "" for x in "bc")
+    assert f"  override.ini  changed  {b[:12]} -> {c[:12]}" in shown
     assert "  warning: MicroSIP was running" in shown
     last = store.last_results(user="alice")
     assert json.loads(json.dumps(last[0].to_dict()))["status"] == "changed"
@@ -718,3 +723,58 @@ def test_audit_record_now_for_helpdesk_actions(tmp_path: Path) -> None:
         "set-password  alice inventory/users.yaml  changed  "
         "sealed /users/alice/accounts/1/password to key k1"
     )
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+
+def test_a_schema_2_history_loses_its_full_hashes(tmp_path: Path) -> None:
+    # A state folder written before fingerprints: full SHA-256 in the files table.
+    path = tmp_path / state.DB_NAME
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        db.execute("INSERT INTO meta VALUES ('schema_version', '2')")
+        for statement in (*state.MIGRATIONS[0], *state.MIGRATIONS[1]):
+            db.execute(statement)
+        db.execute(
+            "INSERT INTO runs (id, started, user, host) VALUES ('old1', ?, 'a', 'c')",
+            (STARTED.isoformat(),),
+        )
+        db.execute("INSERT INTO results (run_id, workstation, status) VALUES ('old1', 'ws', 'x')")
+        db.execute(
+            "INSERT INTO files (run_id, workstation, user, kind, path, status, old_sha256, "
+            "new_sha256) VALUES ('old1', 'ws', 'alice', 'microsip', 'p', 'changed', NULL, ?)",
+            (SHA_B,),
+        )
+    db.close()
+    store = StateStore(tmp_path)
+    assert store.schema_version() == 3
+    [stored] = store.run("old1").results[0].files
+    assert stored.new_sha256 == store.fingerprints.of(SHA_B) and stored.old_sha256 is None
+    # Nothing of the old value is left in the database file or its log, not even in free pages.
+    for leftover in tmp_path.glob(f"{state.DB_NAME}*"):
+        assert SHA_B.encode() not in leftover.read_bytes(), leftover
+    # Opening again changes nothing (the migration ran once).
+    assert StateStore(tmp_path).run("old1").results[0].files[0].new_sha256 == stored.new_sha256
+
+
+def test_audit_lines_written_before_fingerprints_are_shown_as_fingerprints(
+    tmp_path: Path,
+) -> None:
+    log = AuditLog(tmp_path)
+    log.append([_record("2024-05-01T09:00:00+00:00", sha256_before=SHA_A, sha256_after=None)])
+    store = StateStore(tmp_path)
+    [record] = log.query()
+    assert record.sha256_before == store.fingerprints.of(SHA_A) and record.sha256_after is None
+    assert SHA_A not in str(record) and SHA_A not in json.dumps(record.to_dict())
+
+
+def test_fingerprints_compare_like_hashes_but_differ_per_state_folder(tmp_path: Path) -> None:
+    one = StateStore(tmp_path / "one").fingerprints
+    again = StateStore(tmp_path / "one").fingerprints
+    other = StateStore(tmp_path / "two").fingerprints
+    assert one.of(SHA_A) == again.of(SHA_A) != one.of(SHA_B)
+    assert one.of(SHA_A) != other.of(SHA_A)
+    assert len(one.of(SHA_A) or "") == 32 and one.of(None) is None
+    assert repr(one) == "Fingerprints(***)"

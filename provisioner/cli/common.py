@@ -8,7 +8,7 @@ the offline commands then start without pywinrm, requests or cryptography
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -116,26 +116,37 @@ def open_keyring(
     needed: Iterable[str],
     passphrase_file: Path | None,
     passphrase_fd: int | None,
+    *,
+    other_passphrases: Mapping[str, tuple[Path | None, int | None]] | None = None,
 ) -> vault.Keyring:
-    """Unlock the identities whose kids are needed; ask for passphrases only for those."""
+    """Unlock the identities whose kids are needed; ask for passphrases only for those.
+
+    ``other_passphrases``: a passphrase file or fd of its own for the identity of a kid (the
+    new key of ``secrets rekey``); the others use ``passphrase_file`` or ``passphrase_fd``.
+    """
     from provisioner import secretstore, vault
     from provisioner.cli.inputs import read_passphrase
 
     wanted = set(needed)
     keyring = vault.Keyring(recipients)
-    fd_passphrase: bytes | None = None
+    # An fd can be read once: its passphrase serves every identity that it is given for.
+    read_from_fd: dict[int, bytes] = {}
     for path in identity_candidates(explicit):
         identity_file = secretstore.read_identity(path)
         if identity_file.kid not in wanted or identity_file.kid in keyring.identities:
             continue
         passphrase = None
         if identity_file.needs_passphrase:
-            if passphrase_fd is not None:
-                fd_passphrase = fd_passphrase or read_passphrase(None, passphrase_fd, confirm=False)
-                passphrase = fd_passphrase
+            file, fd = (other_passphrases or {}).get(
+                identity_file.kid, (passphrase_file, passphrase_fd)
+            )
+            if fd is not None:
+                if fd not in read_from_fd:
+                    read_from_fd[fd] = read_passphrase(None, fd, confirm=False)
+                passphrase = read_from_fd[fd]
             else:
                 passphrase = read_passphrase(
-                    passphrase_file, None, confirm=False, prompt=f"Passphrase for {path}"
+                    file, None, confirm=False, prompt=f"Passphrase for {path}"
                 )
         keyring.add(secretstore.unlock(identity_file, passphrase))
     if explicit and not keyring.identities and wanted:

@@ -6,7 +6,7 @@ import getpass
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 from provisioner.errors import ProvisionerError
 
@@ -14,6 +14,9 @@ if TYPE_CHECKING:
     from provisioner.model import Secret
 
 _MAX_STDIN = 4096
+# A passphrase is one line; reading stops past this many bytes (a file or fd given by mistake,
+# such as /dev/zero, must not fill the memory).
+MAX_PASSPHRASE = 1024
 
 
 class InputError(ProvisionerError):
@@ -28,11 +31,25 @@ def _strip_newline(data: bytes) -> bytes:
     return data
 
 
+def _first_line(handle: BinaryIO, source: str) -> bytes:
+    line = handle.readline(MAX_PASSPHRASE + 2)
+    if len(_strip_newline(line)) > MAX_PASSPHRASE:
+        raise InputError(f"the first line of {source} is longer than {MAX_PASSPHRASE} bytes")
+    return _strip_newline(line)
+
+
 def _read_fd(fd: int) -> bytes:
-    chunks = []
     with os.fdopen(fd, "rb", closefd=False) as handle:
-        chunks.append(handle.readline())
-    return _strip_newline(b"".join(chunks))
+        return _first_line(handle, f"fd {fd}")
+
+
+def _read_file(file: Path) -> bytes:
+    from provisioner import secretstore
+
+    with file.open("rb") as handle:
+        # Checked on the open file: the name cannot be swapped between the check and the read.
+        secretstore.require_owner_only(file, fd=handle.fileno())
+        return _first_line(handle, str(file))
 
 
 def read_passphrase(
@@ -43,7 +60,7 @@ def read_passphrase(
         raise InputError("give a passphrase file or a file descriptor, not both")
     if file is not None:
         try:
-            value = _strip_newline(file.read_bytes().split(b"\n", 1)[0] + b"\n")
+            value = _read_file(file)
         except OSError as exc:
             raise InputError(f"cannot read passphrase file {file}: {exc.strerror}") from None
     elif fd is not None:

@@ -307,7 +307,7 @@ def render(
 
     Files are UTF-16LE with BOM and CRLF, as MicroSIP writes them, readable by you only.
     """
-    from provisioner.atomicfile import write_atomic
+    from provisioner.atomicfile import write_tree
 
     inventory = pick_inventory(ctx, inventory, inventory_option)
     real = bool(identities or passphrase_file or passphrase_fd is not None)
@@ -326,15 +326,8 @@ def render(
         )
     old_umask = os.umask(0o077)
     try:
-        for built in result.files:
-            target = out / built.relative_path
-            target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            folder = Path(built.relative_path).parent
-            for part in (folder, *folder.parents)[:-1]:
-                (out / part).chmod(0o700)
-            # write_atomic keeps an existing file's mode, which may be readable by others.
-            target.unlink(missing_ok=True)
-            write_atomic(target, built.data, mode=0o600)
+        # Below OUT, links are never followed and nothing but the rendered files is replaced.
+        write_tree(out, ((built.relative_path, built.data) for built in result.files))
     finally:
         os.umask(old_umask)
     _summary(result, out, real)

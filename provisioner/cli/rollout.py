@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from provisioner import build as phase1
     from provisioner import runner, state, vault
     from provisioner.model import Inventory
+    from provisioner.results import HostResult
 
 InventoryOpt = Annotated[
     Path, typer.Option("--inventory", "-i", envvar="PROVISIONER_INVENTORY", file_okay=False)
@@ -81,7 +82,27 @@ def record(
 
     with uninterrupted():
         store.record_run(run, who=who, command=command, revision=revision)
-        state.AuditLog(store.directory).append(state.records_for_run(run, who, action=action))
+        records = state.records_for_run(run, who, action=action, fingerprints=store.fingerprints)
+        state.AuditLog(store.directory).append(records)
+
+
+class _Uninterruptible:
+    """A run journal whose writes Ctrl-C cannot cut in two (see :func:`record`)."""
+
+    def __init__(self, journal: state.RunJournal) -> None:
+        self.journal = journal
+
+    def begin(self, run: runner.RunResult, hosts: Sequence[str]) -> None:
+        with uninterrupted():
+            self.journal.begin(run, hosts)
+
+    def host_done(self, result: HostResult) -> None:
+        with uninterrupted():
+            self.journal.host_done(result)
+
+    def finish(self, run: runner.RunResult) -> None:
+        with uninterrupted():
+            self.journal.finish(run)
 
 
 @contextmanager
@@ -290,6 +311,17 @@ def execute(
         who = getpass.getuser()
         lock = store.lock(f"{who}: {command}") if not options.check else nullcontext()
         canary = bool(options.canary_hosts) or runner.has_canary(options.canary)
+        # Recorded as it goes: a run killed halfway still lists what it wrote (a check is
+        # not recorded at all).
+        journal = (
+            None
+            if options.check
+            else _Uninterruptible(
+                state.RunJournal(
+                    store, who=who, command=command, action=action, revision=inventory_revision
+                )
+            )
+        )
         with lock, interrupt_to(stop):
             reporter: Reporter
             if quiet or not console.is_terminal:
@@ -302,6 +334,7 @@ def execute(
                     reporter=reporter,
                     stop=stop,
                     executor=pushers,
+                    journal=journal,
                 )
             else:
                 with RichReporter(console, len(stations), canary=canary) as rich_reporter:
@@ -313,11 +346,8 @@ def execute(
                         reporter=rich_reporter,
                         stop=stop,
                         executor=pushers,
+                        journal=journal,
                     )
-            if not options.check:
-                record(
-                    store, run, who=who, command=command, action=action, revision=inventory_revision
-                )
     print_summary(console, run, groups, diffs=show_diff, retry=retry)
     if inventory_revision.endswith(revision.DIRTY) and not options.check:
         console.print(
@@ -325,9 +355,11 @@ def execute(
             "from its last commit (or git could not compare them)"
         )
     if report_json:
-        report.write_run_json(run, report_json, revision=inventory_revision)
+        report.write_run_json(
+            run, report_json, fingerprints=store.fingerprints, revision=inventory_revision
+        )
     if report_junit:
-        report.write_run_junit(run, report_junit)
+        report.write_run_junit(run, report_junit, fingerprints=store.fingerprints)
     return run
 
 

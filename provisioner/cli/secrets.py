@@ -155,15 +155,36 @@ def rekey(
     identities: IdentityOpt = None,
     passphrase_file: PassFileOpt = None,
     passphrase_fd: PassFdOpt = None,
+    new_passphrase_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--new-passphrase-file",
+            help="The passphrase of the new key's identity, when it differs from the old one's.",
+        ),
+    ] = None,
+    new_passphrase_fd: Annotated[
+        int | None,
+        typer.Option("--new-passphrase-fd", help="The same, from this file descriptor."),
+    ] = None,
 ) -> None:
     """Re-seal every token of other keys to the new key; only token text changes."""
     from provisioner import secretstore
 
+    if new_passphrase_file is not None and new_passphrase_fd is not None:
+        raise VaultError("give --new-passphrase-file or --new-passphrase-fd, not both")
     recipients = secretstore.load_recipients(inventory)
     target = to or recipients.active
     scan = secretstore.scan_inventory(inventory)
     kids = set(secretstore.kids_in_use(scan))
-    keyring = open_keyring(recipients, identities, kids | {target}, passphrase_file, passphrase_fd)
+    own = new_passphrase_file is not None or new_passphrase_fd is not None
+    keyring = open_keyring(
+        recipients,
+        identities,
+        kids | {target},
+        passphrase_file,
+        passphrase_fd,
+        other_passphrases={target: (new_passphrase_file, new_passphrase_fd)} if own else None,
+    )
     report = secretstore.rekey(scan, keyring, target, from_kids or ())
     how = "each checked by opening it" if report.verified_by_opening else "structure checked"
     echo(f"re-sealed {report.resealed} value(s) to {target} in {len(report.files)} file(s) ({how})")
