@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from provisioner import connections, doctor, ini, push, state
+from provisioner.fingerprint import Fingerprints
 from provisioner.lab.ntfs import EVERYONE, Acl, protected_acl
 from provisioner.lab.workstation import (
     ADMINISTRATORS,
@@ -533,7 +534,11 @@ def test_a_stop_is_said_in_the_result_and_the_audit_with_who(shared: Kit) -> Non
     [record] = [
         r
         for r in state.records_for_results(
-            [result], who="helpdesk-anna", action="push", run_id="r1"
+            [result],
+            who="helpdesk-anna",
+            action="push",
+            run_id="r1",
+            fingerprints=Fingerprints(bytes(32)),
         )
         if r.user == "u1x1"
     ]
