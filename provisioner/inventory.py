@@ -107,6 +107,7 @@ MICROSIP_OPTIONS: dict[str, OptionSpec] = {
     "mode": OptionSpec("enum", ("installed", "portable")),
     "install_dir": OptionSpec("folder"),
     "exe": OptionSpec("file"),
+    "appdata_roots": OptionSpec("roots"),
 }
 
 
@@ -620,6 +621,11 @@ def _options_block(
         spec = options[key]
         key_segments = (*segments, key)
         value: object = child.value
+        if spec.type == "roots":
+            roots = _roots(context, child, source, key_segments)
+            if roots is not None:
+                out[key] = Sourced(roots, source, join_pointer(list(key_segments)))
+            continue
         if child.kind != "scalar":
             context.error(f"{key} takes a single value", source, key_segments)
             continue
@@ -679,6 +685,31 @@ def _options_block(
             (*segments, "exe"),
         )
     return out
+
+
+def _roots(
+    context: _Context, node: yamldoc.YNode, source: Source, segments: tuple[str, ...]
+) -> tuple[str, ...] | None:
+    """``microsip.appdata_roots``: a list of folders where users' AppData may be redirected."""
+    if node.kind != "seq":
+        context.error(
+            "expected a list of folders, e.g. ['\\\\fs01\\redirect$\\%USERNAME%']",
+            source,
+            segments,
+        )
+        return None
+    roots: list[str] = []
+    for index, item in node.items:
+        item_source = Source(source.file, item.line, item.column, source.layer)
+        text = _text(context, item, item_source, (*segments, index))
+        if text is None:
+            return None
+        problem = winpath.appdata_root_problem(text)
+        if problem is not None:
+            context.error(f"appdata root '{text}' {problem}", item_source, (*segments, index))
+            return None
+        roots.append(text)
+    return tuple(roots)
 
 
 def _layer(

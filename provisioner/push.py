@@ -208,6 +208,12 @@ def _plan(
 
 def _plan_override(built: BuiltFile, item: Mapping[str, Any], options: PushOptions) -> _Planned:
     path = str(item.get("path") or built.relative_path)
+    if item.get("per_user"):
+        # MicroSIP installed per user has no machine-wide folder; the enforced keys still reach
+        # every user's file through the merge.
+        step = _Planned(built, path, None, None, b"", b"", Status.UNCHANGED)
+        step.message = "per-user install: no machine-wide override.ini"
+        return step
     error = item.get("error")
     if error:
         message = f"{error.get('code', 'error')}: {error.get('message', '')}".strip()

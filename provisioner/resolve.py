@@ -119,6 +119,11 @@ def resolve_station(inventory: Inventory, name: str) -> StationPlan:
             str(microsip["install_dir"].value) if "install_dir" in microsip else DEFAULT_INSTALL_DIR
         ),
         exe=str(microsip["exe"].value) if "exe" in microsip else DEFAULT_EXE,
+        appdata_roots=(
+            tuple(str(root) for root in microsip["appdata_roots"].value)  # type: ignore[attr-defined]
+            if "appdata_roots" in microsip
+            else ()
+        ),
     )
     return StationPlan(
         workstation=station,

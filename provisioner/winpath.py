@@ -135,3 +135,58 @@ def install_dir_problem(path: str) -> str | None:
         if "\\".join(lowered) in _SYSTEM_FOLDERS:
             return "is a system folder; give MicroSIP's own folder below it"
     return None
+
+
+_ROOT_VARIABLES = ("USERNAME", "USERDOMAIN")
+_ANY_VARIABLE = re.compile(r"%([^%\\]*)%")
+_UNC_ROOT = re.compile(r"^\\\\[^\\]+\\[^\\]+")
+
+
+def appdata_root_problem(path: str) -> str | None:
+    """Why ``path`` may not be a redirection root of users' AppData, or None.
+
+    A root is a share (``\\\\fs01\\redirect$\\%USERNAME%``) or a local folder
+    (``D:\\Profiles\\%USERNAME%``) in which ``%USERNAME%`` stands as a whole folder name, so
+    that each user's root is their own: a root shared by all would let one user point their
+    AppData at another's. ``%USERDOMAIN%`` may stand as a folder too; nothing else is expanded.
+    """
+    if "/" in path:
+        return "uses '/'; write Windows paths with backslashes"
+    if path.startswith(("\\\\?\\", "\\\\.\\")):
+        return "is a device path"
+    if len(path) > MAX_PATH:
+        return f"is longer than {MAX_PATH} characters"
+    if _UNC_ROOT.match(path):
+        head = path[2:].split("\\", 2)
+        parts = head[2].split("\\") if len(head) > 2 and head[2] else []
+        names = head[:2]
+    elif _DRIVE.match(path):
+        parts = path[3:].rstrip("\\").split("\\") if path[3:].rstrip("\\") else []
+        names = []
+    else:
+        return "is not absolute: give a share (\\\\server\\share\\...) or a drive path"
+    for name in names:
+        if not name or _BAD_CHARACTER.search(name):
+            return "has an invalid server or share name"
+    if "%USERNAME%".casefold() not in [part.casefold() for part in parts]:
+        return (
+            "must have %USERNAME% as a folder of its own (e.g. \\\\fs01\\redirect$\\%USERNAME%),"
+            " so that no user's root is another's"
+        )
+    for part in parts:
+        if part in ("", ".", ".."):
+            return "has an empty, '.' or '..' folder"
+        variables = _ANY_VARIABLE.findall(part)
+        if variables:
+            if part.strip("%").upper() not in _ROOT_VARIABLES or len(variables) != 1:
+                return (
+                    f"has {part!r}; only %USERNAME% and %USERDOMAIN%, each a whole folder, are "
+                    "expanded"
+                )
+            continue
+        if "%" in part:
+            return f"has a stray '%' in {part!r}"
+        problem = _name_problem(part)
+        if problem is not None:
+            return f"has a folder {part!r} that {problem}"
+    return None

@@ -233,6 +233,7 @@ def test_bootstrap_sets_its_preferences() -> None:
 
 # Windows PowerShell 5.1 cmdlets the scripts may call; anything else must be defined in them.
 KNOWN_CMDLETS = {
+    "add-type",
     "convertfrom-json",
     "convertto-json",
     "get-ciminstance",
@@ -502,9 +503,17 @@ def test_bootstrap_command_line_is_well_under_the_cmd_limit() -> None:
     ]
     encoded = arguments[-1]
     assert base64.b64decode(encoded).decode("utf-16-le") == scripts.BOOTSTRAP
-    assert len(encoded) < 3000
+    assert len(encoded) < 3500
     assert len(scripts.command_line()) < scripts.CMD_LINE_LIMIT
     assert scripts.command_line() == " ".join([command, *arguments])
+
+
+def test_the_request_reaches_no_cmdlet_module_logging_would_record() -> None:
+    # Module Logging (event 4103) writes cmdlet parameters to the event log: the request, which
+    # carries SIP passwords, must only pass through method calls.
+    code = _code_only(scripts.BOOTSTRAP)
+    assert "ConvertFrom-Json" not in code and "$parser.DeserializeObject(" in code
+    assert "$parser.MaxJsonLength = [int]::MaxValue" in code
 
 
 # --- golden copies -------------------------------------------------------------------------

@@ -510,6 +510,28 @@ BAD: list[tuple[str, dict[str, str], list[Expected]]] = [
         ],
     ),
     (
+        # Redirection roots let the agent accept a user's AppData there: each must be the
+        # user's own (a root shared by all would let one user aim at another's folder).
+        "appdata-roots-are-per-user",
+        {
+            "bad.yaml": "groups:\n"
+            "  a:\n    microsip: {appdata_roots: '\\\\fs01\\redirect$\\%USERNAME%'}\n"
+            "  b:\n    microsip: {appdata_roots: ['\\\\fs01\\redirect$']}\n"
+            "  c:\n    microsip: {appdata_roots: ['\\\\fs01\\r$\\%USERNAME%\\..\\bob']}\n"
+            "  d:\n    microsip: {appdata_roots: ['redirect\\%USERNAME%']}\n"
+            "  e:\n    microsip: {appdata_roots: ['\\\\fs01\\r$\\%USERPROFILE%\\%USERNAME%']}\n"
+            "  ok:\n    microsip: {appdata_roots: ['\\\\fs01\\r$\\%USERDOMAIN%\\%USERNAME%',"
+            " 'D:\\Profiles\\%USERNAME%\\AppData']}\n",
+        },
+        [
+            ("bad.yaml", 3, 16, "/groups/a/microsip/appdata_roots", "a list of folders"),
+            ("bad.yaml", 5, 32, "/groups/b/microsip/appdata_roots/0", "%USERNAME% as a folder"),
+            ("bad.yaml", 7, 32, "/groups/c/microsip/appdata_roots/0", "'..'"),
+            ("bad.yaml", 9, 32, "/groups/d/microsip/appdata_roots/0", "is not absolute"),
+            ("bad.yaml", 11, 32, "/groups/e/microsip/appdata_roots/0", "%USERPROFILE%"),
+        ],
+    ),
+    (
         "names-windows-reserves",
         {
             "workstations.yaml": "workstations:\n  con:\n    users: [u1]\n  ws.:\n"

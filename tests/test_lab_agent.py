@@ -152,6 +152,7 @@ def test_inspect_installed_mode(station: Station) -> None:
         "dir": PROGRAM_DIR,
         "exe_path": f"{PROGRAM_DIR}\\microsip.exe",
         "source": "inventory",
+        "per_user": False,
     }
     assert answer["override"] == {
         "path": f"{PROGRAM_DIR}\\override.ini",
@@ -281,6 +282,7 @@ def test_inspect_discovery_when_the_inventory_dir_is_wrong(
             "dir": None,
             "exe_path": None,
             "source": None,
+            "per_user": False,
         }
         assert answer["override"]["path"] is None
         assert answer["override"]["error"]["code"] == "not-installed"

@@ -27,7 +27,6 @@ from provisioner.lab.workstation import (
     user_file_acl,
 )
 from provisioner.results import Status
-from provisioner.transport.agent import scripts
 from tests.agentkit import (
     ALICE_INI,
     PROGRAM_DIR,
@@ -254,6 +253,28 @@ def test_a_logged_off_users_redirected_appdata_is_reported_never_written_locally
     assert not ws.exists(U1_INI.rsplit("\\", 1)[0])  # the local copy MicroSIP would not read
 
 
+def test_an_inventory_redirection_root_lets_the_push_write_there(shared: Kit) -> None:
+    ws = _ws(shared)
+    u1, u2 = _account(ws, "u1x1"), _account(ws, "u1x2")
+    ws.add_share("\\\\fs01\\redirect$")
+    for user in (u1, u2):
+        user.shell_appdata = "\\\\fs01\\redirect$\\%USERNAME%\\AppData"
+    u2.shell_appdata = "\\\\fs01\\redirect$\\u1x1\\AppData"  # u1x2 aims at u1x1's folder
+    inventory = shared.root / "inventory.yaml"
+    text = inventory.read_text()
+    root = "    appdata_roots: ['\\\\fs01\\redirect$\\%USERNAME%']\n"
+    inventory.write_text(text.replace("  microsip:\n", "  microsip:\n" + root, 1))
+    shared.rebuild()
+    result = shared.push("ws01")
+    redirected = "\\\\fs01\\redirect$\\u1x1\\AppData\\MicroSIP\\microsip.ini"
+    assert _file(result, "u1x1").status == Status.CHANGED, result.message  # type: ignore[attr-defined]
+    assert "Sip-1-1-pw" in ini.decode_ini_bytes(ws.read(redirected) or b"")
+    # u1x2's root is \\\\fs01\\redirect$\\u1x2: u1x1's folder is not under it.
+    theirs = _file(result, "u1x2")
+    assert theirs.status == Status.FAILED and "redirected" in theirs.message  # type: ignore[attr-defined]
+    assert "Sip-1-2-pw" not in ini.decode_ini_bytes(ws.read(redirected) or b"")
+
+
 def test_an_allowed_redirection_root_is_written(station: Station) -> None:
     ws, alice = station.ws, station.alice
     ws.add_share("\\\\fs01\\redirect$")
@@ -380,13 +401,23 @@ def test_a_40_user_rds_host_with_100_kib_files_pushes(tmp_path: Path) -> None:
         assert host.stats().by_operation["Send"] > 2  # the apply went out in pieces
 
 
-def test_powershell_before_5_cannot_parse_a_large_request(station: Station) -> None:
-    station.ws.ps_version = "4.0"
+def test_a_request_over_2_mib_parses_whatever_the_powershell(station: Station) -> None:
+    # ConvertFrom-Json in PowerShell 4.0 stopped at 2,097,152 characters; the bootstrap's own
+    # parser does not.
     big = {**inspect_request([("alice", "ACME\\alice")]), "padding": "x" * 2_200_000}
-    _, err, code = station.agent.raw(scripts.make_envelope("inspect", big))
-    assert code == 1 and b"maxJsonLength" in err
-    station.ws.ps_version = "5.1.19041.4648"
-    assert station.agent.call(big)["ok"] is True
+    for version in ("4.0", "5.1.19041.4648"):
+        station.ws.ps_version = version
+        assert station.agent.call(big)["ok"] is True
+
+
+def test_module_logging_never_records_a_password(shared: Kit) -> None:
+    ws = _ws(shared)
+    ws.module_logging = True
+    assert shared.push("ws01", _reset(shared)).status == Status.CHANGED
+    assert ws.event_log, "the lab recorded what the bootstrap's cmdlets were given"
+    # The apply request carries the rendered files, passwords in them, as content_b64.
+    leaked = [e for e in ws.event_log if "content_b64" in e or "Sip-1-" in e]
+    assert leaked == []
 
 
 # --- 6. local accounts -----------------------------------------------------------------------
@@ -454,6 +485,35 @@ def test_doctor_reports_which_rule_decided(shared: Kit) -> None:
     )
     profile = next(c for c in checks if c.name == "profile u1x1")
     assert profile.ok and "installed, decided by hklm" in profile.detail
+
+
+def test_a_per_user_install_is_found_in_each_users_profile(shared: Kit) -> None:
+    ws = _ws(shared)
+    ws.uninstall_microsip()
+    users = [_account(ws, "u1x1"), _account(ws, "u1x2")]
+    for user in users:
+        folder = f"{user.profile}\\AppData\\Local\\Programs\\MicroSIP"
+        ws.put(f"{folder}\\microsip.exe", b"MZ", owner=user.sid)
+        user.hkcu_microsip = folder  # what MicroSIP's installer records when run by the user
+    inventory = shared.root / "inventory.yaml"
+    text = inventory.read_text().replace(
+        "install_dir: C:\\Program Files\\MicroSIP",
+        "install_dir: '%LOCALAPPDATA%\\Programs\\MicroSIP'",
+    )
+    inventory.write_text(text)
+    shared.rebuild()
+    result = shared.push("ws01", _reset(shared))
+    assert result.status == Status.CHANGED, result.message
+    override = next(f for f in result.files if f.kind == "override")
+    assert override.status == Status.UNCHANGED and "per-user install" in override.message
+    for user in users:
+        [user_file] = [f for f in result.files if f.user == user.sam]
+        assert user_file.path == f"{user.profile}\\AppData\\Roaming\\MicroSIP\\microsip.ini"
+    answer = shared.transport("ws01").request(
+        "inspect", push.inspect_request(shared.station("ws01"), shared.files("ws01"))
+    )
+    rules = {u["name"]: (u["mode"], u["mode_rule"]) for u in answer["users"]}
+    assert rules == {"u1x1": ("installed", "hkcu"), "u1x2": ("installed", "hkcu")}
 
 
 # --- 8. Windows errors -----------------------------------------------------------------------

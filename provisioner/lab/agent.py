@@ -14,9 +14,13 @@ bootstrap do with the workstation's PowerShell:
 * a language mode other than FullLanguage (Constrained Language Mode under WDAC or AppLocker)
   stops the bootstrap at its first line: CLIXML on stderr, exit code 1, with the bootstrap's own
   message when it checks the mode, else PowerShell's "Cannot invoke method" error;
-* PowerShell before 5.0 cannot parse a request of more than 2,097,152 characters
-  (``ConvertFrom-Json`` used ``JavaScriptSerializer``'s default ``MaxJsonLength``; 5.0 and
-  later raise it to ``Int32.MaxValue``);
+* PowerShell before 5.0 cannot parse a request of more than 2,097,152 characters with
+  ``ConvertFrom-Json`` (it kept ``JavaScriptSerializer``'s default ``MaxJsonLength``; 5.0 and
+  later raise it to ``Int32.MaxValue``), a bootstrap that raises it itself can;
+* with Module Logging on (``Workstation.module_logging``), the cmdlets the bootstrap calls
+  leave event 4103 in ``Workstation.event_log`` with their parameters: ConvertFrom-Json's
+  input is the whole request (a string is logged as it is), ConvertTo-Json's an object (logged
+  by its type name);
 * a terminating error of the bootstrap (bad envelope) is plain text on stderr, exit code 1;
   a command line or script text the lab does not recognise is CLIXML on stderr, exit code 1;
   a ``crash_after_temp`` is no output at all and exit code ``0xC0000005``;
@@ -81,7 +85,8 @@ class LabAgent:
                 raise AgentFailure(f"Host {host.name} has no emulated workstation.")
             if workstation.language_mode != "FullLanguage":
                 raise AgentFailure(language_mode_error(workstation.language_mode))
-            script, request = decode_envelope(stdin, _json_limit(workstation.ps_version))
+            limit = _json_limit(workstation.ps_version)
+            script, request = decode_envelope(stdin, limit, log=_module_log(workstation))
             op = request.get("op")
             expected = scripts.SCRIPTS.get(op) if isinstance(op, str) else None
             if expected is None:
@@ -111,19 +116,42 @@ def language_mode_error(mode: str) -> str:
 
 
 def _json_limit(ps_version: str) -> int | None:
+    if "ConvertFrom-Json" not in scripts.BOOTSTRAP:
+        return None
     major = ps_version.split(".", 1)[0]
     return OLD_JSON_LIMIT if major.isdigit() and int(major) < 5 else None
+
+
+def _module_log(workstation: Workstation) -> list[str] | None:
+    """Where event 4103 goes while Module Logging is on (None: off)."""
+    if not workstation.module_logging:
+        return None
+    for cmdlet, value in (
+        ("Add-Type", "System.Web.Extensions"),
+        ("ConvertTo-Json", "System.Collections.Specialized.OrderedDictionary"),
+    ):
+        if cmdlet in scripts.BOOTSTRAP:
+            workstation.event_log.append(
+                f'4103 ParameterBinding({cmdlet}): name="InputObject"; value="{value}"'
+            )
+    return workstation.event_log
 
 
 # --- wire formats -----------------------------------------------------------------------------
 
 
-def decode_envelope(stdin: bytes, json_limit: int | None = None) -> tuple[str, Json]:
+def decode_envelope(
+    stdin: bytes, json_limit: int | None = None, *, log: list[str] | None = None
+) -> tuple[str, Json]:
     """stdin (base64 ASCII of UTF-8 JSON) to ``(script, request)``; ``json_limit``: the most
-    characters the workstation's ConvertFrom-Json parses."""
+    characters the workstation's ConvertFrom-Json parses; ``log``: Module Logging's events."""
     try:
         raw = base64.b64decode(b"".join(stdin.split()), validate=True)
         text = raw.decode("utf-8")
+        if log is not None and "ConvertFrom-Json" in scripts.BOOTSTRAP:
+            log.append(
+                f'4103 ParameterBinding(ConvertFrom-Json): name="InputObject"; value="{text}"'
+            )
         if json_limit is not None and len(text) > json_limit:
             raise ScriptFailure(
                 "Error during serialization or deserialization using the JSON "

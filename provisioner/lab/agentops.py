@@ -393,23 +393,36 @@ def check_appdata(appdata: str, user: User, roots: list[str]) -> str:
 
 @dataclass(frozen=True)
 class Install:
-    """Where MicroSIP was found."""
+    """Where MicroSIP was found; ``per_user``: the inventory's folder is in each user's
+    profile (``%LOCALAPPDATA%\\...``), found for each user by :func:`locate_for`."""
 
     found: bool
     dir: str | None
     exe_path: str | None
     source: str | None
     exe: str
+    per_user: str | None = None
+
+
+def _install_in(ws: Workstation, folder: str, exe: str, source: str) -> Install | None:
+    folder = folder.strip().strip('"').rstrip("\\")
+    try:
+        exe_path = join(folder, exe)
+        return Install(True, folder, exe_path, source, exe) if ws.is_file(exe_path) else None
+    except FileError:
+        return None
 
 
 def locate(ws: Workstation, wanted: Json) -> Install:
-    """``Find-MicroSip``: the inventory's folder, else the installer's markers (registry, MSI)."""
+    """``Find-MicroSip``: the inventory's folder, else the installer's markers (registry, MSI).
+    A folder below a user's own variable (``%LOCALAPPDATA%``) is looked for per user."""
     exe = ps_text(wanted.get("exe")) or "microsip.exe"
     candidates: list[tuple[str, str]] = []
     if ps_text(wanted.get("install_dir")):
-        candidates.append(
-            ("inventory", expand(ps_text(wanted.get("install_dir")), SYSTEM_VARIABLES))
-        )
+        folder = expand(ps_text(wanted.get("install_dir")), SYSTEM_VARIABLES)
+        if _UNEXPANDED.search(folder):
+            return Install(True, None, None, "inventory", exe, per_user=folder)
+        candidates.append(("inventory", folder))
     if ws.hklm_microsip:
         candidates.append(("registry", ws.hklm_microsip))
     candidates += [
@@ -420,15 +433,39 @@ def locate(ws: Workstation, wanted: Json) -> Install:
         and product.install_location
     ]
     for source, raw in candidates:
-        folder = raw.strip().strip('"').rstrip("\\")
-        try:
-            exe_path = join(folder, exe)
-            if not ws.is_file(exe_path):
-                continue
-        except FileError:
-            continue
-        return Install(True, folder, exe_path, source, exe)
+        found = _install_in(ws, raw, exe, source)
+        if found is not None:
+            return found
     return Install(False, None, None, None, exe)
+
+
+def locate_for(ws: Workstation, install: Install, user: User, appdata: str) -> Install:
+    """``Find-UserMicroSip``: a per-user folder expanded with the user's own variables; where
+    the exe is not there, the folder the user's own installer recorded (HKCU), then the
+    machine's markers."""
+    if install.per_user is None:
+        return install
+    assert user.profile is not None  # noqa: S101 - callers checked the profile
+    variables = {
+        "USERPROFILE": user.profile,
+        "LOCALAPPDATA": f"{user.profile}\\AppData\\Local",
+        "APPDATA": appdata,
+    }
+    folder = expand(install.per_user, variables)
+    candidates = [("inventory", folder)] if not _UNEXPANDED.search(folder) else []
+    if user.hkcu_microsip:
+        candidates.append(("hkcu", user.hkcu_microsip))
+    for source, raw in candidates:
+        found = _install_in(ws, raw, install.exe, source)
+        if found is not None:
+            return found
+    machine = locate(ws, {"exe": install.exe})
+    if machine.found:
+        return machine
+    raise FileError(
+        "not-installed",
+        f"MicroSIP was not found in {folder} for this user, nor by registry or MSI.",
+    )
 
 
 class ProcessTable:
@@ -480,9 +517,10 @@ def inspect(ws: Workstation, request: Json) -> Json:
         },
         "install": {
             "found": install.found,
-            "dir": install.dir,
+            "dir": install.dir if install.per_user is None else install.per_user,
             "exe_path": install.exe_path,
             "source": install.source,
+            "per_user": install.per_user is not None,
         },
         "override": override,
         "users": users,
@@ -498,6 +536,10 @@ def _not_installed() -> FileError:
 def inspect_override(ws: Workstation, install: Install) -> Json:
     """``Get-OverrideState``."""
     entry: Json = {"path": None}
+    if install.per_user is not None:
+        # No machine-wide folder: the enforced keys reach each user's file through the merge.
+        entry.update({"per_user": True, "error": None})
+        return entry
     try:
         if install.dir is None:
             raise _not_installed()
@@ -542,7 +584,7 @@ def inspect_user(
         "path": None,
     }
     try:
-        if install.dir is None:
+        if not install.found:
             raise _not_installed()
         account = ps_text(entry["windows"])
         if not account:
@@ -558,6 +600,8 @@ def inspect_user(
         entry["appdata"] = roaming_appdata(hive)
         appdata = check_appdata(entry["appdata"], hive, roots)
         entry["appdata"] = appdata
+        install = locate_for(ws, install, hive, appdata)
+        assert install.dir is not None  # noqa: S101 - found
         decided = ws.microsip_mode(hive, install.dir)
         entry["mode"], entry["mode_rule"], entry["mode_detail"] = (
             decided.mode,

@@ -306,6 +306,10 @@ class Workstation(FileSystem):
         self.ps_version = ps_version
         self.free_bytes = free_bytes
         self.language_mode: LanguageMode = "FullLanguage"
+        self.module_logging = False
+        """PowerShell Module Logging for every module (``*``): cmdlet parameters to the log."""
+        self.event_log: list[str] = []
+        """What the PowerShell Operational log recorded (event 4103), in order."""
         self.users: list[User] = []
         self.install: Install | None = None
         self.hklm_microsip: str | None = None

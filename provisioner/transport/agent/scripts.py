@@ -22,6 +22,10 @@ Why the bootstrap is written as it is (its comments cost command-line length):
   ``-Depth 10`` because the default depth (2) would flatten nested objects into strings.
 - stdin and stdout carry base64 only: ASCII is the same in every console code page.
 - A terminating error goes to stderr as plain text with the agent line number, and exit 1.
+- It parses the envelope with .NET's ``JavaScriptSerializer`` (``MaxJsonLength`` raised), not
+  ``ConvertFrom-Json``: PowerShell Module Logging (event 4103) records a cmdlet's parameters,
+  and ConvertFrom-Json's input is the whole request, SIP passwords included; a method call is
+  not recorded. The request then reaches the script as dictionaries (``Get-Field`` reads both).
 - Its first line stops in any language mode but FullLanguage, with a message the controller
   recognises (:data:`LANGUAGE_MODE_ERROR`): under Constrained Language Mode (WDAC or AppLocker)
   the calls that follow would fail with PowerShell's less helpful "Cannot invoke method". A

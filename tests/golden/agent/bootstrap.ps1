@@ -6,8 +6,11 @@ $ProgressPreference = 'SilentlyContinue'
 $WarningPreference = 'SilentlyContinue'
 try {
   $utf8 = [Text.Encoding]::UTF8
-  $envelope = $utf8.GetString([Convert]::FromBase64String([Console]::In.ReadToEnd())) | ConvertFrom-Json
-  $out = @(& ([ScriptBlock]::Create($envelope.script)) $envelope.request)
+  Add-Type -AssemblyName System.Web.Extensions
+  $parser = [Web.Script.Serialization.JavaScriptSerializer]::new()
+  $parser.MaxJsonLength = [int]::MaxValue
+  $envelope = $parser.DeserializeObject($utf8.GetString([Convert]::FromBase64String([Console]::In.ReadToEnd())))
+  $out = @(& ([ScriptBlock]::Create($envelope['script'])) $envelope['request'])
   if ($out.Count -eq 0) { throw 'the agent script wrote no answer' }
   $json = ConvertTo-Json -InputObject $out[-1] -Compress -Depth 10
   [Console]::Out.Write([Convert]::ToBase64String($utf8.GetBytes($json)))

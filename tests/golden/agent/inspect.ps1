@@ -10,7 +10,12 @@ $ProgressPreference = 'SilentlyContinue'
 function Get-Field($Object, [string]$Name) {
     # Strict mode makes a missing property an error, and a request may leave fields out.
     # Callers wrap list fields in @(): PowerShell unrolls an array returned from a function.
+    # A request is parsed into dictionaries (JavaScriptSerializer, in the bootstrap).
     if ($null -eq $Object) { return $null }
+    if ($Object -is [System.Collections.IDictionary]) {
+        if ($Object.Contains($Name)) { return $Object[$Name] }
+        return $null
+    }
     $property = $Object.PSObject.Properties[$Name]
     if ($null -eq $property) { return $null }
     return $property.Value
@@ -812,12 +817,17 @@ function Get-MicroSipMode($Hive, [string]$ExeDir, [string]$ExePath, [string]$Sid
 function Find-MicroSip($Install) {
     # The inventory's folder if the exe is there, else the installer's markers: the default
     # value of HKLM\Software\MicroSIP (either registry view), then a per-machine MSI product.
+    # A folder below a user's own variable (%LOCALAPPDATA%) is looked for per user.
     $exe = [string](Get-Field $Install 'exe')
     if ([string]::IsNullOrEmpty($exe)) { $exe = 'microsip.exe' }
     $candidates = @()
     $inventoryDir = [string](Get-Field $Install 'install_dir')
     if (-not [string]::IsNullOrEmpty($inventoryDir)) {
-        $candidates += , [ordered]@{ source = 'inventory'; dir = (Expand-Variables $inventoryDir (Get-MachineVariables)) }
+        $expanded = Expand-Variables $inventoryDir (Get-MachineVariables)
+        if ($expanded -match '%[^%\\]+%') {
+            return [ordered]@{ found = $true; dir = $null; exe_path = $null; source = 'inventory'; exe = $exe; per_user = $expanded }
+        }
+        $candidates += , [ordered]@{ source = 'inventory'; dir = $expanded }
     }
     foreach ($view in [Microsoft.Win32.RegistryView]::Registry64, [Microsoft.Win32.RegistryView]::Registry32) {
         $base = [Microsoft.Win32.RegistryKey]::OpenBaseKey([Microsoft.Win32.RegistryHive]::LocalMachine, $view)
@@ -833,13 +843,38 @@ function Find-MicroSip($Install) {
         }
     }
     foreach ($candidate in $candidates) {
-        $dir = $candidate.dir.Trim().Trim('"').TrimEnd('\')
-        try { $exePath = [IO.Path]::Combine($dir, $exe) } catch { continue }
-        if ([IO.File]::Exists($exePath)) {
-            return [ordered]@{ found = $true; dir = $dir; exe_path = $exePath; source = $candidate.source; exe = $exe }
-        }
+        $found = Find-ExeIn $candidate.dir $exe $candidate.source
+        if ($null -ne $found) { return $found }
     }
-    return [ordered]@{ found = $false; dir = $null; exe_path = $null; source = $null; exe = $exe }
+    return [ordered]@{ found = $false; dir = $null; exe_path = $null; source = $null; exe = $exe; per_user = $null }
+}
+
+function Find-ExeIn([string]$Folder, [string]$Exe, [string]$Source) {
+    $dir = $Folder.Trim().Trim('"').TrimEnd('\')
+    try { $exePath = [IO.Path]::Combine($dir, $Exe) } catch { return $null }
+    if (-not [IO.File]::Exists($exePath)) { return $null }
+    return [ordered]@{ found = $true; dir = $dir; exe_path = $exePath; source = $Source; exe = $Exe; per_user = $null }
+}
+
+function Find-UserMicroSip($Install, $Hive, [string]$ProfilePath, [string]$AppData) {
+    # A per-user folder expanded with the user's own variables; where the exe is not there, the
+    # folder the user's own installer recorded (HKCU), then the machine's markers.
+    if ($null -eq $Install.per_user) { return $Install }
+    $vars = Get-MachineVariables
+    $vars['USERPROFILE'] = $ProfilePath
+    $vars['LOCALAPPDATA'] = [IO.Path]::Combine($ProfilePath, 'AppData', 'Local')
+    $vars['APPDATA'] = $AppData
+    $folder = Expand-Variables $Install.per_user $vars
+    $candidates = @()
+    if ($folder -notmatch '%[^%\\]+%') { $candidates += , [ordered]@{ source = 'inventory'; dir = $folder } }
+    if (-not [string]::IsNullOrEmpty($Hive.microsip)) { $candidates += , [ordered]@{ source = 'hkcu'; dir = [string]$Hive.microsip } }
+    foreach ($candidate in $candidates) {
+        $found = Find-ExeIn $candidate.dir $Install.exe $candidate.source
+        if ($null -ne $found) { return $found }
+    }
+    $machine = Find-MicroSip ([pscustomobject]@{ exe = $Install.exe })
+    if ($machine.found) { return $machine }
+    throw (New-AgentException 'not-installed' ("MicroSIP was not found in {0} for this user, nor by registry or MSI." -f $folder))
 }
 
 function Resolve-Account([string]$Account) {
@@ -884,6 +919,7 @@ function Get-UserState($User, $Install, [string]$Mode, $Roots, $Context) {
         $allowed = @(Expand-AppDataRoots $Roots (Get-AccountVariables $sid $profilePath))
         $appData = Test-AppData $item['appdata'] $profilePath $allowed
         $item['appdata'] = $appData
+        $Install = Find-UserMicroSip $Install $hive $profilePath $appData
         $decided = Get-MicroSipMode $hive $Install.dir $Install.exe_path $sid
         $item['mode'] = $decided.mode; $item['mode_rule'] = $decided.rule; $item['mode_detail'] = $decided.detail
         if ($decided.mode -ne $Mode) {
@@ -920,6 +956,11 @@ function Get-UserState($User, $Install, [string]$Mode, $Roots, $Context) {
 
 function Get-OverrideState($Install) {
     $item = [ordered]@{ path = $null }
+    if ($null -ne $Install.per_user) {
+        # No machine-wide folder: the enforced keys reach each user's file through the merge.
+        $item['per_user'] = $true; $item['error'] = $null
+        return $item
+    }
     try {
         if (-not $Install.found) {
             throw (New-AgentException 'not-installed' 'MicroSIP was not found where the inventory says, nor by registry or MSI.')
@@ -957,7 +998,9 @@ $found = Find-MicroSip $wanted
 $mode = [string](Get-Field $wanted 'mode')
 if ([string]::IsNullOrEmpty($mode)) { $mode = 'installed' }
 $roots = @(Get-Field $Request 'appdata_roots')
-$install = [ordered]@{ found = $found.found; dir = $found.dir; exe_path = $found.exe_path; source = $found.source }
+$installDir = $found.dir
+if ($null -ne $found.per_user) { $installDir = $found.per_user }
+$install = [ordered]@{ found = $found.found; dir = $installDir; exe_path = $found.exe_path; source = $found.source; per_user = ($null -ne $found.per_user) }
 $context = @{ processes = $null }
 
 $override = $null

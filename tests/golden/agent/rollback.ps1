@@ -10,7 +10,12 @@ $ProgressPreference = 'SilentlyContinue'
 function Get-Field($Object, [string]$Name) {
     # Strict mode makes a missing property an error, and a request may leave fields out.
     # Callers wrap list fields in @(): PowerShell unrolls an array returned from a function.
+    # A request is parsed into dictionaries (JavaScriptSerializer, in the bootstrap).
     if ($null -eq $Object) { return $null }
+    if ($Object -is [System.Collections.IDictionary]) {
+        if ($Object.Contains($Name)) { return $Object[$Name] }
+        return $null
+    }
     $property = $Object.PSObject.Properties[$Name]
     if ($null -eq $property) { return $null }
     return $property.Value
