@@ -14,6 +14,12 @@ For basic over HTTPS (the lab CA as ca_trust_path) and NTLM over HTTP with messa
   Command/Send/Receive/Signal exchange (4 requests at least) and a fresh powershell.exe; the
   shell (Create/Delete) and the NTLM handshake are counted once per workstation.
 
+With ``--rds``: a 40-user RDS host whose users each have a 100 KiB ``microsip.ini`` (a long call
+history), pushed once (every file changes) and again (nothing changes): requests, Sends, the
+sizes of the largest request envelope and answer, and wall time; then 50 sessions all running
+MicroSIP, inspected once: the process queries and owner lookups the agent made (one query per
+request; one ``GetOwnerSid`` per MicroSIP process), against one query per user as before.
+
 The lab runs in this process (a single push is sequential: the client waits while the lab
 answers, so they do not compete for the GIL); wall times therefore include the lab's own work
 but no PowerShell start-up, which the lab does not emulate. Prints figures; asserts nothing.
@@ -189,11 +195,69 @@ def report(row: dict[str, Any]) -> None:
     )
 
 
+RDS_USERS = 40
+RDS_KIB = 100
+SESSIONS = 50
+
+
+def bench_rds(labkit: Any) -> None:
+    from provisioner import ini
+    from provisioner.push import inspect_request
+    from provisioner.transport.agent import scripts
+
+    with (
+        tempfile.TemporaryDirectory() as folder,
+        labkit.lab_kit(Path(folder), workstations=1, users_per_ws=RDS_USERS) as kit,
+    ):
+        ws, host = kit.lab.workstations["ws01"], kit.lab.hosts["ws01"]
+        calls = "".join(
+            f"call{n}=2026-12-01 10:{n % 60:02d} +4930{n:07d} 42\r\n" for n in range(RDS_KIB * 17)
+        )
+        for user in ws.users:
+            data = ini.encode_ini(f"[Settings]\r\naccountId=1\r\n[Calls]\r\n{calls}")
+            ws.put(ws.ini_path(user), data, owner=user.sid)
+        size = len(ws.read(ws.ini_path(ws.users[0])) or b"")
+        request = inspect_request(kit.station("ws01"), kit.files("ws01"))
+        print(
+            f"\n== RDS host: {RDS_USERS} users, microsip.ini of {size / 1024:.0f} KiB each, "
+            "NTLM over HTTP"
+        )
+        print(f"  inspect request envelope: {len(scripts.make_envelope('inspect', request)):,} B")
+        for label in ("first push (every file changes)", "second push (nothing changes)"):
+            elapsed, result, stats = timed_push(kit, host)
+            changed = sum(1 for f in result.files if f.status.value == "changed")
+            print(
+                f"  {label}: {result.status.value}, {changed} files changed, "
+                f"{stats.requests} requests [{ops(stats)}], {elapsed:.2f} s"
+            )
+    with (
+        tempfile.TemporaryDirectory() as folder,
+        labkit.lab_kit(Path(folder), workstations=1, users_per_ws=SESSIONS) as kit,
+    ):
+        ws = kit.lab.workstations["ws01"]
+        for user in ws.users:
+            user.hive_loaded = True
+            ws.start_microsip(user)
+        start = time.perf_counter()
+        kit.transport("ws01").request(
+            "inspect", inspect_request(kit.station("ws01"), kit.files("ws01"))
+        )
+        elapsed = time.perf_counter() - start
+        queries = ws.process_queries
+        print(
+            f"\n== {SESSIONS} sessions, each running MicroSIP: one inspect made "
+            f"{queries.queries} process query(ies) and {queries.owner_lookups} owner lookups "
+            f"({elapsed:.2f} s in the lab, which does not emulate a CIM call's cost); one query "
+            f"per user, as before, is {SESSIONS} queries and {SESSIONS * SESSIONS:,} lookups"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=REPEATS)
     parser.add_argument("--transports", default="basic,ntlm")
     parser.add_argument("--quick", action="store_true", help="5 repetitions")
+    parser.add_argument("--rds", action="store_true", help="the RDS host cases too")
     args = parser.parse_args()
     repeats = 5 if args.quick else args.repeats
     one, five, fifteen = os.getloadavg()
@@ -204,6 +268,8 @@ def main() -> None:
     labkit = load_labkit()
     for transport in args.transports.split(","):
         report(bench_transport(labkit, transport.strip(), repeats))
+    if args.rds:
+        bench_rds(labkit)
     one, five, fifteen = os.getloadavg()
     print(f"\nload at the end {one:.2f} {five:.2f} {fifteen:.2f}")
 

@@ -1,13 +1,21 @@
 """Opt-in: push to a real Windows host over WinRM (see docs/windows-setup.md).
 
 Skipped unless PROVISIONER_LIVE_HOST is set; marked ``windows_live``. It proves on real
-Windows what the lab emulates: the agent scripts run under Windows PowerShell 5.1, resolve the
-user's profile, write UTF-16LE atomically with a backup, and are idempotent.
+Windows what the lab emulates: the agent scripts run under Windows PowerShell 5.1, resolve a
+local account written ``.\\name``, decide installed mode as MicroSIP does (the installer's
+registry value), resolve the user's profile, write UTF-16LE atomically with a backup into the
+state folder in ProgramData, are idempotent, and refuse a junction or a hard link that the
+user put in the way. The link tests make the links on the host itself, so they run only where
+the live host is this machine (the Windows runner pushing to its own listener).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import stat
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,7 +23,7 @@ import pytest
 from provisioner import build, connections, push, resolve, secretstore, vault
 from provisioner.credscope import Scope
 from provisioner.model import Secret
-from provisioner.results import Status
+from provisioner.results import HostResult, Status
 from provisioner.transport.base import ReadOnlyTransport
 
 pytestmark = [
@@ -70,15 +78,32 @@ users:
     return vault.Keyring(recipients, {identity.kid: identity})
 
 
-def test_push_is_idempotent_and_rolls_back(tmp_path: Path) -> None:
-    keyring = _inventory(tmp_path)
-    result = build.build(tmp_path, opener_factory=lambda _: keyring)
-    assert result.ok, [str(f) for f in result.findings]
-    assert result.inventory is not None
-    station = resolve.resolve_station(result.inventory, "live")
+class Live:
+    """The built inventory and a way to push it to the live host."""
 
-    def transport() -> connections.WinrmTransport:
-        return connections.open_transport(station, keyring)
+    def __init__(self, root: Path) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.keyring = _inventory(root)
+        self.result = build.build(root, opener_factory=lambda _: self.keyring)
+        assert self.result.ok, [str(f) for f in self.result.findings]
+        assert self.result.inventory is not None
+        self.station = resolve.resolve_station(self.result.inventory, "live")
+
+    def transport(self) -> connections.WinrmTransport:
+        return connections.open_transport(self.station, self.keyring)
+
+    def push(self, options: push.PushOptions | None = None) -> HostResult:
+        return push.push_host(
+            self.station, self.result.files, self.transport(), options or push.PushOptions()
+        )
+
+
+def test_push_is_idempotent_and_rolls_back(tmp_path: Path) -> None:
+    live = Live(tmp_path)
+    station, result, transport = live.station, live.result, live.transport
+    # The user is written '.\\name': NTAccount does not resolve '.', the agent rewrites it.
+    assert station is not None and result.inventory is not None
+    assert result.inventory.users["tester"].windows.startswith(".\\")
 
     first = push.push_host(station, result.files, transport())
     assert first.ok, first.message
@@ -88,3 +113,63 @@ def test_push_is_idempotent_and_rolls_back(tmp_path: Path) -> None:
     assert reset.status == Status.CHANGED, reset.message
     back = push.rollback_host(station, result.files, transport())
     assert back.status == Status.CHANGED, back.message
+
+
+# --- links a user can make, on this very machine ---------------------------------------------
+
+on_this_machine = pytest.mark.skipif(
+    os.name != "nt" or os.environ.get("PROVISIONER_LIVE_HOST") not in ("127.0.0.1", "localhost"),
+    reason="the links are made on the live host itself",
+)
+
+
+def _is_reparse_point(path: Path) -> bool:
+    try:
+        attributes = getattr(os.lstat(path), "st_file_attributes", 0)
+    except FileNotFoundError:
+        return False
+    return bool(attributes & getattr(stat, "FILE_ATTRIBUTE_REPARSE_POINT", 0x400))
+
+
+@pytest.fixture
+def microsip_folder() -> Iterator[Path]:
+    """The live Windows user's %APPDATA%\\MicroSIP (the test runs as that user), kept aside."""
+    folder = Path(os.environ["APPDATA"]) / "MicroSIP"
+    aside = folder.with_name("MicroSIP.live-test")
+    if folder.exists():
+        folder.rename(aside)
+    try:
+        yield folder
+    finally:
+        if _is_reparse_point(folder):
+            os.rmdir(folder)  # the junction itself, never its target
+        elif folder.exists():
+            shutil.rmtree(folder)
+        if aside.exists():
+            aside.rename(folder)
+
+
+@on_this_machine
+def test_a_junction_as_the_users_microsip_folder_is_refused(
+    tmp_path: Path, microsip_folder: Path
+) -> None:
+    target = tmp_path / "somewhere-else"
+    target.mkdir()
+    subprocess.run(["cmd", "/c", "mklink", "/J", str(microsip_folder), str(target)], check=True)
+    result = Live(tmp_path / "inventory").push()
+    assert result.status == Status.FAILED
+    assert "unsafe-path" in result.message, result.message
+    assert list(target.iterdir()) == []
+
+
+@on_this_machine
+def test_a_hard_link_as_the_users_ini_is_refused(tmp_path: Path, microsip_folder: Path) -> None:
+    other = tmp_path / "another-users-file.ini"
+    other.write_bytes(b"\xff\xfe")
+    microsip_folder.mkdir()
+    ini = microsip_folder / "microsip.ini"
+    subprocess.run(["cmd", "/c", "mklink", "/H", str(ini), str(other)], check=True)
+    result = Live(tmp_path / "inventory").push()
+    assert result.status == Status.FAILED
+    assert "hard link" in result.message, result.message
+    assert other.read_bytes() == b"\xff\xfe"
