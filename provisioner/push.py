@@ -413,6 +413,8 @@ def rollback_host(
         for built in wanted:
             if built.target.kind == "override":
                 item = answer.get("override") or {}
+                if item.get("per_user") or not item.get("path"):
+                    continue  # no machine-wide override.ini (a per-user install) or not found
                 items.append(
                     {
                         "kind": "override",

@@ -440,10 +440,12 @@ def test_nothing_is_touched_before_the_path_is_checked_for_links() -> None:
     prelude = _body("apply", "Initialize-ManagedFile")
     order = [
         "Assert-SafePath $path $start",
-        "Remove-StaleFiles ([IO.Path]::GetDirectoryName($path))",
+        "Assert-OwnPath $path $Checked.sid",
         "Open-StateFolder $state",
+        "Restore-Interrupted $Checked $state $start",
+        "Remove-StaleFiles ([IO.Path]::GetDirectoryName($path))",
         "Move-LegacyState $path $start $state",
-        "Remove-StaleFiles $state 'applied'",
+        "Remove-StaleFiles $state $item",
         "Resolve-PendingBackup $state $path",
         "[IO.FileAttributes]::ReadOnly",
     ]
@@ -454,6 +456,20 @@ def test_nothing_is_touched_before_the_path_is_checked_for_links() -> None:
     assert "('.{0}.{1}.{2}' -f $Name, $random, $Suffix)" in code
     [pattern] = re.findall(r"\$pattern = '\^\\\.' \+ \[regex\]::Escape\(\$Name\) \+ '(.*)'", code)
     assert pattern == rf"\.[0-9a-f]{{{digits}}}\.(' + $alternatives + ')$"
+
+
+def test_no_dotnet_string_parameter_is_handed_a_literal_null() -> None:
+    # PowerShell turns $null into '' for a .NET string parameter (File.Replace then refuses
+    # its backup name): a real null is [NullString]::Value.
+    for name in SOURCE_FILES:
+        code = _code_only((AGENT / name).read_text(encoding="utf-8"))
+        assert not re.search(r"::\w+\([^()]*\$null", code), name
+
+
+def test_the_link_checks_read_no_swallowing_property() -> None:
+    # Get-Item's LinkType swallows a failure to open the file and says "plain file".
+    for name in SOURCE_FILES:
+        assert ".LinkType" not in _code_only((AGENT / name).read_text(encoding="utf-8")), name
 
 
 def test_microsip_is_stopped_only_once_the_file_will_be_written() -> None:

@@ -521,7 +521,12 @@ ALICE_STATE = state_path("")
 PLAINTEXT = ini("password=Plain-Text-Pw-1")
 STALE = [
     f"{ALICE_DIR}\\.microsip.ini.0123456789ab.tmp",
+    f"{ALICE_DIR}\\.microsip.ini.0123456789ac.old",
     f"{ALICE_STATE}\\.applied.CDEF01234567.tmp",
+    # the state folder is the agent's own: a temp file of any of its items goes
+    f"{ALICE_STATE}\\.backup.new.0123456789ab.tmp",
+    f"{ALICE_STATE}\\.rolled-back.0123456789ab.tmp",
+    f"{ALICE_STATE}\\.backup.1.0123456789ab.tmp",
 ]
 # Files that look alike but are not the agent's temp files of this ini: left alone.
 LOOKALIKES = [
@@ -529,7 +534,8 @@ LOOKALIKES = [
     f"{ALICE_DIR}\\.microsip.ini.0123456789ab.tmp.keep",
     f"{ALICE_DIR}\\.other.ini.0123456789ab.tmp",
     f"{ALICE_DIR}\\microsip.ini.0123456789ab.tmp",
-    f"{ALICE_STATE}\\.backup.1.0123456789ab.tmp",
+    f"{ALICE_DIR}\\.microsip.ini.0123456789ab.old.keep",
+    f"{ALICE_STATE}\\.other.0123456789ab.tmp",
 ]
 
 

@@ -151,6 +151,86 @@ def test_a_link_as_the_ini_never_reaches_another_users_file(shared: Kit, kind: s
     assert readable_with(ws, u1.sid, "Sip-1-2-pw") == []
 
 
+def test_a_junction_hidden_from_the_agent_is_refused(shared: Kit) -> None:
+    # The user owns their Roaming folder and may deny Administrators its attributes: a link the
+    # agent cannot see is a link all the same.
+    ws = _ws(shared)
+    u1 = _account(ws, "u1x1")
+    folder = U1_INI.rsplit("\\", 1)[0]
+    ws.remove_tree(folder)
+    ws.make_link(folder, U2_INI.rsplit("\\", 1)[0], owner=u1.sid)
+    ws.faults.attributes_denied.add(folder)
+    result = shared.push("ws01", push.PushOptions(reset=True, users=("u1x1",)))
+    mine = _file(result, "u1x1")
+    assert mine.status == Status.FAILED and "unsafe-path" in mine.message  # type: ignore[attr-defined]
+    assert "cannot read the attributes" in mine.message  # type: ignore[attr-defined]
+    ws.faults.attributes_denied.clear()
+    assert readable_with(ws, u1.sid, "Sip-1-2-pw") == []
+
+
+def test_a_folder_swapped_for_a_junction_during_the_push_is_caught(shared: Kit) -> None:
+    # Between the compare-and-swap and the write (the process query, MicroSIP being stopped)
+    # u1x1 renames their MicroSIP folder and puts a junction to u1x2's in its place.
+    ws = _ws(shared)
+    u1, u2 = _account(ws, "u1x1"), _account(ws, "u1x2")
+    mine_dir, theirs_dir = U1_INI.rsplit("\\", 1)[0], U2_INI.rsplit("\\", 1)[0]
+    swapped: list[str] = []
+
+    def swap(event: str) -> None:
+        pending = event.startswith(f"write {STATE_ROOT}") and ".backup.new." in event
+        if pending and u1.sid in event and not swapped:
+            swapped.append(event)
+            ws.host_path(mine_dir).rename(ws.host_path(mine_dir + ".old"))
+            ws.make_link(mine_dir, theirs_dir, owner=u1.sid)
+
+    ws.observe(swap)
+    result = shared.push("ws01", push.PushOptions(reset=True, users=("u1x1",)))
+    assert swapped, "the race ran"
+    mine = _file(result, "u1x1")
+    assert mine.status == Status.FAILED and "unsafe-path" in mine.message  # type: ignore[attr-defined]
+    assert ws.acl(U2_INI) == user_file_acl(u2.sid)
+    assert readable_with(ws, u1.sid, "Sip-1-2-pw") == []
+
+
+def test_hkcu_naming_another_users_folder_finds_no_microsip_there(tmp_path: Path) -> None:
+    # A portable per-user install: u1x1 sets their own HKCU\Software\MicroSIP to alice's
+    # per-user folder (with a trailing backslash MicroSIP itself would run portable there).
+    with lab_kit(tmp_path, users_per_ws=1, workstations=1) as kit:
+        ws = _ws(kit)
+        ws.uninstall_microsip()
+        u1 = _account(ws, "u1x1")
+        alice = ws.add_user("ACME\\alice")
+        theirs = f"{alice.profile}\\AppData\\Local\\MicroSIP"
+        ws.put(f"{theirs}\\microsip.exe", b"MZ", owner=alice.sid)
+        ws.put(f"{theirs}\\microsip.ini", ini_bytes("alice's call history"), owner=alice.sid)
+        u1.hkcu_microsip = theirs + "\\"
+        inventory = kit.root / "inventory.yaml"
+        text = inventory.read_text().replace(
+            "install_dir: C:\\Program Files\\MicroSIP",
+            "install_dir: '%LOCALAPPDATA%\\MicroSIP'\n    mode: portable",
+        )
+        inventory.write_text(text)
+        kit.rebuild()
+        result = kit.push("ws01")
+        mine = _file(result, "u1x1")
+        assert mine.status == Status.FAILED, result.message  # type: ignore[attr-defined]
+        assert "not-installed" in mine.message  # type: ignore[attr-defined]
+        assert ws.read(f"{theirs}\\microsip.ini") == ini_bytes("alice's call history")
+        assert not ws.allows(u1.sid, "read", f"{theirs}\\microsip.ini")
+
+
+def test_an_allowed_root_that_is_a_link_is_refused(station: Station) -> None:
+    ws, alice = station.ws, station.alice
+    ws.add_share("\\\\fs01\\redirect$")
+    ws.put_dir("\\\\fs01\\redirect$\\bob\\AppData\\MicroSIP")
+    ws.make_link("\\\\fs01\\redirect$\\alice", "\\\\fs01\\redirect$\\bob", owner=alice.sid)
+    alice.shell_appdata = "\\\\fs01\\redirect$\\alice\\AppData"
+    roots = ["\\\\fs01\\redirect$\\%USERNAME%"]
+    request = {**inspect_request([("alice", "ACME\\alice")]), "appdata_roots": roots}
+    [user] = station.agent.call(request)["users"]
+    assert user["error"]["code"] == "unsafe-path", user
+
+
 # --- 2. the merge base and backups -----------------------------------------------------------
 
 
@@ -516,6 +596,29 @@ def test_a_per_user_install_is_found_in_each_users_profile(shared: Kit) -> None:
     assert rules == {"u1x1": ("installed", "hkcu"), "u1x2": ("installed", "hkcu")}
 
 
+def test_a_per_user_install_rolls_back_without_an_override(shared: Kit) -> None:
+    ws = _ws(shared)
+    ws.uninstall_microsip()
+    for user in (_account(ws, "u1x1"), _account(ws, "u1x2")):
+        folder = f"{user.profile}\\AppData\\Local\\Programs\\MicroSIP"
+        ws.put(f"{folder}\\microsip.exe", b"MZ", owner=user.sid)
+        user.hkcu_microsip = folder
+    inventory = shared.root / "inventory.yaml"
+    inventory.write_text(
+        inventory.read_text().replace(
+            "install_dir: C:\\Program Files\\MicroSIP",
+            "install_dir: '%LOCALAPPDATA%\\Programs\\MicroSIP'",
+        )
+    )
+    shared.rebuild()
+    assert shared.push("ws01", _reset(shared)).status == Status.CHANGED
+    back = push.rollback_host(
+        shared.station("ws01"), shared.files("ws01"), shared.transport("ws01")
+    )
+    assert back.status == Status.CHANGED, back.message
+    assert {f.kind for f in back.files} == {"microsip"}
+
+
 # --- 8. Windows errors -----------------------------------------------------------------------
 
 
@@ -534,6 +637,27 @@ def test_replacefile_errors_leave_the_old_content_and_are_retryable(
     assert ws.listdir(folder) == ["microsip.ini"]  # no temp, no .old left beside it
     assert ws.read(state_path("backup.1")) is None and ws.read(state_path("backup.new")) is None
     assert write(station, alice, ini_bytes("new"))["status"] == "written"
+
+
+def test_a_replace_that_died_half_way_is_put_back_by_the_next_request(
+    station: Station,
+) -> None:
+    # ReplaceFile 1177: the old file is under the backup name, and moving it back fails too.
+    ws, alice = station.ws, station.alice
+    ws.put(ALICE_INI, ini_bytes("old"), owner=alice.sid)
+    ws.faults.replace_errors[ALICE_INI.casefold()] = [1177]
+    ws.faults.move_denied.add(ALICE_INI)
+    result = write(station, alice, ini_bytes("new"))
+    ws.faults.move_denied.clear()
+    assert (result["status"], error_code(result)) == ("error", "locked")
+    assert not ws.exists(ALICE_INI)
+    assert ws.read(state_path("backup.new")) == ini_bytes("old")  # kept: the only copy
+    entry = file_entry(ALICE_INI, ini_bytes("new"), expect=sha(ini_bytes("old")), user=alice)
+    [again] = station.agent.call(apply_request([entry]))["files"]
+    assert again["status"] == "written", again
+    assert ws.read(ALICE_INI) == ini_bytes("new")
+    assert ws.read(state_path("backup.1")) == ini_bytes("old")
+    assert ws.listdir(ALICE_INI.rsplit("\\", 1)[0]) == ["microsip.ini"]
 
 
 def test_an_antivirus_holding_the_file_for_a_moment_is_waited_for(station: Station) -> None:

@@ -139,6 +139,13 @@ def check_start(ws: Workstation, path: str, sid: str | None, roots: list[str]) -
         return normalize(user.profile)
     for root in expand_roots(roots, user or (ws.account_of(sid) if sid else None)):
         if is_within(path, root):
+            linked = False
+            with contextlib.suppress(FileError):
+                linked = ws.is_reparse_point(root)
+            if linked:
+                raise _unsafe(
+                    f"{root} is a junction or symbolic link; the agent never writes through one."
+                )
             return root
     volume, _ = split(path)
     return normalize(f"{volume}:\\" if len(volume) == 1 else volume + "\\")
@@ -146,17 +153,61 @@ def check_start(ws: Workstation, path: str, sid: str | None, roots: list[str]) -
 
 def assert_safe_path(ws: Workstation, path: str, start: str) -> None:
     """``Assert-SafePath``: no existing component of ``path`` below ``start`` is a junction or
-    symbolic link, and the file itself (if it exists) has one name; else ``unsafe-path``."""
+    symbolic link, and the file itself (if it exists) has one name; else ``unsafe-path``.
+    Attributes the agent may not read count as unsafe, not absent."""
     depth = len(split(start)[1])
     for component in list(components(path))[depth:]:
-        if ws.is_reparse_point(component):
+        try:
+            reparse = ws.is_reparse_point(component)
+        except FileError as failed:
+            raise _unsafe(f"cannot read the attributes of {component}: {failed.message}") from None
+        if reparse:
             raise _unsafe(
                 f"{component} is a junction or symbolic link; the agent never writes through one."
             )
         if not ws.exists(component):
             return
-    if ws.is_file(path) and ws.link_count(path) > 1:
-        raise _unsafe(f"{path} is a hard link to another file; the agent never writes through one.")
+    if ws.is_file(path):
+        try:
+            names = ws.link_count(path)
+        except FileError as failed:
+            raise _unsafe(f"cannot tell whether {path} has other names: {failed.message}") from None
+        if names > 1:
+            raise _unsafe(
+                f"{path} is a hard link to another file; the agent never writes through one."
+            )
+
+
+def assert_own_path(ws: Workstation, path: str, sid: str) -> None:
+    """``Assert-OwnPath``: a user's ini never lies in another user's profile folder."""
+    for user in ws.users:
+        if user.sid != sid and user.profile is not None and is_within(path, user.profile):
+            raise _unsafe(f"{path} lies in the profile {user.profile} of another user.")
+
+
+def is_plain_file(ws: Workstation, path: str) -> bool:
+    """``Test-PlainFile``: a file that is no link and has no other name."""
+    try:
+        return ws.is_file(path) and not ws.is_reparse_point(path) and ws.link_count(path) == 1
+    except FileError:
+        return False
+
+
+def read_user_file(ws: Workstation, path: str, start: str) -> bytes | None:
+    """``Read-UserFile``: checked for links before and after the read (a folder swapped
+    meanwhile is not read); None when unsafe or absent."""
+    try:
+        assert_safe_path(ws, path, start)
+    except FileError:
+        return None
+    if not is_plain_file(ws, path):
+        return None
+    data = ws.read(path)
+    try:
+        assert_safe_path(ws, path, start)
+    except FileError:
+        return None
+    return data
 
 
 # --- the agent's own state ------------------------------------------------------------------------
@@ -288,12 +339,7 @@ def legacy_folder(path: str) -> str:
 
 def read_legacy(ws: Workstation, path: str, start: str, item: str) -> bytes | None:
     """A legacy state file, only when no link stands in its way (the user could edit it)."""
-    legacy = join(legacy_folder(path), item)
-    try:
-        assert_safe_path(ws, legacy, start)
-    except FileError:
-        return None
-    return ws.read(legacy) if ws.is_file(legacy) else None
+    return read_user_file(ws, join(legacy_folder(path), item), start)
 
 
 def migrate_legacy(ws: Workstation, path: str, start: str, state: StateFolder) -> None:
@@ -312,14 +358,20 @@ def migrate_legacy(ws: Workstation, path: str, start: str, state: StateFolder) -
         source = join(folder, item)
         if not ws.exists(source) and not ws.is_reparse_point(source):
             continue
-        plain = not ws.is_reparse_point(source) and ws.link_count(source) == 1
-        if plain and ws.is_file(source) and not ws.exists(state.item(item)):
-            data = ws.read(source)
+        if ws.is_dir(source):
+            continue  # a folder, or a junction: left alone
+        if not ws.exists(state.item(item)):
+            data = read_user_file(ws, source, start)
             if data is not None:
                 write_state_file(ws, state, item, data)
-        _discard(ws, source)
-    remove_stale(ws, folder, "applied", ("tmp",))
+        with contextlib.suppress(FileError):
+            assert_safe_path(ws, folder, start)
+            ws.delete(source)
     with contextlib.suppress(FileError):
+        assert_safe_path(ws, folder, start)
+        remove_stale(ws, folder, "applied", ("tmp",))
+    with contextlib.suppress(FileError):
+        assert_safe_path(ws, folder, start)
         ws.remove_dir(folder)
     if not ws.listdir(container):
         with contextlib.suppress(FileError):
@@ -345,20 +397,8 @@ def roaming_appdata(user: User) -> str:
     """``Get-RoamingAppData``: the hive's raw AppData expanded with the user's variables."""
     assert user.profile is not None  # noqa: S101 - callers checked the profile
     raw = user.shell_appdata or "%USERPROFILE%\\AppData\\Roaming"
-    expanded = expand(
-        raw,
-        {
-            "SystemDrive": "C:",
-            "SystemRoot": "C:\\Windows",
-            "windir": "C:\\Windows",
-            "ProgramData": "C:\\ProgramData",
-            "ALLUSERSPROFILE": "C:\\ProgramData",
-            "PUBLIC": "C:\\Users\\Public",
-            "USERPROFILE": user.profile,
-            "USERDOMAIN": user.domain,
-            "USERNAME": user.sam,
-        },
-    )
+    variables = {"USERPROFILE": user.profile, "USERDOMAIN": user.domain, "USERNAME": user.sam}
+    expanded = expand(raw, {**variables, **SYSTEM_VARIABLES})
     if _UNEXPANDED.search(expanded):
         raise FileError("internal", f"cannot expand the AppData folder '{raw}' for this user.")
     return expanded
@@ -456,7 +496,15 @@ def locate_for(ws: Workstation, install: Install, user: User, appdata: str) -> I
     if user.hkcu_microsip:
         candidates.append(("hkcu", user.hkcu_microsip))
     for source, raw in candidates:
-        found = _install_in(ws, raw, install.exe, source)
+        # The user writes their own HKCU: only a local folder inside their own profile counts
+        # (a share there would make the agent's account authenticate to it).
+        try:
+            local = full_path(raw.strip().strip('"'))
+        except FileError:
+            continue
+        if local.startswith("\\\\") or not is_within(local, user.profile):
+            continue
+        found = _install_in(ws, local, install.exe, source)
         if found is not None:
             return found
     machine = locate(ws, {"exe": install.exe})
@@ -622,7 +670,9 @@ def inspect_user(
         entry["path"] = path
         start = check_start(ws, path, user.sid, roots)
         assert_safe_path(ws, path, start)
+        assert_own_path(ws, path, user.sid)
         facts = file_facts(ws, path)
+        assert_safe_path(ws, path, start)  # a folder swapped meanwhile is not read
         facts["read_only"] = ws.readonly(path)
         applied = read_state(ws, state_folder(user.sid, name), "applied")
         legacy = applied is None
@@ -738,19 +788,45 @@ def prepare(ws: Workstation, spec: FileSpec, roots: list[str]) -> Prepared:
     legacy state migrated, a pending backup rotated in."""
     start = check_start(ws, spec.path, spec.sid or None, roots)
     assert_safe_path(ws, spec.path, start)
-    if ws.is_dir(spec.folder):
-        remove_stale(ws, spec.folder, spec.name, ("tmp", "old"))
+    if spec.kind == "microsip":
+        assert_own_path(ws, spec.path, spec.sid)
     state = state_folder(spec.sid or None, spec.name)
     open_state(ws, state)
+    restore_interrupted(ws, spec, state, start)
+    if ws.is_dir(spec.folder):
+        remove_stale(ws, spec.folder, spec.name, ("tmp", "old"))
     migrate_legacy(ws, spec.path, start, state)
-    remove_stale(ws, state.folder, "applied", ("tmp",))
+    for item in STATE_ITEMS:
+        remove_stale(ws, state.folder, item, ("tmp",))
     settle_pending(ws, state, spec.path)
     if ws.readonly(spec.path):
         raise FileError("read-only", f"{spec.path} has the read-only attribute.")
     return Prepared(spec, state, start)
 
 
-def write_managed(ws: Workstation, spec: FileSpec, content: bytes, old_backup: str | None) -> None:
+def restore_interrupted(ws: Workstation, spec: FileSpec, state: StateFolder, start: str) -> None:
+    """``Restore-Interrupted``: no file under its name, but its content waits as backup.new
+    (written before every replace of an existing file) or as the .old of a replace that died
+    half-way: put it back."""
+    if ws.exists(spec.path):
+        return
+    pending = state.item(PENDING)
+    if ws.exists(pending):
+        put_back(ws, spec, pending, True)
+        ws.delete(pending)
+        return
+    old = re.compile(rf"^\.{re.escape(spec.name)}\.[0-9a-f]{{12}}\.old$", re.IGNORECASE)
+    for entry in ws.listdir(spec.folder):
+        candidate = join(spec.folder, entry)
+        if old.match(entry) and is_plain_file(ws, candidate):
+            assert_safe_path(ws, candidate, start)
+            ws.move(candidate, spec.path)
+            return
+
+
+def write_managed(
+    ws: Workstation, spec: FileSpec, content: bytes, old_backup: str | None, start: str
+) -> None:
     """``Write-ManagedFile``: ``content`` replaces the file atomically with its final ACL.
 
     The final ACL goes on the existing file first (``ReplaceFile`` keeps the replaced file's
@@ -767,15 +843,19 @@ def write_managed(ws: Workstation, spec: FileSpec, content: bytes, old_backup: s
                 )
             ws.make_dir(spec.folder, spec.folder_acl)
         had_file = ws.exists(spec.path)
+        # Checked again right before each change: a user may swap a folder for a junction.
+        assert_safe_path(ws, spec.path, start)
         if had_file:
             ws.set_acl(spec.path, spec.acl)
         temp = _temp_name(spec.folder, spec.name)
         ws.write_new(temp, content, spec.acl, managed=True)
+        assert_safe_path(ws, spec.path, start)
         if had_file:
             replace_file(ws, temp, spec)
         else:
             ws.move(temp, spec.path)
         temp = None
+        assert_safe_path(ws, spec.path, start)
         if ws.acl(spec.path) != spec.acl:
             with contextlib.suppress(FileError):
                 ws.set_acl(spec.path, spec.acl)
@@ -803,7 +883,16 @@ def replace_file(ws: Workstation, temp: str, spec: FileSpec) -> None:
             break
         except FileError as failed:
             if failed.win32 == ERROR_UNABLE_TO_MOVE_REPLACEMENT_2 and not ws.exists(spec.path):
-                ws.move(old, spec.path)
+                try:
+                    ws.move(old, spec.path)
+                except FileError:
+                    # The previous content stays under the .old name; the next request puts
+                    # it back.
+                    raise FileError(
+                        "locked",
+                        f"the file could not be replaced (1177) nor put back yet; its previous "
+                        f"content waits as {old}.",
+                    ) from None
             held = failed.win32 in (ERROR_SHARING_VIOLATION, ERROR_LOCK_VIOLATION)
             if held and attempt < REPLACE_ATTEMPTS:
                 continue  # the script waits 200 ms
@@ -829,7 +918,10 @@ def put_back(ws: Workstation, spec: FileSpec, backup: str | None, had_file: bool
     temp = _temp_name(spec.folder, spec.name)
     try:
         ws.write_new(temp, data, spec.acl)
-        replace_file(ws, temp, spec)
+        if ws.exists(spec.path):
+            replace_file(ws, temp, spec)
+        else:
+            ws.move(temp, spec.path)
     except BaseException:
         _discard(ws, temp)
         raise
@@ -849,8 +941,11 @@ def apply_file(
                 "internal", "the request gives no content_b64 or no sha256 for this file."
             )
         content = _decode(entry, "content_b64")
-        state = prepare(ws, spec, roots).state
+        prepared = prepare(ws, spec, roots)
+        state, start = prepared.state, prepared.start
         old = ws.read(spec.path)
+        if old is not None:
+            assert_safe_path(ws, spec.path, start)  # a folder swapped meanwhile is not read
         current = _sha(old)
         result["old_sha256"] = current
         expected = entry.get("expect_sha256")
@@ -864,9 +959,11 @@ def apply_file(
         if old is not None:
             write_state_file(ws, state, PENDING, old)
         try:
-            write_managed(ws, spec, content, pending if old is not None else None)
+            write_managed(ws, spec, content, pending if old is not None else None, start)
         except FileError:
-            if old is not None:
+            # While the file is missing (a replace that died half-way), backup.new is the only
+            # copy of its content: the next request puts it back.
+            if old is not None and ws.exists(spec.path):
                 _discard(ws, pending)
             raise
         written = ws.sha256(spec.path)
@@ -914,7 +1011,8 @@ def rollback_file(
     result = new_result(entry)
     try:
         spec = parse_file(entry)
-        state = prepare(ws, spec, roots).state
+        prepared = prepare(ws, spec, roots)
+        state, start = prepared.state, prepared.start
         backup = state.item("backup.1")
         content = ws.read(backup)
         if content is None:
@@ -926,12 +1024,13 @@ def rollback_file(
         previous = rolled if old is not None else None
         try:
             if old is not None:
+                assert_safe_path(ws, spec.path, start)
                 result["old_sha256"] = _sha(old)
                 write_state_file(ws, state, "rolled-back", old)
                 result["backup"] = rolled
             else:
                 _discard(ws, rolled)
-            write_managed(ws, spec, content, previous)
+            write_managed(ws, spec, content, previous, start)
             if ws.sha256(spec.path) != _sha(content):
                 put_back(ws, spec, previous, old is not None)
                 raise FileError(
@@ -941,7 +1040,8 @@ def rollback_file(
                 )
         except FileError:
             result["backup"] = None
-            _discard(ws, rolled)
+            if ws.exists(spec.path):
+                _discard(ws, rolled)
             raise
         ws.delete(backup)
         backups_up(ws, state)

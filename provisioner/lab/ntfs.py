@@ -195,6 +195,9 @@ class WorkstationFaults:
       fail with, one per call (5, 32, 33, 1175, 1176, 1177), then it succeeds: an antivirus or
       backup agent holding the file for a moment is ``[32]``;
     * ``acl_errors``: paths whose next DACL change fails with access denied, one per call;
+    * ``attributes_denied``: paths whose attributes (and links) the agent may not read: a user
+      who owns a folder may deny Administrators "read attributes" on what is in it;
+    * ``move_denied``: target paths a ``File.Move`` to which fails with access denied;
     * ``fail_verify``: how many of the next managed-file temp writes get corrupted bytes;
     * ``crash_after_temp``: the agent dies right after the Nth next managed-file temp write,
       before it replaces anything (0: off; 1: the next one).
@@ -205,6 +208,8 @@ class WorkstationFaults:
     read_only: set[str] = field(default_factory=set)
     replace_errors: dict[str, list[int]] = field(default_factory=dict)
     acl_errors: dict[str, int] = field(default_factory=dict)
+    attributes_denied: set[str] = field(default_factory=set)
+    move_denied: set[str] = field(default_factory=set)
     fail_verify: int = 0
     crash_after_temp: int = 0
 
@@ -405,13 +410,16 @@ class FileSystem:
             return sorted(entry.name for entry in entries if entry.is_file())
 
     def is_reparse_point(self, path: str) -> bool:
-        """``FileAttributes.ReparsePoint`` of the object named ``path`` itself (not followed)."""
+        """``FileAttributes.ReparsePoint`` of the object named ``path`` itself (not followed);
+        access denied where ``faults.attributes_denied`` says so."""
+        self._check_attributes(path)
         real, _ = self._resolve(path)
         found = _stat(real, follow=False)
         return found is not None and stat.S_ISLNK(found.st_mode)
 
     def link_count(self, path: str) -> int:
         """How many names the file has (``NumberOfLinks``); 0 if absent."""
+        self._check_attributes(path)
         found = self._resolve(path)[1]
         return 0 if found is None else found.st_nlink
 
@@ -724,6 +732,8 @@ class FileSystem:
             self._check_writable(path)
         if target_found is not None and not overwrite:
             raise FileError("internal", f"Cannot move to '{target}': it exists.")
+        if any(path_key(target) == path_key(denied) for denied in self.faults.move_denied):
+            raise win32_error(ERROR_ACCESS_DENIED, target)
         if _is_dir(target_found):
             raise FileError("internal", f"'{target}' is a folder.")
         if target_found is not None:
@@ -874,6 +884,12 @@ class FileSystem:
         for denied in self.faults.read_only:
             if is_within(path, denied):
                 raise win32_error(ERROR_ACCESS_DENIED, path)
+
+    def _check_attributes(self, path: str) -> None:
+        if self.faults.attributes_denied and any(
+            path_key(path) == path_key(denied) for denied in self.faults.attributes_denied
+        ):
+            raise win32_error(ERROR_ACCESS_DENIED, path)
 
     def _check_unlocked(self, path: str) -> None:
         if not self.faults.locked:

@@ -152,12 +152,14 @@ def ini_name(exe: str) -> str:
     return f"{base if dot else exe}.ini"
 
 
-def _same_image(process: str, wanted: str) -> bool:
-    def stem(name: str) -> str:
-        name = name.casefold()
-        return name[:-4] if name.endswith(".exe") else name
+def image_name(name: str) -> str:
+    """A process's image name as ``Win32_Process.Name`` gives it: with its ``.exe``."""
+    return name if name.casefold().endswith(".exe") else f"{name}.exe"
 
-    return stem(process) == stem(wanted)
+
+def _same_image(process: str, wanted: str) -> bool:
+    # The agent's WQL filter compares the whole name (case-insensitively).
+    return image_name(process).casefold() == image_name(wanted).casefold()
 
 
 def expand(raw: str, variables: dict[str, str]) -> str:
@@ -444,7 +446,7 @@ class Workstation(FileSystem):
     def start_microsip(self, user: User | str, name: str | None = None) -> Process:
         """Start a MicroSIP process owned by ``user`` (a User or a SID)."""
         sid = user.sid if isinstance(user, User) else user
-        image = name or (self.install.exe if self.install else "microsip.exe")
+        image = image_name(name or (self.install.exe if self.install else "microsip.exe"))
         process = Process(self._next_pid, image, sid)
         self._next_pid += 4
         self.processes.append(process)

@@ -19,13 +19,16 @@ function Invoke-ApplyFile($File, [string]$IfRunning, $Roots, $Context) {
             throw (New-AgentException 'internal' 'the request gives no content_b64 or no sha256 for this file.')
         }
         $content = [Convert]::FromBase64String([string]$encoded)
-        $state = Initialize-ManagedFile $checked $Roots
+        $prepared = Initialize-ManagedFile $checked $Roots
+        $state = $prepared.state; $start = $prepared.start
 
         # Compare-and-swap: anything else than what inspect saw may be the user's own edit.
+        # Checked for links again after the read: a folder swapped meanwhile is not read.
         $old = $null
         $current = $null
         if ([IO.File]::Exists($path)) {
             $old = [IO.File]::ReadAllBytes($path)
+            Assert-SafePath $path $start
             $current = Get-Sha256 $old
         }
         $item['old_sha256'] = $current
@@ -47,9 +50,11 @@ function Invoke-ApplyFile($File, [string]$IfRunning, $Roots, $Context) {
             $backup = $pending
         }
         try {
-            Write-ManagedFile $checked $content $backup
+            Write-ManagedFile $checked $content $backup $start
         } catch {
-            if ($null -ne $backup) { Remove-FileQuietly $pending }
+            # While the file is missing (a replace that died half-way), backup.new is the only
+            # copy of its content: the next request puts it back.
+            if ($null -ne $backup -and [IO.File]::Exists($path)) { Remove-FileQuietly $pending }
             throw
         }
 

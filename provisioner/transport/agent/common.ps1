@@ -163,15 +163,40 @@ function Get-CheckStart([string]$Path, [string]$Sid, $Roots) {
     }
     if (-not [string]::IsNullOrEmpty($Sid)) {
         foreach ($root in @(Expand-AppDataRoots $Roots (Get-AccountVariables $Sid $profilePath))) {
-            if (Test-Within $Path $root) { return $root }
+            if (-not (Test-Within $Path $root)) { continue }
+            # The root is the user's own folder on the share: it may not be a link either.
+            try { $attributes = [IO.File]::GetAttributes($root) } catch { return $root }
+            if ($attributes -band [IO.FileAttributes]::ReparsePoint) {
+                throw (New-AgentException 'unsafe-path' ("{0} is a junction or symbolic link; the agent never writes through one." -f $root))
+            }
+            return $root
         }
     }
     return [IO.Path]::GetPathRoot($Path)
 }
 
+function Test-Absent($ErrorRecord) {
+    # Only a missing file or folder ends a walk quietly: access denied to the agent may be a
+    # user hiding a link (they own their folders and may deny Administrators their attributes).
+    $base = $ErrorRecord.Exception.GetBaseException()
+    return ($base -is [System.IO.FileNotFoundException]) -or ($base -is [System.IO.DirectoryNotFoundException])
+}
+
+function Get-OtherNames([string]$Path) {
+    # 'HardLink' when the file has other names, a link kind for a link, $null for a plain file.
+    # The code method behind Get-Item's LinkType, called directly: the property swallows a
+    # failure to open the file and would answer $null, a plain file.
+    try {
+        return [Microsoft.PowerShell.Commands.InternalSymbolicLinkLinkCodeMethods]::GetLinkType([IO.FileInfo]::new($Path))
+    } catch {
+        throw (New-AgentException 'unsafe-path' ("cannot tell whether {0} has other names: {1}" -f $Path, $_.Exception.GetBaseException().Message))
+    }
+}
+
 function Assert-SafePath([string]$Path, [string]$Start) {
     # No existing component of the path below Start may be a junction or symbolic link, and
     # the file itself may have no other name: the agent would act on whatever they point to.
+    # Called again right before each write, delete or ACL change: a user may swap a folder.
     $full = Get-FullPathSafe $Path
     $startFull = $Start
     if (-not (Test-Within $full $startFull)) {
@@ -183,13 +208,47 @@ function Assert-SafePath([string]$Path, [string]$Start) {
         if ($name -eq '') { continue }
         $current = $current + '\' + $name
         # GetAttributes describes a link itself, not its target. Absent: nothing below exists.
-        try { $attributes = [IO.File]::GetAttributes($current) } catch { return }
+        try { $attributes = [IO.File]::GetAttributes($current) } catch {
+            if (Test-Absent $_) { return }
+            throw (New-AgentException 'unsafe-path' ("cannot read the attributes of {0}: {1}" -f $current, $_.Exception.GetBaseException().Message))
+        }
         if ($attributes -band [IO.FileAttributes]::ReparsePoint) {
             throw (New-AgentException 'unsafe-path' ("{0} is a junction or symbolic link; the agent never writes through one." -f $current))
         }
     }
-    if ([IO.File]::Exists($full) -and (Get-Item -LiteralPath $full -Force).LinkType -eq 'HardLink') {
+    if ([IO.File]::Exists($full) -and $null -ne (Get-OtherNames $full)) {
         throw (New-AgentException 'unsafe-path' ("{0} is a hard link to another file; the agent never writes through one." -f $full))
+    }
+}
+
+function Get-ProfilesOfOthers([string]$Sid) {
+    # Every profile folder of the machine but this user's (ProfileList), and the folder they
+    # live in: a user's own file never lies in another user's profile.
+    $base = [Microsoft.Win32.RegistryKey]::OpenBaseKey([Microsoft.Win32.RegistryHive]::LocalMachine, [Microsoft.Win32.RegistryView]::Default)
+    try {
+        $list = $base.OpenSubKey('SOFTWARE\Microsoft\Windows NT\CurrentVersion\ProfileList')
+        if ($null -eq $list) { return }
+        try {
+            foreach ($name in $list.GetSubKeyNames()) {
+                if ($name -eq $Sid) { continue }
+                $key = $list.OpenSubKey($name)
+                if ($null -eq $key) { continue }
+                try { $value = $key.GetValue('ProfileImagePath') } finally { $key.Dispose() }
+                if ($null -ne $value -and -not [string]::IsNullOrEmpty([string]$value)) {
+                    try { Get-FullPathSafe ([Environment]::ExpandEnvironmentVariables([string]$value)) } catch { }
+                }
+            }
+        } finally { $list.Dispose() }
+    } finally { $base.Dispose() }
+}
+
+function Assert-OwnPath([string]$Path, [string]$Sid) {
+    # A user's ini (installed in their AppData, or portable next to an exe found for them) must
+    # not lie in another user's profile: the user chooses their own HKCU and shell folders.
+    foreach ($other in @(Get-ProfilesOfOthers $Sid)) {
+        if (Test-Within $Path $other) {
+            throw (New-AgentException 'unsafe-path' ("{0} lies in the profile {1} of another user." -f $Path, $other))
+        }
     }
 }
 
@@ -306,8 +365,10 @@ function New-TempPath([string]$Folder, [string]$Name, [string]$Suffix) {
 }
 
 function Move-FileOver([string]$Source, [string]$Target) {
-    # .NET Framework's File.Move cannot overwrite; File.Replace can, in one step.
-    if ([IO.File]::Exists($Target)) { [IO.File]::Replace($Source, $Target, $null) }
+    # .NET Framework's File.Move cannot overwrite; File.Replace can, in one step. Its backup
+    # name must be a real null: PowerShell hands $null to a .NET string parameter as '', which
+    # File.Replace refuses.
+    if ([IO.File]::Exists($Target)) { [IO.File]::Replace($Source, $Target, [System.Management.Automation.Language.NullString]::Value) }
     else { [IO.File]::Move($Source, $Target) }
 }
 
@@ -384,7 +445,17 @@ function Test-PlainFile([string]$Path) {
     # A file that is neither a link nor one of several names of the same file.
     try { $attributes = [IO.File]::GetAttributes($Path) } catch { return $false }
     if ($attributes -band ([IO.FileAttributes]::ReparsePoint -bor [IO.FileAttributes]::Directory)) { return $false }
-    return (Get-Item -LiteralPath $Path -Force).LinkType -ne 'HardLink'
+    try { return $null -eq (Get-OtherNames $Path) } catch { return $false }
+}
+
+function Read-UserFile([string]$Path, [string]$Start) {
+    # The bytes of a file in a user's folder, or $null: checked for links before and after the
+    # read, so that a folder swapped meanwhile for a junction to someone else's is not read.
+    try { Assert-SafePath $Path $Start } catch { return $null }
+    if (-not (Test-PlainFile $Path)) { return $null }
+    $bytes = [IO.File]::ReadAllBytes($Path)
+    try { Assert-SafePath $Path $Start } catch { return $null }
+    return , $bytes
 }
 
 function Move-LegacyState([string]$Path, [string]$Start, [string]$StateFolder) {
@@ -398,13 +469,14 @@ function Move-LegacyState([string]$Path, [string]$Start, [string]$StateFolder) {
         $source = [IO.Path]::Combine($folder, $item)
         try { $attributes = [IO.File]::GetAttributes($source) } catch { continue }
         if ($attributes -band [IO.FileAttributes]::Directory) { continue }
-        if ((Test-PlainFile $source) -and -not [IO.File]::Exists([IO.Path]::Combine($StateFolder, $item))) {
-            Write-StateFile $StateFolder $item ([IO.File]::ReadAllBytes($source))
+        if (-not [IO.File]::Exists([IO.Path]::Combine($StateFolder, $item))) {
+            $bytes = Read-UserFile $source $Start
+            if ($null -ne $bytes) { Write-StateFile $StateFolder $item $bytes }
         }
-        try { [IO.File]::Delete($source) } catch { }
+        try { Assert-SafePath $folder $Start; [IO.File]::Delete($source) } catch { }
     }
-    Remove-StaleFiles $folder 'applied' @('tmp')
-    try { [IO.Directory]::Delete($folder) } catch { }
+    try { Assert-SafePath $folder $Start; Remove-StaleFiles $folder 'applied' @('tmp') } catch { }
+    try { Assert-SafePath $folder $Start; [IO.Directory]::Delete($folder) } catch { }
     $container = [IO.Path]::GetDirectoryName($folder)
     try { if (@([IO.Directory]::GetFileSystemEntries($container)).Count -eq 0) { [IO.Directory]::Delete($container) } } catch { }
 }
@@ -416,7 +488,7 @@ function Get-ProcessTable($Context, [string]$Image) {
     # user asked every process's owner once per user (thousands of calls on an RDS host).
     # By owner SID, never by window: a MicroSIP in another session has no window this
     # non-interactive WinRM session can see (the reason microsip.exe /exit cannot work here).
-    if ($null -ne $Context.processes) { return $Context.processes }
+    if ($null -ne $Context.processes -and $Context.image -eq $Image) { return $Context.processes }
     $rows = [System.Collections.Generic.List[object]]::new()
     $filter = "Name = '{0}'" -f $Image.Replace('\', '\\').Replace("'", "\'")
     foreach ($process in @(Get-CimInstance -ClassName Win32_Process -Filter $filter)) {
@@ -428,6 +500,7 @@ function Get-ProcessTable($Context, [string]$Image) {
         $rows.Add([pscustomobject]@{ id = [int]$process.ProcessId; sid = $sid })
     }
     $Context.processes = $rows.ToArray()
+    $Context.image = $Image
     return $Context.processes
 }
 
@@ -502,16 +575,45 @@ function Initialize-ManagedFile($Checked, $Roots) {
     $path = $Checked.path
     $start = Get-CheckStart $path $Checked.sid $Roots
     Assert-SafePath $path $start
-    Remove-StaleFiles ([IO.Path]::GetDirectoryName($path)) ([IO.Path]::GetFileName($path)) @('tmp', 'old')
+    if ($Checked.kind -eq 'microsip') { Assert-OwnPath $path $Checked.sid }
     $state = Get-StateFolder $Checked.sid ([IO.Path]::GetFileName($path))
     Open-StateFolder $state
+    # A replace that died half-way (1177, then its recovery failed) left no file under its
+    # name: its previous content is put back before anything else looks at the folder.
+    Restore-Interrupted $Checked $state $start
+    Remove-StaleFiles ([IO.Path]::GetDirectoryName($path)) ([IO.Path]::GetFileName($path)) @('tmp', 'old')
     Move-LegacyState $path $start $state
-    Remove-StaleFiles $state 'applied' @('tmp')
+    foreach ($item in 'applied', 'backup.1', 'backup.2', 'backup.3', 'backup.new', 'rolled-back') {
+        Remove-StaleFiles $state $item @('tmp')
+    }
     Resolve-PendingBackup $state $path
     if ([IO.File]::Exists($path) -and ([IO.File]::GetAttributes($path) -band [IO.FileAttributes]::ReadOnly)) {
         throw (New-AgentException 'read-only' ('{0} has the read-only attribute.' -f $path))
     }
-    return $state
+    return [ordered]@{ state = $state; start = $start }
+}
+
+function Restore-Interrupted($Checked, [string]$State, [string]$Start) {
+    # No file under its name, but the content it had waits as backup.new (written before every
+    # replace of an existing file) or as the .old of a replace: put it back.
+    $path = $Checked.path
+    if ([IO.File]::Exists($path)) { return }
+    $pending = [IO.Path]::Combine($State, 'backup.new')
+    $folder = [IO.Path]::GetDirectoryName($path)
+    if ([IO.File]::Exists($pending)) {
+        Restore-Previous $Checked $pending $true
+        [IO.File]::Delete($pending)
+        return
+    }
+    if (-not [IO.Directory]::Exists($folder)) { return }
+    $pattern = '^\.' + [regex]::Escape([IO.Path]::GetFileName($path)) + '\.[0-9a-f]{12}\.old$'
+    foreach ($file in [IO.Directory]::GetFiles($folder)) {
+        if ([IO.Path]::GetFileName($file) -match $pattern -and (Test-PlainFile $file)) {
+            Assert-SafePath $file $Start
+            [IO.File]::Move($file, $path)
+            return
+        }
+    }
 }
 
 function Invoke-ReplaceFile([string]$Temp, [string]$Path) {
@@ -527,7 +629,10 @@ function Invoke-ReplaceFile([string]$Temp, [string]$Path) {
             $failure = $_
             $win32 = Get-Win32Code $failure
             if ($win32 -eq 1177 -and -not [IO.File]::Exists($Path) -and [IO.File]::Exists($old)) {
-                [IO.File]::Move($old, $Path)
+                try { [IO.File]::Move($old, $Path) } catch {
+                    # The previous content stays under the .old name; the next request puts it back.
+                    throw (New-AgentException 'locked' ('the file could not be replaced (1177) nor put back yet; its previous content waits as {0}.' -f $old))
+                }
             }
             if (($win32 -eq 32 -or $win32 -eq 33) -and $attempt -lt 5) { Start-Sleep -Milliseconds 200; continue }
             if (@(1175, 1176, 1177) -contains $win32) {
@@ -547,14 +652,14 @@ function Restore-Previous($Checked, $Backup, [bool]$HadFile) {
     $temp = New-TempPath ([IO.Path]::GetDirectoryName($Checked.path)) ([IO.Path]::GetFileName($Checked.path)) 'tmp'
     try {
         Write-NewFile $temp ([IO.File]::ReadAllBytes($Backup)) (New-Acl $Checked.kind $Checked.sid $false)
-        Invoke-ReplaceFile $temp $Checked.path
+        if ([IO.File]::Exists($Checked.path)) { Invoke-ReplaceFile $temp $Checked.path } else { [IO.File]::Move($temp, $Checked.path) }
         $temp = $null
     } finally {
         if ($null -ne $temp) { Remove-FileQuietly $temp }
     }
 }
 
-function Write-ManagedFile($Checked, [byte[]]$Content, $Backup) {
+function Write-ManagedFile($Checked, [byte[]]$Content, $Backup, [string]$Start) {
     # The content replaces the file atomically, under its final ACL from first to last:
     # ReplaceFile keeps the DACL of the file it replaces, so the final one goes on the existing
     # file first (if that fails, nothing is written), on the temp file too (a first write moves
@@ -572,11 +677,14 @@ function Write-ManagedFile($Checked, [byte[]]$Content, $Backup) {
             $null = [IO.Directory]::CreateDirectory($folder, (New-Acl $Checked.kind $Checked.sid $true))
         }
         $hadFile = [IO.File]::Exists($path)
+        Assert-SafePath $path $Start
         if ($hadFile) { [IO.File]::SetAccessControl($path, $acl) }
         $temp = New-TempPath $folder ([IO.Path]::GetFileName($path)) 'tmp'
         Write-NewFile $temp $Content $acl
+        Assert-SafePath $path $Start
         if ($hadFile) { Invoke-ReplaceFile $temp $path } else { [IO.File]::Move($temp, $path) }
         $temp = $null
+        Assert-SafePath $path $Start
         if (-not (Test-ExpectedAcl $path $acl)) {
             try { [IO.File]::SetAccessControl($path, $acl) } catch { }
             if (-not (Test-ExpectedAcl $path $acl)) {

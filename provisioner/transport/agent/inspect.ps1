@@ -74,30 +74,64 @@ function Read-UserHive([string]$Sid, [string]$ProfilePath, [string]$Account) {
         throw (New-AgentException 'no-profile' ("{0} is logged off and their registry hive is not on this workstation (profile disk or roaming profile)." -f $Account))
     }
     $token = [Guid]::NewGuid().ToString('N')
-    $copy = [IO.Path]::Combine([IO.Path]::GetTempPath(), ('microsip-provisioner-{0}.dat' -f $token))
+    $temp = [IO.Path]::GetTempPath()
+    $copy = [IO.Path]::Combine($temp, ('microsip-provisioner-{0}.dat' -f $token))
     $mount = 'MicroSIP-provisioner-' + $token
     try {
-        try {
-            $source = [IO.FileStream]::new($hiveFile, [IO.FileMode]::Open, [IO.FileAccess]::Read, [IO.FileShare]'ReadWrite, Delete')
-        } catch {
-            throw (New-AgentException 'locked' ("The registry hive of {0} is in use (a logon or logoff is under way); try again." -f $Account))
+        # The hive with its transaction logs: a hive a crash left dirty needs them to load right.
+        foreach ($suffix in '', '.LOG1', '.LOG2') {
+            if ($suffix -ne '' -and -not [IO.File]::Exists($hiveFile + $suffix)) { continue }
+            try {
+                $source = [IO.FileStream]::new($hiveFile + $suffix, [IO.FileMode]::Open, [IO.FileAccess]::Read, [IO.FileShare]'ReadWrite, Delete')
+            } catch {
+                throw (New-AgentException 'locked' ("The registry hive of {0} is in use (a logon or logoff is under way); try again." -f $Account))
+            }
+            try {
+                $target = [IO.File]::Create($copy + $suffix)
+                try { $source.CopyTo($target) } finally { $target.Dispose() }
+            } finally { $source.Dispose() }
         }
-        try {
-            $target = [IO.File]::Create($copy)
-            try { $source.CopyTo($target) } finally { $target.Dispose() }
-        } finally { $source.Dispose() }
         Invoke-Reg @('load', "HKU\$mount", $copy)
         try {
             $root = $users.OpenSubKey($mount)
             try { return Read-HiveValues $root 'offline' } finally { if ($null -ne $root) { $root.Dispose() } }
         } finally {
-            [GC]::Collect(); [GC]::WaitForPendingFinalizers()
-            try { Invoke-Reg @('unload', "HKU\$mount") } catch { }
+            Dismount-Hive $mount
         }
     } finally {
-        foreach ($leftover in @([IO.Directory]::GetFiles([IO.Path]::GetDirectoryName($copy), ('microsip-provisioner-{0}.dat*' -f $token)))) {
-            Remove-FileQuietly $leftover
+        Remove-HiveCopies $temp $token
+    }
+}
+
+function Dismount-Hive([string]$Mount) {
+    # Every handle to it closed first: one left open keeps the hive loaded until a reboot.
+    for ($attempt = 1; $attempt -le 3; $attempt++) {
+        [GC]::Collect(); [GC]::WaitForPendingFinalizers()
+        try { Invoke-Reg @('unload', "HKU\$Mount"); return } catch {
+            if ($attempt -eq 3) {
+                throw (New-AgentException 'internal' ("could not unload the copy of a user's hive mounted as HKU\{0}: {1}" -f $Mount, $_.Exception.Message))
+            }
+            Start-Sleep -Milliseconds 200
         }
+    }
+}
+
+function Remove-HiveCopies([string]$Folder, [string]$Token) {
+    # The copies of users' hives: this request's, and any that an agent killed mid-way left
+    # behind more than ten minutes ago (its mount unloaded first); a younger one may belong to
+    # a request running now.
+    $stale = [DateTime]::UtcNow.AddMinutes(-10)
+    foreach ($leftover in @([IO.Directory]::GetFiles($Folder, 'microsip-provisioner-*.dat*'))) {
+        $name = [IO.Path]::GetFileName($leftover)
+        $mine = $name.StartsWith('microsip-provisioner-' + $Token)
+        if (-not $mine -and [IO.File]::GetLastWriteTimeUtc($leftover) -gt $stale) { continue }
+        $match = [regex]::Match($name, '^microsip-provisioner-([0-9a-f]{32})\.dat$')
+        if (-not $mine -and $match.Success) {
+            $mount = 'MicroSIP-provisioner-' + $match.Groups[1].Value
+            $key = [Microsoft.Win32.Registry]::Users.OpenSubKey($mount)
+            if ($null -ne $key) { $key.Dispose(); try { Dismount-Hive $mount } catch { } }
+        }
+        Remove-FileQuietly $leftover
     }
 }
 
@@ -264,7 +298,13 @@ function Find-UserMicroSip($Install, $Hive, [string]$ProfilePath, [string]$AppDa
     if ($folder -notmatch '%[^%\\]+%') { $candidates += , [ordered]@{ source = 'inventory'; dir = $folder } }
     if (-not [string]::IsNullOrEmpty($Hive.microsip)) { $candidates += , [ordered]@{ source = 'hkcu'; dir = [string]$Hive.microsip } }
     foreach ($candidate in $candidates) {
-        $found = Find-ExeIn $candidate.dir $Install.exe $candidate.source
+        # The user writes their own HKCU and shell folders: only a local folder inside their
+        # own profile is looked at (a share named there would make the agent's account
+        # authenticate to a server of the user's choosing).
+        $raw = [string]$candidate.dir
+        try { $dir = Get-FullPathSafe ($raw.Trim().Trim('"')) } catch { continue }
+        if ($dir.StartsWith('\\') -or -not (Test-Within $dir $ProfilePath)) { continue }
+        $found = Find-ExeIn $dir $Install.exe $candidate.source
         if ($null -ne $found) { return $found }
     }
     $machine = Find-MicroSip ([pscustomobject]@{ exe = $Install.exe })
@@ -326,16 +366,16 @@ function Get-UserState($User, $Install, [string]$Mode, $Roots, $Context) {
         $item['path'] = $path
         $start = Get-CheckStart $path $sid $Roots
         Assert-SafePath $path $start
+        Assert-OwnPath $path $sid
         # Gathered apart and added only once all is read: a user in error has no file fields.
+        # Checked for links again after the read: a folder swapped meanwhile is not read.
         $file = Read-FileState $path
+        Assert-SafePath $path $start
         $readOnly = Test-ReadOnly $path
         $appliedBytes = Read-StateFile (Get-StateFolder $sid $iniName) 'applied'
         $legacy = $null -eq $appliedBytes
         if ($legacy) {
-            $legacyPath = [IO.Path]::Combine((Get-LegacyFolder $path), 'applied')
-            $safe = $true
-            try { Assert-SafePath $legacyPath $start } catch { $safe = $false }
-            if ($safe -and (Test-PlainFile $legacyPath)) { $appliedBytes = [IO.File]::ReadAllBytes($legacyPath) }
+            $appliedBytes = Read-UserFile ([IO.Path]::Combine((Get-LegacyFolder $path), 'applied')) $start
         }
         $running = @(Get-OwnedProcessId $Context ([IO.Path]::GetFileName($Install.exe_path)) $sid).Count -gt 0
         foreach ($field in $file.Keys) { $item[$field] = $file[$field] }

@@ -9,7 +9,8 @@ function Invoke-RollbackFile($File, [string]$IfRunning, $Roots, $Context) {
     try {
         $checked = Test-FileRequest $File
         $path = $checked.path
-        $state = Initialize-ManagedFile $checked $Roots
+        $prepared = Initialize-ManagedFile $checked $Roots
+        $state = $prepared.state; $start = $prepared.start
         $backup1 = [IO.Path]::Combine($state, 'backup.1')
         if (-not [IO.File]::Exists($backup1)) {
             throw (New-AgentException 'no-backup' ("there is no backup of {0} to restore." -f $path))
@@ -25,6 +26,7 @@ function Invoke-RollbackFile($File, [string]$IfRunning, $Roots, $Context) {
         try {
             if ($hadFile) {
                 $old = [IO.File]::ReadAllBytes($path)
+                Assert-SafePath $path $start
                 $item['old_sha256'] = Get-Sha256 $old
                 Write-StateFile $state 'rolled-back' $old
                 $item['backup'] = $rolledBack
@@ -32,14 +34,14 @@ function Invoke-RollbackFile($File, [string]$IfRunning, $Roots, $Context) {
             } else {
                 Remove-FileQuietly $rolledBack
             }
-            Write-ManagedFile $checked $content $previous
+            Write-ManagedFile $checked $content $previous $start
             if ((Get-Sha256 ([IO.File]::ReadAllBytes($path))) -ne (Get-Sha256 $content)) {
                 Restore-Previous $checked $previous $hadFile
                 throw (New-AgentException 'verify-failed' 'the file read back differs from the backup; the previous content was put back.')
             }
         } catch {
             $item['backup'] = $null
-            Remove-FileQuietly $rolledBack
+            if ([IO.File]::Exists($path)) { Remove-FileQuietly $rolledBack }
             throw
         }
         [IO.File]::Delete($backup1)
