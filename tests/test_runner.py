@@ -611,13 +611,13 @@ def test_stop_lets_the_host_in_flight_finish_and_launches_no_other(fleet: Fleet)
 
 def test_stop_with_several_in_flight(fleet: Fleet) -> None:
     stop = threading.Event()
-    started = threading.Barrier(3, timeout=10)
+    # All three are in flight, and stop is set (the barrier's action) before any of them goes
+    # on: one that finished before stop was set would let the runner start a fourth.
+    started = threading.Barrier(3, action=stop.set, timeout=10)
 
     def interrupt(host: str, op: str) -> None:
         if op == "inspect" and host in ("ws01", "ws02", "ws03"):
-            started.wait()  # all three are in flight before anyone sets stop
-            if host == "ws01":
-                stop.set()
+            started.wait()
 
     fleet.on_request = interrupt
     run = fleet.run(replace(FAST, forks=3, canary="0", batch="100%"), stop=stop)
