@@ -8,6 +8,7 @@ and checks that ``lab down`` removes everything it wrote and signals nothing but
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -26,7 +27,7 @@ import pytest
 from provisioner import ini, secretstore, vault
 from provisioner.connections import LabMap
 from provisioner.errors import ProvisionerError
-from provisioner.lab.control import alive
+from provisioner.lab.control import alive, take_down
 from provisioner.lab.workstation import DOMAIN_SID
 from tests.labkit import clean_env, copy_example, run_cli
 
@@ -316,3 +317,30 @@ def test_lab_down_removes_no_folder_but_a_private_lab_folder(
     shell.lab_file.unlink()
     if kind == "open-folder":
         shutil.rmtree(named)
+
+
+def test_a_lab_that_does_not_stop_is_killed_then_cleaned_up(shell: Shell) -> None:
+    # A stopped (SIGSTOP) lab cannot act on SIGTERM, like a hung one; the kernel still says
+    # it listens on the control socket, so it is the lab, and SIGKILL is safe.
+    lab = shell.up()
+    os.kill(lab.pid, signal.SIGSTOP)
+    try:
+        done = take_down(shell.lab_file, grace=1.0)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(lab.pid, signal.SIGCONT)
+    assert (done.was_running, done.signalled, done.killed) == (True, True, True)
+    assert not alive(lab.pid)
+    assert lab.folder in done.removed and str(shell.lab_file) in done.removed
+    assert shell.leftovers() == [] and not os.path.lexists(shell.lab_file)
+
+
+def test_a_lab_file_without_a_folder_signals_nothing(
+    shell: Shell, sleeper: subprocess.Popen[bytes]
+) -> None:
+    # As an older version wrote it: a PID and nothing to check it against.
+    shell.lab_file.write_text(LabMap("", {}, sleeper.pid).dump(), encoding="utf-8")
+    down = shell.cli("lab", "down", "-i", "inventory")
+    assert f"names no lab folder (an older version wrote it): process {sleeper.pid}" in down.stdout
+    time.sleep(0.2)
+    assert sleeper.poll() is None and not os.path.lexists(shell.lab_file)

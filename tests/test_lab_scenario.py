@@ -18,7 +18,7 @@ from provisioner.inventory import load_inventory
 from provisioner.lab.control import describe
 from provisioner.lab.inventory_lab import start_inventory_lab
 from provisioner.lab.ntfs import EVERYONE
-from provisioner.lab.scenario import load_scenario
+from provisioner.lab.scenario import ScenarioErrors, load_scenario
 from provisioner.lab.workstation import (
     ADMINISTRATORS,
     STATE_ROOT,
@@ -682,3 +682,24 @@ def test_workstation_set_up_helpers(tmp_path: Path) -> None:
     ws.add_share("\\\\FS01\\Home$")
     ws.put("D:\\x", b"")
     assert ws.volumes() == ["C:\\", "D:\\", "\\\\fs01\\home$\\"]
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ("C:\\x: {hardlink: 'C:\\missing.txt'}", "a hard link needs an existing file"),
+        ("C:\\Users: {content: a folder is there}", "Is a directory."),
+        ("C:\\nothing: {owner: SYSTEM}", "it does not exist (give folder: true or content"),
+    ],
+)
+def test_a_path_that_cannot_be_set_up_stops_the_lab_where_the_scenario_says(
+    tmp_path: Path, entry: str, message: str
+) -> None:
+    scenario = f"workstations:\n  ws02:\n    paths:\n      {entry}\n"
+    with pytest.raises(ScenarioErrors) as caught, _kit(tmp_path, scenario):
+        pass
+    text = str(caught.value)
+    path = entry.split(":", 2)[0] + ":" + entry.split(":", 2)[1]
+    assert f"{tmp_path / 'scenario.yaml'}:4:7: " in text, text
+    assert f"cannot set up {path}: {message}" in text, text
+    assert str(tmp_path / "lab") not in text  # the lab's real folders are nobody's business

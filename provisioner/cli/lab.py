@@ -220,6 +220,8 @@ def down(inventory: InventoryOpt = Path("."), file: LabFileOpt = None) -> None:
         echo(f"lab {done.pid} did not stop after SIGTERM: killed")
     elif done.was_running:
         echo("lab down")
+    elif done.not_the_lab:
+        echo("the lab was not running")
     else:
         echo(f"the lab (process {done.pid}) was not running")
     if done.removed:

@@ -263,7 +263,12 @@ class WorkstationSetup:
             try:
                 _apply_path(ws, entry, inventory)
             except (FileError, OSError, ValueError) as failed:
-                reason = failed.message if isinstance(failed, FileError) else str(failed)
+                if isinstance(failed, FileError):
+                    reason = failed.message
+                elif isinstance(failed, OSError):  # its text would name the lab's real folder
+                    reason = f"{failed.strerror or type(failed).__name__}."
+                else:
+                    reason = str(failed)
                 raise entry.where.error(f"cannot set up {entry.path}: {reason}") from None
         ws.faults.locked.update(self.locked)
         for path, codes in (self.replace_errors or {}).items():
