@@ -37,17 +37,28 @@ class LabMap:
     ca_path: str
     hosts: Mapping[str, LabEndpoint]
     pid: int = 0
+    folder: str = ""
+    """The lab's private temp folder (``lab down`` removes it whatever state the lab died in)."""
+    starting: bool = False
+    """Written before the lab starts: it names the process and folder, no host yet."""
 
     @classmethod
-    def load(cls, path: Path) -> LabMap:
-        """Read a lab file; a clear error when it is missing or malformed."""
+    def load(cls, path: Path, *, starting_ok: bool = False) -> LabMap:
+        """Read a lab file; a clear error when it is missing or malformed, or (unless
+        ``starting_ok``) names a lab that is still starting."""
         try:
             data: Any = json.loads(path.read_text(encoding="utf-8"))
             hosts = {
                 name: LabEndpoint(str(h["address"]), int(h["port"]), str(h["scheme"]))
                 for name, h in data["hosts"].items()
             }
-            mapped = cls(str(data["ca_path"]), hosts, int(data.get("pid", 0)))
+            mapped = cls(
+                str(data["ca_path"]),
+                hosts,
+                int(data.get("pid", 0)),
+                str(data.get("folder", "")),
+                data.get("starting") is True,
+            )
         except FileNotFoundError:
             raise ProvisionerError(
                 f"{path} does not exist; start the lab with 'provisioner lab up'"
@@ -62,6 +73,11 @@ class LabMap:
                 f"{path} is not a lab file: it sends {', '.join(remote[:3])} to addresses that "
                 "are not loopback (127.0.0.0/8, ::1)"
             )
+        if mapped.starting and not starting_ok:
+            raise ProvisionerError(
+                f"{path}: the lab is still starting, or died while starting "
+                "('provisioner lab down' removes what it left)"
+            )
         return mapped
 
     def dump(self) -> str:
@@ -70,6 +86,8 @@ class LabMap:
             {
                 "version": 1,
                 "pid": self.pid,
+                "folder": self.folder,
+                **({"starting": True} if self.starting else {}),
                 "ca_path": self.ca_path,
                 "hosts": {
                     name: {"address": e.address, "port": e.port, "scheme": e.scheme}

@@ -15,6 +15,7 @@ from provisioner import build, connections, push, resolve, secretstore, vault
 from provisioner.credscope import Scope
 from provisioner.inventory import load_inventory
 from provisioner.lab.inventory_lab import InventoryLab, start_inventory_lab
+from provisioner.lab.scenario import load_scenario
 from provisioner.lab.workstation import Workstation
 from provisioner.model import Secret
 from provisioner.results import HostResult
@@ -131,14 +132,20 @@ def write_inventory(
 
 
 @contextmanager
-def lab_kit(tmp: Path, **kwargs: object) -> Iterator[Kit]:
-    """Write an inventory, build it, start a lab emulating all of its workstations."""
+def lab_kit(tmp: Path, *, scenario: str | None = None, **kwargs: object) -> Iterator[Kit]:
+    """Write an inventory, build it, start a lab emulating all of its workstations (as the
+    scenario ``scenario``, YAML text, describes them)."""
     root = tmp / "inventory"
     keyring = write_inventory(root, **kwargs)  # type: ignore[arg-type]
     result = build.build(root, opener_factory=lambda _: keyring)
     assert result.ok, [str(f) for f in result.findings]
     assert result.inventory is not None
-    running = start_inventory_lab(result.inventory, keyring, folder=tmp / "lab")
+    loaded = None
+    if scenario is not None:
+        path = tmp / "scenario.yaml"
+        path.write_text(scenario, encoding="utf-8")
+        loaded = load_scenario(path, result.inventory)
+    running = start_inventory_lab(result.inventory, keyring, folder=tmp / "lab", scenario=loaded)
     try:
         yield Kit(root, keyring, running, result)
     finally:

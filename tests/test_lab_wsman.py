@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import stat
 import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -585,19 +587,54 @@ def test_host_config_validation() -> None:
         Trigger("Execute")
 
 
-@pytest.mark.parametrize("hashed", [True, False], ids=["hashes", "plain-fallback"])
-def test_ntlm_user_file_in_both_forms_authenticates(
-    monkeypatch: pytest.MonkeyPatch, hashed: bool
-) -> None:
-    # Without pyspnego's private hash helpers the lab writes the plain form pyspnego also reads.
+def test_the_ntlm_user_file_holds_the_nt_hash_only(tmp_path: Path) -> None:
+    # Whoever reads the temp folder of a lab that died must find no password and no LM hash
+    # (which falls to a dictionary in minutes): the NT hash is what NTLMv2 needs.
+    from spnego._ntlm_raw.crypto import lmowfv1, ntowfv1
+
     from provisioner.lab import ntlmusers
 
-    if not hashed:
-        monkeypatch.setattr(ntlmusers, "_crypto", None)
+    ntlmusers.use_folder(tmp_path)
     lab = Lab(EchoHandler(), io_timeout=5.0)
     try:
-        host = http_host(lab)
-        out, _, code = run(client(lab, host, "ntlm"), "read-stdin", stdin=b"either form")
-        assert (out, code) == (b"either form", 0)
+        try:
+            host = http_host(lab)  # the first NTLM account creates the folder
+        finally:
+            ntlmusers.use_folder(None)
+        out, _, code = run(client(lab, host, "ntlm"), "read-stdin", stdin=b"hash only")
+        assert (out, code) == (b"hash only", 0)
+        users = Path(os.environ[ENV_VAR])
+        assert users == ntlmusers.current_file()
+        assert users.parent.parent == tmp_path  # where lab up asked for it
+        assert stat.S_IMODE(users.stat().st_mode) == 0o600
+        assert stat.S_IMODE(users.parent.stat().st_mode) == 0o700
+        text = users.read_text(encoding="utf-8")
+        [line] = text.splitlines()
+        name, _, lm_field, nt_field, *_ = line.split(":")
+        assert name == USER
+        assert lm_field == "0" * 32
+        assert nt_field == ntowfv1(PASSWORD).hex().upper()
+        assert PASSWORD not in text
+        assert lmowfv1(PASSWORD).hex() not in text.lower()
     finally:
         lab.stop(timeout=5.0)
+    assert not users.parent.exists()
+
+
+def test_without_pyspnegos_hash_function_no_password_is_written(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # pyspnego also reads DOMAIN:USER:PASSWORD lines; the lab refuses to write one.
+    from provisioner.lab import ntlmusers
+
+    monkeypatch.setattr(ntlmusers, "_crypto", None)
+    ntlmusers.use_folder(tmp_path)
+    lab = Lab(EchoHandler(), io_timeout=5.0)
+    try:
+        with pytest.raises(RuntimeError, match="will not write NTLM passwords"):
+            http_host(lab)
+    finally:
+        ntlmusers.use_folder(None)
+        lab.stop(timeout=5.0)
+    for path in tmp_path.rglob("*"):
+        assert not path.is_file() or PASSWORD.encode() not in path.read_bytes()

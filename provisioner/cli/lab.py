@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
+import json
 import os
-import shutil
+import re
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -25,6 +24,10 @@ from provisioner.cli.common import (
 )
 from provisioner.errors import ProvisionerError
 
+if TYPE_CHECKING:
+    from provisioner.lab.scenario import Scenario
+    from provisioner.model import Inventory
+
 app = typer.Typer(
     help="Emulated Windows workstations for tests, demos and template CI.", no_args_is_help=True
 )
@@ -33,8 +36,11 @@ InventoryOpt = Annotated[
     Path, typer.Option("--inventory", "-i", envvar="PROVISIONER_INVENTORY", file_okay=False)
 ]
 LabFileOpt = Annotated[
-    Path, typer.Option("--file", help="The lab file that push, rollout and doctor take with --lab.")
+    Path | None,
+    typer.Option("--file", help="The lab file (default: INVENTORY/.lab.json)."),
 ]
+START_TIMEOUT = 60.0
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
 def default_lab_file(inventory: Path) -> Path:
@@ -48,6 +54,24 @@ def up(
     file: Annotated[
         Path | None, typer.Option("--file", help="Where to write the lab file.")
     ] = None,
+    scenario: Annotated[
+        Path | None,
+        typer.Option(
+            "--scenario",
+            dir_okay=False,
+            help="A scenario file: how each workstation differs from what the inventory "
+            "implies (docs/lab.md).",
+        ),
+    ] = None,
+    port: Annotated[
+        int | None,
+        typer.Option(
+            "--port",
+            min=0,
+            max=65535,
+            help="Port of every workstation (0: a free one each). Default 5985, or 5986 for HTTPS.",
+        ),
+    ] = None,
     detach: Annotated[
         bool,
         typer.Option(
@@ -60,62 +84,74 @@ def up(
 ) -> None:
     """Start one emulated workstation per inventory workstation and write the lab file."""
     target = file or default_lab_file(inventory)
+    if os.path.lexists(target):
+        raise ProvisionerError(
+            f"{target} exists: a lab is running, or died without cleaning up; "
+            "'provisioner lab down' stops it and removes what it left"
+        )
+    model = _load_inventory(inventory)
+    loaded = _load_scenario(scenario, model) if scenario is not None else None
     if detach:
-        _detach(inventory, target, identities, passphrase_file)
+        _detach(inventory, target, scenario, port, identities, passphrase_file)
         return
     from provisioner import build as phase1
-    from provisioner.atomicfile import write_atomic
-    from provisioner.inventory import InventoryErrors, load_inventory
-    from provisioner.lab.inventory_lab import start_inventory_lab
+    from provisioner.lab.control import LabProcess
+    from provisioner.lab.scenario import ScenarioErrors
     from provisioner.vault import load_recipients_file
 
-    try:
-        model = load_inventory(inventory)
-    except InventoryErrors as exc:
-        raise ProvisionerError(f"the inventory has problems:\n{exc}") from None
     recipients = load_recipients_file(inventory / phase1.RECIPIENTS_FILE)
     keyring = keyring_for_keys_in_use(recipients, identities, passphrase_file, passphrase_fd)
-    # The emulated disks hold rendered files with plaintext passwords: removed on every exit.
-    folder = Path(tempfile.mkdtemp(prefix="microsip-lab-"))
-    try:
-        running = start_inventory_lab(model, keyring, folder=folder, port=None)
-    except OSError as exc:  # an address in use: another lab, or a real WinRM listener
-        shutil.rmtree(folder, ignore_errors=True)
-        raise ProvisionerError(
-            f"the lab cannot start: {exc}; is another lab running ('provisioner lab down')?"
-        ) from None
-    except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
-        raise
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    # Every way a lab is told to stop leads to its clean-up (SIGKILL is for 'lab down').
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: stop.set())
-    try:
-        write_atomic(target, running.lab_map(pid=os.getpid()).dump().encode(), mode=0o600)
+    with LabProcess(target) as process:
+        try:
+            running = process.start(model, keyring, port=port, scenario=loaded)
+        except ScenarioErrors as exc:
+            raise ProvisionerError(f"the scenario cannot be set up:\n{exc}") from None
         echo(f"lab up: {len(running.hosts)} workstation(s), lab file {target}")
         for name, host in sorted(running.hosts.items()):
             echo(f"  {name:<16} {host.scheme}://{host.address}:{host.port}/wsman")
         echo(
             f"use --lab {target} with rollout, push, diff, rollback, doctor and user regenerate; "
-            "'provisioner lab down' stops it"
+            "'provisioner lab show' lists a workstation's files; 'provisioner lab down' stops it"
         )
         sys.stdout.flush()
+        process.publish()
         while not stop.wait(0.5):
             pass
-    finally:
-        try:
-            running.stop()
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
-            with contextlib.suppress(FileNotFoundError):
-                target.unlink()
+
+
+def _load_inventory(inventory: Path) -> Inventory:
+    from provisioner.inventory import InventoryErrors, load_inventory
+
+    try:
+        return load_inventory(inventory)
+    except InventoryErrors as exc:
+        raise ProvisionerError(f"the inventory has problems:\n{exc}") from None
+
+
+def _load_scenario(path: Path, model: Inventory) -> Scenario:
+    from provisioner.lab.scenario import ScenarioErrors, load_scenario
+
+    try:
+        return load_scenario(path, model)
+    except ScenarioErrors as exc:
+        raise ProvisionerError(f"the scenario has problems:\n{exc}") from None
 
 
 def _detach(
-    inventory: Path, target: Path, identities: list[Path] | None, passphrase_file: Path | None
+    inventory: Path,
+    target: Path,
+    scenario: Path | None,
+    port: int | None,
+    identities: list[Path] | None,
+    passphrase_file: Path | None,
 ) -> None:
-    if target.exists():
-        raise ProvisionerError(f"{target} exists: a lab may be running ('provisioner lab down')")
+    from provisioner.connections import LabMap
+    from provisioner.lab.control import take_down
+
     command = [
         sys.executable,
         "-m",
@@ -127,6 +163,10 @@ def _detach(
         "--file",
         str(target),
     ]
+    if scenario is not None:
+        command += ["--scenario", str(scenario)]
+    if port is not None:
+        command += ["--port", str(port)]
     for identity in identities or []:
         command += ["--identity", str(identity)]
     if passphrase_file is not None:
@@ -140,60 +180,132 @@ def _detach(
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
-        if target.exists():
-            echo(log.read_text(encoding="utf-8", errors="replace").rstrip())
-            return
         if process.poll() is not None:
             output = log.read_text(encoding="utf-8", errors="replace")
+            if os.path.lexists(target):  # it died while starting: what it left goes too
+                take_down(target)
             log.unlink(missing_ok=True)  # its whole content is in this message
             raise ProvisionerError("the lab did not start:\n" + output)
-        time.sleep(0.1)
-    process.terminate()
-    raise ProvisionerError("the lab did not start within 60 s")
+        try:
+            LabMap.load(target)
+        except ProvisionerError:
+            time.sleep(0.1)
+            continue
+        echo(log.read_text(encoding="utf-8", errors="replace").rstrip())
+        return
+    if os.path.lexists(target):
+        take_down(target)
+    else:
+        process.kill()
+    process.wait(10)
+    raise ProvisionerError(f"the lab did not start within {START_TIMEOUT:.0f} s")
 
 
 @app.command()
-def down(
+def down(inventory: InventoryOpt = Path("."), file: LabFileOpt = None) -> None:
+    """Stop a lab and remove everything it wrote, even if it died (its emulated disks hold
+    rendered files with passwords)."""
+    from provisioner.lab.control import take_down
+
+    target = file or default_lab_file(inventory)
+    done = take_down(target)
+    if done.not_the_lab:
+        echo(done.not_the_lab)
+    if done.was_running and not done.killed and done.removed == [str(target.with_suffix(".log"))]:
+        echo("lab down")
+        return
+    if done.killed:
+        echo(f"lab {done.pid} did not stop after SIGTERM: killed")
+    elif done.was_running:
+        echo("lab down")
+    elif done.not_the_lab:
+        echo("the lab was not running")
+    else:
+        echo(f"the lab (process {done.pid}) was not running")
+    if done.removed:
+        echo("removed what it left:")
+        for path in done.removed:
+            echo(f"  {path}")
+    elif not done.was_running:
+        echo("it left nothing")
+
+
+@app.command()
+def show(
+    workstation: Annotated[str, typer.Argument(help="An inventory workstation of the lab.")],
+    path: Annotated[
+        str | None,
+        typer.Argument(help="A Windows path (default: every drive and share)."),
+    ] = None,
     inventory: InventoryOpt = Path("."),
-    file: Annotated[Path | None, typer.Option("--file", help="The lab file.")] = None,
+    file: LabFileOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON document.")] = False,
 ) -> None:
-    """Stop a lab started with 'lab up --detach'."""
+    """List a lab workstation's files with their owner, ACL and attributes (links not followed)."""
     from provisioner.connections import LabMap
+    from provisioner.lab.control import check_folder, request
 
     target = file or default_lab_file(inventory)
     lab = LabMap.load(target)
-    if not lab.pid:
-        raise ProvisionerError(f"{target} names no process")
-    try:
-        os.kill(lab.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        target.unlink(missing_ok=True)
-        echo("the lab was not running; removed its file")
+    if not lab.folder:
+        raise ProvisionerError(f"{target} names no lab folder: restart the lab ('lab down', 'up')")
+    answer = request(
+        check_folder(lab.folder), {"op": "show", "workstation": workstation, "path": path}
+    )
+    if answer.get("ok") is not True:
+        raise ProvisionerError(f"lab show {workstation}: {_printable(answer.get('error'))}")
+    if as_json:
+        echo(json.dumps(answer, indent=2))  # ASCII: no control character reaches a terminal
         return
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and (target.exists() or _alive(lab.pid)):
-        time.sleep(0.1)
-    if target.exists() or _alive(lab.pid):
-        echo(f"lab {lab.pid} did not stop in time; its log is {target.with_suffix('.log')}")
-        return
-    # The log only matters when the lab misbehaves; a clean stop leaves nothing behind.
-    target.with_suffix(".log").unlink(missing_ok=True)
-    echo("lab down")
+    echo(_printable(f"{answer.get('workstation')} ({answer.get('computer')})"))
+    for entry in answer.get("entries") or []:
+        for line in _entry_lines(entry):
+            echo(_printable(line))
 
 
-def _alive(pid: int) -> bool:
-    """True while process ``pid`` runs (an exited lab that nobody reaped yet counts as gone)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        # Linux: a zombie ("Z") has exited and released its ports.
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True
-    return state != "Z"
+def _entry_lines(entry: dict[str, Any]) -> list[str]:
+    """One object of ``lab show``: the name (indented by depth), kind, owner, attributes, then
+    its explicit DACL and its inherited entries in the scenario's ``WHO:RIGHTS:SCOPE`` form."""
+    depth = int(entry.get("depth") or 0)
+    indent = "  " * depth
+    path = str(entry.get("path"))
+    name = path if depth == 0 else path.rsplit("\\", 1)[-1]
+    kind = str(entry.get("kind"))
+    slash = "\\" if kind == "folder" and depth else ""
+    head = f"{indent}{name}{slash}  {kind}"
+    if entry.get("target"):
+        head += f" -> {entry['target']}"
+    head += f"  owner {_who(entry.get('owner'))}"
+    if entry.get("read_only"):
+        head += "  read-only"
+    if int(entry.get("links") or 1) > 1:
+        head += f"  {entry['links']} links"
+    lines = [head]
+    acl = entry.get("acl")
+    if isinstance(acl, dict):
+        flag = "protected" if acl.get("protected") else "inherits too"
+        aces = ", ".join(_ace(ace) for ace in acl.get("entries") or [])
+        lines.append(f"{indent}    acl ({flag}): {aces or 'empty'}")
+    inherited = entry.get("inherited") or []
+    if inherited:
+        lines.append(f"{indent}    inherited: {', '.join(_ace(ace) for ace in inherited)}")
+    return lines
+
+
+def _who(account: Any) -> str:
+    if not isinstance(account, dict):
+        return "?"
+    return str(account.get("name") or account.get("sid"))
+
+
+def _ace(ace: Any) -> str:
+    if not isinstance(ace, dict):
+        return "?"
+    return f"{_who(ace)}:{ace.get('rights')}:{ace.get('scope')}"
+
+
+def _printable(text: object) -> str:
+    """No terminal control sequence from an answer reaches the terminal."""
+    return _UNPRINTABLE.sub("?", str(text))

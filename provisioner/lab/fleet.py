@@ -20,12 +20,21 @@ from provisioner.lab.workstation import Mode, Workstation
 
 @dataclass(frozen=True)
 class UserSpec:
-    """One account: ``logged_on`` False means no profile; ``ini`` pre-creates its ini."""
+    """One account: ``logged_on`` False means no profile; ``ini`` pre-creates its ini;
+    ``running`` is how many MicroSIP processes it runs (True: one). The other fields are
+    :meth:`Workstation.add_user`'s (None: its default)."""
 
     windows: str
     logged_on: bool = True
-    running: bool = False
+    running: bool | int = False
     ini: bytes | None = None
+    rid: int | None = None
+    sid: str | None = None
+    profile: str | None = None
+    shell_appdata: str | None = None
+    hive_loaded: bool = False
+    hkcu_microsip: str | None = None
+    hive_file: bool = True
 
 
 @dataclass(frozen=True)
@@ -56,8 +65,18 @@ def build_workstation(root: Path, spec: WorkstationSpec, *, computer: str) -> Wo
         )
     for item in spec.users:
         user_spec = UserSpec(item) if isinstance(item, str) else item
-        user = ws.add_user(user_spec.windows, logged_on=user_spec.logged_on)
-        if user_spec.running:
+        user = ws.add_user(
+            user_spec.windows,
+            rid=user_spec.rid,
+            sid=user_spec.sid,
+            logged_on=user_spec.logged_on,
+            profile=user_spec.profile,
+            shell_appdata=user_spec.shell_appdata,
+            hive_loaded=user_spec.hive_loaded,
+            hkcu_microsip=user_spec.hkcu_microsip,
+            hive_file=user_spec.hive_file,
+        )
+        for _ in range(int(user_spec.running)):
             ws.start_microsip(user, spec.exe)
         if user_spec.ini is not None and user.profile is not None and ws.install is not None:
             ws.put(ws.ini_path(user), user_spec.ini)

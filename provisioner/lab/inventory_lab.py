@@ -2,7 +2,8 @@
 
 Each inventory workstation becomes a lab host listening on its own 127.0.0.N address, with the
 inventory's Windows users (profiles created), MicroSIP installed as the inventory says, and the
-WinRM account and password the inventory's ``winrm:`` options name. The returned
+WinRM account and password the inventory's ``winrm:`` options name. A scenario
+(:mod:`provisioner.lab.scenario`) changes what a workstation has beyond that. The returned
 :class:`LabMap` replaces the real addresses when passed to push, rollout or doctor.
 """
 
@@ -17,6 +18,7 @@ from provisioner.errors import ProvisionerError
 from provisioner.lab.agent import LabAgent
 from provisioner.lab.fleet import UserSpec, WorkstationSpec, add_workstation
 from provisioner.lab.host import HostConfig, LabHost
+from provisioner.lab.scenario import Scenario
 from provisioner.lab.server import Lab
 from provisioner.lab.workstation import Workstation
 from provisioner.model import Inventory
@@ -31,7 +33,7 @@ class InventoryLab:
     hosts: dict[str, LabHost]
     workstations: dict[str, Workstation]
 
-    def lab_map(self, pid: int = 0) -> LabMap:
+    def lab_map(self, pid: int = 0, folder: str = "") -> LabMap:
         """Endpoints for push, rollout and doctor."""
         return LabMap(
             ca_path=str(self.lab.ca_path),
@@ -40,6 +42,7 @@ class InventoryLab:
                 for name, host in self.hosts.items()
             },
             pid=pid,
+            folder=folder,
         )
 
     def stop(self) -> None:
@@ -54,8 +57,11 @@ def start_inventory_lab(
     folder: Path | None = None,
     names: list[str] | None = None,
     port: int | None = 0,
+    scenario: Scenario | None = None,
 ) -> InventoryLab:
-    """Start one emulated workstation per inventory workstation (or per name in ``names``)."""
+    """Start one emulated workstation per inventory workstation (or per name in ``names``),
+    each as ``scenario`` describes it (:class:`~provisioner.lab.scenario.ScenarioErrors` when
+    a path cannot be set up)."""
     lab = Lab(LabAgent(), folder=folder)
     hosts: dict[str, LabHost] = {}
     machines: dict[str, Workstation] = {}
@@ -85,7 +91,13 @@ def start_inventory_lab(
                 install_dir=plan.install.install_dir,
                 exe=plan.install.exe,
             )
+            setup = scenario.workstations.get(name) if scenario is not None else None
+            if setup is not None:
+                spec = setup.spec(spec, inventory)
             host, machine = add_workstation(lab, config, spec)
+            if setup is not None:
+                with host.lock:
+                    setup.apply(machine, host, inventory)
             hosts[name], machines[name] = host, machine
     except BaseException:
         lab.stop()

@@ -510,6 +510,24 @@ class FileSystem:
             target=target,
         )
 
+    def on_disk(self, path: str) -> str:
+        """``path`` normalised, each existing component spelled as it is on disk."""
+        volume, _ = split(path)
+        real = self.host_path(path)
+        relative = os.path.relpath(real, self._volume_root(volume))
+        if relative == os.curdir:
+            return _prefix(volume)
+        return _prefix(volume) + "\\".join(relative.split(os.sep))
+
+    def volumes(self) -> list[str]:
+        """The root of every drive and share that exists (``C:\\``, ``\\\\server\\share\\``)."""
+        found = [f"{name}:\\" for name in sorted(os.listdir(self.root)) if len(name) == 1]
+        shares = os.path.join(self.root, "UNC")
+        for server in sorted(os.listdir(shares)) if os.path.isdir(shares) else []:
+            for share in sorted(os.listdir(os.path.join(shares, server))):
+                found.append(f"\\\\{server}\\{share}\\")
+        return found
+
     def walk(self, path: str) -> Iterator[str]:
         """``path`` and everything below it, folders first, never through a link."""
         yield normalize(path)
@@ -570,6 +588,13 @@ class FileSystem:
         if acl is not None or owner is not None:
             meta = self._meta_at(path) or Meta(owner or self.default_owner(path))
             self._set_meta(str(real), replace(meta, acl=acl, owner=owner or meta.owner))
+
+    def set_owner(self, path: str, owner: str) -> None:
+        """Set-up: the owner of an existing object (through links, as ``SetOwner`` does)."""
+        if not self.exists(path):
+            raise FileError("internal", f"Cannot set the owner of '{path}': it does not exist.")
+        meta = self._meta_at(path) or Meta(owner)
+        self._set_meta(str(self.host_path(path)), replace(meta, owner=owner))
 
     def set_readonly(self, path: str, readonly: bool = True) -> None:
         """Set-up: the read-only attribute of an existing file."""

@@ -4,16 +4,21 @@ pyspnego finds the accounts an NTLM acceptor may authenticate through the enviro
 variable ``NTLM_USER_FILE``, read when the context is created *and* again when the
 AUTHENTICATE message is checked. Flipping that variable per request would race between
 threads, so the variable is set once for the process, under a lock, by the first lab that
-registers NTLM accounts; it points to one file in a private temp folder. The file holds the
-union of the accounts of every registered host, one smbpasswd line each
-(``[DOMAIN\\]USER:0:LM_HASH:NT_HASH:[U]:LCT-00000000``): with a password line pyspnego would
-derive the hashes (pure-Python DES) on every authentication; here they are derived once per
-account. A new account is appended; the file is replaced atomically only when an account
-comes back with another password (accounts of hosts that are gone stay until the last
-release, which is harmless). The lab then checks that the authenticated user is an account
-of the host that was contacted. One consequence: two hosts of one process may not give the
-same account different passwords (``register`` raises ``ValueError``). When the last
-registration is released the variable gets its previous value back and the folder is removed.
+registers NTLM accounts; it points to one file in a private temp folder (0700; the file is
+0600), created in the system's temporary folder or in the folder given to :func:`use_folder`
+(``provisioner lab up`` gives its own private folder, so that ``lab down`` removes it with the
+rest whatever state the lab died in). The file holds the union of the accounts of every
+registered host, one smbpasswd line each (``[DOMAIN\\]USER:0:LM_HASH:NT_HASH:[U]:LCT-00000000``)
+with the NT hash only: the LM field is 32 zeros, which pyspnego takes as "no LM hash" (NTLMv2
+never uses it; an LM hash falls to a dictionary in minutes). The password itself is never
+written: with a password line pyspnego would derive the hashes on every authentication, and a
+reader of the folder would see it. A new account is appended; the file is replaced
+atomically only when an account comes back with another password (accounts of hosts that are
+gone stay until the last release, which is harmless). The lab then checks that the
+authenticated user is an account of the host that was contacted. One consequence: two hosts of
+one process may not give the same account different passwords (``register`` raises
+``ValueError``). When the last registration is released the variable gets its previous value
+back and the folder is removed.
 """
 
 from __future__ import annotations
@@ -51,14 +56,19 @@ def account_key(user: str) -> Account:
     return domain.upper(), name.upper()
 
 
+NO_LM_HASH = "0" * 32
+"""The LM field of every line: pyspnego reads it as 16 zero bytes, the documented "no LM hash"."""
+
+
 def _smbpasswd_line(user: str, password: str) -> str:
     if _crypto is None:
-        # The plain form pyspnego also reads: it then derives the hashes per authentication.
-        domain, name = split_account(user)
-        return f"{domain}:{name}:{password}\n"
-    lm_hash = _crypto.lmowfv1(password).hex().upper()
+        # pyspnego would also read the password itself, but the file must never hold it.
+        raise RuntimeError(
+            "this pyspnego release has no spnego._ntlm_raw.crypto.ntowfv1; the lab will not "
+            "write NTLM passwords to disk in the clear"
+        )
     nt_hash = _crypto.ntowfv1(password).hex().upper()
-    return f"{user}:0:{lm_hash}:{nt_hash}:[U]:LCT-00000000\n"
+    return f"{user}:0:{NO_LM_HASH}:{nt_hash}:[U]:LCT-00000000\n"
 
 
 class _Registry:
@@ -74,6 +84,7 @@ class _Registry:
         self._previous: str | None = None
         self._published = False
         self._tokens = itertools.count(1)
+        self.parent: Path | None = None
 
     def register(self, credentials: Mapping[str, str]) -> int:
         with self._lock:
@@ -125,7 +136,7 @@ class _Registry:
 
     def _path(self) -> Path:
         if self._folder is None:
-            self._folder = Path(tempfile.mkdtemp(prefix="microsip-lab-ntlm-"))
+            self._folder = Path(tempfile.mkdtemp(prefix="microsip-lab-ntlm-", dir=self.parent))
             self._previous = os.environ.get(ENV_VAR)
             self._published = False
         return self._folder / "users"
@@ -177,6 +188,21 @@ def register(credentials: Mapping[str, str]) -> int:
         if ":" in user or ":" in password or "\n" in user + password:
             raise ValueError(f"NTLM account {user!r}: ':' and newlines cannot be stored")
     return _REGISTRY.register(credentials)
+
+
+def use_folder(parent: Path | None) -> None:
+    """Create this process's next NTLM folder in ``parent`` (None: the system's temp folder).
+
+    The folder in use, if any, stays where it is until its last registration is released.
+    """
+    _REGISTRY.parent = parent
+
+
+def current_file() -> Path | None:
+    """The file this process's acceptors read now (None before the first registration)."""
+    with _REGISTRY._lock:
+        folder = _REGISTRY._folder
+    return None if folder is None else folder / "users"
 
 
 def release(token: int) -> None:

@@ -70,14 +70,17 @@ __all__ = [
     "SYSTEM",
     "SYSTEM_VARIABLES",
     "USERS",
+    "WELL_KNOWN_ACCOUNTS",
     "Ace",
     "Acl",
     "Crashed",
     "FileError",
     "Install",
+    "LanguageMode",
     "Mode",
     "MsiProduct",
     "Process",
+    "Rights",
     "User",
     "Workstation",
     "WorkstationFaults",
@@ -136,6 +139,16 @@ OVERRIDE_ACL = protected_acl(
     {SYSTEM: "FullControl", ADMINISTRATORS: "FullControl", USERS: "ReadAndExecute"}
 )
 """``override.ini``: full control for SYSTEM and Administrators, read (and execute) for Users."""
+
+WELL_KNOWN_ACCOUNTS = {
+    SYSTEM: "NT AUTHORITY\\SYSTEM",
+    ADMINISTRATORS: "BUILTIN\\Administrators",
+    USERS: "BUILTIN\\Users",
+    EVERYONE: "Everyone",
+    AUTHENTICATED_USERS: "NT AUTHORITY\\Authenticated Users",
+    CREATOR_OWNER: "CREATOR OWNER",
+}
+"""The names Windows shows for the well-known SIDs the lab uses."""
 
 STATE_ACL = protected_acl({SYSTEM: "FullControl", ADMINISTRATORS: "FullControl"})
 """Every file of the agent's state: SYSTEM and Administrators only."""
@@ -374,6 +387,7 @@ class Workstation(FileSystem):
         windows: str,
         *,
         rid: int | None = None,
+        sid: str | None = None,
         logged_on: bool = True,
         profile: str | None = None,
         shell_appdata: str | None = None,
@@ -383,6 +397,8 @@ class Workstation(FileSystem):
     ) -> User:
         """Create an account (``ACME\\alice`` or ``.\\kiosk``) and, if ``logged_on``, its profile.
 
+        Its SID is ``sid`` when given, else the domain's (or this machine's) prefix and ``rid``,
+        else the next RID no account has.
         The profile defaults to ``C:\\Users\\<sam>``: its folder (protected: the user, SYSTEM and
         Administrators), ``NTUSER.DAT`` (unless ``hive_file`` is False) and the roaming AppData
         folder when it lies inside the profile (owned by the user, inheriting).
@@ -395,11 +411,16 @@ class Workstation(FileSystem):
         if self.find_account(domain, sam) is not None:
             raise ValueError(f"{windows!r} exists already")
         kind = "local" if local else "domain"
-        if rid is None:
+        prefix = MACHINE_SID if local else DOMAIN_SID
+        taken = {user.sid for user in self.users}
+        if sid is None and rid is None:
+            while f"{prefix}-{self._next_rid[kind]}" in taken:
+                self._next_rid[kind] += 1
             rid = self._next_rid[kind]
             self._next_rid[kind] += 1
-        sid = f"{MACHINE_SID if local else DOMAIN_SID}-{rid}"
-        if any(user.sid == sid for user in self.users):
+        if sid is None:
+            sid = f"{prefix}-{rid}"
+        if sid in taken:
             raise ValueError(f"SID {sid} is taken")
         home = (profile or f"C:\\Users\\{sam}") if logged_on else None
         user = User(domain, sam, sid, home, shell_appdata, hive_loaded, hkcu_microsip, hive_file)
@@ -558,6 +579,11 @@ class Workstation(FileSystem):
     def account_of(self, sid: str) -> User | None:
         """The account whose SID is ``sid``."""
         return next((user for user in self.users if user.sid == sid), None)
+
+    def account_name(self, sid: str) -> str | None:
+        """``DOMAIN\\name`` of an account of this machine or a well-known SID (None: unknown)."""
+        account = self.account_of(sid)
+        return account.windows if account is not None else WELL_KNOWN_ACCOUNTS.get(sid)
 
     def profile_of(self, sid: str) -> User | None:
         """The user whose ``ProfileList`` entry exists for ``sid``."""
