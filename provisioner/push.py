@@ -206,6 +206,14 @@ def _plan(
     return planned
 
 
+def _failed(built: BuiltFile, path: str, error: Mapping[str, Any]) -> _Planned:
+    """A file the agent could not even look at: its error code and message."""
+    message = f"{error.get('code', 'error')}: {error.get('message', '')}".strip()
+    failed = _Planned(built, path, None, None, b"", b"", Status.FAILED, message)
+    failed.retryable = error.get("code") in RETRYABLE_CODES
+    return failed
+
+
 def _plan_override(built: BuiltFile, item: Mapping[str, Any], options: PushOptions) -> _Planned:
     path = str(item.get("path") or built.relative_path)
     if item.get("per_user"):
@@ -216,10 +224,7 @@ def _plan_override(built: BuiltFile, item: Mapping[str, Any], options: PushOptio
         return step
     error = item.get("error")
     if error:
-        message = f"{error.get('code', 'error')}: {error.get('message', '')}".strip()
-        failed = _Planned(built, path, None, None, b"", b"", Status.FAILED, message)
-        failed.retryable = error.get("code") in RETRYABLE_CODES
-        return failed
+        return _failed(built, path, error)
     theirs = _decode(item)
     step = _Planned(built, path, None, item.get("sha256"), built.data, built.data, Status.UNCHANGED)
     if theirs == built.data and not options.reset:
@@ -244,10 +249,7 @@ def _plan_microsip(
     error = item.get("error")
     path = str(item.get("path") or "")
     if error:
-        message = f"{error.get('code', 'error')}: {error.get('message', '')}".strip()
-        failed = _Planned(built, path, None, None, b"", b"", Status.FAILED, message)
-        failed.retryable = error.get("code") in RETRYABLE_CODES
-        return failed
+        return _failed(built, path, error)
     theirs_bytes = _decode(item)
     applied = item.get("applied") or {}
     base_bytes = _decode(applied) if applied.get("exists") else None

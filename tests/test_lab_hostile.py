@@ -87,6 +87,13 @@ def readable_with(ws: Workstation, sid: str, secret: str) -> list[str]:
     return found
 
 
+def _doctor(kit: Kit) -> list[doctor.Check]:
+    options = connections.winrm_options(kit.station("ws01"), kit.keyring, kit.lab.lab_map())
+    return doctor.remote_checks(
+        kit.station("ws01"), kit.files("ws01"), kit.transport("ws01"), options
+    )
+
+
 def _file(result: object, user: str) -> object:
     return next(f for f in result.files if f.user == user)  # type: ignore[attr-defined]
 
@@ -557,12 +564,7 @@ def test_an_msi_product_decides_when_the_registry_does_not(station: Station) -> 
 
 
 def test_doctor_reports_which_rule_decided(shared: Kit) -> None:
-    options = connections.winrm_options(
-        shared.station("ws01"), shared.keyring, shared.lab.lab_map()
-    )
-    checks = doctor.remote_checks(
-        shared.station("ws01"), shared.files("ws01"), shared.transport("ws01"), options
-    )
+    checks = _doctor(shared)
     profile = next(c for c in checks if c.name == "profile u1x1")
     assert profile.ok and "installed, decided by hklm" in profile.detail
 
@@ -754,12 +756,7 @@ def test_constrained_language_mode_is_named_by_push_and_doctor(shared: Kit) -> N
     _ws(shared).language_mode = "ConstrainedLanguage"
     result = shared.push("ws01")
     assert result.status == Status.FAILED and "ConstrainedLanguage" in result.message
-    options = connections.winrm_options(
-        shared.station("ws01"), shared.keyring, shared.lab.lab_map()
-    )
-    checks = doctor.remote_checks(
-        shared.station("ws01"), shared.files("ws01"), shared.transport("ws01"), options
-    )
+    checks = _doctor(shared)
     powershell = next(c for c in checks if c.name == "powershell")
     assert not powershell.ok and "ConstrainedLanguage" in powershell.detail
     assert "WDAC" in powershell.fix
@@ -767,11 +764,6 @@ def test_constrained_language_mode_is_named_by_push_and_doctor(shared: Kit) -> N
 
 def test_remote_shells_disabled_by_policy_is_named_by_doctor(shared: Kit) -> None:
     shared.lab.hosts["ws01"].set_remote_shells(False)
-    options = connections.winrm_options(
-        shared.station("ws01"), shared.keyring, shared.lab.lab_map()
-    )
-    checks = doctor.remote_checks(
-        shared.station("ws01"), shared.files("ws01"), shared.transport("ws01"), options
-    )
+    checks = _doctor(shared)
     winrs = next(c for c in checks if c.name == "winrs")
     assert not winrs.ok and "AllowRemoteShellAccess" in winrs.fix

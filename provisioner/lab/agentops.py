@@ -932,67 +932,76 @@ def apply_file(
 ) -> Json:
     """``Invoke-ApplyFile``: one file of an apply request."""
     result = new_result(entry)
+    return reported(result, lambda: _apply(ws, entry, policy, roots, table, result))
+
+
+def _apply(
+    ws: Workstation, entry: Json, policy: str, roots: list[str], table: ProcessTable, result: Json
+) -> None:
+    spec = parse_file(entry)
+    intended = ps_text(entry.get("sha256")).lower()
+    # refused rather than guessed: a missing content would truncate the user's file
+    if entry.get("content_b64") is None or not intended:
+        raise FileError("internal", "the request gives no content_b64 or no sha256 for this file.")
+    content = _decode(entry, "content_b64")
+    prepared = prepare(ws, spec, roots)
+    state, start = prepared.state, prepared.start
+    old = ws.read(spec.path)
+    if old is not None:
+        assert_safe_path(ws, spec.path, start)  # a folder swapped meanwhile is not read
+    current = _sha(old)
+    result["old_sha256"] = current
+    expected = entry.get("expect_sha256")
+    if current != (expected.lower() if isinstance(expected, str) else expected):
+        result["status"] = "conflict"
+        result["error"] = error("conflict", "the file changed since inspect.")
+        return
+    if not running_policy(ws, spec, policy, result, table):
+        return
+    pending = state.item(PENDING)
+    if old is not None:
+        write_state_file(ws, state, PENDING, old)
     try:
-        spec = parse_file(entry)
-        intended = ps_text(entry.get("sha256")).lower()
-        # refused rather than guessed: a missing content would truncate the user's file
-        if entry.get("content_b64") is None or not intended:
-            raise FileError(
-                "internal", "the request gives no content_b64 or no sha256 for this file."
-            )
-        content = _decode(entry, "content_b64")
-        prepared = prepare(ws, spec, roots)
-        state, start = prepared.state, prepared.start
-        old = ws.read(spec.path)
-        if old is not None:
-            assert_safe_path(ws, spec.path, start)  # a folder swapped meanwhile is not read
-        current = _sha(old)
-        result["old_sha256"] = current
-        expected = entry.get("expect_sha256")
-        if current != (expected.lower() if isinstance(expected, str) else expected):
-            result["status"] = "conflict"
-            result["error"] = error("conflict", "the file changed since inspect.")
-            return result
-        if not running_policy(ws, spec, policy, result, table):
-            return result
-        pending = state.item(PENDING)
-        if old is not None:
-            write_state_file(ws, state, PENDING, old)
-        try:
-            write_managed(ws, spec, content, pending if old is not None else None, start)
-        except FileError:
-            # While the file is missing (a replace that died half-way), backup.new is the only
-            # copy of its content: the next request puts it back.
-            if old is not None and ws.exists(spec.path):
-                _discard(ws, pending)
-            raise
-        written = ws.sha256(spec.path)
-        result["new_sha256"] = written
-        if written != intended:
-            put_back(ws, spec, pending if old is not None else None, old is not None)
+        write_managed(ws, spec, content, pending if old is not None else None, start)
+    except FileError:
+        # While the file is missing (a replace that died half-way), backup.new is the only
+        # copy of its content: the next request puts it back.
+        if old is not None and ws.exists(spec.path):
             _discard(ws, pending)
-            undone = "the previous file was put back" if old is not None else "it was removed"
+        raise
+    written = ws.sha256(spec.path)
+    result["new_sha256"] = written
+    if written != intended:
+        put_back(ws, spec, pending if old is not None else None, old is not None)
+        _discard(ws, pending)
+        undone = "the previous file was put back" if old is not None else "it was removed"
+        raise FileError(
+            "verify-failed",
+            f"the file read back differs from the intended content; {undone}.",
+        )
+    if old is not None:
+        # written and verified: a failed rotation leaves backup.new for the next request
+        try:
+            backups_down(ws, state)
+            result["backup"] = state.item("backup.1")
+        except FileError:
+            result["backup"] = pending
+    if entry.get("applied_b64") is not None:
+        try:
+            write_state_file(ws, state, "applied", _decode(entry, "applied_b64"))
+        except FileError as failed:
+            # the file itself is written: say so, or nothing would seem to have changed
             raise FileError(
-                "verify-failed",
-                f"the file read back differs from the intended content; {undone}.",
-            )
-        if old is not None:
-            # written and verified: a failed rotation leaves backup.new for the next request
-            try:
-                backups_down(ws, state)
-                result["backup"] = state.item("backup.1")
-            except FileError:
-                result["backup"] = pending
-        if entry.get("applied_b64") is not None:
-            try:
-                write_state_file(ws, state, "applied", _decode(entry, "applied_b64"))
-            except FileError as failed:
-                # the file itself is written: say so, or nothing would seem to have changed
-                raise FileError(
-                    failed.code,
-                    f"the file was written, but not its applied copy: {failed.message}",
-                ) from None
-        result["status"] = "written"
+                failed.code,
+                f"the file was written, but not its applied copy: {failed.message}",
+            ) from None
+    result["status"] = "written"
+
+
+def reported(result: Json, step: Callable[[], None]) -> Json:
+    """The answer item of one file: a failure is reported in it, never raised (but a crash)."""
+    try:
+        step()
     except Crashed:
         raise
     except FileError as failed:
@@ -1009,55 +1018,50 @@ def rollback_file(
 ) -> Json:
     """``Invoke-RollbackFile``: put ``backup.1`` back in place of one file."""
     result = new_result(entry)
+    return reported(result, lambda: _rollback(ws, entry, policy, roots, table, result))
+
+
+def _rollback(
+    ws: Workstation, entry: Json, policy: str, roots: list[str], table: ProcessTable, result: Json
+) -> None:
+    spec = parse_file(entry)
+    prepared = prepare(ws, spec, roots)
+    state, start = prepared.state, prepared.start
+    backup = state.item("backup.1")
+    content = ws.read(backup)
+    if content is None:
+        raise FileError("no-backup", f"there is no backup of {spec.path} to restore.")
+    if not running_policy(ws, spec, policy, result, table):
+        return
+    old = ws.read(spec.path)
+    rolled = state.item("rolled-back")
+    previous = rolled if old is not None else None
     try:
-        spec = parse_file(entry)
-        prepared = prepare(ws, spec, roots)
-        state, start = prepared.state, prepared.start
-        backup = state.item("backup.1")
-        content = ws.read(backup)
-        if content is None:
-            raise FileError("no-backup", f"there is no backup of {spec.path} to restore.")
-        if not running_policy(ws, spec, policy, result, table):
-            return result
-        old = ws.read(spec.path)
-        rolled = state.item("rolled-back")
-        previous = rolled if old is not None else None
-        try:
-            if old is not None:
-                assert_safe_path(ws, spec.path, start)
-                result["old_sha256"] = _sha(old)
-                write_state_file(ws, state, "rolled-back", old)
-                result["backup"] = rolled
-            else:
-                _discard(ws, rolled)
-            write_managed(ws, spec, content, previous, start)
-            if ws.sha256(spec.path) != _sha(content):
-                put_back(ws, spec, previous, old is not None)
-                raise FileError(
-                    "verify-failed",
-                    "the file read back differs from the backup; the previous content was put "
-                    "back.",
-                )
-        except FileError:
-            result["backup"] = None
-            if ws.exists(spec.path):
-                _discard(ws, rolled)
-            raise
-        ws.delete(backup)
-        backups_up(ws, state)
-        # without a merge base the next push treats the restored file as new
-        ws.delete(state.item("applied"))
-        result["new_sha256"] = ws.sha256(spec.path)
-        result["status"] = "restored"
-    except Crashed:
+        if old is not None:
+            assert_safe_path(ws, spec.path, start)
+            result["old_sha256"] = _sha(old)
+            write_state_file(ws, state, "rolled-back", old)
+            result["backup"] = rolled
+        else:
+            _discard(ws, rolled)
+        write_managed(ws, spec, content, previous, start)
+        if ws.sha256(spec.path) != _sha(content):
+            put_back(ws, spec, previous, old is not None)
+            raise FileError(
+                "verify-failed",
+                "the file read back differs from the backup; the previous content was put back.",
+            )
+    except FileError:
+        result["backup"] = None
+        if ws.exists(spec.path):
+            _discard(ws, rolled)
         raise
-    except FileError as failed:
-        result["status"] = "error"
-        result["error"] = error(failed.code, failed.message)
-    except OSError as failed:
-        result["status"] = "error"
-        result["error"] = error("internal", f"{failed.strerror or failed}.")
-    return result
+    ws.delete(backup)
+    backups_up(ws, state)
+    # without a merge base the next push treats the restored file as new
+    ws.delete(state.item("applied"))
+    result["new_sha256"] = ws.sha256(spec.path)
+    result["status"] = "restored"
 
 
 def execute_files(ws: Workstation, request: Json, op: str, policy: str) -> list[Json]:
