@@ -129,17 +129,14 @@ def _is_sealed(value: object) -> bool:
     return isinstance(value, _SEALED)
 
 
-@dataclass(frozen=True)
-class _Placement:
-    """A password the ini filter wrote as a marker, and where in the templates it did."""
-
-    secret: Secret
-    frame: tuple[jinja2.Template, int] | None  # the template and its compiled code's line
+# A password the ini filter wrote as a marker, and where in the templates it did: the
+# template and its compiled code's line (a tuple: one is made per password per render).
+_Placement = tuple[Secret, tuple[jinja2.Template, int] | None]
 
 
 class _Placements(list[_Placement]):
     def mark(self, secret: Secret) -> str:
-        self.append(_Placement(secret, _calling_template()))
+        self.append((secret, _calling_template()))
         return f"{_MARK_START}{len(self) - 1}{_MARK_END}"
 
 
@@ -169,18 +166,20 @@ class _AtLine(Exception):
 
 def _place_secrets(text: str, placements: _Placements) -> str:
     """``text`` with each marker replaced by its password, once each stands alone in its key."""
-    for index, placement in enumerate(placements):
+    places = []
+    for index, (secret, frame) in enumerate(placements):
         marker = f"{_MARK_START}{index}{_MARK_END}"
         start = text.find(marker)
-        if start < 0 or text.find(marker, start + 1) >= 0:
-            raise _AtLine(placement.frame, str(_SealedUse()))
         line_start = text.rfind("\n", 0, start) + 1
         line_end = text.find("\n", start)
         key, sep, value = text[line_start : line_end if line_end >= 0 else None].partition("=")
-        if not sep or key.strip().lower() != PASSWORD_KEY or value.strip() != marker:
-            raise _AtLine(placement.frame, str(_SealedUse()))
-    for index, placement in enumerate(placements):
-        text = text.replace(f"{_MARK_START}{index}{_MARK_END}", ini_value(placement.secret))
+        if start < 0 or not sep or key.strip().lower() != PASSWORD_KEY or value.strip() != marker:
+            raise _AtLine(frame, str(_SealedUse()))
+        places.append((start, start + len(marker), secret))
+    if text.count(_MARK_START) != len(placements):  # a marker written twice (or forged)
+        raise _AtLine(placements[0][1], str(_SealedUse()))
+    for start, end, secret in sorted(places, key=lambda place: place[0], reverse=True):
+        text = text[:start] + ini_value(secret) + text[end:]
     return text
 
 
@@ -451,7 +450,7 @@ _SIZING_CALLS |= {"join", "extend"}
 _SIZE_FILTERS = frozenset({"center", "batch", "slice"})
 _SIZE_ARGUMENTS = ("width", "linecount", "slices")
 _TICK = 0.05  # seconds of CPU between two looks at a running render
-_CHUNKS_PER_LOOK = 32
+_CHUNKS_PER_LOOK = 64
 _SIGNALS = hasattr(signal, "setitimer")
 
 
@@ -539,15 +538,10 @@ class TemplateEnvironment(SandboxedEnvironment):
         self.budget = budget
         self.limits = _Limits(budget)
 
-    def getattr(self, obj: Any, attribute: str) -> Any:
-        if isinstance(obj, _SEALED):
-            raise _SealedUse
-        return super().getattr(obj, attribute)
-
-    def getitem(self, obj: Any, argument: Any) -> Any:
-        if isinstance(obj, _SEALED):
-            raise _SealedUse
-        return super().getitem(obj, argument)
+    def is_safe_attribute(self, obj: Any, attr: str, value: Any) -> bool:
+        # No attribute of a password is safe. (A SealedValue has none: looking one up tries
+        # its items, which raises.)
+        return not isinstance(obj, _SEALED) and super().is_safe_attribute(obj, attr, value)
 
     def call_binop(
         self, context: jinja2.runtime.Context, operator: str, left: Any, right: Any
@@ -695,19 +689,21 @@ def _generate(
     size = 0
     generator = template.root_render_func(template.new_context(dict(context)))
     try:
-        while batch := list(islice(generator, _CHUNKS_PER_LOOK)):
+        while True:
+            batch = list(islice(generator, _CHUNKS_PER_LOOK))
             size += sum(map(len, batch))
             if size > budget.output:
                 raise _AtLine(
                     _running_template(generator),
                     f"the template wrote more than {budget.output:,} characters",
                 )
+            if len(batch) < _CHUNKS_PER_LOOK:  # the end: most files need one look
+                return "".join(chunks + batch if chunks else batch)
             chunks += batch
     except _AtLine:
         raise
     except Exception:
         template.environment.handle_exception()  # raises, with template lines in the traceback
-    return "".join(chunks)
 
 
 def _running_template(generator: Any) -> tuple[jinja2.Template, int] | None:
