@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/phase1_bench.py --sizes 1000,10000,100000 --ansible 1000
 	$(BIN)/python bench/push_bench.py
 	$(BIN)/python bench/fleet_bench.py
+	$(BIN)/python bench/hostile_bench.py
 
 clean:
 	rm -rf $(VENV) build .mypy_cache .ruff_cache
