@@ -20,6 +20,7 @@ import contextvars
 import functools
 import importlib.resources
 import math
+import os
 import re
 import resource
 import signal
@@ -179,7 +180,7 @@ def _place_secrets(text: str, placements: _Placements) -> str:
     if text.count(_MARK_START) != len(placements):  # a marker written twice (or forged)
         raise _AtLine(placements[0][1], str(_SealedUse()))
     for start, end, secret in sorted(places, key=lambda place: place[0], reverse=True):
-        text = text[:start] + ini_value(secret) + text[end:]
+        text = text[:start] + _secret_text(secret) + text[end:]
     return text
 
 
@@ -195,13 +196,13 @@ def default_template_dir() -> Path:
 
 
 def ini_value(value: object) -> str:
-    """Text for one INI value: booleans as 0/1, lists joined by spaces, secrets revealed.
+    """Text for one INI value (the ``ini`` filter): booleans as 0/1, lists joined by spaces.
 
     The result reads back as exactly the value through ``GetPrivateProfileString``: a value
     enclosed in quotes gets one protective pair more (the profile API strips one pair, and
     MicroSIP writes hooks and device names that way); surrounding whitespace, which the
-    profile API strips, is refused. Templates reach it through the ``ini`` filter, which
-    writes a password as a marker instead (see :func:`render`).
+    profile API strips, is refused. A password, while a template renders, becomes a marker
+    that :func:`render` checks and fills; outside a render a :class:`Secret` is revealed.
     """
     text = _plain_value(value)
     if text != text.strip():
@@ -209,27 +210,18 @@ def ini_value(value: object) -> str:
     return f'"{text}"' if unquote(text) != text else text
 
 
-def _ini_filter(value: object) -> str:
-    """The ``ini`` filter: a password becomes a marker that :func:`render` checks and fills."""
-    if isinstance(value, _SEALED):
-        placements = _PLACEMENTS.get()
-        if placements is None:
-            raise _SealedUse
-        secret = value if isinstance(value, Secret) else object.__getattribute__(value, "_secret")
-        return placements.mark(secret)
-    return ini_value(value)
-
-
 def _plain_value(value: object) -> str:
     if type(value) is str:  # most values: one check instead of eight
         if _LINE_BREAKING.search(value):
             raise _ValueError("a value contains a line break or control character")
         return value
-    if isinstance(value, Secret):
-        text = value.reveal()
-        if _LINE_BREAKING.search(text):
-            raise PolicyViolationError("a secret value contains a line break or control character")
-        return text
+    if isinstance(value, _SEALED):
+        placements = _PLACEMENTS.get()
+        if placements is not None:
+            return placements.mark(_secret_of(value))
+        if isinstance(value, SealedValue):
+            raise _SealedUse
+        return _secret_text(value)
     if value is None:
         return ""
     if isinstance(value, bool):
@@ -251,6 +243,20 @@ def _plain_value(value: object) -> str:
     if _LINE_BREAKING.search(text):
         raise _ValueError("a value contains a line break or control character")
     return text
+
+
+def _secret_of(value: SealedValue | Secret) -> Secret:
+    return value if isinstance(value, Secret) else object.__getattribute__(value, "_secret")
+
+
+def _secret_text(secret: Secret) -> str:
+    """The password as it goes into its key, with the checks every value gets."""
+    text = secret.reveal()
+    if _LINE_BREAKING.search(text):
+        raise PolicyViolationError("a secret value contains a line break or control character")
+    if text != text.strip():
+        raise _ValueError("a value starts or ends with whitespace, which Windows strips")
+    return f'"{text}"' if unquote(text) != text else text
 
 
 def _refuse_raw_secret(value: object) -> object:
@@ -464,8 +470,9 @@ class _Clock:
     it goes over its budget's time or memory.
 
     Signals reach only the main thread: renders elsewhere keep the output and value limits
-    only. Its handler is installed once per process (installing it costs more than a render);
-    between renders it passes the signal on to the handler it replaced.
+    only. Setting a timer costs a system call, so the timer is left running between the
+    renders of a build and stops itself at the first tick that finds no render running; the
+    handler is installed once per process, and passes that tick on to the one it replaced.
     """
 
     def __init__(self) -> None:
@@ -474,24 +481,32 @@ class _Clock:
         self.baseline = 0
         self.previous: Any = None
         self.installed = False  # a forked child inherits the handler, and this flag with it
+        self.running = False  # the timer is set (a forked child has none)
+
+    def forked(self) -> None:
+        self.budget, self.running = None, False
 
     def start(self, budget: RenderBudget) -> bool:
         if not _SIGNALS or threading.current_thread() is not threading.main_thread():
             return False
         if not self.installed:
             self.previous = signal.signal(signal.SIGPROF, self.handle)
+            os.register_at_fork(after_in_child=self.forked)
             self.installed = True
         self.budget, self.ticks, self.baseline = budget, 0, 0
-        signal.setitimer(signal.ITIMER_PROF, _TICK, _TICK)
+        if not self.running:
+            self.running = True
+            signal.setitimer(signal.ITIMER_PROF, _TICK, _TICK)
         return True
 
     def stop(self) -> None:
-        self.budget = None  # a signal from here on is passed on
-        signal.setitimer(signal.ITIMER_PROF, 0)
+        self.budget = None  # the next tick stops the timer, unless a render has started again
 
     def handle(self, signum: int, frame: FrameType | None) -> None:
         budget = self.budget
         if budget is None:
+            self.running = False
+            signal.setitimer(signal.ITIMER_PROF, 0)
             if callable(self.previous):
                 self.previous(signum, frame)
             return
@@ -605,7 +620,7 @@ def make_environment(
     )
     for name, function in list(env.filters.items()):
         env.filters[name] = _guarded_filter(name, function, env.limits)
-    env.filters["ini"] = _ini_filter
+    env.filters["ini"] = ini_value
     env.filters["bool01"] = bool01
     env.filters["quoted"] = quoted
     return env
