@@ -139,17 +139,20 @@ def _build(
     opener = opener_factory(recipients)
     env = render.make_environment([templates or root / TEMPLATES_DIR], budget=budget)
     builder = _Builder(inventory, recipients, opener, env)
-    result.findings.extend(builder.compile_templates())
-    if workers is None:
-        workers = forked.usable_workers(len(result.targets), per_worker=TARGETS_PER_WORKER)
-    chunks = forked.split(result.targets, workers)
-    result.workers = len(chunks)
-    for part in forked.stream_chunks(builder.build_all, chunks):
-        result.files.extend(part.files)
-        result.findings.extend(part.findings)
-        for phase, seconds in part.timings.items():
-            # With several workers, a phase's figure is the sum over the processes.
-            result.timings[phase] = result.timings.get(phase, 0.0) + seconds
+    try:
+        result.findings.extend(builder.compile_templates())
+        if workers is None:
+            workers = forked.usable_workers(len(result.targets), per_worker=TARGETS_PER_WORKER)
+        chunks = forked.split(result.targets, workers)
+        result.workers = len(chunks)
+        for part in forked.stream_chunks(builder.build_all, chunks):
+            result.files.extend(part.files)
+            result.findings.extend(part.findings)
+            for phase, seconds in part.timings.items():
+                # With several workers, a phase's figure is the sum over the processes.
+                result.timings[phase] = result.timings.get(phase, 0.0) + seconds
+    finally:
+        render.stop_clock()
     _copied_tokens(inventory, result)
     result.findings.sort(key=lambda f: (f.severity != "error", f.file, f.line, f.column))
     return result

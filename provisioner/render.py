@@ -16,6 +16,7 @@ Templates are code written by people who may not read passwords, so:
 
 from __future__ import annotations
 
+import atexit
 import contextvars
 import functools
 import importlib.resources
@@ -502,6 +503,12 @@ class _Clock:
     def stop(self) -> None:
         self.budget = None  # the next tick stops the timer, unless a render has started again
 
+    def halt(self) -> None:
+        self.budget = None
+        if self.running:
+            self.running = False
+            signal.setitimer(signal.ITIMER_PROF, 0)
+
     def handle(self, signum: int, frame: FrameType | None) -> None:
         budget = self.budget
         if budget is None:
@@ -525,6 +532,17 @@ class _Clock:
 
 
 _CLOCK = _Clock()
+
+
+def stop_clock() -> None:
+    """Stop the CPU timer that renders leave running between files: when a build ends.
+
+    At exit too: Python restores SIGPROF's default action (end the process) as it shuts down.
+    """
+    _CLOCK.halt()
+
+
+atexit.register(stop_clock)
 
 
 # --------------------------------------------------------------------------- the environment

@@ -11,11 +11,12 @@ The passwords here are real ones (sealed and opened with a key), so that a leak 
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import pytest
 
-from provisioner import build, vault
+from provisioner import build, render, vault
 from provisioner.model import Secret
 from tests.test_build import (
     BASE,
@@ -265,3 +266,31 @@ def test_a_render_stays_within_its_budget(tmp_path: Path, name: str) -> None:
     path = root / "templates" / "microsip.ini.j2"
     assert finding["message"].startswith(f"{path}:3: "), finding["message"]
     assert "budget" in finding["message"] or "more than" in finding["message"]
+
+
+def test_the_budget_holds_in_forked_workers_and_no_timer_outlives_a_build(
+    tmp_path: Path,
+) -> None:
+    users = "".join(
+        f"  u{i}:\n    accounts:\n      main: {{sip_uri: 100{i}@pbx.example.com, password: SEAL}}\n"
+        for i in range(4)
+    )
+    endless = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    template = (
+        TEMPLATE_HEAD + "{% if user.name == 'u3' %}" + endless + "{% endif %}\n" + TEMPLATE_ACCOUNT
+    )
+    files = {
+        "users.yaml": "users:\n" + users,
+        "workstations.yaml": "workstations:\n  ws1:\n    users: [u0, u1, u2, u3]\n",
+        "templates/microsip.ini.j2": template,
+    }
+    budget = render.RenderBudget(seconds=0.3)
+    _, result = build_files(tmp_path / "inv", files, workers=2, budget=budget)
+    assert result.workers == 2  # u3 is rendered in the forked worker
+    [finding] = result.findings
+    assert finding.file == "ws1/u3/microsip.ini"
+    assert "ran for more than 0.3 s of CPU time" in finding.message
+    assert len(result.files) == 4  # the other users and the override
+    # The timer renders leave running between files is stopped when the build ends: at exit,
+    # Python gives SIGPROF back its default action, which ends the process.
+    assert signal.getitimer(signal.ITIMER_PROF) == (0.0, 0.0)
