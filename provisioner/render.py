@@ -38,7 +38,7 @@ from typing import Any, NoReturn
 import jinja2
 from jinja2.compiler import CodeGenerator, Frame, optimizeconst
 from jinja2.nodes import Concat
-from jinja2.sandbox import SandboxedEnvironment
+from jinja2.sandbox import SandboxedEnvironment, is_internal_attribute
 
 from provisioner.errors import PolicyViolationError, RenderError
 from provisioner.inidoc import unquote
@@ -572,9 +572,11 @@ class TemplateEnvironment(SandboxedEnvironment):
         self.limits = _Limits(budget)
 
     def is_safe_attribute(self, obj: Any, attr: str, value: Any) -> bool:
-        # No attribute of a password is safe. (A SealedValue has none: looking one up tries
-        # its items, which raises.)
-        return not isinstance(obj, _SEALED) and super().is_safe_attribute(obj, attr, value)
+        # The sandbox's rule, and no attribute of a password is safe. (A SealedValue has none:
+        # looking one up tries its items, which raises.)
+        return not (
+            isinstance(obj, _SEALED) or attr.startswith("_") or is_internal_attribute(obj, attr)
+        )
 
     def call_binop(
         self, context: jinja2.runtime.Context, operator: str, left: Any, right: Any
@@ -592,7 +594,10 @@ class TemplateEnvironment(SandboxedEnvironment):
             if name == "join" and args and not isinstance(args[0], list):
                 args = (list(args[0]), *args[1:])  # measured before joining
             __self.limits.call(__obj, args, kwargs)
-        return __self.limits.result(super().call(__context, __obj, *args, **kwargs))
+        result = super().call(__context, __obj, *args, **kwargs)
+        if isinstance(result, _SIZED) and len(result) > __self.budget.output:
+            __self.limits.over("a value")
+        return result
 
     def concat_values(self, values: Sequence[Any]) -> str:
         """``a ~ b``: the parts as text, joined, within the budget."""
