@@ -110,6 +110,13 @@ ATTACKS = [
     f"{{% macro m(v) %}}{{{{ v.reveal() }}}}{{% endmacro %}}userAgent={{{{ m({PW}) }}}}",
     f"{{% set ns = namespace(v={PW}) %}}userAgent={{{{ ns.v|string }}}}",
     f"{{% filter reverse %}}password={{{{ {PW}|ini }}}}{{% endfilter %}}",
+    f"userAgent={{{{ {PW}|attr('reveal') }}}}",
+    f"userAgent={{{{ {PW}|ini|truncate(5) }}}}",
+    f"userAgent={{{{ {PW}|ini|urlencode }}}}",
+    f"userAgent={{{{ {PW}|ini|wordcount }}}}",
+    "userAgent={% for a in accounts %}{{ loop.cycle(a.fields.password) }}{% endfor %}",
+    f"{{% macro w(v) %}}{{{{ caller(v) }}}}{{% endmacro %}}"
+    f"userAgent={{% call(x) w({PW}) %}}{{{{ x.reveal() }}}}{{% endcall %}}",
     f"{{{{ {PW}|ini }}}}=1",
     f"; {{{{ {PW}|ini }}}}",
     f"[{{{{ {PW}|ini }}}}]",
