@@ -14,6 +14,7 @@ from pathlib import Path
 
 import provisioner.lint as ini_lint
 from provisioner import forked, ini, render, resolve, vault
+from provisioner.budget import DEFAULT_BUDGET, RenderBudget, stop_clock
 from provisioner.errors import InventoryError, ProvisionerError, RenderError, VaultError
 from provisioner.inidoc import IniDocument, IniEntry
 from provisioner.inventory import InventoryErrors, load_inventory
@@ -86,7 +87,7 @@ def build(
     templates: Path | None = None,
     workers: int | None = None,
     process_lifetime: bool = False,
-    budget: render.RenderBudget = render.DEFAULT_BUDGET,
+    budget: RenderBudget = DEFAULT_BUDGET,
 ) -> BuildResult:
     """Run Phase 1 for every selected target of the inventory at ``root``.
 
@@ -106,7 +107,7 @@ def _build(
     opener_factory: OpenerFactory,
     templates: Path | None,
     workers: int | None,
-    budget: render.RenderBudget,
+    budget: RenderBudget,
 ) -> BuildResult:
     result = BuildResult()
     clock = _Clock(result.timings)
@@ -152,7 +153,7 @@ def _build(
                 # With several workers, a phase's figure is the sum over the processes.
                 result.timings[phase] = result.timings.get(phase, 0.0) + seconds
     finally:
-        render.stop_clock()
+        stop_clock()  # the timer renders leave running between files
     _copied_tokens(inventory, result)
     result.findings.sort(key=lambda f: (f.severity != "error", f.file, f.line, f.column))
     return result

@@ -10,26 +10,20 @@ Templates are code written by people who may not read passwords, so:
   its only way out, and only into the whole value of a ``password`` key (the filter writes a
   marker that is replaced after rendering, once its place is checked); anything else done with
   it is a render error naming the template line;
-- a render has a budget (:class:`RenderBudget`): CPU time, output, and the size of any value
-  an operator, filter or method makes, so that a template cannot hang CI or fill its memory.
+- a render has a budget (:mod:`provisioner.budget`): CPU time, memory, output (counted here)
+  and the size of any value an operator, filter or method makes, so that a template cannot
+  hang CI or fill its memory.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextvars
 import functools
 import importlib.resources
 import math
-import os
 import re
-import resource
-import signal
-import string
 import sys
-import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -40,6 +34,15 @@ from jinja2.compiler import CodeGenerator, Frame, optimizeconst
 from jinja2.nodes import Concat
 from jinja2.sandbox import SandboxedEnvironment, is_internal_attribute
 
+from provisioner.budget import (
+    CLOCK,
+    DEFAULT_BUDGET,
+    SIZED,
+    SIZING_CALLS,
+    OverBudget,
+    RenderBudget,
+    ValueLimits,
+)
 from provisioner.errors import PolicyViolationError, RenderError
 from provisioner.inidoc import unquote
 from provisioner.model import Secret
@@ -66,28 +69,6 @@ class _SealedUse(_ValueError):
             "a password is written only through the ini filter, whole, as the value of a"
             " password key: password={{ account.fields.password | ini }}"
         )
-
-
-class _OverBudget(_ValueError):
-    """A render went over its budget."""
-
-
-@dataclass(frozen=True)
-class RenderBudget:
-    """What one render (one file) may use: CPU seconds, characters of output and of any value.
-
-    Ordinary templates use a thousandth of a second and a few hundred characters.
-    """
-
-    seconds: float = 1.0
-    output: int = 1024 * 1024
-    # Growth of the process's peak memory during one render, in bytes.
-    memory: int = 256 * 1024 * 1024
-    # The largest integer an operator may make, in bits (about 30,000 digits).
-    int_bits: int = 100_000
-
-
-DEFAULT_BUDGET = RenderBudget()
 
 
 # --------------------------------------------------------------------------- sealed values
@@ -124,7 +105,6 @@ def sealed(secret: Secret) -> SealedValue:
 
 
 _SEALED = (SealedValue, Secret)  # a tuple: isinstance with it is a little faster than with a union
-_SIZED = (str, bytes, bytearray, list, tuple, dict)
 
 
 def _is_sealed(value: object) -> bool:
@@ -292,257 +272,7 @@ def quoted(value: object) -> str:
 # --------------------------------------------------------------------------- the budget
 
 
-def _size(value: object) -> int:
-    return len(value) if isinstance(value, _SIZED) else 0
-
-
-def _big_int(value: object, limit: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and abs(value) > limit
-
-
-_PERCENT_FIELD = re.compile(r"%(?:\([^)]*\))?[#0 +\-]*(\*|[0-9]+)?(?:\.(\*|[0-9]+))?")
-
-
-def _widths(fmt: str, *, braces: bool) -> tuple[list[int], bool]:
-    """The widths and precisions a %-format (or str.format) string writes, and whether one
-    of them is taken from the arguments."""
-    widths: list[int] = []
-    from_arguments = False
-    if braces:
-        try:
-            specs = [spec for _, _, spec, _ in string.Formatter().parse(fmt) if spec]
-        except ValueError:
-            return [], False  # formatting raises the same error
-        for spec in specs:
-            widths += [int(n) for n in re.findall(r"[0-9]+", spec)]
-            from_arguments = from_arguments or "{" in spec
-    else:
-        for match in _PERCENT_FIELD.finditer(fmt):
-            for part in match.groups():
-                if part == "*":
-                    from_arguments = True
-                elif part:
-                    widths.append(int(part))
-    return widths, from_arguments
-
-
-class _Limits:
-    """Checks of one environment's budget on values that templates make."""
-
-    def __init__(self, budget: RenderBudget) -> None:
-        self.budget = budget
-
-    def over(self, what: str) -> NoReturn:
-        raise _OverBudget(
-            f"{what} would exceed the render budget of {self.budget.output:,} characters"
-        )
-
-    def over_bits(self, what: str) -> NoReturn:
-        raise _OverBudget(
-            f"{what} would exceed the render budget of {self.budget.int_bits:,} bits for a number"
-        )
-
-    def result(self, value: Any) -> Any:
-        if _size(value) > self.budget.output:
-            self.over("a value")
-        return value
-
-    def binop(self, operator: str, left: Any, right: Any) -> None:
-        """Refuse an operation whose result would be too large, before it is computed."""
-        if _is_sealed(left) or _is_sealed(right):
-            raise _SealedUse
-        limit, bits = self.budget.output, self.budget.int_bits
-        if operator == "*":
-            if isinstance(left, int) and isinstance(right, int):
-                if left.bit_length() + right.bit_length() > bits:
-                    self.over_bits("a product")
-            elif isinstance(left, int) or isinstance(right, int):
-                count, sized = (left, right) if isinstance(left, int) else (right, left)
-                if count > 0 and _size(sized) * count > limit:
-                    self.over("a repetition")
-        elif operator == "**":
-            ints = isinstance(left, int) and isinstance(right, int) and abs(left) > 1
-            if ints and right * left.bit_length() > bits:
-                self.over_bits("a power")
-        elif operator == "%" and isinstance(left, str):
-            self.check_format(left, right if isinstance(right, tuple) else (right,), braces=False)
-
-    def check_format(self, fmt: str, args: Sequence[Any], *, braces: bool) -> None:
-        limit = self.budget.output
-        widths, from_arguments = _widths(fmt, braces=braces)
-        if any(w > limit for w in widths) or (
-            from_arguments and any(_big_int(a, limit) for a in args)
-        ):
-            self.over("a formatted value")
-
-    def call(self, function: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
-        """Refuse a method call whose result would be too large, before it is made."""
-        name = getattr(function, "__name__", "")
-        owner = getattr(function, "__self__", None)
-        limit = self.budget.output
-        values = (*args, *kwargs.values())
-        if name in ("format", "format_map"):
-            # The sandbox hands out str.format wrapped; the string is the wrapped method's.
-            owner = getattr(getattr(function, "__wrapped__", None), "__self__", owner)
-            if isinstance(owner, str):
-                mapped = list(args[0].values()) if args and isinstance(args[0], Mapping) else []
-                self.check_format(owner, [*values, *mapped], braces=True)
-        elif isinstance(owner, int) and name == "to_bytes":
-            if any(_big_int(a, limit) for a in values):
-                self.over("a byte string")
-        elif isinstance(owner, str | bytes | bytearray):
-            if name in _PADDING and any(_big_int(a, limit) for a in values):
-                self.over("a padded value")
-            elif name == "replace" and len(args) >= 2:
-                self.check_replace(owner, args[0], args[1], args[2] if len(args) > 2 else -1)
-            elif name == "expandtabs":
-                tabs = owner.count("\t") if isinstance(owner, str) else owner.count(b"\t")
-                size = args[0] if args else kwargs.get("tabsize", 8)
-                if isinstance(size, int) and tabs * size > limit:
-                    self.over("a value")
-            elif name == "join" and args and isinstance(args[0], list | tuple):
-                self.check_join(owner, args[0])
-        elif name == "extend" and isinstance(owner, list) and args:
-            grown = len(owner) + _size(args[0])
-            if grown > limit:
-                self.over("a list")
-
-    def check_replace(self, text: Any, old: Any, new: Any, count: Any) -> None:
-        texts = isinstance(text, str) and isinstance(old, str)
-        if not texts and not (isinstance(text, bytes) and isinstance(old, bytes)):
-            return
-        found = text.count(old) if old else len(text) + 1
-        if isinstance(count, int) and count >= 0:
-            found = min(found, count)
-        if len(text) + found * max(0, _size(new) - len(old)) > self.budget.output:
-            self.over("a replacement")
-
-    def check_join(self, separator: Any, items: Sequence[Any]) -> None:
-        total = _size(separator) * max(0, len(items) - 1) + sum(_size(i) for i in items)
-        if total > self.budget.output:
-            self.over("a joined value")
-
-    def filter(self, name: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
-        """Refuse a filter whose result would be too large (``args[0]`` is the value)."""
-        limit = self.budget.output
-        value = args[0] if args else None
-        sizes = [args[1]] if len(args) > 1 else [kwargs.get(k) for k in _SIZE_ARGUMENTS]
-        if name in _SIZE_FILTERS and any(_big_int(a, limit) for a in sizes):
-            self.over(f"the {name} filter")
-        elif name == "replace" and len(args) >= 3:
-            self.check_replace(value, args[1], args[2], args[3] if len(args) > 3 else -1)
-        elif name == "join" and isinstance(value, list | tuple):
-            self.check_join(args[1] if len(args) > 1 else kwargs.get("d", ""), value)
-        elif name == "indent" and isinstance(value, str):
-            width = args[1] if len(args) > 1 else kwargs.get("width", 4)
-            each = width if isinstance(width, int) else _size(width)
-            if len(value) + (value.count("\n") + 1) * each > limit:
-                self.over("the indent filter")
-        elif name == "wordwrap" and isinstance(value, str):
-            wrap = args[4] if len(args) > 4 else kwargs.get("wrapstring")
-            if len(value) * max(1, _size(wrap)) > limit:
-                self.over("the wordwrap filter")
-        elif name == "format" and isinstance(value, str):
-            self.check_format(value, [*args[1:], *kwargs.values()], braces=False)
-        elif name == "sum" and isinstance(value, list | tuple):
-            total = sum(_size(v) for v in value) + _size(kwargs.get("start"))
-            if total > limit:
-                self.over("the sum filter")
-
-
-# Methods and filters whose result grows with an integer argument.
-_PADDING = frozenset({"center", "ljust", "rjust", "zfill"})
-_SIZING_CALLS = _PADDING | {"format", "format_map", "to_bytes", "replace", "expandtabs"}
-_SIZING_CALLS |= {"join", "extend"}
-_SIZE_FILTERS = frozenset({"center", "batch", "slice"})
-_SIZE_ARGUMENTS = ("width", "linecount", "slices")
-_TICK = 0.05  # seconds of CPU between two looks at a running render
-_CHUNKS_PER_LOOK = 64
-_SIGNALS = hasattr(signal, "setitimer")
-
-
-def _peak_rss() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
-class _Clock:
-    """Looks at the running render every _TICK seconds of CPU time (SIGPROF), ending it when
-    it goes over its budget's time or memory.
-
-    Signals reach only the main thread: renders elsewhere keep the output and value limits
-    only. Setting a timer costs a system call, so the timer is left running between the
-    renders of a build and stops itself at the first tick that finds no render running; the
-    handler is installed once per process, and passes that tick on to the one it replaced.
-    """
-
-    def __init__(self) -> None:
-        self.budget: RenderBudget | None = None
-        self.ticks = 0
-        self.baseline = 0
-        self.previous: Any = None
-        self.installed = False  # a forked child inherits the handler, and this flag with it
-        self.running = False  # the timer is set (a forked child has none)
-
-    def forked(self) -> None:
-        self.budget, self.running = None, False
-
-    def start(self, budget: RenderBudget) -> bool:
-        if not _SIGNALS or threading.current_thread() is not threading.main_thread():
-            return False
-        if not self.installed:
-            self.previous = signal.signal(signal.SIGPROF, self.handle)
-            os.register_at_fork(after_in_child=self.forked)
-            self.installed = True
-        self.budget, self.ticks, self.baseline = budget, 0, 0
-        if not self.running:
-            self.running = True
-            signal.setitimer(signal.ITIMER_PROF, _TICK, _TICK)
-        return True
-
-    def stop(self) -> None:
-        self.budget = None  # the next tick stops the timer, unless a render has started again
-
-    def halt(self) -> None:
-        self.budget = None
-        if self.running:
-            self.running = False
-            signal.setitimer(signal.ITIMER_PROF, 0)
-
-    def handle(self, signum: int, frame: FrameType | None) -> None:
-        budget = self.budget
-        if budget is None:
-            self.running = False
-            signal.setitimer(signal.ITIMER_PROF, 0)
-            if callable(self.previous):
-                self.previous(signum, frame)
-            return
-        # Once over, every tick raises again until the render stops the clock: an exception
-        # raised where Python only prints it (a __del__ method) must not end the budget.
-        self.ticks += 1
-        if self.ticks * _TICK >= budget.seconds:
-            raise _OverBudget(f"the template ran for more than {budget.seconds:g} s of CPU time")
-        peak = _peak_rss()
-        if not self.baseline:
-            self.baseline = peak
-        elif peak - self.baseline > budget.memory:
-            raise _OverBudget(
-                f"the template used more than {budget.memory // (1024 * 1024)} MiB of memory"
-            )
-
-
-_CLOCK = _Clock()
-
-
-def stop_clock() -> None:
-    """Stop the CPU timer that renders leave running between files: when a build ends.
-
-    At exit too: Python restores SIGPROF's default action (end the process) as it shuts down.
-    """
-    _CLOCK.halt()
-
-
-atexit.register(stop_clock)
+_CHUNKS_PER_LOOK = 64  # output chunks taken between two counts of the output
 
 
 # --------------------------------------------------------------------------- the environment
@@ -569,7 +299,7 @@ class TemplateEnvironment(SandboxedEnvironment):
     def __init__(self, *args: Any, budget: RenderBudget = DEFAULT_BUDGET, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.budget = budget
-        self.limits = _Limits(budget)
+        self.limits = ValueLimits(budget)
 
     def is_safe_attribute(self, obj: Any, attr: str, value: Any) -> bool:
         # The sandbox's rule, and no attribute of a password is safe. (A SealedValue has none:
@@ -581,6 +311,8 @@ class TemplateEnvironment(SandboxedEnvironment):
     def call_binop(
         self, context: jinja2.runtime.Context, operator: str, left: Any, right: Any
     ) -> Any:
+        if isinstance(left, _SEALED) or isinstance(right, _SEALED):
+            raise _SealedUse
         self.limits.binop(operator, left, right)
         return self.limits.result(self.binop_table[operator](left, right))
 
@@ -590,12 +322,12 @@ class TemplateEnvironment(SandboxedEnvironment):
         if isinstance(__obj, _SEALED):
             raise _SealedUse
         name = getattr(__obj, "__name__", "")
-        if name in _SIZING_CALLS:
+        if name in SIZING_CALLS:
             if name == "join" and args and not isinstance(args[0], list):
                 args = (list(args[0]), *args[1:])  # measured before joining
             __self.limits.call(__obj, args, kwargs)
         result = super().call(__context, __obj, *args, **kwargs)
-        if isinstance(result, _SIZED) and len(result) > __self.budget.output:
+        if isinstance(result, SIZED) and len(result) > __self.budget.output:
             __self.limits.over("a value")
         return result
 
@@ -607,7 +339,9 @@ class TemplateEnvironment(SandboxedEnvironment):
         return "".join(parts)
 
 
-def _guarded_filter(name: str, function: Callable[..., Any], limits: _Limits) -> Callable[..., Any]:
+def _guarded_filter(
+    name: str, function: Callable[..., Any], limits: ValueLimits
+) -> Callable[..., Any]:
     """A built-in filter that refuses passwords and results over the budget."""
     skip = 1 if getattr(function, "jinja_pass_arg", None) is not None else 0
 
@@ -651,7 +385,7 @@ def make_environment(
 
 def load_template(env: TemplateEnvironment, name: str) -> jinja2.Template:
     """Compile a template; syntax errors become RenderError with file and line."""
-    clocked = _CLOCK.start(env.budget)  # constant folding runs filters at compile time
+    clocked = CLOCK.start(env.budget)  # constant folding runs filters at compile time
     try:
         return env.get_template(name)
     except jinja2.TemplateNotFound:
@@ -661,11 +395,11 @@ def load_template(env: TemplateEnvironment, name: str) -> jinja2.Template:
             f"{exc.filename or name}:{exc.lineno}: template syntax error: {exc.message}"
             + _snippet(exc.filename, exc.lineno)
         ) from None
-    except _ValueError as exc:
+    except (_ValueError, OverBudget) as exc:
         raise RenderError(f"{name}: {exc} (while compiling it)") from None
     finally:
         if clocked:
-            _CLOCK.stop()
+            CLOCK.stop()
 
 
 # --------------------------------------------------------------------------- rendering
@@ -673,6 +407,7 @@ def load_template(env: TemplateEnvironment, name: str) -> jinja2.Template:
 _TEMPLATE_ERRORS = (
     jinja2.UndefinedError,
     _ValueError,
+    OverBudget,
     jinja2.TemplateError,
     TypeError,
     ValueError,
@@ -689,12 +424,12 @@ def render(template: jinja2.Template, context: Mapping[str, object], target: str
     placements = _Placements()
     token = _PLACEMENTS.set(placements)
     try:
-        clocked = _CLOCK.start(budget)
+        clocked = CLOCK.start(budget)
         try:
             text = _generate(template, context, budget)
         finally:
             if clocked:
-                _CLOCK.stop()
+                CLOCK.stop()
         return _place_secrets(text, placements) if placements else text
     except _AtLine as exc:
         file, line = _position(exc.position, template)

@@ -18,6 +18,7 @@ LAYERS: dict[str, int] = {
     "keytable": 1,
     "atomicfile": 1,
     "forked": 1,
+    "budget": 1,
     "yamldoc": 1,
     "vault": 2,
     "inventory": 2,

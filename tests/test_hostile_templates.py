@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from provisioner import build, render, vault
+from provisioner import build, vault
+from provisioner.budget import RenderBudget
 from provisioner.model import Secret
 from tests.test_build import (
     BASE,
@@ -291,7 +292,7 @@ def test_the_budget_holds_in_forked_workers_and_no_timer_outlives_a_build(
         "workstations.yaml": "workstations:\n  ws1:\n    users: [u0, u1, u2, u3]\n",
         "templates/microsip.ini.j2": template,
     }
-    budget = render.RenderBudget(seconds=0.3)
+    budget = RenderBudget(seconds=0.3)
     _, result = build_files(tmp_path / "inv", files, workers=2, budget=budget)
     assert result.workers == 2  # u3 is rendered in the forked worker
     [finding] = result.findings
