@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/reply_check_bench.py
 	$(BIN)/python bench/fleet_bench.py
 	$(BIN)/python bench/journal_bench.py --hosts 10000
+	$(BIN)/python bench/hostile_bench.py
 
 clean:
 	rm -rf $(VENV) build .mypy_cache .ruff_cache

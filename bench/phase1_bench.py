@@ -150,9 +150,16 @@ def _tree(pid: int) -> list[int]:
     return pids
 
 
-def run_sampled(command: list[str]) -> tuple[str, float]:
-    """Run the child; return its stdout and the peak summed PSS of it and its workers."""
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_sampled(command: list[str]) -> tuple[str, float, float]:
+    """Run the child; return its stdout, the peak summed PSS of it and its workers, and the CPU
+    seconds they used (less sensitive than wall time to other work on a shared machine)."""
     peak = 0.0
+    cpu_before = _children_cpu()
     with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as child:
         done = threading.Event()
 
@@ -168,7 +175,7 @@ def run_sampled(command: list[str]) -> tuple[str, float]:
         sampler.join()
     if child.returncode:
         raise SystemExit(f"benchmark child failed with exit code {child.returncode}")
-    return stdout, peak
+    return stdout, peak, _children_cpu() - cpu_before
 
 
 ANSIBLE_PLAYBOOK = """\
@@ -280,12 +287,13 @@ def main() -> None:
             command = [sys.executable, __file__, "--child", str(root), str(identity)]
             if args.workers:
                 command[2:2] = ["--workers", str(args.workers)]
-            stdout, tree_peak = run_sampled(command)
+            stdout, tree_peak, cpu = run_sampled(command)
             report = json.loads(stdout.strip().splitlines()[-1])
             phases = ", ".join(f"{k} {v:.2f}s" for k, v in report["timings"].items())
             print(
                 f"{size:>7} users: total {report['total']:.2f}s with {report['workers']} "
-                f"process(es) ({phases}); {report['files']} files, {report['errors']} errors, "
+                f"process(es), CPU {cpu:.2f}s ({phases}); {report['files']} files, "
+                f"{report['errors']} errors, "
                 f"peak RSS {report['peak_rss_mib']:.0f} MiB, largest worker "
                 f"{report['child_peak_rss_mib']:.0f} MiB, peak PSS of all processes "
                 f"{tree_peak:.0f} MiB (generation {generated:.1f}s)"

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import provisioner.lint as ini_lint
 from provisioner import forked, ini, render, resolve, vault
+from provisioner.budget import DEFAULT_BUDGET, RenderBudget, stop_clock
 from provisioner.errors import InventoryError, ProvisionerError, RenderError, VaultError
-from provisioner.inidoc import IniDocument
+from provisioner.inidoc import IniDocument, IniEntry
 from provisioner.inventory import InventoryErrors, load_inventory
 from provisioner.keytable import load_key_table
 from provisioner.model import TEMPLATE_LAYER, Finding, Inventory, Secret, Source
@@ -86,16 +87,18 @@ def build(
     templates: Path | None = None,
     workers: int | None = None,
     process_lifetime: bool = False,
+    budget: RenderBudget = DEFAULT_BUDGET,
 ) -> BuildResult:
     """Run Phase 1 for every selected target of the inventory at ``root``.
 
     ``workers`` processes share the targets after the load (default: one per core for large
     inventories where the platform can fork safely, else 1). ``process_lifetime``: the result
     is kept until the process ends (a command-line run), so its objects are frozen out of the
-    garbage collector's scans (see :func:`forked.paused_gc`).
+    garbage collector's scans (see :func:`forked.paused_gc`). ``budget``: what rendering one
+    file may use (CPU time, output, memory).
     """
     with forked.paused_gc(freeze=process_lifetime):
-        return _build(root, selection, opener_factory, templates, workers)
+        return _build(root, selection, opener_factory, templates, workers, budget)
 
 
 def _build(
@@ -104,6 +107,7 @@ def _build(
     opener_factory: OpenerFactory,
     templates: Path | None,
     workers: int | None,
+    budget: RenderBudget,
 ) -> BuildResult:
     result = BuildResult()
     clock = _Clock(result.timings)
@@ -134,19 +138,22 @@ def _build(
     if not result.targets:
         return result  # nothing to open: no key is asked for
     opener = opener_factory(recipients)
-    env = render.make_environment([templates or root / TEMPLATES_DIR])
+    env = render.make_environment([templates or root / TEMPLATES_DIR], budget=budget)
     builder = _Builder(inventory, recipients, opener, env)
-    result.findings.extend(builder.compile_templates())
-    if workers is None:
-        workers = forked.usable_workers(len(result.targets), per_worker=TARGETS_PER_WORKER)
-    chunks = forked.split(result.targets, workers)
-    result.workers = len(chunks)
-    for part in forked.stream_chunks(builder.build_all, chunks):
-        result.files.extend(part.files)
-        result.findings.extend(part.findings)
-        for phase, seconds in part.timings.items():
-            # With several workers, a phase's figure is the sum over the processes.
-            result.timings[phase] = result.timings.get(phase, 0.0) + seconds
+    try:
+        result.findings.extend(builder.compile_templates())
+        if workers is None:
+            workers = forked.usable_workers(len(result.targets), per_worker=TARGETS_PER_WORKER)
+        chunks = forked.split(result.targets, workers)
+        result.workers = len(chunks)
+        for part in forked.stream_chunks(builder.build_all, chunks):
+            result.files.extend(part.files)
+            result.findings.extend(part.findings)
+            for phase, seconds in part.timings.items():
+                # With several workers, a phase's figure is the sum over the processes.
+                result.timings[phase] = result.timings.get(phase, 0.0) + seconds
+    finally:
+        stop_clock()  # the timer renders leave running between files
     _copied_tokens(inventory, result)
     result.findings.sort(key=lambda f: (f.severity != "error", f.file, f.line, f.column))
     return result
@@ -265,7 +272,7 @@ class _Builder:
             text = render.render(self.template(render.OVERRIDE_TEMPLATE), context, target.name)
         path = f"{target.workstation}/override.ini"
         origin = _origin({"settings": plan.enforced_settings}, ())
-        self._finish(target, path, text, plan.install, (), ini_lint.lint_override_ini, origin)
+        self._finish(target, path, text, plan.install, ini_lint.lint_override_ini, origin)
 
     def _microsip(self, target: TargetRef) -> None:
         assert target.user is not None  # noqa: S101 - microsip targets always have a user
@@ -304,18 +311,16 @@ class _Builder:
             if plan.install.mode == "portable"
             else f"{target.workstation}/{target.user}/{plan.install.ini_name}"
         )
-        paths = tuple(p for _, p, _ in secrets)
-        document = self._finish(
+        self._finish(
             target,
             path,
             text,
             plan.install,
-            paths,
             ini_lint.lint_microsip_ini,
             _origin({"settings": profile.settings}, profile.accounts),
             windows=profile.user.windows,
+            secrets=secrets,
         )
-        self._check_secrets_landed(target, text, document, secrets)
 
     def _open(self, profile: Profile) -> list[tuple[int, str, Secret]]:
         opened = []
@@ -356,7 +361,8 @@ class _Builder:
         for account in profile.accounts:
             keys = self._sorted("Account", account.keys)
             if "password" in keys:
-                keys["password"] = by_index.get(account.index)
+                secret = by_index.get(account.index)
+                keys["password"] = None if secret is None else render.sealed(secret)
             accounts.append(
                 {"index": account.index, "id": account.id, "active": account.active, "fields": keys}
             )
@@ -383,14 +389,18 @@ class _Builder:
         path: str,
         text: str,
         install: resolve.Install,
-        secret_paths: tuple[str, ...],
         lint: Callable[..., list[ini_lint.Finding]],
         origin: Callable[[str, str], Source | None],
         windows: str = "",
-    ) -> IniDocument:
+        secrets: Sequence[tuple[int, str, Secret]] = (),
+    ) -> None:
         with self.clock("lint"):
             document = ini.parse_ini(text)
-            for finding in lint(document, source=target.name):
+            # Before lint forms any message about the file: a line that holds a password
+            # outside its key is reported as such, and lint never looks at it (its messages
+            # quote values).
+            hidden = self._check_secrets_landed(target, text, document, secrets)
+            for finding in lint(document, source=target.name, hidden=hidden):
                 self.result.findings.append(
                     Finding(
                         finding.severity,
@@ -406,18 +416,24 @@ class _Builder:
         with self.clock("encode"):
             data = ini.encode_ini(text)
         accounts = sum(1 for s in document.sections if ini.is_account_section(s.name))
-        built = BuiltFile(target, path, data, install, secret_paths, windows, accounts)
+        paths = tuple(pointer for _, pointer, _ in secrets)
+        built = BuiltFile(target, path, data, install, paths, windows, accounts)
         self.result.files.append(built)
-        return document
 
     def _check_secrets_landed(
         self,
         target: TargetRef,
         text: str,
         document: IniDocument,
-        secrets: list[tuple[int, str, Secret]],
-    ) -> None:
-        """Each account's password field holds its own secret, and no secret lands elsewhere."""
+        secrets: Sequence[tuple[int, str, Secret]],
+    ) -> frozenset[int]:
+        """Each account's password field holds its own secret, and no secret lands elsewhere.
+
+        Returns the lines that hold a secret outside its password key (in a value, a key, a
+        section name or a comment); no message may quote them.
+        """
+        if not secrets:
+            return frozenset()
         landed = True
         for index, pointer, secret in secrets:
             section = document.section(f"Account{index}")
@@ -434,29 +450,45 @@ class _Builder:
                     )
                 )
         if landed and all(secret.count_in(text) == 1 for _, _, secret in secrets):
-            return  # each stands once in the text: in its own password line, nowhere else
-        lines = [
-            (section.name, entry) for section in document.sections for entry in section.entries
-        ]
-        lines += [("", entry) for entry in document.preamble]
+            return frozenset()  # each stands once: in its own password line, nowhere else
+
+        def holds(*texts: str) -> bool:
+            # A text whole (any length) or containing a long password.
+            return any(s.occurs_in(t) for _, _, s in secrets for t in texts)
+
+        hidden: set[int] = set()
+        lines: list[tuple[str, IniEntry]] = [("", entry) for entry in document.preamble]
+        for section in document.sections:
+            if holds(section.name):  # lint skips the whole section: its messages name it
+                hidden.add(section.line)
+                self._misplaced(target, section.line, "a section name")
+            else:
+                lines += [(section.name, entry) for entry in section.entries]
         for section_name, entry in lines:
-            if entry.key and entry.key.lower() == "password":
+            if entry.key and entry.key.strip().lower() == "password":
                 continue
-            # A key's value whole (any length) or containing a long password; a comment's text.
-            values = (entry.value, entry.raw_value) if entry.key else (entry.raw_value,)
-            if any(s.occurs_in(v) for _, _, s in secrets for v in values):
-                ini_lint.forget_cached_values()  # lint may have cached that value as a key
-                where = f"[{section_name}] {entry.key}" if entry.key else "a comment"
-                self.result.findings.append(
-                    Finding(
-                        "error",
-                        "secret-misplaced",
-                        f"{where} holds a password (or contains one); the template puts a "
-                        "secret outside its password key",
-                        target.name,
-                        entry.line,
-                    )
-                )
+            if entry.key is None:
+                found, where = holds(entry.raw_value), "a comment"
+            elif holds(entry.key):
+                found, where = True, "a key"  # named without its text
+            else:
+                found, where = holds(entry.value, entry.raw_value), f"[{section_name}] {entry.key}"
+            if found:
+                hidden.add(entry.line)
+                self._misplaced(target, entry.line, where)
+        return frozenset(hidden)
+
+    def _misplaced(self, target: TargetRef, line: int, where: str) -> None:
+        self.result.findings.append(
+            Finding(
+                "error",
+                "secret-misplaced",
+                f"{where} holds a password (or contains one); the template puts a secret "
+                "outside its password key",
+                target.name,
+                line,
+            )
+        )
 
 
 def _origin(

@@ -7,7 +7,7 @@ Layer 2: depends on :mod:`provisioner.inidoc`, :mod:`provisioner.keytable` and
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Literal, NamedTuple
 
@@ -85,23 +85,33 @@ def has_errors(findings: Iterable[Finding]) -> bool:
 
 
 def lint_microsip_ini(
-    doc: IniDocument, *, source: str = "", allow_runtime: bool = False
+    doc: IniDocument,
+    *,
+    source: str = "",
+    allow_runtime: bool = False,
+    hidden: frozenset[int] = frozenset(),
 ) -> list[Finding]:
     """Check a whole microsip.ini: keys, values, sections and the account structure.
 
     ``allow_runtime`` accepts the keys and sections MicroSIP writes itself (for a file read
-    back from a workstation); a freshly rendered file must not contain them.
+    back from a workstation); a freshly rendered file must not contain them. Lines in
+    ``hidden`` (they hold a password outside its key) are not looked at, so no message
+    quotes them; a section whose header is hidden is skipped whole.
     """
-    linter = _Linter(load_key_table(), source, override=False, allow_runtime=allow_runtime)
+    linter = _Linter(
+        load_key_table(), source, override=False, allow_runtime=allow_runtime, hidden=hidden
+    )
     linter.check_document(doc)
     linter.check_accounts(doc)
     linter.check_shortcuts(doc)
     return linter.result()
 
 
-def lint_override_ini(doc: IniDocument, *, source: str = "") -> list[Finding]:
+def lint_override_ini(
+    doc: IniDocument, *, source: str = "", hidden: frozenset[int] = frozenset()
+) -> list[Finding]:
     """Check an override.ini: managed [Settings] keys and partial [AccountN] sections only."""
-    linter = _Linter(load_key_table(), source, override=True, allow_runtime=False)
+    linter = _Linter(load_key_table(), source, override=True, allow_runtime=False, hidden=hidden)
     linter.check_document(doc)
     return linter.result()
 
@@ -139,13 +149,9 @@ def _hook_args_have_quotes(command: str) -> bool:
     return '"' in rest
 
 
+# Lines that hold a password outside its key are never checked, so never cached.
 _ENTRY_CACHE: dict[tuple[bool, bool, str, str, str], tuple[tuple[Severity, str, str], ...]] = {}
 _ENTRY_CACHE_LIMIT = 100_000
-
-
-def forget_cached_values() -> None:
-    """Drop every cached key check: a rendered file held a password outside its key."""
-    _ENTRY_CACHE.clear()
 
 
 class _Where(NamedTuple):
@@ -160,6 +166,7 @@ class _Linter:
     source: str
     override: bool
     allow_runtime: bool
+    hidden: frozenset[int] = frozenset()
     findings: list[Finding] = field(default_factory=list)
 
     def add(self, severity: Severity, code: str, message: str, where: _Where) -> None:
@@ -171,8 +178,16 @@ class _Linter:
 
     # ---- whole document ------------------------------------------------------------------
 
+    def sections(self, doc: IniDocument) -> Sequence[IniSection]:
+        """The sections to check: those whose header line is not hidden."""
+        if not self.hidden:
+            return doc.sections
+        return [section for section in doc.sections if section.line not in self.hidden]
+
     def check_document(self, doc: IniDocument) -> None:
         for entry in doc.preamble:
+            if entry.line in self.hidden:
+                continue
             self.check_control_chars(entry, "")
             if entry.key is not None:
                 self.add(
@@ -182,7 +197,7 @@ class _Linter:
                     _Where(entry.line, "", entry.key),
                 )
         first_seen: dict[str, IniSection] = {}
-        for section in doc.sections:
+        for section in self.sections(doc):
             name = section.name.strip().lower()
             first = first_seen.setdefault(name, section)
             if first is not section:
@@ -205,6 +220,8 @@ class _Linter:
         # One pass per section: thousands of rendered files go through here.
         for entry in section.entries:
             key = entry.key
+            if self.hidden and entry.line in self.hidden:
+                continue
             if _CONTROL_RE.search(entry.raw_value if key is None else key + entry.raw_value):
                 self.check_control_chars(entry, section.name)
             if key is None or not readable:
@@ -415,7 +432,7 @@ class _Linter:
 
     def check_accounts(self, doc: IniDocument) -> None:
         accounts: dict[int, IniSection] = {}
-        for section in doc.sections:
+        for section in self.sections(doc):
             index = account_index(section.name)
             if index is not None and index >= 1:
                 accounts.setdefault(index, section)
@@ -470,6 +487,8 @@ class _Linter:
         settings = doc.section("Settings")
         entry = None if settings is None else settings.entry("accountId")
         line = entry.line if entry is not None else (settings.line if settings else 0)
+        if line in self.hidden or (settings is not None and settings.line in self.hidden):
+            return
         where = _Where(line, "Settings" if settings is None else settings.name, "accountId")
         if entry is None or entry.value == "":
             if accounts:
@@ -517,7 +536,7 @@ class _Linter:
 
     def check_shortcuts(self, doc: IniDocument) -> None:
         section = doc.section("Shortcuts")
-        if section is None:
+        if section is None or section.line in self.hidden:
             return
         present = {
             key.strip()

@@ -5,6 +5,12 @@ so that every scalar keeps its exact span in the original text; an edit splices 
 into that span and leaves comments, quoting, indentation and line endings untouched.
 The C parser (libyaml) is used for speed; a file it rejects is retried with ruamel's
 YAML 1.2 parser, which accepts ``:`` inside plain scalars in flow mappings.
+
+Every file is untrusted input (anyone who can edit the inventory writes it), so a file is
+refused, with file:line, when it is larger than :data:`MAX_FILE_BYTES`, nests collections
+deeper than :data:`MAX_DEPTH` (checked before the C composer, which recurses in C and crashes
+on deep input), or has aliases that expand it beyond :func:`expansion_limit` values (a few
+hundred bytes of nested anchors would otherwise expand to billions of values).
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import io
 import marshal
 import re
+import resource
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property
@@ -20,8 +27,15 @@ from typing import Any, ClassVar
 
 from ruamel.yaml import YAML
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
+from ruamel.yaml.events import (
+    MappingEndEvent,
+    MappingStartEvent,
+    SequenceEndEvent,
+    SequenceStartEvent,
+)
 from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from ruamel.yaml.resolver import VersionedResolver
+from ruamel.yaml.scanner import Scanner
 from ruamel.yaml.tag import Tag
 
 from provisioner.errors import InventoryError, YamlEditError
@@ -29,6 +43,29 @@ from provisioner.schema import join_pointer
 
 _TAG_PREFIX = "tag:yaml.org,2002:"
 _KEY_CONTROL = re.compile("[\x00-\x1f\x7f]")
+
+#: The largest YAML file read (composing takes about 30 bytes of memory per byte of YAML).
+MAX_FILE_BYTES = 16 * 1024 * 1024
+#: The deepest nesting of mappings and sequences; an inventory needs about six levels.
+MAX_DEPTH = 64
+#: Aliases may add this many values to a file, plus ``ALIAS_FACTOR`` per value written.
+ALIAS_ALLOWANCE = 100_000
+ALIAS_FACTOR = 10
+# libyaml's parser keeps its own stack, but ruamel's C composer recurses in C, about 300 bytes
+# of stack per level (it crashed past 26,000 levels with 8 MiB). Below this many collection
+# starts, whatever they are, it cannot go deep enough to crash; above, the depth is measured
+# with the parser alone first.
+_STACK_BYTES = resource.getrlimit(resource.RLIMIT_STACK)[0]
+_COMPOSER_SAFE = min(5_000, _STACK_BYTES // 1024) if _STACK_BYTES > 0 else 5_000
+# Every nested block collection starts further right than its parent, or (a sequence under a
+# key) one level later: when no line starts with this many units of indentation, "-", "?",
+# ":" or &anchor/!tag (a "--- " too), a file holds at most 2 * _BLOCK_PREFIX levels of block
+# nesting. YAML breaks lines at CR, LF, NEL, LS and PS.
+_BLOCK_PREFIX = 200
+_PREFIX_UNITS = r"(?:[ \t\-?:]|[&!][^ \t\r\n\x85\u2028\u2029]*+){" + str(_BLOCK_PREFIX) + "}"
+_DEEP_FIRST_LINE = re.compile(_PREFIX_UNITS)
+_DEEP_LINE_LF = re.compile("\n" + _PREFIX_UNITS)  # a literal first character: a fast scan
+_DEEP_LINE_ANY = re.compile("[\r\n\x85\u2028\u2029]" + _PREFIX_UNITS)
 
 
 @dataclass(frozen=True)
@@ -163,6 +200,27 @@ def _fast_yaml() -> YAML:
     return yaml
 
 
+class _ShallowScanner(Scanner):
+    """ruamel's pure scanner, stopped past MAX_DEPTH flow levels.
+
+    Its simple-key bookkeeping visits every open flow level for each token, so thousands of
+    nested ``[`` took seconds before the composer's recursion limit was even reached.
+    """
+
+    def fetch_flow_collection_start(self, TokenClass: Any, to_push: str) -> None:
+        if len(self.flow_context) >= MAX_DEPTH:
+            mark = self.reader.get_mark()
+            raise _TooDeep(mark.line + 1, mark.column + 1)
+        super().fetch_flow_collection_start(TokenClass, to_push)
+
+
+def _pure_yaml() -> YAML:
+    """ruamel's YAML 1.2 parser (pure Python): slower, but it accepts what libyaml refuses."""
+    yaml = YAML(typ="safe", pure=True)
+    yaml.Scanner = _ShallowScanner
+    return yaml
+
+
 def mapping_key(
     key: Node, segments: tuple[str, ...], seen: dict[str, int], problems: list[Problem]
 ) -> str | None:
@@ -197,13 +255,86 @@ def mapping_key(
     return None
 
 
+def expansion_limit(values: int) -> int:
+    """How many values a file that writes ``values`` may hold once its aliases are expanded."""
+    return ALIAS_ALLOWANCE + ALIAS_FACTOR * values
+
+
+class _TooDeep(Exception):
+    """A collection nested deeper than MAX_DEPTH, at ``line``:``column``."""
+
+    def __init__(self, line: int, column: int) -> None:
+        self.line, self.column = line, column
+        super().__init__(line, column)
+
+
+def _too_deep(source: str, line: int = 0, column: int = 0) -> InventoryError:
+    return InventoryError(
+        f"the YAML is nested too deeply here (more than {MAX_DEPTH} levels of mappings and"
+        " sequences); an inventory needs about six",
+        file=source,
+        line=line,
+        column=column,
+    )
+
+
+def _provably_shallow(text: str) -> bool:
+    """True when the text cannot nest deep enough to crash the C composer (a cheap bound).
+
+    The ``[`` and ``{`` in the text, plus the block nesting that its line prefixes allow,
+    bound the depth; the walkers then check MAX_DEPTH exactly.
+    """
+    openers = text.count("[") + text.count("{")
+    return openers + 2 * _BLOCK_PREFIX <= _COMPOSER_SAFE and not _long_line_prefix(text)
+
+
+def _check_depth(text: str, source: str, yaml: YAML) -> None:
+    """Measure the nesting with the parser alone (it keeps its own stack, so never crashes)."""
+    depth = 0
+    try:
+        for event in yaml.parse(io.StringIO(text)):
+            if isinstance(event, MappingStartEvent | SequenceStartEvent):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    mark = event.start_mark
+                    raise _TooDeep(mark.line + 1, mark.column + 1)
+            elif isinstance(event, MappingEndEvent | SequenceEndEvent):
+                depth -= 1
+    except _TooDeep as exc:
+        raise _too_deep(source, exc.line, exc.column) from None
+    except YAMLError:
+        pass  # composing stops at the same place and reports it
+
+
+def _long_line_prefix(text: str) -> bool:
+    """True when a line starts with _BLOCK_PREFIX units of indentation and indicators."""
+    if _DEEP_FIRST_LINE.match(text):
+        return True
+    other_breaks = (
+        text.count("\r") != text.count("\r\n")
+        or "\x85" in text
+        or "\u2028" in text
+        or "\u2029" in text
+    )
+    return (_DEEP_LINE_ANY if other_breaks else _DEEP_LINE_LF).search(text) is not None
+
+
 def _compose(text: str, source: str) -> Node | None:
+    # ruamel's C composer recurses in C: too deep a file crashes the process. It sees a file
+    # only once its depth is known to be safe (see _COMPOSER_SAFE).
+    if not _provably_shallow(text):
+        _check_depth(text, source, _fast_yaml())
     try:
         return _fast_yaml().compose(io.StringIO(text))  # type: ignore[no-any-return]
     except YAMLError:
         pass
     try:
-        return YAML(typ="safe", pure=True).compose(io.StringIO(text))  # type: ignore[no-any-return]
+        return _pure_yaml().compose(io.StringIO(text))  # type: ignore[no-any-return]
+    except _TooDeep as exc:
+        raise _too_deep(source, exc.line, exc.column) from None
+    except RecursionError:  # the YAML 1.2 composer recurses in Python: an exception, no crash
+        _check_depth(text, source, _pure_yaml())  # names the line
+        raise _too_deep(source) from None
     except MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else 0
@@ -225,12 +356,86 @@ def _compose(text: str, source: str) -> Node | None:
         raise InventoryError(f"invalid YAML: {exc}", file=source) from None
 
 
+def _count_uses(root: Node, source: str) -> dict[int, int]:
+    """How many times each node is used (an alias uses its anchor's node once more).
+
+    Refuses a recursive alias, aliases that expand the file beyond :func:`expansion_limit`
+    (each alias counts the whole size of what it repeats, nested aliases included), and
+    aliases that nest deeper than MAX_DEPTH where they are used. Linear in the nodes
+    written: each node's expanded size and height are computed once.
+    """
+    uses: dict[int, int] = {}
+    measured: dict[int, tuple[int, int, Node]] = {}  # id -> expanded size, height, node
+    open_nodes: set[int] = set()
+
+    def visit(node: Node, depth: int) -> tuple[int, int]:
+        key = id(node)
+        uses[key] = uses.get(key, 0) + 1
+        known = measured.get(key)
+        if known is not None:
+            if depth + known[1] > MAX_DEPTH:
+                raise _TooDeep(node.start_mark.line + 1, node.start_mark.column + 1)
+            return known[0], known[1]
+        if key in open_nodes:
+            raise InventoryError(
+                "an alias refers to a node that contains it (a recursive alias)",
+                file=source,
+                line=node.start_mark.line + 1,
+                column=node.start_mark.column + 1,
+            )
+        size, height = 1, 0
+        if isinstance(node, MappingNode | SequenceNode):
+            if depth >= MAX_DEPTH:
+                raise _TooDeep(node.start_mark.line + 1, node.start_mark.column + 1)
+            open_nodes.add(key)
+            children = (
+                [part for pair in node.value for part in pair]
+                if isinstance(node, MappingNode)
+                else node.value
+            )
+            for child in children:
+                child_size, child_height = visit(child, depth + 1)
+                size += child_size
+                height = max(height, child_height)
+            height += 1
+            open_nodes.discard(key)
+        measured[key] = (size, height, node)
+        return size, height
+
+    total, _ = visit(root, 0)
+    limit = expansion_limit(len(measured))
+    if total > limit:
+        # Name the node whose repetitions add the most.
+        worst = max(
+            (entry for key, entry in measured.items() if uses[key] > 1),
+            key=lambda entry: (uses[id(entry[2])] - 1) * entry[0],
+        )
+        size, _, node = worst
+        raise InventoryError(
+            f"aliases expand this file to {total:,} values, more than the {limit:,} allowed"
+            f" for a file of {len(measured):,} values; the node here ({size:,} values) is"
+            f" repeated {uses[id(node)] - 1:,} times",
+            file=source,
+            line=node.start_mark.line + 1,
+            column=node.start_mark.column + 1,
+        )
+    return uses
+
+
 def read_text(path: Path) -> str:
-    """Read a YAML file as text, keeping its line endings exactly."""
+    """Read a YAML file as text, keeping its line endings exactly (at most MAX_FILE_BYTES)."""
     try:
-        raw = path.read_bytes()
+        with path.open("rb") as file:
+            raw = file.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
         raise InventoryError(f"cannot read: {exc.strerror}", file=str(path)) from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise InventoryError(
+            f"the file is larger than {MAX_FILE_BYTES // (1024 * 1024)} MiB, the most a YAML"
+            " file may hold; split it into several files",
+            file=str(path),
+            line=1,
+        )
     if raw.startswith(b"\xef\xbb\xbf"):
         raw = raw[3:]
     try:
@@ -252,9 +457,12 @@ def compose_text(text: str, source: str) -> YamlText:
     root = _compose(text, source)
     walker = _Walker(text)
     if root is not None:
-        if "&" in text:  # without an anchor no node is met twice: nothing to count
-            walker.count(root)
-        walker.walk(root, (), in_flow=False, aliased=False)
+        try:
+            if "&" in text:  # without an anchor no node is met twice: nothing to count
+                walker.visits = _count_uses(root, source)
+            walker.walk(root, (), in_flow=False, aliased=False)
+        except _TooDeep as exc:
+            raise _too_deep(source, exc.line, exc.column) from None
     return YamlText(
         source=source,
         text=text,
@@ -271,19 +479,6 @@ class _Walker:
         self.scalars: list[ScalarRef] = []
         self.mappings: list[MappingRef] = []
         self.problems: list[Problem] = []
-
-    def count(self, node: Node) -> None:
-        seen = self.visits.get(id(node), 0)
-        self.visits[id(node)] = seen + 1
-        if seen:
-            return
-        if isinstance(node, MappingNode):
-            for key, value in node.value:
-                self.count(key)
-                self.count(value)
-        elif isinstance(node, SequenceNode):
-            for item in node.value:
-                self.count(item)
 
     def _prefix_flags(self, node: Node) -> tuple[bool, bool]:
         first = self.text[node.start_mark.index : node.start_mark.index + 1]
@@ -321,6 +516,8 @@ class _Walker:
                 )
             )
             return
+        if len(segments) >= MAX_DEPTH:
+            raise _TooDeep(node.start_mark.line + 1, node.start_mark.column + 1)
         flow = in_flow or bool(getattr(node, "flow_style", False))
         if isinstance(node, SequenceNode):
             for index, item in enumerate(node.value):
@@ -462,7 +659,12 @@ def load_data(path: Path) -> Any:
     """Load a small YAML file (recipients, identities) into plain Python data."""
     text = read_text(path)
     try:
-        return YAML(typ="safe", pure=True).load(io.StringIO(text))
+        return _pure_yaml().load(io.StringIO(text))
+    except _TooDeep as exc:
+        raise _too_deep(str(path), exc.line, exc.column) from None
+    except RecursionError:
+        _check_depth(text, str(path), _pure_yaml())  # names the line
+        raise _too_deep(str(path)) from None
     except MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         raise InventoryError(
@@ -544,12 +746,17 @@ def load_tree(path: Path) -> tuple[YNode | None, tuple[Problem, ...]]:
 def compose_tree(text: str, source: str) -> tuple[YNode | None, tuple[Problem, ...]]:
     """Compose YAML text into a positioned tree; problems (duplicates...) are returned."""
     # Without an anchor no node can be met twice, and tracking visits costs a dict entry each.
-    builder = _TreeBuilder(track_aliases="&" in text)
+    anchored = "&" in text
+    builder = _TreeBuilder(track_aliases=anchored)
     try:
         root = _compose(text, source)
         if root is None:
             return None, ()
+        if anchored:
+            _count_uses(root, source)
         tree = builder.build(root, ())
+    except _TooDeep as exc:
+        raise _too_deep(source, exc.line, exc.column) from None
     except RecursionError:
         raise InventoryError(
             "the YAML is nested too deeply (hundreds of levels); an inventory needs a few",
@@ -643,6 +850,8 @@ class _TreeBuilder:
             short = self.short_tag(node)
             value = node.value if short == "str" else _scalar_value(short, str(node.value))
             return YNode("scalar", line, column, value, (), (), short, shared)
+        if len(segments) >= MAX_DEPTH:
+            raise _TooDeep(line, column)
         if isinstance(node, SequenceNode):
             items = tuple(
                 (str(i), self.build(item, (*segments, str(i)))) for i, item in enumerate(node.value)

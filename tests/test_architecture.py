@@ -21,6 +21,7 @@ LAYERS: dict[str, int] = {
     "winpath": 1,
     "fingerprint": 1,
     "forked": 1,
+    "budget": 1,
     "yamldoc": 1,
     "vault": 2,
     "inventory": 2,

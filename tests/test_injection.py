@@ -18,6 +18,7 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import jinja2.sandbox
 import pytest
@@ -192,10 +193,10 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     environments: dict[tuple[str, ...], jinja2.sandbox.SandboxedEnvironment] = {}
     make_environment = render.make_environment
 
-    def shared(template_dirs: Sequence[Path]) -> jinja2.sandbox.SandboxedEnvironment:
+    def shared(template_dirs: Sequence[Path], **kw: Any) -> jinja2.sandbox.SandboxedEnvironment:
         key = tuple(str(p) for p in template_dirs)
         if key not in environments:
-            environments[key] = make_environment(template_dirs)
+            environments[key] = make_environment(template_dirs, **kw)
         return environments[key]
 
     with pytest.MonkeyPatch.context() as patch:

@@ -224,3 +224,47 @@ def test_ntlm_pushes_keep_the_canary_and_its_hashes_secret(
         assert form not in joined
     _assert_no_canary_hash(joined)
     _assert_no_canary_in_tree(tmp_path)
+
+
+def test_a_template_cannot_make_a_command_print_the_canary(realm: Realm) -> None:
+    # A template author writes the password into another key: lint checked that key's value
+    # and quoted it in its message, which validate, rollout and diff printed with real keys.
+    make_realm(realm)
+    inv = str(realm.inventory)
+    (realm.inventory / "users.yaml").write_text(
+        "users:\n  alice:\n    accounts:\n      main:\n        sip_uri: 1001@pbx.example.com\n"
+        "        password:\n  bob:\n    accounts:\n      main: {sip_uri: 1002@pbx.example.com}\n"
+    )
+    (realm.inventory / "workstations.yaml").write_text(
+        "workstations:\n  ws1:\n    address: 127.0.0.1\n    users: [alice, bob]\n"
+    )
+    alice = "/users/alice/accounts/main/password"
+    realm.run("secrets", "set", "--path", alice, "-i", inv, stdin=CANARY, check=True)
+    templates = realm.inventory / "templates"
+    templates.mkdir()
+    (templates / "microsip.ini.j2").write_text(
+        "[Settings]\naccountId={{ active_account }}\n"
+        "{% for account in accounts %}\n[Account{{ account.index }}]\n"
+        "{% for key, value in account.fields.items() %}\n{{ key }}={{ value | ini }}\n"
+        "{% endfor %}\ntransport={{ account.fields.password | ini }}\n{% endfor %}\n"
+    )
+    keys = ("--passphrase-file", str(realm.passphrase_file))
+    outputs: list[str] = []
+    for args in (
+        ("validate", inv, *keys),
+        ("validate", inv, "--format", "json", *keys),
+        ("validate", inv, "--format", "github", *keys),
+        ("validate", inv, "--format", "junit", *keys),
+        ("render", inv, "--out", str(realm.root / "out"), *keys),
+        ("rollout", "-i", inv, "--yes", *keys),
+        ("diff", "ws1", "-i", inv, *keys),
+    ):
+        result = realm.run(*args)
+        assert result.returncode == 1, (args, result.stdout, result.stderr)
+        outputs += [result.stdout, result.stderr]
+    joined = "\n".join(outputs)
+    assert "a password is written only through the ini filter" in joined
+    assert "Traceback" not in joined
+    for form in (CANARY, CANARY.lower(), CANARY[::-1]):
+        assert form not in joined
+    _assert_no_canary_in_tree(realm.root)
