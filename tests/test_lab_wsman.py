@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import stat
 import threading
@@ -13,7 +12,6 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import pytest
@@ -103,20 +101,7 @@ def calls_of(host: LabHost) -> list[Call]:
     return list(state) if isinstance(state, list) else []
 
 
-def _alarm(signum: int, frame: FrameType | None) -> None:
-    raise TimeoutError("test exceeded its time budget")
-
-
-@pytest.fixture(autouse=True)
-def time_budget() -> Iterator[None]:
-    """Every test of this file must finish within 20 s, whatever happens."""
-    previous = signal.signal(signal.SIGALRM, _alarm)
-    signal.alarm(20)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
+pytestmark = pytest.mark.usefixtures("time_budget")  # tests/agentkit.py: 30 s each
 
 
 @pytest.fixture
