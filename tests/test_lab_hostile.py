@@ -300,6 +300,20 @@ def test_a_state_folder_created_by_a_user_is_refused(shared: Kit) -> None:
     assert not ws.allows(u1.sid, "write", TASKS)
 
 
+def test_a_state_folder_hidden_from_the_agent_is_refused_not_taken_for_absent(
+    shared: Kit,
+) -> None:
+    ws = _ws(shared)
+    u1 = _account(ws, "u1x1")
+    ws.remove_tree(STATE_ROOT)
+    ws.put_dir(STATE_ROOT, owner=u1.sid)
+    ws.faults.attributes_denied.add(STATE_ROOT)
+    result = shared.push("ws01", _reset(shared))
+    for change in result.files:
+        assert change.status == Status.FAILED, change
+        assert "cannot read the attributes" in change.message, change
+
+
 # --- 3. redirected AppData -------------------------------------------------------------------
 
 

@@ -139,10 +139,7 @@ def check_start(ws: Workstation, path: str, sid: str | None, roots: list[str]) -
         return normalize(user.profile)
     for root in expand_roots(roots, user or (ws.account_of(sid) if sid else None)):
         if is_within(path, root):
-            linked = False
-            with contextlib.suppress(FileError):
-                linked = ws.is_reparse_point(root)
-            if linked:
+            if _is_link(ws, root):
                 raise _unsafe(
                     f"{root} is a junction or symbolic link; the agent never writes through one."
                 )
@@ -151,17 +148,21 @@ def check_start(ws: Workstation, path: str, sid: str | None, roots: list[str]) -
     return normalize(f"{volume}:\\" if len(volume) == 1 else volume + "\\")
 
 
+def _is_link(ws: Workstation, path: str) -> bool:
+    """A reparse point; attributes the agent may not read are unsafe, not absent."""
+    try:
+        return ws.is_reparse_point(path)
+    except FileError as failed:
+        raise _unsafe(f"cannot read the attributes of {path}: {failed.message}") from None
+
+
 def assert_safe_path(ws: Workstation, path: str, start: str) -> None:
     """``Assert-SafePath``: no existing component of ``path`` below ``start`` is a junction or
     symbolic link, and the file itself (if it exists) has one name; else ``unsafe-path``.
     Attributes the agent may not read count as unsafe, not absent."""
     depth = len(split(start)[1])
     for component in list(components(path))[depth:]:
-        try:
-            reparse = ws.is_reparse_point(component)
-        except FileError as failed:
-            raise _unsafe(f"cannot read the attributes of {component}: {failed.message}") from None
-        if reparse:
+        if _is_link(ws, component):
             raise _unsafe(
                 f"{component} is a junction or symbolic link; the agent never writes through one."
             )
@@ -233,7 +234,7 @@ def check_state_root(ws: Workstation) -> bool:
     """``Test-StateRoot``: False when the root is absent; ``unsafe-path`` when it is a link or
     is owned by someone else than SYSTEM or Administrators (a user may create folders in
     ``C:\\ProgramData`` and would own one created before the agent's)."""
-    if ws.is_reparse_point(STATE_ROOT):
+    if _is_link(ws, STATE_ROOT):
         raise _unsafe(f"{STATE_ROOT} is a junction or symbolic link; remove it.")
     if not ws.exists(STATE_ROOT):
         return False

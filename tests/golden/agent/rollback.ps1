@@ -165,7 +165,10 @@ function Get-CheckStart([string]$Path, [string]$Sid, $Roots) {
         foreach ($root in @(Expand-AppDataRoots $Roots (Get-AccountVariables $Sid $profilePath))) {
             if (-not (Test-Within $Path $root)) { continue }
             # The root is the user's own folder on the share: it may not be a link either.
-            try { $attributes = [IO.File]::GetAttributes($root) } catch { return $root }
+            try { $attributes = [IO.File]::GetAttributes($root) } catch {
+                if (Test-Absent $_) { return $root }
+                throw (New-AgentException 'unsafe-path' ("cannot read the attributes of {0}: {1}" -f $root, $_.Exception.GetBaseException().Message))
+            }
             if ($attributes -band [IO.FileAttributes]::ReparsePoint) {
                 throw (New-AgentException 'unsafe-path' ("{0} is a junction or symbolic link; the agent never writes through one." -f $root))
             }
@@ -314,7 +317,10 @@ function Test-StateRoot {
     # False when absent. Users may create folders in ProgramData and own them: a root that is a
     # link or is not owned by SYSTEM, Administrators or this account is refused.
     $root = Get-StateRoot
-    try { $attributes = [IO.File]::GetAttributes($root) } catch { return $false }
+    try { $attributes = [IO.File]::GetAttributes($root) } catch {
+        if (Test-Absent $_) { return $false }
+        throw (New-AgentException 'unsafe-path' ("cannot read the attributes of {0}: {1}" -f $root, $_.Exception.GetBaseException().Message))
+    }
     if ($attributes -band [IO.FileAttributes]::ReparsePoint) {
         throw (New-AgentException 'unsafe-path' ("{0} is a junction or symbolic link; remove it." -f $root))
     }
