@@ -8,13 +8,15 @@ the real push would check it (a lab file names loopback addresses only).
 from __future__ import annotations
 
 import json
+import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from provisioner import vault
-from provisioner.credscope import Scope, is_loopback
+from provisioner.credscope import MAX_CA_FILE_BYTES, Scope, ca_fingerprint, is_loopback
 from provisioner.errors import AuthError, ProvisionerError
 from provisioner.model import Secret
 from provisioner.resolve import StationPlan
@@ -134,7 +136,8 @@ def winrm_options(
     name = plan.workstation.name
     address, port, scheme = plan.workstation.address, int(values.get("port") or 0), ""
     scheme = str(values.get("scheme") or "")
-    ca_path = values.get("ca_trust_path")
+    inventory_ca = values.get("ca_trust_path")
+    ca_path = str(inventory_ca) if inventory_ca else None
     lab_for = ""
     if lab is not None:
         lab_for = address
@@ -145,7 +148,7 @@ def winrm_options(
             endpoint.address,
             endpoint.port,
             endpoint.scheme,
-            (lab.ca_path),
+            lab.ca_path,
         )
     operation = int(values.get("operation_timeout") or 20)
     read = int(values.get("read_timeout") or max(operation + 10, 30))
@@ -156,6 +159,12 @@ def winrm_options(
         raise AuthError(f"no winrm.username for {name}", host=name)
     credential = winrm_credential(plan, opener)
     password, scope, password_path = credential if credential else (None, None, "")
+    # With --lab the lab's CA stands in for the inventory's, which is checked as a push would.
+    ca_trusted = not inventory_ca or bool(
+        scope is not None
+        and scope.ca
+        and ca_file_fingerprint(Path(str(inventory_ca)), f"{name}: winrm.ca_trust_path") == scope.ca
+    )
     return WinrmOptions(
         address=address,
         username=str(username),
@@ -167,13 +176,32 @@ def winrm_options(
         transport=str(values.get("transport") or "ntlm"),
         scheme=scheme,
         port=port,
-        ca_trust_path=str(ca_path) if ca_path else None,
+        ca_trust_path=ca_path,
+        ca_trusted=ca_trusted,
         server_cert_validation=str(values.get("server_cert_validation") or "validate"),
         allow_basic_over_http=bool(values.get("allow_basic_over_http")),
         message_encryption=str(values.get("message_encryption") or "auto"),
         operation_timeout=operation,
         read_timeout=read,
     )
+
+
+def ca_file_fingerprint(path: Path, where: str) -> str:
+    """The :func:`~provisioner.credscope.ca_fingerprint` of a CA file, read within bounds."""
+    try:
+        # O_NONBLOCK: a FIFO standing there must not make the open wait for a writer.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        with os.fdopen(fd, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                raise ProvisionerError(f"{where}: {path} is not a file")
+            data = handle.read(MAX_CA_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ProvisionerError(f"{where}: cannot read {path}: {exc.strerror or exc}") from None
+    if len(data) > MAX_CA_FILE_BYTES:
+        raise ProvisionerError(
+            f"{where}: {path} is larger than {MAX_CA_FILE_BYTES // 1024} KiB; give the CA file"
+        )
+    return ca_fingerprint(data)
 
 
 def open_transport(

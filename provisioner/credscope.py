@@ -10,9 +10,13 @@ Pattern grammar (``--scope``):
 
 * ``ws01.corp.example.com``: that host name exactly (case-insensitive);
 * ``*.corp.example.com``: any name below ``corp.example.com``, at any depth;
-* ``*`` inside a label matches within that label only: ``ber-ws-*`` matches the single-label
-  name ``ber-ws-001`` but not ``ber-ws-001.elsewhere.net``;
+* ``*`` inside the first label matches within that label only: ``ber-ws-*`` matches the
+  single-label name ``ber-ws-001`` but not ``ber-ws-001.elsewhere.net``; the other labels are
+  literal, and no pattern matches every host or address (``*``, ``**``, ``0.0.0.0/0``);
 * ``10.20.1.5``, ``10.20.0.0/16``, ``fd00::/8``: an IP address or network.
+
+A scope may also pin a CA file (``--ca``): TLS counts as verified only when the certificate is
+checked with the system's CAs or with that file, never with a CA the inventory merely names.
 
 A host name matches name patterns only and an IP literal matches address patterns only: names
 are not resolved to decide, so DNS answers cannot widen a scope.
@@ -20,18 +24,24 @@ are not resolved to decide, so DNS answers cannot widen a scope.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import re
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 SECURITY_LEVELS = ("none", "encrypted", "tls")
-"""Transport security, weakest first: ``tls`` is HTTPS with certificate validation;
+"""Transport security, weakest first: ``tls`` is HTTPS with certificate validation against the
+system's CAs or a CA file the scope pins;
 ``encrypted`` also allows NTLM, Kerberos or CredSSP message encryption over HTTP; ``none``
 allows anything (the only use: letting ``doctor`` diagnose a lab's weak settings)."""
 DEFAULT_MIN_SECURITY = "encrypted"
 MESSAGE_ENCRYPTING = frozenset({"ntlm", "kerberos", "credssp"})
 MAX_PATTERNS = 64
+MAX_SCOPE_BYTES = 4096
+"""The longest scope text a token may carry (checked when sealing and when reading)."""
+MAX_CA_FILE_BYTES = 1 << 20
+_CA_PIN = re.compile(r"^[0-9a-f]{64}$")
 
 _LABEL = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$")
 _PATTERN_LABEL = re.compile(r"^[a-z0-9_*](?:[a-z0-9_*-]{0,61}[a-z0-9_*])?$")
@@ -111,16 +121,35 @@ def is_loopback(address: str) -> bool:
 
 
 def security_level(
-    *, scheme: str, transport: str, cert_validation: str, message_encryption: str
+    *,
+    scheme: str,
+    transport: str,
+    cert_validation: str,
+    message_encryption: str,
+    trusted_ca: bool,
 ) -> str:
-    """The transport security a connection with these WinRM options gives the credential."""
-    if scheme == "https" and cert_validation == "validate":
+    """The transport security a connection with these WinRM options gives the credential.
+
+    ``trusted_ca``: the certificate is checked with the system's CAs or a CA file the scope
+    pins. A CA file the inventory names and the scope does not pin gives no TLS credit: whoever
+    edits the inventory could name their own CA and read what the connection carries.
+    """
+    if scheme == "https" and cert_validation == "validate" and trusted_ca:
         return "tls"
     if transport in MESSAGE_ENCRYPTING and (
         (scheme == "http" and message_encryption != "never") or message_encryption == "always"
     ):
         return "encrypted"
     return "none"
+
+
+def ca_fingerprint(data: bytes) -> str:
+    """The SHA-256 (hex) that pins a CA file: of its bytes, with CRLF read as LF.
+
+    Every byte counts (another certificate appended changes it); only line endings may differ,
+    as a Git checkout on Windows may change them.
+    """
+    return hashlib.sha256(data.replace(b"\r\n", b"\n")).hexdigest()
 
 
 def at_least(level: str, minimum: str) -> bool:
@@ -143,12 +172,19 @@ def _canonical_pattern(pattern: str) -> str:
             ) from None
         if "%" in text:
             raise ValueError(f"{_shown(pattern)}: IPv6 zone identifiers are not supported")
+        if network.prefixlen == 0:
+            raise ValueError(f"{_shown(pattern)} matches every address; name your networks")
         return str(network)
     labels = text.split(".")
-    if text == "*" or any(label == "*" for label in labels[1:]):
+    if not labels[0].strip("*") and (len(labels) == 1 or labels[0] != "*"):
         raise ValueError(
             f"{_shown(pattern)}: '*' alone matches every host; use '*.DOMAIN', or '*' inside "
             "a label such as 'ber-ws-*'"
+        )
+    if any("*" in label for label in labels[1:]):
+        raise ValueError(
+            f"{_shown(pattern)}: '*' may stand in the first label only (as in '*.DOMAIN' or "
+            "'ber-ws-*.DOMAIN'), so that the domain itself is always named"
         )
     if len(text) > 253 or not all(_PATTERN_LABEL.match(label) for label in labels):
         raise ValueError(
@@ -177,9 +213,12 @@ class Scope:
 
     patterns: tuple[str, ...]
     min_security: str = DEFAULT_MIN_SECURITY
+    ca: str = ""
+    """The :func:`ca_fingerprint` of the one CA file, besides the system's CAs, that may verify
+    the workstations' certificates ("": the system's CAs only)."""
 
     @classmethod
-    def build(cls, patterns: list[str] | tuple[str, ...], min_security: str) -> Scope:
+    def build(cls, patterns: list[str] | tuple[str, ...], min_security: str, ca: str = "") -> Scope:
         """A canonical scope (patterns lower-cased, de-duplicated, sorted); ValueError if bad."""
         if min_security not in SECURITY_LEVELS:
             raise ValueError(f"the least security is one of {', '.join(SECURITY_LEVELS)}")
@@ -187,24 +226,33 @@ class Scope:
             raise ValueError("a scope needs at least one address pattern")
         if len(patterns) > MAX_PATTERNS:
             raise ValueError(f"a scope holds at most {MAX_PATTERNS} patterns")
+        if ca and not _CA_PIN.match(ca):
+            raise ValueError("a pinned CA is the SHA-256 of its file, in lower-case hex")
         canonical = sorted({_canonical_pattern(p) for p in patterns})
-        return cls(tuple(canonical), min_security)
+        scope = cls(tuple(canonical), min_security, ca)
+        if len(scope.text) > MAX_SCOPE_BYTES:
+            raise ValueError(
+                f"the scope is {len(scope.text)} characters, more than {MAX_SCOPE_BYTES}: "
+                "use fewer, wider patterns such as '*.corp.example.com' or 10.20.0.0/16"
+            )
+        return scope
 
     @classmethod
     def parse(cls, text: str) -> Scope:
         """Read the canonical text sealed into a token; ValueError unless canonical."""
-        match = re.fullmatch(r"min=([a-z]+);hosts=([^;]+)", text)
+        match = re.fullmatch(r"min=([a-z]+);(?:ca=([0-9a-f]+);)?hosts=([^;]+)", text)
         if match is None:
             raise ValueError("malformed scope")
-        scope = cls.build(match.group(2).split(","), match.group(1))
+        scope = cls.build(match.group(3).split(","), match.group(1), match.group(2) or "")
         if scope.text != text:
             raise ValueError("the scope is not in canonical form")
         return scope
 
     @property
     def text(self) -> str:
-        """The canonical text that is sealed (``min=LEVEL;hosts=P1,P2``)."""
-        return f"min={self.min_security};hosts={','.join(self.patterns)}"
+        """The canonical text that is sealed (``min=LEVEL;[ca=SHA256;]hosts=P1,P2``)."""
+        pinned = f"ca={self.ca};" if self.ca else ""
+        return f"min={self.min_security};{pinned}hosts={','.join(self.patterns)}"
 
     def allows(self, address: str) -> bool:
         """True when ``address`` (a valid host name or IP literal) matches a pattern."""
@@ -219,7 +267,8 @@ class Scope:
         return any(_name_matches(p, name) for p in self.patterns if not _is_network_pattern(p))
 
     def __str__(self) -> str:
-        return f"{', '.join(self.patterns)} (at least {self.min_security})"
+        pinned = f", CA file sha256 {self.ca[:16]}..." if self.ca else ""
+        return f"{', '.join(self.patterns)} (at least {self.min_security}{pinned})"
 
 
 def _is_network_pattern(pattern: str) -> bool:

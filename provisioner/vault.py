@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from provisioner import yamldoc
-from provisioner.credscope import Scope
+from provisioner.credscope import MAX_SCOPE_BYTES, Scope
 from provisioner.errors import (
     CannotDecryptError,
     IdentityError,
@@ -69,7 +69,6 @@ TOKEN_RE = re.compile(
 SCOPED_TOKEN_RE = re.compile(
     rf"^sipvault:v2:(k[a-z2-7]{{8}}):({_B64URL}{{8}}):({_B64URL}+):({_B64URL}+)$",
 )
-MAX_SCOPE_BYTES = 4096
 KID_RE = re.compile(r"^k[a-z2-7]{8}$")
 REALM_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 
@@ -246,6 +245,14 @@ def _parse_scoped(text: str, parts: list[str]) -> TokenParts:
     except (UnicodeDecodeError, ValueError):
         raise TokenFormatError("the token's scope is malformed") from None
     return _parts(kid, pathtag, payload_text, scope)
+
+
+def token_kid(text: str) -> str:
+    """The key id of a well-formed token, or "" for anything else."""
+    try:
+        return parse_token(text).kid
+    except TokenFormatError:
+        return ""
 
 
 def token_scope(token: str) -> Scope | None:

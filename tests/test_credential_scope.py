@@ -11,7 +11,9 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import os
 import socket
+import ssl
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,7 +22,8 @@ from pathlib import Path
 import pytest
 
 from provisioner import connections, errors, secretstore, vault
-from provisioner.credscope import Scope
+from provisioner.credscope import Scope, ca_fingerprint
+from provisioner.lab.certs import CertAuthority
 from provisioner.model import Secret
 from provisioner.transport.winrm import WinrmOptions, WinrmTransport
 from tests.labkit import WINRM_PASSWORD, clean_env, copy_example, lab_kit, run_cli
@@ -30,9 +33,14 @@ ATTACKER = "127.0.0.1"
 
 
 class Listener:
-    """The attacker's WinRM look-alike: records connections and requests, answers 401."""
+    """The attacker's WinRM look-alike: records connections and requests, answers 401.
 
-    def __init__(self) -> None:
+    With ``tls``, it speaks HTTPS with that context (a certificate from the attacker's CA) and
+    records what it decrypted.
+    """
+
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
+        self.tls = tls
         self.sock = socket.create_server((ATTACKER, 0))
         self.sock.settimeout(0.2)
         self.port = self.sock.getsockname()[1]
@@ -55,6 +63,8 @@ class Listener:
                 conn.settimeout(2)
                 data = b""
                 try:
+                    if self.tls is not None:
+                        conn = self.tls.wrap_socket(conn, server_side=True)
                     while b"\r\n\r\n" not in data and len(data) < 65536:
                         chunk = conn.recv(4096)
                         if not chunk:
@@ -82,8 +92,8 @@ class Listener:
 
 
 @contextmanager
-def listener() -> Iterator[Listener]:
-    running = Listener()
+def listener(tls: ssl.SSLContext | None = None) -> Iterator[Listener]:
+    running = Listener(tls)
     try:
         yield running
     finally:
@@ -230,6 +240,161 @@ def test_a_scope_that_asks_for_tls_refuses_message_encryption(tmp_path: Path) ->
             WinrmTransport("ws01", options)
         with pytest.raises(errors.TransportError, match="outside its scope"):
             WinrmTransport("ws01", dataclasses.replace(options, lab_for="ber-ws-001"))
+
+
+# --------------------------------------------------------------------------- the CA
+
+
+def _rescope(inventory: Path, keys: list[str], *options: str) -> None:
+    """The admin seals the example's WinRM password again (``secrets scope``)."""
+    done = run_cli(
+        inventory.parent, "secrets", "scope", "--path", WINRM_PATH, "-i", str(inventory),
+        *options, *keys, env=clean_env(inventory.parent),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+
+
+def test_an_inventory_ca_cannot_vouch_for_the_editors_own_listener(tmp_path: Path) -> None:
+    # The admin's scope holds a network the attacker has a machine in (here loopback). The
+    # attacker edits the inventory: basic over HTTPS, validated against a CA of their own.
+    inventory, keys, password = _example(tmp_path)
+    _rescope(inventory, keys, "--scope", "*.corp.example.com", "--scope", "127.0.0.0/8")
+    authority = CertAuthority(tmp_path / "attacker-ca")
+    issued = authority.issue("attacker", ATTACKER)
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(issued.cert_path, issued.key_path)
+    with listener(tls) as attacker:
+        _redirect(
+            inventory,
+            f"port: {attacker.port}, transport: basic, scheme: https, "
+            f"ca_trust_path: '{authority.ca_path}'",
+        )
+        result = run_cli(
+            tmp_path, "push", "ber-ws-001", "--check", "-i", str(inventory), *keys,
+            env=clean_env(tmp_path),
+        )  # fmt: skip
+    assert attacker.connections == 0 and not attacker.saw(password)
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert "a CA file the scope does not pin" in result.stderr
+    assert password not in result.stdout + result.stderr
+
+
+def _with_ca(kit: object, ca_path: Path) -> None:
+    """The inventory names ``ca_trust_path`` for every workstation."""
+    from tests.labkit import Kit
+
+    assert isinstance(kit, Kit)
+    defaults = kit.root / "inventory.yaml"
+    text = defaults.read_text()
+    defaults.write_text(text.replace("  winrm:\n", f"  winrm:\n    ca_trust_path: '{ca_path}'\n"))
+    kit.rebuild()
+
+
+def test_a_ca_file_pinned_in_the_scope_verifies_tls(tmp_path: Path) -> None:
+    with lab_kit(tmp_path, transport="basic") as kit:
+        # The admin's copy of the CA, checked out with Windows line endings: the same pin.
+        ca = tmp_path / "corp-ca.pem"
+        ca.write_bytes(Path(kit.lab.lab_map().ca_path).read_bytes())
+        checkout = tmp_path / "checkout-ca.pem"
+        checkout.write_bytes(ca.read_bytes().replace(b"\n", b"\r\n"))
+        _with_ca(kit, checkout)
+        # Sealed before the inventory named a CA: at least encrypted is no longer met.
+        with pytest.raises(errors.TransportError, match="a CA file the scope does not pin"):
+            kit.transport("ws01")
+        pinned = Scope.build(["ws*"], "tls", ca=ca_fingerprint(ca.read_bytes()))
+        scan = secretstore.scan_inventory(kit.root)
+        secretstore.rescope(scan, kit.keyring, WINRM_PATH, pinned)
+        kit.rebuild()
+        assert kit.push("ws01").ok
+        # Another certificate appended to the named file is another CA file.
+        other = CertAuthority(tmp_path / "other-ca").ca_path.read_bytes()
+        checkout.write_bytes(checkout.read_bytes() + other)
+        with pytest.raises(errors.TransportError, match="a CA file the scope does not pin"):
+            kit.transport("ws01")
+        checkout.unlink()
+        with pytest.raises(errors.ProvisionerError, match=r"ws01: winrm\.ca_trust_path: cannot"):
+            kit.transport("ws01")
+
+
+SCOPE_MATCHES = [
+    ("ws01.corp.example.com", "WS01.corp.example.com", True),
+    ("ws01.corp.example.com", "ws01.corp.example.com.attacker.example", False),
+    ("*.corp.example.com", "a.b.corp.example.com", True),
+    ("*.corp.example.com", "corp.example.com", False),
+    ("ber-ws-*", "ber-ws-001", True),
+    ("ber-ws-*", "ber-ws-001.attacker.example", False),
+    ("ber-ws-*.corp.example.com", "ber-ws-001.corp.example.com", True),
+    ("10.20.0.0/16", "10.20.1.5", True),
+    ("10.20.0.0/16", "ws01.corp.example.com", False),
+    ("*.corp.example.com", "10.20.1.5", False),
+]
+
+
+@pytest.mark.parametrize(("pattern", "address", "allowed"), SCOPE_MATCHES)
+def test_a_scope_pattern_matches_what_the_docs_say(
+    pattern: str, address: str, allowed: bool
+) -> None:
+    assert Scope.build([pattern], "encrypted").allows(address) is allowed
+
+
+@pytest.mark.parametrize(
+    ("patterns", "why"),
+    [
+        (["*"], "matches every host"),
+        (["**"], "matches every host"),
+        (["**.corp.example.com"], "matches every host"),
+        (["*.**"], "first label only"),
+        (["corp.*"], "first label only"),
+        (["*.c*"], "first label only"),
+        (["0.0.0.0/0"], "matches every address"),
+        (["::/0"], "matches every address"),
+        ([f"ws{n:03d}-{'x' * 55}.corp.example.com" for n in range(64)], "more than 4096"),
+    ],
+)
+def test_a_scope_that_would_match_anything_or_not_fit_a_token_is_refused(
+    patterns: list[str], why: str
+) -> None:
+    with pytest.raises(ValueError, match=why):
+        Scope.build(patterns, "encrypted")
+
+
+def test_a_pinned_scope_reads_back_from_its_token(tmp_path: Path) -> None:
+    pin = ca_fingerprint(b"-----BEGIN CERTIFICATE-----\n")
+    scope = Scope.build(["ws*"], "tls", ca=pin)
+    assert scope.text == f"min=tls;ca={pin};hosts=ws*"
+    assert Scope.parse(scope.text) == scope
+    assert Scope.parse("min=encrypted;hosts=ws*") == Scope.build(["ws*"], "encrypted")
+    for edited in (f"min=tls;ca={pin.upper()};hosts=ws*", f"min=tls;ca={pin[:-1]};hosts=ws*"):
+        with pytest.raises(ValueError):
+            Scope.parse(edited)
+
+
+def test_scope_options_are_checked_before_any_key_or_password_is_asked(tmp_path: Path) -> None:
+    inventory, _, _ = copy_example(tmp_path)
+    env = clean_env(tmp_path)
+    alone = run_cli(
+        tmp_path, "secrets", "scope", "--path", WINRM_PATH, "-i", str(inventory),
+        "--min-security", "tls", env=env,
+    )  # fmt: skip
+    assert alone.returncode == 1 and "give --scope too" in alone.stderr
+    sip = run_cli(
+        tmp_path, "secrets", "scope", "--path", "/users/alice/accounts/main/password",
+        "-i", str(inventory), "--scope", "ws*", env=env,
+    )  # fmt: skip
+    # No identity was given: the refusal comes first, not a request for the key.
+    assert sip.returncode == 1 and "only those take --scope" in sip.stderr
+    level = run_cli(
+        tmp_path, "secrets", "set", "--path", WINRM_PATH, "-i", str(inventory), "--stdin",
+        "--scope", "ws*", "--min-security", "strong", env=env, stdin="x-Pw-1\n",
+    )  # fmt: skip
+    assert level.returncode == 1 and "--min-security: one of none, encrypted, tls" in level.stderr
+    fifo = tmp_path / "ca.fifo"
+    os.mkfifo(fifo)  # no writer ever comes: reading it would wait for ever
+    never = run_cli(
+        tmp_path, "secrets", "set", "--path", WINRM_PATH, "-i", str(inventory), "--stdin",
+        "--scope", "ws*", "--ca", str(fifo), env=env, stdin="x-Pw-1\n",
+    )  # fmt: skip
+    assert never.returncode == 1 and f"--ca: {fifo} is not a file" in never.stderr
 
 
 # --------------------------------------------------------------------------- the token

@@ -151,6 +151,7 @@ def test_https_replies_are_checked_too(tmp_path: Path) -> None:
             port=host.port,
             transport="basic",
             ca_trust_path=str(lab.ca_path),
+            ca_trusted=True,  # as connections says of a CA file the scope pins
             scope=Scope.build(["127.0.0.0/8"], "tls"),
         )
         transport = WinrmTransport(host.name, options)

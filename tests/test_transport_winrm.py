@@ -71,7 +71,12 @@ def test_basic_gets_the_password(tmp_path: Path) -> None:
     with Lab(LabAgent(), folder=tmp_path) as lab:
         host = _ntlm_host(lab, "svc-basic", "Basic-Pw-1", scheme="https")
         transport = _transport(
-            host, "svc-basic", "Basic-Pw-1", transport="basic", ca_trust_path=str(lab.ca_path)
+            host,
+            "svc-basic",
+            "Basic-Pw-1",
+            transport="basic",
+            ca_trust_path=str(lab.ca_path),
+            ca_trusted=True,  # as connections says of a CA file the scope pins
         )
         try:
             assert _inspect(transport) == "Basic-Pw-1"
@@ -120,7 +125,12 @@ def test_https_keeps_the_ca_bundle_pywinrm_took_from_the_environment(
         host = _ntlm_host(lab, "svc-tls", "Tls-Pw-1", scheme="https")
         monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(lab.ca_path))
         transport = _transport(
-            host, "svc-tls", "Tls-Pw-1", scheme="https", ca_trust_path="legacy_requests"
+            host,
+            "svc-tls",
+            "Tls-Pw-1",
+            scheme="https",
+            ca_trust_path="legacy_requests",
+            ca_trusted=True,
         )
         try:
             with warnings.catch_warnings():

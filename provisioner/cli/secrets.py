@@ -33,11 +33,20 @@ ScopeOpt = Annotated[
     ),
 ]
 MinSecurityOpt = Annotated[
-    str,
+    str | None,
     typer.Option(
         "--min-security",
-        help="WinRM passwords: the least transport security it may travel over: tls (HTTPS with "
-        "certificate validation), encrypted (or NTLM/Kerberos message encryption) or none.",
+        help="With --scope: the least transport security it may travel over: tls (HTTPS with "
+        "certificate validation), encrypted (the default: or NTLM/Kerberos message "
+        "encryption) or none.",
+    ),
+]
+CaOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--ca",
+        help="With --scope: the CA file (winrm.ca_trust_path) that, besides the system's CAs, "
+        "may verify the workstations' HTTPS certificates.",
     ),
 ]
 
@@ -57,7 +66,8 @@ def set_value(
     inventory: InventoryOpt = Path("."),
     stdin: Annotated[bool, typer.Option("--stdin", help="Read the password from stdin.")] = False,
     scope: ScopeOpt = None,
-    min_security: MinSecurityOpt = "encrypted",
+    min_security: MinSecurityOpt = None,
+    ca: CaOpt = None,
 ) -> None:
     """Seal a new password with the public key and patch it into its YAML file."""
     from provisioner import secretstore
@@ -68,7 +78,7 @@ def set_value(
         path = _account_path(inventory, user, account)
     assert path is not None  # noqa: S101 - one of the two was given
     recipients = secretstore.load_recipients(inventory)
-    sealed_scope = _scope(scope, min_security)
+    sealed_scope = _scope(scope, min_security, ca)
     secretstore.check_scope_fits(path, sealed_scope)  # before the password is asked for
     secret = read_new_password(from_stdin=stdin)
     written = secretstore.set_secret(inventory, path, secret, recipients, sealed_scope)
@@ -84,7 +94,8 @@ def scope_cmd(
     ],
     inventory: InventoryOpt = Path("."),
     scope: ScopeOpt = None,
-    min_security: MinSecurityOpt = "encrypted",
+    min_security: MinSecurityOpt = None,
+    ca: CaOpt = None,
     identities: IdentityOpt = None,
     passphrase_file: PassFileOpt = None,
     passphrase_fd: PassFdOpt = None,
@@ -95,16 +106,17 @@ def scope_cmd(
     """
     from provisioner import secretstore, vault
 
+    new_scope = _scope(scope, min_security, ca)
+    if new_scope is not None:
+        secretstore.check_scope_fits(path, new_scope)  # before any passphrase is asked for
     recipients = secretstore.load_recipients(inventory)
     scan = secretstore.scan_inventory(inventory)
     site = secretstore.token_at(scan, path)
-    if not scope:
+    if new_scope is None:
         current = vault.token_scope(site.ref.value)
         shown = str(current) if current is not None else "none (sealed without a scope)"
         echo(f"{path} ({site.where}): scope {shown}")
         return
-    new_scope = _scope(scope, min_security)
-    assert new_scope is not None  # noqa: S101 - scope was given
     kid = vault.parse_token(site.ref.value).kid
     keyring = open_keyring(
         recipients, identities, {kid, recipients.active}, passphrase_file, passphrase_fd
@@ -251,13 +263,20 @@ def lint(
         raise typer.Exit(1)
 
 
-def _scope(patterns: list[str] | None, min_security: str) -> Scope | None:
-    from provisioner.credscope import Scope
+def _scope(patterns: list[str] | None, min_security: str | None, ca: Path | None) -> Scope | None:
+    from provisioner.connections import ca_file_fingerprint
+    from provisioner.credscope import DEFAULT_MIN_SECURITY, SECURITY_LEVELS, Scope
 
     if not patterns:
+        if min_security is not None or ca is not None:
+            raise VaultError("--min-security and --ca belong to a scope: give --scope too")
         return None
+    level = min_security or DEFAULT_MIN_SECURITY
+    if level not in SECURITY_LEVELS:
+        raise VaultError(f"--min-security: one of {', '.join(SECURITY_LEVELS)}, not {level!r}")
+    pin = ca_file_fingerprint(ca, "--ca") if ca is not None else ""
     try:
-        return Scope.build(patterns, min_security)
+        return Scope.build(patterns, level, pin)
     except ValueError as exc:
         raise VaultError(f"--scope: {exc}") from None
 

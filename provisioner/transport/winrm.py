@@ -83,6 +83,9 @@ class WinrmOptions:
     ``lab_for``: this is a lab's loopback stand-in for the inventory address given, which the
     scope is checked against. ``diagnostic``: ``doctor``'s connection, which may use settings
     a push refuses in order to report them. ``password_path`` names the token in messages.
+    ``ca_trusted``: the certificate is checked with a CA the scope trusts: the system's, or
+    the CA file it pins (with ``lab_for``: the lab's CA stands in for the inventory's, which
+    is). Without it, only ``ca_trust_path`` None (the system's CAs) counts as verified TLS.
     """
 
     address: str
@@ -101,6 +104,7 @@ class WinrmOptions:
     lab_for: str = ""
     diagnostic: bool = False
     password_path: str = ""
+    ca_trusted: bool = False
 
     @property
     def effective_scheme(self) -> str:
@@ -136,6 +140,17 @@ class WinrmOptions:
             transport=self.transport,
             cert_validation=self.server_cert_validation,
             message_encryption=self.message_encryption,
+            trusted_ca=self.ca_trust_path is None or self.ca_trusted,
+        )
+
+    @property
+    def untrusted_ca(self) -> bool:
+        """True when the certificate would be checked with a CA file the scope does not pin."""
+        return (
+            self.effective_scheme == "https"
+            and self.server_cert_validation == "validate"
+            and self.ca_trust_path is not None
+            and not self.ca_trusted
         )
 
     @property
@@ -167,9 +182,17 @@ def scope_problem(host: str, options: WinrmOptions) -> str | None:
             "password again can (provisioner secrets scope)"
         )
     if not at_least(options.security, options.scope.min_security):
+        unpinned = (
+            "; its certificate would be checked with winrm.ca_trust_path, a CA file the scope "
+            "does not pin: seal the password again with that file ('provisioner secrets scope "
+            "--ca FILE'; docs/secrets.md)"
+            if options.untrusted_ca
+            else ""
+        )
         return (
             f"refused to send the WinRM password{where} for {host} to {target} over "
             f"{_SECURITY_SAID[options.security]}: its scope {options.scope} asks for more"
+            + unpinned
         )
     return None
 
