@@ -16,7 +16,9 @@ SECRET_PATH_PATTERNS: tuple[str, ...] = (
 )
 
 
-SCOPED_PATH_PATTERNS: tuple[str, ...] = SECRET_PATH_PATTERNS[1:]
+SCOPED_PATH_PATTERNS: tuple[str, ...] = tuple(
+    p for p in SECRET_PATH_PATTERNS if p.endswith("/winrm/password")
+)
 """The WinRM passwords: sealed with a credential scope (``sipvault:v2``, docs/secrets.md)."""
 
 
@@ -38,10 +40,21 @@ def join_pointer(segments: list[str] | tuple[str, ...]) -> str:
     return "".join("/" + s.replace("~", "~0").replace("/", "~1") for s in segments)
 
 
-_SPLIT_PATTERNS: tuple[tuple[str, ...], ...] = tuple(
-    tuple(p[1:].split("/")) for p in SECRET_PATH_PATTERNS
-)
-_LAST_SEGMENTS = frozenset(p[-1] for p in _SPLIT_PATTERNS)
+def _split(patterns: tuple[str, ...]) -> tuple[tuple[str, ...], ...]:
+    return tuple(tuple(p[1:].split("/")) for p in patterns)
+
+
+_SECRET_SPLIT = _split(SECRET_PATH_PATTERNS)
+_SCOPED_SPLIT = _split(SCOPED_PATH_PATTERNS)
+_LAST_SEGMENTS = frozenset(p[-1] for p in _SECRET_SPLIT)
+
+
+def _matches(segments: tuple[str, ...] | list[str], patterns: tuple[tuple[str, ...], ...]) -> bool:
+    return any(
+        len(wanted) == len(segments)
+        and all(w == "*" or w == s for w, s in zip(wanted, segments, strict=True))
+        for wanted in patterns
+    )
 
 
 def is_secret_path(segments: tuple[str, ...] | list[str]) -> bool:
@@ -49,17 +62,9 @@ def is_secret_path(segments: tuple[str, ...] | list[str]) -> bool:
     # Called for every scalar of an inventory: most paths end in a key no pattern ends in.
     if not segments or (segments[-1] not in _LAST_SEGMENTS and "*" not in _LAST_SEGMENTS):
         return False
-    return any(
-        len(wanted) == len(segments)
-        and all(w == "*" or w == s for w, s in zip(wanted, segments, strict=True))
-        for wanted in _SPLIT_PATTERNS
-    )
+    return _matches(segments, _SECRET_SPLIT)
 
 
 def is_scoped_path(segments: tuple[str, ...] | list[str]) -> bool:
     """True for a WinRM password: its token must carry a credential scope."""
-    return any(
-        len(wanted) == len(segments)
-        and all(w == "*" or w == s for w, s in zip(wanted, segments, strict=True))
-        for wanted in (tuple(p[1:].split("/")) for p in SCOPED_PATH_PATTERNS)
-    )
+    return _matches(segments, _SCOPED_SPLIT)

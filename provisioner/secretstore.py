@@ -184,9 +184,8 @@ class Scan:
 
 def kids_in_use(scan: Scan) -> Counter[str]:
     """How many tokens of the inventory use each key id (well-formed tokens only)."""
-    return Counter(
-        s.ref.value.split(":")[2] for s in scan.tokens() if s.ref.value.count(":") in (4, 5)
-    )
+    kids = (vault.token_kid(s.ref.value) for s in scan.tokens())
+    return Counter(kid for kid in kids if kid)
 
 
 def scan_inventory(root: Path, files: Sequence[Path] | None = None) -> Scan:
@@ -478,7 +477,7 @@ def verify_secrets(scan: Scan, keyring: vault.Keyring) -> VerifyReport:
             report.errors_by_class[code] += 1
             report.failures.append(_finding(site, "error", code, "no token in this secret field"))
             continue
-        kid = ref.value.split(":")[2] if ref.value.count(":") in (4, 5) else ""
+        kid = vault.token_kid(ref.value)
         try:
             if kid in known and kid not in keyring.identities:
                 vault.check_token(ref.value, site.pointer, keyring.recipients)  # key-less checks
@@ -575,47 +574,34 @@ def rekey(
 
 def rebind(scan: Scan, keyring: vault.Keyring, old_pointer: str, new_pointer: str) -> Written:
     """Re-seal the token now standing at ``new_pointer`` that was sealed for ``old_pointer``."""
-    new_segments = tuple(split_pointer(new_pointer))
     split_pointer(old_pointer)
-    if not is_secret_path(new_segments):
+    if not is_secret_path(split_pointer(new_pointer)):
         raise VaultError(f"{new_pointer} is not a secret field of the inventory schema")
-    sites = [s for s in scan.secret_fields if s.ref.segments == new_segments]
-    if not sites:
-        old_here = any(s.pointer == old_pointer for s in scan.secret_fields)
-        hint = (
-            f"; the value still stands at {old_pointer}: move the entry in the YAML first"
-            if old_here
-            else ""
-        )
-        raise VaultError(f"no token stands at {new_pointer}{hint}")
-    if len(sites) > 1:
-        raise YamlEditError(f"{new_pointer} is defined in more than one file")
-    site = sites[0]
-    if not vault.looks_like_token(site.ref.value):
-        raise TokenFormatError(f"{site.where}: {new_pointer} does not hold a token")
+    site = token_at(scan, new_pointer, moved_from=old_pointer)
     parts = vault.parse_token(site.ref.value)
-    identity = keyring.identities.get(parts.kid)
-    if identity is None:
+    check_scope_fits(new_pointer, parts.scope)
+    if parts.kid not in keyring.identities:
         raise MissingIdentityError(
             f"no identity for key {parts.kid} was given (pass --identity FILE)"
         )
     if parts.pathtag != vault.compute_pathtag(keyring.recipients.realm, old_pointer):
         raise PathMismatchError(f"the token at {new_pointer} was not sealed for {old_pointer}")
     secret = keyring.open(site.ref.value, old_pointer)
-    target = keyring.recipients.active_key()
-    token = _reseal_checked(keyring, secret, new_pointer, target, parts.scope)
-    doc = next(d for d in scan.docs if d.source == str(site.file))
-    new_text = yamldoc.replace_scalars(doc, {new_segments: token})
-    _edit_file(doc, new_text, {new_segments: token})
-    return Written(site.file, site.ref.line, new_pointer, target.kid)
+    return _replace_token(scan, keyring, site, new_pointer, secret, parts.scope)
 
 
-def token_at(scan: Scan, pointer: str) -> Site:
-    """The one token standing at ``pointer``."""
+def token_at(scan: Scan, pointer: str, *, moved_from: str = "") -> Site:
+    """The one token standing at ``pointer`` (``moved_from``: where it stood before)."""
     segments = tuple(split_pointer(pointer))
     sites = [s for s in scan.secret_fields if s.ref.segments == segments]
     if not sites:
-        raise VaultError(f"no value stands at {pointer}")
+        still_there = moved_from and any(s.pointer == moved_from for s in scan.secret_fields)
+        hint = (
+            f"; the value still stands at {moved_from}: move the entry in the YAML first"
+            if still_there
+            else ""
+        )
+        raise VaultError(f"no value stands at {pointer}{hint}")
     if len(sites) > 1:
         raise YamlEditError(f"{pointer} is defined in more than one file")
     if not vault.looks_like_token(sites[0].ref.value):
@@ -632,6 +618,18 @@ def rescope(scan: Scan, keyring: vault.Keyring, pointer: str, scope: Scope) -> W
     check_scope_fits(pointer, scope)
     site = token_at(scan, pointer)
     secret = keyring.open(site.ref.value, pointer)
+    return _replace_token(scan, keyring, site, pointer, secret, scope)
+
+
+def _replace_token(
+    scan: Scan,
+    keyring: vault.Keyring,
+    site: Site,
+    pointer: str,
+    secret: Secret,
+    scope: Scope | None,
+) -> Written:
+    """Seal ``secret`` for ``pointer`` to the active key, check it, and patch it in at ``site``."""
     target = keyring.recipients.active_key()
     token = _reseal_checked(keyring, secret, pointer, target, scope)
     doc = next(d for d in scan.docs if d.source == str(site.file))

@@ -397,6 +397,19 @@ def test_scope_options_are_checked_before_any_key_or_password_is_asked(tmp_path:
     assert never.returncode == 1 and f"--ca: {fifo} is not a file" in never.stderr
 
 
+def test_a_winrm_token_cannot_be_rebound_to_a_sip_password(tmp_path: Path) -> None:
+    with lab_kit(tmp_path) as kit:
+        defaults = kit.root / "inventory.yaml"
+        text = defaults.read_text()
+        token = _winrm_token(kit.root)
+        sip = "/users/u1x1/accounts/main/password"
+        sip_token = secretstore.token_at(secretstore.scan_inventory(kit.root), sip).ref.value
+        defaults.write_text(text.replace(sip_token, token))
+        with pytest.raises(errors.VaultError, match="not a WinRM password"):
+            secretstore.rebind(secretstore.scan_inventory(kit.root), kit.keyring, WINRM_PATH, sip)
+        assert defaults.read_text() == text.replace(sip_token, token)
+
+
 # --------------------------------------------------------------------------- the token
 
 

@@ -52,6 +52,7 @@ def show(
 ) -> None:
     """Workstations, accounts (passwords masked), groups and the last push per workstation."""
     from provisioner import state
+    from provisioner.vault import token_kid
 
     model, entry = _user(inventory, user)
     stations = sorted(s.name for s in model.workstations.values() if user in s.users)
@@ -59,8 +60,7 @@ def show(
     for sip in entry.accounts:
         keys = sip.keys
         password = keys.get("password")
-        sealed = password is not None and isinstance(password.value, str)
-        kid = str(password.value).split(":")[2] if sealed and password else ""
+        kid = token_kid(password.value) if password and isinstance(password.value, str) else ""
         accounts.append(
             {
                 "id": sip.id,
@@ -68,7 +68,7 @@ def show(
                 "sip": f"{keys['username'].value}@{keys['domain'].value}"
                 if "username" in keys and "domain" in keys
                 else "",
-                "password": f"(sealed, key {kid})" if sealed else "(not set)",
+                "password": f"(sealed, key {kid})" if kid else "(not set)",
             }
         )
     last: list[dict[str, Any]] = []

@@ -445,7 +445,8 @@ def _did_you_mean(name: str, choices: Iterable[str]) -> str:
 
 def _shown(key: str, value: object) -> str:
     if key == "password":
-        if isinstance(value, str) and value.count(":") in (4, 5):
-            return f"(sealed, key {value.split(':')[2]})"
-        return "(not set)"
+        from provisioner.vault import token_kid
+
+        kid = token_kid(value) if isinstance(value, str) else ""
+        return f"(sealed, key {kid})" if kid else "(not set)"
     return str(value)
