@@ -30,11 +30,10 @@ from provisioner.model import (
     Workstation,
 )
 from provisioner.names import closest
-from provisioner.schema import is_secret_path, join_pointer
+from provisioner.schema import TOKEN_PREFIX, is_secret_path, join_pointer
 
 RECIPIENTS_FILE = "recipients.yaml"
 SKIPPED_DIRS = {"build", "templates", "state", "node_modules", "__pycache__"}
-TOKEN_PREFIX = "sipvault:"  # noqa: S105 - a format prefix, not a password
 
 # Below about this much YAML per process, forking composers costs more than it saves.
 BYTES_PER_COMPOSE_WORKER = 1_000_000

@@ -6,7 +6,12 @@ Every value at a matching path must be a sipvault token, and tokens may stand no
 
 from __future__ import annotations
 
+import re
+
 from provisioner.errors import InventoryError
+
+TOKEN_PREFIX = "sipvault:"  # noqa: S105 - a format prefix, not a password
+_TOKEN_KID = re.compile(r"^sipvault:v[12]:(k[a-z2-7]{8}):")
 
 SECRET_PATH_PATTERNS: tuple[str, ...] = (
     "/users/*/accounts/*/password",
@@ -68,3 +73,9 @@ def is_secret_path(segments: tuple[str, ...] | list[str]) -> bool:
 def is_scoped_path(segments: tuple[str, ...] | list[str]) -> bool:
     """True for a WinRM password: its token must carry a credential scope."""
     return _matches(segments, _SCOPED_SPLIT)
+
+
+def token_kid(text: str) -> str:
+    """The key id a token names, or "" for anything else (read without the vault's checks)."""
+    match = _TOKEN_KID.match(text)
+    return match.group(1) if match else ""

@@ -33,7 +33,13 @@ from provisioner.errors import (
     YamlEditError,
 )
 from provisioner.model import Secret
-from provisioner.schema import is_scoped_path, is_secret_path, join_pointer, split_pointer
+from provisioner.schema import (
+    is_scoped_path,
+    is_secret_path,
+    join_pointer,
+    split_pointer,
+    token_kid,
+)
 
 RECIPIENTS_FILE = "recipients.yaml"
 IDENTITY_SUFFIX = ".sipid"
@@ -184,7 +190,7 @@ class Scan:
 
 def kids_in_use(scan: Scan) -> Counter[str]:
     """How many tokens of the inventory use each key id (well-formed tokens only)."""
-    kids = (vault.token_kid(s.ref.value) for s in scan.tokens())
+    kids = (token_kid(s.ref.value) for s in scan.tokens())
     return Counter(kid for kid in kids if kid)
 
 
@@ -477,7 +483,7 @@ def verify_secrets(scan: Scan, keyring: vault.Keyring) -> VerifyReport:
             report.errors_by_class[code] += 1
             report.failures.append(_finding(site, "error", code, "no token in this secret field"))
             continue
-        kid = vault.token_kid(ref.value)
+        kid = token_kid(ref.value)
         try:
             if kid in known and kid not in keyring.identities:
                 vault.check_token(ref.value, site.pointer, keyring.recipients)  # key-less checks

@@ -52,8 +52,9 @@ from provisioner.errors import (
     UnknownKeyError,
 )
 from provisioner.model import Secret
+from provisioner.schema import TOKEN_PREFIX
 
-PREFIX = "sipvault:"
+PREFIX = TOKEN_PREFIX
 VERSION = "v1"
 SCOPED_VERSION = "v2"
 MAX_SECRET_BYTES = 256
@@ -245,14 +246,6 @@ def _parse_scoped(text: str, parts: list[str]) -> TokenParts:
     except (UnicodeDecodeError, ValueError):
         raise TokenFormatError("the token's scope is malformed") from None
     return _parts(kid, pathtag, payload_text, scope)
-
-
-def token_kid(text: str) -> str:
-    """The key id of a well-formed token, or "" for anything else."""
-    try:
-        return parse_token(text).kid
-    except TokenFormatError:
-        return ""
 
 
 def token_scope(token: str) -> Scope | None:

@@ -52,7 +52,7 @@ def show(
 ) -> None:
     """Workstations, accounts (passwords masked), groups and the last push per workstation."""
     from provisioner import state
-    from provisioner.vault import token_kid
+    from provisioner.schema import token_kid
 
     model, entry = _user(inventory, user)
     stations = sorted(s.name for s in model.workstations.values() if user in s.users)

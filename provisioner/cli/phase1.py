@@ -445,7 +445,7 @@ def _did_you_mean(name: str, choices: Iterable[str]) -> str:
 
 def _shown(key: str, value: object) -> str:
     if key == "password":
-        from provisioner.vault import token_kid
+        from provisioner.schema import token_kid
 
         kid = token_kid(value) if isinstance(value, str) else ""
         return f"(sealed, key {kid})" if kid else "(not set)"
