@@ -439,10 +439,10 @@ def test_nothing_is_touched_before_the_path_is_checked_for_links() -> None:
     # The order the contract gives (docs/agent-protocol.md, apply steps 1-6).
     prelude = _body("apply", "Initialize-ManagedFile")
     order = [
-        "Assert-SafePath $path $start",
         "Assert-OwnPath $path $Checked.sid",
+        "Lock-Folders $path $start $null",
         "Open-StateFolder $state",
-        "Restore-Interrupted $Checked $state $start",
+        "Restore-Interrupted $Checked $state",
         "Remove-StaleFiles ([IO.Path]::GetDirectoryName($path))",
         "Move-LegacyState $path $start $state",
         "Remove-StaleFiles $state $item",
@@ -450,6 +450,12 @@ def test_nothing_is_touched_before_the_path_is_checked_for_links() -> None:
         "[IO.FileAttributes]::ReadOnly",
     ]
     assert [prelude.index(step) for step in order] == sorted(prelude.index(s) for s in order)
+    # Lock-Folders checks the path before it takes a lock, and again with every lock held,
+    # then reads each lock back through its path.
+    lock = _body("apply", "Lock-Folders")
+    checks = [m.start() for m in re.finditer(re.escape("Assert-SafePath $Path $Start"), lock)]
+    taken = lock.index("[IO.FileOptions]::DeleteOnClose")
+    assert len(checks) == 2 and checks[0] < taken < checks[1] < lock.index("$lock.nonce")
     # The cleanup pattern must match what New-TempPath creates, and nothing wider.
     code = _code_only(scripts.SCRIPTS["apply"])
     [digits] = re.findall(r"ToString\('N'\)\.Substring\(0, (\d+)\)", code)
@@ -473,28 +479,43 @@ def test_the_link_checks_read_no_swallowing_property() -> None:
 
 
 def test_microsip_is_stopped_only_once_the_file_will_be_written() -> None:
-    apply = _body("apply", "Invoke-ApplyFile")
+    outer = _body("apply", "Invoke-ApplyFile")
+    assert outer.index("Initialize-ManagedFile") < outer.index("Invoke-PreparedApply")
+    assert outer.index("Invoke-PreparedApply") < outer.index("Unlock-Folders $prepared.locks")
+    apply = _body("apply", "Invoke-PreparedApply")
     assert (
-        apply.index("Initialize-ManagedFile")
-        < apply.index("'conflict'")
+        apply.index("'conflict'")
         < apply.index("Invoke-RunningPolicy")
         < apply.index("Write-ManagedFile")
     )
-    rollback = _body("rollback", "Invoke-RollbackFile")
+    rollback = _body("rollback", "Invoke-PreparedRollback")
     assert rollback.index("'no-backup'") < rollback.index("Invoke-RunningPolicy")
 
 
 def test_the_final_acl_is_set_before_the_replace_and_checked_after() -> None:
     write = _body("apply", "Write-ManagedFile")
-    first = write.index("[IO.File]::SetAccessControl($path, $acl)")
-    assert first < write.index("Invoke-ReplaceFile $temp $path") < write.index("Test-ExpectedAcl")
+    first = write.index("$held.SetAccessControl($acl)")
+    assert first < write.index("Invoke-ReplaceFile $temp $path") < write.index("GetAccessControl()")
     assert "Write-NewFile $temp $Content $acl" in write
 
 
+def test_a_users_file_is_changed_and_read_only_through_a_handle() -> None:
+    # By name, a swapped name would redirect an ACL change or a read; through a handle held
+    # without sharing delete, after the name was checked, it cannot.
+    for name in SOURCE_FILES:
+        code = _code_only((AGENT / name).read_text(encoding="utf-8"))
+        assert "[IO.File]::SetAccessControl" not in code, name
+        assert "[IO.File]::GetAccessControl" not in code, name
+        # Only the agent's own state files (SYSTEM and Administrators) are read by name.
+        for argument in re.findall(r"\[IO\.File\]::ReadAllBytes\((\$\w+)\)", code):
+            assert argument in {"$path", "$pending", "$Backup", "$backup1"}, (name, argument)
+    assert "[IO.File]::ReadAllBytes($path)" in _body("apply", "Read-StateFile")
+
+
 def test_backups_rotate_only_after_the_verify() -> None:
-    body = _body("apply", "Invoke-ApplyFile")
+    body = _body("apply", "Invoke-PreparedApply")
     pending = body.index("Write-StateFile $state 'backup.new' $old")
-    write = body.index("Write-ManagedFile $checked $content $backup")
+    write = body.index("Write-ManagedFile $Checked $Content $backup")
     verify = body.index("'verify-failed'")
     rotations = [m.start() for m in re.finditer(r"Move-BackupsDown \$state", body)]
     assert len(rotations) == 1 and pending < write < verify < rotations[0]

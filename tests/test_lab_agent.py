@@ -428,6 +428,33 @@ def _backups(ws: Workstation, owner: str | None = ALICE_SID) -> list[bytes | Non
     return [state(ws, f"backup.{n}", owner) for n in (1, 2, 3)]
 
 
+def test_a_failure_after_the_replace_keeps_the_old_content_as_the_next_backup(
+    station: Station,
+) -> None:
+    # Right after the replace, alice denies Administrators the attributes of her file: the
+    # check that follows fails, but the file already holds the new content, and the old one
+    # must stay in backup.new until the next request rotates it in.
+    ws = station.ws
+    versions = _prepare_history(station)
+
+    denied: list[str] = []
+
+    def deny(event: str) -> None:
+        if event.startswith("replace ") and event.endswith(ALICE_INI) and not denied:
+            denied.append(event)
+            ws.faults.attributes_denied.add(ALICE_INI)
+
+    ws.observe(deny)
+    result = write(station, station.alice, ini("v3"))
+    assert (result["status"], error_code(result)) == ("error", "unsafe-path")
+    assert ws.read(ALICE_INI) == ini("v3")
+    assert state(ws, "backup.new") == versions[2]
+    ws.faults.attributes_denied.clear()
+    again = write(station, station.alice, ini("v4"))
+    assert again["status"] == "written", again["error"]
+    assert _backups(ws) == [ini("v3"), versions[2], versions[1]]
+
+
 def test_disk_full_leaves_everything_as_it_was(station: Station) -> None:
     ws = station.ws
     versions = _prepare_history(station)
@@ -837,7 +864,17 @@ def _write_fault(model: FileModel, step: Step) -> tuple[str, str] | None:
     return None
 
 
+def _locked_out(model: FileModel, step: Step) -> tuple[str, str] | None:
+    """The folder lock comes first: a folder that denies writing refuses the lock file."""
+    if step.fault == "read_only_folder" and step.target == model.path:
+        return "error", "read-only"
+    return None
+
+
 def _expect_apply(model: FileModel, step: Step, stale: bool, new: bytes) -> tuple[str, str | None]:
+    locked_out = _locked_out(model, step)
+    if locked_out is not None:
+        return locked_out
     # The compare-and-swap comes first: a conflict never stops anybody's MicroSIP.
     if stale:
         return "conflict", "conflict"
@@ -857,6 +894,9 @@ def _expect_apply(model: FileModel, step: Step, stale: bool, new: bytes) -> tupl
 
 
 def _expect_rollback(model: FileModel, step: Step) -> tuple[str, str | None]:
+    locked_out = _locked_out(model, step)
+    if locked_out is not None:
+        return locked_out
     if model.backups[0] is None:
         return "error", "no-backup"
     busy = _running(model, step)

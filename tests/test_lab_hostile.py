@@ -16,7 +16,7 @@ import pytest
 
 from provisioner import connections, doctor, ini, push, state
 from provisioner.fingerprint import Fingerprints
-from provisioner.lab.ntfs import EVERYONE, Acl, protected_acl
+from provisioner.lab.ntfs import EVERYONE, Acl, FileError, protected_acl
 from provisioner.lab.workstation import (
     ADMINISTRATORS,
     STATE_ROOT,
@@ -175,28 +175,106 @@ def test_a_junction_hidden_from_the_agent_is_refused(shared: Kit) -> None:
     assert readable_with(ws, u1.sid, "Sip-1-2-pw") == []
 
 
-def test_a_folder_swapped_for_a_junction_during_the_push_is_caught(shared: Kit) -> None:
+def _swap_for_junction(ws: Workstation, folder: str, target: str, sid: str) -> int:
+    """What the user does with a folder of their own: rename it away and put a junction to
+    ``target`` in its place. The Win32 error Windows refused the rename with, or 0."""
+    try:
+        ws.rename_as_user(folder, folder + ".old")
+    except FileError as refused:
+        return refused.win32
+    ws.make_link(folder, target, owner=sid)
+    return 0
+
+
+def _unswap(ws: Workstation, folder: str) -> None:
+    ws.remove_dir(folder)
+    ws.rename_as_user(folder + ".old", folder)
+
+
+def test_a_folder_swapped_for_a_junction_during_the_push_is_refused_by_windows(
+    shared: Kit,
+) -> None:
     # Between the compare-and-swap and the write (the process query, MicroSIP being stopped)
-    # u1x1 renames their MicroSIP folder and puts a junction to u1x2's in its place.
+    # u1x1 tries to rename their MicroSIP folder and put a junction to u1x2's in its place.
+    # The agent's lock file, open in that folder, makes Windows refuse the rename.
     ws = _ws(shared)
     u1, u2 = _account(ws, "u1x1"), _account(ws, "u1x2")
     mine_dir, theirs_dir = U1_INI.rsplit("\\", 1)[0], U2_INI.rsplit("\\", 1)[0]
-    swapped: list[str] = []
+    refused: list[int] = []
 
     def swap(event: str) -> None:
         pending = event.startswith(f"write {STATE_ROOT}") and ".backup.new." in event
-        if pending and u1.sid in event and not swapped:
-            swapped.append(event)
-            ws.host_path(mine_dir).rename(ws.host_path(mine_dir + ".old"))
-            ws.make_link(mine_dir, theirs_dir, owner=u1.sid)
+        if pending and u1.sid in event and not refused:
+            refused.append(_swap_for_junction(ws, mine_dir, theirs_dir, u1.sid))
 
     ws.observe(swap)
     result = shared.push("ws01", push.PushOptions(reset=True, users=("u1x1",)))
-    assert swapped, "the race ran"
-    mine = _file(result, "u1x1")
-    assert mine.status == Status.FAILED and "unsafe-path" in mine.message  # type: ignore[attr-defined]
+    assert refused == [5], "the rename was refused with access denied"
+    assert _file(result, "u1x1").status == Status.CHANGED
     assert ws.acl(U2_INI) == user_file_acl(u2.sid)
     assert readable_with(ws, u1.sid, "Sip-1-2-pw") == []
+    assert ws.held_paths() == []  # every lock went with the request
+    assert not [n for n in ws.listdir(mine_dir) if n.endswith(".lock")]
+
+
+class Race:
+    """u1x1 at the step-th step the agent takes in their folders (-1: only counting)."""
+
+    def __init__(self, ws: Workstation, mine: str, theirs: str, sid: str) -> None:
+        self.ws, self.mine, self.theirs, self.sid = ws, mine, theirs, sid
+        self.step = -1
+        self.seen: list[str] = []
+        self.swapped: list[int] = []
+
+    def __call__(self, event: str) -> None:
+        if "\\u1x1\\" not in event:
+            return
+        self.seen.append(event)
+        if len(self.seen) == self.step + 1:
+            self.swapped.append(_swap_for_junction(self.ws, self.mine, self.theirs, self.sid))
+
+    def arm(self, step: int) -> None:
+        self.step, self.seen, self.swapped = step, [], []
+
+
+@pytest.mark.parametrize("level", ["MicroSIP", "Roaming"])
+def test_a_user_racing_every_step_of_a_push_gains_nothing(shared: Kit, level: str) -> None:
+    # u1x1 waits for each step the agent takes in their folders, each check of a path of
+    # theirs and each change (an oplock on their own file wakes them there on Windows), and
+    # swaps a folder of theirs for a junction to the same folder of u1x2's at that very
+    # moment, one run per step.
+    ws = _ws(shared)
+    u1, u2 = _account(ws, "u1x1"), _account(ws, "u1x2")
+    mine_dir = U1_INI[: U1_INI.index(level) + len(level)]
+    theirs_dir = U2_INI[: U2_INI.index(level) + len(level)]
+    theirs_before = ws.read(U2_INI)
+    race = Race(ws, mine_dir, theirs_dir, u1.sid)
+    ws.observe(race)
+    assert shared.push("ws01", _reset(shared)).status == Status.CHANGED
+    steps = list(race.seen)
+    assert sum(e.startswith("check ") for e in steps) >= 4 and len(steps) >= 10, steps
+    outcomes: set[str] = set()
+    for step in range(len(steps)):
+        race.arm(step)
+        try:
+            result = shared.push("ws01", _reset(shared))
+        finally:
+            if race.swapped == [0]:
+                _unswap(ws, mine_dir)
+        mine = _file(result, "u1x1")
+        outcomes.add(f"{race.swapped}:{mine.status.value}")  # type: ignore[attr-defined]
+        where = (step, race.seen[-1:])
+        if race.swapped == [0]:
+            # Before the locks: the check that follows finds the junction.
+            assert mine.status == Status.FAILED, where  # type: ignore[attr-defined]
+            assert "unsafe-path" in mine.message, where  # type: ignore[attr-defined]
+        assert ws.read(U2_INI) == theirs_before, where
+        assert ws.acl(U2_INI) == user_file_acl(u2.sid), where
+        assert readable_with(ws, u1.sid, "Sip-1-2-pw") == [], where
+        assert ws.held_paths() == [], where
+    # Both sides of the race were played: swaps before the locks, refusals after them.
+    assert any(o.startswith("[0]") for o in outcomes), outcomes
+    assert any(o.startswith("[5]") for o in outcomes), outcomes
 
 
 def test_hkcu_naming_another_users_folder_finds_no_microsip_there(tmp_path: Path) -> None:

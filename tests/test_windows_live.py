@@ -173,3 +173,16 @@ def test_a_hard_link_as_the_users_ini_is_refused(tmp_path: Path, microsip_folder
     assert result.status == Status.FAILED
     assert "hard link" in result.message, result.message
     assert other.read_bytes() == b"\xff\xfe"
+
+
+@pytest.mark.skipif(os.name != "nt", reason="a fact of NTFS on this machine")
+def test_windows_refuses_to_rename_a_folder_that_holds_an_open_file(tmp_path: Path) -> None:
+    # What the agent's folder locks rely on (MS-FSA 2.1.5.14.11): while a file in a folder is
+    # open, the folder is not renamed, so it cannot be swapped for a junction.
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    with (folder / "held").open("wb"):
+        with pytest.raises(PermissionError) as refused:
+            folder.rename(tmp_path / "moved")
+        assert getattr(refused.value, "winerror", None) == 5
+    folder.rename(tmp_path / "moved")  # once the file is closed, it may go

@@ -22,10 +22,12 @@ from provisioner.lab.ntfs import (
     ERROR_LOCK_VIOLATION,
     ERROR_SHARING_VIOLATION,
     ERROR_UNABLE_TO_MOVE_REPLACEMENT_2,
+    Handle,
     components,
     full_path,
     is_within,
     normalize,
+    path_key,
     split,
 )
 from provisioner.lab.workstation import (
@@ -177,6 +179,7 @@ def assert_safe_path(ws: Workstation, path: str, start: str) -> None:
             raise _unsafe(
                 f"{path} is a hard link to another file; the agent never writes through one."
             )
+    ws.notify(f"check {path}")
 
 
 def assert_own_path(ws: Workstation, path: str, sid: str) -> None:
@@ -194,21 +197,99 @@ def is_plain_file(ws: Workstation, path: str) -> bool:
         return False
 
 
+# A folder that holds a file someone has open is not renamed (MS-FSA 2.1.5.14.11), and a folder
+# that is not empty cannot become a junction: with a lock file of the agent's open in every
+# folder below the start, a checked path stays as it was checked until the locks go.
+
+
+@dataclass
+class Locks:
+    """``Lock-Folders``: the agent's lock files, one per folder, each with its nonce."""
+
+    held: list[tuple[Handle, bytes]]
+
+
+def lock_folders(ws: Workstation, path: str, start: str, locks: Locks | None = None) -> Locks:
+    """``Lock-Folders``: a lock file (SYSTEM and Administrators only, a random nonce, deleted
+    on close) held open in each existing folder between ``start`` and ``path``'s own, added to
+    ``locks``; then the path is checked and every lock read back through its path."""
+    assert_safe_path(ws, path, start)  # a link already there gets no lock through it
+    locks = locks if locks is not None else Locks([])
+    taken = {path_key(parent(h.path)) for h, _ in locks.held}
+    depth = len(split(start)[1])
+    try:
+        for folder in list(components(parent(path)))[depth:]:
+            if not ws.is_dir(folder):
+                break
+            if path_key(folder) in taken:
+                continue
+            nonce = secrets.token_bytes(16)
+            name = f".microsip-provisioner.{secrets.token_hex(6)}.lock"
+            try:
+                handle = ws.create_lock(folder, name, nonce, STATE_ACL)
+            except FileError as failed:
+                raise FileError(
+                    failed.code, f"cannot lock {folder}: {failed.message}", win32=failed.win32
+                ) from None
+            locks.held.append((handle, nonce))
+        assert_safe_path(ws, path, start)
+        for handle, nonce in locks.held:
+            try:
+                seen, names = ws.read(handle.path), ws.link_count(handle.path)
+            except FileError:
+                seen, names = None, 0
+            if seen != nonce or names != 1:
+                raise _unsafe(
+                    f"a folder on the path of {path} changed while the agent was locking it."
+                )
+    except BaseException:
+        unlock_folders(ws, locks)
+        raise
+    return locks
+
+
+def unlock_folders(ws: Workstation, locks: Locks) -> None:
+    """Close every lock file (each goes with its handle)."""
+    while locks.held:
+        ws.close(locks.held.pop()[0])
+
+
+def open_plain(ws: Workstation, path: str) -> Handle:
+    """``Open-PlainFile``: the file held open without sharing write or delete (its name cannot
+    change meanwhile), then checked to be no link and to have no other name."""
+    handle = ws.open_held(path)
+    try:
+        if _is_link(ws, path) or ws.link_count(path) != 1:
+            raise _unsafe(f"{path} is a link or has other names; the agent never acts through one.")
+    except BaseException:
+        ws.close(handle)
+        raise
+    return handle
+
+
+def read_checked(ws: Workstation, path: str, start: str) -> bytes | None:
+    """``Read-CheckedFile``: the bytes of a file in a folder a user controls, read with its
+    folders locked and itself held; None when absent, ``unsafe-path`` when a link is in the
+    way."""
+    locks = lock_folders(ws, path, start)
+    try:
+        if not ws.exists(path):
+            return None
+        handle = open_plain(ws, path)
+        try:
+            return ws.read_held(handle)
+        finally:
+            ws.close(handle)
+    finally:
+        unlock_folders(ws, locks)
+
+
 def read_user_file(ws: Workstation, path: str, start: str) -> bytes | None:
-    """``Read-UserFile``: checked for links before and after the read (a folder swapped
-    meanwhile is not read); None when unsafe or absent."""
+    """``Read-UserFile``: :func:`read_checked`, None when unsafe or absent."""
     try:
-        assert_safe_path(ws, path, start)
+        return read_checked(ws, path, start)
     except FileError:
         return None
-    if not is_plain_file(ws, path):
-        return None
-    data = ws.read(path)
-    try:
-        assert_safe_path(ws, path, start)
-    except FileError:
-        return None
-    return data
 
 
 # --- the agent's own state ------------------------------------------------------------------------
@@ -310,7 +391,7 @@ def settle_pending(ws: Workstation, state: StateFolder, path: str) -> None:
     data = ws.read(pending)
     if data is None:
         return
-    if data == ws.read(path):
+    if data == read_held_file(ws, path):
         ws.delete(pending)
         return
     backups_down(ws, state)
@@ -536,9 +617,8 @@ class ProcessTable:
         self._rows = None
 
 
-def file_facts(ws: Workstation, path: str) -> Json:
-    """``Read-FileState``."""
-    data = ws.read(path)
+def file_facts(data: bytes | None) -> Json:
+    """``ConvertTo-FileState``."""
     return {"exists": data is not None, "sha256": _sha(data), "content_b64": _b64(data)}
 
 
@@ -594,8 +674,7 @@ def inspect_override(ws: Workstation, install: Install) -> Json:
             raise _not_installed()
         path = join(install.dir, "override.ini")
         entry["path"] = path
-        assert_safe_path(ws, path, check_start(ws, path, None, []))
-        facts = file_facts(ws, path)
+        facts = file_facts(read_checked(ws, path, check_start(ws, path, None, [])))
         facts["read_only"] = ws.readonly(path)
         applied = read_state(ws, state_folder(None, "override.ini"), "applied")
         facts["applied"] = _applied_facts(applied, False)
@@ -670,10 +749,8 @@ def inspect_user(
             path = join(appdata, "MicroSIP", name)
         entry["path"] = path
         start = check_start(ws, path, user.sid, roots)
-        assert_safe_path(ws, path, start)
         assert_own_path(ws, path, user.sid)
-        facts = file_facts(ws, path)
-        assert_safe_path(ws, path, start)  # a folder swapped meanwhile is not read
+        facts = file_facts(read_checked(ws, path, start))
         facts["read_only"] = ws.readonly(path)
         applied = read_state(ws, state_folder(user.sid, name), "applied")
         legacy = applied is None
@@ -777,35 +854,42 @@ def _decode(entry: Json, name: str) -> bytes:
 
 @dataclass
 class Prepared:
-    """What the prelude of apply and rollback established for one file."""
+    """What the prelude of apply and rollback established for one file: its folders stay
+    locked until :func:`unlock_folders` (the caller's ``finally``)."""
 
-    spec: FileSpec
     state: StateFolder
     start: str
+    locks: Locks
+    replaced: bool = False
+    """Whether :func:`write_managed` got as far as replacing the file."""
 
 
 def prepare(ws: Workstation, spec: FileSpec, roots: list[str]) -> Prepared:
-    """``Initialize-ManagedFile``: the path checked, stale files gone, the state opened and the
-    legacy state migrated, a pending backup rotated in."""
+    """``Initialize-ManagedFile``: the folders locked and the path checked, stale files gone,
+    the state opened and the legacy state migrated, a pending backup rotated in."""
     start = check_start(ws, spec.path, spec.sid or None, roots)
-    assert_safe_path(ws, spec.path, start)
     if spec.kind == "microsip":
         assert_own_path(ws, spec.path, spec.sid)
-    state = state_folder(spec.sid or None, spec.name)
-    open_state(ws, state)
-    restore_interrupted(ws, spec, state, start)
-    if ws.is_dir(spec.folder):
-        remove_stale(ws, spec.folder, spec.name, ("tmp", "old"))
-    migrate_legacy(ws, spec.path, start, state)
-    for item in STATE_ITEMS:
-        remove_stale(ws, state.folder, item, ("tmp",))
-    settle_pending(ws, state, spec.path)
-    if ws.readonly(spec.path):
-        raise FileError("read-only", f"{spec.path} has the read-only attribute.")
-    return Prepared(spec, state, start)
+    locks = lock_folders(ws, spec.path, start)
+    try:
+        state = state_folder(spec.sid or None, spec.name)
+        open_state(ws, state)
+        restore_interrupted(ws, spec, state)
+        if ws.is_dir(spec.folder):
+            remove_stale(ws, spec.folder, spec.name, ("tmp", "old"))
+        migrate_legacy(ws, spec.path, start, state)
+        for item in STATE_ITEMS:
+            remove_stale(ws, state.folder, item, ("tmp",))
+        settle_pending(ws, state, spec.path)
+        if ws.readonly(spec.path):
+            raise FileError("read-only", f"{spec.path} has the read-only attribute.")
+    except BaseException:
+        unlock_folders(ws, locks)
+        raise
+    return Prepared(state, start, locks)
 
 
-def restore_interrupted(ws: Workstation, spec: FileSpec, state: StateFolder, start: str) -> None:
+def restore_interrupted(ws: Workstation, spec: FileSpec, state: StateFolder) -> None:
     """``Restore-Interrupted``: no file under its name, but its content waits as backup.new
     (written before every replace of an existing file) or as the .old of a replace that died
     half-way: put it back."""
@@ -820,20 +904,26 @@ def restore_interrupted(ws: Workstation, spec: FileSpec, state: StateFolder, sta
     for entry in ws.listdir(spec.folder):
         candidate = join(spec.folder, entry)
         if old.match(entry) and is_plain_file(ws, candidate):
-            assert_safe_path(ws, candidate, start)
-            ws.move(candidate, spec.path)
+            ws.move(candidate, spec.path)  # a rename inside the locked folder
             return
 
 
 def write_managed(
-    ws: Workstation, spec: FileSpec, content: bytes, old_backup: str | None, start: str
-) -> None:
-    """``Write-ManagedFile``: ``content`` replaces the file atomically with its final ACL.
+    ws: Workstation,
+    spec: FileSpec,
+    content: bytes,
+    old_backup: str | None,
+    prepared: Prepared,
+) -> bytes:
+    """``Write-ManagedFile``: ``content`` replaces the file atomically with its final ACL;
+    returns the bytes read back.
 
     The final ACL goes on the existing file first (``ReplaceFile`` keeps the replaced file's
     DACL), so the new content is never readable under a wider one; on the temp file too (a
-    first write moves it); and is checked after. A failed replace leaves the old file; a
-    failed ACL check puts the old content back from ``old_backup`` (a state file)."""
+    first write moves it); and is checked after. Each goes through a handle on the file, in
+    folders the caller holds locked: a name swapped in between cannot redirect it. A failed
+    replace leaves the old file; a failed ACL check puts the old content back from
+    ``old_backup`` (a state file)."""
     temp: str | None = None
     try:
         if not ws.is_dir(spec.folder):
@@ -843,30 +933,38 @@ def write_managed(
                     "not-installed", f"the MicroSIP folder {spec.folder} does not exist."
                 )
             ws.make_dir(spec.folder, spec.folder_acl)
+            lock_folders(ws, spec.path, prepared.start, prepared.locks)
         had_file = ws.exists(spec.path)
-        # Checked again right before each change: a user may swap a folder for a junction.
-        assert_safe_path(ws, spec.path, start)
         if had_file:
-            ws.set_acl(spec.path, spec.acl)
+            held = open_plain(ws, spec.path)
+            try:
+                ws.set_held_acl(held, spec.acl)
+            finally:
+                ws.close(held)
         temp = _temp_name(spec.folder, spec.name)
         ws.write_new(temp, content, spec.acl, managed=True)
-        assert_safe_path(ws, spec.path, start)
         if had_file:
             replace_file(ws, temp, spec)
         else:
             ws.move(temp, spec.path)
         temp = None
-        assert_safe_path(ws, spec.path, start)
-        if ws.acl(spec.path) != spec.acl:
-            with contextlib.suppress(FileError):
-                ws.set_acl(spec.path, spec.acl)
-            if ws.acl(spec.path) != spec.acl:
-                put_back(ws, spec, old_backup, had_file)
-                raise FileError(
-                    "acl-failed",
-                    "the file's permissions could not be set after the write; the previous "
-                    "content was put back.",
-                )
+        prepared.replaced = True
+        held = open_plain(ws, spec.path)
+        try:
+            if ws.held_acl(held) != spec.acl:
+                with contextlib.suppress(FileError):
+                    ws.set_held_acl(held, spec.acl)
+                if ws.held_acl(held) != spec.acl:
+                    ws.close(held)
+                    put_back(ws, spec, old_backup, had_file)
+                    raise FileError(
+                        "acl-failed",
+                        "the file's permissions could not be set after the write; the "
+                        "previous content was put back.",
+                    )
+            return ws.read_held(held)
+        finally:
+            ws.close(held)
     except Crashed:
         temp = None  # the agent died: nothing removes its temp file
         raise
@@ -946,10 +1044,25 @@ def _apply(
         raise FileError("internal", "the request gives no content_b64 or no sha256 for this file.")
     content = _decode(entry, "content_b64")
     prepared = prepare(ws, spec, roots)
-    state, start = prepared.state, prepared.start
-    old = ws.read(spec.path)
-    if old is not None:
-        assert_safe_path(ws, spec.path, start)  # a folder swapped meanwhile is not read
+    try:
+        _apply_prepared(ws, entry, policy, table, result, spec, content, intended, prepared)
+    finally:
+        unlock_folders(ws, prepared.locks)
+
+
+def _apply_prepared(
+    ws: Workstation,
+    entry: Json,
+    policy: str,
+    table: ProcessTable,
+    result: Json,
+    spec: FileSpec,
+    content: bytes,
+    intended: str,
+    prepared: Prepared,
+) -> None:
+    state = prepared.state
+    old = read_held_file(ws, spec.path)
     current = _sha(old)
     result["old_sha256"] = current
     expected = entry.get("expect_sha256")
@@ -963,14 +1076,16 @@ def _apply(
     if old is not None:
         write_state_file(ws, state, PENDING, old)
     try:
-        write_managed(ws, spec, content, pending if old is not None else None, start)
+        backup = pending if old is not None else None
+        written_bytes = write_managed(ws, spec, content, backup, prepared)
     except FileError:
-        # While the file is missing (a replace that died half-way), backup.new is the only
-        # copy of its content: the next request puts it back.
-        if old is not None and ws.exists(spec.path):
+        # Until the replace happened backup.new is no generation yet; once it has, or while
+        # the file is missing (a replace that died half-way), it is the only copy of the old
+        # content and stays for the next request to rotate in or put back.
+        if old is not None and not prepared.replaced and ws.exists(spec.path):
             _discard(ws, pending)
         raise
-    written = ws.sha256(spec.path)
+    written = _sha(written_bytes)
     result["new_sha256"] = written
     if written != intended:
         put_back(ws, spec, pending if old is not None else None, old is not None)
@@ -997,6 +1112,18 @@ def _apply(
                 f"the file was written, but not its applied copy: {failed.message}",
             ) from None
     result["status"] = "written"
+
+
+def read_held_file(ws: Workstation, path: str) -> bytes | None:
+    """``Read-HeldFile``: a file of a locked folder, read through a handle after its name is
+    checked (None when absent)."""
+    if not ws.exists(path):
+        return None
+    handle = open_plain(ws, path)
+    try:
+        return ws.read_held(handle)
+    finally:
+        ws.close(handle)
 
 
 def reported(result: Json, step: Callable[[], None]) -> Json:
@@ -1027,26 +1154,39 @@ def _rollback(
 ) -> None:
     spec = parse_file(entry)
     prepared = prepare(ws, spec, roots)
-    state, start = prepared.state, prepared.start
+    try:
+        _rollback_prepared(ws, policy, table, result, spec, prepared)
+    finally:
+        unlock_folders(ws, prepared.locks)
+
+
+def _rollback_prepared(
+    ws: Workstation,
+    policy: str,
+    table: ProcessTable,
+    result: Json,
+    spec: FileSpec,
+    prepared: Prepared,
+) -> None:
+    state = prepared.state
     backup = state.item("backup.1")
     content = ws.read(backup)
     if content is None:
         raise FileError("no-backup", f"there is no backup of {spec.path} to restore.")
     if not running_policy(ws, spec, policy, result, table):
         return
-    old = ws.read(spec.path)
+    old = read_held_file(ws, spec.path)
     rolled = state.item("rolled-back")
     previous = rolled if old is not None else None
     try:
         if old is not None:
-            assert_safe_path(ws, spec.path, start)
             result["old_sha256"] = _sha(old)
             write_state_file(ws, state, "rolled-back", old)
             result["backup"] = rolled
         else:
             _discard(ws, rolled)
-        write_managed(ws, spec, content, previous, start)
-        if ws.sha256(spec.path) != _sha(content):
+        written = write_managed(ws, spec, content, previous, prepared)
+        if written != content:
             put_back(ws, spec, previous, old is not None)
             raise FileError(
                 "verify-failed",
@@ -1061,7 +1201,7 @@ def _rollback(
     backups_up(ws, state)
     # without a merge base the next push treats the restored file as new
     ws.delete(state.item("applied"))
-    result["new_sha256"] = ws.sha256(spec.path)
+    result["new_sha256"] = _sha(written)
     result["status"] = "restored"
 
 

@@ -170,6 +170,21 @@ class Crashed(Exception):
     """The agent process died (``crash_after_temp``); nothing after this point runs."""
 
 
+@dataclass
+class Handle:
+    """A file the agent holds open without sharing write or delete, as ``FileStream`` with
+    ``FileShare.Read`` holds it: reads and DACL changes go to the object it was opened on,
+    whatever its names become, and nobody may rename or delete that object, nor rename the
+    folder it lies in (MS-FSA 2.1.5.14.11), while it is open. ``delete_on_close``: a lock file
+    (``FileOptions.DeleteOnClose``), gone when it is closed, even when the agent dies."""
+
+    path: str
+    real: str
+    key: tuple[int, int]
+    fd: int
+    delete_on_close: bool = False
+
+
 def win32_error(number: int, path: str) -> FileError:
     """The FileError a .NET call raises for Win32 error ``number`` on ``path``."""
     code = {
@@ -357,6 +372,7 @@ class FileSystem:
         self.faults = WorkstationFaults()
         self._meta: dict[tuple[int, int], Meta] = {}
         self._observers: list[Callable[[str], None]] = []
+        self._held: dict[int, Handle] = {}
         root.mkdir(parents=True, exist_ok=True)
         self._real_root = os.path.realpath(root)
 
@@ -541,8 +557,13 @@ class FileSystem:
     # --- changing, as a test or a user sets things up ----------------------------------------
 
     def observe(self, callback: Callable[[str], None]) -> None:
-        """Call ``callback(event)`` after every change the agent makes on disk."""
+        """Call ``callback(event)`` after every change the agent makes on disk, and after each
+        of its path checks (``check <path>``): where a racing user would act."""
         self._observers.append(callback)
+
+    def notify(self, event: str) -> None:
+        """Tell the observers of a step that changes nothing (the agent's checks)."""
+        self._notify(event)
 
     def put(
         self,
@@ -814,6 +835,105 @@ class FileSystem:
         meta = self._meta.get(_key(found)) or Meta(self.default_owner(path))
         self._meta[_key(found)] = replace(meta, acl=acl)
         self._notify(f"acl {path}")
+
+    # --- open handles: what the agent holds, and what that forbids ---------------------------
+
+    def open_held(self, path: str) -> Handle:
+        """``FileStream(path, Open, Read | ChangePermissions, FileShare.Read)``: the file
+        ``path`` names now (links followed, as ``CreateFile`` follows them), held open."""
+        real, found = self._resolve(path)
+        if found is None:
+            raise FileError("internal", f"Could not find file '{path}'.")
+        if not _is_file(found):
+            raise FileError("internal", f"Access to the path '{path}' is denied.", win32=5)
+        fd = os.open(real, os.O_RDONLY)
+        handle = Handle(path, os.path.realpath(real), _key(os.fstat(fd)), fd)
+        self._held[fd] = handle
+        return handle
+
+    def create_lock(self, folder: str, name: str, data: bytes, acl: Acl) -> Handle:
+        """``FileStream(path, CreateNew, ..., FileShare.Read, ..., DeleteOnClose, security)``:
+        a new file ``name`` in ``folder`` holding ``data``, created with ``acl`` and held open
+        in the same call (the agent's folder lock).
+
+        A few bytes live in the file's MFT record: no cluster is allocated, so a full disk
+        still takes them (``disk_full`` does not apply); a folder that denies writing does not.
+        """
+        path = join(folder, name)
+        self._check_writable(path)
+        real, _ = self._resolve(path)
+        try:
+            fd = os.open(real, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            raise FileError("internal", f"'{path}' exists already.") from None
+        except FileNotFoundError:
+            raise FileError("internal", f"The folder of '{path}' does not exist.") from None
+        os.write(fd, data)
+        key = _key(os.fstat(fd))
+        self._meta[key] = Meta(ADMINISTRATORS, acl)
+        handle = Handle(path, os.path.realpath(real), key, fd, delete_on_close=True)
+        self._held[fd] = handle
+        self._notify(f"lock {path}")
+        return handle
+
+    def read_held(self, handle: Handle) -> bytes:
+        """The bytes of the object ``handle`` holds."""
+        os.lseek(handle.fd, 0, os.SEEK_SET)
+        chunks = []
+        while chunk := os.read(handle.fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def held_acl(self, handle: Handle) -> Acl | None:
+        """``FileStream.GetAccessControl()``: the explicit DACL of the held object."""
+        meta = self._meta.get(handle.key)
+        return None if meta is None else meta.acl
+
+    def set_held_acl(self, handle: Handle, acl: Acl) -> None:
+        """``FileStream.SetAccessControl()``: on the held object, whatever its names are now."""
+        failures = self.faults.acl_errors.get(path_key(handle.path), 0)
+        if failures > 0:
+            self.faults.acl_errors[path_key(handle.path)] = failures - 1
+            raise win32_error(ERROR_ACCESS_DENIED, handle.path)
+        meta = self._meta.get(handle.key) or Meta(self.default_owner(handle.path))
+        self._meta[handle.key] = replace(meta, acl=acl)
+        self._notify(f"acl {handle.path}")
+
+    def close(self, handle: Handle) -> None:
+        """Close ``handle``; a lock file goes with it."""
+        if self._held.pop(handle.fd, None) is None:
+            return
+        os.close(handle.fd)
+        if handle.delete_on_close:
+            with contextlib.suppress(FileNotFoundError):
+                self._forget(handle.real)
+                os.unlink(handle.real)
+
+    def held_paths(self) -> list[str]:
+        """The real paths of every file the agent holds open (a test's view)."""
+        return sorted(h.real for h in self._held.values())
+
+    def rename_as_user(self, path: str, new_path: str) -> None:
+        """A user renames the object ``path`` names itself (a link, not its target) to
+        ``new_path`` in the same volume, as Windows allows it: a folder that holds a file
+        someone has open is not renamed (access denied), nor is a file held without sharing
+        delete (sharing violation)."""
+        real = self._entry_real(path)
+        entry = _stat(real, follow=False)
+        if entry is None:
+            raise FileError("internal", f"Could not find '{path}'.")
+        if stat.S_ISDIR(entry.st_mode) and any(
+            os.path.dirname(h.real) == os.path.realpath(real) for h in self._held.values()
+        ):
+            raise win32_error(ERROR_ACCESS_DENIED, path)
+        if stat.S_ISREG(entry.st_mode) and any(h.key == _key(entry) for h in self._held.values()):
+            raise win32_error(ERROR_SHARING_VIOLATION, path)
+        os.rename(real, self._entry_real(new_path))
+
+    def _entry_real(self, path: str) -> str:
+        """The real path of the entry ``path`` names, its last component not followed."""
+        folder, _ = self._resolve(parent(path))
+        return self._child(folder, True, leaf(path))[0]
 
     # --- internals -------------------------------------------------------------------------
 

@@ -4,6 +4,76 @@
 # loses no generation.
 $Request = $args[0]
 
+function Invoke-PreparedApply($File, $Checked, [byte[]]$Content, [string]$Intended, $Prepared, $Item, [string]$IfRunning, $Context) {
+    # With the file's folders locked (Initialize-ManagedFile).
+    $path = $Checked.path
+    $state = $Prepared.state
+
+    # Compare-and-swap: anything else than what inspect saw may be the user's own edit.
+    $old = Read-HeldFile $path
+    $current = $null
+    if ($null -ne $old) { $current = Get-Sha256 $old }
+    $Item['old_sha256'] = $current
+    $expected = Get-Field $File 'expect_sha256'
+    if ($current -ne $expected) {
+        $Item['status'] = 'conflict'
+        $Item['error'] = New-AgentError 'conflict' 'the file changed since inspect.'
+        return
+    }
+    # Only now, when it will be written: a conflict must not stop anybody's MicroSIP.
+    if (-not (Invoke-RunningPolicy $Checked $IfRunning $Item $Context)) { return }
+
+    # The old content waits as backup.new (for SYSTEM and Administrators only): until the
+    # new file is verified, no backup moves.
+    $pending = [IO.Path]::Combine($state, 'backup.new')
+    $backup = $null
+    if ($null -ne $old) {
+        Write-StateFile $state 'backup.new' $old
+        $backup = $pending
+    }
+    try {
+        $writtenBytes = Write-ManagedFile $Checked $Content $backup $Prepared
+    } catch {
+        # Until the replace happened backup.new is no generation yet; once it has, or while
+        # the file is missing (a replace that died half-way), it is the only copy of the old
+        # content and stays for the next request to rotate in or put back.
+        if ($null -ne $backup -and -not $Prepared.replaced -and [IO.File]::Exists($path)) { Remove-FileQuietly $pending }
+        throw
+    }
+
+    $written = Get-Sha256 $writtenBytes
+    $Item['new_sha256'] = $written
+    if ($written -ne $Intended) {
+        Restore-Previous $Checked $backup ($null -ne $old)
+        if ($null -ne $backup) { Remove-FileQuietly $pending; $undone = 'the previous file was put back' }
+        else { $undone = 'it was removed' }
+        throw (New-AgentException 'verify-failed' ('the file read back differs from the intended content; {0}.' -f $undone))
+    }
+    if ($null -ne $old) {
+        # Written and verified: only now do the backups move. If that fails, backup.new
+        # keeps the old content and the next apply or rollback rotates it in.
+        try {
+            Move-BackupsDown $state
+            $Item['backup'] = [IO.Path]::Combine($state, 'backup.1')
+        } catch {
+            $Item['backup'] = $pending
+        }
+    }
+
+    # The merge base of the next push, with passwords already replaced by the controller.
+    $applied = Get-Field $File 'applied_b64'
+    if ($null -ne $applied) {
+        try {
+            Write-StateFile $state 'applied' ([Convert]::FromBase64String([string]$applied))
+        } catch {
+            # The file itself is written: say so, or the controller would think nothing changed.
+            $cause = ConvertTo-AgentError $_
+            throw (New-AgentException $cause.code ('the file was written, but not its applied copy: ' + $cause.message))
+        }
+    }
+    $Item['status'] = 'written'
+}
+
 function Invoke-ApplyFile($File, [string]$IfRunning, $Roots, $Context) {
     $item = [ordered]@{
         path = (Get-Field $File 'path'); status = 'error'; old_sha256 = $null; new_sha256 = $null
@@ -11,7 +81,6 @@ function Invoke-ApplyFile($File, [string]$IfRunning, $Roots, $Context) {
     }
     try {
         $checked = Test-FileRequest $File
-        $path = $checked.path
         $encoded = Get-Field $File 'content_b64'
         $intended = Get-Field $File 'sha256'
         # Refused rather than guessed: a missing content would truncate the user's file.
@@ -20,75 +89,11 @@ function Invoke-ApplyFile($File, [string]$IfRunning, $Roots, $Context) {
         }
         $content = [Convert]::FromBase64String([string]$encoded)
         $prepared = Initialize-ManagedFile $checked $Roots
-        $state = $prepared.state; $start = $prepared.start
-
-        # Compare-and-swap: anything else than what inspect saw may be the user's own edit.
-        # Checked for links again after the read: a folder swapped meanwhile is not read.
-        $old = $null
-        $current = $null
-        if ([IO.File]::Exists($path)) {
-            $old = [IO.File]::ReadAllBytes($path)
-            Assert-SafePath $path $start
-            $current = Get-Sha256 $old
-        }
-        $item['old_sha256'] = $current
-        $expected = Get-Field $File 'expect_sha256'
-        if ($current -ne $expected) {
-            $item['status'] = 'conflict'
-            $item['error'] = New-AgentError 'conflict' 'the file changed since inspect.'
-            return $item
-        }
-        # Only now, when it will be written: a conflict must not stop anybody's MicroSIP.
-        if (-not (Invoke-RunningPolicy $checked $IfRunning $item $Context)) { return $item }
-
-        # The old content waits as backup.new (for SYSTEM and Administrators only): until the
-        # new file is verified, no backup moves.
-        $pending = [IO.Path]::Combine($state, 'backup.new')
-        $backup = $null
-        if ($null -ne $old) {
-            Write-StateFile $state 'backup.new' $old
-            $backup = $pending
-        }
         try {
-            Write-ManagedFile $checked $content $backup $start
-        } catch {
-            # While the file is missing (a replace that died half-way), backup.new is the only
-            # copy of its content: the next request puts it back.
-            if ($null -ne $backup -and [IO.File]::Exists($path)) { Remove-FileQuietly $pending }
-            throw
+            Invoke-PreparedApply $File $checked $content $intended $prepared $item $IfRunning $Context
+        } finally {
+            Unlock-Folders $prepared.locks
         }
-
-        $written = Get-Sha256 ([IO.File]::ReadAllBytes($path))
-        $item['new_sha256'] = $written
-        if ($written -ne $intended) {
-            Restore-Previous $checked $backup ($null -ne $old)
-            if ($null -ne $backup) { Remove-FileQuietly $pending; $undone = 'the previous file was put back' }
-            else { $undone = 'it was removed' }
-            throw (New-AgentException 'verify-failed' ('the file read back differs from the intended content; {0}.' -f $undone))
-        }
-        if ($null -ne $old) {
-            # Written and verified: only now do the backups move. If that fails, backup.new
-            # keeps the old content and the next apply or rollback rotates it in.
-            try {
-                Move-BackupsDown $state
-                $item['backup'] = [IO.Path]::Combine($state, 'backup.1')
-            } catch {
-                $item['backup'] = $pending
-            }
-        }
-
-        # The merge base of the next push, with passwords already replaced by the controller.
-        $applied = Get-Field $File 'applied_b64'
-        if ($null -ne $applied) {
-            try {
-                Write-StateFile $state 'applied' ([Convert]::FromBase64String([string]$applied))
-            } catch {
-                # The file itself is written: say so, or the controller would think nothing changed.
-                $cause = ConvertTo-AgentError $_
-                throw (New-AgentException $cause.code ('the file was written, but not its applied copy: ' + $cause.message))
-            }
-        }
-        $item['status'] = 'written'
     } catch {
         $item['status'] = 'error'
         $item['error'] = ConvertTo-AgentError $_

@@ -1,12 +1,11 @@
 # inspect: where MicroSIP and each user's ini are, and what they hold. Reads only.
 $Request = $args[0]
 
-function Read-FileState([string]$Path) {
-    if (-not [IO.File]::Exists($Path)) {
+function ConvertTo-FileState($Bytes) {
+    if ($null -eq $Bytes) {
         return [ordered]@{ exists = $false; sha256 = $null; content_b64 = $null }
     }
-    $bytes = [IO.File]::ReadAllBytes($Path)
-    return [ordered]@{ exists = $true; sha256 = (Get-Sha256 $bytes); content_b64 = [Convert]::ToBase64String($bytes) }
+    return [ordered]@{ exists = $true; sha256 = (Get-Sha256 $Bytes); content_b64 = [Convert]::ToBase64String($Bytes) }
 }
 
 function ConvertTo-AppliedState($Bytes, [bool]$Legacy) {
@@ -365,12 +364,9 @@ function Get-UserState($User, $Install, [string]$Mode, $Roots, $Context) {
         else { $path = [IO.Path]::Combine($appData, 'MicroSIP', $iniName) }
         $item['path'] = $path
         $start = Get-CheckStart $path $sid $Roots
-        Assert-SafePath $path $start
         Assert-OwnPath $path $sid
         # Gathered apart and added only once all is read: a user in error has no file fields.
-        # Checked for links again after the read: a folder swapped meanwhile is not read.
-        $file = Read-FileState $path
-        Assert-SafePath $path $start
+        $file = ConvertTo-FileState (Read-CheckedFile $path $start)
         $readOnly = Test-ReadOnly $path
         $appliedBytes = Read-StateFile (Get-StateFolder $sid $iniName) 'applied'
         $legacy = $null -eq $appliedBytes
@@ -402,8 +398,7 @@ function Get-OverrideState($Install) {
         }
         $path = [IO.Path]::Combine($Install.dir, 'override.ini')
         $item['path'] = $path
-        Assert-SafePath $path ([IO.Path]::GetPathRoot($path))
-        $file = Read-FileState $path
+        $file = ConvertTo-FileState (Read-CheckedFile $path (Get-CheckStart $path '' @()))
         $readOnly = Test-ReadOnly $path
         $applied = ConvertTo-AppliedState (Read-StateFile (Get-StateFolder '' 'override.ini') 'applied') $false
         foreach ($field in $file.Keys) { $item[$field] = $file[$field] }

@@ -1,6 +1,49 @@
 # rollback: put backup.1 back in place of each file, independently and in order.
 $Request = $args[0]
 
+function Invoke-PreparedRollback($Checked, $Prepared, $Item, [string]$IfRunning, $Context) {
+    # With the file's folders locked (Initialize-ManagedFile).
+    $path = $Checked.path
+    $state = $Prepared.state
+    $backup1 = [IO.Path]::Combine($state, 'backup.1')
+    if (-not [IO.File]::Exists($backup1)) {
+        throw (New-AgentException 'no-backup' ("there is no backup of {0} to restore." -f $path))
+    }
+    if (-not (Invoke-RunningPolicy $Checked $IfRunning $Item $Context)) { return }
+
+    # The current content goes to rolled-back (for SYSTEM and Administrators only), then
+    # backup.1's content replaces the file as an apply would write it, and is verified.
+    $rolledBack = [IO.Path]::Combine($state, 'rolled-back')
+    $old = Read-HeldFile $path
+    $previous = $null
+    $content = [IO.File]::ReadAllBytes($backup1)
+    try {
+        if ($null -ne $old) {
+            $Item['old_sha256'] = Get-Sha256 $old
+            Write-StateFile $state 'rolled-back' $old
+            $Item['backup'] = $rolledBack
+            $previous = $rolledBack
+        } else {
+            Remove-FileQuietly $rolledBack
+        }
+        $written = Write-ManagedFile $Checked $content $previous $Prepared
+        if ((Get-Sha256 $written) -ne (Get-Sha256 $content)) {
+            Restore-Previous $Checked $previous ($null -ne $old)
+            throw (New-AgentException 'verify-failed' 'the file read back differs from the backup; the previous content was put back.')
+        }
+    } catch {
+        $Item['backup'] = $null
+        if ([IO.File]::Exists($path)) { Remove-FileQuietly $rolledBack }
+        throw
+    }
+    [IO.File]::Delete($backup1)
+    Move-BackupsUp $state
+    # Without a merge base the next push treats the restored file as new.
+    Remove-FileQuietly ([IO.Path]::Combine($state, 'applied'))
+    $Item['new_sha256'] = Get-Sha256 $written
+    $Item['status'] = 'restored'
+}
+
 function Invoke-RollbackFile($File, [string]$IfRunning, $Roots, $Context) {
     $item = [ordered]@{
         path = (Get-Field $File 'path'); status = 'error'; old_sha256 = $null; new_sha256 = $null
@@ -8,48 +51,12 @@ function Invoke-RollbackFile($File, [string]$IfRunning, $Roots, $Context) {
     }
     try {
         $checked = Test-FileRequest $File
-        $path = $checked.path
         $prepared = Initialize-ManagedFile $checked $Roots
-        $state = $prepared.state; $start = $prepared.start
-        $backup1 = [IO.Path]::Combine($state, 'backup.1')
-        if (-not [IO.File]::Exists($backup1)) {
-            throw (New-AgentException 'no-backup' ("there is no backup of {0} to restore." -f $path))
-        }
-        if (-not (Invoke-RunningPolicy $checked $IfRunning $item $Context)) { return $item }
-
-        # The current content goes to rolled-back (for SYSTEM and Administrators only), then
-        # backup.1's content replaces the file as an apply would write it, and is verified.
-        $rolledBack = [IO.Path]::Combine($state, 'rolled-back')
-        $hadFile = [IO.File]::Exists($path)
-        $previous = $null
-        $content = [IO.File]::ReadAllBytes($backup1)
         try {
-            if ($hadFile) {
-                $old = [IO.File]::ReadAllBytes($path)
-                Assert-SafePath $path $start
-                $item['old_sha256'] = Get-Sha256 $old
-                Write-StateFile $state 'rolled-back' $old
-                $item['backup'] = $rolledBack
-                $previous = $rolledBack
-            } else {
-                Remove-FileQuietly $rolledBack
-            }
-            Write-ManagedFile $checked $content $previous $start
-            if ((Get-Sha256 ([IO.File]::ReadAllBytes($path))) -ne (Get-Sha256 $content)) {
-                Restore-Previous $checked $previous $hadFile
-                throw (New-AgentException 'verify-failed' 'the file read back differs from the backup; the previous content was put back.')
-            }
-        } catch {
-            $item['backup'] = $null
-            if ([IO.File]::Exists($path)) { Remove-FileQuietly $rolledBack }
-            throw
+            Invoke-PreparedRollback $checked $prepared $item $IfRunning $Context
+        } finally {
+            Unlock-Folders $prepared.locks
         }
-        [IO.File]::Delete($backup1)
-        Move-BackupsUp $state
-        # Without a merge base the next push treats the restored file as new.
-        Remove-FileQuietly ([IO.Path]::Combine($state, 'applied'))
-        $item['new_sha256'] = Get-Sha256 ([IO.File]::ReadAllBytes($path))
-        $item['status'] = 'restored'
     } catch {
         $item['status'] = 'error'
         $item['error'] = ConvertTo-AgentError $_

@@ -295,11 +295,6 @@ function Get-DaclText($Security) {
     return ('{0}|{1}' -f $protected, ($aces -join ''))
 }
 
-function Test-ExpectedAcl([string]$Path, $Expected) {
-    $actual = [IO.File]::GetAccessControl($Path, [System.Security.AccessControl.AccessControlSections]::Access)
-    return (Get-DaclText $actual) -eq (Get-DaclText $Expected)
-}
-
 # --- the agent's own state ------------------------------------------------------------------
 
 function Get-StateRoot {
@@ -418,7 +413,8 @@ function Resolve-PendingBackup([string]$Folder, [string]$Path) {
     # bytes the replace never happened, and it goes.
     $pending = [IO.Path]::Combine($Folder, 'backup.new')
     if (-not [IO.File]::Exists($pending)) { return }
-    if ([IO.File]::Exists($Path) -and (Get-Sha256 ([IO.File]::ReadAllBytes($pending))) -eq (Get-Sha256 ([IO.File]::ReadAllBytes($Path)))) {
+    $current = Read-HeldFile $Path
+    if ($null -ne $current -and (Get-Sha256 ([IO.File]::ReadAllBytes($pending))) -eq (Get-Sha256 $current)) {
         [IO.File]::Delete($pending)
         return
     }
@@ -454,13 +450,110 @@ function Test-PlainFile([string]$Path) {
     try { return $null -eq (Get-OtherNames $Path) } catch { return $false }
 }
 
+# A folder that holds a file someone has open is not renamed (MS-FSA 2.1.5.14.11), and a folder
+# that is not empty cannot become a junction: with a lock file of the agent's open in every
+# folder below the start, a checked path stays as it was checked until the locks go.
+
+function Lock-Folders([string]$Path, [string]$Start, $Locks) {
+    # A lock file (SYSTEM and Administrators only, a random nonce, deleted when closed, even if
+    # the agent dies) held open in each existing folder between $Start and the file's own, added
+    # to $Locks; then the path is checked and every lock read back through its path: a folder
+    # swapped while the locks were being taken does not hold its lock.
+    Assert-SafePath $Path $Start
+    if ($null -eq $Locks) { $Locks = [System.Collections.Generic.List[object]]::new() }
+    $taken = @(foreach ($lock in $Locks) { [IO.Path]::GetDirectoryName($lock.path) })
+    try {
+        $folder = [IO.Path]::GetDirectoryName($Path)
+        $relative = $folder.Substring([Math]::Min($Start.TrimEnd('\').Length, $folder.Length)).TrimStart('\')
+        $current = $Start.TrimEnd('\')
+        foreach ($name in $relative.Split('\')) {
+            if ($name -eq '') { continue }
+            $current = $current + '\' + $name
+            if (-not [IO.Directory]::Exists($current)) { break }
+            if ($taken -contains $current) { continue }
+            $nonce = [Guid]::NewGuid().ToByteArray()
+            $lockPath = New-TempPath $current 'microsip-provisioner' 'lock'
+            try {
+                $stream = [IO.FileStream]::new($lockPath, [IO.FileMode]::CreateNew, [System.Security.AccessControl.FileSystemRights]'Read, Write, Delete', [IO.FileShare]::Read, 4096, [IO.FileOptions]::DeleteOnClose, (New-Acl 'state' '' $false))
+            } catch {
+                $cause = ConvertTo-AgentError $_
+                throw (New-AgentException $cause.code ('cannot lock {0}: {1}' -f $current, $cause.message))
+            }
+            $Locks.Add([pscustomobject]@{ path = $lockPath; stream = $stream; nonce = $nonce })
+            $stream.Write($nonce, 0, $nonce.Length)
+            $stream.Flush()
+        }
+        Assert-SafePath $Path $Start
+        foreach ($lock in $Locks) {
+            $seen = [byte[]]::new(16)
+            $count = 0
+            try {
+                $reader = [IO.FileStream]::new($lock.path, [IO.FileMode]::Open, [IO.FileAccess]::Read, [IO.FileShare]'ReadWrite, Delete')
+                try { $count = $reader.Read($seen, 0, 16) } finally { $reader.Dispose() }
+                $names = Get-OtherNames $lock.path
+            } catch { $count = 0 }
+            if ($count -ne 16 -or [Convert]::ToBase64String($seen) -ne [Convert]::ToBase64String($lock.nonce) -or $null -ne $names) {
+                throw (New-AgentException 'unsafe-path' ("a folder on the path of {0} changed while the agent was locking it." -f $Path))
+            }
+        }
+    } catch {
+        Unlock-Folders $Locks
+        throw
+    }
+    return , $Locks
+}
+
+function Unlock-Folders($Locks) {
+    # Each lock file goes with its handle.
+    if ($null -eq $Locks) { return }
+    foreach ($lock in $Locks) { try { $lock.stream.Dispose() } catch { } }
+    $Locks.Clear()
+}
+
+function Open-PlainFile([string]$Path) {
+    # The file held open without sharing write or delete (its name cannot change meanwhile),
+    # then checked to be no link and to have no other name: reads and ACL changes go through
+    # this handle, never through the name again.
+    $stream = [IO.FileStream]::new($Path, [IO.FileMode]::Open, [System.Security.AccessControl.FileSystemRights]'Read, ChangePermissions', [IO.FileShare]::Read, 4096, [IO.FileOptions]::None)
+    try {
+        if (([IO.File]::GetAttributes($Path) -band [IO.FileAttributes]::ReparsePoint) -or $null -ne (Get-OtherNames $Path)) {
+            throw (New-AgentException 'unsafe-path' ("{0} is a link or has other names; the agent never acts through one." -f $Path))
+        }
+    } catch {
+        $stream.Dispose()
+        throw
+    }
+    return $stream
+}
+
+function Read-Stream($Stream) {
+    $memory = [IO.MemoryStream]::new()
+    $null = $Stream.Seek(0, [IO.SeekOrigin]::Begin)
+    $Stream.CopyTo($memory)
+    return , $memory.ToArray()
+}
+
+function Read-HeldFile([string]$Path) {
+    # A file of a locked folder, read through a handle after its name is checked ($null: absent).
+    if (-not [IO.File]::Exists($Path)) { return $null }
+    $stream = Open-PlainFile $Path
+    try { $bytes = Read-Stream $stream } finally { $stream.Dispose() }
+    return , $bytes
+}
+
+function Read-CheckedFile([string]$Path, [string]$Start) {
+    # The bytes of a file in a folder a user controls, read with its folders locked and itself
+    # held; $null when absent, unsafe-path when a link is in the way.
+    $locks = Lock-Folders $Path $Start $null
+    try { $bytes = Read-HeldFile $Path } finally { Unlock-Folders $locks }
+    if ($null -eq $bytes) { return $null }
+    return , $bytes
+}
+
 function Read-UserFile([string]$Path, [string]$Start) {
-    # The bytes of a file in a user's folder, or $null: checked for links before and after the
-    # read, so that a folder swapped meanwhile for a junction to someone else's is not read.
-    try { Assert-SafePath $Path $Start } catch { return $null }
-    if (-not (Test-PlainFile $Path)) { return $null }
-    $bytes = [IO.File]::ReadAllBytes($Path)
-    try { Assert-SafePath $Path $Start } catch { return $null }
+    # Read-CheckedFile, or $null when unsafe.
+    try { $bytes = Read-CheckedFile $Path $Start } catch { return $null }
+    if ($null -eq $bytes) { return $null }
     return , $bytes
 }
 
@@ -578,28 +671,34 @@ function Initialize-ManagedFile($Checked, $Roots) {
     # Before anything is read or written: the path checked for links, the stale temp files of a
     # dead agent gone, the state folder opened and the old .provisioner state migrated, and a
     # backup.new left by an agent that died settled.
+    # The folders stay locked until the caller's Unlock-Folders.
     $path = $Checked.path
     $start = Get-CheckStart $path $Checked.sid $Roots
-    Assert-SafePath $path $start
     if ($Checked.kind -eq 'microsip') { Assert-OwnPath $path $Checked.sid }
-    $state = Get-StateFolder $Checked.sid ([IO.Path]::GetFileName($path))
-    Open-StateFolder $state
-    # A replace that died half-way (1177, then its recovery failed) left no file under its
-    # name: its previous content is put back before anything else looks at the folder.
-    Restore-Interrupted $Checked $state $start
-    Remove-StaleFiles ([IO.Path]::GetDirectoryName($path)) ([IO.Path]::GetFileName($path)) @('tmp', 'old')
-    Move-LegacyState $path $start $state
-    foreach ($item in 'applied', 'backup.1', 'backup.2', 'backup.3', 'backup.new', 'rolled-back') {
-        Remove-StaleFiles $state $item @('tmp')
+    $locks = Lock-Folders $path $start $null
+    try {
+        $state = Get-StateFolder $Checked.sid ([IO.Path]::GetFileName($path))
+        Open-StateFolder $state
+        # A replace that died half-way (1177, then its recovery failed) left no file under its
+        # name: its previous content is put back before anything else looks at the folder.
+        Restore-Interrupted $Checked $state
+        Remove-StaleFiles ([IO.Path]::GetDirectoryName($path)) ([IO.Path]::GetFileName($path)) @('tmp', 'old')
+        Move-LegacyState $path $start $state
+        foreach ($item in 'applied', 'backup.1', 'backup.2', 'backup.3', 'backup.new', 'rolled-back') {
+            Remove-StaleFiles $state $item @('tmp')
+        }
+        Resolve-PendingBackup $state $path
+        if ([IO.File]::Exists($path) -and ([IO.File]::GetAttributes($path) -band [IO.FileAttributes]::ReadOnly)) {
+            throw (New-AgentException 'read-only' ('{0} has the read-only attribute.' -f $path))
+        }
+    } catch {
+        Unlock-Folders $locks
+        throw
     }
-    Resolve-PendingBackup $state $path
-    if ([IO.File]::Exists($path) -and ([IO.File]::GetAttributes($path) -band [IO.FileAttributes]::ReadOnly)) {
-        throw (New-AgentException 'read-only' ('{0} has the read-only attribute.' -f $path))
-    }
-    return [ordered]@{ state = $state; start = $start }
+    return [ordered]@{ state = $state; start = $start; locks = $locks; replaced = $false }
 }
 
-function Restore-Interrupted($Checked, [string]$State, [string]$Start) {
+function Restore-Interrupted($Checked, [string]$State) {
     # No file under its name, but the content it had waits as backup.new (written before every
     # replace of an existing file) or as the .old of a replace: put it back.
     $path = $Checked.path
@@ -615,8 +714,7 @@ function Restore-Interrupted($Checked, [string]$State, [string]$Start) {
     $pattern = '^\.' + [regex]::Escape([IO.Path]::GetFileName($path)) + '\.[0-9a-f]{12}\.old$'
     foreach ($file in [IO.Directory]::GetFiles($folder)) {
         if ([IO.Path]::GetFileName($file) -match $pattern -and (Test-PlainFile $file)) {
-            Assert-SafePath $file $Start
-            [IO.File]::Move($file, $path)
+            [IO.File]::Move($file, $path)  # a rename inside the locked folder
             return
         }
     }
@@ -665,11 +763,13 @@ function Restore-Previous($Checked, $Backup, [bool]$HadFile) {
     }
 }
 
-function Write-ManagedFile($Checked, [byte[]]$Content, $Backup, [string]$Start) {
-    # The content replaces the file atomically, under its final ACL from first to last:
-    # ReplaceFile keeps the DACL of the file it replaces, so the final one goes on the existing
-    # file first (if that fails, nothing is written), on the temp file too (a first write moves
-    # it), and is checked after; a wrong one then puts the previous content back from $Backup.
+function Write-ManagedFile($Checked, [byte[]]$Content, $Backup, $Prepared) {
+    # The content replaces the file atomically, under its final ACL from first to last, and
+    # the bytes read back are returned. ReplaceFile keeps the DACL of the file it replaces, so
+    # the final one goes on the existing file first (if that fails, nothing is written), on the
+    # temp file too (a first write moves it), and is checked after; a wrong one then puts the
+    # previous content back from $Backup. Each goes through a handle on the file, in folders
+    # held locked: a name swapped in between cannot redirect it.
     $path = $Checked.path
     $folder = [IO.Path]::GetDirectoryName($path)
     $acl = New-Acl $Checked.kind $Checked.sid $false
@@ -681,23 +781,33 @@ function Write-ManagedFile($Checked, [byte[]]$Content, $Backup, [string]$Start) 
                 throw (New-AgentException 'not-installed' ("the MicroSIP folder {0} does not exist." -f $folder))
             }
             $null = [IO.Directory]::CreateDirectory($folder, (New-Acl $Checked.kind $Checked.sid $true))
+            $null = Lock-Folders $path $Prepared.start $Prepared.locks
         }
         $hadFile = [IO.File]::Exists($path)
-        Assert-SafePath $path $Start
-        if ($hadFile) { [IO.File]::SetAccessControl($path, $acl) }
+        if ($hadFile) {
+            $held = Open-PlainFile $path
+            try { $held.SetAccessControl($acl) } finally { $held.Dispose() }
+        }
         $temp = New-TempPath $folder ([IO.Path]::GetFileName($path)) 'tmp'
         Write-NewFile $temp $Content $acl
-        Assert-SafePath $path $Start
         if ($hadFile) { Invoke-ReplaceFile $temp $path } else { [IO.File]::Move($temp, $path) }
         $temp = $null
-        Assert-SafePath $path $Start
-        if (-not (Test-ExpectedAcl $path $acl)) {
-            try { [IO.File]::SetAccessControl($path, $acl) } catch { }
-            if (-not (Test-ExpectedAcl $path $acl)) {
-                Restore-Previous $Checked $Backup $hadFile
-                throw (New-AgentException 'acl-failed' "the file's permissions could not be set after the write; the previous content was put back.")
+        $Prepared.replaced = $true
+        $held = Open-PlainFile $path
+        try {
+            if ((Get-DaclText $held.GetAccessControl()) -ne (Get-DaclText $acl)) {
+                try { $held.SetAccessControl($acl) } catch { }
+                if ((Get-DaclText $held.GetAccessControl()) -ne (Get-DaclText $acl)) {
+                    $held.Dispose()
+                    Restore-Previous $Checked $Backup $hadFile
+                    throw (New-AgentException 'acl-failed' "the file's permissions could not be set after the write; the previous content was put back.")
+                }
             }
+            $written = Read-Stream $held
+        } finally {
+            $held.Dispose()
         }
+        return , $written
     } finally {
         if ($null -ne $temp) { Remove-FileQuietly $temp }
     }
@@ -720,12 +830,11 @@ function Test-Request($Request, [string]$Op) {
 # inspect: where MicroSIP and each user's ini are, and what they hold. Reads only.
 $Request = $args[0]
 
-function Read-FileState([string]$Path) {
-    if (-not [IO.File]::Exists($Path)) {
+function ConvertTo-FileState($Bytes) {
+    if ($null -eq $Bytes) {
         return [ordered]@{ exists = $false; sha256 = $null; content_b64 = $null }
     }
-    $bytes = [IO.File]::ReadAllBytes($Path)
-    return [ordered]@{ exists = $true; sha256 = (Get-Sha256 $bytes); content_b64 = [Convert]::ToBase64String($bytes) }
+    return [ordered]@{ exists = $true; sha256 = (Get-Sha256 $Bytes); content_b64 = [Convert]::ToBase64String($Bytes) }
 }
 
 function ConvertTo-AppliedState($Bytes, [bool]$Legacy) {
@@ -1084,12 +1193,9 @@ function Get-UserState($User, $Install, [string]$Mode, $Roots, $Context) {
         else { $path = [IO.Path]::Combine($appData, 'MicroSIP', $iniName) }
         $item['path'] = $path
         $start = Get-CheckStart $path $sid $Roots
-        Assert-SafePath $path $start
         Assert-OwnPath $path $sid
         # Gathered apart and added only once all is read: a user in error has no file fields.
-        # Checked for links again after the read: a folder swapped meanwhile is not read.
-        $file = Read-FileState $path
-        Assert-SafePath $path $start
+        $file = ConvertTo-FileState (Read-CheckedFile $path $start)
         $readOnly = Test-ReadOnly $path
         $appliedBytes = Read-StateFile (Get-StateFolder $sid $iniName) 'applied'
         $legacy = $null -eq $appliedBytes
@@ -1121,8 +1227,7 @@ function Get-OverrideState($Install) {
         }
         $path = [IO.Path]::Combine($Install.dir, 'override.ini')
         $item['path'] = $path
-        Assert-SafePath $path ([IO.Path]::GetPathRoot($path))
-        $file = Read-FileState $path
+        $file = ConvertTo-FileState (Read-CheckedFile $path (Get-CheckStart $path '' @()))
         $readOnly = Test-ReadOnly $path
         $applied = ConvertTo-AppliedState (Read-StateFile (Get-StateFolder '' 'override.ini') 'applied') $false
         foreach ($field in $file.Keys) { $item[$field] = $file[$field] }
