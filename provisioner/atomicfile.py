@@ -24,12 +24,10 @@ def write_atomic(
     to new files (default 0o600, because what we write is often sensitive).
     """
     directory = path.parent
-    try:
-        if force_mode:
-            raise FileNotFoundError
-        keep = stat.S_IMODE(path.stat().st_mode)
-    except FileNotFoundError:
-        keep = 0o600 if mode is None else mode
+    keep = 0o600 if mode is None else mode
+    if not force_mode:
+        with contextlib.suppress(FileNotFoundError):
+            keep = stat.S_IMODE(path.stat().st_mode)
     fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -216,5 +214,4 @@ def _write_by_name(root: Path, relative: str, data: bytes, *, mode: int, dir_mod
     target = folder / parts[-1]
     if target.is_symlink() or (target.exists() and not target.is_file()):
         raise UnsafeTreeError(f"cannot write {relative}: a symbolic link stands there")
-    write_atomic(target, data, mode=mode)
-    target.chmod(mode)
+    write_atomic(target, data, mode=mode, force_mode=True)

@@ -153,3 +153,29 @@ def test_write_atomic_keeps_a_mode_or_forces_one(tmp_path: Path) -> None:
     write_atomic(path, b"forced", mode=0o600, force_mode=True)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert path.read_bytes() == b"forced"
+
+
+def test_the_tree_by_name_never_shows_a_file_with_its_old_looser_mode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Where folders cannot be opened without following links (Windows), files are written by
+    # name: the new content must not appear, even briefly, with the old file's mode.
+    from provisioner import atomicfile
+
+    monkeypatch.setattr(atomicfile, "_SAFE_DIR_FD", False)
+    out = tmp_path / "out"
+    (out / "ws1").mkdir(parents=True)
+    (out / "ws1" / "override.ini").write_bytes(b"old")
+    (out / "ws1" / "override.ini").chmod(0o644)
+    seen: list[int] = []
+    real_replace = os.replace
+
+    def spy(source: str, target: str | os.PathLike[str]) -> None:
+        seen.append(stat.S_IMODE(os.stat(source).st_mode))
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", spy)
+    write_tree(out, [("ws1/override.ini", b"new")])
+    assert seen == [0o600]
+    assert (out / "ws1" / "override.ini").read_bytes() == b"new"
+    assert stat.S_IMODE((out / "ws1" / "override.ini").stat().st_mode) == 0o600
