@@ -1209,14 +1209,18 @@ class AuditLog:
 
     def sync(self) -> None:
         """Flush what was appended with ``durable=False`` to disk."""
+        # Opened for appending, like every write: Windows flushes only a handle that may write.
+        flags = os.O_WRONLY | os.O_APPEND | getattr(os, "O_BINARY", 0)
         try:
-            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+            fd = os.open(self.path, flags)
         except FileNotFoundError:
             return
         except OSError as exc:
             raise StateError(f"cannot sync the audit log {self.path}: {exc}") from exc
         try:
             os.fsync(fd)
+        except OSError as exc:
+            raise StateError(f"cannot sync the audit log {self.path}: {exc}") from exc
         finally:
             os.close(fd)
 
@@ -1417,14 +1421,20 @@ class RunJournal:
         self.store.record_host(self.run_id, result, held=self._db)
 
     def finish(self, run: RunLike) -> None:
-        """The run ended (normally, or aborted: ``run.stopped`` says how)."""
-        self.log.sync()
+        """The run ended (normally, or aborted: ``run.stopped`` says how).
+
+        The run's end is recorded and its connection closed even when the audit log cannot
+        be flushed (that error is raised afterwards).
+        """
         try:
-            self.store.finish_run(self.run_id, run.stopped)
+            self.log.sync()
         finally:
-            if self._db is not None:
-                self._db.close()
-                self._db = None
+            try:
+                self.store.finish_run(self.run_id, run.stopped)
+            finally:
+                if self._db is not None:
+                    self._db.close()
+                    self._db = None
 
 
 class _PendingRun:

@@ -778,3 +778,64 @@ def test_fingerprints_compare_like_hashes_but_differ_per_state_folder(tmp_path: 
     assert one.of(SHA_A) != other.of(SHA_A)
     assert len(one.of(SHA_A) or "") == 32 and one.of(None) is None
     assert repr(one) == "Fingerprints(***)"
+
+
+# --------------------------------------------------------------------------- the run journal
+
+
+def _journal(store: StateStore) -> state.RunJournal:
+    return state.RunJournal(store, who="ops-amy", command="rollout", action="push", revision="")
+
+
+def _changed(host: str, user: str = "alice") -> HostResult:
+    change = FileChange(
+        "microsip",
+        user,
+        f"C:\\Users\\{user}\\AppData\\Roaming\\MicroSIP\\microsip.ini",
+        Status.CHANGED,
+        old_sha256=SHA_A,
+        new_sha256=SHA_B,
+    )
+    return HostResult(host, Status.CHANGED, "1 file changed", [change])
+
+
+@POSIX_ONLY
+def test_the_audit_log_is_synced_through_a_handle_that_may_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Windows flushes a file to disk only through a handle opened for writing.
+    import fcntl
+
+    log = _sample_log(tmp_path)
+    modes: list[int] = []
+    real_fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        modes.append(fcntl.fcntl(fd, fcntl.F_GETFL))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    log.sync()
+    assert modes, "the audit log was not synced"
+    for flags in modes:
+        assert flags & os.O_ACCMODE == os.O_WRONLY and flags & os.O_APPEND
+
+
+@POSIX_ONLY
+def test_a_journal_whose_audit_log_cannot_be_synced_still_records_the_end(
+    tmp_path: Path,
+) -> None:
+    store = StateStore(tmp_path)
+    journal = _journal(store)
+    run = RunResult("r1", STARTED, RolloutOptions())
+    journal.begin(run, ["ws1", "ws2"])
+    journal.host_done(_changed("ws1"))
+    log = AuditLog(tmp_path)
+    log.path.rename(tmp_path / "audit.saved")
+    log.path.symlink_to(log.path.name)  # a link to itself: every open of it fails
+    with pytest.raises(StateError, match="cannot sync the audit log"):
+        journal.finish(run)
+    [summary] = store.runs()
+    assert summary.finished is not None and summary.stopped == ""
+    # The journal's connection is closed: the last one to close empties the write-ahead log.
+    assert not (tmp_path / f"{state.DB_NAME}-wal").exists()
