@@ -217,6 +217,8 @@ class RunSummary:
     counts: dict[Status, int]
     options: dict[str, Any]
     revision: str = ""
+    # Still going: its rollout holds the state folder's lock now (``stopped`` is then empty).
+    running: bool = False
 
     @property
     def total(self) -> int:
@@ -239,7 +241,9 @@ class RunSummary:
         line = f"{self.id}  {_short(self.started)}  {self.user}@{self.controller}  {counts}"
         if self.dry_run:
             line += "  (check)"
-        if self.stopped:
+        if self.running:
+            line += "  running"
+        elif self.stopped:
             line += f"  stopped: {self.stopped}"
         if self.revision:
             line += f"  inventory {revision.short(self.revision)}"
@@ -764,7 +768,28 @@ class StateStore:
                 _SELECT_RUNS + " ORDER BY started DESC, rowid DESC LIMIT ?",
                 (-1 if limit is None else max(0, limit),),
             ).fetchall()
-        return [self._summary(row) for row in rows]
+        return self._as_live([self._summary(row) for row in rows])
+
+    def _as_live(self, summaries: list[RunSummary]) -> list[RunSummary]:
+        """The summaries, the one of a rollout still going marked running.
+
+        A journaled run stays marked "did not finish" until it ends: what a killed run leaves.
+        The run that the rollout lock's holder started since it took the lock is still going.
+        """
+        if not any(s.finished is None and s.stopped == JOURNAL_STOPPED for s in summaries):
+            return summaries
+        holder = self.lock_holder()
+        if holder is None:
+            return summaries
+        return [
+            dataclasses.replace(s, stopped="", running=True)
+            if s.finished is None
+            and s.stopped == JOURNAL_STOPPED
+            and s.controller == holder.controller
+            and s.started >= holder.since
+            else s
+            for s in summaries
+        ]
 
     def latest_run(
         self, *, include_dry_runs: bool = True, fleet_only: bool = False
@@ -816,8 +841,7 @@ class StateStore:
         """A recorded run with all results and files; ``run_id`` may be a unique prefix."""
         full = self.resolve_run_id(run_id)
         with self._connect() as db:
-            summary = db.execute(_SELECT_RUNS + " WHERE id = ?", (full,))
-            row = summary.fetchone()
+            row = db.execute(_SELECT_RUNS + " WHERE id = ?", (full,)).fetchone()
             result_rows = db.execute(
                 "SELECT workstation, status, message, attempts, duration, retryable, warnings "
                 "FROM results WHERE run_id = ? ORDER BY workstation",
@@ -845,11 +869,12 @@ class StateStore:
                     conflicts=tuple(json.loads(f[8] or "[]")),
                 )
             )
+        [summary] = self._as_live([self._summary(row)])
         results = tuple(
             StoredResult(
                 workstation=r[0],
                 status=_status(r[1]),
-                message=r[2],
+                message=NOT_REPORTED_YET if summary.running and r[2] == NOT_REPORTED else r[2],
                 attempts=int(r[3]),
                 duration=float(r[4]),
                 retryable=bool(r[5]),
@@ -858,7 +883,7 @@ class StateStore:
             )
             for r in result_rows
         )
-        return RunDetail(self._summary(row), results)
+        return RunDetail(summary, results)
 
     def hosts_to_retry(self, run_id: str | None = None) -> list[str]:
         """Workstations that failed, conflicted, were busy or skipped in a run, sorted.
@@ -927,6 +952,26 @@ class StateStore:
         except OSError:
             return None
         return LockInfo.from_json(text)
+
+    def lock_holder(self) -> LockInfo | None:
+        """Who holds the rollout lock now; None when no process does.
+
+        The lock file's text alone cannot tell: a killed holder leaves it. A lock that can be
+        taken is free; it is let go at once (a rollout starting in that instant is told the
+        state is in use, as it is).
+        """
+        try:
+            fd = os.open(self.lock_path, os.O_RDWR | getattr(os, "O_BINARY", 0))
+        except OSError:
+            return None
+        try:
+            holder = _read_fd(fd)
+            if holder is None or not _try_lock(fd):
+                return holder
+            _unlock(fd)
+            return None
+        finally:
+            os.close(fd)
 
     @contextlib.contextmanager
     def lock(self, owner: str, *, who: str | None = None) -> Iterator[LockInfo]:
@@ -1375,6 +1420,8 @@ NOT_REPORTED = (
     "not reported: the run ended before this workstation's result came back; it may or may "
     "not have been written (see 'provisioner diff')"
 )
+# What a workstation marked NOT_REPORTED is shown with while its run is still going.
+NOT_REPORTED_YET = "not reported yet: the run is still going"
 
 
 class RunJournal:
@@ -1383,7 +1430,8 @@ class RunJournal:
     :meth:`begin` records the run, marked interrupted, with every workstation ``skipped``
     and "not reported"; :meth:`host_done` appends a workstation's audit records (first: the
     log must not miss a change the history shows) and stores its result as it completes;
-    :meth:`finish` records how the run ended. A run killed before :meth:`finish` stays
+    :meth:`finish` records how the run ended. Until then, the run reads as running while its
+    rollout holds the lock (:meth:`StateStore.runs`). A run killed before :meth:`finish` stays
     marked interrupted, lists every workstation that completed, and offers the others to
     ``rollout --only-failed``.
     """

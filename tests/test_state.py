@@ -27,6 +27,7 @@ from provisioner.state import (
     StateStore,
     records_for_run,
 )
+from tests.labkit import run_cli
 from tests.test_report import CANARY, FP, SHA_A, SHA_B, STARTED, make_check_run, make_run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -839,3 +840,63 @@ def test_a_journal_whose_audit_log_cannot_be_synced_still_records_the_end(
     assert summary.finished is not None and summary.stopped == ""
     # The journal's connection is closed: the last one to close empties the write-ahead log.
     assert not (tmp_path / f"{state.DB_NAME}-wal").exists()
+
+
+JOURNALED = textwrap.dedent(
+    """
+    import sys, time
+    from datetime import UTC, datetime
+    from pathlib import Path
+    from provisioner.runner import RolloutOptions, RunResult
+    from provisioner.state import RunJournal, StateStore
+
+    store = StateStore(Path(sys.argv[1]))
+    with store.lock("ops-bob: rollout", who="ops-bob"):
+        journal = RunJournal(store, who="ops-bob", command="rollout", action="push", revision="")
+        journal.begin(RunResult("live1", datetime.now(UTC), RolloutOptions()), ["ws1", "ws2"])
+        print("begun", flush=True)
+        time.sleep(60)
+    """
+)
+
+
+@POSIX_ONLY
+def test_a_rollout_still_going_is_shown_running_and_a_killed_one_as_not_finished(
+    tmp_path: Path,
+) -> None:
+    # runs list from another shell while a rollout ran said it had been killed.
+    store = StateStore(tmp_path)
+    # What a rollout killed long ago left: begun, never finished.
+    earlier = RunResult("dead0", STARTED, RolloutOptions(), stopped=state.JOURNAL_STOPPED)
+    earlier.results["ws1"] = HostResult("ws1", Status.SKIPPED, state.NOT_REPORTED, attempts=0)
+    store.record_run(earlier, who="ops-bob", command="rollout")
+    process = subprocess.Popen(
+        [sys.executable, "-c", JOURNALED, str(tmp_path)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline().strip() == "begun"
+        live, dead = store.runs()
+        assert (live.id, live.running, live.stopped) == ("live1", True, "")
+        assert str(live).endswith("2 skipped  running  [rollout]")
+        assert (dead.id, dead.running, dead.stopped) == ("dead0", False, state.JOURNAL_STOPPED)
+        detail = store.run("live1")
+        assert detail.summary == live and detail.to_dict()["summary"]["running"] is True
+        assert {r.message for r in detail.results} == {state.NOT_REPORTED_YET}
+        listed = run_cli(tmp_path, "runs", "list", "--state", str(tmp_path))
+        assert "running" in listed.stdout.splitlines()[0], listed.stdout
+        assert "did not finish" not in listed.stdout.splitlines()[0]
+    finally:
+        process.kill()  # SIGKILL: the lock file keeps the holder's text
+        process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
+    assert store.read_lock() is not None
+    live, dead = store.runs()
+    assert (live.running, live.stopped) == (False, state.JOURNAL_STOPPED)
+    assert {r.message for r in store.run("live1").results} == {state.NOT_REPORTED}
+    with store.lock("next"):  # and the lock was let go by the look
+        pass
