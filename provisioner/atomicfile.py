@@ -57,6 +57,34 @@ def create_exclusive(path: Path, data: bytes, *, mode: int = 0o600) -> None:
         os.fsync(handle.fileno())
 
 
+def create_once(path: Path, data: bytes) -> bool:
+    """Create ``path`` (mode 0600) holding ``data``, unless it exists; True when this call did.
+
+    Written whole under a temp name, then linked in: a concurrent reader sees no file or the
+    whole file, never a part, and of two creators the first link wins.
+    """
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(temp, path)
+        except FileExistsError:
+            return False
+    finally:
+        os.unlink(temp)
+    return True
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 class UnsafeTreeError(ProvisionerError):
     """A file of a tree would be written through a link or outside its root."""
 

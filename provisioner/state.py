@@ -4,7 +4,8 @@
 
     <state>/               mode 0700
       state.sqlite3        runs, per-workstation results, per-file fingerprints (WAL mode)
-      fingerprint.key      the key of the files' fingerprints (provisioner.fingerprint)
+      fingerprint.key      the key of the files' fingerprints (provisioner.fingerprint), 0600,
+                           made when a first fingerprint is needed
       rollout.lock         OS lock held by the running rollout; its text says who holds it
       audit.jsonl          append-only, one JSON record per change
       audit.lock           short lock serialising appends to audit.jsonl
@@ -32,8 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from provisioner import revision
+from provisioner.atomicfile import create_once
 from provisioner.errors import ProvisionerError
-from provisioner.fingerprint import Fingerprints, is_legacy_hash
+from provisioner.fingerprint import KEY_BYTES, Fingerprints, is_legacy_hash
 from provisioner.results import HostResult, RunLike, Status, is_dry_run, jsonable
 
 if sys.platform == "win32":
@@ -46,6 +48,7 @@ DB_NAME = "state.sqlite3"
 LOCK_NAME = "rollout.lock"
 AUDIT_NAME = "audit.jsonl"
 AUDIT_LOCK_NAME = "audit.lock"
+KEY_NAME = "fingerprint.key"
 ACTIONS = ("push", "rollback", "reset", "set-password", "regenerate")
 # Commands recorded as runs that act on one user or workstation, not on a fleet selection.
 ONE_TARGET_COMMANDS = ("user", "push", "rollback")
@@ -115,6 +118,23 @@ def _make_directory(directory: Path) -> None:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         # mkdir's mode is filtered by the umask; the state is private to its owner.
         os.chmod(directory, 0o700)
+
+
+def load_fingerprints(directory: Path) -> Fingerprints:
+    """The fingerprint key of a state folder, created on first use."""
+    path = directory / KEY_NAME
+    try:
+        if not path.exists():
+            create_once(path, os.urandom(KEY_BYTES))
+        key = path.read_bytes() if path.is_file() else b""
+    except OSError as exc:
+        raise StateError(f"cannot read the fingerprint key {path}: {exc.strerror or exc}") from exc
+    if len(key) != KEY_BYTES:
+        raise StateError(
+            f"{path} is damaged: restore it from a backup, or remove it (new fingerprints will "
+            "then not match recorded ones)"
+        )
+    return Fingerprints(key)
 
 
 def _touch_private(path: Path) -> None:
@@ -492,13 +512,27 @@ class StateStore:
         self.path = self.directory / DB_NAME
         self.lock_path = self.directory / LOCK_NAME
         self.busy_timeout = busy_timeout
+        self._fingerprints: Fingerprints | None = None
         try:
             _make_directory(self.directory)
             _touch_private(self.path)
-            self.fingerprints = Fingerprints.in_folder(self.directory)
         except OSError as exc:
             raise StateError(f"cannot create the state directory {self.directory}: {exc}") from exc
         self._migrate()
+
+    @property
+    def fingerprints(self) -> Fingerprints:
+        """The key of the files' fingerprints, read (made, the first time) when first needed.
+
+        Raises :class:`StateError` when the key file is damaged; reading the history never
+        needs it.
+        """
+        if self._fingerprints is None:
+            self._fingerprints = load_fingerprints(self.directory)
+        return self._fingerprints
+
+    def _fingerprint(self, sha256: str | None) -> str | None:
+        return self.fingerprints.of(sha256)
 
     # -- connections
 
@@ -590,7 +624,11 @@ class StateStore:
             # WAL cannot be switched on inside a transaction; the setting persists in the file.
             db.execute("PRAGMA journal_mode = WAL")
             db.execute("PRAGMA secure_delete = ON")
-            db.create_function("fingerprint", 1, self.fingerprints.of, deterministic=True)
+            # Hashes of earlier schemas become fingerprints: their key is read first, so that a
+            # damaged one is said as such, not as a failed SQL function. A new database has no
+            # hash and needs no key yet.
+            of = self.fingerprints.of if version else self._fingerprint
+            db.create_function("fingerprint", 1, of, deterministic=True)
             db.execute("BEGIN IMMEDIATE")
             try:
                 # Another process may have migrated while we waited for the write lock.
@@ -1180,12 +1218,7 @@ class AuditLog:
         if not (is_legacy_hash(record.sha256_before) or is_legacy_hash(record.sha256_after)):
             return record
         if self._fingerprints is None:
-            try:
-                self._fingerprints = Fingerprints.in_folder(self.directory)
-            except OSError as exc:
-                raise StateError(
-                    f"cannot read the fingerprint key in {self.directory}: {exc}"
-                ) from exc
+            self._fingerprints = load_fingerprints(self.directory)
         return dataclasses.replace(
             record,
             sha256_before=self._fingerprints.of_legacy(record.sha256_before),
@@ -1446,7 +1479,12 @@ class RunJournal:
         self._db: sqlite3.Connection | None = None
 
     def begin(self, run: RunLike, hosts: Iterable[str]) -> None:
-        """Record the run as interrupted, with ``hosts`` not reported yet."""
+        """Record the run as interrupted, with ``hosts`` not reported yet.
+
+        Raises :class:`StateError` before recording anything when the fingerprint key is
+        damaged: results could not be recorded, so no workstation should be pushed.
+        """
+        self._fingerprints = self.store.fingerprints
         self.run_id = run.run_id
         pending = _PendingRun(run, hosts)
         self.store.record_run(pending, who=self.who, command=self.command, revision=self.revision)
@@ -1461,7 +1499,7 @@ class RunJournal:
             who=self.who,
             action=self.action,
             run_id=self.run_id,
-            fingerprints=self.store.fingerprints,
+            fingerprints=self._fingerprints,
         )
         # Written through to the system at once (a killed process loses nothing); flushed to
         # disk with the run's end, so that a fleet's worth of fsyncs does not slow the run.

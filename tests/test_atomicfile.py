@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from provisioner.atomicfile import TreeWriteError, write_atomic, write_tree
+from provisioner.atomicfile import TreeWriteError, create_once, write_atomic, write_tree
 from tests.labkit import clean_env
 from tests.test_build import BASE, write_inventory
 
@@ -179,3 +179,13 @@ def test_the_tree_by_name_never_shows_a_file_with_its_old_looser_mode(
     assert seen == [0o600]
     assert (out / "ws1" / "override.ini").read_bytes() == b"new"
     assert stat.S_IMODE((out / "ws1" / "override.ini").stat().st_mode) == 0o600
+
+
+def test_create_once_keeps_the_first_file_and_leaves_no_temp_file(tmp_path: Path) -> None:
+    path = tmp_path / "key"
+    assert create_once(path, b"first") is True
+    assert create_once(path, b"second") is False
+    assert path.read_bytes() == b"first"
+    assert os.listdir(tmp_path) == ["key"]
+    if sys.platform != "win32":
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600

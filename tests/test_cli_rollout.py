@@ -707,6 +707,33 @@ def test_records_do_not_let_a_reader_test_password_guesses(example: ExampleLab) 
     assert stat.S_IMODE(report_junit.stat().st_mode) == 0o600
 
 
+@pytest.mark.parametrize("damage", ["truncated", "a folder"])
+def test_a_damaged_fingerprint_key_stops_a_rollout_and_a_push_before_any_workstation(
+    example: ExampleLab, damage: str
+) -> None:
+    # It made every command that opens the state folder fail, runs list included, with a
+    # message about creating the folder; and the key was not needed to read the history.
+    key = example.state / state.KEY_NAME
+    example.state.mkdir()
+    if damage == "a folder":
+        key.mkdir()
+    else:
+        key.write_bytes(b"abc")
+    for host in example.lab.hosts.values():
+        host.reset_counts()
+    for command in (("rollout", "--yes"), ("push", "ber-ws-001")):
+        refused = example.cli(*command)
+        assert refused.returncode == 1, (command, refused.stdout, refused.stderr)
+        assert refused.stderr == (
+            f"error: {key} is damaged: restore it from a backup, or remove it (new "
+            "fingerprints will then not match recorded ones)\n"
+        )
+    assert all(host.request_count == 0 for host in example.lab.hosts.values())
+    assert all(data is None for data in example.all_files().values())
+    listed = example.cli("runs", "list", keys=False, lab=False)
+    assert (listed.returncode, listed.stdout, listed.stderr) == (0, "", "")
+
+
 # --------------------------------------------------------------------------- a killed rollout
 
 

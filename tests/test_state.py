@@ -72,6 +72,8 @@ def test_state_directory_and_database_are_private(tmp_path: Path) -> None:
     assert stat.S_IMODE(directory.stat().st_mode) == 0o700
     assert stat.S_IMODE(store.path.stat().st_mode) == 0o600
     assert store.schema_version() == state.SCHEMA_VERSION == 3
+    assert not (directory / "fingerprint.key").exists()  # made when first needed
+    assert store.fingerprints.of(SHA_A)
     assert stat.S_IMODE((directory / "fingerprint.key").stat().st_mode) == 0o600
     with sqlite3.connect(store.path) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -900,3 +902,36 @@ def test_a_rollout_still_going_is_shown_running_and_a_killed_one_as_not_finished
     assert {r.message for r in store.run("live1").results} == {state.NOT_REPORTED}
     with store.lock("next"):  # and the lock was let go by the look
         pass
+
+
+DAMAGED = "is damaged: restore it from a backup, or remove it (new fingerprints will then not match"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "a folder", "empty"])
+def test_a_damaged_fingerprint_key_stops_only_what_needs_it(tmp_path: Path, damage: str) -> None:
+    store = StateStore(tmp_path)
+    store.record_run(make_run(), who="ops-amy", command="rollout")
+    log = AuditLog(tmp_path)
+    log.append([_record("2024-05-01T09:00:00+00:00", sha256_before=None, sha256_after=None)])
+    key = tmp_path / state.KEY_NAME
+    if damage == "a folder":
+        key.unlink()
+        key.mkdir()
+    else:
+        key.write_bytes(key.read_bytes()[:3] if damage == "truncated" else b"")
+    # Reading the history needs no key.
+    again = StateStore(tmp_path)
+    assert [s.id for s in again.runs()] == ["a1b2c3d4e5f6"]
+    assert again.run("a1b2").results
+    assert len(AuditLog(tmp_path).query()) == 1
+    listed = run_cli(tmp_path, "runs", "list", "--state", str(tmp_path))
+    assert listed.returncode == 0 and "a1b2c3d4e5f6" in listed.stdout, listed.stderr
+    # Whatever records a fingerprint says what to do, and records nothing.
+    with pytest.raises(StateError) as caught:
+        _journal(again).begin(RunResult("r2", STARTED, RolloutOptions()), ["ws1"])
+    assert str(caught.value) == f"{key} {DAMAGED} recorded ones)"
+    assert [s.id for s in again.runs()] == ["a1b2c3d4e5f6"]
+    log.append([_record("2024-05-02T09:00:00+00:00", sha256_before=SHA_A)])  # before fingerprints
+    shown = run_cli(tmp_path, "audit", "--state", str(tmp_path))
+    assert shown.returncode == 1
+    assert shown.stderr == f"error: {key} {DAMAGED} recorded ones)\n"

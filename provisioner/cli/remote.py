@@ -166,6 +166,9 @@ def _run_recorded(
     interrupted = threading.Event()
     inventory_revision = revision.inventory_revision(inventory)
     with store.lock(f"{who}: {command}"):
+        # A damaged fingerprint key stops the command here, before the workstation is touched:
+        # its result could not be recorded.
+        state.load_fingerprints(folder)
         started = datetime.now(UTC)
         try:
             # First Ctrl-C: the workstation in flight finishes and is recorded as usual.

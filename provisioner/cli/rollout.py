@@ -244,12 +244,13 @@ def execute(
 
     console = make_console()
     if not options.check and state_dir(inventory, state_folder).is_dir():
-        # Fail fast when another rollout holds the state: not after Phase 1 and the preview.
-        # The lock itself is taken again below, for the run.
+        # Fail fast when another rollout holds the state, or when the run could not be
+        # recorded (a damaged fingerprint key): not after Phase 1 and the preview. The lock
+        # itself is taken again below, for the run.
         with state.StateStore(state_dir(inventory, state_folder)).lock(
             f"{getpass.getuser()}: {command}"
         ):
-            pass
+            state.load_fingerprints(state_dir(inventory, state_folder))
     inventory_revision = revision.inventory_revision(inventory)  # before the files are read
     built, keyring = _phase1(inventory, limit, identities, passphrase_file, passphrase_fd)
     assert built.inventory is not None  # noqa: S101 - a clean build has an inventory
