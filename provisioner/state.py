@@ -696,8 +696,7 @@ class StateStore:
             revision,
         )
         with self._transaction() as db:
-            db.execute("DELETE FROM files WHERE run_id = ?", (run.run_id,))
-            db.execute("DELETE FROM results WHERE run_id = ?", (run.run_id,))
+            # Its results and their files go with it (ON DELETE CASCADE).
             db.execute("DELETE FROM runs WHERE id = ?", (run.run_id,))
             db.execute(
                 "INSERT INTO runs (id, started, finished, user, host, command, dry_run, options, "
@@ -737,7 +736,12 @@ class StateStore:
                 "SELECT status FROM results WHERE run_id = ? AND workstation = ?",
                 (run_id, result.host),
             ).fetchone()
-            self._replace_host(db, run_id, result)
+            # Its files go with the old result (ON DELETE CASCADE).
+            db.execute(
+                "DELETE FROM results WHERE run_id = ? AND workstation = ?", (run_id, result.host)
+            )
+            db.execute(_INSERT_RESULT, _result_row(run_id, result.host, result))
+            db.executemany(_INSERT_FILE, self._file_rows(run_id, result.host, result))
             row = db.execute("SELECT counts FROM runs WHERE id = ?", (run_id,)).fetchone()
             counts = dict.fromkeys((s.value for s in Status), 0)
             counts.update(json.loads(row[0] or "{}") if row else {})
@@ -749,32 +753,14 @@ class StateStore:
     def finish_run(self, run_id: str, stopped: str) -> None:
         """Mark a journaled run finished, with why it stopped (empty: it ran to the end).
 
-        Committed with a full sync, which also makes the journal's earlier commits durable.
+        Its counts are those :meth:`record_host` kept up to date. Committed with a full sync,
+        which also makes the journal's earlier commits durable.
         """
         with self._transaction() as db:
-            self._update_run(db, run_id, stopped=stopped, finished=True)
-
-    def _replace_host(self, db: sqlite3.Connection, run_id: str, result: HostResult) -> None:
-        db.execute("DELETE FROM files WHERE run_id = ? AND workstation = ?", (run_id, result.host))
-        db.execute(
-            "DELETE FROM results WHERE run_id = ? AND workstation = ?", (run_id, result.host)
-        )
-        db.execute(_INSERT_RESULT, _result_row(run_id, result.host, result))
-        db.executemany(_INSERT_FILE, self._file_rows(run_id, result.host, result))
-
-    def _update_run(
-        self, db: sqlite3.Connection, run_id: str, *, stopped: str | None, finished: bool
-    ) -> None:
-        counts = dict.fromkeys((s.value for s in Status), 0)
-        for status, number in db.execute(
-            "SELECT status, count(*) FROM results WHERE run_id = ? GROUP BY status", (run_id,)
-        ):
-            counts[_status(status).value] += int(number)
-        db.execute("UPDATE runs SET counts = ? WHERE id = ?", (json.dumps(counts), run_id))
-        if stopped is not None:
-            db.execute("UPDATE runs SET stopped = ? WHERE id = ?", (stopped, run_id))
-        if finished:
-            db.execute("UPDATE runs SET finished = ? WHERE id = ?", (_iso(_now()), run_id))
+            db.execute(
+                "UPDATE runs SET stopped = ?, finished = ? WHERE id = ?",
+                (stopped, _iso(_now()), run_id),
+            )
 
     # -- reading
 

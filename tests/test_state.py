@@ -148,6 +148,28 @@ def test_recording_a_run_again_replaces_it(tmp_path: Path) -> None:
     }
 
 
+def test_replacing_a_workstation_or_a_run_leaves_no_file_of_the_old_one(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    users = {"ws1": ["alice", "bob"], "ws2": ["carol"]}
+    run = _simple_run("r1", STARTED, {"ws1": Status.SKIPPED, "ws2": Status.SKIPPED}, users=users)
+    store.record_run(run, who="a")
+    store.record_host("r1", _changed("ws1", "dave"))
+    store.record_host("r1", _changed("ws1", "erin"))  # reported again: replaced
+    [summary] = store.runs()
+    assert {s: n for s, n in summary.counts.items() if n} == {
+        Status.CHANGED: 1,
+        Status.SKIPPED: 1,
+    }
+    by_host = {r.workstation: r for r in store.run("r1").results}
+    assert [f.user for f in by_host["ws1"].files] == ["erin"]
+    store.record_run(_simple_run("r1", STARTED, {"ws3": Status.CHANGED}), who="a")
+    with sqlite3.connect(store.path) as db:
+        files = db.execute("SELECT workstation, user FROM files").fetchall()
+        results = db.execute("SELECT workstation FROM results").fetchall()
+    db.close()
+    assert (files, results) == ([], [("ws3",)])
+
+
 def test_runs_are_listed_newest_first_with_a_limit(tmp_path: Path) -> None:
     store = StateStore(tmp_path)
     for i in range(5):
