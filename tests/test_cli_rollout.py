@@ -15,6 +15,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ import pytest
 
 from provisioner import build, ini, resolve, runner, state, vault
 from provisioner.cli import fill_optional_values
-from provisioner.cli.rollout import shown_selection
+from provisioner.cli.rollout import shown_selection, uninterrupted
 from provisioner.errors import ProvisionerError
 from provisioner.lab import Faults
 from provisioner.results import Status
@@ -580,6 +581,43 @@ def test_bad_input_exits_1_before_any_connection(example: ExampleLab) -> None:
         assert "selected" not in result.stdout  # refused before Phase 1
     assert all(host.request_count == 0 for host in example.lab.hosts.values())
     assert not example.state.exists()
+
+
+def test_a_signal_while_a_run_is_recorded_is_delivered_when_the_record_is_written() -> None:
+    # Ctrl-C during a journal write was ignored: thrown away, not merely put off.
+    seen: list[str] = []
+
+    def prior(signum: int, frame: object) -> None:
+        seen.append(signal.Signals(signum).name)
+
+    saved = {number: signal.signal(number, prior) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with uninterrupted():
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGTERM)
+            signal.raise_signal(signal.SIGINT)
+            seen.append("written")
+        assert seen == ["written", "SIGINT", "SIGTERM", "SIGINT"]
+        assert all(signal.getsignal(number) is prior for number in saved)
+        seen.clear()
+        with pytest.raises(ValueError), uninterrupted():  # a failed write: delivered too
+            signal.raise_signal(signal.SIGINT)
+            raise ValueError
+        assert seen == ["SIGINT"]
+        # Elsewhere than the main thread nothing is held (no handler can be set there).
+        done: list[bool] = []
+
+        def in_a_thread() -> None:
+            with uninterrupted():
+                done.append(True)
+
+        worker = threading.Thread(target=in_a_thread)
+        worker.start()
+        worker.join()
+        assert done == [True]
+    finally:
+        for number, handler in saved.items():
+            signal.signal(number, handler)
 
 
 def test_only_failed_takes_an_optional_run() -> None:
