@@ -824,6 +824,49 @@ def _changed(host: str, user: str = "alice") -> HostResult:
     return HostResult(host, Status.CHANGED, "1 file changed", [change])
 
 
+def test_a_journal_records_the_run_as_it_goes(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    journal = _journal(store)
+    run = RunResult("r1", STARTED, RolloutOptions())
+    journal.begin(run, ["ws1", "ws2", "ws3"])
+    # Begun: what a run killed now would leave.
+    [summary] = store.runs()
+    assert (summary.finished, summary.stopped) == (None, state.JOURNAL_STOPPED)
+    assert summary.counts[Status.SKIPPED] == 3 and summary.total == 3
+    assert {(r.status, r.message) for r in store.run("r1").results} == {
+        (Status.SKIPPED, state.NOT_REPORTED)
+    }
+    assert AuditLog(tmp_path).query() == []
+    # Each workstation as it completes: its audit records, then its result and the counts.
+    journal.host_done(_changed("ws2"))
+    journal.host_done(HostResult("ws3", Status.FAILED, "unreachable", attempts=3))
+    journal.host_done(HostResult("ws1", Status.CHANGED, "would change", dry_run=True))
+    [summary] = store.runs()
+    assert {s: n for s, n in summary.counts.items() if n} == {
+        Status.CHANGED: 1,
+        Status.SKIPPED: 1,
+        Status.FAILED: 1,
+    }
+    by_host = {r.workstation: r for r in store.run("r1").results}
+    assert by_host["ws1"].message == state.NOT_REPORTED  # a dry-run result records nothing
+    assert by_host["ws3"].attempts == 3
+    [file] = by_host["ws2"].files
+    assert file.new_sha256 == store.fingerprints.of(SHA_B)
+    records = AuditLog(tmp_path).query(run_id="r1")
+    assert [(r.workstation, r.status, r.sha256_after) for r in records] == [
+        ("ws2", "changed", store.fingerprints.of(SHA_B)),
+        ("ws3", "failed", None),
+    ]
+    assert {r.who for r in records} == {"ops-amy"}
+    # The end: how it ended, the counts as kept.
+    run.stopped = "failure threshold exceeded after batch 1"
+    journal.finish(run)
+    [finished] = store.runs()
+    assert finished.finished is not None and finished.stopped == run.stopped
+    assert finished.counts == summary.counts
+    assert store.hosts_to_retry("r1") == ["ws1", "ws3"]
+
+
 @POSIX_ONLY
 def test_the_audit_log_is_synced_through_a_handle_that_may_write(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
