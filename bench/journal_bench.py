@@ -5,8 +5,9 @@ audit records per workstation, the most a normal push writes), in a fresh state 
 
 * "at the end": ``record_run`` of the whole run, then one audit append of every record (what
   the rollout did before it recorded as it went);
-* "journal": ``RunJournal.begin``, ``host_done`` for each workstation (its audit append with
-  fsync, then its SQLite commit), ``finish``.
+* "journal": ``RunJournal.begin``, ``host_done`` for each workstation (its audit append,
+  written through to the system without an fsync, then its SQLite commit, which does not
+  wait for the disk either), ``finish`` (one fsync of the audit log, one full-sync commit).
 
 Both run in this one process, alternately, several times; the figures are the median wall
 time, the cost per workstation, and the ratio. Prints figures; asserts nothing.

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import os
 import secrets
 import stat
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from provisioner.errors import ProvisionerError
@@ -22,12 +24,10 @@ def write_atomic(
     to new files (default 0o600, because what we write is often sensitive).
     """
     directory = path.parent
-    try:
-        if force_mode:
-            raise FileNotFoundError
-        keep = stat.S_IMODE(path.stat().st_mode)
-    except FileNotFoundError:
-        keep = 0o600 if mode is None else mode
+    keep = 0o600 if mode is None else mode
+    if not force_mode:
+        with contextlib.suppress(FileNotFoundError):
+            keep = stat.S_IMODE(path.stat().st_mode)
     fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -57,8 +57,40 @@ def create_exclusive(path: Path, data: bytes, *, mode: int = 0o600) -> None:
         os.fsync(handle.fileno())
 
 
+def create_once(path: Path, data: bytes) -> bool:
+    """Create ``path`` (mode 0600) holding ``data``, unless it exists; True when this call did.
+
+    Written whole under a temp name, then linked in: a concurrent reader sees no file or the
+    whole file, never a part, and of two creators the first link wins.
+    """
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(temp, path)
+        except FileExistsError:
+            return False
+    finally:
+        os.unlink(temp)
+    return True
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 class UnsafeTreeError(ProvisionerError):
     """A file of a tree would be written through a link or outside its root."""
+
+
+class TreeWriteError(ProvisionerError):
+    """A file of a tree could not be written; the message names it and the system's reason."""
 
 
 def _parts(relative: str) -> list[str]:
@@ -81,27 +113,18 @@ def write_tree(
     each file is replaced atomically with ``mode``. No symbolic link below ``root`` is
     followed (a link where a folder or a file should be is an error, and it is left alone),
     no permission outside ``root`` is changed, and nothing is removed but this call's own temp
-    files. ``root`` itself is created if needed and may be a link.
+    files. ``root`` itself is created if needed and may be a link. A file the system refuses
+    (no space, no permission) raises :class:`TreeWriteError` naming it.
     """
-    root.mkdir(parents=True, exist_ok=True, mode=dir_mode)
-    if not _SAFE_DIR_FD:
-        _write_tree_by_name(root, files, mode=mode, dir_mode=dir_mode)
-        return
-    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-    folders: dict[tuple[str, ...], int] = {(): root_fd}
+    relative = ""
     try:
-        for relative, data in files:
-            parts = _parts(relative)
-            parent = root_fd
-            for depth in range(1, len(parts)):
-                key = tuple(parts[:depth])
-                if key not in folders:
-                    folders[key] = _open_folder(parent, parts[depth - 1], relative, dir_mode)
-                parent = folders[key]
-            _replace_in(parent, parts[-1], data, mode, relative)
-    finally:
-        for fd in folders.values():
-            os.close(fd)
+        root.mkdir(parents=True, exist_ok=True, mode=dir_mode)
+        with _tree_writer(root, mode=mode, dir_mode=dir_mode) as write:
+            for relative, data in files:
+                write(relative, data)
+    except OSError as exc:
+        where = root / relative if relative else root
+        raise TreeWriteError(f"cannot write {where}: {exc.strerror or exc}") from exc
 
 
 # Folder file descriptors with O_NOFOLLOW make every step of a path safe from a link swapped
@@ -112,6 +135,49 @@ _SAFE_DIR_FD = (
     and hasattr(os, "O_NOFOLLOW")
     and hasattr(os, "O_DIRECTORY")
 )
+# What opening a link with O_NOFOLLOW, or a non-folder with O_DIRECTORY, fails with: ELOOP
+# (Linux, macOS), EMLINK (FreeBSD), EFTYPE (NetBSD), ENOTDIR.
+_NOT_A_FOLDER = {
+    errno.ELOOP,
+    errno.EMLINK,
+    errno.ENOTDIR,
+    *((errno.EFTYPE,) if hasattr(errno, "EFTYPE") else ()),
+}
+
+
+@contextlib.contextmanager
+def _tree_writer(root: Path, *, mode: int, dir_mode: int) -> Iterator[Callable[[str, bytes], None]]:
+    """A function writing one file below ``root``; what it holds open is closed at the end."""
+    if not _SAFE_DIR_FD:
+        yield functools.partial(_write_by_name, root, mode=mode, dir_mode=dir_mode)
+        return
+    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    # Only the folders of the path in hand stay open, from the root down: one descriptor per
+    # folder of the whole tree would run out of descriptors on a large fleet.
+    opened: list[tuple[str, int]] = []
+
+    def write(relative: str, data: bytes) -> None:
+        parts = _parts(relative)
+        shared = 0
+        while shared < min(len(opened), len(parts) - 1) and opened[shared][0] == parts[shared]:
+            shared += 1
+        _close_below(opened, shared)
+        for name in parts[shared:-1]:
+            parent = opened[-1][1] if opened else root_fd
+            opened.append((name, _open_folder(parent, name, relative, dir_mode)))
+        _replace_in(opened[-1][1] if opened else root_fd, parts[-1], data, mode, relative)
+
+    try:
+        yield write
+    finally:
+        _close_below(opened, 0)
+        os.close(root_fd)
+
+
+def _close_below(opened: list[tuple[str, int]], depth: int) -> None:
+    """Close the open folders deeper than ``depth``, deepest first."""
+    while len(opened) > depth:
+        os.close(opened.pop()[1])
 
 
 def _open_folder(parent: int, name: str, relative: str, dir_mode: int) -> int:
@@ -120,6 +186,8 @@ def _open_folder(parent: int, name: str, relative: str, dir_mode: int) -> int:
     try:
         fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent)
     except OSError as exc:
+        if exc.errno not in _NOT_A_FOLDER:
+            raise
         raise UnsafeTreeError(
             f"cannot write {relative}: {name!r} is a symbolic link or not a folder "
             "(left as it is; remove it or choose another folder)"
@@ -160,22 +228,18 @@ def _replace_in(folder: int, name: str, data: bytes, mode: int, relative: str) -
         os.fsync(folder)
 
 
-def _write_tree_by_name(
-    root: Path, files: Iterable[tuple[str, bytes]], *, mode: int, dir_mode: int
-) -> None:
-    for relative, data in files:
-        parts = _parts(relative)
-        folder = root
-        for part in parts[:-1]:
-            folder = folder / part
-            if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
-                raise UnsafeTreeError(
-                    f"cannot write {relative}: {part!r} is a symbolic link or not a folder"
-                )
-            folder.mkdir(exist_ok=True, mode=dir_mode)
-            folder.chmod(dir_mode)
-        target = folder / parts[-1]
-        if target.is_symlink() or (target.exists() and not target.is_file()):
-            raise UnsafeTreeError(f"cannot write {relative}: a symbolic link stands there")
-        write_atomic(target, data, mode=mode)
-        target.chmod(mode)
+def _write_by_name(root: Path, relative: str, data: bytes, *, mode: int, dir_mode: int) -> None:
+    parts = _parts(relative)
+    folder = root
+    for part in parts[:-1]:
+        folder = folder / part
+        if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+            raise UnsafeTreeError(
+                f"cannot write {relative}: {part!r} is a symbolic link or not a folder"
+            )
+        folder.mkdir(exist_ok=True, mode=dir_mode)
+        folder.chmod(dir_mode)
+    target = folder / parts[-1]
+    if target.is_symlink() or (target.exists() and not target.is_file()):
+        raise UnsafeTreeError(f"cannot write {relative}: a symbolic link stands there")
+    write_atomic(target, data, mode=mode, force_mode=True)

@@ -47,12 +47,32 @@ USER_FIXES = {
 
 @dataclass(frozen=True)
 class Check:
-    """One doctor check: its name, whether it passed, what was seen and what to do."""
+    """One doctor check: its name, whether it passed, what was seen and what to do.
+
+    ``blocks_connecting``: when it fails, doctor goes no further towards the workstation.
+    """
 
     name: str
     ok: bool
     detail: str
     fix: str = ""
+    blocks_connecting: bool = True
+
+
+def may_connect(checks: Sequence[Check]) -> bool:
+    """True unless a check that blocks connecting failed."""
+    return all(c.ok or not c.blocks_connecting for c in checks)
+
+
+def before_connecting(host: str, options: WinrmOptions) -> tuple[list[Check], bool]:
+    """The credential checks, then the network checks, and whether doctor may connect.
+
+    Outside the credential's scope nothing is contacted, not even DNS or the port.
+    """
+    checks = credential_checks(host, options)
+    if may_connect(checks):
+        checks += network_checks(options)
+    return checks, may_connect(checks)
 
 
 def credential_checks(host: str, options: WinrmOptions) -> list[Check]:
@@ -81,6 +101,7 @@ def credential_checks(host: str, options: WinrmOptions) -> list[Check]:
                 "; ".join(problems),
                 "push and rollout refuse these settings; doctor connects with them only to "
                 f"diagnose; {SETUP}",
+                blocks_connecting=False,
             )
         )
     return checks

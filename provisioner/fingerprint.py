@@ -3,24 +3,20 @@
 A rendered ``microsip.ini`` is deterministic from the inventory and the password, so its
 SHA-256 in a report would let anyone who reads the report test password guesses offline:
 render with a guess, hash, compare. A record therefore holds a keyed fingerprint instead:
-HMAC-SHA256 of the file's SHA-256 under a random key kept in the state folder (mode 0600),
-cut to 128 bits. Fingerprints of one state folder compare like the hashes they stand for
-(same file, same fingerprint), and without the key they tell nothing about the content. The
-real SHA-256 still travels to the workstation, for the agent's compare-and-swap, and is
-never recorded.
+HMAC-SHA256 of the file's SHA-256 under a random key kept in the state folder (mode 0600,
+by :mod:`provisioner.state`), cut to 128 bits. Fingerprints of one state folder compare like
+the hashes they stand for (same file, same fingerprint), and without the key they tell
+nothing about the content. The real SHA-256 still travels to the workstation, for the
+agent's compare-and-swap, and is never recorded. This module only computes: it reads and
+writes no file.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
-import os
 import re
-import tempfile
-from pathlib import Path
 
-KEY_FILE = "fingerprint.key"
 KEY_BYTES = 32
 _DOMAIN = b"microsip-provisioner/fingerprint/v1\x00"
 FINGERPRINT_HEX = 32
@@ -50,29 +46,6 @@ class Fingerprints:
         if value is not None and _SHA256.match(value):
             return self.of(value)
         return value
-
-    @classmethod
-    def in_folder(cls, folder: Path) -> Fingerprints:
-        """The key of a state folder, created (mode 0600) on first use."""
-        path = folder / KEY_FILE
-        if not path.exists():
-            # Written whole under a temp name, then linked in: a concurrent reader sees no key
-            # or the whole key, and of two creators the first link wins.
-            fd, temp = tempfile.mkstemp(prefix=f".{KEY_FILE}.", dir=folder)
-            try:
-                try:
-                    os.write(fd, os.urandom(KEY_BYTES))
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                with contextlib.suppress(FileExistsError):
-                    os.link(temp, path)
-            finally:
-                os.unlink(temp)
-        key = path.read_bytes()
-        if len(key) != KEY_BYTES:
-            raise OSError(f"{path} is not a fingerprint key ({len(key)} bytes, not {KEY_BYTES})")
-        return cls(key)
 
 
 def is_legacy_hash(value: str | None) -> bool:

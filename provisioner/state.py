@@ -4,7 +4,8 @@
 
     <state>/               mode 0700
       state.sqlite3        runs, per-workstation results, per-file fingerprints (WAL mode)
-      fingerprint.key      the key of the files' fingerprints (provisioner.fingerprint)
+      fingerprint.key      the key of the files' fingerprints (provisioner.fingerprint), 0600,
+                           made when a first fingerprint is needed
       rollout.lock         OS lock held by the running rollout; its text says who holds it
       audit.jsonl          append-only, one JSON record per change
       audit.lock           short lock serialising appends to audit.jsonl
@@ -32,8 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from provisioner import revision
+from provisioner.atomicfile import create_once
 from provisioner.errors import ProvisionerError
-from provisioner.fingerprint import Fingerprints, is_legacy_hash
+from provisioner.fingerprint import KEY_BYTES, Fingerprints, is_legacy_hash
 from provisioner.results import HostResult, RunLike, Status, is_dry_run, jsonable
 
 if sys.platform == "win32":
@@ -46,6 +48,7 @@ DB_NAME = "state.sqlite3"
 LOCK_NAME = "rollout.lock"
 AUDIT_NAME = "audit.jsonl"
 AUDIT_LOCK_NAME = "audit.lock"
+KEY_NAME = "fingerprint.key"
 ACTIONS = ("push", "rollback", "reset", "set-password", "regenerate")
 # Commands recorded as runs that act on one user or workstation, not on a fleet selection.
 ONE_TARGET_COMMANDS = ("user", "push", "rollback")
@@ -115,6 +118,23 @@ def _make_directory(directory: Path) -> None:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         # mkdir's mode is filtered by the umask; the state is private to its owner.
         os.chmod(directory, 0o700)
+
+
+def load_fingerprints(directory: Path) -> Fingerprints:
+    """The fingerprint key of a state folder, created on first use."""
+    path = directory / KEY_NAME
+    try:
+        if not path.exists():
+            create_once(path, os.urandom(KEY_BYTES))
+        key = path.read_bytes() if path.is_file() else b""
+    except OSError as exc:
+        raise StateError(f"cannot read the fingerprint key {path}: {exc.strerror or exc}") from exc
+    if len(key) != KEY_BYTES:
+        raise StateError(
+            f"{path} is damaged: restore it from a backup, or remove it (new fingerprints will "
+            "then not match recorded ones)"
+        )
+    return Fingerprints(key)
 
 
 def _touch_private(path: Path) -> None:
@@ -217,6 +237,8 @@ class RunSummary:
     counts: dict[Status, int]
     options: dict[str, Any]
     revision: str = ""
+    # Still going: its rollout holds the state folder's lock now (``stopped`` is then empty).
+    running: bool = False
 
     @property
     def total(self) -> int:
@@ -239,7 +261,9 @@ class RunSummary:
         line = f"{self.id}  {_short(self.started)}  {self.user}@{self.controller}  {counts}"
         if self.dry_run:
             line += "  (check)"
-        if self.stopped:
+        if self.running:
+            line += "  running"
+        elif self.stopped:
             line += f"  stopped: {self.stopped}"
         if self.revision:
             line += f"  inventory {revision.short(self.revision)}"
@@ -488,13 +512,27 @@ class StateStore:
         self.path = self.directory / DB_NAME
         self.lock_path = self.directory / LOCK_NAME
         self.busy_timeout = busy_timeout
+        self._fingerprints: Fingerprints | None = None
         try:
             _make_directory(self.directory)
             _touch_private(self.path)
-            self.fingerprints = Fingerprints.in_folder(self.directory)
         except OSError as exc:
             raise StateError(f"cannot create the state directory {self.directory}: {exc}") from exc
         self._migrate()
+
+    @property
+    def fingerprints(self) -> Fingerprints:
+        """The key of the files' fingerprints, read (made, the first time) when first needed.
+
+        Raises :class:`StateError` when the key file is damaged; reading the history never
+        needs it.
+        """
+        if self._fingerprints is None:
+            self._fingerprints = load_fingerprints(self.directory)
+        return self._fingerprints
+
+    def _fingerprint(self, sha256: str | None) -> str | None:
+        return self.fingerprints.of(sha256)
 
     # -- connections
 
@@ -586,7 +624,11 @@ class StateStore:
             # WAL cannot be switched on inside a transaction; the setting persists in the file.
             db.execute("PRAGMA journal_mode = WAL")
             db.execute("PRAGMA secure_delete = ON")
-            db.create_function("fingerprint", 1, self.fingerprints.of, deterministic=True)
+            # Hashes of earlier schemas become fingerprints: their key is read first, so that a
+            # damaged one is said as such, not as a failed SQL function. A new database has no
+            # hash and needs no key yet.
+            of = self.fingerprints.of if version else self._fingerprint
+            db.create_function("fingerprint", 1, of, deterministic=True)
             db.execute("BEGIN IMMEDIATE")
             try:
                 # Another process may have migrated while we waited for the write lock.
@@ -654,8 +696,7 @@ class StateStore:
             revision,
         )
         with self._transaction() as db:
-            db.execute("DELETE FROM files WHERE run_id = ?", (run.run_id,))
-            db.execute("DELETE FROM results WHERE run_id = ?", (run.run_id,))
+            # Its results and their files go with it (ON DELETE CASCADE).
             db.execute("DELETE FROM runs WHERE id = ?", (run.run_id,))
             db.execute(
                 "INSERT INTO runs (id, started, finished, user, host, command, dry_run, options, "
@@ -695,7 +736,12 @@ class StateStore:
                 "SELECT status FROM results WHERE run_id = ? AND workstation = ?",
                 (run_id, result.host),
             ).fetchone()
-            self._replace_host(db, run_id, result)
+            # Its files go with the old result (ON DELETE CASCADE).
+            db.execute(
+                "DELETE FROM results WHERE run_id = ? AND workstation = ?", (run_id, result.host)
+            )
+            db.execute(_INSERT_RESULT, _result_row(run_id, result.host, result))
+            db.executemany(_INSERT_FILE, self._file_rows(run_id, result.host, result))
             row = db.execute("SELECT counts FROM runs WHERE id = ?", (run_id,)).fetchone()
             counts = dict.fromkeys((s.value for s in Status), 0)
             counts.update(json.loads(row[0] or "{}") if row else {})
@@ -707,32 +753,14 @@ class StateStore:
     def finish_run(self, run_id: str, stopped: str) -> None:
         """Mark a journaled run finished, with why it stopped (empty: it ran to the end).
 
-        Committed with a full sync, which also makes the journal's earlier commits durable.
+        Its counts are those :meth:`record_host` kept up to date. Committed with a full sync,
+        which also makes the journal's earlier commits durable.
         """
         with self._transaction() as db:
-            self._update_run(db, run_id, stopped=stopped, finished=True)
-
-    def _replace_host(self, db: sqlite3.Connection, run_id: str, result: HostResult) -> None:
-        db.execute("DELETE FROM files WHERE run_id = ? AND workstation = ?", (run_id, result.host))
-        db.execute(
-            "DELETE FROM results WHERE run_id = ? AND workstation = ?", (run_id, result.host)
-        )
-        db.execute(_INSERT_RESULT, _result_row(run_id, result.host, result))
-        db.executemany(_INSERT_FILE, self._file_rows(run_id, result.host, result))
-
-    def _update_run(
-        self, db: sqlite3.Connection, run_id: str, *, stopped: str | None, finished: bool
-    ) -> None:
-        counts = dict.fromkeys((s.value for s in Status), 0)
-        for status, number in db.execute(
-            "SELECT status, count(*) FROM results WHERE run_id = ? GROUP BY status", (run_id,)
-        ):
-            counts[_status(status).value] += int(number)
-        db.execute("UPDATE runs SET counts = ? WHERE id = ?", (json.dumps(counts), run_id))
-        if stopped is not None:
-            db.execute("UPDATE runs SET stopped = ? WHERE id = ?", (stopped, run_id))
-        if finished:
-            db.execute("UPDATE runs SET finished = ? WHERE id = ?", (_iso(_now()), run_id))
+            db.execute(
+                "UPDATE runs SET stopped = ?, finished = ? WHERE id = ?",
+                (stopped, _iso(_now()), run_id),
+            )
 
     # -- reading
 
@@ -764,7 +792,28 @@ class StateStore:
                 _SELECT_RUNS + " ORDER BY started DESC, rowid DESC LIMIT ?",
                 (-1 if limit is None else max(0, limit),),
             ).fetchall()
-        return [self._summary(row) for row in rows]
+        return self._as_live([self._summary(row) for row in rows])
+
+    def _as_live(self, summaries: list[RunSummary]) -> list[RunSummary]:
+        """The summaries, the one of a rollout still going marked running.
+
+        A journaled run stays marked "did not finish" until it ends: what a killed run leaves.
+        The run that the rollout lock's holder started since it took the lock is still going.
+        """
+        if not any(s.finished is None and s.stopped == JOURNAL_STOPPED for s in summaries):
+            return summaries
+        holder = self.lock_holder()
+        if holder is None:
+            return summaries
+        return [
+            dataclasses.replace(s, stopped="", running=True)
+            if s.finished is None
+            and s.stopped == JOURNAL_STOPPED
+            and s.controller == holder.controller
+            and s.started >= holder.since
+            else s
+            for s in summaries
+        ]
 
     def latest_run(
         self, *, include_dry_runs: bool = True, fleet_only: bool = False
@@ -816,8 +865,7 @@ class StateStore:
         """A recorded run with all results and files; ``run_id`` may be a unique prefix."""
         full = self.resolve_run_id(run_id)
         with self._connect() as db:
-            summary = db.execute(_SELECT_RUNS + " WHERE id = ?", (full,))
-            row = summary.fetchone()
+            row = db.execute(_SELECT_RUNS + " WHERE id = ?", (full,)).fetchone()
             result_rows = db.execute(
                 "SELECT workstation, status, message, attempts, duration, retryable, warnings "
                 "FROM results WHERE run_id = ? ORDER BY workstation",
@@ -845,11 +893,12 @@ class StateStore:
                     conflicts=tuple(json.loads(f[8] or "[]")),
                 )
             )
+        [summary] = self._as_live([self._summary(row)])
         results = tuple(
             StoredResult(
                 workstation=r[0],
                 status=_status(r[1]),
-                message=r[2],
+                message=NOT_REPORTED_YET if summary.running and r[2] == NOT_REPORTED else r[2],
                 attempts=int(r[3]),
                 duration=float(r[4]),
                 retryable=bool(r[5]),
@@ -858,7 +907,7 @@ class StateStore:
             )
             for r in result_rows
         )
-        return RunDetail(self._summary(row), results)
+        return RunDetail(summary, results)
 
     def hosts_to_retry(self, run_id: str | None = None) -> list[str]:
         """Workstations that failed, conflicted, were busy or skipped in a run, sorted.
@@ -927,6 +976,26 @@ class StateStore:
         except OSError:
             return None
         return LockInfo.from_json(text)
+
+    def lock_holder(self) -> LockInfo | None:
+        """Who holds the rollout lock now; None when no process does.
+
+        The lock file's text alone cannot tell: a killed holder leaves it. A lock that can be
+        taken is free; it is let go at once (a rollout starting in that instant is told the
+        state is in use, as it is).
+        """
+        try:
+            fd = os.open(self.lock_path, os.O_RDWR | getattr(os, "O_BINARY", 0))
+        except OSError:
+            return None
+        try:
+            holder = _read_fd(fd)
+            if holder is None or not _try_lock(fd):
+                return holder
+            _unlock(fd)
+            return None
+        finally:
+            os.close(fd)
 
     @contextlib.contextmanager
     def lock(self, owner: str, *, who: str | None = None) -> Iterator[LockInfo]:
@@ -1135,12 +1204,7 @@ class AuditLog:
         if not (is_legacy_hash(record.sha256_before) or is_legacy_hash(record.sha256_after)):
             return record
         if self._fingerprints is None:
-            try:
-                self._fingerprints = Fingerprints.in_folder(self.directory)
-            except OSError as exc:
-                raise StateError(
-                    f"cannot read the fingerprint key in {self.directory}: {exc}"
-                ) from exc
+            self._fingerprints = load_fingerprints(self.directory)
         return dataclasses.replace(
             record,
             sha256_before=self._fingerprints.of_legacy(record.sha256_before),
@@ -1209,14 +1273,18 @@ class AuditLog:
 
     def sync(self) -> None:
         """Flush what was appended with ``durable=False`` to disk."""
+        # Opened for appending, like every write: Windows flushes only a handle that may write.
+        flags = os.O_WRONLY | os.O_APPEND | getattr(os, "O_BINARY", 0)
         try:
-            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+            fd = os.open(self.path, flags)
         except FileNotFoundError:
             return
         except OSError as exc:
             raise StateError(f"cannot sync the audit log {self.path}: {exc}") from exc
         try:
             os.fsync(fd)
+        except OSError as exc:
+            raise StateError(f"cannot sync the audit log {self.path}: {exc}") from exc
         finally:
             os.close(fd)
 
@@ -1371,6 +1439,8 @@ NOT_REPORTED = (
     "not reported: the run ended before this workstation's result came back; it may or may "
     "not have been written (see 'provisioner diff')"
 )
+# What a workstation marked NOT_REPORTED is shown with while its run is still going.
+NOT_REPORTED_YET = "not reported yet: the run is still going"
 
 
 class RunJournal:
@@ -1379,7 +1449,8 @@ class RunJournal:
     :meth:`begin` records the run, marked interrupted, with every workstation ``skipped``
     and "not reported"; :meth:`host_done` appends a workstation's audit records (first: the
     log must not miss a change the history shows) and stores its result as it completes;
-    :meth:`finish` records how the run ended. A run killed before :meth:`finish` stays
+    :meth:`finish` records how the run ended. Until then, the run reads as running while its
+    rollout holds the lock (:meth:`StateStore.runs`). A run killed before :meth:`finish` stays
     marked interrupted, lists every workstation that completed, and offers the others to
     ``rollout --only-failed``.
     """
@@ -1394,7 +1465,12 @@ class RunJournal:
         self._db: sqlite3.Connection | None = None
 
     def begin(self, run: RunLike, hosts: Iterable[str]) -> None:
-        """Record the run as interrupted, with ``hosts`` not reported yet."""
+        """Record the run as interrupted, with ``hosts`` not reported yet.
+
+        Raises :class:`StateError` before recording anything when the fingerprint key is
+        damaged: results could not be recorded, so no workstation should be pushed.
+        """
+        self._fingerprints = self.store.fingerprints
         self.run_id = run.run_id
         pending = _PendingRun(run, hosts)
         self.store.record_run(pending, who=self.who, command=self.command, revision=self.revision)
@@ -1409,7 +1485,7 @@ class RunJournal:
             who=self.who,
             action=self.action,
             run_id=self.run_id,
-            fingerprints=self.store.fingerprints,
+            fingerprints=self._fingerprints,
         )
         # Written through to the system at once (a killed process loses nothing); flushed to
         # disk with the run's end, so that a fleet's worth of fsyncs does not slow the run.
@@ -1417,14 +1493,20 @@ class RunJournal:
         self.store.record_host(self.run_id, result, held=self._db)
 
     def finish(self, run: RunLike) -> None:
-        """The run ended (normally, or aborted: ``run.stopped`` says how)."""
-        self.log.sync()
+        """The run ended (normally, or aborted: ``run.stopped`` says how).
+
+        The run's end is recorded and its connection closed even when the audit log cannot
+        be flushed (that error is raised afterwards).
+        """
         try:
-            self.store.finish_run(self.run_id, run.stopped)
+            self.log.sync()
         finally:
-            if self._db is not None:
-                self._db.close()
-                self._db = None
+            try:
+                self.store.finish_run(self.run_id, run.stopped)
+            finally:
+                if self._db is not None:
+                    self._db.close()
+                    self._db = None
 
 
 class _PendingRun:

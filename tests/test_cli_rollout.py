@@ -15,6 +15,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ import pytest
 
 from provisioner import build, ini, resolve, runner, state, vault
 from provisioner.cli import fill_optional_values
-from provisioner.cli.rollout import shown_selection
+from provisioner.cli.rollout import shown_selection, uninterrupted
 from provisioner.errors import ProvisionerError
 from provisioner.lab import Faults
 from provisioner.results import Status
@@ -582,6 +583,43 @@ def test_bad_input_exits_1_before_any_connection(example: ExampleLab) -> None:
     assert not example.state.exists()
 
 
+def test_a_signal_while_a_run_is_recorded_is_delivered_when_the_record_is_written() -> None:
+    # Ctrl-C during a journal write was ignored: thrown away, not merely put off.
+    seen: list[str] = []
+
+    def prior(signum: int, frame: object) -> None:
+        seen.append(signal.Signals(signum).name)
+
+    saved = {number: signal.signal(number, prior) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with uninterrupted():
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGTERM)
+            signal.raise_signal(signal.SIGINT)
+            seen.append("written")
+        assert seen == ["written", "SIGINT", "SIGTERM", "SIGINT"]
+        assert all(signal.getsignal(number) is prior for number in saved)
+        seen.clear()
+        with pytest.raises(ValueError), uninterrupted():  # a failed write: delivered too
+            signal.raise_signal(signal.SIGINT)
+            raise ValueError
+        assert seen == ["SIGINT"]
+        # Elsewhere than the main thread nothing is held (no handler can be set there).
+        done: list[bool] = []
+
+        def in_a_thread() -> None:
+            with uninterrupted():
+                done.append(True)
+
+        worker = threading.Thread(target=in_a_thread)
+        worker.start()
+        worker.join()
+        assert done == [True]
+    finally:
+        for number, handler in saved.items():
+            signal.signal(number, handler)
+
+
 def test_only_failed_takes_an_optional_run() -> None:
     def filled(*argv: str) -> list[str]:
         return fill_optional_values(list(argv))
@@ -705,6 +743,33 @@ def test_records_do_not_let_a_reader_test_password_guesses(example: ExampleLab) 
     # And the reports are the owner's only.
     assert stat.S_IMODE(report_json.stat().st_mode) == 0o600
     assert stat.S_IMODE(report_junit.stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize("damage", ["truncated", "a folder"])
+def test_a_damaged_fingerprint_key_stops_a_rollout_and_a_push_before_any_workstation(
+    example: ExampleLab, damage: str
+) -> None:
+    # It made every command that opens the state folder fail, runs list included, with a
+    # message about creating the folder; and the key was not needed to read the history.
+    key = example.state / state.KEY_NAME
+    example.state.mkdir()
+    if damage == "a folder":
+        key.mkdir()
+    else:
+        key.write_bytes(b"abc")
+    for host in example.lab.hosts.values():
+        host.reset_counts()
+    for command in (("rollout", "--yes"), ("push", "ber-ws-001")):
+        refused = example.cli(*command)
+        assert refused.returncode == 1, (command, refused.stdout, refused.stderr)
+        assert refused.stderr == (
+            f"error: {key} is damaged: restore it from a backup, or remove it (new "
+            "fingerprints will then not match recorded ones)\n"
+        )
+    assert all(host.request_count == 0 for host in example.lab.hosts.values())
+    assert all(data is None for data in example.all_files().values())
+    listed = example.cli("runs", "list", keys=False, lab=False)
+    assert (listed.returncode, listed.stdout, listed.stderr) == (0, "", "")
 
 
 # --------------------------------------------------------------------------- a killed rollout

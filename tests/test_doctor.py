@@ -6,8 +6,12 @@ import dataclasses
 from pathlib import Path
 
 from provisioner import connections, doctor
+from provisioner.credscope import Scope
 from provisioner.lab import Faults
+from provisioner.model import Secret
+from provisioner.transport.winrm import WinrmOptions
 from tests.labkit import lab_kit
+from tests.test_credential_scope import listener
 
 
 def test_all_checks_pass_on_a_healthy_workstation(tmp_path: Path) -> None:
@@ -53,3 +57,27 @@ def test_missing_profile_and_install_are_reported_per_user(tmp_path: Path) -> No
         failed = {c.name: c for c in checks if not c.ok}
         assert set(failed) == {"profile u1x2"}
         assert "log on once" in failed["profile u1x2"].fix
+
+
+def test_the_engine_decides_how_far_doctor_goes(tmp_path: Path) -> None:
+    scope = Scope.build(["127.0.0.0/8"], "none")
+    with listener() as target:
+        options = WinrmOptions("127.0.0.1", "svc", Secret("pw"), port=target.port, scope=scope)
+        # Outside the scope: no further check, no connection.
+        outside = dataclasses.replace(options, scope=Scope.build(["10.0.0.0/8"], "none"))
+        checks, may_connect = doctor.before_connecting("ws01", outside)
+        assert [(c.name, c.ok) for c in checks] == [("scope", False)] and not may_connect
+        assert target.connections == 0
+        # Settings a push refuses are reported; doctor still connects, to diagnose.
+        weak = dataclasses.replace(options, message_encryption="never")
+        checks, may_connect = doctor.before_connecting("ws01", weak)
+        assert [(c.name, c.ok) for c in checks] == [
+            ("scope", True),
+            ("winrm settings", False),
+            ("dns", True),
+            ("port", True),
+        ]
+        assert may_connect
+    # A closed port stops doctor before it connects.
+    checks, may_connect = doctor.before_connecting("ws01", weak)
+    assert [(c.name, c.ok) for c in checks][-1] == ("port", False) and not may_connect

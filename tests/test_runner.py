@@ -654,6 +654,63 @@ def test_stop_ends_the_retries_of_a_host(fleet: Fleet, sleeps: list[float]) -> N
     assert {run.results[h].status for h in HOSTS[1:]} == {Status.SKIPPED}
 
 
+# --------------------------------------------------------------------------- an aborted run
+
+
+def _journaled_run(
+    fleet: Fleet, tmp_path: Path, error: type[BaseException]
+) -> tuple[state.StateStore, state.RunDetail]:
+    """Run the fleet one host at a time with a real journal; ``error`` ends it during ws03."""
+    store = state.StateStore(tmp_path / "state")
+    journal = state.RunJournal(store, who="tester", command="rollout", action="push", revision="")
+    with pytest.raises(error):
+        fleet.run(replace(FAST, forks=1, canary="0", batch="100%"), journal=journal)
+    [summary] = store.runs()
+    return store, store.run(summary.id)
+
+
+def test_a_push_interrupted_mid_run_ends_the_run_aborted_with_what_completed(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    # A second Ctrl-C while ws03 is pushed: the push raises KeyboardInterrupt.
+    def interrupt(host: str, op: str) -> None:
+        if host == "ws03" and op == "inspect":
+            raise KeyboardInterrupt
+
+    fleet.on_request = interrupt
+    store, detail = _journaled_run(fleet, tmp_path, KeyboardInterrupt)
+    assert detail.summary.stopped == runner.ABORTED and detail.summary.finished is not None
+    by_host = {r.workstation: r for r in detail.results}
+    assert sorted(by_host) == HOSTS
+    assert {h for h, r in by_host.items() if r.status == Status.CHANGED} == {"ws01", "ws02"}
+    assert {by_host[h].message for h in HOSTS[2:]} == {state.NOT_REPORTED}
+    assert detail.to_retry == HOSTS[2:]
+    audited = {r.workstation for r in state.AuditLog(store.directory).query()}
+    assert audited == {"ws01", "ws02"}
+    assert fleet.opened == ["ws01", "ws02", "ws03"]  # no workstation started after it
+
+
+def test_a_journal_that_fails_mid_run_ends_the_run_aborted_with_what_completed(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    # The audit log cannot be appended to once ws03 is pushed (its lock is a folder now).
+    def break_the_log(host: str, op: str) -> None:
+        if host == "ws03" and op == "inspect":
+            (tmp_path / "state" / state.AUDIT_LOCK_NAME).unlink()
+            (tmp_path / "state" / state.AUDIT_LOCK_NAME).mkdir()
+
+    fleet.on_request = break_the_log
+    _, detail = _journaled_run(fleet, tmp_path, state.StateError)
+    assert detail.summary.stopped == runner.ABORTED and detail.summary.finished is not None
+    by_host = {r.workstation: r for r in detail.results}
+    assert {h for h, r in by_host.items() if r.status == Status.CHANGED} == {"ws01", "ws02"}
+    # ws03 was written, but its records were not: it stays "not reported", to be retried.
+    assert fleet.ini("ws03") is not None
+    assert by_host["ws03"].message == state.NOT_REPORTED
+    assert detail.to_retry == HOSTS[2:]
+    assert fleet.opened == ["ws01", "ws02", "ws03"]
+
+
 # --------------------------------------------------------------------------- push lanes
 
 

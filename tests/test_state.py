@@ -27,6 +27,7 @@ from provisioner.state import (
     StateStore,
     records_for_run,
 )
+from tests.labkit import run_cli
 from tests.test_report import CANARY, FP, SHA_A, SHA_B, STARTED, make_check_run, make_run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -71,6 +72,8 @@ def test_state_directory_and_database_are_private(tmp_path: Path) -> None:
     assert stat.S_IMODE(directory.stat().st_mode) == 0o700
     assert stat.S_IMODE(store.path.stat().st_mode) == 0o600
     assert store.schema_version() == state.SCHEMA_VERSION == 3
+    assert not (directory / "fingerprint.key").exists()  # made when first needed
+    assert store.fingerprints.of(SHA_A)
     assert stat.S_IMODE((directory / "fingerprint.key").stat().st_mode) == 0o600
     with sqlite3.connect(store.path) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -143,6 +146,28 @@ def test_recording_a_run_again_replaces_it(tmp_path: Path) -> None:
         "ws1": Status.CHANGED,
         "ws2": Status.SKIPPED,
     }
+
+
+def test_replacing_a_workstation_or_a_run_leaves_no_file_of_the_old_one(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    users = {"ws1": ["alice", "bob"], "ws2": ["carol"]}
+    run = _simple_run("r1", STARTED, {"ws1": Status.SKIPPED, "ws2": Status.SKIPPED}, users=users)
+    store.record_run(run, who="a")
+    store.record_host("r1", _changed("ws1", "dave"))
+    store.record_host("r1", _changed("ws1", "erin"))  # reported again: replaced
+    [summary] = store.runs()
+    assert {s: n for s, n in summary.counts.items() if n} == {
+        Status.CHANGED: 1,
+        Status.SKIPPED: 1,
+    }
+    by_host = {r.workstation: r for r in store.run("r1").results}
+    assert [f.user for f in by_host["ws1"].files] == ["erin"]
+    store.record_run(_simple_run("r1", STARTED, {"ws3": Status.CHANGED}), who="a")
+    with sqlite3.connect(store.path) as db:
+        files = db.execute("SELECT workstation, user FROM files").fetchall()
+        results = db.execute("SELECT workstation FROM results").fetchall()
+    db.close()
+    assert (files, results) == ([], [("ws3",)])
 
 
 def test_runs_are_listed_newest_first_with_a_limit(tmp_path: Path) -> None:
@@ -778,3 +803,200 @@ def test_fingerprints_compare_like_hashes_but_differ_per_state_folder(tmp_path: 
     assert one.of(SHA_A) != other.of(SHA_A)
     assert len(one.of(SHA_A) or "") == 32 and one.of(None) is None
     assert repr(one) == "Fingerprints(***)"
+
+
+# --------------------------------------------------------------------------- the run journal
+
+
+def _journal(store: StateStore) -> state.RunJournal:
+    return state.RunJournal(store, who="ops-amy", command="rollout", action="push", revision="")
+
+
+def _changed(host: str, user: str = "alice") -> HostResult:
+    change = FileChange(
+        "microsip",
+        user,
+        f"C:\\Users\\{user}\\AppData\\Roaming\\MicroSIP\\microsip.ini",
+        Status.CHANGED,
+        old_sha256=SHA_A,
+        new_sha256=SHA_B,
+    )
+    return HostResult(host, Status.CHANGED, "1 file changed", [change])
+
+
+def test_a_journal_records_the_run_as_it_goes(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    journal = _journal(store)
+    run = RunResult("r1", STARTED, RolloutOptions())
+    journal.begin(run, ["ws1", "ws2", "ws3"])
+    # Begun: what a run killed now would leave.
+    [summary] = store.runs()
+    assert (summary.finished, summary.stopped) == (None, state.JOURNAL_STOPPED)
+    assert summary.counts[Status.SKIPPED] == 3 and summary.total == 3
+    assert {(r.status, r.message) for r in store.run("r1").results} == {
+        (Status.SKIPPED, state.NOT_REPORTED)
+    }
+    assert AuditLog(tmp_path).query() == []
+    # Each workstation as it completes: its audit records, then its result and the counts.
+    journal.host_done(_changed("ws2"))
+    journal.host_done(HostResult("ws3", Status.FAILED, "unreachable", attempts=3))
+    journal.host_done(HostResult("ws1", Status.CHANGED, "would change", dry_run=True))
+    [summary] = store.runs()
+    assert {s: n for s, n in summary.counts.items() if n} == {
+        Status.CHANGED: 1,
+        Status.SKIPPED: 1,
+        Status.FAILED: 1,
+    }
+    by_host = {r.workstation: r for r in store.run("r1").results}
+    assert by_host["ws1"].message == state.NOT_REPORTED  # a dry-run result records nothing
+    assert by_host["ws3"].attempts == 3
+    [file] = by_host["ws2"].files
+    assert file.new_sha256 == store.fingerprints.of(SHA_B)
+    records = AuditLog(tmp_path).query(run_id="r1")
+    assert [(r.workstation, r.status, r.sha256_after) for r in records] == [
+        ("ws2", "changed", store.fingerprints.of(SHA_B)),
+        ("ws3", "failed", None),
+    ]
+    assert {r.who for r in records} == {"ops-amy"}
+    # The end: how it ended, the counts as kept.
+    run.stopped = "failure threshold exceeded after batch 1"
+    journal.finish(run)
+    [finished] = store.runs()
+    assert finished.finished is not None and finished.stopped == run.stopped
+    assert finished.counts == summary.counts
+    assert store.hosts_to_retry("r1") == ["ws1", "ws3"]
+
+
+@POSIX_ONLY
+def test_the_audit_log_is_synced_through_a_handle_that_may_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Windows flushes a file to disk only through a handle opened for writing.
+    import fcntl
+
+    log = _sample_log(tmp_path)
+    modes: list[int] = []
+    real_fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        modes.append(fcntl.fcntl(fd, fcntl.F_GETFL))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    log.sync()
+    assert modes, "the audit log was not synced"
+    for flags in modes:
+        assert flags & os.O_ACCMODE == os.O_WRONLY and flags & os.O_APPEND
+
+
+@POSIX_ONLY
+def test_a_journal_whose_audit_log_cannot_be_synced_still_records_the_end(
+    tmp_path: Path,
+) -> None:
+    store = StateStore(tmp_path)
+    journal = _journal(store)
+    run = RunResult("r1", STARTED, RolloutOptions())
+    journal.begin(run, ["ws1", "ws2"])
+    journal.host_done(_changed("ws1"))
+    log = AuditLog(tmp_path)
+    log.path.rename(tmp_path / "audit.saved")
+    log.path.symlink_to(log.path.name)  # a link to itself: every open of it fails
+    with pytest.raises(StateError, match="cannot sync the audit log"):
+        journal.finish(run)
+    [summary] = store.runs()
+    assert summary.finished is not None and summary.stopped == ""
+    # The journal's connection is closed: the last one to close empties the write-ahead log.
+    assert not (tmp_path / f"{state.DB_NAME}-wal").exists()
+
+
+JOURNALED = textwrap.dedent(
+    """
+    import sys, time
+    from datetime import UTC, datetime
+    from pathlib import Path
+    from provisioner.runner import RolloutOptions, RunResult
+    from provisioner.state import RunJournal, StateStore
+
+    store = StateStore(Path(sys.argv[1]))
+    with store.lock("ops-bob: rollout", who="ops-bob"):
+        journal = RunJournal(store, who="ops-bob", command="rollout", action="push", revision="")
+        journal.begin(RunResult("live1", datetime.now(UTC), RolloutOptions()), ["ws1", "ws2"])
+        print("begun", flush=True)
+        time.sleep(60)
+    """
+)
+
+
+@POSIX_ONLY
+def test_a_rollout_still_going_is_shown_running_and_a_killed_one_as_not_finished(
+    tmp_path: Path,
+) -> None:
+    # runs list from another shell while a rollout ran said it had been killed.
+    store = StateStore(tmp_path)
+    # What a rollout killed long ago left: begun, never finished.
+    earlier = RunResult("dead0", STARTED, RolloutOptions(), stopped=state.JOURNAL_STOPPED)
+    earlier.results["ws1"] = HostResult("ws1", Status.SKIPPED, state.NOT_REPORTED, attempts=0)
+    store.record_run(earlier, who="ops-bob", command="rollout")
+    process = subprocess.Popen(
+        [sys.executable, "-c", JOURNALED, str(tmp_path)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline().strip() == "begun"
+        live, dead = store.runs()
+        assert (live.id, live.running, live.stopped) == ("live1", True, "")
+        assert str(live).endswith("2 skipped  running  [rollout]")
+        assert (dead.id, dead.running, dead.stopped) == ("dead0", False, state.JOURNAL_STOPPED)
+        detail = store.run("live1")
+        assert detail.summary == live and detail.to_dict()["summary"]["running"] is True
+        assert {r.message for r in detail.results} == {state.NOT_REPORTED_YET}
+        listed = run_cli(tmp_path, "runs", "list", "--state", str(tmp_path))
+        assert "running" in listed.stdout.splitlines()[0], listed.stdout
+        assert "did not finish" not in listed.stdout.splitlines()[0]
+    finally:
+        process.kill()  # SIGKILL: the lock file keeps the holder's text
+        process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
+    assert store.read_lock() is not None
+    live, dead = store.runs()
+    assert (live.running, live.stopped) == (False, state.JOURNAL_STOPPED)
+    assert {r.message for r in store.run("live1").results} == {state.NOT_REPORTED}
+    with store.lock("next"):  # and the lock was let go by the look
+        pass
+
+
+DAMAGED = "is damaged: restore it from a backup, or remove it (new fingerprints will then not match"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "a folder", "empty"])
+def test_a_damaged_fingerprint_key_stops_only_what_needs_it(tmp_path: Path, damage: str) -> None:
+    store = StateStore(tmp_path)
+    store.record_run(make_run(), who="ops-amy", command="rollout")
+    log = AuditLog(tmp_path)
+    log.append([_record("2024-05-01T09:00:00+00:00", sha256_before=None, sha256_after=None)])
+    key = tmp_path / state.KEY_NAME
+    if damage == "a folder":
+        key.unlink()
+        key.mkdir()
+    else:
+        key.write_bytes(key.read_bytes()[:3] if damage == "truncated" else b"")
+    # Reading the history needs no key.
+    again = StateStore(tmp_path)
+    assert [s.id for s in again.runs()] == ["a1b2c3d4e5f6"]
+    assert again.run("a1b2").results
+    assert len(AuditLog(tmp_path).query()) == 1
+    listed = run_cli(tmp_path, "runs", "list", "--state", str(tmp_path))
+    assert listed.returncode == 0 and "a1b2c3d4e5f6" in listed.stdout, listed.stderr
+    # Whatever records a fingerprint says what to do, and records nothing.
+    with pytest.raises(StateError) as caught:
+        _journal(again).begin(RunResult("r2", STARTED, RolloutOptions()), ["ws1"])
+    assert str(caught.value) == f"{key} {DAMAGED} recorded ones)"
+    assert [s.id for s in again.runs()] == ["a1b2c3d4e5f6"]
+    log.append([_record("2024-05-02T09:00:00+00:00", sha256_before=SHA_A)])  # before fingerprints
+    shown = run_cli(tmp_path, "audit", "--state", str(tmp_path))
+    assert shown.returncode == 1
+    assert shown.stderr == f"error: {key} {DAMAGED} recorded ones)\n"

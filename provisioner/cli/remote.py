@@ -166,6 +166,9 @@ def _run_recorded(
     interrupted = threading.Event()
     inventory_revision = revision.inventory_revision(inventory)
     with store.lock(f"{who}: {command}"):
+        # A damaged fingerprint key stops the command here, before the workstation is touched:
+        # its result could not be recorded.
+        state.load_fingerprints(folder)
         started = datetime.now(UTC)
         try:
             # First Ctrl-C: the workstation in flight finishes and is recorded as usual.
@@ -340,10 +343,8 @@ def doctor_cmd(
         placeholders = vault.PlaceholderOpener(remote.keyring.recipients)
         options = connections.winrm_options(station, placeholders, lab_map, diagnostic=True)
         no_auth = str(exc)
-    checks = doctor.credential_checks(workstation, options)
-    if checks[0].ok:  # outside the scope nothing is contacted, not even the port
-        checks += doctor.network_checks(options)
-    if all(c.ok or c.name == "winrm settings" for c in checks) and not no_auth:
+    checks, may_connect = doctor.before_connecting(workstation, options)
+    if may_connect and not no_auth:
         transport = connections.open_transport(station, remote.keyring, lab_map, diagnostic=True)
         checks += doctor.remote_checks(station, remote.files, transport, options)
     for check in checks:

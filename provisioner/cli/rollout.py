@@ -67,6 +67,10 @@ def state_dir(inventory: Path, explicit: Path | None) -> Path:
     return explicit or inventory.resolve().parent / ".provisioner-state"
 
 
+# The signals a record's writes hold back: Ctrl-C, and the polite request to stop.
+HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 def record(
     store: state.StateStore,
     run: runner.RunResult,
@@ -76,8 +80,8 @@ def record(
     action: str,
     revision: str,
 ) -> None:
-    """A run and its audit records, written with Ctrl-C ignored: a run recorded without its
-    audit records would hide a change (recording takes milliseconds)."""
+    """A run and its audit records, written with Ctrl-C held back until both are: a run
+    recorded without its audit records would hide a change (recording takes milliseconds)."""
     from provisioner import state
 
     with uninterrupted():
@@ -107,14 +111,31 @@ class _Uninterruptible:
 
 @contextmanager
 def uninterrupted() -> Iterator[None]:
-    """Ctrl-C ignored for the block (see :func:`record`)."""
-    main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+    """Ctrl-C and SIGTERM held back for the block, then delivered (see :func:`record`).
+
+    Only the main thread receives signals and may set their handlers; elsewhere the block runs
+    as it is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+
+    def hold(signum: int, frame: FrameType | None) -> None:
+        held.append(signum)  # each one: a second Ctrl-C means abort
+
+    previous: dict[signal.Signals, Any] = {}
     try:
+        for held_signal in HELD_SIGNALS:
+            # None: a handler set outside Python, which could not be put back.
+            if signal.getsignal(held_signal) is not None:
+                previous[held_signal] = signal.signal(held_signal, hold)
         yield
     finally:
-        if main:
-            signal.signal(signal.SIGINT, previous)
+        for held_signal, handler in previous.items():
+            signal.signal(held_signal, handler)
+        for caught in held:
+            signal.raise_signal(caught)
 
 
 @contextmanager
@@ -244,12 +265,13 @@ def execute(
 
     console = make_console()
     if not options.check and state_dir(inventory, state_folder).is_dir():
-        # Fail fast when another rollout holds the state: not after Phase 1 and the preview.
-        # The lock itself is taken again below, for the run.
+        # Fail fast when another rollout holds the state, or when the run could not be
+        # recorded (a damaged fingerprint key): not after Phase 1 and the preview. The lock
+        # itself is taken again below, for the run.
         with state.StateStore(state_dir(inventory, state_folder)).lock(
             f"{getpass.getuser()}: {command}"
         ):
-            pass
+            state.load_fingerprints(state_dir(inventory, state_folder))
     inventory_revision = revision.inventory_revision(inventory)  # before the files are read
     built, keyring = _phase1(inventory, limit, identities, passphrase_file, passphrase_fd)
     assert built.inventory is not None  # noqa: S101 - a clean build has an inventory
