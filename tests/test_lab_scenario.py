@@ -619,6 +619,22 @@ def test_a_bad_scenario_is_reported_where_it_is(
     assert message in text_of_error, text_of_error
 
 
+@pytest.mark.slow
+def test_a_large_scenario_loads_within_the_time_budget(tmp_path: Path) -> None:
+    # Each key's position was looked up again by scanning its mapping: 40,000 paths took
+    # minutes. Read once, they take a few seconds, far inside the 30 s of time_budget.
+    root = tmp_path / "inventory"
+    write_inventory(root, users_per_ws=2)
+    count = 40_000
+    lines = [f"      C:\\Data\\f{i}.txt: {{content: x, owner: u1x1}}" for i in range(count)]
+    path = tmp_path / "scenario.yaml"
+    path.write_text("workstations:\n  ws01:\n    paths:\n" + "\n".join(lines) + "\n")
+    scenario = load_scenario(path, load_inventory(root))
+    paths = scenario.workstations["ws01"].paths
+    assert len(paths) == count
+    assert (paths[-1].path, paths[-1].where.line) == (f"C:\\Data\\f{count - 1}.txt", count + 3)
+
+
 # --- the documented example -----------------------------------------------------------------
 
 

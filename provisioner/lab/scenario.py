@@ -372,6 +372,7 @@ def load_scenario(path: Path, inventory: Inventory) -> Scenario:
 
 Node = yamldoc.YNode
 Segments = tuple[str, ...]
+Position = tuple[int, int]
 
 
 class _Reader:
@@ -401,8 +402,9 @@ class _Reader:
 
     def entries(
         self, node: Node, segments: Segments, allowed: Sequence[str] | None, what: str
-    ) -> Iterator[tuple[str, Node, Segments]]:
-        """The children of a mapping; unknown keys (when ``allowed`` is given) reported."""
+    ) -> Iterator[tuple[str, Node, Segments, Position]]:
+        """The children of a mapping with the line and column of their keys; unknown keys
+        (when ``allowed`` is given) reported."""
         if node.kind == "scalar" and node.value is None:
             return
         if node.kind != "map":
@@ -419,7 +421,7 @@ class _Reader:
             if child.shared:  # the alias's own node is the anchor's: say where the key is
                 self.error("anchors and aliases are not allowed in a scenario", line, column, at)
                 continue
-            yield key, child, at
+            yield key, child, at, (line, column)
 
     def items(self, node: Node, segments: Segments, what: str) -> Iterator[tuple[Node, Segments]]:
         if node.kind == "scalar" and node.value is None:
@@ -501,14 +503,11 @@ class _Reader:
         if tree.kind != "map":
             self.node_error("a scenario is a mapping with the key workstations", tree, ())
             return found
-        for key, node, at in self.entries(tree, (), TOP_KEYS, "the scenario"):
+        for key, node, at, _ in self.entries(tree, (), TOP_KEYS, "the scenario"):
             if key != "workstations":  # pragma: no cover - entries() allows only TOP_KEYS
                 continue
             known = self.inventory.workstations
-            stations = list(self.entries(node, at, None, "workstations"))
-            for (name, child, where), (line, column) in zip(
-                stations, _key_positions(node, stations), strict=True
-            ):
+            for name, child, where, (line, column) in self.entries(node, at, None, "workstations"):
                 if name not in known:
                     hint = closest(name, known)
                     more = f"; did you mean {hint!r}?" if hint else ""
@@ -520,7 +519,9 @@ class _Reader:
         return found
 
     def workstation(self, name: str, node: Node, segments: Segments) -> WorkstationSetup:
-        entries = {k: (n, at) for k, n, at in self.entries(node, segments, WORKSTATION_KEYS, name)}
+        entries = {
+            k: (n, at) for k, n, at, _ in self.entries(node, segments, WORKSTATION_KEYS, name)
+        }
         station_users = self.inventory.workstations[name].users
         shares: list[str] = []
         if "shares" in entries:
@@ -567,10 +568,7 @@ class _Reader:
     def users(self, node: Node, segments: Segments, shares: Sequence[str]) -> dict[str, UserSetup]:
         found: dict[str, UserSetup] = {}
         sids: dict[str, str] = {}
-        entries = list(self.entries(node, segments, None, "users"))
-        for (name, child, at), (line, column) in zip(
-            entries, _key_positions(node, entries), strict=True
-        ):
+        for name, child, at, (line, column) in self.entries(node, segments, None, "users"):
             if name not in self.inventory.users:
                 hint = closest(name, self.inventory.users)
                 more = f"; did you mean {hint!r}?" if hint else ""
@@ -586,7 +584,7 @@ class _Reader:
         return found
 
     def user(self, name: str, node: Node, segments: Segments, shares: Sequence[str]) -> UserSetup:
-        entries = {k: (n, at) for k, n, at in self.entries(node, segments, USER_KEYS, name)}
+        entries = {k: (n, at) for k, n, at, _ in self.entries(node, segments, USER_KEYS, name)}
         values: dict[str, object] = {}
         if "sid" in entries:
             rid, sid = self.sid(*entries["sid"])
@@ -654,7 +652,7 @@ class _Reader:
         self, node: Node, segments: Segments, shares: Sequence[str], accounts: set[str]
     ) -> InstallSetup:
         entries = {
-            k: (n, at) for k, n, at in self.entries(node, segments, MICROSIP_KEYS, "microsip")
+            k: (n, at) for k, n, at, _ in self.entries(node, segments, MICROSIP_KEYS, "microsip")
         }
         values: dict[str, object] = {}
         if "mode" in entries:
@@ -684,7 +682,7 @@ class _Reader:
         return InstallSetup(**values)  # type: ignore[arg-type]
 
     def msi(self, node: Node, segments: Segments, accounts: set[str]) -> MsiSetup | None:
-        entries = {k: (n, at) for k, n, at in self.entries(node, segments, MSI_KEYS, "an MSI")}
+        entries = {k: (n, at) for k, n, at, _ in self.entries(node, segments, MSI_KEYS, "an MSI")}
         if node.kind != "map":
             return None
         location = ""
@@ -717,7 +715,8 @@ class _Reader:
 
     def powershell(self, node: Node, segments: Segments) -> tuple[str | None, LanguageMode | None]:
         entries = {
-            k: (n, at) for k, n, at in self.entries(node, segments, POWERSHELL_KEYS, "powershell")
+            k: (n, at)
+            for k, n, at, _ in self.entries(node, segments, POWERSHELL_KEYS, "powershell")
         }
         version = None
         if "version" in entries:
@@ -756,10 +755,7 @@ class _Reader:
     ) -> tuple[PathSetup, ...]:
         found: list[PathSetup] = []
         seen: dict[str, int] = {}
-        entries = list(self.entries(node, segments, None, "paths"))
-        for (raw, child, at), (line, column) in zip(
-            entries, _key_positions(node, entries), strict=True
-        ):
+        for raw, child, at, (line, column) in self.entries(node, segments, None, "paths"):
             key = Node("scalar", line, column, raw, tag="str")
             path = self.windows_path(key, at, shares)
             if path is None:
@@ -784,7 +780,7 @@ class _Reader:
         shares: Sequence[str],
         accounts: set[str],
     ) -> PathSetup | None:
-        entries = {k: (n, at) for k, n, at in self.entries(node, segments, PATH_KEYS, path)}
+        entries = {k: (n, at) for k, n, at, _ in self.entries(node, segments, PATH_KEYS, path)}
         if node.kind != "map":
             return None
         kinds = [k for k in PATH_KINDS if k in entries]
@@ -942,10 +938,7 @@ class _Reader:
         self, node: Node, segments: Segments, shares: Sequence[str]
     ) -> dict[str, tuple[int, ...]]:
         found: dict[str, tuple[int, ...]] = {}
-        entries = list(self.entries(node, segments, None, "replace_errors"))
-        for (raw, child, at), (line, column) in zip(
-            entries, _key_positions(node, entries), strict=True
-        ):
+        for raw, child, at, (line, column) in self.entries(node, segments, None, "replace_errors"):
             path = self.windows_path(Node("scalar", line, column, raw, tag="str"), at, shares)
             codes: list[int] = []
             for item, item_at in self.items(child, at, "the errors of a path"):
@@ -969,13 +962,6 @@ class _Reader:
             if path is not None:
                 found[path] = tuple(codes)
         return found
-
-
-def _key_positions(
-    node: Node, entries: Sequence[tuple[str, Node, Segments]]
-) -> list[tuple[int, int]]:
-    """The line and column of each key that :meth:`_Reader.entries` yielded."""
-    return [node.key_position(key) for key, _, _ in entries]
 
 
 def _unknown(key: str, known: Sequence[str], what: str) -> str:
