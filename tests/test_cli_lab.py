@@ -72,8 +72,12 @@ class Shell:
             assert result.returncode == 0, (args, result.stdout, result.stderr)
         return result
 
+    def up_options(self) -> list[str]:
+        """``lab up``'s options for this inventory, in the background on free ports."""
+        return ["-i", "inventory", "--detach", "--port", "0", *self.keys]
+
     def up(self, *extra: str) -> LabMap:
-        self.cli("lab", "up", "-i", "inventory", "--detach", "--port", "0", *self.keys, *extra)
+        self.cli("lab", "up", *self.up_options(), *extra)
         return LabMap.load(self.lab_file)
 
     def leftovers(self) -> list[Path]:
@@ -199,6 +203,23 @@ def test_a_bad_scenario_starts_nothing(shell: Shell) -> None:
         "bad.yaml:2:3: /workstations/ber-ws-01: the inventory has no workstation" in result.stderr
     )
     assert "did you mean 'ber-ws-001'?" in result.stderr
+    assert not os.path.lexists(shell.lab_file) and shell.leftovers() == []
+
+
+def test_an_account_the_lab_cannot_set_up_is_named_at_its_line(shell: Shell) -> None:
+    # Not "is another lab running?", and not the path of the lab's private folder.
+    (shell.root / "bad.yaml").write_text(
+        "workstations:\n  ber-ws-001:\n    users:\n"
+        "      bob: {profile: 'C:\\Users\\alice\\NTUSER.DAT'}\n",
+        encoding="utf-8",
+    )
+    result = shell.cli("lab", "up", "--scenario", "bad.yaml", *shell.up_options(), check=False)
+    assert result.returncode == 1
+    assert (
+        "bad.yaml:4:7: /workstations/ber-ws-001/users/bob: cannot set up ACME\\bob: File exists."
+        in result.stderr
+    ), result.stderr
+    assert "another lab" not in result.stderr and str(shell.temp) not in result.stderr
     assert not os.path.lexists(shell.lab_file) and shell.leftovers() == []
 
 

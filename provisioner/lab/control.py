@@ -350,9 +350,16 @@ class LabProcess:
             self.lab = start_inventory_lab(
                 inventory, opener, folder=self.folder, port=port, scenario=scenario
             )
-        except OSError as failed:  # an address in use: another lab, or a real WinRM listener
+        except OSError as failed:
+            if failed.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):
+                # Another lab, or a real WinRM listener on this machine.
+                raise ProvisionerError(
+                    f"the lab cannot start: {failed.strerror}; is another lab running "
+                    "('provisioner lab down')?"
+                ) from None
+            # Its text would name the lab's private folder.
             raise ProvisionerError(
-                f"the lab cannot start: {failed}; is another lab running ('provisioner lab down')?"
+                f"the lab cannot start: {failed.strerror or type(failed).__name__}"
             ) from None
         finally:
             ntlmusers.use_folder(None)

@@ -10,15 +10,17 @@ locked files and the Win32 errors ``ReplaceFile`` fails with. The default is wha
 
 :func:`load_scenario` checks the whole file against the inventory and reports every problem
 at ``file:line:column`` (no machine is touched before the file is right); a
-:class:`WorkstationSetup` then adjusts the default :class:`WorkstationSpec` (accounts and
-install, which exist from the start) and applies the rest to the built :class:`Workstation`
-and its host. A scenario never holds a password: file contents in it are test data.
+:class:`WorkstationSetup` then builds the machine from the default :class:`WorkstationSpec`
+with its install facts, adds every account and applies the rest to the :class:`Workstation`
+and its host, and reports what cannot be set up at its line too. A scenario never holds a
+password: file contents in it are test data.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -26,9 +28,12 @@ from typing import Literal
 from provisioner import ini, yamldoc
 from provisioner.errors import InventoryError, LintError, ProvisionerError
 from provisioner.lab import ntfs
-from provisioner.lab.fleet import UserSpec, WorkstationSpec
-from provisioner.lab.host import LabHost
+from provisioner.lab.fleet import UserSpec, WorkstationSpec, add_account, add_workstation
+from provisioner.lab.host import HostConfig, LabHost
+from provisioner.lab.server import Lab
 from provisioner.lab.workstation import (
+    DOMAIN_SID,
+    MACHINE_SID,
     WELL_KNOWN_ACCOUNTS,
     Ace,
     Acl,
@@ -85,6 +90,8 @@ MAX_ERRORS = 64
 _ACCOUNT_SID = re.compile(r"^S-1-5-21-\d{1,10}-\d{1,10}-\d{1,10}-\d{1,10}$", re.IGNORECASE)
 _ANY_SID = re.compile(r"^S-1-\d{1,14}(-\d{1,10}){1,15}$", re.IGNORECASE)
 _VERSION = re.compile(r"^\d{1,5}(\.\d{1,10}){0,3}$")
+# A drive path, a share, or a value that starts with a variable (%USERPROFILE%\...).
+_APPDATA = re.compile(r"^(?:[A-Za-z]:[\\/]|[\\/]{2}[^\\/]|%[^%\\/]+%)")
 _EXE = re.compile(r'^[^\\/:*?"<>|\x00-\x1f]{1,255}$')
 _CONTROL = re.compile("[\x00-\x1f\x7f]")
 _WELL_KNOWN_BY_NAME = {
@@ -119,6 +126,20 @@ class Where:
             message, file=self.file, line=self.line, column=self.column, path=self.pointer
         )
         return ScenarioErrors([problem])
+
+    @contextmanager
+    def setting_up(self, what: str) -> Iterator[None]:
+        """A failure to set up ``what`` on the machine becomes a problem at this place."""
+        try:
+            yield
+        except (FileError, OSError, ValueError) as failed:
+            if isinstance(failed, FileError):
+                reason = failed.message
+            elif isinstance(failed, OSError):  # its text would name the lab's real folder
+                reason = f"{failed.strerror or type(failed).__name__}."
+            else:
+                reason = str(failed)
+            raise self.error(f"cannot set up {what}: {reason}") from None
 
 
 @dataclass(frozen=True)
@@ -168,6 +189,7 @@ class UserSetup:
     """One account of a workstation as the scenario gives it (None: the default)."""
 
     name: str
+    where: Where
     rid: int | None = None
     sid: str | None = None
     no_profile: bool = False
@@ -205,6 +227,7 @@ class WorkstationSetup:
     """How one workstation differs from the default; see the module docstring."""
 
     name: str
+    where: Where
     users: Mapping[str, UserSetup]
     install: InstallSetup
     ps_version: str | None = None
@@ -215,28 +238,42 @@ class WorkstationSetup:
     locked: tuple[str, ...] = ()
     replace_errors: Mapping[str, tuple[int, ...]] | None = None
 
-    def spec(self, default: WorkstationSpec, inventory: Inventory) -> WorkstationSpec:
-        """The default spec with this scenario's accounts and install folder.
+    def build(
+        self, lab: Lab, config: HostConfig, default: WorkstationSpec, inventory: Inventory
+    ) -> tuple[LabHost, Workstation]:
+        """Start the host of the default machine as this scenario changes it.
 
-        Accounts with a SID given come first, so that the lab's own RIDs never take theirs.
+        :class:`ScenarioErrors` names the place in the scenario of what cannot be set up.
         """
-        station = inventory.workstations[self.name]
-        names = [*station.users, *(n for n in self.users if n not in station.users)]
-        given = [n for n in names if n in self.users and self._has_sid(n)]
-        order = given + [n for n in names if n not in given]
-        users = tuple(self._user_spec(name, inventory) for name in order)
         install = self.install
         mode = install.mode or default.mode
-        return replace(
+        spec = replace(
             default,
-            users=users,
+            users=(),
             mode=None if mode == "absent" else mode,
             install_dir=install.install_dir or default.install_dir,
             exe=install.exe or default.exe,
         )
+        host, ws = add_workstation(lab, config, spec)
+        with host.lock:
+            self._add_accounts(ws, inventory, spec.exe)
+            self._apply(ws, host, inventory)
+        return host, ws
 
-    def apply(self, ws: Workstation, host: LabHost, inventory: Inventory) -> None:
-        """Everything that is not an account or the install folder, on the built machine."""
+    def _add_accounts(self, ws: Workstation, inventory: Inventory, exe: str) -> None:
+        """The inventory's accounts and the scenario's, those with a SID given first (so
+        that the lab's own RIDs never take theirs)."""
+        station = inventory.workstations[self.name]
+        names = [*station.users, *(n for n in self.users if n not in station.users)]
+        given = [n for n in names if n in self.users and self._has_sid(n)]
+        for name in given + [n for n in names if n not in given]:
+            spec = self._user_spec(name, inventory)
+            # A default account fails only for what the scenario did to this machine.
+            where = self.users[name].where if name in self.users else self.where
+            with where.setting_up(spec.windows):
+                add_account(ws, spec, exe)
+
+    def _apply(self, ws: Workstation, host: LabHost, inventory: Inventory) -> None:
         if self.ps_version is not None:
             ws.ps_version = self.ps_version
         if self.language_mode is not None:
@@ -260,16 +297,8 @@ class WorkstationSetup:
         for share in self.shares:
             ws.add_share(share)
         for entry in self.paths:
-            try:
+            with entry.where.setting_up(entry.path):
                 _apply_path(ws, entry, inventory)
-            except (FileError, OSError, ValueError) as failed:
-                if isinstance(failed, FileError):
-                    reason = failed.message
-                elif isinstance(failed, OSError):  # its text would name the lab's real folder
-                    reason = f"{failed.strerror or type(failed).__name__}."
-                else:
-                    reason = str(failed)
-                raise entry.where.error(f"cannot set up {entry.path}: {reason}") from None
         ws.faults.locked.update(self.locked)
         for path, codes in (self.replace_errors or {}).items():
             ws.faults.replace_errors[ntfs.path_key(path)] = list(codes)
@@ -507,18 +536,22 @@ class _Reader:
             if key != "workstations":  # pragma: no cover - entries() allows only TOP_KEYS
                 continue
             known = self.inventory.workstations
-            for name, child, where, (line, column) in self.entries(node, at, None, "workstations"):
+            stations = self.entries(node, at, None, "workstations")
+            for name, child, segments, (line, column) in stations:
                 if name not in known:
                     hint = closest(name, known)
                     more = f"; did you mean {hint!r}?" if hint else ""
                     self.error(
-                        f"the inventory has no workstation {name!r}{more}", line, column, where
+                        f"the inventory has no workstation {name!r}{more}", line, column, segments
                     )
                     continue
-                found[name] = self.workstation(name, child, where)
+                where = self.where(line, column, segments)
+                found[name] = self.workstation(name, child, segments, where)
         return found
 
-    def workstation(self, name: str, node: Node, segments: Segments) -> WorkstationSetup:
+    def workstation(
+        self, name: str, node: Node, segments: Segments, where: Where
+    ) -> WorkstationSetup:
         entries = {
             k: (n, at) for k, n, at, _ in self.entries(node, segments, WORKSTATION_KEYS, name)
         }
@@ -528,7 +561,7 @@ class _Reader:
             shares = self.shares(*entries["shares"])
         users: dict[str, UserSetup] = {}
         if "users" in entries:
-            users = self.users(*entries["users"], shares)
+            users = self.users(name, *entries["users"], shares)
         accounts = {*station_users, *users}
         install = InstallSetup()
         if "microsip" in entries:
@@ -554,6 +587,7 @@ class _Reader:
             replace_errors = self.replace_errors(*entries["replace_errors"], shares)
         return WorkstationSetup(
             name,
+            where,
             users,
             install,
             ps_version,
@@ -565,7 +599,9 @@ class _Reader:
             replace_errors,
         )
 
-    def users(self, node: Node, segments: Segments, shares: Sequence[str]) -> dict[str, UserSetup]:
+    def users(
+        self, station: str, node: Node, segments: Segments, shares: Sequence[str]
+    ) -> dict[str, UserSetup]:
         found: dict[str, UserSetup] = {}
         sids: dict[str, str] = {}
         for name, child, at, (line, column) in self.entries(node, segments, None, "users"):
@@ -574,16 +610,18 @@ class _Reader:
                 more = f"; did you mean {hint!r}?" if hint else ""
                 self.error(f"the inventory has no user {name!r}{more}", line, column, at)
                 continue
-            setup = self.user(name, child, at, shares)
-            sid = setup.sid or (str(setup.rid) if setup.rid is not None else "")
-            if sid and sid.casefold() in sids:
-                self.error(f"{name} has the same SID as {sids[sid.casefold()]}", line, column, at)
+            setup = self.user(name, child, at, self.where(line, column, at), shares)
+            sid = _account_sid(setup, self.inventory.users[name].windows)
+            if sid and sid in sids:
+                self.error(f"{name} has the same SID as {sids[sid]}", line, column, at)
             elif sid:
-                sids[sid.casefold()] = name
+                sids[sid] = name
             found[name] = setup
         return found
 
-    def user(self, name: str, node: Node, segments: Segments, shares: Sequence[str]) -> UserSetup:
+    def user(
+        self, name: str, node: Node, segments: Segments, where: Where, shares: Sequence[str]
+    ) -> UserSetup:
         entries = {k: (n, at) for k, n, at, _ in self.entries(node, segments, USER_KEYS, name)}
         values: dict[str, object] = {}
         if "sid" in entries:
@@ -609,13 +647,23 @@ class _Reader:
             if key in entries:
                 values[key] = self.boolean(*entries[key])
         if "appdata" in entries:
-            values["appdata"] = self.text(*entries["appdata"])
+            appdata_node, at = entries["appdata"]
+            appdata = self.text(appdata_node, at)
+            if appdata is not None and not _APPDATA.match(appdata):
+                self.node_error(
+                    "appdata is an absolute path (D:\\Redirected\\%USERNAME%, "
+                    "\\\\server\\share\\...) or starts with a variable "
+                    "(%USERPROFILE%\\...)",
+                    appdata_node,
+                    at,
+                )
+            values["appdata"] = appdata
         if "hkcu" in entries:
             values["hkcu"] = self.optional_text(*entries["hkcu"])[1]
         if "running" in entries:
             values["running"] = self.count(*entries["running"])
         values["hive_in_use"] = bool(values.get("hive_in_use"))
-        return UserSetup(name, **values)  # type: ignore[arg-type]
+        return UserSetup(name, where, **values)  # type: ignore[arg-type]
 
     def sid(self, node: Node, segments: Segments) -> tuple[int | None, str | None]:
         """A RID (a number) or a whole account SID (``S-1-5-21-...``)."""
@@ -962,6 +1010,16 @@ class _Reader:
             if path is not None:
                 found[path] = tuple(codes)
         return found
+
+
+def _account_sid(setup: UserSetup, windows: str) -> str:
+    """The SID the scenario gives the account (empty: the lab chooses one)."""
+    if setup.sid is not None:
+        return setup.sid.upper()
+    if setup.rid is None:
+        return ""
+    local = windows.startswith(".\\")
+    return f"{MACHINE_SID if local else DOMAIN_SID}-{setup.rid}"
 
 
 def _unknown(key: str, known: Sequence[str], what: str) -> str:

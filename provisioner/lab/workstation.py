@@ -432,7 +432,11 @@ class Workstation(FileSystem):
             if hive_file:
                 self.put(join(user.profile, "NTUSER.DAT"), b"regf lab hive\r\n", owner=sid)
             appdata = user.appdata or ""
-            if "%" not in appdata and is_within(appdata, user.profile):
+            try:
+                inside = "%" not in appdata and is_within(appdata, user.profile)
+            except FileError:  # no plain path ('..' in it): the agent judges the raw value
+                inside = False
+            if inside:
                 self.put_dir(appdata)
         return user
 
