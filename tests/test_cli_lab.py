@@ -258,6 +258,38 @@ def test_the_foreground_lab_serves_show_and_cleans_up_when_its_terminal_closes(
 # --- the clean-up ---------------------------------------------------------------------------
 
 
+def test_lab_up_never_writes_through_a_log_someone_put_there(shell: Shell) -> None:
+    # The inventory folder is shared with its editors: a link committed as .lab.log.
+    precious = shell.root / "precious.txt"
+    precious.write_text("keep me", encoding="utf-8")
+    log = shell.lab_file.with_suffix(".log")
+    log.symlink_to(precious)
+    result = shell.cli("lab", "up", *shell.up_options(), check=False)
+    assert result.returncode == 1
+    assert f"{log.relative_to(shell.root)} exists, and a lab never writes over a file" in (
+        result.stderr
+    )
+    assert precious.read_text(encoding="utf-8") == "keep me"
+    assert log.is_symlink() and not os.path.lexists(shell.lab_file) and shell.leftovers() == []
+
+
+def test_a_detached_lab_stopped_by_sigterm_leaves_nothing_and_starts_again(shell: Shell) -> None:
+    log = shell.lab_file.with_suffix(".log")
+    lab = shell.up()
+    assert stat.S_IMODE(log.stat().st_mode) == 0o600
+    os.kill(lab.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while alive(lab.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(lab.pid)
+    assert not os.path.lexists(shell.lab_file) and not os.path.lexists(log)
+    assert shell.leftovers() == []
+    again = shell.up()
+    assert shell.cli("lab", "down", "-i", "inventory").stdout.strip() == "lab down"
+    assert not alive(again.pid) and not os.path.lexists(log)
+    shell.up()  # and once more after lab down
+
+
 def test_lab_down_removes_everything_a_killed_lab_left(shell: Shell) -> None:
     lab = shell.up()
     args = ["-i", "inventory", *shell.keys, "--lab", "inventory/.lab.json"]

@@ -150,7 +150,7 @@ def _detach(
     passphrase_file: Path | None,
 ) -> None:
     from provisioner.connections import LabMap
-    from provisioner.lab.control import take_down
+    from provisioner.lab.control import create_log, read_log, remove_log, take_down
 
     command = [
         sys.executable,
@@ -171,36 +171,39 @@ def _detach(
         command += ["--identity", str(identity)]
     if passphrase_file is not None:
         command += ["--passphrase-file", str(passphrase_file)]
-    log = target.with_suffix(".log")
-    with log.open("wb") as handle:
+    log = create_log(target)
+    try:
         process = subprocess.Popen(
             command,
             stdin=subprocess.DEVNULL,
-            stdout=handle,
+            stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            output = log.read_text(encoding="utf-8", errors="replace")
-            if os.path.lexists(target):  # it died while starting: what it left goes too
-                take_down(target)
-            log.unlink(missing_ok=True)  # its whole content is in this message
-            raise ProvisionerError("the lab did not start:\n" + output)
-        try:
-            LabMap.load(target)
-        except ProvisionerError:
-            time.sleep(0.1)
-            continue
-        echo(log.read_text(encoding="utf-8", errors="replace").rstrip())
-        return
-    if os.path.lexists(target):
-        take_down(target)
-    else:
-        process.kill()
-    process.wait(10)
-    raise ProvisionerError(f"the lab did not start within {START_TIMEOUT:.0f} s")
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                output = read_log(log)
+                if os.path.lexists(target):  # it died while starting: what it left goes too
+                    take_down(target)
+                remove_log(target, log)  # its whole content is in this message
+                raise ProvisionerError("the lab did not start:\n" + output)
+            try:
+                LabMap.load(target)
+            except ProvisionerError:
+                time.sleep(0.1)
+                continue
+            echo(read_log(log).rstrip())
+            return
+        if os.path.lexists(target):
+            take_down(target)
+        else:
+            process.kill()
+            remove_log(target, log)
+        process.wait(10)
+        raise ProvisionerError(f"the lab did not start within {START_TIMEOUT:.0f} s")
+    finally:
+        os.close(log)
 
 
 @app.command()

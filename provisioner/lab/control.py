@@ -95,6 +95,50 @@ def socket_path(folder: Path) -> Path:
     return folder / SOCKET_NAME
 
 
+# --- the log of a detached lab --------------------------------------------------------------------
+
+
+def log_path(lab_file: Path) -> Path:
+    """Where a lab started with ``--detach`` writes its output: beside its lab file."""
+    return lab_file.with_suffix(".log")
+
+
+def create_log(lab_file: Path) -> int:
+    """A new log for the lab of ``lab_file``, open for reading and writing.
+
+    The lab file may sit in the inventory folder, where its editors can put files (a link
+    committed to git): an existing file or link is never written to, over or through.
+    """
+    log = log_path(lab_file)
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        return os.open(log, flags, 0o600)
+    except FileExistsError:
+        raise ProvisionerError(
+            f"{log} exists, and a lab never writes over a file: remove it ('provisioner lab "
+            "down' removes a lab's log while its lab file is there)"
+        ) from None
+    except OSError as failed:
+        raise ProvisionerError(f"cannot write {log}: {failed.strerror}") from None
+
+
+def read_log(fd: int) -> str:
+    """What the log open as ``fd`` holds (its file position, shared with the lab, stays)."""
+    return os.pread(fd, os.fstat(fd).st_size, 0).decode("utf-8", errors="replace")
+
+
+def remove_log(lab_file: Path, fd: int) -> None:
+    """Remove the log of ``lab_file`` if it is the file open as ``fd``, and nothing else."""
+    log = log_path(lab_file)
+    with contextlib.suppress(OSError, ValueError):
+        found, mine = os.lstat(log), os.fstat(fd)
+        if stat.S_ISREG(found.st_mode) and (found.st_dev, found.st_ino) == (
+            mine.st_dev,
+            mine.st_ino,
+        ):
+            log.unlink()
+
+
 # --- the server -----------------------------------------------------------------------------------
 
 
@@ -384,6 +428,9 @@ class LabProcess:
             shutil.rmtree(self.folder, ignore_errors=True)
             if self._claimed:
                 self.lab_file.unlink(missing_ok=True)
+                # A detached lab writes its log on its standard output: that goes too.
+                with contextlib.suppress(OSError, ValueError):
+                    remove_log(self.lab_file, sys.stdout.fileno())
             self._claimed = False
 
 
@@ -440,7 +487,7 @@ def take_down(lab_file: Path, *, grace: float = 20.0) -> Teardown:
             _wait_gone(lab.pid, 5.0)
         if alive(lab.pid):
             raise ProvisionerError(f"lab process {lab.pid} did not stop; nothing was removed")
-    log = lab_file.with_suffix(".log")
+    log = log_path(lab_file)
     if folder is not None and os.path.lexists(folder):
         shutil.rmtree(folder)
         done.removed.append(str(folder))
