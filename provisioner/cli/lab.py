@@ -21,6 +21,7 @@ from provisioner.cli.common import (
     PassFileOpt,
     echo,
     keyring_for_keys_in_use,
+    load_model,
 )
 from provisioner.errors import ProvisionerError
 
@@ -89,7 +90,7 @@ def up(
             f"{target} exists: a lab is running, or died without cleaning up; "
             "'provisioner lab down' stops it and removes what it left"
         )
-    model = _load_inventory(inventory)
+    model = load_model(inventory)
     loaded = _load_scenario(scenario, model) if scenario is not None else None
     if detach:
         _detach(inventory, target, scenario, port, identities, passphrase_file)
@@ -121,15 +122,6 @@ def up(
         process.publish()
         while not stop.wait(0.5):
             pass
-
-
-def _load_inventory(inventory: Path) -> Inventory:
-    from provisioner.inventory import InventoryErrors, load_inventory
-
-    try:
-        return load_inventory(inventory)
-    except InventoryErrors as exc:
-        raise ProvisionerError(f"the inventory has problems:\n{exc}") from None
 
 
 def _load_scenario(path: Path, model: Inventory) -> Scenario:
