@@ -46,7 +46,7 @@ from provisioner.lab.ntfs import Ace, FileError, split
 from provisioner.lab.scenario import Scenario
 from provisioner.lab.workstation import Workstation
 from provisioner.model import Inventory
-from provisioner.names import closest
+from provisioner.names import did_you_mean
 
 PREFIX = "microsip-lab-"
 SOCKET_NAME = "control.sock"
@@ -217,8 +217,7 @@ class ControlServer:
         if not isinstance(name, str) or not (path is None or isinstance(path, str)):
             return {"ok": False, "error": "show needs a workstation name and an optional path"}
         if name not in lab.workstations:
-            hint = closest(name, lab.workstations)
-            more = f"; did you mean {hint!r}?" if hint else ""
+            more = did_you_mean(name, lab.workstations)
             return {"ok": False, "error": f"the lab has no workstation {name[:80]!r}{more}"}
         ws, host = lab.workstations[name], lab.hosts[name]
         try:

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Literal
 
 from provisioner import ini, yamldoc
-from provisioner.errors import InventoryError, LintError, ProvisionerError
+from provisioner.errors import InventoryError, LintError
+from provisioner.inventory import InventoryErrors
 from provisioner.lab import ntfs
 from provisioner.lab.fleet import UserSpec, WorkstationSpec, add_account, add_workstation
 from provisioner.lab.host import HostConfig, LabHost
@@ -44,7 +45,7 @@ from provisioner.lab.workstation import (
     Workstation,
 )
 from provisioner.model import Inventory
-from provisioner.names import closest
+from provisioner.names import did_you_mean, unknown
 from provisioner.schema import join_pointer
 
 TOP_KEYS = ("workstations",)
@@ -90,9 +91,12 @@ MAX_ERRORS = 64
 _ACCOUNT_SID = re.compile(r"^S-1-5-21-\d{1,10}-\d{1,10}-\d{1,10}-\d{1,10}$", re.IGNORECASE)
 _ANY_SID = re.compile(r"^S-1-\d{1,14}(-\d{1,10}){1,15}$", re.IGNORECASE)
 _VERSION = re.compile(r"^\d{1,5}(\.\d{1,10}){0,3}$")
+_EXE = re.compile(r'^[^\\/:*?"<>|\x00-\x1f]{1,255}$')
 # A drive path, a share, or a value that starts with a variable (%USERPROFILE%\...).
 _APPDATA = re.compile(r"^(?:[A-Za-z]:[\\/]|[\\/]{2}[^\\/]|%[^%\\/]+%)")
-_EXE = re.compile(r'^[^\\/:*?"<>|\x00-\x1f]{1,255}$')
+# Narrower than the inventory's rule on purpose: the inventory's values become INI lines, a
+# scenario's describe what a workstation holds, and a file name a hostile user gave C1
+# controls is part of that (lab show must not print it raw).
 _CONTROL = re.compile("[\x00-\x1f\x7f]")
 _WELL_KNOWN_BY_NAME = {
     **{name.casefold(): sid for sid, name in WELL_KNOWN_ACCOUNTS.items()},
@@ -100,15 +104,10 @@ _WELL_KNOWN_BY_NAME = {
 }
 
 
-class ScenarioErrors(ProvisionerError):
+class ScenarioErrors(InventoryErrors):
     """Every problem of a scenario file, each at ``file:line:column``."""
 
-    def __init__(self, errors: Sequence[InventoryError]) -> None:
-        self.errors = tuple(errors)
-        super().__init__(f"{len(self.errors)} problem(s) in the scenario")
-
-    def __str__(self) -> str:
-        return "\n".join(str(e) for e in self.errors)
+    what = "the scenario"
 
 
 @dataclass(frozen=True)
@@ -445,7 +444,7 @@ class _Reader:
         for (key, child), (line, column) in zip(node.items, node.key_positions, strict=True):
             at = (*segments, key)
             if allowed is not None and key not in allowed:
-                self.error(_unknown(key, allowed, f"key of {what}"), line, column, at)
+                self.error(unknown(key, allowed, f"key of {what}"), line, column, at)
                 continue
             if child.shared:  # the alias's own node is the anchor's: say where the key is
                 self.error("anchors and aliases are not allowed in a scenario", line, column, at)
@@ -495,7 +494,7 @@ class _Reader:
         if value is None:
             return None
         if value not in allowed:
-            self.node_error(_unknown(value, allowed, "value"), node, segments)
+            self.node_error(unknown(value, allowed, "value"), node, segments)
             return None
         return value
 
@@ -539,8 +538,7 @@ class _Reader:
             stations = self.entries(node, at, None, "workstations")
             for name, child, segments, (line, column) in stations:
                 if name not in known:
-                    hint = closest(name, known)
-                    more = f"; did you mean {hint!r}?" if hint else ""
+                    more = did_you_mean(name, known)
                     self.error(
                         f"the inventory has no workstation {name!r}{more}", line, column, segments
                     )
@@ -606,8 +604,7 @@ class _Reader:
         sids: dict[str, str] = {}
         for name, child, at, (line, column) in self.entries(node, segments, None, "users"):
             if name not in self.inventory.users:
-                hint = closest(name, self.inventory.users)
-                more = f"; did you mean {hint!r}?" if hint else ""
+                more = did_you_mean(name, self.inventory.users)
                 self.error(f"the inventory has no user {name!r}{more}", line, column, at)
                 continue
             setup = self.user(name, child, at, self.where(line, column, at), shares)
@@ -756,8 +753,7 @@ class _Reader:
                 segments,
             )
             return None
-        hint = closest(name, accounts)
-        more = f"; did you mean {hint!r}?" if hint else ""
+        more = did_you_mean(name, accounts)
         self.node_error(f"the inventory has no user {name!r}{more}", node, segments)
         return None
 
@@ -937,9 +933,7 @@ class _Reader:
                 return Principal(user=user)
         if name in self.inventory.users:
             return f"{name} has no account on this workstation; add them under users"
-        names = [*sorted(accounts), *WELL_KNOWN_ACCOUNTS.values()]
-        hint = closest(name, names)
-        more = f"; did you mean {hint!r}?" if hint else ""
+        more = did_you_mean(name, [*sorted(accounts), *WELL_KNOWN_ACCOUNTS.values()])
         return (
             f"{name!r} is neither a user of this workstation, a well-known account "
             f"(SYSTEM, Administrators, Users, ...) nor a SID{more}"
@@ -973,13 +967,13 @@ class _Reader:
             return who
         rights = next((r for r in RIGHTS if r.casefold() == parts[1].strip().casefold()), None)
         if rights is None:
-            return _unknown(parts[1].strip(), RIGHTS, "right")
+            return unknown(parts[1].strip(), RIGHTS, "right")
         scope: ntfs.Scope | None = None
         if len(parts) == 3:
             wanted = parts[2].strip().casefold()
             scope = next((s for s in SCOPES if s == wanted), None)
             if scope is None:
-                return _unknown(parts[2].strip(), SCOPES, "scope")
+                return unknown(parts[2].strip(), SCOPES, "scope")
         return AceSetup(who, rights, scope)
 
     def replace_errors(
@@ -1020,9 +1014,3 @@ def _account_sid(setup: UserSetup, windows: str) -> str:
         return ""
     local = windows.startswith(".\\")
     return f"{MACHINE_SID if local else DOMAIN_SID}-{setup.rid}"
-
-
-def _unknown(key: str, known: Sequence[str], what: str) -> str:
-    close = closest(key, known)
-    hint = f"; did you mean {close!r}?" if close else f" (expected one of: {', '.join(known)})"
-    return f"unknown {what} {key!r}{hint}"
