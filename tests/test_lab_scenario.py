@@ -627,7 +627,20 @@ BAD = [
         "did you mean 'ConstrainedLanguage'",
     ),
     ("workstations:\n  ws01:\n    microsip: {mode: gone}\n", 3, 22, "unknown value 'gone'"),
-    ("workstations:\n  ws01:\n    microsip: {exe: 'C:\\x.exe'}\n", 3, 21, "exe is a file name"),
+    (
+        "workstations:\n  ws01:\n    microsip: {exe: 'C:\\x.exe'}\n",
+        3,
+        21,
+        "exe 'C:\\x.exe' is a file name only, without a folder",
+    ),
+    # The inventory's rule for a file name: no device name, no control character.
+    ("workstations:\n  ws01:\n    microsip: {exe: NUL}\n", 3, 21, "is a device name"),
+    (
+        'workstations:\n  ws01:\n    microsip: {exe: "a\\x85.exe"}\n',
+        3,
+        21,
+        "contains U+0085, which a Windows name cannot hold",
+    ),
     ("workstations:\n  ws01:\n    shares: ['\\\\srv']\n", 3, 14, "is not \\\\server\\share"),
     # Ways out of the lab's folder: a device path, a share named '..'.
     (

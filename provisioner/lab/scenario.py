@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
-from provisioner import ini, yamldoc
+from provisioner import ini, winpath, yamldoc
 from provisioner.errors import InventoryError, LintError
 from provisioner.inventory import InventoryErrors
 from provisioner.lab import ntfs
@@ -91,7 +91,6 @@ MAX_ERRORS = 64
 _ACCOUNT_SID = re.compile(r"^S-1-5-21-\d{1,10}-\d{1,10}-\d{1,10}-\d{1,10}$", re.IGNORECASE)
 _ANY_SID = re.compile(r"^S-1-\d{1,14}(-\d{1,10}){1,15}$", re.IGNORECASE)
 _VERSION = re.compile(r"^\d{1,5}(\.\d{1,10}){0,3}$")
-_EXE = re.compile(r'^[^\\/:*?"<>|\x00-\x1f]{1,255}$')
 # A drive path, a share, or a value that starts with a variable (%USERPROFILE%\...).
 _APPDATA = re.compile(r"^(?:[A-Za-z]:[\\/]|[\\/]{2}[^\\/]|%[^%\\/]+%)")
 # Narrower than the inventory's rule on purpose: the inventory's values become INI lines, a
@@ -711,8 +710,9 @@ class _Reader:
         if "exe" in entries:
             exe_node, at = entries["exe"]
             exe = self.text(exe_node, at)
-            if exe is not None and not _EXE.match(exe):
-                self.node_error("exe is a file name (no folder)", exe_node, at)
+            problem = winpath.file_name_problem(exe) if exe is not None else None
+            if problem is not None:
+                self.node_error(f"exe '{exe}' {problem}", exe_node, at)
             values["exe"] = exe
         if "hklm" in entries:
             ok, value = self.optional_text(*entries["hklm"])
