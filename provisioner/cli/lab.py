@@ -204,13 +204,9 @@ def down(inventory: InventoryOpt = Path("."), file: LabFileOpt = None) -> None:
     rendered files with passwords)."""
     from provisioner.lab.control import take_down
 
-    target = file or default_lab_file(inventory)
-    done = take_down(target)
+    done = take_down(file or default_lab_file(inventory))
     if done.not_the_lab:
         echo(done.not_the_lab)
-    if done.was_running and not done.killed and done.removed == [str(target.with_suffix(".log"))]:
-        echo("lab down")
-        return
     if done.killed:
         echo(f"lab {done.pid} did not stop after SIGTERM: killed")
     elif done.was_running:
@@ -219,9 +215,10 @@ def down(inventory: InventoryOpt = Path("."), file: LabFileOpt = None) -> None:
         echo("the lab was not running")
     else:
         echo(f"the lab (process {done.pid}) was not running")
+    # A lab that stopped as asked took its folder and lab file: its log alone is no leftover.
     if done.removed:
         echo("removed what it left:")
-        for path in done.removed:
+        for path in filter(None, [*done.removed, done.log]):
             echo(f"  {path}")
     elif not done.was_running:
         echo("it left nothing")

@@ -441,13 +441,15 @@ class Teardown:
     """What :func:`take_down` did."""
 
     pid: int
-    signalled: bool = False
     killed: bool = False
     """It did not stop after SIGTERM and was killed."""
     was_running: bool = False
     not_the_lab: str = ""
     """Why the process the lab file names was not signalled."""
     removed: list[str] = field(default_factory=list)
+    """What the lab left behind: its folder and its lab file."""
+    log: str = ""
+    """The log of a detached lab, when it was left too."""
 
 
 def take_down(lab_file: Path, *, grace: float = 20.0) -> Teardown:
@@ -480,20 +482,21 @@ def take_down(lab_file: Path, *, grace: float = 20.0) -> Teardown:
     else:
         assert folder is not None  # noqa: S101 - a listener was found in it
         done.was_running = True
-        done.signalled = _signal(lab.pid, signal.SIGTERM)
+        _signal(lab.pid, signal.SIGTERM)
         if not _wait_gone(lab.pid, grace) and listener_pid(folder) == lab.pid:
             done.killed = _signal(lab.pid, signal.SIGKILL)
             _wait_gone(lab.pid, 5.0)
         if alive(lab.pid):
             raise ProvisionerError(f"lab process {lab.pid} did not stop; nothing was removed")
-    log = log_path(lab_file)
     if folder is not None and os.path.lexists(folder):
         shutil.rmtree(folder)
         done.removed.append(str(folder))
-    for leftover in (lab_file, log):
-        with contextlib.suppress(FileNotFoundError):
-            leftover.unlink()
-            done.removed.append(str(leftover))
+    with contextlib.suppress(FileNotFoundError):
+        lab_file.unlink()
+        done.removed.append(str(lab_file))
+    with contextlib.suppress(FileNotFoundError):
+        log_path(lab_file).unlink()
+        done.log = str(log_path(lab_file))
     return done
 
 
