@@ -20,12 +20,13 @@ from provisioner.lab.workstation import Mode, User, Workstation
 
 @dataclass(frozen=True)
 class UserSpec:
-    """One account: ``logged_on`` False means no profile; ``ini`` pre-creates its ini;
-    ``running`` is how many MicroSIP processes it runs (True: one). The other fields are
-    :meth:`Workstation.add_user`'s (None: its default)."""
+    """One account: ``has_profile`` False means it never logged on here (``hive_loaded`` is
+    whether it is logged on now); ``ini`` pre-creates its ini; ``running`` is how many MicroSIP
+    processes it runs (True: one). The other fields are :meth:`Workstation.add_user`'s (None:
+    its default)."""
 
     windows: str
-    logged_on: bool = True
+    has_profile: bool = True
     running: bool | int = False
     ini: bytes | None = None
     rid: int | None = None
@@ -76,7 +77,7 @@ def add_account(ws: Workstation, spec: UserSpec, exe: str) -> User:
         spec.windows,
         rid=spec.rid,
         sid=spec.sid,
-        logged_on=spec.logged_on,
+        has_profile=spec.has_profile,
         profile=spec.profile,
         shell_appdata=spec.shell_appdata,
         hive_loaded=spec.hive_loaded,

@@ -312,7 +312,7 @@ class WorkstationSetup:
             return UserSpec(windows)
         return UserSpec(
             windows,
-            logged_on=not setup.no_profile,
+            has_profile=not setup.no_profile,
             running=setup.running or 0,
             rid=setup.rid,
             sid=setup.sid,
