@@ -446,7 +446,7 @@ workstations:
     paths:
       {U1_INI}: {{content: old}}
     replace_errors:
-      {U1_INI}: {codes}
+      {U1_INI.lower()}: {codes}  # in any letter case, as Windows compares paths
 """
     with _kit(tmp_path, scenario) as kit:
         ws = _ws(kit)
@@ -613,6 +613,12 @@ BAD = [
         5,
         7,
         "already given at line 4",
+    ),
+    (
+        "workstations:\n  ws01:\n    replace_errors:\n      C:\\x: [32]\n      c:\\X: [5]\n",
+        5,
+        7,
+        "C:\\X is already given at line 4",
     ),
     (
         "workstations:\n  ws01:\n    replace_errors:\n      C:\\x: [32, 2]\n",

@@ -299,7 +299,7 @@ class WorkstationSetup:
                 _apply_path(ws, entry, inventory)
         ws.faults.locked.update(self.locked)
         for path, codes in (self.replace_errors or {}).items():
-            ws.faults.replace_errors[ntfs.path_key(path)] = list(codes)
+            ws.faults.replace_errors[path] = list(codes)
 
     def _has_sid(self, name: str) -> bool:
         setup = self.users[name]
@@ -980,8 +980,15 @@ class _Reader:
         self, node: Node, segments: Segments, shares: Sequence[str]
     ) -> dict[str, tuple[int, ...]]:
         found: dict[str, tuple[int, ...]] = {}
+        seen: dict[str, int] = {}
         for raw, child, at, (line, column) in self.entries(node, segments, None, "replace_errors"):
             path = self.windows_path(Node("scalar", line, column, raw, tag="str"), at, shares)
+            if path is not None and ntfs.path_key(path) in seen:
+                first = seen[ntfs.path_key(path)]
+                self.error(f"{path} is already given at line {first}", line, column, at)
+                continue
+            if path is not None:
+                seen[ntfs.path_key(path)] = line
             codes: list[int] = []
             for item, item_at in self.items(child, at, "the errors of a path"):
                 value = item.value
