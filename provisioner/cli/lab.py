@@ -84,19 +84,17 @@ def up(
     passphrase_fd: PassFdOpt = None,
 ) -> None:
     """Start one emulated workstation per inventory workstation and write the lab file."""
+    from provisioner.lab.control import LabProcess, lab_file_exists
+
     target = file or default_lab_file(inventory)
     if os.path.lexists(target):
-        raise ProvisionerError(
-            f"{target} exists: a lab is running, or died without cleaning up; "
-            "'provisioner lab down' stops it and removes what it left"
-        )
+        raise lab_file_exists(target)
     model = load_model(inventory)
     loaded = _load_scenario(scenario, model) if scenario is not None else None
     if detach:
         _detach(inventory, target, scenario, port, identities, passphrase_file)
         return
     from provisioner import build as phase1
-    from provisioner.lab.control import LabProcess
     from provisioner.lab.scenario import ScenarioErrors
     from provisioner.vault import load_recipients_file
 

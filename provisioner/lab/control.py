@@ -345,6 +345,14 @@ def listener_pid(folder: Path) -> int | None:
 # --- lab up ---------------------------------------------------------------------------------------
 
 
+def lab_file_exists(lab_file: Path) -> ProvisionerError:
+    """Why ``lab up`` does not start while ``lab_file`` is there."""
+    return ProvisionerError(
+        f"{lab_file} exists: a lab is running, or died without cleaning up; "
+        "'provisioner lab down' stops it and removes what it left"
+    )
+
+
 class LabProcess:
     """This process as ``provisioner lab up``: the lab file claimed first (naming this process
     and a new private folder), then the control socket, the lab, and the final lab file.
@@ -362,10 +370,7 @@ class LabProcess:
             try:
                 create_exclusive(lab_file, starting.dump().encode("utf-8"), mode=0o600)
             except FileExistsError:
-                raise ProvisionerError(
-                    f"{lab_file} exists: a lab is running, or died without cleaning up; "
-                    "'provisioner lab down' stops it and removes what it left"
-                ) from None
+                raise lab_file_exists(lab_file) from None
             except OSError as failed:
                 raise ProvisionerError(f"cannot write {lab_file}: {failed.strerror}") from None
             self._claimed = True
