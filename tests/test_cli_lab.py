@@ -206,6 +206,23 @@ def test_a_bad_scenario_starts_nothing(shell: Shell) -> None:
     assert not os.path.lexists(shell.lab_file) and shell.leftovers() == []
 
 
+def test_a_detached_lab_says_where_the_inventory_is_wrong(shell: Shell) -> None:
+    # Without a scenario only the lab process loads the inventory: its words reach the shell.
+    stations = shell.inventory / "workstations.yaml"
+    stations.write_text(
+        stations.read_text(encoding="utf-8") + "  ber-ws-009: {adress: x}\n", encoding="utf-8"
+    )
+    line = len(stations.read_text(encoding="utf-8").splitlines())
+    result = shell.cli("lab", "up", *shell.up_options(), check=False)
+    assert result.returncode == 1
+    assert "the inventory has problems" in result.stderr
+    assert f"workstations.yaml:{line}:" in result.stderr and "did you mean 'address'" in (
+        result.stderr
+    ), result.stderr
+    assert not os.path.lexists(shell.lab_file) and shell.leftovers() == []
+    assert not os.path.lexists(shell.lab_file.with_suffix(".log"))
+
+
 def test_an_account_the_lab_cannot_set_up_is_named_at_its_line(shell: Shell) -> None:
     # Not "is another lab running?", and not the path of the lab's private folder.
     (shell.root / "bad.yaml").write_text(

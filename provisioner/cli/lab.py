@@ -89,11 +89,15 @@ def up(
     target = file or default_lab_file(inventory)
     if os.path.lexists(target):
         raise lab_file_exists(target)
-    model = load_model(inventory)
-    loaded = _load_scenario(scenario, model) if scenario is not None else None
     if detach:
+        # The lab loads the inventory itself, and what it says when it cannot is shown here;
+        # a scenario is checked before anything starts, every problem at its line.
+        if scenario is not None:
+            _load_scenario(scenario, load_model(inventory))
         _detach(inventory, target, scenario, port, identities, passphrase_file)
         return
+    model = load_model(inventory)
+    loaded = _load_scenario(scenario, model) if scenario is not None else None
     from provisioner import build as phase1
     from provisioner.lab.scenario import ScenarioErrors
     from provisioner.vault import load_recipients_file
