@@ -29,7 +29,7 @@ from provisioner.model import (
     User,
     Workstation,
 )
-from provisioner.names import closest
+from provisioner.names import closest, unknown
 from provisioner.schema import TOKEN_PREFIX, is_secret_path, join_pointer
 
 RECIPIENTS_FILE = "recipients.yaml"
@@ -71,9 +71,11 @@ _SAVED_QUOTED = frozenset(
 class InventoryErrors(ProvisionerError):
     """Every problem found while loading an inventory."""
 
+    what = "the inventory"
+
     def __init__(self, errors: Sequence[InventoryError]) -> None:
         self.errors = tuple(errors)
-        super().__init__(f"{len(self.errors)} problem(s) in the inventory")
+        super().__init__(f"{len(self.errors)} problem(s) in {self.what}")
 
     def __str__(self) -> str:
         return "\n".join(str(e) for e in self.errors)
@@ -281,7 +283,7 @@ def _collect(context: _Context, raw: _Raw, file: str, tree: yamldoc.YNode) -> No
     for (section, node), (line, column) in zip(tree.items, tree.key_positions, strict=True):
         source = Source(file, line, column)
         if section not in TOP_LEVEL:
-            context.error(_unknown(section, TOP_LEVEL, "top-level section"), source, (section,))
+            context.error(unknown(section, TOP_LEVEL, "top-level section"), source, (section,))
             continue
         if section == "defaults":
             raw.defaults.append((file, node))
@@ -329,12 +331,6 @@ def _collect(context: _Context, raw: _Raw, file: str, tree: yamldoc.YNode) -> No
                 raw.users[name] = _user(context, name, child, entry_source)
 
 
-def _unknown(key: str, known: Sequence[str], what: str) -> str:
-    close = closest(key, known)
-    hint = f"; did you mean {close!r}?" if close else f" (expected one of: {', '.join(known)})"
-    return f"unknown {what} {key!r}{hint}"
-
-
 def _mapping(
     context: _Context,
     node: yamldoc.YNode,
@@ -353,7 +349,7 @@ def _mapping(
     for (key, child), (line, column) in zip(node.items, node.key_positions, strict=True):
         source = Source(file, line, column)
         if key not in allowed:
-            context.error(_unknown(key, allowed, f"key of {what}"), source, (*segments, key))
+            context.error(unknown(key, allowed, f"key of {what}"), source, (*segments, key))
             continue
         out[key] = (child, source)
     return out
@@ -1057,7 +1053,7 @@ def _cross_check(context: _Context, inventory: Inventory) -> None:
         for parent in group.parents:
             if parent not in groups:
                 context.error(
-                    _unknown(parent, list(groups), "parent group"),
+                    unknown(parent, list(groups), "parent group"),
                     context.item_source(at, parent, group.source),
                     at,
                 )
@@ -1074,7 +1070,7 @@ def _cross_check(context: _Context, inventory: Inventory) -> None:
             if name not in groups:
                 at = (*where, "groups")
                 context.error(
-                    _unknown(name, list(groups), "group"),
+                    unknown(name, list(groups), "group"),
                     context.item_source(at, name, station.source),
                     at,
                 )
@@ -1083,7 +1079,7 @@ def _cross_check(context: _Context, inventory: Inventory) -> None:
                 # A user that names this workstation is known; only listed names can be wrong.
                 at = (*where, "users")
                 context.error(
-                    _unknown(name, list(inventory.users), "user"),
+                    unknown(name, list(inventory.users), "user"),
                     context.item_source(at, name, station.source),
                     at,
                 )
@@ -1094,7 +1090,7 @@ def _cross_check(context: _Context, inventory: Inventory) -> None:
             if name not in groups:
                 at = (*where, "groups")
                 context.error(
-                    _unknown(name, list(groups), "group"),
+                    unknown(name, list(groups), "group"),
                     context.item_source(at, name, user.source),
                     at,
                 )
@@ -1102,7 +1098,7 @@ def _cross_check(context: _Context, inventory: Inventory) -> None:
             if name not in inventory.workstations:
                 at = (*where, "workstations")
                 context.error(
-                    _unknown(name, list(inventory.workstations), "workstation"),
+                    unknown(name, list(inventory.workstations), "workstation"),
                     context.item_source(at, name, user.source),
                     at,
                 )

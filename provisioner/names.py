@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 
 def closest(name: str, known: Iterable[str], *, cutoff: float = 0.6) -> str | None:
@@ -18,3 +18,15 @@ def closest(name: str, known: Iterable[str], *, cutoff: float = 0.6) -> str | No
         return folded[0]
     close = difflib.get_close_matches(name, choices, n=1, cutoff=cutoff)
     return close[0] if close else None
+
+
+def did_you_mean(name: str, known: Iterable[str], *, cutoff: float = 0.6) -> str:
+    """``; did you mean 'x'?`` for the :func:`closest` known name, or nothing."""
+    hint = closest(name, known, cutoff=cutoff)
+    return f"; did you mean {hint!r}?" if hint else ""
+
+
+def unknown(key: str, known: Sequence[str], what: str) -> str:
+    """``unknown WHAT 'key'`` with the closest known name, or the list of all of them."""
+    hint = did_you_mean(key, known) or f" (expected one of: {', '.join(known)})"
+    return f"unknown {what} {key!r}{hint}"

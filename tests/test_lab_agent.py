@@ -75,7 +75,7 @@ def test_paths_resolve_case_insensitively_and_accounts_translate(tmp_path: Path)
     assert ws.read("C:/program files/microsip/MICROSIP.ini") == b"x"
     assert ws.host_path("D:\\Data\\New") == tmp_path / "D" / "Data" / "New"
     alice = ws.add_user("ACME\\alice")
-    kiosk = ws.add_user(".\\kiosk", logged_on=False)
+    kiosk = ws.add_user(".\\kiosk", has_profile=False)
     assert (alice.sid, alice.profile) == (f"{DOMAIN_SID}-1104", "C:\\Users\\alice")
     assert (kiosk.windows, kiosk.sid, kiosk.profile) == (
         "BER-WS-002\\kiosk",
@@ -219,7 +219,7 @@ def test_inspect_portable_mode_uses_the_ini_next_to_the_renamed_exe(
 
 
 def test_inspect_user_errors_do_not_hide_the_others(station: Station) -> None:
-    station.ws.add_user("ACME\\carol", logged_on=False)
+    station.ws.add_user("ACME\\carol", has_profile=False)
     answer = station.agent.call(
         inspect_request(
             [("carol", "ACME\\carol"), ("ghost", "ACME\\ghost"), ("alice", "ACME\\alice")]

@@ -21,6 +21,8 @@ from provisioner.lab.ntfs import EVERYONE
 from provisioner.lab.scenario import ScenarioErrors, load_scenario
 from provisioner.lab.workstation import (
     ADMINISTRATORS,
+    DOMAIN_SID,
+    MACHINE_SID,
     STATE_ROOT,
     SYSTEM,
     USERS,
@@ -74,6 +76,29 @@ workstations:
         assert ws.acl(U1_INI) == user_file_acl("S-1-5-21-1000-2000-3000-1500")
         assert ws.acl(U2_INI) == user_file_acl("S-1-5-21-7-8-9-2001")
         assert kit.lab.workstations["ws02"].user("ACME\\u2x1") is not None  # default there
+
+
+def test_a_local_and_a_domain_account_may_have_the_same_rid(tmp_path: Path) -> None:
+    root = tmp_path / "inventory"
+    keyring = write_inventory(root, users_per_ws=2)
+    inventory_file = root / "inventory.yaml"
+    text = inventory_file.read_text(encoding="utf-8")
+    inventory_file.write_text(text.replace("windows: ACME\\u1x2", "windows: .\\u1x2"))
+    model = load_inventory(root)
+    path = tmp_path / "scenario.yaml"
+    path.write_text(
+        "workstations:\n  ws01:\n    users:\n      u1x1: {sid: 7}\n      u1x2: {sid: 7}\n"
+    )
+    running = start_inventory_lab(
+        model, keyring, folder=tmp_path / "lab", names=["ws01"], scenario=load_scenario(path, model)
+    )
+    try:
+        ws = running.workstations["ws01"]
+        domain, local = ws.user("ACME\\u1x1"), ws.user(".\\u1x2")
+        assert domain is not None and local is not None
+        assert (domain.sid, local.sid) == (f"{DOMAIN_SID}-7", f"{MACHINE_SID}-7")
+    finally:
+        running.stop()
 
 
 def test_an_account_the_inventory_puts_elsewhere_can_be_added(tmp_path: Path) -> None:
@@ -131,8 +156,10 @@ def test_a_user_without_a_profile_gets_nothing(tmp_path: Path) -> None:
         ("C:\\Users\\u1x2\\AppData\\Roaming", "", "unsafe-path"),  # another user's folder
         ("\\\\fs01\\home$\\%USERNAME%\\AppData", "[\\\\fs01\\home$]", "redirected"),  # UNC
         ("%USERPROFILE%\\Documents\\AppData", "", ""),  # inside the profile: written
+        # A user's own value that climbs out of the profile: kept raw for the agent to judge.
+        ("C:\\Users\\u1x1\\..\\u1x2\\AppData\\Roaming", "", "unsafe-path"),
     ],
-    ids=["local", "another-user", "unc", "inside-profile"],
+    ids=["local", "another-user", "unc", "inside-profile", "dot-dot"],
 )
 def test_appdata_redirection(tmp_path: Path, appdata: str, shares: str, code: str) -> None:
     scenario = f"""\
@@ -419,7 +446,7 @@ workstations:
     paths:
       {U1_INI}: {{content: old}}
     replace_errors:
-      {U1_INI}: {codes}
+      {U1_INI.lower()}: {codes}  # in any letter case, as Windows compares paths
 """
     with _kit(tmp_path, scenario) as kit:
         ws = _ws(kit)
@@ -490,6 +517,20 @@ BAD = [
         5,
         7,
         "u1x2 has the same SID as u1x1",
+    ),
+    (
+        "workstations:\n  ws01:\n    users:\n      u1x1: {sid: 7}\n"
+        "      u1x2: {sid: S-1-5-21-1000-2000-3000-7}\n",
+        5,
+        7,
+        "u1x2 has the same SID as u1x1",
+    ),
+    (
+        "workstations:\n  ws01:\n    users:\n      u1x1: {appdata: relative}\n",
+        4,
+        23,
+        "appdata is an absolute path (D:\\Redirected\\%USERNAME%, \\\\server\\share\\...) or "
+        "starts with a variable",
     ),
     ("workstations:\n  ws01:\n    users:\n      u1x1: {running: 1000}\n", 4, 23, "up to 64"),
     (
@@ -574,6 +615,12 @@ BAD = [
         "already given at line 4",
     ),
     (
+        "workstations:\n  ws01:\n    replace_errors:\n      C:\\x: [32]\n      c:\\X: [5]\n",
+        5,
+        7,
+        "C:\\X is already given at line 4",
+    ),
+    (
         "workstations:\n  ws01:\n    replace_errors:\n      C:\\x: [32, 2]\n",
         4,
         18,
@@ -586,7 +633,20 @@ BAD = [
         "did you mean 'ConstrainedLanguage'",
     ),
     ("workstations:\n  ws01:\n    microsip: {mode: gone}\n", 3, 22, "unknown value 'gone'"),
-    ("workstations:\n  ws01:\n    microsip: {exe: 'C:\\x.exe'}\n", 3, 21, "exe is a file name"),
+    (
+        "workstations:\n  ws01:\n    microsip: {exe: 'C:\\x.exe'}\n",
+        3,
+        21,
+        "exe 'C:\\x.exe' is a file name only, without a folder",
+    ),
+    # The inventory's rule for a file name: no device name, no control character.
+    ("workstations:\n  ws01:\n    microsip: {exe: NUL}\n", 3, 21, "is a device name"),
+    (
+        'workstations:\n  ws01:\n    microsip: {exe: "a\\x85.exe"}\n',
+        3,
+        21,
+        "contains U+0085, which a Windows name cannot hold",
+    ),
     ("workstations:\n  ws01:\n    shares: ['\\\\srv']\n", 3, 14, "is not \\\\server\\share"),
     # Ways out of the lab's folder: a device path, a share named '..'.
     (
@@ -617,6 +677,22 @@ def test_a_bad_scenario_is_reported_where_it_is(
     text_of_error = str(caught.value)
     assert f"{path}:{line}:{column}: " in text_of_error, text_of_error
     assert message in text_of_error, text_of_error
+
+
+@pytest.mark.slow
+def test_a_large_scenario_loads_within_the_time_budget(tmp_path: Path) -> None:
+    # Each key's position was looked up again by scanning its mapping: 40,000 paths took
+    # minutes. Read once, they take a few seconds, far inside the 30 s of time_budget.
+    root = tmp_path / "inventory"
+    write_inventory(root, users_per_ws=2)
+    count = 40_000
+    lines = [f"      C:\\Data\\f{i}.txt: {{content: x, owner: u1x1}}" for i in range(count)]
+    path = tmp_path / "scenario.yaml"
+    path.write_text("workstations:\n  ws01:\n    paths:\n" + "\n".join(lines) + "\n")
+    scenario = load_scenario(path, load_inventory(root))
+    paths = scenario.workstations["ws01"].paths
+    assert len(paths) == count
+    assert (paths[-1].path, paths[-1].where.line) == (f"C:\\Data\\f{count - 1}.txt", count + 3)
 
 
 # --- the documented example -----------------------------------------------------------------
@@ -703,3 +779,31 @@ def test_a_path_that_cannot_be_set_up_stops_the_lab_where_the_scenario_says(
     assert f"{tmp_path / 'scenario.yaml'}:4:7: " in text, text
     assert f"cannot set up {path}: {message}" in text, text
     assert str(tmp_path / "lab") not in text  # the lab's real folders are nobody's business
+
+
+@pytest.mark.parametrize(
+    ("user", "line", "column", "message"),
+    [
+        # A profile where the default machine has a file.
+        ("u1x2: {profile: 'C:\\Users\\u1x1\\NTUSER.DAT'}", 4, 7, "ACME\\u1x2: File exists."),
+        # Built first for its SID, u1x2 takes the place of u1x1's NTUSER.DAT: u1x1, whom the
+        # scenario does not name, fails at the workstation.
+        (
+            "u1x2: {sid: 1500, profile: 'C:\\Users\\u1x1\\NTUSER.DAT'}",
+            2,
+            3,
+            "ACME\\u1x1: Is a directory.",
+        ),
+    ],
+    ids=["profile-on-a-file", "default-account"],
+)
+def test_an_account_that_cannot_be_set_up_stops_the_lab_at_the_users_line(
+    tmp_path: Path, user: str, line: int, column: int, message: str
+) -> None:
+    scenario = f"workstations:\n  ws01:\n    users:\n      {user}\n"
+    with pytest.raises(ScenarioErrors) as caught, _kit(tmp_path, scenario):
+        pass
+    text = str(caught.value)
+    assert f"{tmp_path / 'scenario.yaml'}:{line}:{column}: " in text, text
+    assert f"cannot set up {message}" in text, text
+    assert str(tmp_path / "lab") not in text

@@ -21,6 +21,7 @@ from provisioner.cli.common import (
     PassFileOpt,
     echo,
     keyring_for_keys_in_use,
+    load_model,
 )
 from provisioner.errors import ProvisionerError
 
@@ -83,19 +84,21 @@ def up(
     passphrase_fd: PassFdOpt = None,
 ) -> None:
     """Start one emulated workstation per inventory workstation and write the lab file."""
+    from provisioner.lab.control import LabProcess, lab_file_exists
+
     target = file or default_lab_file(inventory)
     if os.path.lexists(target):
-        raise ProvisionerError(
-            f"{target} exists: a lab is running, or died without cleaning up; "
-            "'provisioner lab down' stops it and removes what it left"
-        )
-    model = _load_inventory(inventory)
-    loaded = _load_scenario(scenario, model) if scenario is not None else None
+        raise lab_file_exists(target)
     if detach:
+        # The lab loads the inventory itself, and what it says when it cannot is shown here;
+        # a scenario is checked before anything starts, every problem at its line.
+        if scenario is not None:
+            _load_scenario(scenario, load_model(inventory))
         _detach(inventory, target, scenario, port, identities, passphrase_file)
         return
+    model = load_model(inventory)
+    loaded = _load_scenario(scenario, model) if scenario is not None else None
     from provisioner import build as phase1
-    from provisioner.lab.control import LabProcess
     from provisioner.lab.scenario import ScenarioErrors
     from provisioner.vault import load_recipients_file
 
@@ -123,15 +126,6 @@ def up(
             pass
 
 
-def _load_inventory(inventory: Path) -> Inventory:
-    from provisioner.inventory import InventoryErrors, load_inventory
-
-    try:
-        return load_inventory(inventory)
-    except InventoryErrors as exc:
-        raise ProvisionerError(f"the inventory has problems:\n{exc}") from None
-
-
 def _load_scenario(path: Path, model: Inventory) -> Scenario:
     from provisioner.lab.scenario import ScenarioErrors, load_scenario
 
@@ -150,7 +144,7 @@ def _detach(
     passphrase_file: Path | None,
 ) -> None:
     from provisioner.connections import LabMap
-    from provisioner.lab.control import take_down
+    from provisioner.lab.control import create_log, read_log, remove_log, take_down
 
     command = [
         sys.executable,
@@ -171,36 +165,39 @@ def _detach(
         command += ["--identity", str(identity)]
     if passphrase_file is not None:
         command += ["--passphrase-file", str(passphrase_file)]
-    log = target.with_suffix(".log")
-    with log.open("wb") as handle:
+    log = create_log(target)
+    try:
         process = subprocess.Popen(
             command,
             stdin=subprocess.DEVNULL,
-            stdout=handle,
+            stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            output = log.read_text(encoding="utf-8", errors="replace")
-            if os.path.lexists(target):  # it died while starting: what it left goes too
-                take_down(target)
-            log.unlink(missing_ok=True)  # its whole content is in this message
-            raise ProvisionerError("the lab did not start:\n" + output)
-        try:
-            LabMap.load(target)
-        except ProvisionerError:
-            time.sleep(0.1)
-            continue
-        echo(log.read_text(encoding="utf-8", errors="replace").rstrip())
-        return
-    if os.path.lexists(target):
-        take_down(target)
-    else:
-        process.kill()
-    process.wait(10)
-    raise ProvisionerError(f"the lab did not start within {START_TIMEOUT:.0f} s")
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                output = read_log(log)
+                if os.path.lexists(target):  # it died while starting: what it left goes too
+                    take_down(target)
+                remove_log(target, log)  # its whole content is in this message
+                raise ProvisionerError("the lab did not start:\n" + output)
+            try:
+                LabMap.load(target)
+            except ProvisionerError:
+                time.sleep(0.1)
+                continue
+            echo(read_log(log).rstrip())
+            return
+        if os.path.lexists(target):
+            take_down(target)
+        else:
+            process.kill()
+            remove_log(target, log)
+        process.wait(10)
+        raise ProvisionerError(f"the lab did not start within {START_TIMEOUT:.0f} s")
+    finally:
+        os.close(log)
 
 
 @app.command()
@@ -209,13 +206,9 @@ def down(inventory: InventoryOpt = Path("."), file: LabFileOpt = None) -> None:
     rendered files with passwords)."""
     from provisioner.lab.control import take_down
 
-    target = file or default_lab_file(inventory)
-    done = take_down(target)
+    done = take_down(file or default_lab_file(inventory))
     if done.not_the_lab:
         echo(done.not_the_lab)
-    if done.was_running and not done.killed and done.removed == [str(target.with_suffix(".log"))]:
-        echo("lab down")
-        return
     if done.killed:
         echo(f"lab {done.pid} did not stop after SIGTERM: killed")
     elif done.was_running:
@@ -224,9 +217,10 @@ def down(inventory: InventoryOpt = Path("."), file: LabFileOpt = None) -> None:
         echo("the lab was not running")
     else:
         echo(f"the lab (process {done.pid}) was not running")
+    # A lab that stopped as asked took its folder and lab file: its log alone is no leftover.
     if done.removed:
         echo("removed what it left:")
-        for path in done.removed:
+        for path in filter(None, [*done.removed, done.log]):
             echo(f"  {path}")
     elif not done.was_running:
         echo("it left nothing")

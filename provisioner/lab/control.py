@@ -46,7 +46,7 @@ from provisioner.lab.ntfs import Ace, FileError, split
 from provisioner.lab.scenario import Scenario
 from provisioner.lab.workstation import Workstation
 from provisioner.model import Inventory
-from provisioner.names import closest
+from provisioner.names import did_you_mean
 
 PREFIX = "microsip-lab-"
 SOCKET_NAME = "control.sock"
@@ -93,6 +93,50 @@ def check_folder(text: str) -> Path:
 def socket_path(folder: Path) -> Path:
     """Where the lab in ``folder`` listens."""
     return folder / SOCKET_NAME
+
+
+# --- the log of a detached lab --------------------------------------------------------------------
+
+
+def log_path(lab_file: Path) -> Path:
+    """Where a lab started with ``--detach`` writes its output: beside its lab file."""
+    return lab_file.with_suffix(".log")
+
+
+def create_log(lab_file: Path) -> int:
+    """A new log for the lab of ``lab_file``, open for reading and writing.
+
+    The lab file may sit in the inventory folder, where its editors can put files (a link
+    committed to git): an existing file or link is never written to, over or through.
+    """
+    log = log_path(lab_file)
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        return os.open(log, flags, 0o600)
+    except FileExistsError:
+        raise ProvisionerError(
+            f"{log} exists, and a lab never writes over a file: remove it ('provisioner lab "
+            "down' removes a lab's log while its lab file is there)"
+        ) from None
+    except OSError as failed:
+        raise ProvisionerError(f"cannot write {log}: {failed.strerror}") from None
+
+
+def read_log(fd: int) -> str:
+    """What the log open as ``fd`` holds (its file position, shared with the lab, stays)."""
+    return os.pread(fd, os.fstat(fd).st_size, 0).decode("utf-8", errors="replace")
+
+
+def remove_log(lab_file: Path, fd: int) -> None:
+    """Remove the log of ``lab_file`` if it is the file open as ``fd``, and nothing else."""
+    log = log_path(lab_file)
+    with contextlib.suppress(OSError, ValueError):
+        found, mine = os.lstat(log), os.fstat(fd)
+        if stat.S_ISREG(found.st_mode) and (found.st_dev, found.st_ino) == (
+            mine.st_dev,
+            mine.st_ino,
+        ):
+            log.unlink()
 
 
 # --- the server -----------------------------------------------------------------------------------
@@ -173,8 +217,7 @@ class ControlServer:
         if not isinstance(name, str) or not (path is None or isinstance(path, str)):
             return {"ok": False, "error": "show needs a workstation name and an optional path"}
         if name not in lab.workstations:
-            hint = closest(name, lab.workstations)
-            more = f"; did you mean {hint!r}?" if hint else ""
+            more = did_you_mean(name, lab.workstations)
             return {"ok": False, "error": f"the lab has no workstation {name[:80]!r}{more}"}
         ws, host = lab.workstations[name], lab.hosts[name]
         try:
@@ -302,6 +345,14 @@ def listener_pid(folder: Path) -> int | None:
 # --- lab up ---------------------------------------------------------------------------------------
 
 
+def lab_file_exists(lab_file: Path) -> ProvisionerError:
+    """Why ``lab up`` does not start while ``lab_file`` is there."""
+    return ProvisionerError(
+        f"{lab_file} exists: a lab is running, or died without cleaning up; "
+        "'provisioner lab down' stops it and removes what it left"
+    )
+
+
 class LabProcess:
     """This process as ``provisioner lab up``: the lab file claimed first (naming this process
     and a new private folder), then the control socket, the lab, and the final lab file.
@@ -319,10 +370,7 @@ class LabProcess:
             try:
                 create_exclusive(lab_file, starting.dump().encode("utf-8"), mode=0o600)
             except FileExistsError:
-                raise ProvisionerError(
-                    f"{lab_file} exists: a lab is running, or died without cleaning up; "
-                    "'provisioner lab down' stops it and removes what it left"
-                ) from None
+                raise lab_file_exists(lab_file) from None
             except OSError as failed:
                 raise ProvisionerError(f"cannot write {lab_file}: {failed.strerror}") from None
             self._claimed = True
@@ -350,9 +398,16 @@ class LabProcess:
             self.lab = start_inventory_lab(
                 inventory, opener, folder=self.folder, port=port, scenario=scenario
             )
-        except OSError as failed:  # an address in use: another lab, or a real WinRM listener
+        except OSError as failed:
+            if failed.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):
+                # Another lab, or a real WinRM listener on this machine.
+                raise ProvisionerError(
+                    f"the lab cannot start: {failed.strerror}; is another lab running "
+                    "('provisioner lab down')?"
+                ) from None
+            # Its text would name the lab's private folder.
             raise ProvisionerError(
-                f"the lab cannot start: {failed}; is another lab running ('provisioner lab down')?"
+                f"the lab cannot start: {failed.strerror or type(failed).__name__}"
             ) from None
         finally:
             ntlmusers.use_folder(None)
@@ -377,6 +432,9 @@ class LabProcess:
             shutil.rmtree(self.folder, ignore_errors=True)
             if self._claimed:
                 self.lab_file.unlink(missing_ok=True)
+                # A detached lab writes its log on its standard output: that goes too.
+                with contextlib.suppress(OSError, ValueError):
+                    remove_log(self.lab_file, sys.stdout.fileno())
             self._claimed = False
 
 
@@ -388,13 +446,15 @@ class Teardown:
     """What :func:`take_down` did."""
 
     pid: int
-    signalled: bool = False
     killed: bool = False
     """It did not stop after SIGTERM and was killed."""
     was_running: bool = False
     not_the_lab: str = ""
     """Why the process the lab file names was not signalled."""
     removed: list[str] = field(default_factory=list)
+    """What the lab left behind: its folder and its lab file."""
+    log: str = ""
+    """The log of a detached lab, when it was left too."""
 
 
 def take_down(lab_file: Path, *, grace: float = 20.0) -> Teardown:
@@ -427,20 +487,21 @@ def take_down(lab_file: Path, *, grace: float = 20.0) -> Teardown:
     else:
         assert folder is not None  # noqa: S101 - a listener was found in it
         done.was_running = True
-        done.signalled = _signal(lab.pid, signal.SIGTERM)
+        _signal(lab.pid, signal.SIGTERM)
         if not _wait_gone(lab.pid, grace) and listener_pid(folder) == lab.pid:
             done.killed = _signal(lab.pid, signal.SIGKILL)
             _wait_gone(lab.pid, 5.0)
         if alive(lab.pid):
             raise ProvisionerError(f"lab process {lab.pid} did not stop; nothing was removed")
-    log = lab_file.with_suffix(".log")
     if folder is not None and os.path.lexists(folder):
         shutil.rmtree(folder)
         done.removed.append(str(folder))
-    for leftover in (lab_file, log):
-        with contextlib.suppress(FileNotFoundError):
-            leftover.unlink()
-            done.removed.append(str(leftover))
+    with contextlib.suppress(FileNotFoundError):
+        lab_file.unlink()
+        done.removed.append(str(lab_file))
+    with contextlib.suppress(FileNotFoundError):
+        log_path(lab_file).unlink()
+        done.log = str(log_path(lab_file))
     return done
 
 

@@ -15,17 +15,18 @@ from pathlib import Path
 
 from provisioner.lab.host import HostConfig, LabHost
 from provisioner.lab.server import Lab
-from provisioner.lab.workstation import Mode, Workstation
+from provisioner.lab.workstation import Mode, User, Workstation
 
 
 @dataclass(frozen=True)
 class UserSpec:
-    """One account: ``logged_on`` False means no profile; ``ini`` pre-creates its ini;
-    ``running`` is how many MicroSIP processes it runs (True: one). The other fields are
-    :meth:`Workstation.add_user`'s (None: its default)."""
+    """One account: ``has_profile`` False means it never logged on here (``hive_loaded`` is
+    whether it is logged on now); ``ini`` pre-creates its ini; ``running`` is how many MicroSIP
+    processes it runs (True: one). The other fields are :meth:`Workstation.add_user`'s (None:
+    its default)."""
 
     windows: str
-    logged_on: bool = True
+    has_profile: bool = True
     running: bool | int = False
     ini: bytes | None = None
     rid: int | None = None
@@ -64,25 +65,30 @@ def build_workstation(root: Path, spec: WorkstationSpec, *, computer: str) -> Wo
             msi=spec.msi,
         )
     for item in spec.users:
-        user_spec = UserSpec(item) if isinstance(item, str) else item
-        user = ws.add_user(
-            user_spec.windows,
-            rid=user_spec.rid,
-            sid=user_spec.sid,
-            logged_on=user_spec.logged_on,
-            profile=user_spec.profile,
-            shell_appdata=user_spec.shell_appdata,
-            hive_loaded=user_spec.hive_loaded,
-            hkcu_microsip=user_spec.hkcu_microsip,
-            hive_file=user_spec.hive_file,
-        )
-        for _ in range(int(user_spec.running)):
-            ws.start_microsip(user, spec.exe)
-        if user_spec.ini is not None and user.profile is not None and ws.install is not None:
-            ws.put(ws.ini_path(user), user_spec.ini)
+        add_account(ws, UserSpec(item) if isinstance(item, str) else item, spec.exe)
     for path, data in spec.files.items():
         ws.put(path, data)
     return ws
+
+
+def add_account(ws: Workstation, spec: UserSpec, exe: str) -> User:
+    """The account ``spec`` describes, its ini and its MicroSIP processes (image ``exe``)."""
+    user = ws.add_user(
+        spec.windows,
+        rid=spec.rid,
+        sid=spec.sid,
+        has_profile=spec.has_profile,
+        profile=spec.profile,
+        shell_appdata=spec.shell_appdata,
+        hive_loaded=spec.hive_loaded,
+        hkcu_microsip=spec.hkcu_microsip,
+        hive_file=spec.hive_file,
+    )
+    for _ in range(int(spec.running)):
+        ws.start_microsip(user, exe)
+    if spec.ini is not None and user.profile is not None and ws.install is not None:
+        ws.put(ws.ini_path(user), spec.ini)
+    return user
 
 
 def add_workstation(

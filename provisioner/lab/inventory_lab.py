@@ -92,12 +92,10 @@ def start_inventory_lab(
                 exe=plan.install.exe,
             )
             setup = scenario.workstations.get(name) if scenario is not None else None
-            if setup is not None:
-                spec = setup.spec(spec, inventory)
-            host, machine = add_workstation(lab, config, spec)
-            if setup is not None:
-                with host.lock:
-                    setup.apply(machine, host, inventory)
+            if setup is None:
+                host, machine = add_workstation(lab, config, spec)
+            else:
+                host, machine = setup.build(lab, config, spec, inventory)
             hosts[name], machines[name] = host, machine
     except BaseException:
         lab.stop()

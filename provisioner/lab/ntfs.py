@@ -34,7 +34,7 @@ import os
 import re
 import shutil
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -216,6 +216,9 @@ class WorkstationFaults:
     * ``fail_verify``: how many of the next managed-file temp writes get corrupted bytes;
     * ``crash_after_temp``: the agent dies right after the Nth next managed-file temp write,
       before it replaces anything (0: off; 1: the next one).
+
+    Paths are Windows paths in any letter case or form: they are compared as :func:`path_key`
+    folds them.
     """
 
     disk_full: bool = False
@@ -303,6 +306,14 @@ def normalize(path: str) -> str:
 def path_key(path: str) -> str:
     """A canonical, case-folded form of a Windows path (for fault sets and comparisons)."""
     return normalize(path).casefold()
+
+
+def _fault_key(faults: Mapping[str, object], path: str) -> str | None:
+    """The key of ``faults`` that names ``path`` (in any letter case), or None."""
+    if not faults:
+        return None
+    key = path_key(path)
+    return next((given for given in faults if path_key(given) == key), None)
 
 
 def parent(path: str) -> str:
@@ -828,9 +839,9 @@ class FileSystem:
         if found is None:
             raise FileError("internal", f"Cannot set the ACL of '{path}': it does not exist.")
         self._check_writable(path)
-        failures = self.faults.acl_errors.get(path_key(path), 0)
-        if failures > 0:
-            self.faults.acl_errors[path_key(path)] = failures - 1
+        given = _fault_key(self.faults.acl_errors, path)
+        if given is not None and self.faults.acl_errors[given] > 0:
+            self.faults.acl_errors[given] -= 1
             raise win32_error(ERROR_ACCESS_DENIED, path)
         meta = self._meta.get(_key(found)) or Meta(self.default_owner(path))
         self._meta[_key(found)] = replace(meta, acl=acl)
@@ -1015,12 +1026,13 @@ class FileSystem:
             self._meta.pop(_key(found), None)
 
     def _take_replace_error(self, target: str) -> int:
-        pending = self.faults.replace_errors.get(path_key(target))
-        if not pending:
+        given = _fault_key(self.faults.replace_errors, target)
+        if given is None or not self.faults.replace_errors[given]:
             return 0
+        pending = self.faults.replace_errors[given]
         number = pending.pop(0)
         if not pending:
-            del self.faults.replace_errors[path_key(target)]
+            del self.faults.replace_errors[given]
         return number
 
     def _check_writable(self, path: str) -> None:

@@ -10,25 +10,31 @@ locked files and the Win32 errors ``ReplaceFile`` fails with. The default is wha
 
 :func:`load_scenario` checks the whole file against the inventory and reports every problem
 at ``file:line:column`` (no machine is touched before the file is right); a
-:class:`WorkstationSetup` then adjusts the default :class:`WorkstationSpec` (accounts and
-install, which exist from the start) and applies the rest to the built :class:`Workstation`
-and its host. A scenario never holds a password: file contents in it are test data.
+:class:`WorkstationSetup` then builds the machine from the default :class:`WorkstationSpec`
+with its install facts, adds every account and applies the rest to the :class:`Workstation`
+and its host, and reports what cannot be set up at its line too. A scenario never holds a
+password: file contents in it are test data.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
-from provisioner import ini, yamldoc
-from provisioner.errors import InventoryError, LintError, ProvisionerError
+from provisioner import ini, winpath, yamldoc
+from provisioner.errors import InventoryError, LintError
+from provisioner.inventory import InventoryErrors
 from provisioner.lab import ntfs
-from provisioner.lab.fleet import UserSpec, WorkstationSpec
-from provisioner.lab.host import LabHost
+from provisioner.lab.fleet import UserSpec, WorkstationSpec, add_account, add_workstation
+from provisioner.lab.host import HostConfig, LabHost
+from provisioner.lab.server import Lab
 from provisioner.lab.workstation import (
+    DOMAIN_SID,
+    MACHINE_SID,
     WELL_KNOWN_ACCOUNTS,
     Ace,
     Acl,
@@ -39,7 +45,7 @@ from provisioner.lab.workstation import (
     Workstation,
 )
 from provisioner.model import Inventory
-from provisioner.names import closest
+from provisioner.names import did_you_mean, unknown
 from provisioner.schema import join_pointer
 
 TOP_KEYS = ("workstations",)
@@ -85,7 +91,11 @@ MAX_ERRORS = 64
 _ACCOUNT_SID = re.compile(r"^S-1-5-21-\d{1,10}-\d{1,10}-\d{1,10}-\d{1,10}$", re.IGNORECASE)
 _ANY_SID = re.compile(r"^S-1-\d{1,14}(-\d{1,10}){1,15}$", re.IGNORECASE)
 _VERSION = re.compile(r"^\d{1,5}(\.\d{1,10}){0,3}$")
-_EXE = re.compile(r'^[^\\/:*?"<>|\x00-\x1f]{1,255}$')
+# A drive path, a share, or a value that starts with a variable (%USERPROFILE%\...).
+_APPDATA = re.compile(r"^(?:[A-Za-z]:[\\/]|[\\/]{2}[^\\/]|%[^%\\/]+%)")
+# Narrower than the inventory's rule on purpose: the inventory's values become INI lines, a
+# scenario's describe what a workstation holds, and a file name a hostile user gave C1
+# controls is part of that (lab show must not print it raw).
 _CONTROL = re.compile("[\x00-\x1f\x7f]")
 _WELL_KNOWN_BY_NAME = {
     **{name.casefold(): sid for sid, name in WELL_KNOWN_ACCOUNTS.items()},
@@ -93,15 +103,10 @@ _WELL_KNOWN_BY_NAME = {
 }
 
 
-class ScenarioErrors(ProvisionerError):
+class ScenarioErrors(InventoryErrors):
     """Every problem of a scenario file, each at ``file:line:column``."""
 
-    def __init__(self, errors: Sequence[InventoryError]) -> None:
-        self.errors = tuple(errors)
-        super().__init__(f"{len(self.errors)} problem(s) in the scenario")
-
-    def __str__(self) -> str:
-        return "\n".join(str(e) for e in self.errors)
+    what = "the scenario"
 
 
 @dataclass(frozen=True)
@@ -119,6 +124,20 @@ class Where:
             message, file=self.file, line=self.line, column=self.column, path=self.pointer
         )
         return ScenarioErrors([problem])
+
+    @contextmanager
+    def setting_up(self, what: str) -> Iterator[None]:
+        """A failure to set up ``what`` on the machine becomes a problem at this place."""
+        try:
+            yield
+        except (FileError, OSError, ValueError) as failed:
+            if isinstance(failed, FileError):
+                reason = failed.message
+            elif isinstance(failed, OSError):  # its text would name the lab's real folder
+                reason = f"{failed.strerror or type(failed).__name__}."
+            else:
+                reason = str(failed)
+            raise self.error(f"cannot set up {what}: {reason}") from None
 
 
 @dataclass(frozen=True)
@@ -168,6 +187,7 @@ class UserSetup:
     """One account of a workstation as the scenario gives it (None: the default)."""
 
     name: str
+    where: Where
     rid: int | None = None
     sid: str | None = None
     no_profile: bool = False
@@ -205,6 +225,7 @@ class WorkstationSetup:
     """How one workstation differs from the default; see the module docstring."""
 
     name: str
+    where: Where
     users: Mapping[str, UserSetup]
     install: InstallSetup
     ps_version: str | None = None
@@ -215,28 +236,42 @@ class WorkstationSetup:
     locked: tuple[str, ...] = ()
     replace_errors: Mapping[str, tuple[int, ...]] | None = None
 
-    def spec(self, default: WorkstationSpec, inventory: Inventory) -> WorkstationSpec:
-        """The default spec with this scenario's accounts and install folder.
+    def build(
+        self, lab: Lab, config: HostConfig, default: WorkstationSpec, inventory: Inventory
+    ) -> tuple[LabHost, Workstation]:
+        """Start the host of the default machine as this scenario changes it.
 
-        Accounts with a SID given come first, so that the lab's own RIDs never take theirs.
+        :class:`ScenarioErrors` names the place in the scenario of what cannot be set up.
         """
-        station = inventory.workstations[self.name]
-        names = [*station.users, *(n for n in self.users if n not in station.users)]
-        given = [n for n in names if n in self.users and self._has_sid(n)]
-        order = given + [n for n in names if n not in given]
-        users = tuple(self._user_spec(name, inventory) for name in order)
         install = self.install
         mode = install.mode or default.mode
-        return replace(
+        spec = replace(
             default,
-            users=users,
+            users=(),
             mode=None if mode == "absent" else mode,
             install_dir=install.install_dir or default.install_dir,
             exe=install.exe or default.exe,
         )
+        host, ws = add_workstation(lab, config, spec)
+        with host.lock:
+            self._add_accounts(ws, inventory, spec.exe)
+            self._apply(ws, host, inventory)
+        return host, ws
 
-    def apply(self, ws: Workstation, host: LabHost, inventory: Inventory) -> None:
-        """Everything that is not an account or the install folder, on the built machine."""
+    def _add_accounts(self, ws: Workstation, inventory: Inventory, exe: str) -> None:
+        """The inventory's accounts and the scenario's, those with a SID given first (so
+        that the lab's own RIDs never take theirs)."""
+        station = inventory.workstations[self.name]
+        names = [*station.users, *(n for n in self.users if n not in station.users)]
+        given = [n for n in names if n in self.users and self._has_sid(n)]
+        for name in given + [n for n in names if n not in given]:
+            spec = self._user_spec(name, inventory)
+            # A default account fails only for what the scenario did to this machine.
+            where = self.users[name].where if name in self.users else self.where
+            with where.setting_up(spec.windows):
+                add_account(ws, spec, exe)
+
+    def _apply(self, ws: Workstation, host: LabHost, inventory: Inventory) -> None:
         if self.ps_version is not None:
             ws.ps_version = self.ps_version
         if self.language_mode is not None:
@@ -260,19 +295,11 @@ class WorkstationSetup:
         for share in self.shares:
             ws.add_share(share)
         for entry in self.paths:
-            try:
+            with entry.where.setting_up(entry.path):
                 _apply_path(ws, entry, inventory)
-            except (FileError, OSError, ValueError) as failed:
-                if isinstance(failed, FileError):
-                    reason = failed.message
-                elif isinstance(failed, OSError):  # its text would name the lab's real folder
-                    reason = f"{failed.strerror or type(failed).__name__}."
-                else:
-                    reason = str(failed)
-                raise entry.where.error(f"cannot set up {entry.path}: {reason}") from None
         ws.faults.locked.update(self.locked)
         for path, codes in (self.replace_errors or {}).items():
-            ws.faults.replace_errors[ntfs.path_key(path)] = list(codes)
+            ws.faults.replace_errors[path] = list(codes)
 
     def _has_sid(self, name: str) -> bool:
         setup = self.users[name]
@@ -285,7 +312,7 @@ class WorkstationSetup:
             return UserSpec(windows)
         return UserSpec(
             windows,
-            logged_on=not setup.no_profile,
+            has_profile=not setup.no_profile,
             running=setup.running or 0,
             rid=setup.rid,
             sid=setup.sid,
@@ -372,6 +399,7 @@ def load_scenario(path: Path, inventory: Inventory) -> Scenario:
 
 Node = yamldoc.YNode
 Segments = tuple[str, ...]
+Position = tuple[int, int]
 
 
 class _Reader:
@@ -401,8 +429,9 @@ class _Reader:
 
     def entries(
         self, node: Node, segments: Segments, allowed: Sequence[str] | None, what: str
-    ) -> Iterator[tuple[str, Node, Segments]]:
-        """The children of a mapping; unknown keys (when ``allowed`` is given) reported."""
+    ) -> Iterator[tuple[str, Node, Segments, Position]]:
+        """The children of a mapping with the line and column of their keys; unknown keys
+        (when ``allowed`` is given) reported."""
         if node.kind == "scalar" and node.value is None:
             return
         if node.kind != "map":
@@ -414,12 +443,12 @@ class _Reader:
         for (key, child), (line, column) in zip(node.items, node.key_positions, strict=True):
             at = (*segments, key)
             if allowed is not None and key not in allowed:
-                self.error(_unknown(key, allowed, f"key of {what}"), line, column, at)
+                self.error(unknown(key, allowed, f"key of {what}"), line, column, at)
                 continue
             if child.shared:  # the alias's own node is the anchor's: say where the key is
                 self.error("anchors and aliases are not allowed in a scenario", line, column, at)
                 continue
-            yield key, child, at
+            yield key, child, at, (line, column)
 
     def items(self, node: Node, segments: Segments, what: str) -> Iterator[tuple[Node, Segments]]:
         if node.kind == "scalar" and node.value is None:
@@ -464,7 +493,7 @@ class _Reader:
         if value is None:
             return None
         if value not in allowed:
-            self.node_error(_unknown(value, allowed, "value"), node, segments)
+            self.node_error(unknown(value, allowed, "value"), node, segments)
             return None
         return value
 
@@ -501,33 +530,35 @@ class _Reader:
         if tree.kind != "map":
             self.node_error("a scenario is a mapping with the key workstations", tree, ())
             return found
-        for key, node, at in self.entries(tree, (), TOP_KEYS, "the scenario"):
+        for key, node, at, _ in self.entries(tree, (), TOP_KEYS, "the scenario"):
             if key != "workstations":  # pragma: no cover - entries() allows only TOP_KEYS
                 continue
             known = self.inventory.workstations
-            stations = list(self.entries(node, at, None, "workstations"))
-            for (name, child, where), (line, column) in zip(
-                stations, _key_positions(node, stations), strict=True
-            ):
+            stations = self.entries(node, at, None, "workstations")
+            for name, child, segments, (line, column) in stations:
                 if name not in known:
-                    hint = closest(name, known)
-                    more = f"; did you mean {hint!r}?" if hint else ""
+                    more = did_you_mean(name, known)
                     self.error(
-                        f"the inventory has no workstation {name!r}{more}", line, column, where
+                        f"the inventory has no workstation {name!r}{more}", line, column, segments
                     )
                     continue
-                found[name] = self.workstation(name, child, where)
+                where = self.where(line, column, segments)
+                found[name] = self.workstation(name, child, segments, where)
         return found
 
-    def workstation(self, name: str, node: Node, segments: Segments) -> WorkstationSetup:
-        entries = {k: (n, at) for k, n, at in self.entries(node, segments, WORKSTATION_KEYS, name)}
+    def workstation(
+        self, name: str, node: Node, segments: Segments, where: Where
+    ) -> WorkstationSetup:
+        entries = {
+            k: (n, at) for k, n, at, _ in self.entries(node, segments, WORKSTATION_KEYS, name)
+        }
         station_users = self.inventory.workstations[name].users
         shares: list[str] = []
         if "shares" in entries:
             shares = self.shares(*entries["shares"])
         users: dict[str, UserSetup] = {}
         if "users" in entries:
-            users = self.users(*entries["users"], shares)
+            users = self.users(name, *entries["users"], shares)
         accounts = {*station_users, *users}
         install = InstallSetup()
         if "microsip" in entries:
@@ -553,6 +584,7 @@ class _Reader:
             replace_errors = self.replace_errors(*entries["replace_errors"], shares)
         return WorkstationSetup(
             name,
+            where,
             users,
             install,
             ps_version,
@@ -564,29 +596,29 @@ class _Reader:
             replace_errors,
         )
 
-    def users(self, node: Node, segments: Segments, shares: Sequence[str]) -> dict[str, UserSetup]:
+    def users(
+        self, station: str, node: Node, segments: Segments, shares: Sequence[str]
+    ) -> dict[str, UserSetup]:
         found: dict[str, UserSetup] = {}
         sids: dict[str, str] = {}
-        entries = list(self.entries(node, segments, None, "users"))
-        for (name, child, at), (line, column) in zip(
-            entries, _key_positions(node, entries), strict=True
-        ):
+        for name, child, at, (line, column) in self.entries(node, segments, None, "users"):
             if name not in self.inventory.users:
-                hint = closest(name, self.inventory.users)
-                more = f"; did you mean {hint!r}?" if hint else ""
+                more = did_you_mean(name, self.inventory.users)
                 self.error(f"the inventory has no user {name!r}{more}", line, column, at)
                 continue
-            setup = self.user(name, child, at, shares)
-            sid = setup.sid or (str(setup.rid) if setup.rid is not None else "")
-            if sid and sid.casefold() in sids:
-                self.error(f"{name} has the same SID as {sids[sid.casefold()]}", line, column, at)
+            setup = self.user(name, child, at, self.where(line, column, at), shares)
+            sid = _account_sid(setup, self.inventory.users[name].windows)
+            if sid and sid in sids:
+                self.error(f"{name} has the same SID as {sids[sid]}", line, column, at)
             elif sid:
-                sids[sid.casefold()] = name
+                sids[sid] = name
             found[name] = setup
         return found
 
-    def user(self, name: str, node: Node, segments: Segments, shares: Sequence[str]) -> UserSetup:
-        entries = {k: (n, at) for k, n, at in self.entries(node, segments, USER_KEYS, name)}
+    def user(
+        self, name: str, node: Node, segments: Segments, where: Where, shares: Sequence[str]
+    ) -> UserSetup:
+        entries = {k: (n, at) for k, n, at, _ in self.entries(node, segments, USER_KEYS, name)}
         values: dict[str, object] = {}
         if "sid" in entries:
             rid, sid = self.sid(*entries["sid"])
@@ -611,13 +643,23 @@ class _Reader:
             if key in entries:
                 values[key] = self.boolean(*entries[key])
         if "appdata" in entries:
-            values["appdata"] = self.text(*entries["appdata"])
+            appdata_node, at = entries["appdata"]
+            appdata = self.text(appdata_node, at)
+            if appdata is not None and not _APPDATA.match(appdata):
+                self.node_error(
+                    "appdata is an absolute path (D:\\Redirected\\%USERNAME%, "
+                    "\\\\server\\share\\...) or starts with a variable "
+                    "(%USERPROFILE%\\...)",
+                    appdata_node,
+                    at,
+                )
+            values["appdata"] = appdata
         if "hkcu" in entries:
             values["hkcu"] = self.optional_text(*entries["hkcu"])[1]
         if "running" in entries:
             values["running"] = self.count(*entries["running"])
         values["hive_in_use"] = bool(values.get("hive_in_use"))
-        return UserSetup(name, **values)  # type: ignore[arg-type]
+        return UserSetup(name, where, **values)  # type: ignore[arg-type]
 
     def sid(self, node: Node, segments: Segments) -> tuple[int | None, str | None]:
         """A RID (a number) or a whole account SID (``S-1-5-21-...``)."""
@@ -654,7 +696,7 @@ class _Reader:
         self, node: Node, segments: Segments, shares: Sequence[str], accounts: set[str]
     ) -> InstallSetup:
         entries = {
-            k: (n, at) for k, n, at in self.entries(node, segments, MICROSIP_KEYS, "microsip")
+            k: (n, at) for k, n, at, _ in self.entries(node, segments, MICROSIP_KEYS, "microsip")
         }
         values: dict[str, object] = {}
         if "mode" in entries:
@@ -668,8 +710,9 @@ class _Reader:
         if "exe" in entries:
             exe_node, at = entries["exe"]
             exe = self.text(exe_node, at)
-            if exe is not None and not _EXE.match(exe):
-                self.node_error("exe is a file name (no folder)", exe_node, at)
+            problem = winpath.file_name_problem(exe) if exe is not None else None
+            if problem is not None:
+                self.node_error(f"exe '{exe}' {problem}", exe_node, at)
             values["exe"] = exe
         if "hklm" in entries:
             ok, value = self.optional_text(*entries["hklm"])
@@ -684,7 +727,7 @@ class _Reader:
         return InstallSetup(**values)  # type: ignore[arg-type]
 
     def msi(self, node: Node, segments: Segments, accounts: set[str]) -> MsiSetup | None:
-        entries = {k: (n, at) for k, n, at in self.entries(node, segments, MSI_KEYS, "an MSI")}
+        entries = {k: (n, at) for k, n, at, _ in self.entries(node, segments, MSI_KEYS, "an MSI")}
         if node.kind != "map":
             return None
         location = ""
@@ -710,14 +753,14 @@ class _Reader:
                 segments,
             )
             return None
-        hint = closest(name, accounts)
-        more = f"; did you mean {hint!r}?" if hint else ""
+        more = did_you_mean(name, accounts)
         self.node_error(f"the inventory has no user {name!r}{more}", node, segments)
         return None
 
     def powershell(self, node: Node, segments: Segments) -> tuple[str | None, LanguageMode | None]:
         entries = {
-            k: (n, at) for k, n, at in self.entries(node, segments, POWERSHELL_KEYS, "powershell")
+            k: (n, at)
+            for k, n, at, _ in self.entries(node, segments, POWERSHELL_KEYS, "powershell")
         }
         version = None
         if "version" in entries:
@@ -756,10 +799,7 @@ class _Reader:
     ) -> tuple[PathSetup, ...]:
         found: list[PathSetup] = []
         seen: dict[str, int] = {}
-        entries = list(self.entries(node, segments, None, "paths"))
-        for (raw, child, at), (line, column) in zip(
-            entries, _key_positions(node, entries), strict=True
-        ):
+        for raw, child, at, (line, column) in self.entries(node, segments, None, "paths"):
             key = Node("scalar", line, column, raw, tag="str")
             path = self.windows_path(key, at, shares)
             if path is None:
@@ -784,7 +824,7 @@ class _Reader:
         shares: Sequence[str],
         accounts: set[str],
     ) -> PathSetup | None:
-        entries = {k: (n, at) for k, n, at in self.entries(node, segments, PATH_KEYS, path)}
+        entries = {k: (n, at) for k, n, at, _ in self.entries(node, segments, PATH_KEYS, path)}
         if node.kind != "map":
             return None
         kinds = [k for k in PATH_KINDS if k in entries]
@@ -893,9 +933,7 @@ class _Reader:
                 return Principal(user=user)
         if name in self.inventory.users:
             return f"{name} has no account on this workstation; add them under users"
-        names = [*sorted(accounts), *WELL_KNOWN_ACCOUNTS.values()]
-        hint = closest(name, names)
-        more = f"; did you mean {hint!r}?" if hint else ""
+        more = did_you_mean(name, [*sorted(accounts), *WELL_KNOWN_ACCOUNTS.values()])
         return (
             f"{name!r} is neither a user of this workstation, a well-known account "
             f"(SYSTEM, Administrators, Users, ...) nor a SID{more}"
@@ -929,24 +967,28 @@ class _Reader:
             return who
         rights = next((r for r in RIGHTS if r.casefold() == parts[1].strip().casefold()), None)
         if rights is None:
-            return _unknown(parts[1].strip(), RIGHTS, "right")
+            return unknown(parts[1].strip(), RIGHTS, "right")
         scope: ntfs.Scope | None = None
         if len(parts) == 3:
             wanted = parts[2].strip().casefold()
             scope = next((s for s in SCOPES if s == wanted), None)
             if scope is None:
-                return _unknown(parts[2].strip(), SCOPES, "scope")
+                return unknown(parts[2].strip(), SCOPES, "scope")
         return AceSetup(who, rights, scope)
 
     def replace_errors(
         self, node: Node, segments: Segments, shares: Sequence[str]
     ) -> dict[str, tuple[int, ...]]:
         found: dict[str, tuple[int, ...]] = {}
-        entries = list(self.entries(node, segments, None, "replace_errors"))
-        for (raw, child, at), (line, column) in zip(
-            entries, _key_positions(node, entries), strict=True
-        ):
+        seen: dict[str, int] = {}
+        for raw, child, at, (line, column) in self.entries(node, segments, None, "replace_errors"):
             path = self.windows_path(Node("scalar", line, column, raw, tag="str"), at, shares)
+            if path is not None and ntfs.path_key(path) in seen:
+                first = seen[ntfs.path_key(path)]
+                self.error(f"{path} is already given at line {first}", line, column, at)
+                continue
+            if path is not None:
+                seen[ntfs.path_key(path)] = line
             codes: list[int] = []
             for item, item_at in self.items(child, at, "the errors of a path"):
                 value = item.value
@@ -971,14 +1013,11 @@ class _Reader:
         return found
 
 
-def _key_positions(
-    node: Node, entries: Sequence[tuple[str, Node, Segments]]
-) -> list[tuple[int, int]]:
-    """The line and column of each key that :meth:`_Reader.entries` yielded."""
-    return [node.key_position(key) for key, _, _ in entries]
-
-
-def _unknown(key: str, known: Sequence[str], what: str) -> str:
-    close = closest(key, known)
-    hint = f"; did you mean {close!r}?" if close else f" (expected one of: {', '.join(known)})"
-    return f"unknown {what} {key!r}{hint}"
+def _account_sid(setup: UserSetup, windows: str) -> str:
+    """The SID the scenario gives the account (empty: the lab chooses one)."""
+    if setup.sid is not None:
+        return setup.sid.upper()
+    if setup.rid is None:
+        return ""
+    local = windows.startswith(".\\")
+    return f"{MACHINE_SID if local else DOMAIN_SID}-{setup.rid}"

@@ -17,7 +17,7 @@ Typical use::
 
     ws = Workstation(tmp_path / "ws1", computer="BER-WS-001")
     alice = ws.add_user("ACME\\alice")
-    ws.add_user("ACME\\bob", logged_on=False)          # account, but no profile
+    ws.add_user("ACME\\bob", has_profile=False)        # account, but no profile
     ws.install_microsip("installed")                    # registry value set, exe created
     ws.start_microsip(alice)
     ws.faults.locked.add(ws.ini_path(alice))
@@ -388,14 +388,14 @@ class Workstation(FileSystem):
         *,
         rid: int | None = None,
         sid: str | None = None,
-        logged_on: bool = True,
+        has_profile: bool = True,
         profile: str | None = None,
         shell_appdata: str | None = None,
         hive_loaded: bool = False,
         hkcu_microsip: str | None = None,
         hive_file: bool = True,
     ) -> User:
-        """Create an account (``ACME\\alice`` or ``.\\kiosk``) and, if ``logged_on``, its profile.
+        """Create an account (``ACME\\alice`` or ``.\\kiosk``) and, if ``has_profile``, its profile.
 
         Its SID is ``sid`` when given, else the domain's (or this machine's) prefix and ``rid``,
         else the next RID no account has.
@@ -422,7 +422,7 @@ class Workstation(FileSystem):
             sid = f"{prefix}-{rid}"
         if sid in taken:
             raise ValueError(f"SID {sid} is taken")
-        home = (profile or f"C:\\Users\\{sam}") if logged_on else None
+        home = (profile or f"C:\\Users\\{sam}") if has_profile else None
         user = User(domain, sam, sid, home, shell_appdata, hive_loaded, hkcu_microsip, hive_file)
         self.users.append(user)
         if user.profile is not None:
@@ -432,7 +432,11 @@ class Workstation(FileSystem):
             if hive_file:
                 self.put(join(user.profile, "NTUSER.DAT"), b"regf lab hive\r\n", owner=sid)
             appdata = user.appdata or ""
-            if "%" not in appdata and is_within(appdata, user.profile):
+            try:
+                inside = "%" not in appdata and is_within(appdata, user.profile)
+            except FileError:  # no plain path ('..' in it): the agent judges the raw value
+                inside = False
+            if inside:
                 self.put_dir(appdata)
         return user
 
