@@ -902,9 +902,9 @@ class FileSystem:
 
     def set_held_acl(self, handle: Handle, acl: Acl) -> None:
         """``FileStream.SetAccessControl()``: on the held object, whatever its names are now."""
-        failures = self.faults.acl_errors.get(path_key(handle.path), 0)
-        if failures > 0:
-            self.faults.acl_errors[path_key(handle.path)] = failures - 1
+        given = _fault_key(self.faults.acl_errors, handle.path)
+        if given is not None and self.faults.acl_errors[given] > 0:
+            self.faults.acl_errors[given] -= 1
             raise win32_error(ERROR_ACCESS_DENIED, handle.path)
         meta = self._meta.get(handle.key) or Meta(self.default_owner(handle.path))
         self._meta[handle.key] = replace(meta, acl=acl)
