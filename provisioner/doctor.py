@@ -28,6 +28,8 @@ REMOTESHELLS_NOT_ALLOWED = "2150859180"
 """The WS-Management fault of a shell refused by policy (ERROR_WSMAN_REMOTESHELLS_NOT_ALLOWED)."""
 CONSTRAINED = "constrained-language:"
 """How the bootstrap's refusal to run outside FullLanguage mode begins."""
+TOO_OLD = "powershell-version:"
+"""How the bootstrap's refusal to run below PowerShell 5 begins."""
 
 USER_FIXES = {
     "no-profile": "the user must log on once so that Windows creates the profile",
@@ -206,6 +208,17 @@ def remote_checks(
                     "enable Computer Configuration > Administrative Templates > Windows "
                     "Components > Windows Remote Shell > Allow Remote Shell Access "
                     f"(AllowRemoteShellAccess=1); {SETUP}",
+                ),
+            ]
+        if TOO_OLD in str(exc):
+            return [
+                Check("auth", True, f"{options.transport} as {options.username}"),
+                Check(
+                    "powershell",
+                    False,
+                    str(exc).split(TOO_OLD, 1)[1].strip(),
+                    "install Windows Management Framework 5.1 (Windows 7 SP1, 8.1, Server "
+                    f"2008 R2 SP1 to 2012 R2; later Windows have it); {SETUP}",
                 ),
             ]
         if CONSTRAINED in str(exc):

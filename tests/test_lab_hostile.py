@@ -9,6 +9,7 @@ sessions), through the real controller or the real agent envelope against the la
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -275,6 +276,28 @@ def test_a_user_racing_every_step_of_a_push_gains_nothing(shared: Kit, level: st
     # Both sides of the race were played: swaps before the locks, refusals after them.
     assert any(o.startswith("[0]") for o in outcomes), outcomes
     assert any(o.startswith("[5]") for o in outcomes), outcomes
+
+
+def test_a_per_user_install_is_never_looked_for_through_a_link(station: Station) -> None:
+    # alice puts a junction where the inventory's per-user folder is. On Windows it would lead,
+    # through an object-manager link, to \\Device\\Mup: opening the exe there would make the
+    # agent's account authenticate to her server. The agent must not look through it at all:
+    # no install is found there and no mode decided from it.
+    ws = station.ws
+    ws.uninstall_microsip()
+    elsewhere = "C:\\Elsewhere\\MicroSIP"
+    ws.put(f"{elsewhere}\\microsip.exe", b"MZ")
+    assert station.alice.profile is not None
+    ws.make_link(
+        f"{station.alice.profile}\\AppData\\Local\\MicroSIP", elsewhere, owner=station.alice.sid
+    )
+    request = inspect_request(
+        [("alice", "ACME\\alice")], mode="portable", install_dir="%LOCALAPPDATA%\\MicroSIP"
+    )
+    [alice] = station.agent.call(request)["users"]
+    assert alice["error"]["code"] == "unsafe-path", alice
+    assert "mode" not in alice, alice
+    assert ws.held_paths() == []
 
 
 def test_hkcu_naming_another_users_folder_finds_no_microsip_there(tmp_path: Path) -> None:
@@ -580,13 +603,29 @@ def test_a_40_user_rds_host_with_100_kib_files_pushes(tmp_path: Path) -> None:
         assert host.stats().by_operation["Send"] > 2  # the apply went out in pieces
 
 
-def test_a_request_over_2_mib_parses_whatever_the_powershell(station: Station) -> None:
+def test_a_request_over_2_mib_parses(station: Station) -> None:
     # ConvertFrom-Json in PowerShell 4.0 stopped at 2,097,152 characters; the bootstrap's own
     # parser does not.
     big = {**inspect_request([("alice", "ACME\\alice")]), "padding": "x" * 2_200_000}
-    for version in ("4.0", "5.1.19041.4648"):
-        station.ws.ps_version = version
-        assert station.agent.call(big)["ok"] is True
+    assert station.agent.call(big)["ok"] is True
+
+
+def test_powershell_before_5_is_named_by_push_and_doctor(shared: Kit) -> None:
+    # [type]::new() is PowerShell 5; on 4.0 the bootstrap says so before anything else.
+    _ws(shared).ps_version = "4.0"
+    result = shared.push("ws01")
+    assert result.status == Status.FAILED and "PowerShell 4.0" in result.message
+    powershell = next(c for c in _doctor(shared) if c.name == "powershell")
+    assert not powershell.ok and "needs Windows PowerShell 5.1" in powershell.detail
+    assert "Windows Management Framework 5.1" in powershell.fix
+
+
+def test_a_request_that_does_not_parse_is_never_quoted_back(station: Station) -> None:
+    # JavaScriptSerializer's message quotes its whole input, and stderr reaches the reports.
+    torn = b'{"script": "x", "request": {"files": [{"content_b64": "Canary-Sip-Pw-1"'
+    out, err, code = station.agent.raw(base64.b64encode(torn))
+    assert (out, code) == (b"", 1)
+    assert b"Canary" not in err and b"the request is not valid JSON" in err
 
 
 def test_module_logging_never_records_a_password(shared: Kit) -> None:

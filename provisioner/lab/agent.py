@@ -45,8 +45,11 @@ from provisioner.transport.agent import scripts
 PROTOCOL = 1
 CRASH_EXIT_CODE = 0xC0000005
 """What WinRS reports for a powershell.exe that died (STATUS_ACCESS_VIOLATION)."""
-OLD_JSON_LIMIT = 2_097_152
-"""``JavaScriptSerializer``'s default ``MaxJsonLength``, which ConvertFrom-Json kept before 5.0."""
+NO_NEW_METHOD = (
+    "Method invocation failed because [Web.Script.Serialization.JavaScriptSerializer] does not "
+    "contain a method named 'new'."
+)
+"""What PowerShell before 5.0 says of ``[type]::new()``."""
 CLM_METHOD_ERROR = (
     "Cannot invoke method. Method invocation is supported only on core types in this language mode."
 )
@@ -85,8 +88,13 @@ class LabAgent:
                 raise AgentFailure(f"Host {host.name} has no emulated workstation.")
             if workstation.language_mode != "FullLanguage":
                 raise AgentFailure(language_mode_error(workstation.language_mode))
-            limit = _json_limit(workstation.ps_version)
-            script, request = decode_envelope(stdin, limit, log=_module_log(workstation))
+            if _major(workstation.ps_version) < 5:
+                if "PSVersionTable" not in scripts.BOOTSTRAP:
+                    raise ScriptFailure(NO_NEW_METHOD)
+                raise AgentFailure(
+                    scripts.POWERSHELL_VERSION_ERROR.format(version=workstation.ps_version)
+                )
+            script, request = decode_envelope(stdin, log=_module_log(workstation))
             op = request.get("op")
             expected = scripts.SCRIPTS.get(op) if isinstance(op, str) else None
             if expected is None:
@@ -115,11 +123,9 @@ def language_mode_error(mode: str) -> str:
     return scripts.LANGUAGE_MODE_ERROR.format(mode=mode)
 
 
-def _json_limit(ps_version: str) -> int | None:
-    if "ConvertFrom-Json" not in scripts.BOOTSTRAP:
-        return None
+def _major(ps_version: str) -> int:
     major = ps_version.split(".", 1)[0]
-    return OLD_JSON_LIMIT if major.isdigit() and int(major) < 5 else None
+    return int(major) if major.isdigit() else 0
 
 
 def _module_log(workstation: Workstation) -> list[str] | None:
@@ -140,27 +146,25 @@ def _module_log(workstation: Workstation) -> list[str] | None:
 # --- wire formats -----------------------------------------------------------------------------
 
 
-def decode_envelope(
-    stdin: bytes, json_limit: int | None = None, *, log: list[str] | None = None
-) -> tuple[str, Json]:
-    """stdin (base64 ASCII of UTF-8 JSON) to ``(script, request)``; ``json_limit``: the most
-    characters the workstation's ConvertFrom-Json parses; ``log``: Module Logging's events."""
+def decode_envelope(stdin: bytes, *, log: list[str] | None = None) -> tuple[str, Json]:
+    """stdin (base64 ASCII of UTF-8 JSON) to ``(script, request)``; ``log``: Module Logging's
+    events. A request that does not parse fails as the bootstrap makes it fail: with
+    ``JavaScriptSerializer``'s own message, which quotes the whole input, unless the bootstrap
+    replaces it."""
     try:
         raw = base64.b64decode(b"".join(stdin.split()), validate=True)
-        text = raw.decode("utf-8")
-        if log is not None and "ConvertFrom-Json" in scripts.BOOTSTRAP:
-            log.append(
-                f'4103 ParameterBinding(ConvertFrom-Json): name="InputObject"; value="{text}"'
-            )
-        if json_limit is not None and len(text) > json_limit:
-            raise ScriptFailure(
-                "Error during serialization or deserialization using the JSON "
-                "JavaScriptSerializer. The length of the string exceeds the value set on the "
-                "maxJsonLength property."
-            )
+    except binascii.Error as bad:
+        raise ScriptFailure(f"The input is not a valid Base-64 string: {bad}") from None
+    text = raw.decode("utf-8", errors="replace")
+    if log is not None and "ConvertFrom-Json" in scripts.BOOTSTRAP:
+        log.append(f'4103 ParameterBinding(ConvertFrom-Json): name="InputObject"; value="{text}"')
+    try:
         envelope = json.loads(text)
-    except (binascii.Error, UnicodeDecodeError, ValueError) as bad:
-        raise ScriptFailure(f"The envelope is not base64 of UTF-8 JSON: {bad}") from None
+    except ValueError as bad:
+        if scripts.INVALID_REQUEST_ERROR in scripts.BOOTSTRAP:
+            raise ScriptFailure(scripts.INVALID_REQUEST_ERROR) from None
+        position = getattr(bad, "pos", 0)
+        raise ScriptFailure(f"Invalid JSON primitive: . ({position}): {text}") from None
     if not isinstance(envelope, dict):
         raise ScriptFailure("The envelope is not a JSON object.")
     script, request = envelope.get("script"), envelope.get("request")

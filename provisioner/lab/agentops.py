@@ -586,7 +586,13 @@ def locate_for(ws: Workstation, install: Install, user: User, appdata: str) -> I
             continue
         if local.startswith("\\\\") or not is_within(local, user.profile):
             continue
-        found = _install_in(ws, local, install.exe, source)
+        # nor one reached through a link (a junction to an object-manager link could still
+        # lead to a share): looked at with its folders locked
+        locks = lock_folders(ws, join(local, install.exe), normalize(user.profile))
+        try:
+            found = _install_in(ws, local, install.exe, source)
+        finally:
+            unlock_folders(ws, locks)
         if found is not None:
             return found
     machine = locate(ws, {"exe": install.exe})
@@ -729,8 +735,15 @@ def inspect_user(
         appdata = check_appdata(entry["appdata"], hive, roots)
         entry["appdata"] = appdata
         install = locate_for(ws, install, hive, appdata)
-        assert install.dir is not None  # noqa: S101 - found
-        decided = ws.microsip_mode(hive, install.dir)
+        assert install.dir is not None and install.exe_path is not None  # noqa: S101 - found
+        # a per-user exe is read (its PE header) with its folders locked, as it was found
+        exe_locks = Locks([])
+        if is_within(install.exe_path, user.profile):
+            exe_locks = lock_folders(ws, install.exe_path, normalize(user.profile))
+        try:
+            decided = ws.microsip_mode(hive, install.dir)
+        finally:
+            unlock_folders(ws, exe_locks)
         entry["mode"], entry["mode_rule"], entry["mode_detail"] = (
             decided.mode,
             decided.rule,

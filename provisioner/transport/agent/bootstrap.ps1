@@ -1,6 +1,7 @@
-# Runs the agent script sent on stdin; the why is in scripts.py.
 $m = $ExecutionContext.SessionState.LanguageMode
 if ($m -ne 'FullLanguage') { throw ('constrained-language: PowerShell runs in {0} mode on this workstation (WDAC or AppLocker policy); the agent needs FullLanguage mode' -f $m) }
+$v = $PSVersionTable.PSVersion
+if ($v.Major -lt 5) { throw ('powershell-version: PowerShell {0} runs here; the agent needs Windows PowerShell 5.1 (WMF 5.1)' -f $v) }
 $ErrorActionPreference = 'Stop'
 $ProgressPreference = 'SilentlyContinue'
 $WarningPreference = 'SilentlyContinue'
@@ -9,7 +10,7 @@ try {
   Add-Type -AssemblyName System.Web.Extensions
   $parser = [Web.Script.Serialization.JavaScriptSerializer]::new()
   $parser.MaxJsonLength = [int]::MaxValue
-  $envelope = $parser.DeserializeObject($utf8.GetString([Convert]::FromBase64String([Console]::In.ReadToEnd())))
+  try { $envelope = $parser.DeserializeObject($utf8.GetString([Convert]::FromBase64String([Console]::In.ReadToEnd()))) } catch { throw 'the request is not valid JSON' }
   $out = @(& ([ScriptBlock]::Create($envelope['script'])) $envelope['request'])
   if ($out.Count -eq 0) { throw 'the agent script wrote no answer' }
   $json = ConvertTo-Json -InputObject $out[-1] -Compress -Depth 10

@@ -29,7 +29,12 @@ Why the bootstrap is written as it is (its comments cost command-line length):
 - Its first line stops in any language mode but FullLanguage, with a message the controller
   recognises (:data:`LANGUAGE_MODE_ERROR`): under Constrained Language Mode (WDAC or AppLocker)
   the calls that follow would fail with PowerShell's less helpful "Cannot invoke method". A
-  ``throw`` outside the ``try`` is what works there: ``[Console]`` is not a core type.
+  ``throw`` outside the ``try`` is what works there: ``[Console]`` is not a core type. Its
+  second line does the same below PowerShell 5 (:data:`POWERSHELL_VERSION_ERROR`), where
+  ``[type]::new()`` does not exist.
+- A request that does not parse is refused with a fixed message
+  (:data:`INVALID_REQUEST_ERROR`): ``JavaScriptSerializer``'s own message quotes the whole
+  input, SIP passwords included, and stderr reaches reports.
 """
 
 from __future__ import annotations
@@ -48,10 +53,12 @@ from provisioner.errors import RemoteError
 __all__ = [
     "BOOTSTRAP",
     "CMD_LINE_LIMIT",
+    "INVALID_REQUEST_ERROR",
     "LANGUAGE_MODE_ERROR",
     "OPS",
     "POWERSHELL",
     "POWERSHELL_ARGS",
+    "POWERSHELL_VERSION_ERROR",
     "SCRIPTS",
     "bootstrap_command",
     "command_line",
@@ -72,6 +79,13 @@ LANGUAGE_MODE_ERROR = (
     "policy); the agent needs FullLanguage mode"
 )
 """What the bootstrap throws when PowerShell does not run in FullLanguage mode."""
+POWERSHELL_VERSION_ERROR = (
+    "powershell-version: PowerShell {version} runs here; the agent needs Windows PowerShell 5.1 "
+    "(WMF 5.1)"
+)
+"""What the bootstrap throws below PowerShell 5."""
+INVALID_REQUEST_ERROR = "the request is not valid JSON"
+"""What the bootstrap says of a request it cannot parse (never the request itself)."""
 
 
 def _read_script(name: str) -> str:

@@ -1132,7 +1132,10 @@ function Find-UserMicroSip($Install, $Hive, [string]$ProfilePath, [string]$AppDa
         $raw = [string]$candidate.dir
         try { $dir = Get-FullPathSafe ($raw.Trim().Trim('"')) } catch { continue }
         if ($dir.StartsWith('\\') -or -not (Test-Within $dir $ProfilePath)) { continue }
-        $found = Find-ExeIn $dir $Install.exe $candidate.source
+        # Nor one reached through a link: a junction to an object-manager link could still
+        # lead to a share. Looked at with its folders locked.
+        $locks = Lock-Folders ([IO.Path]::Combine($dir, $Install.exe)) $ProfilePath $null
+        try { $found = Find-ExeIn $dir $Install.exe $candidate.source } finally { Unlock-Folders $locks }
         if ($null -ne $found) { return $found }
     }
     $machine = Find-MicroSip ([pscustomobject]@{ exe = $Install.exe })
@@ -1183,7 +1186,10 @@ function Get-UserState($User, $Install, [string]$Mode, $Roots, $Context) {
         $appData = Test-AppData $item['appdata'] $profilePath $allowed
         $item['appdata'] = $appData
         $Install = Find-UserMicroSip $Install $hive $profilePath $appData
-        $decided = Get-MicroSipMode $hive $Install.dir $Install.exe_path $sid
+        # A per-user exe is read (its PE header) with its folders locked, as it was found.
+        $exeLocks = $null
+        if (Test-Within $Install.exe_path $profilePath) { $exeLocks = Lock-Folders $Install.exe_path $profilePath $null }
+        try { $decided = Get-MicroSipMode $hive $Install.dir $Install.exe_path $sid } finally { Unlock-Folders $exeLocks }
         $item['mode'] = $decided.mode; $item['mode_rule'] = $decided.rule; $item['mode_detail'] = $decided.detail
         if ($decided.mode -ne $Mode) {
             throw (New-AgentException 'mode-mismatch' ("MicroSIP runs {0} for this user (rule {1}: {2}); the inventory says {3}." -f $decided.mode, $decided.rule, $decided.detail, $Mode))
