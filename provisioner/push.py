@@ -206,10 +206,14 @@ def _plan(
     return planned
 
 
+def _error_text(error: Mapping[str, Any], code: str = "error") -> str:
+    """``code: message`` of an agent error (``code`` when it names none)."""
+    return f"{error.get('code', code)}: {error.get('message', '')}".strip()
+
+
 def _failed(built: BuiltFile, path: str, error: Mapping[str, Any]) -> _Planned:
     """A file the agent could not even look at: its error code and message."""
-    message = f"{error.get('code', 'error')}: {error.get('message', '')}".strip()
-    failed = _Planned(built, path, None, None, b"", b"", Status.FAILED, message)
+    failed = _Planned(built, path, None, None, b"", b"", Status.FAILED, _error_text(error))
     failed.retryable = error.get("code") in RETRYABLE_CODES
     return failed
 
@@ -361,7 +365,7 @@ def _absorb_apply(steps: Sequence[_Planned], reply: Mapping[str, Any]) -> set[st
             step.message = f"MicroSIP is running for {step.built.target.user}; nothing written"
         else:
             step.status = Status.FAILED
-            step.message = f"{error.get('code', 'error')}: {error.get('message', '')}".strip()
+            step.message = _error_text(error)
             step.retryable = error.get("code") in RETRYABLE_CODES
     return conflicts
 
@@ -392,6 +396,17 @@ def _summary(changes: Sequence[FileChange]) -> str:
     return ", ".join(parts) + (f" ({'; '.join(failures)})" if failures else "")
 
 
+def _unreachable(built: BuiltFile, item: Mapping[str, Any]) -> FileChange:
+    error = item.get("error") or {"code": "not-found", "message": "inspect found no such file"}
+    return FileChange(
+        kind=built.target.kind,
+        user=built.target.user,
+        path=str(item.get("path") or built.relative_path),
+        status=Status.FAILED,
+        message=_error_text(error),
+    )
+
+
 def rollback_host(
     station: StationPlan,
     files: Sequence[BuiltFile],
@@ -412,11 +427,16 @@ def rollback_host(
         answer = transport.request("inspect", inspect_request(station, wanted))
         users = {str(u.get("name")): u for u in answer.get("users") or []}
         items = []
+        # A file inspect could not look at is a failure of the rollback, never a silent skip.
+        unreachable: list[FileChange] = []
         for built in wanted:
             if built.target.kind == "override":
                 item = answer.get("override") or {}
-                if item.get("per_user") or not item.get("path"):
-                    continue  # no machine-wide override.ini (a per-user install) or not found
+                if item.get("per_user"):
+                    continue  # no machine-wide override.ini: a per-user install
+                if item.get("error") or not item.get("path"):
+                    unreachable.append(_unreachable(built, item))
+                    continue
                 items.append(
                     {
                         "kind": "override",
@@ -428,7 +448,8 @@ def rollback_host(
                 )
                 continue
             user = users.get(str(built.target.user)) or {}
-            if user.get("error"):
+            if user.get("error") or not user.get("path"):
+                unreachable.append(_unreachable(built, user))
                 continue
             items.append(
                 {
@@ -449,7 +470,7 @@ def rollback_host(
                 "files": items,
             },
         )
-        changes = []
+        changes = list(unreachable)
         for item, outcome in zip(items, reply.get("files") or [], strict=False):
             status = outcome.get("status")
             error = outcome.get("error") or {}
@@ -465,7 +486,7 @@ def rollback_host(
                     else Status.FAILED,
                     message="restored the newest backup"
                     if status == "restored"
-                    else f"{error.get('code', status)}: {error.get('message', '')}".strip(),
+                    else _error_text(error, str(status)),
                     old_sha256=outcome.get("old_sha256"),
                     new_sha256=outcome.get("new_sha256"),
                 )

@@ -232,6 +232,22 @@ def test_reset_and_rollback(kit: Kit) -> None:
     assert ws.read(INI) == edited
 
 
+def test_a_rollback_that_cannot_look_at_a_file_fails_it(kit: Kit) -> None:
+    # u1x1 denies Administrators the attributes of their MicroSIP folder: inspect cannot look
+    # at the file, and the rollback must say so rather than report nothing to do.
+    kit.push("ws01")
+    ws = machine(kit)
+    ws.faults.attributes_denied.add(INI.rsplit("\\", 1)[0])
+    from provisioner.push import rollback_host
+
+    back = rollback_host(
+        kit.station("ws01"), kit.files("ws01"), kit.transport("ws01"), PushOptions(users=("u1x1",))
+    )
+    assert back.status == Status.FAILED, back.message
+    [change] = back.files
+    assert change.user == "u1x1" and change.message.startswith("unsafe-path: ")
+
+
 def test_unreachable_host_is_retryable(kit: Kit) -> None:
     kit.lab.hosts["ws01"].set_faults(Faults(refuse=True))
     result = kit.push("ws01")
