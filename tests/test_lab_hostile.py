@@ -401,6 +401,22 @@ def test_a_state_folder_created_by_a_user_is_refused(shared: Kit) -> None:
     assert not ws.allows(u1.sid, "write", TASKS)
 
 
+def test_a_state_subfolder_a_user_made_first_is_refused(shared: Kit) -> None:
+    # An administrator created the root before the agent, and it inherited ProgramData's rule
+    # that lets users create folders: u1x1 makes u1x2's state folder first and owns it.
+    ws = _ws(shared)
+    u1, u2 = _account(ws, "u1x1"), _account(ws, "u1x2")
+    ws.remove_tree(STATE_ROOT)
+    ws.put_dir(STATE_ROOT, owner=ADMINISTRATORS)
+    assert ws.allows(u1.sid, "create", STATE_ROOT)
+    ws.put_dir(f"{STATE_ROOT}\\users\\{u2.sid}", owner=u1.sid)
+    result = shared.push("ws01", _reset(shared))
+    theirs = _file(result, "u1x2")
+    assert theirs.status == Status.FAILED and "owned by" in theirs.message, theirs  # type: ignore[attr-defined]
+    assert ws.listdir(f"{STATE_ROOT}\\users\\{u2.sid}") == []
+    assert readable_with(ws, u1.sid, "Sip-1-2-pw") == []
+
+
 def test_a_state_folder_hidden_from_the_agent_is_refused_not_taken_for_absent(
     shared: Kit,
 ) -> None:

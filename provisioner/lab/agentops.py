@@ -319,24 +319,37 @@ def check_state_root(ws: Workstation) -> bool:
         raise _unsafe(f"{STATE_ROOT} is a junction or symbolic link; remove it.")
     if not ws.exists(STATE_ROOT):
         return False
-    owner = ws.owner(STATE_ROOT)
+    assert_agent_owned(ws, STATE_ROOT)
+    return True
+
+
+def assert_agent_owned(ws: Workstation, folder: str) -> None:
+    """``Assert-AgentOwned``: a user may create folders in ``C:\\ProgramData`` (and below a
+    root an administrator made before the agent, where its inherited rules allow) and owns
+    what they create; an owner can always grant themselves access."""
+    owner = ws.owner(folder)
     if owner not in _OWNERS:
         raise _unsafe(
-            f"{STATE_ROOT} is owned by {owner}, not by SYSTEM or Administrators: a user created "
+            f"{folder} is owned by {owner}, not by SYSTEM or Administrators: a user created "
             "it; remove it (rmdir /s /q) so that the agent can create its own."
         )
-    return True
 
 
 def open_state(ws: Workstation, state: StateFolder) -> None:
     """``Open-StateFolder``: the root (created protected if absent, its DACL reset), then the
-    file's folder below it; every component checked."""
+    file's folder below it; every component checked for links and owners."""
     if not check_state_root(ws):
         ws.make_dir(STATE_ROOT, state_folder_acl())
     ws.set_acl(STATE_ROOT, state_folder_acl())
-    assert_safe_path(ws, state.folder, STATE_ROOT)
-    ws.make_dir(state.folder, state_folder_acl())
-    assert_safe_path(ws, state.folder, STATE_ROOT)
+    # checked before anything is created in them, and again after
+    for first in (True, False):
+        assert_safe_path(ws, state.folder, STATE_ROOT)
+        for folder in list(components(state.folder))[len(split(STATE_ROOT)[1]) :]:
+            if not ws.is_dir(folder):
+                break
+            assert_agent_owned(ws, folder)
+        if first:
+            ws.make_dir(state.folder, state_folder_acl())
 
 
 def read_state(ws: Workstation, state: StateFolder, item: str) -> bytes | None:

@@ -319,12 +319,19 @@ function Test-StateRoot {
     if ($attributes -band [IO.FileAttributes]::ReparsePoint) {
         throw (New-AgentException 'unsafe-path' ("{0} is a junction or symbolic link; remove it." -f $root))
     }
-    $owner = [IO.Directory]::GetAccessControl($root, [System.Security.AccessControl.AccessControlSections]::Owner).GetOwner([System.Security.Principal.SecurityIdentifier]).Value
+    Assert-AgentOwned $root
+    return $true
+}
+
+function Assert-AgentOwned([string]$Folder) {
+    # Users may create folders in ProgramData (and, below a root an administrator created
+    # before the agent, wherever its inherited rules let them) and own what they create: an
+    # owner can always grant themselves access to what the agent keeps there.
+    $owner = [IO.Directory]::GetAccessControl($Folder, [System.Security.AccessControl.AccessControlSections]::Owner).GetOwner([System.Security.Principal.SecurityIdentifier]).Value
     $trusted = @('S-1-5-18', 'S-1-5-32-544', [System.Security.Principal.WindowsIdentity]::GetCurrent().User.Value)
     if ($trusted -notcontains $owner) {
-        throw (New-AgentException 'unsafe-path' ("{0} is owned by {1}, not by SYSTEM or Administrators: a user created it; remove it (rmdir /s /q) so that the agent can create its own." -f $root, $owner))
+        throw (New-AgentException 'unsafe-path' ("{0} is owned by {1}, not by SYSTEM or Administrators: a user created it; remove it (rmdir /s /q) so that the agent can create its own." -f $Folder, $owner))
     }
-    return $true
 }
 
 function Open-StateFolder([string]$Folder) {
@@ -334,9 +341,17 @@ function Open-StateFolder([string]$Folder) {
         $null = Test-StateRoot
     }
     [IO.Directory]::SetAccessControl($root, (New-Acl 'state' '' $true))
-    Assert-SafePath $Folder $root
-    $null = [IO.Directory]::CreateDirectory($Folder, (New-Acl 'state' '' $true))
-    Assert-SafePath $Folder $root
+    # Checked before anything is created in them, and again after.
+    foreach ($pass in 1, 2) {
+        Assert-SafePath $Folder $root
+        $current = $root
+        foreach ($name in $Folder.Substring($root.Length).TrimStart('\').Split('\')) {
+            $current = [IO.Path]::Combine($current, $name)
+            if (-not [IO.Directory]::Exists($current)) { break }
+            Assert-AgentOwned $current
+        }
+        if ($pass -eq 1) { $null = [IO.Directory]::CreateDirectory($Folder, (New-Acl 'state' '' $true)) }
+    }
 }
 
 function Read-StateFile([string]$Folder, [string]$Item) {
