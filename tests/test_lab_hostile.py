@@ -519,7 +519,11 @@ def test_an_allowed_redirection_root_is_written(station: Station) -> None:
 
 @pytest.mark.parametrize(
     ("change", "code"),
-    [("no-hive-file", "no-profile"), ("hive-in-use", "locked")],
+    [
+        ("no-hive-file", "no-profile"),
+        ("hive-in-use", "locked"),
+        ("hive-denied", "unsafe-path"),
+    ],
 )
 def test_a_logged_off_hive_that_cannot_be_read_writes_nothing(
     shared: Kit, change: str, code: str
@@ -528,8 +532,10 @@ def test_a_logged_off_hive_that_cannot_be_read_writes_nothing(
     u1 = _account(ws, "u1x1")
     if change == "no-hive-file":
         u1.hive_file = False  # a profile disk: not on the machine while logged off
-    else:
+    elif change == "hive-in-use":
         ws.hive_locked.add(u1.sid)  # a logon under way
+    else:
+        ws.hive_denied.add(u1.sid)  # its owner removed Administrators: no retry helps
     before = ws.read(U1_INI)
     result = shared.push("ws01", _reset(shared))
     mine = _file(result, "u1x1")

@@ -339,6 +339,9 @@ class Workstation(FileSystem):
         """SIDs whose offline hive the agent read (from a copy of ``NTUSER.DAT``), in order."""
         self.hive_locked: set[str] = set()
         """SIDs whose ``NTUSER.DAT`` cannot be copied just now (the user is logging on)."""
+        self.hive_denied: set[str] = set()
+        """SIDs whose ``NTUSER.DAT`` denies the agent reading it (its owner removed
+        Administrators from its DACL): no retry will help."""
         self._next_rid = {"domain": 1104, "local": 1001}
         self._next_pid = 4100
         self._system_folders()
@@ -622,7 +625,8 @@ class Workstation(FileSystem):
     def read_hive(self, user: User) -> User:
         """The user's hive as the agent reads it: loaded, or from a copy of ``NTUSER.DAT``.
 
-        Raises ``no-profile`` when the file is absent and ``locked`` while it is in use.
+        Raises ``no-profile`` when the file is absent, ``locked`` while it is in use (sharing
+        violation) and ``unsafe-path`` when its DACL denies the agent.
         """
         if user.hive_loaded:
             return user
@@ -637,6 +641,12 @@ class Workstation(FileSystem):
                 "locked",
                 f"The registry hive of {user.windows} is in use (a logon or logoff is under "
                 "way); try again.",
+            )
+        if user.sid in self.hive_denied:
+            raise FileError(
+                "unsafe-path",
+                f"cannot read the registry hive of {user.windows}: Access to the path "
+                f"'{user.profile}\\NTUSER.DAT' is denied.",
             )
         self.hives_read.append(user.sid)
         return user

@@ -83,6 +83,11 @@ function Read-UserHive([string]$Sid, [string]$ProfilePath, [string]$Account) {
             try {
                 $source = [IO.FileStream]::new($hiveFile + $suffix, [IO.FileMode]::Open, [IO.FileAccess]::Read, [IO.FileShare]'ReadWrite, Delete')
             } catch {
+                # Only a sharing violation passes (a logon or logoff); a DACL that denies the
+                # agent (its owner may remove Administrators) stays until someone changes it.
+                if (@(32, 33) -notcontains (Get-Win32Code $_)) {
+                    throw (New-AgentException 'unsafe-path' ("cannot read the registry hive of {0}: {1}" -f $Account, $_.Exception.GetBaseException().Message))
+                }
                 throw (New-AgentException 'locked' ("The registry hive of {0} is in use (a logon or logoff is under way); try again." -f $Account))
             }
             try {

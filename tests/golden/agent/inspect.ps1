@@ -165,11 +165,7 @@ function Get-CheckStart([string]$Path, [string]$Sid, $Roots) {
         foreach ($root in @(Expand-AppDataRoots $Roots (Get-AccountVariables $Sid $profilePath))) {
             if (-not (Test-Within $Path $root)) { continue }
             # The root is the user's own folder on the share: it may not be a link either.
-            try { $attributes = [IO.File]::GetAttributes($root) } catch {
-                if (Test-Absent $_) { return $root }
-                throw (New-AgentException 'unsafe-path' ("cannot read the attributes of {0}: {1}" -f $root, $_.Exception.GetBaseException().Message))
-            }
-            if ($attributes -band [IO.FileAttributes]::ReparsePoint) {
+            if ((Test-Link $root) -eq $true) {
                 throw (New-AgentException 'unsafe-path' ("{0} is a junction or symbolic link; the agent never writes through one." -f $root))
             }
             return $root
@@ -183,6 +179,17 @@ function Test-Absent($ErrorRecord) {
     # user hiding a link (they own their folders and may deny Administrators their attributes).
     $base = $ErrorRecord.Exception.GetBaseException()
     return ($base -is [System.IO.FileNotFoundException]) -or ($base -is [System.IO.DirectoryNotFoundException])
+}
+
+function Test-Link([string]$Path) {
+    # $true for a junction or symbolic link, $false for anything else, $null when absent.
+    # GetAttributes describes a link itself, not its target; attributes the agent may not read
+    # are unsafe, not absent (a user may deny Administrators that on their own folders).
+    try { $attributes = [IO.File]::GetAttributes($Path) } catch {
+        if (Test-Absent $_) { return $null }
+        throw (New-AgentException 'unsafe-path' ("cannot read the attributes of {0}: {1}" -f $Path, $_.Exception.GetBaseException().Message))
+    }
+    return [bool]($attributes -band [IO.FileAttributes]::ReparsePoint)
 }
 
 function Get-OtherNames([string]$Path) {
@@ -210,12 +217,9 @@ function Assert-SafePath([string]$Path, [string]$Start) {
     foreach ($name in $relative.Split('\')) {
         if ($name -eq '') { continue }
         $current = $current + '\' + $name
-        # GetAttributes describes a link itself, not its target. Absent: nothing below exists.
-        try { $attributes = [IO.File]::GetAttributes($current) } catch {
-            if (Test-Absent $_) { return }
-            throw (New-AgentException 'unsafe-path' ("cannot read the attributes of {0}: {1}" -f $current, $_.Exception.GetBaseException().Message))
-        }
-        if ($attributes -band [IO.FileAttributes]::ReparsePoint) {
+        $link = Test-Link $current
+        if ($null -eq $link) { return }  # absent: nothing below exists
+        if ($link) {
             throw (New-AgentException 'unsafe-path' ("{0} is a junction or symbolic link; the agent never writes through one." -f $current))
         }
     }
@@ -312,11 +316,9 @@ function Test-StateRoot {
     # False when absent. Users may create folders in ProgramData and own them: a root that is a
     # link or is not owned by SYSTEM, Administrators or this account is refused.
     $root = Get-StateRoot
-    try { $attributes = [IO.File]::GetAttributes($root) } catch {
-        if (Test-Absent $_) { return $false }
-        throw (New-AgentException 'unsafe-path' ("cannot read the attributes of {0}: {1}" -f $root, $_.Exception.GetBaseException().Message))
-    }
-    if ($attributes -band [IO.FileAttributes]::ReparsePoint) {
+    $link = Test-Link $root
+    if ($null -eq $link) { return $false }
+    if ($link) {
         throw (New-AgentException 'unsafe-path' ("{0} is a junction or symbolic link; remove it." -f $root))
     }
     Assert-AgentOwned $root
@@ -448,7 +450,8 @@ function Remove-StaleFiles([string]$Folder, [string]$Name, [string[]]$Suffixes) 
     $escaped = foreach ($suffix in $Suffixes) { [regex]::Escape($suffix) }
     $alternatives = @($escaped) -join '|'
     $pattern = '^\.' + [regex]::Escape($Name) + '\.[0-9a-f]{12}\.(' + $alternatives + ')$'
-    foreach ($file in [IO.Directory]::GetFiles($Folder)) {
+    try { $files = [IO.Directory]::GetFiles($Folder) } catch { return }
+    foreach ($file in $files) {
         if ([IO.Path]::GetFileName($file) -match $pattern) { Remove-FileQuietly $file }
     }
 }
@@ -927,6 +930,11 @@ function Read-UserHive([string]$Sid, [string]$ProfilePath, [string]$Account) {
             try {
                 $source = [IO.FileStream]::new($hiveFile + $suffix, [IO.FileMode]::Open, [IO.FileAccess]::Read, [IO.FileShare]'ReadWrite, Delete')
             } catch {
+                # Only a sharing violation passes (a logon or logoff); a DACL that denies the
+                # agent (its owner may remove Administrators) stays until someone changes it.
+                if (@(32, 33) -notcontains (Get-Win32Code $_)) {
+                    throw (New-AgentException 'unsafe-path' ("cannot read the registry hive of {0}: {1}" -f $Account, $_.Exception.GetBaseException().Message))
+                }
                 throw (New-AgentException 'locked' ("The registry hive of {0} is in use (a logon or logoff is under way); try again." -f $Account))
             }
             try {
