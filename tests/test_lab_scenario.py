@@ -292,7 +292,9 @@ def test_an_old_powershell_is_reported_by_doctor(tmp_path: Path) -> None:
     with _kit(tmp_path, scenario) as kit:
         powershell = _checks(kit)["powershell"]
         assert not powershell.ok and "PowerShell 4.0" in powershell.detail
-        assert kit.push("ws01").status == Status.CHANGED  # a small request still parses
+        result = kit.push("ws01")  # the bootstrap names the version before anything else
+        assert result.status == Status.FAILED and "PowerShell 4.0" in result.message
+        assert not _ws(kit).exists(U1_INI)
 
 
 def test_remote_shells_disabled_by_policy(tmp_path: Path) -> None:
