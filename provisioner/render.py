@@ -44,14 +44,13 @@ from provisioner.budget import (
     ValueLimits,
 )
 from provisioner.errors import PolicyViolationError, RenderError
-from provisioner.inidoc import unquote
+from provisioner.inidoc import is_password_key, unquote
 from provisioner.model import Secret
 
 Template = jinja2.Template
 MICROSIP_TEMPLATE = "microsip.ini.j2"
 OVERRIDE_TEMPLATE = "override.ini.j2"
 _LINE_BREAKING = re.compile("[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")
-PASSWORD_KEY = "password"  # noqa: S105 - the INI key name
 # A password in rendered text until its place is checked: control characters, which no value
 # written through a filter can contain (they are refused) and lint reports anywhere else.
 _MARK_START, _MARK_END = "\x02", "\x03"
@@ -155,7 +154,7 @@ def _place_secrets(text: str, placements: _Placements) -> str:
         line_start = text.rfind("\n", 0, start) + 1
         line_end = text.find("\n", start)
         key, sep, value = text[line_start : line_end if line_end >= 0 else None].partition("=")
-        if start < 0 or not sep or key.strip().lower() != PASSWORD_KEY or value.strip() != marker:
+        if start < 0 or not sep or not is_password_key(key) or value.strip() != marker:
             raise _AtLine(frame, str(_SealedUse()))
         places.append((start, start + len(marker), secret))
     if text.count(_MARK_START) != len(placements):  # a marker written twice (or forged)
