@@ -182,7 +182,7 @@ def ini_value(value: object) -> str:
     enclosed in quotes gets one protective pair more (the profile API strips one pair, and
     MicroSIP writes hooks and device names that way); surrounding whitespace, which the
     profile API strips, is refused. A password, while a template renders, becomes a marker
-    that :func:`render` checks and fills; outside a render a :class:`Secret` is revealed.
+    that :func:`render` checks and fills; outside a render it is refused.
     """
     text = _plain_value(value)
     if text != text.strip():
@@ -197,11 +197,9 @@ def _plain_value(value: object) -> str:
         return value
     if isinstance(value, _SEALED):
         placements = _PLACEMENTS.get()
-        if placements is not None:
-            return placements.mark(_secret_of(value))
-        if isinstance(value, SealedValue):
+        if placements is None:
             raise _SealedUse
-        return _secret_text(value)
+        return placements.mark(_secret_of(value))
     if value is None:
         return ""
     if isinstance(value, bool):
