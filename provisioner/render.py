@@ -43,7 +43,7 @@ from provisioner.budget import (
     RenderBudget,
     ValueLimits,
 )
-from provisioner.errors import PolicyViolationError, RenderError
+from provisioner.errors import RenderError
 from provisioner.inidoc import is_password_key, unquote
 from provisioner.model import Secret
 
@@ -99,7 +99,11 @@ class SealedValue:
 
 
 def sealed(secret: Secret) -> SealedValue:
-    """``secret`` as templates may see it."""
+    """``secret`` as templates may see it; it must have passed ``vault.check_policy``.
+
+    The policy (no control characters, surrounding spaces or quotes) makes a password its own
+    INI text: it is written as it is, without the checks other values get.
+    """
     return SealedValue(secret)
 
 
@@ -160,7 +164,7 @@ def _place_secrets(text: str, placements: _Placements) -> str:
     if text.count(_MARK_START) != len(placements):  # a marker written twice (or forged)
         raise _AtLine(placements[0][1], str(_SealedUse()))
     for start, end, secret in sorted(places, key=lambda place: place[0], reverse=True):
-        text = text[:start] + _secret_text(secret) + text[end:]
+        text = text[:start] + secret.reveal() + text[end:]
     return text
 
 
@@ -225,16 +229,6 @@ def _plain_value(value: object) -> str:
 
 def _secret_of(value: SealedValue | Secret) -> Secret:
     return value if isinstance(value, Secret) else object.__getattribute__(value, "_secret")
-
-
-def _secret_text(secret: Secret) -> str:
-    """The password as it goes into its key, with the checks every value gets."""
-    text = secret.reveal()
-    if _LINE_BREAKING.search(text):
-        raise PolicyViolationError("a secret value contains a line break or control character")
-    if text != text.strip():
-        raise _ValueError("a value starts or ends with whitespace, which Windows strips")
-    return f'"{text}"' if unquote(text) != text else text
 
 
 def _refuse_raw_secret(value: object) -> object:

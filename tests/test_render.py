@@ -26,7 +26,6 @@ import pytest
 
 import provisioner.lint as ini_lint
 from provisioner import build, ini, render, vault
-from provisioner.errors import PolicyViolationError
 from provisioner.model import Secret, Source
 from tests.test_build import (
     BASE,
@@ -330,11 +329,23 @@ def test_ini_filter_refuses_what_would_not_read_back(value: object) -> None:
         render.ini_value(value)
 
 
-def test_secret_with_a_line_break_is_a_policy_violation() -> None:
-    env = render.make_environment([])
-    template = env.from_string("[S]\npassword={{ pw | ini }}\n")
-    with pytest.raises(PolicyViolationError):
-        render.render(template, {"pw": render.sealed(Secret("a\nb"))}, "t")
+@pytest.mark.parametrize("plaintext", [b"a\nb", b" pw", b'"pw"', b"a\x00b"])
+def test_a_password_sealed_around_the_policy_never_reaches_a_file(
+    tmp_path: Path, plaintext: bytes
+) -> None:
+    # Anyone can seal with the public recipients file, past the policy check of seal().
+    pointer = "/users/u1/accounts/main/password"
+    token = vault.seal_padded(
+        vault.pad_plaintext(plaintext),
+        realm=REALM,
+        path=pointer,
+        recipient=recipients().active_key(),
+    )
+    users = BASE["users.yaml"].replace("SEAL", token)
+    _, result = build_files(tmp_path / "inv", {"users.yaml": users}, opener_factory=real_opener)
+    [finding] = result.findings
+    assert (finding.code, finding.path) == ("policy", pointer)
+    assert [f.relative_path for f in result.files] == ["ws1/override.ini"]
 
 
 def test_quoted_and_bool01_filters() -> None:
