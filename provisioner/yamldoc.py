@@ -757,11 +757,6 @@ def compose_tree(text: str, source: str) -> tuple[YNode | None, tuple[Problem, .
         tree = builder.build(root, ())
     except _TooDeep as exc:
         raise _too_deep(source, exc.line, exc.column) from None
-    except RecursionError:
-        raise InventoryError(
-            "the YAML is nested too deeply (hundreds of levels); an inventory needs a few",
-            file=source,
-        ) from None
     return tree, tuple(builder.problems)
 
 
@@ -769,7 +764,8 @@ def packed_tree(path: Path) -> bytes:
     """:func:`load_tree` of ``path`` as marshal bytes, to rebuild in another process.
 
     A positioned tree is plain tuples, strings and numbers: marshal writes and reads it many
-    times faster than pickle writes objects. An :class:`InventoryError` travels as data too.
+    times faster than pickle writes objects (MAX_DEPTH levels are about 200 nested tuples,
+    far within marshal's limit). An :class:`InventoryError` travels as data too.
     """
     try:
         tree, problems = load_tree(path)
@@ -781,15 +777,11 @@ def packed_tree(path: Path) -> bytes:
         )
     except InventoryError as exc:
         return marshal.dumps((str(exc.args[0]), exc.file, exc.line, exc.column, exc.path))
-    except (ValueError, RecursionError):  # nested deeper than marshal goes: load it at home
-        return marshal.dumps(None)
 
 
-def unpacked_tree(data: bytes, path: Path) -> tuple[YNode | None, tuple[Problem, ...]]:
+def unpacked_tree(data: bytes) -> tuple[YNode | None, tuple[Problem, ...]]:
     """The result of :func:`packed_tree`: the tree and problems, or its InventoryError raised."""
     packed = marshal.loads(data)  # noqa: S302 - our own forked worker wrote it
-    if packed is None:
-        return load_tree(path)
     if len(packed) == 5:
         message, file, line, column, pointer = packed
         raise InventoryError(message, file=file, line=line, column=column, path=pointer)
