@@ -13,15 +13,20 @@ from __future__ import annotations
 import atexit
 import os
 import re
-import resource
 import signal
 import string
 import sys
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from types import FrameType
+from types import FrameType, ModuleType
 from typing import Any, NoReturn
+
+_resource: ModuleType | None
+try:
+    import resource as _resource
+except ImportError:  # Windows: no memory check
+    _resource = None
 
 
 class OverBudget(Exception):
@@ -230,7 +235,10 @@ _SIGNALS = hasattr(signal, "setitimer")
 
 
 def _peak_rss() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    """The process's peak memory in bytes, 0 where it cannot be read (Windows)."""
+    if _resource is None:
+        return 0
+    peak: int = _resource.getrusage(_resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import io
 import marshal
 import re
-import resource
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property
@@ -51,12 +50,25 @@ MAX_DEPTH = 64
 #: Aliases may add this many values to a file, plus ``ALIAS_FACTOR`` per value written.
 ALIAS_ALLOWANCE = 100_000
 ALIAS_FACTOR = 10
-# libyaml's parser keeps its own stack, but ruamel's C composer recurses in C, about 300 bytes
-# of stack per level (it crashed past 26,000 levels with 8 MiB). Below this many collection
-# starts, whatever they are, it cannot go deep enough to crash; above, the depth is measured
-# with the parser alone first.
-_STACK_BYTES = resource.getrlimit(resource.RLIMIT_STACK)[0]
-_COMPOSER_SAFE = min(5_000, _STACK_BYTES // 1024) if _STACK_BYTES > 0 else 5_000
+
+
+def _composer_safe() -> int:
+    """How many nested collections ruamel's C composer survives, with a wide margin.
+
+    libyaml's parser keeps its own stack, but the composer recurses in C, about 300 bytes of
+    stack per level (it crashed past 26,000 levels with 8 MiB).
+    """
+    try:
+        import resource
+    except ImportError:  # Windows: the main thread has 1 to 2 MiB of stack
+        return 1_000
+    stack = resource.getrlimit(resource.RLIMIT_STACK)[0]
+    return min(5_000, stack // 1024) if stack > 0 else 5_000
+
+
+# Below this many collection starts, whatever they are, the C composer cannot go deep enough
+# to crash; above, the depth is measured with the parser alone first.
+_COMPOSER_SAFE = _composer_safe()
 # Every nested block collection starts further right than its parent, or (a sequence under a
 # key) one level later: when no line starts with this many units of indentation, "-", "?",
 # ":" or &anchor/!tag (a "--- " too), a file holds at most 2 * _BLOCK_PREFIX levels of block

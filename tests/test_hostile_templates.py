@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -302,3 +304,41 @@ def test_the_budget_holds_in_forked_workers_and_no_timer_outlives_a_build(
     # The timer renders leave running between files is stopped when the build ends: at exit,
     # Python gives SIGPROF back its default action, which ends the process.
     assert signal.getitimer(signal.ITIMER_PROF) == (0.0, 0.0)
+
+
+# Every command imports yamldoc and the budget; a Windows controller has no ``resource``.
+WITHOUT_RESOURCE = """\
+import runpy, sys
+sys.modules["resource"] = None  # import resource raises ImportError, as on Windows
+from provisioner import budget, yamldoc
+from provisioner.errors import InventoryError
+print("composer-safe", yamldoc._COMPOSER_SAFE)
+try:
+    yamldoc.compose_tree("a: " + "[" * 2_000 + "]" * 2_000 + "\\n", "deep.yaml")
+except InventoryError as exc:
+    print(exc)
+sys.argv = ["provisioner", *sys.argv[1:]]
+runpy.run_module("provisioner.cli", run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_without_the_resource_module_commands_run_and_the_cpu_budget_holds(
+    tmp_path: Path,
+) -> None:
+    template = TEMPLATE_HEAD + "userAgent=" + HOSTILE_TEMPLATES["loop"] + "\n" + TEMPLATE_ACCOUNT
+    root = write_inventory(tmp_path / "inv", {**BASE, "templates/microsip.ini.j2": template})
+    result = subprocess.run(
+        [sys.executable, "-c", WITHOUT_RESOURCE, "validate", "-i", str(root)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 1, (result.returncode, result.stderr[-2000:])
+    lines = result.stdout.splitlines()
+    assert lines[0] == "composer-safe 1000"
+    assert lines[1].startswith("deep.yaml:1:") and "nested too deeply" in lines[1]
+    path = root / "templates" / "microsip.ini.j2"
+    assert f"{path}:3: the template ran for more than 1 s of CPU time" in result.stdout
