@@ -17,6 +17,7 @@ import signal
 import string
 import sys
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import FrameType, ModuleType
@@ -250,11 +251,14 @@ class Clock:
     only. Setting a timer costs a system call, so the timer is left running between the
     renders of a build and stops itself at the first tick that finds no render running; the
     handler is installed once per process, and passes that tick on to the one it replaced.
+    The time charged is the rendering thread's own CPU time since the render started: a
+    signal that arrives during a long C call is handled once, after it, and the timer also
+    ticks for the CPU time of other threads.
     """
 
     def __init__(self) -> None:
         self.budget: RenderBudget | None = None
-        self.ticks = 0
+        self.started = 0.0
         self.baseline = 0
         self.previous: Any = None
         self.installed = False  # a forked child inherits the handler, and this flag with it
@@ -272,7 +276,7 @@ class Clock:
             self.previous = signal.signal(signal.SIGPROF, self.handle)
             os.register_at_fork(after_in_child=self.forked)
             self.installed = True
-        self.budget, self.ticks, self.baseline = budget, 0, 0
+        self.budget, self.started, self.baseline = budget, time.thread_time(), 0
         if not self.running:
             self.running = True
             signal.setitimer(signal.ITIMER_PROF, _TICK, _TICK)
@@ -300,8 +304,7 @@ class Clock:
             return
         # Once over, every tick raises again until the render stops the clock: an exception
         # raised where Python only prints it (a __del__ method) must not end the budget.
-        self.ticks += 1
-        if self.ticks * _TICK >= budget.seconds:
+        if time.thread_time() - self.started >= budget.seconds:
             raise OverBudget(f"the template ran for more than {budget.seconds:g} s of CPU time")
         peak = _peak_rss()
         if not self.baseline:

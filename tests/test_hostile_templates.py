@@ -10,16 +10,19 @@ The passwords here are real ones (sealed and opened with a key), so that a leak 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from provisioner import build, vault
-from provisioner.budget import RenderBudget
+from provisioner.budget import CLOCK, RenderBudget, stop_clock
 from provisioner.model import Secret
 from tests.test_build import (
     BASE,
@@ -262,6 +265,9 @@ HOSTILE_TEMPLATES = {
     "sum": "{{ ([[0] * 1000000] * 1000) | sum(start=[]) | length }}",
     "macro": "{% macro m() %}{% for i in range(100000) %}{% for j in range(100000) %}"
     "xxxxxxxxxx{% endfor %}{% endfor %}{% endmacro %}{{ m() }}",
+    # Each comparison is one C call of seconds: the clock's signal is handled once, after it.
+    "long-calls": "{% set a = [[0] * 1000000] * 2000 %}{% set b = [[0] * 1000000] * 2000 %}"
+    "{% for i in range(6) %}{{ a == b }}{% endfor %}",
 }
 
 
@@ -342,3 +348,29 @@ def test_without_the_resource_module_commands_run_and_the_cpu_budget_holds(
     assert lines[1].startswith("deep.yaml:1:") and "nested too deeply" in lines[1]
     path = root / "templates" / "microsip.ini.j2"
     assert f"{path}:3: the template ran for more than 1 s of CPU time" in result.stdout
+
+
+def test_the_clock_charges_a_render_with_its_own_thread_s_cpu_time() -> None:
+    # Threads hash (without the GIL) while the rendering thread sleeps: the timer ticks for
+    # their CPU time, none of which is the render's.
+    stop = threading.Event()
+
+    def hash_until_stopped() -> None:
+        data = bytes(1 << 20)
+        while not stop.is_set():
+            hashlib.sha256(data)
+
+    workers = [threading.Thread(target=hash_until_stopped) for _ in range(2)]
+    assert CLOCK.start(RenderBudget(seconds=0.3))
+    try:
+        for worker in workers:
+            worker.start()
+        started, deadline = time.process_time(), time.monotonic() + 30
+        while time.process_time() - started < 1.0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert time.process_time() - started >= 1.0  # the timer had reason to tick 20 times
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join()
+        stop_clock()
