@@ -417,7 +417,7 @@ def render(template: jinja2.Template, context: Mapping[str, object], target: str
     try:
         clocked = CLOCK.start(budget)
         try:
-            text = _generate(template, context, budget)
+            text = _generate(template, context, budget, clocked=clocked)
         finally:
             if clocked:
                 CLOCK.stop()
@@ -442,12 +442,19 @@ def render(template: jinja2.Template, context: Mapping[str, object], target: str
 
 
 def _generate(
-    template: jinja2.Template, context: Mapping[str, object], budget: RenderBudget
+    template: jinja2.Template,
+    context: Mapping[str, object],
+    budget: RenderBudget,
+    *,
+    clocked: bool,
 ) -> str:
     """The rendered text, stopped as soon as it is longer than the budget allows.
 
     Chunks are taken a few dozen at a time (a Python loop per chunk cost more than the rest of
     the render); no single chunk is larger than the budget, which every value is held to.
+    Every failure keeps its template line: the clock, once over, raises at each tick, so it is
+    stopped before the error is turned into a message, and a tick that lands here, between
+    two chunks, is charged to the line where the template stands.
     """
     chunks: list[str] = []
     size = 0
@@ -466,7 +473,12 @@ def _generate(
             chunks += batch
     except _AtLine:
         raise
-    except Exception:
+    except Exception as exc:
+        if clocked:
+            CLOCK.stop()
+        position = _running_template(generator)  # None once the template's code has raised
+        if isinstance(exc, OverBudget) and position is not None:
+            raise _AtLine(position, str(exc)) from None
         template.environment.handle_exception()  # raises, with template lines in the traceback
 
 
