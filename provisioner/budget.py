@@ -18,8 +18,9 @@ import string
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from types import FrameType, ModuleType
 from typing import Any, NoReturn
 
@@ -53,11 +54,64 @@ DEFAULT_BUDGET = RenderBudget()
 
 
 SIZED = (str, bytes, bytearray, list, tuple, dict)
+COLLECTIONS = (list, tuple, dict, set, frozenset)
+_TEXT = (str, bytes, bytearray)
 
 
 def size_of(value: object) -> int:
     """The length of a string, bytes or container (0 for anything else)."""
     return len(value) if isinstance(value, SIZED) else 0
+
+
+def _leaf_size(value: object) -> int:
+    if isinstance(value, _TEXT):
+        return len(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value.bit_length() * 3 // 10 + 1  # about its decimal digits
+    return 1
+
+
+def _members(value: Any) -> Iterator[object]:
+    return chain.from_iterable(value.items()) if isinstance(value, dict) else iter(value)
+
+
+def expanded_size(value: object, limit: int) -> int:
+    """The size of ``value`` with everything it holds, each reference counted again.
+
+    This is what ``str()`` or a comparison walks in one C call that no clock can stop:
+    characters of text, digits of a number, at least one per item. Counting stops past
+    ``limit`` (the result is then ``limit + 1``); each distinct list is walked once.
+    """
+    if not isinstance(value, COLLECTIONS):
+        return _leaf_size(value)
+    known: dict[int, int] = {}
+    walking = {id(value)}
+    stack: list[list[Any]] = [[value, _members(value), 0]]  # collection, its items, size so far
+    while True:
+        top = stack[-1]
+        for item in top[1]:
+            if isinstance(item, COLLECTIONS):
+                size = known.get(id(item))
+                if size is None:
+                    if id(item) not in walking:
+                        walking.add(id(item))
+                        stack.append([item, _members(item), 0])
+                        break
+                    size = 1  # a list that holds itself: str() writes [...]
+            else:
+                size = _leaf_size(item)
+            top[2] += max(1, size)
+            if top[2] > limit:
+                return limit + 1
+        else:
+            stack.pop()
+            walking.discard(id(top[0]))
+            known[id(top[0])] = top[2]
+            if not stack:
+                return int(top[2])
+            stack[-1][2] += max(1, top[2])
+            if stack[-1][2] > limit:
+                return limit + 1
 
 
 def _big_int(value: object, limit: int) -> bool:
@@ -114,6 +168,13 @@ class ValueLimits:
             self.over("a value")
         return value
 
+    def expanded(self, value: Any) -> Any:
+        """``value``, unless it holds more than the budget's output (see expanded_size)."""
+        limit = self.budget.output
+        if expanded_size(value, limit) > limit:
+            self.over("a value")
+        return value
+
     def binop(self, operator: str, left: Any, right: Any) -> None:
         """Refuse an operation whose result would be too large, before it is computed."""
         limit, bits = self.budget.output, self.budget.int_bits
@@ -123,8 +184,11 @@ class ValueLimits:
                     self.over_bits("a product")
             elif isinstance(left, int) or isinstance(right, int):
                 count, sized = (left, right) if isinstance(left, int) else (right, left)
-                if count > 0 and size_of(sized) * count > limit:
+                if isinstance(sized, SIZED) and count * expanded_size(sized, limit) > limit:
                     self.over("a repetition")
+        elif operator == "+" and isinstance(left, SIZED) and isinstance(right, SIZED):
+            if expanded_size(left, limit) + expanded_size(right, limit) > limit:
+                self.over("a concatenation")
         elif operator == "**":
             ints = isinstance(left, int) and isinstance(right, int) and abs(left) > 1
             if ints and right * left.bit_length() > bits:
@@ -168,10 +232,13 @@ class ValueLimits:
                     self.over("a value")
             elif name == "join" and args and isinstance(args[0], list | tuple):
                 self.check_join(owner, args[0])
-        elif name == "extend" and isinstance(owner, list) and args:
-            grown = len(owner) + size_of(args[0])
-            if grown > limit:
-                self.over("a list")
+        elif (
+            isinstance(owner, list | dict)
+            and name in _GROWING
+            # The collection's whole size again (linear): templates rarely grow one.
+            and expanded_size(owner, limit) + expanded_size(values, limit) > limit
+        ):
+            self.over("a list" if isinstance(owner, list) else "a dict")
 
     def check_replace(self, text: Any, old: Any, new: Any, count: Any) -> None:
         """Refuse a replacement whose result would be larger than the budget."""
@@ -212,23 +279,24 @@ class ValueLimits:
                 self.over("the wordwrap filter")
         elif name == "format" and isinstance(value, str):
             self.check_format(value, [*args[1:], *kwargs.values()], braces=False)
-        elif name == "sum" and isinstance(value, list | tuple):
-            total = sum(size_of(v) for v in value) + size_of(kwargs.get("start"))
-            if total > limit:
-                self.over("the sum filter")
 
 
 # Methods and filters whose result grows with an integer argument.
 _PADDING = frozenset({"center", "ljust", "rjust", "zfill"})
-SIZING_CALLS = _PADDING | {
-    "format",
-    "format_map",
-    "to_bytes",
-    "replace",
-    "expandtabs",
-    "join",
-    "extend",
-}
+# Methods that add to a list or dict.
+_GROWING = frozenset({"append", "insert", "extend", "update", "setdefault"})
+SIZING_CALLS = (
+    _PADDING
+    | _GROWING
+    | {
+        "format",
+        "format_map",
+        "to_bytes",
+        "replace",
+        "expandtabs",
+        "join",
+    }
+)
 _SIZE_FILTERS = frozenset({"center", "batch", "slice"})
 _SIZE_ARGUMENTS = ("width", "linecount", "slices")
 _TICK = 0.05  # seconds of CPU between two looks at a running render

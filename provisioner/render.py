@@ -23,19 +23,21 @@ import importlib.resources
 import math
 import re
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import islice
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any, NoReturn
 
 import jinja2
+from jinja2 import nodes
 from jinja2.compiler import CodeGenerator, Frame, optimizeconst
-from jinja2.nodes import Concat
+from jinja2.filters import make_attrgetter
 from jinja2.sandbox import SandboxedEnvironment, is_internal_attribute
 
 from provisioner.budget import (
     CLOCK,
+    COLLECTIONS,
     DEFAULT_BUDGET,
     SIZED,
     SIZING_CALLS,
@@ -231,10 +233,14 @@ def _secret_of(value: SealedValue | Secret) -> Secret:
     return value if isinstance(value, Secret) else object.__getattribute__(value, "_secret")
 
 
-def _refuse_raw_secret(value: object) -> object:
-    """``{{ password }}`` without ``| ini`` would write the value somewhere unchecked."""
+@jinja2.pass_environment
+def _finalize(environment: jinja2.Environment, value: object) -> object:
+    """What ``{{ value }}`` writes: no password (without ``| ini`` it would go somewhere
+    unchecked), no list or dict larger than the budget (``str()`` writes it in one C call)."""
     if isinstance(value, _SEALED):
         raise _SealedUse
+    if isinstance(value, COLLECTIONS) and isinstance(environment, TemplateEnvironment):
+        environment.limits.expanded(value)
     return value
 
 
@@ -270,10 +276,29 @@ _CHUNKS_PER_LOOK = 64  # output chunks taken between two counts of the output
 
 
 class _CodeGenerator(CodeGenerator):
-    """Jinja's code generator with ``~`` checked like the other operators."""
+    """Jinja's code generator with ``~`` checked like the other operators, and the lists,
+    tuples and dicts a template writes out checked against the budget once made."""
+
+    def visit_List(self, node: nodes.List, frame: Frame) -> None:
+        self.write("environment.limits.expanded(")
+        super().visit_List(node, frame)
+        self.write(")")
+
+    def visit_Dict(self, node: nodes.Dict, frame: Frame) -> None:
+        self.write("environment.limits.expanded(")
+        super().visit_Dict(node, frame)
+        self.write(")")
+
+    def visit_Tuple(self, node: nodes.Tuple, frame: Frame) -> None:
+        if node.ctx != "load":  # the names of {% for a, b in ... %}
+            super().visit_Tuple(node, frame)
+            return
+        self.write("environment.limits.expanded(")
+        super().visit_Tuple(node, frame)
+        self.write(")")
 
     @optimizeconst
-    def visit_Concat(self, node: Concat, frame: Frame) -> None:
+    def visit_Concat(self, node: nodes.Concat, frame: Frame) -> None:
         self.write("environment.concat_values((")
         for argument in node.nodes:
             self.visit(argument, frame)
@@ -330,6 +355,26 @@ class TemplateEnvironment(SandboxedEnvironment):
         return "".join(parts)
 
 
+@jinja2.pass_environment
+def _sum(
+    environment: jinja2.Environment,
+    iterable: Iterable[Any],
+    attribute: str | int | None = None,
+    start: Any = 0,
+) -> Any:
+    """Jinja's ``sum`` filter, one checked ``+`` at a time: Python's sum() of lists is one C
+    call, quadratic in their number, that no clock could stop."""
+    if attribute is not None:
+        iterable = map(make_attrgetter(environment, attribute), iterable)
+    limits = environment.limits if isinstance(environment, TemplateEnvironment) else None
+    total = start
+    for item in iterable:
+        if limits is not None:
+            limits.binop("+", total, item)
+        total = total + item
+    return total
+
+
 def _guarded_filter(
     name: str, function: Callable[..., Any], limits: ValueLimits
 ) -> Callable[..., Any]:
@@ -363,9 +408,10 @@ def make_environment(
         # One process renders one run: checking every template file's mtime per render
         # (a stat per target) buys nothing.
         auto_reload=False,
-        finalize=_refuse_raw_secret,
+        finalize=_finalize,
         budget=budget,
     )
+    env.filters["sum"] = _sum
     for name, function in list(env.filters.items()):
         env.filters[name] = _guarded_filter(name, function, env.limits)
     env.filters["ini"] = ini_value

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from provisioner import build, vault
-from provisioner.budget import CLOCK, RenderBudget, stop_clock
+from provisioner.budget import CLOCK, RenderBudget, expanded_size, stop_clock
 from provisioner.model import Secret
 from tests.test_build import (
     BASE,
@@ -268,6 +268,18 @@ HOSTILE_TEMPLATES = {
     # Each comparison is one C call of seconds: the clock's signal is handled once, after it.
     "long-calls": "{% set a = [[0] * 1000000] * 2000 %}{% set b = [[0] * 1000000] * 2000 %}"
     "{% for i in range(6) %}{{ a == b }}{% endfor %}",
+    # A list of a million references to a list of a million: one item each, 10**12 inside.
+    "nested-repeat": "{{ [[0] * 1000000] * 1000000 == [[0] * 1000000] * 1000000 }}",
+    # json's C encoder writes 3 GB without ever letting the clock look.
+    "tojson": "{{ ([[0] * 1000000] * 1000) | tojson }}",
+    # The same with lists grown by a method or written out.
+    "append-references": "{% set x = [0] * 1000000 %}{% set y = [0] * 1000000 %}"
+    "{% set a = [] %}{% set b = [] %}"
+    "{% for i in range(2000) %}{{ a.append(x) }}{{ b.append(y) }}{% endfor %}{{ a == b }}",
+    "literal-references": "{% set x = [0] * 1000000 %}{% set y = [0] * 1000000 %}"
+    "{{ [" + "x, " * 2000 + "] == [" + "y, " * 2000 + "] }}",
+    # Python's sum() of 90,000 short lists copies the growing result each time, in one C call.
+    "sum-lists": "{{ range(90000) | map('string') | map('list') | list | sum(start=[]) | length }}",
 }
 
 
@@ -374,3 +386,23 @@ def test_the_clock_charges_a_render_with_its_own_thread_s_cpu_time() -> None:
         for worker in workers:
             worker.join()
         stop_clock()
+
+
+def test_the_expanded_size_counts_each_reference_and_stops_past_the_limit() -> None:
+    inner = [0] * 1000
+    assert expanded_size([inner, inner, "abc", 10**30], 10**6) == 2000 + 3 + 31
+    assert expanded_size({"k": inner}, 10**6) == 1 + 1000
+    assert expanded_size([[0] * 10] * 10**6, 100) == 101
+    holds_itself: list[object] = []
+    holds_itself.append(holds_itself)
+    assert expanded_size(holds_itself, 100) == 1
+
+
+def test_tuples_unpacked_in_a_loop_are_not_checked_as_values(tmp_path: Path) -> None:
+    template = (
+        TEMPLATE_HEAD + "userAgent={% for a, b in [(1, 'x'), (2, 'y')] %}{{ a }}{{ b }}"
+        "{% endfor %}\n\n" + TEMPLATE_ACCOUNT  # the block's own line break is trimmed
+    )
+    result = _build(tmp_path, template)
+    [built] = [f for f in result.files if f.target.kind == "microsip"]
+    assert built.document.get("Settings", "userAgent") == "1x2y"
