@@ -412,6 +412,8 @@ def make_environment(
         budget=budget,
     )
     env.filters["sum"] = _sum
+    # INI needs no JSON, and json's C encoder writes any value whole without the clock looking.
+    del env.filters["tojson"]
     for name, function in list(env.filters.items()):
         env.filters[name] = _guarded_filter(name, function, env.limits)
     env.filters["ini"] = ini_value

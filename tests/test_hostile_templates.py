@@ -77,7 +77,6 @@ ATTACKS = [
     f"userAgent={{{{ {PW}|ini|reverse }}}}",
     f"userAgent={{{{ ({PW}|ini)[::-1] }}}}",
     f"userAgent={{{{ ({PW}|ini)|list|join(',') }}}}",
-    f"userAgent={{{{ {PW}|ini|tojson }}}}",
     f"userAgent={{{{ {PW}|ini|length }}}}",
     f"userAgent={{{{ {PW}|ini|replace('0', '1') }}}}",
     f"userAgent={{{{ {PW}|string }}}}",
@@ -85,7 +84,6 @@ ATTACKS = [
     f"userAgent={{{{ {PW}|reverse }}}}",
     f"userAgent={{{{ {PW}|length }}}}",
     f"userAgent={{{{ {PW}|first }}}}",
-    f"userAgent={{{{ {PW}|tojson }}}}",
     f"userAgent={{{{ {PW}|pprint }}}}",
     f"userAgent={{{{ {PW}|replace('a', 'b') }}}}",
     f"userAgent={{{{ {PW}|join }}}}",
@@ -94,7 +92,6 @@ ATTACKS = [
     f"userAgent={{{{ {PW}|bool01 }}}}",
     f"userAgent={{{{ {PW}|default('x') }}}}",
     f"userAgent={{{{ [{PW}]|ini }}}}",
-    f"userAgent={{{{ {{'a': {PW}}}|tojson }}}}",
     "userAgent={{ accounts|map(attribute='fields.password')|map('reverse')|list }}",
     f"userAgent={{{{ {PW} ~ '' }}}}",
     f"userAgent={{{{ {PW} + 'x' }}}}",
@@ -270,7 +267,7 @@ HOSTILE_TEMPLATES = {
     "{% for i in range(6) %}{{ a == b }}{% endfor %}",
     # A list of a million references to a list of a million: one item each, 10**12 inside.
     "nested-repeat": "{{ [[0] * 1000000] * 1000000 == [[0] * 1000000] * 1000000 }}",
-    # json's C encoder writes 3 GB without ever letting the clock look.
+    # json's C encoder writes 3 GB without ever letting the clock look: there is no tojson.
     "tojson": "{{ ([[0] * 1000000] * 1000) | tojson }}",
     # The same with lists grown by a method or written out.
     "append-references": "{% set x = [0] * 1000000 %}{% set y = [0] * 1000000 %}"
@@ -293,7 +290,8 @@ def test_a_render_stays_within_its_budget(tmp_path: Path, name: str) -> None:
     [finding] = [f for f in json.loads(result.stdout)["findings"] if f["code"] == "template"]
     path = root / "templates" / "microsip.ini.j2"
     assert finding["message"].startswith(f"{path}:3: "), finding["message"]
-    assert "budget" in finding["message"] or "more than" in finding["message"]
+    expected = ("No filter named 'tojson'",) if name == "tojson" else ("budget", "more than")
+    assert any(words in finding["message"] for words in expected), finding["message"]
 
 
 def test_the_budget_holds_in_forked_workers_and_no_timer_outlives_a_build(
