@@ -44,7 +44,7 @@ class RenderBudget:
 
     seconds: float = 1.0
     output: int = 1024 * 1024
-    # Growth of the process's peak memory during one render, in bytes.
+    # Growth of the process's memory during one render (from its first look), in bytes.
     memory: int = 256 * 1024 * 1024
     # The largest integer an operator may make, in bits (about 30,000 digits).
     int_bits: int = 100_000
@@ -304,11 +304,14 @@ _SIGNALS = hasattr(signal, "setitimer")
 
 
 def _peak_rss() -> int:
-    """The process's peak memory in bytes, 0 where it cannot be read (Windows)."""
+    """The most memory the process ever held, in bytes; 0 where it cannot be read (Windows)."""
     if _resource is None:
         return 0
     peak: int = _resource.getrusage(_resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 class Clock:
@@ -328,13 +331,29 @@ class Clock:
         self.budget: RenderBudget | None = None
         self.started = 0.0
         self.baseline = 0
+        self.statm = -1  # /proc/self/statm, opened once per process; -2 where there is none
         self.previous: Any = None
         self.installed = False  # a forked child inherits the handler, and this flag with it
         self.running = False  # the timer is set (a forked child has none)
 
     def forked(self) -> None:
-        """In a forked child: no timer runs there."""
+        """In a forked child: no timer runs there, and /proc/self was the parent's."""
         self.budget, self.running = None, False
+        if self.statm >= 0:
+            os.close(self.statm)
+            self.statm = -1
+
+    def memory(self) -> int:
+        """The process's memory in bytes: what it holds now (Linux), else the most it ever
+        held (a render's growth then shows only past an earlier peak)."""
+        if self.statm == -1:
+            try:
+                self.statm = os.open("/proc/self/statm", os.O_RDONLY)
+            except OSError:
+                self.statm = -2
+        if self.statm < 0:
+            return _peak_rss()
+        return int(os.pread(self.statm, 200, 0).split()[1]) * _PAGE
 
     def start(self, budget: RenderBudget) -> bool:
         """A render begins; False where no timer can run (not the main thread, no SIGPROF)."""
@@ -344,7 +363,7 @@ class Clock:
             self.previous = signal.signal(signal.SIGPROF, self.handle)
             os.register_at_fork(after_in_child=self.forked)
             self.installed = True
-        self.budget, self.started, self.baseline = budget, time.thread_time(), 0
+        self.budget, self.started, self.baseline = budget, time.thread_time(), self.memory()
         if not self.running:
             self.running = True
             signal.setitimer(signal.ITIMER_PROF, _TICK, _TICK)
@@ -374,10 +393,7 @@ class Clock:
         # raised where Python only prints it (a __del__ method) must not end the budget.
         if time.thread_time() - self.started >= budget.seconds:
             raise OverBudget(f"the template ran for more than {budget.seconds:g} s of CPU time")
-        peak = _peak_rss()
-        if not self.baseline:
-            self.baseline = peak
-        elif peak - self.baseline > budget.memory:
+        if self.memory() - self.baseline > budget.memory:
             raise OverBudget(
                 f"the template used more than {budget.memory // (1024 * 1024)} MiB of memory"
             )

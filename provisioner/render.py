@@ -473,13 +473,7 @@ def render(template: jinja2.Template, context: Mapping[str, object], target: str
     except _AtLine as exc:
         file, line = _position(exc.position, template)
         detail = exc.detail
-    except _TEMPLATE_ERRORS as exc:
-        file, line = _template_frame(exc.__traceback__, template)
-        detail = str(exc)
-        if isinstance(exc, jinja2.TemplateError):
-            detail = exc.message or detail
-        elif isinstance(exc, RecursionError):
-            detail = "templates include or call each other without end"
+        _release(exc)
     finally:
         _PLACEMENTS.reset(token)
     raise RenderError(
@@ -487,6 +481,18 @@ def render(template: jinja2.Template, context: Mapping[str, object], target: str
         file=file,
         line=line,
     )
+
+
+def _release(exc: BaseException | None) -> None:
+    """Let go of a failed render's frames, and so of the values it made, now.
+
+    Its exceptions hold them through their tracebacks; Jinja's traceback rewriting (not used
+    here) tied them into cycles that only the garbage collector breaks. Until then the next
+    render would start with this one's memory still held, and be measured from there.
+    """
+    while exc is not None:
+        context, exc.__context__, exc.__traceback__ = exc.__context__, None, None
+        exc = context
 
 
 def _generate(
@@ -521,13 +527,33 @@ def _generate(
             chunks += batch
     except _AtLine:
         raise
-    except Exception as exc:
+    except _TEMPLATE_ERRORS as exc:
         if clocked:
             CLOCK.stop()
-        position = _running_template(generator)  # None once the template's code has raised
-        if isinstance(exc, OverBudget) and position is not None:
-            raise _AtLine(position, str(exc)) from None
-        template.environment.handle_exception()  # raises, with template lines in the traceback
+        # Where the template stands when it is suspended; else the innermost template frame.
+        position = _running_template(generator) or _raised_in(exc.__traceback__)
+        raise _AtLine(position, _detail(exc)) from None
+    except Exception:
+        template.environment.handle_exception()  # a bug: raises with template lines shown
+
+
+def _detail(exc: BaseException) -> str:
+    if isinstance(exc, jinja2.TemplateError):
+        return exc.message or str(exc)
+    if isinstance(exc, RecursionError):
+        return "templates include or call each other without end"
+    return str(exc)
+
+
+def _raised_in(tb: TracebackType | None) -> tuple[jinja2.Template, int] | None:
+    """The innermost template (and compiled line) in a traceback."""
+    found = None
+    while tb is not None:
+        template = tb.tb_frame.f_globals.get("__jinja_template__")
+        if template is not None:
+            found = (template, tb.tb_lineno)
+        tb = tb.tb_next
+    return found
 
 
 def _running_template(generator: Any) -> tuple[jinja2.Template, int] | None:
@@ -549,15 +575,6 @@ def _position(
         return template.filename or template.name or "?", 0
     where, code_line = position
     return where.filename or where.name or "?", where.get_corresponding_lineno(code_line)
-
-
-def _template_frame(tb: TracebackType | None, template: jinja2.Template) -> tuple[str, int]:
-    file, line = template.filename or template.name or "?", 0
-    while tb is not None:
-        if tb.tb_frame.f_code.co_filename == template.filename:
-            line = tb.tb_lineno
-        tb = tb.tb_next
-    return file, line
 
 
 def _snippet(file: str | None, line: int | None) -> str:

@@ -294,6 +294,38 @@ def test_a_render_stays_within_its_budget(tmp_path: Path, name: str) -> None:
     assert any(words in finding["message"] for words in expected), finding["message"]
 
 
+# 100 macro calls deep, each holding a string of 4 MB: 400 MB if nothing stops it.
+MEMORY_HOG = (
+    "{% macro m(n) %}{% set s = '\U0001f600' * 1000000 %}{% if n %}{{ m(n - 1) }}{% endif %}"
+    "{{ s | length }}{% endmacro %}{{ m(100) }}"
+)
+
+
+@pytest.mark.slow
+def test_every_render_has_its_own_memory_budget(tmp_path: Path) -> None:
+    # Measured against the process's peak, the first render to be stopped left the next ones
+    # room up to that peak and 256 MiB more (five users took 1.8 GiB, each "over budget").
+    names = [f"u{i}" for i in range(5)]
+    users = "".join(
+        f"  {name}:\n    accounts:\n      main: {{sip_uri: 1{i}@pbx.example.com, password: SEAL}}\n"
+        for i, name in enumerate(names)
+    )
+    template = TEMPLATE_HEAD + "userAgent=" + MEMORY_HOG + "\n" + TEMPLATE_ACCOUNT
+    files = {
+        **BASE,
+        "users.yaml": "users:\n" + users,
+        "workstations.yaml": f"workstations:\n  ws1:\n    users: [{', '.join(names)}]\n",
+        "templates/microsip.ini.j2": template,
+    }
+    root = write_inventory(tmp_path / "inv", files)
+    result = run_limited("validate", "-i", str(root), "--format", "json", cwd=tmp_path)
+    assert result.returncode == 1, (result.returncode, result.stderr[-2000:])
+    findings = [f for f in json.loads(result.stdout)["findings"] if f["code"] == "template"]
+    assert sorted(f["file"] for f in findings) == [f"ws1/{name}/microsip.ini" for name in names]
+    for finding in findings:
+        assert "the template used more than 256 MiB of memory" in finding["message"]
+
+
 def test_the_budget_holds_in_forked_workers_and_no_timer_outlives_a_build(
     tmp_path: Path,
 ) -> None:
