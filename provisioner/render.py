@@ -436,6 +436,8 @@ def load_template(env: TemplateEnvironment, name: str) -> jinja2.Template:
         ) from None
     except (_ValueError, OverBudget) as exc:
         raise RenderError(f"{name}: {exc} (while compiling it)") from None
+    except RecursionError:  # Jinja's lexer, parser and compiler recurse for each level
+        raise RenderError(f"{name}: nested too deeply (while compiling it)") from None
     finally:
         if clocked:
             CLOCK.stop()

@@ -237,6 +237,21 @@ def test_a_template_that_includes_itself_is_a_render_error(tmp_path: Path) -> No
     assert "include or call each other without end" in finding.message
 
 
+@pytest.mark.parametrize(
+    "line",
+    [
+        "userAgent={{ " + "[" * 300 + "1" + "]" * 300 + " }}",
+        "userAgent={{ " + "(" * 5000 + "1" + ")" * 5000 + " }}",
+        "{% if 1 %}" * 3000 + "x" + "{% endif %}" * 3000,
+    ],
+)
+def test_a_template_nested_too_deeply_is_a_template_error(tmp_path: Path, line: str) -> None:
+    result = _build(tmp_path, TEMPLATE_HEAD + line + "\n" + TEMPLATE_ACCOUNT)
+    [finding] = [f for f in result.findings if f.code == "template"]
+    assert finding.message == "microsip.ini.j2: nested too deeply (while compiling it)"
+    assert not [f for f in result.files if f.target.kind == "microsip"]
+
+
 @pytest.mark.parametrize("expression", ["1 / 0", "10.0 ** 400", "'%d' % 'x'", "[1][5]"])
 def test_arithmetic_and_lookup_errors_are_render_errors(tmp_path: Path, expression: str) -> None:
     result = _build(tmp_path, TEMPLATE_HEAD + f"userAgent={{{{ {expression} }}}}\n")
