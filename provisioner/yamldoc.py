@@ -9,8 +9,9 @@ YAML 1.2 parser, which accepts ``:`` inside plain scalars in flow mappings.
 Every file is untrusted input (anyone who can edit the inventory writes it), so a file is
 refused, with file:line, when it is larger than :data:`MAX_FILE_BYTES`, nests collections
 deeper than :data:`MAX_DEPTH` (checked before the C composer, which recurses in C and crashes
-on deep input), or has aliases that expand it beyond :func:`expansion_limit` values (a few
-hundred bytes of nested anchors would otherwise expand to billions of values).
+on deep input), or holds more than :data:`MAX_VALUES` values, counted before composing and
+again with its aliases expanded (a few hundred bytes of nested anchors would otherwise expand
+to billions of values).
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ from typing import Any, ClassVar
 from ruamel.yaml import YAML
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from ruamel.yaml.events import (
+    AliasEvent,
     MappingEndEvent,
     MappingStartEvent,
+    ScalarEvent,
     SequenceEndEvent,
     SequenceStartEvent,
 )
@@ -47,9 +50,10 @@ _KEY_CONTROL = re.compile("[\x00-\x1f\x7f]")
 MAX_FILE_BYTES = 16 * 1024 * 1024
 #: The deepest nesting of mappings and sequences; an inventory needs about six levels.
 MAX_DEPTH = 64
-#: Aliases may add this many values to a file, plus ``ALIAS_FACTOR`` per value written.
-ALIAS_ALLOWANCE = 100_000
-ALIAS_FACTOR = 10
+#: The most values (scalars, keys included, and collections) a file may hold, with every
+#: alias counted as what it repeats: reading that many takes about 5 s and 0.5 GiB, and a
+#: 10,000-user file holds about 150,000.
+MAX_VALUES = 1_000_000
 
 
 def _composer_safe() -> int:
@@ -267,11 +271,6 @@ def mapping_key(
     return None
 
 
-def expansion_limit(values: int) -> int:
-    """How many values a file that writes ``values`` may hold once its aliases are expanded."""
-    return ALIAS_ALLOWANCE + ALIAS_FACTOR * values
-
-
 class _TooDeep(Exception):
     """A collection nested deeper than MAX_DEPTH, at ``line``:``column``."""
 
@@ -301,21 +300,39 @@ def _provably_shallow(text: str) -> bool:
 
 
 def _check_depth(text: str, source: str, yaml: YAML) -> None:
-    """Measure the nesting with the parser alone (it keeps its own stack, so never crashes)."""
-    depth = 0
+    """Measure the nesting and count the values with the parser alone, before any node is
+    made (it keeps its own stack, so never crashes, and holds one event at a time)."""
+    depth = values = 0
     try:
         for event in yaml.parse(io.StringIO(text)):
+            if isinstance(event, MappingEndEvent | SequenceEndEvent):
+                depth -= 1
+                continue
             if isinstance(event, MappingStartEvent | SequenceStartEvent):
                 depth += 1
                 if depth > MAX_DEPTH:
                     mark = event.start_mark
                     raise _TooDeep(mark.line + 1, mark.column + 1)
-            elif isinstance(event, MappingEndEvent | SequenceEndEvent):
-                depth -= 1
+            elif not isinstance(event, ScalarEvent | AliasEvent):
+                continue
+            values += 1
+            if values > MAX_VALUES:
+                mark = event.start_mark
+                raise _too_many(source, mark.line + 1, mark.column + 1)
     except _TooDeep as exc:
         raise _too_deep(source, exc.line, exc.column) from None
     except YAMLError:
         pass  # composing stops at the same place and reports it
+
+
+def _too_many(source: str, line: int, column: int) -> InventoryError:
+    return InventoryError(
+        f"the file holds more than {MAX_VALUES:,} values (keys and values; this one is past"
+        " that); split it into several files",
+        file=source,
+        line=line,
+        column=column,
+    )
 
 
 def _long_line_prefix(text: str) -> bool:
@@ -334,7 +351,8 @@ def _long_line_prefix(text: str) -> bool:
 def _compose(text: str, source: str) -> Node | None:
     # ruamel's C composer recurses in C: too deep a file crashes the process. It sees a file
     # only once its depth is known to be safe (see _COMPOSER_SAFE).
-    if not _provably_shallow(text):
+    # Each value takes at least a character: a shorter text cannot hold too many.
+    if len(text) > MAX_VALUES or not _provably_shallow(text):
         _check_depth(text, source, _fast_yaml())
     try:
         return _fast_yaml().compose(io.StringIO(text))  # type: ignore[no-any-return]
@@ -371,7 +389,7 @@ def _compose(text: str, source: str) -> Node | None:
 def _count_uses(root: Node, source: str) -> dict[int, int]:
     """How many times each node is used (an alias uses its anchor's node once more).
 
-    Refuses a recursive alias, aliases that expand the file beyond :func:`expansion_limit`
+    Refuses a recursive alias, aliases that expand the file beyond :data:`MAX_VALUES`
     (each alias counts the whole size of what it repeats, nested aliases included), and
     aliases that nest deeper than MAX_DEPTH where they are used. Linear in the nodes
     written: each node's expanded size and height are computed once.
@@ -415,8 +433,7 @@ def _count_uses(root: Node, source: str) -> dict[int, int]:
         return size, height
 
     total, _ = visit(root, 0)
-    limit = expansion_limit(len(measured))
-    if total > limit:
+    if total > MAX_VALUES:
         # Name the node whose repetitions add the most.
         worst = max(
             (entry for key, entry in measured.items() if uses[key] > 1),
@@ -424,9 +441,9 @@ def _count_uses(root: Node, source: str) -> dict[int, int]:
         )
         size, _, node = worst
         raise InventoryError(
-            f"aliases expand this file to {total:,} values, more than the {limit:,} allowed"
-            f" for a file of {len(measured):,} values; the node here ({size:,} values) is"
-            f" repeated {uses[id(node)] - 1:,} times",
+            f"aliases expand this file to {total:,} values, more than the {MAX_VALUES:,} a"
+            f" file may hold; the node here ({size:,} values) is repeated"
+            f" {uses[id(node)] - 1:,} times",
             file=source,
             line=node.start_mark.line + 1,
             column=node.start_mark.column + 1,

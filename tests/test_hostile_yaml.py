@@ -160,6 +160,25 @@ def test_alias_expansion_counts_each_use_with_what_it_repeats() -> None:
     assert "aliases expand this file to" in str(error)
 
 
+def test_a_file_may_hold_a_million_values_and_its_aliases_do_not_multiply_that() -> None:
+    # 100,000 values written, ten times that with the aliases: the old allowance (ten per
+    # value written) let the tree builder make a node for each.
+    text = "a: &a [" + "x, " * 100_000 + "]\nb: [" + "*a, " * 9 + "]\n"
+    error = _compose_error(text)
+    assert "aliases expand this file to 1,000," in str(error)
+    assert "more than the 1,000,000 a file may hold" in str(error)
+    assert (error.line, error.column) == (1, 4)
+
+
+def test_a_file_of_more_values_than_allowed_is_refused_before_composing() -> None:
+    # 3 MB of short scalars; at 16 MiB, composing took 70 s and 3.3 GiB.
+    text = "a: [" + "x, " * yamldoc.MAX_VALUES + "]\n"
+    error = _compose_error(text)
+    assert "more than 1,000,000 values" in str(error)
+    column = 5 + 3 * (yamldoc.MAX_VALUES - 3)  # the mapping, its key and the list count too
+    assert (error.line, error.column) == (1, column)
+
+
 def test_recursive_aliases_are_refused() -> None:
     for text in ("a: &a [*a]\n", "a: &a\n  b: *a\n", "a: &a {b: [c, {d: *a}]}\n"):
         error = _compose_error(text)
