@@ -57,27 +57,37 @@ COMMANDS: dict[str, tuple[str, ...]] = {
 }
 
 
-def run_limited(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """The real CLI in a child whose address space is limited to MEMORY_LIMIT."""
+def limited_cli(limit: int = MEMORY_LIMIT) -> list[str]:
+    """The command line of the real CLI (its arguments follow) with its address space limited
+    to ``limit`` bytes."""
     start = (
         "import resource, runpy, sys;"
-        f"resource.setrlimit(resource.RLIMIT_AS, ({MEMORY_LIMIT}, {MEMORY_LIMIT}));"
+        f"resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit}));"
         "sys.argv = ['provisioner', *sys.argv[1:]];"
         "runpy.run_module('provisioner.cli', run_name='__main__')"
     )
-    env = {
+    return [sys.executable, "-c", start]
+
+
+def cli_environment(cwd: Path) -> dict[str, str]:
+    """A plain environment for the CLI, with its home and configuration inside ``cwd``."""
+    return {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": str(cwd),
         "XDG_CONFIG_HOME": str(cwd / "config"),
         "LANG": "C.UTF-8",
         "PYTHONDONTWRITEBYTECODE": "1",
     }
+
+
+def run_limited(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """The real CLI in a child whose address space is limited to MEMORY_LIMIT."""
     return subprocess.run(
-        [sys.executable, "-c", start, *args],
+        [*limited_cli(), *args],
         capture_output=True,
         text=True,
         cwd=cwd,
-        env=env,
+        env=cli_environment(cwd),
         timeout=120,  # a safety net only: each run takes about a second
         check=False,
     )
