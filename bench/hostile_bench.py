@@ -14,6 +14,8 @@ points. Prints figures; asserts nothing.
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
 import os
 import re
 import shutil
@@ -21,36 +23,68 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+from provisioner.yamldoc import MAX_DEPTH, MAX_FILE_BYTES, MAX_VALUES
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "inventory"
 USER, WORKSTATION = "alice", "ber-ws-001"
 
 
-def billion_laughs() -> str:
-    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
-    for i in range(1, 12):
-        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]")
-    return "\n".join(lines) + "\n"
+def load_hostile_tests() -> Any:
+    """``tests/test_hostile_yaml.py`` of this repository: its hostile files and CLI launcher."""
+    root = str(REPO)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    return importlib.import_module("tests.test_hostile_yaml")
 
 
-# name -> (what it is, text)
-FILES: dict[str, tuple[str, str]] = {
-    "laughs": ("nested aliases, 10**12 values once expanded", billion_laughs()),
-    "recursive-alias": ("an alias inside its own anchor", "users: &u\n  u9: *u\n"),
-    "deep-flow-4k": ("2,000 nested [ (C composer, then refused)", "x: " + "[" * 2000 + "\n"),
-    "deep-flow-200k": (
-        "100,000 nested [ (crashed the C composer)",
-        "x: " + "[" * 100_000 + "]" * 100_000 + "\n",
-    ),
-    "deep-block-4k": ("2,000 nested - (block sequences)", "- " * 2000 + "x\n"),
-    "deep-flow-fallback": (
-        "5,000 nested [ after a line libyaml refuses (pure-Python parser)",
-        "a: {b: c:d}\nx: " + "[" * 5000 + "\n",
-    ),
-    "oversized": ("17 MiB of comments", "users:\n" + "# padding\n" * (17 * 1024 * 1024 // 10)),
-}
+def write_at_every_limit(path: Path) -> None:
+    """A file that passes every limit by a hair: MAX_FILE_BYTES, MAX_DEPTH levels, and
+    MAX_VALUES values once its aliases are expanded (half written, half repeated).
+
+    Written in pieces: a child's peak memory includes what this process held when it forked.
+    """
+    deep = MAX_DEPTH - 1  # under the top-level mapping
+    lines = [
+        "deep: " + "[" * deep + "x" + "]" * deep,
+        "anchor: &a [" + ", ".join(["x"] * 999) + "]",  # 1,000 values with its list
+    ]
+    written = 500_000
+    fixed = 1 + (1 + deep + 1) + (1 + 1000) + 2 + 2  # mapping, deep, anchor, the two lists
+    aliases = (MAX_VALUES - fixed - written) // 1000
+    lines.append("aliases: [" + ", ".join(["*a"] * aliases) + "]")
+    room = MAX_FILE_BYTES - sum(len(line) + 1 for line in lines) - len("long: []\n")
+    width = (room + 2) // written - 2  # each scalar and its ", "
+    with path.open("w", encoding="utf-8") as file:
+        file.write("\n".join(lines) + "\nlong: [")
+        for start in range(0, written, 10_000):
+            end = min(written, start + 10_000)
+            chunk = ", ".join(f"v{i:0{width - 1}d}" for i in range(start, end))
+            file.write(chunk + (", " if end < written else "]\n"))
+
+
+def write_oversized(path: Path) -> None:
+    """A megabyte of comments more than MAX_FILE_BYTES."""
+    with path.open("w", encoding="utf-8") as file:
+        file.write("users:\n")
+        for _ in range(MAX_FILE_BYTES // (1024 * 1024) + 1):
+            file.write("# padding\n" * (1024 * 1024 // 10))
+
+
+def files() -> dict[str, Callable[[Path], object]]:
+    """name -> what writes it: the test suite's hostile files and two of the benchmark's own."""
+    found: dict[str, Callable[[Path], object]] = {
+        name: functools.partial(Path.write_text, data=text, encoding="utf-8")
+        for name, (text, _) in load_hostile_tests().HOSTILE.items()
+    }
+    found["oversized"] = write_oversized
+    found["at-every-limit"] = write_at_every_limit
+    return found
+
 
 COMMANDS: dict[str, tuple[str, ...]] = {
     "validate": ("validate", "{inv}"),
@@ -70,29 +104,17 @@ COMMANDS: dict[str, tuple[str, ...]] = {
 
 def run(args: list[str], cwd: Path, limit: int, timeout: float) -> tuple[int, float, float, str]:
     """Exit status, wall seconds, peak RSS (MiB) and output of the CLI in a limited child."""
-    start_code = (
-        "import resource, runpy, sys;"
-        f"resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit}));"
-        "sys.argv = ['provisioner', *sys.argv[1:]];"
-        "runpy.run_module('provisioner.cli', run_name='__main__')"
-    )
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": str(cwd),
-        "XDG_CONFIG_HOME": str(cwd / "config"),
-        "LANG": "C.UTF-8",
-        "PYTHONDONTWRITEBYTECODE": "1",
-    }
+    hostile_tests = load_hostile_tests()
     output = cwd / "output.txt"
     with output.open("wb") as sink:
         start = time.perf_counter()
         child = subprocess.Popen(
-            [sys.executable, "-c", start_code, *args],
+            [*hostile_tests.limited_cli(limit), *args],
             stdout=sink,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             cwd=cwd,
-            env=env,
+            env=hostile_tests.cli_environment(cwd),
         )
         deadline = start + timeout
         while True:
@@ -122,12 +144,13 @@ def where(output: str, name: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--files", default=",".join(FILES))
+    writers = files()
+    parser.add_argument("--files", default=",".join(writers))
     parser.add_argument("--commands", default=",".join(COMMANDS))
     parser.add_argument("--memory", type=int, default=2_000_000_000, help="address-space bytes")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per run")
     args = parser.parse_args()
-    files = [f.strip() for f in args.files.split(",") if f.strip()]
+    names = [f.strip() for f in args.files.split(",") if f.strip()]
     commands = [c.strip() for c in args.commands.split(",") if c.strip()]
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores, limit {args.memory:,} B")
     worst: dict[str, tuple[float, float]] = {}
@@ -139,14 +162,14 @@ def main() -> None:
         keys = ["--identity", str(identity), "--passphrase-file"]
         keys.append(str(EXAMPLE / ".demo-key" / "demo-only.passphrase"))
         print(f"{'file':20} {'command':22} {'exit':>5} {'wall s':>7} {'peak MiB':>9}  message")
-        for name in files:
-            described, text = FILES[name]
+        for name in names:
             work = base / name
             inventory = work / "inventory"
             shutil.copytree(EXAMPLE, inventory, ignore=shutil.ignore_patterns(".demo-key"))
-            (inventory / f"{name}.yaml").write_text(text, encoding="utf-8")
-            size = len(text.encode("utf-8"))
-            print(f"# {name}: {described}, {size:,} bytes")
+            hostile = inventory / f"{name}.yaml"
+            writers[name](hostile)
+            size = hostile.stat().st_size
+            print(f"# {name}: {size:,} bytes")
             for command in commands:
                 argv: list[str] = []
                 for part in COMMANDS[command]:

@@ -13,15 +13,22 @@ from __future__ import annotations
 import atexit
 import os
 import re
-import resource
 import signal
 import string
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from types import FrameType
+from itertools import chain
+from types import FrameType, ModuleType
 from typing import Any, NoReturn
+
+_resource: ModuleType | None
+try:
+    import resource as _resource
+except ImportError:  # Windows: no memory check
+    _resource = None
 
 
 class OverBudget(Exception):
@@ -37,7 +44,7 @@ class RenderBudget:
 
     seconds: float = 1.0
     output: int = 1024 * 1024
-    # Growth of the process's peak memory during one render, in bytes.
+    # Growth of the process's memory during one render (from its first look), in bytes.
     memory: int = 256 * 1024 * 1024
     # The largest integer an operator may make, in bits (about 30,000 digits).
     int_bits: int = 100_000
@@ -47,11 +54,64 @@ DEFAULT_BUDGET = RenderBudget()
 
 
 SIZED = (str, bytes, bytearray, list, tuple, dict)
+COLLECTIONS = (list, tuple, dict, set, frozenset)
+_TEXT = (str, bytes, bytearray)
 
 
 def size_of(value: object) -> int:
     """The length of a string, bytes or container (0 for anything else)."""
     return len(value) if isinstance(value, SIZED) else 0
+
+
+def _leaf_size(value: object) -> int:
+    if isinstance(value, _TEXT):
+        return len(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value.bit_length() * 3 // 10 + 1  # about its decimal digits
+    return 1
+
+
+def _members(value: Any) -> Iterator[object]:
+    return chain.from_iterable(value.items()) if isinstance(value, dict) else iter(value)
+
+
+def expanded_size(value: object, limit: int) -> int:
+    """The size of ``value`` with everything it holds, each reference counted again.
+
+    This is what ``str()`` or a comparison walks in one C call that no clock can stop:
+    characters of text, digits of a number, at least one per item. Counting stops past
+    ``limit`` (the result is then ``limit + 1``); each distinct list is walked once.
+    """
+    if not isinstance(value, COLLECTIONS):
+        return _leaf_size(value)
+    known: dict[int, int] = {}
+    walking = {id(value)}
+    stack: list[list[Any]] = [[value, _members(value), 0]]  # collection, its items, size so far
+    while True:
+        top = stack[-1]
+        for item in top[1]:
+            if isinstance(item, COLLECTIONS):
+                size = known.get(id(item))
+                if size is None:
+                    if id(item) not in walking:
+                        walking.add(id(item))
+                        stack.append([item, _members(item), 0])
+                        break
+                    size = 1  # a list that holds itself: str() writes [...]
+            else:
+                size = _leaf_size(item)
+            top[2] += max(1, size)
+            if top[2] > limit:
+                return limit + 1
+        else:
+            stack.pop()
+            walking.discard(id(top[0]))
+            known[id(top[0])] = top[2]
+            if not stack:
+                return int(top[2])
+            stack[-1][2] += max(1, top[2])
+            if stack[-1][2] > limit:
+                return limit + 1
 
 
 def _big_int(value: object, limit: int) -> bool:
@@ -108,6 +168,13 @@ class ValueLimits:
             self.over("a value")
         return value
 
+    def expanded(self, value: Any) -> Any:
+        """``value``, unless it holds more than the budget's output (see expanded_size)."""
+        limit = self.budget.output
+        if expanded_size(value, limit) > limit:
+            self.over("a value")
+        return value
+
     def binop(self, operator: str, left: Any, right: Any) -> None:
         """Refuse an operation whose result would be too large, before it is computed."""
         limit, bits = self.budget.output, self.budget.int_bits
@@ -117,8 +184,11 @@ class ValueLimits:
                     self.over_bits("a product")
             elif isinstance(left, int) or isinstance(right, int):
                 count, sized = (left, right) if isinstance(left, int) else (right, left)
-                if count > 0 and size_of(sized) * count > limit:
+                if isinstance(sized, SIZED) and count * expanded_size(sized, limit) > limit:
                     self.over("a repetition")
+        elif operator == "+" and isinstance(left, SIZED) and isinstance(right, SIZED):
+            if expanded_size(left, limit) + expanded_size(right, limit) > limit:
+                self.over("a concatenation")
         elif operator == "**":
             ints = isinstance(left, int) and isinstance(right, int) and abs(left) > 1
             if ints and right * left.bit_length() > bits:
@@ -162,10 +232,13 @@ class ValueLimits:
                     self.over("a value")
             elif name == "join" and args and isinstance(args[0], list | tuple):
                 self.check_join(owner, args[0])
-        elif name == "extend" and isinstance(owner, list) and args:
-            grown = len(owner) + size_of(args[0])
-            if grown > limit:
-                self.over("a list")
+        elif (
+            isinstance(owner, list | dict)
+            and name in _GROWING
+            # The collection's whole size again (linear): templates rarely grow one.
+            and expanded_size(owner, limit) + expanded_size(values, limit) > limit
+        ):
+            self.over("a list" if isinstance(owner, list) else "a dict")
 
     def check_replace(self, text: Any, old: Any, new: Any, count: Any) -> None:
         """Refuse a replacement whose result would be larger than the budget."""
@@ -206,23 +279,24 @@ class ValueLimits:
                 self.over("the wordwrap filter")
         elif name == "format" and isinstance(value, str):
             self.check_format(value, [*args[1:], *kwargs.values()], braces=False)
-        elif name == "sum" and isinstance(value, list | tuple):
-            total = sum(size_of(v) for v in value) + size_of(kwargs.get("start"))
-            if total > limit:
-                self.over("the sum filter")
 
 
 # Methods and filters whose result grows with an integer argument.
 _PADDING = frozenset({"center", "ljust", "rjust", "zfill"})
-SIZING_CALLS = _PADDING | {
-    "format",
-    "format_map",
-    "to_bytes",
-    "replace",
-    "expandtabs",
-    "join",
-    "extend",
-}
+# Methods that add to a list or dict.
+_GROWING = frozenset({"append", "insert", "extend", "update", "setdefault"})
+SIZING_CALLS = (
+    _PADDING
+    | _GROWING
+    | {
+        "format",
+        "format_map",
+        "to_bytes",
+        "replace",
+        "expandtabs",
+        "join",
+    }
+)
 _SIZE_FILTERS = frozenset({"center", "batch", "slice"})
 _SIZE_ARGUMENTS = ("width", "linecount", "slices")
 _TICK = 0.05  # seconds of CPU between two looks at a running render
@@ -230,8 +304,14 @@ _SIGNALS = hasattr(signal, "setitimer")
 
 
 def _peak_rss() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    """The most memory the process ever held, in bytes; 0 where it cannot be read (Windows)."""
+    if _resource is None:
+        return 0
+    peak: int = _resource.getrusage(_resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 class Clock:
@@ -242,19 +322,43 @@ class Clock:
     only. Setting a timer costs a system call, so the timer is left running between the
     renders of a build and stops itself at the first tick that finds no render running; the
     handler is installed once per process, and passes that tick on to the one it replaced.
+    The time charged is the rendering thread's own CPU time since the render started: a
+    signal that arrives during a long C call is handled once, after it, and the timer also
+    ticks for the CPU time of other threads.
     """
 
     def __init__(self) -> None:
         self.budget: RenderBudget | None = None
-        self.ticks = 0
+        self.started = 0.0
         self.baseline = 0
+        # Renders between two ticks share one baseline, read at the first of them: reading it
+        # at every start cost Phase 1 at 10,000 users a third of its wall time. A tick makes
+        # the next start read it again, so a baseline is always a reading taken before a
+        # render began, never one inflated by what an earlier render held.
+        self.baseline_stale = True
+        self.statm = -1  # /proc/self/statm, opened once per process; -2 where there is none
         self.previous: Any = None
         self.installed = False  # a forked child inherits the handler, and this flag with it
         self.running = False  # the timer is set (a forked child has none)
 
     def forked(self) -> None:
-        """In a forked child: no timer runs there."""
-        self.budget, self.running = None, False
+        """In a forked child: no timer runs there, and /proc/self was the parent's."""
+        self.budget, self.running, self.baseline_stale = None, False, True
+        if self.statm >= 0:
+            os.close(self.statm)
+            self.statm = -1
+
+    def memory(self) -> int:
+        """The process's memory in bytes: what it holds now (Linux), else the most it ever
+        held (a render's growth then shows only past an earlier peak)."""
+        if self.statm == -1:
+            try:
+                self.statm = os.open("/proc/self/statm", os.O_RDONLY)
+            except OSError:
+                self.statm = -2
+        if self.statm < 0:
+            return _peak_rss()
+        return int(os.pread(self.statm, 200, 0).split()[1]) * _PAGE
 
     def start(self, budget: RenderBudget) -> bool:
         """A render begins; False where no timer can run (not the main thread, no SIGPROF)."""
@@ -264,7 +368,9 @@ class Clock:
             self.previous = signal.signal(signal.SIGPROF, self.handle)
             os.register_at_fork(after_in_child=self.forked)
             self.installed = True
-        self.budget, self.ticks, self.baseline = budget, 0, 0
+        if self.baseline_stale or not self.running:  # a stopped timer: another build
+            self.baseline, self.baseline_stale = self.memory(), False
+        self.budget, self.started = budget, time.thread_time()
         if not self.running:
             self.running = True
             signal.setitimer(signal.ITIMER_PROF, _TICK, _TICK)
@@ -292,13 +398,10 @@ class Clock:
             return
         # Once over, every tick raises again until the render stops the clock: an exception
         # raised where Python only prints it (a __del__ method) must not end the budget.
-        self.ticks += 1
-        if self.ticks * _TICK >= budget.seconds:
+        if time.thread_time() - self.started >= budget.seconds:
             raise OverBudget(f"the template ran for more than {budget.seconds:g} s of CPU time")
-        peak = _peak_rss()
-        if not self.baseline:
-            self.baseline = peak
-        elif peak - self.baseline > budget.memory:
+        self.baseline_stale = True
+        if self.memory() - self.baseline > budget.memory:
             raise OverBudget(
                 f"the template used more than {budget.memory // (1024 * 1024)} MiB of memory"
             )

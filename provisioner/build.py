@@ -16,7 +16,7 @@ import provisioner.lint as ini_lint
 from provisioner import forked, ini, render, resolve, vault
 from provisioner.budget import DEFAULT_BUDGET, RenderBudget, stop_clock
 from provisioner.errors import InventoryError, ProvisionerError, RenderError, VaultError
-from provisioner.inidoc import IniDocument, IniEntry
+from provisioner.inidoc import PASSWORD_KEY, IniDocument, IniEntry, is_password_key
 from provisioner.inventory import InventoryErrors, load_inventory
 from provisioner.keytable import load_key_table
 from provisioner.model import TEMPLATE_LAYER, Finding, Inventory, Secret, Source
@@ -437,7 +437,7 @@ class _Builder:
         landed = True
         for index, pointer, secret in secrets:
             section = document.section(f"Account{index}")
-            value = section.get("password") if section else None
+            value = section.get(PASSWORD_KEY) if section else None
             if value is None or not secret.matches_text(value):
                 landed = False
                 self.result.findings.append(
@@ -465,7 +465,7 @@ class _Builder:
             else:
                 lines += [(section.name, entry) for entry in section.entries]
         for section_name, entry in lines:
-            if entry.key and entry.key.strip().lower() == "password":
+            if is_password_key(entry.key):
                 continue
             if entry.key is None:
                 found, where = holds(entry.raw_value), "a comment"

@@ -10,6 +10,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+PASSWORD_KEY = "password"  # noqa: S105 - the INI key name
+
+
+def is_password_key(key: str | None) -> bool:
+    """True for a ``password`` key as the profile API finds it (any case, spaces around)."""
+    return key is not None and key.strip().lower() == PASSWORD_KEY
+
 
 def unquote(raw: str) -> str:
     """Strip one pair of enclosing double or single quotes, as the profile API does."""

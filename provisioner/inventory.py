@@ -257,7 +257,7 @@ def _trees(
         files, forked.ordered_map(yamldoc.packed_tree, files, workers), strict=True
     ):
         try:
-            yield path, yamldoc.unpacked_tree(data, path)
+            yield path, yamldoc.unpacked_tree(data)
         except InventoryError as exc:
             yield path, exc
 

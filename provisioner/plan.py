@@ -8,9 +8,8 @@ import hmac
 import os
 import re
 
-from provisioner.inidoc import IniDocument, IniEntry, IniSection
+from provisioner.inidoc import PASSWORD_KEY, IniDocument, IniEntry, IniSection, is_password_key
 
-PASSWORD_KEY = "password"  # noqa: S105 - the INI key name
 _MARKER = re.compile(r"^\{sha256:([0-9a-f]{32}):([0-9a-f]{64})\}$")
 
 
@@ -32,16 +31,12 @@ def marker_matches(marker: str | None, value: str) -> bool:
     return hmac.compare_digest(expected, marker.strip())
 
 
-def _is_password(entry: IniEntry) -> bool:
-    return entry.key is not None and entry.key.strip().lower() == PASSWORD_KEY
-
-
 def redact(document: IniDocument) -> IniDocument:
     """A copy whose password values are replaced by salted markers (for the applied copy)."""
     sections = []
     for section in document.sections:
         entries = tuple(
-            IniEntry(e.key, password_marker(e.value), e.line) if _is_password(e) else e
+            IniEntry(e.key, password_marker(e.value), e.line) if is_password_key(e.key) else e
             for e in section.entries
         )
         sections.append(IniSection(section.name, entries, section.line))
@@ -64,7 +59,7 @@ def keep_unchanged_passwords(
         their_section = theirs.section(section.name)
         entries = []
         for entry in section.entries:
-            if _is_password(entry) and base_section is not None and their_section is not None:
+            if is_password_key(entry.key) and base_section and their_section:
                 marker = base_section.get(PASSWORD_KEY)
                 their_entry = their_section.entry(PASSWORD_KEY)
                 if their_entry is not None and marker_matches(marker, entry.value):
@@ -78,7 +73,7 @@ def _masked_lines(text: str) -> list[str]:
     lines = []
     for line in text.splitlines():
         key, sep, _ = line.partition("=")
-        if sep and key.strip().lower() == PASSWORD_KEY:
+        if sep and is_password_key(key):
             line = f"{key}=********"
         lines.append(line)
     return lines

@@ -23,19 +23,21 @@ import importlib.resources
 import math
 import re
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import islice
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any, NoReturn
 
 import jinja2
+from jinja2 import nodes
 from jinja2.compiler import CodeGenerator, Frame, optimizeconst
-from jinja2.nodes import Concat
+from jinja2.filters import make_attrgetter
 from jinja2.sandbox import SandboxedEnvironment, is_internal_attribute
 
 from provisioner.budget import (
     CLOCK,
+    COLLECTIONS,
     DEFAULT_BUDGET,
     SIZED,
     SIZING_CALLS,
@@ -43,15 +45,14 @@ from provisioner.budget import (
     RenderBudget,
     ValueLimits,
 )
-from provisioner.errors import PolicyViolationError, RenderError
-from provisioner.inidoc import unquote
+from provisioner.errors import RenderError
+from provisioner.inidoc import is_password_key, unquote
 from provisioner.model import Secret
 
 Template = jinja2.Template
 MICROSIP_TEMPLATE = "microsip.ini.j2"
 OVERRIDE_TEMPLATE = "override.ini.j2"
 _LINE_BREAKING = re.compile("[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")
-PASSWORD_KEY = "password"  # noqa: S105 - the INI key name
 # A password in rendered text until its place is checked: control characters, which no value
 # written through a filter can contain (they are refused) and lint reports anywhere else.
 _MARK_START, _MARK_END = "\x02", "\x03"
@@ -100,7 +101,11 @@ class SealedValue:
 
 
 def sealed(secret: Secret) -> SealedValue:
-    """``secret`` as templates may see it."""
+    """``secret`` as templates may see it; it must have passed ``vault.check_policy``.
+
+    The policy (no control characters, surrounding spaces or quotes) makes a password its own
+    INI text: it is written as it is, without the checks other values get.
+    """
     return SealedValue(secret)
 
 
@@ -155,13 +160,13 @@ def _place_secrets(text: str, placements: _Placements) -> str:
         line_start = text.rfind("\n", 0, start) + 1
         line_end = text.find("\n", start)
         key, sep, value = text[line_start : line_end if line_end >= 0 else None].partition("=")
-        if start < 0 or not sep or key.strip().lower() != PASSWORD_KEY or value.strip() != marker:
+        if start < 0 or not sep or not is_password_key(key) or value.strip() != marker:
             raise _AtLine(frame, str(_SealedUse()))
         places.append((start, start + len(marker), secret))
     if text.count(_MARK_START) != len(placements):  # a marker written twice (or forged)
         raise _AtLine(placements[0][1], str(_SealedUse()))
     for start, end, secret in sorted(places, key=lambda place: place[0], reverse=True):
-        text = text[:start] + _secret_text(secret) + text[end:]
+        text = text[:start] + secret.reveal() + text[end:]
     return text
 
 
@@ -183,7 +188,7 @@ def ini_value(value: object) -> str:
     enclosed in quotes gets one protective pair more (the profile API strips one pair, and
     MicroSIP writes hooks and device names that way); surrounding whitespace, which the
     profile API strips, is refused. A password, while a template renders, becomes a marker
-    that :func:`render` checks and fills; outside a render a :class:`Secret` is revealed.
+    that :func:`render` checks and fills; outside a render it is refused.
     """
     text = _plain_value(value)
     if text != text.strip():
@@ -198,11 +203,9 @@ def _plain_value(value: object) -> str:
         return value
     if isinstance(value, _SEALED):
         placements = _PLACEMENTS.get()
-        if placements is not None:
-            return placements.mark(_secret_of(value))
-        if isinstance(value, SealedValue):
+        if placements is None:
             raise _SealedUse
-        return _secret_text(value)
+        return placements.mark(_secret_of(value))
     if value is None:
         return ""
     if isinstance(value, bool):
@@ -230,20 +233,14 @@ def _secret_of(value: SealedValue | Secret) -> Secret:
     return value if isinstance(value, Secret) else object.__getattribute__(value, "_secret")
 
 
-def _secret_text(secret: Secret) -> str:
-    """The password as it goes into its key, with the checks every value gets."""
-    text = secret.reveal()
-    if _LINE_BREAKING.search(text):
-        raise PolicyViolationError("a secret value contains a line break or control character")
-    if text != text.strip():
-        raise _ValueError("a value starts or ends with whitespace, which Windows strips")
-    return f'"{text}"' if unquote(text) != text else text
-
-
-def _refuse_raw_secret(value: object) -> object:
-    """``{{ password }}`` without ``| ini`` would write the value somewhere unchecked."""
+@jinja2.pass_environment
+def _finalize(environment: jinja2.Environment, value: object) -> object:
+    """What ``{{ value }}`` writes: no password (without ``| ini`` it would go somewhere
+    unchecked), no list or dict larger than the budget (``str()`` writes it in one C call)."""
     if isinstance(value, _SEALED):
         raise _SealedUse
+    if isinstance(value, COLLECTIONS) and isinstance(environment, TemplateEnvironment):
+        environment.limits.expanded(value)
     return value
 
 
@@ -279,10 +276,29 @@ _CHUNKS_PER_LOOK = 64  # output chunks taken between two counts of the output
 
 
 class _CodeGenerator(CodeGenerator):
-    """Jinja's code generator with ``~`` checked like the other operators."""
+    """Jinja's code generator with ``~`` checked like the other operators, and the lists,
+    tuples and dicts a template writes out checked against the budget once made."""
+
+    def visit_List(self, node: nodes.List, frame: Frame) -> None:
+        self.write("environment.limits.expanded(")
+        super().visit_List(node, frame)
+        self.write(")")
+
+    def visit_Dict(self, node: nodes.Dict, frame: Frame) -> None:
+        self.write("environment.limits.expanded(")
+        super().visit_Dict(node, frame)
+        self.write(")")
+
+    def visit_Tuple(self, node: nodes.Tuple, frame: Frame) -> None:
+        if node.ctx != "load":  # the names of {% for a, b in ... %}
+            super().visit_Tuple(node, frame)
+            return
+        self.write("environment.limits.expanded(")
+        super().visit_Tuple(node, frame)
+        self.write(")")
 
     @optimizeconst
-    def visit_Concat(self, node: Concat, frame: Frame) -> None:
+    def visit_Concat(self, node: nodes.Concat, frame: Frame) -> None:
         self.write("environment.concat_values((")
         for argument in node.nodes:
             self.visit(argument, frame)
@@ -339,6 +355,26 @@ class TemplateEnvironment(SandboxedEnvironment):
         return "".join(parts)
 
 
+@jinja2.pass_environment
+def _sum(
+    environment: jinja2.Environment,
+    iterable: Iterable[Any],
+    attribute: str | int | None = None,
+    start: Any = 0,
+) -> Any:
+    """Jinja's ``sum`` filter, one checked ``+`` at a time: Python's sum() of lists is one C
+    call, quadratic in their number, that no clock could stop."""
+    if attribute is not None:
+        iterable = map(make_attrgetter(environment, attribute), iterable)
+    limits = environment.limits if isinstance(environment, TemplateEnvironment) else None
+    total = start
+    for item in iterable:
+        if limits is not None:
+            limits.binop("+", total, item)
+        total = total + item
+    return total
+
+
 def _guarded_filter(
     name: str, function: Callable[..., Any], limits: ValueLimits
 ) -> Callable[..., Any]:
@@ -372,9 +408,12 @@ def make_environment(
         # One process renders one run: checking every template file's mtime per render
         # (a stat per target) buys nothing.
         auto_reload=False,
-        finalize=_refuse_raw_secret,
+        finalize=_finalize,
         budget=budget,
     )
+    env.filters["sum"] = _sum
+    # INI needs no JSON, and json's C encoder writes any value whole without the clock looking.
+    del env.filters["tojson"]
     for name, function in list(env.filters.items()):
         env.filters[name] = _guarded_filter(name, function, env.limits)
     env.filters["ini"] = ini_value
@@ -397,6 +436,8 @@ def load_template(env: TemplateEnvironment, name: str) -> jinja2.Template:
         ) from None
     except (_ValueError, OverBudget) as exc:
         raise RenderError(f"{name}: {exc} (while compiling it)") from None
+    except RecursionError:  # Jinja's lexer, parser and compiler recurse for each level
+        raise RenderError(f"{name}: nested too deeply (while compiling it)") from None
     finally:
         if clocked:
             CLOCK.stop()
@@ -426,7 +467,7 @@ def render(template: jinja2.Template, context: Mapping[str, object], target: str
     try:
         clocked = CLOCK.start(budget)
         try:
-            text = _generate(template, context, budget)
+            text = _generate(template, context, budget, clocked=clocked)
         finally:
             if clocked:
                 CLOCK.stop()
@@ -434,13 +475,7 @@ def render(template: jinja2.Template, context: Mapping[str, object], target: str
     except _AtLine as exc:
         file, line = _position(exc.position, template)
         detail = exc.detail
-    except _TEMPLATE_ERRORS as exc:
-        file, line = _template_frame(exc.__traceback__, template)
-        detail = str(exc)
-        if isinstance(exc, jinja2.TemplateError):
-            detail = exc.message or detail
-        elif isinstance(exc, RecursionError):
-            detail = "templates include or call each other without end"
+        _release(exc)
     finally:
         _PLACEMENTS.reset(token)
     raise RenderError(
@@ -450,13 +485,32 @@ def render(template: jinja2.Template, context: Mapping[str, object], target: str
     )
 
 
+def _release(exc: BaseException | None) -> None:
+    """Let go of a failed render's frames, and so of the values it made, now.
+
+    Its exceptions hold them through their tracebacks; Jinja's traceback rewriting (not used
+    here) tied them into cycles that only the garbage collector breaks. Until then the next
+    render would start with this one's memory still held, and be measured from there.
+    """
+    while exc is not None:
+        context, exc.__context__, exc.__traceback__ = exc.__context__, None, None
+        exc = context
+
+
 def _generate(
-    template: jinja2.Template, context: Mapping[str, object], budget: RenderBudget
+    template: jinja2.Template,
+    context: Mapping[str, object],
+    budget: RenderBudget,
+    *,
+    clocked: bool,
 ) -> str:
     """The rendered text, stopped as soon as it is longer than the budget allows.
 
     Chunks are taken a few dozen at a time (a Python loop per chunk cost more than the rest of
     the render); no single chunk is larger than the budget, which every value is held to.
+    Every failure keeps its template line: the clock, once over, raises at each tick, so it is
+    stopped before the error is turned into a message, and a tick that lands here, between
+    two chunks, is charged to the line where the template stands.
     """
     chunks: list[str] = []
     size = 0
@@ -475,8 +529,33 @@ def _generate(
             chunks += batch
     except _AtLine:
         raise
+    except _TEMPLATE_ERRORS as exc:
+        if clocked:
+            CLOCK.stop()
+        # Where the template stands when it is suspended; else the innermost template frame.
+        position = _running_template(generator) or _raised_in(exc.__traceback__)
+        raise _AtLine(position, _detail(exc)) from None
     except Exception:
-        template.environment.handle_exception()  # raises, with template lines in the traceback
+        template.environment.handle_exception()  # a bug: raises with template lines shown
+
+
+def _detail(exc: BaseException) -> str:
+    if isinstance(exc, jinja2.TemplateError):
+        return exc.message or str(exc)
+    if isinstance(exc, RecursionError):
+        return "templates include or call each other without end"
+    return str(exc)
+
+
+def _raised_in(tb: TracebackType | None) -> tuple[jinja2.Template, int] | None:
+    """The innermost template (and compiled line) in a traceback."""
+    found = None
+    while tb is not None:
+        template = tb.tb_frame.f_globals.get("__jinja_template__")
+        if template is not None:
+            found = (template, tb.tb_lineno)
+        tb = tb.tb_next
+    return found
 
 
 def _running_template(generator: Any) -> tuple[jinja2.Template, int] | None:
@@ -498,15 +577,6 @@ def _position(
         return template.filename or template.name or "?", 0
     where, code_line = position
     return where.filename or where.name or "?", where.get_corresponding_lineno(code_line)
-
-
-def _template_frame(tb: TracebackType | None, template: jinja2.Template) -> tuple[str, int]:
-    file, line = template.filename or template.name or "?", 0
-    while tb is not None:
-        if tb.tb_frame.f_code.co_filename == template.filename:
-            line = tb.tb_lineno
-        tb = tb.tb_next
-    return file, line
 
 
 def _snippet(file: str | None, line: int | None) -> str:

@@ -9,8 +9,9 @@ YAML 1.2 parser, which accepts ``:`` inside plain scalars in flow mappings.
 Every file is untrusted input (anyone who can edit the inventory writes it), so a file is
 refused, with file:line, when it is larger than :data:`MAX_FILE_BYTES`, nests collections
 deeper than :data:`MAX_DEPTH` (checked before the C composer, which recurses in C and crashes
-on deep input), or has aliases that expand it beyond :func:`expansion_limit` values (a few
-hundred bytes of nested anchors would otherwise expand to billions of values).
+on deep input), or holds more than :data:`MAX_VALUES` values, counted before composing and
+again with its aliases expanded (a few hundred bytes of nested anchors would otherwise expand
+to billions of values).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 import io
 import marshal
 import re
-import resource
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property
@@ -28,8 +28,10 @@ from typing import Any, ClassVar
 from ruamel.yaml import YAML
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from ruamel.yaml.events import (
+    AliasEvent,
     MappingEndEvent,
     MappingStartEvent,
+    ScalarEvent,
     SequenceEndEvent,
     SequenceStartEvent,
 )
@@ -48,15 +50,29 @@ _KEY_CONTROL = re.compile("[\x00-\x1f\x7f]")
 MAX_FILE_BYTES = 16 * 1024 * 1024
 #: The deepest nesting of mappings and sequences; an inventory needs about six levels.
 MAX_DEPTH = 64
-#: Aliases may add this many values to a file, plus ``ALIAS_FACTOR`` per value written.
-ALIAS_ALLOWANCE = 100_000
-ALIAS_FACTOR = 10
-# libyaml's parser keeps its own stack, but ruamel's C composer recurses in C, about 300 bytes
-# of stack per level (it crashed past 26,000 levels with 8 MiB). Below this many collection
-# starts, whatever they are, it cannot go deep enough to crash; above, the depth is measured
-# with the parser alone first.
-_STACK_BYTES = resource.getrlimit(resource.RLIMIT_STACK)[0]
-_COMPOSER_SAFE = min(5_000, _STACK_BYTES // 1024) if _STACK_BYTES > 0 else 5_000
+#: The most values (scalars, keys included, and collections) a file may hold, with every
+#: alias counted as what it repeats: reading that many takes about 5 s and 0.5 GiB, and a
+#: 10,000-user file holds about 150,000.
+MAX_VALUES = 1_000_000
+
+
+def _composer_safe() -> int:
+    """How many nested collections ruamel's C composer survives, with a wide margin.
+
+    libyaml's parser keeps its own stack, but the composer recurses in C, about 300 bytes of
+    stack per level (it crashed past 26,000 levels with 8 MiB).
+    """
+    try:
+        import resource
+    except ImportError:  # Windows: the main thread has 1 to 2 MiB of stack
+        return 1_000
+    stack = resource.getrlimit(resource.RLIMIT_STACK)[0]
+    return min(5_000, stack // 1024) if stack > 0 else 5_000
+
+
+# Below this many collection starts, whatever they are, the C composer cannot go deep enough
+# to crash; above, the depth is measured with the parser alone first.
+_COMPOSER_SAFE = _composer_safe()
 # Every nested block collection starts further right than its parent, or (a sequence under a
 # key) one level later: when no line starts with this many units of indentation, "-", "?",
 # ":" or &anchor/!tag (a "--- " too), a file holds at most 2 * _BLOCK_PREFIX levels of block
@@ -255,11 +271,6 @@ def mapping_key(
     return None
 
 
-def expansion_limit(values: int) -> int:
-    """How many values a file that writes ``values`` may hold once its aliases are expanded."""
-    return ALIAS_ALLOWANCE + ALIAS_FACTOR * values
-
-
 class _TooDeep(Exception):
     """A collection nested deeper than MAX_DEPTH, at ``line``:``column``."""
 
@@ -289,21 +300,39 @@ def _provably_shallow(text: str) -> bool:
 
 
 def _check_depth(text: str, source: str, yaml: YAML) -> None:
-    """Measure the nesting with the parser alone (it keeps its own stack, so never crashes)."""
-    depth = 0
+    """Measure the nesting and count the values with the parser alone, before any node is
+    made (it keeps its own stack, so never crashes, and holds one event at a time)."""
+    depth = values = 0
     try:
         for event in yaml.parse(io.StringIO(text)):
+            if isinstance(event, MappingEndEvent | SequenceEndEvent):
+                depth -= 1
+                continue
             if isinstance(event, MappingStartEvent | SequenceStartEvent):
                 depth += 1
                 if depth > MAX_DEPTH:
                     mark = event.start_mark
                     raise _TooDeep(mark.line + 1, mark.column + 1)
-            elif isinstance(event, MappingEndEvent | SequenceEndEvent):
-                depth -= 1
+            elif not isinstance(event, ScalarEvent | AliasEvent):
+                continue
+            values += 1
+            if values > MAX_VALUES:
+                mark = event.start_mark
+                raise _too_many(source, mark.line + 1, mark.column + 1)
     except _TooDeep as exc:
         raise _too_deep(source, exc.line, exc.column) from None
     except YAMLError:
         pass  # composing stops at the same place and reports it
+
+
+def _too_many(source: str, line: int, column: int) -> InventoryError:
+    return InventoryError(
+        f"the file holds more than {MAX_VALUES:,} values (keys and values; this one is past"
+        " that); split it into several files",
+        file=source,
+        line=line,
+        column=column,
+    )
 
 
 def _long_line_prefix(text: str) -> bool:
@@ -322,7 +351,8 @@ def _long_line_prefix(text: str) -> bool:
 def _compose(text: str, source: str) -> Node | None:
     # ruamel's C composer recurses in C: too deep a file crashes the process. It sees a file
     # only once its depth is known to be safe (see _COMPOSER_SAFE).
-    if not _provably_shallow(text):
+    # Each value takes at least a character: a shorter text cannot hold too many.
+    if len(text) > MAX_VALUES or not _provably_shallow(text):
         _check_depth(text, source, _fast_yaml())
     try:
         return _fast_yaml().compose(io.StringIO(text))  # type: ignore[no-any-return]
@@ -359,7 +389,7 @@ def _compose(text: str, source: str) -> Node | None:
 def _count_uses(root: Node, source: str) -> dict[int, int]:
     """How many times each node is used (an alias uses its anchor's node once more).
 
-    Refuses a recursive alias, aliases that expand the file beyond :func:`expansion_limit`
+    Refuses a recursive alias, aliases that expand the file beyond :data:`MAX_VALUES`
     (each alias counts the whole size of what it repeats, nested aliases included), and
     aliases that nest deeper than MAX_DEPTH where they are used. Linear in the nodes
     written: each node's expanded size and height are computed once.
@@ -403,8 +433,7 @@ def _count_uses(root: Node, source: str) -> dict[int, int]:
         return size, height
 
     total, _ = visit(root, 0)
-    limit = expansion_limit(len(measured))
-    if total > limit:
+    if total > MAX_VALUES:
         # Name the node whose repetitions add the most.
         worst = max(
             (entry for key, entry in measured.items() if uses[key] > 1),
@@ -412,9 +441,9 @@ def _count_uses(root: Node, source: str) -> dict[int, int]:
         )
         size, _, node = worst
         raise InventoryError(
-            f"aliases expand this file to {total:,} values, more than the {limit:,} allowed"
-            f" for a file of {len(measured):,} values; the node here ({size:,} values) is"
-            f" repeated {uses[id(node)] - 1:,} times",
+            f"aliases expand this file to {total:,} values, more than the {MAX_VALUES:,} a"
+            f" file may hold; the node here ({size:,} values) is repeated"
+            f" {uses[id(node)] - 1:,} times",
             file=source,
             line=node.start_mark.line + 1,
             column=node.start_mark.column + 1,
@@ -757,11 +786,6 @@ def compose_tree(text: str, source: str) -> tuple[YNode | None, tuple[Problem, .
         tree = builder.build(root, ())
     except _TooDeep as exc:
         raise _too_deep(source, exc.line, exc.column) from None
-    except RecursionError:
-        raise InventoryError(
-            "the YAML is nested too deeply (hundreds of levels); an inventory needs a few",
-            file=source,
-        ) from None
     return tree, tuple(builder.problems)
 
 
@@ -769,7 +793,8 @@ def packed_tree(path: Path) -> bytes:
     """:func:`load_tree` of ``path`` as marshal bytes, to rebuild in another process.
 
     A positioned tree is plain tuples, strings and numbers: marshal writes and reads it many
-    times faster than pickle writes objects. An :class:`InventoryError` travels as data too.
+    times faster than pickle writes objects (MAX_DEPTH levels are about 200 nested tuples,
+    far within marshal's limit). An :class:`InventoryError` travels as data too.
     """
     try:
         tree, problems = load_tree(path)
@@ -781,15 +806,11 @@ def packed_tree(path: Path) -> bytes:
         )
     except InventoryError as exc:
         return marshal.dumps((str(exc.args[0]), exc.file, exc.line, exc.column, exc.path))
-    except (ValueError, RecursionError):  # nested deeper than marshal goes: load it at home
-        return marshal.dumps(None)
 
 
-def unpacked_tree(data: bytes, path: Path) -> tuple[YNode | None, tuple[Problem, ...]]:
+def unpacked_tree(data: bytes) -> tuple[YNode | None, tuple[Problem, ...]]:
     """The result of :func:`packed_tree`: the tree and problems, or its InventoryError raised."""
     packed = marshal.loads(data)  # noqa: S302 - our own forked worker wrote it
-    if packed is None:
-        return load_tree(path)
     if len(packed) == 5:
         message, file, line, column, pointer = packed
         raise InventoryError(message, file=file, line=line, column=column, path=pointer)

@@ -57,27 +57,37 @@ COMMANDS: dict[str, tuple[str, ...]] = {
 }
 
 
-def run_limited(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """The real CLI in a child whose address space is limited to MEMORY_LIMIT."""
+def limited_cli(limit: int = MEMORY_LIMIT) -> list[str]:
+    """The command line of the real CLI (its arguments follow) with its address space limited
+    to ``limit`` bytes."""
     start = (
         "import resource, runpy, sys;"
-        f"resource.setrlimit(resource.RLIMIT_AS, ({MEMORY_LIMIT}, {MEMORY_LIMIT}));"
+        f"resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit}));"
         "sys.argv = ['provisioner', *sys.argv[1:]];"
         "runpy.run_module('provisioner.cli', run_name='__main__')"
     )
-    env = {
+    return [sys.executable, "-c", start]
+
+
+def cli_environment(cwd: Path) -> dict[str, str]:
+    """A plain environment for the CLI, with its home and configuration inside ``cwd``."""
+    return {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": str(cwd),
         "XDG_CONFIG_HOME": str(cwd / "config"),
         "LANG": "C.UTF-8",
         "PYTHONDONTWRITEBYTECODE": "1",
     }
+
+
+def run_limited(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """The real CLI in a child whose address space is limited to MEMORY_LIMIT."""
     return subprocess.run(
-        [sys.executable, "-c", start, *args],
+        [*limited_cli(), *args],
         capture_output=True,
         text=True,
         cwd=cwd,
-        env=env,
+        env=cli_environment(cwd),
         timeout=120,  # a safety net only: each run takes about a second
         check=False,
     )
@@ -158,6 +168,25 @@ def test_alias_expansion_counts_each_use_with_what_it_repeats() -> None:
     error = _compose_error(laughs(5))  # about 1.2 million values
     assert error.line == 5  # a4: repeated ten times by a5, it adds the most
     assert "aliases expand this file to" in str(error)
+
+
+def test_a_file_may_hold_a_million_values_and_its_aliases_do_not_multiply_that() -> None:
+    # 100,000 values written, ten times that with the aliases: the old allowance (ten per
+    # value written) let the tree builder make a node for each.
+    text = "a: &a [" + "x, " * 100_000 + "]\nb: [" + "*a, " * 9 + "]\n"
+    error = _compose_error(text)
+    assert "aliases expand this file to 1,000," in str(error)
+    assert "more than the 1,000,000 a file may hold" in str(error)
+    assert (error.line, error.column) == (1, 4)
+
+
+def test_a_file_of_more_values_than_allowed_is_refused_before_composing() -> None:
+    # 3 MB of short scalars; at 16 MiB, composing took 70 s and 3.3 GiB.
+    text = "a: [" + "x, " * yamldoc.MAX_VALUES + "]\n"
+    error = _compose_error(text)
+    assert "more than 1,000,000 values" in str(error)
+    column = 5 + 3 * (yamldoc.MAX_VALUES - 3)  # the mapping, its key and the list count too
+    assert (error.line, error.column) == (1, column)
 
 
 def test_recursive_aliases_are_refused() -> None:

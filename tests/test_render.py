@@ -26,7 +26,6 @@ import pytest
 
 import provisioner.lint as ini_lint
 from provisioner import build, ini, render, vault
-from provisioner.errors import PolicyViolationError
 from provisioner.model import Secret, Source
 from tests.test_build import (
     BASE,
@@ -299,7 +298,6 @@ def test_templates_option_points_elsewhere(tmp_path: Path) -> None:
         ("'x'", "\"'x'\""),
         ('"', '"'),
         ('a "b" c', 'a "b" c'),
-        (Secret("pw"), "pw"),
         ("tab\tinside", "tab\tinside"),
     ],
 )
@@ -307,10 +305,20 @@ def test_ini_filter_reads_back_exactly(value: object, text: str) -> None:
     assert render.ini_value(value) == text
     read_back = ini.parse_ini(f"[S]\nk={text}\n").get("S", "k")
     # Text reads back as itself; other values as their INI spelling.
-    if isinstance(value, Secret):
-        assert read_back == value.reveal()
-    else:
-        assert read_back == (value if isinstance(value, str) else text)
+    assert read_back == (value if isinstance(value, str) else text)
+
+
+def test_a_sealed_password_reads_back_exactly() -> None:
+    env = render.make_environment([])
+    template = env.from_string("[S]\npassword={{ pw | ini }}\n")
+    text = render.render(template, {"pw": render.sealed(Secret("p=w;[x]'"))}, "t")
+    assert ini.parse_ini(text).get("S", "password") == "p=w;[x]'"
+
+
+@pytest.mark.parametrize("value", [Secret("pw"), render.sealed(Secret("pw"))])
+def test_the_ini_filter_refuses_a_password_outside_a_render(value: object) -> None:
+    with pytest.raises(render._SealedUse):
+        render.ini_value(value)
 
 
 @pytest.mark.parametrize(
@@ -321,9 +329,23 @@ def test_ini_filter_refuses_what_would_not_read_back(value: object) -> None:
         render.ini_value(value)
 
 
-def test_secret_with_a_line_break_is_a_policy_violation() -> None:
-    with pytest.raises(PolicyViolationError):
-        render.ini_value(Secret("a\nb"))
+@pytest.mark.parametrize("plaintext", [b"a\nb", b" pw", b'"pw"', b"a\x00b"])
+def test_a_password_sealed_around_the_policy_never_reaches_a_file(
+    tmp_path: Path, plaintext: bytes
+) -> None:
+    # Anyone can seal with the public recipients file, past the policy check of seal().
+    pointer = "/users/u1/accounts/main/password"
+    token = vault.seal_padded(
+        vault.pad_plaintext(plaintext),
+        realm=REALM,
+        path=pointer,
+        recipient=recipients().active_key(),
+    )
+    users = BASE["users.yaml"].replace("SEAL", token)
+    _, result = build_files(tmp_path / "inv", {"users.yaml": users}, opener_factory=real_opener)
+    [finding] = result.findings
+    assert (finding.code, finding.path) == ("policy", pointer)
+    assert [f.relative_path for f in result.files] == ["ws1/override.ini"]
 
 
 def test_quoted_and_bool01_filters() -> None:
