@@ -159,10 +159,10 @@ def test_a_scenario_lab_from_the_shell_and_what_lab_show_lists(shell: Shell) -> 
     ]
     assert "size" not in notes and "content" not in json.dumps(notes)
 
-    pushed = shell.cli("push", "ber-ws-001", *args, check=False)
+    pushed = shell.cli("push", "ber-ws-001", "--yes", *args, check=False)
     assert pushed.returncode == 3, pushed.stdout
     assert "unsafe-path" in pushed.stdout and "junction" in pushed.stdout
-    shell.cli("push", "ber-ws-003", *args)
+    shell.cli("push", "ber-ws-003", "--yes", *args)
     human = shell.cli(
         "lab", "show", "ber-ws-003", "C:\\users\\GRACE\\appdata", "-i", "inventory"
     ).stdout
@@ -310,7 +310,7 @@ def test_a_detached_lab_stopped_by_sigterm_leaves_nothing_and_starts_again(shell
 def test_lab_down_removes_everything_a_killed_lab_left(shell: Shell) -> None:
     lab = shell.up()
     args = ["-i", "inventory", *shell.keys, "--lab", "inventory/.lab.json"]
-    shell.cli("push", "ber-ws-001", *args)
+    shell.cli("push", "ber-ws-001", "--yes", *args)
     _kill(lab.pid)
     # What a reader of the temporary folder finds after the lab died.
     left = shell.leftovers()
