@@ -4,7 +4,9 @@ in a lab, the CLI from the shell, and a WinRM look-alike that records whatever r
 from __future__ import annotations
 
 import base64
+import ipaddress
 import os
+import random
 import shutil
 import socket
 import ssl
@@ -12,7 +14,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -254,6 +256,33 @@ def copy_example(tmp: Path) -> tuple[Path, Path, Path]:
     shutil.copyfile(EXAMPLE / ".demo-key/demo-only.passphrase", passphrase)
     passphrase.chmod(0o600)
     return inventory, identity, passphrase
+
+
+def free_lab_addresses(count: int) -> tuple[str, int]:
+    """A base address and a port for a lab of ``count`` workstations: nothing listens on any of
+    the ``count`` addresses from the base on, at that port (each is bound to make sure). Chosen
+    at random in 127.0.0.0/8 away from the default 127.0.0.2:5985, so that labs of tests running
+    side by side, and whatever else listens on this machine, are not in the way."""
+    for _ in range(100):
+        # The last byte leaves room for every workstation: the lab skips .0 and .255.
+        second, third, last = (
+            random.randrange(1, 255),
+            random.randrange(256),
+            random.randrange(1, 255 - count),
+        )
+        base = ipaddress.IPv4Address(f"127.{second}.{third}.{last}")
+        with ExitStack() as held:
+            try:
+                first = held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+                first.bind((str(base), 0))
+                port: int = first.getsockname()[1]
+                for number in range(1, count):
+                    sock = held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+                    sock.bind((str(base + number), port))
+            except OSError:
+                continue
+            return str(base), port
+    raise AssertionError(f"no {count} free loopback addresses found")
 
 
 def clean_env(tmp: Path) -> dict[str, str]:
