@@ -34,12 +34,12 @@ EXAMPLE = REPO / "inventory"
 USER, WORKSTATION = "alice", "ber-ws-001"
 
 
-def load_hostile_tests() -> Any:
-    """``tests/test_hostile_yaml.py`` of this repository: its hostile files and CLI launcher."""
+def load_hostile_kit() -> Any:
+    """``tests/hostilekit.py`` of this repository: the tests' hostile files and CLI launcher."""
     root = str(REPO)
     if root not in sys.path:
         sys.path.insert(0, root)
-    return importlib.import_module("tests.test_hostile_yaml")
+    return importlib.import_module("tests.hostilekit")
 
 
 def write_at_every_limit(path: Path) -> None:
@@ -79,7 +79,7 @@ def files() -> dict[str, Callable[[Path], object]]:
     """name -> what writes it: the test suite's hostile files and two of the benchmark's own."""
     found: dict[str, Callable[[Path], object]] = {
         name: functools.partial(Path.write_text, data=text, encoding="utf-8")
-        for name, (text, _) in load_hostile_tests().HOSTILE.items()
+        for name, (text, _) in load_hostile_kit().HOSTILE.items()
     }
     found["oversized"] = write_oversized
     found["at-every-limit"] = write_at_every_limit
@@ -104,17 +104,17 @@ COMMANDS: dict[str, tuple[str, ...]] = {
 
 def run(args: list[str], cwd: Path, limit: int, timeout: float) -> tuple[int, float, float, str]:
     """Exit status, wall seconds, peak RSS (MiB) and output of the CLI in a limited child."""
-    hostile_tests = load_hostile_tests()
+    hostile_kit = load_hostile_kit()
     output = cwd / "output.txt"
     with output.open("wb") as sink:
         start = time.perf_counter()
         child = subprocess.Popen(
-            [*hostile_tests.limited_cli(limit), *args],
+            [*hostile_kit.limited_cli(limit), *args],
             stdout=sink,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             cwd=cwd,
-            env=hostile_tests.cli_environment(cwd),
+            env=hostile_kit.cli_environment(cwd),
         )
         deadline = start + timeout
         while True:

@@ -9,6 +9,7 @@ import os
 import signal
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -120,8 +121,15 @@ class Station:
 @pytest.fixture
 def station(lab: Lab, tmp_path: Path) -> Iterator[Station]:
     """An installed-mode workstation with two logged-on domain users."""
+    with open_station(lab, tmp_path / "ws") as opened:
+        yield opened
+
+
+@contextmanager
+def open_station(lab: Lab, folder: Path) -> Iterator[Station]:
+    """The ``station`` fixture's workstation on a new host of ``lab``, its disk in ``folder``."""
     host = lab.add_host(HostConfig(credentials=CREDS, scheme="https", port=0))
-    ws = Workstation(tmp_path / "ws", computer="BER-WS-001")
+    ws = Workstation(folder, computer="BER-WS-001")
     ws.install_microsip("installed")
     alice = ws.add_user("ACME\\alice")
     bob = ws.add_user("ACME\\bob")

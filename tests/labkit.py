@@ -1,13 +1,20 @@
-"""A small inventory pushed to emulated workstations: shared by the push and rollout tests."""
+"""Tests against emulated workstations: a small inventory pushed to a lab, the example inventory
+in a lab, the CLI from the shell, and a WinRM look-alike that records whatever reaches it."""
 
 from __future__ import annotations
 
+import base64
+import ipaddress
 import os
+import random
 import shutil
+import socket
+import ssl
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +27,7 @@ from provisioner.lab.workstation import Workstation
 from provisioner.model import Secret
 from provisioner.results import HostResult
 from provisioner.transport.base import Transport
+from tests.phase1kit import EXAMPLE
 
 WINRM_PASSWORD = "Lab-WinRM-Pw-1"
 # The workstations are ws01, ws02...: their names are their addresses.
@@ -154,9 +162,6 @@ def lab_kit(tmp: Path, *, scenario: str | None = None, **kwargs: object) -> Iter
 
 # --------------------------------------------------------------------------- the example inventory
 
-REPO = Path(__file__).resolve().parent.parent
-EXAMPLE_INVENTORY = REPO / "inventory"
-
 
 @dataclass
 class ExampleLab:
@@ -243,16 +248,41 @@ class ExampleLab:
 def copy_example(tmp: Path) -> tuple[Path, Path, Path]:
     """The example inventory copied to ``tmp/inventory``, its demo key to ``tmp`` (mode 600)."""
     inventory = tmp / "inventory"
-    shutil.copytree(
-        EXAMPLE_INVENTORY, inventory, ignore=shutil.ignore_patterns(".lab.json", ".lab.log")
-    )
+    shutil.copytree(EXAMPLE, inventory, ignore=shutil.ignore_patterns(".lab.json", ".lab.log"))
     identity = tmp / "demo.sipid"
-    shutil.copyfile(EXAMPLE_INVENTORY / ".demo-key/demo-only.sipid", identity)
+    shutil.copyfile(EXAMPLE / ".demo-key/demo-only.sipid", identity)
     identity.chmod(0o600)
     passphrase = tmp / "demo.passphrase"
-    shutil.copyfile(EXAMPLE_INVENTORY / ".demo-key/demo-only.passphrase", passphrase)
+    shutil.copyfile(EXAMPLE / ".demo-key/demo-only.passphrase", passphrase)
     passphrase.chmod(0o600)
     return inventory, identity, passphrase
+
+
+def free_lab_addresses(count: int) -> tuple[str, int]:
+    """A base address and a port for a lab of ``count`` workstations: nothing listens on any of
+    the ``count`` addresses from the base on, at that port (each is bound to make sure). Chosen
+    at random in 127.0.0.0/8 away from the default 127.0.0.2:5985, so that labs of tests running
+    side by side, and whatever else listens on this machine, are not in the way."""
+    for _ in range(100):
+        # The last byte leaves room for every workstation: the lab skips .0 and .255.
+        second, third, last = (
+            random.randrange(1, 255),
+            random.randrange(256),
+            random.randrange(1, 255 - count),
+        )
+        base = ipaddress.IPv4Address(f"127.{second}.{third}.{last}")
+        with ExitStack() as held:
+            try:
+                first = held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+                first.bind((str(base), 0))
+                port: int = first.getsockname()[1]
+                for number in range(1, count):
+                    sock = held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+                    sock.bind((str(base + number), port))
+            except OSError:
+                continue
+            return str(base), port
+    raise AssertionError(f"no {count} free loopback addresses found")
 
 
 def clean_env(tmp: Path) -> dict[str, str]:
@@ -306,3 +336,77 @@ def example_lab(tmp: Path) -> Iterator[ExampleLab]:
         )
     finally:
         running.stop()
+
+
+# --------------------------------------------------------------------------- not the lab
+
+ATTACKER = "127.0.0.1"
+"""Where :class:`Listener` listens: an address an inventory edit could point a workstation at."""
+
+
+class Listener:
+    """The attacker's WinRM look-alike: records connections and requests, answers 401.
+
+    With ``tls``, it speaks HTTPS with that context (a certificate from the attacker's CA) and
+    records what it decrypted.
+    """
+
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
+        self.tls = tls
+        self.sock = socket.create_server((ATTACKER, 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        self.received = bytearray()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.connections += 1
+            with conn:
+                conn.settimeout(2)
+                data = b""
+                try:
+                    if self.tls is not None:
+                        conn = self.tls.wrap_socket(conn, server_side=True)
+                    while b"\r\n\r\n" not in data and len(data) < 65536:
+                        chunk = conn.recv(4096)
+                        if not chunk:
+                            break
+                        data += chunk
+                    conn.sendall(
+                        b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Negotiate\r\n"
+                        b'WWW-Authenticate: Basic realm="WSMAN"\r\nContent-Length: 0\r\n'
+                        b"Connection: close\r\n\r\n"
+                    )
+                except OSError:
+                    pass
+                self.received += data
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.sock.close()
+
+    def saw(self, password: str) -> bool:
+        """True if the password, or its Basic form, reached the listener."""
+        data = bytes(self.received)
+        basic = base64.b64encode(f"svc-microsip:{password}".encode())
+        return password.encode() in data or basic in data
+
+
+@contextmanager
+def listener(tls: ssl.SSLContext | None = None) -> Iterator[Listener]:
+    running = Listener(tls)
+    try:
+        yield running
+    finally:
+        running.close()

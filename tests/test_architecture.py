@@ -5,9 +5,11 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
 import typer.main
 
-PACKAGE = Path(__file__).resolve().parent.parent / "provisioner"
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "provisioner"
 
 LAYERS: dict[str, int] = {
     "errors": 0,
@@ -201,3 +203,52 @@ def test_commands_run_changes_through_the_engine() -> None:
         names |= {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
         names |= {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
         assert not names & ENGINE_ONLY, f"{module} uses {sorted(names & ENGINE_ONLY)}"
+
+
+def _test_modules_imported(tree: ast.Module) -> set[str]:
+    """Test modules (``test_*``) that ``tree`` imports, in any form, ``import_module`` too."""
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = "." * node.level + (node.module or "")
+            names.add(base)
+            names.update(f"{base.rstrip('.')}.{alias.name}".lstrip(".") for alias in node.names)
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute | ast.Name)
+            and getattr(node.func, "attr", getattr(node.func, "id", "")) == "import_module"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
+            names.add(node.args[0].value)
+    return {name for name in names if name.rsplit(".", 1)[-1].startswith("test_")}
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "from tests.test_build import BASE",
+        "from .test_build import BASE",
+        "from . import test_build",
+        "from tests import test_build",
+        "import tests.test_build",
+        "import test_build as helpers",
+        "importlib.import_module('tests.test_build')",
+    ],
+)
+def test_an_import_of_a_test_module_is_seen(source: str) -> None:
+    assert _test_modules_imported(ast.parse(source)) != set()
+
+
+def test_no_test_module_imports_another() -> None:
+    """Helpers shared by tests (and benchmarks) live in kits (``tests/*kit.py``), so that a test
+    module can be run, moved or deleted on its own."""
+    found = {}
+    for path in sorted([*(ROOT / "tests").rglob("*.py"), *(ROOT / "bench").rglob("*.py")]):
+        imported = _test_modules_imported(ast.parse(path.read_text(), filename=str(path)))
+        if imported:
+            found[str(path.relative_to(ROOT))] = sorted(imported)
+    assert found == {}, "move what these import from test modules into a kit"

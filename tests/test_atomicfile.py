@@ -13,7 +13,7 @@ import pytest
 
 from provisioner.atomicfile import TreeWriteError, create_once, write_atomic, write_tree
 from tests.labkit import clean_env
-from tests.test_build import BASE, write_inventory
+from tests.phase1kit import BASE, write_inventory
 
 POSIX_ONLY = pytest.mark.skipif(sys.platform == "win32", reason="POSIX descriptor limits")
 

@@ -9,10 +9,13 @@ and checks that ``lab down`` removes everything it wrote and signals nothing but
 from __future__ import annotations
 
 import contextlib
+import errno
+import ipaddress
 import json
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -27,9 +30,10 @@ import pytest
 from provisioner import ini, secretstore, vault
 from provisioner.connections import LabMap
 from provisioner.errors import ProvisionerError
+from provisioner.inventory import load_inventory
 from provisioner.lab.control import alive, take_down
 from provisioner.lab.workstation import DOMAIN_SID
-from tests.labkit import clean_env, copy_example, run_cli
+from tests.labkit import clean_env, copy_example, free_lab_addresses, run_cli
 
 SCENARIO = """\
 # Awkward workstations for the example inventory.
@@ -270,6 +274,68 @@ def test_the_foreground_lab_serves_show_and_cleans_up_when_its_terminal_closes(
         process.kill()
         process.wait(10)
     assert not os.path.lexists(shell.lab_file) and shell.leftovers() == []
+
+
+# --- where the lab listens ---------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _listening(address: str, port: int) -> Iterator[None]:
+    """Something else listens on ``address:port`` (or already did: just as well)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((address, port))
+            sock.listen()
+        except OSError as failed:
+            assert failed.errno == errno.EADDRINUSE, failed
+        yield
+
+
+def test_a_lab_starts_where_it_is_told_whatever_listens_on_the_default_addresses(
+    shell: Shell,
+) -> None:
+    count = len(load_inventory(shell.inventory).workstations)
+    base, port = free_lab_addresses(count)
+    where = ["--base-address", base, "--port", str(port)]
+    up = ["lab", "up", "-i", "inventory", "--detach", *where, *shell.keys]
+    with _listening(base, port):  # something on the place asked for: the message names it
+        taken = shell.cli(*up, check=False)
+    assert taken.returncode == 1
+    assert f"cannot listen on {base}:{port}" in taken.stderr, taken.stderr
+    assert "--base-address, --port" in taken.stderr
+    assert not os.path.lexists(shell.lab_file) and shell.leftovers() == []
+
+    # Another lab, or a real WinRM listener, on the default 127.0.0.2:5985 (held only while
+    # this lab starts: labs of other tests on this machine may want it).
+    with _listening("127.0.0.2", 5985):
+        shell.cli(*up)
+    lab = LabMap.load(shell.lab_file)
+    first = ipaddress.IPv4Address(base)
+    assert sorted(ipaddress.IPv4Address(e.address) for e in lab.hosts.values()) == [
+        first + n for n in range(count)
+    ]
+    assert {e.port for e in lab.hosts.values()} == {port}
+    shell.cli("push", "ber-ws-001", "-i", "inventory", *shell.keys, "--lab", "inventory/.lab.json")
+    shell.cli("lab", "down", "-i", "inventory")
+
+
+@pytest.mark.parametrize(
+    ("address", "why"),
+    [
+        ("10.0.0.1", "10.0.0.1 is outside 127.0.0.0/8: the lab listens on loopback only"),
+        ("127.0.0", "'127.0.0' is not an IPv4 address"),
+        ("::1", "'::1' is not an IPv4 address"),
+        ("127.255.255.255", "127.255.255.255 is the loopback broadcast address"),
+    ],
+)
+def test_a_base_address_off_loopback_is_refused(shell: Shell, address: str, why: str) -> None:
+    for given in (["--base-address", address], []):
+        env = {**shell.env, "PROVISIONER_LAB_BASE_ADDRESS": address} if not given else shell.env
+        result = run_cli(
+            shell.root, "lab", "up", "-i", "inventory", "--detach", *given, *shell.keys, env=env
+        )
+        assert result.returncode == 2 and why in result.stderr, result.stderr
+        assert not os.path.lexists(shell.lab_file)
 
 
 # --- the clean-up ---------------------------------------------------------------------------

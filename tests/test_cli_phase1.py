@@ -6,51 +6,30 @@ exit codes, error handling), only without a new interpreter.
 
 from __future__ import annotations
 
-import io
 import json
 import re
 import shutil
 import stat
 import subprocess
-import sys
 import xml.etree.ElementTree as ET
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
-from unittest import mock
 
 import pytest
 
 from provisioner import secretstore, vault
-from provisioner.cli import main
 from tests.conftest import Realm
-from tests.test_build import (
+from tests.phase1kit import (
     BASE,
     DEMO_KEY,
     EXAMPLE,
     IDENTITY,
+    cli,
     secret_for,
     write_inventory,
 )
 
 GOLDEN = Path(__file__).parent / "golden" / "inventories"
 needs_git = pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
-
-
-def cli(*args: str) -> tuple[int, str, str]:
-    """Run the CLI in-process: exit code, stdout, stderr."""
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with (
-        redirect_stdout(out),
-        redirect_stderr(err),
-        mock.patch.object(sys, "argv", ["provisioner", *args]),
-    ):
-        try:
-            main()
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
-    assert "Traceback" not in out.getvalue() + err.getvalue()
-    return code, out.getvalue(), err.getvalue()
 
 
 def _xml(text: str) -> ET.Element:

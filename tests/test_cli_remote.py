@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.labkit import run_cli
-
-ROOT = Path(__file__).resolve().parent.parent
+from provisioner.inventory import load_inventory
+from tests.labkit import copy_example, free_lab_addresses, run_cli
 
 
 def _run(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -24,17 +23,20 @@ def _run(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProce
 
 @pytest.fixture
 def example(tmp_path: Path) -> Iterator[tuple[Path, list[str]]]:
-    inventory = tmp_path / "inventory"
-    shutil.copytree(ROOT / "inventory", inventory)
-    identity = tmp_path / "demo.sipid"
-    shutil.copyfile(ROOT / "inventory/.demo-key/demo-only.sipid", identity)
-    identity.chmod(0o600)
-    passphrase = tmp_path / "demo.passphrase"
-    shutil.copyfile(ROOT / "inventory/.demo-key/demo-only.passphrase", passphrase)
-    passphrase.chmod(0o600)
+    inventory, identity, passphrase = copy_example(tmp_path)
     keys = ["--identity", str(identity), "--passphrase-file", str(passphrase)]
-    _run("lab", "up", "-i", "inventory", "--detach", *keys, cwd=tmp_path)
+    # Addresses and a port nothing listens on, given as options.
+    count = len(load_inventory(inventory).workstations)
+    base, port = free_lab_addresses(count)
+    where = ["--base-address", base, "--port", str(port)]
+    _run("lab", "up", "-i", "inventory", "--detach", *where, *keys, cwd=tmp_path)
     lab_file = json.loads((inventory / ".lab.json").read_text())
+    endpoints = lab_file["hosts"].values()
+    first = ipaddress.IPv4Address(base)
+    assert sorted(ipaddress.IPv4Address(e["address"]) for e in endpoints) == [
+        first + n for n in range(count)
+    ]
+    assert {e["port"] for e in endpoints} == {port}
     pid, ca_path = lab_file["pid"], Path(lab_file["ca_path"])
     assert ca_path.is_file()
     try:

@@ -30,7 +30,14 @@ from provisioner.engine import uninterrupted
 from provisioner.errors import ProvisionerError
 from provisioner.lab import Faults
 from provisioner.results import Status
-from tests.labkit import ExampleLab, clean_env, copy_example, example_lab, run_cli
+from tests.labkit import (
+    ExampleLab,
+    clean_env,
+    copy_example,
+    example_lab,
+    free_lab_addresses,
+    run_cli,
+)
 
 HOSTS = [
     "ber-rds-01",
@@ -78,12 +85,12 @@ def detached(tmp_path: Path) -> Iterator[tuple[Path, dict[str, str], list[str]]]
     inventory, identity, passphrase = copy_example(tmp_path)
     env = clean_env(tmp_path)
     keys = ["--identity", str(identity), "--passphrase-file", str(passphrase)]
-    for _ in range(10):  # another lab on this machine may hold port 5985 for a while
-        up = cli(tmp_path, env, "lab", "up", "-i", "inventory", "--detach", *keys)
-        if up.returncode == 0 or "cannot listen" not in up.stderr:
-            break
-        time.sleep(3)
+    # Addresses and a port nothing listens on, given as the environment variables.
+    base, port = free_lab_addresses(len(HOSTS))
+    up_env = {**env, "PROVISIONER_LAB_BASE_ADDRESS": base, "PROVISIONER_LAB_PORT": str(port)}
+    up = cli(tmp_path, up_env, "lab", "up", "-i", "inventory", "--detach", *keys)
     assert up.returncode == 0, (up.stdout, up.stderr)
+    assert f"http://{base}:{port}/wsman" in up.stdout
     try:
         yield tmp_path, env, [*keys, "--lab", "inventory/.lab.json", "-i", "inventory"]
     finally:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_build import EXAMPLE
+from tests.phase1kit import EXAMPLE
 
 DRIVER = """\
 import json, runpy, sys

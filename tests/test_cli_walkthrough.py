@@ -17,9 +17,8 @@ from provisioner.results import FileChange, HostResult, Status
 from provisioner.runner import RolloutOptions, RunResult
 from provisioner.transport.winrm import WinrmOptions, WinrmTransport
 from tests.labkit import clean_env, copy_example, run_cli
-from tests.test_build import EXAMPLE
-from tests.test_cli_phase1 import cli
-from tests.test_report import STARTED
+from tests.phase1kit import EXAMPLE, cli
+from tests.runkit import STARTED
 
 
 def _subprocess(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -8,15 +8,10 @@ every connection and every byte: nothing may reach it.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import json
 import os
-import socket
 import ssl
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -26,78 +21,17 @@ from provisioner.credscope import Scope, ca_fingerprint
 from provisioner.lab.certs import CertAuthority
 from provisioner.model import Secret
 from provisioner.transport.winrm import WinrmOptions, WinrmTransport
-from tests.labkit import WINRM_PASSWORD, clean_env, copy_example, lab_kit, run_cli
+from tests.labkit import (
+    ATTACKER,
+    WINRM_PASSWORD,
+    clean_env,
+    copy_example,
+    lab_kit,
+    listener,
+    run_cli,
+)
 
 WINRM_PATH = "/defaults/winrm/password"
-ATTACKER = "127.0.0.1"
-
-
-class Listener:
-    """The attacker's WinRM look-alike: records connections and requests, answers 401.
-
-    With ``tls``, it speaks HTTPS with that context (a certificate from the attacker's CA) and
-    records what it decrypted.
-    """
-
-    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
-        self.tls = tls
-        self.sock = socket.create_server((ATTACKER, 0))
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
-        self.connections = 0
-        self.received = bytearray()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.connections += 1
-            with conn:
-                conn.settimeout(2)
-                data = b""
-                try:
-                    if self.tls is not None:
-                        conn = self.tls.wrap_socket(conn, server_side=True)
-                    while b"\r\n\r\n" not in data and len(data) < 65536:
-                        chunk = conn.recv(4096)
-                        if not chunk:
-                            break
-                        data += chunk
-                    conn.sendall(
-                        b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Negotiate\r\n"
-                        b'WWW-Authenticate: Basic realm="WSMAN"\r\nContent-Length: 0\r\n'
-                        b"Connection: close\r\n\r\n"
-                    )
-                except OSError:
-                    pass
-                self.received += data
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self.sock.close()
-
-    def saw(self, password: str) -> bool:
-        """True if the password, or its Basic form, reached the listener."""
-        data = bytes(self.received)
-        basic = base64.b64encode(f"svc-microsip:{password}".encode())
-        return password.encode() in data or basic in data
-
-
-@contextmanager
-def listener(tls: ssl.SSLContext | None = None) -> Iterator[Listener]:
-    running = Listener(tls)
-    try:
-        yield running
-    finally:
-        running.close()
 
 
 def _example(tmp_path: Path) -> tuple[Path, list[str], str]:

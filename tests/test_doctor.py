@@ -10,8 +10,7 @@ from provisioner.credscope import Scope
 from provisioner.lab import Faults
 from provisioner.model import Secret
 from provisioner.transport.winrm import WinrmOptions
-from tests.labkit import lab_kit
-from tests.test_credential_scope import listener
+from tests.labkit import lab_kit, listener
 
 
 def test_all_checks_pass_on_a_healthy_workstation(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ import pytest
 
 from provisioner import build, forked
 from provisioner.model import Secret
-from tests.test_build import EXAMPLE, real_opener, secret_for, write_inventory
+from tests.phase1kit import EXAMPLE, real_opener, secret_for, write_inventory
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 

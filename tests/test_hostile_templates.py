@@ -24,7 +24,8 @@ import pytest
 from provisioner import build, vault
 from provisioner.budget import CLOCK, RenderBudget, expanded_size, stop_clock
 from provisioner.model import Secret
-from tests.test_build import (
+from tests.hostilekit import run_limited
+from tests.phase1kit import (
     BASE,
     REALM,
     build_files,
@@ -33,7 +34,6 @@ from tests.test_build import (
     secret_for,
     write_inventory,
 )
-from tests.test_hostile_yaml import run_limited
 
 POINTER = "/users/u1/accounts/main/password"
 PASSWORD = secret_for(POINTER)  # what SEAL stands for in the test inventories

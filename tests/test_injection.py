@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 from provisioner import build, ini, render, vault, yamldoc
 from provisioner.inidoc import IniDocument
-from tests.test_build import REALM, recipients, write_inventory
+from tests.phase1kit import REALM, recipients, write_inventory
 
 PASSWORD_PATH = "/users/u1/accounts/main/password"
 

@@ -9,7 +9,7 @@ import pytest
 from provisioner import build
 from provisioner.errors import InventoryError
 from provisioner.inventory import InventoryErrors, inventory_files, load_inventory
-from tests.test_build import BASE, EXAMPLE, build_files, write_inventory
+from tests.phase1kit import BASE, EXAMPLE, build_files, write_inventory
 
 # --------------------------------------------------------------------------- the model
 

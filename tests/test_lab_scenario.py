@@ -31,7 +31,8 @@ from provisioner.lab.workstation import (
     user_file_acl,
 )
 from provisioner.results import FileChange, HostResult, Status
-from tests.labkit import REPO, Kit, copy_example, lab_kit, write_inventory
+from tests.labkit import Kit, copy_example, lab_kit, write_inventory
+from tests.phase1kit import REPO
 
 pytestmark = pytest.mark.usefixtures("time_budget")
 

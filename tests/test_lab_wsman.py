@@ -37,6 +37,7 @@ from provisioner.lab import (
     Trigger,
 )
 from provisioner.lab.ntlmusers import ENV_VAR
+from provisioner.lab.server import NoAddressLeft
 
 USER = "lab-admin"
 PASSWORD = "Corr3ct-h0rse"
@@ -559,6 +560,25 @@ def test_stop_closes_every_port_and_thread() -> None:
     assert [t.name for t in threading.enumerate() if t.name.startswith("lab-")] == []
     with pytest.raises(RuntimeError):
         lab.add_host(HostConfig(credentials=CREDS, port=0))
+
+
+def test_the_lab_chooses_addresses_from_its_base_address_on() -> None:
+    with Lab(EchoHandler()) as lab:
+        [host] = lab.add_hosts(1, HostConfig(credentials=CREDS, port=0))
+        assert host.address == "127.0.0.2"  # the default
+    # A base near the end of a /24: the addresses ending in .255 and .0 are skipped.
+    with Lab(EchoHandler(), base_address="127.3.0.254") as lab:
+        hosts = lab.add_hosts(3, HostConfig(credentials=CREDS, port=0))
+        assert [h.address for h in hosts] == ["127.3.0.254", "127.3.1.1", "127.3.1.2"]
+        for host in hosts:
+            socket.create_connection((host.address, host.port), timeout=5).close()
+    with Lab(EchoHandler(), base_address="127.255.255.254") as lab:
+        lab.add_host(HostConfig(credentials=CREDS, port=0))
+        with pytest.raises(NoAddressLeft):
+            lab.add_host(HostConfig(credentials=CREDS, port=0))
+    for wrong in ("10.0.0.1", "::1", "127.0.0", "127.255.255.255"):
+        with pytest.raises(ValueError, match=r"not an IPv4|outside 127\.0\.0\.0/8|broadcast"):
+            Lab(EchoHandler(), base_address=wrong)
 
 
 def test_host_config_validation() -> None:

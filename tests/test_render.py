@@ -27,7 +27,7 @@ import pytest
 import provisioner.lint as ini_lint
 from provisioner import build, ini, render, vault
 from provisioner.model import Secret, Source
-from tests.test_build import (
+from tests.phase1kit import (
     BASE,
     REALM,
     build_files,

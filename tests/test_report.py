@@ -5,146 +5,26 @@ from __future__ import annotations
 import json
 import stat
 import xml.etree.ElementTree as ET
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 
 from provisioner import report
-from provisioner.fingerprint import Fingerprints
-from provisioner.push import PushOptions
-from provisioner.results import FileChange, HostResult, Status
+from provisioner.results import HostResult, Status
 from provisioner.runner import RolloutOptions, RunResult
-
-CANARY = "Canary-Pa55word-7f3e9b"
-STARTED = datetime(2024, 5, 1, 10, 0, 0, tzinfo=UTC)
-SHA_A = "a" * 64
-SHA_B = "b" * 64
-SHA_C = "c" * 64
-FP = Fingerprints(b"k" * 32)
-THRESHOLD = "failure threshold exceeded after batch 2: 3 of 7 failed (more than 10%)"
-
-
-def _ini(user: str, status: Status, **kwargs: object) -> FileChange:
-    path = f"C:\\Users\\{user}\\AppData\\Roaming\\MicroSIP\\microsip.ini"
-    return FileChange("microsip", user, path, status, **kwargs)  # type: ignore[arg-type]
-
-
-def _override(status: Status, **kwargs: object) -> FileChange:
-    path = "C:\\Program Files\\MicroSIP\\override.ini"
-    return FileChange("override", None, path, status, **kwargs)  # type: ignore[arg-type]
-
-
-def make_run(*, run_id: str = "a1b2c3d4e5f6", started: datetime = STARTED) -> RunResult:
-    """A hand-built rollout with one workstation per interesting outcome."""
-    canary_diff = f"-password={CANARY}\n+password=***\n[Account1] password: changed"
-    hosts = [
-        HostResult(
-            "ws-changed",
-            Status.CHANGED,
-            "1 unchanged, 1 changed",
-            [
-                _ini("alice", Status.CHANGED, old_sha256=SHA_A, new_sha256=SHA_B, diff=canary_diff),
-                _override(Status.UNCHANGED, old_sha256=SHA_C, new_sha256=SHA_C),
-            ],
-            duration=1.5,
-        ),
-        HostResult(
-            "ws-unchanged",
-            Status.UNCHANGED,
-            "2 unchanged",
-            [
-                _ini("bob", Status.UNCHANGED, old_sha256=SHA_A, new_sha256=SHA_A),
-                _override(Status.UNCHANGED, old_sha256=SHA_C, new_sha256=SHA_C),
-            ],
-            duration=0.4,
-        ),
-        HostResult(
-            "ws-busy",
-            Status.BUSY,
-            "1 unchanged, 1 busy",
-            [
-                _ini(
-                    "carol",
-                    Status.BUSY,
-                    message="MicroSIP is running for carol; nothing written "
-                    "(use --if-running stop to stop it first)",
-                    old_sha256=SHA_A,
-                    new_sha256=SHA_A,
-                    diff=canary_diff,
-                ),
-                _override(Status.UNCHANGED, old_sha256=SHA_C, new_sha256=SHA_C),
-            ],
-            duration=0.6,
-        ),
-        HostResult("ws-skipped", Status.SKIPPED, THRESHOLD, attempts=0),
-        HostResult(
-            "ws-down",
-            Status.FAILED,
-            "cannot connect to ws-down:5986: connection refused (after 3 attempts)",
-            retryable=True,
-            attempts=3,
-            duration=6.0,
-        ),
-        HostResult(
-            "ws-auth",
-            Status.FAILED,
-            "ws-auth: the credentials were rejected\n(check the account)",
-            duration=0.2,
-        ),
-        HostResult(
-            "ws-conflict",
-            Status.CONFLICT,
-            "1 changed, 1 conflict",
-            [
-                _ini(
-                    "dave",
-                    Status.CONFLICT,
-                    message="the file changed while it was being written, twice",
-                    old_sha256=SHA_A,
-                    new_sha256=SHA_A,
-                    conflicts=("[Settings] ringtone",),
-                ),
-                _override(Status.CHANGED, old_sha256=SHA_B, new_sha256=SHA_C, diff=canary_diff),
-            ],
-            duration=2.0,
-            warnings=["MicroSIP was running: some settings may be lost"],
-        ),
-        HostResult(
-            "ws-partial",
-            Status.FAILED,
-            "1 changed, 1 failed",
-            [
-                _ini("erin", Status.FAILED, message="E_ACCESS: access denied"),
-                _ini("frank", Status.CHANGED, old_sha256=None, new_sha256=SHA_B, diff=canary_diff),
-            ],
-            duration=1.0,
-        ),
-    ]
-    options = RolloutOptions(canary="1", batch="50%", push=PushOptions(users=("alice",)))
-    run = RunResult(run_id, started, options, {h.host: h for h in hosts})
-    run.batches = [["ws-auth"], ["ws-busy", "ws-changed", "ws-conflict"], ["ws-down"]]
-    run.finished = started + timedelta(seconds=12.5)
-    run.stopped = THRESHOLD
-    return run
-
-
-def make_check_run() -> RunResult:
-    """A dry run in which one workstation would change."""
-    hosts = [
-        HostResult(
-            "ws1",
-            Status.CHANGED,
-            "1 changed",
-            [_ini("alice", Status.CHANGED, old_sha256=SHA_A, new_sha256=SHA_B, diff=CANARY)],
-            duration=0.3,
-            dry_run=True,
-        ),
-        HostResult("ws2", Status.UNCHANGED, "", [_ini("bob", Status.UNCHANGED)], dry_run=True),
-    ]
-    run = RunResult("c0ffee000001", STARTED, RolloutOptions(check=True), {h.host: h for h in hosts})
-    run.finished = STARTED + timedelta(seconds=1)
-    return run
+from tests.runkit import (
+    CANARY,
+    FP,
+    SHA_A,
+    SHA_B,
+    STARTED,
+    THRESHOLD,
+    ini_change,
+    make_check_run,
+    make_run,
+    override_change,
+)
 
 
 def _only(statuses: list[Status]) -> RunResult:
@@ -389,7 +269,9 @@ def test_junit_survives_markup_and_control_characters() -> None:
     message = 'agent said <b>"no" & \x1b[31mred\x00\nsecond line'
     run = _only([Status.FAILED])
     run.results["ws0"].message = message
-    run.results["ws<&>"] = HostResult("ws<&>", Status.UNCHANGED, "", [_override(Status.UNCHANGED)])
+    run.results["ws<&>"] = HostResult(
+        "ws<&>", Status.UNCHANGED, "", [override_change(Status.UNCHANGED)]
+    )
     root = _parse(report.run_junit(run, fingerprints=FP))
     failure = root.find("testsuite/testcase/failure")
     assert failure is not None
@@ -401,7 +283,7 @@ def test_junit_survives_markup_and_control_characters() -> None:
 def test_host_failure_outside_its_files_gets_a_connection_case_too() -> None:
     run = _only([])
     run.results["ws9"] = HostResult(
-        "ws9", Status.FAILED, "agent: script blocked", [_ini("zed", Status.UNCHANGED)]
+        "ws9", Status.FAILED, "agent: script blocked", [ini_change("zed", Status.UNCHANGED)]
     )
     cases = _cases(_parse(report.run_junit(run, fingerprints=FP)))
     assert set(cases) == {("ws9", "connection"), ("ws9", "zed/microsip.ini")}

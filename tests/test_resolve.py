@@ -10,7 +10,7 @@ from provisioner import build, resolve
 from provisioner.errors import InventoryError, ProvisionerError, ResolveError
 from provisioner.inventory import load_inventory
 from provisioner.model import Inventory
-from tests.test_build import BASE, EXAMPLE, build_files, write_inventory
+from tests.phase1kit import BASE, EXAMPLE, build_files, write_inventory
 
 GOLDEN_PRECEDENCE = Path(__file__).parent / "golden" / "inventories" / "precedence" / "inventory"
 

@@ -28,7 +28,7 @@ from provisioner.state import (
     records_for_run,
 )
 from tests.labkit import run_cli
-from tests.test_report import CANARY, FP, SHA_A, SHA_B, STARTED, make_check_run, make_run
+from tests.runkit import CANARY, FP, SHA_A, SHA_B, STARTED, make_check_run, make_run
 
 REPO = Path(__file__).resolve().parent.parent
 POSIX_ONLY = pytest.mark.skipif(sys.platform == "win32", reason="POSIX modes and signals")

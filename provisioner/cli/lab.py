@@ -49,6 +49,17 @@ def default_lab_file(inventory: Path) -> Path:
     return inventory / ".lab.json"
 
 
+def _check_base_address(value: str | None) -> str | None:
+    from provisioner.lab.server import check_base_address
+
+    if value is None:
+        return None
+    try:
+        return check_base_address(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
 @app.command()
 def up(
     inventory: InventoryOpt = Path("."),
@@ -70,7 +81,18 @@ def up(
             "--port",
             min=0,
             max=65535,
+            envvar="PROVISIONER_LAB_PORT",
             help="Port of every workstation (0: a free one each). Default 5985, or 5986 for HTTPS.",
+        ),
+    ] = None,
+    base_address: Annotated[
+        str | None,
+        typer.Option(
+            "--base-address",
+            envvar="PROVISIONER_LAB_BASE_ADDRESS",
+            callback=_check_base_address,
+            help="Address of the first workstation, in 127.0.0.0/8; the others take the "
+            "addresses after it. Default 127.0.0.2.",
         ),
     ] = None,
     detach: Annotated[
@@ -94,12 +116,13 @@ def up(
         # a scenario is checked before anything starts, every problem at its line.
         if scenario is not None:
             _load_scenario(scenario, load_model(inventory))
-        _detach(inventory, target, scenario, port, identities, passphrase_file)
+        _detach(inventory, target, scenario, port, base_address, identities, passphrase_file)
         return
     model = load_model(inventory)
     loaded = _load_scenario(scenario, model) if scenario is not None else None
     from provisioner import build as phase1
     from provisioner.lab.scenario import ScenarioErrors
+    from provisioner.lab.server import DEFAULT_BASE_ADDRESS
     from provisioner.vault import load_recipients_file
 
     recipients = load_recipients_file(inventory / phase1.RECIPIENTS_FILE)
@@ -110,7 +133,13 @@ def up(
         signal.signal(sig, lambda *_: stop.set())
     with LabProcess(target) as process:
         try:
-            running = process.start(model, keyring, port=port, scenario=loaded)
+            running = process.start(
+                model,
+                keyring,
+                port=port,
+                base_address=base_address or DEFAULT_BASE_ADDRESS,
+                scenario=loaded,
+            )
         except ScenarioErrors as exc:
             raise ProvisionerError(f"the scenario cannot be set up:\n{exc}") from None
         echo(f"lab up: {len(running.hosts)} workstation(s), lab file {target}")
@@ -140,6 +169,7 @@ def _detach(
     target: Path,
     scenario: Path | None,
     port: int | None,
+    base_address: str | None,
     identities: list[Path] | None,
     passphrase_file: Path | None,
 ) -> None:
@@ -161,6 +191,8 @@ def _detach(
         command += ["--scenario", str(scenario)]
     if port is not None:
         command += ["--port", str(port)]
+    if base_address is not None:
+        command += ["--base-address", base_address]
     for identity in identities or []:
         command += ["--identity", str(identity)]
     if passphrase_file is not None:

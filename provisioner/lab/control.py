@@ -44,6 +44,7 @@ from provisioner.lab import ntlmusers
 from provisioner.lab.inventory_lab import InventoryLab, start_inventory_lab
 from provisioner.lab.ntfs import Ace, FileError, split
 from provisioner.lab.scenario import Scenario
+from provisioner.lab.server import DEFAULT_BASE_ADDRESS, NoAddressLeft
 from provisioner.lab.workstation import Workstation
 from provisioner.model import Inventory
 from provisioner.names import did_you_mean
@@ -390,20 +391,32 @@ class LabProcess:
         opener: vault.Opener,
         *,
         port: int | None = None,
+        base_address: str = DEFAULT_BASE_ADDRESS,
         scenario: Scenario | None = None,
     ) -> InventoryLab:
-        """Start the emulated workstations; ``show`` answers for them from now on."""
+        """Start the emulated workstations, on ``base_address`` and the addresses after it;
+        ``show`` answers for them from now on."""
         ntlmusers.use_folder(self.folder)
         try:
             self.lab = start_inventory_lab(
-                inventory, opener, folder=self.folder, port=port, scenario=scenario
+                inventory,
+                opener,
+                folder=self.folder,
+                port=port,
+                base_address=base_address,
+                scenario=scenario,
             )
+        except NoAddressLeft as failed:
+            raise ProvisionerError(
+                f"the lab cannot start: {failed}; choose a lower --base-address"
+            ) from None
         except OSError as failed:
             if failed.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):
                 # Another lab, or a real WinRM listener on this machine.
                 raise ProvisionerError(
                     f"the lab cannot start: {failed.strerror}; is another lab running "
-                    "('provisioner lab down')?"
+                    "('provisioner lab down')? Or start it elsewhere: --base-address, --port "
+                    "(0: a free port for each workstation)"
                 ) from None
             # Its text would name the lab's private folder.
             raise ProvisionerError(

@@ -19,7 +19,7 @@ from provisioner.lab.agent import LabAgent
 from provisioner.lab.fleet import UserSpec, WorkstationSpec, add_workstation
 from provisioner.lab.host import HostConfig, LabHost
 from provisioner.lab.scenario import Scenario
-from provisioner.lab.server import Lab
+from provisioner.lab.server import DEFAULT_BASE_ADDRESS, Lab
 from provisioner.lab.workstation import Workstation
 from provisioner.model import Inventory
 from provisioner.resolve import resolve_station
@@ -57,12 +57,13 @@ def start_inventory_lab(
     folder: Path | None = None,
     names: list[str] | None = None,
     port: int | None = 0,
+    base_address: str = DEFAULT_BASE_ADDRESS,
     scenario: Scenario | None = None,
 ) -> InventoryLab:
     """Start one emulated workstation per inventory workstation (or per name in ``names``),
     each as ``scenario`` describes it (:class:`~provisioner.lab.scenario.ScenarioErrors` when
-    a path cannot be set up)."""
-    lab = Lab(LabAgent(), folder=folder)
+    a path cannot be set up), on ``base_address`` and the addresses after it."""
+    lab = Lab(LabAgent(), folder=folder, base_address=base_address)
     hosts: dict[str, LabHost] = {}
     machines: dict[str, Workstation] = {}
     try:

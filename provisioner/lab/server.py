@@ -1,11 +1,11 @@
 """The lab: a fleet of emulated WinRM hosts on loopback addresses, in one process.
 
-Every host listens on its own address of 127.0.0.0/8 (127.0.0.2, 127.0.0.3, ... then
-127.0.1.1 and so on; Linux routes the whole block to loopback) and port (5985 for http,
-5986 for https, or an ephemeral one). All hosts share one selector thread and two bounded
-worker pools (connections and command handlers), so a thousand hosts cost a thousand
-listening sockets, not a thousand threads. ``stop()`` closes every socket and joins every
-thread within its timeout.
+Every host listens on its own address of 127.0.0.0/8 (from the lab's base address on: by
+default 127.0.0.2, 127.0.0.3, ... then 127.0.1.1 and so on; Linux routes the whole block to
+loopback) and port (5985 for http, 5986 for https, or an ephemeral one). All hosts share one
+selector thread and two bounded worker pools (connections and command handlers), so a thousand
+hosts cost a thousand listening sockets, not a thousand threads. ``stop()`` closes every
+socket and joins every thread within its timeout.
 
 Typical use::
 
@@ -32,8 +32,26 @@ from provisioner.lab.host import HostConfig, LabHost
 from provisioner.lab.pool import WorkerPool
 from provisioner.lab.reactor import Reactor
 
-_FIRST = int(ipaddress.IPv4Address("127.0.0.2"))
+DEFAULT_BASE_ADDRESS = "127.0.0.2"
+_LOOPBACK = ipaddress.IPv4Network("127.0.0.0/8")
 _LAST = int(ipaddress.IPv4Address("127.255.255.254"))
+
+
+class NoAddressLeft(RuntimeError):
+    """Every loopback address from the lab's base address up to 127.255.255.254 is taken."""
+
+
+def check_base_address(text: str) -> str:
+    """``text`` as the first address of a lab; ValueError says why it cannot be one."""
+    try:
+        address = ipaddress.IPv4Address(text.strip())
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IPv4 address (like 127.0.0.2)") from None
+    if address not in _LOOPBACK:
+        raise ValueError(f"{address} is outside 127.0.0.0/8: the lab listens on loopback only")
+    if int(address) > _LAST:
+        raise ValueError(f"{address} is the loopback broadcast address")
+    return str(address)
 
 
 class Lab:
@@ -48,7 +66,10 @@ class Lab:
         handler_workers: int = 32,
         io_timeout: float = 30.0,
         idle_timeout: float = 120.0,
+        base_address: str = DEFAULT_BASE_ADDRESS,
     ) -> None:
+        """``base_address``: where the addresses the lab chooses for its hosts begin."""
+        self._next = int(ipaddress.IPv4Address(check_base_address(base_address)))
         self._handler = handler
         self._own_folder = folder is None
         self.folder = Path(tempfile.mkdtemp(prefix="microsip-lab-")) if folder is None else folder
@@ -61,7 +82,6 @@ class Lab:
         )
         self._hosts: dict[str, LabHost] = {}
         self._addresses: set[str] = set()
-        self._next = _FIRST
         self._ca: CertAuthority | None = None
         self._ntlm_tokens: list[int] = []
         self._stopped = False
@@ -170,4 +190,4 @@ class Lab:
             address = str(candidate)
             if candidate.packed[3] not in (0, 255) and address not in self._addresses:
                 return address
-        raise RuntimeError("no free loopback address left")
+        raise NoAddressLeft(f"no loopback address is left after {ipaddress.IPv4Address(_LAST)}")
