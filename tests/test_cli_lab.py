@@ -315,7 +315,16 @@ def test_a_lab_starts_where_it_is_told_whatever_listens_on_the_default_addresses
         first + n for n in range(count)
     ]
     assert {e.port for e in lab.hosts.values()} == {port}
-    shell.cli("push", "ber-ws-001", "-i", "inventory", *shell.keys, "--lab", "inventory/.lab.json")
+    shell.cli(
+        "push",
+        "ber-ws-001",
+        "--yes",
+        "-i",
+        "inventory",
+        *shell.keys,
+        "--lab",
+        "inventory/.lab.json",
+    )
     shell.cli("lab", "down", "-i", "inventory")
 
 
