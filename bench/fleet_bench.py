@@ -328,9 +328,9 @@ def controller_child(
     lanes_cpu_before = children_cpu_seconds()  # Phase 1's workers, if any
     cpu_before = cpu_seconds()
     start = time.perf_counter()
-    with runner.open_lanes(stations, files, transport, wanted) as pushers:
-        pids = pushers.pids
-        run = runner.run_fleet(stations, files, transport, options, executor=pushers)
+    with runner.executor(stations, files, transport, wanted) as pushers:
+        pids = pushers.pids if isinstance(pushers, lanes.Lanes) else []
+        run = runner.run_fleet(sorted(stations), pushers, options)
         wall = time.perf_counter() - start
         lane_peaks = [proc_mib(pid, "status", "VmHWM") for pid in pids]
         pss = sum(proc_mib(pid, "smaps_rollup", "Pss") for pid in [os.getpid(), *pids])

@@ -99,6 +99,34 @@ class Dispatch(Protocol):
         ...
 
 
+class Threads(Generic[Params]):
+    """Pushes on a thread pool of this process: the executor when no lane is wanted."""
+
+    def __init__(self, work: Work[Params]) -> None:
+        self.work = work
+
+    @property
+    def processes(self) -> int:
+        """No push process: this one pushes."""
+        return 0
+
+    def note(self, forks: int) -> str:
+        """How the pushes run, for a run's header: nothing to say."""
+        return ""
+
+    def session(
+        self, params: Params, stop: threading.Event, limit: int
+    ) -> contextlib.AbstractContextManager[Dispatch]:
+        """One run's :class:`Dispatch`: a thread pool of ``limit`` threads."""
+        return InProcess(self.work, params, stop, limit)
+
+    def __enter__(self) -> Threads[Params]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
 class InProcess(Generic[Params]):
     """A :class:`Dispatch` on a thread pool of this process."""
 
@@ -157,9 +185,8 @@ class Lanes(Generic[Params]):
 
     ``with Lanes(work, failure, 4) as lanes:`` forks 4 processes (fewer than 2: none), unless
     forking is impossible or unsafe; then :attr:`processes` is 0 and :attr:`fallback` says
-    why, and callers push from threads of this process. ``sendable`` lists the parameter types
-    allowed down the pipes (besides strings, numbers and results). ``origin`` lets a caller
-    check that the lanes were forked with the data it is about to push.
+    why, and its sessions push from threads of this process. ``sendable`` lists the parameter
+    types allowed down the pipes (besides strings, numbers and results).
     """
 
     def __init__(
@@ -169,10 +196,8 @@ class Lanes(Generic[Params]):
         processes: int,
         *,
         sendable: tuple[type, ...] = (),
-        origin: tuple[object, ...] = (),
     ) -> None:
         self.work, self.failure, self.requested = work, failure, processes
-        self.origin = origin
         self.fallback = ""
         self._types = _Types((HostResult, FileChange, Status, *sendable))
         self._lanes: list[_Lane] = []
@@ -189,12 +214,13 @@ class Lanes(Generic[Params]):
         """Process ids of the lanes alive, in order."""
         return [lane.pid for lane in self._lanes if lane.alive]
 
-    def made_for(self, *origin: object) -> bool:
-        """True when the lanes were opened with these objects (or equal ones) as ``origin``."""
-        return len(origin) == len(self.origin) and all(
-            mine is theirs or mine == theirs
-            for mine, theirs in zip(self.origin, origin, strict=True)
-        )
+    def note(self, forks: int) -> str:
+        """How the pushes run, for a run's header: how many processes, or why only this one."""
+        if self.processes:
+            return f"pushing from {self.processes} processes (forks {forks} shared)"
+        if self.fallback:
+            return f"pushing from this process only: {self.fallback}"
+        return ""
 
     def open(self) -> Lanes[Params]:
         """Fork the lanes now, if this process may fork."""

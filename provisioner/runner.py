@@ -3,9 +3,9 @@ failure threshold.
 
 ``run_fleet`` never raises for a host's failure: every workstation ends with a HostResult.
 Reporting hangs off the :class:`~provisioner.results.Reporter` hooks; the runner never prints.
-Pushes run on a thread pool of this process, or on push lanes (forked processes, see
-:mod:`provisioner.lanes`) opened with :func:`open_lanes` and passed as ``executor``; the
-batches, the threshold and Ctrl-C are decided here either way.
+Pushes run on an :class:`Executor` (a thread pool of this process, or push lanes: forked
+processes, see :mod:`provisioner.lanes`), made by :func:`executor`; the batches, the
+threshold and Ctrl-C are decided here whichever runs them.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any, Protocol
 from provisioner import lanes
 from provisioner.build import BuiltFile
 from provisioner.errors import ProvisionerError
-from provisioner.push import PushOptions, _summary, push_host
+from provisioner.push import PushOptions, _summary, push_host, rollback_host
 from provisioner.resolve import StationPlan
 from provisioner.results import HostResult, Reporter, Status
 from provisioner.transport.base import ReadOnlyTransport, Transport
@@ -47,6 +47,8 @@ class RolloutOptions:
     push: PushOptions = field(default_factory=PushOptions)
     # The canary batch by name (``--canary-hosts``), in place of the first ``canary`` hosts.
     canary_hosts: tuple[str, ...] = ()
+    # Restore each file's newest backup instead of pushing the inventory's files.
+    rollback: bool = False
 
 
 @dataclass
@@ -160,8 +162,8 @@ class Journal(Protocol):
 
 
 ABORTED = (
-    "interrupted: aborted while workstations were being pushed; those are marked "
-    "'not reported' and may or may not have been written"
+    "interrupted: aborted while workstations were being pushed; those are marked failed "
+    "and may or may not have been written"
 )
 
 
@@ -183,66 +185,104 @@ class _Journaled:
 
 
 TransportFactory = Callable[[StationPlan], Transport]
-PushLanes = lanes.Lanes[RolloutOptions]
 
 
-def open_lanes(
+class Executor(Protocol):
+    """Where a run's pushes execute: threads of this process, forked lanes, or workers of a
+    distributed engine.
+
+    Only plain data crosses it: host names and :class:`RolloutOptions` go in, one
+    :class:`~provisioner.results.HostResult` per host comes out. Each executor is made with
+    what it needs to push a host by name (:func:`executor` here); the batches, the canary,
+    the threshold and Ctrl-C stay with :func:`run_fleet`. Retries of one host run inside the
+    executor, beside its push.
+    """
+
+    @property
+    def processes(self) -> int:
+        """Push processes alive besides this one (0: this process pushes)."""
+        ...
+
+    def note(self, forks: int) -> str:
+        """How the pushes run, for a run's header ("" when there is nothing to say)."""
+        ...
+
+    def session(
+        self, params: RolloutOptions, stop: threading.Event, limit: int
+    ) -> AbstractContextManager[lanes.Dispatch]:
+        """One run: at most ``limit`` hosts in flight; ``stop`` ends retries early."""
+        ...
+
+
+def executor(
     stations: Mapping[str, StationPlan],
     files: Mapping[str, Sequence[BuiltFile]],
     transport_factory: TransportFactory,
-    processes: int,
+    processes: int = 1,
     *,
     sleep: Callable[[float], None] = time.sleep,
-) -> PushLanes:
-    """Push lanes for ``run_fleet(..., executor=)`` with these stations, files and factory.
+) -> lanes.Threads[RolloutOptions] | lanes.Lanes[RolloutOptions]:
+    """An executor that pushes these stations' files through ``transport_factory``.
 
-    Enter it while this process has no other thread (before a progress display starts): the
-    lanes fork then. With ``processes`` below 2, or where forking is unsafe, there are none
-    and ``run_fleet`` pushes from threads of this process.
+    ``processes`` below 2: threads of this process. Else push lanes: enter the result while
+    this process has no other thread (before a progress display starts), for they fork then;
+    where forking is unsafe they push from threads too and say why (``note``).
     """
-    return lanes.Lanes(
-        _work(stations, files, transport_factory, sleep),
-        _failed,
-        processes,
-        sendable=(RolloutOptions, PushOptions),
-        origin=(stations, files, transport_factory),
-    )
+    work = _work(stations, files, transport_factory, sleep)
+    if processes < 2:
+        return lanes.Threads(work)
+    return lanes.Lanes(work, _failed, processes, sendable=(RolloutOptions, PushOptions))
+
+
+class Aborted(KeyboardInterrupt):
+    """The run was aborted (a second Ctrl-C) after being recorded; ``run`` says how far it got.
+
+    The workstations that were being pushed are failed results: their files may or may not
+    have changed.
+    """
+
+    def __init__(self, run: RunResult) -> None:
+        super().__init__()
+        self.run = run
 
 
 def run_fleet(
-    stations: Mapping[str, StationPlan],
-    files: Mapping[str, Sequence[BuiltFile]],
-    transport_factory: TransportFactory,
+    hosts: Sequence[str],
+    pushes: Executor,
     options: RolloutOptions = RolloutOptions(),
     *,
     reporter: Reporter | None = None,
     stop: threading.Event | None = None,
-    sleep: Callable[[float], None] = time.sleep,
-    executor: PushLanes | None = None,
     journal: Journal | None = None,
 ) -> RunResult:
-    """Push every station in batches; stop launching on ``stop`` or past the threshold.
+    """Push every host in batches through ``pushes``; stop launching on ``stop`` or past the
+    threshold.
 
-    ``executor``: lanes from :func:`open_lanes` with the same stations, files and factory
-    (their retries sleep with the ``sleep`` given there). ``journal``: told of the run's
-    start, of each result as it arrives and of the end, also when an exception (a second
-    Ctrl-C) aborts the run.
+    ``journal``: told of the run's start, of each result as it arrives and of the end, also
+    when a second Ctrl-C aborts the run (raised as :class:`Aborted`, after the hosts in
+    flight are recorded as failed).
     """
     if options.forks < 1:
         raise ProvisionerError(f"forks must be at least 1, not {options.forks}")
-    if executor is not None and not executor.made_for(stations, files, transport_factory):
-        raise ValueError("the push lanes were opened for other stations, files or factory")
     report = reporter or _NullReporter()
     stop = stop or threading.Event()
     run = RunResult(uuid.uuid4().hex[:12], datetime.now(UTC), options)
-    run.batches = plan_batches(
-        sorted(stations), options.canary, options.batch, options.canary_hosts
-    )
+    run.batches = plan_batches(sorted(hosts), options.canary, options.batch, options.canary_hosts)
     if journal is not None:
         journal.begin(run, [host for batch in run.batches for host in batch])
         report = _Journaled(report, journal)
+    in_flight: set[str] = set()
     try:
-        _run_batches(run, stations, files, transport_factory, report, stop, sleep, executor)
+        _run_batches(run, pushes, report, stop, in_flight)
+    except KeyboardInterrupt:
+        run.stopped, run.finished = ABORTED, datetime.now(UTC)
+        for host in sorted(in_flight - run.results.keys()):
+            result = HostResult(host, Status.FAILED, _interrupted(host), dry_run=options.check)
+            run.results[host] = result
+            report.host_done(result)
+        if journal is not None:
+            journal.finish(run)
+        raise Aborted(run) from None
     except BaseException:
         if journal is not None:
             run.stopped, run.finished = ABORTED, datetime.now(UTC)
@@ -254,27 +294,31 @@ def run_fleet(
     return run
 
 
+def _interrupted(host: str) -> str:
+    return (
+        "interrupted while the workstation was being written: its files may or may not have "
+        f"changed; see 'provisioner diff {host}'"
+    )
+
+
 def _run_batches(
     run: RunResult,
-    stations: Mapping[str, StationPlan],
-    files: Mapping[str, Sequence[BuiltFile]],
-    transport_factory: TransportFactory,
+    pushes: Executor,
     report: Reporter,
     stop: threading.Event,
-    sleep: Callable[[float], None],
-    executor: PushLanes | None,
+    in_flight: set[str],
 ) -> None:
     options = run.options
     attempted = 0
     failures = 0
-    with _dispatch(stations, files, transport_factory, options, stop, sleep, executor) as pushes:
+    with pushes.session(options, stop, options.forks) as dispatch:
         for index, batch in enumerate(run.batches):
             if run.stopped or stop.is_set():
                 run.stopped = run.stopped or "interrupted: no new workstation was started"
                 _skip(run, batch, report, run.stopped)
                 continue
             getattr(report, "batch_started", lambda *_: None)(index, batch)
-            _run_batch(run, batch, pushes, report, stop)
+            _run_batch(run, batch, dispatch, report, stop, in_flight)
             attempted += len(batch)
             failures += sum(1 for h in batch if run.results[h].status in FAILURES)
             if attempted and failures * 100 / attempted > options.max_fail:
@@ -286,21 +330,6 @@ def _run_batches(
                 run.stopped = "interrupted: no new workstation was started"
 
 
-def _dispatch(
-    stations: Mapping[str, StationPlan],
-    files: Mapping[str, Sequence[BuiltFile]],
-    factory: TransportFactory,
-    options: RolloutOptions,
-    stop: threading.Event,
-    sleep: Callable[[float], None],
-    executor: PushLanes | None,
-) -> AbstractContextManager[lanes.Dispatch]:
-    """The lanes' session for this run, or a thread pool of this process."""
-    if executor is not None and executor.processes:
-        return executor.session(options, stop, options.forks)
-    return lanes.InProcess(_work(stations, files, factory, sleep), options, stop, options.forks)
-
-
 def _work(
     stations: Mapping[str, StationPlan],
     files: Mapping[str, Sequence[BuiltFile]],
@@ -310,9 +339,10 @@ def _work(
     """Push one host by name: what a lane (or a thread of this process) runs."""
 
     def work(host: str, options: RolloutOptions, stop: threading.Event) -> HostResult:
-        return _push_with_retries(
-            stations[host], files.get(host, ()), factory, options, stop, sleep
-        )
+        station = stations.get(host)
+        if station is None:
+            return _failed(host, options, "not among the workstations this executor was made for")
+        return _push_with_retries(station, files.get(host, ()), factory, options, stop, sleep)
 
     return work
 
@@ -335,12 +365,14 @@ def _run_batch(
     pushes: lanes.Dispatch,
     report: Reporter,
     stop: threading.Event,
+    in_flight: set[str],
 ) -> None:
     pending = list(batch)
     while pending or pushes.busy:
         while pending and pushes.free() > 0 and not stop.is_set():
             host = pending.pop(0)
             report.host_started(host)
+            in_flight.add(host)
             pushes.start(host)
         if stop.is_set() and pending:
             _skip(run, pending, report, "interrupted: no new workstation was started")
@@ -348,6 +380,7 @@ def _run_batch(
         if not pushes.busy:
             break
         for host, result in pushes.results():
+            in_flight.discard(host)
             run.results[host] = result
             report.host_done(result)
 
@@ -377,7 +410,10 @@ def _push_with_retries(
             )
         if options.check:
             transport = ReadOnlyTransport(transport)
-        result = push_host(station, files, transport, options.push, dry_run=options.check)
+        if options.rollback:
+            result = rollback_host(station, files, transport, options.push)
+        else:
+            result = push_host(station, files, transport, options.push, dry_run=options.check)
         result.attempts = attempt
         if attempt > 1:
             _count_lost_writes(result, sent)

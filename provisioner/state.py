@@ -60,6 +60,11 @@ _WINDOWS_LOCK_OFFSET = 1 << 30
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 
 
+def state_dir(inventory: Path, explicit: Path | None) -> Path:
+    """The state folder: explicit, or beside the inventory (never inside it: it is not YAML)."""
+    return explicit or inventory.resolve().parent / ".provisioner-state"
+
+
 class StateError(ProvisionerError):
     """The state directory cannot be used: unreadable, newer schema, unknown run."""
 

@@ -45,7 +45,8 @@ LAYERS: dict[str, int] = {
     "ini": 2,
     "lint": 2,
     "secretstore": 3,
-    "cli": 6,
+    "engine": 6,
+    "cli": 7,
 }
 # Each third-party library lives in exactly one adapter (module prefix).
 ADAPTERS = {
@@ -181,6 +182,27 @@ def test_the_engine_never_imports_its_client() -> None:
         for imported in _imports(tree):
             assert imported.split(".")[0] != "typer", f"{module} imports typer"
             assert not imported.startswith("provisioner.cli"), f"{module} imports the CLI"
+
+
+# What a run is made of: the engine composes these, a command only asks the engine.
+ENGINE_ONLY = {
+    "run_fleet",
+    "executor",
+    "RunJournal",
+    "open_transport",
+    "push_host",
+    "rollback_host",
+}
+
+
+def test_commands_run_changes_through_the_engine() -> None:
+    for module, tree in _modules().items():
+        if module.split(".")[0] != "cli":
+            continue
+        names = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+        names |= {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+        names |= {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+        assert not names & ENGINE_ONLY, f"{module} uses {sorted(names & ENGINE_ONLY)}"
 
 
 def _test_modules_imported(tree: ast.Module) -> set[str]:

@@ -163,10 +163,10 @@ def test_a_scenario_lab_from_the_shell_and_what_lab_show_lists(shell: Shell) -> 
     ]
     assert "size" not in notes and "content" not in json.dumps(notes)
 
-    pushed = shell.cli("push", "ber-ws-001", *args, check=False)
+    pushed = shell.cli("push", "ber-ws-001", "--yes", *args, check=False)
     assert pushed.returncode == 3, pushed.stdout
     assert "unsafe-path" in pushed.stdout and "junction" in pushed.stdout
-    shell.cli("push", "ber-ws-003", *args)
+    shell.cli("push", "ber-ws-003", "--yes", *args)
     human = shell.cli(
         "lab", "show", "ber-ws-003", "C:\\users\\GRACE\\appdata", "-i", "inventory"
     ).stdout
@@ -315,7 +315,16 @@ def test_a_lab_starts_where_it_is_told_whatever_listens_on_the_default_addresses
         first + n for n in range(count)
     ]
     assert {e.port for e in lab.hosts.values()} == {port}
-    shell.cli("push", "ber-ws-001", "-i", "inventory", *shell.keys, "--lab", "inventory/.lab.json")
+    shell.cli(
+        "push",
+        "ber-ws-001",
+        "--yes",
+        "-i",
+        "inventory",
+        *shell.keys,
+        "--lab",
+        "inventory/.lab.json",
+    )
     shell.cli("lab", "down", "-i", "inventory")
 
 
@@ -376,7 +385,7 @@ def test_a_detached_lab_stopped_by_sigterm_leaves_nothing_and_starts_again(shell
 def test_lab_down_removes_everything_a_killed_lab_left(shell: Shell) -> None:
     lab = shell.up()
     args = ["-i", "inventory", *shell.keys, "--lab", "inventory/.lab.json"]
-    shell.cli("push", "ber-ws-001", *args)
+    shell.cli("push", "ber-ws-001", "--yes", *args)
     _kill(lab.pid)
     # What a reader of the temporary folder finds after the lab died.
     left = shell.leftovers()

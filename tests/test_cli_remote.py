@@ -61,7 +61,7 @@ def test_push_diff_doctor_rollback_from_the_shell(example: tuple[Path, list[str]
     diff = _run("diff", "ber-ws-001", *args, cwd=cwd)
     assert "dry run: nothing written" in diff.stdout and "+accountId=1" in diff.stdout
     assert "password=********" in diff.stdout
-    first = _run("push", "ber-ws-001", *args, cwd=cwd)
+    first = _run("push", "ber-ws-001", "--yes", *args, cwd=cwd)
     assert "ber-ws-001: changed" in first.stdout
     again = _run("push", "ber-ws-001", *args, "--check", cwd=cwd)
     assert "unchanged" in again.stdout
@@ -73,11 +73,11 @@ def test_push_diff_doctor_rollback_from_the_shell(example: tuple[Path, list[str]
     )
     assert "skip auth and the remote checks: the WinRM password cannot be opened" in keyless.stdout
     assert keyless.stdout.count("ok  ") >= 2 and "FAIL" not in keyless.stdout
-    reset = _run("push", "ber-ws-001", *args, "--reset", "--user", "alice", cwd=cwd)
+    reset = _run("push", "ber-ws-001", "--yes", *args, "--reset", "--user", "alice", cwd=cwd)
     assert "changed" in reset.stdout
-    back = _run("rollback", "ber-ws-001", *args, "--user", "alice", cwd=cwd)
+    back = _run("rollback", "ber-ws-001", "--yes", *args, "--user", "alice", cwd=cwd)
     assert "restored the newest backup" in back.stdout
-    busy = _run("push", "nonexistent", *args, cwd=cwd, check=False)
+    busy = _run("push", "nonexistent", "--yes", *args, cwd=cwd, check=False)
     assert busy.returncode == 1 and "no workstation 'nonexistent'" in busy.stderr
     # Every push and rollback that wrote is a run in the state, with audit records; the
     # --check push is not.

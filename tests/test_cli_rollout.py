@@ -25,7 +25,8 @@ import pytest
 
 from provisioner import build, ini, resolve, runner, state, vault
 from provisioner.cli import fill_optional_values
-from provisioner.cli.rollout import shown_selection, uninterrupted
+from provisioner.cli.rollout import shown_selection
+from provisioner.engine import uninterrupted
 from provisioner.errors import ProvisionerError
 from provisioner.lab import Faults
 from provisioner.results import Status
@@ -405,7 +406,7 @@ def test_a_run_records_the_inventory_commit(example: ExampleLab) -> None:
     assert f"note: recorded as {commit[:12]}+dirty: the inventory differs" in again.stdout
     check = example.cli("rollout", "--check", "--limit", "ber-ws-001")
     assert "recorded as" not in check.stdout  # a check is not recorded
-    pushed = example.cli("push", "ber-ws-002")
+    pushed = example.cli("push", "ber-ws-002", "--yes")
     assert pushed.returncode == 0, (pushed.stdout, pushed.stderr)
     newest, second, _ = state.StateStore(example.state).runs()
     assert newest.revision == second.revision == commit + "+dirty"
@@ -416,7 +417,7 @@ def _push_interrupted(example: ExampleLab, signals: int) -> tuple[int, str, str]
     host = example.lab.hosts["ber-ws-001"]
     host.set_faults(Faults(slow=0.3))
     host.reset_counts()
-    process = _start_cli(example, "push", "ber-ws-001")
+    process = _start_cli(example, "push", "ber-ws-001", "--yes")
     try:
         deadline = time.monotonic() + 60
         while host.request_count < 2 and time.monotonic() < deadline:
@@ -436,7 +437,8 @@ def test_ctrl_c_during_a_push_lets_it_finish_and_records_it(example: ExampleLab)
     assert code == 0, (out, err)
     assert "interrupt: finishing the workstations in flight" in err and "Traceback" not in err
     [run] = state.StateStore(example.state).runs()
-    assert run.stopped == "interrupted" and run.counts[Status.CHANGED] == 1
+    assert run.stopped == "interrupted: no new workstation was started"
+    assert run.counts[Status.CHANGED] == 1
     assert example.ini("ber-ws-001", "alice") is not None
     audit = example.cli("audit", "--json", keys=False, lab=False)
     assert {r["workstation"] for r in json.loads(audit.stdout)} == {"ber-ws-001"}
@@ -448,7 +450,7 @@ def test_a_second_ctrl_c_abandons_the_push_and_records_that(example: ExampleLab)
     assert "Traceback" not in err
     assert "interrupted while the workstation was being written" in out
     [run] = state.StateStore(example.state).runs()
-    assert run.stopped == "interrupted" and run.counts[Status.FAILED] == 1
+    assert run.stopped.startswith("interrupted: aborted") and run.counts[Status.FAILED] == 1
     [record] = json.loads(example.cli("audit", "--json", keys=False, lab=False).stdout)
     assert (record["run_id"], record["status"]) == (run.id, "failed")
 

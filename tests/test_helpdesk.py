@@ -15,7 +15,7 @@ import pytest
 
 from provisioner import build, connections, ini, resolve, state, yamldoc
 from provisioner.results import Status
-from provisioner.runner import RolloutOptions, run_fleet
+from provisioner.runner import RolloutOptions, executor, run_fleet
 from tests.labkit import ExampleLab, example_lab
 
 ALICE_TOKEN_POINTER = "/users/alice/accounts/main/password"
@@ -39,9 +39,10 @@ def push_all(example: ExampleLab) -> None:
     stations = {name: resolve.resolve_station(result.inventory, name) for name in files}
     lab = example.lab.lab_map()
     run = run_fleet(
-        stations,
-        files,
-        lambda plan: connections.open_transport(plan, example.keyring, lab),
+        sorted(stations),
+        executor(
+            stations, files, lambda plan: connections.open_transport(plan, example.keyring, lab)
+        ),
         RolloutOptions(canary="0"),
     )
     assert {r.status for r in run.results.values()} == {Status.CHANGED}
@@ -220,8 +221,15 @@ def test_set_password_seals_with_the_public_key_and_pushes_on_request(
     assert "Nothing was written" in keyless.stderr
     assert berlin.read_text(encoding="utf-8") == new_text and contacted(example) == set()
 
+    # --push from a script without --yes: it could not ask, so nothing is written
+    unasked = example.cli("user", "set-password", "alice", "--stdin", "--push", stdin=NEW_PASSWORD)
+    assert unasked.returncode == 1 and "pass --yes as well; nothing was written" in unasked.stderr
+    assert berlin.read_text(encoding="utf-8") == new_text and contacted(example) == set()
+
     # now the active account, pushed at once (this needs the identity)
-    pushed = example.cli("user", "set-password", "alice", "--stdin", "--push", stdin=NEW_PASSWORD)
+    pushed = example.cli(
+        "user", "set-password", "alice", "--stdin", "--push", "--yes", stdin=NEW_PASSWORD
+    )
     assert pushed.returncode == 0, (pushed.stdout, pushed.stderr)
     assert f"updated {ALICE_TOKEN_POINTER} in " in pushed.stdout
     assert contacted(example) == {"ber-ws-001"}

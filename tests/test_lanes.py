@@ -78,13 +78,20 @@ class Fleet:
         (lab_file or self.tmp / "lab.json").write_text(lab.lab_map().dump(), encoding="utf-8")
         return lab
 
-    def lanes(self, processes: int = 2) -> runner.PushLanes:
-        return runner.open_lanes(self.stations, self.files, self.factory, processes)
+    def lanes(self, processes: int = 2) -> lanes.Lanes[RolloutOptions]:
+        pushes = runner.executor(self.stations, self.files, self.factory, processes)
+        assert isinstance(pushes, lanes.Lanes)
+        return pushes
 
-    def run(self, options: RolloutOptions = OPTIONS, **kwargs: Any) -> RunResult:
-        return bounded(
-            lambda: run_fleet(self.stations, self.files, self.factory, options, **kwargs)
-        )
+    def run(
+        self,
+        options: RolloutOptions = OPTIONS,
+        *,
+        executor: runner.Executor | None = None,
+        **kwargs: Any,
+    ) -> RunResult:
+        pushes = executor or runner.executor(self.stations, self.files, self.factory)
+        return bounded(lambda: run_fleet(sorted(self.stations), pushes, options, **kwargs))
 
 
 def bounded(call: Callable[[], T], seconds: float = BOUND) -> T:
@@ -222,7 +229,9 @@ def test_two_lanes_push_exactly_what_the_thread_pool_pushes(fleet: Fleet) -> Non
             mine = fleet.run(replace(options, check=check), reporter=reporter, executor=pushers)
             theirs = bounded(
                 lambda check=check: run_fleet(
-                    fleet.stations, fleet.files, by_threads, replace(options, check=check)
+                    sorted(fleet.stations),
+                    runner.executor(fleet.stations, fleet.files, by_threads),
+                    replace(options, check=check),
                 )
             )
             assert outcome(mine) == outcome(theirs)
@@ -383,8 +392,9 @@ def test_lanes_fall_back_to_threads_when_a_thread_is_running(fleet: Fleet) -> No
 
 
 def test_one_process_wanted_means_no_lanes_and_auto_needs_a_large_run(fleet: Fleet) -> None:
-    with fleet.lanes(1) as pushers:
-        assert pushers.processes == 0 and pushers.fallback == ""
+    with runner.executor(fleet.stations, fleet.files, fleet.factory, 1) as pushers:
+        assert isinstance(pushers, lanes.Threads)
+        assert pushers.processes == 0 and pushers.note(20) == ""
     assert lanes.choose_processes(lanes.MIN_HOSTS - 1, 20) == 1
     cores = forked.available_cores()
     assert lanes.choose_processes(lanes.MIN_HOSTS, 20) == max(1, min(cores, 10))
@@ -392,14 +402,16 @@ def test_one_process_wanted_means_no_lanes_and_auto_needs_a_large_run(fleet: Fle
     assert lanes.choose_processes(5, 20, requested=3) == 3
 
 
-def test_lanes_refuse_to_push_other_stations(fleet: Fleet) -> None:
-    pushers = fleet.lanes(1)
+def test_a_host_the_executor_was_not_made_for_fails_alone(fleet: Fleet) -> None:
+    fleet.start_lab()
     fewer = {host: fleet.stations[host] for host in HOSTS[:3]}
-    with pytest.raises(ValueError, match="opened for other stations"):
-        run_fleet(fewer, fleet.files, fleet.factory, OPTIONS, executor=pushers)
-    other = fleet.factory_for(fleet.tmp / "other.json")
-    with pytest.raises(ValueError, match="opened for other stations"):
-        run_fleet(fleet.stations, fleet.files, other, OPTIONS, executor=pushers)
+    pushes = runner.executor(fewer, fleet.files, fleet.factory)
+    run = bounded(
+        lambda: run_fleet([*HOSTS[:3], "ws-unknown"], pushes, replace(OPTIONS, max_fail=100))
+    )
+    assert run.results["ws-unknown"].status == Status.FAILED
+    assert "not among the workstations" in run.results["ws-unknown"].message
+    assert {run.results[h].status for h in HOSTS[:3]} == {Status.CHANGED}
 
 
 # --------------------------------------------------------------------------- no secret crosses

@@ -24,7 +24,7 @@ from provisioner.push import PushOptions
 from provisioner.report import exit_code, hosts_to_retry
 from provisioner.resolve import StationPlan
 from provisioner.results import Status
-from provisioner.runner import RolloutOptions, RunResult, run_fleet
+from provisioner.runner import RolloutOptions, RunResult, executor, run_fleet
 from provisioner.transport.base import Transport
 from tests.labkit import Kit, lab_kit
 
@@ -68,7 +68,8 @@ class Fleet:
         self.sleeps.clear()
         stations = {h: self.kit.station(h) for h in hosts or HOSTS}
         files = {h: self.kit.files(h) for h in stations}
-        return run_fleet(stations, files, self.factory, options, sleep=self.sleeps.append)
+        pushes = executor(stations, files, self.factory, sleep=self.sleeps.append)
+        return run_fleet(sorted(stations), pushes, options)
 
     def contents(self) -> dict[tuple[str, str], bytes | None]:
         return {(h, p): self.machine(h).read(p) for h, paths in self.paths.items() for p in paths}

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 import re
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -20,7 +22,7 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from provisioner import build, runner, state
+from provisioner import build, lanes, runner, state
 from provisioner.cli.progress import PlainReporter, RichReporter, print_summary
 from provisioner.errors import (
     AuthError,
@@ -232,8 +234,16 @@ class Fleet:
         user = machine.users[0]
         return machine.read(machine.ini_path(user))
 
-    def run(self, options: RolloutOptions, **kwargs: Any) -> runner.RunResult:
-        return run_fleet(self.stations, self.files, self.factory, options, **kwargs)
+    def run(
+        self,
+        options: RolloutOptions,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        executor: runner.Executor | None = None,
+        **kwargs: Any,
+    ) -> runner.RunResult:
+        pushes = executor or runner.executor(self.stations, self.files, self.factory, sleep=sleep)
+        return run_fleet(sorted(self.stations), pushes, options, **kwargs)
 
 
 @pytest.fixture
@@ -683,10 +693,13 @@ def test_a_push_interrupted_mid_run_ends_the_run_aborted_with_what_completed(
     by_host = {r.workstation: r for r in detail.results}
     assert sorted(by_host) == HOSTS
     assert {h for h, r in by_host.items() if r.status == Status.CHANGED} == {"ws01", "ws02"}
-    assert {by_host[h].message for h in HOSTS[2:]} == {state.NOT_REPORTED}
+    # ws03 was being written: failed, its outcome unknown, and audited as such.
+    assert by_host["ws03"].status == Status.FAILED
+    assert by_host["ws03"].message.startswith("interrupted while the workstation was being written")
+    assert {by_host[h].message for h in HOSTS[3:]} == {state.NOT_REPORTED}
     assert detail.to_retry == HOSTS[2:]
-    audited = {r.workstation for r in state.AuditLog(store.directory).query()}
-    assert audited == {"ws01", "ws02"}
+    audited = {(r.workstation, r.status) for r in state.AuditLog(store.directory).query()}
+    assert {w for w, _ in audited} == {"ws01", "ws02", "ws03"} and ("ws03", "failed") in audited
     assert fleet.opened == ["ws01", "ws02", "ws03"]  # no workstation started after it
 
 
@@ -719,10 +732,11 @@ def test_lanes_of_one_process_are_this_process_thread_pool(
 ) -> None:
     # (tests/test_lanes.py runs forked lanes against the lab)
     fleet.script["ws02"] = [ConnectError("refused", host="ws02")]
-    with runner.open_lanes(fleet.stations, fleet.files, fleet.factory, 1) as pushers:
-        assert pushers.processes == 0 and pushers.fallback == ""
+    pushers = runner.executor(fleet.stations, fleet.files, fleet.factory, 1, sleep=sleeps.append)
+    with pushers:
+        assert isinstance(pushers, lanes.Threads) and pushers.note(FAST.forks) == ""
         reporter = Recorder()
-        run = fleet.run(FAST, reporter=reporter, sleep=sleeps.append, executor=pushers)
+        run = fleet.run(FAST, reporter=reporter, executor=pushers)
     assert {h: r.status for h, r in run.results.items()} == dict.fromkeys(HOSTS, Status.CHANGED)
     assert run.results["ws02"].attempts == 2 and len(sleeps) == 1  # the run's own sleep
     assert reporter.of("batch") == [(i, b) for i, b in enumerate(run.batches)]
@@ -789,3 +803,33 @@ def test_rich_progress_and_the_final_summary(fleet: Fleet) -> None:
     lines = summary.splitlines()
     first = lines.index("  ws03: failed - the credentials were rejected")
     assert lines[first + 1].startswith("  ws05: busy - ")  # worst first
+
+
+# --------------------------------------------------------------------------- the executor seam
+
+
+def test_an_executor_elsewhere_gets_only_names_and_options_and_the_runner_keeps_the_batches(
+    fleet: Fleet,
+) -> None:
+    # A further executor (workers of another engine) sees what crosses as bytes: a host's
+    # name and the run's options go, a result comes back. A Secret or a BuiltFile would not
+    # pickle (Secret refuses) or would show among the types that crossed.
+    here = runner.executor(fleet.stations, fleet.files, fleet.factory)
+    assert isinstance(here, lanes.Threads)
+    crossed: list[type] = []
+
+    def elsewhere(host: str, options: RolloutOptions, stop: threading.Event) -> HostResult:
+        host, options = pickle.loads(pickle.dumps((host, options)))  # noqa: S301 - our own bytes
+        crossed.extend({type(host), type(options)})
+        result = here.work(host, options, stop)
+        crossed.append(type(result))
+        return pickle.loads(pickle.dumps(result))  # type: ignore[no-any-return]  # noqa: S301
+
+    fleet.script["ws03"] = [AuthError("the credentials were rejected", host="ws03")]
+    run = fleet.run(replace(FAST, max_fail=20.0), executor=lanes.Threads(elsewhere))
+    assert set(crossed) == {str, RolloutOptions, HostResult}
+    # The runner's decisions stand: canary, batches of 3, the threshold after batch 2.
+    assert run.batches == [HOSTS[:1], HOSTS[1:4], HOSTS[4:7], HOSTS[7:]]
+    assert run.results["ws03"].status == Status.FAILED
+    assert run.stopped.startswith("failure threshold exceeded after batch 2: 1 of 4 failed")
+    assert {run.results[h].status for h in HOSTS[4:]} == {Status.SKIPPED}

@@ -66,6 +66,10 @@ StateOpt = Annotated[
         file_okay=False,
     ),
 ]
+YesOpt = Annotated[
+    bool,
+    typer.Option("--yes", "-y", help="Do not ask for confirmation (needed without a terminal)."),
+]
 IfRunningOpt = Annotated[
     str,
     typer.Option(

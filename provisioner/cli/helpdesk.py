@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -15,10 +16,11 @@ from provisioner.cli.common import (
     PassFdOpt,
     PassFileOpt,
     StateOpt,
+    YesOpt,
     echo,
     load_model,
 )
-from provisioner.cli.rollout import LabOpt, execute, state_dir
+from provisioner.cli.rollout import LabOpt
 from provisioner.errors import ProvisionerError
 from provisioner.names import closest
 
@@ -72,7 +74,7 @@ def show(
             }
         )
     last: list[dict[str, Any]] = []
-    folder = state_dir(inventory, state_folder)
+    folder = state.state_dir(inventory, state_folder)
     if (folder / "state.sqlite3").exists():
         last = [r.to_dict() for r in state.StateStore(folder).last_results(user=user)]
     data = {
@@ -118,7 +120,7 @@ def regenerate(
     diff: Annotated[
         bool, typer.Option("--diff/--no-diff", help="Show the diff (passwords masked).")
     ] = True,
-    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    yes: YesOpt = False,
     if_running: IfRunningOpt = "stop",
     identities: IdentityOpt = None,
     passphrase_file: PassFileOpt = None,
@@ -127,7 +129,8 @@ def regenerate(
     state_folder: StateOpt = None,
 ) -> None:
     """Render and push this user's profile to every workstation they use, diff first."""
-    from provisioner import runner
+    from provisioner import engine, runner
+    from provisioner.cli import running
     from provisioner.push import PushOptions
     from provisioner.report import exit_code
 
@@ -141,24 +144,24 @@ def regenerate(
         check=check,
         push=PushOptions(if_running=if_running, reset=reset, users=(user,)),
     )
-    run = execute(
-        inventory=inventory,
+    request = engine.Request(
+        inventory,
+        options,
         limit=f"user:{user}",
-        options=options,
-        identities=identities,
-        passphrase_file=passphrase_file,
-        passphrase_fd=passphrase_fd,
+        command=f"user regenerate {user}",
+        action="reset" if reset else "regenerate",
+        selection=f"(user {user})",
+        timeout=30,
         lab_file=lab,
         state_folder=state_folder,
-        timeout=30,
-        quiet=True,
+    )
+    keys = running.Keys(identities, passphrase_file, passphrase_fd)
+    run = running.run(
+        request,
+        keys,
         yes=yes,
         show_diff=diff,
-        report_json=None,
-        report_junit=None,
-        action="reset" if reset else "regenerate",
-        command=f"user regenerate {user}",
-        selection=f"(user {user})",
+        quiet=True,
         retry=f"provisioner user regenerate {user}",
     )
     code = exit_code(run)
@@ -197,6 +200,7 @@ def set_password(
     push_now: Annotated[
         bool, typer.Option("--push", help="Push the user's profile right away (needs an identity).")
     ] = False,
+    yes: YesOpt = False,
     if_running: IfRunningOpt = "skip",
     identities: IdentityOpt = None,
     passphrase_file: PassFileOpt = None,
@@ -204,7 +208,10 @@ def set_password(
     lab: LabOpt = None,
     state_folder: StateOpt = None,
 ) -> None:
-    """Seal a new SIP password with the public key and write it into the inventory."""
+    """Seal a new SIP password with the public key and write it into the inventory.
+
+    With --push, the user's profile is pushed next, once confirmed (--yes: without asking).
+    """
     from provisioner import secretstore, state
     from provisioner.cli.inputs import read_new_password
 
@@ -217,11 +224,16 @@ def set_password(
     recipients = secretstore.load_recipients(inventory)
     if push_now:
         _identity_for_push(recipients, identities)
+        if not yes and not sys.stdin.isatty():  # --stdin: the push could not ask
+            raise ProvisionerError(
+                "--push asks before writing to workstations, and there is no terminal to ask "
+                "on: pass --yes as well; nothing was written"
+            )
     secret = read_new_password(from_stdin=stdin)
     written = secretstore.set_secret(inventory, pointer, secret, recipients)
     echo(f"updated {pointer} in {written.file}:{written.line} (key {written.kid})")
     who = getpass.getuser()
-    state.AuditLog(state_dir(inventory, state_folder)).append(
+    state.AuditLog(state.state_dir(inventory, state_folder)).append(
         [
             state.AuditRecord.now(
                 who=who,
@@ -245,7 +257,7 @@ def set_password(
                 reset=False,
                 check=False,
                 diff=False,
-                yes=True,
+                yes=yes,
                 if_running=if_running,
                 identities=identities,
                 passphrase_file=passphrase_file,

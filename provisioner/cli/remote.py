@@ -2,32 +2,27 @@
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from provisioner.cli import running
 from provisioner.cli.common import (
     IdentityOpt,
     IfRunningOpt,
     PassFdOpt,
     PassFileOpt,
     StateOpt,
+    YesOpt,
     echo,
-    keyring_for_keys_in_use,
 )
-from provisioner.errors import ProvisionerError
+from provisioner.cli.running import EXIT_HOSTS_FAILED
 
 if TYPE_CHECKING:
-    from provisioner import build as phase1
-    from provisioner import connections, push, resolve, vault
-    from provisioner.results import HostResult
-    from provisioner.transport.base import Transport
+    from provisioner import engine, push, runner
 
-EXIT_HOSTS_FAILED = 3
 
 WorkstationArg = Annotated[str, typer.Argument(help="Workstation name from the inventory.")]
 InventoryOpt = Annotated[
@@ -46,156 +41,46 @@ LabOpt = Annotated[
 ]
 
 
-@dataclass
-class Remote:
-    """Phase 1 for one workstation, its keyring, and how to reach it."""
-
-    station: resolve.StationPlan
-    files: list[phase1.BuiltFile]
-    keyring: vault.Keyring
-    lab: connections.LabMap | None
-
-    def transport(self) -> Transport:
-        """A fresh transport to the workstation."""
-        from provisioner import connections
-
-        return connections.open_transport(self.station, self.keyring, self.lab)
-
-
-def prepare(
+def _one(
     inventory: Path,
     workstation: str,
-    users: list[str] | None,
-    identities: list[Path] | None,
-    passphrase_file: Path | None,
-    passphrase_fd: int | None,
-    lab_file: Path | None,
+    options: runner.RolloutOptions,
     *,
-    sip_passwords: bool = True,
-) -> Remote:
-    """Phase 1 with real keys for one workstation; any finding stops here.
-
-    ``sip_passwords=False``: the files carry placeholders (for checks that need only their
-    names); the keyring is still opened where an identity is found, for the WinRM password.
-    """
-    from provisioner import build as phase1
-    from provisioner import connections, resolve
-
-    opened: list[vault.Keyring] = []
-
-    def factory(recipients: vault.Recipients) -> vault.Opener:
-        keyring = keyring_for_keys_in_use(
-            recipients, identities, passphrase_file, passphrase_fd, required=sip_passwords
-        )
-        opened.append(keyring)
-        return keyring if sip_passwords else phase1.placeholder_opener(recipients)
-
-    limit = f"ws:{workstation}"
-    result = phase1.build(inventory, selection=resolve.Selection(limit), opener_factory=factory)
-    if result.inventory is not None and workstation not in result.inventory.workstations:
-        raise ProvisionerError(f"no workstation {workstation!r} in {inventory}")
-    if not result.ok:
-        for finding in result.findings:
-            echo(str(finding))
-        raise ProvisionerError("the inventory has errors; nothing was sent (see above)")
-    assert result.inventory is not None  # noqa: S101 - a clean build has an inventory
-    station = resolve.resolve_station(result.inventory, workstation)
-    if users:
-        unknown = [u for u in users if u not in station.workstation.users]
-        if unknown:
-            raise ProvisionerError(f"{', '.join(unknown)} not on {workstation}")
-    lab = connections.LabMap.load(lab_file) if lab_file else None
-    return Remote(station, result.files, opened[0], lab)
-
-
-def print_result(result: HostResult, *, show_diff: bool) -> None:
-    """One line per host, one per file, diffs on request."""
-    mode = " (dry run: nothing written)" if result.dry_run else ""
-    echo(f"{result.host}: {result.status.value}{mode} - {result.message}  [{result.duration:.2f}s]")
-    for change in result.files:
-        note = f"  {change.message}" if change.message else ""
-        echo(f"  {change.status.value:<10} {change.label}{note}")
-        for conflict in change.conflicts:
-            echo(f"    conflict: {conflict} changed on the workstation too; the inventory won")
-        if show_diff and change.diff:
-            for line in change.diff.splitlines():
-                echo(f"    {line}")
-    for warning in result.warnings:
-        echo(f"  warning: {warning}")
-
-
-def _exit(result: HostResult) -> None:
-    if not result.ok:
-        raise typer.Exit(EXIT_HOSTS_FAILED)
-
-
-def _run(
-    action: Callable[[Remote], HostResult],
-    remote: Remote,
-    show_diff: bool,
-) -> None:
-    result = action(remote)
-    print_result(result, show_diff=show_diff)
-    _exit(result)
-
-
-def _run_recorded(
-    action: Callable[[Remote], HostResult],
-    remote: Remote,
-    *,
-    inventory: Path,
-    state_folder: Path | None,
     command: str,
-    audit_action: str,
-    options: push.PushOptions,
-    show_diff: bool,
-) -> None:
-    """``_run`` under the state lock, recorded as a run (``runs list``) with audit records."""
-    import getpass
-    import uuid
-    from datetime import UTC, datetime
+    action: str,
+    lab: Path | None,
+    state_folder: Path | None,
+) -> engine.Request:
+    """A request for one workstation (``push``, ``diff``, ``rollback``), one attempt."""
+    from provisioner import engine
 
-    from provisioner import revision, runner, state
-    from provisioner.cli.rollout import interrupt_to, record, state_dir
-    from provisioner.results import HostResult, Status
+    return engine.Request(
+        inventory,
+        options,
+        limit=f"ws:{workstation}",
+        command=command,
+        action=action,
+        selection=f"ws:{workstation}",
+        workstation=workstation,
+        processes=1,
+        lab_file=lab,
+        state_folder=state_folder,
+    )
 
-    folder = state_dir(inventory, state_folder)
-    store = state.StateStore(folder)
-    who = getpass.getuser()
-    name = remote.station.workstation.name
-    interrupted = threading.Event()
-    inventory_revision = revision.inventory_revision(inventory)
-    with store.lock(f"{who}: {command}"):
-        # A damaged fingerprint key stops the command here, before the workstation is touched:
-        # its result could not be recorded.
-        state.load_fingerprints(folder)
-        started = datetime.now(UTC)
-        try:
-            # First Ctrl-C: the workstation in flight finishes and is recorded as usual.
-            with interrupt_to(interrupted):
-                result = action(remote)
-        except KeyboardInterrupt:  # the second one: recorded, as its outcome is unknown
-            result = HostResult(
-                name,
-                Status.FAILED,
-                "interrupted while the workstation was being written: its files may or may "
-                f"not have changed; see 'provisioner diff {name}'",
-            )
-        run = runner.RunResult(
-            uuid.uuid4().hex[:12],
-            started,
-            runner.RolloutOptions(forks=1, canary="0", retries=0, push=options),
-            results={result.host: result},
-            batches=[[result.host]],
-            finished=datetime.now(UTC),
-            stopped="interrupted" if interrupted.is_set() else "",
-        )
-        record(
-            store, run, who=who, command=command, action=audit_action, revision=inventory_revision
-        )
-    print_result(result, show_diff=show_diff)
-    echo(f"recorded as run {run.run_id} in {folder}")
-    _exit(result)
+
+def _single(
+    push: push.PushOptions, *, check: bool = False, rollback: bool = False
+) -> runner.RolloutOptions:
+    from provisioner import runner
+
+    return runner.RolloutOptions(
+        forks=1, canary="0", max_fail=100.0, retries=0, check=check, push=push, rollback=rollback
+    )
+
+
+def _exit(run: runner.RunResult) -> None:
+    if not run.ok:
+        raise typer.Exit(EXIT_HOSTS_FAILED)
 
 
 def push_cmd(
@@ -214,6 +99,7 @@ def push_cmd(
         ),
     ] = False,
     if_running: IfRunningOpt = "skip",
+    yes: YesOpt = False,
     identities: IdentityOpt = None,
     passphrase_file: PassFileOpt = None,
     passphrase_fd: PassFdOpt = None,
@@ -225,29 +111,19 @@ def push_cmd(
     Exit 0 when changed or unchanged, 3 when the workstation failed, was busy or in conflict.
     """
     from provisioner import push
-    from provisioner.transport.base import ReadOnlyTransport
 
-    remote = prepare(inventory, workstation, user, identities, passphrase_file, passphrase_fd, lab)
     options = push.PushOptions(if_running=if_running, reset=reset, users=tuple(user or ()))
-
-    def action(r: Remote) -> HostResult:
-        transport = r.transport()
-        wrapped: Transport = ReadOnlyTransport(transport) if check else transport
-        return push.push_host(r.station, r.files, wrapped, options, dry_run=check)
-
-    if check:
-        _run(action, remote, diff)
-        return
-    _run_recorded(
-        action,
-        remote,
-        inventory=inventory,
-        state_folder=state_folder,
+    request = _one(
+        inventory,
+        workstation,
+        _single(options, check=check),
         command=f"push {workstation}",
-        audit_action="reset" if reset else "push",
-        options=options,
-        show_diff=diff,
+        action="reset" if reset else "push",
+        lab=lab,
+        state_folder=state_folder,
     )
+    keys = running.Keys(identities, passphrase_file, passphrase_fd)
+    _exit(running.run(request, keys, yes=yes, show_diff=diff))
 
 
 def diff_cmd(
@@ -265,17 +141,19 @@ def diff_cmd(
     The same code path as push, through a read-only transport: nothing is written.
     """
     from provisioner import push
-    from provisioner.transport.base import ReadOnlyTransport
 
-    remote = prepare(inventory, workstation, user, identities, passphrase_file, passphrase_fd, lab)
     options = push.PushOptions(if_running="force", reset=reset, users=tuple(user or ()))
-
-    def action(r: Remote) -> HostResult:
-        return push.push_host(
-            r.station, r.files, ReadOnlyTransport(r.transport()), options, dry_run=True
-        )
-
-    _run(action, remote, True)
+    request = _one(
+        inventory,
+        workstation,
+        _single(options, check=True),
+        command=f"diff {workstation}",
+        action="push",
+        lab=lab,
+        state_folder=None,
+    )
+    keys = running.Keys(identities, passphrase_file, passphrase_fd)
+    _exit(running.run(request, keys, yes=True, show_diff=True))
 
 
 def rollback_cmd(
@@ -283,6 +161,7 @@ def rollback_cmd(
     inventory: InventoryOpt = Path("."),
     user: UserOpt = None,
     if_running: IfRunningOpt = "skip",
+    yes: YesOpt = False,
     identities: IdentityOpt = None,
     passphrase_file: PassFileOpt = None,
     passphrase_fd: PassFdOpt = None,
@@ -292,22 +171,18 @@ def rollback_cmd(
     """Restore the newest backup of a workstation's files (or of one user's file)."""
     from provisioner import push
 
-    remote = prepare(inventory, workstation, user, identities, passphrase_file, passphrase_fd, lab)
     options = push.PushOptions(if_running=if_running, users=tuple(user or ()))
-
-    def action(r: Remote) -> HostResult:
-        return push.rollback_host(r.station, r.files, r.transport(), options)
-
-    _run_recorded(
-        action,
-        remote,
-        inventory=inventory,
-        state_folder=state_folder,
+    request = _one(
+        inventory,
+        workstation,
+        _single(options, rollback=True),
         command=f"rollback {workstation}",
-        audit_action="rollback",
-        options=options,
-        show_diff=False,
+        action="rollback",
+        lab=lab,
+        state_folder=state_folder,
     )
+    keys = running.Keys(identities, passphrase_file, passphrase_fd)
+    _exit(running.run(request, keys, yes=yes, show_diff=False))
 
 
 def doctor_cmd(
@@ -324,29 +199,31 @@ def doctor_cmd(
     """
     from provisioner import connections, doctor, vault
     from provisioner.errors import VaultError
+    from provisioner.push import PushOptions
 
-    remote = prepare(
+    request = _one(
         inventory,
         workstation,
-        None,
-        identities,
-        passphrase_file,
-        passphrase_fd,
-        lab,
-        sip_passwords=False,
+        _single(PushOptions(), check=True),
+        command=f"doctor {workstation}",
+        action="doctor",
+        lab=lab,
+        state_folder=None,
     )
-    station, lab_map = remote.station, remote.lab
+    keys = running.Keys(identities, passphrase_file, passphrase_fd, required=False)
+    planned = running.plan(replace(request, diagnostic=True), keys)
+    station, lab_map = planned.stations[workstation], planned.lab
     try:
-        options = connections.winrm_options(station, remote.keyring, lab_map, diagnostic=True)
+        options = connections.winrm_options(station, planned.keyring, lab_map, diagnostic=True)
         no_auth = ""
     except VaultError as exc:
-        placeholders = vault.PlaceholderOpener(remote.keyring.recipients)
+        placeholders = vault.PlaceholderOpener(planned.recipients)
         options = connections.winrm_options(station, placeholders, lab_map, diagnostic=True)
         no_auth = str(exc)
     checks, may_connect = doctor.before_connecting(workstation, options)
     if may_connect and not no_auth:
-        transport = connections.open_transport(station, remote.keyring, lab_map, diagnostic=True)
-        checks += doctor.remote_checks(station, remote.files, transport, options)
+        transport = planned.transport(station, diagnostic=True)
+        checks += doctor.remote_checks(station, planned.files[workstation], transport, options)
     for check in checks:
         mark = "ok  " if check.ok else "FAIL"
         echo(f"{mark} {check.name:<18} {check.detail}")

@@ -2,18 +2,10 @@
 
 from __future__ import annotations
 
-import getpass
 import json
 import shlex
-import signal
-import sys
-import threading
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
-from dataclasses import replace
 from pathlib import Path
-from types import FrameType
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -23,18 +15,10 @@ from provisioner.cli.common import (
     PassFdOpt,
     PassFileOpt,
     StateOpt,
+    YesOpt,
     echo,
-    keyring_for_keys_in_use,
-    make_console,
 )
-from provisioner.cli.phase1 import finding_lines
 from provisioner.errors import ProvisionerError
-
-if TYPE_CHECKING:
-    from provisioner import build as phase1
-    from provisioner import runner, state, vault
-    from provisioner.model import Inventory
-    from provisioner.results import HostResult
 
 InventoryOpt = Annotated[
     Path, typer.Option("--inventory", "-i", envvar="PROVISIONER_INVENTORY", file_okay=False)
@@ -60,338 +44,6 @@ def shown_selection(limit: str, only_failed: str | None = None) -> str:
     if limit:
         parts.append(f"--limit {shlex.quote(limit)}")
     return " ".join(parts) or "(the whole inventory)"
-
-
-def state_dir(inventory: Path, explicit: Path | None) -> Path:
-    """The state folder: explicit, or beside the inventory (never inside it: it is not YAML)."""
-    return explicit or inventory.resolve().parent / ".provisioner-state"
-
-
-# The signals a record's writes hold back: Ctrl-C, and the polite request to stop.
-HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-def record(
-    store: state.StateStore,
-    run: runner.RunResult,
-    *,
-    who: str,
-    command: str,
-    action: str,
-    revision: str,
-) -> None:
-    """A run and its audit records, written with Ctrl-C held back until both are: a run
-    recorded without its audit records would hide a change (recording takes milliseconds)."""
-    from provisioner import state
-
-    with uninterrupted():
-        store.record_run(run, who=who, command=command, revision=revision)
-        records = state.records_for_run(run, who, action=action, fingerprints=store.fingerprints)
-        state.AuditLog(store.directory).append(records)
-
-
-class _Uninterruptible:
-    """A run journal whose writes Ctrl-C cannot cut in two (see :func:`record`)."""
-
-    def __init__(self, journal: state.RunJournal) -> None:
-        self.journal = journal
-
-    def begin(self, run: runner.RunResult, hosts: Sequence[str]) -> None:
-        with uninterrupted():
-            self.journal.begin(run, hosts)
-
-    def host_done(self, result: HostResult) -> None:
-        with uninterrupted():
-            self.journal.host_done(result)
-
-    def finish(self, run: runner.RunResult) -> None:
-        with uninterrupted():
-            self.journal.finish(run)
-
-
-@contextmanager
-def uninterrupted() -> Iterator[None]:
-    """Ctrl-C and SIGTERM held back for the block, then delivered (see :func:`record`).
-
-    Only the main thread receives signals and may set their handlers; elsewhere the block runs
-    as it is.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    held: list[int] = []
-
-    def hold(signum: int, frame: FrameType | None) -> None:
-        held.append(signum)  # each one: a second Ctrl-C means abort
-
-    previous: dict[signal.Signals, Any] = {}
-    try:
-        for held_signal in HELD_SIGNALS:
-            # None: a handler set outside Python, which could not be put back.
-            if signal.getsignal(held_signal) is not None:
-                previous[held_signal] = signal.signal(held_signal, hold)
-        yield
-    finally:
-        for held_signal, handler in previous.items():
-            signal.signal(held_signal, handler)
-        for caught in held:
-            signal.raise_signal(caught)
-
-
-@contextmanager
-def interrupt_to(stop: threading.Event) -> Iterator[None]:
-    """First Ctrl-C: stop launching new workstations; the second one aborts at once."""
-    previous = signal.getsignal(signal.SIGINT)
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        if stop.is_set():
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            raise KeyboardInterrupt
-        stop.set()
-        print(
-            "\ninterrupt: finishing the workstations in flight, starting no new one "
-            "(Ctrl-C again to abort)",
-            file=sys.stderr,
-        )
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, handler)
-    try:
-        yield
-    finally:
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, previous)
-
-
-def _phase1(
-    inventory: Path,
-    limit: str,
-    identities: list[Path] | None,
-    passphrase_file: Path | None,
-    passphrase_fd: int | None,
-) -> tuple[phase1.BuildResult, vault.Opener]:
-    from provisioner import build as phase1
-    from provisioner import resolve
-
-    opened: list[vault.Opener] = []
-
-    def factory(recipients: vault.Recipients) -> vault.Opener:
-        keyring = keyring_for_keys_in_use(recipients, identities, passphrase_file, passphrase_fd)
-        opened.append(keyring)
-        return keyring
-
-    result = phase1.build(
-        inventory,
-        selection=resolve.Selection(limit),
-        opener_factory=factory,
-        process_lifetime=True,
-    )
-    # Warnings too (a --limit term that matches nothing, a hook MicroSIP will mangle): the
-    # admin sees them before anything is pushed.
-    for line in finding_lines(result.findings):
-        echo(line)
-    if not result.ok:
-        raise ProvisionerError(
-            "Phase 1 found errors; no workstation was contacted (fix them and run again)"
-        )
-    if not opened:  # nothing selected, so no key was needed: the caller says so
-        assert result.recipients is not None  # noqa: S101 - a clean build has recipients
-        return result, phase1.placeholder_opener(result.recipients)
-    return result, opened[0]
-
-
-def _pinned_canary(
-    model: Inventory, files: Mapping[str, Sequence[phase1.BuiltFile]], expression: str
-) -> tuple[str, ...]:
-    """The selected workstations that ``--canary-hosts`` names (any of their targets)."""
-    from provisioner import resolve
-
-    pick = resolve.Selection(expression, option="--canary-hosts")
-    pinned = tuple(
-        name
-        for name in sorted(files)
-        if any(pick.matches(model, name, f.target.user) for f in files[name])
-    )
-    if not pinned:
-        raise ProvisionerError(
-            f"--canary-hosts {expression!r} matches none of the selected workstations"
-        )
-    for warning in pick.unmatched(model):  # a typo next to a good term: a smaller canary
-        echo(f"warning: {warning}")
-    return pinned
-
-
-def _canary_said(options: runner.RolloutOptions) -> str:
-    hosts = options.canary_hosts
-    if not hosts:
-        return options.canary
-    more = f" and {len(hosts) - 3} more" if len(hosts) > 3 else ""
-    return ", ".join(hosts[:3]) + more
-
-
-def execute(
-    *,
-    inventory: Path,
-    limit: str,
-    options: runner.RolloutOptions,
-    identities: list[Path] | None,
-    passphrase_file: Path | None,
-    passphrase_fd: int | None,
-    lab_file: Path | None,
-    state_folder: Path | None,
-    timeout: int,
-    quiet: bool,
-    yes: bool,
-    show_diff: bool,
-    report_json: Path | None,
-    report_junit: Path | None,
-    action: str = "push",
-    command: str = "rollout",
-    selection: str | None = None,
-    processes: int = 0,
-    canary_hosts: str = "",
-    retry: str = "",
-) -> runner.RunResult:
-    """Phase 1, confirmation, the rollout itself, state, audit and reports.
-
-    ``selection`` says in messages what the user selected (default: ``--limit LIMIT``).
-    ``processes``: push lanes (0: automatic, 1: this process only). ``canary_hosts``: the
-    canary batch as a ``--limit`` expression. ``retry``: the command that retries this run,
-    when not the rollout's ``--only-failed``.
-    """
-    from provisioner import connections, lanes, report, resolve, revision, runner, state
-    from provisioner.cli.progress import PlainReporter, RichReporter, print_summary
-    from provisioner.results import Reporter, Status
-
-    console = make_console()
-    if not options.check and state_dir(inventory, state_folder).is_dir():
-        # Fail fast when another rollout holds the state, or when the run could not be
-        # recorded (a damaged fingerprint key): not after Phase 1 and the preview. The lock
-        # itself is taken again below, for the run.
-        with state.StateStore(state_dir(inventory, state_folder)).lock(
-            f"{getpass.getuser()}: {command}"
-        ):
-            state.load_fingerprints(state_dir(inventory, state_folder))
-    inventory_revision = revision.inventory_revision(inventory)  # before the files are read
-    built, keyring = _phase1(inventory, limit, identities, passphrase_file, passphrase_fd)
-    assert built.inventory is not None  # noqa: S101 - a clean build has an inventory
-    model = built.inventory
-    files: dict[str, list[phase1.BuiltFile]] = {}
-    for item in built.files:
-        files.setdefault(item.target.workstation, []).append(item)
-    stations = {name: resolve.resolve_station(model, name) for name in files}
-    if not stations:
-        shown = selection if selection is not None else shown_selection(limit)
-        raise ProvisionerError(f"no workstation matches the selection {shown}")
-    lab = connections.LabMap.load(lab_file) if lab_file else None
-    refused = connections.refused_connections(stations, keyring, lab)
-    if refused:
-        for line in refused:
-            echo(line)
-        raise ProvisionerError(
-            f"{len(refused)} workstation(s) cannot be reached with their WinRM credential "
-            "(see above); nothing was contacted"
-        )
-    if canary_hosts:
-        options = replace(options, canary_hosts=_pinned_canary(model, files, canary_hosts))
-
-    def transport(plan: resolve.StationPlan) -> Any:
-        return connections.open_transport(plan, keyring, lab, timeout=timeout)
-
-    groups = {name: list(plan.groups) for name, plan in stations.items()}
-    users = sum(len(f) - 1 for f in files.values())
-    wanted = lanes.choose_processes(len(stations), options.forks, processes)
-    # The lanes fork here, before the progress display or anything else starts a thread; the
-    # preview and the real run both use them.
-    with runner.open_lanes(stations, files, transport, wanted) as pushers:
-        console.print(
-            f"{len(stations)} workstation(s), {users} user profile(s) selected; "
-            f"batches: canary {_canary_said(options)}, then {options.batch}; "
-            f"stop above {options.max_fail:g}% failures{_lanes_said(pushers, options.forks)}"
-        )
-        if not options.check and not yes:
-            if not sys.stdin.isatty():
-                raise ProvisionerError("not a terminal: pass --yes to confirm, or --check to look")
-            preview = runner.run_fleet(
-                stations,
-                files,
-                transport,
-                replace(options, check=True, canary="0", canary_hosts=(), max_fail=100),
-                executor=pushers,
-            )
-            counts = preview.counts()
-            print_summary(console, preview, groups, diffs=show_diff)
-            if not typer.confirm(
-                f"Apply: {counts[Status.CHANGED]} workstation(s) will change, "
-                f"{counts[Status.UNCHANGED]} are up to date. Proceed?",
-                default=False,
-            ):
-                raise typer.Exit(1)
-        folder = state_dir(inventory, state_folder)
-        store = state.StateStore(folder)
-        stop = threading.Event()
-        who = getpass.getuser()
-        lock = store.lock(f"{who}: {command}") if not options.check else nullcontext()
-        canary = bool(options.canary_hosts) or runner.has_canary(options.canary)
-        # Recorded as it goes: a run killed halfway still lists what it wrote (a check is
-        # not recorded at all).
-        journal = (
-            None
-            if options.check
-            else _Uninterruptible(
-                state.RunJournal(
-                    store, who=who, command=command, action=action, revision=inventory_revision
-                )
-            )
-        )
-        with lock, interrupt_to(stop):
-            reporter: Reporter
-            if quiet or not console.is_terminal:
-                reporter = PlainReporter(console, len(stations), canary=canary)
-                run = runner.run_fleet(
-                    stations,
-                    files,
-                    transport,
-                    options,
-                    reporter=reporter,
-                    stop=stop,
-                    executor=pushers,
-                    journal=journal,
-                )
-            else:
-                with RichReporter(console, len(stations), canary=canary) as rich_reporter:
-                    run = runner.run_fleet(
-                        stations,
-                        files,
-                        transport,
-                        options,
-                        reporter=rich_reporter,
-                        stop=stop,
-                        executor=pushers,
-                        journal=journal,
-                    )
-    print_summary(console, run, groups, diffs=show_diff, retry=retry)
-    if inventory_revision.endswith(revision.DIRTY) and not options.check:
-        console.print(
-            f"note: recorded as {revision.short(inventory_revision)}: the inventory differs "
-            "from its last commit (or git could not compare them)"
-        )
-    if report_json:
-        report.write_run_json(
-            run, report_json, fingerprints=store.fingerprints, revision=inventory_revision
-        )
-    if report_junit:
-        report.write_run_junit(run, report_junit, fingerprints=store.fingerprints)
-    return run
-
-
-def _lanes_said(pushers: runner.PushLanes, forks: int) -> str:
-    """The header's note on push processes: empty when one process was wanted."""
-    if pushers.processes:
-        return f"; pushing from {pushers.processes} processes (forks {forks} shared)"
-    if pushers.fallback:
-        return f"; pushing from this process only: {pushers.fallback}"
-    return ""
 
 
 def check_processes(processes: int, forks: int) -> None:
@@ -450,7 +102,7 @@ def rollout(
     ] = 0,
     timeout: Annotated[int, typer.Option("--timeout", min=5, help="Seconds per request.")] = 60,
     if_running: IfRunningOpt = "skip",
-    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    yes: YesOpt = False,
     only_failed: Annotated[
         str | None,
         typer.Option(
@@ -475,7 +127,8 @@ def rollout(
     skipped, 1 on input errors (nothing contacted); with --check --detailed-exitcode, 4 when
     nothing failed but a workstation would change.
     """
-    from provisioner import report, runner, state
+    from provisioner import engine, report, runner, state
+    from provisioner.cli import running
     from provisioner.push import PushOptions
 
     if detailed_exitcode and not check:
@@ -494,7 +147,7 @@ def rollout(
     runner.plan_batches([], canary, batch)  # bad sizes are input errors: fail before Phase 1
     selection = shown_selection(limit, only_failed)
     if only_failed is not None:
-        store = state.StateStore(state_dir(inventory, state_folder))
+        store = state.StateStore(state.state_dir(inventory, state_folder))
         asked = None if only_failed in ("", "last") else only_failed
         hosts = store.hosts_to_retry(asked)
         latest = store.latest_run(include_dry_runs=False, fleet_only=True)
@@ -514,25 +167,22 @@ def rollout(
         push=PushOptions(if_running=if_running),
     )
 
-    run = execute(
-        inventory=inventory,
+    request = engine.Request(
+        inventory,
+        options,
         limit=limit,
-        options=options,
-        identities=identities,
-        passphrase_file=passphrase_file,
-        passphrase_fd=passphrase_fd,
+        command="rollout",
+        selection=selection,
+        canary_hosts=canary_hosts,
+        processes=processes,
+        timeout=timeout,
         lab_file=lab,
         state_folder=state_folder,
-        timeout=timeout,
-        quiet=quiet,
-        yes=yes,
-        show_diff=diff,
         report_json=report_json,
         report_junit=report_junit,
-        selection=selection,
-        processes=processes,
-        canary_hosts=canary_hosts,
     )
+    keys = running.Keys(identities, passphrase_file, passphrase_fd)
+    run = running.run(request, keys, yes=yes, show_diff=diff, quiet=quiet)
     code = report.exit_code(run, detailed=detailed_exitcode)
     if code:
         raise typer.Exit(code)
@@ -548,7 +198,7 @@ def runs_list(
     """The most recent rollouts, newest first."""
     from provisioner import state
 
-    store = state.StateStore(state_dir(inventory, state_folder))
+    store = state.StateStore(state.state_dir(inventory, state_folder))
     summaries = store.runs(limit)
     if as_json:
         echo(json.dumps([s.to_dict() for s in summaries], indent=2, default=str))
@@ -567,7 +217,7 @@ def runs_show(
     """Every workstation and file of one rollout."""
     from provisioner import state
 
-    store = state.StateStore(state_dir(inventory, state_folder))
+    store = state.StateStore(state.state_dir(inventory, state_folder))
     detail = store.run(run_id)
     if as_json:
         echo(json.dumps(detail.to_dict(), indent=2, default=str))
@@ -587,7 +237,7 @@ def audit(
     """Who changed which file, when, in which run (never a secret)."""
     from provisioner import state
 
-    log = state.AuditLog(state_dir(inventory, state_folder))
+    log = state.AuditLog(state.state_dir(inventory, state_folder))
     records = log.query(user=user, workstation=workstation, since=since, until=until)
     if as_json:
         echo(json.dumps([r.to_dict() for r in records], indent=2, default=str))
