@@ -17,12 +17,11 @@ from provisioner import forked, ini, render, resolve, vault
 from provisioner.budget import DEFAULT_BUDGET, RenderBudget, stop_clock
 from provisioner.errors import InventoryError, ProvisionerError, RenderError, VaultError
 from provisioner.inidoc import PASSWORD_KEY, IniDocument, IniEntry, is_password_key
-from provisioner.inventory import InventoryErrors, load_inventory
+from provisioner.inventory import RECIPIENTS_FILE, InventoryErrors, load_inventory
 from provisioner.keytable import load_key_table
 from provisioner.model import TEMPLATE_LAYER, Finding, Inventory, Secret, Source
 from provisioner.resolve import Profile, Selection, StationPlan, TargetRef
 
-RECIPIENTS_FILE = "recipients.yaml"
 TEMPLATES_DIR = "templates"
 
 
@@ -220,7 +219,7 @@ class _Builder:
                 self.template(name)
             except ProvisionerError as exc:
                 self.broken_templates.add(name)
-                findings.append(Finding("error", _code(exc), str(exc)))
+                findings.append(Finding("error", exc.code, str(exc)))
         return findings
 
     def template(self, name: str) -> render.Template:
@@ -257,7 +256,7 @@ class _Builder:
             if isinstance(exc, RenderError) and exc.file:
                 at = Source(exc.file, exc.line, 0, TEMPLATE_LAYER)
             self.result.findings.append(
-                Finding("error", _code(exc), str(exc), target.name, source=at)
+                Finding("error", exc.code, str(exc), target.name, source=at)
             )
 
     def _override(self, target: TargetRef) -> None:
@@ -337,7 +336,7 @@ class _Builder:
                 self.result.findings.append(
                     Finding(
                         "error",
-                        _code(exc),
+                        exc.code,
                         str(exc),
                         source.file,
                         source.line,
@@ -510,22 +509,6 @@ def _origin(
 
 class _Skip(ProvisionerError):
     """A target whose inputs already produced findings."""
-
-
-def _code(exc: ProvisionerError) -> str:
-    names = {
-        "RenderError": "template",
-        "PathMismatchError": "path-mismatch",
-        "CannotDecryptError": "cannot-decrypt",
-        "UnknownKeyError": "unknown-key",
-        "MissingIdentityError": "no-identity",
-        "RetiredKeyError": "retired-key",
-        "TokenFormatError": "token-format",
-        "PolicyViolationError": "policy",
-        "LintError": "encoding",
-        "ResolveError": "resolve",
-    }
-    return names.get(type(exc).__name__, "error")
 
 
 def _station_context(plan: StationPlan) -> dict[str, object]:

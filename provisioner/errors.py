@@ -18,17 +18,24 @@
     ├── YamlEditError         a YAML file cannot be patched in place
     ├── RenderError           target, template, line, snippet
     ├── LintError             findings
+    ├── StateError            the state folder: unreadable, newer schema, unknown run
+    │   └── StateLockedError      another run holds the lock (state.py: who holds it)
     └── TransportError        host
 
 Every message is meant for the user as is: it says where (file:line, path) and what to do.
-No message ever contains a secret value.
+No message ever contains a secret value. Each class's ``code`` is the short name a finding
+carries for it (``validate``, ``secrets lint``).
 """
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 
 class ProvisionerError(Exception):
     """Root of every error the provisioner raises on purpose."""
+
+    code: ClassVar[str] = "error"
 
 
 class InventoryError(ProvisionerError):
@@ -57,37 +64,55 @@ class InventoryError(ProvisionerError):
 class ResolveError(ProvisionerError):
     """Values could not be resolved (conflicts, group cycles)."""
 
+    code: ClassVar[str] = "resolve"
+
 
 class VaultError(ProvisionerError):
     """A sealed value, key or identity problem. Never carries plaintext."""
+
+    code: ClassVar[str] = "vault"
 
 
 class TokenFormatError(VaultError):
     """A token is malformed; found without any key."""
 
+    code: ClassVar[str] = "token-format"
+
 
 class UnknownKeyError(VaultError):
     """The token's key id is not known, or no identity for it was given."""
+
+    code: ClassVar[str] = "unknown-key"
 
 
 class MissingIdentityError(UnknownKeyError):
     """The token's key id is in recipients.yaml, but no identity for it was given."""
 
+    code: ClassVar[str] = "no-identity"
+
 
 class RetiredKeyError(VaultError):
     """The token's key id is retired."""
+
+    code: ClassVar[str] = "retired-key"
 
 
 class PathMismatchError(VaultError):
     """The token's pathtag does not match the place where it stands."""
 
+    code: ClassVar[str] = "path-mismatch"
+
 
 class CannotDecryptError(VaultError):
     """Decryption failed after all structure checks; deliberately uninformative."""
 
+    code: ClassVar[str] = "cannot-decrypt"
+
 
 class PolicyViolationError(VaultError):
     """A plaintext value is not safe to write into microsip.ini."""
+
+    code: ClassVar[str] = "policy"
 
 
 class IdentityError(VaultError):
@@ -105,6 +130,8 @@ class YamlEditError(ProvisionerError):
 class RenderError(ProvisionerError):
     """A template failed for a target; ``file`` and ``line`` name the template line."""
 
+    code: ClassVar[str] = "template"
+
     def __init__(self, message: str, *, file: str = "", line: int = 0) -> None:
         self.file = file
         self.line = line
@@ -113,6 +140,12 @@ class RenderError(ProvisionerError):
 
 class LintError(ProvisionerError):
     """Rendered output breaks MicroSIP rules."""
+
+    code: ClassVar[str] = "encoding"
+
+
+class StateError(ProvisionerError):
+    """The state directory cannot be used: unreadable, newer schema, unknown run."""
 
 
 class TransportError(ProvisionerError):

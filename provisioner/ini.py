@@ -22,9 +22,9 @@ from typing import NamedTuple
 
 from provisioner.errors import LintError
 from provisioner.inidoc import IniDocument, IniEntry, IniSection
+from provisioner.keytable import account_index, load_key_table
 
 __all__ = [
-    "DEFAULT_RUNTIME_SECTIONS",
     "UTF8_BOM",
     "UTF16LE_BOM",
     "MergeConflict",
@@ -42,11 +42,9 @@ __all__ = [
 
 UTF16LE_BOM = b"\xff\xfe"
 UTF8_BOM = b"\xef\xbb\xbf"
-DEFAULT_RUNTIME_SECTIONS: frozenset[str] = frozenset({"calls", "dialed", "contacts"})
 
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 _SURROGATE = re.compile("[\ud800-\udfff]")
-_ACCOUNT = re.compile(r"account[1-9][0-9]*")
 _COMMENT_START = (";", "#")
 
 
@@ -239,7 +237,8 @@ class MergeResult:
 
 def is_account_section(name: str) -> bool:
     """True for ``[AccountN]`` with N >= 1 spelled as MicroSIP spells it (any case)."""
-    return _ACCOUNT.fullmatch(name.lower()) is not None
+    index = account_index(name)
+    return index is not None and index >= 1
 
 
 def _first_sections(doc: IniDocument | None) -> dict[str, IniSection]:
@@ -477,7 +476,7 @@ def merge_ini(
     theirs: IniDocument | None,
     enforced: IniDocument | None = None,
     runtime_keys: frozenset[tuple[str, str]] = frozenset(),
-    runtime_sections: frozenset[str] = DEFAULT_RUNTIME_SECTIONS,
+    runtime_sections: frozenset[str] | None = None,
 ) -> MergeResult:
     """Three-way merge of the new render into the workstation's current file.
 
@@ -489,7 +488,8 @@ def merge_ini(
 
     1. enforced keys take the enforced value, in every section;
     2. ``[AccountN]`` (N >= 1) sections are exactly ours, theirs' accounts missing from ours go;
-    3. runtime sections and runtime keys stay as theirs; ours only fills them in when absent;
+    3. runtime sections (default: the key table's) and runtime keys stay as theirs; ours only
+       fills them in when absent;
     4. managed keys (in ours or base): ours where ours changed since base (a
        :class:`MergeConflict` when theirs changed it to a third value), else theirs; a key
        dropped from ours goes unless theirs changed it;
@@ -508,7 +508,9 @@ def merge_ini(
         theirs=theirs,
         enforced=enforced,
         runtime_keys=runtime_keys,
-        runtime_sections=runtime_sections,
+        runtime_sections=(
+            load_key_table().runtime_sections() if runtime_sections is None else runtime_sections
+        ),
     )
     document = _renumber(merger.preamble(ours, base, theirs), merger.sections())
     return MergeResult(

@@ -9,6 +9,7 @@ MicroSIP keys are checked against the key table (:mod:`provisioner.keytable`).
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -171,19 +172,25 @@ class _Raw:
 
 
 def inventory_files(root: Path) -> list[Path]:
-    """The YAML files of an inventory directory in a stable order (recipients.yaml excluded)."""
+    """The YAML files of an inventory directory in a stable order (recipients.yaml excluded).
+
+    Hidden and :data:`SKIPPED_DIRS` folders are not entered, and links to folders not
+    followed.
+    """
     if not root.is_dir():
         raise InventoryError(f"inventory directory {root} does not exist")
     found: list[Path] = []
-    for path in sorted(root.rglob("*")):
-        relative = path.relative_to(root).parts
-        if any(p.startswith(".") or p in SKIPPED_DIRS for p in relative[:-1]):
-            continue
-        if relative[-1].startswith(".") or path.name == RECIPIENTS_FILE:
-            continue
-        if path.suffix in (".yaml", ".yml") and path.is_file():
-            found.append(path)
-    return found
+    for directory, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d not in SKIPPED_DIRS]
+        found += (
+            Path(directory) / name
+            for name in filenames
+            if not name.startswith(".")
+            and name != RECIPIENTS_FILE
+            and name.endswith((".yaml", ".yml"))
+            and os.path.isfile(os.path.join(directory, name))
+        )
+    return sorted(found)
 
 
 def load_inventory(root: Path) -> Inventory:

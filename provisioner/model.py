@@ -218,6 +218,24 @@ class Finding:
                 where += f":{self.column}"
         return where
 
+    def to_dict(self) -> dict[str, object]:
+        """The finding as JSON data (``validate`` and ``secrets lint`` ``--format json``)."""
+        source = self.source
+        return {
+            "severity": self.severity,
+            "code": self.code,
+            "file": self.file,
+            "line": self.line,
+            "column": self.column,
+            "path": self.path,
+            "message": self.message,
+            "source": (
+                {"file": source.file, "line": source.line, "column": source.column}
+                if source
+                else None
+            ),
+        }
+
     def __str__(self) -> str:
         prefix = f"{self.where}: " if self.where else ""
         at = f" {self.path}:" if self.path else ""

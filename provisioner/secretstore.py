@@ -24,15 +24,13 @@ from provisioner.errors import (
     InventoryError,
     MissingIdentityError,
     PathMismatchError,
-    PolicyViolationError,
     RecipientsError,
-    RetiredKeyError,
     TokenFormatError,
-    UnknownKeyError,
     VaultError,
     YamlEditError,
 )
-from provisioner.model import Secret
+from provisioner.inventory import RECIPIENTS_FILE, inventory_files
+from provisioner.model import Finding, Secret
 from provisioner.schema import (
     is_scoped_path,
     is_secret_path,
@@ -41,29 +39,10 @@ from provisioner.schema import (
     token_kid,
 )
 
-RECIPIENTS_FILE = "recipients.yaml"
 IDENTITY_SUFFIX = ".sipid"
-_SKIPPED_DIRS = {"build", "templates", "state", "node_modules", "__pycache__"}
 
 
 # --------------------------------------------------------------------------- files
-
-
-def inventory_files(root: Path) -> list[Path]:
-    """The YAML files of an inventory directory, in a stable order."""
-    if not root.is_dir():
-        raise InventoryError(f"inventory directory {root} does not exist")
-    found: list[Path] = []
-    for directory, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(
-            d for d in dirnames if not d.startswith(".") and d not in _SKIPPED_DIRS
-        )
-        for name in sorted(filenames):
-            if name.startswith(".") or name == RECIPIENTS_FILE:
-                continue
-            if name.endswith((".yaml", ".yml")):
-                found.append(Path(directory) / name)
-    return found
 
 
 def load_recipients(root: Path) -> vault.Recipients:
@@ -220,54 +199,32 @@ def _scan_inventory(root: Path, files: Sequence[Path] | None) -> Scan:
 # --------------------------------------------------------------------------- lint
 
 
-@dataclass(frozen=True)
-class SecretFinding:
-    """One result of the key-less secret checks. Never holds a value."""
-
-    severity: str
-    code: str
-    file: str
-    line: int
-    column: int
-    path: str
-    message: str
-
-    def __str__(self) -> str:
-        at = f" {self.path}:" if self.path else ""
-        where = f"{self.file}:{self.line}:{self.column}"
-        return f"{where}: {self.severity}[{self.code}]:{at} {self.message}"
-
-
-_ERROR_CODES: dict[type[VaultError], str] = {
-    TokenFormatError: "token-format",
-    MissingIdentityError: "no-identity",
-    UnknownKeyError: "unknown-key",
-    RetiredKeyError: "retired-key",
-    PathMismatchError: "path-mismatch",
-    CannotDecryptError: "cannot-decrypt",
-    PolicyViolationError: "policy",
-}
-
-
-def error_code(exc: VaultError) -> str:
-    """A short stable name for a vault error class."""
-    for cls, code in _ERROR_CODES.items():
-        if isinstance(exc, cls):
-            return code
-    return "vault"
-
-
-def _finding(site: Site, severity: str, code: str, message: str) -> SecretFinding:
-    return SecretFinding(
-        severity, code, str(site.file), site.ref.line, site.ref.column, site.pointer, message
+def _finding(site: Site, severity: str, code: str, message: str) -> Finding:
+    return Finding(
+        severity,
+        code,
+        message,
+        file=str(site.file),
+        line=site.ref.line,
+        column=site.ref.column,
+        path=site.pointer,
     )
 
 
-def lint_secrets(scan: Scan, recipients: vault.Recipients) -> list[SecretFinding]:
-    """The key-less CI check: each secret field holds a valid token for its place, only there."""
-    findings: list[SecretFinding] = [
-        SecretFinding(
-            "error", "yaml", str(path), p.line, p.column, join_pointer(p.segments), p.message
+def lint_secrets(scan: Scan, recipients: vault.Recipients) -> list[Finding]:
+    """The key-less CI check: each secret field holds a valid token for its place, only there.
+
+    A finding never holds a value.
+    """
+    findings: list[Finding] = [
+        Finding(
+            "error",
+            "yaml",
+            p.message,
+            file=str(path),
+            line=p.line,
+            column=p.column,
+            path=join_pointer(p.segments),
         )
         for path, p in scan.problems
     ]
@@ -312,7 +269,7 @@ def lint_secrets(scan: Scan, recipients: vault.Recipients) -> list[SecretFinding
             by_enc[vault.parse_token(ref.value).enc].append(site)
             parts = vault.check_token(ref.value, site.pointer, recipients)
         except VaultError as exc:
-            findings.append(_finding(site, "error", error_code(exc), str(exc)))
+            findings.append(_finding(site, "error", exc.code, str(exc)))
             continue
         if is_scoped_path(site.ref.segments) and parts.scope is None:
             findings.append(
@@ -462,7 +419,7 @@ class VerifyReport:
 
     ok_by_kid: Counter[str] = field(default_factory=Counter)
     errors_by_class: Counter[str] = field(default_factory=Counter)
-    failures: list[SecretFinding] = field(default_factory=list)
+    failures: list[Finding] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -492,7 +449,7 @@ def verify_secrets(scan: Scan, keyring: vault.Keyring) -> VerifyReport:
             secret = keyring.open(ref.value, site.pointer)
             vault.check_policy(secret)
         except VaultError as exc:
-            code = error_code(exc)
+            code = exc.code
             report.errors_by_class[code] += 1
             message = "cannot decrypt value" if code == "cannot-decrypt" else str(exc)
             report.failures.append(_finding(site, "error", code, message))

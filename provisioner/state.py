@@ -34,7 +34,7 @@ from typing import Any
 
 from provisioner import revision
 from provisioner.atomicfile import create_once
-from provisioner.errors import ProvisionerError
+from provisioner.errors import StateError
 from provisioner.fingerprint import KEY_BYTES, Fingerprints, is_legacy_hash
 from provisioner.results import HostResult, RunLike, Status, is_dry_run, jsonable
 
@@ -63,10 +63,6 @@ _TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 def state_dir(inventory: Path, explicit: Path | None) -> Path:
     """The state folder: explicit, or beside the inventory (never inside it: it is not YAML)."""
     return explicit or inventory.resolve().parent / ".provisioner-state"
-
-
-class StateError(ProvisionerError):
-    """The state directory cannot be used: unreadable, newer schema, unknown run."""
 
 
 class StateLockedError(StateError):

@@ -13,7 +13,6 @@ from provisioner.errors import ProvisionerError
 EXIT_OK = 0
 EXIT_INPUT = 1
 EXIT_USAGE = 2
-EXIT_HOSTS_FAILED = 3
 EXIT_INTERNAL = 70
 
 app = typer.Typer(

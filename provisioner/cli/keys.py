@@ -86,8 +86,9 @@ def init(
 ) -> None:
     """Create a realm: recipients.yaml in the inventory and a new identity file."""
     from provisioner import secretstore, vault
+    from provisioner.inventory import RECIPIENTS_FILE
 
-    target = inventory / secretstore.RECIPIENTS_FILE
+    target = inventory / RECIPIENTS_FILE
     if target.exists():
         raise RecipientsError(
             f"{target} already exists; use 'provisioner keys rotate' for a new key"

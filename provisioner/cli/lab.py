@@ -120,12 +120,11 @@ def up(
         return
     model = load_model(inventory)
     loaded = _load_scenario(scenario, model) if scenario is not None else None
-    from provisioner import build as phase1
+    from provisioner import secretstore
     from provisioner.lab.scenario import ScenarioErrors
     from provisioner.lab.server import DEFAULT_BASE_ADDRESS
-    from provisioner.vault import load_recipients_file
 
-    recipients = load_recipients_file(inventory / phase1.RECIPIENTS_FILE)
+    recipients = secretstore.load_recipients(inventory)
     keyring = keyring_for_keys_in_use(recipients, identities, passphrase_file, passphrase_fd)
     stop = threading.Event()
     # Every way a lab is told to stop leads to its clean-up (SIGKILL is for 'lab down').

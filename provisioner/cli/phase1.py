@@ -187,23 +187,7 @@ def _json_report(result: phase1.BuildResult, keys: str) -> dict[str, object]:
         "secrets": keys,
         "targets": [t.name for t in result.targets],
         "files": [f.relative_path for f in result.files],
-        "findings": [
-            {
-                "severity": f.severity,
-                "code": f.code,
-                "file": f.file,
-                "line": f.line,
-                "column": f.column,
-                "path": f.path,
-                "message": f.message,
-                "source": (
-                    {"file": f.source.file, "line": f.source.line, "column": f.source.column}
-                    if f.source
-                    else None
-                ),
-            }
-            for f in result.findings
-        ],
+        "findings": [f.to_dict() for f in result.findings],
         "timings": {k: round(v, 4) for k, v in result.timings.items()},
     }
 

@@ -18,7 +18,7 @@ from provisioner.cli.common import (
     YesOpt,
     echo,
 )
-from provisioner.cli.running import EXIT_HOSTS_FAILED
+from provisioner.report import EXIT_HOSTS_FAILED
 
 if TYPE_CHECKING:
     from provisioner import engine, push, runner

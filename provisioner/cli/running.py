@@ -30,8 +30,6 @@ if TYPE_CHECKING:
     from provisioner import engine, runner, vault
     from provisioner.results import HostResult, Reporter
 
-EXIT_HOSTS_FAILED = 3
-
 
 @dataclass(frozen=True)
 class Keys:

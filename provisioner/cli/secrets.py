@@ -17,6 +17,7 @@ from provisioner.cli.common import (
     open_keyring,
 )
 from provisioner.cli.inputs import read_new_password
+from provisioner.cli.phase1 import finding_lines
 from provisioner.errors import VaultError
 
 if TYPE_CHECKING:
@@ -246,14 +247,10 @@ def lint(
     findings = secretstore.lint_secrets(scan, recipients)
     errors = [f for f in findings if f.severity == "error"]
     if output == "json":
-        echo(json.dumps([f.__dict__ for f in findings], indent=2))
+        echo(json.dumps([f.to_dict() for f in findings], indent=2))
     else:
-        for f in findings:
-            if output == "github":
-                kind = "error" if f.severity == "error" else "warning"
-                echo(f"::{kind} file={f.file},line={f.line},col={f.column}::{f.path}: {f.message}")
-            else:
-                echo(str(f))
+        for line in finding_lines(findings, github=output == "github"):
+            echo(line)
         tokens = sum(1 for _ in scan.tokens())
         echo(
             f"{tokens} token(s) checked, {len(errors)} error(s), "

@@ -1,0 +1,47 @@
+"""The package list in pyproject.toml, which is written by hand, against the source tree."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _setuptools() -> dict[str, object]:
+    with (ROOT / "pyproject.toml").open("rb") as file:
+        table: dict[str, object] = tomllib.load(file)["tool"]["setuptools"]
+    return table
+
+
+def test_every_package_of_the_source_is_listed() -> None:
+    listed = set(_setuptools()["packages"])  # type: ignore[call-overload]
+    found = {
+        ".".join(path.parent.relative_to(ROOT).parts)
+        for path in (ROOT / "provisioner").rglob("__init__.py")
+    }
+    assert found <= listed, f"add to [tool.setuptools] packages: {sorted(found - listed)}"
+    # The templates ship from the repository's templates/ folder (package-dir).
+    assert listed - found == {"provisioner.templates"}
+
+
+def test_every_file_the_code_reads_at_run_time_is_package_data() -> None:
+    data: dict[str, list[str]] = _setuptools()["package-data"]  # type: ignore[assignment]
+    shipped = {
+        path
+        for package, patterns in data.items()
+        for pattern in patterns
+        for path in _folder(package).glob(pattern)
+    }
+    needed = [
+        *(ROOT / "provisioner" / "data").iterdir(),
+        *(ROOT / "provisioner" / "transport" / "agent").glob("*.ps1"),
+        *(ROOT / "templates").glob("*.j2"),
+    ]
+    assert needed and set(needed) <= shipped, sorted(set(needed) - shipped)
+
+
+def _folder(package: str) -> Path:
+    if package == "provisioner.templates":
+        return ROOT / "templates"
+    return ROOT.joinpath(*package.split("."))
