@@ -26,7 +26,7 @@ from provisioner.push import PushOptions
 from provisioner.results import Status
 from provisioner.transport.agent import scripts
 from provisioner.transport.winrm import WinrmOptions, WinrmTransport, _relates_to
-from tests.labkit import lab_kit
+from tests.labkit import INSPECT_NOTHING, lab_kit
 
 INSPECT = {"op": "inspect", "protocol": 1, "users": []}
 # What a forger would answer: "nothing to do here".
@@ -97,7 +97,7 @@ def test_the_transport_refuses_a_forged_reply(
         transport = _transport(host)
         try:
             with pytest.raises(errors.TransportError) as caught:
-                transport.request("inspect", dict(INSPECT))
+                transport.request(INSPECT_NOTHING)
         finally:
             transport.close()
     message = str(caught.value)
@@ -125,7 +125,7 @@ def test_sealed_replies_are_required_from_the_first_request_on(tmp_path: Path) -
         host = _host(lab, ForgedReply("plaintext", Trigger("Create", nth=99)))
         transport = _transport(host)
         try:
-            assert transport.request("inspect", dict(INSPECT))["protocol"] == 1
+            assert transport.request(INSPECT_NOTHING).install.found
             assert transport._protocol is not None
             encryption = transport._protocol.transport.encryption
             assert type(encryption).__name__ == "_SealedReplies"
@@ -157,7 +157,7 @@ def test_https_replies_are_checked_too(tmp_path: Path) -> None:
         transport = WinrmTransport(host.name, options)
         try:
             with pytest.raises(errors.TransportError, match="the reply answers message"):
-                transport.request("inspect", dict(INSPECT))
+                transport.request(INSPECT_NOTHING)
         finally:
             transport.close()
 
