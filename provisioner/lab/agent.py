@@ -25,7 +25,8 @@ what powershell.exe and the bootstrap do with the workstation's PowerShell:
 * a terminating error of the bootstrap (bad envelope) is plain text on stderr, exit code 1;
   a command line or script text the lab does not recognise is CLIXML on stderr, exit code 1;
   a ``crash_after_temp`` is no output at all and exit code ``0xC0000005``;
-* a refused ``protocol`` or ``if_running`` is ``ok: false`` with the error in ``"error"``.
+* a refused ``protocol`` or ``if_running`` is ``ok: false`` with the error in ``"error"``;
+* a workstation with an ``answer_filter`` (a broken or foreign agent) answers what it returns.
 """
 
 from __future__ import annotations
@@ -117,6 +118,8 @@ class LabAgent:
                 )
             with host.lock:
                 answer = execute(workstation, request)
+                if workstation.answer_filter is not None:
+                    answer = workstation.answer_filter(answer)
         except AgentFailure as failed:
             return CommandResult(stderr=clixml_error(str(failed)), exit_code=1)
         except ScriptFailure as failed:
