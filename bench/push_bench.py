@@ -204,6 +204,7 @@ def bench_rds(labkit: Any) -> None:
     from provisioner import ini
     from provisioner.push import inspect_request
     from provisioner.transport.agent import scripts
+    from provisioner.transport.agent.operations import INSPECT
 
     with (
         tempfile.TemporaryDirectory() as folder,
@@ -222,7 +223,8 @@ def bench_rds(labkit: Any) -> None:
             f"\n== RDS host: {RDS_USERS} users, microsip.ini of {size / 1024:.0f} KiB each, "
             "NTLM over HTTP"
         )
-        print(f"  inspect request envelope: {len(scripts.make_envelope('inspect', request)):,} B")
+        envelope = scripts.make_envelope(INSPECT.name, INSPECT.wire(request))
+        print(f"  inspect request envelope: {len(envelope):,} B")
         for label in ("first push (every file changes)", "second push (nothing changes)"):
             elapsed, result, stats = timed_push(kit, host)
             changed = sum(1 for f in result.files if f.status.value == "changed")
@@ -239,9 +241,7 @@ def bench_rds(labkit: Any) -> None:
             user.hive_loaded = True
             ws.start_microsip(user)
         start = time.perf_counter()
-        kit.transport("ws01").request(
-            "inspect", inspect_request(kit.station("ws01"), kit.files("ws01"))
-        )
+        kit.transport("ws01").request(inspect_request(kit.station("ws01"), kit.files("ws01")))
         elapsed = time.perf_counter() - start
         queries = ws.process_queries
         print(

@@ -185,7 +185,7 @@ def remote_checks(
     """Authentication, encryption, PowerShell, MicroSIP install, profiles and free disk."""
     checks: list[Check] = []
     try:
-        answer = transport.request("inspect", inspect_request(station, files))
+        answer = transport.request(inspect_request(station, files))
     except AuthError as exc:
         return [
             Check(
@@ -255,24 +255,24 @@ def remote_checks(
             "" if encrypted else "use https, or ntlm/kerberos with message encryption",
         )
     )
-    host = answer.get("host") or {}
-    version = str(host.get("ps_version") or "?")
+    host = answer.host
+    version = host.ps_version or "?"
     major_minor = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
     checks.append(
         Check(
             "powershell",
             major_minor >= (5, 1),
-            f"PowerShell {version}, {host.get('language_mode') or 'FullLanguage'}",
+            f"PowerShell {version}, {host.language_mode or 'FullLanguage'}",
             "install Windows Management Framework 5.1",
         )
     )
-    install = answer.get("install") or {}
-    if install.get("found"):
+    install = answer.install
+    if install.found:
         checks.append(
             Check(
                 "microsip",
                 True,
-                f"{install.get('exe_path')} (found by {install.get('source')})",
+                f"{install.exe_path} (found by {install.source})",
             )
         )
     else:
@@ -284,24 +284,22 @@ def remote_checks(
                 "install MicroSIP, or set microsip.install_dir and microsip.exe",
             )
         )
-    for user in answer.get("users") or []:
-        error = user.get("error")
+    for user in answer.users:
+        error = user.error
         if error:
             checks.append(
                 Check(
-                    f"profile {user.get('name')}",
+                    f"profile {user.name}",
                     False,
-                    f"{error.get('code')}: {error.get('message')}",
-                    USER_FIXES.get(str(error.get("code")), ""),
+                    f"{error.code}: {error.message}",
+                    USER_FIXES.get(error.code, ""),
                 )
             )
         else:
             # Which of MicroSIP's own rules decided where it reads its ini (settings.cpp).
-            mode = f"{user.get('mode')}, decided by {user.get('mode_rule')}"
-            checks.append(
-                Check(f"profile {user.get('name')}", True, f"{user.get('path')} ({mode})")
-            )
-    free = int(host.get("free_bytes") or 0)
+            mode = f"{user.mode}, decided by {user.mode_rule}"
+            checks.append(Check(f"profile {user.name}", True, f"{user.path} ({mode})"))
+    free = host.free_bytes or 0
     checks.append(
         Check(
             "disk",

@@ -6,13 +6,10 @@ apply). Dry runs go through :class:`~provisioner.transport.base.ReadOnlyTranspor
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from provisioner import ini, plan
 from provisioner.build import BuiltFile
@@ -21,6 +18,20 @@ from provisioner.inidoc import IniDocument
 from provisioner.keytable import load_key_table
 from provisioner.resolve import StationPlan
 from provisioner.results import IF_RUNNING, FileChange, HostResult, Status
+from provisioner.transport.agent.messages import (
+    AgentError,
+    ApplyFile,
+    ApplyReply,
+    ApplyRequest,
+    InspectReply,
+    InspectRequest,
+    InstallWanted,
+    OverrideState,
+    RollbackFile,
+    RollbackRequest,
+    UserState,
+    UserWanted,
+)
 from provisioner.transport.base import Transport
 
 RETRYABLE_CODES = frozenset({"locked"})
@@ -52,8 +63,8 @@ class _Planned:
     path: str
     sid: str | None
     expect: str | None
-    data: bytes
-    applied: bytes
+    data: bytes = field(repr=False)
+    applied: bytes = field(repr=False)
     status: Status
     message: str = ""
     diff: str = ""
@@ -106,23 +117,23 @@ def _push(
         if f.target.kind == "override" or not options.users or f.target.user in options.users
     ]
     roots = station.install.appdata_roots
-    answer = transport.request("inspect", inspect_request(station, wanted))
+    answer = transport.request(inspect_request(station, wanted))
     planned = _plan(station, wanted, answer, options)
     if isinstance(planned, HostResult):
         return planned
     to_write = [p for p in planned if p.status == Status.CHANGED]
     if to_write:
-        reply = transport.request("apply", _apply_request(to_write, options, roots))
+        reply = transport.request(_apply_request(to_write, options, roots))
         conflicts = _absorb_apply(to_write, reply)
         if conflicts:
             # The file moved between inspect and apply: look again, once.
-            answer = transport.request("inspect", inspect_request(station, wanted))
+            answer = transport.request(inspect_request(station, wanted))
             replanned = _plan(station, wanted, answer, options)
             if isinstance(replanned, HostResult):
                 return replanned
             retry = [p for p in replanned if p.status == Status.CHANGED and p.path in conflicts]
             if retry:
-                reply = transport.request("apply", _apply_request(retry, options, roots))
+                reply = transport.request(_apply_request(retry, options, roots))
                 for still in _absorb_apply(retry, reply):
                     for p in retry:
                         if p.path == still:
@@ -140,45 +151,29 @@ def _push(
     return HostResult(name, worst, message, changes, retryable=retryable, warnings=warnings)
 
 
-def inspect_request(station: StationPlan, files: Sequence[BuiltFile]) -> dict[str, Any]:
-    users = [
-        {"name": built.target.user, "windows": built.windows}
-        for built in files
-        if built.target.kind == "microsip" and built.target.user is not None
-    ]
+def inspect_request(station: StationPlan, files: Sequence[BuiltFile]) -> InspectRequest:
+    """What to inspect for these files: their users, and ``override.ini`` if among them."""
     install = station.install
-    return {
-        "op": "inspect",
-        "protocol": 1,
-        "install": {"mode": install.mode, "install_dir": install.install_dir, "exe": install.exe},
-        "users": users,
-        "appdata_roots": list(install.appdata_roots),
-        "override": any(f.target.kind == "override" for f in files),
-    }
-
-
-def _decode(item: Mapping[str, Any], key: str = "content_b64") -> bytes | None:
-    value = item.get(key)
-    if not item.get("exists", value is not None) or value is None:
-        return None
-    try:
-        return base64.b64decode(str(value), validate=True)
-    except (binascii.Error, ValueError):
-        raise RemoteError("the agent sent file content that is not base64") from None
+    return InspectRequest(
+        install=InstallWanted(install.mode, install.install_dir, install.exe),
+        users=tuple(
+            UserWanted(built.target.user, built.windows)
+            for built in files
+            if built.target.kind == "microsip" and built.target.user is not None
+        ),
+        appdata_roots=install.appdata_roots,
+        override=any(f.target.kind == "override" for f in files),
+    )
 
 
 def _plan(
     station: StationPlan,
     files: Sequence[BuiltFile],
-    answer: Mapping[str, Any],
+    answer: InspectReply,
     options: PushOptions,
 ) -> list[_Planned] | HostResult:
     name = station.workstation.name
-    if not answer.get("ok"):
-        error = answer.get("error") or {}
-        return HostResult(name, Status.FAILED, f"agent: {error.get('message', 'failed')}")
-    install = answer.get("install") or {}
-    if not install.get("found"):
+    if not answer.install.found:
         return HostResult(
             name,
             Status.FAILED,
@@ -187,13 +182,14 @@ def _plan(
         )
     override_built = next((f for f in files if f.target.kind == "override"), None)
     enforced = override_built.document if override_built is not None else None
-    users = {str(u.get("name")): u for u in answer.get("users") or []}
+    users = {u.name: u for u in answer.users}
     table = load_key_table()
     planned: list[_Planned] = []
     for built in files:
         if built.target.kind == "override":
-            item = answer.get("override") or {}
-            planned.append(_plan_override(built, item, options))
+            if answer.override is None:
+                raise RemoteError("the agent did not report override.ini")
+            planned.append(_plan_override(built, answer.override, options))
             continue
         item = users.get(str(built.target.user))
         if item is None:
@@ -206,37 +202,38 @@ def _plan(
     return planned
 
 
-def _error_text(error: Mapping[str, Any], code: str = "error") -> str:
-    """``code: message`` of an agent error (``code`` when it names none)."""
-    return f"{error.get('code', code)}: {error.get('message', '')}".strip()
+def _error_text(error: AgentError | None, code: str = "error") -> str:
+    """``code: message`` of an agent error (``code`` alone when there is none)."""
+    if error is None:
+        return f"{code}:"
+    return f"{error.code}: {error.message}".strip()
 
 
-def _failed(built: BuiltFile, path: str, error: Mapping[str, Any]) -> _Planned:
+def _failed(built: BuiltFile, path: str, error: AgentError | None) -> _Planned:
     """A file the agent could not even look at: its error code and message."""
     failed = _Planned(built, path, None, None, b"", b"", Status.FAILED, _error_text(error))
-    failed.retryable = error.get("code") in RETRYABLE_CODES
+    failed.retryable = error is not None and error.code in RETRYABLE_CODES
     return failed
 
 
-def _plan_override(built: BuiltFile, item: Mapping[str, Any], options: PushOptions) -> _Planned:
-    path = str(item.get("path") or built.relative_path)
-    if item.get("per_user"):
+def _plan_override(built: BuiltFile, item: OverrideState, options: PushOptions) -> _Planned:
+    path = item.path or built.relative_path
+    if item.per_user:
         # MicroSIP installed per user has no machine-wide folder; the enforced keys still reach
         # every user's file through the merge.
         step = _Planned(built, path, None, None, b"", b"", Status.UNCHANGED)
         step.message = "per-user install: no machine-wide override.ini"
         return step
-    error = item.get("error")
-    if error:
-        return _failed(built, path, error)
-    theirs = _decode(item)
-    step = _Planned(built, path, None, item.get("sha256"), built.data, built.data, Status.UNCHANGED)
+    if item.file is None:
+        return _failed(built, path, item.error)
+    theirs = item.file.content
+    step = _Planned(built, path, None, item.file.sha256, built.data, built.data, Status.UNCHANGED)
     if theirs == built.data and not options.reset:
         return step
     step.status = Status.CHANGED
     old_text = ini.decode_ini_bytes(theirs) if theirs is not None else None
     step.diff = plan.masked_diff(old_text, ini.decode_ini_bytes(built.data), step.built.target.name)
-    if item.get("read_only"):
+    if item.file.read_only:
         step.status = Status.FAILED
         step.message = READ_ONLY_MESSAGE
     return step
@@ -244,19 +241,18 @@ def _plan_override(built: BuiltFile, item: Mapping[str, Any], options: PushOptio
 
 def _plan_microsip(
     built: BuiltFile,
-    item: Mapping[str, Any],
+    item: UserState,
     enforced: IniDocument | None,
     options: PushOptions,
     runtime_keys: frozenset[tuple[str, str]],
     runtime_sections: frozenset[str],
 ) -> _Planned:
-    error = item.get("error")
-    path = str(item.get("path") or "")
-    if error:
-        return _failed(built, path, error)
-    theirs_bytes = _decode(item)
-    applied = item.get("applied") or {}
-    base_bytes = _decode(applied) if applied.get("exists") else None
+    path = item.path or ""
+    file = item.file
+    if file is None:
+        return _failed(built, path, item.error)
+    theirs_bytes = file.content
+    base_bytes = file.applied.content
     theirs = ini.parse_ini(ini.decode_ini_bytes(theirs_bytes)) if theirs_bytes else None
     base = ini.parse_ini(ini.decode_ini_bytes(base_bytes)) if base_bytes else None
     ours = built.document
@@ -283,13 +279,13 @@ def _plan_microsip(
     step = _Planned(
         built,
         path,
-        item.get("sid"),
-        item.get("sha256"),
+        item.sid,
+        file.sha256,
         data,
         applied_bytes,
         Status.CHANGED if changed else Status.UNCHANGED,
         conflicts=conflicts,
-        running=bool(item.get("running")),
+        running=item.running,
     )
     if not changed:
         return step
@@ -297,7 +293,7 @@ def _plan_microsip(
     lines = [plan.masked_diff(old_text, text, built.target.name)]
     lines += plan.password_changes(theirs, merged_doc)
     step.diff = "\n".join(line for line in lines if line)
-    if item.get("read_only"):
+    if file.read_only:
         step.status = Status.FAILED
         step.message = READ_ONLY_MESSAGE
         return step
@@ -314,33 +310,31 @@ def _plan_microsip(
 
 
 def _apply_request(
-    steps: Sequence[_Planned], options: PushOptions, appdata_roots: Sequence[str]
-) -> dict[str, Any]:
-    return {
-        "op": "apply",
-        "protocol": 1,
-        "if_running": options.if_running,
-        "appdata_roots": list(appdata_roots),
-        "files": [
-            {
-                "kind": s.built.target.kind,
-                "user": s.built.target.user,
-                "sid": s.sid,
-                "path": s.path,
-                "expect_sha256": s.expect,
-                "content_b64": base64.b64encode(s.data).decode("ascii"),
-                "sha256": s.sha256,
-                "applied_b64": base64.b64encode(s.applied).decode("ascii"),
-                "process": s.built.install.exe if s.built.target.kind == "microsip" else None,
-            }
+    steps: Sequence[_Planned], options: PushOptions, appdata_roots: tuple[str, ...]
+) -> ApplyRequest:
+    return ApplyRequest(
+        if_running=options.if_running,
+        appdata_roots=appdata_roots,
+        files=tuple(
+            ApplyFile(
+                kind=s.built.target.kind,
+                user=s.built.target.user,
+                sid=s.sid,
+                path=s.path,
+                expect_sha256=s.expect,
+                content=s.data,
+                sha256=s.sha256,
+                applied=s.applied,
+                process=s.built.install.exe if s.built.target.kind == "microsip" else None,
+            )
             for s in steps
-        ],
-    }
+        ),
+    )
 
 
-def _absorb_apply(steps: Sequence[_Planned], reply: Mapping[str, Any]) -> set[str]:
+def _absorb_apply(steps: Sequence[_Planned], reply: ApplyReply) -> set[str]:
     """Record the agent's per-file statuses; return the paths that hit a conflict."""
-    results = {str(r.get("path")): r for r in reply.get("files") or []}
+    results = {r.path: r for r in reply.files}
     conflicts: set[str] = set()
     for step in steps:
         item = results.get(step.path)
@@ -348,12 +342,12 @@ def _absorb_apply(steps: Sequence[_Planned], reply: Mapping[str, Any]) -> set[st
             step.status = Status.FAILED
             step.message = "the agent did not report this file"
             continue
-        status = item.get("status")
-        error = item.get("error") or {}
+        status = item.status
+        error = item.error
         if status == "written":
-            if item.get("stopped"):
+            if item.stopped:
                 # In the result and so in the audit record, with who ran the push.
-                step.message = f"MicroSIP was closed ({item['stopped']} process(es)) to write"
+                step.message = f"MicroSIP was closed ({item.stopped} process(es)) to write"
                 step.extra.append(f"closed MicroSIP of {step.built.target.user} to write its file")
             continue
         if status == "conflict":
@@ -366,7 +360,7 @@ def _absorb_apply(steps: Sequence[_Planned], reply: Mapping[str, Any]) -> set[st
         else:
             step.status = Status.FAILED
             step.message = _error_text(error)
-            step.retryable = error.get("code") in RETRYABLE_CODES
+            step.retryable = error is not None and error.code in RETRYABLE_CODES
     return conflicts
 
 
@@ -396,14 +390,16 @@ def _summary(changes: Sequence[FileChange]) -> str:
     return ", ".join(parts) + (f" ({'; '.join(failures)})" if failures else "")
 
 
-def _unreachable(built: BuiltFile, item: Mapping[str, Any]) -> FileChange:
-    error = item.get("error") or {"code": "not-found", "message": "inspect found no such file"}
+_NOT_FOUND = AgentError("not-found", "inspect found no such file")
+
+
+def _unreachable(built: BuiltFile, item: OverrideState | UserState | None) -> FileChange:
     return FileChange(
         kind=built.target.kind,
         user=built.target.user,
-        path=str(item.get("path") or built.relative_path),
+        path=(item.path if item is not None else None) or built.relative_path,
         status=Status.FAILED,
-        message=_error_text(error),
+        message=_error_text((item.error if item is not None else None) or _NOT_FOUND),
     )
 
 
@@ -424,61 +420,39 @@ def rollback_host(
         ]
         if not options.users:
             wanted += [f for f in files if f.target.kind == "override"]
-        answer = transport.request("inspect", inspect_request(station, wanted))
-        users = {str(u.get("name")): u for u in answer.get("users") or []}
-        items = []
+        answer = transport.request(inspect_request(station, wanted))
+        users = {u.name: u for u in answer.users}
+        items: list[RollbackFile] = []
         # A file inspect could not look at is a failure of the rollback, never a silent skip.
         unreachable: list[FileChange] = []
         for built in wanted:
             if built.target.kind == "override":
-                item = answer.get("override") or {}
-                if item.get("per_user"):
+                override = answer.override
+                if override is not None and override.per_user:
                     continue  # no machine-wide override.ini: a per-user install
-                if item.get("error") or not item.get("path"):
-                    unreachable.append(_unreachable(built, item))
+                if override is None or override.error or not override.path:
+                    unreachable.append(_unreachable(built, override))
                     continue
-                items.append(
-                    {
-                        "kind": "override",
-                        "user": None,
-                        "sid": None,
-                        "path": item.get("path"),
-                        "process": None,
-                    }
-                )
+                items.append(RollbackFile("override", None, None, override.path, None))
                 continue
-            user = users.get(str(built.target.user)) or {}
-            if user.get("error") or not user.get("path"):
+            user = users.get(str(built.target.user))
+            if user is None or user.error or not user.path:
                 unreachable.append(_unreachable(built, user))
                 continue
             items.append(
-                {
-                    "kind": "microsip",
-                    "user": built.target.user,
-                    "sid": user.get("sid"),
-                    "path": user.get("path"),
-                    "process": built.install.exe,
-                }
+                RollbackFile("microsip", built.target.user, user.sid, user.path, built.install.exe)
             )
         reply = transport.request(
-            "rollback",
-            {
-                "op": "rollback",
-                "protocol": 1,
-                "if_running": options.if_running,
-                "appdata_roots": list(station.install.appdata_roots),
-                "files": items,
-            },
+            RollbackRequest(options.if_running, station.install.appdata_roots, tuple(items))
         )
         changes = list(unreachable)
-        for item, outcome in zip(items, reply.get("files") or [], strict=False):
-            status = outcome.get("status")
-            error = outcome.get("error") or {}
+        for item, outcome in zip(items, reply.files, strict=False):
+            status = outcome.status
             changes.append(
                 FileChange(
-                    kind=str(item["kind"]),
-                    user=item["user"],
-                    path=str(item["path"]),
+                    kind=item.kind,
+                    user=item.user,
+                    path=item.path,
                     status=Status.CHANGED
                     if status == "restored"
                     else Status.BUSY
@@ -486,9 +460,9 @@ def rollback_host(
                     else Status.FAILED,
                     message="restored the newest backup"
                     if status == "restored"
-                    else _error_text(error, str(status)),
-                    old_sha256=outcome.get("old_sha256"),
-                    new_sha256=outcome.get("new_sha256"),
+                    else _error_text(outcome.error, status),
+                    old_sha256=outcome.old_sha256,
+                    new_sha256=outcome.new_sha256,
                 )
             )
         worst = max((c.status for c in changes), key=lambda s: s.rank, default=Status.UNCHANGED)

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Protocol, TypeVar
 
 from provisioner import lanes
 from provisioner.build import BuiltFile
@@ -27,8 +27,10 @@ from provisioner.errors import ProvisionerError
 from provisioner.push import PushOptions, _summary, push_host, rollback_host
 from provisioner.resolve import StationPlan
 from provisioner.results import HostResult, Reporter, Status
+from provisioner.transport.agent.messages import AgentReply, AgentRequest, ApplyRequest
 from provisioner.transport.base import ReadOnlyTransport, Transport
 
+R = TypeVar("R", bound=AgentReply)
 FAILURES = (Status.FAILED, Status.CONFLICT)
 
 
@@ -438,13 +440,12 @@ class _SentFiles:
     def host(self) -> str:
         return self.inner.host
 
-    def request(self, op: str, request: Mapping[str, Any]) -> dict[str, Any]:
-        if op == "apply":
-            for item in request.get("files") or []:
-                path, expect = str(item.get("path")), item.get("expect_sha256")
-                first = self.sent.get(path, (expect, ""))[0]
-                self.sent[path] = (first, str(item.get("sha256")))
-        return self.inner.request(op, request)
+    def request(self, request: AgentRequest[R]) -> R:
+        if isinstance(request, ApplyRequest):
+            for item in request.files:
+                first = self.sent.get(item.path, (item.expect_sha256, ""))[0]
+                self.sent[item.path] = (first, item.sha256)
+        return self.inner.request(request)
 
     def close(self) -> None:
         self.inner.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
 import signal
 import threading
@@ -23,6 +24,7 @@ from provisioner.lab.agent import LabAgent
 from provisioner.lab.ntlmusers import ENV_VAR
 from provisioner.lab.workstation import DOMAIN_SID, User, Workstation
 from provisioner.transport.agent import scripts
+from provisioner.transport.agent.operations import REGISTRY
 from provisioner.transport.winrm import stdin_pieces
 
 ADMIN = "lab-admin"
@@ -33,6 +35,7 @@ ALICE_INI = "C:\\Users\\alice\\AppData\\Roaming\\MicroSIP\\microsip.ini"
 ALICE_SID = f"{DOMAIN_SID}-1104"
 """alice is the station's first domain account."""
 APPLY_KEYS = {"path", "status", "old_sha256", "new_sha256", "backup", "stopped", "error"}
+CONTRACT = Path(__file__).parent.parent / "docs" / "agent-protocol.md"
 
 
 def _alarm(signum: int, frame: FrameType | None) -> None:
@@ -101,6 +104,9 @@ class Agent:
         assert (code, err) == (0, b"")
         answer: dict[str, Any] = scripts.parse_answer(out)
         assert answer["protocol"] == 1 and answer["op"] == request["op"]
+        if answer["ok"]:
+            # What the lab answers is what the controller's answer types accept.
+            REGISTRY.named(request["op"]).reply_from(answer, self.host.name)
         return answer
 
     def close(self) -> None:
@@ -243,3 +249,36 @@ def temp_files(ws: Workstation, folder: str) -> list[str]:
 def error_code(result: dict[str, Any]) -> str | None:
     error = result["error"]
     return None if error is None else str(error["code"])
+
+
+# --- the contract's examples ------------------------------------------------------------------
+
+
+def contract_json_blocks() -> dict[str, list[Any]]:
+    """The JSON examples of docs/agent-protocol.md, keyed by '<op> request' / '<op> answer'."""
+    blocks: dict[str, list[Any]] = {}
+    section = ""
+    label = ""
+    lines = iter(CONTRACT.read_text(encoding="utf-8").splitlines())
+    for line in lines:
+        if line.startswith("## "):
+            section = line[3:].strip()
+        elif line.strip() in ("Request:", "Answer:"):
+            label = line.strip().rstrip(":").lower()
+        elif line.strip() == "```json":
+            body = []
+            for inner in lines:
+                if inner.strip() == "```":
+                    break
+                body.append(inner)
+            blocks.setdefault(f"{section} {label}", []).append(json.loads("\n".join(body)))
+    return blocks
+
+
+def json_keys(value: object) -> set[str]:
+    """Every key of every object in a JSON value."""
+    if isinstance(value, dict):
+        return set(value) | {key for item in value.values() for key in json_keys(item)}
+    if isinstance(value, list):
+        return {key for item in value for key in json_keys(item)}
+    return set()

@@ -26,10 +26,15 @@ from provisioner.lab.scenario import load_scenario
 from provisioner.lab.workstation import Workstation
 from provisioner.model import Secret
 from provisioner.results import HostResult
+from provisioner.transport.agent.messages import InspectRequest, InstallWanted
 from provisioner.transport.base import Transport
 from tests.phase1kit import EXAMPLE
 
 WINRM_PASSWORD = "Lab-WinRM-Pw-1"
+INSPECT_NOTHING = InspectRequest(
+    InstallWanted("installed", "C:\\Program Files\\MicroSIP", "microsip.exe")
+)
+"""An inspect that asks for no user and no override.ini: one round trip to the agent."""
 # The workstations are ws01, ws02...: their names are their addresses.
 WINRM_SCOPE = Scope.build(["ws*"], "encrypted")
 

@@ -28,6 +28,8 @@ import tree_sitter_powershell
 
 from provisioner.errors import RemoteError
 from provisioner.transport.agent import scripts
+from provisioner.transport.agent.operations import REGISTRY
+from tests.agentkit import contract_json_blocks, json_keys
 
 AGENT = Path(scripts.__file__).parent
 GOLDEN = Path(__file__).parent / "golden" / "agent"
@@ -90,16 +92,15 @@ def _contract() -> str:
 
 def test_every_op_of_the_contract_has_a_script() -> None:
     ops = set(re.findall(r"^## ([a-z]+)$", _contract(), re.MULTILINE))
-    assert ops == {"inspect", "apply", "rollback"}
-    assert set(scripts.SCRIPTS) == ops == set(scripts.OPS)
-    for op in ops:
-        assert (AGENT / f"{op}.ps1").is_file()
+    assert ops == set(REGISTRY.names) == set(scripts.SCRIPTS)
+    for op in REGISTRY:
+        assert (AGENT / op.script).is_file()
 
 
 def test_what_is_sent_is_the_common_helpers_then_the_op_script() -> None:
     common = (AGENT / "common.ps1").read_text(encoding="utf-8")
-    for op, text in scripts.SCRIPTS.items():
-        assert text == common + (AGENT / f"{op}.ps1").read_text(encoding="utf-8")
+    for op in REGISTRY:
+        assert scripts.SCRIPTS[op.name] == common + (AGENT / op.script).read_text(encoding="utf-8")
     assert (AGENT / "bootstrap.ps1").read_text(encoding="utf-8") == scripts.BOOTSTRAP
 
 
@@ -195,7 +196,7 @@ def test_scripts_are_ascii_with_lf_line_ends(name: str) -> None:
     assert data.endswith(b"\n")
 
 
-@pytest.mark.parametrize("op", scripts.OPS)
+@pytest.mark.parametrize("op", REGISTRY.names)
 def test_agent_scripts_write_nothing_but_their_answer(op: str) -> None:
     # The console host writes these straight to stdout, which must carry base64 only.
     code = _code_only(scripts.SCRIPTS[op])
@@ -209,7 +210,7 @@ def test_null_is_on_the_left_of_comparisons(name: str) -> None:
     assert re.findall(r"-(?:eq|ne)\s+\$null\b", _code_only(TEXTS[name]), re.IGNORECASE) == []
 
 
-@pytest.mark.parametrize("op", scripts.OPS)
+@pytest.mark.parametrize("op", REGISTRY.names)
 def test_agent_scripts_run_in_strict_mode_and_stop_on_errors(op: str) -> None:
     code = _code_only(scripts.SCRIPTS[op])
     assert "Set-StrictMode -Version 2" in code
@@ -248,7 +249,7 @@ KNOWN_CMDLETS = {
 }
 
 
-@pytest.mark.parametrize("name", ["bootstrap.ps1", *(f"sent:{op}" for op in scripts.OPS)])
+@pytest.mark.parametrize("name", ["bootstrap.ps1", *(f"sent:{op}" for op in REGISTRY.names)])
 def test_every_command_is_defined_or_a_known_cmdlet(name: str) -> None:
     source = TEXTS[name]
     defined = {function.lower() for function in _texts_of(source, "function_name")}
@@ -261,7 +262,7 @@ def _called(source: str) -> set[str]:
 
 
 def test_every_helper_is_used() -> None:
-    for op in scripts.OPS:
+    for op in REGISTRY.names:
         own = {f.lower() for f in _texts_of(TEXTS[f"{op}.ps1"], "function_name")}
         assert own - _called(scripts.SCRIPTS[op]) == set(), op
     # The shared ones by at least one op (inspect carries the writing helpers it never calls).
@@ -318,7 +319,7 @@ def _unassigned(source: str) -> set[str]:
     return used - _assigned(source) - {f"${name}" for name in AUTOMATIC}
 
 
-@pytest.mark.parametrize("name", ["bootstrap.ps1", *(f"sent:{op}" for op in scripts.OPS)])
+@pytest.mark.parametrize("name", ["bootstrap.ps1", *(f"sent:{op}" for op in REGISTRY.names)])
 def test_every_variable_read_is_assigned_in_its_own_scope(name: str) -> None:
     # A typo in a variable name is $null in PowerShell, and a function silently reads a
     # variable of its caller when it has none of that name: neither is caught by strict mode
@@ -344,43 +345,14 @@ def test_format_operator_is_never_split_by_a_method_call_comma() -> None:
 # --- the fields of the contract ------------------------------------------------------------
 
 
-def _contract_json_blocks() -> dict[str, list[object]]:
-    """The JSON examples of the contract, keyed by '<op> request' / '<op> answer'."""
-    blocks: dict[str, list[object]] = {}
-    section = ""
-    label = ""
-    lines = iter(_contract().splitlines())
-    for line in lines:
-        if line.startswith("## "):
-            section = line[3:].strip()
-        elif line.strip() in ("Request:", "Answer:"):
-            label = line.strip().rstrip(":").lower()
-        elif line.strip() == "```json":
-            body = []
-            for inner in lines:
-                if inner.strip() == "```":
-                    break
-                body.append(inner)
-            blocks.setdefault(f"{section} {label}", []).append(json.loads("\n".join(body)))
-    return blocks
-
-
-def _keys(value: object) -> set[str]:
-    if isinstance(value, dict):
-        return set(value) | {key for item in value.values() for key in _keys(item)}
-    if isinstance(value, list):
-        return {key for item in value for key in _keys(item)}
-    return set()
-
-
 def _fields() -> dict[str, tuple[set[str], set[str]]]:
     """op -> (answer fields and values the script must write, request fields it must read)."""
-    blocks = _contract_json_blocks()
+    blocks = contract_json_blocks()
     assert set(blocks) == {"inspect request", "inspect answer", "apply request", "apply answer"}
-    inspect_answer = _keys(blocks["inspect answer"])
-    apply_answer = _keys(blocks["apply answer"])
+    inspect_answer = json_keys(blocks["inspect answer"])
+    apply_answer = json_keys(blocks["apply answer"])
     # The agent has no use for the user's inventory name in apply; the controller keeps it.
-    apply_request = _keys(blocks["apply request"]) - {"user"}
+    apply_request = json_keys(blocks["apply request"]) - {"user"}
     rollback_request = {"op", "protocol", "if_running", "files", "kind", "sid", "path", "process"}
     io_codes = {"locked", "read-only", "disk-full", "internal"}
     return {
@@ -389,7 +361,7 @@ def _fields() -> dict[str, tuple[set[str], set[str]]]:
             | {"no-profile", "no-account", "not-installed", "inventory", "registry"}
             | {"msi"}
             | io_codes,
-            _keys(blocks["inspect request"]),
+            json_keys(blocks["inspect request"]),
         ),
         "apply": (
             apply_answer | {"written", "busy", "conflict", "error", "verify-failed"} | io_codes,
@@ -402,7 +374,7 @@ def _fields() -> dict[str, tuple[set[str], set[str]]]:
     }
 
 
-@pytest.mark.parametrize("op", scripts.OPS)
+@pytest.mark.parametrize("op", REGISTRY.names)
 def test_every_field_the_contract_names_is_in_the_script(op: str) -> None:
     answer, request = _fields()[op]
     code = _code_only(scripts.SCRIPTS[op])
@@ -416,7 +388,7 @@ def test_every_field_the_contract_names_is_in_the_script(op: str) -> None:
 
 def test_the_state_folder_layout_is_the_contracts() -> None:
     sent = scripts.SCRIPTS
-    for op in scripts.OPS:
+    for op in REGISTRY.names:
         assert "'MicroSIP-provisioner'" in sent[op] and "'CommonApplicationData'" in sent[op]
         assert "'users', $Sid, $Name" in sent[op] and "'machine', $Name" in sent[op]
     for name in ("'applied'", "'backup.1'", '"backup.$n"', "'rolled-back'", "'.provisioner'"):

@@ -16,7 +16,7 @@ from provisioner.model import Secret
 from provisioner.results import FileChange, HostResult, Status
 from provisioner.runner import RolloutOptions, RunResult
 from provisioner.transport.winrm import WinrmOptions, WinrmTransport
-from tests.labkit import clean_env, copy_example, run_cli
+from tests.labkit import INSPECT_NOTHING, clean_env, copy_example, run_cli
 from tests.phase1kit import EXAMPLE, cli
 from tests.runkit import STARTED
 
@@ -107,7 +107,7 @@ def test_an_unresolvable_host_name_gives_a_clean_message() -> None:
     )
     transport = WinrmTransport("ws1", options)
     with pytest.raises(ConnectError) as caught:
-        transport.request("inspect", {})
+        transport.request(INSPECT_NOTHING)
     assert str(caught.value).endswith("cannot resolve host name ws-does-not-exist.invalid")
     assert "Error" not in str(caught.value) and "HTTPConnection" not in str(caught.value)
 

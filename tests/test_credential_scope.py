@@ -23,6 +23,7 @@ from provisioner.model import Secret
 from provisioner.transport.winrm import WinrmOptions, WinrmTransport
 from tests.labkit import (
     ATTACKER,
+    INSPECT_NOTHING,
     WINRM_PASSWORD,
     clean_env,
     copy_example,
@@ -556,7 +557,7 @@ def test_doctor_connects_where_the_push_connects(tmp_path: Path) -> None:
             assert [c.name for c in checks] == ["dns", "port"] and all(c.ok for c in checks)
             transport = WinrmTransport("ws01", options)
             with pytest.raises(errors.TransportError):
-                transport.request("inspect", {})
+                transport.request(INSPECT_NOTHING)
             transport.close()
             # one connection from doctor's port check, then the push's own to the same socket
             assert target.connections >= before + 2

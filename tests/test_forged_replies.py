@@ -3,14 +3,18 @@
 The lab plays the man in the middle (``Faults(forged_reply=ForgedReply(...))``): it answers in
 plaintext on an NTLM-encrypted connection, or relates its answer to another message. pywinrm
 0.5 takes both as genuine (pinned below: if that changes, these tests say so); the transport
-refuses them.
+refuses them. And it plays an agent that answers off the contract (``answer_filter``, a broken
+or foreign agent script): the transport reads every answer against the contract, so that is a
+protocol error naming the host, the operation and the field, never a traceback.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from winrm.protocol import Protocol
@@ -22,11 +26,11 @@ from provisioner.lab.agent import LabAgent
 from provisioner.lab.fleet import WorkstationSpec, add_workstation
 from provisioner.lab.host import HostConfig, LabHost
 from provisioner.model import Secret
-from provisioner.push import PushOptions
+from provisioner.push import PushOptions, inspect_request
 from provisioner.results import Status
 from provisioner.transport.agent import scripts
 from provisioner.transport.winrm import WinrmOptions, WinrmTransport, _relates_to
-from tests.labkit import lab_kit
+from tests.labkit import INSPECT_NOTHING, lab_kit
 
 INSPECT = {"op": "inspect", "protocol": 1, "users": []}
 # What a forger would answer: "nothing to do here".
@@ -97,7 +101,7 @@ def test_the_transport_refuses_a_forged_reply(
         transport = _transport(host)
         try:
             with pytest.raises(errors.TransportError) as caught:
-                transport.request("inspect", dict(INSPECT))
+                transport.request(INSPECT_NOTHING)
         finally:
             transport.close()
     message = str(caught.value)
@@ -125,7 +129,7 @@ def test_sealed_replies_are_required_from_the_first_request_on(tmp_path: Path) -
         host = _host(lab, ForgedReply("plaintext", Trigger("Create", nth=99)))
         transport = _transport(host)
         try:
-            assert transport.request("inspect", dict(INSPECT))["protocol"] == 1
+            assert transport.request(INSPECT_NOTHING).install.found
             assert transport._protocol is not None
             encryption = transport._protocol.transport.encryption
             assert type(encryption).__name__ == "_SealedReplies"
@@ -157,7 +161,7 @@ def test_https_replies_are_checked_too(tmp_path: Path) -> None:
         transport = WinrmTransport(host.name, options)
         try:
             with pytest.raises(errors.TransportError, match="the reply answers message"):
-                transport.request("inspect", dict(INSPECT))
+                transport.request(INSPECT_NOTHING)
         finally:
             transport.close()
 
@@ -177,3 +181,61 @@ def test_https_replies_are_checked_too(tmp_path: Path) -> None:
 )  # fmt: skip
 def test_relates_to_is_read_from_the_soap_header_only(reply: bytes, found: str | None) -> None:
     assert _relates_to(reply, piece=7) == found
+
+
+def _drop(key: str) -> Callable[[dict[str, Any]], None]:
+    return lambda answer: answer.pop(key)
+
+
+def _set(value: object, *path: str | int) -> Callable[[dict[str, Any]], None]:
+    def edit(answer: dict[str, Any]) -> None:
+        holder: Any = answer
+        for key in path[:-1]:
+            holder = holder[key]
+        holder[path[-1]] = value
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("op", "edit", "said"),
+    [
+        ("inspect", _drop("users"), "users is missing"),
+        ("inspect", _set([1], "users"), "users[0] is a number, not an object"),
+        ("inspect", _set("C:\\", "install"), "install is a string, not an object"),
+        (
+            "inspect",
+            _set(5, "users", 0, "sha256"),
+            "users[0].sha256 is a number, not a string or null",
+        ),
+        ("inspect", _set("%%%", "users", 0, "content_b64"), "users[0].content_b64 is not base64"),
+        ("inspect", _set(None, "override", "applied"), "override.applied is null, not an object"),
+        ("apply", _set({}, "files", 0), "files[0].path is missing"),
+        ("apply", _set("1", "files", 0, "stopped"), "files[0].stopped is a string, not a whole"),
+        ("apply", _set("done", "files", 0, "status"), "files[0].status is not one of busy, conf"),
+    ],
+)
+def test_an_answer_off_the_contract_fails_the_host_with_a_protocol_error(
+    tmp_path: Path, op: str, edit: Callable[[dict[str, Any]], None], said: str
+) -> None:
+    def answer_filter(answer: dict[str, Any]) -> dict[str, Any]:
+        if answer["op"] == op:
+            edit(answer)
+        return answer
+
+    with lab_kit(tmp_path) as kit:
+        kit.lab.workstations["ws01"].answer_filter = answer_filter
+        result = kit.push("ws01", PushOptions())
+        assert (result.host, result.status) == ("ws01", Status.FAILED)
+        assert result.message.startswith(
+            f"the agent's {op} answer breaks the protocol (docs/agent-protocol.md): {said}"
+        ), result.message
+        if op == "inspect":
+            # The same error, raised where the answer is decoded, carries the host.
+            with pytest.raises(errors.RemoteError) as caught:
+                kit.transport("ws01").request(
+                    inspect_request(kit.station("ws01"), kit.files("ws01"))
+                )
+            assert caught.value.host == "ws01" and str(caught.value) == result.message
+        kit.lab.workstations["ws01"].answer_filter = None
+        assert kit.push("ws01").ok

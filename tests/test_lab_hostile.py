@@ -745,9 +745,9 @@ def test_a_per_user_install_is_found_in_each_users_profile(shared: Kit) -> None:
         [user_file] = [f for f in result.files if f.user == user.sam]
         assert user_file.path == f"{user.profile}\\AppData\\Roaming\\MicroSIP\\microsip.ini"
     answer = shared.transport("ws01").request(
-        "inspect", push.inspect_request(shared.station("ws01"), shared.files("ws01"))
+        push.inspect_request(shared.station("ws01"), shared.files("ws01"))
     )
-    rules = {u["name"]: (u["mode"], u["mode_rule"]) for u in answer["users"]}
+    rules = {u.name: (u.mode, u.mode_rule) for u in answer.users}
     assert rules == {"u1x1": ("installed", "hkcu"), "u1x2": ("installed", "hkcu")}
 
 

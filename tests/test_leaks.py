@@ -17,6 +17,7 @@ from provisioner.lab.host import HostConfig
 from provisioner.model import Secret
 from provisioner.transport import winrm
 from tests.conftest import USERS_YAML, Realm, make_realm
+from tests.labkit import INSPECT_NOTHING
 
 CANARY = "Canary-Pw-7731"
 FORMS = [CANARY.encode("utf-8"), CANARY.encode("utf-16-le"), CANARY.lower().encode()]
@@ -190,7 +191,6 @@ def test_ntlm_pushes_keep_the_canary_and_its_hashes_secret(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     texts: list[str] = []
-    inspect = {"op": "inspect", "protocol": 1, "users": []}
     with Lab(LabAgent(), folder=tmp_path / "lab") as lab:
         good, _ = add_workstation(
             lab, HostConfig(credentials={"svc-canary": CANARY}, port=0), WorkstationSpec()
@@ -204,7 +204,7 @@ def test_ntlm_pushes_keep_the_canary_and_its_hashes_secret(
         )
         accepted = winrm.WinrmTransport("ws-good", options)
         try:
-            assert accepted.request("inspect", inspect)["protocol"] == 1
+            assert accepted.request(INSPECT_NOTHING).install.found
             texts += [repr(accepted), repr(vars(accepted)), repr(options)]
         finally:
             accepted.close()
@@ -214,7 +214,7 @@ def test_ntlm_pushes_keep_the_canary_and_its_hashes_secret(
         )
         rejected = winrm.WinrmTransport("ws-bad", options)
         with pytest.raises(errors.AuthError) as caught:
-            rejected.request("inspect", inspect)
+            rejected.request(INSPECT_NOTHING)
         texts += [_chain_text(caught.value), repr(vars(rejected))]
         rejected.close()
     assert "credentials were rejected" in str(caught.value)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -15,8 +15,11 @@ from provisioner.lab import Faults, ResetMidCommand, Trigger
 from provisioner.lab.workstation import Workstation
 from provisioner.push import PushOptions
 from provisioner.results import Status
+from provisioner.transport.agent.messages import AgentReply, AgentRequest, InspectRequest
 from provisioner.transport.base import ReadOnlyTransport, Transport
 from tests.labkit import Kit, lab_kit
+
+R = TypeVar("R", bound=AgentReply)
 
 INI = "C:\\Users\\u1x1\\AppData\\Roaming\\MicroSIP\\microsip.ini"
 
@@ -191,9 +194,9 @@ class _Meddler:
     def host(self) -> str:
         return self.inner.host
 
-    def request(self, op: str, request: Mapping[str, Any]) -> dict[str, Any]:
-        answer = self.inner.request(op, request)
-        if op == "inspect" and self.times > 0:
+    def request(self, request: AgentRequest[R]) -> R:
+        answer = self.inner.request(request)
+        if isinstance(request, InspectRequest) and self.times > 0:
             self.times -= 1
             _edit(self.ws, INI, {("Settings", "volumeInput"): str(10 + self.times)})
         return answer

@@ -14,10 +14,10 @@ import re
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from rich.console import Console
@@ -40,8 +40,12 @@ from provisioner.report import exit_code, hosts_to_retry
 from provisioner.resolve import StationPlan, resolve_station
 from provisioner.results import HostResult, Status
 from provisioner.runner import RolloutOptions, parse_size, plan_batches, run_fleet
+from provisioner.transport.agent.messages import AgentReply, AgentRequest, ApplyRequest
+from provisioner.transport.agent.operations import APPLY, REGISTRY
 from provisioner.transport.base import Transport
 from tests.labkit import write_inventory
+
+R = TypeVar("R", bound=AgentReply)
 
 HOSTS = [f"ws{n:02d}" for n in range(1, 11)]
 INTERRUPTED = "interrupted: no new workstation was started"
@@ -136,10 +140,12 @@ class AgentTransport:
         self.hook = hook
         self.closed = False
 
-    def request(self, op: str, request: Mapping[str, Any]) -> dict[str, Any]:
-        self.hook(self.host, op)
-        answer: dict[str, Any] = agent.execute(self.machine, json.loads(json.dumps(request)))
-        return json.loads(json.dumps(answer))  # type: ignore[no-any-return]
+    def request(self, request: AgentRequest[R]) -> R:
+        operation = REGISTRY.of(request)
+        self.hook(self.host, operation.name)
+        wire = json.loads(json.dumps(operation.wire(request)))
+        answer = json.loads(json.dumps(agent.execute(self.machine, wire)))
+        return operation.reply_from(answer, self.host)
 
     def close(self) -> None:
         self.closed = True
@@ -152,7 +158,7 @@ class FailingTransport:
         self.host = host
         self.error = error
 
-    def request(self, op: str, request: Mapping[str, Any]) -> dict[str, Any]:
+    def request(self, request: AgentRequest[R]) -> R:
         raise self.error
 
     def close(self) -> None:
@@ -162,9 +168,9 @@ class FailingTransport:
 class LosingTransport(AgentTransport):
     """The agent applies the files, then the connection resets: the answer is lost."""
 
-    def request(self, op: str, request: Mapping[str, Any]) -> dict[str, Any]:
-        answer = super().request(op, request)
-        if op == "apply":
+    def request(self, request: AgentRequest[R]) -> R:
+        answer = super().request(request)
+        if isinstance(request, ApplyRequest):
             raise ConnectError("cannot connect: connection reset by peer", host=self.host)
         return answer
 
@@ -174,11 +180,11 @@ class RacingTransport(AgentTransport):
 
     raced = False
 
-    def request(self, op: str, request: Mapping[str, Any]) -> dict[str, Any]:
-        if op == "apply" and not self.raced:
+    def request(self, request: AgentRequest[R]) -> R:
+        if isinstance(request, ApplyRequest) and not self.raced:
             self.raced = True
-            agent.execute(self.machine, json.loads(json.dumps(request)))
-        return super().request(op, request)
+            agent.execute(self.machine, json.loads(json.dumps(APPLY.wire(request))))
+        return super().request(request)
 
 
 LOSE_APPLY = "lose the answer of apply"

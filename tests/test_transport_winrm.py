@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import warnings
 from collections.abc import Iterator
@@ -19,7 +20,9 @@ from provisioner.lab.fleet import WorkstationSpec, add_workstation
 from provisioner.lab.host import HostConfig, LabHost, Scheme
 from provisioner.model import Secret
 from provisioner.transport.agent import scripts
+from provisioner.transport.agent.operations import INSPECT
 from provisioner.transport.winrm import STDIN_CHUNK, WinrmOptions, WinrmTransport, stdin_pieces
+from tests.labkit import INSPECT_NOTHING
 
 LOOPBACK = Scope.build(["127.0.0.0/8"], "encrypted")
 
@@ -32,18 +35,15 @@ def test_ntlm_push_uses_one_connection(tmp_path: Path) -> None:
         options = WinrmOptions(host.address, "svc", Secret("Pw-1"), port=host.port, scope=LOOPBACK)
         transport = WinrmTransport("ws01", options)
         try:
-            answer = transport.request("inspect", {"op": "inspect", "protocol": 1, "users": []})
+            answer = transport.request(INSPECT_NOTHING)
         finally:
             transport.close()
-        assert answer["protocol"] == 1
+        assert answer.users == () and answer.install.found
         stats = host.stats()
         assert stats.connections == 1
         assert stats.requests == 9
         assert stats.encrypted_requests == stats.encrypted_responses == 6
         assert host.open_shells == 0
-
-
-INSPECT = {"op": "inspect", "protocol": 1, "users": []}
 
 
 def _ntlm_host(lab: Lab, user: str, password: str, scheme: Scheme = "http") -> LabHost:
@@ -60,7 +60,7 @@ def _transport(host: LabHost, user: str, password: str, **changes: Any) -> Winrm
 
 def _inspect(transport: WinrmTransport) -> str:
     """One agent request; returns the password pywinrm was handed (read while connected)."""
-    assert transport.request("inspect", dict(INSPECT))["protocol"] == 1
+    assert transport.request(INSPECT_NOTHING).install.found
     assert transport._protocol is not None
     password = transport._protocol.transport.password
     assert password is not None
@@ -150,12 +150,12 @@ def test_stdin_travels_in_sends_under_the_envelope_limit(tmp_path: Path) -> None
     with Lab(LabAgent(), folder=tmp_path) as lab:
         host = _ntlm_host(lab, "svc", "Pw-1")
         transport = _transport(host, "svc", "Pw-1")
-        request = {"op": "inspect", "protocol": 1, "users": [], "padding": "x" * 1_000_000}
+        request = dataclasses.replace(INSPECT_NOTHING, appdata_roots=("x" * 1_000_000,))
         try:
-            assert transport.request("inspect", request)["ok"] is True
+            assert transport.request(request).install.found
         finally:
             transport.close()
-        sends = -(-len(scripts.make_envelope("inspect", request)) // STDIN_CHUNK)
+        sends = -(-len(scripts.make_envelope("inspect", INSPECT.wire(request))) // STDIN_CHUNK)
         assert sends > 1 and host.stats().by_operation.get("Send", 0) == sends
 
 

@@ -8,8 +8,9 @@ script fails like PowerShell does: CLIXML on stderr, exit code 1), and then does
 ``docs/agent-protocol.md`` says the script does. It never interprets PowerShell.
 
 What each request does is in :mod:`provisioner.lab.agentops`, which follows the packaged
-scripts step for step. Before the script runs, the lab plays what powershell.exe and the
-bootstrap do with the workstation's PowerShell:
+scripts step for step; :data:`IMPLEMENTATIONS` maps each operation of the registry
+(:mod:`provisioner.transport.agent.operations`) to it. Before the script runs, the lab plays
+what powershell.exe and the bootstrap do with the workstation's PowerShell:
 
 * a language mode other than FullLanguage (Constrained Language Mode under WDAC or AppLocker)
   stops the bootstrap at its first line: CLIXML on stderr, exit code 1, with the bootstrap's own
@@ -24,7 +25,8 @@ bootstrap do with the workstation's PowerShell:
 * a terminating error of the bootstrap (bad envelope) is plain text on stderr, exit code 1;
   a command line or script text the lab does not recognise is CLIXML on stderr, exit code 1;
   a ``crash_after_temp`` is no output at all and exit code ``0xC0000005``;
-* a refused ``protocol`` or ``if_running`` is ``ok: false`` with the error in ``"error"``.
+* a refused ``protocol`` or ``if_running`` is ``ok: false`` with the error in ``"error"``;
+* a workstation with an ``answer_filter`` (a broken or foreign agent) answers what it returns.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ import base64
 import binascii
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any
 from xml.sax.saxutils import escape
 
@@ -41,6 +44,14 @@ from provisioner.lab import agentops
 from provisioner.lab.handler import CommandResult, HostContext
 from provisioner.lab.workstation import Crashed, Workstation
 from provisioner.transport.agent import scripts
+from provisioner.transport.agent.operations import (
+    APPLY,
+    INSPECT,
+    REGISTRY,
+    ROLLBACK,
+    Operation,
+    UnknownOperation,
+)
 
 PROTOCOL = 1
 CRASH_EXIT_CODE = 0xC0000005
@@ -107,6 +118,8 @@ class LabAgent:
                 )
             with host.lock:
                 answer = execute(workstation, request)
+                if workstation.answer_filter is not None:
+                    answer = workstation.answer_filter(answer)
         except AgentFailure as failed:
             return CommandResult(stderr=clixml_error(str(failed)), exit_code=1)
         except ScriptFailure as failed:
@@ -221,19 +234,43 @@ def clixml_error(message: str) -> bytes:
 # --- requests ---------------------------------------------------------------------------------
 
 
+Implementation = Callable[[Workstation, Json], Json]
+
+
+def _files(op: str, step: agentops.FileStep) -> Implementation:
+    """An operation on files (apply, rollback): the running policy checked, then each file."""
+
+    def run(workstation: Workstation, request: Json) -> Json:
+        policy = agentops.ps_text(request.get("if_running")) or "skip"
+        if policy not in agentops.POLICIES:
+            return _refusal(op, f"if_running '{policy}' not supported")
+        results = agentops.execute_files(workstation, request, step, policy)
+        return {"protocol": PROTOCOL, "op": op, "ok": True, "files": results}
+
+    return run
+
+
+IMPLEMENTATIONS: Mapping[Operation[Any, Any], Implementation] = MappingProxyType(
+    {
+        INSPECT: agentops.inspect,
+        APPLY: _files(APPLY.name, agentops.apply_file),
+        ROLLBACK: _files(ROLLBACK.name, agentops.rollback_file),
+    }
+)
+"""What the lab runs for each operation of the registry, in place of its script."""
+
+
 def execute(workstation: Workstation, request: Json) -> Json:
     """Run one request (already matched to its script) and return the answer."""
     op = str(request["op"])
     protocol = request.get("protocol")
     if not _is_one(protocol):
         return _refusal(op, f"protocol {agentops.ps_text(protocol)} not supported")
-    if op == "inspect":
-        return agentops.inspect(workstation, request)
-    policy = agentops.ps_text(request.get("if_running")) or "skip"
-    if policy not in agentops.POLICIES:
-        return _refusal(op, f"if_running '{policy}' not supported")
-    results = agentops.execute_files(workstation, request, op, policy)
-    return {"protocol": PROTOCOL, "op": op, "ok": True, "files": results}
+    try:
+        implementation = IMPLEMENTATIONS[REGISTRY.named(op)]
+    except (UnknownOperation, KeyError):
+        return _refusal(op, f"no agent script runs '{op}'")
+    return implementation(workstation, request)
 
 
 def _refusal(op: str, message: str) -> Json:

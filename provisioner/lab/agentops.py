@@ -1231,12 +1231,14 @@ def _rollback_prepared(
     result["status"] = "restored"
 
 
-def execute_files(ws: Workstation, request: Json, op: str, policy: str) -> list[Json]:
+FileStep = Callable[[Workstation, Json, str, list[str], ProcessTable], Json]
+"""One file of an apply or rollback request: :func:`apply_file`, :func:`rollback_file`."""
+
+
+def execute_files(ws: Workstation, request: Json, step: FileStep, policy: str) -> list[Json]:
     """Every file of an apply or rollback request, independently and in order."""
     roots = [ps_text(r) for r in request.get("appdata_roots") or [] if ps_text(r)]
     entries = items(request.get("files"))
     image = next((ps_text(e.get("process")) for e in entries if ps_text(e.get("process"))), "")
     table = ProcessTable(ws, image or "microsip.exe")
-    step: Callable[[Workstation, Json, str, list[str], ProcessTable], Json]
-    step = apply_file if op == "apply" else rollback_file
     return [step(ws, entry, policy, roots, table) for entry in entries]

@@ -29,10 +29,10 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from provisioner.lab.ntfs import (
     ADMINISTRATORS,
@@ -325,6 +325,9 @@ class Workstation(FileSystem):
         """PowerShell Module Logging for every module (``*``): cmdlet parameters to the log."""
         self.event_log: list[str] = []
         """What the PowerShell Operational log recorded (event 4103), in order."""
+        self.answer_filter: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+        """A broken or foreign agent on this machine: every answer passes through this before it
+        is written (tests use it to answer off the contract). None: the packaged agent's."""
         self.users: list[User] = []
         self.install: Install | None = None
         self.hklm_microsip: str | None = None

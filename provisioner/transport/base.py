@@ -1,17 +1,22 @@
-"""The Transport seam: one agent request in, one answer out; and the read-only wrapper.
+"""The Transport seam: one typed agent request in, its typed answer out; and the read-only wrapper.
 
 A dry run (``--check``, ``diff``) is the same code path as a real push through
-:class:`ReadOnlyTransport`, which passes reads through and records writes instead of sending
-them (chezmoi's DryRunSystem idea), rather than ``if dry_run:`` branches in the push.
+:class:`ReadOnlyTransport`, which passes read-only operations through and answers the others
+itself (chezmoi's DryRunSystem idea), rather than ``if dry_run:`` branches in the push. What is
+read-only is what the operations registry declares so
+(:mod:`provisioner.transport.agent.operations`); anything else never reaches the workstation.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
-WRITE_OPS = frozenset({"apply", "rollback"})
+from provisioner.errors import TransportError
+from provisioner.transport.agent.messages import AgentReply, AgentRequest
+from provisioner.transport.agent.operations import REGISTRY, Registry, UnknownOperation
+
+R = TypeVar("R", bound=AgentReply)
 
 
 class Transport(Protocol):
@@ -22,8 +27,8 @@ class Transport(Protocol):
         """The workstation's name."""
         ...
 
-    def request(self, op: str, request: Mapping[str, Any]) -> dict[str, Any]:
-        """Run one agent operation and return its answer (raises TransportError)."""
+    def request(self, request: AgentRequest[R]) -> R:
+        """Run one agent operation and return its checked answer (raises TransportError)."""
         ...
 
     def close(self) -> None:
@@ -33,40 +38,39 @@ class Transport(Protocol):
 
 @dataclass
 class ReadOnlyTransport:
-    """Reads go through; writes are recorded and answered as if they had been done."""
+    """Read-only operations go through; the others are recorded and answered by their dry run.
+
+    Default deny: an operation not declared ``read_only`` (the flag's default), without a dry
+    run, or not in ``registry`` at all is refused, never sent. ``recorded`` holds the requests
+    answered in place of the workstation, in order.
+    """
 
     inner: Transport
-    recorded: list[tuple[str, Mapping[str, Any]]] = field(default_factory=list)
+    recorded: list[AgentRequest[Any]] = field(default_factory=list)
+    registry: Registry = REGISTRY
 
     @property
     def host(self) -> str:
         """The wrapped transport's host."""
         return self.inner.host
 
-    def request(self, op: str, request: Mapping[str, Any]) -> dict[str, Any]:
-        """Pass reads through; record writes and pretend they succeeded."""
-        if op not in WRITE_OPS:
-            return self.inner.request(op, request)
-        self.recorded.append((op, request))
-        status = "written" if op == "apply" else "restored"
-        return {
-            "protocol": 1,
-            "op": op,
-            "ok": True,
-            "dry_run": True,
-            "files": [
-                {
-                    "path": item.get("path"),
-                    "status": status,
-                    "old_sha256": item.get("expect_sha256"),
-                    "new_sha256": item.get("sha256"),
-                    "backup": None,
-                    "stopped": 0,
-                    "error": None,
-                }
-                for item in request.get("files", [])
-            ],
-        }
+    def request(self, request: AgentRequest[R]) -> R:
+        """Pass read-only operations through; record the others and answer as if done."""
+        try:
+            operation = self.registry.of(request)
+        except UnknownOperation as exc:
+            raise TransportError(f"refused in a dry run: {exc}", host=self.host) from None
+        if operation.read_only:
+            return self.inner.request(request)
+        if operation.dry_run is None:
+            raise TransportError(
+                f"refused in a dry run: agent op {operation.name!r} is not declared read-only "
+                "and has no dry run",
+                host=self.host,
+            )
+        self.recorded.append(request)
+        answer: R = operation.dry_run(request)
+        return answer
 
     def close(self) -> None:
         """Close the wrapped transport."""

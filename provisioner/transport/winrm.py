@@ -25,7 +25,7 @@ import socket
 import threading
 import uuid
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -47,6 +47,8 @@ from provisioner.errors import (
 )
 from provisioner.model import Secret
 from provisioner.transport.agent import scripts
+from provisioner.transport.agent.messages import AgentReply, AgentRequest
+from provisioner.transport.agent.operations import REGISTRY
 
 # With proxy=None pywinrm passes proxies={"no_proxy": "*"}; requests then sets and deletes
 # os.environ["no_proxy"] around every request without a lock (psf/requests#4997), which races
@@ -73,6 +75,7 @@ STDIN_CHUNK = 200_000
 pieces of this size, whose base64 with the SOAP around it stays near 270 KB."""
 AUTH_TRANSPORTS = ("ntlm", "basic", "kerberos", "credssp")
 T = TypeVar("T")
+R = TypeVar("R", bound=AgentReply)
 
 
 @dataclass(frozen=True)
@@ -306,11 +309,12 @@ class WinrmTransport:
             )
         return self._protocol, self._shell
 
-    def request(self, op: str, request: Mapping[str, Any]) -> dict[str, Any]:
-        """Run one agent operation in this workstation's shell."""
+    def request(self, request: AgentRequest[R]) -> R:
+        """Run one agent operation in this workstation's shell; its answer checked and typed."""
+        operation = REGISTRY.of(request)
         protocol, shell = self._connect()
         command, arguments = scripts.bootstrap_command()
-        envelope = scripts.make_envelope(op, request)
+        envelope = scripts.make_envelope(operation.name, operation.wire(request))
         command_id = self._call(lambda: protocol.run_command(shell, command, arguments))
         try:
             for piece, last in stdin_pieces(envelope):
@@ -326,10 +330,9 @@ class WinrmTransport:
         if code != 0:
             detail = scripts.decode_clixml(stderr).strip() or f"exit code {code}"
             raise RemoteError(f"the agent failed: {detail}", host=self.host)
-        answer: dict[str, Any] = scripts.parse_answer(stdout)
-        if answer.get("protocol") != 1:
-            raise RemoteError("the agent answered with an unknown protocol", host=self.host)
-        return answer
+        # The transport edge: from here on the answer is typed, or a RemoteError.
+        answer = scripts.parse_answer(stdout, host=self.host)
+        return operation.reply_from(answer, self.host)
 
     def close(self) -> None:
         """Close the shell and the HTTP session; errors are ignored."""

@@ -5,9 +5,10 @@ docs/agent-protocol.md is the contract. Per request the controller runs
 envelope (:func:`make_envelope`) on stdin, and decodes stdout with :func:`parse_answer` and,
 on exit code 1, stderr with :func:`decode_clixml`.
 
-What is sent for an op is ``common.ps1`` followed by ``<op>.ps1``: a request carries one script
-text, so the helpers the three scripts share are put in front of each of them here rather than
-kept three times. :data:`SCRIPTS` holds those exact texts (the lab recognises them, and
+What is sent for an op is ``common.ps1`` followed by the operation's script (its entry in
+:data:`~provisioner.transport.agent.operations.REGISTRY`): a request carries one script text,
+so the helpers the scripts share are put in front of each of them here rather than kept once
+per script. :data:`SCRIPTS` holds those exact texts (the lab recognises them, and
 ``tests/golden/agent/`` keeps copies).
 
 Why the bootstrap is written as it is (its comments cost command-line length):
@@ -49,13 +50,15 @@ from pathlib import Path
 from types import MappingProxyType
 
 from provisioner.errors import RemoteError
+from provisioner.transport.agent.operations import REGISTRY
 
 __all__ = [
     "BOOTSTRAP",
+    "BOOTSTRAP_FILE",
     "CMD_LINE_LIMIT",
+    "COMMON_FILE",
     "INVALID_REQUEST_ERROR",
     "LANGUAGE_MODE_ERROR",
-    "OPS",
     "POWERSHELL",
     "POWERSHELL_ARGS",
     "POWERSHELL_VERSION_ERROR",
@@ -69,7 +72,9 @@ __all__ = [
 
 _PACKAGE = "provisioner.transport.agent"
 
-OPS = ("inspect", "apply", "rollback")
+BOOTSTRAP_FILE = "bootstrap.ps1"
+COMMON_FILE = "common.ps1"
+"""The two scripts that are no operation's: the bootstrap, and the helpers sent before each."""
 POWERSHELL = "powershell.exe"
 POWERSHELL_ARGS = ("-NoLogo", "-NoProfile", "-NonInteractive", "-ExecutionPolicy", "Bypass")
 CMD_LINE_LIMIT = 8191
@@ -101,11 +106,12 @@ def _read_script(name: str) -> str:
     return data.decode("utf-8")
 
 
-BOOTSTRAP = _read_script("bootstrap.ps1")
-_COMMON = _read_script("common.ps1")
+BOOTSTRAP = _read_script(BOOTSTRAP_FILE)
+_COMMON = _read_script(COMMON_FILE)
 SCRIPTS: Mapping[str, str] = MappingProxyType(
-    {op: _COMMON + _read_script(f"{op}.ps1") for op in OPS}
+    {op.name: _COMMON + _read_script(op.script) for op in REGISTRY}
 )
+"""The exact text sent for each operation, by name."""
 
 
 def bootstrap_command() -> tuple[str, list[str]]:
@@ -124,7 +130,7 @@ def make_envelope(op: str, request: Mapping[str, object]) -> bytes:
     """The stdin of one request: base64 (ASCII) of UTF-8 JSON ``{"script", "request"}``."""
     script = SCRIPTS.get(op)
     if script is None:
-        raise ValueError(f"unknown agent op {op!r}; the agent knows {', '.join(OPS)}")
+        raise ValueError(f"unknown agent op {op!r}; the agent knows {', '.join(SCRIPTS)}")
     named = request.get("op", op)
     if named != op:
         raise ValueError(f"the request is for op {named!r} but would be sent to the {op!r} script")
