@@ -8,6 +8,7 @@ import sys
 import typer
 
 from provisioner.cli import helpdesk, inventory_cmds, keys, lab, phase1, remote, rollout, secrets
+from provisioner.cli.helpstyle import App
 from provisioner.errors import ProvisionerError
 
 EXIT_OK = 0
@@ -16,7 +17,7 @@ EXIT_USAGE = 2
 EXIT_HOSTS_FAILED = 3
 EXIT_INTERNAL = 70
 
-app = typer.Typer(
+app = App(
     help="Configure MicroSIP on fleets of Windows workstations.",
     no_args_is_help=True,
     # Rich tracebacks show local variables; a local may hold a decrypted value.

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from provisioner.cli.helpstyle import choices
 from provisioner.errors import IdentityError, ProvisionerError
 from provisioner.results import IF_RUNNING
 
@@ -28,6 +29,7 @@ InventoryOpt = Annotated[
     typer.Option(
         "--inventory",
         "-i",
+        metavar="DIR",
         help="Inventory directory (holds recipients.yaml).",
         envvar="PROVISIONER_INVENTORY",
         file_okay=False,
@@ -37,16 +39,23 @@ IdentityOpt = Annotated[
     list[Path] | None,
     typer.Option(
         "--identity",
+        metavar="FILE",
         help="Identity file (repeatable). Default: every *.sipid in the identity directory.",
     ),
 ]
 PassFileOpt = Annotated[
     Path | None,
-    typer.Option("--passphrase-file", help="Read the passphrase from the first line of a file."),
+    typer.Option(
+        "--passphrase-file",
+        metavar="FILE",
+        help="Read the passphrase from the first line of a file.",
+    ),
 ]
 PassFdOpt = Annotated[
     int | None,
-    typer.Option("--passphrase-fd", help="Read the passphrase from this file descriptor."),
+    typer.Option(
+        "--passphrase-fd", metavar="FD", help="Read the passphrase from this file descriptor."
+    ),
 ]
 
 
@@ -61,8 +70,9 @@ StateOpt = Annotated[
     Path | None,
     typer.Option(
         "--state",
+        metavar="DIR",
         envvar="PROVISIONER_STATE",
-        help="State folder for runs and audit (default: INVENTORY/../.provisioner-state).",
+        help="State folder for runs and audit (default: .provisioner-state beside the inventory).",
         file_okay=False,
     ),
 ]
@@ -70,11 +80,13 @@ IfRunningOpt = Annotated[
     str,
     typer.Option(
         "--if-running",
+        metavar=choices(IF_RUNNING),
         help="When the user's MicroSIP runs: skip (report busy), stop (stop that user's "
         "MicroSIP first) or force (write anyway).",
         callback=check_if_running,
     ),
 ]
+
 
 # Width for output that is not a terminal (a file, a pipe, CI logs): wide enough that no
 # table column is truncated and no line is folded, so ``> file`` keeps diffs valid.

@@ -18,6 +18,7 @@ from provisioner.cli.common import (
     echo,
     load_model,
 )
+from provisioner.cli.helpstyle import App
 from provisioner.cli.rollout import LabOpt, execute, state_dir
 from provisioner.errors import ProvisionerError
 from provisioner.names import closest
@@ -26,10 +27,13 @@ if TYPE_CHECKING:
     from provisioner import vault
     from provisioner.model import Inventory, User
 
-app = typer.Typer(help="Helpdesk tasks for one user.", no_args_is_help=True)
+app = App(help="Helpdesk tasks for one user.", no_args_is_help=True)
 
 InventoryOpt = Annotated[
-    Path, typer.Option("--inventory", "-i", envvar="PROVISIONER_INVENTORY", file_okay=False)
+    Path,
+    typer.Option(
+        "--inventory", "-i", metavar="DIR", envvar="PROVISIONER_INVENTORY", file_okay=False
+    ),
 ]
 UserArg = Annotated[str, typer.Argument(help="User name as in the inventory.")]
 
@@ -191,7 +195,8 @@ def set_password(
     user: UserArg,
     inventory: InventoryOpt = Path("."),
     account: Annotated[
-        str | None, typer.Option("--account", help="Account id (default: the active one).")
+        str | None,
+        typer.Option("--account", metavar="ID", help="Account id (default: the active one)."),
     ] = None,
     stdin: Annotated[bool, typer.Option("--stdin", help="Read the password from stdin.")] = False,
     push_now: Annotated[

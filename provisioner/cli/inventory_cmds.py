@@ -9,15 +9,20 @@ from typing import Annotated, Any
 import typer
 
 from provisioner.cli.common import echo, load_model, make_console
+from provisioner.cli.helpstyle import App
 
-app = typer.Typer(help="Inspect an inventory.", no_args_is_help=True)
+app = App(help="Inspect an inventory.", no_args_is_help=True)
 
 InventoryOpt = Annotated[
     Path,
-    typer.Option("--inventory", "-i", envvar="PROVISIONER_INVENTORY", file_okay=False),
+    typer.Option(
+        "--inventory", "-i", metavar="DIR", envvar="PROVISIONER_INVENTORY", file_okay=False
+    ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
-LimitOpt = Annotated[str, typer.Option("--limit", "-l", help="Target selection (see validate).")]
+LimitOpt = Annotated[
+    str, typer.Option("--limit", "-l", metavar="TARGETS", help="Target selection (see validate).")
+]
 
 
 @app.command("list")

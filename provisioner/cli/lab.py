@@ -23,22 +23,26 @@ from provisioner.cli.common import (
     keyring_for_keys_in_use,
     load_model,
 )
+from provisioner.cli.helpstyle import App
 from provisioner.errors import ProvisionerError
 
 if TYPE_CHECKING:
     from provisioner.lab.scenario import Scenario
     from provisioner.model import Inventory
 
-app = typer.Typer(
+app = App(
     help="Emulated Windows workstations for tests, demos and template CI.", no_args_is_help=True
 )
 
 InventoryOpt = Annotated[
-    Path, typer.Option("--inventory", "-i", envvar="PROVISIONER_INVENTORY", file_okay=False)
+    Path,
+    typer.Option(
+        "--inventory", "-i", metavar="DIR", envvar="PROVISIONER_INVENTORY", file_okay=False
+    ),
 ]
 LabFileOpt = Annotated[
     Path | None,
-    typer.Option("--file", help="The lab file (default: INVENTORY/.lab.json)."),
+    typer.Option("--file", metavar="FILE", help="The lab file (default: INVENTORY/.lab.json)."),
 ]
 START_TIMEOUT = 60.0
 _UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f]")
@@ -53,12 +57,13 @@ def default_lab_file(inventory: Path) -> Path:
 def up(
     inventory: InventoryOpt = Path("."),
     file: Annotated[
-        Path | None, typer.Option("--file", help="Where to write the lab file.")
+        Path | None, typer.Option("--file", metavar="FILE", help="Where to write the lab file.")
     ] = None,
     scenario: Annotated[
         Path | None,
         typer.Option(
             "--scenario",
+            metavar="FILE",
             dir_okay=False,
             help="A scenario file: how each workstation differs from what the inventory "
             "implies (docs/lab.md).",
@@ -68,6 +73,7 @@ def up(
         int | None,
         typer.Option(
             "--port",
+            metavar="PORT",
             min=0,
             max=65535,
             help="Port of every workstation (0: a free one each). Default 5985, or 5986 for HTTPS.",

@@ -22,6 +22,7 @@ from provisioner.cli.common import (
     load_model,
     make_console,
 )
+from provisioner.cli.helpstyle import choices
 from provisioner.errors import ProvisionerError
 
 if TYPE_CHECKING:
@@ -29,15 +30,23 @@ if TYPE_CHECKING:
     from provisioner import vault
     from provisioner.model import Finding
 
+VALIDATE_FORMATS = ("text", "json", "junit", "github")
+
 InventoryArg = Annotated[
     Path,
-    typer.Argument(help="Inventory directory.", envvar="PROVISIONER_INVENTORY", file_okay=False),
+    typer.Argument(
+        metavar="INVENTORY",
+        help="Inventory directory.",
+        envvar="PROVISIONER_INVENTORY",
+        file_okay=False,
+    ),
 ]
 InventoryOpt = Annotated[
     Path | None,
     typer.Option(
         "--inventory",
         "-i",
+        metavar="DIR",
         help="Inventory directory, as for the other commands (instead of INVENTORY).",
         file_okay=False,
     ),
@@ -47,6 +56,7 @@ LimitOpt = Annotated[
     typer.Option(
         "--limit",
         "-l",
+        metavar="TARGETS",
         help="Targets: comma-separated globs on workstation or user names, group:NAME, "
         "user:GLOB, ws:GLOB; !TERM excludes, &TERM requires.",
     ),
@@ -55,6 +65,7 @@ TemplatesOpt = Annotated[
     Path | None,
     typer.Option(
         "--templates",
+        metavar="DIR",
         help="Templates folder (default: INVENTORY/templates, then the built-in templates).",
         file_okay=False,
     ),
@@ -113,7 +124,9 @@ def validate(
     inventory: InventoryArg = Path("."),
     inventory_option: InventoryOpt = None,
     limit: LimitOpt = "",
-    output: Annotated[str, typer.Option("--format", help="text, json, junit or github.")] = "text",
+    output: Annotated[
+        str, typer.Option("--format", metavar=choices(VALIDATE_FORMATS), help="Report format.")
+    ] = "text",
     strict: Annotated[bool, typer.Option("--strict", help="Warnings fail too.")] = False,
     templates: TemplatesOpt = None,
     identities: IdentityOpt = None,
@@ -124,7 +137,7 @@ def validate(
 
     Exit 0 when clean (warnings allowed unless --strict), 1 when there are findings.
     """
-    if output not in ("text", "json", "junit", "github"):
+    if output not in VALIDATE_FORMATS:
         raise ProvisionerError("--format must be text, json, junit or github")
     inventory = pick_inventory(ctx, inventory, inventory_option)
     result = run_build(inventory, limit, templates, identities, passphrase_file, passphrase_fd)
@@ -292,7 +305,9 @@ def render(
     ctx: typer.Context,
     inventory: InventoryArg = Path("."),
     inventory_option: InventoryOpt = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("build"),
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="DIR", help="Output folder.")] = Path(
+        "build"
+    ),
     limit: LimitOpt = "",
     templates: TemplatesOpt = None,
     identities: IdentityOpt = None,
@@ -367,10 +382,14 @@ def explain(
         typer.Argument(help="A key (e.g. transport, updatesInterval); all keys if omitted."),
     ] = None,
     inventory: Annotated[
-        Path, typer.Option("--inventory", "-i", envvar="PROVISIONER_INVENTORY", file_okay=False)
+        Path,
+        typer.Option(
+            "--inventory", "-i", metavar="DIR", envvar="PROVISIONER_INVENTORY", file_okay=False
+        ),
     ] = Path("."),
     workstation: Annotated[
-        str | None, typer.Option("--workstation", "-w", help="Only this workstation.")
+        str | None,
+        typer.Option("--workstation", "-w", metavar="NAME", help="Only this workstation."),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:

@@ -31,15 +31,20 @@ EXIT_HOSTS_FAILED = 3
 
 WorkstationArg = Annotated[str, typer.Argument(help="Workstation name from the inventory.")]
 InventoryOpt = Annotated[
-    Path, typer.Option("--inventory", "-i", envvar="PROVISIONER_INVENTORY", file_okay=False)
+    Path,
+    typer.Option(
+        "--inventory", "-i", metavar="DIR", envvar="PROVISIONER_INVENTORY", file_okay=False
+    ),
 ]
 UserOpt = Annotated[
-    list[str] | None, typer.Option("--user", "-u", help="Only this user (repeatable).")
+    list[str] | None,
+    typer.Option("--user", "-u", metavar="NAME", help="Only this user (repeatable)."),
 ]
 LabOpt = Annotated[
     Path | None,
     typer.Option(
         "--lab",
+        metavar="FILE",
         envvar="PROVISIONER_LAB_FILE",
         help="Lab file from 'provisioner lab up': connect to the emulated workstations.",
     ),
