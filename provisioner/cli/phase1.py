@@ -5,7 +5,6 @@ from __future__ import annotations
 import difflib
 import json
 import os
-import subprocess
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -273,32 +272,13 @@ def _junit_report(result: phase1.BuildResult) -> str:
 
 
 def _in_git_tree_and_not_ignored(out: Path, relative_paths: list[str]) -> bool:
-    """True when any file to be written under ``out`` would be inside a git tree, not ignored.
+    """True when any file to be written under ``out`` would be inside a git tree, not ignored."""
+    from provisioner import revision
 
-    The files themselves are checked, not ``out``: a pattern such as ``build/`` matches a
-    directory only once it exists, but always matches the files below it.
-    """
-    probe = out.resolve()
-    while not probe.exists():
-        probe = probe.parent
-    top = next((p for p in (probe, *probe.parents) if (p / ".git").exists()), None)
-    if top is None or not relative_paths:
+    top = revision.work_tree(out)
+    if top is None:
         return False
-    paths = [str(out.resolve() / relative) for relative in relative_paths]
-    try:
-        checked = subprocess.run(
-            ["git", "-C", str(top), "check-ignore", "--stdin", "-z"],
-            input="\0".join(paths).encode("utf-8"),
-            capture_output=True,
-            timeout=60,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return True
-    if checked.returncode not in (0, 1):
-        return True
-    ignored = set(checked.stdout.decode("utf-8", "replace").split("\0"))
-    return any(path not in ignored for path in paths)
+    return bool(revision.not_ignored(top, [out / relative for relative in relative_paths]))
 
 
 def render(
