@@ -192,6 +192,21 @@ def load_inventory(root: Path) -> Inventory:
         return _load_inventory(root)
 
 
+def inventory_realm(root: Path) -> str:
+    """The realm named in the inventory's ``recipients.yaml``; its keys are not checked here."""
+    path = root / RECIPIENTS_FILE
+    if not path.is_file():
+        raise InventoryError(
+            f"{path} does not exist: the inventory has no realm yet (create it with "
+            "'provisioner keys init')"
+        )
+    data = yamldoc.load_data(path)
+    realm = data.get("realm") if isinstance(data, Mapping) else None
+    if not isinstance(realm, str) or not realm.strip():
+        raise InventoryError("names no realm (realm: NAME)", file=str(path))
+    return realm
+
+
 def _load_inventory(root: Path) -> Inventory:
     files = inventory_files(root)
     context = _Context(load_key_table())

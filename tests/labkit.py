@@ -182,8 +182,8 @@ class ExampleLab:
 
     @property
     def state(self) -> Path:
-        """The default state folder (beside the inventory)."""
-        return self.root / ".provisioner-state"
+        """The default state folder (the example realm's, in the user's state directory)."""
+        return default_state(self.root)
 
     def cli(
         self,
@@ -253,6 +253,12 @@ def copy_example(tmp: Path) -> tuple[Path, Path, Path]:
     shutil.copyfile(EXAMPLE_INVENTORY / ".demo-key/demo-only.passphrase", passphrase)
     passphrase.chmod(0o600)
     return inventory, identity, passphrase
+
+
+def default_state(home: Path, realm: str = "example-voip") -> Path:
+    """The state folder the CLI uses for ``realm`` when HOME is ``home`` and neither --state,
+    PROVISIONER_STATE nor XDG_STATE_HOME says otherwise."""
+    return home / ".local" / "state" / "microsip-provisioner" / realm
 
 
 def clean_env(tmp: Path) -> dict[str, str]:

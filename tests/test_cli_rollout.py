@@ -29,7 +29,14 @@ from provisioner.cli.rollout import shown_selection, uninterrupted
 from provisioner.errors import ProvisionerError
 from provisioner.lab import Faults
 from provisioner.results import Status
-from tests.labkit import ExampleLab, clean_env, copy_example, example_lab, run_cli
+from tests.labkit import (
+    ExampleLab,
+    clean_env,
+    copy_example,
+    default_state,
+    example_lab,
+    run_cli,
+)
 
 HOSTS = [
     "ber-rds-01",
@@ -216,7 +223,7 @@ def test_rollout_runs_and_audit_against_a_detached_lab(
     assert "error: not a terminal: pass --yes to confirm, or --check to look" in refused.stderr
 
     # ---- a second rollout on the same state is refused with the holder's details
-    store = state.StateStore(cwd / ".provisioner-state")
+    store = state.StateStore(default_state(cwd))
     with store.lock("held by the test: rollout") as held:
         locked = cli(cwd, env, "rollout", "--yes", *args)
     assert locked.returncode == 1
@@ -381,10 +388,11 @@ def _git(folder: Path, *args: str) -> str:
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 def test_a_run_records_the_inventory_commit(example: ExampleLab) -> None:
-    _git(example.root, "init", "-q")
-    _git(example.root, "add", "inventory")
-    _git(example.root, "commit", "-q", "-m", "inventory")
-    commit = _git(example.root, "rev-parse", "HEAD")
+    # The repository holds the inventory, not the HOME where the state is kept by default.
+    _git(example.inventory, "init", "-q")
+    _git(example.inventory, "add", ".")
+    _git(example.inventory, "commit", "-q", "-m", "inventory")
+    commit = _git(example.inventory, "rev-parse", "HEAD")
     report = example.root / "run.json"
     run = example.cli("rollout", "--yes", "--report-json", str(report))
     assert run.returncode == 0, (run.stdout, run.stderr)
@@ -583,6 +591,20 @@ def test_bad_input_exits_1_before_any_connection(example: ExampleLab) -> None:
     assert not example.state.exists()
 
 
+def test_checks_and_diffs_create_no_state_folder(example: ExampleLab) -> None:
+    for command in (
+        ("rollout", "--check"),
+        ("rollout", "--check", "--diff", "--limit", "ber-ws-001"),
+        ("rollout", "--yes", "--only-failed"),
+        ("push", "ber-ws-001", "--check"),
+        ("diff", "ber-ws-001"),
+    ):
+        done = example.cli(*command)
+        assert "Traceback" not in done.stderr, (command, done.stderr)
+        assert not example.state.exists(), command
+    assert not example.state.parent.exists()
+
+
 def test_a_signal_while_a_run_is_recorded_is_delivered_when_the_record_is_written() -> None:
     # Ctrl-C during a journal write was ignored: thrown away, not merely put off.
     seen: list[str] = []
@@ -647,7 +669,7 @@ def test_an_empty_selection_repeats_the_limit_given(tmp_path: Path) -> None:
     result = cli(tmp_path, env, "rollout", "-i", "inventory", "--yes", "--limit", "ber-ws-9*")
     assert result.returncode == 1, (result.stdout, result.stderr)
     assert result.stderr == "error: no workstation matches the selection --limit 'ber-ws-9*'\n"
-    assert not (tmp_path / ".provisioner-state").exists()
+    assert not default_state(tmp_path).exists()
 
 
 def test_the_selection_is_shown_as_typed() -> None:
@@ -752,7 +774,7 @@ def test_a_damaged_fingerprint_key_stops_a_rollout_and_a_push_before_any_worksta
     # It made every command that opens the state folder fail, runs list included, with a
     # message about creating the folder; and the key was not needed to read the history.
     key = example.state / state.KEY_NAME
-    example.state.mkdir()
+    example.state.mkdir(parents=True)
     if damage == "a folder":
         key.mkdir()
     else:

@@ -17,9 +17,10 @@ from provisioner.cli.common import (
     StateOpt,
     echo,
     load_model,
+    state_dir,
 )
 from provisioner.cli.helpstyle import App
-from provisioner.cli.rollout import LabOpt, execute, state_dir
+from provisioner.cli.rollout import LabOpt, execute
 from provisioner.errors import ProvisionerError
 from provisioner.names import closest
 
@@ -219,6 +220,8 @@ def set_password(
     if chosen not in ids:
         raise ProvisionerError(f"{user} has no account {chosen!r} (accounts: {', '.join(ids)})")
     pointer = f"/users/{user}/accounts/{chosen}/password"
+    # Where the change is audited, settled before anything is written.
+    folder = state_dir(inventory, state_folder)
     recipients = secretstore.load_recipients(inventory)
     if push_now:
         _identity_for_push(recipients, identities)
@@ -226,7 +229,7 @@ def set_password(
     written = secretstore.set_secret(inventory, pointer, secret, recipients)
     echo(f"updated {pointer} in {written.file}:{written.line} (key {written.kid})")
     who = getpass.getuser()
-    state.AuditLog(state_dir(inventory, state_folder)).append(
+    state.AuditLog(folder).append(
         [
             state.AuditRecord.now(
                 who=who,

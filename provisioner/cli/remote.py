@@ -161,7 +161,8 @@ def _run_recorded(
     from datetime import UTC, datetime
 
     from provisioner import revision, runner, state
-    from provisioner.cli.rollout import interrupt_to, record, state_dir
+    from provisioner.cli.common import state_dir
+    from provisioner.cli.rollout import interrupt_to, record
     from provisioner.results import HostResult, Status
 
     folder = state_dir(inventory, state_folder)

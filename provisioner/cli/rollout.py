@@ -26,6 +26,7 @@ from provisioner.cli.common import (
     echo,
     keyring_for_keys_in_use,
     make_console,
+    state_dir,
 )
 from provisioner.cli.helpstyle import App
 from provisioner.cli.phase1 import finding_lines
@@ -65,11 +66,6 @@ def shown_selection(limit: str, only_failed: str | None = None) -> str:
     if limit:
         parts.append(f"--limit {shlex.quote(limit)}")
     return " ".join(parts) or "(the whole inventory)"
-
-
-def state_dir(inventory: Path, explicit: Path | None) -> Path:
-    """The state folder: explicit, or beside the inventory (never inside it: it is not YAML)."""
-    return explicit or inventory.resolve().parent / ".provisioner-state"
 
 
 # The signals a record's writes hold back: Ctrl-C, and the polite request to stop.
@@ -333,7 +329,10 @@ def execute(
             ):
                 raise typer.Exit(1)
         folder = state_dir(inventory, state_folder)
-        store = state.StateStore(folder)
+        # A check records nothing: it makes no state folder unless a report needs its key.
+        store = state.StateStore(
+            folder, create=not options.check or bool(report_json or report_junit)
+        )
         stop = threading.Event()
         who = getpass.getuser()
         lock = store.lock(f"{who}: {command}") if not options.check else nullcontext()
@@ -511,7 +510,7 @@ def rollout(
     runner.plan_batches([], canary, batch)  # bad sizes are input errors: fail before Phase 1
     selection = shown_selection(limit, only_failed)
     if only_failed is not None:
-        store = state.StateStore(state_dir(inventory, state_folder))
+        store = state.StateStore(state_dir(inventory, state_folder), create=False)
         asked = None if only_failed in ("", "last") else only_failed
         hosts = store.hosts_to_retry(asked)
         latest = store.latest_run(include_dry_runs=False, fleet_only=True)
@@ -565,7 +564,7 @@ def runs_list(
     """The most recent rollouts, newest first."""
     from provisioner import state
 
-    store = state.StateStore(state_dir(inventory, state_folder))
+    store = state.StateStore(state_dir(inventory, state_folder), create=False)
     summaries = store.runs(limit)
     if as_json:
         echo(json.dumps([s.to_dict() for s in summaries], indent=2, default=str))
@@ -584,7 +583,7 @@ def runs_show(
     """Every workstation and file of one rollout."""
     from provisioner import state
 
-    store = state.StateStore(state_dir(inventory, state_folder))
+    store = state.StateStore(state_dir(inventory, state_folder), create=False)
     detail = store.run(run_id)
     if as_json:
         echo(json.dumps(detail.to_dict(), indent=2, default=str))
