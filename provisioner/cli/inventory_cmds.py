@@ -62,8 +62,11 @@ def list_inventory(
     table = Table(
         title=f"{len(rows)} workstation(s), {len(selected)} user(s)", title_justify="left"
     )
-    for column in ("workstation", "address", "groups", "mode", "users", "accounts"):
-        table.add_column(column)
+    # Nothing is cut short: the other columns narrow first, and what is still too wide folds
+    # onto the next line instead of ending in an ellipsis.
+    table.add_column("workstation", overflow="fold", no_wrap=True)
+    for column in ("address", "groups", "mode", "users", "accounts"):
+        table.add_column(column, overflow="fold")
     for row in rows:
         table.add_row(
             str(row["workstation"]),

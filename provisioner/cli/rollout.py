@@ -569,8 +569,10 @@ def runs_list(
     if as_json:
         echo(json.dumps([s.to_dict() for s in summaries], indent=2, default=str))
         return
-    for summary in summaries:
-        echo(str(summary))
+    from provisioner.cli.history import run_lines
+
+    for line in run_lines(summaries):
+        echo(line)
 
 
 @runs_app.command("show")
@@ -612,6 +614,8 @@ def audit(
     if as_json:
         echo(json.dumps([r.to_dict() for r in records], indent=2, default=str))
         return
-    for record in records:
-        echo(str(record))
+    from provisioner.cli.history import audit_lines
+
+    for line in audit_lines(records):
+        echo(line)
     echo(f"{len(records)} record(s)")
