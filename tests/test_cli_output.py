@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import os
 import pty
+import re
 import struct
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from provisioner.lab.faults import Faults
 from tests.labkit import ExampleLab, clean_env, copy_example, example_lab
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,3 +73,19 @@ def test_inventory_list_never_cuts_a_name_at_80_columns(tmp_path: Path) -> None:
     assert all(len(line) <= 80 for line in shown.splitlines()), shown
     for name in (long_name, "ber-rds-01", "ham-ws-003"):
         assert any(name in line for line in shown.splitlines()), (name, shown)
+
+
+# --------------------------------------------------------------------------- times
+
+
+def test_a_host_that_failed_every_attempt_shows_the_time_of_all_of_them(
+    example: ExampleLab,
+) -> None:
+    example.lab.hosts["ber-ws-002"].set_faults(Faults(refuse=True))
+    run = example.cli("rollout", "--yes", "--quiet", "--limit", "ber-ws-002", "--retries", "2")
+    assert run.returncode == 3, (run.stdout, run.stderr)
+    [line] = [x for x in run.stdout.splitlines() if x.startswith("[1/1] ber-ws-002: failed")]
+    assert "after 3 attempts" in line
+    # Two waits between the attempts: at least 0.5 s and 1 s (1 s backoff, halved by jitter).
+    seconds = float(re.findall(r"\((\d+\.\d)s\)$", line)[0])
+    assert seconds >= 1.5, line
