@@ -250,7 +250,10 @@ def show(
     target = file or default_lab_file(inventory)
     lab = LabMap.load(target)
     if not lab.folder:
-        raise ProvisionerError(f"{target} names no lab folder: restart the lab ('lab down', 'up')")
+        raise ProvisionerError(
+            f"{target} names no lab folder (a lab of an older version): stop it with "
+            "'provisioner lab down', then start it again with 'provisioner lab up'"
+        )
     answer = request(
         check_folder(lab.folder), {"op": "show", "workstation": workstation, "path": path}
     )
