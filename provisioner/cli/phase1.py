@@ -307,8 +307,8 @@ def render(
     inventory = pick_inventory(ctx, inventory, inventory_option)
     real = bool(identities or passphrase_file or passphrase_fd is not None)
     result = run_build(inventory, limit, templates, identities, passphrase_file, passphrase_fd)
-    for finding in result.findings:
-        echo(str(finding))
+    for line in finding_lines(result.findings):
+        echo(line)
     if not result.ok:
         echo("nothing written: fix the errors above first")
         raise typer.Exit(1)
