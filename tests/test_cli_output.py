@@ -11,6 +11,7 @@ import subprocess
 import sys
 import termios
 import time
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -189,3 +190,21 @@ def test_the_cause_comes_before_the_errors_that_follow_from_it(tmp_path: Path) -
         cause = shown.index("/workstations/ber-ws-0#9: names are")
         effect = shown.index("unknown workstation 'ber-ws-0#9'")
         assert cause < effect, (command, shown)
+
+
+# --------------------------------------------------------------------------- install
+
+
+def test_the_licence_is_an_spdx_expression() -> None:
+    # A TOML table made every install print setuptools' deprecation warning.
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    assert project["project"]["license"] == "MIT"
+    assert "setuptools>=77" in project["build-system"]["requires"]  # SPDX strings need it
+    # Every folder of the package is listed: setuptools warns about one that is not.
+    listed = set(project["tool"]["setuptools"]["packages"])
+    folders = {
+        ".".join(path.relative_to(ROOT).parts)
+        for path in (ROOT / "provisioner").rglob("*")
+        if path.is_dir() and path.name != "__pycache__"
+    }
+    assert folders <= listed, folders - listed
