@@ -180,6 +180,53 @@ def _close_below(opened: list[tuple[str, int]], depth: int) -> None:
         os.close(opened.pop()[1])
 
 
+def make_private_folder(path: Path, *, mode: int = 0o700) -> bool:
+    """Create the folder ``path`` with ``mode``, its missing parents too; True when this call
+    created it.
+
+    A folder already there keeps its permissions. A symbolic link or anything but a folder
+    standing at ``path`` is left alone and refused (:class:`UnsafeTreeError`): the folder is
+    never created or used at the place a link points to.
+    """
+    path = Path(os.path.abspath(path))
+    for parent in reversed([path.parent, *path.parent.parents]):
+        if not parent.exists():
+            parent.mkdir(mode=mode, exist_ok=True)
+    refused = UnsafeTreeError(
+        f"{path} is a symbolic link or not a folder (left as it is; remove it or choose "
+        "another folder)"
+    )
+    if not _SAFE_DIR_FD:
+        if path.is_symlink() or (path.exists() and not path.is_dir()):
+            raise refused
+        created = not path.exists()
+        path.mkdir(mode=mode, exist_ok=True)
+        if created:
+            path.chmod(mode)
+        return created
+    parent_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        created = True
+        try:
+            os.mkdir(path.name, mode, dir_fd=parent_fd)
+        except FileExistsError:
+            created = False
+        try:
+            fd = os.open(path.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent_fd)
+        except OSError as exc:
+            if exc.errno not in _NOT_A_FOLDER:
+                raise
+            raise refused from exc
+        try:
+            if created:
+                os.fchmod(fd, mode)  # mkdir's mode went through the umask
+        finally:
+            os.close(fd)
+    finally:
+        os.close(parent_fd)
+    return created
+
+
 def _open_folder(parent: int, name: str, relative: str, dir_mode: int) -> int:
     with contextlib.suppress(FileExistsError):
         os.mkdir(name, dir_mode, dir_fd=parent)

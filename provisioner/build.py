@@ -114,8 +114,8 @@ def _build(
         try:
             inventory = load_inventory(root)
         except InventoryErrors as exc:
-            findings = (_inventory_finding(e) for e in exc.errors)
-            result.findings.extend(sorted(findings, key=lambda f: (f.file, f.line, f.column)))
+            # In the loader's order: a reference's error after the error that caused it.
+            result.findings.extend(_inventory_finding(e) for e in exc.errors)
             return result
         except InventoryError as exc:
             result.findings.append(_inventory_finding(exc))

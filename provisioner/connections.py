@@ -143,7 +143,11 @@ def winrm_options(
         lab_for = address
         endpoint = lab.hosts.get(name)
         if endpoint is None:
-            raise ProvisionerError(f"the lab does not emulate {name}; restart 'provisioner lab up'")
+            raise ProvisionerError(
+                f"the lab does not emulate {name}: it was started before {name} was in the "
+                "inventory. Stop it with 'provisioner lab down', then start it again with "
+                "'provisioner lab up' and the options you gave it before"
+            )
         address, port, scheme, ca_path = (
             endpoint.address,
             endpoint.port,

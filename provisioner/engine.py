@@ -60,7 +60,7 @@ class Request:
     processes: int = 0  # push processes: 0 automatic, 1 this process only
     timeout: int | None = None  # seconds per WinRM request (None: the inventory's)
     lab_file: Path | None = None
-    state_folder: Path | None = None
+    state_folder: Path | None = None  # where runs are recorded (needed unless a plain check)
     report_json: Path | None = None
     report_junit: Path | None = None
     # doctor: files carry placeholders (it needs only their names), no lock is probed, and a
@@ -70,7 +70,9 @@ class Request:
     @property
     def state(self) -> Path:
         """The state folder this request records in."""
-        return state.state_dir(self.inventory, self.state_folder)
+        if self.state_folder is None:
+            raise ProvisionerError(f"{self.command} records in a state folder, and none was given")
+        return self.state_folder
 
 
 @dataclass
@@ -128,7 +130,8 @@ def plan(request: Request, keys: OpenerFactory) -> Plan:
     secret; its opener also opens the WinRM passwords.
     """
     options = request.options
-    if not (options.check or request.diagnostic) and request.state.is_dir():
+    writes = not (options.check or request.diagnostic)
+    if writes and request.state.is_dir():
         # Fail fast when another run holds the state, or when the run could not be recorded
         # (a damaged fingerprint key): not after Phase 1 and the preview. The lock itself is
         # taken again for the run.
@@ -267,11 +270,19 @@ def execute(
             if not frontend.approve(plan, preview):
                 raise Declined
         who = getpass.getuser()
-        store = state.StateStore(request.state)
-        lock = store.lock(f"{who}: {request.command}") if not options.check else nullcontext()
+        # A check records nothing: it makes no state folder unless a report needs its key.
+        reports = bool(request.report_json or request.report_junit)
+        store = None
+        if not options.check or reports:
+            store = state.StateStore(request.state, create=not options.check or reports)
+        lock = (
+            nullcontext()
+            if store is None or options.check
+            else store.lock(f"{who}: {request.command}")
+        )
         # Recorded as it goes: a run killed halfway still lists what it wrote.
         journal = None
-        if not options.check:
+        if store is not None and not options.check:
             journal = _Uninterruptible(
                 state.RunJournal(
                     store,
@@ -290,11 +301,11 @@ def execute(
                 stop=stop,
                 journal=journal,
             )
-    if request.report_json:
+    if store is not None and request.report_json:
         report.write_run_json(
             run, request.report_json, fingerprints=store.fingerprints, revision=plan.revision
         )
-    if request.report_junit:
+    if store is not None and request.report_junit:
         report.write_run_junit(run, request.report_junit, fingerprints=store.fingerprints)
     return run
 

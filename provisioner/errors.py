@@ -20,7 +20,8 @@
     ├── LintError             findings
     ├── StateError            the state folder: unreadable, newer schema, unknown run
     │   └── StateLockedError      another run holds the lock (state.py: who holds it)
-    └── TransportError        host
+    ├── TransportError        host
+    └── UsageError            an option's value cannot be used as given (exit 2)
 
 Every message is meant for the user as is: it says where (file:line, path) and what to do.
 No message ever contains a secret value. Each class's ``code`` is the short name a finding
@@ -176,3 +177,8 @@ class AuthError(TransportError):
 
 class RemoteError(TransportError):
     """The agent reported an error; fatal for that host."""
+
+
+class UsageError(ProvisionerError):
+    """A command-line choice cannot be used as given (such as a state folder that git would
+    commit); the command line exits 2, as for its other usage errors."""

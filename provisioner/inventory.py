@@ -123,6 +123,10 @@ class _Context:
     item_sources: dict[tuple[str, ...], dict[str, Source]] = field(default_factory=dict)
     # Files that could not be read or parsed: what they define is unknown.
     unparsed: list[str] = field(default_factory=list)
+    # Definitions refused for their name, by section: where each was written.
+    refused: dict[str, dict[str, Source]] = field(default_factory=dict)
+    # Errors that follow from another one (a reference to a refused definition).
+    follow_ons: list[InventoryError] = field(default_factory=list)
 
     def item_source(self, segments: tuple[str, ...], name: str, fallback: Source) -> Source:
         """Where ``name`` was written in the list at ``segments`` (``fallback`` if unknown)."""
@@ -144,8 +148,11 @@ class _Context:
     def __post_init__(self) -> None:
         self.account_keys = frozenset(s.key for s in self.table.keys("Account") if not s.is_runtime)
 
-    def error(self, message: str, source: Source, segments: Sequence[str]) -> None:
-        self.errors.append(
+    def error(
+        self, message: str, source: Source, segments: Sequence[str], *, follow_on: bool = False
+    ) -> None:
+        """Record a problem; ``follow_on``: one that another error already explains."""
+        (self.follow_ons if follow_on else self.errors).append(
             InventoryError(
                 message,
                 file=source.file,
@@ -153,6 +160,29 @@ class _Context:
                 column=source.column,
                 path=join_pointer(list(segments)),
             )
+        )
+
+    def reference_error(
+        self,
+        section: str,
+        name: str,
+        known: Sequence[str],
+        what: str,
+        source: Source,
+        segments: Sequence[str],
+    ) -> None:
+        """An unknown ``name`` in a list of references to ``section``; when its definition was
+        refused, said as a consequence of that error."""
+        refused = self.refused.get(section, {}).get(name)
+        if refused is None:
+            self.error(unknown(name, known, what), source, segments)
+            return
+        self.error(
+            f"unknown {what} {name!r}: its definition at {refused.file}:{refused.line} was "
+            "refused (see that error)",
+            source,
+            segments,
+            follow_on=True,
         )
 
 
@@ -199,6 +229,21 @@ def load_inventory(root: Path) -> Inventory:
         return _load_inventory(root)
 
 
+def inventory_realm(root: Path) -> str:
+    """The realm named in the inventory's ``recipients.yaml``; its keys are not checked here."""
+    path = root / RECIPIENTS_FILE
+    if not path.is_file():
+        raise InventoryError(
+            f"{path} does not exist: the inventory has no realm yet (create it with "
+            "'provisioner keys init')"
+        )
+    data = yamldoc.load_data(path)
+    realm = data.get("realm") if isinstance(data, Mapping) else None
+    if not isinstance(realm, str) or not realm.strip():
+        raise InventoryError("names no realm (realm: NAME)", file=str(path))
+    return realm
+
+
 def _load_inventory(root: Path) -> Inventory:
     files = inventory_files(root)
     context = _Context(load_key_table())
@@ -233,11 +278,18 @@ def _load_inventory(root: Path) -> Inventory:
         # A file that did not parse may define the groups, workstations and users others refer
         # to: checking references without it buries the real error under false ones.
         _cross_check(context, inventory)
-    if context.errors:
-        # Entities are checked file by file as they are read: report in file order.
-        errors = sorted(context.errors, key=lambda e: (e.file or "", e.line or 0, e.column or 0))
-        raise InventoryErrors(errors)
+    if context.errors or context.follow_ons:
+        # Entities are checked file by file as they are read: report in file order; a reference
+        # to an entity whose definition was refused follows from that error, so it comes after
+        # every other one.
+        raise InventoryErrors(
+            [*_in_file_order(context.errors), *_in_file_order(context.follow_ons)]
+        )
     return inventory
+
+
+def _in_file_order(errors: Sequence[InventoryError]) -> list[InventoryError]:
+    return sorted(errors, key=lambda e: (e.file or "", e.line or 0, e.column or 0))
 
 
 def _trees(
@@ -310,6 +362,7 @@ def _collect(context: _Context, raw: _Raw, file: str, tree: yamldoc.YNode) -> No
                     entry_source,
                     (section, name),
                 )
+                context.refused.setdefault(section, {})[name] = entry_source
                 continue
             if name in seen:
                 first = seen[name]
@@ -328,6 +381,7 @@ def _collect(context: _Context, raw: _Raw, file: str, tree: yamldoc.YNode) -> No
                     entry_source,
                     (section, name),
                 )
+                context.refused.setdefault(section, {})[name] = entry_source
                 continue
             seen[name] = entry_source
             if section == "groups":
@@ -383,7 +437,10 @@ def _text(
         )
         return None
     if value.lower().startswith(TOKEN_PREFIX):
-        context.error("a sipvault token outside a secret field", source, segments)
+        # Where the token starts, as `secrets lint` says it.
+        context.error(
+            "a sipvault token outside a secret field", _value_source(source, node), segments
+        )
         return None
     return value
 
@@ -464,7 +521,10 @@ def _coerce_microsip(
         return None
     text = str(value)
     if text.lower().startswith(TOKEN_PREFIX):
-        context.error("a sipvault token outside a secret field", source, segments)
+        # Where the token starts, as `secrets lint` says it.
+        context.error(
+            "a sipvault token outside a secret field", _value_source(source, node), segments
+        )
         return None
     if _CONTROL.search(text):
         context.error(
@@ -632,6 +692,7 @@ def _options_block(
             context.error(f"{key} takes a single value", source, key_segments)
             continue
         if spec.type == "secret":
+            source = _value_source(source, child)
             if not (isinstance(value, str) and value.startswith(TOKEN_PREFIX)):
                 context.error(
                     "plain text in a secret field; seal it with 'provisioner secrets set "
@@ -998,6 +1059,14 @@ def _accounts(
     return tuple(accounts)
 
 
+def _value_source(key_source: Source, node: yamldoc.YNode) -> Source:
+    """Where a secret's written value starts, where `secrets lint` points at it too (a value
+    left empty: where its key is)."""
+    if node.kind == "scalar" and isinstance(node.value, str) and node.value:
+        return Source(key_source.file, node.line, node.column, key_source.layer)
+    return key_source
+
+
 def _password(
     context: _Context, node: yamldoc.YNode, source: Source, segments: tuple[str, ...]
 ) -> Sourced:
@@ -1005,6 +1074,7 @@ def _password(
     value = node.value
     if not is_secret_path(segments):
         context.error("this path is not a declared secret field", source, segments)
+    at = _value_source(source, node)
     if node.kind != "scalar" or not (isinstance(value, str) and value.startswith(TOKEN_PREFIX)):
         if value is None or value == "":
             context.error(
@@ -1016,11 +1086,11 @@ def _password(
             context.error(
                 f"plain text in a secret field; seal it with 'provisioner secrets set --path "
                 f"{pointer}'",
-                source,
+                at,
                 segments,
             )
         return Sourced(None, source, pointer)
-    return Sourced(value, source, pointer)
+    return Sourced(value, at, pointer)
 
 
 # --------------------------------------------------------------------------- cross references
@@ -1059,8 +1129,11 @@ def _cross_check(context: _Context, inventory: Inventory) -> None:
         at = ("groups", group.name, "parents")
         for parent in group.parents:
             if parent not in groups:
-                context.error(
-                    unknown(parent, list(groups), "parent group"),
+                context.reference_error(
+                    "groups",
+                    parent,
+                    list(groups),
+                    "parent group",
                     context.item_source(at, parent, group.source),
                     at,
                 )
@@ -1076,8 +1149,11 @@ def _cross_check(context: _Context, inventory: Inventory) -> None:
         for name in station.groups:
             if name not in groups:
                 at = (*where, "groups")
-                context.error(
-                    unknown(name, list(groups), "group"),
+                context.reference_error(
+                    "groups",
+                    name,
+                    list(groups),
+                    "group",
                     context.item_source(at, name, station.source),
                     at,
                 )
@@ -1085,8 +1161,11 @@ def _cross_check(context: _Context, inventory: Inventory) -> None:
             if name not in inventory.users:
                 # A user that names this workstation is known; only listed names can be wrong.
                 at = (*where, "users")
-                context.error(
-                    unknown(name, list(inventory.users), "user"),
+                context.reference_error(
+                    "users",
+                    name,
+                    list(inventory.users),
+                    "user",
                     context.item_source(at, name, station.source),
                     at,
                 )
@@ -1096,16 +1175,22 @@ def _cross_check(context: _Context, inventory: Inventory) -> None:
         for name in user.groups:
             if name not in groups:
                 at = (*where, "groups")
-                context.error(
-                    unknown(name, list(groups), "group"),
+                context.reference_error(
+                    "groups",
+                    name,
+                    list(groups),
+                    "group",
                     context.item_source(at, name, user.source),
                     at,
                 )
         for name in user.workstations:
             if name not in inventory.workstations:
                 at = (*where, "workstations")
-                context.error(
-                    unknown(name, list(inventory.workstations), "workstation"),
+                context.reference_error(
+                    "workstations",
+                    name,
+                    list(inventory.workstations),
+                    "workstation",
                     context.item_source(at, name, user.source),
                     at,
                 )

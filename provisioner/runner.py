@@ -395,7 +395,11 @@ def _push_with_retries(
     stop: threading.Event,
     sleep: Callable[[float], None],
 ) -> HostResult:
-    """Retry only retryable failures (connect, timeout), with capped exponential backoff."""
+    """Retry only retryable failures (connect, timeout), with capped exponential backoff.
+
+    The result's duration is the host's whole time: every attempt and the waits between them.
+    """
+    started = time.monotonic()
     attempt = 0
     sent: dict[str, tuple[str | None, str]] = {}
     while True:
@@ -409,6 +413,7 @@ def _push_with_retries(
                 str(exc),
                 attempts=attempt,
                 dry_run=options.check,
+                duration=time.monotonic() - started,
             )
         if options.check:
             transport = ReadOnlyTransport(transport)
@@ -417,6 +422,7 @@ def _push_with_retries(
         else:
             result = push_host(station, files, transport, options.push, dry_run=options.check)
         result.attempts = attempt
+        result.duration = time.monotonic() - started
         if attempt > 1:
             _count_lost_writes(result, sent)
         if not (result.retryable and result.status == Status.FAILED):

@@ -1,5 +1,8 @@
 """The state directory: run history in SQLite, the rollout lock, and the audit log.
 
+One per realm and user by default (:func:`default_directory`), outside any repository; a
+folder that git would commit is refused (:func:`check_location`).
+
 ::
 
     <state>/               mode 0700
@@ -21,8 +24,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import getpass
+import hashlib
 import json
 import os
+import re
 import socket
 import sqlite3
 import sys
@@ -33,8 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from provisioner import revision
-from provisioner.atomicfile import create_once
-from provisioner.errors import StateError
+from provisioner.atomicfile import UnsafeTreeError, create_once, make_private_folder
+from provisioner.errors import StateError, UsageError
 from provisioner.fingerprint import KEY_BYTES, Fingerprints, is_legacy_hash
 from provisioner.results import HostResult, RunLike, Status, is_dry_run, jsonable
 
@@ -44,6 +49,8 @@ else:
     import fcntl
 
 SCHEMA_VERSION = 3
+APP_FOLDER = "microsip-provisioner"
+_SAFE_FOLDER_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 DB_NAME = "state.sqlite3"
 LOCK_NAME = "rollout.lock"
 AUDIT_NAME = "audit.jsonl"
@@ -58,11 +65,6 @@ _BUSY_TIMEOUT = 10.0
 # msvcrt locks are mandatory: lock one byte far past the text so readers can still read it.
 _WINDOWS_LOCK_OFFSET = 1 << 30
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
-
-
-def state_dir(inventory: Path, explicit: Path | None) -> Path:
-    """The state folder: explicit, or beside the inventory (never inside it: it is not YAML)."""
-    return explicit or inventory.resolve().parent / ".provisioner-state"
 
 
 class StateLockedError(StateError):
@@ -114,11 +116,43 @@ def _status(value: str) -> Status:
         return Status.FAILED
 
 
+def folder_name(realm: str) -> str:
+    """The name of a realm's state folder: the realm when it is a plain name (as
+    ``keys init`` makes them), else its safe characters and a hash that keeps realms apart."""
+    if _SAFE_FOLDER_NAME.match(realm):
+        return realm
+    kept = re.sub(r"[^A-Za-z0-9._-]+", "_", realm).lstrip(".")[:40] or "realm"
+    return f"{kept}-{hashlib.sha256(realm.encode('utf-8')).hexdigest()[:12]}"
+
+
+def default_directory(state_home: Path, realm: str) -> Path:
+    """Where a realm's state lives unless told otherwise: ``STATE_HOME/microsip-provisioner/
+    REALM``, per user and outside any repository."""
+    return state_home / APP_FOLDER / folder_name(realm)
+
+
+def check_location(directory: Path) -> None:
+    """Refuse a state folder that ``git add -A`` would commit (its audit log, its lock): one
+    inside a git working tree that git does not ignore."""
+    top = revision.work_tree(directory)
+    if top is None:
+        return
+    probes = [directory / name for name in (DB_NAME, AUDIT_NAME, LOCK_NAME)]
+    if revision.not_ignored(top, probes):
+        raise UsageError(
+            f"the state folder {directory} is inside the git working tree {top}, and git does "
+            "not ignore it: 'git add -A' would commit the audit log and the lock. Add it to "
+            ".gitignore, or choose a folder outside the repository (--state or "
+            "PROVISIONER_STATE; by default the state is kept in your own state directory)"
+        )
+
+
 def _make_directory(directory: Path) -> None:
-    if not directory.exists():
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        # mkdir's mode is filtered by the umask; the state is private to its owner.
-        os.chmod(directory, 0o700)
+    """Create the state folder, private to its owner; a link in its place is refused."""
+    try:
+        make_private_folder(directory, mode=0o700)
+    except UnsafeTreeError as exc:
+        raise StateError(f"cannot use the state folder: {exc}") from None
 
 
 def load_fingerprints(directory: Path) -> Fingerprints:
@@ -500,20 +534,40 @@ _SELECT_RUNS = (
 # --------------------------------------------------------------------------- the store
 
 
+def _empty_database() -> sqlite3.Connection:
+    """An empty history in memory, for reading a state folder that does not exist."""
+    db = sqlite3.connect(":memory:", isolation_level=None)
+    db.create_function("fingerprint", 1, lambda value: value, deterministic=True)
+    db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    for version in range(SCHEMA_VERSION):
+        for statement in MIGRATIONS[version]:
+            db.execute(statement)
+    db.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+    return db
+
+
 class StateStore:
     """Run history of one state directory, in ``<directory>/state.sqlite3``.
 
     Each method opens and closes its own connection, so a store can be shared between
     threads and processes; SQLite's WAL mode and busy timeout handle concurrent readers
     and writers.
+
+    ``create=False`` (the commands that only read): a state folder that does not exist is
+    not created; the store then reads as an empty history and refuses to record.
     """
 
-    def __init__(self, directory: Path, *, busy_timeout: float = _BUSY_TIMEOUT) -> None:
+    def __init__(
+        self, directory: Path, *, busy_timeout: float = _BUSY_TIMEOUT, create: bool = True
+    ) -> None:
         self.directory = Path(directory)
         self.path = self.directory / DB_NAME
         self.lock_path = self.directory / LOCK_NAME
         self.busy_timeout = busy_timeout
         self._fingerprints: Fingerprints | None = None
+        self.exists = create or self.directory.is_dir()
+        if not self.exists:
+            return
         try:
             _make_directory(self.directory)
             _touch_private(self.path)
@@ -540,6 +594,10 @@ class StateStore:
     @contextlib.contextmanager
     def _connect(self, held: sqlite3.Connection | None = None) -> Iterator[sqlite3.Connection]:
         """A new connection, closed at the end; or ``held`` (a journal's), left open."""
+        if not self.exists:
+            with contextlib.closing(_empty_database()) as empty:
+                yield empty
+            return
         try:
             db = held or sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
         except sqlite3.Error as exc:
@@ -572,6 +630,8 @@ class StateStore:
         survive the process being killed; the last ones may be lost with a power cut. Closing
         the only connection checkpoints the log, which is why one is kept.
         """
+        if not self.exists:
+            raise StateError(f"the state folder {self.directory} does not exist: nothing to change")
         try:
             db = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
             db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
@@ -583,6 +643,8 @@ class StateStore:
 
     @contextlib.contextmanager
     def _transaction(self, held: sqlite3.Connection | None = None) -> Iterator[sqlite3.Connection]:
+        if not self.exists:
+            raise StateError(f"the state folder {self.directory} does not exist: nothing to change")
         with self._connect(held) as db:
             db.execute("BEGIN IMMEDIATE")
             try:

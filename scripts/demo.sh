@@ -16,6 +16,8 @@ pass="$work/demo-only.passphrase"
 cp inventory/.demo-key/demo-only.sipid "$key" && chmod 600 "$key"
 cp inventory/.demo-key/demo-only.passphrase "$pass" && chmod 600 "$pass"
 keys=(--identity "$key" --passphrase-file "$pass")
+# The demo's history stays with the demo (build/ is git-ignored), not in your own state folder.
+export PROVISIONER_STATE="$work/state"
 
 step "CI: every sealed password checked without any private key"
 provisioner secrets lint -i "$inv"

@@ -20,6 +20,13 @@ VECTORS = Path(__file__).parent / "vectors"
 TEST_PASSPHRASE = b"sipvault test vectors only"
 
 
+@pytest.fixture(autouse=True)
+def _private_state_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test reads or writes the state directory of whoever runs the tests (subprocesses
+    given their own HOME have their own anyway)."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg-state"))
+
+
 @pytest.fixture(scope="session")
 def vector_data() -> dict[str, object]:
     return json.loads((VECTORS / "vectors.json").read_text(encoding="utf-8"))  # type: ignore[no-any-return]

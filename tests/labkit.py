@@ -192,8 +192,8 @@ class ExampleLab:
 
     @property
     def state(self) -> Path:
-        """The default state folder (beside the inventory)."""
-        return self.root / ".provisioner-state"
+        """The default state folder (the example realm's, in the user's state directory)."""
+        return default_state(self.root)
 
     def cli(
         self,
@@ -288,6 +288,12 @@ def free_lab_addresses(count: int) -> tuple[str, int]:
                 continue
             return str(base), port
     raise AssertionError(f"no {count} free loopback addresses found")
+
+
+def default_state(home: Path, realm: str = "example-voip") -> Path:
+    """The state folder the CLI uses for ``realm`` when HOME is ``home`` and neither --state,
+    PROVISIONER_STATE nor XDG_STATE_HOME says otherwise."""
+    return home / ".local" / "state" / "microsip-provisioner" / realm
 
 
 def clean_env(tmp: Path) -> dict[str, str]:

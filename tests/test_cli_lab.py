@@ -489,3 +489,30 @@ def test_a_lab_file_without_a_folder_signals_nothing(
     assert f"names no lab folder (an older version wrote it): process {sleeper.pid}" in down.stdout
     time.sleep(0.2)
     assert sleeper.poll() is None and not os.path.lexists(shell.lab_file)
+
+
+def test_a_workstation_added_after_lab_up_is_served_once_the_lab_starts_again(
+    shell: Shell,
+) -> None:
+    shell.up()
+    workstations = shell.inventory / "workstations.yaml"
+    workstations.write_text(
+        workstations.read_text(encoding="utf-8")
+        + "  ber-ws-009:\n"
+        + "    address: ber-ws-009.corp.example.com\n"
+        + "    groups: [site-berlin]\n"
+        + "    users: [heidi]\n",
+        encoding="utf-8",
+    )
+    push = ["push", "ber-ws-009", "-i", "inventory", "--lab", "inventory/.lab.json", *shell.keys]
+    refused = shell.cli(*push, check=False)
+    assert refused.returncode == 1, refused.stdout
+    # It said "restart 'provisioner lab up'", which fails while the lab runs.
+    assert "restart" not in refused.stderr
+    assert "Stop it with 'provisioner lab down', then start it again with 'provisioner lab up'" in (
+        refused.stderr
+    )
+    # Doing what it says is enough.
+    shell.cli("lab", "down", "-i", "inventory")
+    shell.up()
+    assert "ber-ws-009: changed" in shell.cli(*push).stdout

@@ -382,7 +382,8 @@ def test_explain_json_chain_and_masked_secrets() -> None:
     assert password["chain"] == [
         {
             "value": "(sealed, key k54bgbx6f)",
-            "source": f"{EXAMPLE}/users/berlin.yaml:13:9 (account alice/main)",
+            # The token itself, where validate and secrets lint point at it too.
+            "source": f"{EXAMPLE}/users/berlin.yaml:13:19 (account alice/main)",
         }
     ]
     assert "sipvault:" not in out

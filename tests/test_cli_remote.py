@@ -81,9 +81,9 @@ def test_push_diff_doctor_rollback_from_the_shell(example: tuple[Path, list[str]
     assert busy.returncode == 1 and "no workstation 'nonexistent'" in busy.stderr
     # Every push and rollback that wrote is a run in the state, with audit records; the
     # --check push is not.
-    state = ["--state", str(cwd / ".provisioner-state")]
-    runs = _run("runs", "list", *state, cwd=cwd).stdout
-    commands = [line.rsplit("[", 1)[-1].rstrip("]") for line in runs.splitlines() if "[" in line]
+    state = ["-i", "inventory"]  # the default state folder, the example realm's
+    runs = _run("runs", "list", "--json", *state, cwd=cwd).stdout
+    commands = [run["command"] for run in json.loads(runs)]
     assert commands == [
         "rollback ber-ws-001",
         "push ber-ws-001",

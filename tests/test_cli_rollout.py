@@ -34,6 +34,7 @@ from tests.labkit import (
     ExampleLab,
     clean_env,
     copy_example,
+    default_state,
     example_lab,
     free_lab_addresses,
     run_cli,
@@ -57,6 +58,13 @@ def cli(
     cwd: Path, env: dict[str, str], *args: str, stdin: str = ""
 ) -> subprocess.CompletedProcess[str]:
     return run_cli(cwd, *args, env=env, stdin=stdin)
+
+
+# The headers of the tables of `runs list` and `audit`.
+RUN_HEADER = "run  started  by  command  inventory  workstations  ended"
+AUDIT_HEADER = (
+    "time  by  action  workstation  user  status  fingerprint before -> after  run  file  message"
+)
 
 
 def host_lines(stdout: str) -> dict[str, str]:
@@ -170,7 +178,8 @@ def test_rollout_runs_and_audit_against_a_detached_lab(
     # ---- runs list / show, text and JSON
     listed = cli(cwd, env, "runs", "list", "-i", "inventory")
     assert listed.returncode == 0, listed.stderr
-    lines = listed.stdout.splitlines()
+    header, *lines = listed.stdout.splitlines()
+    assert header.split() == RUN_HEADER.split()
     assert len(lines) == 3  # the check run is not recorded
     assert lines[2].startswith(run_id) and "9 changed" in lines[2]
     assert "9 unchanged" in lines[1] and "9 changed" in lines[0]
@@ -202,8 +211,10 @@ def test_rollout_runs_and_audit_against_a_detached_lab(
     inv = ["-i", "inventory"]
     audit = cli(cwd, env, "audit", "--user", "alice", "-i", "inventory")
     assert audit.returncode == 0, audit.stderr
-    records = [line for line in audit.stdout.splitlines() if "ber-ws-001 alice" in line]
-    assert len(records) == 2 and all("  push  " in r and "changed" in r for r in records)
+    header, *rows = audit.stdout.splitlines()
+    assert header.split() == AUDIT_HEADER.split()
+    records = [r.split() for r in rows if r.split()[4:6] == ["ber-ws-001", "alice"]]
+    assert len(records) == 2 and all(r[3] == "push" and r[6] == "changed" for r in records)
     assert audit.stdout.rstrip().endswith("2 record(s)")
     since = time.strftime("%Y-%m-%d", time.gmtime(time.time() - 86400))
     audited = json.loads(
@@ -224,14 +235,14 @@ def test_rollout_runs_and_audit_against_a_detached_lab(
     assert "error: not a terminal: pass --yes to confirm, or --check to look" in refused.stderr
 
     # ---- a second rollout on the same state is refused with the holder's details
-    store = state.StateStore(cwd / ".provisioner-state")
+    store = state.StateStore(default_state(cwd))
     with store.lock("held by the test: rollout") as held:
         locked = cli(cwd, env, "rollout", "--yes", *args)
     assert locked.returncode == 1
     assert "another rollout is using the state" in locked.stderr
     assert "'held by the test: rollout'" in locked.stderr and f"pid {held.pid}" in locked.stderr
     assert "selected" not in locked.stdout  # refused before Phase 1, not after it
-    assert len(cli(cwd, env, "runs", "list", "-i", "inventory").stdout.splitlines()) == 3
+    assert len(cli(cwd, env, "runs", "list", "-i", "inventory").stdout.splitlines()) == 1 + 3
 
 
 # --------------------------------------------------------------------------- an in-process lab
@@ -389,17 +400,18 @@ def _git(folder: Path, *args: str) -> str:
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 def test_a_run_records_the_inventory_commit(example: ExampleLab) -> None:
-    _git(example.root, "init", "-q")
-    _git(example.root, "add", "inventory")
-    _git(example.root, "commit", "-q", "-m", "inventory")
-    commit = _git(example.root, "rev-parse", "HEAD")
+    # The repository holds the inventory, not the HOME where the state is kept by default.
+    _git(example.inventory, "init", "-q")
+    _git(example.inventory, "add", ".")
+    _git(example.inventory, "commit", "-q", "-m", "inventory")
+    commit = _git(example.inventory, "rev-parse", "HEAD")
     report = example.root / "run.json"
     run = example.cli("rollout", "--yes", "--report-json", str(report))
     assert run.returncode == 0, (run.stdout, run.stderr)
     assert "differs from its last commit" not in run.stdout
     assert json.loads(report.read_text(encoding="utf-8"))["revision"] == commit
     listed = example.cli("runs", "list", keys=False, lab=False)
-    assert f"inventory {commit[:12]}  [rollout]" in listed.stdout, listed.stdout
+    assert re.search(f"  rollout +{commit[:12]}  ", listed.stdout), listed.stdout
     change_defaults(example.inventory)  # not committed
     again = example.cli("rollout", "--yes", "--limit", "ber-ws-001")
     assert again.returncode == 0, (again.stdout, again.stderr)
@@ -592,6 +604,20 @@ def test_bad_input_exits_1_before_any_connection(example: ExampleLab) -> None:
     assert not example.state.exists()
 
 
+def test_checks_and_diffs_create_no_state_folder(example: ExampleLab) -> None:
+    for command in (
+        ("rollout", "--check"),
+        ("rollout", "--check", "--diff", "--limit", "ber-ws-001"),
+        ("rollout", "--yes", "--only-failed"),
+        ("push", "ber-ws-001", "--check"),
+        ("diff", "ber-ws-001"),
+    ):
+        done = example.cli(*command)
+        assert "Traceback" not in done.stderr, (command, done.stderr)
+        assert not example.state.exists(), command
+    assert not example.state.parent.exists()
+
+
 def test_a_signal_while_a_run_is_recorded_is_delivered_when_the_record_is_written() -> None:
     # Ctrl-C during a journal write was ignored: thrown away, not merely put off.
     seen: list[str] = []
@@ -656,7 +682,7 @@ def test_an_empty_selection_repeats_the_limit_given(tmp_path: Path) -> None:
     result = cli(tmp_path, env, "rollout", "-i", "inventory", "--yes", "--limit", "ber-ws-9*")
     assert result.returncode == 1, (result.stdout, result.stderr)
     assert result.stderr == "error: no workstation matches the selection --limit 'ber-ws-9*'\n"
-    assert not (tmp_path / ".provisioner-state").exists()
+    assert not default_state(tmp_path).exists()
 
 
 def test_the_selection_is_shown_as_typed() -> None:
@@ -761,7 +787,7 @@ def test_a_damaged_fingerprint_key_stops_a_rollout_and_a_push_before_any_worksta
     # It made every command that opens the state folder fail, runs list included, with a
     # message about creating the folder; and the key was not needed to read the history.
     key = example.state / state.KEY_NAME
-    example.state.mkdir()
+    example.state.mkdir(parents=True)
     if damage == "a folder":
         key.mkdir()
     else:
@@ -838,7 +864,7 @@ def test_a_killed_rollout_leaves_every_write_in_the_runs_and_the_audit_log(
     assert {(r["workstation"], r["user"] or "") for r in audit} == written
     assert {(r["run_id"], r["status"], r["action"]) for r in audit} == {(run.id, "changed", "push")}
     listed = example.cli("runs", "list", keys=False, lab=False).stdout
-    assert "2 changed, 7 skipped  stopped: interrupted" in listed, listed
+    assert re.search("  2 changed, 7 skipped +stopped: interrupted", listed), listed
 
     # --only-failed finishes the job: exactly the workstations that were not reported.
     again = example.cli("rollout", "--yes", "--only-failed", "--quiet")

@@ -422,12 +422,13 @@ BAD: list[tuple[str, dict[str, str], list[Expected]]] = [
             "    winrm: {password: plain}\n",
         },
         [
-            ("bad.yaml", 3, 5, "/groups/a/description", "token outside a secret field"),
-            ("bad.yaml", 5, 7, "/groups/a/settings/userAgent", "token outside a secret field"),
+            # A written value that is wrong is shown where the value starts (as `secrets lint`).
+            ("bad.yaml", 3, 18, "/groups/a/description", "token outside a secret field"),
+            ("bad.yaml", 5, 18, "/groups/a/settings/userAgent", "token outside a secret field"),
             ("bad.yaml", 7, 7, "/groups/a/account/password", "passwords belong in an account"),
-            ("users.yaml", 6, 9, "/users/u1/accounts/main/password", "plain text in a secret"),
-            ("users.yaml", 7, 9, "/users/u1/accounts/main/label", "token outside a secret"),
-            ("workstations.yaml", 4, 13, "/workstations/ws1/winrm/password", "plain text"),
+            ("users.yaml", 6, 19, "/users/u1/accounts/main/password", "plain text in a secret"),
+            ("users.yaml", 7, 16, "/users/u1/accounts/main/label", "token outside a secret"),
+            ("workstations.yaml", 4, 23, "/workstations/ws1/winrm/password", "plain text"),
         ],
     ),
     (

@@ -954,8 +954,9 @@ def test_a_rollout_still_going_is_shown_running_and_a_killed_one_as_not_finished
         assert detail.summary == live and detail.to_dict()["summary"]["running"] is True
         assert {r.message for r in detail.results} == {state.NOT_REPORTED_YET}
         listed = run_cli(tmp_path, "runs", "list", "--state", str(tmp_path))
-        assert "running" in listed.stdout.splitlines()[0], listed.stdout
-        assert "did not finish" not in listed.stdout.splitlines()[0]
+        newest = listed.stdout.splitlines()[1]  # under the header
+        assert newest.startswith("live1") and newest.endswith("running"), listed.stdout
+        assert "did not finish" not in newest
     finally:
         process.kill()  # SIGKILL: the lock file keeps the holder's text
         process.wait()

@@ -8,14 +8,15 @@ import sys
 import typer
 
 from provisioner.cli import helpdesk, inventory_cmds, keys, lab, phase1, remote, rollout, secrets
-from provisioner.errors import ProvisionerError
+from provisioner.cli.helpstyle import App
+from provisioner.errors import ProvisionerError, UsageError
 
 EXIT_OK = 0
 EXIT_INPUT = 1
 EXIT_USAGE = 2
 EXIT_INTERNAL = 70
 
-app = typer.Typer(
+app = App(
     help="Configure MicroSIP on fleets of Windows workstations.",
     no_args_is_help=True,
     # Rich tracebacks show local variables; a local may hold a decrypted value.
@@ -62,6 +63,9 @@ def main() -> None:
     """Run the CLI, turning every error into one message and an exit code."""
     try:
         app(args=fill_optional_values(sys.argv[1:]), standalone_mode=True)
+    except UsageError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
     except ProvisionerError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_INPUT)

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from provisioner.errors import IdentityError, ProvisionerError
+from provisioner.cli.helpstyle import choices
+from provisioner.errors import IdentityError, InventoryError, ProvisionerError
 from provisioner.results import IF_RUNNING
 
 if TYPE_CHECKING:
@@ -28,6 +29,7 @@ InventoryOpt = Annotated[
     typer.Option(
         "--inventory",
         "-i",
+        metavar="DIR",
         help="Inventory directory (holds recipients.yaml).",
         envvar="PROVISIONER_INVENTORY",
         file_okay=False,
@@ -37,16 +39,23 @@ IdentityOpt = Annotated[
     list[Path] | None,
     typer.Option(
         "--identity",
+        metavar="FILE",
         help="Identity file (repeatable). Default: every *.sipid in the identity directory.",
     ),
 ]
 PassFileOpt = Annotated[
     Path | None,
-    typer.Option("--passphrase-file", help="Read the passphrase from the first line of a file."),
+    typer.Option(
+        "--passphrase-file",
+        metavar="FILE",
+        help="Read the passphrase from the first line of a file.",
+    ),
 ]
 PassFdOpt = Annotated[
     int | None,
-    typer.Option("--passphrase-fd", help="Read the passphrase from this file descriptor."),
+    typer.Option(
+        "--passphrase-fd", metavar="FD", help="Read the passphrase from this file descriptor."
+    ),
 ]
 
 
@@ -61,8 +70,10 @@ StateOpt = Annotated[
     Path | None,
     typer.Option(
         "--state",
+        metavar="DIR",
         envvar="PROVISIONER_STATE",
-        help="State folder for runs and audit (default: INVENTORY/../.provisioner-state).",
+        help="State folder for runs, audit and the rollout lock. Default: one per realm in "
+        "your state directory ($XDG_STATE_HOME, else ~/.local/state).",
         file_okay=False,
     ),
 ]
@@ -74,11 +85,51 @@ IfRunningOpt = Annotated[
     str,
     typer.Option(
         "--if-running",
+        metavar=choices(IF_RUNNING),
         help="When the user's MicroSIP runs: skip (report busy), stop (stop that user's "
         "MicroSIP first) or force (write anyway).",
         callback=check_if_running,
     ),
 ]
+
+
+def state_home() -> Path:
+    """``$XDG_STATE_HOME``, else ``~/.local/state`` (a relative value is ignored, as the XDG
+    base directory specification asks)."""
+    value = os.environ.get("XDG_STATE_HOME", "")
+    return Path(value) if os.path.isabs(value) else Path.home() / ".local" / "state"
+
+
+# The state folder's place before it moved to the user's state directory.
+OLD_STATE_FOLDER = ".provisioner-state"
+_told_about: set[Path] = set()
+
+
+def state_dir(inventory: Path, explicit: Path | None) -> Path:
+    """The state folder: ``--state`` (or PROVISIONER_STATE), else the inventory realm's folder
+    in the user's state directory. Refused (exit 2) when git would commit it."""
+    from provisioner import state
+    from provisioner.inventory import inventory_realm
+
+    if explicit is not None:
+        folder = explicit
+    else:
+        try:
+            realm = inventory_realm(inventory)
+        except InventoryError as exc:
+            raise InventoryError(f"{exc}; or name a state folder with --state") from None
+        folder = state.default_directory(state_home(), realm)
+        old = inventory.resolve().parent / OLD_STATE_FOLDER
+        if old.is_dir() and old not in _told_about:
+            _told_about.add(old)
+            typer.echo(
+                f"note: the state is now kept in {folder}; {old} is no longer read (move its "
+                "files there to keep the history)",
+                err=True,
+            )
+    state.check_location(folder)
+    return folder
+
 
 # Width for output that is not a terminal (a file, a pipe, CI logs): wide enough that no
 # table column is truncated and no line is folded, so ``> file`` keeps diffs valid.

@@ -19,7 +19,9 @@ from provisioner.cli.common import (
     YesOpt,
     echo,
     load_model,
+    state_dir,
 )
+from provisioner.cli.helpstyle import App
 from provisioner.cli.rollout import LabOpt
 from provisioner.errors import ProvisionerError
 from provisioner.names import closest
@@ -28,10 +30,13 @@ if TYPE_CHECKING:
     from provisioner import vault
     from provisioner.model import Inventory, User
 
-app = typer.Typer(help="Helpdesk tasks for one user.", no_args_is_help=True)
+app = App(help="Helpdesk tasks for one user.", no_args_is_help=True)
 
 InventoryOpt = Annotated[
-    Path, typer.Option("--inventory", "-i", envvar="PROVISIONER_INVENTORY", file_okay=False)
+    Path,
+    typer.Option(
+        "--inventory", "-i", metavar="DIR", envvar="PROVISIONER_INVENTORY", file_okay=False
+    ),
 ]
 UserArg = Annotated[str, typer.Argument(help="User name as in the inventory.")]
 
@@ -74,7 +79,7 @@ def show(
             }
         )
     last: list[dict[str, Any]] = []
-    folder = state.state_dir(inventory, state_folder)
+    folder = state_dir(inventory, state_folder)
     if (folder / "state.sqlite3").exists():
         last = [r.to_dict() for r in state.StateStore(folder).last_results(user=user)]
     data = {
@@ -153,7 +158,7 @@ def regenerate(
         selection=f"(user {user})",
         timeout=30,
         lab_file=lab,
-        state_folder=state_folder,
+        state_folder=None if check else state_dir(inventory, state_folder),
     )
     keys = running.Keys(identities, passphrase_file, passphrase_fd)
     run = running.run(
@@ -194,7 +199,8 @@ def set_password(
     user: UserArg,
     inventory: InventoryOpt = Path("."),
     account: Annotated[
-        str | None, typer.Option("--account", help="Account id (default: the active one).")
+        str | None,
+        typer.Option("--account", metavar="ID", help="Account id (default: the active one)."),
     ] = None,
     stdin: Annotated[bool, typer.Option("--stdin", help="Read the password from stdin.")] = False,
     push_now: Annotated[
@@ -221,6 +227,8 @@ def set_password(
     if chosen not in ids:
         raise ProvisionerError(f"{user} has no account {chosen!r} (accounts: {', '.join(ids)})")
     pointer = f"/users/{user}/accounts/{chosen}/password"
+    # Where the change is audited, settled before anything is written.
+    folder = state_dir(inventory, state_folder)
     recipients = secretstore.load_recipients(inventory)
     if push_now:
         _identity_for_push(recipients, identities)
@@ -233,7 +241,7 @@ def set_password(
     written = secretstore.set_secret(inventory, pointer, secret, recipients)
     echo(f"updated {pointer} in {written.file}:{written.line} (key {written.kid})")
     who = getpass.getuser()
-    state.AuditLog(state.state_dir(inventory, state_folder)).append(
+    state.AuditLog(folder).append(
         [
             state.AuditRecord.now(
                 who=who,

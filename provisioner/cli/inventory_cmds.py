@@ -9,15 +9,20 @@ from typing import Annotated, Any
 import typer
 
 from provisioner.cli.common import echo, load_model, make_console
+from provisioner.cli.helpstyle import App
 
-app = typer.Typer(help="Inspect an inventory.", no_args_is_help=True)
+app = App(help="Inspect an inventory.", no_args_is_help=True)
 
 InventoryOpt = Annotated[
     Path,
-    typer.Option("--inventory", "-i", envvar="PROVISIONER_INVENTORY", file_okay=False),
+    typer.Option(
+        "--inventory", "-i", metavar="DIR", envvar="PROVISIONER_INVENTORY", file_okay=False
+    ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
-LimitOpt = Annotated[str, typer.Option("--limit", "-l", help="Target selection (see validate).")]
+LimitOpt = Annotated[
+    str, typer.Option("--limit", "-l", metavar="TARGETS", help="Target selection (see validate).")
+]
 
 
 @app.command("list")
@@ -57,8 +62,11 @@ def list_inventory(
     table = Table(
         title=f"{len(rows)} workstation(s), {len(selected)} user(s)", title_justify="left"
     )
-    for column in ("workstation", "address", "groups", "mode", "users", "accounts"):
-        table.add_column(column)
+    # Nothing is cut short: the other columns narrow first, and what is still too wide folds
+    # onto the next line instead of ending in an ellipsis.
+    table.add_column("workstation", overflow="fold", no_wrap=True)
+    for column in ("address", "groups", "mode", "users", "accounts"):
+        table.add_column(column, overflow="fold")
     for row in rows:
         table.add_row(
             str(row["workstation"]),

@@ -16,15 +16,19 @@ from provisioner.cli.common import (
     echo,
     open_keyring,
 )
+from provisioner.cli.helpstyle import App, choices
 from provisioner.cli.inputs import read_passphrase
 from provisioner.errors import IdentityError, RecipientsError
 
 if TYPE_CHECKING:
     from provisioner import vault
 
-app = typer.Typer(help="Manage the realm's keys and identity files.", no_args_is_help=True)
+# Passphrase KDFs an identity file can be written with, the default first.
+KDFS = ("argon2id", "scrypt")
 
-KdfOpt = Annotated[str, typer.Option("--kdf", help="Passphrase KDF: argon2id (default) or scrypt.")]
+app = App(help="Manage the realm's keys and identity files.", no_args_is_help=True)
+
+KdfOpt = Annotated[str, typer.Option("--kdf", metavar=choices(KDFS), help="Passphrase KDF.")]
 UnprotectedOpt = Annotated[
     bool,
     typer.Option(
@@ -34,7 +38,8 @@ UnprotectedOpt = Annotated[
     ),
 ]
 OutOpt = Annotated[
-    Path | None, typer.Option("--out", help="Identity file to write (must not exist).")
+    Path | None,
+    typer.Option("--out", metavar="FILE", help="Identity file to write (must not exist)."),
 ]
 
 
@@ -43,7 +48,7 @@ def _protection(kdf: str, unprotected: bool) -> str:
 
     if unprotected:
         return "none"
-    if kdf not in ("argon2id", "scrypt"):
+    if kdf not in KDFS:
         raise IdentityError("--kdf must be argon2id or scrypt")
     if kdf == "argon2id" and not vault.argon2id_available():
         raise IdentityError("this cryptography build has no Argon2id; use --kdf scrypt")
@@ -76,7 +81,9 @@ def _new_identity_file(
 
 @app.command()
 def init(
-    realm: Annotated[str, typer.Option("--realm", help="Realm name, e.g. acme-voip.")],
+    realm: Annotated[
+        str, typer.Option("--realm", metavar="NAME", help="Realm name, e.g. acme-voip.")
+    ],
     inventory: InventoryOpt = Path("."),
     out: OutOpt = None,
     kdf: KdfOpt = "argon2id",
@@ -109,17 +116,23 @@ def init(
 
 @app.command("add-admin")
 def add_admin(
-    out: Annotated[Path, typer.Option("--out", help="The new admin's identity file.")],
-    identity: Annotated[Path, typer.Option("--identity", help="Your identity file.")],
+    out: Annotated[
+        Path, typer.Option("--out", metavar="FILE", help="The new admin's identity file.")
+    ],
+    identity: Annotated[
+        Path, typer.Option("--identity", metavar="FILE", help="Your identity file.")
+    ],
     kdf: KdfOpt = "argon2id",
     unprotected: UnprotectedOpt = False,
     passphrase_file: PassFileOpt = None,
     passphrase_fd: PassFdOpt = None,
     new_passphrase_file: Annotated[
-        Path | None, typer.Option("--new-passphrase-file", help="The new copy's passphrase.")
+        Path | None,
+        typer.Option("--new-passphrase-file", metavar="FILE", help="The new copy's passphrase."),
     ] = None,
     new_passphrase_fd: Annotated[
-        int | None, typer.Option("--new-passphrase-fd", help="The new copy's passphrase fd.")
+        int | None,
+        typer.Option("--new-passphrase-fd", metavar="FD", help="The new copy's passphrase fd."),
     ] = None,
 ) -> None:
     """Write another copy of an identity, wrapped under a new passphrase."""

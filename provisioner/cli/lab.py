@@ -23,22 +23,26 @@ from provisioner.cli.common import (
     keyring_for_keys_in_use,
     load_model,
 )
+from provisioner.cli.helpstyle import App
 from provisioner.errors import ProvisionerError
 
 if TYPE_CHECKING:
     from provisioner.lab.scenario import Scenario
     from provisioner.model import Inventory
 
-app = typer.Typer(
+app = App(
     help="Emulated Windows workstations for tests, demos and template CI.", no_args_is_help=True
 )
 
 InventoryOpt = Annotated[
-    Path, typer.Option("--inventory", "-i", envvar="PROVISIONER_INVENTORY", file_okay=False)
+    Path,
+    typer.Option(
+        "--inventory", "-i", metavar="DIR", envvar="PROVISIONER_INVENTORY", file_okay=False
+    ),
 ]
 LabFileOpt = Annotated[
     Path | None,
-    typer.Option("--file", help="The lab file (default: INVENTORY/.lab.json)."),
+    typer.Option("--file", metavar="FILE", help="The lab file (default: INVENTORY/.lab.json)."),
 ]
 START_TIMEOUT = 60.0
 _UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f]")
@@ -64,12 +68,13 @@ def _check_base_address(value: str | None) -> str | None:
 def up(
     inventory: InventoryOpt = Path("."),
     file: Annotated[
-        Path | None, typer.Option("--file", help="Where to write the lab file.")
+        Path | None, typer.Option("--file", metavar="FILE", help="Where to write the lab file.")
     ] = None,
     scenario: Annotated[
         Path | None,
         typer.Option(
             "--scenario",
+            metavar="FILE",
             dir_okay=False,
             help="A scenario file: how each workstation differs from what the inventory "
             "implies (docs/lab.md).",
@@ -79,6 +84,7 @@ def up(
         int | None,
         typer.Option(
             "--port",
+            metavar="PORT",
             min=0,
             max=65535,
             envvar="PROVISIONER_LAB_PORT",
@@ -275,7 +281,10 @@ def show(
     target = file or default_lab_file(inventory)
     lab = LabMap.load(target)
     if not lab.folder:
-        raise ProvisionerError(f"{target} names no lab folder: restart the lab ('lab down', 'up')")
+        raise ProvisionerError(
+            f"{target} names no lab folder (a lab of an older version): stop it with "
+            "'provisioner lab down', then start it again with 'provisioner lab up'"
+        )
     answer = request(
         check_folder(lab.folder), {"op": "show", "workstation": workstation, "path": path}
     )

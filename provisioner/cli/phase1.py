@@ -5,7 +5,6 @@ from __future__ import annotations
 import difflib
 import json
 import os
-import subprocess
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -22,6 +21,7 @@ from provisioner.cli.common import (
     load_model,
     make_console,
 )
+from provisioner.cli.helpstyle import choices
 from provisioner.errors import ProvisionerError
 
 if TYPE_CHECKING:
@@ -29,15 +29,23 @@ if TYPE_CHECKING:
     from provisioner import vault
     from provisioner.model import Finding
 
+VALIDATE_FORMATS = ("text", "json", "junit", "github")
+
 InventoryArg = Annotated[
     Path,
-    typer.Argument(help="Inventory directory.", envvar="PROVISIONER_INVENTORY", file_okay=False),
+    typer.Argument(
+        metavar="INVENTORY",
+        help="Inventory directory.",
+        envvar="PROVISIONER_INVENTORY",
+        file_okay=False,
+    ),
 ]
 InventoryOpt = Annotated[
     Path | None,
     typer.Option(
         "--inventory",
         "-i",
+        metavar="DIR",
         help="Inventory directory, as for the other commands (instead of INVENTORY).",
         file_okay=False,
     ),
@@ -47,6 +55,7 @@ LimitOpt = Annotated[
     typer.Option(
         "--limit",
         "-l",
+        metavar="TARGETS",
         help="Targets: comma-separated globs on workstation or user names, group:NAME, "
         "user:GLOB, ws:GLOB; !TERM excludes, &TERM requires.",
     ),
@@ -55,6 +64,7 @@ TemplatesOpt = Annotated[
     Path | None,
     typer.Option(
         "--templates",
+        metavar="DIR",
         help="Templates folder (default: INVENTORY/templates, then the built-in templates).",
         file_okay=False,
     ),
@@ -113,7 +123,9 @@ def validate(
     inventory: InventoryArg = Path("."),
     inventory_option: InventoryOpt = None,
     limit: LimitOpt = "",
-    output: Annotated[str, typer.Option("--format", help="text, json, junit or github.")] = "text",
+    output: Annotated[
+        str, typer.Option("--format", metavar=choices(VALIDATE_FORMATS), help="Report format.")
+    ] = "text",
     strict: Annotated[bool, typer.Option("--strict", help="Warnings fail too.")] = False,
     templates: TemplatesOpt = None,
     identities: IdentityOpt = None,
@@ -124,7 +136,7 @@ def validate(
 
     Exit 0 when clean (warnings allowed unless --strict), 1 when there are findings.
     """
-    if output not in ("text", "json", "junit", "github"):
+    if output not in VALIDATE_FORMATS:
         raise ProvisionerError("--format must be text, json, junit or github")
     inventory = pick_inventory(ctx, inventory, inventory_option)
     result = run_build(inventory, limit, templates, identities, passphrase_file, passphrase_fd)
@@ -244,39 +256,22 @@ def _junit_report(result: phase1.BuildResult) -> str:
 
 
 def _in_git_tree_and_not_ignored(out: Path, relative_paths: list[str]) -> bool:
-    """True when any file to be written under ``out`` would be inside a git tree, not ignored.
+    """True when any file to be written under ``out`` would be inside a git tree, not ignored."""
+    from provisioner import revision
 
-    The files themselves are checked, not ``out``: a pattern such as ``build/`` matches a
-    directory only once it exists, but always matches the files below it.
-    """
-    probe = out.resolve()
-    while not probe.exists():
-        probe = probe.parent
-    top = next((p for p in (probe, *probe.parents) if (p / ".git").exists()), None)
-    if top is None or not relative_paths:
+    top = revision.work_tree(out)
+    if top is None:
         return False
-    paths = [str(out.resolve() / relative) for relative in relative_paths]
-    try:
-        checked = subprocess.run(
-            ["git", "-C", str(top), "check-ignore", "--stdin", "-z"],
-            input="\0".join(paths).encode("utf-8"),
-            capture_output=True,
-            timeout=60,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return True
-    if checked.returncode not in (0, 1):
-        return True
-    ignored = set(checked.stdout.decode("utf-8", "replace").split("\0"))
-    return any(path not in ignored for path in paths)
+    return bool(revision.not_ignored(top, [out / relative for relative in relative_paths]))
 
 
 def render(
     ctx: typer.Context,
     inventory: InventoryArg = Path("."),
     inventory_option: InventoryOpt = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("build"),
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="DIR", help="Output folder.")] = Path(
+        "build"
+    ),
     limit: LimitOpt = "",
     templates: TemplatesOpt = None,
     identities: IdentityOpt = None,
@@ -296,8 +291,8 @@ def render(
     inventory = pick_inventory(ctx, inventory, inventory_option)
     real = bool(identities or passphrase_file or passphrase_fd is not None)
     result = run_build(inventory, limit, templates, identities, passphrase_file, passphrase_fd)
-    for finding in result.findings:
-        echo(str(finding))
+    for line in finding_lines(result.findings):
+        echo(line)
     if not result.ok:
         echo("nothing written: fix the errors above first")
         raise typer.Exit(1)
@@ -351,10 +346,14 @@ def explain(
         typer.Argument(help="A key (e.g. transport, updatesInterval); all keys if omitted."),
     ] = None,
     inventory: Annotated[
-        Path, typer.Option("--inventory", "-i", envvar="PROVISIONER_INVENTORY", file_okay=False)
+        Path,
+        typer.Option(
+            "--inventory", "-i", metavar="DIR", envvar="PROVISIONER_INVENTORY", file_okay=False
+        ),
     ] = Path("."),
     workstation: Annotated[
-        str | None, typer.Option("--workstation", "-w", help="Only this workstation.")
+        str | None,
+        typer.Option("--workstation", "-w", metavar="NAME", help="Only this workstation."),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:

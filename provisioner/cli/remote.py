@@ -17,6 +17,7 @@ from provisioner.cli.common import (
     StateOpt,
     YesOpt,
     echo,
+    state_dir,
 )
 from provisioner.report import EXIT_HOSTS_FAILED
 
@@ -26,15 +27,20 @@ if TYPE_CHECKING:
 
 WorkstationArg = Annotated[str, typer.Argument(help="Workstation name from the inventory.")]
 InventoryOpt = Annotated[
-    Path, typer.Option("--inventory", "-i", envvar="PROVISIONER_INVENTORY", file_okay=False)
+    Path,
+    typer.Option(
+        "--inventory", "-i", metavar="DIR", envvar="PROVISIONER_INVENTORY", file_okay=False
+    ),
 ]
 UserOpt = Annotated[
-    list[str] | None, typer.Option("--user", "-u", help="Only this user (repeatable).")
+    list[str] | None,
+    typer.Option("--user", "-u", metavar="NAME", help="Only this user (repeatable)."),
 ]
 LabOpt = Annotated[
     Path | None,
     typer.Option(
         "--lab",
+        metavar="FILE",
         envvar="PROVISIONER_LAB_FILE",
         help="Lab file from 'provisioner lab up': connect to the emulated workstations.",
     ),
@@ -120,7 +126,7 @@ def push_cmd(
         command=f"push {workstation}",
         action="reset" if reset else "push",
         lab=lab,
-        state_folder=state_folder,
+        state_folder=None if check else state_dir(inventory, state_folder),
     )
     keys = running.Keys(identities, passphrase_file, passphrase_fd)
     _exit(running.run(request, keys, yes=yes, show_diff=diff))
@@ -179,7 +185,7 @@ def rollback_cmd(
         command=f"rollback {workstation}",
         action="rollback",
         lab=lab,
-        state_folder=state_folder,
+        state_folder=state_dir(inventory, state_folder),
     )
     keys = running.Keys(identities, passphrase_file, passphrase_fd)
     _exit(running.run(request, keys, yes=yes, show_diff=False))

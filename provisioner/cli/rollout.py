@@ -17,22 +17,28 @@ from provisioner.cli.common import (
     StateOpt,
     YesOpt,
     echo,
+    state_dir,
 )
+from provisioner.cli.helpstyle import App
 from provisioner.errors import ProvisionerError
 
 InventoryOpt = Annotated[
-    Path, typer.Option("--inventory", "-i", envvar="PROVISIONER_INVENTORY", file_okay=False)
+    Path,
+    typer.Option(
+        "--inventory", "-i", metavar="DIR", envvar="PROVISIONER_INVENTORY", file_okay=False
+    ),
 ]
 LabOpt = Annotated[
     Path | None,
     typer.Option(
         "--lab",
+        metavar="FILE",
         envvar="PROVISIONER_LAB_FILE",
         help="Lab file from 'provisioner lab up': use the emulated workstations.",
     ),
 ]
 
-runs_app = typer.Typer(help="Past rollouts recorded in the state folder.", no_args_is_help=True)
+runs_app = App(help="Past rollouts recorded in the state folder.", no_args_is_help=True)
 
 
 def shown_selection(limit: str, only_failed: str | None = None) -> str:
@@ -64,7 +70,9 @@ def check_processes(processes: int, forks: int) -> None:
 
 def rollout(
     inventory: InventoryOpt = Path("."),
-    limit: Annotated[str, typer.Option("--limit", "-l", help="Targets (see validate).")] = "",
+    limit: Annotated[
+        str, typer.Option("--limit", "-l", metavar="TARGETS", help="Targets (see validate).")
+    ] = "",
     check: Annotated[bool, typer.Option("--check", help="Change nothing; report.")] = False,
     diff: Annotated[bool, typer.Option("--diff", help="Show diffs (passwords masked).")] = False,
     detailed_exitcode: Annotated[
@@ -75,46 +83,56 @@ def rollout(
             "one is up to date.",
         ),
     ] = False,
-    forks: Annotated[int, typer.Option("--forks", min=1, max=500)] = 20,
+    forks: Annotated[int, typer.Option("--forks", metavar="N", min=1, max=500)] = 20,
     canary: Annotated[
-        str, typer.Option("--canary", help="First batch: N or P%; 0 for none.")
+        str, typer.Option("--canary", metavar="N|P%", help="First batch: N or P%; 0 for none.")
     ] = "1",
     canary_hosts: Annotated[
         str,
         typer.Option(
             "--canary-hosts",
+            metavar="TARGETS",
             help="The canary batch by name instead: workstations as in --limit (names, globs, "
             "group:NAME), e.g. the IT department's own.",
         ),
     ] = "",
-    batch: Annotated[str, typer.Option("--batch", help="Later batches: N or P%.")] = "100%",
+    batch: Annotated[
+        str, typer.Option("--batch", metavar="N|P%", help="Later batches: N or P%.")
+    ] = "100%",
     max_fail: Annotated[
-        str, typer.Option("--max-fail", help="Stop when more than P% of attempted hosts failed.")
+        str,
+        typer.Option(
+            "--max-fail", metavar="P%", help="Stop when more than P% of attempted hosts failed."
+        ),
     ] = "10%",
-    retries: Annotated[int, typer.Option("--retries", min=0, max=10)] = 2,
+    retries: Annotated[int, typer.Option("--retries", metavar="N", min=0, max=10)] = 2,
     processes: Annotated[
         int,
         typer.Option(
             "--processes",
+            metavar="N",
             help="Push from N processes sharing --forks (0: one per core for large runs; "
             "1: this process only).",
         ),
     ] = 0,
-    timeout: Annotated[int, typer.Option("--timeout", min=5, help="Seconds per request.")] = 60,
+    timeout: Annotated[
+        int, typer.Option("--timeout", metavar="SECONDS", min=5, help="Seconds per request.")
+    ] = 60,
     if_running: IfRunningOpt = "skip",
     yes: YesOpt = False,
     only_failed: Annotated[
         str | None,
         typer.Option(
             "--only-failed",
+            metavar="RUN",
             help="Only the hosts that failed, were busy or skipped in RUN (bare: the last run).",
         ),
     ] = None,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="Plain lines, no progress bar.")
     ] = False,
-    report_json: Annotated[Path | None, typer.Option("--report-json")] = None,
-    report_junit: Annotated[Path | None, typer.Option("--report-junit")] = None,
+    report_json: Annotated[Path | None, typer.Option("--report-json", metavar="FILE")] = None,
+    report_junit: Annotated[Path | None, typer.Option("--report-junit", metavar="FILE")] = None,
     state_folder: StateOpt = None,
     identities: IdentityOpt = None,
     passphrase_file: PassFileOpt = None,
@@ -147,7 +165,7 @@ def rollout(
     runner.plan_batches([], canary, batch)  # bad sizes are input errors: fail before Phase 1
     selection = shown_selection(limit, only_failed)
     if only_failed is not None:
-        store = state.StateStore(state.state_dir(inventory, state_folder))
+        store = state.StateStore(state_dir(inventory, state_folder), create=False)
         asked = None if only_failed in ("", "last") else only_failed
         hosts = store.hosts_to_retry(asked)
         latest = store.latest_run(include_dry_runs=False, fleet_only=True)
@@ -177,7 +195,7 @@ def rollout(
         processes=processes,
         timeout=timeout,
         lab_file=lab,
-        state_folder=state_folder,
+        state_folder=state_dir(inventory, state_folder),
         report_json=report_json,
         report_junit=report_junit,
     )
@@ -192,19 +210,21 @@ def rollout(
 def runs_list(
     inventory: InventoryOpt = Path("."),
     state_folder: StateOpt = None,
-    limit: Annotated[int, typer.Option("--last", help="How many runs.")] = 20,
+    limit: Annotated[int, typer.Option("--last", metavar="N", help="How many runs.")] = 20,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """The most recent rollouts, newest first."""
     from provisioner import state
 
-    store = state.StateStore(state.state_dir(inventory, state_folder))
+    store = state.StateStore(state_dir(inventory, state_folder), create=False)
     summaries = store.runs(limit)
     if as_json:
         echo(json.dumps([s.to_dict() for s in summaries], indent=2, default=str))
         return
-    for summary in summaries:
-        echo(str(summary))
+    from provisioner.cli.history import run_lines
+
+    for line in run_lines(summaries):
+        echo(line)
 
 
 @runs_app.command("show")
@@ -217,7 +237,7 @@ def runs_show(
     """Every workstation and file of one rollout."""
     from provisioner import state
 
-    store = state.StateStore(state.state_dir(inventory, state_folder))
+    store = state.StateStore(state_dir(inventory, state_folder), create=False)
     detail = store.run(run_id)
     if as_json:
         echo(json.dumps(detail.to_dict(), indent=2, default=str))
@@ -228,20 +248,26 @@ def runs_show(
 def audit(
     inventory: InventoryOpt = Path("."),
     state_folder: StateOpt = None,
-    user: Annotated[str | None, typer.Option("--user", "-u")] = None,
-    workstation: Annotated[str | None, typer.Option("--workstation", "-w")] = None,
-    since: Annotated[str | None, typer.Option("--since", help="ISO date or time.")] = None,
-    until: Annotated[str | None, typer.Option("--until", help="ISO date or time.")] = None,
+    user: Annotated[str | None, typer.Option("--user", "-u", metavar="NAME")] = None,
+    workstation: Annotated[str | None, typer.Option("--workstation", "-w", metavar="NAME")] = None,
+    since: Annotated[
+        str | None, typer.Option("--since", metavar="TIME", help="ISO date or time.")
+    ] = None,
+    until: Annotated[
+        str | None, typer.Option("--until", metavar="TIME", help="ISO date or time.")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Who changed which file, when, in which run (never a secret)."""
     from provisioner import state
 
-    log = state.AuditLog(state.state_dir(inventory, state_folder))
+    log = state.AuditLog(state_dir(inventory, state_folder))
     records = log.query(user=user, workstation=workstation, since=since, until=until)
     if as_json:
         echo(json.dumps([r.to_dict() for r in records], indent=2, default=str))
         return
-    for record in records:
-        echo(str(record))
+    from provisioner.cli.history import audit_lines
+
+    for line in audit_lines(records):
+        echo(line)
     echo(f"{len(records)} record(s)")

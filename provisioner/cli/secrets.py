@@ -16,19 +16,24 @@ from provisioner.cli.common import (
     echo,
     open_keyring,
 )
+from provisioner.cli.helpstyle import App, choices
 from provisioner.cli.inputs import read_new_password
 from provisioner.cli.phase1 import finding_lines
+from provisioner.credscope import SECURITY_LEVELS
 from provisioner.errors import VaultError
 
 if TYPE_CHECKING:
     from provisioner.credscope import Scope
 
-app = typer.Typer(help="Set and check the sealed passwords of an inventory.", no_args_is_help=True)
+LINT_FORMATS = ("text", "json", "github")
+
+app = App(help="Set and check the sealed passwords of an inventory.", no_args_is_help=True)
 
 ScopeOpt = Annotated[
     list[str] | None,
     typer.Option(
         "--scope",
+        metavar="PATTERN",
         help="WinRM passwords: an address pattern it may be sent to, e.g. '*.corp.example.com', "
         "'ber-ws-*', 10.20.0.0/16 (repeatable).",
     ),
@@ -37,6 +42,7 @@ MinSecurityOpt = Annotated[
     str | None,
     typer.Option(
         "--min-security",
+        metavar=choices(SECURITY_LEVELS),
         help="With --scope: the least transport security it may travel over: tls (HTTPS with "
         "certificate validation), encrypted (the default: or NTLM/Kerberos message "
         "encryption) or none.",
@@ -46,6 +52,7 @@ CaOpt = Annotated[
     Path | None,
     typer.Option(
         "--ca",
+        metavar="FILE",
         help="With --scope: the CA file (winrm.ca_trust_path) that, besides the system's CAs, "
         "may verify the workstations' HTTPS certificates.",
     ),
@@ -56,13 +63,18 @@ CaOpt = Annotated[
 def set_value(
     path: Annotated[
         str | None,
-        typer.Option("--path", help="JSON Pointer, e.g. /users/alice/accounts/main/password"),
+        typer.Option(
+            "--path",
+            metavar="POINTER",
+            help="JSON Pointer of the value, e.g. /users/ann/accounts/a1/password",
+        ),
     ] = None,
     user: Annotated[
-        str | None, typer.Option("--user", help="Instead of --path: the user...")
+        str | None, typer.Option("--user", metavar="NAME", help="Instead of --path: the user...")
     ] = None,
     account: Annotated[
-        str | None, typer.Option("--account", help="...and the account id (default: active).")
+        str | None,
+        typer.Option("--account", metavar="ID", help="...and the account id (default: active)."),
     ] = None,
     inventory: InventoryOpt = Path("."),
     stdin: Annotated[bool, typer.Option("--stdin", help="Read the password from stdin.")] = False,
@@ -91,7 +103,10 @@ def set_value(
 @app.command("scope")
 def scope_cmd(
     path: Annotated[
-        str, typer.Option("--path", help="The WinRM password, e.g. /defaults/winrm/password")
+        str,
+        typer.Option(
+            "--path", metavar="POINTER", help="The WinRM password, e.g. /defaults/winrm/password"
+        ),
     ],
     inventory: InventoryOpt = Path("."),
     scope: ScopeOpt = None,
@@ -159,10 +174,11 @@ def verify(
 @app.command()
 def rekey(
     to: Annotated[
-        str | None, typer.Option("--to", help="Key id to seal to (default: active).")
+        str | None, typer.Option("--to", metavar="KID", help="Key id to seal to (default: active).")
     ] = None,
     from_kids: Annotated[
-        list[str] | None, typer.Option("--from", help="Only tokens of this key id (repeatable).")
+        list[str] | None,
+        typer.Option("--from", metavar="KID", help="Only tokens of this key id (repeatable)."),
     ] = None,
     inventory: InventoryOpt = Path("."),
     identities: IdentityOpt = None,
@@ -172,12 +188,15 @@ def rekey(
         Path | None,
         typer.Option(
             "--new-passphrase-file",
+            metavar="FILE",
             help="The passphrase of the new key's identity, when it differs from the old one's.",
         ),
     ] = None,
     new_passphrase_fd: Annotated[
         int | None,
-        typer.Option("--new-passphrase-fd", help="The same, from this file descriptor."),
+        typer.Option(
+            "--new-passphrase-fd", metavar="FD", help="The same, from this file descriptor."
+        ),
     ] = None,
 ) -> None:
     """Re-seal every token of other keys to the new key; only token text changes."""
@@ -234,13 +253,18 @@ def rebind(
 def lint(
     inventory: InventoryOpt = Path("."),
     output: Annotated[
-        str, typer.Option("--format", help="text, json or github (workflow annotations).")
+        str,
+        typer.Option(
+            "--format",
+            metavar=choices(LINT_FORMATS),
+            help="Report format (github: workflow annotations).",
+        ),
     ] = "text",
 ) -> None:
     """Key-less CI check of every token and secret field. Exit 1 on any error."""
     from provisioner import secretstore
 
-    if output not in ("text", "json", "github"):
+    if output not in LINT_FORMATS:
         raise VaultError("--format must be text, json or github")
     recipients = secretstore.load_recipients(inventory)
     scan = secretstore.scan_inventory(inventory)
