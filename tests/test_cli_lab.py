@@ -504,7 +504,16 @@ def test_a_workstation_added_after_lab_up_is_served_once_the_lab_starts_again(
         + "    users: [heidi]\n",
         encoding="utf-8",
     )
-    push = ["push", "ber-ws-009", "-i", "inventory", "--lab", "inventory/.lab.json", *shell.keys]
+    push = [
+        "push",
+        "ber-ws-009",
+        "--yes",
+        "-i",
+        "inventory",
+        "--lab",
+        "inventory/.lab.json",
+        *shell.keys,
+    ]
     refused = shell.cli(*push, check=False)
     assert refused.returncode == 1, refused.stdout
     # It said "restart 'provisioner lab up'", which fails while the lab runs.
