@@ -35,6 +35,15 @@ InventoryOpt = Annotated[
         file_okay=False,
     ),
 ]
+LabOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--lab",
+        metavar="FILE",
+        envvar="PROVISIONER_LAB_FILE",
+        help="Lab file from 'provisioner lab up': use the emulated workstations.",
+    ),
+]
 IdentityOpt = Annotated[
     list[Path] | None,
     typer.Option(

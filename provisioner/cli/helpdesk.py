@@ -13,6 +13,8 @@ import typer
 from provisioner.cli.common import (
     IdentityOpt,
     IfRunningOpt,
+    InventoryOpt,
+    LabOpt,
     PassFdOpt,
     PassFileOpt,
     StateOpt,
@@ -22,7 +24,6 @@ from provisioner.cli.common import (
     state_dir,
 )
 from provisioner.cli.helpstyle import App
-from provisioner.cli.rollout import LabOpt
 from provisioner.errors import ProvisionerError
 from provisioner.names import closest
 
@@ -32,12 +33,6 @@ if TYPE_CHECKING:
 
 app = App(help="Helpdesk tasks for one user.", no_args_is_help=True)
 
-InventoryOpt = Annotated[
-    Path,
-    typer.Option(
-        "--inventory", "-i", metavar="DIR", envvar="PROVISIONER_INVENTORY", file_okay=False
-    ),
-]
 UserArg = Annotated[str, typer.Argument(help="User name as in the inventory.")]
 
 

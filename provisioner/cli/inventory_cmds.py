@@ -8,17 +8,11 @@ from typing import Annotated, Any
 
 import typer
 
-from provisioner.cli.common import echo, load_model, make_console
+from provisioner.cli.common import InventoryOpt, echo, load_model, make_console
 from provisioner.cli.helpstyle import App
 
 app = App(help="Inspect an inventory.", no_args_is_help=True)
 
-InventoryOpt = Annotated[
-    Path,
-    typer.Option(
-        "--inventory", "-i", metavar="DIR", envvar="PROVISIONER_INVENTORY", file_okay=False
-    ),
-]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 LimitOpt = Annotated[
     str, typer.Option("--limit", "-l", metavar="TARGETS", help="Target selection (see validate).")

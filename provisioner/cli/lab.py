@@ -17,6 +17,7 @@ import typer
 
 from provisioner.cli.common import (
     IdentityOpt,
+    InventoryOpt,
     PassFdOpt,
     PassFileOpt,
     echo,
@@ -34,12 +35,6 @@ app = App(
     help="Emulated Windows workstations for tests, demos and template CI.", no_args_is_help=True
 )
 
-InventoryOpt = Annotated[
-    Path,
-    typer.Option(
-        "--inventory", "-i", metavar="DIR", envvar="PROVISIONER_INVENTORY", file_okay=False
-    ),
-]
 LabFileOpt = Annotated[
     Path | None,
     typer.Option("--file", metavar="FILE", help="The lab file (default: INVENTORY/.lab.json)."),
@@ -95,6 +90,7 @@ def up(
         str | None,
         typer.Option(
             "--base-address",
+            metavar="ADDRESS",
             envvar="PROVISIONER_LAB_BASE_ADDRESS",
             callback=_check_base_address,
             help="Address of the first workstation, in 127.0.0.0/8; the others take the "

@@ -12,6 +12,8 @@ from provisioner.cli import running
 from provisioner.cli.common import (
     IdentityOpt,
     IfRunningOpt,
+    InventoryOpt,
+    LabOpt,
     PassFdOpt,
     PassFileOpt,
     StateOpt,
@@ -26,24 +28,9 @@ if TYPE_CHECKING:
 
 
 WorkstationArg = Annotated[str, typer.Argument(help="Workstation name from the inventory.")]
-InventoryOpt = Annotated[
-    Path,
-    typer.Option(
-        "--inventory", "-i", metavar="DIR", envvar="PROVISIONER_INVENTORY", file_okay=False
-    ),
-]
 UserOpt = Annotated[
     list[str] | None,
     typer.Option("--user", "-u", metavar="NAME", help="Only this user (repeatable)."),
-]
-LabOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--lab",
-        metavar="FILE",
-        envvar="PROVISIONER_LAB_FILE",
-        help="Lab file from 'provisioner lab up': connect to the emulated workstations.",
-    ),
 ]
 
 

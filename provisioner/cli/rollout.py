@@ -12,6 +12,8 @@ import typer
 from provisioner.cli.common import (
     IdentityOpt,
     IfRunningOpt,
+    InventoryOpt,
+    LabOpt,
     PassFdOpt,
     PassFileOpt,
     StateOpt,
@@ -21,22 +23,6 @@ from provisioner.cli.common import (
 )
 from provisioner.cli.helpstyle import App
 from provisioner.errors import ProvisionerError
-
-InventoryOpt = Annotated[
-    Path,
-    typer.Option(
-        "--inventory", "-i", metavar="DIR", envvar="PROVISIONER_INVENTORY", file_okay=False
-    ),
-]
-LabOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--lab",
-        metavar="FILE",
-        envvar="PROVISIONER_LAB_FILE",
-        help="Lab file from 'provisioner lab up': use the emulated workstations.",
-    ),
-]
 
 runs_app = App(help="Past rollouts recorded in the state folder.", no_args_is_help=True)
 
