@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from provisioner import ini, plan
@@ -87,10 +87,20 @@ def push_host(
     dry_run: bool = False,
 ) -> HostResult:
     """Bring one workstation's MicroSIP files to the rendered state. Never raises."""
+    result = _on_host(station, transport, lambda: _push(station, files, transport, options))
+    result.dry_run = dry_run
+    return result
+
+
+def _on_host(
+    station: StationPlan, transport: Transport, work: Callable[[], HostResult]
+) -> HostResult:
+    """``work()`` on one workstation, timed; its errors become a failed result, and the
+    transport is closed whatever happens."""
     start = time.monotonic()
     name = station.workstation.name
     try:
-        result = _push(station, files, transport, options)
+        result = work()
     except TransportError as exc:
         result = HostResult(name, Status.FAILED, str(exc), retryable=exc.retryable)
     except ProvisionerError as exc:
@@ -98,7 +108,6 @@ def push_host(
     finally:
         transport.close()
     result.duration = time.monotonic() - start
-    result.dry_run = dry_run
     return result
 
 
@@ -410,68 +419,63 @@ def rollback_host(
     options: PushOptions = PushOptions(),
 ) -> HostResult:
     """Restore the newest backup of each selected file. Never raises."""
-    start = time.monotonic()
-    name = station.workstation.name
-    try:
-        wanted = [
-            f
-            for f in files
-            if f.target.kind == "microsip" and (not options.users or f.target.user in options.users)
-        ]
-        if not options.users:
-            wanted += [f for f in files if f.target.kind == "override"]
-        answer = transport.request(inspect_request(station, wanted))
-        users = {u.name: u for u in answer.users}
-        items: list[RollbackFile] = []
-        # A file inspect could not look at is a failure of the rollback, never a silent skip.
-        unreachable: list[FileChange] = []
-        for built in wanted:
-            if built.target.kind == "override":
-                override = answer.override
-                if override is not None and override.per_user:
-                    continue  # no machine-wide override.ini: a per-user install
-                if override is None or override.error or not override.path:
-                    unreachable.append(_unreachable(built, override))
-                    continue
-                items.append(RollbackFile("override", None, None, override.path, None))
+    return _on_host(station, transport, lambda: _rollback(station, files, transport, options))
+
+
+def _rollback(
+    station: StationPlan, files: Sequence[BuiltFile], transport: Transport, options: PushOptions
+) -> HostResult:
+    wanted = [
+        f
+        for f in files
+        if f.target.kind == "microsip" and (not options.users or f.target.user in options.users)
+    ]
+    if not options.users:
+        wanted += [f for f in files if f.target.kind == "override"]
+    answer = transport.request(inspect_request(station, wanted))
+    users = {u.name: u for u in answer.users}
+    items: list[RollbackFile] = []
+    # A file inspect could not look at is a failure of the rollback, never a silent skip.
+    unreachable: list[FileChange] = []
+    for built in wanted:
+        if built.target.kind == "override":
+            override = answer.override
+            if override is not None and override.per_user:
+                continue  # no machine-wide override.ini: a per-user install
+            if override is None or override.error or not override.path:
+                unreachable.append(_unreachable(built, override))
                 continue
-            user = users.get(str(built.target.user))
-            if user is None or user.error or not user.path:
-                unreachable.append(_unreachable(built, user))
-                continue
-            items.append(
-                RollbackFile("microsip", built.target.user, user.sid, user.path, built.install.exe)
-            )
-        reply = transport.request(
-            RollbackRequest(options.if_running, station.install.appdata_roots, tuple(items))
+            items.append(RollbackFile("override", None, None, override.path, None))
+            continue
+        user = users.get(str(built.target.user))
+        if user is None or user.error or not user.path:
+            unreachable.append(_unreachable(built, user))
+            continue
+        items.append(
+            RollbackFile("microsip", built.target.user, user.sid, user.path, built.install.exe)
         )
-        changes = list(unreachable)
-        for item, outcome in zip(items, reply.files, strict=False):
-            status = outcome.status
-            changes.append(
-                FileChange(
-                    kind=item.kind,
-                    user=item.user,
-                    path=item.path,
-                    status=Status.CHANGED
-                    if status == "restored"
-                    else Status.BUSY
-                    if status == "busy"
-                    else Status.FAILED,
-                    message="restored the newest backup"
-                    if status == "restored"
-                    else _error_text(outcome.error, status),
-                    old_sha256=outcome.old_sha256,
-                    new_sha256=outcome.new_sha256,
-                )
+    reply = transport.request(
+        RollbackRequest(options.if_running, station.install.appdata_roots, tuple(items))
+    )
+    changes = list(unreachable)
+    for item, outcome in zip(items, reply.files, strict=False):
+        status = outcome.status
+        changes.append(
+            FileChange(
+                kind=item.kind,
+                user=item.user,
+                path=item.path,
+                status=Status.CHANGED
+                if status == "restored"
+                else Status.BUSY
+                if status == "busy"
+                else Status.FAILED,
+                message="restored the newest backup"
+                if status == "restored"
+                else _error_text(outcome.error, status),
+                old_sha256=outcome.old_sha256,
+                new_sha256=outcome.new_sha256,
             )
-        worst = max((c.status for c in changes), key=lambda s: s.rank, default=Status.UNCHANGED)
-        result = HostResult(name, worst, _summary(changes), changes)
-    except TransportError as exc:
-        result = HostResult(name, Status.FAILED, str(exc), retryable=exc.retryable)
-    except ProvisionerError as exc:
-        result = HostResult(name, Status.FAILED, str(exc))
-    finally:
-        transport.close()
-    result.duration = time.monotonic() - start
-    return result
+        )
+    worst = max((c.status for c in changes), key=lambda s: s.rank, default=Status.UNCHANGED)
+    return HostResult(station.workstation.name, worst, _summary(changes), changes)
