@@ -21,8 +21,11 @@ def test_every_package_of_the_source_is_listed() -> None:
         for path in (ROOT / "provisioner").rglob("__init__.py")
     }
     assert found <= listed, f"add to [tool.setuptools] packages: {sorted(found - listed)}"
-    # The templates ship from the repository's templates/ folder (package-dir).
-    assert listed - found == {"provisioner.templates"}
+    # Folders of data only (no __init__.py) are listed too, so that setuptools ships them
+    # without warning; the templates come from the repository's templates/ folder.
+    for package in listed - found:
+        assert _folder(package).is_dir(), f"{package} is listed but has no folder"
+        assert not list(_folder(package).glob("*.py")), f"{package} holds code: add __init__.py"
 
 
 def test_every_file_the_code_reads_at_run_time_is_package_data() -> None:
