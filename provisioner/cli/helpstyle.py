@@ -74,34 +74,30 @@ def paragraphs(text: str | None) -> str | None:
     )
 
 
-class Command(typer.core.TyperCommand):
+class _PlainHelp:
+    """This module's rules for a click command or group: paragraphs, plain metavars."""
+
+    help: str | None
+    params: list[Any]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.help = paragraphs(self.help)
+        for param in self.params:
+            _plain(param)
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)  # type: ignore[misc]
+        _plain(option)
+        return option
+
+
+class Command(_PlainHelp, typer.core.TyperCommand):
     """A command whose help follows this module's rules."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.help = paragraphs(self.help)
-        for param in self.params:
-            _plain(param)
 
-    def get_help_option(self, ctx: Any) -> Any:
-        option = super().get_help_option(ctx)
-        _plain(option)
-        return option
-
-
-class Group(typer.core.TyperGroup):
+class Group(_PlainHelp, typer.core.TyperGroup):
     """A command group whose help follows this module's rules."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.help = paragraphs(self.help)
-        for param in self.params:
-            _plain(param)
-
-    def get_help_option(self, ctx: Any) -> Any:
-        option = super().get_help_option(ctx)
-        _plain(option)
-        return option
 
 
 class App(typer.Typer):
