@@ -127,6 +127,7 @@ VARIANTS: dict[str, tuple[str, str]] = {
         "no build workers: build(workers=1), the YAML still composed ahead",
     ),
     "compose-serial": ("shipped", "no composing workers: every YAML file composed in this process"),
+    "one-part": ("shipped", "a build worker sends its files in one part at its end, not streamed"),
     "pickle-trees": ("shipped", "composed trees sent back pickled instead of marshal-packed"),
     "gc-on": ("shipped", "the garbage collector left on during load and build (frozen after)"),
     "no-freeze": ("shipped", "survivors not frozen: build(process_lifetime=False)"),
@@ -147,8 +148,10 @@ def _cpu_seconds() -> float:
 def _switch_off(variant: str) -> tuple[int | None, bool]:
     """Apply ``variant``'s switches in this process; the build's ``workers`` and
     ``process_lifetime`` arguments for it."""
-    from provisioner import forked, inventory, yamldoc
+    from provisioner import build, forked, inventory, yamldoc
 
+    if variant == "one-part":
+        build.TARGETS_PER_PART = 10**9
     if variant in ("compose-serial", "serial", "serial-gc-on", "serial-no-freeze"):
         inventory._trees = functools.partial(inventory._trees, workers=1)
     if variant == "pickle-trees":
