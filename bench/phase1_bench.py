@@ -32,7 +32,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -121,7 +121,7 @@ def generate(root: Path, users: int) -> Path:
 # benchmark's child only: through the engine's own parameters where it has one, else by
 # replacing one module attribute before the build.
 VARIANTS: dict[str, tuple[str, str]] = {
-    "shipped": ("", "Phase 1 as the commands run it (build(process_lifetime=True))"),
+    "shipped": ("", "Phase 1 as the commands run it"),
     "build-serial": (
         "shipped",
         "no build workers: build(workers=1), the YAML still composed ahead",
@@ -129,11 +129,9 @@ VARIANTS: dict[str, tuple[str, str]] = {
     "compose-serial": ("shipped", "no composing workers: every YAML file composed in this process"),
     "one-part": ("shipped", "a build worker sends its files in one part at its end, not streamed"),
     "pickle-trees": ("shipped", "composed trees sent back pickled instead of marshal-packed"),
-    "gc-on": ("shipped", "the garbage collector left on during load and build (frozen after)"),
-    "no-freeze": ("shipped", "survivors not frozen: build(process_lifetime=False)"),
+    "gc-on": ("shipped", "the garbage collector left on during the load and the build"),
     "serial": ("shipped", "one process: no composing and no build workers"),
     "serial-gc-on": ("serial", "one process, the garbage collector left on during the build"),
-    "serial-no-freeze": ("serial", "one process, survivors not frozen"),
     "floor": ("shipped", "ruamel's C safe loader and plain Jinja2, UTF-16LE: no checks"),
 }
 
@@ -145,14 +143,13 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def _switch_off(variant: str) -> tuple[int | None, bool]:
-    """Apply ``variant``'s switches in this process; the build's ``workers`` and
-    ``process_lifetime`` arguments for it."""
+def _switch_off(variant: str) -> int | None:
+    """Apply ``variant``'s switches in this process; the build's ``workers`` argument for it."""
     from provisioner import build, forked, inventory, yamldoc
 
     if variant == "one-part":
         build.TARGETS_PER_PART = 10**9
-    if variant in ("compose-serial", "serial", "serial-gc-on", "serial-no-freeze"):
+    if variant in ("compose-serial", "serial", "serial-gc-on"):
         inventory._trees = functools.partial(inventory._trees, workers=1)
     if variant == "pickle-trees":
 
@@ -170,18 +167,8 @@ def _switch_off(variant: str) -> tuple[int | None, bool]:
 
         yamldoc.packed_tree, yamldoc.unpacked_tree = pickled, unpickled
     if variant in ("gc-on", "serial-gc-on"):
-
-        @contextlib.contextmanager
-        def unpaused(*, freeze: bool = False) -> Iterator[None]:
-            yield
-            if freeze:
-                gc.freeze()
-
-        forked.paused_gc = unpaused
-    workers = (
-        1 if variant in ("build-serial", "serial", "serial-gc-on", "serial-no-freeze") else None
-    )
-    return workers, variant not in ("no-freeze", "serial-no-freeze")
+        forked.paused_gc = contextlib.nullcontext  # type: ignore[assignment]
+    return 1 if variant in ("build-serial", "serial", "serial-gc-on") else None
 
 
 def run_child(
@@ -196,7 +183,7 @@ def run_child(
     """
     from provisioner import build
 
-    variant_workers, process_lifetime = _switch_off(variant)
+    variant_workers = _switch_off(variant)
 
     def opener(recipients: vault.Recipients) -> vault.Opener:
         keyring = vault.Keyring(recipients)
@@ -205,12 +192,7 @@ def run_child(
 
     cpu = _cpu_seconds()
     start = time.perf_counter()
-    result = build.build(
-        root,
-        opener_factory=opener,
-        workers=workers or variant_workers,
-        process_lifetime=process_lifetime,
-    )
+    result = build.build(root, opener_factory=opener, workers=workers or variant_workers)
     total = time.perf_counter() - start
     cpu = _cpu_seconds() - cpu
     collect = time.perf_counter()

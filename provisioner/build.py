@@ -85,18 +85,15 @@ def build(
     opener_factory: OpenerFactory = placeholder_opener,
     templates: Path | None = None,
     workers: int | None = None,
-    process_lifetime: bool = False,
     budget: RenderBudget = DEFAULT_BUDGET,
 ) -> BuildResult:
     """Run Phase 1 for every selected target of the inventory at ``root``.
 
     ``workers`` processes share the targets after the load (default: one per core for large
-    inventories where the platform can fork safely, else 1). ``process_lifetime``: the result
-    is kept until the process ends (a command-line run), so its objects are frozen out of the
-    garbage collector's scans (see :func:`forked.paused_gc`). ``budget``: what rendering one
+    inventories where the platform can fork safely, else 1). ``budget``: what rendering one
     file may use (CPU time, output, memory).
     """
-    with forked.paused_gc(freeze=process_lifetime):
+    with forked.paused_gc():
         return _build(root, selection, opener_factory, templates, workers, budget)
 
 

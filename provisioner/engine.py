@@ -189,7 +189,6 @@ def _phase1(request: Request, keys: OpenerFactory) -> tuple[build.BuildResult, v
         request.inventory,
         selection=resolve.Selection(request.limit),
         opener_factory=factory,
-        process_lifetime=True,
     )
     model = result.inventory
     if model is not None and request.workstation and request.workstation not in model.workstations:

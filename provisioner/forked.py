@@ -36,15 +36,12 @@ _CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 
 
 @contextlib.contextmanager
-def paused_gc(*, freeze: bool = False) -> Iterator[None]:
+def paused_gc() -> Iterator[None]:
     """The cyclic garbage collector off for the block (and back on if it was).
 
     Loading and building an inventory allocates hundreds of thousands of long-lived objects
-    and almost no cycles; the collector would rescan them over and over (half of the time of
-    a large load, measured). ``freeze``: what the block leaves behind lives as long as the
-    process (a command-line run); it is frozen out of the collector's scans instead of being
-    scanned once more by the next collection (0.4 s after a 10,000-user build). Cyclic
-    garbage made in the block then stays until the process ends.
+    and almost no cycles; the collector would rescan them over and over (Phase 1 took 1.5 to
+    1.6 times as long with it on, see docs/performance.md).
     """
     enabled = gc.isenabled()
     gc.disable()
@@ -52,8 +49,6 @@ def paused_gc(*, freeze: bool = False) -> Iterator[None]:
         yield
     finally:
         if enabled:
-            if freeze:
-                gc.freeze()
             gc.enable()
 
 

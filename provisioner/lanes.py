@@ -231,7 +231,7 @@ class Lanes(Generic[Params]):
             return self
         # Objects that exist now stay out of the collector's scans, so that a child's first
         # full collection does not copy every page it shares with the parent. Whoever froze
-        # first (a command-line Phase 1) unfreezes, so close() leaves their freeze alone.
+        # first unfreezes, so close() leaves a freeze made before the lanes alone.
         self._frozen = gc.get_freeze_count() == 0
         gc.freeze()
         # Children are born ignoring Ctrl-C: no window in which it would kill one mid-start.

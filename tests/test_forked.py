@@ -265,7 +265,7 @@ def test_stream_chunks_keeps_order_and_ends_children_on_failure() -> None:
 
 def test_a_failure_leaves_no_reference_cycle_behind() -> None:
     # A cycle through the exception would keep every result (rendered files, passwords
-    # included) until a collection, and for good where a command froze the collector's scans.
+    # included) until a collection, and for good once frozen (the push lanes freeze what exists).
     chunks = forked.split(list(range(12)), 3)
     gc.collect()
     gc.disable()

@@ -324,7 +324,7 @@ def test_stop_ends_the_retries_inside_a_lane(fleet: Fleet) -> None:
 
 def test_closing_the_lanes_keeps_a_freeze_made_before_them(fleet: Fleet) -> None:
     only_thread()
-    gc.freeze()  # as a command-line Phase 1 does (build(process_lifetime=True))
+    gc.freeze()  # made by whoever embeds the engine, before the lanes open
     try:
         frozen = gc.get_freeze_count()
         with fleet.lanes(2) as pushers:

@@ -108,7 +108,6 @@ def run_build(
         selection=resolve.Selection(limit),
         opener_factory=factory,
         templates=templates,
-        process_lifetime=True,
     )
     if limit.strip() and result.inventory is not None and not result.targets:
         # A typo in CI's --limit must not pass as "0 errors".
