@@ -23,7 +23,6 @@ import gc
 import hashlib
 import json
 import os
-import pickle
 import resource
 import shutil
 import statistics
@@ -37,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 from provisioner import ini, secretstore, vault
-from provisioner.errors import InventoryError
 from provisioner.model import Secret
 
 REALM = "bench-realm"
@@ -128,7 +126,6 @@ VARIANTS: dict[str, tuple[str, str]] = {
     ),
     "compose-serial": ("shipped", "no composing workers: every YAML file composed in this process"),
     "one-part": ("shipped", "a build worker sends its files in one part at its end, not streamed"),
-    "pickle-trees": ("shipped", "composed trees sent back pickled instead of marshal-packed"),
     "gc-on": ("shipped", "the garbage collector left on during the load and the build"),
     "serial": ("shipped", "one process: no composing and no build workers"),
     "serial-gc-on": ("serial", "one process, the garbage collector left on during the build"),
@@ -145,27 +142,12 @@ def _cpu_seconds() -> float:
 
 def _switch_off(variant: str) -> int | None:
     """Apply ``variant``'s switches in this process; the build's ``workers`` argument for it."""
-    from provisioner import build, forked, inventory, yamldoc
+    from provisioner import build, forked, inventory
 
     if variant == "one-part":
         build.TARGETS_PER_PART = 10**9
     if variant in ("compose-serial", "serial", "serial-gc-on"):
         inventory._trees = functools.partial(inventory._trees, workers=1)
-    if variant == "pickle-trees":
-
-        def pickled(path: Path) -> bytes:
-            try:
-                return pickle.dumps(yamldoc.load_tree(path), protocol=pickle.HIGHEST_PROTOCOL)
-            except InventoryError as exc:
-                return pickle.dumps(exc)
-
-        def unpickled(data: bytes) -> tuple[yamldoc.YNode | None, tuple[yamldoc.Problem, ...]]:
-            loaded = pickle.loads(data)  # noqa: S301 - this benchmark's own child wrote it
-            if isinstance(loaded, InventoryError):
-                raise loaded
-            return loaded  # type: ignore[no-any-return]
-
-        yamldoc.packed_tree, yamldoc.unpacked_tree = pickled, unpickled
     if variant in ("gc-on", "serial-gc-on"):
         forked.paused_gc = contextlib.nullcontext  # type: ignore[assignment]
     return 1 if variant in ("build-serial", "serial", "serial-gc-on") else None

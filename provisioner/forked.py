@@ -2,23 +2,22 @@
 collector paused while hundreds of thousands of long-lived objects are built.
 
 Phase 1 of a large inventory is pure CPU work on data already in memory; forking after the
-load shares that data with the workers for free (copy-on-write), so only each chunk's results
-travel back, pickled through a pipe (never a file). Forking is used only where it is safe:
-a platform with ``fork`` and a process with a single thread (a forked child inherits locks held
-by other threads, which could deadlock it).
+load shares that data with the workers for free (copy-on-write), so only results travel back,
+through a pipe (never a file), in one message format: pickled ``("ok", result)`` frames, then
+``("end",)``, or ``("error", exception, where, traceback)`` when the work raised. Forking is
+used only where it is safe: a platform with ``fork`` and a process with a single thread (a
+forked child inherits locks held by other threads, which could deadlock it).
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
-import io
 import math
 import multiprocessing
 import os
 import pickle
 import signal
-import struct
 import threading
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -27,6 +26,7 @@ from typing import Any, BinaryIO, TypeVar
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
+_Child = tuple[multiprocessing.process.BaseProcess, BinaryIO]
 
 
 # Each worker copies the pages whose reference counts it touches; beyond a few workers memory
@@ -136,7 +136,7 @@ def stream_chunks(
     readers: list[_Reader] = []
     try:
         for chunk in chunks[1:]:
-            _start(children, _streaming_child, work, chunk)
+            _start(children, work, chunk)
         # Threads only once every child is forked: a child must not inherit a running thread.
         readers = [_Reader(process, stream) for process, stream in children]
         results = list(work(chunks[0]))
@@ -150,7 +150,7 @@ def stream_chunks(
 
 
 class _Reader:
-    """A thread that reads one streaming child's results as they arrive."""
+    """A thread that reads one child's results as they arrive."""
 
     def __init__(self, process: multiprocessing.process.BaseProcess, stream: BinaryIO) -> None:
         self.process, self.stream = process, stream
@@ -191,42 +191,47 @@ class _Reader:
 
 
 def ordered_map(
-    work: Callable[[Item], bytes], items: Sequence[Item], workers: int
-) -> Iterator[bytes]:
+    work: Callable[[Item], Result], items: Sequence[Item], workers: int
+) -> Iterator[Result]:
     """``work(item)`` for every item, in order, computed by ``workers`` forked children.
 
     Items are dealt round-robin, so the first results arrive at once and the caller consumes
-    them while the children go on. ``work`` encodes its own result as bytes (marshal is many
-    times faster than pickling objects). Stopping the iteration early ends the children.
+    them while the children go on. Stopping the iteration early ends the children.
     """
     if workers <= 1 or len(items) <= 1:
         yield from (work(item) for item in items)
         return
-    children: list[tuple[multiprocessing.process.BaseProcess, BinaryIO]] = []
+    children: list[_Child] = []
+
+    def each(share: Sequence[Item]) -> Iterator[Result]:
+        return (work(item) for item in share)
+
     try:
         for first in range(min(workers, len(items))):
-            _start(children, _frames_child, work, items[first::workers])
+            _start(children, each, items[first::workers])
         for index in range(len(items)):
             process, stream = children[index % len(children)]
-            yield _frame(process, stream)
+            message = _receive(process, stream)
+            if message[0] != "ok":
+                raise _no_result(process)  # "end" before all of its items: cannot happen
+            yield message[1]
     finally:
         _end(children)
 
 
 def _start(
-    children: list[tuple[multiprocessing.process.BaseProcess, BinaryIO]],
-    target: Callable[..., None],
-    work: Callable[[Any], Any],
+    children: list[_Child],
+    work: Callable[[Sequence[Any]], Iterable[Any]],
     share: Sequence[Any],
 ) -> None:
-    """Fork ``target(work, share, read_fd, write_fd)``; keep the child and its pipe's reader."""
+    """Fork a child that sends ``work(share)``'s results; keep it and its pipe's reader."""
     read_fd, write_fd = os.pipe()
     reader: BinaryIO = os.fdopen(read_fd, "rb")
     # The child closes the parent's readers of its older siblings: kept open, they would hide
     # from a sibling that the parent stopped reading (no EPIPE), and it would block until killed.
     siblings = [stream.fileno() for _, stream in children]
     child = multiprocessing.get_context("fork").Process(
-        target=target, args=(work, share, read_fd, write_fd, siblings), daemon=True
+        target=_child, args=(work, share, read_fd, write_fd, siblings), daemon=True
     )
     children.append((child, reader))
     try:
@@ -235,71 +240,55 @@ def _start(
         os.close(write_fd)
 
 
-def _end(children: Sequence[tuple[multiprocessing.process.BaseProcess, BinaryIO]]) -> None:
+def _end(children: Sequence[_Child]) -> None:
     for process, stream in children:
         stream.close()
         if reap(process, 1.0) is not None:
             process.close()  # its sentinel descriptor, now rather than when collected
 
 
-_FRAME = struct.Struct("<?Q")  # failed, payload length
-
-
-def _frame(process: multiprocessing.process.BaseProcess, stream: BinaryIO) -> bytes:
-    header = stream.read(_FRAME.size)
-    failed, length = _FRAME.unpack(header) if len(header) == _FRAME.size else (True, 0)
-    payload = stream.read(length) if length else b""
-    if len(payload) != length or (failed and not payload):
-        raise _no_result(process)
-    if failed:
-        _receive(process, io.BytesIO(payload))  # raises the child's exception
-        raise _no_result(process)
-    return payload
-
-
-def _frames_child(
-    work: Callable[[Item], bytes],
+def _child(
+    work: Callable[[Sequence[Item]], Iterable[Result]],
     share: Sequence[Item],
     read_fd: int,
     write_fd: int,
     siblings: Sequence[int],
 ) -> None:
-    _detach(read_fd, siblings)
-    try:
-        with os.fdopen(write_fd, "wb") as stream:
-            for item in share:
-                try:
-                    payload = work(item)
-                except BaseException as exc:  # every failure must reach the parent
-                    error = pickle.dumps(_failure(exc), protocol=pickle.HIGHEST_PROTOCOL)
-                    stream.write(_FRAME.pack(True, len(error)) + error)
-                    return
-                stream.write(_FRAME.pack(False, len(payload)))
-                stream.write(payload)
-    except OSError:  # the parent stopped reading (it has what it wanted, or it is gone)
-        os._exit(0)
-
-
-def _detach(read_fd: int, siblings: Sequence[int]) -> None:
-    """A worker's start: Ctrl-C is the parent's to handle; no reader of any pipe stays open."""
+    # Ctrl-C is the parent's to handle; no reader of any pipe stays open here.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.close(read_fd)
     for fd in siblings:
         with contextlib.suppress(OSError):
             os.close(fd)
+    try:
+        with os.fdopen(write_fd, "wb") as stream:
+            for message in _messages(work, share):
+                pickle.dump(message, stream, protocol=pickle.HIGHEST_PROTOCOL)
+    except BrokenPipeError:  # the parent stopped reading (it has what it wanted, or it is gone)
+        os._exit(0)
+    except BaseException:  # an unpicklable result (a Secret)
+        # Part of the message may be in the pipe already: the parent sees a broken stream
+        # and reports this exit code.
+        os._exit(_UNPICKLABLE)
 
 
-def _no_result(process: multiprocessing.process.BaseProcess) -> WorkerError:
-    # A child may still be writing (its stream could not be read here): it would never end.
-    code = reap(process, 1.0)
-    return WorkerError(f"a worker process ended without a result (exit code {code})")
-
-
-class _RemoteTraceback(Exception):
-    """The worker's traceback, as text (shown as the cause of its exception)."""
-
-    def __str__(self) -> str:
-        return str(self.args[0])
+def _messages(
+    work: Callable[[Sequence[Item]], Iterable[Result]], share: Sequence[Item]
+) -> Iterator[tuple[Any, ...]]:
+    """``("ok", result)`` for each result, then ``("end",)`` or the failure of ``work``."""
+    results: Iterator[Result] | None = None
+    while True:
+        try:
+            if results is None:
+                results = iter(work(share))
+            result = next(results)
+        except StopIteration:
+            yield ("end",)
+            return
+        except BaseException as exc:  # every failure must reach the parent
+            yield ("error", _sendable(exc), _innermost(exc), traceback.format_exc())
+            return
+        yield ("ok", result)
 
 
 def _receive(process: multiprocessing.process.BaseProcess, stream: BinaryIO) -> tuple[Any, ...]:
@@ -318,46 +307,17 @@ def _receive(process: multiprocessing.process.BaseProcess, stream: BinaryIO) -> 
     return tuple(message)
 
 
-def _streaming_child(
-    work: Callable[[Sequence[Item]], Iterable[Result]],
-    chunk: Sequence[Item],
-    read_fd: int,
-    write_fd: int,
-    siblings: Sequence[int],
-) -> None:
-    _detach(read_fd, siblings)
-    try:
-        with os.fdopen(write_fd, "wb") as stream:
-            for message in _messages(work, chunk):
-                pickle.dump(message, stream, protocol=pickle.HIGHEST_PROTOCOL)
-    except BaseException:  # unpicklable result (a Secret), or the parent is gone
-        # Part of the message may be in the pipe already: the parent sees a broken stream
-        # and reports this exit code.
-        os._exit(_UNPICKLABLE)
+def _no_result(process: multiprocessing.process.BaseProcess) -> WorkerError:
+    # A child may still be writing (its stream could not be read here): it would never end.
+    code = reap(process, 1.0)
+    return WorkerError(f"a worker process ended without a result (exit code {code})")
 
 
-def _messages(
-    work: Callable[[Sequence[Item]], Iterable[Result]], chunk: Sequence[Item]
-) -> Iterator[tuple[Any, ...]]:
-    """``("ok", result)`` for each result, then ``("end",)`` or the failure of ``work``."""
-    results: Iterator[Result] | None = None
-    while True:
-        try:
-            if results is None:
-                results = iter(work(chunk))
-            result = next(results)
-        except StopIteration:
-            yield ("end",)
-            return
-        except BaseException as exc:  # every failure must reach the parent
-            yield _failure(exc)
-            return
-        yield ("ok", result)
+class _RemoteTraceback(Exception):
+    """The worker's traceback, as text (shown as the cause of its exception)."""
 
-
-def _failure(exc: BaseException) -> tuple[Any, ...]:
-    """The message that carries ``exc`` (being handled) to the parent: see :func:`_receive`."""
-    return ("error", _sendable(exc), _innermost(exc), traceback.format_exc())
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 def _sendable(exc: BaseException) -> BaseException:

@@ -292,11 +292,10 @@ def _in_file_order(errors: Sequence[InventoryError]) -> list[InventoryError]:
     return sorted(errors, key=lambda e: (e.file or "", e.line or 0, e.column or 0))
 
 
-def _trees(
-    files: Sequence[Path], workers: int | None = None
-) -> Iterator[
-    tuple[Path, tuple[yamldoc.YNode | None, tuple[yamldoc.Problem, ...]] | InventoryError]
-]:
+_Composed = tuple[yamldoc.YNode | None, tuple[yamldoc.Problem, ...]] | InventoryError
+
+
+def _trees(files: Sequence[Path], workers: int | None = None) -> Iterator[tuple[Path, _Composed]]:
     """Every file's positioned tree (or why it has none), in order.
 
     Composing is the larger half of a load; for a large inventory forked workers compose the
@@ -305,20 +304,15 @@ def _trees(
     if workers is None:
         size = sum(_size(path) for path in files)
         workers = forked.usable_workers(size, per_worker=BYTES_PER_COMPOSE_WORKER)
-    if workers <= 1:
-        for path in files:
-            try:
-                yield path, yamldoc.load_tree(path)
-            except InventoryError as exc:
-                yield path, exc
-        return
-    for path, data in zip(
-        files, forked.ordered_map(yamldoc.packed_tree, files, workers), strict=True
-    ):
-        try:
-            yield path, yamldoc.unpacked_tree(data)
-        except InventoryError as exc:
-            yield path, exc
+    return zip(files, forked.ordered_map(_composed, files, workers), strict=True)
+
+
+def _composed(path: Path) -> _Composed:
+    """The file's tree and problems, or why it has none (returned: the load goes on)."""
+    try:
+        return yamldoc.load_tree(path)
+    except InventoryError as exc:
+        return exc
 
 
 def _size(path: Path) -> int:

@@ -17,7 +17,6 @@ to billions of values).
 from __future__ import annotations
 
 import io
-import marshal
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -787,59 +786,6 @@ def compose_tree(text: str, source: str) -> tuple[YNode | None, tuple[Problem, .
     except _TooDeep as exc:
         raise _too_deep(source, exc.line, exc.column) from None
     return tree, tuple(builder.problems)
-
-
-def packed_tree(path: Path) -> bytes:
-    """:func:`load_tree` of ``path`` as marshal bytes, to rebuild in another process.
-
-    A positioned tree is plain tuples, strings and numbers: marshal writes and reads it many
-    times faster than pickle writes objects (MAX_DEPTH levels are about 200 nested tuples,
-    far within marshal's limit). An :class:`InventoryError` travels as data too.
-    """
-    try:
-        tree, problems = load_tree(path)
-        return marshal.dumps(
-            (
-                _pack(tree) if tree is not None else None,
-                tuple((p.message, p.line, p.column, p.segments) for p in problems),
-            )
-        )
-    except InventoryError as exc:
-        return marshal.dumps((str(exc.args[0]), exc.file, exc.line, exc.column, exc.path))
-
-
-def unpacked_tree(data: bytes) -> tuple[YNode | None, tuple[Problem, ...]]:
-    """The result of :func:`packed_tree`: the tree and problems, or its InventoryError raised."""
-    packed = marshal.loads(data)  # noqa: S302 - our own forked worker wrote it
-    if len(packed) == 5:
-        message, file, line, column, pointer = packed
-        raise InventoryError(message, file=file, line=line, column=column, path=pointer)
-    tree, problems = packed
-    return (
-        _unpack(tree) if tree is not None else None,
-        tuple(Problem(*problem) for problem in problems),
-    )
-
-
-def _pack(node: YNode) -> tuple[Any, ...]:
-    items = tuple((name, _pack(child)) for name, child in node.items)
-    return (
-        node.kind,
-        node.line,
-        node.column,
-        node.value,
-        items,
-        node.key_positions,
-        node.tag,
-        node.shared,
-    )
-
-
-def _unpack(packed: tuple[Any, ...]) -> YNode:
-    kind, line, column, value, items, positions, tag, shared = packed
-    if items:
-        items = tuple((name, _unpack(child)) for name, child in items)
-    return YNode(kind, line, column, value, items, positions, tag, shared)
 
 
 class _TreeBuilder:

@@ -180,7 +180,7 @@ def test_ordered_map_keeps_order_while_children_stream() -> None:
 
 
 def test_inventory_files_composed_by_workers_give_the_same_trees(tmp_path: Path) -> None:
-    from provisioner import inventory, yamldoc
+    from provisioner import inventory
 
     root = write_inventory(
         tmp_path / "inv",
@@ -208,21 +208,23 @@ def test_inventory_files_composed_by_workers_give_the_same_trees(tmp_path: Path)
     assert any("nested too deeply" in e for e in errors)
     problems = [t[1] for _, t in serial if not isinstance(t, Exception) and t[1]]
     assert problems and "transport" in problems[0][0].message
-    tree, _ = yamldoc.unpacked_tree(yamldoc.packed_tree(files[1]))
+    composed = forked_trees[1][1]  # composed in the second worker
+    assert not isinstance(composed, Exception)
+    tree, _ = composed
     users = tree.get("users") if tree is not None else None
     user = users.get("u1") if users is not None else None
     name = user.get("display_name") if user is not None else None
     assert name is not None and name.value == "a\ud800b \U0001f600 \t"
 
 
-def test_a_tree_nested_as_deep_as_allowed_travels_through_marshal(tmp_path: Path) -> None:
+def test_a_tree_nested_as_deep_as_allowed_travels_between_processes(tmp_path: Path) -> None:
     from provisioner import yamldoc
 
     levels = yamldoc.MAX_DEPTH - 2  # between the top-level mapping and the innermost one
     path = tmp_path / "a.yaml"
     path.write_text("a: " + "[" * levels + "{k: 1}" + "]" * levels + "\n")
     expected = yamldoc.load_tree(path)
-    assert yamldoc.unpacked_tree(yamldoc.packed_tree(path)) == expected
+    assert list(forked.ordered_map(yamldoc.load_tree, [path, path], 2)) == [expected] * 2
 
 
 def _big(item: int) -> bytes:
