@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import gc
 import hashlib
 import json
@@ -120,17 +119,16 @@ def generate(root: Path, users: int) -> Path:
 # replacing one module attribute before the build.
 VARIANTS: dict[str, tuple[str, str]] = {
     "shipped": ("", "Phase 1 as the commands run it"),
-    "build-serial": (
-        "shipped",
-        "no build workers: build(workers=1), the YAML still composed ahead",
-    ),
+    "build-serial": ("shipped", "no build workers, the YAML still composed ahead by workers"),
     "compose-serial": ("shipped", "no composing workers: every YAML file composed in this process"),
     "one-part": ("shipped", "a build worker sends its files in one part at its end, not streamed"),
     "gc-on": ("shipped", "the garbage collector left on during the load and the build"),
-    "serial": ("shipped", "one process: no composing and no build workers"),
-    "serial-gc-on": ("serial", "one process, the garbage collector left on during the build"),
+    "serial": ("shipped", "one process: build(workers=1)"),
+    "serial-gc-on": ("serial", "one process, the garbage collector left on"),
     "floor": ("shipped", "ruamel's C safe loader and plain Jinja2, UTF-16LE: no checks"),
 }
+# Enough of anything that a constant of "so much per worker" means one process.
+_NEVER = 10**15
 
 
 def _cpu_seconds() -> float:
@@ -142,15 +140,17 @@ def _cpu_seconds() -> float:
 
 def _switch_off(variant: str) -> int | None:
     """Apply ``variant``'s switches in this process; the build's ``workers`` argument for it."""
-    from provisioner import build, forked, inventory
+    from provisioner import build, gcpause, inventory
 
     if variant == "one-part":
-        build.TARGETS_PER_PART = 10**9
-    if variant in ("compose-serial", "serial", "serial-gc-on"):
-        inventory._trees = functools.partial(inventory._trees, workers=1)
+        build.TARGETS_PER_PART = _NEVER
+    if variant == "build-serial":
+        build.TARGETS_PER_WORKER = _NEVER
+    if variant == "compose-serial":
+        inventory.BYTES_PER_COMPOSE_WORKER = _NEVER
     if variant in ("gc-on", "serial-gc-on"):
-        forked.paused_gc = contextlib.nullcontext  # type: ignore[assignment]
-    return 1 if variant in ("build-serial", "serial", "serial-gc-on") else None
+        gcpause.paused_gc = contextlib.nullcontext  # type: ignore[assignment]
+    return 1 if variant in ("serial", "serial-gc-on") else None
 
 
 def run_child(

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import provisioner.lint as ini_lint
-from provisioner import forked, ini, render, resolve, vault
+from provisioner import gcpause, ini, parallel, render, resolve, vault
 from provisioner.budget import DEFAULT_BUDGET, RenderBudget, stop_clock
 from provisioner.errors import InventoryError, ProvisionerError, RenderError, VaultError
 from provisioner.inidoc import PASSWORD_KEY, IniDocument, IniEntry, is_password_key
@@ -89,11 +89,11 @@ def build(
 ) -> BuildResult:
     """Run Phase 1 for every selected target of the inventory at ``root``.
 
-    ``workers`` processes share the targets after the load (default: one per core for large
-    inventories where the platform can fork safely, else 1). ``budget``: what rendering one
-    file may use (CPU time, output, memory).
+    ``workers``: the processes Phase 1 may use, for the load and for the targets (default: as
+    many as the work is worth, see :func:`parallel.workers_for`; 1: everything in this
+    process). ``budget``: what rendering one file may use (CPU time, output, memory).
     """
-    with forked.paused_gc():
+    with gcpause.paused_gc():
         return _build(root, selection, opener_factory, templates, workers, budget)
 
 
@@ -109,7 +109,7 @@ def _build(
     clock = _Clock(result.timings)
     with clock("load"):
         try:
-            inventory = load_inventory(root)
+            inventory = load_inventory(root, workers=workers)
         except InventoryErrors as exc:
             # In the loader's order: a reference's error after the error that caused it.
             result.findings.extend(_inventory_finding(e) for e in exc.errors)
@@ -139,10 +139,9 @@ def _build(
     try:
         result.findings.extend(builder.compile_templates())
         if workers is None:
-            workers = forked.usable_workers(len(result.targets), per_worker=TARGETS_PER_WORKER)
-        chunks = forked.split(result.targets, workers)
-        result.workers = len(chunks)
-        for part in forked.stream_chunks(builder.build_all, chunks):
+            workers = parallel.workers_for(len(result.targets), per_worker=TARGETS_PER_WORKER)
+        result.workers = max(1, min(workers, len(result.targets)))
+        for part in parallel.map_chunks(builder.build_all, result.targets, result.workers):
             result.files.extend(part.files)
             result.findings.extend(part.findings)
             for phase, seconds in part.timings.items():

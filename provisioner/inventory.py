@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from provisioner import forked, winpath, yamldoc
+from provisioner import gcpause, parallel, winpath, yamldoc
 from provisioner.credscope import address_problem
 from provisioner.errors import InventoryError, ProvisionerError
 from provisioner.inidoc import unquote
@@ -223,10 +223,14 @@ def inventory_files(root: Path) -> list[Path]:
     return sorted(found)
 
 
-def load_inventory(root: Path) -> Inventory:
-    """Load, check and cross-reference every file of an inventory directory."""
-    with forked.paused_gc():
-        return _load_inventory(root)
+def load_inventory(root: Path, *, workers: int | None = None) -> Inventory:
+    """Load, check and cross-reference every file of an inventory directory.
+
+    ``workers``: the processes that may compose the YAML files (default: as many as the
+    inventory's size is worth; 1: this process only).
+    """
+    with gcpause.paused_gc():
+        return _load_inventory(root, workers)
 
 
 def inventory_realm(root: Path) -> str:
@@ -244,11 +248,11 @@ def inventory_realm(root: Path) -> str:
     return realm
 
 
-def _load_inventory(root: Path) -> Inventory:
+def _load_inventory(root: Path, workers: int | None) -> Inventory:
     files = inventory_files(root)
     context = _Context(load_key_table())
     raw = _Raw()
-    for path, loaded in _trees(files):
+    for path, loaded in _trees(files, workers):
         if isinstance(loaded, InventoryError):
             context.errors.append(loaded)
             context.unparsed.append(str(path))
@@ -295,7 +299,7 @@ def _in_file_order(errors: Sequence[InventoryError]) -> list[InventoryError]:
 _Composed = tuple[yamldoc.YNode | None, tuple[yamldoc.Problem, ...]] | InventoryError
 
 
-def _trees(files: Sequence[Path], workers: int | None = None) -> Iterator[tuple[Path, _Composed]]:
+def _trees(files: Sequence[Path], workers: int | None) -> Iterator[tuple[Path, _Composed]]:
     """Every file's positioned tree (or why it has none), in order.
 
     Composing is the larger half of a load; for a large inventory forked workers compose the
@@ -303,8 +307,8 @@ def _trees(files: Sequence[Path], workers: int | None = None) -> Iterator[tuple[
     """
     if workers is None:
         size = sum(_size(path) for path in files)
-        workers = forked.usable_workers(size, per_worker=BYTES_PER_COMPOSE_WORKER)
-    return zip(files, forked.ordered_map(_composed, files, workers), strict=True)
+        workers = parallel.workers_for(size, per_worker=BYTES_PER_COMPOSE_WORKER)
+    return zip(files, parallel.map_ordered(_composed, files, workers), strict=True)
 
 
 def _composed(path: Path) -> _Composed:

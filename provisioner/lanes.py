@@ -39,7 +39,7 @@ from multiprocessing.connection import wait as wait_readable
 from types import TracebackType
 from typing import Any, Generic, Protocol, TypeVar
 
-from provisioner import forked
+from provisioner import parallel
 from provisioner.results import FileChange, HostResult, Status
 
 Params = TypeVar("Params")
@@ -75,7 +75,7 @@ def choose_processes(hosts: int, forks: int, requested: int = 0) -> int:
         return requested
     if hosts < MIN_HOSTS:
         return 1
-    return max(1, min(forked.available_cores(), forks // MIN_FORKS_PER_PROCESS, MAX_PROCESSES))
+    return max(1, min(parallel.available_cores(), forks // MIN_FORKS_PER_PROCESS, MAX_PROCESSES))
 
 
 class Dispatch(Protocol):
@@ -226,7 +226,7 @@ class Lanes(Generic[Params]):
         """Fork the lanes now, if this process may fork."""
         if self.requested < 2 or self._lanes:
             return self
-        if reason := forked.fork_unsafe_reason():
+        if reason := parallel.fork_unsafe_reason():
             self.fallback = reason
             return self
         # Objects that exist now stay out of the collector's scans, so that a child's first
@@ -291,7 +291,7 @@ class Lanes(Generic[Params]):
             lane.inbox.close()
             lane.outbox.close()
         for lane in self._lanes:
-            forked.reap(lane.process, _CLOSE_GRACE_S)
+            parallel.reap(lane.process, _CLOSE_GRACE_S)
         if self._frozen:
             gc.unfreeze()
             self._frozen = False
@@ -402,7 +402,7 @@ class _LaneSession(Generic[Params]):
                 self._take_answer(lane)
         lane.inbox.close()
         lane.outbox.close()
-        code = forked.reap(lane.process, 1.0)
+        code = parallel.reap(lane.process, 1.0)
         reason = f"push process {lane.pid} {why or _ending(code)} while pushing this workstation"
         reason += ": it may be partly written, push it again"
         for host in lane.in_flight:

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from provisioner import forked, vault, yamldoc
+from provisioner import gcpause, vault, yamldoc
 from provisioner.atomicfile import create_exclusive, write_atomic
 from provisioner.credscope import Scope
 from provisioner.errors import (
@@ -175,7 +175,7 @@ def kids_in_use(scan: Scan) -> Counter[str]:
 
 def scan_inventory(root: Path, files: Sequence[Path] | None = None) -> Scan:
     """Compose every inventory file and classify its scalars."""
-    with forked.paused_gc():
+    with gcpause.paused_gc():
         return _scan_inventory(root, files)
 
 

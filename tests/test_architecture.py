@@ -22,7 +22,8 @@ LAYERS: dict[str, int] = {
     "atomicfile": 1,
     "winpath": 1,
     "fingerprint": 1,
-    "forked": 1,
+    "parallel": 1,
+    "gcpause": 1,
     "budget": 1,
     "yamldoc": 1,
     "vault": 2,
@@ -59,6 +60,8 @@ ADAPTERS = {
     "requests": ("transport.winrm",),
     "yarl": ("transport.winrm",),
     "spnego": ("lab",),
+    # Forked processes: Phase 1's workers and the push lanes.
+    "multiprocessing": ("parallel", "lanes"),
 }
 # transport.winrm hands the WinRM password to pywinrm; the lab configures an emulated account.
 REVEAL_ALLOWED = {
@@ -113,6 +116,16 @@ def test_imports_point_down_and_l2_modules_stay_independent() -> None:
             # L1 holds small leaf helpers (model, schema, yamldoc...) that may build on each other.
             ok = theirs < mine or theirs == mine == 1
             assert ok, f"{module} (L{mine}) imports {target} (L{theirs})"
+
+
+def test_the_parallel_machinery_is_used_through_its_interface() -> None:
+    # The domain modules call what provisioner/parallel/__init__.py exports, never its parts.
+    for module, tree in _modules().items():
+        if module.split(".")[0] == "parallel":
+            continue
+        for imported in _imports(tree):
+            inside = imported.startswith("provisioner.parallel.")
+            assert not inside, f"{module} imports {imported}; use provisioner.parallel"
 
 
 def test_each_third_party_library_has_one_adapter() -> None:

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from provisioner import build, connections, forked, lanes, resolve, runner, secretstore
+from provisioner import build, connections, lanes, parallel, resolve, runner, secretstore
 from provisioner.lab import Faults
 from provisioner.lab.inventory_lab import InventoryLab, start_inventory_lab
 from provisioner.model import Secret
@@ -396,7 +396,7 @@ def test_one_process_wanted_means_no_lanes_and_auto_needs_a_large_run(fleet: Fle
         assert isinstance(pushers, lanes.Threads)
         assert pushers.processes == 0 and pushers.note(20) == ""
     assert lanes.choose_processes(lanes.MIN_HOSTS - 1, 20) == 1
-    cores = forked.available_cores()
+    cores = parallel.available_cores()
     assert lanes.choose_processes(lanes.MIN_HOSTS, 20) == max(1, min(cores, 10))
     assert lanes.choose_processes(10_000, 3) == 1  # one fork per process would not pay
     assert lanes.choose_processes(5, 20, requested=3) == 3

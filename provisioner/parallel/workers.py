@@ -1,19 +1,20 @@
-"""Bulk CPU work: split over forked worker processes (POSIX) or run serially, and the garbage
-collector paused while hundreds of thousands of long-lived objects are built.
+"""Work split over forked worker processes, its results pickled back through pipes.
 
-Phase 1 of a large inventory is pure CPU work on data already in memory; forking after the
-load shares that data with the workers for free (copy-on-write), so only results travel back,
-through a pipe (never a file), in one message format: pickled ``("ok", result)`` frames, then
-``("end",)``, or ``("error", exception, where, traceback)`` when the work raised. Forking is
-used only where it is safe: a platform with ``fork`` and a process with a single thread (a
-forked child inherits locks held by other threads, which could deadlock it).
+Phase 1 of a large inventory is pure CPU work on data already in memory; forking shares that
+data with the workers for free (copy-on-write), so only results travel back, through a pipe
+(never a file). Every child speaks one message format, pickled frames:
+
+- ``("ok", result)`` for each result, in the order the child makes them;
+- ``("end",)`` once it has made them all;
+- ``("error", exception, where, traceback)`` when its work raised (then it stops).
+
+A child whose result or exception cannot be pickled (a ``Secret`` refuses to be) exits with
+code 70 instead, and the parent reports a :class:`WorkerError`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import gc
-import math
 import multiprocessing
 import os
 import pickle
@@ -21,118 +22,34 @@ import signal
 import threading
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
+
+from provisioner.parallel.processes import reap
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 _Child = tuple[multiprocessing.process.BaseProcess, BinaryIO]
 
 
-# Each worker copies the pages whose reference counts it touches; beyond a few workers memory
-# grows faster than Phase 1 speeds up.
-MAX_WORKERS = 8
-_CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
-
-
-@contextlib.contextmanager
-def paused_gc() -> Iterator[None]:
-    """The cyclic garbage collector off for the block (and back on if it was).
-
-    Loading and building an inventory allocates hundreds of thousands of long-lived objects
-    and almost no cycles; the collector would rescan them over and over (Phase 1 took 1.5 to
-    1.6 times as long with it on, see docs/performance.md).
-    """
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
-def available_cores() -> int:
-    """CPU cores this process may use: its affinity, capped by a cgroup (container) quota."""
-    if hasattr(os, "sched_getaffinity"):
-        cores = len(os.sched_getaffinity(0))
-    else:
-        cores = os.cpu_count() or 1
-    try:
-        quota, period = _CGROUP_CPU_MAX.read_text().split()[:2]
-        if quota != "max":
-            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return cores
-
-
-def usable_workers(items: int, *, per_worker: int) -> int:
-    """How many processes are worth using for ``items`` items (1: stay serial).
-
-    ``min(cores, items // per_worker)``, at most :data:`MAX_WORKERS`; 1 where forking is not
-    possible or not safe (another thread is running).
-    """
-    if fork_unsafe_reason():
-        return 1
-    return max(1, min(available_cores(), items // max(1, per_worker), MAX_WORKERS))
-
-
-def fork_unsafe_reason() -> str:
-    """Why this process must not fork now; empty when it may."""
-    if not hasattr(os, "fork"):
-        return "this platform cannot fork"
-    if threading.active_count() > 1:
-        return "another thread is running (forking now could deadlock a child)"
-    return ""
-
-
-def reap(process: multiprocessing.process.BaseProcess, grace: float) -> int | None:
-    """Wait up to ``grace`` seconds for a child, then end it (terminate, then kill); its exit
-    code, or None for a child never started."""
-    if process.pid is None:
-        return None
-    process.join(grace)
-    if process.is_alive():
-        process.terminate()
-        process.join(1.0)
-    if process.is_alive():
-        process.kill()
-        process.join()
-    return process.exitcode
-
-
-def split(items: Sequence[Item], parts: int) -> list[Sequence[Item]]:
-    """``items`` cut into ``parts`` contiguous chunks of nearly equal size, order kept."""
-    parts = max(1, min(parts, len(items)))
-    size, extra = divmod(len(items), parts)
-    chunks: list[Sequence[Item]] = []
-    start = 0
-    for index in range(parts):
-        end = start + size + (1 if index < extra else 0)
-        chunks.append(items[start:end])
-        start = end
-    return chunks
-
-
 class WorkerError(RuntimeError):
     """A worker process failed without an exception that could travel back."""
 
 
-def stream_chunks(
-    work: Callable[[Sequence[Item]], Iterable[Result]], chunks: Sequence[Sequence[Item]]
+def map_chunks(
+    work: Callable[[Sequence[Item]], Iterable[Result]], items: Sequence[Item], workers: int
 ) -> list[Result]:
-    """Every result ``work(chunk)`` yields, chunk after chunk: the first chunk here, the others
-    in forked children.
+    """Every result ``work(chunk)`` yields, for ``items`` cut into ``workers`` contiguous
+    chunks, chunk after chunk: the first chunk here, the others in forked children.
 
-    A child sends each result as it is yielded (a pickle frame through a pipe), and a thread
-    here reads it while this process works on its own chunk: neither side piles up the other's
-    results, and nothing is left to read when this process is done. An exception raised by
-    ``work`` in a child is raised here once this process has done its own chunk.
+    A child sends each result as it is yielded, and a thread here reads it while this process
+    works on its own chunk: neither side piles up the other's results, and nothing is left to
+    read when this process is done. An exception raised by ``work`` in a child is raised here
+    once this process has done its own chunk.
     """
+    chunks = _split(items, workers)
     if len(chunks) <= 1:
         return [result for chunk in chunks for result in work(chunk)]
-    children: list[tuple[multiprocessing.process.BaseProcess, BinaryIO]] = []
+    children: list[_Child] = []
     readers: list[_Reader] = []
     try:
         for chunk in chunks[1:]:
@@ -147,6 +64,48 @@ def stream_chunks(
         for reader in readers:
             reader.stop()
         _end(children)
+
+
+def map_ordered(
+    work: Callable[[Item], Result], items: Sequence[Item], workers: int
+) -> Iterator[Result]:
+    """``work(item)`` for every item, in order, computed by ``workers`` forked children.
+
+    Items are dealt round-robin, so the first results arrive at once and the caller consumes
+    them while the children go on. Stopping the iteration early ends the children.
+    """
+    if workers <= 1 or len(items) <= 1:
+        yield from (work(item) for item in items)
+        return
+    children: list[_Child] = []
+
+    def each(share: Sequence[Item]) -> Iterator[Result]:
+        return (work(item) for item in share)
+
+    try:
+        for first in range(min(workers, len(items))):
+            _start(children, each, items[first::workers])
+        for index in range(len(items)):
+            process, stream = children[index % len(children)]
+            message = _receive(process, stream)
+            if message[0] != "ok":
+                raise _no_result(process)  # "end" before all of its items: cannot happen
+            yield message[1]
+    finally:
+        _end(children)
+
+
+def _split(items: Sequence[Item], parts: int) -> list[Sequence[Item]]:
+    """``items`` cut into ``parts`` contiguous chunks of nearly equal size, order kept."""
+    parts = max(1, min(parts, len(items)))
+    size, extra = divmod(len(items), parts)
+    chunks: list[Sequence[Item]] = []
+    start = 0
+    for index in range(parts):
+        end = start + size + (1 if index < extra else 0)
+        chunks.append(items[start:end])
+        start = end
+    return chunks
 
 
 class _Reader:
@@ -188,35 +147,6 @@ class _Reader:
             self.process.terminate()
             self.thread.join()
         self.failure, self.received = None, []
-
-
-def ordered_map(
-    work: Callable[[Item], Result], items: Sequence[Item], workers: int
-) -> Iterator[Result]:
-    """``work(item)`` for every item, in order, computed by ``workers`` forked children.
-
-    Items are dealt round-robin, so the first results arrive at once and the caller consumes
-    them while the children go on. Stopping the iteration early ends the children.
-    """
-    if workers <= 1 or len(items) <= 1:
-        yield from (work(item) for item in items)
-        return
-    children: list[_Child] = []
-
-    def each(share: Sequence[Item]) -> Iterator[Result]:
-        return (work(item) for item in share)
-
-    try:
-        for first in range(min(workers, len(items))):
-            _start(children, each, items[first::workers])
-        for index in range(len(items)):
-            process, stream = children[index % len(children)]
-            message = _receive(process, stream)
-            if message[0] != "ok":
-                raise _no_result(process)  # "end" before all of its items: cannot happen
-            yield message[1]
-    finally:
-        _end(children)
 
 
 def _start(

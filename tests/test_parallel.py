@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from provisioner import build, forked
+from provisioner import build, parallel
 from provisioner.model import Secret
+from provisioner.parallel.processes import MAX_WORKERS
 from tests.phase1kit import EXAMPLE, real_opener, secret_for, write_inventory
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
@@ -79,15 +80,15 @@ def test_example_inventory_is_the_same_with_workers() -> None:
 
 
 def test_small_or_threaded_runs_stay_serial() -> None:
-    assert forked.usable_workers(10, per_worker=1000) == 1
+    assert parallel.workers_for(10, per_worker=1000) == 1
     others = threading.active_count() > 1  # a lab thread left by another test, say
-    expected = 1 if others else min(forked.available_cores(), forked.MAX_WORKERS)
-    assert forked.usable_workers(10**6, per_worker=1) == expected
+    expected = 1 if others else min(parallel.available_cores(), MAX_WORKERS)
+    assert parallel.workers_for(10**6, per_worker=1) == expected
     stop = threading.Event()
     thread = threading.Thread(target=stop.wait)
     thread.start()
     try:
-        assert forked.usable_workers(10**6, per_worker=1) == 1
+        assert parallel.workers_for(10**6, per_worker=1) == 1
     finally:
         stop.set()
         thread.join()
@@ -118,25 +119,26 @@ def _unrebuildable_in_second_chunk(chunk: Sequence[int]) -> int:
 
 
 def _per_chunk(work: Callable[[Sequence[int]], object]) -> Callable[[Sequence[int]], list[object]]:
-    """``work`` giving one result per chunk, as stream_chunks takes it."""
+    """``work`` giving one result per chunk, as map_chunks takes it."""
     return lambda chunk: [work(chunk)]
 
 
-def test_stream_chunks_keeps_order_and_reports_failures() -> None:
-    chunks = forked.split(list(range(10)), 3)
-    assert [list(c) for c in chunks] == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
-    assert forked.stream_chunks(_per_chunk(sum), chunks) == [6, 15, 24]
+def test_map_chunks_keeps_order_and_reports_failures() -> None:
+    items = list(range(10))
+    chunks = parallel.map_chunks(_per_chunk(list), items, 3)
+    assert chunks == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    assert parallel.map_chunks(_per_chunk(sum), items, 3) == [6, 15, 24]
     with pytest.raises(ValueError, match="bad chunk starting at 4") as failure:
-        forked.stream_chunks(_per_chunk(_fail_in_second_chunk), chunks)
+        parallel.map_chunks(_per_chunk(_fail_in_second_chunk), items, 3)
     # Where the worker failed travels with the exception: a note and the remote traceback.
     [note] = failure.value.__notes__
     assert note.startswith("(raised in a worker process at ") and __file__ in note
     assert "_fail_in_second_chunk" in str(failure.value.__cause__)
-    with pytest.raises(forked.WorkerError, match="_NeedsKeyword in a worker process"):
-        forked.stream_chunks(_per_chunk(_unrebuildable_in_second_chunk), chunks)
-    with pytest.raises(forked.WorkerError, match="exit code 7"):
-        forked.stream_chunks(_per_chunk(_die_in_second_chunk), chunks)
-    assert forked.split([1], 4) == [[1]]
+    with pytest.raises(parallel.WorkerError, match="_NeedsKeyword in a worker process"):
+        parallel.map_chunks(_per_chunk(_unrebuildable_in_second_chunk), items, 3)
+    with pytest.raises(parallel.WorkerError, match="exit code 7"):
+        parallel.map_chunks(_per_chunk(_die_in_second_chunk), items, 3)
+    assert parallel.map_chunks(_per_chunk(list), [1], 4) == [[1]]
 
 
 def _secret_in_second_chunk(chunk: Sequence[int]) -> object:
@@ -144,9 +146,8 @@ def _secret_in_second_chunk(chunk: Sequence[int]) -> object:
 
 
 def test_a_secret_never_travels_between_processes(capfd: pytest.CaptureFixture[str]) -> None:
-    chunks = forked.split(list(range(4)), 2)
-    with pytest.raises(forked.WorkerError, match="exit code 70") as failure:
-        forked.stream_chunks(_per_chunk(_secret_in_second_chunk), chunks)
+    with pytest.raises(parallel.WorkerError, match="exit code 70") as failure:
+        parallel.map_chunks(_per_chunk(_secret_in_second_chunk), list(range(4)), 2)
     out, err = capfd.readouterr()
     assert "canary-password" not in str(failure.value) + out + err
 
@@ -159,24 +160,24 @@ def _encode_or_fail(item: int) -> bytes:
     return str(item * item).encode()
 
 
-def test_ordered_map_keeps_order_while_children_stream() -> None:
+def test_map_ordered_keeps_order_while_children_stream() -> None:
     items = list(range(5))
     for workers in (1, 2, 3, 8):
-        assert [int(b) for b in forked.ordered_map(_encode_or_fail, items, workers)] == [
+        assert [int(b) for b in parallel.map_ordered(_encode_or_fail, items, workers)] == [
             0,
             1,
             4,
             9,
             16,
         ]
-    results = forked.ordered_map(_encode_or_fail, list(range(7)), 2)
+    results = parallel.map_ordered(_encode_or_fail, list(range(7)), 2)
     # Every result before the failing item arrives; then its exception, with where it came from.
     assert [int(next(results)) for _ in range(5)] == [0, 1, 4, 9, 16]
     with pytest.raises(ValueError, match="bad item 5") as failure:
         next(results)
     assert failure.value.__notes__[0].startswith("(raised in a worker process at ")
-    with pytest.raises(forked.WorkerError, match="exit code 9"):
-        list(forked.ordered_map(_encode_or_fail, [6, 7, 8, 9], 2))
+    with pytest.raises(parallel.WorkerError, match="exit code 9"):
+        list(parallel.map_ordered(_encode_or_fail, [6, 7, 8, 9], 2))
 
 
 def test_inventory_files_composed_by_workers_give_the_same_trees(tmp_path: Path) -> None:
@@ -224,7 +225,7 @@ def test_a_tree_nested_as_deep_as_allowed_travels_between_processes(tmp_path: Pa
     path = tmp_path / "a.yaml"
     path.write_text("a: " + "[" * levels + "{k: 1}" + "]" * levels + "\n")
     expected = yamldoc.load_tree(path)
-    assert list(forked.ordered_map(yamldoc.load_tree, [path, path], 2)) == [expected] * 2
+    assert list(parallel.map_ordered(yamldoc.load_tree, [path, path], 2)) == [expected] * 2
 
 
 def _big(item: int) -> bytes:
@@ -251,16 +252,16 @@ def _busy_forever(chunk: Sequence[int]) -> Iterator[bytes]:
         yield _big(1)
 
 
-def test_stream_chunks_keeps_order_and_ends_children_on_failure() -> None:
-    chunks = forked.split(list(range(12)), 3)
+def test_map_chunks_keeps_order_and_ends_children_on_failure() -> None:
+    items = list(range(12))
     # 200 kB results, 4 per child: far more than a pipe holds while this process sleeps.
-    assert forked.stream_chunks(_parts, chunks) == [_big(i) for i in range(12)]
+    assert parallel.map_chunks(_parts, items, 3) == [_big(i) for i in range(12)]
     with pytest.raises(ValueError, match="bad item 6"):
-        forked.stream_chunks(_fail_after_two, chunks)
+        parallel.map_chunks(_fail_after_two, items, 3)
     assert threading.active_count() == 1  # no reader left: push lanes may fork after this
     start = time.monotonic()
     with pytest.raises(KeyError, match="this process failed first"):
-        forked.stream_chunks(_busy_forever, chunks)
+        parallel.map_chunks(_busy_forever, items, 3)
     assert time.monotonic() - start < 10  # the endless children were ended, not waited for
     assert threading.active_count() == 1
 
@@ -268,12 +269,11 @@ def test_stream_chunks_keeps_order_and_ends_children_on_failure() -> None:
 def test_a_failure_leaves_no_reference_cycle_behind() -> None:
     # A cycle through the exception would keep every result (rendered files, passwords
     # included) until a collection, and for good once frozen (the push lanes freeze what exists).
-    chunks = forked.split(list(range(12)), 3)
     gc.collect()
     gc.disable()
     try:
         with contextlib.suppress(ValueError):
-            forked.stream_chunks(_fail_after_two, chunks)
+            parallel.map_chunks(_fail_after_two, list(range(12)), 3)
         gc.set_debug(gc.DEBUG_SAVEALL)
         gc.collect()
         cyclic = sorted({type(o).__name__ for o in gc.garbage} & {"frame", "_Reader", "list"})
@@ -285,7 +285,7 @@ def test_a_failure_leaves_no_reference_cycle_behind() -> None:
 
 
 def test_stopping_early_ends_the_workers_quietly(capfd: pytest.CaptureFixture[str]) -> None:
-    results = forked.ordered_map(_big, list(range(8)), 4)
+    results = parallel.map_ordered(_big, list(range(8)), 4)
     assert next(results) == _big(0)
     results.close()  # the workers are blocked writing: each must see the pipe close
     _, err = capfd.readouterr()
