@@ -34,8 +34,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from provisioner import ini, secretstore, vault
-from provisioner.model import Secret
+from provisioner.inventory.model import Secret
+from provisioner.microsip import ini
+from provisioner.secrets import secretstore, vault
 
 REALM = "bench-realm"
 PASSPHRASE = b"bench passphrase, not secret"
@@ -140,14 +141,16 @@ def _cpu_seconds() -> float:
 
 def _switch_off(variant: str) -> int | None:
     """Apply ``variant``'s switches in this process; the build's ``workers`` argument for it."""
-    from provisioner import build, gcpause, inventory
+    from provisioner import gcpause
+    from provisioner.inventory import loader
+    from provisioner.render import build
 
     if variant == "one-part":
         build.TARGETS_PER_PART = _NEVER
     if variant == "build-serial":
         build.TARGETS_PER_WORKER = _NEVER
     if variant == "compose-serial":
-        inventory.BYTES_PER_COMPOSE_WORKER = _NEVER
+        loader.BYTES_PER_COMPOSE_WORKER = _NEVER
     if variant in ("gc-on", "serial-gc-on"):
         gcpause.paused_gc = contextlib.nullcontext  # type: ignore[assignment]
     return 1 if variant in ("serial", "serial-gc-on") else None
@@ -163,7 +166,7 @@ def run_child(
     (its pages are mostly shared with this process, copy-on-write). ``collect``: one full
     collection after the build, which the command's next steps (or its exit) would meet.
     """
-    from provisioner import build
+    from provisioner.render import build
 
     variant_workers = _switch_off(variant)
 

@@ -23,13 +23,18 @@ from pathlib import Path
 
 import pytest
 
-from provisioner import build, ini, resolve, runner, state, vault
 from provisioner.cli import fill_optional_values
 from provisioner.cli.rollout import shown_selection
-from provisioner.engine import uninterrupted
 from provisioner.errors import ProvisionerError
+from provisioner.inventory import resolve
 from provisioner.lab import Faults
-from provisioner.results import Status
+from provisioner.microsip import ini
+from provisioner.records import state
+from provisioner.records.results import Status
+from provisioner.render import build
+from provisioner.rollout import runner
+from provisioner.rollout.engine import uninterrupted
+from provisioner.secrets import vault
 from tests.labkit import (
     ExampleLab,
     clean_env,

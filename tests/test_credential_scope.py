@@ -16,10 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from provisioner import connections, errors, secretstore, vault
-from provisioner.credscope import Scope, ca_fingerprint
+from provisioner import errors
+from provisioner.inventory.model import Secret
 from provisioner.lab.certs import CertAuthority
-from provisioner.model import Secret
+from provisioner.rollout import connections
+from provisioner.secrets import secretstore, vault
+from provisioner.secrets.credscope import Scope, ca_fingerprint
 from provisioner.transport.winrm import WinrmOptions, WinrmTransport
 from tests.labkit import (
     ATTACKER,
@@ -546,7 +548,7 @@ def test_a_hostile_address_given_directly_is_refused_before_connecting() -> None
 
 
 def test_doctor_connects_where_the_push_connects(tmp_path: Path) -> None:
-    from provisioner import doctor
+    from provisioner.rollout import doctor
 
     scope = Scope.build(["127.0.0.0/8", "localhost"], "encrypted")
     with listener() as target:

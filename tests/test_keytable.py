@@ -7,7 +7,7 @@ from importlib import resources
 import pytest
 
 from provisioner.errors import ProvisionerError
-from provisioner.keytable import (
+from provisioner.microsip.keytable import (
     KeyTable,
     account_index,
     key_table_from_data,
@@ -168,7 +168,7 @@ def table() -> KeyTable:
 
 
 def test_table_is_package_data_and_cached() -> None:
-    data = resources.files("provisioner").joinpath("data").joinpath("microsip_keys.toml")
+    data = resources.files("provisioner.microsip").joinpath("microsip_keys.toml")
     assert data.is_file()
     assert load_key_table() is load_key_table()
 

@@ -22,12 +22,16 @@ from typing import Any, TypeVar
 
 import pytest
 
-from provisioner import build, connections, lanes, parallel, resolve, runner, secretstore
+from provisioner import parallel
+from provisioner.inventory import resolve
+from provisioner.inventory.model import Secret
 from provisioner.lab import Faults
 from provisioner.lab.inventory_lab import InventoryLab, start_inventory_lab
-from provisioner.model import Secret
-from provisioner.results import HostResult, Status
-from provisioner.runner import RolloutOptions, RunResult, run_fleet
+from provisioner.records.results import HostResult, Status
+from provisioner.render import build
+from provisioner.rollout import connections, lanes, runner
+from provisioner.rollout.runner import RolloutOptions, RunResult, run_fleet
+from provisioner.secrets import secretstore
 from provisioner.transport.base import Transport
 from tests.labkit import WINRM_PASSWORD, example_lab, write_inventory
 

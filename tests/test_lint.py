@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from provisioner.inidoc import IniDocument, IniEntry, IniSection
-from provisioner.lint import (
+from provisioner.microsip.inidoc import IniDocument, IniEntry, IniSection
+from provisioner.microsip.lint import (
     FINDING_CODES,
     Finding,
     has_errors,

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from provisioner import build, parallel
-from provisioner.model import Secret
+from provisioner import parallel
+from provisioner.inventory.model import Secret
 from provisioner.parallel.processes import MAX_WORKERS
+from provisioner.render import build
 from tests.phase1kit import EXAMPLE, real_opener, secret_for, write_inventory
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
@@ -181,7 +182,7 @@ def test_map_ordered_keeps_order_while_children_stream() -> None:
 
 
 def test_inventory_files_composed_by_workers_give_the_same_trees(tmp_path: Path) -> None:
-    from provisioner import inventory
+    from provisioner.inventory import loader
 
     root = write_inventory(
         tmp_path / "inv",
@@ -194,9 +195,9 @@ def test_inventory_files_composed_by_workers_give_the_same_trees(tmp_path: Path)
         },
         dedent=False,
     )
-    files = inventory.inventory_files(root)
-    serial = list(inventory._trees(files, 1))
-    forked_trees = list(inventory._trees(files, 2))
+    files = loader.inventory_files(root)
+    serial = list(loader._trees(files, 1))
+    forked_trees = list(loader._trees(files, 2))
     assert [p for p, _ in forked_trees] == [p for p, _ in serial] == files
     for (_, one), (_, other) in zip(serial, forked_trees, strict=True):
         if isinstance(one, Exception):
@@ -219,7 +220,7 @@ def test_inventory_files_composed_by_workers_give_the_same_trees(tmp_path: Path)
 
 
 def test_a_tree_nested_as_deep_as_allowed_travels_between_processes(tmp_path: Path) -> None:
-    from provisioner import yamldoc
+    from provisioner.inventory import yamldoc
 
     levels = yamldoc.MAX_DEPTH - 2  # between the top-level mapping and the innermost one
     path = tmp_path / "a.yaml"

@@ -22,7 +22,6 @@ from typing import Any, TypeVar
 import pytest
 from rich.console import Console
 
-from provisioner import build, lanes, runner, state
 from provisioner.cli.progress import PlainReporter, RichReporter, print_summary
 from provisioner.errors import (
     AuthError,
@@ -32,14 +31,17 @@ from provisioner.errors import (
     TransportError,
     TransportTimeoutError,
 )
-from provisioner.fingerprint import Fingerprints
+from provisioner.inventory.resolve import StationPlan, resolve_station
 from provisioner.lab import agent
 from provisioner.lab.fleet import WorkstationSpec, build_workstation
 from provisioner.lab.workstation import Workstation
-from provisioner.report import exit_code, hosts_to_retry
-from provisioner.resolve import StationPlan, resolve_station
-from provisioner.results import HostResult, Status
-from provisioner.runner import RolloutOptions, parse_size, plan_batches, run_fleet
+from provisioner.records import state
+from provisioner.records.fingerprint import Fingerprints
+from provisioner.records.report import exit_code, hosts_to_retry
+from provisioner.records.results import HostResult, Status
+from provisioner.render import build
+from provisioner.rollout import lanes, runner
+from provisioner.rollout.runner import RolloutOptions, parse_size, plan_batches, run_fleet
 from provisioner.transport.agent.messages import AgentReply, AgentRequest, ApplyRequest
 from provisioner.transport.agent.operations import APPLY, REGISTRY
 from provisioner.transport.base import Transport
@@ -450,7 +452,7 @@ def test_conflicts_count_as_failures(fleet: Fleet) -> None:
 @pytest.fixture
 def exact_jitter(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     # jitter multiplies the delay by 0.5 + random()/2: random() = 1.0 gives the full delay
-    monkeypatch.setattr("provisioner.runner.random.random", lambda: 1.0)
+    monkeypatch.setattr("provisioner.rollout.runner.random.random", lambda: 1.0)
     yield
 
 

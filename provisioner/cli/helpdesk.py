@@ -25,11 +25,11 @@ from provisioner.cli.common import (
 )
 from provisioner.cli.helpstyle import App
 from provisioner.errors import ProvisionerError
-from provisioner.names import closest
+from provisioner.inventory.names import closest
 
 if TYPE_CHECKING:
-    from provisioner import vault
-    from provisioner.model import Inventory, User
+    from provisioner.inventory.model import Inventory, User
+    from provisioner.secrets import vault
 
 app = App(help="Helpdesk tasks for one user.", no_args_is_help=True)
 
@@ -53,8 +53,8 @@ def show(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Workstations, accounts (passwords masked), groups and the last push per workstation."""
-    from provisioner import state
-    from provisioner.schema import token_kid
+    from provisioner.inventory.schema import token_kid
+    from provisioner.records import state
 
     model, entry = _user(inventory, user)
     stations = sorted(s.name for s in model.workstations.values() if user in s.users)
@@ -129,10 +129,10 @@ def regenerate(
     state_folder: StateOpt = None,
 ) -> None:
     """Render and push this user's profile to every workstation they use, diff first."""
-    from provisioner import engine, runner
     from provisioner.cli import running
-    from provisioner.push import PushOptions
-    from provisioner.report import exit_code
+    from provisioner.records.report import exit_code
+    from provisioner.rollout import engine, runner
+    from provisioner.rollout.push import PushOptions
 
     _user(inventory, user)
     options = runner.RolloutOptions(
@@ -171,8 +171,8 @@ def regenerate(
 
 def _identity_for_push(recipients: vault.Recipients, explicit: list[Path] | None) -> None:
     """``--push`` needs a private key: say so before anything is written, not after."""
-    from provisioner import secretstore
     from provisioner.cli.common import identity_candidates
+    from provisioner.secrets import secretstore
 
     usable = {k.kid for k in recipients.keys if k.status != "retired"}
     for path in identity_candidates(explicit):
@@ -213,8 +213,9 @@ def set_password(
 
     With --push, the user's profile is pushed next, once confirmed (--yes: without asking).
     """
-    from provisioner import secretstore, state
     from provisioner.cli.inputs import read_new_password
+    from provisioner.records import state
+    from provisioner.secrets import secretstore
 
     _, entry = _user(inventory, user)
     ids = [a.id for a in entry.accounts]

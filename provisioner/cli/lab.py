@@ -28,8 +28,8 @@ from provisioner.cli.helpstyle import App
 from provisioner.errors import ProvisionerError
 
 if TYPE_CHECKING:
+    from provisioner.inventory.model import Inventory
     from provisioner.lab.scenario import Scenario
-    from provisioner.model import Inventory
 
 app = App(
     help="Emulated Windows workstations for tests, demos and template CI.", no_args_is_help=True
@@ -122,9 +122,9 @@ def up(
         return
     model = load_model(inventory)
     loaded = _load_scenario(scenario, model) if scenario is not None else None
-    from provisioner import secretstore
     from provisioner.lab.scenario import ScenarioErrors
     from provisioner.lab.server import DEFAULT_BASE_ADDRESS
+    from provisioner.secrets import secretstore
 
     recipients = secretstore.load_recipients(inventory)
     keyring = keyring_for_keys_in_use(recipients, identities, passphrase_file, passphrase_fd)
@@ -174,8 +174,8 @@ def _detach(
     identities: list[Path] | None,
     passphrase_file: Path | None,
 ) -> None:
-    from provisioner.connections import LabMap
     from provisioner.lab.control import create_log, read_log, remove_log, take_down
+    from provisioner.rollout.connections import LabMap
 
     command = [
         sys.executable,
@@ -271,8 +271,8 @@ def show(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON document.")] = False,
 ) -> None:
     """List a lab workstation's files with their owner, ACL and attributes (links not followed)."""
-    from provisioner.connections import LabMap
     from provisioner.lab.control import check_folder, request
+    from provisioner.rollout.connections import LabMap
 
     target = file or default_lab_file(inventory)
     lab = LabMap.load(target)

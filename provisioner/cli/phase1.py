@@ -25,9 +25,9 @@ from provisioner.cli.helpstyle import choices
 from provisioner.errors import ProvisionerError
 
 if TYPE_CHECKING:
-    from provisioner import build as phase1
-    from provisioner import vault
-    from provisioner.model import Finding
+    from provisioner.inventory.model import Finding
+    from provisioner.render import build as phase1
+    from provisioner.secrets import vault
 
 VALIDATE_FORMATS = ("text", "json", "junit", "github")
 
@@ -93,9 +93,9 @@ def run_build(
     passphrase_fd: int | None,
 ) -> phase1.BuildResult:
     """Phase 1 with real keys when an identity is given, placeholders otherwise."""
-    from provisioner import build as phase1
-    from provisioner import resolve
-    from provisioner.model import Finding
+    from provisioner.inventory import resolve
+    from provisioner.inventory.model import Finding
+    from provisioner.render import build as phase1
 
     factory: phase1.OpenerFactory = phase1.placeholder_opener
     if identities or passphrase_file or passphrase_fd is not None:
@@ -256,7 +256,7 @@ def _junit_report(result: phase1.BuildResult) -> str:
 
 def _in_git_tree_and_not_ignored(out: Path, relative_paths: list[str]) -> bool:
     """True when any file to be written under ``out`` would be inside a git tree, not ignored."""
-    from provisioner import revision
+    from provisioner.records import revision
 
     top = revision.work_tree(out)
     if top is None:
@@ -357,7 +357,7 @@ def explain(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Show a user's final values and every layer they came from (passwords masked)."""
-    from provisioner import resolve
+    from provisioner.inventory import resolve
 
     model = load_model(inventory)
     if user not in model.users:
@@ -427,7 +427,7 @@ def _did_you_mean(name: str, choices: Iterable[str]) -> str:
 
 def _shown(key: str, value: object) -> str:
     if key == "password":
-        from provisioner.schema import token_kid
+        from provisioner.inventory.schema import token_kid
 
         kid = token_kid(value) if isinstance(value, str) else ""
         return f"(sealed, key {kid})" if kid else "(not set)"

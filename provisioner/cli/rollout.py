@@ -40,7 +40,7 @@ def shown_selection(limit: str, only_failed: str | None = None) -> str:
 
 def check_processes(processes: int, forks: int) -> None:
     """``--processes``: 0 (automatic), 1 (this process) or up to MAX_PROCESSES, at most forks."""
-    from provisioner.lanes import MAX_PROCESSES
+    from provisioner.rollout.lanes import MAX_PROCESSES
 
     if not 0 <= processes <= MAX_PROCESSES:
         raise ProvisionerError(
@@ -131,9 +131,10 @@ def rollout(
     skipped, 1 on input errors (nothing contacted); with --check --detailed-exitcode, 4 when
     nothing failed but a workstation would change.
     """
-    from provisioner import engine, report, runner, state
     from provisioner.cli import running
-    from provisioner.push import PushOptions
+    from provisioner.records import report, state
+    from provisioner.rollout import engine, runner
+    from provisioner.rollout.push import PushOptions
 
     if detailed_exitcode and not check:
         raise ProvisionerError("--detailed-exitcode reports drift and needs --check")
@@ -200,7 +201,7 @@ def runs_list(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """The most recent rollouts, newest first."""
-    from provisioner import state
+    from provisioner.records import state
 
     store = state.StateStore(state_dir(inventory, state_folder), create=False)
     summaries = store.runs(limit)
@@ -221,7 +222,7 @@ def runs_show(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Every workstation and file of one rollout."""
-    from provisioner import state
+    from provisioner.records import state
 
     store = state.StateStore(state_dir(inventory, state_folder), create=False)
     detail = store.run(run_id)
@@ -245,7 +246,7 @@ def audit(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Who changed which file, when, in which run (never a secret)."""
-    from provisioner import state
+    from provisioner.records import state
 
     log = state.AuditLog(state_dir(inventory, state_folder))
     records = log.query(user=user, workstation=workstation, since=since, until=until)

@@ -36,18 +36,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from provisioner import vault
 from provisioner.atomicfile import create_exclusive, write_atomic
-from provisioner.connections import LabMap
 from provisioner.errors import ProvisionerError
+from provisioner.inventory.model import Inventory
+from provisioner.inventory.names import did_you_mean
 from provisioner.lab import ntlmusers
 from provisioner.lab.inventory_lab import InventoryLab, start_inventory_lab
 from provisioner.lab.ntfs import Ace, FileError, split
 from provisioner.lab.scenario import Scenario
 from provisioner.lab.server import DEFAULT_BASE_ADDRESS, NoAddressLeft
 from provisioner.lab.workstation import Workstation
-from provisioner.model import Inventory
-from provisioner.names import did_you_mean
+from provisioner.rollout.connections import LabMap
+from provisioner.secrets import vault
 
 PREFIX = "microsip-lab-"
 SOCKET_NAME = "control.sock"

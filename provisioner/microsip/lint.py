@@ -1,6 +1,6 @@
 """Lint a rendered microsip.ini (or an override.ini) against MicroSIP's rules.
 
-Layer 2: depends on :mod:`provisioner.inidoc`, :mod:`provisioner.keytable` and
+Layer 2: depends on :mod:`provisioner.microsip.inidoc`, :mod:`provisioner.microsip.keytable` and
 :mod:`provisioner.errors` only. Findings never quote the value of a ``password`` key.
 """
 
@@ -11,8 +11,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Literal, NamedTuple
 
-from provisioner.inidoc import IniDocument, IniEntry, IniSection
-from provisioner.keytable import KeySpec, KeyTable, account_index, load_key_table
+from provisioner.microsip.inidoc import IniDocument, IniEntry, IniSection
+from provisioner.microsip.keytable import KeySpec, KeyTable, account_index, load_key_table
 
 Severity = Literal["error", "warning"]
 

@@ -8,7 +8,13 @@ import hmac
 import os
 import re
 
-from provisioner.inidoc import PASSWORD_KEY, IniDocument, IniEntry, IniSection, is_password_key
+from provisioner.microsip.inidoc import (
+    PASSWORD_KEY,
+    IniDocument,
+    IniEntry,
+    IniSection,
+    is_password_key,
+)
 
 _MARKER = re.compile(r"^\{sha256:([0-9a-f]{32}):([0-9a-f]{64})\}$")
 

@@ -11,13 +11,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from provisioner import ini, plan
-from provisioner.build import BuiltFile
 from provisioner.errors import ProvisionerError, RemoteError, TransportError
-from provisioner.inidoc import IniDocument
-from provisioner.keytable import load_key_table
-from provisioner.resolve import StationPlan
-from provisioner.results import IF_RUNNING, FileChange, HostResult, Status
+from provisioner.inventory.resolve import StationPlan
+from provisioner.microsip import ini
+from provisioner.microsip.inidoc import IniDocument
+from provisioner.microsip.keytable import load_key_table
+from provisioner.records.results import IF_RUNNING, FileChange, HostResult, Status
+from provisioner.render.build import BuiltFile
+from provisioner.rollout import plan
 from provisioner.transport.agent.messages import (
     AgentError,
     ApplyFile,

@@ -2,7 +2,7 @@
 
 Reading follows what MicroSIP sees through ``GetPrivateProfileString``: names are
 case-insensitive, the first section and the first key of a name win, one pair of enclosing
-quotes is stripped on lookup (see :mod:`provisioner.inidoc`).
+quotes is stripped on lookup (see :mod:`provisioner.microsip.inidoc`).
 
 Canonical text written by :func:`serialize_ini`: comment lines of the preamble, then every
 section as a ``[name]`` header followed by its lines (``key=value`` without spaces around
@@ -21,8 +21,8 @@ from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 from provisioner.errors import LintError
-from provisioner.inidoc import IniDocument, IniEntry, IniSection
-from provisioner.keytable import account_index, load_key_table
+from provisioner.microsip.inidoc import IniDocument, IniEntry, IniSection
+from provisioner.microsip.keytable import account_index, load_key_table
 
 __all__ = [
     "UTF8_BOM",

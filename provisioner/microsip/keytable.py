@@ -1,4 +1,4 @@
-"""The MicroSIP ini key table: every key MicroSIP reads, as data (``data/microsip_keys.toml``).
+"""The MicroSIP ini key table: every key MicroSIP reads, as data (``microsip_keys.toml``).
 
 Layer 1: stdlib and :mod:`provisioner.errors` only. Lookups are case-insensitive, like the
 Windows profile API; ``[AccountN]`` for any N (including the local ``[Account0]``) maps to the
@@ -189,13 +189,14 @@ class KeyTable:
 def load_key_table() -> KeyTable:
     """The key table shipped as package data (loaded once)."""
     try:
-        data_dir = resources.files("provisioner").joinpath("data")
-        text = data_dir.joinpath(_DATA_FILE).read_text(encoding="utf-8")
+        text = (
+            resources.files("provisioner.microsip").joinpath(_DATA_FILE).read_text(encoding="utf-8")
+        )
     except OSError:
         # A stale editable install can expose `provisioner` as a namespace package, for which
         # Python 3.11's resource reader raises NotADirectoryError; the file sits next to us.
         try:
-            text = (Path(__file__).parent / "data" / _DATA_FILE).read_text(encoding="utf-8")
+            text = Path(__file__).with_name(_DATA_FILE).read_text(encoding="utf-8")
         except OSError as exc:
             raise ProvisionerError(f"{_DATA_FILE}: cannot read the key table: {exc}") from exc
     try:

@@ -2,9 +2,10 @@
 failure threshold.
 
 ``run_fleet`` never raises for a host's failure: every workstation ends with a HostResult.
-Reporting hangs off the :class:`~provisioner.results.Reporter` hooks; the runner never prints.
+Reporting hangs off the :class:`~provisioner.records.results.Reporter` hooks; the runner never
+prints.
 Pushes run on an :class:`Executor` (a thread pool of this process, or push lanes: forked
-processes, see :mod:`provisioner.lanes`), made by :func:`executor`; the batches, the
+processes, see :mod:`provisioner.rollout.lanes`), made by :func:`executor`; the batches, the
 threshold and Ctrl-C are decided here whichever runs them.
 """
 
@@ -21,12 +22,12 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Protocol, TypeVar
 
-from provisioner import lanes
-from provisioner.build import BuiltFile
 from provisioner.errors import ProvisionerError
-from provisioner.push import PushOptions, _summary, push_host, rollback_host
-from provisioner.resolve import StationPlan
-from provisioner.results import HostResult, Reporter, Status
+from provisioner.inventory.resolve import StationPlan
+from provisioner.records.results import HostResult, Reporter, Status
+from provisioner.render.build import BuiltFile
+from provisioner.rollout import lanes
+from provisioner.rollout.push import PushOptions, _summary, push_host, rollback_host
 from provisioner.transport.agent.messages import AgentReply, AgentRequest, ApplyRequest
 from provisioner.transport.base import ReadOnlyTransport, Transport
 
@@ -148,7 +149,7 @@ class _NullReporter:
 
 
 class Journal(Protocol):
-    """Records a run as it goes (:class:`provisioner.state.RunJournal`)."""
+    """Records a run as it goes (:class:`provisioner.records.state.RunJournal`)."""
 
     def begin(self, run: RunResult, hosts: Sequence[str]) -> None:
         """The run starts with these workstations, in order."""
@@ -194,7 +195,7 @@ class Executor(Protocol):
     distributed engine.
 
     Only plain data crosses it: host names and :class:`RolloutOptions` go in, one
-    :class:`~provisioner.results.HostResult` per host comes out. Each executor is made with
+    :class:`~provisioner.records.results.HostResult` per host comes out. Each executor is made with
     what it needs to push a host by name (:func:`executor` here); the batches, the canary,
     the threshold and Ctrl-C stay with :func:`run_fleet`. Retries of one host run inside the
     executor, beside its push.

@@ -3,7 +3,7 @@
 Every YAML file of the directory contributes to one namespace with four top-level sections:
 ``defaults``, ``groups``, ``workstations`` and ``users``. All problems of a load are collected
 and raised together as :class:`InventoryErrors`, each naming file:line:column and key path.
-MicroSIP keys are checked against the key table (:mod:`provisioner.keytable`).
+MicroSIP keys are checked against the key table (:mod:`provisioner.microsip.keytable`).
 """
 
 from __future__ import annotations
@@ -15,12 +15,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from provisioner import gcpause, parallel, winpath, yamldoc
-from provisioner.credscope import address_problem
+from provisioner import gcpause, parallel
 from provisioner.errors import InventoryError, ProvisionerError
-from provisioner.inidoc import unquote
-from provisioner.keytable import KeySpec, KeyTable, load_key_table
-from provisioner.model import (
+from provisioner.inventory import winpath, yamldoc
+from provisioner.inventory.model import (
     Group,
     Inventory,
     Layer,
@@ -30,8 +28,11 @@ from provisioner.model import (
     User,
     Workstation,
 )
-from provisioner.names import closest, unknown
-from provisioner.schema import TOKEN_PREFIX, is_secret_path, join_pointer
+from provisioner.inventory.names import closest, unknown
+from provisioner.inventory.schema import TOKEN_PREFIX, is_secret_path, join_pointer
+from provisioner.microsip.inidoc import unquote
+from provisioner.microsip.keytable import KeySpec, KeyTable, load_key_table
+from provisioner.secrets.credscope import address_problem
 
 RECIPIENTS_FILE = "recipients.yaml"
 SKIPPED_DIRS = {"build", "templates", "state", "node_modules", "__pycache__"}
@@ -62,7 +63,7 @@ SIP_URI_RE = re.compile(r"^(?:sips?:)?([^@\s:;]+)@([A-Za-z0-9.-]+(?::\d{1,5})?)$
 # agent's line handling would not keep them as written) and lone surrogates (not UTF-16).
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 # Keys MicroSIP itself saves wrapped in quotes, so a value enclosed in quotes survives its
-# rewrites when the renderer adds the outer pair (see render.ini_value).
+# rewrites when the renderer adds the outer pair (see render.jinja.ini_value).
 _PLAIN_TOKEN = re.compile(r"[^\s,\]}#]+")
 _SAVED_QUOTED = frozenset(
     {"audioRingDevice", "audioOutputDevice", "audioInputDevice", "videoCaptureDevice"}

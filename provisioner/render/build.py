@@ -12,15 +12,19 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import provisioner.lint as ini_lint
-from provisioner import gcpause, ini, parallel, render, resolve, vault
-from provisioner.budget import DEFAULT_BUDGET, RenderBudget, stop_clock
+import provisioner.microsip.lint as ini_lint
+from provisioner import gcpause, parallel
 from provisioner.errors import InventoryError, ProvisionerError, RenderError, VaultError
-from provisioner.inidoc import PASSWORD_KEY, IniDocument, IniEntry, is_password_key
-from provisioner.inventory import RECIPIENTS_FILE, InventoryErrors, load_inventory
-from provisioner.keytable import load_key_table
-from provisioner.model import TEMPLATE_LAYER, Finding, Inventory, Secret, Source
-from provisioner.resolve import Profile, Selection, StationPlan, TargetRef
+from provisioner.inventory import resolve
+from provisioner.inventory.loader import RECIPIENTS_FILE, InventoryErrors, load_inventory
+from provisioner.inventory.model import TEMPLATE_LAYER, Finding, Inventory, Secret, Source
+from provisioner.inventory.resolve import Profile, Selection, StationPlan, TargetRef
+from provisioner.microsip import ini
+from provisioner.microsip.inidoc import PASSWORD_KEY, IniDocument, IniEntry, is_password_key
+from provisioner.microsip.keytable import load_key_table
+from provisioner.render import jinja
+from provisioner.render.budget import DEFAULT_BUDGET, RenderBudget, stop_clock
+from provisioner.secrets import vault
 
 TEMPLATES_DIR = "templates"
 
@@ -134,7 +138,7 @@ def _build(
     if not result.targets:
         return result  # nothing to open: no key is asked for
     opener = opener_factory(recipients)
-    env = render.make_environment([templates or root / TEMPLATES_DIR], budget=budget)
+    env = jinja.make_environment([templates or root / TEMPLATES_DIR], budget=budget)
     builder = _Builder(inventory, recipients, opener, env)
     try:
         result.findings.extend(builder.compile_templates())
@@ -193,7 +197,7 @@ class _Builder:
         inventory: Inventory,
         recipients: vault.Recipients,
         opener: vault.Opener,
-        env: render.TemplateEnvironment,
+        env: jinja.TemplateEnvironment,
     ) -> None:
         self.inventory = inventory
         self.recipients = recipients
@@ -204,13 +208,13 @@ class _Builder:
         self.stations: dict[str, StationPlan] = {}
         self.table = load_key_table()
         self.order = {(s.section, s.key): i for i, s in enumerate(self.table.specs)}
-        self.templates: dict[str, render.Template] = {}
+        self.templates: dict[str, jinja.Template] = {}
         self.broken_templates: set[str] = set()
 
     def compile_templates(self) -> list[Finding]:
         """Compile both templates once, before any target: a syntax error is reported once."""
         findings = []
-        for name in (render.MICROSIP_TEMPLATE, render.OVERRIDE_TEMPLATE):
+        for name in (jinja.MICROSIP_TEMPLATE, jinja.OVERRIDE_TEMPLATE):
             try:
                 self.template(name)
             except ProvisionerError as exc:
@@ -218,11 +222,11 @@ class _Builder:
                 findings.append(Finding("error", exc.code, str(exc)))
         return findings
 
-    def template(self, name: str) -> render.Template:
+    def template(self, name: str) -> jinja.Template:
         if name in self.broken_templates:
             raise _Skip  # reported once by compile_templates
         if name not in self.templates:
-            self.templates[name] = render.load_template(self.env, name)
+            self.templates[name] = jinja.load_template(self.env, name)
         return self.templates[name]
 
     def station(self, name: str) -> StationPlan:
@@ -264,7 +268,7 @@ class _Builder:
             "users": list(plan.workstation.users),
         }
         with self.clock("render"):
-            text = render.render(self.template(render.OVERRIDE_TEMPLATE), context, target.name)
+            text = jinja.render(self.template(jinja.OVERRIDE_TEMPLATE), context, target.name)
         path = f"{target.workstation}/override.ini"
         origin = _origin({"settings": plan.enforced_settings}, ())
         self._finish(target, path, text, plan.install, ini_lint.lint_override_ini, origin)
@@ -300,7 +304,7 @@ class _Builder:
             secrets = self._open(profile)
         context = self._microsip_context(profile, secrets)
         with self.clock("render"):
-            text = render.render(self.template(render.MICROSIP_TEMPLATE), context, target.name)
+            text = jinja.render(self.template(jinja.MICROSIP_TEMPLATE), context, target.name)
         path = (
             f"{target.workstation}/{plan.install.ini_name}"
             if plan.install.mode == "portable"
@@ -357,7 +361,7 @@ class _Builder:
             keys = self._sorted("Account", account.keys)
             if "password" in keys:
                 secret = by_index.get(account.index)
-                keys["password"] = None if secret is None else render.sealed(secret)
+                keys["password"] = None if secret is None else jinja.sealed(secret)
             accounts.append(
                 {"index": account.index, "id": account.id, "active": account.active, "fields": keys}
             )

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from provisioner import vault
-from provisioner.credscope import MAX_CA_FILE_BYTES, Scope, ca_fingerprint, is_loopback
 from provisioner.errors import AuthError, ProvisionerError
-from provisioner.model import Secret
-from provisioner.resolve import StationPlan
+from provisioner.inventory.model import Secret
+from provisioner.inventory.resolve import StationPlan
+from provisioner.secrets import vault
+from provisioner.secrets.credscope import MAX_CA_FILE_BYTES, Scope, ca_fingerprint, is_loopback
 from provisioner.transport.winrm import WinrmOptions, WinrmTransport, check_options
 
 
@@ -191,7 +191,7 @@ def winrm_options(
 
 
 def ca_file_fingerprint(path: Path, where: str) -> str:
-    """The :func:`~provisioner.credscope.ca_fingerprint` of a CA file, read within bounds."""
+    """The :func:`~provisioner.secrets.credscope.ca_fingerprint` of a CA file, read in bounds."""
     try:
         # O_NONBLOCK: a FIFO standing there must not make the open wait for a writer.
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))

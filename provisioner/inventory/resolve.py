@@ -13,8 +13,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from provisioner.errors import InventoryError, ResolveError
-from provisioner.model import Block, Inventory, Layer, Sourced, User, Workstation
-from provisioner.names import closest
+from provisioner.inventory.model import Block, Inventory, Layer, Sourced, User, Workstation
+from provisioner.inventory.names import closest
 
 DEFAULT_INSTALL_DIR = "C:\\Program Files\\MicroSIP"
 DEFAULT_EXE = "microsip.exe"

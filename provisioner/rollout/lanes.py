@@ -8,7 +8,7 @@ deadlock), and reuses them for every run (the ``--check`` preview, then the real
 
 What crosses the pipes is kept small and harmless. Each child inherits the work function, and
 with it the built files and their plaintext passwords, by fork; afterwards only host names and
-the run's parameters go down, and only :class:`~provisioner.results.HostResult` objects come
+the run's parameters go down, and only :class:`~provisioner.records.results.HostResult` objects come
 back. Messages are pickled with an allow-list: anything else (a ``BuiltFile``, a ``Secret``)
 is refused on both sides.
 
@@ -40,7 +40,7 @@ from types import TracebackType
 from typing import Any, Generic, Protocol, TypeVar
 
 from provisioner import parallel
-from provisioner.results import FileChange, HostResult, Status
+from provisioner.records.results import FileChange, HostResult, Status
 
 Params = TypeVar("Params")
 

@@ -9,11 +9,11 @@ HPKE base mode, DHKEM(X25519, HKDF-SHA256), HKDF-SHA256, AES-256-GCM, with
 ``info = "sipvault/v1" || LP(realm) || LP(kid) || LP(path)`` (v1) or
 ``info = "sipvault/v2" || LP(realm) || LP(kid) || LP(path) || LP(scope)`` (v2) and a plaintext
 padded to a multiple of 32 bytes. A v2 token carries a credential scope
-(:class:`provisioner.credscope.Scope`, WinRM passwords): readable without a key, authenticated
-by the seal, so an edited or transplanted scope does not open.
+(:class:`provisioner.secrets.credscope.Scope`, WinRM passwords): readable without a key,
+authenticated by the seal, so an edited or transplanted scope does not open.
 This is the only module that imports ``cryptography``.
 Nothing here ever puts a plaintext into an exception, a log record or a return value
-other than a :class:`~provisioner.model.Secret`.
+other than a :class:`~provisioner.inventory.model.Secret`.
 """
 
 from __future__ import annotations
@@ -38,8 +38,6 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-from provisioner import yamldoc
-from provisioner.credscope import MAX_SCOPE_BYTES, Scope
 from provisioner.errors import (
     CannotDecryptError,
     IdentityError,
@@ -51,8 +49,10 @@ from provisioner.errors import (
     TokenFormatError,
     UnknownKeyError,
 )
-from provisioner.model import Secret
-from provisioner.schema import TOKEN_PREFIX
+from provisioner.inventory import yamldoc
+from provisioner.inventory.model import Secret
+from provisioner.inventory.schema import TOKEN_PREFIX
+from provisioner.secrets.credscope import MAX_SCOPE_BYTES, Scope
 
 PREFIX = TOKEN_PREFIX
 VERSION = "v1"

@@ -1,7 +1,7 @@
 """Where a credential may go: host names and IP literals, credential scopes, transport security.
 
 A :class:`Scope` is sealed with the WinRM password (``sipvault:v2`` tokens, see
-:mod:`provisioner.vault`): the address patterns the password may be sent to and the least
+:mod:`provisioner.secrets.vault`): the address patterns the password may be sent to and the least
 transport security it may travel over. The inventory cannot widen it; only sealing the
 password again can. Standard library only, so that the loader, the vault and the transport
 can all use it.

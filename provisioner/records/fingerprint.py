@@ -4,7 +4,7 @@ A rendered ``microsip.ini`` is deterministic from the inventory and the password
 SHA-256 in a report would let anyone who reads the report test password guesses offline:
 render with a guess, hash, compare. A record therefore holds a keyed fingerprint instead:
 HMAC-SHA256 of the file's SHA-256 under a random key kept in the state folder (mode 0600,
-by :mod:`provisioner.state`), cut to 128 bits. Fingerprints of one state folder compare like
+by :mod:`provisioner.records.state`), cut to 128 bits. Fingerprints of one state folder compare like
 the hashes they stand for (same file, same fingerprint), and without the key they tell
 nothing about the content. The real SHA-256 still travels to the workstation, for the
 agent's compare-and-swap, and is never recorded. This module only computes: it reads and

@@ -1,8 +1,8 @@
 """Sealed values in an inventory directory: find, lint, set, verify, rekey and rebind them.
 
-Composes :mod:`provisioner.vault` (crypto) with :mod:`provisioner.yamldoc` (positions and
-surgical edits). Every write replaces a file atomically after re-parsing the edited text and
-checking that nothing but the intended token spans changed.
+Composes :mod:`provisioner.secrets.vault` (crypto) with :mod:`provisioner.inventory.yamldoc`
+(positions and surgical edits). Every write replaces a file atomically after re-parsing the
+edited text and checking that nothing but the intended token spans changed.
 """
 
 from __future__ import annotations
@@ -15,9 +15,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from provisioner import gcpause, vault, yamldoc
+from provisioner import gcpause
 from provisioner.atomicfile import create_exclusive, write_atomic
-from provisioner.credscope import Scope
 from provisioner.errors import (
     CannotDecryptError,
     IdentityError,
@@ -29,15 +28,18 @@ from provisioner.errors import (
     VaultError,
     YamlEditError,
 )
-from provisioner.inventory import RECIPIENTS_FILE, inventory_files
-from provisioner.model import Finding, Secret
-from provisioner.schema import (
+from provisioner.inventory import yamldoc
+from provisioner.inventory.loader import RECIPIENTS_FILE, inventory_files
+from provisioner.inventory.model import Finding, Secret
+from provisioner.inventory.schema import (
     is_scoped_path,
     is_secret_path,
     join_pointer,
     split_pointer,
     token_kid,
 )
+from provisioner.secrets import vault
+from provisioner.secrets.credscope import Scope
 
 IDENTITY_SUFFIX = ".sipid"
 

@@ -1,11 +1,11 @@
 """Run files of a rollout: a JSON document, a JUnit XML file, and the exit code.
 
 Pure functions over a finished run. They take any object shaped like
-:class:`~provisioner.runner.RunResult` (see :class:`RunLike`), so this module does not
+:class:`~provisioner.rollout.runner.RunResult` (see :class:`RunLike`), so this module does not
 depend on the runner. Nothing here ever includes a diff: diffs may show settings, and a
 run file ends up in CI artefacts that many people can read. For the same reason files are
-named by fingerprints (:mod:`provisioner.fingerprint`), never by their SHA-256, and run files
-are written readable by their owner only.
+named by fingerprints (:mod:`provisioner.records.fingerprint`), never by their SHA-256, and run
+files are written readable by their owner only.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Any
 from xml.sax.saxutils import escape, quoteattr
 
 from provisioner.atomicfile import write_atomic
-from provisioner.fingerprint import Fingerprints
-from provisioner.results import (
+from provisioner.records.fingerprint import Fingerprints
+from provisioner.records.results import (
     FileChange,
     HostResult,
     RunLike,

@@ -1,6 +1,6 @@
 """The Jinja environment and rendering of one target; the only jinja2 user.
 
-Templates produce logical INI text; :mod:`provisioner.ini` turns it into MicroSIP's bytes.
+Templates produce logical INI text; :mod:`provisioner.microsip.ini` turns it into MicroSIP's bytes.
 The environment is sandboxed, undefined variables are errors, and every value written through
 the ``ini`` filter is checked so that no value can add a line to the file.
 
@@ -10,7 +10,7 @@ Templates are code written by people who may not read passwords, so:
   its only way out, and only into the whole value of a ``password`` key (the filter writes a
   marker that is replaced after rendering, once its place is checked); anything else done with
   it is a render error naming the template line;
-- a render has a budget (:mod:`provisioner.budget`): CPU time, memory, output (counted here)
+- a render has a budget (:mod:`provisioner.render.budget`): CPU time, memory, output (counted here)
   and the size of any value an operator, filter or method makes, so that a template cannot
   hang CI or fill its memory.
 """
@@ -35,7 +35,10 @@ from jinja2.compiler import CodeGenerator, Frame, optimizeconst
 from jinja2.filters import make_attrgetter
 from jinja2.sandbox import SandboxedEnvironment, is_internal_attribute
 
-from provisioner.budget import (
+from provisioner.errors import RenderError
+from provisioner.inventory.model import Secret
+from provisioner.microsip.inidoc import is_password_key, unquote
+from provisioner.render.budget import (
     CLOCK,
     COLLECTIONS,
     DEFAULT_BUDGET,
@@ -45,9 +48,6 @@ from provisioner.budget import (
     RenderBudget,
     ValueLimits,
 )
-from provisioner.errors import RenderError
-from provisioner.inidoc import is_password_key, unquote
-from provisioner.model import Secret
 
 Template = jinja2.Template
 MICROSIP_TEMPLATE = "microsip.ini.j2"
@@ -178,7 +178,7 @@ def default_template_dir() -> Path:
     packaged = importlib.resources.files("provisioner").joinpath("templates")
     if packaged.is_dir():
         return Path(str(packaged))
-    return Path(__file__).resolve().parent.parent / "templates"
+    return Path(__file__).resolve().parents[2] / "templates"
 
 
 def ini_value(value: object) -> str:

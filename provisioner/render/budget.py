@@ -5,7 +5,7 @@ its memory. :class:`ValueLimits` refuses an operator, filter or method call whos
 would be too large *before* it is made (a single ``'x' * 10 ** 10`` allocates before any
 timer could stop it); :class:`Clock` looks at a running render every few milliseconds of CPU
 time (SIGPROF) and ends it when it runs too long or grows the process's memory too much.
-The renderer (:mod:`provisioner.render`) counts the output. Standard library only.
+The renderer (:mod:`provisioner.render.jinja`) counts the output. Standard library only.
 """
 
 from __future__ import annotations

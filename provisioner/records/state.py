@@ -7,8 +7,8 @@ folder that git would commit is refused (:func:`check_location`).
 
     <state>/               mode 0700
       state.sqlite3        runs, per-workstation results, per-file fingerprints (WAL mode)
-      fingerprint.key      the key of the files' fingerprints (provisioner.fingerprint), 0600,
-                           made when a first fingerprint is needed
+      fingerprint.key      the key of the files' fingerprints (provisioner.records.fingerprint),
+                           0600, made when a first fingerprint is needed
       rollout.lock         OS lock held by the running rollout; its text says who holds it
       audit.jsonl          append-only, one JSON record per change
       audit.lock           short lock serialising appends to audit.jsonl
@@ -37,11 +37,11 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from provisioner import revision
 from provisioner.atomicfile import UnsafeTreeError, create_once, make_private_folder
 from provisioner.errors import StateError, UsageError
-from provisioner.fingerprint import KEY_BYTES, Fingerprints, is_legacy_hash
-from provisioner.results import HostResult, RunLike, Status, is_dry_run, jsonable
+from provisioner.records import revision
+from provisioner.records.fingerprint import KEY_BYTES, Fingerprints, is_legacy_hash
+from provisioner.records.results import HostResult, RunLike, Status, is_dry_run, jsonable
 
 if sys.platform == "win32":
     import msvcrt
@@ -455,7 +455,7 @@ _SCHEMA_V1 = (
     "CREATE INDEX files_by_target ON files (workstation, user)",
     "CREATE INDEX files_by_user ON files (user)",
 )
-# The inventory's git commit a run used (provisioner.revision); '' for runs before it.
+# The inventory's git commit a run used (provisioner.records.revision); '' for runs before it.
 _SCHEMA_V2 = ("ALTER TABLE runs ADD COLUMN revision TEXT NOT NULL DEFAULT ''",)
 # Files' SHA-256 recorded before schema 3 become fingerprints (the function is the store's
 # key, registered on the connection); the freed pages are then wiped (see _migrate).
@@ -732,7 +732,8 @@ class StateStore:
     ) -> None:
         """Store a run with every workstation and file, in one transaction.
 
-        ``revision``: the inventory's git commit (:func:`provisioner.revision.inventory_revision`).
+        ``revision``: the inventory's git commit
+        (:func:`provisioner.records.revision.inventory_revision`).
 
         Recording the same run id again replaces it (a run recorded when interrupted,
         then once finished).

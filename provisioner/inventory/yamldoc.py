@@ -40,7 +40,7 @@ from ruamel.yaml.scanner import Scanner
 from ruamel.yaml.tag import Tag
 
 from provisioner.errors import InventoryError, YamlEditError
-from provisioner.schema import join_pointer
+from provisioner.inventory.schema import join_pointer
 
 _TAG_PREFIX = "tag:yaml.org,2002:"
 _KEY_CONTROL = re.compile("[\x00-\x1f\x7f]")

@@ -21,10 +21,14 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol
 
-from provisioner import build, connections, lanes, report, resolve, revision, runner, state, vault
 from provisioner.errors import ProvisionerError
-from provisioner.model import Finding, Inventory
-from provisioner.results import HostResult, Reporter
+from provisioner.inventory import resolve
+from provisioner.inventory.model import Finding, Inventory
+from provisioner.records import report, revision, state
+from provisioner.records.results import HostResult, Reporter
+from provisioner.render import build
+from provisioner.rollout import connections, lanes, runner
+from provisioner.secrets import vault
 from provisioner.transport.base import Transport
 
 # The signals a record's writes hold back: Ctrl-C, and the polite request to stop.

@@ -15,10 +15,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from provisioner.build import BuiltFile
 from provisioner.errors import AuthError, ProvisionerError, TransportError
-from provisioner.push import inspect_request
-from provisioner.resolve import StationPlan
+from provisioner.inventory.resolve import StationPlan
+from provisioner.render.build import BuiltFile
+from provisioner.rollout.push import inspect_request
 from provisioner.transport.base import Transport
 from provisioner.transport.winrm import WinrmOptions, policy_problems, scope_problem
 
