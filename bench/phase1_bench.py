@@ -123,6 +123,7 @@ VARIANTS: dict[str, tuple[str, str]] = {
     "build-serial": ("shipped", "no build workers, the YAML still composed ahead by workers"),
     "compose-serial": ("shipped", "no composing workers: every YAML file composed in this process"),
     "one-part": ("shipped", "a build worker sends its files in one part at its end, not streamed"),
+    "small-pipe": ("shipped", "workers' pipes of the default size (64 KiB) instead of 1 MiB"),
     "gc-on": ("shipped", "the garbage collector left on during the load and the build"),
     "serial": ("shipped", "one process: build(workers=1)"),
     "serial-gc-on": ("serial", "one process, the garbage collector left on"),
@@ -143,8 +144,11 @@ def _switch_off(variant: str) -> int | None:
     """Apply ``variant``'s switches in this process; the build's ``workers`` argument for it."""
     from provisioner import gcpause
     from provisioner.inventory import loader
+    from provisioner.parallel import workers as parallel_workers
     from provisioner.render import build
 
+    if variant == "small-pipe":
+        parallel_workers.PIPE_BYTES = 64 * 1024
     if variant == "one-part":
         build.TARGETS_PER_PART = _NEVER
     if variant == "build-serial":

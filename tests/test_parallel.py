@@ -291,3 +291,22 @@ def test_stopping_early_ends_the_workers_quietly(capfd: pytest.CaptureFixture[st
     results.close()  # the workers are blocked writing: each must see the pipe close
     _, err = capfd.readouterr()
     assert "Traceback" not in err and "BrokenPipeError" not in err
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="pipe sizes are Linux's")
+def test_a_childs_results_pipe_holds_whole_parts() -> None:
+    # With the default 64 KiB a child waited for this process at every 64 KiB of a part
+    # (about 410 kB): 1.21-1.28x the wall time of Phase 1 (docs/performance.md).
+    import fcntl
+
+    from provisioner.parallel import workers
+
+    allowed = int(Path("/proc/sys/fs/pipe-max-size").read_text())
+    read_fd, write_fd = workers.results_pipe()
+    try:
+        size = fcntl.fcntl(write_fd, fcntl.F_GETPIPE_SZ)
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
+    assert size >= min(workers.PIPE_BYTES, allowed)
+    assert workers.PIPE_BYTES >= 2 * 410_000
