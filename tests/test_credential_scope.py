@@ -249,7 +249,7 @@ def test_a_ca_file_pinned_in_the_scope_verifies_tls(tmp_path: Path) -> None:
         with pytest.raises(errors.TransportError, match="a CA file the scope does not pin"):
             kit.transport("ws01")
         checkout.unlink()
-        with pytest.raises(errors.ProvisionerError, match=r"ws01: winrm\.ca_trust_path: cannot"):
+        with pytest.raises(errors.CaFileError, match=r"ws01: winrm\.ca_trust_path: cannot"):
             kit.transport("ws01")
 
 
@@ -464,7 +464,7 @@ def test_a_lab_file_only_points_at_loopback(tmp_path: Path) -> None:
             }
         )
     )
-    with pytest.raises(errors.ProvisionerError, match="not loopback"):
+    with pytest.raises(errors.LabError, match="not loopback"):
         connections.LabMap.load(lab_file)
 
 

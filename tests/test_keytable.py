@@ -6,7 +6,7 @@ from importlib import resources
 
 import pytest
 
-from provisioner.errors import ProvisionerError
+from provisioner.errors import KeyTableError
 from provisioner.microsip.keytable import (
     KeyTable,
     account_index,
@@ -402,7 +402,7 @@ def _row(**overrides: object) -> dict[str, object]:
     ],
 )
 def test_malformed_table_is_rejected(data: dict[str, object]) -> None:
-    with pytest.raises(ProvisionerError):
+    with pytest.raises(KeyTableError):
         key_table_from_data(data)
 
 

@@ -26,6 +26,7 @@ from provisioner.cli.progress import PlainReporter, RichReporter, print_summary
 from provisioner.errors import (
     AuthError,
     ConnectError,
+    OptionError,
     ProvisionerError,
     RemoteError,
     TransportError,
@@ -76,7 +77,7 @@ def test_parse_size(text: str, total: int, size: int) -> None:
 
 @pytest.mark.parametrize("text", ["", "abc", "-1", "5.5", "0%", "150%", "-10%", "%", "nan%", "0"])
 def test_bad_sizes_are_clear_errors(text: str) -> None:
-    with pytest.raises(ProvisionerError) as caught:
+    with pytest.raises(OptionError) as caught:
         parse_size(text, 10)
     assert "is not a size" in str(caught.value)
     assert "count like 5" in str(caught.value) and "share like 10%" in str(caught.value)
@@ -117,7 +118,7 @@ def test_has_canary() -> None:
 
 @pytest.mark.parametrize(("canary", "batch"), [("x", "10%"), ("1", "0"), ("1", "abc"), ("-2", "1")])
 def test_plan_batches_refuses_bad_sizes(canary: str, batch: str) -> None:
-    with pytest.raises(ProvisionerError, match="is not a size"):
+    with pytest.raises(OptionError, match="is not a size"):
         plan_batches(HOSTS, canary, batch)
 
 
@@ -355,9 +356,9 @@ def test_forks_bound_the_hosts_in_flight(fleet: Fleet) -> None:
 
 
 def test_options_that_cannot_run_are_refused(fleet: Fleet) -> None:
-    with pytest.raises(ProvisionerError, match="forks"):
+    with pytest.raises(OptionError, match="forks"):
         fleet.run(replace(FAST, forks=0))
-    with pytest.raises(ProvisionerError, match="is not a size"):
+    with pytest.raises(OptionError, match="is not a size"):
         fleet.run(replace(FAST, batch="0"))
     assert fleet.opened == []
 

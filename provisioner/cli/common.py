@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from provisioner.cli.helpstyle import choices
-from provisioner.errors import IdentityError, InventoryError, ProvisionerError
+from provisioner.errors import IdentityError, InventoryError
 from provisioner.records.results import IF_RUNNING
 
 if TYPE_CHECKING:
@@ -254,7 +254,7 @@ def load_model(inventory: Path) -> Inventory:
     try:
         return load_inventory(inventory)
     except InventoryErrors as exc:
-        raise ProvisionerError(
+        raise InventoryError(
             f"the inventory has problems; run 'provisioner validate':\n{exc}"
         ) from None
 

@@ -24,7 +24,13 @@ from provisioner.cli.common import (
     state_dir,
 )
 from provisioner.cli.helpstyle import App
-from provisioner.errors import ProvisionerError
+from provisioner.errors import (
+    ConfirmationError,
+    IdentityError,
+    NotFoundError,
+    ProvisionerError,
+    SavedNotPushedError,
+)
 from provisioner.inventory.names import closest
 
 if TYPE_CHECKING:
@@ -41,7 +47,7 @@ def _user(inventory: Path, name: str) -> tuple[Inventory, User]:
     if name not in model.users:
         close = closest(name, model.users)
         hint = f"; did you mean {close!r}?" if close else ""
-        raise ProvisionerError(f"no user {name!r} in {inventory}{hint}")
+        raise NotFoundError(f"no user {name!r} in {inventory}{hint}")
     return model, model.users[name]
 
 
@@ -182,7 +188,7 @@ def _identity_for_push(recipients: vault.Recipients, explicit: list[Path] | None
         except ProvisionerError:
             continue  # a broken identity file is reported where it is used
     where = "the given --identity files" if explicit else str(secretstore.default_identity_dir())
-    raise ProvisionerError(
+    raise IdentityError(
         f"--push decrypts the user's profile and needs an identity for one of the keys "
         f"{', '.join(sorted(usable))}; none found in {where}. Nothing was written: pass "
         "--identity FILE, or set the password without --push"
@@ -221,7 +227,7 @@ def set_password(
     ids = [a.id for a in entry.accounts]
     chosen = account or next((a.id for a in entry.accounts if a.active), ids[0])
     if chosen not in ids:
-        raise ProvisionerError(f"{user} has no account {chosen!r} (accounts: {', '.join(ids)})")
+        raise NotFoundError(f"{user} has no account {chosen!r} (accounts: {', '.join(ids)})")
     pointer = f"/users/{user}/accounts/{chosen}/password"
     # Where the change is audited, settled before anything is written.
     folder = state_dir(inventory, state_folder)
@@ -229,7 +235,7 @@ def set_password(
     if push_now:
         _identity_for_push(recipients, identities)
         if not yes and not sys.stdin.isatty():  # --stdin: the push could not ask
-            raise ProvisionerError(
+            raise ConfirmationError(
                 "--push asks before writing to workstations, and there is no terminal to ask "
                 "on: pass --yes as well; nothing was written"
             )
@@ -270,7 +276,7 @@ def set_password(
                 state_folder=state_folder,
             )
         except ProvisionerError as exc:
-            raise ProvisionerError(f"{exc}; {saved}") from None
+            raise SavedNotPushedError(f"{exc}; {saved}") from None
         except typer.Exit as exc:
             if exc.exit_code:
                 echo(f"not every workstation took it: {saved}")

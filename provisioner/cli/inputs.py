@@ -6,7 +6,7 @@ import getpass
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, ClassVar
 
 from provisioner.errors import ProvisionerError
 
@@ -21,6 +21,8 @@ MAX_PASSPHRASE = 1024
 
 class InputError(ProvisionerError):
     """A passphrase or password could not be read."""
+
+    code: ClassVar[str] = "input"
 
 
 def _strip_newline(data: bytes) -> bytes:

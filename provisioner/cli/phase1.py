@@ -22,7 +22,7 @@ from provisioner.cli.common import (
     make_console,
 )
 from provisioner.cli.helpstyle import choices
-from provisioner.errors import ProvisionerError
+from provisioner.errors import NotFoundError, OptionError
 
 if TYPE_CHECKING:
     from provisioner.inventory.model import Finding
@@ -78,9 +78,7 @@ def pick_inventory(ctx: typer.Context, positional: Path, option: Path | None) ->
     source = ctx.get_parameter_source("inventory")
     given = source is not None and source.name == "COMMANDLINE"
     if given and positional.resolve() != option.resolve():
-        raise ProvisionerError(
-            f"two inventories given: {positional} and -i {option}; give one of them"
-        )
+        raise OptionError(f"two inventories given: {positional} and -i {option}; give one of them")
     return option
 
 
@@ -136,7 +134,7 @@ def validate(
     Exit 0 when clean (warnings allowed unless --strict), 1 when there are findings.
     """
     if output not in VALIDATE_FORMATS:
-        raise ProvisionerError("--format must be text, json, junit or github")
+        raise OptionError("--format must be text, json, junit or github")
     inventory = pick_inventory(ctx, inventory, inventory_option)
     result = run_build(inventory, limit, templates, identities, passphrase_file, passphrase_fd)
     real = bool(identities or passphrase_file or passphrase_fd is not None)
@@ -297,7 +295,7 @@ def render(
         raise typer.Exit(1)
     relative_paths = [built.relative_path for built in result.files]
     if real and not allow_in_git and _in_git_tree_and_not_ignored(out, relative_paths):
-        raise ProvisionerError(
+        raise OptionError(
             f"{out} is inside a git working tree and not ignored: rendered files would hold "
             "plaintext passwords; choose another --out, add it to .gitignore, or pass "
             "--allow-in-git"
@@ -361,13 +359,13 @@ def explain(
 
     model = load_model(inventory)
     if user not in model.users:
-        raise ProvisionerError(f"no user {user!r} in {inventory}{_did_you_mean(user, model.users)}")
+        raise NotFoundError(f"no user {user!r} in {inventory}{_did_you_mean(user, model.users)}")
     on = sorted(s.name for s in model.workstations.values() if user in s.users)
     if workstation is not None and workstation not in on:
         if workstation not in model.workstations:
             hint = _did_you_mean(workstation, model.workstations)
-            raise ProvisionerError(f"no workstation {workstation!r} in {inventory}{hint}")
-        raise ProvisionerError(
+            raise NotFoundError(f"no workstation {workstation!r} in {inventory}{hint}")
+        raise NotFoundError(
             f"{user} is not on {workstation}; {user} is on " + (", ".join(on) or "no workstation")
         )
     stations = [name for name in on if workstation is None or name == workstation]
@@ -403,7 +401,7 @@ def explain(
         folded = {name.lower(): name for name in known}
         matches = difflib.get_close_matches(key.lower(), list(folded), n=3, cutoff=0.6)
         hint = f"; did you mean {' or '.join(folded[m] for m in matches)}?" if matches else ""
-        raise ProvisionerError(f"{user} has no key {key!r}{hint}")
+        raise NotFoundError(f"{user} has no key {key!r}{hint}")
     if as_json:
         echo(json.dumps({"user": user, "workstations": report}, indent=2))
         return

@@ -22,7 +22,7 @@ from provisioner.cli.common import (
     state_dir,
 )
 from provisioner.cli.helpstyle import App
-from provisioner.errors import ProvisionerError
+from provisioner.errors import OptionError
 
 runs_app = App(help="Past rollouts recorded in the state folder.", no_args_is_help=True)
 
@@ -43,12 +43,12 @@ def check_processes(processes: int, forks: int) -> None:
     from provisioner.rollout.lanes import MAX_PROCESSES
 
     if not 0 <= processes <= MAX_PROCESSES:
-        raise ProvisionerError(
+        raise OptionError(
             f"--processes is 0 (automatic), 1 (this process only) or a number of push "
             f"processes up to {MAX_PROCESSES}, not {processes}"
         )
     if processes > forks:
-        raise ProvisionerError(
+        raise OptionError(
             f"--processes {processes} needs --forks {processes} or more: each process pushes "
             "at least one workstation at a time"
         )
@@ -137,18 +137,18 @@ def rollout(
     from provisioner.rollout.push import PushOptions
 
     if detailed_exitcode and not check:
-        raise ProvisionerError("--detailed-exitcode reports drift and needs --check")
+        raise OptionError("--detailed-exitcode reports drift and needs --check")
 
     try:
         threshold = float(max_fail.rstrip("%"))
         if not 0 <= threshold <= 100:
             raise ValueError
     except ValueError:
-        raise ProvisionerError("--max-fail is a percentage such as 10%") from None
+        raise OptionError("--max-fail is a percentage such as 10%") from None
     check_processes(processes, forks)
     if canary_hosts and not any(term.strip() for term in canary_hosts.split(",")):
         # "$A,$B" with both empty would otherwise select everything: a canary of the fleet.
-        raise ProvisionerError(f"--canary-hosts {canary_hosts!r} names no workstation")
+        raise OptionError(f"--canary-hosts {canary_hosts!r} names no workstation")
     runner.plan_batches([], canary, batch)  # bad sizes are input errors: fail before Phase 1
     selection = shown_selection(limit, only_failed)
     if only_failed is not None:

@@ -22,7 +22,7 @@ import typer
 
 from provisioner.cli.common import echo, keyring_for_keys_in_use, make_console
 from provisioner.cli.phase1 import finding_lines
-from provisioner.errors import ProvisionerError
+from provisioner.errors import ConfirmationError
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -94,7 +94,7 @@ class _Terminal:
         from provisioner.records.results import Status
 
         if not sys.stdin.isatty():
-            raise ProvisionerError("not a terminal: pass --yes to confirm, or --check to look")
+            raise ConfirmationError("not a terminal: pass --yes to confirm, or --check to look")
         if preview is None:  # a rollback: the agent cannot show a backup before restoring it
             names = ", ".join(sorted(plan.stations))
             question = f"Restore the newest backup of the selected files on {names}?"

@@ -14,6 +14,7 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import ClassVar
 
 from provisioner import gcpause, parallel
 from provisioner.errors import InventoryError, ProvisionerError
@@ -72,6 +73,8 @@ _SAVED_QUOTED = frozenset(
 
 class InventoryErrors(ProvisionerError):
     """Every problem found while loading an inventory."""
+
+    code: ClassVar[str] = "inventory"
 
     what = "the inventory"
 

@@ -23,7 +23,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from provisioner.errors import InventoryError, LintError
 from provisioner.inventory import winpath, yamldoc
@@ -106,6 +106,8 @@ _WELL_KNOWN_BY_NAME = {
 
 class ScenarioErrors(InventoryErrors):
     """Every problem of a scenario file, each at ``file:line:column``."""
+
+    code: ClassVar[str] = "scenario"
 
     what = "the scenario"
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Final
 
-from provisioner.errors import ProvisionerError
+from provisioner.errors import KeyTableError
 
 KEY_TYPES: Final = frozenset(
     {"bool01", "int", "string", "enum", "list", "path", "url", "command", "codecs", "shortcut"}
@@ -98,14 +98,14 @@ class KeyTable:
         for spec in self.specs:
             ident = (spec.section.lower(), spec.key.lower())
             if ident in by_key:
-                raise ProvisionerError(f"{_DATA_FILE}: duplicate key [{spec.section}] {spec.key}")
+                raise KeyTableError(f"{_DATA_FILE}: duplicate key [{spec.section}] {spec.key}")
             by_key[ident] = spec
         non_by_key: dict[tuple[str, str], NonKey] = {}
         for non in self.non_keys:
             for section in non.sections:
                 ident = (section.lower(), non.key.lower())
                 if ident in by_key:
-                    raise ProvisionerError(
+                    raise KeyTableError(
                         f"{_DATA_FILE}: [{section}] {non.key} is both a key and a non-key"
                     )
                 non_by_key[ident] = non
@@ -198,11 +198,11 @@ def load_key_table() -> KeyTable:
         try:
             text = Path(__file__).with_name(_DATA_FILE).read_text(encoding="utf-8")
         except OSError as exc:
-            raise ProvisionerError(f"{_DATA_FILE}: cannot read the key table: {exc}") from exc
+            raise KeyTableError(f"{_DATA_FILE}: cannot read the key table: {exc}") from exc
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ProvisionerError(f"{_DATA_FILE}: not valid TOML: {exc}") from exc
+        raise KeyTableError(f"{_DATA_FILE}: not valid TOML: {exc}") from exc
     return key_table_from_data(data)
 
 
@@ -239,15 +239,15 @@ def _spec_from_row(row: Mapping[str, object], where: str) -> KeySpec:
     )
     where = f"{where} ([{spec.section}] {spec.key})"
     if spec.section not in TABLE_SECTIONS:
-        raise ProvisionerError(f"{_DATA_FILE}: {where}: unknown section {spec.section!r}")
+        raise KeyTableError(f"{_DATA_FILE}: {where}: unknown section {spec.section!r}")
     if spec.type not in KEY_TYPES:
-        raise ProvisionerError(f"{_DATA_FILE}: {where}: unknown type {spec.type!r}")
+        raise KeyTableError(f"{_DATA_FILE}: {where}: unknown type {spec.type!r}")
     if spec.owner not in OWNERS:
-        raise ProvisionerError(f"{_DATA_FILE}: {where}: unknown owner {spec.owner!r}")
+        raise KeyTableError(f"{_DATA_FILE}: {where}: unknown owner {spec.owner!r}")
     if spec.max_len <= 0:
-        raise ProvisionerError(f"{_DATA_FILE}: {where}: max_len must be positive")
+        raise KeyTableError(f"{_DATA_FILE}: {where}: max_len must be positive")
     if (spec.type == "enum") != bool(spec.allowed):
-        raise ProvisionerError(f"{_DATA_FILE}: {where}: allowed values are for enums only")
+        raise KeyTableError(f"{_DATA_FILE}: {where}: allowed values are for enums only")
     return spec
 
 
@@ -255,7 +255,7 @@ def _non_key_from_row(row: Mapping[str, object], where: str) -> NonKey:
     sections = _strings(row, "sections", where)
     for section in sections:
         if section not in TABLE_SECTIONS:
-            raise ProvisionerError(f"{_DATA_FILE}: {where}: unknown section {section!r}")
+            raise KeyTableError(f"{_DATA_FILE}: {where}: unknown section {section!r}")
     return NonKey(
         key=_text(row, "key", where),
         sections=sections,
@@ -267,21 +267,21 @@ def _non_key_from_row(row: Mapping[str, object], where: str) -> NonKey:
 def _tables(data: Mapping[str, object], name: str) -> list[Mapping[str, object]]:
     rows = data.get(name, [])
     if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
-        raise ProvisionerError(f"{_DATA_FILE}: {name} must be an array of tables")
+        raise KeyTableError(f"{_DATA_FILE}: {name} must be an array of tables")
     return rows
 
 
 def _text(row: Mapping[str, object], name: str, where: str, *, default: str | None = None) -> str:
     value = row.get(name, default)
     if not isinstance(value, str):
-        raise ProvisionerError(f"{_DATA_FILE}: {where}: {name} must be a string")
+        raise KeyTableError(f"{_DATA_FILE}: {where}: {name} must be a string")
     return value
 
 
 def _strings(row: Mapping[str, object], name: str, where: str) -> tuple[str, ...]:
     value = row.get(name, [])
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-        raise ProvisionerError(f"{_DATA_FILE}: {where}: {name} must be a list of strings")
+        raise KeyTableError(f"{_DATA_FILE}: {where}: {name} must be a list of strings")
     return tuple(value)
 
 
@@ -290,12 +290,12 @@ def _integer(row: Mapping[str, object], name: str, where: str) -> int | None:
     if value is None:
         return None
     if not isinstance(value, int) or isinstance(value, bool):
-        raise ProvisionerError(f"{_DATA_FILE}: {where}: {name} must be an integer")
+        raise KeyTableError(f"{_DATA_FILE}: {where}: {name} must be an integer")
     return value
 
 
 def _flag(row: Mapping[str, object], name: str, where: str) -> bool:
     value = row.get(name, False)
     if not isinstance(value, bool):
-        raise ProvisionerError(f"{_DATA_FILE}: {where}: {name} must be true or false")
+        raise KeyTableError(f"{_DATA_FILE}: {where}: {name} must be true or false")
     return value

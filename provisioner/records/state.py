@@ -35,7 +35,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from provisioner.atomicfile import UnsafeTreeError, create_once, make_private_folder
 from provisioner.errors import StateError, UsageError
@@ -69,6 +69,8 @@ _TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 
 class StateLockedError(StateError):
     """Another rollout holds the state directory (or the audit log stayed locked)."""
+
+    code: ClassVar[str] = "state-locked"
 
     def __init__(self, message: str, *, holder: LockInfo | None = None) -> None:
         self.holder = holder

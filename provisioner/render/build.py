@@ -179,7 +179,7 @@ class _Timer:
 
 
 def _inventory_finding(exc: InventoryError) -> Finding:
-    return Finding("error", "inventory", str(exc.args[0]), exc.file, exc.line, exc.column, exc.path)
+    return Finding("error", exc.code, str(exc.args[0]), exc.file, exc.line, exc.column, exc.path)
 
 
 @dataclass
@@ -277,7 +277,7 @@ class _Builder:
         assert target.user is not None  # noqa: S101 - microsip targets always have a user
         plan = self.station(target.workstation)
         if plan.install.mode == "portable" and len(plan.workstation.users) != 1:
-            raise ProvisionerError(
+            raise InventoryError(
                 f"workstation {target.workstation} runs MicroSIP in portable mode, where one "
                 f"{plan.install.ini_name} next to the program serves every user; it can have "
                 "only one user"

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from provisioner.errors import AuthError, ProvisionerError
+from provisioner.errors import AuthError, CaFileError, LabError, ProvisionerError
 from provisioner.inventory.model import Secret
 from provisioner.inventory.resolve import StationPlan
 from provisioner.secrets import vault
@@ -62,21 +62,21 @@ class LabMap:
                 data.get("starting") is True,
             )
         except FileNotFoundError:
-            raise ProvisionerError(
+            raise LabError(
                 f"{path} does not exist; start the lab with 'provisioner lab up'"
             ) from None
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ProvisionerError(f"{path} is not a lab file: {exc}") from None
+            raise LabError(f"{path} is not a lab file: {exc}") from None
         # A lab file may sit in the inventory folder, where its editors could write one: it
         # must never send a real WinRM password off this machine.
         remote = sorted(name for name, e in mapped.hosts.items() if not is_loopback(e.address))
         if remote:
-            raise ProvisionerError(
+            raise LabError(
                 f"{path} is not a lab file: it sends {', '.join(remote[:3])} to addresses that "
                 "are not loopback (127.0.0.0/8, ::1)"
             )
         if mapped.starting and not starting_ok:
-            raise ProvisionerError(
+            raise LabError(
                 f"{path}: the lab is still starting, or died while starting "
                 "('provisioner lab down' removes what it left)"
             )
@@ -143,7 +143,7 @@ def winrm_options(
         lab_for = address
         endpoint = lab.hosts.get(name)
         if endpoint is None:
-            raise ProvisionerError(
+            raise LabError(
                 f"the lab does not emulate {name}: it was started before {name} was in the "
                 "inventory. Stop it with 'provisioner lab down', then start it again with "
                 "'provisioner lab up' and the options you gave it before"
@@ -197,12 +197,12 @@ def ca_file_fingerprint(path: Path, where: str) -> str:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
         with os.fdopen(fd, "rb") as handle:
             if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
-                raise ProvisionerError(f"{where}: {path} is not a file")
+                raise CaFileError(f"{where}: {path} is not a file")
             data = handle.read(MAX_CA_FILE_BYTES + 1)
     except OSError as exc:
-        raise ProvisionerError(f"{where}: cannot read {path}: {exc.strerror or exc}") from None
+        raise CaFileError(f"{where}: cannot read {path}: {exc.strerror or exc}") from None
     if len(data) > MAX_CA_FILE_BYTES:
-        raise ProvisionerError(
+        raise CaFileError(
             f"{where}: {path} is larger than {MAX_CA_FILE_BYTES // 1024} KiB; give the CA file"
         )
     return ca_fingerprint(data)

@@ -19,9 +19,9 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
-from provisioner.errors import ProvisionerError
+from provisioner.errors import ConfirmationError, ProvisionerError, StateError
 from provisioner.inventory import resolve
 from provisioner.inventory.model import Finding, Inventory
 from provisioner.records import report, revision, state
@@ -41,6 +41,8 @@ OpenerFactory = Callable[[vault.Recipients], vault.Opener]
 class PlanError(ProvisionerError):
     """Phase 1 or a check before the run refused it: ``findings`` (Phase 1's) and ``lines``
     (one per other problem) say why."""
+
+    code: ClassVar[str] = "plan"
 
     def __init__(
         self, message: str, lines: Sequence[str] = (), findings: Sequence[Finding] = ()
@@ -75,7 +77,7 @@ class Request:
     def state(self) -> Path:
         """The state folder this request records in."""
         if self.state_folder is None:
-            raise ProvisionerError(f"{self.command} records in a state folder, and none was given")
+            raise StateError(f"{self.command} records in a state folder, and none was given")
         return self.state_folder
 
 
@@ -313,8 +315,10 @@ def execute(
     return run
 
 
-class Declined(ProvisionerError):
+class Declined(ConfirmationError):
     """The frontend did not approve the run: nothing was written."""
+
+    code: ClassVar[str] = "declined"
 
     def __init__(self) -> None:
         super().__init__("not confirmed: nothing was written")

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from provisioner.errors import ProvisionerError, RemoteError, TransportError
+from provisioner.errors import OptionError, ProvisionerError, RemoteError, TransportError
 from provisioner.inventory.resolve import StationPlan
 from provisioner.microsip import ini
 from provisioner.microsip.inidoc import IniDocument
@@ -120,7 +120,7 @@ def _push(
 ) -> HostResult:
     name = station.workstation.name
     if options.if_running not in IF_RUNNING:
-        raise ProvisionerError(f"--if-running must be one of {', '.join(IF_RUNNING)}")
+        raise OptionError(f"--if-running must be one of {', '.join(IF_RUNNING)}")
     wanted = [
         f
         for f in files

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Protocol, TypeVar
 
-from provisioner.errors import ProvisionerError
+from provisioner.errors import OptionError, ProvisionerError
 from provisioner.inventory.resolve import StationPlan
 from provisioner.records.results import HostResult, Reporter, Status
 from provisioner.render.build import BuiltFile
@@ -98,7 +98,7 @@ def parse_size(text: str, total: int) -> int:
             if size < 1:
                 raise ValueError
     except ValueError:
-        raise ProvisionerError(
+        raise OptionError(
             f"{text!r} is not a size: use a count like 5 or a share like 10%"
         ) from None
     return min(total, max(size, 1 if total else 0))
@@ -266,7 +266,7 @@ def run_fleet(
     flight are recorded as failed).
     """
     if options.forks < 1:
-        raise ProvisionerError(f"forks must be at least 1, not {options.forks}")
+        raise OptionError(f"forks must be at least 1, not {options.forks}")
     report = reporter or _NullReporter()
     stop = stop or threading.Event()
     run = RunResult(uuid.uuid4().hex[:12], datetime.now(UTC), options)
