@@ -1,14 +1,15 @@
 """The exception tree of the provisioner: its root and the classes shared across modules.
 
 The whole tree, with the classes that live beside the code raising them (such as
-``state.StateLockedError`` or ``engine.PlanError``), is drawn in docs/architecture.md,
+``state.StateLockedError`` or ``parallel.WorkerError``), is drawn in docs/architecture.md,
 section "Errors"; tests/test_errors.py keeps the two in step. Code raises a leaf of the tree,
 never the root itself.
 
 Every message is meant for the user as is: it says where (file:line, path) and what to do.
 No message ever contains a secret value. Each class's ``code`` is the short name a finding
 carries for it (``validate``, ``secrets lint``). The command line maps the classes to exit
-codes in one place (``cli/__init__.py``): 1 for every class but ``UsageError`` (2).
+codes in one place (``cli/__init__.py``): 1 for every class but ``UsageError`` (2) and
+``InternalError`` (70).
 """
 
 from __future__ import annotations
@@ -231,3 +232,10 @@ class UsageError(ProvisionerError):
     commit); the command line exits 2, as for its other usage errors."""
 
     code: ClassVar[str] = "usage"
+
+
+class InternalError(ProvisionerError):
+    """Something that should never happen did (a worker process died without a result): the
+    command line reports it as an internal error, exit 70, as for any bug."""
+
+    code: ClassVar[str] = "internal"

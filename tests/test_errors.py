@@ -201,3 +201,15 @@ def test_the_tree_is_read_with_parents_and_codes() -> None:
         "B": DrawnClass("B", "A", "b"),
         "C": DrawnClass("C", "ProvisionerError", "c"),
     }
+
+
+def test_the_command_line_exits_70_for_an_internal_error_only() -> None:
+    from provisioner.cli import exit_code_for
+    from provisioner.errors import InternalError, OptionError, UsageError
+    from provisioner.parallel import WorkerError
+
+    assert exit_code_for(WorkerError("a worker process ended without a result")) == 70
+    assert exit_code_for(InternalError("x")) == 70
+    assert exit_code_for(KeyError("x")) == 70
+    assert exit_code_for(UsageError("x")) == 2
+    assert exit_code_for(OptionError("x")) == 1

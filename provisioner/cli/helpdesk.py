@@ -27,6 +27,7 @@ from provisioner.cli.helpstyle import App
 from provisioner.errors import (
     ConfirmationError,
     IdentityError,
+    InternalError,
     NotFoundError,
     ProvisionerError,
     SavedNotPushedError,
@@ -275,6 +276,8 @@ def set_password(
                 lab=lab,
                 state_folder=state_folder,
             )
+        except InternalError:
+            raise  # a bug stays one (exit 70)
         except ProvisionerError as exc:
             raise SavedNotPushedError(f"{exc}; {saved}") from None
         except typer.Exit as exc:

@@ -9,7 +9,8 @@ data with the workers for free (copy-on-write), so only results travel back, thr
 - ``("error", exception, where, traceback)`` when its work raised (then it stops).
 
 A child whose result or exception cannot be pickled (a ``Secret`` refuses to be) exits with
-code 70 instead, and the parent reports a :class:`WorkerError`.
+code 70 instead, and the parent raises a :class:`WorkerError`: an internal error, which
+nothing translates and the command line reports as such (exit 70).
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, BinaryIO, ClassVar, TypeVar
 
+from provisioner.errors import InternalError
 from provisioner.parallel.processes import reap
 
 if sys.platform == "linux":
@@ -38,8 +40,10 @@ _Child = tuple[multiprocessing.process.BaseProcess, BinaryIO]
 PIPE_BYTES = 1024 * 1024
 
 
-class WorkerError(RuntimeError):
+class WorkerError(InternalError):
     """A worker process failed without an exception that could travel back."""
+
+    code: ClassVar[str] = "worker"
 
 
 def map_chunks(
