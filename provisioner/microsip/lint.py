@@ -1,7 +1,9 @@
 """Lint a rendered microsip.ini (or an override.ini) against MicroSIP's rules.
 
-Layer 2: depends on :mod:`provisioner.microsip.inidoc`, :mod:`provisioner.microsip.keytable` and
-:mod:`provisioner.errors` only. Findings never quote the value of a ``password`` key.
+Layer 2: depends on :mod:`provisioner.microsip.inidoc`, :mod:`provisioner.microsip.keytable`
+and :mod:`provisioner.inventory.model` (its :class:`~provisioner.inventory.model.Finding`, the
+one finding type of ``validate`` and ``secrets lint``) only. Findings never quote the value of a
+``password`` key.
 """
 
 from __future__ import annotations
@@ -9,12 +11,11 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Final, Literal, NamedTuple
+from typing import Final, NamedTuple
 
+from provisioner.inventory.model import Finding, Source
 from provisioner.microsip.inidoc import IniDocument, IniEntry, IniSection
 from provisioner.microsip.keytable import KeySpec, KeyTable, account_index, load_key_table
-
-Severity = Literal["error", "warning"]
 
 #: Every finding code this module emits.
 FINDING_CODES: Final = frozenset(
@@ -56,27 +57,8 @@ _CONTROL_EXTRA: Final = frozenset({"\x7f", "\x85", "\u2028", "\u2029"})
 _CONTROL_RE: Final = re.compile("[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")
 
 
-@dataclass(frozen=True)
-class Finding:
-    """One problem found in an INI document."""
-
-    severity: Severity
-    code: str
-    message: str
-    source: str = ""
-    line: int = 0
-    section: str = ""
-    key: str = ""
-
-    def __str__(self) -> str:
-        where = self.source or "<ini>"
-        if self.line:
-            where += f":{self.line}"
-        at = f"[{self.section}]" if self.section else ""
-        if self.key:
-            at = f"{at} {self.key}".strip()
-        at = f" {at}:" if at else ""
-        return f"{where}: {self.severity} {self.code}:{at} {self.message}"
+Origin = Callable[[str, str], Source | None]
+"""Where the value of a key (section, key) was set, for a finding on it (None: unknown)."""
 
 
 def has_errors(findings: Iterable[Finding]) -> bool:
@@ -87,19 +69,26 @@ def has_errors(findings: Iterable[Finding]) -> bool:
 def lint_microsip_ini(
     doc: IniDocument,
     *,
-    source: str = "",
+    file: str = "",
     allow_runtime: bool = False,
     hidden: frozenset[int] = frozenset(),
+    origin: Origin | None = None,
 ) -> list[Finding]:
     """Check a whole microsip.ini: keys, values, sections and the account structure.
 
-    ``allow_runtime`` accepts the keys and sections MicroSIP writes itself (for a file read
-    back from a workstation); a freshly rendered file must not contain them. Lines in
-    ``hidden`` (they hold a password outside its key) are not looked at, so no message
+    Findings name ``file``, the line and ``[section] key``, and where ``origin`` says the
+    value was set. ``allow_runtime`` accepts the keys and sections MicroSIP writes itself (for
+    a file read back from a workstation); a freshly rendered file must not contain them. Lines
+    in ``hidden`` (they hold a password outside its key) are not looked at, so no message
     quotes them; a section whose header is hidden is skipped whole.
     """
     linter = _Linter(
-        load_key_table(), source, override=False, allow_runtime=allow_runtime, hidden=hidden
+        load_key_table(),
+        file,
+        override=False,
+        allow_runtime=allow_runtime,
+        hidden=hidden,
+        origin=origin,
     )
     linter.check_document(doc)
     linter.check_accounts(doc)
@@ -108,10 +97,16 @@ def lint_microsip_ini(
 
 
 def lint_override_ini(
-    doc: IniDocument, *, source: str = "", hidden: frozenset[int] = frozenset()
+    doc: IniDocument,
+    *,
+    file: str = "",
+    hidden: frozenset[int] = frozenset(),
+    origin: Origin | None = None,
 ) -> list[Finding]:
     """Check an override.ini: managed [Settings] keys and partial [AccountN] sections only."""
-    linter = _Linter(load_key_table(), source, override=True, allow_runtime=False, hidden=hidden)
+    linter = _Linter(
+        load_key_table(), file, override=True, allow_runtime=False, hidden=hidden, origin=origin
+    )
     linter.check_document(doc)
     return linter.result()
 
@@ -150,7 +145,7 @@ def _hook_args_have_quotes(command: str) -> bool:
 
 
 # Lines that hold a password outside its key are never checked, so never cached.
-_ENTRY_CACHE: dict[tuple[bool, bool, str, str, str], tuple[tuple[Severity, str, str], ...]] = {}
+_ENTRY_CACHE: dict[tuple[bool, bool, str, str, str], tuple[tuple[str, str, str], ...]] = {}
 _ENTRY_CACHE_LIMIT = 100_000
 
 
@@ -163,14 +158,18 @@ class _Where(NamedTuple):
 @dataclass
 class _Linter:
     table: KeyTable
-    source: str
+    file: str
     override: bool
     allow_runtime: bool
     hidden: frozenset[int] = frozenset()
+    origin: Origin | None = None
     findings: list[Finding] = field(default_factory=list)
 
-    def add(self, severity: Severity, code: str, message: str, where: _Where) -> None:
-        self.findings.append(Finding(severity, code, message, self.source, *where))
+    def add(self, severity: str, code: str, message: str, where: _Where) -> None:
+        line, section, key = where
+        path = f"[{section}] {key}".strip() if section else ""
+        source = self.origin(section, key) if self.origin is not None else None
+        self.findings.append(Finding(severity, code, message, self.file, line, 0, path, source))
 
     def result(self) -> list[Finding]:
         # Stable sort: document order, findings without a line last.

@@ -388,8 +388,8 @@ class _Builder:
         path: str,
         text: str,
         install: resolve.Install,
-        lint: Callable[..., list[ini_lint.Finding]],
-        origin: Callable[[str, str], Source | None],
+        lint: Callable[..., list[Finding]],
+        origin: ini_lint.Origin,
         windows: str = "",
         secrets: Sequence[tuple[int, str, Secret]] = (),
     ) -> None:
@@ -399,19 +399,8 @@ class _Builder:
             # outside its key is reported as such, and lint never looks at it (its messages
             # quote values).
             hidden = self._check_secrets_landed(target, text, document, secrets)
-            for finding in lint(document, source=target.name, hidden=hidden):
-                self.result.findings.append(
-                    Finding(
-                        finding.severity,
-                        finding.code,
-                        finding.message,
-                        f"{target.name}",
-                        finding.line,
-                        0,
-                        f"[{finding.section}] {finding.key}".strip() if finding.section else "",
-                        origin(finding.section, finding.key),
-                    )
-                )
+            findings = lint(document, file=target.name, hidden=hidden, origin=origin)
+            self.result.findings.extend(findings)
         with self.clock("encode"):
             data = ini.encode_ini(text)
         accounts = sum(1 for s in document.sections if ini.is_account_section(s.name))
@@ -493,7 +482,7 @@ class _Builder:
 def _origin(
     blocks: Mapping[str, Mapping[str, resolve.Resolved]],
     accounts: Sequence[resolve.ResolvedAccount],
-) -> Callable[[str, str], Source | None]:
+) -> ini_lint.Origin:
     """Where the value of a rendered ``[section] key`` was set in the inventory, if it was."""
 
     def origin(section: str, key: str) -> Source | None:
