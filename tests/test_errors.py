@@ -65,7 +65,11 @@ def error_classes(trees: dict[str, ast.Module]) -> dict[str, ErrorClass]:
         for node in ast.walk(tree)
         if isinstance(node, ast.ClassDef)
     ]
-    found = {ROOT_CLASS: ErrorClass(ROOT_CLASS, "", "error", "provisioner/errors.py")}
+    root = ErrorClass(ROOT_CLASS, "", None, "")
+    for node, where in declared:
+        if node.name == ROOT_CLASS:
+            root = ErrorClass(ROOT_CLASS, "", _own_code(node), where)
+    found = {ROOT_CLASS: root}
     grown = True
     while grown:
         grown = False
@@ -184,7 +188,7 @@ def test_a_class_without_its_own_code_is_seen() -> None:
         )
     )
     assert {name: c.code for name, c in classes.items()} == {
-        "ProvisionerError": "error",
+        "ProvisionerError": None,
         "A": "a",
         "B": None,
     }
