@@ -41,9 +41,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from provisioner import secretstore, vault
-from provisioner.credscope import Scope
-from provisioner.model import Secret
+from provisioner.inventory.model import Secret
+from provisioner.secrets import secretstore, vault
+from provisioner.secrets.credscope import Scope
 
 REALM = "bench-fleet"
 WINRM_USER = "svc-microsip"
@@ -172,7 +172,7 @@ def lab_child(
     root: Path, identity_path: Path, lab_file: Path, slow: float, max_s: float, profile: str
 ) -> None:
     """Run the lab until told to stop; answer ``stats`` lines on stdin."""
-    from provisioner.inventory import load_inventory
+    from provisioner.inventory.loader import load_inventory
     from provisioner.lab import Faults
     from provisioner.lab.inventory_lab import start_inventory_lab
 
@@ -286,7 +286,9 @@ def controller_child(
     processes: int,
 ) -> None:
     """Phase 1, lanes, then run_fleet, as ``provisioner rollout --lab FILE --yes`` does."""
-    from provisioner import build, connections, lanes, resolve, runner
+    from provisioner.inventory import resolve
+    from provisioner.render import build
+    from provisioner.rollout import connections, lanes, runner
 
     start = time.perf_counter()
     keyring = open_keyring(root, identity_path)

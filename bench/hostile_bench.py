@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from provisioner.yamldoc import MAX_DEPTH, MAX_FILE_BYTES, MAX_VALUES
+from provisioner.inventory.yamldoc import MAX_DEPTH, MAX_FILE_BYTES, MAX_VALUES
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "inventory"

@@ -23,9 +23,9 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from provisioner import state
-from provisioner.results import FileChange, HostResult, Status
-from provisioner.runner import RolloutOptions, RunResult
+from provisioner.records import state
+from provisioner.records.results import FileChange, HostResult, Status
+from provisioner.rollout.runner import RolloutOptions, RunResult
 
 
 def _result(index: int) -> HostResult:

@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import gc
 import hashlib
 import json
 import os
-import pickle
 import resource
 import shutil
 import statistics
@@ -32,13 +30,13 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from provisioner import ini, secretstore, vault
-from provisioner.errors import InventoryError
-from provisioner.model import Secret
+from provisioner.inventory.model import Secret
+from provisioner.microsip import ini
+from provisioner.secrets import secretstore, vault
 
 REALM = "bench-realm"
 PASSPHRASE = b"bench passphrase, not secret"
@@ -121,20 +119,18 @@ def generate(root: Path, users: int) -> Path:
 # benchmark's child only: through the engine's own parameters where it has one, else by
 # replacing one module attribute before the build.
 VARIANTS: dict[str, tuple[str, str]] = {
-    "shipped": ("", "Phase 1 as the commands run it (build(process_lifetime=True))"),
-    "build-serial": (
-        "shipped",
-        "no build workers: build(workers=1), the YAML still composed ahead",
-    ),
+    "shipped": ("", "Phase 1 as the commands run it"),
+    "build-serial": ("shipped", "no build workers, the YAML still composed ahead by workers"),
     "compose-serial": ("shipped", "no composing workers: every YAML file composed in this process"),
-    "pickle-trees": ("shipped", "composed trees sent back pickled instead of marshal-packed"),
-    "gc-on": ("shipped", "the garbage collector left on during load and build (frozen after)"),
-    "no-freeze": ("shipped", "survivors not frozen: build(process_lifetime=False)"),
-    "serial": ("shipped", "one process: no composing and no build workers"),
-    "serial-gc-on": ("serial", "one process, the garbage collector left on during the build"),
-    "serial-no-freeze": ("serial", "one process, survivors not frozen"),
+    "one-part": ("shipped", "a build worker sends its files in one part at its end, not streamed"),
+    "small-pipe": ("shipped", "workers' pipes of the default size (64 KiB) instead of 1 MiB"),
+    "gc-on": ("shipped", "the garbage collector left on during the load and the build"),
+    "serial": ("shipped", "one process: build(workers=1)"),
+    "serial-gc-on": ("serial", "one process, the garbage collector left on"),
     "floor": ("shipped", "ruamel's C safe loader and plain Jinja2, UTF-16LE: no checks"),
 }
+# Enough of anything that a constant of "so much per worker" means one process.
+_NEVER = 10**15
 
 
 def _cpu_seconds() -> float:
@@ -144,41 +140,24 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def _switch_off(variant: str) -> tuple[int | None, bool]:
-    """Apply ``variant``'s switches in this process; the build's ``workers`` and
-    ``process_lifetime`` arguments for it."""
-    from provisioner import forked, inventory, yamldoc
+def _switch_off(variant: str) -> int | None:
+    """Apply ``variant``'s switches in this process; the build's ``workers`` argument for it."""
+    from provisioner import gcpause
+    from provisioner.inventory import loader
+    from provisioner.parallel import workers as parallel_workers
+    from provisioner.render import build
 
-    if variant in ("compose-serial", "serial", "serial-gc-on", "serial-no-freeze"):
-        inventory._trees = functools.partial(inventory._trees, workers=1)
-    if variant == "pickle-trees":
-
-        def pickled(path: Path) -> bytes:
-            try:
-                return pickle.dumps(yamldoc.load_tree(path), protocol=pickle.HIGHEST_PROTOCOL)
-            except InventoryError as exc:
-                return pickle.dumps(exc)
-
-        def unpickled(data: bytes) -> tuple[yamldoc.YNode | None, tuple[yamldoc.Problem, ...]]:
-            loaded = pickle.loads(data)  # noqa: S301 - this benchmark's own child wrote it
-            if isinstance(loaded, InventoryError):
-                raise loaded
-            return loaded  # type: ignore[no-any-return]
-
-        yamldoc.packed_tree, yamldoc.unpacked_tree = pickled, unpickled
+    if variant == "small-pipe":
+        parallel_workers.PIPE_BYTES = 64 * 1024
+    if variant == "one-part":
+        build.TARGETS_PER_PART = _NEVER
+    if variant == "build-serial":
+        build.TARGETS_PER_WORKER = _NEVER
+    if variant == "compose-serial":
+        loader.BYTES_PER_COMPOSE_WORKER = _NEVER
     if variant in ("gc-on", "serial-gc-on"):
-
-        @contextlib.contextmanager
-        def unpaused(*, freeze: bool = False) -> Iterator[None]:
-            yield
-            if freeze:
-                gc.freeze()
-
-        forked.paused_gc = unpaused
-    workers = (
-        1 if variant in ("build-serial", "serial", "serial-gc-on", "serial-no-freeze") else None
-    )
-    return workers, variant not in ("no-freeze", "serial-no-freeze")
+        gcpause.paused_gc = contextlib.nullcontext  # type: ignore[assignment]
+    return 1 if variant in ("serial", "serial-gc-on") else None
 
 
 def run_child(
@@ -191,9 +170,9 @@ def run_child(
     (its pages are mostly shared with this process, copy-on-write). ``collect``: one full
     collection after the build, which the command's next steps (or its exit) would meet.
     """
-    from provisioner import build
+    from provisioner.render import build
 
-    variant_workers, process_lifetime = _switch_off(variant)
+    variant_workers = _switch_off(variant)
 
     def opener(recipients: vault.Recipients) -> vault.Opener:
         keyring = vault.Keyring(recipients)
@@ -202,12 +181,7 @@ def run_child(
 
     cpu = _cpu_seconds()
     start = time.perf_counter()
-    result = build.build(
-        root,
-        opener_factory=opener,
-        workers=workers or variant_workers,
-        process_lifetime=process_lifetime,
-    )
+    result = build.build(root, opener_factory=opener, workers=workers or variant_workers)
     total = time.perf_counter() - start
     cpu = _cpu_seconds() - cpu
     collect = time.perf_counter()

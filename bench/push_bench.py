@@ -201,8 +201,8 @@ SESSIONS = 50
 
 
 def bench_rds(labkit: Any) -> None:
-    from provisioner import ini
-    from provisioner.push import inspect_request
+    from provisioner.microsip import ini
+    from provisioner.rollout.push import inspect_request
     from provisioner.transport.agent import scripts
     from provisioner.transport.agent.operations import INSPECT
 

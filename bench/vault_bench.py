@@ -12,8 +12,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from provisioner import secretstore, vault, yamldoc
-from provisioner.model import Secret
+from provisioner.inventory import yamldoc
+from provisioner.inventory.model import Secret
+from provisioner.secrets import secretstore, vault
 
 REALM = "bench-realm"
 

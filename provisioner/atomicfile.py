@@ -11,6 +11,7 @@ import stat
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import ClassVar
 
 from provisioner.errors import ProvisionerError
 
@@ -88,9 +89,13 @@ def _write_all(fd: int, data: bytes) -> None:
 class UnsafeTreeError(ProvisionerError):
     """A file of a tree would be written through a link or outside its root."""
 
+    code: ClassVar[str] = "unsafe-path"
+
 
 class TreeWriteError(ProvisionerError):
     """A file of a tree could not be written; the message names it and the system's reason."""
+
+    code: ClassVar[str] = "write"
 
 
 def _parts(relative: str) -> list[str]:

@@ -1,31 +1,15 @@
-"""The exception tree of the provisioner.
+"""The exception tree of the provisioner: its root and the classes shared across modules.
 
-::
-
-    ProvisionerError
-    ├── InventoryError        file, line, column, key path
-    ├── ResolveError          key, layers involved
-    ├── VaultError            never carries plaintext
-    │   ├── TokenFormatError      structure of a token (checked without any key)
-    │   ├── UnknownKeyError       kid not in recipients.yaml
-    │   │   └── MissingIdentityError  kid known, but no identity for it was given
-    │   ├── RetiredKeyError       kid is retired
-    │   ├── PathMismatchError     pathtag differs from the token's location
-    │   ├── CannotDecryptError    uniform failure after the structure checks (no oracle)
-    │   ├── PolicyViolationError  plaintext is not ini-safe
-    │   ├── IdentityError         identity file unreadable, weakened, or wrong passphrase
-    │   └── RecipientsError       recipients.yaml malformed
-    ├── YamlEditError         a YAML file cannot be patched in place
-    ├── RenderError           target, template, line, snippet
-    ├── LintError             findings
-    ├── StateError            the state folder: unreadable, newer schema, unknown run
-    │   └── StateLockedError      another run holds the lock (state.py: who holds it)
-    ├── TransportError        host
-    └── UsageError            an option's value cannot be used as given (exit 2)
+The whole tree, with the classes that live beside the code raising them (such as
+``state.StateLockedError`` or ``parallel.WorkerError``), is drawn in docs/architecture.md,
+section "Errors"; tests/test_errors.py keeps the two in step. Code raises a leaf of the tree,
+never the root itself.
 
 Every message is meant for the user as is: it says where (file:line, path) and what to do.
 No message ever contains a secret value. Each class's ``code`` is the short name a finding
-carries for it (``validate``, ``secrets lint``).
+carries for it (``validate``, ``secrets lint``). The command line maps the classes to exit
+codes in one place (``cli/__init__.py``): 1 for every class but ``UsageError`` (2) and
+``InternalError`` (70).
 """
 
 from __future__ import annotations
@@ -41,6 +25,8 @@ class ProvisionerError(Exception):
 
 class InventoryError(ProvisionerError):
     """An inventory file is malformed or inconsistent."""
+
+    code: ClassVar[str] = "inventory"
 
     def __init__(
         self, message: str, *, file: str = "", line: int = 0, column: int = 0, path: str = ""
@@ -119,13 +105,19 @@ class PolicyViolationError(VaultError):
 class IdentityError(VaultError):
     """An identity file cannot be used."""
 
+    code: ClassVar[str] = "identity"
+
 
 class RecipientsError(VaultError):
     """recipients.yaml is malformed or inconsistent."""
 
+    code: ClassVar[str] = "recipients"
+
 
 class YamlEditError(ProvisionerError):
     """A YAML file cannot be patched in place without touching more than a token."""
+
+    code: ClassVar[str] = "yaml-edit"
 
 
 class RenderError(ProvisionerError):
@@ -145,13 +137,22 @@ class LintError(ProvisionerError):
     code: ClassVar[str] = "encoding"
 
 
+class KeyTableError(ProvisionerError):
+    """The key table shipped with the provisioner (data/microsip_keys.toml) is malformed."""
+
+    code: ClassVar[str] = "key-table"
+
+
 class StateError(ProvisionerError):
     """The state directory cannot be used: unreadable, newer schema, unknown run."""
+
+    code: ClassVar[str] = "state"
 
 
 class TransportError(ProvisionerError):
     """A workstation could not be reached or answered with an error."""
 
+    code: ClassVar[str] = "transport"
     retryable: bool = False
 
     def __init__(self, message: str, *, host: str = "") -> None:
@@ -162,23 +163,79 @@ class TransportError(ProvisionerError):
 class ConnectError(TransportError):
     """The connection could not be made; worth retrying."""
 
+    code: ClassVar[str] = "connect"
     retryable = True
 
 
 class TransportTimeoutError(TransportError):
     """The workstation did not answer in time; worth retrying."""
 
+    code: ClassVar[str] = "timeout"
     retryable = True
 
 
 class AuthError(TransportError):
     """Credentials were rejected; fatal for that host."""
 
+    code: ClassVar[str] = "auth"
+
 
 class RemoteError(TransportError):
     """The agent reported an error; fatal for that host."""
+
+    code: ClassVar[str] = "remote"
+
+
+class CaFileError(ProvisionerError):
+    """A CA certificate file (``winrm.ca_trust_path``, ``--ca``) cannot be read, or is too
+    large to be one."""
+
+    code: ClassVar[str] = "ca-file"
+
+
+class LabError(ProvisionerError):
+    """The lab cannot be started, reached, stopped or used as its lab file says."""
+
+    code: ClassVar[str] = "lab"
+
+
+class NotFoundError(ProvisionerError):
+    """A user, workstation, account or key named on the command line is not in the inventory
+    (or not where it was looked for)."""
+
+    code: ClassVar[str] = "not-found"
+
+
+class OptionError(ProvisionerError):
+    """An option's value, or a combination of options, cannot be used; unlike
+    :class:`UsageError`, the command line exits 1."""
+
+    code: ClassVar[str] = "option"
+
+
+class ConfirmationError(ProvisionerError):
+    """A command that writes to workstations was not confirmed (no terminal to ask on and no
+    ``--yes``); nothing was written."""
+
+    code: ClassVar[str] = "not-confirmed"
+
+
+class SavedNotPushedError(ProvisionerError):
+    """A change was saved in the inventory, but pushing it right after failed; the message
+    says why and how to push it later."""
+
+    code: ClassVar[str] = "not-pushed"
 
 
 class UsageError(ProvisionerError):
     """A command-line choice cannot be used as given (such as a state folder that git would
     commit); the command line exits 2, as for its other usage errors."""
+
+    code: ClassVar[str] = "usage"
+
+
+class InternalError(ProvisionerError):
+    """Something that should never happen did (a worker process died without a result): the
+    command line reports it as an internal error, exit 70, as for any bug."""
+
+    code: ClassVar[str] = "internal"

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from provisioner import secretstore, vault, yamldoc
+from provisioner.inventory import yamldoc
+from provisioner.secrets import secretstore, vault
 from tests.agentkit import lab, station, time_budget  # noqa: F401 - the agent tests' fixtures
 
 VECTORS = Path(__file__).parent / "vectors"

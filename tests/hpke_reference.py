@@ -1,6 +1,6 @@
 """An independent RFC 9180 base-mode opener built from X25519, HMAC and AES-GCM primitives.
 
-It shares no code with provisioner.vault, so a library upgrade that silently changed the
+It shares no code with provisioner.secrets.vault, so a library upgrade that silently changed the
 wire format would make the tool's tokens stop opening here.
 """
 

@@ -18,14 +18,17 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from provisioner import build, connections, push, resolve, secretstore, vault
-from provisioner.credscope import Scope
-from provisioner.inventory import load_inventory
+from provisioner.inventory import resolve
+from provisioner.inventory.loader import load_inventory
+from provisioner.inventory.model import Secret
 from provisioner.lab.inventory_lab import InventoryLab, start_inventory_lab
 from provisioner.lab.scenario import load_scenario
 from provisioner.lab.workstation import Workstation
-from provisioner.model import Secret
-from provisioner.results import HostResult
+from provisioner.records.results import HostResult
+from provisioner.render import build
+from provisioner.rollout import connections, push
+from provisioner.secrets import secretstore, vault
+from provisioner.secrets.credscope import Scope
 from provisioner.transport.agent.messages import InspectRequest, InstallWanted
 from provisioner.transport.base import Transport
 from tests.phase1kit import EXAMPLE

@@ -17,9 +17,11 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from unittest import mock
 
-from provisioner import build, vault, yamldoc
 from provisioner.errors import ProvisionerError
-from provisioner.model import Secret
+from provisioner.inventory import yamldoc
+from provisioner.inventory.model import Secret
+from provisioner.render import build
+from provisioner.secrets import vault
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "inventory"

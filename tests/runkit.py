@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from provisioner.fingerprint import Fingerprints
-from provisioner.push import PushOptions
-from provisioner.results import FileChange, HostResult, Status
-from provisioner.runner import RolloutOptions, RunResult
+from provisioner.records.fingerprint import Fingerprints
+from provisioner.records.results import FileChange, HostResult, Status
+from provisioner.rollout.push import PushOptions
+from provisioner.rollout.runner import RolloutOptions, RunResult
 
 CANARY = "Canary-Pa55word-7f3e9b"
 STARTED = datetime(2024, 5, 1, 10, 0, 0, tzinfo=UTC)

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from provisioner import build, ini, lint, secretstore, vault
-from provisioner.inidoc import IniDocument
-from provisioner.resolve import Selection
+from provisioner.inventory.resolve import Selection
+from provisioner.microsip import ini, lint
+from provisioner.microsip.inidoc import IniDocument
+from provisioner.render import build
+from provisioner.secrets import secretstore, vault
 from tests.phase1kit import (
     DEMO_KEY,
     EXAMPLE,

@@ -27,12 +27,13 @@ from pathlib import Path
 
 import pytest
 
-from provisioner import ini, secretstore, vault
-from provisioner.connections import LabMap
 from provisioner.errors import ProvisionerError
-from provisioner.inventory import load_inventory
+from provisioner.inventory.loader import load_inventory
 from provisioner.lab.control import alive, take_down
 from provisioner.lab.workstation import DOMAIN_SID
+from provisioner.microsip import ini
+from provisioner.rollout.connections import LabMap
+from provisioner.secrets import secretstore, vault
 from tests.labkit import clean_env, copy_example, free_lab_addresses, run_cli
 
 SCENARIO = """\
@@ -101,7 +102,7 @@ class Shell:
 
 
 def _yaml(path: Path) -> object:
-    from provisioner import yamldoc
+    from provisioner.inventory import yamldoc
 
     return yamldoc.load_data(path)
 

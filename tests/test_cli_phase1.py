@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from provisioner import secretstore, vault
+from provisioner.secrets import secretstore, vault
 from tests.conftest import Realm
 from tests.phase1kit import (
     BASE,

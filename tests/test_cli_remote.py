@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from provisioner.inventory import load_inventory
+from provisioner.inventory.loader import load_inventory
 from tests.labkit import copy_example, free_lab_addresses, run_cli
 
 

@@ -23,13 +23,18 @@ from pathlib import Path
 
 import pytest
 
-from provisioner import build, ini, resolve, runner, state, vault
 from provisioner.cli import fill_optional_values
 from provisioner.cli.rollout import shown_selection
-from provisioner.engine import uninterrupted
-from provisioner.errors import ProvisionerError
+from provisioner.errors import OptionError
+from provisioner.inventory import resolve
 from provisioner.lab import Faults
-from provisioner.results import Status
+from provisioner.microsip import ini
+from provisioner.records import state
+from provisioner.records.results import Status
+from provisioner.render import build
+from provisioner.rollout import runner
+from provisioner.rollout.engine import uninterrupted
+from provisioner.secrets import vault
 from tests.labkit import (
     ExampleLab,
     clean_env,
@@ -701,14 +706,14 @@ def test_the_documented_sizes_are_what_the_code_does() -> None:
     doc = " ".join(ROLLOUT_DOC.read_text(encoding="utf-8").split())
     hosts = [f"ws{n}" for n in range(10)]
     for bad in ("0", "0%", "-1", "2.5", "150%", "ten"):
-        with pytest.raises(ProvisionerError, match="is not a size"):
+        with pytest.raises(OptionError, match="is not a size"):
             runner.plan_batches(hosts, "1", bad)
     assert "`--batch 0`, `--batch 0%`, negative numbers, fractions (`2.5`), `150%`" in doc
     for none in ("0", "0%", "00", "0.0%"):
         assert runner.plan_batches(hosts, none, "3") == runner.plan_batches(hosts, "3", "3")
         assert not runner.has_canary(none)
     assert "`--canary 0` means **no canary**, and so do `0%`, `00` and `0.0%`" in doc
-    with pytest.raises(ProvisionerError, match="is not a size"):
+    with pytest.raises(OptionError, match="is not a size"):
         runner.plan_batches(hosts, "-1", "3")
     assert [len(b) for b in runner.plan_batches(hosts, "1", "1%")] == [1] * 10
     assert "`--batch 1%` of 10 workstations is batches of 1" in doc

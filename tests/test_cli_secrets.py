@@ -8,7 +8,7 @@ import re
 import shutil
 from pathlib import Path
 
-from provisioner import vault
+from provisioner.secrets import vault
 from tests.conftest import USERS_YAML, Realm, make_realm
 
 PW_FILE_ARGS = ("--passphrase-file",)

@@ -108,6 +108,10 @@ def test_the_check_sees_pywinrm_when_a_command_loads_it(tmp_path: Path) -> None:
     assert {"winrm", "requests"} <= {name.split(".")[0] for name in modules}
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_at_a_prompt_says_interrupted(tmp_path: Path) -> None:
     # The helpdesk presses Ctrl-C while set-password waits for the password on stdin.
     inventory = tmp_path / "inventory"
@@ -121,6 +125,9 @@ def test_ctrl_c_at_a_prompt_says_interrupted(tmp_path: Path) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # A shell starts background jobs with Ctrl-C ignored, and Python keeps an ignored
+        # SIGINT ignored: the helpdesk's terminal is what this plays, so the default it has.
+        preexec_fn=_default_sigint,
     )
     try:
         time.sleep(3)  # start-up and loading; then it blocks reading stdin

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from provisioner import push
 from provisioner.cli import common
 from provisioner.cli.progress import print_summary
-from provisioner.credscope import Scope
 from provisioner.errors import ConnectError
-from provisioner.model import Secret
-from provisioner.results import FileChange, HostResult, Status
-from provisioner.runner import RolloutOptions, RunResult
+from provisioner.inventory.model import Secret
+from provisioner.records.results import FileChange, HostResult, Status
+from provisioner.rollout import push
+from provisioner.rollout.runner import RolloutOptions, RunResult
+from provisioner.secrets.credscope import Scope
 from provisioner.transport.winrm import WinrmOptions, WinrmTransport
 from tests.labkit import INSPECT_NOTHING, clean_env, copy_example, run_cli
 from tests.phase1kit import EXAMPLE, cli

@@ -16,10 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from provisioner import connections, errors, secretstore, vault
-from provisioner.credscope import Scope, ca_fingerprint
+from provisioner import errors
+from provisioner.inventory.model import Secret
 from provisioner.lab.certs import CertAuthority
-from provisioner.model import Secret
+from provisioner.rollout import connections
+from provisioner.secrets import secretstore, vault
+from provisioner.secrets.credscope import Scope, ca_fingerprint
 from provisioner.transport.winrm import WinrmOptions, WinrmTransport
 from tests.labkit import (
     ATTACKER,
@@ -247,7 +249,7 @@ def test_a_ca_file_pinned_in_the_scope_verifies_tls(tmp_path: Path) -> None:
         with pytest.raises(errors.TransportError, match="a CA file the scope does not pin"):
             kit.transport("ws01")
         checkout.unlink()
-        with pytest.raises(errors.ProvisionerError, match=r"ws01: winrm\.ca_trust_path: cannot"):
+        with pytest.raises(errors.CaFileError, match=r"ws01: winrm\.ca_trust_path: cannot"):
             kit.transport("ws01")
 
 
@@ -462,7 +464,7 @@ def test_a_lab_file_only_points_at_loopback(tmp_path: Path) -> None:
             }
         )
     )
-    with pytest.raises(errors.ProvisionerError, match="not loopback"):
+    with pytest.raises(errors.LabError, match="not loopback"):
         connections.LabMap.load(lab_file)
 
 
@@ -546,7 +548,7 @@ def test_a_hostile_address_given_directly_is_refused_before_connecting() -> None
 
 
 def test_doctor_connects_where_the_push_connects(tmp_path: Path) -> None:
-    from provisioner import doctor
+    from provisioner.rollout import doctor
 
     scope = Scope.build(["127.0.0.0/8", "localhost"], "encrypted")
     with listener() as target:

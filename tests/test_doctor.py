@@ -5,10 +5,10 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from provisioner import connections, doctor
-from provisioner.credscope import Scope
+from provisioner.inventory.model import Secret
 from provisioner.lab import Faults
-from provisioner.model import Secret
+from provisioner.rollout import connections, doctor
+from provisioner.secrets.credscope import Scope
 from provisioner.transport.winrm import WinrmOptions
 from tests.labkit import lab_kit, listener
 

@@ -20,14 +20,14 @@ import pytest
 from winrm.protocol import Protocol
 
 from provisioner import errors
-from provisioner.credscope import Scope
+from provisioner.inventory.model import Secret
 from provisioner.lab import Faults, ForgedReply, Lab, Trigger
 from provisioner.lab.agent import LabAgent
 from provisioner.lab.fleet import WorkstationSpec, add_workstation
 from provisioner.lab.host import HostConfig, LabHost
-from provisioner.model import Secret
-from provisioner.push import PushOptions, inspect_request
-from provisioner.results import Status
+from provisioner.records.results import Status
+from provisioner.rollout.push import PushOptions, inspect_request
+from provisioner.secrets.credscope import Scope
 from provisioner.transport.agent import scripts
 from provisioner.transport.winrm import WinrmOptions, WinrmTransport, _relates_to
 from tests.labkit import INSPECT_NOTHING, lab_kit

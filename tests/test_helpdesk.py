@@ -13,9 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from provisioner import build, connections, ini, resolve, state, yamldoc
-from provisioner.results import Status
-from provisioner.runner import RolloutOptions, executor, run_fleet
+from provisioner.inventory import resolve, yamldoc
+from provisioner.microsip import ini
+from provisioner.records import state
+from provisioner.records.results import Status
+from provisioner.render import build
+from provisioner.rollout import connections
+from provisioner.rollout.runner import RolloutOptions, executor, run_fleet
 from tests.labkit import ExampleLab, example_lab
 
 ALICE_TOKEN_POINTER = "/users/alice/accounts/main/password"

@@ -21,9 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from provisioner import build, vault
-from provisioner.budget import CLOCK, RenderBudget, expanded_size, stop_clock
-from provisioner.model import Secret
+from provisioner.inventory.model import Secret
+from provisioner.render import build
+from provisioner.render.budget import CLOCK, RenderBudget, expanded_size, stop_clock
+from provisioner.secrets import vault
 from tests.hostilekit import run_limited
 from tests.phase1kit import (
     BASE,
@@ -373,7 +374,8 @@ def test_the_budget_holds_in_forked_workers_and_no_timer_outlives_a_build(
 WITHOUT_RESOURCE = """\
 import runpy, sys
 sys.modules["resource"] = None  # import resource raises ImportError, as on Windows
-from provisioner import budget, yamldoc
+from provisioner.render import budget
+from provisioner.inventory import yamldoc
 from provisioner.errors import InventoryError
 print("composer-safe", yamldoc._COMPOSER_SAFE)
 try:

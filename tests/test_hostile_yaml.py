@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from provisioner import yamldoc
 from provisioner.errors import InventoryError
-from provisioner.inventory import InventoryErrors, load_inventory
-from provisioner.secretstore import scan_inventory
+from provisioner.inventory import yamldoc
+from provisioner.inventory.loader import InventoryErrors, load_inventory
+from provisioner.secrets.secretstore import scan_inventory
 from tests.hostilekit import HOSTILE, run_limited
 from tests.phase1kit import BASE, write_inventory
 

@@ -1,4 +1,4 @@
-"""Tests for provisioner.ini: the MicroSIP INI codec and the three-way merge."""
+"""Tests for provisioner.microsip.ini: the MicroSIP INI codec and the three-way merge."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from provisioner import ini as ini_module
 from provisioner.errors import LintError
-from provisioner.ini import (
+from provisioner.microsip import ini as ini_module
+from provisioner.microsip.ini import (
     MergeConflict,
     MergeResult,
     decode_ini_bytes,
@@ -25,7 +25,7 @@ from provisioner.ini import (
     reset_ini,
     serialize_ini,
 )
-from provisioner.inidoc import IniDocument, IniEntry, IniSection
+from provisioner.microsip.inidoc import IniDocument, IniEntry, IniSection
 
 DATA = Path(__file__).parent / "data" / "ini"
 PROPS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -6,7 +6,7 @@ sections and keys of a benign render, each with the same value, and the field's 
 back as exactly the text that was written in the inventory.
 
 "Reads back" means what MicroSIP sees through ``GetPrivateProfileString`` (modelled by
-:mod:`provisioner.inidoc`): surrounding whitespace and one pair of enclosing quotes are
+:mod:`provisioner.microsip.inidoc`): surrounding whitespace and one pair of enclosing quotes are
 stripped. So a value with surrounding whitespace must be refused, and a value enclosed in
 quotes must be refused, except for the keys MicroSIP itself saves in quotes (``cmd*`` hooks,
 device names), where the renderer adds a protective pair and the value reads back unchanged.
@@ -25,8 +25,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from provisioner import build, ini, render, vault, yamldoc
-from provisioner.inidoc import IniDocument
+from provisioner.inventory import yamldoc
+from provisioner.microsip import ini
+from provisioner.microsip.inidoc import IniDocument
+from provisioner.render import build, jinja
+from provisioner.secrets import vault
 from tests.phase1kit import REALM, recipients, write_inventory
 
 PASSWORD_PATH = "/users/u1/accounts/main/password"
@@ -191,7 +194,7 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     unchanged templates every time) is shared between examples, to keep the test fast.
     """
     environments: dict[tuple[str, ...], jinja2.sandbox.SandboxedEnvironment] = {}
-    make_environment = render.make_environment
+    make_environment = jinja.make_environment
 
     def shared(template_dirs: Sequence[Path], **kw: Any) -> jinja2.sandbox.SandboxedEnvironment:
         key = tuple(str(p) for p in template_dirs)
@@ -200,7 +203,7 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         return environments[key]
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(render, "make_environment", shared)
+        patch.setattr(jinja, "make_environment", shared)
         yield write_inventory(tmp_path_factory.mktemp("injection") / "inv", {})
 
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from provisioner import build
 from provisioner.errors import InventoryError
-from provisioner.inventory import InventoryErrors, inventory_files, load_inventory
+from provisioner.inventory.loader import InventoryErrors, inventory_files, load_inventory
+from provisioner.render import build
 from tests.phase1kit import BASE, EXAMPLE, build_files, write_inventory
 
 # --------------------------------------------------------------------------- the model

@@ -6,8 +6,8 @@ from importlib import resources
 
 import pytest
 
-from provisioner.errors import ProvisionerError
-from provisioner.keytable import (
+from provisioner.errors import KeyTableError
+from provisioner.microsip.keytable import (
     KeyTable,
     account_index,
     key_table_from_data,
@@ -168,7 +168,7 @@ def table() -> KeyTable:
 
 
 def test_table_is_package_data_and_cached() -> None:
-    data = resources.files("provisioner").joinpath("data").joinpath("microsip_keys.toml")
+    data = resources.files("provisioner.microsip").joinpath("microsip_keys.toml")
     assert data.is_file()
     assert load_key_table() is load_key_table()
 
@@ -402,7 +402,7 @@ def _row(**overrides: object) -> dict[str, object]:
     ],
 )
 def test_malformed_table_is_rejected(data: dict[str, object]) -> None:
-    with pytest.raises(ProvisionerError):
+    with pytest.raises(KeyTableError):
         key_table_from_data(data)
 
 

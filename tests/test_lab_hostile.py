@@ -15,8 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from provisioner import connections, doctor, ini, push, state
-from provisioner.fingerprint import Fingerprints
 from provisioner.lab.ntfs import EVERYONE, Acl, FileError, protected_acl
 from provisioner.lab.workstation import (
     ADMINISTRATORS,
@@ -27,7 +25,11 @@ from provisioner.lab.workstation import (
     Workstation,
     user_file_acl,
 )
-from provisioner.results import Status
+from provisioner.microsip import ini
+from provisioner.records import state
+from provisioner.records.fingerprint import Fingerprints
+from provisioner.records.results import Status
+from provisioner.rollout import connections, doctor, push
 from tests.agentkit import (
     ALICE_INI,
     PROGRAM_DIR,

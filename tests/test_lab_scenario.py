@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from provisioner import build, connections, doctor, ini, push, resolve, secretstore, vault
 from provisioner.errors import ProvisionerError
-from provisioner.inventory import load_inventory
+from provisioner.inventory import resolve
+from provisioner.inventory.loader import load_inventory
 from provisioner.lab.control import describe
 from provisioner.lab.inventory_lab import start_inventory_lab
 from provisioner.lab.ntfs import EVERYONE
@@ -30,7 +30,11 @@ from provisioner.lab.workstation import (
     Workstation,
     user_file_acl,
 )
-from provisioner.results import FileChange, HostResult, Status
+from provisioner.microsip import ini
+from provisioner.records.results import FileChange, HostResult, Status
+from provisioner.render import build
+from provisioner.rollout import connections, doctor, push
+from provisioner.secrets import secretstore, vault
 from tests.labkit import Kit, copy_example, lab_kit, write_inventory
 from tests.phase1kit import REPO
 

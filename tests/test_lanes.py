@@ -22,12 +22,16 @@ from typing import Any, TypeVar
 
 import pytest
 
-from provisioner import build, connections, forked, lanes, resolve, runner, secretstore
+from provisioner import parallel
+from provisioner.inventory import resolve
+from provisioner.inventory.model import Secret
 from provisioner.lab import Faults
 from provisioner.lab.inventory_lab import InventoryLab, start_inventory_lab
-from provisioner.model import Secret
-from provisioner.results import HostResult, Status
-from provisioner.runner import RolloutOptions, RunResult, run_fleet
+from provisioner.records.results import HostResult, Status
+from provisioner.render import build
+from provisioner.rollout import connections, lanes, runner
+from provisioner.rollout.runner import RolloutOptions, RunResult, run_fleet
+from provisioner.secrets import secretstore
 from provisioner.transport.base import Transport
 from tests.labkit import WINRM_PASSWORD, example_lab, write_inventory
 
@@ -324,7 +328,7 @@ def test_stop_ends_the_retries_inside_a_lane(fleet: Fleet) -> None:
 
 def test_closing_the_lanes_keeps_a_freeze_made_before_them(fleet: Fleet) -> None:
     only_thread()
-    gc.freeze()  # as a command-line Phase 1 does (build(process_lifetime=True))
+    gc.freeze()  # made by whoever embeds the engine, before the lanes open
     try:
         frozen = gc.get_freeze_count()
         with fleet.lanes(2) as pushers:
@@ -396,7 +400,7 @@ def test_one_process_wanted_means_no_lanes_and_auto_needs_a_large_run(fleet: Fle
         assert isinstance(pushers, lanes.Threads)
         assert pushers.processes == 0 and pushers.note(20) == ""
     assert lanes.choose_processes(lanes.MIN_HOSTS - 1, 20) == 1
-    cores = forked.available_cores()
+    cores = parallel.available_cores()
     assert lanes.choose_processes(lanes.MIN_HOSTS, 20) == max(1, min(cores, 10))
     assert lanes.choose_processes(10_000, 3) == 1  # one fork per process would not pay
     assert lanes.choose_processes(5, 20, requested=3) == 3

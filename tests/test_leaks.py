@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from provisioner import errors, secretstore, vault
-from provisioner.credscope import Scope
+from provisioner import errors
+from provisioner.inventory.model import Secret
 from provisioner.lab import Lab
 from provisioner.lab.agent import LabAgent
 from provisioner.lab.fleet import WorkstationSpec, add_workstation
 from provisioner.lab.host import HostConfig
-from provisioner.model import Secret
+from provisioner.secrets import secretstore, vault
+from provisioner.secrets.credscope import Scope
 from provisioner.transport import winrm
 from tests.conftest import USERS_YAML, Realm, make_realm
 from tests.labkit import INSPECT_NOTHING

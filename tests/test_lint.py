@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from provisioner.inidoc import IniDocument, IniEntry, IniSection
-from provisioner.lint import (
+from provisioner.inventory.model import Finding, Source
+from provisioner.microsip.inidoc import IniDocument, IniEntry, IniSection
+from provisioner.microsip.lint import (
     FINDING_CODES,
-    Finding,
     has_errors,
     lint_microsip_ini,
     lint_override_ini,
@@ -106,7 +106,7 @@ def lint_settings(*pairs: tuple[str, str], **kwargs: bool) -> list[Finding]:
         ("Settings", [*base, *overrides.items()]),
         ("Account1", account("Jane Doe", "1001")),
     )
-    return lint_microsip_ini(doc, source="pc01", **kwargs)
+    return lint_microsip_ini(doc, file="pc01", **kwargs)
 
 
 def lint_account(*pairs: tuple[str, str]) -> list[Finding]:
@@ -114,7 +114,7 @@ def lint_account(*pairs: tuple[str, str]) -> list[Finding]:
     overrides = dict(pairs)
     base = [(k, overrides.pop(k, v)) for k, v in account("Jane Doe", "1001") if k is not None]
     doc = make_doc(("Settings", SETTINGS), ("Account1", [*base, *overrides.items()]))
-    return lint_microsip_ini(doc, source="pc01")
+    return lint_microsip_ini(doc, file="pc01")
 
 
 def only(findings: Sequence[Finding]) -> Finding:
@@ -126,7 +126,7 @@ def only(findings: Sequence[Finding]) -> Finding:
 
 
 def test_clean_realistic_document_has_no_findings() -> None:
-    assert lint_microsip_ini(clean_doc(), source="pc01") == []
+    assert lint_microsip_ini(clean_doc(), file="pc01") == []
 
 
 def test_empty_document_has_no_findings() -> None:
@@ -149,7 +149,7 @@ def test_unknown_key_with_suggestion() -> None:
     finding = only(lint_account(("tranport", "tls")))
     assert (finding.severity, finding.code) == ("error", "unknown-key")
     assert "did you mean transport?" in finding.message
-    assert (finding.source, finding.section, finding.key) == ("pc01", "Account1", "tranport")
+    assert (finding.file, finding.path) == ("pc01", "[Account1] tranport")
     assert finding.line > 0
 
 
@@ -176,7 +176,11 @@ def test_documented_script_mistakes_get_suggestions(
     (settings_pairs if section == "Settings" else account_pairs).append((key, value))
     doc = make_doc(("Settings", settings_pairs), ("Account1", account_pairs))
     finding = only(lint_microsip_ini(doc))
-    assert (finding.severity, finding.code, finding.key) == ("error", "non-key", key)
+    assert (finding.severity, finding.code, finding.path) == (
+        "error",
+        "non-key",
+        f"[{section}] {key}",
+    )
     assert f"did you mean {suggestion}?" in finding.message
 
 
@@ -247,7 +251,11 @@ def test_obsolete_key_warns() -> None:
 def test_bad_enum(section: str, key: str, value: str) -> None:
     findings = lint_settings((key, value)) if section == "Settings" else lint_account((key, value))
     finding = only(findings)
-    assert (finding.severity, finding.code, finding.key) == ("error", "bad-enum", key)
+    assert (finding.severity, finding.code, finding.path) == (
+        "error",
+        "bad-enum",
+        f"[{section}] {key}",
+    )
     assert f"'{value}'" in finding.message
 
 
@@ -309,7 +317,7 @@ def test_length_limits(section: str, key: str, limit: int) -> None:
 
     assert [f for f in run(fits) if f.code != "unknown-codec"] == []
     finding = only([f for f in run(fits + "y") if f.code != "unknown-codec"])
-    assert (finding.code, finding.key) == ("too-long", key)
+    assert (finding.code, finding.path) == ("too-long", f"[{section}] {key}")
     assert str(limit) in finding.message
 
 
@@ -415,7 +423,11 @@ def test_runtime_sections(name: str) -> None:
         (name, [("0", "100;Reception;1;1700000000;12;")]),
     )
     finding = only(lint_microsip_ini(doc))
-    assert (finding.severity, finding.code, finding.section) == ("error", "runtime-section", name)
+    assert (finding.severity, finding.code, finding.path) == (
+        "error",
+        "runtime-section",
+        f"[{name}]",
+    )
     assert lint_microsip_ini(doc, allow_runtime=True) == []
 
 
@@ -459,7 +471,7 @@ def test_account_gap_names_the_first_missing_index() -> None:
         ("Account4", account("D", "1004")),
     )
     finding = only(lint_microsip_ini(doc))
-    assert (finding.severity, finding.code, finding.section) == ("error", "account-gap", "Account3")
+    assert (finding.severity, finding.code, finding.path) == ("error", "account-gap", "[Account3]")
     assert "[Account2] is missing" in finding.message
 
 
@@ -478,10 +490,10 @@ def test_account_without_domain_or_username() -> None:
         ("Account3", empty_domain),
     )
     found = lint_microsip_ini(doc)
-    assert [(f.code, f.section) for f in found] == [
-        ("account-missing-domain", "Account2"),
-        ("account-missing-username", "Account2"),
-        ("account-missing-domain", "Account3"),
+    assert [(f.code, f.path) for f in found] == [
+        ("account-missing-domain", "[Account2] domain"),
+        ("account-missing-username", "[Account2] username"),
+        ("account-missing-domain", "[Account3] domain"),
     ]
     assert all(f.severity == "error" for f in found)
     assert found[2].line == doc.sections[3].entries[3].line  # points at the empty domain line
@@ -550,7 +562,7 @@ def test_at_most_100_accounts() -> None:
     sections = [(f"Account{i}", account(f"A{i}", str(1000 + i))) for i in range(1, 102)]
     doc = make_doc(("Settings", [("accountId", "1")]), *sections)
     finding = only(lint_microsip_ini(doc))
-    assert (finding.code, finding.section) == ("too-many-accounts", "Account101")
+    assert (finding.code, finding.path) == ("too-many-accounts", "[Account101]")
     assert lint_microsip_ini(make_doc(("Settings", [("accountId", "1")]), *sections[:100])) == []
 
 
@@ -563,7 +575,7 @@ def test_override_allows_partial_accounts() -> None:
         ("Account3", [("password", CANARY)]),
         ("Account0", [("label", "Local")]),
     )
-    assert lint_override_ini(doc, source="override.ini") == []
+    assert lint_override_ini(doc, file="override.ini") == []
 
 
 def test_override_applies_the_same_key_checks() -> None:
@@ -571,9 +583,9 @@ def test_override_applies_the_same_key_checks() -> None:
         ("Settings", [("updateInterval", "never"), ("accountId", "x"), ("EC", "on")]),
         ("Account2", [("transport", "sctp"), ("STUN", "stun.example.com")]),
     )
-    found = lint_override_ini(doc, source="override.ini")
+    found = lint_override_ini(doc, file="override.ini")
     assert codes(found) == ["non-key", "bad-int", "bad-bool", "bad-enum", "non-key"]
-    assert {f.source for f in found} == {"override.ini"}
+    assert {f.file for f in found} == {"override.ini"}
 
 
 def test_override_rejects_runtime_data_and_other_sections() -> None:
@@ -600,9 +612,24 @@ def test_finding_is_frozen_and_prints_location() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         finding.code = "x"  # type: ignore[misc]
     text = str(finding)
-    assert text.startswith(f"pc01:{finding.line}: error unknown-key: [Account1] tranport:")
+    assert text.startswith(f"pc01:{finding.line}: error[unknown-key]: [Account1] tranport:")
     assert has_errors([finding])
     assert not has_errors([dataclasses.replace(finding, severity="warning")])
+
+
+def test_a_finding_names_where_its_value_was_set() -> None:
+    doc = make_doc(("Settings", SETTINGS), ("Account1", [*account("A", "1001"), ("tranport", "x")]))
+    set_at = Source("users/a.yaml", 7, 5, "user a")
+    asked: list[tuple[str, str]] = []
+
+    def origin(section: str, key: str) -> Source | None:
+        asked.append((section, key))
+        return set_at if (section, key) == ("Account1", "tranport") else None
+
+    finding = only(lint_microsip_ini(doc, file="pc01", origin=origin))
+    assert (finding.code, finding.source) == ("unknown-key", set_at)
+    assert ("Account1", "tranport") in asked
+    assert str(finding).endswith("(value set at users/a.yaml:7:5 (user a))")
 
 
 def test_long_values_are_truncated_in_messages() -> None:

@@ -18,13 +18,13 @@ from typing import Any
 
 import pytest
 
-from provisioner.credscope import Scope
 from provisioner.errors import RemoteError, TransportError
+from provisioner.inventory.model import Secret
 from provisioner.lab import Lab
 from provisioner.lab.agent import IMPLEMENTATIONS, LabAgent
 from provisioner.lab.fleet import WorkstationSpec, add_workstation
 from provisioner.lab.host import HostConfig
-from provisioner.model import Secret
+from provisioner.secrets.credscope import Scope
 from provisioner.transport.agent import scripts
 from provisioner.transport.agent.messages import (
     AgentReply,

@@ -36,9 +36,13 @@ def test_every_file_the_code_reads_at_run_time_is_package_data() -> None:
         for pattern in patterns
         for path in _folder(package).glob(pattern)
     }
+    # Every file of the source that is not Python: the key table, the agent scripts, py.typed.
     needed = [
-        *(ROOT / "provisioner" / "data").iterdir(),
-        *(ROOT / "provisioner" / "transport" / "agent").glob("*.ps1"),
+        *(
+            path
+            for path in (ROOT / "provisioner").rglob("*")
+            if path.is_file() and path.suffix not in {".py", ".pyc"}
+        ),
         *(ROOT / "templates").glob("*.j2"),
     ]
     assert needed and set(needed) <= shipped, sorted(set(needed) - shipped)

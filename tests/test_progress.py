@@ -9,8 +9,8 @@ from datetime import UTC, datetime
 from rich.console import Console
 
 from provisioner.cli.progress import next_steps, print_summary
-from provisioner.results import HostResult, Status
-from provisioner.runner import RolloutOptions, RunResult
+from provisioner.records.results import HostResult, Status
+from provisioner.rollout.runner import RolloutOptions, RunResult
 
 
 def _summary(run: RunResult) -> str:

@@ -9,12 +9,12 @@ from typing import Any, TypeVar
 
 import pytest
 
-from provisioner import ini
-from provisioner.credscope import Scope
 from provisioner.lab import Faults, ResetMidCommand, Trigger
 from provisioner.lab.workstation import Workstation
-from provisioner.push import PushOptions
-from provisioner.results import Status
+from provisioner.microsip import ini
+from provisioner.records.results import Status
+from provisioner.rollout.push import PushOptions
+from provisioner.secrets.credscope import Scope
 from provisioner.transport.agent.messages import AgentReply, AgentRequest, InspectRequest
 from provisioner.transport.base import ReadOnlyTransport, Transport
 from tests.labkit import Kit, lab_kit
@@ -148,8 +148,8 @@ def test_inventory_change_reaches_the_file(kit: Kit) -> None:
 
 def test_password_change_is_named_but_never_shown(kit: Kit) -> None:
     kit.push("ws01")
-    from provisioner import secretstore
-    from provisioner.model import Secret
+    from provisioner.inventory.model import Secret
+    from provisioner.secrets import secretstore
 
     secretstore.set_secret(
         kit.root,
@@ -226,7 +226,7 @@ def test_reset_and_rollback(kit: Kit) -> None:
     reset = kit.push("ws01", PushOptions(reset=True))
     assert reset.status == Status.CHANGED
     assert ini.parse_ini(text(ws.read(INI))).get("Settings", "EC") == "1"
-    from provisioner.push import rollback_host
+    from provisioner.rollout.push import rollback_host
 
     back = rollback_host(
         kit.station("ws01"), kit.files("ws01"), kit.transport("ws01"), PushOptions(users=("u1x1",))
@@ -241,7 +241,7 @@ def test_a_rollback_that_cannot_look_at_a_file_fails_it(kit: Kit) -> None:
     kit.push("ws01")
     ws = machine(kit)
     ws.faults.attributes_denied.add(INI.rsplit("\\", 1)[0])
-    from provisioner.push import rollback_host
+    from provisioner.rollout.push import rollback_host
 
     back = rollback_host(
         kit.station("ws01"), kit.files("ws01"), kit.transport("ws01"), PushOptions(users=("u1x1",))
@@ -340,7 +340,7 @@ def test_user_without_profile_and_missing_install(tmp_path: Path) -> None:
 
 
 def test_tls_failure_is_fatal_and_names_the_certificate(tmp_path: Path) -> None:
-    from provisioner import connections
+    from provisioner.rollout import connections
     from provisioner.transport.winrm import WinrmTransport
 
     with lab_kit(tmp_path, transport="basic") as kit:
@@ -354,8 +354,8 @@ def test_tls_failure_is_fatal_and_names_the_certificate(tmp_path: Path) -> None:
 
 
 def test_basic_over_plain_http_is_refused_before_connecting(tmp_path: Path) -> None:
-    from provisioner import connections
     from provisioner.errors import TransportError
+    from provisioner.rollout import connections
     from provisioner.transport.winrm import WinrmTransport
 
     with lab_kit(tmp_path, transport="basic") as kit:

@@ -24,9 +24,11 @@ from pathlib import Path
 import jinja2
 import pytest
 
-import provisioner.lint as ini_lint
-from provisioner import build, ini, render, vault
-from provisioner.model import Secret, Source
+import provisioner.microsip.lint as ini_lint
+from provisioner.inventory.model import Secret, Source
+from provisioner.microsip import ini
+from provisioner.render import build, jinja
+from provisioner.secrets import vault
 from tests.phase1kit import (
     BASE,
     REALM,
@@ -302,31 +304,31 @@ def test_templates_option_points_elsewhere(tmp_path: Path) -> None:
     ],
 )
 def test_ini_filter_reads_back_exactly(value: object, text: str) -> None:
-    assert render.ini_value(value) == text
+    assert jinja.ini_value(value) == text
     read_back = ini.parse_ini(f"[S]\nk={text}\n").get("S", "k")
     # Text reads back as itself; other values as their INI spelling.
     assert read_back == (value if isinstance(value, str) else text)
 
 
 def test_a_sealed_password_reads_back_exactly() -> None:
-    env = render.make_environment([])
+    env = jinja.make_environment([])
     template = env.from_string("[S]\npassword={{ pw | ini }}\n")
-    text = render.render(template, {"pw": render.sealed(Secret("p=w;[x]'"))}, "t")
+    text = jinja.render(template, {"pw": jinja.sealed(Secret("p=w;[x]'"))}, "t")
     assert ini.parse_ini(text).get("S", "password") == "p=w;[x]'"
 
 
-@pytest.mark.parametrize("value", [Secret("pw"), render.sealed(Secret("pw"))])
+@pytest.mark.parametrize("value", [Secret("pw"), jinja.sealed(Secret("pw"))])
 def test_the_ini_filter_refuses_a_password_outside_a_render(value: object) -> None:
-    with pytest.raises(render._SealedUse):
-        render.ini_value(value)
+    with pytest.raises(jinja._SealedUse):
+        jinja.ini_value(value)
 
 
 @pytest.mark.parametrize(
     "value", ["a\nb", "a\rb", "a\x00b", "a\u2028b", "a\x85b", " lead", "trail ", float("nan")]
 )
 def test_ini_filter_refuses_what_would_not_read_back(value: object) -> None:
-    with pytest.raises(render._ValueError):
-        render.ini_value(value)
+    with pytest.raises(jinja._ValueError):
+        jinja.ini_value(value)
 
 
 @pytest.mark.parametrize("plaintext", [b"a\nb", b" pw", b'"pw"', b"a\x00b"])
@@ -349,11 +351,11 @@ def test_a_password_sealed_around_the_policy_never_reaches_a_file(
 
 
 def test_quoted_and_bool01_filters() -> None:
-    assert render.quoted("Speakers (USB)") == '"Speakers (USB)"'
-    assert render.quoted('"C:\\a b.exe" --x') == '""C:\\a b.exe" --x"'
+    assert jinja.quoted("Speakers (USB)") == '"Speakers (USB)"'
+    assert jinja.quoted('"C:\\a b.exe" --x') == '""C:\\a b.exe" --x"'
     doc = ini.parse_ini('[S]\nk=""C:\\a b.exe" --x"\n')
     assert doc.get("S", "k") == '"C:\\a b.exe" --x'
-    assert [render.bool01(v) for v in (1, 0, "0", "false", "yes", "", None, True)] == [
+    assert [jinja.bool01(v) for v in (1, 0, "0", "false", "yes", "", None, True)] == [
         "1",
         "0",
         "0",
@@ -366,7 +368,7 @@ def test_quoted_and_bool01_filters() -> None:
 
 
 def test_environment_is_sandboxed_and_strict() -> None:
-    env = render.make_environment([])
+    env = jinja.make_environment([])
     assert isinstance(env, jinja2.sandbox.SandboxedEnvironment)
     with pytest.raises(jinja2.UndefinedError):
         env.from_string("{{ nothing }}").render()

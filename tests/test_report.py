@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from provisioner import report
-from provisioner.results import HostResult, Status
-from provisioner.runner import RolloutOptions, RunResult
+from provisioner.records import report
+from provisioner.records.results import HostResult, Status
+from provisioner.rollout.runner import RolloutOptions, RunResult
 from tests.runkit import (
     CANARY,
     FP,

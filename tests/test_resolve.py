@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from provisioner import build, resolve
 from provisioner.errors import InventoryError, ProvisionerError, ResolveError
-from provisioner.inventory import load_inventory
-from provisioner.model import Inventory
+from provisioner.inventory import resolve
+from provisioner.inventory.loader import load_inventory
+from provisioner.inventory.model import Inventory
+from provisioner.render import build
 from tests.phase1kit import BASE, EXAMPLE, build_files, write_inventory
 
 GOLDEN_PRECEDENCE = Path(__file__).parent / "golden" / "inventories" / "precedence" / "inventory"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from provisioner import revision
+from provisioner.records import revision
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 

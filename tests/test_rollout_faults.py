@@ -17,14 +17,15 @@ from pathlib import Path
 
 import pytest
 
-from provisioner import ini, state
+from provisioner.inventory.resolve import StationPlan
 from provisioner.lab import Faults, ResetMidCommand, SoapFault, Trigger
 from provisioner.lab.workstation import Workstation
-from provisioner.push import PushOptions
-from provisioner.report import exit_code, hosts_to_retry
-from provisioner.resolve import StationPlan
-from provisioner.results import Status
-from provisioner.runner import RolloutOptions, RunResult, executor, run_fleet
+from provisioner.microsip import ini
+from provisioner.records import state
+from provisioner.records.report import exit_code, hosts_to_retry
+from provisioner.records.results import Status
+from provisioner.rollout.push import PushOptions
+from provisioner.rollout.runner import RolloutOptions, RunResult, executor, run_fleet
 from provisioner.transport.base import Transport
 from tests.labkit import Kit, lab_kit
 

@@ -22,24 +22,27 @@ from typing import Any, TypeVar
 import pytest
 from rich.console import Console
 
-from provisioner import build, lanes, runner, state
 from provisioner.cli.progress import PlainReporter, RichReporter, print_summary
 from provisioner.errors import (
     AuthError,
     ConnectError,
+    OptionError,
     ProvisionerError,
     RemoteError,
     TransportError,
     TransportTimeoutError,
 )
-from provisioner.fingerprint import Fingerprints
+from provisioner.inventory.resolve import StationPlan, resolve_station
 from provisioner.lab import agent
 from provisioner.lab.fleet import WorkstationSpec, build_workstation
 from provisioner.lab.workstation import Workstation
-from provisioner.report import exit_code, hosts_to_retry
-from provisioner.resolve import StationPlan, resolve_station
-from provisioner.results import HostResult, Status
-from provisioner.runner import RolloutOptions, parse_size, plan_batches, run_fleet
+from provisioner.records import state
+from provisioner.records.fingerprint import Fingerprints
+from provisioner.records.report import exit_code, hosts_to_retry
+from provisioner.records.results import HostResult, Status
+from provisioner.render import build
+from provisioner.rollout import lanes, runner
+from provisioner.rollout.runner import RolloutOptions, parse_size, plan_batches, run_fleet
 from provisioner.transport.agent.messages import AgentReply, AgentRequest, ApplyRequest
 from provisioner.transport.agent.operations import APPLY, REGISTRY
 from provisioner.transport.base import Transport
@@ -74,7 +77,7 @@ def test_parse_size(text: str, total: int, size: int) -> None:
 
 @pytest.mark.parametrize("text", ["", "abc", "-1", "5.5", "0%", "150%", "-10%", "%", "nan%", "0"])
 def test_bad_sizes_are_clear_errors(text: str) -> None:
-    with pytest.raises(ProvisionerError) as caught:
+    with pytest.raises(OptionError) as caught:
         parse_size(text, 10)
     assert "is not a size" in str(caught.value)
     assert "count like 5" in str(caught.value) and "share like 10%" in str(caught.value)
@@ -115,7 +118,7 @@ def test_has_canary() -> None:
 
 @pytest.mark.parametrize(("canary", "batch"), [("x", "10%"), ("1", "0"), ("1", "abc"), ("-2", "1")])
 def test_plan_batches_refuses_bad_sizes(canary: str, batch: str) -> None:
-    with pytest.raises(ProvisionerError, match="is not a size"):
+    with pytest.raises(OptionError, match="is not a size"):
         plan_batches(HOSTS, canary, batch)
 
 
@@ -353,9 +356,9 @@ def test_forks_bound_the_hosts_in_flight(fleet: Fleet) -> None:
 
 
 def test_options_that_cannot_run_are_refused(fleet: Fleet) -> None:
-    with pytest.raises(ProvisionerError, match="forks"):
+    with pytest.raises(OptionError, match="forks"):
         fleet.run(replace(FAST, forks=0))
-    with pytest.raises(ProvisionerError, match="is not a size"):
+    with pytest.raises(OptionError, match="is not a size"):
         fleet.run(replace(FAST, batch="0"))
     assert fleet.opened == []
 
@@ -450,7 +453,7 @@ def test_conflicts_count_as_failures(fleet: Fleet) -> None:
 @pytest.fixture
 def exact_jitter(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     # jitter multiplies the delay by 0.5 + random()/2: random() = 1.0 gives the full delay
-    monkeypatch.setattr("provisioner.runner.random.random", lambda: 1.0)
+    monkeypatch.setattr("provisioner.rollout.runner.random.random", lambda: 1.0)
     yield
 
 

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from provisioner import state
 from provisioner.errors import ProvisionerError
-from provisioner.results import FileChange, HostResult, Status
-from provisioner.runner import RolloutOptions, RunResult
-from provisioner.state import (
+from provisioner.records import state
+from provisioner.records.results import FileChange, HostResult, Status
+from provisioner.records.state import (
     AuditLog,
     AuditRecord,
     StateError,
@@ -27,6 +26,7 @@ from provisioner.state import (
     StateStore,
     records_for_run,
 )
+from provisioner.rollout.runner import RolloutOptions, RunResult
 from tests.labkit import run_cli
 from tests.runkit import CANARY, FP, SHA_A, SHA_B, STARTED, make_check_run, make_run
 
@@ -356,7 +356,7 @@ HOLDER = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from provisioner.state import StateStore
+    from provisioner.records.state import StateStore
 
     with StateStore(Path(sys.argv[1])).lock(sys.argv[2], who="ops-bob"):
         print("locked", flush=True)
@@ -623,7 +623,7 @@ WRITER = textwrap.dedent(
     import sys
     from datetime import UTC, datetime
     from pathlib import Path
-    from provisioner.state import AuditLog, AuditRecord
+    from provisioner.records.state import AuditLog, AuditRecord
 
     log = AuditLog(Path(sys.argv[1]))
     for i in range(40):
@@ -914,8 +914,8 @@ JOURNALED = textwrap.dedent(
     import sys, time
     from datetime import UTC, datetime
     from pathlib import Path
-    from provisioner.runner import RolloutOptions, RunResult
-    from provisioner.state import RunJournal, StateStore
+    from provisioner.rollout.runner import RolloutOptions, RunResult
+    from provisioner.records.state import RunJournal, StateStore
 
     store = StateStore(Path(sys.argv[1]))
     with store.lock("ops-bob: rollout", who="ops-bob"):

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from provisioner import atomicfile, revision, state
+from provisioner import atomicfile
 from provisioner.errors import UsageError
+from provisioner.records import revision, state
 from tests.labkit import clean_env, copy_example, default_state, run_cli
 
 needs_git = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")

@@ -13,12 +13,12 @@ from typing import Any
 import pytest
 import requests.utils
 
-from provisioner.credscope import Scope
+from provisioner.inventory.model import Secret
 from provisioner.lab import Lab
 from provisioner.lab.agent import LabAgent
 from provisioner.lab.fleet import WorkstationSpec, add_workstation
 from provisioner.lab.host import HostConfig, LabHost, Scheme
-from provisioner.model import Secret
+from provisioner.secrets.credscope import Scope
 from provisioner.transport.agent import scripts
 from provisioner.transport.agent.operations import INSPECT
 from provisioner.transport.winrm import STDIN_CHUNK, WinrmOptions, WinrmTransport, stdin_pieces

@@ -10,8 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from provisioner import errors, vault, yamldoc
-from provisioner.model import Secret
+from provisioner import errors
+from provisioner.inventory import yamldoc
+from provisioner.inventory.model import Secret
+from provisioner.secrets import vault
 
 REALM = "acme-voip"
 PATH = "/users/alice/accounts/0/password"

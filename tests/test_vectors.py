@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 
-from provisioner import errors, vault
+from provisioner import errors
+from provisioner.secrets import vault
 from tests.conftest import VECTORS
 from tests.hpke_reference import AEAD_AES_128_GCM, AEAD_AES_256_GCM, open_base
 
@@ -108,7 +109,7 @@ def test_reference_opener_opens_frozen_tokens(
 
 
 def test_reference_opener_opens_fresh_tokens(test_keyring: vault.Keyring) -> None:
-    from provisioner.model import Secret
+    from provisioner.inventory.model import Secret
 
     key = test_keyring.recipients.active_key()
     path = "/users/fresh/accounts/0/password"

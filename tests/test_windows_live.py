@@ -20,10 +20,13 @@ from pathlib import Path
 
 import pytest
 
-from provisioner import build, connections, push, resolve, secretstore, vault
-from provisioner.credscope import Scope
-from provisioner.model import Secret
-from provisioner.results import HostResult, Status
+from provisioner.inventory import resolve
+from provisioner.inventory.model import Secret
+from provisioner.records.results import HostResult, Status
+from provisioner.render import build
+from provisioner.rollout import connections, push
+from provisioner.secrets import secretstore, vault
+from provisioner.secrets.credscope import Scope
 from provisioner.transport.base import ReadOnlyTransport
 
 pytestmark = [

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from provisioner import secretstore, vault
 from provisioner.errors import YamlEditError
-from provisioner.model import Secret
+from provisioner.inventory.model import Secret
+from provisioner.secrets import secretstore, vault
 
 GOLDEN = Path(__file__).parent / "golden" / "yamlpatch"
 CASES = json.loads((GOLDEN / "cases.json").read_text())

@@ -9,7 +9,7 @@ import typer
 
 from provisioner.cli import helpdesk, inventory_cmds, keys, lab, phase1, remote, rollout, secrets
 from provisioner.cli.helpstyle import App
-from provisioner.errors import ProvisionerError, UsageError
+from provisioner.errors import InternalError, ProvisionerError, UsageError
 
 EXIT_OK = 0
 EXIT_INPUT = 1
@@ -59,16 +59,20 @@ def fill_optional_values(argv: list[str]) -> list[str]:
     return filled
 
 
+def exit_code_for(exc: Exception) -> int:
+    """The exit code of an error that ends a command: 2 for a usage error, 1 for any other
+    error of the tree, 70 for an internal one (an :class:`InternalError`, or a bug)."""
+    if isinstance(exc, UsageError):
+        return EXIT_USAGE
+    if isinstance(exc, ProvisionerError) and not isinstance(exc, InternalError):
+        return EXIT_INPUT
+    return EXIT_INTERNAL
+
+
 def main() -> None:
     """Run the CLI, turning every error into one message and an exit code."""
     try:
         app(args=fill_optional_values(sys.argv[1:]), standalone_mode=True)
-    except UsageError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_USAGE)
-    except ProvisionerError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_INPUT)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
@@ -78,6 +82,10 @@ def main() -> None:
             typer.echo("interrupted", err=True)
         raise
     except Exception as exc:
+        code = exit_code_for(exc)
+        if code != EXIT_INTERNAL:
+            typer.echo(f"error: {exc}", err=True)
+            sys.exit(code)
         if os.environ.get("PROVISIONER_DEBUG"):
             raise
         tb = exc.__traceback__

@@ -15,14 +15,14 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from provisioner.cli.helpstyle import choices
-from provisioner.errors import IdentityError, InventoryError, ProvisionerError
-from provisioner.results import IF_RUNNING
+from provisioner.errors import IdentityError, InventoryError
+from provisioner.records.results import IF_RUNNING
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from provisioner import vault
-    from provisioner.model import Inventory
+    from provisioner.inventory.model import Inventory
+    from provisioner.secrets import vault
 
 InventoryOpt = Annotated[
     Path,
@@ -117,8 +117,8 @@ _told_about: set[Path] = set()
 def state_dir(inventory: Path, explicit: Path | None) -> Path:
     """The state folder: ``--state`` (or PROVISIONER_STATE), else the inventory realm's folder
     in the user's state directory. Refused (exit 2) when git would commit it."""
-    from provisioner import state
-    from provisioner.inventory import inventory_realm
+    from provisioner.inventory.loader import inventory_realm
+    from provisioner.records import state
 
     if explicit is not None:
         folder = explicit
@@ -166,7 +166,7 @@ def echo(message: str) -> None:
 
 def identity_candidates(explicit: list[Path] | None) -> list[Path]:
     """The identity files to consider."""
-    from provisioner import secretstore
+    from provisioner.secrets import secretstore
 
     if explicit:
         return list(explicit)
@@ -188,8 +188,8 @@ def open_keyring(
     ``other_passphrases``: a passphrase file or fd of its own for the identity of a kid (the
     new key of ``secrets rekey``); the others use ``passphrase_file`` or ``passphrase_fd``.
     """
-    from provisioner import secretstore, vault
     from provisioner.cli.inputs import read_passphrase
+    from provisioner.secrets import secretstore, vault
 
     wanted = set(needed)
     keyring = vault.Keyring(recipients)
@@ -235,7 +235,7 @@ def keyring_for_keys_in_use(
     ``required``: stop once, before any token is opened, when no identity was found at all;
     otherwise every token would fail alone with the same no-identity error.
     """
-    from provisioner import secretstore
+    from provisioner.secrets import secretstore
 
     kids = [k.kid for k in recipients.keys if k.status != "retired"]
     keyring = open_keyring(recipients, identities, kids, passphrase_file, passphrase_fd)
@@ -249,12 +249,12 @@ def keyring_for_keys_in_use(
 
 def load_model(inventory: Path) -> Inventory:
     """The inventory, or one error listing every problem (and the command that shows them)."""
-    from provisioner.inventory import InventoryErrors, load_inventory
+    from provisioner.inventory.loader import InventoryErrors, load_inventory
 
     try:
         return load_inventory(inventory)
     except InventoryErrors as exc:
-        raise ProvisionerError(
+        raise InventoryError(
             f"the inventory has problems; run 'provisioner validate':\n{exc}"
         ) from None
 

@@ -24,12 +24,19 @@ from provisioner.cli.common import (
     state_dir,
 )
 from provisioner.cli.helpstyle import App
-from provisioner.errors import ProvisionerError
-from provisioner.names import closest
+from provisioner.errors import (
+    ConfirmationError,
+    IdentityError,
+    InternalError,
+    NotFoundError,
+    ProvisionerError,
+    SavedNotPushedError,
+)
+from provisioner.inventory.names import closest
 
 if TYPE_CHECKING:
-    from provisioner import vault
-    from provisioner.model import Inventory, User
+    from provisioner.inventory.model import Inventory, User
+    from provisioner.secrets import vault
 
 app = App(help="Helpdesk tasks for one user.", no_args_is_help=True)
 
@@ -41,7 +48,7 @@ def _user(inventory: Path, name: str) -> tuple[Inventory, User]:
     if name not in model.users:
         close = closest(name, model.users)
         hint = f"; did you mean {close!r}?" if close else ""
-        raise ProvisionerError(f"no user {name!r} in {inventory}{hint}")
+        raise NotFoundError(f"no user {name!r} in {inventory}{hint}")
     return model, model.users[name]
 
 
@@ -53,8 +60,8 @@ def show(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Workstations, accounts (passwords masked), groups and the last push per workstation."""
-    from provisioner import state
-    from provisioner.schema import token_kid
+    from provisioner.inventory.schema import token_kid
+    from provisioner.records import state
 
     model, entry = _user(inventory, user)
     stations = sorted(s.name for s in model.workstations.values() if user in s.users)
@@ -129,10 +136,10 @@ def regenerate(
     state_folder: StateOpt = None,
 ) -> None:
     """Render and push this user's profile to every workstation they use, diff first."""
-    from provisioner import engine, runner
     from provisioner.cli import running
-    from provisioner.push import PushOptions
-    from provisioner.report import exit_code
+    from provisioner.records.report import exit_code
+    from provisioner.rollout import engine, runner
+    from provisioner.rollout.push import PushOptions
 
     _user(inventory, user)
     options = runner.RolloutOptions(
@@ -171,8 +178,8 @@ def regenerate(
 
 def _identity_for_push(recipients: vault.Recipients, explicit: list[Path] | None) -> None:
     """``--push`` needs a private key: say so before anything is written, not after."""
-    from provisioner import secretstore
     from provisioner.cli.common import identity_candidates
+    from provisioner.secrets import secretstore
 
     usable = {k.kid for k in recipients.keys if k.status != "retired"}
     for path in identity_candidates(explicit):
@@ -182,7 +189,7 @@ def _identity_for_push(recipients: vault.Recipients, explicit: list[Path] | None
         except ProvisionerError:
             continue  # a broken identity file is reported where it is used
     where = "the given --identity files" if explicit else str(secretstore.default_identity_dir())
-    raise ProvisionerError(
+    raise IdentityError(
         f"--push decrypts the user's profile and needs an identity for one of the keys "
         f"{', '.join(sorted(usable))}; none found in {where}. Nothing was written: pass "
         "--identity FILE, or set the password without --push"
@@ -213,14 +220,15 @@ def set_password(
 
     With --push, the user's profile is pushed next, once confirmed (--yes: without asking).
     """
-    from provisioner import secretstore, state
     from provisioner.cli.inputs import read_new_password
+    from provisioner.records import state
+    from provisioner.secrets import secretstore
 
     _, entry = _user(inventory, user)
     ids = [a.id for a in entry.accounts]
     chosen = account or next((a.id for a in entry.accounts if a.active), ids[0])
     if chosen not in ids:
-        raise ProvisionerError(f"{user} has no account {chosen!r} (accounts: {', '.join(ids)})")
+        raise NotFoundError(f"{user} has no account {chosen!r} (accounts: {', '.join(ids)})")
     pointer = f"/users/{user}/accounts/{chosen}/password"
     # Where the change is audited, settled before anything is written.
     folder = state_dir(inventory, state_folder)
@@ -228,7 +236,7 @@ def set_password(
     if push_now:
         _identity_for_push(recipients, identities)
         if not yes and not sys.stdin.isatty():  # --stdin: the push could not ask
-            raise ProvisionerError(
+            raise ConfirmationError(
                 "--push asks before writing to workstations, and there is no terminal to ask "
                 "on: pass --yes as well; nothing was written"
             )
@@ -268,8 +276,10 @@ def set_password(
                 lab=lab,
                 state_folder=state_folder,
             )
+        except InternalError:
+            raise  # a bug stays one (exit 70)
         except ProvisionerError as exc:
-            raise ProvisionerError(f"{exc}; {saved}") from None
+            raise SavedNotPushedError(f"{exc}; {saved}") from None
         except typer.Exit as exc:
             if exc.exit_code:
                 echo(f"not every workstation took it: {saved}")

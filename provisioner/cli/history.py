@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from provisioner.state import AuditRecord, RunSummary
+    from provisioner.records.state import AuditRecord, RunSummary
 
 RUN_COLUMNS = ("run", "started", "by", "command", "inventory", "workstations", "ended")
 AUDIT_COLUMNS = (
@@ -48,7 +48,7 @@ def _fingerprint(value: str | None) -> str:
 
 def run_lines(summaries: Sequence[RunSummary]) -> list[str]:
     """``runs list``: one line per run under a header; nothing when no run is recorded."""
-    from provisioner import revision
+    from provisioner.records import revision
 
     if not summaries:
         return []

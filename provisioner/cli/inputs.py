@@ -6,12 +6,12 @@ import getpass
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, ClassVar
 
 from provisioner.errors import ProvisionerError
 
 if TYPE_CHECKING:
-    from provisioner.model import Secret
+    from provisioner.inventory.model import Secret
 
 _MAX_STDIN = 4096
 # A passphrase is one line; reading stops past this many bytes (a file or fd given by mistake,
@@ -21,6 +21,8 @@ MAX_PASSPHRASE = 1024
 
 class InputError(ProvisionerError):
     """A passphrase or password could not be read."""
+
+    code: ClassVar[str] = "input"
 
 
 def _strip_newline(data: bytes) -> bytes:
@@ -44,7 +46,7 @@ def _read_fd(fd: int) -> bytes:
 
 
 def _read_file(file: Path) -> bytes:
-    from provisioner import secretstore
+    from provisioner.secrets import secretstore
 
     with file.open("rb") as handle:
         # Checked on the open file: the name cannot be swapped between the check and the read.
@@ -86,7 +88,7 @@ def read_passphrase(
 
 def read_new_password(*, from_stdin: bool) -> Secret:
     """The new password from the terminal (asked twice, no echo) or one line of stdin."""
-    from provisioner.model import Secret
+    from provisioner.inventory.model import Secret
 
     if from_stdin or not sys.stdin.isatty():
         # All of stdin, one trailing newline dropped: an embedded CR or LF must reach the

@@ -26,7 +26,7 @@ def list_inventory(
     """Workstations with their groups, install mode and users."""
     from rich.table import Table
 
-    from provisioner import resolve
+    from provisioner.inventory import resolve
 
     model = load_model(inventory)
     selection = resolve.Selection(limit)

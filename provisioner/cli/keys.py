@@ -21,7 +21,7 @@ from provisioner.cli.inputs import read_passphrase
 from provisioner.errors import IdentityError, RecipientsError
 
 if TYPE_CHECKING:
-    from provisioner import vault
+    from provisioner.secrets import vault
 
 # Passphrase KDFs an identity file can be written with, the default first.
 KDFS = ("argon2id", "scrypt")
@@ -44,7 +44,7 @@ OutOpt = Annotated[
 
 
 def _protection(kdf: str, unprotected: bool) -> str:
-    from provisioner import vault
+    from provisioner.secrets import vault
 
     if unprotected:
         return "none"
@@ -62,7 +62,7 @@ def _new_identity_file(
     passphrase_file: Path | None,
     passphrase_fd: int | None,
 ) -> tuple[vault.Identity, Path]:
-    from provisioner import secretstore, vault
+    from provisioner.secrets import secretstore, vault
 
     identity = vault.generate_identity()
     path = out or secretstore.default_identity_dir() / secretstore.identity_file_name(
@@ -92,8 +92,8 @@ def init(
     passphrase_fd: PassFdOpt = None,
 ) -> None:
     """Create a realm: recipients.yaml in the inventory and a new identity file."""
-    from provisioner import secretstore, vault
-    from provisioner.inventory import RECIPIENTS_FILE
+    from provisioner.inventory.loader import RECIPIENTS_FILE
+    from provisioner.secrets import secretstore, vault
 
     target = inventory / RECIPIENTS_FILE
     if target.exists():
@@ -136,7 +136,7 @@ def add_admin(
     ] = None,
 ) -> None:
     """Write another copy of an identity, wrapped under a new passphrase."""
-    from provisioner import secretstore
+    from provisioner.secrets import secretstore
 
     identity_file = secretstore.read_identity(identity)
     current = (
@@ -167,7 +167,7 @@ def rotate(
     passphrase_fd: PassFdOpt = None,
 ) -> None:
     """Create a new active key; the old active key becomes decrypt-only."""
-    from provisioner import secretstore
+    from provisioner.secrets import secretstore
 
     recipients = secretstore.load_recipients(inventory)
     protection = _protection(kdf, unprotected)
@@ -191,7 +191,7 @@ def retire(
     force: Annotated[bool, typer.Option("--force", help="Retire even if tokens use it.")] = False,
 ) -> None:
     """Mark a key retired: tokens sealed to it are rejected from now on."""
-    from provisioner import secretstore
+    from provisioner.secrets import secretstore
 
     recipients = secretstore.load_recipients(inventory)
     scan = secretstore.scan_inventory(inventory)
@@ -207,7 +207,7 @@ def retire(
 @app.command("list")
 def list_keys(inventory: InventoryOpt = Path(".")) -> None:
     """Show the realm's keys, their status and how many tokens use each."""
-    from provisioner import secretstore
+    from provisioner.secrets import secretstore
 
     recipients = secretstore.load_recipients(inventory)
     scan = secretstore.scan_inventory(inventory)
@@ -225,7 +225,7 @@ def check(
     passphrase_fd: PassFdOpt = None,
 ) -> None:
     """Unlock the identities for this realm, to test a passphrase or a file."""
-    from provisioner import secretstore
+    from provisioner.secrets import secretstore
 
     recipients = secretstore.load_recipients(inventory)
     keyring = open_keyring(

@@ -25,11 +25,11 @@ from provisioner.cli.common import (
     load_model,
 )
 from provisioner.cli.helpstyle import App
-from provisioner.errors import ProvisionerError
+from provisioner.errors import LabError, ProvisionerError
 
 if TYPE_CHECKING:
+    from provisioner.inventory.model import Inventory
     from provisioner.lab.scenario import Scenario
-    from provisioner.model import Inventory
 
 app = App(
     help="Emulated Windows workstations for tests, demos and template CI.", no_args_is_help=True
@@ -122,9 +122,9 @@ def up(
         return
     model = load_model(inventory)
     loaded = _load_scenario(scenario, model) if scenario is not None else None
-    from provisioner import secretstore
     from provisioner.lab.scenario import ScenarioErrors
     from provisioner.lab.server import DEFAULT_BASE_ADDRESS
+    from provisioner.secrets import secretstore
 
     recipients = secretstore.load_recipients(inventory)
     keyring = keyring_for_keys_in_use(recipients, identities, passphrase_file, passphrase_fd)
@@ -142,7 +142,7 @@ def up(
                 scenario=loaded,
             )
         except ScenarioErrors as exc:
-            raise ProvisionerError(f"the scenario cannot be set up:\n{exc}") from None
+            raise LabError(f"the scenario cannot be set up:\n{exc}") from None
         echo(f"lab up: {len(running.hosts)} workstation(s), lab file {target}")
         for name, host in sorted(running.hosts.items()):
             echo(f"  {name:<16} {host.scheme}://{host.address}:{host.port}/wsman")
@@ -162,7 +162,7 @@ def _load_scenario(path: Path, model: Inventory) -> Scenario:
     try:
         return load_scenario(path, model)
     except ScenarioErrors as exc:
-        raise ProvisionerError(f"the scenario has problems:\n{exc}") from None
+        raise LabError(f"the scenario has problems:\n{exc}") from None
 
 
 def _detach(
@@ -174,8 +174,8 @@ def _detach(
     identities: list[Path] | None,
     passphrase_file: Path | None,
 ) -> None:
-    from provisioner.connections import LabMap
     from provisioner.lab.control import create_log, read_log, remove_log, take_down
+    from provisioner.rollout.connections import LabMap
 
     command = [
         sys.executable,
@@ -214,7 +214,7 @@ def _detach(
                 if os.path.lexists(target):  # it died while starting: what it left goes too
                     take_down(target)
                 remove_log(target, log)  # its whole content is in this message
-                raise ProvisionerError("the lab did not start:\n" + output)
+                raise LabError("the lab did not start:\n" + output)
             try:
                 LabMap.load(target)
             except ProvisionerError:
@@ -228,7 +228,7 @@ def _detach(
             process.kill()
             remove_log(target, log)
         process.wait(10)
-        raise ProvisionerError(f"the lab did not start within {START_TIMEOUT:.0f} s")
+        raise LabError(f"the lab did not start within {START_TIMEOUT:.0f} s")
     finally:
         os.close(log)
 
@@ -271,13 +271,13 @@ def show(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON document.")] = False,
 ) -> None:
     """List a lab workstation's files with their owner, ACL and attributes (links not followed)."""
-    from provisioner.connections import LabMap
     from provisioner.lab.control import check_folder, request
+    from provisioner.rollout.connections import LabMap
 
     target = file or default_lab_file(inventory)
     lab = LabMap.load(target)
     if not lab.folder:
-        raise ProvisionerError(
+        raise LabError(
             f"{target} names no lab folder (a lab of an older version): stop it with "
             "'provisioner lab down', then start it again with 'provisioner lab up'"
         )
@@ -285,7 +285,7 @@ def show(
         check_folder(lab.folder), {"op": "show", "workstation": workstation, "path": path}
     )
     if answer.get("ok") is not True:
-        raise ProvisionerError(f"lab show {workstation}: {_printable(answer.get('error'))}")
+        raise LabError(f"lab show {workstation}: {_printable(answer.get('error'))}")
     if as_json:
         echo(json.dumps(answer, indent=2))  # ASCII: no control character reaches a terminal
         return

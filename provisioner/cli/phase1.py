@@ -22,12 +22,12 @@ from provisioner.cli.common import (
     make_console,
 )
 from provisioner.cli.helpstyle import choices
-from provisioner.errors import ProvisionerError
+from provisioner.errors import NotFoundError, OptionError
 
 if TYPE_CHECKING:
-    from provisioner import build as phase1
-    from provisioner import vault
-    from provisioner.model import Finding
+    from provisioner.inventory.model import Finding
+    from provisioner.render import build as phase1
+    from provisioner.secrets import vault
 
 VALIDATE_FORMATS = ("text", "json", "junit", "github")
 
@@ -78,9 +78,7 @@ def pick_inventory(ctx: typer.Context, positional: Path, option: Path | None) ->
     source = ctx.get_parameter_source("inventory")
     given = source is not None and source.name == "COMMANDLINE"
     if given and positional.resolve() != option.resolve():
-        raise ProvisionerError(
-            f"two inventories given: {positional} and -i {option}; give one of them"
-        )
+        raise OptionError(f"two inventories given: {positional} and -i {option}; give one of them")
     return option
 
 
@@ -93,9 +91,9 @@ def run_build(
     passphrase_fd: int | None,
 ) -> phase1.BuildResult:
     """Phase 1 with real keys when an identity is given, placeholders otherwise."""
-    from provisioner import build as phase1
-    from provisioner import resolve
-    from provisioner.model import Finding
+    from provisioner.inventory import resolve
+    from provisioner.inventory.model import Finding
+    from provisioner.render import build as phase1
 
     factory: phase1.OpenerFactory = phase1.placeholder_opener
     if identities or passphrase_file or passphrase_fd is not None:
@@ -108,7 +106,6 @@ def run_build(
         selection=resolve.Selection(limit),
         opener_factory=factory,
         templates=templates,
-        process_lifetime=True,
     )
     if limit.strip() and result.inventory is not None and not result.targets:
         # A typo in CI's --limit must not pass as "0 errors".
@@ -137,7 +134,7 @@ def validate(
     Exit 0 when clean (warnings allowed unless --strict), 1 when there are findings.
     """
     if output not in VALIDATE_FORMATS:
-        raise ProvisionerError("--format must be text, json, junit or github")
+        raise OptionError("--format must be text, json, junit or github")
     inventory = pick_inventory(ctx, inventory, inventory_option)
     result = run_build(inventory, limit, templates, identities, passphrase_file, passphrase_fd)
     real = bool(identities or passphrase_file or passphrase_fd is not None)
@@ -257,7 +254,7 @@ def _junit_report(result: phase1.BuildResult) -> str:
 
 def _in_git_tree_and_not_ignored(out: Path, relative_paths: list[str]) -> bool:
     """True when any file to be written under ``out`` would be inside a git tree, not ignored."""
-    from provisioner import revision
+    from provisioner.records import revision
 
     top = revision.work_tree(out)
     if top is None:
@@ -298,7 +295,7 @@ def render(
         raise typer.Exit(1)
     relative_paths = [built.relative_path for built in result.files]
     if real and not allow_in_git and _in_git_tree_and_not_ignored(out, relative_paths):
-        raise ProvisionerError(
+        raise OptionError(
             f"{out} is inside a git working tree and not ignored: rendered files would hold "
             "plaintext passwords; choose another --out, add it to .gitignore, or pass "
             "--allow-in-git"
@@ -358,17 +355,17 @@ def explain(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Show a user's final values and every layer they came from (passwords masked)."""
-    from provisioner import resolve
+    from provisioner.inventory import resolve
 
     model = load_model(inventory)
     if user not in model.users:
-        raise ProvisionerError(f"no user {user!r} in {inventory}{_did_you_mean(user, model.users)}")
+        raise NotFoundError(f"no user {user!r} in {inventory}{_did_you_mean(user, model.users)}")
     on = sorted(s.name for s in model.workstations.values() if user in s.users)
     if workstation is not None and workstation not in on:
         if workstation not in model.workstations:
             hint = _did_you_mean(workstation, model.workstations)
-            raise ProvisionerError(f"no workstation {workstation!r} in {inventory}{hint}")
-        raise ProvisionerError(
+            raise NotFoundError(f"no workstation {workstation!r} in {inventory}{hint}")
+        raise NotFoundError(
             f"{user} is not on {workstation}; {user} is on " + (", ".join(on) or "no workstation")
         )
     stations = [name for name in on if workstation is None or name == workstation]
@@ -404,7 +401,7 @@ def explain(
         folded = {name.lower(): name for name in known}
         matches = difflib.get_close_matches(key.lower(), list(folded), n=3, cutoff=0.6)
         hint = f"; did you mean {' or '.join(folded[m] for m in matches)}?" if matches else ""
-        raise ProvisionerError(f"{user} has no key {key!r}{hint}")
+        raise NotFoundError(f"{user} has no key {key!r}{hint}")
     if as_json:
         echo(json.dumps({"user": user, "workstations": report}, indent=2))
         return
@@ -428,7 +425,7 @@ def _did_you_mean(name: str, choices: Iterable[str]) -> str:
 
 def _shown(key: str, value: object) -> str:
     if key == "password":
-        from provisioner.schema import token_kid
+        from provisioner.inventory.schema import token_kid
 
         kid = token_kid(value) if isinstance(value, str) else ""
         return f"(sealed, key {kid})" if kid else "(not set)"

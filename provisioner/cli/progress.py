@@ -10,8 +10,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from provisioner.results import HostResult, Status
-from provisioner.runner import RunResult
+from provisioner.records.results import HostResult, Status
+from provisioner.rollout.runner import RunResult
 
 STYLES = {
     Status.CHANGED: "green",

@@ -21,10 +21,10 @@ from provisioner.cli.common import (
     echo,
     state_dir,
 )
-from provisioner.report import EXIT_HOSTS_FAILED
+from provisioner.records.report import EXIT_HOSTS_FAILED
 
 if TYPE_CHECKING:
-    from provisioner import engine, push, runner
+    from provisioner.rollout import engine, push, runner
 
 
 WorkstationArg = Annotated[str, typer.Argument(help="Workstation name from the inventory.")]
@@ -45,7 +45,7 @@ def _one(
     state_folder: Path | None,
 ) -> engine.Request:
     """A request for one workstation (``push``, ``diff``, ``rollback``), one attempt."""
-    from provisioner import engine
+    from provisioner.rollout import engine
 
     return engine.Request(
         inventory,
@@ -64,7 +64,7 @@ def _one(
 def _single(
     push: push.PushOptions, *, check: bool = False, rollback: bool = False
 ) -> runner.RolloutOptions:
-    from provisioner import runner
+    from provisioner.rollout import runner
 
     return runner.RolloutOptions(
         forks=1, canary="0", max_fail=100.0, retries=0, check=check, push=push, rollback=rollback
@@ -103,7 +103,7 @@ def push_cmd(
 
     Exit 0 when changed or unchanged, 3 when the workstation failed, was busy or in conflict.
     """
-    from provisioner import push
+    from provisioner.rollout import push
 
     options = push.PushOptions(if_running=if_running, reset=reset, users=tuple(user or ()))
     request = _one(
@@ -133,7 +133,7 @@ def diff_cmd(
 
     The same code path as push, through a read-only transport: nothing is written.
     """
-    from provisioner import push
+    from provisioner.rollout import push
 
     options = push.PushOptions(if_running="force", reset=reset, users=tuple(user or ()))
     request = _one(
@@ -162,7 +162,7 @@ def rollback_cmd(
     state_folder: StateOpt = None,
 ) -> None:
     """Restore the newest backup of a workstation's files (or of one user's file)."""
-    from provisioner import push
+    from provisioner.rollout import push
 
     options = push.PushOptions(if_running=if_running, users=tuple(user or ()))
     request = _one(
@@ -190,9 +190,10 @@ def doctor_cmd(
 
     Needs no SIP password: only the WinRM password's key, and without it the network checks.
     """
-    from provisioner import connections, doctor, vault
     from provisioner.errors import VaultError
-    from provisioner.push import PushOptions
+    from provisioner.rollout import connections, doctor
+    from provisioner.rollout.push import PushOptions
+    from provisioner.secrets import vault
 
     request = _one(
         inventory,

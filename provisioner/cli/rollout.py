@@ -22,7 +22,7 @@ from provisioner.cli.common import (
     state_dir,
 )
 from provisioner.cli.helpstyle import App
-from provisioner.errors import ProvisionerError
+from provisioner.errors import OptionError
 
 runs_app = App(help="Past rollouts recorded in the state folder.", no_args_is_help=True)
 
@@ -40,15 +40,15 @@ def shown_selection(limit: str, only_failed: str | None = None) -> str:
 
 def check_processes(processes: int, forks: int) -> None:
     """``--processes``: 0 (automatic), 1 (this process) or up to MAX_PROCESSES, at most forks."""
-    from provisioner.lanes import MAX_PROCESSES
+    from provisioner.rollout.lanes import MAX_PROCESSES
 
     if not 0 <= processes <= MAX_PROCESSES:
-        raise ProvisionerError(
+        raise OptionError(
             f"--processes is 0 (automatic), 1 (this process only) or a number of push "
             f"processes up to {MAX_PROCESSES}, not {processes}"
         )
     if processes > forks:
-        raise ProvisionerError(
+        raise OptionError(
             f"--processes {processes} needs --forks {processes} or more: each process pushes "
             "at least one workstation at a time"
         )
@@ -131,23 +131,24 @@ def rollout(
     skipped, 1 on input errors (nothing contacted); with --check --detailed-exitcode, 4 when
     nothing failed but a workstation would change.
     """
-    from provisioner import engine, report, runner, state
     from provisioner.cli import running
-    from provisioner.push import PushOptions
+    from provisioner.records import report, state
+    from provisioner.rollout import engine, runner
+    from provisioner.rollout.push import PushOptions
 
     if detailed_exitcode and not check:
-        raise ProvisionerError("--detailed-exitcode reports drift and needs --check")
+        raise OptionError("--detailed-exitcode reports drift and needs --check")
 
     try:
         threshold = float(max_fail.rstrip("%"))
         if not 0 <= threshold <= 100:
             raise ValueError
     except ValueError:
-        raise ProvisionerError("--max-fail is a percentage such as 10%") from None
+        raise OptionError("--max-fail is a percentage such as 10%") from None
     check_processes(processes, forks)
     if canary_hosts and not any(term.strip() for term in canary_hosts.split(",")):
         # "$A,$B" with both empty would otherwise select everything: a canary of the fleet.
-        raise ProvisionerError(f"--canary-hosts {canary_hosts!r} names no workstation")
+        raise OptionError(f"--canary-hosts {canary_hosts!r} names no workstation")
     runner.plan_batches([], canary, batch)  # bad sizes are input errors: fail before Phase 1
     selection = shown_selection(limit, only_failed)
     if only_failed is not None:
@@ -200,7 +201,7 @@ def runs_list(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """The most recent rollouts, newest first."""
-    from provisioner import state
+    from provisioner.records import state
 
     store = state.StateStore(state_dir(inventory, state_folder), create=False)
     summaries = store.runs(limit)
@@ -221,7 +222,7 @@ def runs_show(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Every workstation and file of one rollout."""
-    from provisioner import state
+    from provisioner.records import state
 
     store = state.StateStore(state_dir(inventory, state_folder), create=False)
     detail = store.run(run_id)
@@ -245,7 +246,7 @@ def audit(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Who changed which file, when, in which run (never a secret)."""
-    from provisioner import state
+    from provisioner.records import state
 
     log = state.AuditLog(state_dir(inventory, state_folder))
     records = log.query(user=user, workstation=workstation, since=since, until=until)

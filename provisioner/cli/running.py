@@ -22,13 +22,14 @@ import typer
 
 from provisioner.cli.common import echo, keyring_for_keys_in_use, make_console
 from provisioner.cli.phase1 import finding_lines
-from provisioner.errors import ProvisionerError
+from provisioner.errors import ConfirmationError
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from provisioner import engine, runner, vault
-    from provisioner.results import HostResult, Reporter
+    from provisioner.records.results import HostResult, Reporter
+    from provisioner.rollout import engine, runner
+    from provisioner.secrets import vault
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ class Keys:
 
 def plan(request: engine.Request, keys: Keys) -> engine.Plan:
     """The engine's plan, its findings printed (warnings too: before anything is pushed)."""
-    from provisioner import engine
+    from provisioner.rollout import engine
 
     try:
         planned = engine.plan(request, keys.opener)
@@ -90,10 +91,10 @@ class _Terminal:
 
     def approve(self, plan: engine.Plan, preview: runner.RunResult | None) -> bool:
         from provisioner.cli.progress import print_summary
-        from provisioner.results import Status
+        from provisioner.records.results import Status
 
         if not sys.stdin.isatty():
-            raise ProvisionerError("not a terminal: pass --yes to confirm, or --check to look")
+            raise ConfirmationError("not a terminal: pass --yes to confirm, or --check to look")
         if preview is None:  # a rollback: the agent cannot show a backup before restoring it
             names = ", ".join(sorted(plan.stations))
             question = f"Restore the newest backup of the selected files on {names}?"
@@ -114,7 +115,7 @@ class _Terminal:
     @contextmanager
     def progress(self, plan: engine.Plan) -> Iterator[Reporter]:
         from provisioner.cli.progress import PlainReporter, RichReporter
-        from provisioner.runner import has_canary
+        from provisioner.rollout.runner import has_canary
 
         canary = bool(plan.options.canary_hosts) or has_canary(plan.options.canary)
         total = len(plan.stations)
@@ -151,7 +152,8 @@ def run(
 
     Exit code 3 when a workstation failed; the caller picks other codes (``--check`` drift).
     """
-    from provisioner import engine, revision, runner
+    from provisioner.records import revision
+    from provisioner.rollout import engine, runner
 
     planned = plan(request, keys)
     console = make_console()

@@ -19,11 +19,11 @@ from provisioner.cli.common import (
 from provisioner.cli.helpstyle import App, choices
 from provisioner.cli.inputs import read_new_password
 from provisioner.cli.phase1 import finding_lines
-from provisioner.credscope import SECURITY_LEVELS
 from provisioner.errors import VaultError
+from provisioner.secrets.credscope import SECURITY_LEVELS
 
 if TYPE_CHECKING:
-    from provisioner.credscope import Scope
+    from provisioner.secrets.credscope import Scope
 
 LINT_FORMATS = ("text", "json", "github")
 
@@ -83,7 +83,7 @@ def set_value(
     ca: CaOpt = None,
 ) -> None:
     """Seal a new password with the public key and patch it into its YAML file."""
-    from provisioner import secretstore
+    from provisioner.secrets import secretstore
 
     if (path is None) == (user is None):
         raise VaultError("give either --path or --user (with an optional --account)")
@@ -120,7 +120,7 @@ def scope_cmd(
 
     The scope is where the password may be sent and over what: the inventory cannot widen it.
     """
-    from provisioner import secretstore, vault
+    from provisioner.secrets import secretstore, vault
 
     new_scope = _scope(scope, min_security, ca)
     if new_scope is not None:
@@ -152,7 +152,7 @@ def verify(
     passphrase_fd: PassFdOpt = None,
 ) -> None:
     """Open every token with the identity and check each value; print counts only."""
-    from provisioner import secretstore
+    from provisioner.secrets import secretstore
 
     recipients = secretstore.load_recipients(inventory)
     scan = secretstore.scan_inventory(inventory)
@@ -200,7 +200,7 @@ def rekey(
     ] = None,
 ) -> None:
     """Re-seal every token of other keys to the new key; only token text changes."""
-    from provisioner import secretstore
+    from provisioner.secrets import secretstore
 
     if new_passphrase_file is not None and new_passphrase_fd is not None:
         raise VaultError("give --new-passphrase-file or --new-passphrase-fd, not both")
@@ -239,7 +239,7 @@ def rebind(
     passphrase_fd: PassFdOpt = None,
 ) -> None:
     """Re-seal a value after its user or list entry moved in the YAML."""
-    from provisioner import secretstore
+    from provisioner.secrets import secretstore
 
     recipients = secretstore.load_recipients(inventory)
     scan = secretstore.scan_inventory(inventory)
@@ -262,7 +262,7 @@ def lint(
     ] = "text",
 ) -> None:
     """Key-less CI check of every token and secret field. Exit 1 on any error."""
-    from provisioner import secretstore
+    from provisioner.secrets import secretstore
 
     if output not in LINT_FORMATS:
         raise VaultError("--format must be text, json or github")
@@ -285,8 +285,8 @@ def lint(
 
 
 def _scope(patterns: list[str] | None, min_security: str | None, ca: Path | None) -> Scope | None:
-    from provisioner.connections import ca_file_fingerprint
-    from provisioner.credscope import DEFAULT_MIN_SECURITY, SECURITY_LEVELS, Scope
+    from provisioner.rollout.connections import ca_file_fingerprint
+    from provisioner.secrets.credscope import DEFAULT_MIN_SECURITY, SECURITY_LEVELS, Scope
 
     if not patterns:
         if min_security is not None or ca is not None:
@@ -303,7 +303,7 @@ def _scope(patterns: list[str] | None, min_security: str | None, ca: Path | None
 
 
 def _account_path(inventory: Path, user: str, account: str | None) -> str:
-    from provisioner.inventory import InventoryErrors, load_inventory
+    from provisioner.inventory.loader import InventoryErrors, load_inventory
 
     try:
         model = load_inventory(inventory)

@@ -36,18 +36,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from provisioner import vault
 from provisioner.atomicfile import create_exclusive, write_atomic
-from provisioner.connections import LabMap
-from provisioner.errors import ProvisionerError
+from provisioner.errors import LabError, ProvisionerError
+from provisioner.inventory.model import Inventory
+from provisioner.inventory.names import did_you_mean
 from provisioner.lab import ntlmusers
 from provisioner.lab.inventory_lab import InventoryLab, start_inventory_lab
 from provisioner.lab.ntfs import Ace, FileError, split
 from provisioner.lab.scenario import Scenario
 from provisioner.lab.server import DEFAULT_BASE_ADDRESS, NoAddressLeft
 from provisioner.lab.workstation import Workstation
-from provisioner.model import Inventory
-from provisioner.names import did_you_mean
+from provisioner.rollout.connections import LabMap
+from provisioner.secrets import vault
 
 PREFIX = "microsip-lab-"
 SOCKET_NAME = "control.sock"
@@ -77,14 +77,14 @@ def check_folder(text: str) -> Path:
     """
     path = Path(text)
     if not path.is_absolute() or not _FOLDER_NAME.match(path.name):
-        raise ProvisionerError(f"the lab file names {text!r}, which is not a lab's folder")
+        raise LabError(f"the lab file names {text!r}, which is not a lab's folder")
     try:
         found = os.lstat(path)
     except FileNotFoundError:
         return path
     mine = found.st_uid == os.geteuid()
     if not stat.S_ISDIR(found.st_mode) or not mine or stat.S_IMODE(found.st_mode) & 0o077:
-        raise ProvisionerError(
+        raise LabError(
             f"the lab file names {path}, which is not a private folder of yours (a folder, "
             "owned by you, mode 0700): it was not written by 'provisioner lab up'"
         )
@@ -115,12 +115,12 @@ def create_log(lab_file: Path) -> int:
     try:
         return os.open(log, flags, 0o600)
     except FileExistsError:
-        raise ProvisionerError(
+        raise LabError(
             f"{log} exists, and a lab never writes over a file: remove it ('provisioner lab "
             "down' removes a lab's log while its lab file is there)"
         ) from None
     except OSError as failed:
-        raise ProvisionerError(f"cannot write {log}: {failed.strerror}") from None
+        raise LabError(f"cannot write {log}: {failed.strerror}") from None
 
 
 def read_log(fd: int) -> str:
@@ -180,7 +180,7 @@ class ControlServer:
     def __init__(self, folder: Path) -> None:
         path = socket_path(folder)
         if len(os.fsencode(path)) > SOCKET_PATH_LIMIT:
-            raise ProvisionerError(
+            raise LabError(
                 f"the lab's control socket {path} would be longer than {SOCKET_PATH_LIMIT} "
                 "bytes; set TMPDIR to a shorter folder"
             )
@@ -287,18 +287,18 @@ def request(folder: Path, payload: Json, *, timeout: float = 30.0) -> Json:
             sock.sendall(json.dumps(payload).encode("utf-8") + b"\n")
             data = _read_all(sock)
     except (FileNotFoundError, ConnectionRefusedError):
-        raise ProvisionerError(
+        raise LabError(
             f"no lab answers on {path}: it is not running ('provisioner lab down' removes "
             "what it left, 'provisioner lab up' starts one)"
         ) from None
     except OSError as failed:
-        raise ProvisionerError(f"the lab's control socket {path}: {failed}") from None
+        raise LabError(f"the lab's control socket {path}: {failed}") from None
     try:
         answer = json.loads(data)
     except ValueError:
         answer = None
     if not isinstance(answer, dict):
-        raise ProvisionerError(f"the lab's control socket {path} gave no answer")
+        raise LabError(f"the lab's control socket {path} gave no answer")
     return answer
 
 
@@ -311,7 +311,7 @@ def _read_all(sock: socket.socket) -> bytes:
             return b"".join(chunks)
         size += len(chunk)
         if size > ANSWER_LIMIT:
-            raise ProvisionerError("the lab's answer is larger than 64 MiB; ask for a path")
+            raise LabError("the lab's answer is larger than 64 MiB; ask for a path")
         chunks.append(chunk)
 
 
@@ -338,7 +338,7 @@ def listener_pid(folder: Path) -> int | None:
     except OSError as failed:
         if failed.errno in (errno.ENOENT, errno.ECONNREFUSED, errno.ENOTSOCK):
             return None
-        raise ProvisionerError(f"the lab's control socket {path}: {failed}") from None
+        raise LabError(f"the lab's control socket {path}: {failed}") from None
     pid, uid, _ = struct.unpack("3i", raw)
     return pid if uid == os.geteuid() else None
 
@@ -346,9 +346,9 @@ def listener_pid(folder: Path) -> int | None:
 # --- lab up ---------------------------------------------------------------------------------------
 
 
-def lab_file_exists(lab_file: Path) -> ProvisionerError:
+def lab_file_exists(lab_file: Path) -> LabError:
     """Why ``lab up`` does not start while ``lab_file`` is there."""
-    return ProvisionerError(
+    return LabError(
         f"{lab_file} exists: a lab is running, or died without cleaning up; "
         "'provisioner lab down' stops it and removes what it left"
     )
@@ -373,7 +373,7 @@ class LabProcess:
             except FileExistsError:
                 raise lab_file_exists(lab_file) from None
             except OSError as failed:
-                raise ProvisionerError(f"cannot write {lab_file}: {failed.strerror}") from None
+                raise LabError(f"cannot write {lab_file}: {failed.strerror}") from None
             self._claimed = True
         except BaseException:
             self.close()
@@ -407,19 +407,19 @@ class LabProcess:
                 scenario=scenario,
             )
         except NoAddressLeft as failed:
-            raise ProvisionerError(
+            raise LabError(
                 f"the lab cannot start: {failed}; choose a lower --base-address"
             ) from None
         except OSError as failed:
             if failed.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):
                 # Another lab, or a real WinRM listener on this machine.
-                raise ProvisionerError(
+                raise LabError(
                     f"the lab cannot start: {failed.strerror}; is another lab running "
                     "('provisioner lab down')? Or start it elsewhere: --base-address, --port "
                     "(0: a free port for each workstation)"
                 ) from None
             # Its text would name the lab's private folder.
-            raise ProvisionerError(
+            raise LabError(
                 f"the lab cannot start: {failed.strerror or type(failed).__name__}"
             ) from None
         finally:
@@ -493,7 +493,7 @@ def take_down(lab_file: Path, *, grace: float = 20.0) -> Teardown:
                 "socket): not signalled"
             )
     elif listener != lab.pid:
-        raise ProvisionerError(
+        raise LabError(
             f"{lab_file} names process {lab.pid}, but the lab in {folder} is process "
             f"{listener}: nothing was signalled or removed; check the lab file"
         )
@@ -505,7 +505,7 @@ def take_down(lab_file: Path, *, grace: float = 20.0) -> Teardown:
             done.killed = _signal(lab.pid, signal.SIGKILL)
             _wait_gone(lab.pid, 5.0)
         if alive(lab.pid):
-            raise ProvisionerError(f"lab process {lab.pid} did not stop; nothing was removed")
+            raise LabError(f"lab process {lab.pid} did not stop; nothing was removed")
     if folder is not None and os.path.lexists(folder):
         shutil.rmtree(folder)
         done.removed.append(str(folder))

@@ -12,17 +12,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from provisioner import vault
-from provisioner.connections import LabEndpoint, LabMap, winrm_password
-from provisioner.errors import ProvisionerError
+from provisioner.errors import LabError
+from provisioner.inventory.model import Inventory
+from provisioner.inventory.resolve import resolve_station
 from provisioner.lab.agent import LabAgent
 from provisioner.lab.fleet import UserSpec, WorkstationSpec, add_workstation
 from provisioner.lab.host import HostConfig, LabHost
 from provisioner.lab.scenario import Scenario
 from provisioner.lab.server import DEFAULT_BASE_ADDRESS, Lab
 from provisioner.lab.workstation import Workstation
-from provisioner.model import Inventory
-from provisioner.resolve import resolve_station
+from provisioner.rollout.connections import LabEndpoint, LabMap, winrm_password
+from provisioner.secrets import vault
 
 
 @dataclass
@@ -73,7 +73,7 @@ def start_inventory_lab(
             username = str(winrm.get("username") or "")
             password = winrm_password(plan, opener)
             if not username or password is None:
-                raise ProvisionerError(f"{name}: the lab needs winrm.username and winrm.password")
+                raise LabError(f"{name}: the lab needs winrm.username and winrm.password")
             transport = str(winrm.get("transport") or "ntlm")
             scheme = str(winrm.get("scheme") or ("https" if transport == "basic" else "http"))
             config = HostConfig(

@@ -23,11 +23,14 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
-from provisioner import ini, winpath, yamldoc
 from provisioner.errors import InventoryError, LintError
-from provisioner.inventory import InventoryErrors
+from provisioner.inventory import winpath, yamldoc
+from provisioner.inventory.loader import InventoryErrors
+from provisioner.inventory.model import Inventory
+from provisioner.inventory.names import did_you_mean, unknown
+from provisioner.inventory.schema import join_pointer
 from provisioner.lab import ntfs
 from provisioner.lab.fleet import UserSpec, WorkstationSpec, add_account, add_workstation
 from provisioner.lab.host import HostConfig, LabHost
@@ -44,9 +47,7 @@ from provisioner.lab.workstation import (
     Rights,
     Workstation,
 )
-from provisioner.model import Inventory
-from provisioner.names import did_you_mean, unknown
-from provisioner.schema import join_pointer
+from provisioner.microsip import ini
 
 TOP_KEYS = ("workstations",)
 WORKSTATION_KEYS = (
@@ -105,6 +106,8 @@ _WELL_KNOWN_BY_NAME = {
 
 class ScenarioErrors(InventoryErrors):
     """Every problem of a scenario file, each at ``file:line:column``."""
+
+    code: ClassVar[str] = "scenario"
 
     what = "the scenario"
 

@@ -6,7 +6,7 @@ short bootstrap of :mod:`provisioner.transport.agent.scripts` with the request o
 pywinrm and requests errors are translated here into the TransportError tree.
 
 Before any connection, the options must fit the credential's scope (sealed with the WinRM
-password, :mod:`provisioner.credscope`) and, outside ``doctor``, the push policy (no basic
+password, :mod:`provisioner.secrets.credscope`) and, outside ``doctor``, the push policy (no basic
 auth without verified TLS, no ``server_cert_validation: ignore``, no
 ``message_encryption: never``). On the wire, two checks pywinrm 0.5 does not make: a reply
 must be sealed when message encryption is on (pywinrm takes a plaintext reply as genuine), and
@@ -36,7 +36,6 @@ import yarl
 from winrm.encryption import Encryption
 from winrm.protocol import Protocol
 
-from provisioner.credscope import Scope, address_problem, at_least, is_loopback, security_level
 from provisioner.errors import (
     AuthError,
     ConnectError,
@@ -45,7 +44,14 @@ from provisioner.errors import (
     TransportError,
     TransportTimeoutError,
 )
-from provisioner.model import Secret
+from provisioner.inventory.model import Secret
+from provisioner.secrets.credscope import (
+    Scope,
+    address_problem,
+    at_least,
+    is_loopback,
+    security_level,
+)
 from provisioner.transport.agent import scripts
 from provisioner.transport.agent.messages import AgentReply, AgentRequest
 from provisioner.transport.agent.operations import REGISTRY

@@ -1,0 +1,1 @@
+"""The inventory: YAML with positions, the schema, the model, the loader, resolution."""

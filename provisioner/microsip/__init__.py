@@ -1,0 +1,1 @@
+"""MicroSIP's configuration: the INI model and codec, the key table, the lint."""

@@ -1,0 +1,1 @@
+"""What a run leaves behind: results, reports, the state store, revisions."""

@@ -1,0 +1,1 @@
+"""Phase 2: the engine, pushes, executors, the fleet runner and doctor."""

@@ -1,0 +1,1 @@
+"""Sealed secrets: the vault, the secret store, credential scopes."""
