@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar
@@ -165,6 +165,23 @@ class _Context:
                 path=join_pointer(list(segments)),
             )
         )
+
+    def unknown_references(
+        self,
+        section: str,
+        names: Iterable[str],
+        known: Collection[str],
+        what: str,
+        where: tuple[str, ...],
+        fallback: Source,
+    ) -> None:
+        """A :meth:`reference_error` for each of ``names`` (listed at ``where`` + ``section``)
+        that is not among ``known``."""
+        at = (*where, section)
+        for name in names:
+            if name not in known:
+                source = self.item_source(at, name, fallback)
+                self.reference_error(section, name, list(known), what, source, at)
 
     def reference_error(
         self,
@@ -1148,54 +1165,23 @@ def _cross_check(context: _Context, inventory: Inventory) -> None:
         )
     for station in inventory.workstations.values():
         where = ("workstations", station.name)
-        for name in station.groups:
-            if name not in groups:
-                at = (*where, "groups")
-                context.reference_error(
-                    "groups",
-                    name,
-                    list(groups),
-                    "group",
-                    context.item_source(at, name, station.source),
-                    at,
-                )
-        for name in station.users:
-            if name not in inventory.users:
-                # A user that names this workstation is known; only listed names can be wrong.
-                at = (*where, "users")
-                context.reference_error(
-                    "users",
-                    name,
-                    list(inventory.users),
-                    "user",
-                    context.item_source(at, name, station.source),
-                    at,
-                )
+        context.unknown_references("groups", station.groups, groups, "group", where, station.source)
+        # A user that names this workstation is known; only listed names can be wrong.
+        context.unknown_references(
+            "users", station.users, inventory.users, "user", where, station.source
+        )
     placed = {name for s in inventory.workstations.values() for name in s.users}
     for user in inventory.users.values():
         where = ("users", user.name)
-        for name in user.groups:
-            if name not in groups:
-                at = (*where, "groups")
-                context.reference_error(
-                    "groups",
-                    name,
-                    list(groups),
-                    "group",
-                    context.item_source(at, name, user.source),
-                    at,
-                )
-        for name in user.workstations:
-            if name not in inventory.workstations:
-                at = (*where, "workstations")
-                context.reference_error(
-                    "workstations",
-                    name,
-                    list(inventory.workstations),
-                    "workstation",
-                    context.item_source(at, name, user.source),
-                    at,
-                )
+        context.unknown_references("groups", user.groups, groups, "group", where, user.source)
+        context.unknown_references(
+            "workstations",
+            user.workstations,
+            inventory.workstations,
+            "workstation",
+            where,
+            user.source,
+        )
         if user.name not in placed:
             context.error(
                 "the user is on no workstation; list it under a workstation's users or the "

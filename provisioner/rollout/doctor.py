@@ -176,6 +176,43 @@ def _tls_check(options: WinrmOptions, host: str, port: int, timeout: float) -> C
         )
 
 
+# A workstation that let the account in but refused the agent: the text that tells, the check
+# it fails, what that check says (None: the text after the marker), and how to fix it.
+_REFUSALS: tuple[tuple[str, str, str | None, str], ...] = (
+    (
+        REMOTESHELLS_NOT_ALLOWED,
+        "winrs",
+        "remote shells are disabled on the workstation by policy",
+        "enable Computer Configuration > Administrative Templates > Windows Components > "
+        "Windows Remote Shell > Allow Remote Shell Access (AllowRemoteShellAccess=1)",
+    ),
+    (
+        TOO_OLD,
+        "powershell",
+        None,
+        "install Windows Management Framework 5.1 (Windows 7 SP1, 8.1, Server 2008 R2 SP1 to "
+        "2012 R2; later Windows have it)",
+    ),
+    (
+        CONSTRAINED,
+        "powershell",
+        None,
+        "the agent needs FullLanguage mode: under WDAC (Device Guard) every unsigned command "
+        "runs constrained, so exempt these workstations or the WinRM account from the policy; "
+        "AppLocker's default rule lets Administrators run",
+    ),
+)
+
+
+def _refusal_check(text: str) -> Check | None:
+    """The failed check a known refusal of the agent's start stands for, if ``text`` is one."""
+    for marker, name, said, fix in _REFUSALS:
+        if marker in text:
+            what = said if said is not None else text.split(marker, 1)[1].strip()
+            return Check(name, False, what, f"{fix}; {SETUP}")
+    return None
+
+
 def remote_checks(
     station: StationPlan,
     files: Sequence[BuiltFile],
@@ -198,41 +235,9 @@ def remote_checks(
             )
         ]
     except TransportError as exc:
-        if REMOTESHELLS_NOT_ALLOWED in str(exc):
-            return [
-                Check("auth", True, f"{options.transport} as {options.username}"),
-                Check(
-                    "winrs",
-                    False,
-                    "remote shells are disabled on the workstation by policy",
-                    "enable Computer Configuration > Administrative Templates > Windows "
-                    "Components > Windows Remote Shell > Allow Remote Shell Access "
-                    f"(AllowRemoteShellAccess=1); {SETUP}",
-                ),
-            ]
-        if TOO_OLD in str(exc):
-            return [
-                Check("auth", True, f"{options.transport} as {options.username}"),
-                Check(
-                    "powershell",
-                    False,
-                    str(exc).split(TOO_OLD, 1)[1].strip(),
-                    "install Windows Management Framework 5.1 (Windows 7 SP1, 8.1, Server "
-                    f"2008 R2 SP1 to 2012 R2; later Windows have it); {SETUP}",
-                ),
-            ]
-        if CONSTRAINED in str(exc):
-            return [
-                Check("auth", True, f"{options.transport} as {options.username}"),
-                Check(
-                    "powershell",
-                    False,
-                    str(exc).split(CONSTRAINED, 1)[1].strip(),
-                    "the agent needs FullLanguage mode: under WDAC (Device Guard) every unsigned "
-                    "command runs constrained, so exempt these workstations or the WinRM account "
-                    f"from the policy; AppLocker's default rule lets Administrators run; {SETUP}",
-                ),
-            ]
+        refusal = _refusal_check(str(exc))
+        if refusal is not None:
+            return [Check("auth", True, f"{options.transport} as {options.username}"), refusal]
         return [Check("auth", False, str(exc), f"run the checks above first; {SETUP}")]
     except ProvisionerError as exc:
         return [Check("agent", False, str(exc), "")]
