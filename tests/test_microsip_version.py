@@ -194,7 +194,7 @@ def test_a_users_crafted_version_resource_is_unreadable_everywhere(tmp_path: Pat
         assert result.microsip_versions == ["3.21.6", "unreadable"]
         assert result.microsip_outdated
         assert result.warnings == [
-            "MicroSIP unreadable is below microsip.min_version 3.21: update it"
+            "MicroSIP's version is unreadable: microsip.min_version 3.21 cannot be checked"
         ]
         answer = kit.transport("ws01").request(
             push.inspect_request(kit.station("ws01"), kit.files("ws01"))

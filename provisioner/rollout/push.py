@@ -176,10 +176,12 @@ def below_minimum(versions: Sequence[str], minimum: str | None) -> str | None:
     wanted = parse_version(minimum)
     if wanted is None:
         return None
-    old = [v for v in versions if (parsed := parse_version(v)) is None or parsed.below(wanted)]
-    if not old:
-        return None
-    return f"MicroSIP {', '.join(old)} is below microsip.min_version {wanted}: update it"
+    old = [v for v in versions if (parsed := parse_version(v)) is not None and parsed.below(wanted)]
+    if old:
+        return f"MicroSIP {', '.join(old)} is below microsip.min_version {wanted}: update it"
+    if any(parse_version(v) is None for v in versions):
+        return f"MicroSIP's version is unreadable: microsip.min_version {wanted} cannot be checked"
+    return None
 
 
 def with_versions(result: HostResult, answer: InspectReply, station: StationPlan) -> HostResult:
