@@ -15,7 +15,12 @@ import pytest
 from provisioner.inventory.loader import InventoryErrors, load_inventory
 from provisioner.lab.workstation import LAB_MICROSIP_VERSION, Workstation, exe_image
 from provisioner.microsip.keytable import load_key_table
-from provisioner.microsip.version import MAX_VERSION_CHARS, Version, parse_version
+from provisioner.microsip.version import (
+    MAX_VERSION_CHARS,
+    Version,
+    parse_exe_version,
+    parse_version,
+)
 from provisioner.records import report
 from provisioner.records.fingerprint import Fingerprints
 from provisioner.records.results import Status
@@ -65,6 +70,16 @@ def test_a_version_is_one_to_four_dotted_numbers(text: str, parts: tuple[int, ..
 )
 def test_anything_else_does_not_parse(text: object) -> None:
     assert parse_version(text) is None
+
+
+def test_an_exes_version_may_use_the_resource_templates_commas() -> None:
+    # Older Visual Studio resource templates write FileVersion as "3, 22, 3, 0".
+    assert parse_exe_version("3, 22, 3, 0") == Version((3, 22, 3, 0))
+    assert parse_exe_version("3,22,3") == Version((3, 22, 3))
+    assert parse_exe_version("3.22.3") == Version((3, 22, 3))
+    for text in ("3,, 22", "3 ,22", "3, 22, ", ESCAPES, HUGE, None):
+        assert parse_exe_version(text) is None, text
+    assert parse_version("3, 22, 3, 0") is None  # the inventory and key table write dots
 
 
 def test_versions_compare_part_by_part_and_missing_parts_are_zero() -> None:
@@ -139,6 +154,15 @@ def test_each_workstation_reports_its_version_and_old_ones_are_warned_of(tmp_pat
         hosts = {h["workstation"]: h for h in data["hosts"]}
         assert hosts["ws01"]["microsip_versions"] == ["3.20.1"]
         assert hosts["ws01"]["microsip_outdated"] is True
+
+
+def test_a_comma_written_version_resource_is_read(tmp_path: Path) -> None:
+    scenario = "workstations:\n  ws01:\n    microsip: {version: '3, 20, 1, 0'}\n"
+    with lab_kit(tmp_path, scenario=scenario) as kit:
+        _with_min_version(kit.root, "'3.21'")
+        kit.rebuild()
+        old = kit.push("ws01")
+        assert old.microsip_versions == ["3.20.1.0"] and old.microsip_outdated, old.warnings
 
 
 def test_without_a_minimum_nothing_is_warned_of(tmp_path: Path) -> None:

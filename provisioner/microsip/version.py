@@ -17,6 +17,7 @@ UNREADABLE = "unreadable"
 """How a version that is missing or does not parse is shown."""
 
 _VERSION = re.compile(r"[0-9]{1,5}(?:\.[0-9]{1,5}){0,3}")
+_RESOURCE_SEPARATOR = re.compile(r", ?")
 
 
 @dataclass(frozen=True, order=True)
@@ -44,6 +45,14 @@ def parse_version(text: object) -> Version | None:
     if _VERSION.fullmatch(text) is None:
         return None
     return Version(tuple(int(part) for part in text.split(".")))
+
+
+def parse_exe_version(text: object) -> Version | None:
+    """A version resource's ``FileVersion`` text as a version: dotted (``3.22.3``) or in the
+    comma form older Visual Studio resource templates write (``3, 22, 3, 0``); else None."""
+    if isinstance(text, str) and len(text) <= MAX_VERSION_CHARS and "," in text:
+        text = _RESOURCE_SEPARATOR.sub(".", text)
+    return parse_version(text)
 
 
 def shown(version: Version | None) -> str:

@@ -20,7 +20,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import ClassVar, Generic, Self, TypeVar
 
-from provisioner.microsip.version import parse_version, shown
+from provisioner.microsip.version import parse_exe_version, shown
 from provisioner.transport.agent.reading import Fields
 
 R = TypeVar("R", bound="AgentReply")
@@ -132,7 +132,7 @@ class InstallFacts:
             fields.text_or_none("exe_path"),
             fields.text_or_none("source"),
             per_user,
-            shown(parse_version(raw)) if found and not per_user else None,
+            shown(parse_exe_version(raw)) if found and not per_user else None,
         )
 
 
@@ -248,7 +248,7 @@ class UserState:
             FileFacts.read(fields) if error is None else None,
             fields.flag("running") if error is None else False,
             error,
-            shown(parse_version(fields.text_or_none("exe_version")))
+            shown(parse_exe_version(fields.text_or_none("exe_version")))
             if fields.has("exe_version")
             else None,
         )
