@@ -27,6 +27,7 @@ LAYERS: dict[str, int] = {
     # microsip/
     "microsip.inidoc": 1,
     "microsip.keytable": 1,
+    "microsip.version": 1,
     "microsip.ini": 2,
     "microsip.lint": 2,
     # inventory/

@@ -397,6 +397,8 @@ def _row(**overrides: object) -> dict[str, object]:
         {"key": [_row(allowed=["a"])]},
         {"key": [_row(max_len=0)]},
         {"key": [_row(min="0")]},
+        {"key": [_row(since="3.21 beta")]},
+        {"key": [_row(removed="\x1b[31m3.22")]},
         {"key": [_row()], "non_key": [{"key": "x", "sections": ["Settings"], "reason": "r"}]},
         {"key": "nope"},
     ],

@@ -24,6 +24,7 @@ from provisioner.lab.fleet import UserSpec, WorkstationSpec, add_fleet
 from provisioner.lab.workstation import (
     ADMINISTRATORS,
     DOMAIN_SID,
+    LAB_MICROSIP_VERSION,
     MACHINE_SID,
     OVERRIDE_ACL,
     STATE_ACL,
@@ -154,6 +155,7 @@ def test_inspect_installed_mode(station: Station) -> None:
         "exe_path": f"{PROGRAM_DIR}\\microsip.exe",
         "source": "inventory",
         "per_user": False,
+        "version": LAB_MICROSIP_VERSION,
     }
     assert answer["override"] == {
         "path": f"{PROGRAM_DIR}\\override.ini",
@@ -284,6 +286,7 @@ def test_inspect_discovery_when_the_inventory_dir_is_wrong(
             "exe_path": None,
             "source": None,
             "per_user": False,
+            "version": None,
         }
         assert answer["override"]["path"] is None
         assert answer["override"]["error"]["code"] == "not-installed"

@@ -80,6 +80,8 @@ def test_run_json_has_the_run_options_counts_and_every_host() -> None:
         "dry_run": False,
         "batch": 3,
         "warnings": [],
+        "microsip_versions": [],
+        "microsip_outdated": False,
         "files": [],
     }
     assert hosts["ws-skipped"]["attempts"] == 0

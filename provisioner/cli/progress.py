@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from provisioner.records.report import fleet_versions
 from provisioner.records.results import HostResult, Status
 from provisioner.rollout.runner import RunResult
 
@@ -163,6 +164,24 @@ def print_summary(
         for group, group_counts in sorted(per_group.items()):
             by_group.add_row(group, *(str(group_counts[s] or "") for s in Status))
         console.print(by_group)
+    versions = fleet_versions(run)
+    if versions:
+        # Parsed on the controller (digits and dots) or "unreadable": never the raw text.
+        by_version = Table(title="MicroSIP versions", title_justify="left")
+        by_version.add_column("version")
+        by_version.add_column("workstations", justify="right")
+        for version, count in versions.items():
+            by_version.add_row(version, str(count))
+        console.print(by_version)
+    outdated = sorted(r.host for r in run.results.values() if r.microsip_outdated)
+    if outdated:
+        more = f" and {len(outdated) - 10} more" if len(outdated) > 10 else ""
+        console.print(
+            f"warning: {len(outdated)} workstation(s) run MicroSIP below microsip.min_version "
+            f"(or unreadable): {', '.join(outdated[:10])}{more}",
+            highlight=False,
+            markup=False,
+        )
     timed = sorted((r for r in run.results.values() if r.attempts), key=lambda r: -r.duration)
     if timed:
         slow = Table(title="Slowest workstations", title_justify="left")

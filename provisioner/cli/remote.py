@@ -219,13 +219,15 @@ def doctor_cmd(
         transport = planned.transport(station, diagnostic=True)
         checks += doctor.remote_checks(station, planned.files[workstation], transport, options)
     for check in checks:
-        mark = "ok  " if check.ok else "FAIL"
+        mark = "FAIL" if not check.ok else "WARN" if check.warning else "ok  "
         echo(f"{mark} {check.name:<18} {check.detail}")
-        if not check.ok and check.fix:
+        if (not check.ok or check.warning) and check.fix:
             echo(f"     fix: {check.fix}")
     if no_auth:
         echo(f"skip auth and the remote checks: the WinRM password cannot be opened ({no_auth})")
     failed = [c for c in checks if not c.ok]
-    echo(f"{workstation}: {len(checks) - len(failed)} check(s) passed, {len(failed)} failed")
+    warned = sum(1 for c in checks if c.ok and c.warning)
+    said = f", {warned} warning(s)" if warned else ""
+    echo(f"{workstation}: {len(checks) - len(failed)} check(s) passed{said}, {len(failed)} failed")
     if failed:
         raise typer.Exit(EXIT_HOSTS_FAILED)

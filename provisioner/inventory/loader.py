@@ -33,6 +33,7 @@ from provisioner.inventory.names import closest, unknown
 from provisioner.inventory.schema import TOKEN_PREFIX, is_secret_path, join_pointer
 from provisioner.microsip.inidoc import unquote
 from provisioner.microsip.keytable import KeySpec, KeyTable, load_key_table
+from provisioner.microsip.version import parse_version
 from provisioner.secrets.credscope import address_problem
 
 RECIPIENTS_FILE = "recipients.yaml"
@@ -114,6 +115,7 @@ MICROSIP_OPTIONS: dict[str, OptionSpec] = {
     "install_dir": OptionSpec("folder"),
     "exe": OptionSpec("file"),
     "appdata_roots": OptionSpec("roots"),
+    "min_version": OptionSpec("version"),
 }
 
 
@@ -753,6 +755,8 @@ def _options_block(
                 if spec.type == "folder"
                 else winpath.file_name_problem(text)
                 if spec.type == "file"
+                else "is not a version like '3.21.6' (digits and dots)"
+                if spec.type == "version" and parse_version(text) is None
                 else None
             )
             if problem is not None:

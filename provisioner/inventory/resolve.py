@@ -56,6 +56,8 @@ class Install:
     exe: str
     appdata_roots: tuple[str, ...] = ()
     """Where a user's AppData may be redirected (``microsip.appdata_roots``)."""
+    min_version: str | None = None
+    """The oldest MicroSIP the fleet should run (``microsip.min_version``): older is warned of."""
 
     @property
     def ini_name(self) -> str:
@@ -124,6 +126,7 @@ def resolve_station(inventory: Inventory, name: str) -> StationPlan:
             if "appdata_roots" in microsip
             else ()
         ),
+        min_version=str(microsip["min_version"].value) if "min_version" in microsip else None,
     )
     return StationPlan(
         workstation=station,

@@ -44,6 +44,7 @@ from provisioner.lab.workstation import (
     User,
     Workstation,
     expand,
+    image_version,
     ini_name,
     join,
     leaf,
@@ -636,6 +637,21 @@ class ProcessTable:
         self._rows = None
 
 
+def exe_version(ws: Workstation, path: str) -> str | None:
+    """``Get-ExeVersion``: the FileVersion text of the exe's version resource, read with the
+    file held as a plain file (no link, no other name), at most 64 characters; None when it
+    cannot be read."""
+    try:
+        handle = open_plain(ws, path)
+    except FileError:
+        return None
+    try:
+        text = image_version(ws.read_held(handle))
+    finally:
+        ws.close(handle)
+    return None if text is None else text[:64]
+
+
 def file_facts(data: bytes | None) -> Json:
     """``ConvertTo-FileState``."""
     return {"exists": data is not None, "sha256": _sha(data), "content_b64": _b64(data)}
@@ -669,6 +685,11 @@ def inspect(ws: Workstation, request: Json) -> Json:
             "exe_path": install.exe_path,
             "source": install.source,
             "per_user": install.per_user is not None,
+            "version": (
+                exe_version(ws, install.exe_path)
+                if install.exe_path is not None and install.per_user is None
+                else None
+            ),
         },
         "override": override,
         "users": users,
@@ -747,6 +768,7 @@ def inspect_user(
         entry["appdata"] = roaming_appdata(hive)
         appdata = check_appdata(entry["appdata"], hive, roots)
         entry["appdata"] = appdata
+        per_user = install.per_user is not None
         install = locate_for(ws, install, hive, appdata)
         assert install.dir is not None and install.exe_path is not None  # noqa: S101 - found
         # a per-user exe is read (its PE header) with its folders locked, as it was found
@@ -755,6 +777,9 @@ def inspect_user(
             exe_locks = lock_folders(ws, install.exe_path, normalize(user.profile))
         try:
             decided = ws.microsip_mode(hive, install.dir)
+            # each user's own exe for a per-user install; the machine's is in install.version
+            if per_user:
+                entry["exe_version"] = exe_version(ws, install.exe_path)
         finally:
             unlock_folders(ws, exe_locks)
         entry["mode"], entry["mode_rule"], entry["mode_detail"] = (

@@ -46,6 +46,7 @@ from provisioner.lab.workstation import (
     MsiProduct,
     Rights,
     Workstation,
+    exe_image,
 )
 from provisioner.microsip import ini
 
@@ -70,7 +71,7 @@ USER_KEYS = (
     "hkcu",
     "running",
 )
-MICROSIP_KEYS = ("mode", "install_dir", "exe", "hklm", "msi")
+MICROSIP_KEYS = ("mode", "install_dir", "exe", "hklm", "msi", "version")
 MSI_KEYS = ("location", "user")
 POWERSHELL_KEYS = ("version", "language_mode")
 PATH_KINDS = ("folder", "content", "junction", "symlink", "hardlink")
@@ -221,6 +222,9 @@ class InstallSetup:
     hklm_given: bool = False
     hklm: str | None = None
     msi: tuple[MsiSetup, ...] | None = None
+    version_given: bool = False
+    version: str | None = None
+    """The exe's file version (its version resource's FileVersion; None: it has none)."""
 
 
 @dataclass(frozen=True)
@@ -283,6 +287,8 @@ class WorkstationSetup:
             host.set_remote_shells(self.remote_shells)
         if self.install.hklm_given:
             ws.hklm_microsip = self.install.hklm
+        if self.install.version_given and ws.install is not None:
+            ws.put(ws.install.exe_path, exe_image(self.install.version))
         if self.install.msi is not None:
             ws.msi_products = [
                 MsiProduct(
@@ -720,6 +726,9 @@ class _Reader:
         if "hklm" in entries:
             ok, value = self.optional_text(*entries["hklm"])
             values.update(hklm_given=ok, hklm=value)
+        if "version" in entries:
+            ok, value = self.optional_text(*entries["version"])
+            values.update(version_given=ok, version=value)
         if "msi" in entries:
             products = []
             for item, at in self.items(*entries["msi"], "msi"):

@@ -120,7 +120,28 @@ STATE_ROOT = "C:\\ProgramData\\MicroSIP-provisioner"
 """Where the agent keeps its merge bases and backups (docs/agent-protocol.md)."""
 
 _EXE_IMAGE = b"MZ\x90\x00lab MicroSIP stand-in\r\n"
+LAB_MICROSIP_VERSION = "3.22.3"
+"""The file version of the exe the lab installs unless told otherwise."""
+_VERSION_KEY = "FileVersion\0".encode("utf-16-le")
 _VARIABLE = re.compile(r"%([^%\\]+)%")
+
+
+def exe_image(version: str | None = LAB_MICROSIP_VERSION) -> bytes:
+    """The lab's stand-in for ``microsip.exe``: its version resource holds ``version`` as the
+    ``FileVersion`` string (UTF-16LE, NUL-terminated, as in a real one); None: no resource."""
+    if version is None:
+        return _EXE_IMAGE
+    return _EXE_IMAGE + _VERSION_KEY + (version + "\0").encode("utf-16-le", "surrogatepass")
+
+
+def image_version(image: bytes) -> str | None:
+    """What ``FileVersionInfo.FileVersion`` gives for an exe's bytes (None: no resource)."""
+    start = image.find(_VERSION_KEY)
+    if start < 0:
+        return None
+    text = image[start + len(_VERSION_KEY) :]
+    end = next((i for i in range(0, len(text) - 1, 2) if text[i : i + 2] == b"\0\0"), len(text))
+    return text[: end - end % 2].decode("utf-16-le", "replace")
 
 
 def user_file_acl(sid: str) -> Acl:
@@ -454,11 +475,13 @@ class Workstation(FileSystem):
         exe: str = "microsip.exe",
         registry: bool | None = None,
         msi: bool = False,
+        version: str | None = LAB_MICROSIP_VERSION,
     ) -> Install:
-        """Put the exe in ``install_dir``; the HKLM default value defaults to installed mode."""
+        """Put the exe (its file version ``version``, None: no version resource) in
+        ``install_dir``; the HKLM default value defaults to installed mode."""
         install = Install(mode, install_dir.rstrip("\\/"), exe)
         self.put_dir(install.install_dir)
-        self.put(install.exe_path, _EXE_IMAGE)
+        self.put(install.exe_path, exe_image(version))
         self.install = install
         if registry if registry is not None else mode == "installed":
             self.hklm_microsip = install.install_dir

@@ -19,6 +19,7 @@ from types import MappingProxyType
 from typing import Final
 
 from provisioner.errors import KeyTableError
+from provisioner.microsip.version import parse_version
 
 KEY_TYPES: Final = frozenset(
     {"bool01", "int", "string", "enum", "list", "path", "url", "command", "codecs", "shortcut"}
@@ -248,6 +249,10 @@ def _spec_from_row(row: Mapping[str, object], where: str) -> KeySpec:
         raise KeyTableError(f"{_DATA_FILE}: {where}: max_len must be positive")
     if (spec.type == "enum") != bool(spec.allowed):
         raise KeyTableError(f"{_DATA_FILE}: {where}: allowed values are for enums only")
+    for name, version in (("since", spec.since), ("removed", spec.removed)):
+        # Compared with the versions workstations report and microsip.min_version.
+        if version is not None and parse_version(version) is None:
+            raise KeyTableError(f"{_DATA_FILE}: {where}: {name} {version!r} is not a version")
     return spec
 
 

@@ -20,6 +20,7 @@ from typing import Any
 from xml.sax.saxutils import escape, quoteattr
 
 from provisioner.atomicfile import write_atomic
+from provisioner.microsip.version import version_order
 from provisioner.records.fingerprint import Fingerprints
 from provisioner.records.results import (
     FileChange,
@@ -128,6 +129,8 @@ def run_json(run: RunLike, *, fingerprints: Fingerprints, revision: str = "") ->
                 "dry_run": result.dry_run,
                 "batch": batch_of.get(name),
                 "warnings": list(result.warnings),
+                "microsip_versions": list(result.microsip_versions),
+                "microsip_outdated": result.microsip_outdated,
                 "files": [_file_json(change, fingerprints) for change in result.files],
             }
         )
@@ -145,8 +148,20 @@ def run_json(run: RunLike, *, fingerprints: Fingerprints, revision: str = "") ->
         "exit_code": exit_code(run),
         "counts": {status.value: n for status, n in counts(run).items()},
         "retry": hosts_to_retry(run),
+        "microsip_versions": fleet_versions(run),
+        "microsip_outdated": sorted(h for h, r in run.results.items() if r.microsip_outdated),
         "hosts": hosts,
     }
+
+
+def fleet_versions(run: RunLike) -> dict[str, int]:
+    """How many workstations run each MicroSIP version, oldest first, ``unreadable`` last;
+    workstations never inspected are left out."""
+    found: dict[str, int] = {}
+    for result in run.results.values():
+        for version in result.microsip_versions:
+            found[version] = found.get(version, 0) + 1
+    return {version: found[version] for version in sorted(found, key=version_order)}
 
 
 def write_run_json(

@@ -67,6 +67,11 @@ class HostResult:
     duration: float = 0.0
     dry_run: bool = False
     warnings: list[str] = field(default_factory=list)
+    microsip_versions: list[str] = field(default_factory=list)
+    """The file versions of the MicroSIP exes inspect found (``3.21.6`` or ``unreadable``),
+    distinct and sorted; empty when none was read."""
+    microsip_outdated: bool = False
+    """A version found is below ``microsip.min_version`` or unreadable (a warning says which)."""
 
     @property
     def ok(self) -> bool:

@@ -18,7 +18,8 @@ from typing import Any
 from provisioner.errors import AuthError, ProvisionerError, TransportError
 from provisioner.inventory.resolve import StationPlan
 from provisioner.render.build import BuiltFile
-from provisioner.rollout.push import inspect_request
+from provisioner.rollout.push import below_minimum, inspect_request, microsip_versions
+from provisioner.transport.agent.messages import InspectReply
 from provisioner.transport.base import Transport
 from provisioner.transport.winrm import WinrmOptions, policy_problems, scope_problem
 
@@ -59,6 +60,8 @@ class Check:
     detail: str
     fix: str = ""
     blocks_connecting: bool = True
+    warning: bool = False
+    """Passed, but worth a look (shown as a warning, with its fix; not counted as failed)."""
 
 
 def may_connect(checks: Sequence[Check]) -> bool:
@@ -289,6 +292,7 @@ def remote_checks(
                 "install MicroSIP, or set microsip.install_dir and microsip.exe",
             )
         )
+    checks += _version_checks(station, answer)
     for user in answer.users:
         error = user.error
         if error:
@@ -314,3 +318,19 @@ def remote_checks(
         )
     )
     return checks
+
+
+def _version_checks(station: StationPlan, answer: InspectReply) -> list[Check]:
+    """The file version of each MicroSIP exe found, against ``microsip.min_version``."""
+    versions = microsip_versions(answer)
+    if not versions:
+        return []
+    detail = f"MicroSIP {', '.join(versions)}"
+    minimum = station.install.min_version
+    warning = below_minimum(versions, minimum)
+    if warning is not None:
+        fix = f"update MicroSIP to {minimum} or later (microsip.min_version)"
+        return [Check("version", True, warning, fix, warning=True)]
+    if minimum is not None:
+        detail += f" (microsip.min_version {minimum})"
+    return [Check("version", True, detail)]

@@ -16,6 +16,7 @@ from provisioner.inventory.resolve import StationPlan
 from provisioner.microsip import ini
 from provisioner.microsip.inidoc import IniDocument
 from provisioner.microsip.keytable import load_key_table
+from provisioner.microsip.version import parse_version, version_order
 from provisioner.records.results import IF_RUNNING, FileChange, HostResult, Status
 from provisioner.render.build import BuiltFile
 from provisioner.rollout import plan
@@ -130,7 +131,7 @@ def _push(
     answer = transport.request(inspect_request(station, wanted))
     planned = _plan(station, wanted, answer, options)
     if isinstance(planned, HostResult):
-        return planned
+        return with_versions(planned, answer, station)
     to_write = [p for p in planned if p.status == Status.CHANGED]
     if to_write:
         reply = transport.request(_apply_request(to_write, options, roots))
@@ -140,7 +141,7 @@ def _push(
             answer = transport.request(inspect_request(station, wanted))
             replanned = _plan(station, wanted, answer, options)
             if isinstance(replanned, HostResult):
-                return replanned
+                return with_versions(replanned, answer, station)
             retry = [p for p in replanned if p.status == Status.CHANGED and p.path in conflicts]
             if retry:
                 reply = transport.request(_apply_request(retry, options, roots))
@@ -158,7 +159,39 @@ def _push(
     message = _summary(changes)
     failed = [p for p in planned if p.status == Status.FAILED]
     retryable = bool(failed) and all(p.retryable for p in failed)
-    return HostResult(name, worst, message, changes, retryable=retryable, warnings=warnings)
+    result = HostResult(name, worst, message, changes, retryable=retryable, warnings=warnings)
+    return with_versions(result, answer, station)
+
+
+def microsip_versions(answer: InspectReply) -> list[str]:
+    """The file versions of the MicroSIP exes an inspect found: the machine-wide one, or each
+    user's own for a per-user install (each parsed, or ``unreadable``), distinct and sorted."""
+    found = {answer.install.version} | {user.exe_version for user in answer.users}
+    return sorted((v for v in found if v is not None), key=version_order)
+
+
+def below_minimum(versions: Sequence[str], minimum: str | None) -> str | None:
+    """A warning when a version found is older than ``microsip.min_version`` or unreadable
+    (None when all are recent enough, or no minimum is set)."""
+    wanted = parse_version(minimum)
+    if wanted is None:
+        return None
+    old = [v for v in versions if (parsed := parse_version(v)) is not None and parsed.below(wanted)]
+    if old:
+        return f"MicroSIP {', '.join(old)} is below microsip.min_version {wanted}: update it"
+    if any(parse_version(v) is None for v in versions):
+        return f"MicroSIP's version is unreadable: microsip.min_version {wanted} cannot be checked"
+    return None
+
+
+def with_versions(result: HostResult, answer: InspectReply, station: StationPlan) -> HostResult:
+    """``result`` with the MicroSIP versions ``answer`` found, and a warning below the minimum."""
+    result.microsip_versions = microsip_versions(answer)
+    warning = below_minimum(result.microsip_versions, station.install.min_version)
+    if warning is not None:
+        result.microsip_outdated = True
+        result.warnings = sorted({*result.warnings, warning})
+    return result
 
 
 def inspect_request(station: StationPlan, files: Sequence[BuiltFile]) -> InspectRequest:

@@ -6,6 +6,9 @@ the operation's registry entry, :mod:`provisioner.transport.agent.operations`); 
 read, checked field by field, through :meth:`AgentReply.read` at the transport edge, so that the
 rest of the controller never meets a dict.
 
+MicroSIP's file version (``version``, ``exe_version``) is text from whoever controls the exe:
+it is parsed here, strictly, and only its parsed form or ``unreadable`` goes further.
+
 File contents travel as base64 on the wire (``content_b64``, ``applied_b64``) and are bytes
 here. They may hold SIP passwords: those fields are left out of every ``repr``.
 """
@@ -17,6 +20,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import ClassVar, Generic, Self, TypeVar
 
+from provisioner.microsip.version import parse_exe_version, shown
 from provisioner.transport.agent.reading import Fields
 
 R = TypeVar("R", bound="AgentReply")
@@ -104,23 +108,31 @@ class HostFacts:
 
 @dataclass(frozen=True)
 class InstallFacts:
-    """Where the agent found MicroSIP (``source``: inventory, registry or msi)."""
+    """Where the agent found MicroSIP (``source``: inventory, registry or msi).
+
+    ``version``: the machine-wide exe's file version, strictly parsed (``3.21.6``), or
+    ``unreadable``; None when there is no machine-wide exe (not found, per user).
+    """
 
     found: bool
     dir: str | None
     exe_path: str | None
     source: str | None
     per_user: bool
+    version: str | None = None
 
     @classmethod
     def read(cls, fields: Fields) -> InstallFacts:
         """Read the ``install`` object."""
+        found, per_user = fields.flag("found"), fields.flag("per_user")
+        raw = fields.text_or_none("version")
         return cls(
-            fields.flag("found"),
+            found,
             fields.text_or_none("dir"),
             fields.text_or_none("exe_path"),
             fields.text_or_none("source"),
-            fields.flag("per_user"),
+            per_user,
+            shown(parse_exe_version(raw)) if found and not per_user else None,
         )
 
 
@@ -200,6 +212,8 @@ class UserState:
 
     A user the agent could not resolve has ``error`` and no ``file``; ``appdata`` and the mode
     fields are kept when they were read, so that an error can show where things point.
+    ``exe_version``: for a per-user install, the file version of the exe this user runs
+    (like :attr:`InstallFacts.version`); None when not read.
     """
 
     name: str
@@ -214,6 +228,7 @@ class UserState:
     file: FileFacts | None
     running: bool
     error: AgentError | None
+    exe_version: str | None = None
 
     @classmethod
     def read(cls, fields: Fields) -> UserState:
@@ -233,6 +248,9 @@ class UserState:
             FileFacts.read(fields) if error is None else None,
             fields.flag("running") if error is None else False,
             error,
+            shown(parse_exe_version(fields.text_or_none("exe_version")))
+            if fields.has("exe_version")
+            else None,
         )
 
 

@@ -1040,6 +1040,20 @@ function Get-ExeRegistryView([string]$ExePath) {
     return $view
 }
 
+function Get-ExeVersion([string]$ExePath) {
+    # The FileVersion text of the exe's version resource, or $null. Whoever controls the file
+    # wrote it (a per-user install is the user's): it is held open as a plain file (no link,
+    # no other name) while read, and bounded; the controller parses it strictly.
+    try {
+        $held = Open-PlainFile $ExePath
+        try { $text = [Diagnostics.FileVersionInfo]::GetVersionInfo($ExePath).FileVersion } finally { $held.Dispose() }
+    } catch { return $null }
+    if ($null -eq $text) { return $null }
+    $text = [string]$text
+    if ($text.Length -gt 64) { $text = $text.Substring(0, 64) }
+    return $text
+}
+
 function Get-HklmMicroSip([string]$ExePath) {
     $base = [Microsoft.Win32.RegistryKey]::OpenBaseKey([Microsoft.Win32.RegistryHive]::LocalMachine, (Get-ExeRegistryView $ExePath))
     try {
@@ -1208,11 +1222,16 @@ function Get-UserState($User, $Install, [string]$Mode, $Roots, $Context) {
         $allowed = @(Expand-AppDataRoots $Roots (Get-AccountVariables $sid $profilePath))
         $appData = Test-AppData $item['appdata'] $profilePath $allowed
         $item['appdata'] = $appData
+        $perUser = $null -ne $Install.per_user
         $Install = Find-UserMicroSip $Install $hive $profilePath $appData
         # A per-user exe is read (its PE header) with its folders locked, as it was found.
         $exeLocks = $null
         if (Test-Within $Install.exe_path $profilePath) { $exeLocks = Lock-Folders $Install.exe_path $profilePath $null }
-        try { $decided = Get-MicroSipMode $hive $Install.dir $Install.exe_path $sid } finally { Unlock-Folders $exeLocks }
+        try {
+            $decided = Get-MicroSipMode $hive $Install.dir $Install.exe_path $sid
+            # Each user's own exe for a per-user install; the machine's is in install.version.
+            if ($perUser) { $item['exe_version'] = Get-ExeVersion $Install.exe_path }
+        } finally { Unlock-Folders $exeLocks }
         $item['mode'] = $decided.mode; $item['mode_rule'] = $decided.rule; $item['mode_detail'] = $decided.detail
         if ($decided.mode -ne $Mode) {
             throw (New-AgentException 'mode-mismatch' ("MicroSIP runs {0} for this user (rule {1}: {2}); the inventory says {3}." -f $decided.mode, $decided.rule, $decided.detail, $Mode))
@@ -1288,7 +1307,9 @@ if ([string]::IsNullOrEmpty($mode)) { $mode = 'installed' }
 $roots = @(Get-Field $Request 'appdata_roots')
 $installDir = $found.dir
 if ($null -ne $found.per_user) { $installDir = $found.per_user }
-$install = [ordered]@{ found = $found.found; dir = $installDir; exe_path = $found.exe_path; source = $found.source; per_user = ($null -ne $found.per_user) }
+$machineVersion = $null
+if ($found.found -and $null -eq $found.per_user) { $machineVersion = Get-ExeVersion $found.exe_path }
+$install = [ordered]@{ found = $found.found; dir = $installDir; exe_path = $found.exe_path; source = $found.source; per_user = ($null -ne $found.per_user); version = $machineVersion }
 $context = @{ processes = $null }
 
 $override = $null
