@@ -691,3 +691,55 @@ def test_no_message_contains_any_password_value(password: str) -> None:
     findings = lint_microsip_ini(doc) + lint_override_ini(doc)
     for finding in findings:
         assert "Pw-7731-" not in str(finding)
+
+
+# ---- MicroSIP's pitfalls -----------------------------------------------------------------
+
+
+def test_a_dialing_prefix_without_a_dial_plan_warns_where_it_is_set() -> None:
+    set_at = Source("groups.yaml", 11, 7, "group site-berlin")
+    pairs = [*account("A", "1001"), ("dialingPrefix", "0")]
+    doc = make_doc(("Settings", SETTINGS), ("Account1", pairs))
+
+    def origin(section: str, key: str) -> Source | None:
+        return set_at if (section, key) == ("Account1", "dialingPrefix") else None
+
+    finding = only(lint_microsip_ini(doc, file="pc01", origin=origin))
+    assert (finding.severity, finding.code, finding.path) == (
+        "warning",
+        "dialing-prefix",
+        "[Account1] dialingPrefix",
+    )
+    assert finding.line == doc.sections[1].entries[-1].line
+    assert finding.source == set_at
+    for words in ("('0')", "longer than 3 characters", "leading '+'", "4-digit", "dialPlan"):
+        assert words in finding.message
+    assert not has_errors([finding])
+
+
+@pytest.mark.parametrize(
+    "pairs",
+    [
+        [("dialingPrefix", "0"), ("dialPlan", "(xxxx|0x.)")],  # the dial plan decides
+        [("dialingPrefix", "")],
+        [("dialingPrefix", '""')],  # MicroSIP strips the quotes: empty
+        [("dialPlan", "(xxxx|0x.)")],
+        [],
+    ],
+)
+def test_no_dialing_prefix_warning_without_a_prefix_or_with_a_dial_plan(
+    pairs: list[tuple[str, str]],
+) -> None:
+    assert codes(lint_account(("dialingPrefix", "0"))) == ["dialing-prefix"]
+    assert lint_account(*pairs) == []
+
+
+def test_the_dialing_prefix_is_checked_in_every_account_but_the_local_one() -> None:
+    doc = make_doc(
+        ("Settings", [("accountId", "1"), ("enableLocalAccount", "1")]),
+        ("Account0", [("label", "Local"), ("dialingPrefix", "0")]),  # calls by IP: no prefix
+        ("Account1", account("A", "1001")),
+        ("Account2", [*account("B", "1002"), ("dialingPrefix", "9")]),
+    )
+    found = [f for f in lint_microsip_ini(doc) if f.code == "dialing-prefix"]
+    assert [f.path for f in found] == ["[Account2] dialingPrefix"]

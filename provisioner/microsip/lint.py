@@ -46,6 +46,7 @@ FINDING_CODES: Final = frozenset(
         "account-missing-username",
         "account-id",
         "too-many-accounts",
+        "dialing-prefix",
     }
 )
 
@@ -93,6 +94,7 @@ def lint_microsip_ini(
     linter.check_document(doc)
     linter.check_accounts(doc)
     linter.check_shortcuts(doc)
+    linter.check_dialing_prefix(doc)
     return linter.result()
 
 
@@ -429,12 +431,24 @@ class _Linter:
 
     # ---- structure -----------------------------------------------------------------------
 
-    def check_accounts(self, doc: IniDocument) -> None:
+    def accounts(self, doc: IniDocument) -> dict[int, IniSection]:
+        """The SIP account sections (N >= 1) MicroSIP would read, by index (first one wins)."""
         accounts: dict[int, IniSection] = {}
         for section in self.sections(doc):
             index = account_index(section.name)
             if index is not None and index >= 1:
                 accounts.setdefault(index, section)
+        return accounts
+
+    def readable(self, section: IniSection, *keys: str) -> bool:
+        """True when no line the keys are read from is hidden (lint must not look at it)."""
+        if not self.hidden:
+            return True
+        entries = (section.entry(key) for key in keys)
+        return all(entry is None or entry.line not in self.hidden for entry in entries)
+
+    def check_accounts(self, doc: IniDocument) -> None:
+        accounts = self.accounts(doc)
         indexes = sorted(accounts)
         for index in indexes:
             if index > MAX_ACCOUNTS:
@@ -550,6 +564,26 @@ class _Linter:
                 f"[Shortcuts] has no key {missing}; MicroSIP stops loading speed dials at the"
                 " first missing index, so the later ones are ignored.",
                 _at(section),
+            )
+
+    def check_dialing_prefix(self, doc: IniDocument) -> None:
+        """Warn about a dialingPrefix that no dialPlan confines to the numbers needing it."""
+        for section in self.accounts(doc).values():
+            entry = section.entry("dialingPrefix")
+            if entry is None or entry.key is None or entry.value == "" or section.get("dialPlan"):
+                continue
+            if not self.readable(section, "dialingPrefix", "dialPlan"):
+                continue
+            self.add(
+                "warning",
+                "dialing-prefix",
+                f"a dialingPrefix ({_show('', entry.value)}) without a dialPlan: MicroSIP puts it"
+                " in front of every all-digit number longer than 3 characters and drops a"
+                " leading '+', so 4-digit internal extensions and international numbers (+…)"
+                " become unreachable. Remove it; where outside lines need a prefix, write a"
+                " dialPlan whose rules add it to those numbers only (a number no rule matches"
+                " is blocked).",
+                _Where(entry.line, section.name, entry.key),
             )
 
 
