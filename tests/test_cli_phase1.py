@@ -80,9 +80,12 @@ def test_process_validate_clean_and_broken(realm: Realm) -> None:
     inventory = _example_copy(realm.root / "example")
     clean = realm.run("validate", str(inventory))
     assert clean.returncode == 0, clean.stdout + clean.stderr
-    assert clean.stdout.splitlines()[-1] == (
+    [warning, summary] = clean.stdout.splitlines()
+    # The example keeps alice's second account to show that the free MicroSIP never registers it.
+    assert warning.startswith("ber-ws-001/alice/microsip.ini:33: warning[inactive-account]: ")
+    assert summary == (
         "21 file(s) rendered for 21 target(s) with placeholders (no private key): "
-        "0 error(s), 0 warning(s)"
+        "0 error(s), 1 warning(s)"
     )
     broken = realm.run("validate", str(_bad_inventory(realm.root / "bad")))
     assert broken.returncode == 1
@@ -160,7 +163,9 @@ def test_validate_json() -> None:
     assert report["secrets"] == "placeholders (no private key)"
     assert len(report["targets"]) == 21 and len(report["files"]) == 21
     assert "ham-kiosk-01/microsip.ini" in report["files"]
-    assert report["findings"] == []
+    assert [(f["severity"], f["code"], f["file"]) for f in report["findings"]] == [
+        ("warning", "inactive-account", "ber-ws-001/alice/microsip.ini")
+    ]
     assert set(report["timings"]) >= {"load", "render", "lint"}
 
 
@@ -317,15 +322,17 @@ def test_one_cause_in_many_rendered_files_is_reported_once(tmp_path: Path) -> No
     )
     code, out, _ = cli("validate", str(root))
     assert code == 0
-    [finding, summary] = out.splitlines()
+    # Besides the example's own inactive-account warning (alice's second account):
+    [finding, _inactive, summary] = out.splitlines()
     assert finding.startswith("ber-ws-001/alice/microsip.ini:17: warning[hook-quotes]: ")
     assert finding.endswith(
         f"(value set at {groups}:{line}:7 (group sales)) (and 2 more file(s): "
         "ber-ws-002/bob/microsip.ini, ham-ws-001/frank/microsip.ini)"
     )
-    assert summary.endswith("0 error(s), 3 warning(s)")
+    assert summary.endswith("0 error(s), 4 warning(s)")
     code, out, _ = cli("validate", str(root), "--format", "json")
-    assert len(json.loads(out)["findings"]) == 3  # machine-readable output keeps every one
+    found = [f["code"] for f in json.loads(out)["findings"]]
+    assert found.count("hook-quotes") == 3  # machine-readable output keeps every one
 
 
 def test_different_causes_on_one_template_line_are_not_folded(tmp_path: Path) -> None:

@@ -89,7 +89,6 @@ def clean_doc() -> IniDocument:
     return make_doc(
         ("Settings", SETTINGS),
         ("Account1", account("Jane Doe", "1001")),
-        ("Account2", account("Front desk", "1002")),
         ("Shortcuts", [("0", "Reception;100;call;;1"), ("1", "Voicemail;*97;call;;0")]),
     )
 
@@ -561,9 +560,12 @@ def test_account_id_zero_needs_the_local_account() -> None:
 def test_at_most_100_accounts() -> None:
     sections = [(f"Account{i}", account(f"A{i}", str(1000 + i))) for i in range(1, 102)]
     doc = make_doc(("Settings", [("accountId", "1")]), *sections)
-    finding = only(lint_microsip_ini(doc))
-    assert (finding.code, finding.path) == ("too-many-accounts", "[Account101]")
-    assert lint_microsip_ini(make_doc(("Settings", [("accountId", "1")]), *sections[:100])) == []
+    found = [f for f in lint_microsip_ini(doc) if f.code != "inactive-account"]
+    assert (only(found).code, only(found).path) == ("too-many-accounts", "[Account101]")
+    within = lint_microsip_ini(make_doc(("Settings", [("accountId", "1")]), *sections[:100]))
+    # Every account but the active one is reported as never registering, and nothing else.
+    assert [f.path for f in within] == [f"[Account{i}]" for i in range(2, 101)]
+    assert set(codes(within)) == {"inactive-account"}
 
 
 # ---- override.ini ------------------------------------------------------------------------
@@ -743,3 +745,42 @@ def test_the_dialing_prefix_is_checked_in_every_account_but_the_local_one() -> N
     )
     found = [f for f in lint_microsip_ini(doc) if f.code == "dialing-prefix"]
     assert [f.path for f in found] == ["[Account2] dialingPrefix"]
+
+
+def test_every_account_but_the_active_one_is_said_never_to_register() -> None:
+    doc = make_doc(
+        ("Settings", [*SETTINGS[:1], ("accountId", "2"), *SETTINGS[2:]]),
+        ("Account1", account("Jane Doe", "1001")),
+        ("Account2", account("Front desk", "1002")),
+        ("Account3", [(k, v) for k, v in account("Hotline", "1003") if k != "label"]),
+    )
+    set_at = Source("users/berlin.yaml", 14, 7, "account jane/direct")
+
+    def origin(section: str, key: str) -> Source | None:
+        return set_at if (section, key) == ("Account1", "") else None
+
+    found = lint_microsip_ini(doc, file="pc01", origin=origin)
+    assert [(f.severity, f.code, f.path) for f in found] == [
+        ("warning", "inactive-account", "[Account1]"),
+        ("warning", "inactive-account", "[Account3]"),
+    ]
+    first, third = found
+    assert (first.line, third.line) == (doc.sections[1].line, doc.sections[3].line)
+    assert first.source == set_at
+    assert "('Jane Doe')" in first.message and "accountId=2" in first.message
+    assert "registers only the active account" in third.message
+    assert "paid MicroSIP edition" in third.message
+    assert not has_errors(found)
+
+
+def test_one_account_or_an_unusable_account_id_gives_no_inactive_account() -> None:
+    two = (("Account1", account("A", "1001")), ("Account2", account("B", "1002")))
+    assert codes(lint_microsip_ini(make_doc(("Settings", SETTINGS), *two))) == ["inactive-account"]
+    one = make_doc(("Settings", SETTINGS), ("Account1", account("A", "1")))
+    assert lint_microsip_ini(one) == []
+    # An accountId that selects no account is reported as such, not as inactive accounts.
+    for value in ("3", "x", ""):
+        doc = make_doc(("Settings", [("accountId", value)]), *two)
+        assert codes(lint_microsip_ini(doc)) == ["account-id"], value
+    local = make_doc(("Settings", [("accountId", "0"), ("enableLocalAccount", "1")]), *two)
+    assert lint_microsip_ini(local) == []

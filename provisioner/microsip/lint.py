@@ -46,6 +46,7 @@ FINDING_CODES: Final = frozenset(
         "account-missing-username",
         "account-id",
         "too-many-accounts",
+        "inactive-account",
         "dialing-prefix",
     }
 )
@@ -78,10 +79,11 @@ def lint_microsip_ini(
     """Check a whole microsip.ini: keys, values, sections and the account structure.
 
     Findings name ``file``, the line and ``[section] key``, and where ``origin`` says the
-    value was set. ``allow_runtime`` accepts the keys and sections MicroSIP writes itself (for
-    a file read back from a workstation); a freshly rendered file must not contain them. Lines
-    in ``hidden`` (they hold a password outside its key) are not looked at, so no message
-    quotes them; a section whose header is hidden is skipped whole.
+    value was set (for a whole ``[AccountN]`` section, the key is empty). ``allow_runtime``
+    accepts the keys and sections MicroSIP writes itself (for a file read back from a
+    workstation); a freshly rendered file must not contain them. Lines in ``hidden`` (they hold
+    a password outside its key) are not looked at, so no message quotes them; a section whose
+    header is hidden is skipped whole.
     """
     linter = _Linter(
         load_key_table(),
@@ -492,16 +494,40 @@ class _Linter:
         loadable = 0
         while loadable + 1 in accounts and accounts[loadable + 1].get("domain"):
             loadable += 1
-        self.check_account_id(doc, accounts, loadable)
+        active = self.check_account_id(doc, accounts, loadable)
+        if active is not None and loadable > 1:
+            self.check_inactive_accounts(accounts, loadable, active)
+
+    def check_inactive_accounts(
+        self, accounts: dict[int, IniSection], loadable: int, active: int
+    ) -> None:
+        """The free MicroSIP registers the active account only: say so for every other one."""
+        for index in range(1, loadable + 1):
+            if index == active:
+                continue
+            section = accounts[index]
+            label = section.get("label") if self.readable(section, "label") else None
+            named = f" ({_show('label', label)})" if label else ""
+            self.add(
+                "warning",
+                "inactive-account",
+                f"this account{named} is not the active one (accountId={active}): the free"
+                " MicroSIP registers only the active account, so this one never registers and"
+                " receives no calls; it only shows in the account menu, for the user to switch"
+                " to. Keep one account per profile, or use a paid MicroSIP edition that"
+                " registers several accounts.",
+                _at(section),
+            )
 
     def check_account_id(
         self, doc: IniDocument, accounts: dict[int, IniSection], loadable: int
-    ) -> None:
+    ) -> int | None:
+        """Check ``accountId``; return the active account's index when it points at one."""
         settings = doc.section("Settings")
         entry = None if settings is None else settings.entry("accountId")
         line = entry.line if entry is not None else (settings.line if settings else 0)
         if line in self.hidden or (settings is not None and settings.line in self.hidden):
-            return
+            return None
         where = _Where(line, "Settings" if settings is None else settings.name, "accountId")
         if entry is None or entry.value == "":
             if accounts:
@@ -512,7 +538,7 @@ class _Linter:
                     " migration and uses no account; write accountId=1 (or the active index).",
                     where,
                 )
-            return
+            return None
         value = entry.value
         if not _INT_RE.fullmatch(value):
             self.add(
@@ -521,7 +547,7 @@ class _Linter:
                 f"accountId must be an account number, not {_show('accountId', value)}.",
                 where,
             )
-            return
+            return None
         number = int(value)
         if number == 0:
             if settings is None or settings.get("enableLocalAccount") != "1":
@@ -532,9 +558,9 @@ class _Linter:
                     " otherwise MicroSIP forces it to 1.",
                     where,
                 )
-            return
+            return None
         if 1 <= number <= loadable:
-            return
+            return number
         if number in accounts:
             why = f"[Account{number}] exists but MicroSIP cannot load it (see the account errors)"
         else:
@@ -546,6 +572,7 @@ class _Linter:
             " falls back to no SIP account.",
             where,
         )
+        return None
 
     def check_shortcuts(self, doc: IniDocument) -> None:
         section = doc.section("Shortcuts")
