@@ -82,7 +82,7 @@ def test_process_validate_clean_and_broken(realm: Realm) -> None:
     assert clean.returncode == 0, clean.stdout + clean.stderr
     [warning, summary] = clean.stdout.splitlines()
     # The example keeps alice's second account to show that the free MicroSIP never registers it.
-    assert warning.startswith("ber-ws-001/alice/microsip.ini:33: warning[inactive-account]: ")
+    assert warning.startswith("ber-ws-001/alice/microsip.ini:34: warning[inactive-account]: ")
     assert summary == (
         "21 file(s) rendered for 21 target(s) with placeholders (no private key): "
         "0 error(s), 1 warning(s)"
@@ -324,7 +324,7 @@ def test_one_cause_in_many_rendered_files_is_reported_once(tmp_path: Path) -> No
     assert code == 0
     # Besides the example's own inactive-account warning (alice's second account):
     [finding, _inactive, summary] = out.splitlines()
-    assert finding.startswith("ber-ws-001/alice/microsip.ini:17: warning[hook-quotes]: ")
+    assert finding.startswith("ber-ws-001/alice/microsip.ini:18: warning[hook-quotes]: ")
     assert finding.endswith(
         f"(value set at {groups}:{line}:7 (group sales)) (and 2 more file(s): "
         "ber-ws-002/bob/microsip.ini, ham-ws-001/frank/microsip.ini)"
@@ -383,7 +383,7 @@ def test_explain_json_chain_and_masked_secrets() -> None:
     recording = entries[("Settings", "recordingButton")]
     assert recording["value"] == "1" and recording["enforced"] is False
     assert [link["value"] for link in recording["chain"]] == ["0", "1"]
-    assert recording["chain"][1]["source"].endswith("groups.yaml:37:7 (group sales)")
+    assert recording["chain"][1]["source"].endswith("groups.yaml:38:7 (group sales)")
     password = entries[("Account1 (main)", "password")]
     assert password["value"] == "(sealed, key k54bgbx6f)"
     assert password["chain"] == [
@@ -405,7 +405,7 @@ def test_explain_key_filter_workstation_and_errors() -> None:
     assert out.splitlines()[1] == "  [Settings] autoAnswer = header"
     assert out.splitlines()[2:] == [
         f"      {'':<32} {EXAMPLE}/defaults.yaml:8:5 (defaults)",
-        f"      {'header':<32} {EXAMPLE}/groups.yaml:42:7 (group support)",
+        f"      {'header':<32} {EXAMPLE}/groups.yaml:43:7 (group support)",
     ]
     code, out, err = cli("explain", "alice", "-i", str(EXAMPLE), "-w", "ham-ws-001")
     assert code == 1 and out == ""

@@ -6,6 +6,7 @@ with an error finding must not proceed to any workstation.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -310,12 +311,15 @@ class _Builder:
             if plan.install.mode == "portable"
             else f"{target.workstation}/{target.user}/{plan.install.ini_name}"
         )
+        lint = functools.partial(
+            ini_lint.lint_microsip_ini, portable=plan.install.mode == "portable"
+        )
         self._finish(
             target,
             path,
             text,
             plan.install,
-            ini_lint.lint_microsip_ini,
+            lint,
             _origin(
                 {"settings": profile.settings},
                 profile.accounts,
