@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from provisioner.render import build
 from provisioner.secrets import secretstore, vault
 from tests.conftest import Realm
 from tests.phase1kit import (
@@ -622,3 +623,175 @@ def test_render_does_not_write_through_or_remove_a_file_link(tmp_path: Path) -> 
     target.unlink()
     assert cli("render", str(root), "--out", str(out))[0] == 0
     assert (out / "ws1" / "notes.txt").read_text() == "someone's notes"
+
+
+# --------------------------------------------------------------------------- MicroSIP's pitfalls
+
+PITFALLS = {
+    "groups.yaml": """\
+        groups:
+          office:
+            account:
+              dialingPrefix: "0"
+            settings:
+              cmdOutgoingCall: C:\\Tools\\dial.exe --auth {password}
+              cmdIncomingCall: C:\\Scripts\\crm-popup.bat --source microsip
+              autoRecording: 1
+        """,
+    "workstations.yaml": """\
+        workstations:
+          ws1:
+            groups: [office]
+            users: [u1]
+          kiosk:
+            groups: [office]
+            users: [k1]
+            microsip:
+              mode: portable
+              install_dir: C:\\Kiosk\\MicroSIP
+              exe: microsip.exe
+        """,
+    "users.yaml": """\
+        users:
+          u1:
+            windows: ACME\\u1
+            accounts:
+              main:
+                sip_uri: 1001@pbx.example.com
+                active: true
+                password: SEAL
+              hotline:
+                sip_uri: 1901@pbx.example.com
+                password: SEAL
+          k1:
+            windows: .\\kiosk
+            accounts:
+              main:
+                sip_uri: 3000@pbx.example.com
+                password: SEAL
+        """,
+}
+
+
+def _line_of(path: Path, text: str) -> int:
+    return next(n for n, line in enumerate(path.read_text().splitlines(), 1) if text in line)
+
+
+def test_microsip_pitfalls_through_validate_and_render(tmp_path: Path) -> None:
+    root = write_inventory(tmp_path / "inv", {**BASE, **PITFALLS})
+    identity = ("--identity", str(_fast_identity(tmp_path)))
+    code, out, _ = cli("validate", str(root), *identity)
+    assert code == 1
+    *lines, summary = out.splitlines()
+    assert summary.endswith("2 error(s), 7 warning(s)")
+    groups, users = root / "groups.yaml", root / "users.yaml"
+
+    def set_at(path: Path, text: str, layer: str) -> str:
+        return f"(value set at {path}:{_line_of(path, text)}:7 ({layer}))"
+
+    office = "group office"
+    expected = [
+        # errors first: the password in the command line, in both profiles (one cause)
+        (
+            "kiosk/k1/microsip.ini",
+            "error[password-expansion]: [Settings] cmdOutgoingCall: ",
+            set_at(groups, "cmdOutgoingCall", office)
+            + " (and 1 more file(s): ws1/u1/microsip.ini)",
+        ),
+        (
+            "kiosk/k1/microsip.ini",
+            "warning[hook-batch]: [Settings] cmdIncomingCall: ",
+            set_at(groups, "cmdIncomingCall", office)
+            + " (and 1 more file(s): ws1/u1/microsip.ini)",
+        ),
+        (
+            "kiosk/k1/microsip.ini",
+            "warning[dialing-prefix]: [Account1] dialingPrefix: ",
+            set_at(groups, "dialingPrefix", office) + " (and 1 more file(s): ws1/u1/microsip.ini)",
+        ),
+        # a portable MicroSIP records next to itself: only ws1's profile records to the Desktop
+        (
+            "ws1/u1/microsip.ini",
+            "warning[recording-path]: [Settings] autoRecording: ",
+            set_at(groups, "autoRecording", office),
+        ),
+        (
+            "ws1/u1/microsip.ini",
+            "warning[inactive-account]: [Account2]: ",
+            set_at(users, "hotline:", "account u1/hotline"),
+        ),
+        (
+            "ws1/u1/microsip.ini",
+            "warning[dialing-prefix]: [Account2] dialingPrefix: ",
+            set_at(groups, "dialingPrefix", office),
+        ),
+    ]
+    assert len(lines) == len(expected), lines
+    for line, (file, start, end) in zip(lines, expected, strict=True):
+        assert re.match(rf"{re.escape(file)}:\d+: {re.escape(start)}", line), line
+        assert line.endswith(end), line
+    # render says the same, and writes nothing (there are errors).
+    rendered = tmp_path / "out"
+    code, render_out, _ = cli("render", str(root), "--out", str(rendered), *identity)
+    assert code == 1 and not rendered.exists()
+    assert render_out.splitlines() == [*lines, "nothing written: fix the errors above first"]
+    # No output quotes a password, and JSON keeps each finding with its inventory place.
+    code, json_out, _ = cli("validate", str(root), *identity, "--format", "json")
+    for pointer in ("/users/u1/accounts/main/password", "/users/u1/accounts/hotline/password"):
+        assert secret_for(pointer) not in out + render_out + json_out
+    findings = json.loads(json_out)["findings"]
+    assert {f["code"] for f in findings} == {
+        "password-expansion",
+        "hook-batch",
+        "dialing-prefix",
+        "recording-path",
+        "inactive-account",
+    }
+    # Each finding's line is the rendered line of its key (the section header for an account).
+    documents = {f.target.name: f.document for f in build.build(root).files}
+    for finding in findings:
+        path = re.fullmatch(r"\[(.+?)\] ?(.*)", finding["path"])
+        assert path is not None, finding
+        section, key = path.groups()
+        document = documents[finding["file"]]
+        [where] = [s for s in document.sections if s.name == section]
+        entry = where.entry(key) if key else None
+        assert finding["line"] == (entry.line if entry else where.line), finding
+        assert finding["source"]["line"] > 0
+    # The same inventory with each pitfall avoided is clean.
+    avoided = {
+        "groups.yaml": """\
+            groups:
+              office:
+                account:
+                  dialingPrefix: "0"
+                  dialPlan: (xxxx|0x.)
+                settings:
+                  cmdOutgoingCall: C:\\Tools\\dial.exe --user {extension}
+                  cmdIncomingCall: powershell.exe -File C:\\Scripts\\crm-popup.ps1
+                  autoRecording: 1
+                  recordingPath: D:\\Recordings
+            """,
+        "users.yaml": """\
+            users:
+              u1:
+                windows: ACME\\u1
+                accounts:
+                  main:
+                    sip_uri: 1001@pbx.example.com
+                    password: SEAL
+              k1:
+                windows: .\\kiosk
+                accounts:
+                  main:
+                    sip_uri: 3000@pbx.example.com
+                    password: SEAL
+            """,
+    }
+    root = write_inventory(tmp_path / "avoided", {**BASE, **PITFALLS, **avoided})
+    code, out, _ = cli("validate", str(root))
+    assert code == 0
+    assert out.splitlines() == [
+        "4 file(s) rendered for 4 target(s) with placeholders (no private key): "
+        "0 error(s), 0 warning(s)"
+    ]
