@@ -859,6 +859,7 @@ def test_every_hook_that_runs_a_batch_file_warns_with_the_safe_form(key: str) ->
         f"[Settings] {key}",
     )
     assert "cmd.exe" in finding.message and "unquoted" in finding.message
+    assert "$args[-1]" in finding.message  # after the hook's own arguments
     assert (
         f"{key}=powershell.exe -NoProfile -NonInteractive -File C:\\Scripts\\crm-popup.ps1"
         " --source microsip."

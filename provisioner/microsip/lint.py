@@ -519,8 +519,9 @@ class _Linter:
             f"'{spec.key}' runs {runs}, and MicroSIP appends the other party's number to the"
             " command unquoted: cmd.exe reads & | < > ^ % in it as its own syntax, so a"
             " crafted caller ID can run commands. Start a program that takes the number as a"
-            " plain argument instead: a .exe, or the script rewritten for PowerShell (it"
-            f" gets the number in $args[0]), e.g. {_shown_text(safe.rstrip(), 160)}{spaces}.",
+            " plain argument instead: a .exe, or the script rewritten for PowerShell (the"
+            f" number is its last argument, $args[-1]), e.g. {_shown_text(safe.rstrip(), 160)}"
+            f"{spaces}.",
             where,
         )
 
