@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -955,3 +957,12 @@ def test_pitfall_checks_never_read_a_hidden_line() -> None:
     assert codes(found) == ["inactive-account"]
     assert CANARY not in str(found[0])
     assert "('" not in found[0].message  # the hidden label is not named
+
+
+def test_docs_list_every_finding_code() -> None:
+    docs = Path(__file__).parents[1] / "docs" / "validation.md"
+    text = docs.read_text(encoding="utf-8")
+    table = text.split("### Codes of the rendered files' lint", 1)[1].split("\n#", 1)[0]
+    listed = re.findall(r"^\| `([a-z-]+)` \|", table, flags=re.MULTILINE)
+    assert len(listed) == len(set(listed))
+    assert set(listed) == FINDING_CODES
