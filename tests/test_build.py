@@ -97,7 +97,11 @@ def test_example_builds_clean_into_the_expected_files(
     which: str, request: pytest.FixtureRequest
 ) -> None:
     result: build.BuildResult = request.getfixturevalue(f"example_{which}")
-    assert result.findings == []
+    # The one finding: alice's second account, kept to show that the free MicroSIP never
+    # registers it.
+    assert [(f.severity, f.code, f.file, f.path) for f in result.findings] == [
+        ("warning", "inactive-account", "ber-ws-001/alice/microsip.ini", "[Account2]")
+    ]
     assert result.ok
     assert {f.relative_path for f in result.files} == EXPECTED_FILES
     assert len(result.targets) == len(EXPECTED_FILES)
@@ -108,7 +112,10 @@ def test_example_builds_clean_into_the_expected_files(
             assert lint.lint_override_ini(doc) == []
             assert [s.name for s in doc.sections] == ["Settings"]
             continue
-        assert lint.lint_microsip_ini(doc) == []
+        expected = (
+            ["inactive-account"] if built.target.name == "ber-ws-001/alice/microsip.ini" else []
+        )
+        assert [f.code for f in lint.lint_microsip_ini(doc)] == expected
         names = [s.name for s in doc.sections]
         assert names[0] == "Settings"
         accounts = names[1:]

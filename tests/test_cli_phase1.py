@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from provisioner.render import build
 from provisioner.secrets import secretstore, vault
 from tests.conftest import Realm
 from tests.phase1kit import (
@@ -80,9 +81,12 @@ def test_process_validate_clean_and_broken(realm: Realm) -> None:
     inventory = _example_copy(realm.root / "example")
     clean = realm.run("validate", str(inventory))
     assert clean.returncode == 0, clean.stdout + clean.stderr
-    assert clean.stdout.splitlines()[-1] == (
+    [warning, summary] = clean.stdout.splitlines()
+    # The example keeps alice's second account to show that the free MicroSIP never registers it.
+    assert warning.startswith("ber-ws-001/alice/microsip.ini:34: warning[inactive-account]: ")
+    assert summary == (
         "21 file(s) rendered for 21 target(s) with placeholders (no private key): "
-        "0 error(s), 0 warning(s)"
+        "0 error(s), 1 warning(s)"
     )
     broken = realm.run("validate", str(_bad_inventory(realm.root / "bad")))
     assert broken.returncode == 1
@@ -160,7 +164,9 @@ def test_validate_json() -> None:
     assert report["secrets"] == "placeholders (no private key)"
     assert len(report["targets"]) == 21 and len(report["files"]) == 21
     assert "ham-kiosk-01/microsip.ini" in report["files"]
-    assert report["findings"] == []
+    assert [(f["severity"], f["code"], f["file"]) for f in report["findings"]] == [
+        ("warning", "inactive-account", "ber-ws-001/alice/microsip.ini")
+    ]
     assert set(report["timings"]) >= {"load", "render", "lint"}
 
 
@@ -317,15 +323,17 @@ def test_one_cause_in_many_rendered_files_is_reported_once(tmp_path: Path) -> No
     )
     code, out, _ = cli("validate", str(root))
     assert code == 0
-    [finding, summary] = out.splitlines()
-    assert finding.startswith("ber-ws-001/alice/microsip.ini:17: warning[hook-quotes]: ")
+    # Besides the example's own inactive-account warning (alice's second account):
+    [finding, _inactive, summary] = out.splitlines()
+    assert finding.startswith("ber-ws-001/alice/microsip.ini:18: warning[hook-quotes]: ")
     assert finding.endswith(
         f"(value set at {groups}:{line}:7 (group sales)) (and 2 more file(s): "
         "ber-ws-002/bob/microsip.ini, ham-ws-001/frank/microsip.ini)"
     )
-    assert summary.endswith("0 error(s), 3 warning(s)")
+    assert summary.endswith("0 error(s), 4 warning(s)")
     code, out, _ = cli("validate", str(root), "--format", "json")
-    assert len(json.loads(out)["findings"]) == 3  # machine-readable output keeps every one
+    found = [f["code"] for f in json.loads(out)["findings"]]
+    assert found.count("hook-quotes") == 3  # machine-readable output keeps every one
 
 
 def test_different_causes_on_one_template_line_are_not_folded(tmp_path: Path) -> None:
@@ -376,7 +384,7 @@ def test_explain_json_chain_and_masked_secrets() -> None:
     recording = entries[("Settings", "recordingButton")]
     assert recording["value"] == "1" and recording["enforced"] is False
     assert [link["value"] for link in recording["chain"]] == ["0", "1"]
-    assert recording["chain"][1]["source"].endswith("groups.yaml:37:7 (group sales)")
+    assert recording["chain"][1]["source"].endswith("groups.yaml:38:7 (group sales)")
     password = entries[("Account1 (main)", "password")]
     assert password["value"] == "(sealed, key k54bgbx6f)"
     assert password["chain"] == [
@@ -398,7 +406,7 @@ def test_explain_key_filter_workstation_and_errors() -> None:
     assert out.splitlines()[1] == "  [Settings] autoAnswer = header"
     assert out.splitlines()[2:] == [
         f"      {'':<32} {EXAMPLE}/defaults.yaml:8:5 (defaults)",
-        f"      {'header':<32} {EXAMPLE}/groups.yaml:42:7 (group support)",
+        f"      {'header':<32} {EXAMPLE}/groups.yaml:43:7 (group support)",
     ]
     code, out, err = cli("explain", "alice", "-i", str(EXAMPLE), "-w", "ham-ws-001")
     assert code == 1 and out == ""
@@ -615,3 +623,175 @@ def test_render_does_not_write_through_or_remove_a_file_link(tmp_path: Path) -> 
     target.unlink()
     assert cli("render", str(root), "--out", str(out))[0] == 0
     assert (out / "ws1" / "notes.txt").read_text() == "someone's notes"
+
+
+# --------------------------------------------------------------------------- MicroSIP's pitfalls
+
+PITFALLS = {
+    "groups.yaml": """\
+        groups:
+          office:
+            account:
+              dialingPrefix: "0"
+            settings:
+              cmdOutgoingCall: C:\\Tools\\dial.exe --auth {password}
+              cmdIncomingCall: C:\\Scripts\\crm-popup.bat --source microsip
+              autoRecording: 1
+        """,
+    "workstations.yaml": """\
+        workstations:
+          ws1:
+            groups: [office]
+            users: [u1]
+          kiosk:
+            groups: [office]
+            users: [k1]
+            microsip:
+              mode: portable
+              install_dir: C:\\Kiosk\\MicroSIP
+              exe: microsip.exe
+        """,
+    "users.yaml": """\
+        users:
+          u1:
+            windows: ACME\\u1
+            accounts:
+              main:
+                sip_uri: 1001@pbx.example.com
+                active: true
+                password: SEAL
+              hotline:
+                sip_uri: 1901@pbx.example.com
+                password: SEAL
+          k1:
+            windows: .\\kiosk
+            accounts:
+              main:
+                sip_uri: 3000@pbx.example.com
+                password: SEAL
+        """,
+}
+
+
+def _line_of(path: Path, text: str) -> int:
+    return next(n for n, line in enumerate(path.read_text().splitlines(), 1) if text in line)
+
+
+def test_microsip_pitfalls_through_validate_and_render(tmp_path: Path) -> None:
+    root = write_inventory(tmp_path / "inv", {**BASE, **PITFALLS})
+    identity = ("--identity", str(_fast_identity(tmp_path)))
+    code, out, _ = cli("validate", str(root), *identity)
+    assert code == 1
+    *lines, summary = out.splitlines()
+    assert summary.endswith("2 error(s), 7 warning(s)")
+    groups, users = root / "groups.yaml", root / "users.yaml"
+
+    def set_at(path: Path, text: str, layer: str) -> str:
+        return f"(value set at {path}:{_line_of(path, text)}:7 ({layer}))"
+
+    office = "group office"
+    expected = [
+        # errors first: the password in the command line, in both profiles (one cause)
+        (
+            "kiosk/k1/microsip.ini",
+            "error[password-expansion]: [Settings] cmdOutgoingCall: ",
+            set_at(groups, "cmdOutgoingCall", office)
+            + " (and 1 more file(s): ws1/u1/microsip.ini)",
+        ),
+        (
+            "kiosk/k1/microsip.ini",
+            "warning[hook-batch]: [Settings] cmdIncomingCall: ",
+            set_at(groups, "cmdIncomingCall", office)
+            + " (and 1 more file(s): ws1/u1/microsip.ini)",
+        ),
+        (
+            "kiosk/k1/microsip.ini",
+            "warning[dialing-prefix]: [Account1] dialingPrefix: ",
+            set_at(groups, "dialingPrefix", office) + " (and 1 more file(s): ws1/u1/microsip.ini)",
+        ),
+        # a portable MicroSIP records next to itself: only ws1's profile records to the Desktop
+        (
+            "ws1/u1/microsip.ini",
+            "warning[recording-path]: [Settings] autoRecording: ",
+            set_at(groups, "autoRecording", office),
+        ),
+        (
+            "ws1/u1/microsip.ini",
+            "warning[inactive-account]: [Account2]: ",
+            set_at(users, "hotline:", "account u1/hotline"),
+        ),
+        (
+            "ws1/u1/microsip.ini",
+            "warning[dialing-prefix]: [Account2] dialingPrefix: ",
+            set_at(groups, "dialingPrefix", office),
+        ),
+    ]
+    assert len(lines) == len(expected), lines
+    for line, (file, start, end) in zip(lines, expected, strict=True):
+        assert re.match(rf"{re.escape(file)}:\d+: {re.escape(start)}", line), line
+        assert line.endswith(end), line
+    # render says the same, and writes nothing (there are errors).
+    rendered = tmp_path / "out"
+    code, render_out, _ = cli("render", str(root), "--out", str(rendered), *identity)
+    assert code == 1 and not rendered.exists()
+    assert render_out.splitlines() == [*lines, "nothing written: fix the errors above first"]
+    # No output quotes a password, and JSON keeps each finding with its inventory place.
+    code, json_out, _ = cli("validate", str(root), *identity, "--format", "json")
+    for pointer in ("/users/u1/accounts/main/password", "/users/u1/accounts/hotline/password"):
+        assert secret_for(pointer) not in out + render_out + json_out
+    findings = json.loads(json_out)["findings"]
+    assert {f["code"] for f in findings} == {
+        "password-expansion",
+        "hook-batch",
+        "dialing-prefix",
+        "recording-path",
+        "inactive-account",
+    }
+    # Each finding's line is the rendered line of its key (the section header for an account).
+    documents = {f.target.name: f.document for f in build.build(root).files}
+    for finding in findings:
+        path = re.fullmatch(r"\[(.+?)\] ?(.*)", finding["path"])
+        assert path is not None, finding
+        section, key = path.groups()
+        document = documents[finding["file"]]
+        [where] = [s for s in document.sections if s.name == section]
+        entry = where.entry(key) if key else None
+        assert finding["line"] == (entry.line if entry else where.line), finding
+        assert finding["source"]["line"] > 0
+    # The same inventory with each pitfall avoided is clean.
+    avoided = {
+        "groups.yaml": """\
+            groups:
+              office:
+                account:
+                  dialingPrefix: "0"
+                  dialPlan: (xxxx|0x.)
+                settings:
+                  cmdOutgoingCall: C:\\Tools\\dial.exe --user {extension}
+                  cmdIncomingCall: powershell.exe -File C:\\Scripts\\crm-popup.ps1
+                  autoRecording: 1
+                  recordingPath: D:\\Recordings
+            """,
+        "users.yaml": """\
+            users:
+              u1:
+                windows: ACME\\u1
+                accounts:
+                  main:
+                    sip_uri: 1001@pbx.example.com
+                    password: SEAL
+              k1:
+                windows: .\\kiosk
+                accounts:
+                  main:
+                    sip_uri: 3000@pbx.example.com
+                    password: SEAL
+            """,
+    }
+    root = write_inventory(tmp_path / "avoided", {**BASE, **PITFALLS, **avoided})
+    code, out, _ = cli("validate", str(root))
+    assert code == 0
+    assert out.splitlines() == [
+        "4 file(s) rendered for 4 target(s) with placeholders (no private key): "
+        "0 error(s), 0 warning(s)"
+    ]

@@ -876,3 +876,50 @@ def test_a_killed_rollout_leaves_every_write_in_the_runs_and_the_audit_log(
     assert again.returncode == 0, (again.stdout, again.stderr)
     assert set(host_lines(again.stdout)) == set(HOSTS[2:])
     assert all(data is not None for data in example.all_files().values())
+
+
+FINDING_LINE = re.compile(r"^\S+:\d+: (?:warning|error)\[[a-z-]+\]: ")
+
+
+def finding_lines(stdout: str) -> list[str]:
+    return [line for line in stdout.splitlines() if FINDING_LINE.match(line)]
+
+
+def test_the_rollout_shows_microsip_pitfalls_as_validate_does(example: ExampleLab) -> None:
+    groups = example.inventory / "groups.yaml"
+    text = groups.read_text(encoding="utf-8")
+    # Put back what the example avoids: a dialingPrefix, a batch-file hook, Desktop recordings.
+    text = re.sub(r"# no dialingPrefix:.*", 'dialingPrefix: "0"', text)
+    text = re.sub(r"cmdIncomingCall: .*", r"cmdIncomingCall: C:\\Scripts\\crm-popup.bat", text)
+    text = re.sub(r"\n +recordingPath: .*", "", text)
+    groups.write_text(text, encoding="utf-8")
+    validate = example.cli("validate", lab=False)
+    assert validate.returncode == 0, validate.stdout
+    expected = finding_lines(validate.stdout)
+    assert {re.findall(r"\[([a-z-]+)\]", line)[0] for line in expected} == {
+        "dialing-prefix",
+        "hook-batch",
+        "recording-path",
+        "inactive-account",
+    }
+    check = example.cli("rollout", "--check")
+    assert check.returncode == 0, (check.stdout, check.stderr)
+    assert finding_lines(check.stdout) == expected
+    # An error stops the rollout in Phase 1, before any workstation, with the same lines.
+    groups.write_text(
+        text.replace(
+            "      autoRecording: 1\n",
+            "      autoRecording: 1\n      cmdOutgoingCall: C:\\Tools\\dial.exe {md5_password}\n",
+        ),
+        encoding="utf-8",
+    )
+    validate = example.cli("validate", lab=False)
+    assert validate.returncode == 1
+    expected = finding_lines(validate.stdout)
+    assert "error[password-expansion]: [Settings] cmdOutgoingCall: " in expected[0]
+    for host in example.lab.hosts.values():
+        host.reset_counts()
+    refused = example.cli("rollout", "--yes")
+    assert refused.returncode == 1, (refused.stdout, refused.stderr)
+    assert finding_lines(refused.stdout) == expected
+    assert all(host.request_count == 0 for host in example.lab.hosts.values())

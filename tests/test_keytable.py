@@ -356,6 +356,21 @@ def test_non_keys_without_replacement(table: KeyTable, key: str) -> None:
         assert table.suggest(section, key) is None
 
 
+def test_where_microsip_expands_the_password(table: KeyTable) -> None:
+    # microsip-format.md 4.5 and 5.1: only these two values carry the password's placeholders.
+    expanding = {
+        (spec.section, spec.key): spec.password_macros
+        for spec in table.specs
+        if spec.password_macros
+    }
+    assert expanding == {
+        ("Settings", "cmdOutgoingCall"): ("{password}", "{md5_password}"),
+        ("Settings", "usersDirectory"): ("{password}", "{md5_password}"),
+    }
+    formatted = {spec.key: spec.format_args for spec in table.specs if spec.format_args}
+    assert formatted == {"usersDirectory": ("username", "password", "server")}
+
+
 def test_stun_is_a_settings_key(table: KeyTable) -> None:
     assert table.non_key("Settings", "STUN") is None
     assert table.lookup("Settings", "stun") is not None
@@ -399,6 +414,8 @@ def _row(**overrides: object) -> dict[str, object]:
         {"key": [_row(min="0")]},
         {"key": [_row(since="3.21 beta")]},
         {"key": [_row(removed="\x1b[31m3.22")]},
+        {"key": [_row(password_macros="{password}")]},
+        {"key": [_row(format_args=["username", 2])]},
         {"key": [_row()], "non_key": [{"key": "x", "sections": ["Settings"], "reason": "r"}]},
         {"key": "nope"},
     ],

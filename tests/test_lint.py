@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -89,7 +91,6 @@ def clean_doc() -> IniDocument:
     return make_doc(
         ("Settings", SETTINGS),
         ("Account1", account("Jane Doe", "1001")),
-        ("Account2", account("Front desk", "1002")),
         ("Shortcuts", [("0", "Reception;100;call;;1"), ("1", "Voicemail;*97;call;;0")]),
     )
 
@@ -561,9 +562,12 @@ def test_account_id_zero_needs_the_local_account() -> None:
 def test_at_most_100_accounts() -> None:
     sections = [(f"Account{i}", account(f"A{i}", str(1000 + i))) for i in range(1, 102)]
     doc = make_doc(("Settings", [("accountId", "1")]), *sections)
-    finding = only(lint_microsip_ini(doc))
-    assert (finding.code, finding.path) == ("too-many-accounts", "[Account101]")
-    assert lint_microsip_ini(make_doc(("Settings", [("accountId", "1")]), *sections[:100])) == []
+    found = [f for f in lint_microsip_ini(doc) if f.code != "inactive-account"]
+    assert (only(found).code, only(found).path) == ("too-many-accounts", "[Account101]")
+    within = lint_microsip_ini(make_doc(("Settings", [("accountId", "1")]), *sections[:100]))
+    # Every account but the active one is reported as never registering, and nothing else.
+    assert [f.path for f in within] == [f"[Account{i}]" for i in range(2, 101)]
+    assert set(codes(within)) == {"inactive-account"}
 
 
 # ---- override.ini ------------------------------------------------------------------------
@@ -691,3 +695,274 @@ def test_no_message_contains_any_password_value(password: str) -> None:
     findings = lint_microsip_ini(doc) + lint_override_ini(doc)
     for finding in findings:
         assert "Pw-7731-" not in str(finding)
+
+
+# ---- MicroSIP's pitfalls -----------------------------------------------------------------
+
+HOOK_KEYS = [
+    "cmdOutgoingCall",
+    "cmdIncomingCall",
+    "cmdCallRing",
+    "cmdCallAnswer",
+    "cmdCallAnswerVideo",
+    "cmdCallBusy",
+    "cmdCallStart",
+    "cmdCallEnd",
+]
+
+
+def test_a_dialing_prefix_without_a_dial_plan_warns_where_it_is_set() -> None:
+    set_at = Source("groups.yaml", 11, 7, "group site-berlin")
+    pairs = [*account("A", "1001"), ("dialingPrefix", "0")]
+    doc = make_doc(("Settings", SETTINGS), ("Account1", pairs))
+
+    def origin(section: str, key: str) -> Source | None:
+        return set_at if (section, key) == ("Account1", "dialingPrefix") else None
+
+    finding = only(lint_microsip_ini(doc, file="pc01", origin=origin))
+    assert (finding.severity, finding.code, finding.path) == (
+        "warning",
+        "dialing-prefix",
+        "[Account1] dialingPrefix",
+    )
+    assert finding.line == doc.sections[1].entries[-1].line
+    assert finding.source == set_at
+    for words in ("('0')", "longer than 3 characters", "leading '+'", "4-digit", "dialPlan"):
+        assert words in finding.message
+    assert not has_errors([finding])
+
+
+@pytest.mark.parametrize(
+    "pairs",
+    [
+        [("dialingPrefix", "0"), ("dialPlan", "(xxxx|0x.)")],  # the dial plan decides
+        [("dialingPrefix", "")],
+        [("dialingPrefix", '""')],  # MicroSIP strips the quotes: empty
+        [("dialPlan", "(xxxx|0x.)")],
+        [],
+    ],
+)
+def test_no_dialing_prefix_warning_without_a_prefix_or_with_a_dial_plan(
+    pairs: list[tuple[str, str]],
+) -> None:
+    assert codes(lint_account(("dialingPrefix", "0"))) == ["dialing-prefix"]
+    assert lint_account(*pairs) == []
+
+
+def test_the_dialing_prefix_is_checked_in_every_account_but_the_local_one() -> None:
+    doc = make_doc(
+        ("Settings", [("accountId", "1"), ("enableLocalAccount", "1")]),
+        ("Account0", [("label", "Local"), ("dialingPrefix", "0")]),  # calls by IP: no prefix
+        ("Account1", account("A", "1001")),
+        ("Account2", [*account("B", "1002"), ("dialingPrefix", "9")]),
+    )
+    found = [f for f in lint_microsip_ini(doc) if f.code == "dialing-prefix"]
+    assert [f.path for f in found] == ["[Account2] dialingPrefix"]
+
+
+def test_every_account_but_the_active_one_is_said_never_to_register() -> None:
+    doc = make_doc(
+        ("Settings", [*SETTINGS[:1], ("accountId", "2"), *SETTINGS[2:]]),
+        ("Account1", account("Jane Doe", "1001")),
+        ("Account2", account("Front desk", "1002")),
+        ("Account3", [(k, v) for k, v in account("Hotline", "1003") if k != "label"]),
+    )
+    set_at = Source("users/berlin.yaml", 14, 7, "account jane/direct")
+
+    def origin(section: str, key: str) -> Source | None:
+        return set_at if (section, key) == ("Account1", "") else None
+
+    found = lint_microsip_ini(doc, file="pc01", origin=origin)
+    assert [(f.severity, f.code, f.path) for f in found] == [
+        ("warning", "inactive-account", "[Account1]"),
+        ("warning", "inactive-account", "[Account3]"),
+    ]
+    first, third = found
+    assert (first.line, third.line) == (doc.sections[1].line, doc.sections[3].line)
+    assert first.source == set_at
+    assert "('Jane Doe')" in first.message and "accountId=2" in first.message
+    assert "registers only the active account" in third.message
+    assert "paid MicroSIP edition" in third.message
+    assert not has_errors(found)
+
+
+def test_one_account_or_an_unusable_account_id_gives_no_inactive_account() -> None:
+    two = (("Account1", account("A", "1001")), ("Account2", account("B", "1002")))
+    assert codes(lint_microsip_ini(make_doc(("Settings", SETTINGS), *two))) == ["inactive-account"]
+    one = make_doc(("Settings", SETTINGS), ("Account1", account("A", "1")))
+    assert lint_microsip_ini(one) == []
+    # An accountId that selects no account is reported as such, not as inactive accounts.
+    for value in ("3", "x", ""):
+        doc = make_doc(("Settings", [("accountId", value)]), *two)
+        assert codes(lint_microsip_ini(doc)) == ["account-id"], value
+    local = make_doc(("Settings", [("accountId", "0"), ("enableLocalAccount", "1")]), *two)
+    assert lint_microsip_ini(local) == []
+
+
+@pytest.mark.parametrize("key", ["cmdOutgoingCall", "usersDirectory"])
+@pytest.mark.parametrize("macro", ["{password}", "{md5_password}"])
+def test_a_password_macro_where_microsip_expands_it_is_an_error(key: str, macro: str) -> None:
+    value = f"https://crm.example.com/call?u={{username}}&p={macro}"
+    if key.startswith("cmd"):
+        value = rf"C:\Tools\dial.exe --auth {macro}"
+    finding = only(lint_settings((key, value)))
+    assert (finding.severity, finding.code, finding.path) == (
+        "error",
+        "password-expansion",
+        f"[Settings] {key}",
+    )
+    assert macro in finding.message
+    assert ("command line" if key.startswith("cmd") else "URL") in finding.message
+    # The same key in override.ini (an enforced value) is the same error.
+    doc = make_doc(("Settings", [(key, value)]))
+    assert codes(lint_override_ini(doc)) == ["password-expansion"]
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        # Only cmdOutgoingCall goes through MicroSIP's macro expansion.
+        ("cmdIncomingCall", r"C:\Tools\popup.exe {password}"),
+        ("cmdCallEnd", r"C:\Tools\popup.exe {md5_password}"),
+        # MicroSIP replaces the exact lower-case spelling only.
+        ("cmdOutgoingCall", r"C:\Tools\dial.exe {Password}"),
+        ("usersDirectory", "https://pbx.example.com/dir?user={username}&label={label}"),
+        ("usersDirectory", "https://pbx.example.com/dir?user=%s"),  # the first slot: username
+        ("usersDirectory", "https://pbx.example.com/dir?pass=%d"),
+    ],
+)
+def test_no_password_expansion_where_microsip_does_not_expand(key: str, value: str) -> None:
+    expanded = lint_settings(("cmdOutgoingCall", r"C:\Tools\dial.exe {password}"))
+    assert codes(expanded) == ["password-expansion"]
+    assert lint_settings((key, value)) == []
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "https://pbx.example.com/dir?user=%s&pass=%s",
+        "https://pbx.example.com/dir/%s/%s/%s",
+        "https://pbx.example.com/dir?user=%s&pass=*s",  # MicroSIP turns *s into %s first
+    ],
+)
+def test_the_password_slot_of_the_directory_url_is_an_error(value: str) -> None:
+    finding = only(lint_settings(("usersDirectory", value)))
+    assert (finding.severity, finding.code) == ("error", "password-expansion")
+    assert "username, password, server" in finding.message
+    assert "%s number 2" in finding.message
+
+
+@pytest.mark.parametrize("key", HOOK_KEYS)
+def test_every_hook_that_runs_a_batch_file_warns_with_the_safe_form(key: str) -> None:
+    finding = only(lint_settings((key, r"C:\Scripts\crm-popup.bat --source microsip")))
+    assert (finding.severity, finding.code, finding.path) == (
+        "warning",
+        "hook-batch",
+        f"[Settings] {key}",
+    )
+    assert "cmd.exe" in finding.message and "unquoted" in finding.message
+    assert "$args[-1]" in finding.message  # after the hook's own arguments
+    assert (
+        f"{key}=powershell.exe -NoProfile -NonInteractive -File C:\\Scripts\\crm-popup.ps1"
+        " --source microsip."
+    ) in finding.message
+    assert "without spaces" not in finding.message
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        (r"C:\SCRIPTS\POPUP.CMD", r"-File C:\SCRIPTS\POPUP.ps1."),
+        (r'"C:\Program Files\CRM\popup.bat" --x', r"-File C:\Program Files\CRM\popup.ps1 --x"),
+        (r"C:\Windows\System32\cmd.exe /c C:\Scripts\popup.bat", r"-File C:\Scripts\on-call.ps1"),
+        ("cmd /c echo", r"-File C:\Scripts\on-call.ps1"),
+        ("popup.bat", "-File popup.ps1"),
+    ],
+)
+def test_batch_files_and_cmd_exe_in_hooks(value: str, shown: str) -> None:
+    finding = only(lint_settings(("cmdIncomingCall", value)))
+    assert finding.code == "hook-batch"
+    assert shown in finding.message
+    assert ("folder without spaces" in finding.message) == ("Program Files" in value)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        r'"C:\Program Files\CRM\popup.exe" --call',
+        r"powershell.exe -NoProfile -NonInteractive -File C:\Scripts\popup.ps1",
+        r"C:\Tools.bat\popup.exe",  # a folder's name is not the program's
+        r"C:\Tools\runner.exe C:\Scripts\popup.bat",  # the program decides how it runs it
+        r"C:\Tools\cmdline.exe",
+        "",
+    ],
+)
+def test_hooks_that_start_no_cmd_exe_do_not_warn(value: str) -> None:
+    assert codes(lint_settings(("cmdIncomingCall", r"C:\Scripts\popup.bat"))) == ["hook-batch"]
+    assert lint_settings(("cmdIncomingCall", value)) == []
+
+
+def _recording_doc(*pairs: tuple[str, str]) -> IniDocument:
+    settings_pairs = [(k, v) for k, v in SETTINGS if k != "recordingPath"]
+    return make_doc(("Settings", [*settings_pairs, *pairs]), ("Account1", account("A", "1")))
+
+
+def test_automatic_recording_without_a_folder_warns() -> None:
+    doc = _recording_doc(("autoRecording", "1"))
+    finding = only(lint_microsip_ini(doc, file="pc01"))
+    assert (finding.severity, finding.code, finding.path) == (
+        "warning",
+        "recording-path",
+        "[Settings] autoRecording",
+    )
+    assert finding.line == doc.sections[0].entries[-1].line
+    assert "<Desktop>\\Recordings" in finding.message and "OneDrive" in finding.message
+    empty = only(lint_microsip_ini(_recording_doc(("autoRecording", "1"), ("recordingPath", ""))))
+    assert empty.code == "recording-path" and "empty recordingPath" in empty.message
+    # A portable MicroSIP records to its own Recordings folder by default, not the Desktop.
+    assert lint_microsip_ini(doc, portable=True) == []
+    portable_empty = _recording_doc(("autoRecording", "1"), ("recordingPath", ""))
+    assert codes(lint_microsip_ini(portable_empty, portable=True)) == ["recording-path"]
+
+
+@pytest.mark.parametrize(
+    "pairs",
+    [
+        [("autoRecording", "1"), ("recordingPath", r"D:\Recordings")],
+        [("autoRecording", "0")],
+        [("recordingButton", "1")],
+        [],
+    ],
+)
+def test_no_recording_warning_with_a_folder_or_without_automatic_recording(
+    pairs: list[tuple[str, str]],
+) -> None:
+    without_folder = _recording_doc(("autoRecording", "1"))
+    assert codes(lint_microsip_ini(without_folder)) == ["recording-path"]
+    assert lint_microsip_ini(_recording_doc(*pairs)) == []
+
+
+def test_pitfall_checks_never_read_a_hidden_line() -> None:
+    # A line that holds a password outside its key is hidden: no check may look at it (its
+    # value would be quoted) or act as if it were absent.
+    doc = make_doc(
+        ("Settings", [("accountId", "1"), ("autoRecording", "1"), ("recordingPath", CANARY)]),
+        ("Account1", [*account("A", "1001"), ("dialingPrefix", CANARY)]),
+        ("Account2", [*account(CANARY, "1002")]),
+    )
+    settings, first, second = doc.sections
+    # recordingPath, dialingPrefix and Account2's label
+    hidden = frozenset({settings.entries[2].line, first.entries[-1].line, second.entries[0].line})
+    found = lint_microsip_ini(doc, hidden=hidden)
+    assert codes(found) == ["inactive-account"]
+    assert CANARY not in str(found[0])
+    assert "('" not in found[0].message  # the hidden label is not named
+
+
+def test_docs_list_every_finding_code() -> None:
+    docs = Path(__file__).parents[1] / "docs" / "validation.md"
+    text = docs.read_text(encoding="utf-8")
+    table = text.split("### Codes of the rendered files' lint", 1)[1].split("\n#", 1)[0]
+    listed = re.findall(r"^\| `([a-z-]+)` \|", table, flags=re.MULTILINE)
+    assert len(listed) == len(set(listed))
+    assert set(listed) == FINDING_CODES

@@ -58,6 +58,10 @@ class KeySpec:
     since: str | None = None
     removed: str | None = None
     required: bool = False
+    password_macros: tuple[str, ...] = ()
+    """Placeholders MicroSIP replaces with (a form of) the active account's password."""
+    format_args: tuple[str, ...] = ()
+    """What MicroSIP's printf-style ``%s`` placeholders in the value receive, in order."""
 
     @property
     def is_runtime(self) -> bool:
@@ -237,6 +241,8 @@ def _spec_from_row(row: Mapping[str, object], where: str) -> KeySpec:
         since=_text(row, "since", where) if "since" in row else None,
         removed=_text(row, "removed", where) if "removed" in row else None,
         required=_flag(row, "required", where),
+        password_macros=_strings(row, "password_macros", where),
+        format_args=_strings(row, "format_args", where),
     )
     where = f"{where} ([{spec.section}] {spec.key})"
     if spec.section not in TABLE_SECTIONS:

@@ -46,6 +46,11 @@ FINDING_CODES: Final = frozenset(
         "account-missing-username",
         "account-id",
         "too-many-accounts",
+        "inactive-account",
+        "dialing-prefix",
+        "password-expansion",
+        "hook-batch",
+        "recording-path",
     }
 )
 
@@ -55,6 +60,11 @@ _SHOWN_CHARS: Final = 40
 _INT_RE: Final = re.compile(r"-?[0-9]+")
 _CONTROL_EXTRA: Final = frozenset({"\x7f", "\x85", "\u2028", "\u2029"})
 _CONTROL_RE: Final = re.compile("[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")
+# MicroSIP turns every '%' into '*' and then every '*s' into '%s' before its Format call, so
+# both spellings are Format slots (mainDlg.cpp UsersDirectoryLoad).
+_FORMAT_SLOT_RE: Final = re.compile(r"[%*]s")
+_BATCH_SUFFIXES: Final = (".bat", ".cmd")
+_SHELL_NAMES: Final = frozenset({"cmd", "cmd.exe"})
 
 
 Origin = Callable[[str, str], Source | None]
@@ -73,14 +83,17 @@ def lint_microsip_ini(
     allow_runtime: bool = False,
     hidden: frozenset[int] = frozenset(),
     origin: Origin | None = None,
+    portable: bool = False,
 ) -> list[Finding]:
     """Check a whole microsip.ini: keys, values, sections and the account structure.
 
     Findings name ``file``, the line and ``[section] key``, and where ``origin`` says the
-    value was set. ``allow_runtime`` accepts the keys and sections MicroSIP writes itself (for
-    a file read back from a workstation); a freshly rendered file must not contain them. Lines
-    in ``hidden`` (they hold a password outside its key) are not looked at, so no message
-    quotes them; a section whose header is hidden is skipped whole.
+    value was set (for a whole ``[AccountN]`` section, the key is empty). ``allow_runtime``
+    accepts the keys and sections MicroSIP writes itself (for a file read back from a
+    workstation); a freshly rendered file must not contain them. Lines in ``hidden`` (they hold
+    a password outside its key) are not looked at, so no message quotes them; a section whose
+    header is hidden is skipped whole. ``portable``: the file sits next to a portable
+    MicroSIP, whose defaults differ (recordings go to a relative ``Recordings`` folder).
     """
     linter = _Linter(
         load_key_table(),
@@ -93,6 +106,8 @@ def lint_microsip_ini(
     linter.check_document(doc)
     linter.check_accounts(doc)
     linter.check_shortcuts(doc)
+    linter.check_dialing_prefix(doc)
+    linter.check_recording_path(doc, portable=portable)
     return linter.result()
 
 
@@ -128,20 +143,49 @@ def _show(key: str, value: str) -> str:
     return f"'{value}'"
 
 
+def _shown_text(text: str, limit: int = 100) -> str:
+    """Text of a non-secret value as it stands in a message: truncated, non-printables escaped."""
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return "".join(c if c.isprintable() else f"\\u{ord(c):04x}" for c in text)
+
+
 def _choices(allowed: Iterable[str]) -> str:
     return ", ".join(v if v else "(empty)" for v in allowed)
 
 
-def _hook_args_have_quotes(command: str) -> bool:
-    """True when a quote follows the program name, as CommandLineToArgvW would split it."""
+def _split_hook(command: str) -> tuple[str, str]:
+    """The program of a hook command and the rest, as CommandLineToArgvW splits the program."""
     text = command.strip()
     if text.startswith('"'):
         end = text.find('"', 1)
-        rest = "" if end < 0 else text[end + 1 :]
-    else:
-        space = re.search(r"\s", text)
-        rest = text[space.start() :] if space else ""
-    return '"' in rest
+        if end < 0:
+            return text[1:], ""
+        return text[1:end], text[end + 1 :]
+    space = re.search(r"\s", text)
+    if space is None:
+        return text, ""
+    return text[: space.start()], text[space.start() :]
+
+
+def _hook_args_have_quotes(command: str) -> bool:
+    """True when a quote follows the program name, as CommandLineToArgvW would split it."""
+    return '"' in _split_hook(command)[1]
+
+
+def _hook_shell(program: str) -> str | None:
+    """How a hook's program goes through cmd.exe ("batch" or "cmd"), or None if it does not."""
+    name = program.strip().replace("/", "\\").rsplit("\\", 1)[-1].lower()
+    if name.endswith(_BATCH_SUFFIXES):
+        return "batch"
+    if name in _SHELL_NAMES:
+        return "cmd"
+    return None
+
+
+def _format_slots(value: str) -> int:
+    """How many printf-style ``%s`` slots MicroSIP fills in a usersDirectory-style value."""
+    return len(_FORMAT_SLOT_RE.findall(value))
 
 
 # Lines that hold a password outside its key are never checked, so never cached.
@@ -368,6 +412,8 @@ class _Linter:
                 f"'{spec.key}' is {len(value)} characters long; MicroSIP reads at most"
                 f" {spec.max_len} and truncates the rest.",
             )
+        if spec.password_macros or spec.format_args:
+            self.check_password_expansion(spec, value, where)
         if spec.type == "bool01" and value not in ("0", "1"):
             error("bad-bool", f"'{spec.key}' must be exactly 0 or 1, not {shown}.")
         elif spec.type == "int":
@@ -391,15 +437,8 @@ class _Linter:
                     f"'{spec.key}' lists codec IDs MicroSIP does not know: {', '.join(unknown)}.",
                     where,
                 )
-        elif spec.type == "command" and _hook_args_have_quotes(value):
-            self.add(
-                "warning",
-                "hook-quotes",
-                f"'{spec.key}' passes quoted arguments, but MicroSIP splits the command with"
-                " CommandLineToArgvW and rejoins the arguments with single spaces, so the quotes"
-                " are lost and arguments containing spaces break; call a script instead.",
-                where,
-            )
+        elif spec.type == "command":
+            self.check_hook(spec, value, where)
         elif spec.type == "shortcut":
             fields = value.split(";")
             if len(fields) >= 3 and fields[2] not in self.table.shortcut_types:
@@ -408,6 +447,83 @@ class _Linter:
                     f"speed dial {spec.key} has type {_show('', fields[2])}; use one of"
                     f" {_choices(self.table.shortcut_types)}.",
                 )
+
+    def check_password_expansion(self, spec: KeySpec, value: str, where: _Where) -> None:
+        """An error when MicroSIP would put the SIP password into this URL or command line."""
+        if spec.type == "command":
+            lands = (
+                "into the command line of the program it starts, where process-creation logs"
+                " (event 4688, Sysmon) and other users of the machine can read it"
+            )
+        else:
+            lands = "into the URL it requests, which servers and proxies log"
+        for macro in spec.password_macros:
+            if macro not in value:  # MicroSIP replaces the exact, lower-case spelling only
+                continue
+            what = "an unsalted MD5 of the SIP password" if "md5" in macro else "the SIP password"
+            self.add(
+                "error",
+                "password-expansion",
+                f"'{spec.key}' contains {macro}, which MicroSIP replaces with {what} of the"
+                f" active account, so it goes {lands}; remove it: no URL or command may carry"
+                " the password.",
+                where,
+            )
+        if "password" in spec.format_args:
+            position = spec.format_args.index("password") + 1
+            slots = _format_slots(value)
+            if slots >= position:
+                order = ", ".join(spec.format_args)
+                self.add(
+                    "error",
+                    "password-expansion",
+                    f"'{spec.key}' has {slots} %s placeholders; MicroSIP fills them with the"
+                    f" {order} (in that order), so %s number {position} puts the SIP password"
+                    f" {lands}; use at most {position - 1} (MicroSIP reads *s as %s too).",
+                    where,
+                )
+
+    def check_hook(self, spec: KeySpec, value: str, where: _Where) -> None:
+        """Warn about hook commands MicroSIP would run in a way that breaks or is unsafe."""
+        program, rest = _split_hook(value)
+        if '"' in rest:
+            self.add(
+                "warning",
+                "hook-quotes",
+                f"'{spec.key}' passes quoted arguments, but MicroSIP splits the command with"
+                " CommandLineToArgvW and rejoins the arguments with single spaces, so the quotes"
+                " are lost and arguments containing spaces break; call a script instead.",
+                where,
+            )
+        shell = _hook_shell(program)
+        if shell is None:
+            return
+        if shell == "batch":
+            runs = f"the batch file {_shown_text(program)}, which Windows runs through cmd.exe"
+            script = program.strip()[:-4] + ".ps1"
+            arguments = " ".join(rest.split())
+        else:
+            runs = "cmd.exe"
+            script = "C:\\Scripts\\on-call.ps1"
+            arguments = ""
+        safe = f"{spec.key}=powershell.exe -NoProfile -NonInteractive -File {script} {arguments}"
+        spaces = (
+            " (with the script in a folder without spaces: MicroSIP drops the quotes around"
+            " arguments)"
+            if re.search(r"\s", script)
+            else ""
+        )
+        self.add(
+            "warning",
+            "hook-batch",
+            f"'{spec.key}' runs {runs}, and MicroSIP appends the other party's number to the"
+            " command unquoted: cmd.exe reads & | < > ^ % in it as its own syntax, so a"
+            " crafted caller ID can run commands. Start a program that takes the number as a"
+            " plain argument instead: a .exe, or the script rewritten for PowerShell (the"
+            f" number is its last argument, $args[-1]), e.g. {_shown_text(safe.rstrip(), 160)}"
+            f"{spaces}.",
+            where,
+        )
 
     def check_int(
         self, spec: KeySpec, value: str, shown: str, error: Callable[[str, str], None]
@@ -429,12 +545,24 @@ class _Linter:
 
     # ---- structure -----------------------------------------------------------------------
 
-    def check_accounts(self, doc: IniDocument) -> None:
+    def accounts(self, doc: IniDocument) -> dict[int, IniSection]:
+        """The SIP account sections (N >= 1) MicroSIP would read, by index (first one wins)."""
         accounts: dict[int, IniSection] = {}
         for section in self.sections(doc):
             index = account_index(section.name)
             if index is not None and index >= 1:
                 accounts.setdefault(index, section)
+        return accounts
+
+    def readable(self, section: IniSection, *keys: str) -> bool:
+        """True when no line the keys are read from is hidden (lint must not look at it)."""
+        if not self.hidden:
+            return True
+        entries = (section.entry(key) for key in keys)
+        return all(entry is None or entry.line not in self.hidden for entry in entries)
+
+    def check_accounts(self, doc: IniDocument) -> None:
+        accounts = self.accounts(doc)
         indexes = sorted(accounts)
         for index in indexes:
             if index > MAX_ACCOUNTS:
@@ -478,16 +606,40 @@ class _Linter:
         loadable = 0
         while loadable + 1 in accounts and accounts[loadable + 1].get("domain"):
             loadable += 1
-        self.check_account_id(doc, accounts, loadable)
+        active = self.check_account_id(doc, accounts, loadable)
+        if active is not None and loadable > 1:
+            self.check_inactive_accounts(accounts, loadable, active)
+
+    def check_inactive_accounts(
+        self, accounts: dict[int, IniSection], loadable: int, active: int
+    ) -> None:
+        """The free MicroSIP registers the active account only: say so for every other one."""
+        for index in range(1, loadable + 1):
+            if index == active:
+                continue
+            section = accounts[index]
+            label = section.get("label") if self.readable(section, "label") else None
+            named = f" ({_show('label', label)})" if label else ""
+            self.add(
+                "warning",
+                "inactive-account",
+                f"this account{named} is not the active one (accountId={active}): the free"
+                " MicroSIP registers only the active account, so this one never registers and"
+                " receives no calls; it only shows in the account menu, for the user to switch"
+                " to. Keep one account per profile, or use a paid MicroSIP edition that"
+                " registers several accounts.",
+                _at(section),
+            )
 
     def check_account_id(
         self, doc: IniDocument, accounts: dict[int, IniSection], loadable: int
-    ) -> None:
+    ) -> int | None:
+        """Check ``accountId``; return the active account's index when it points at one."""
         settings = doc.section("Settings")
         entry = None if settings is None else settings.entry("accountId")
         line = entry.line if entry is not None else (settings.line if settings else 0)
         if line in self.hidden or (settings is not None and settings.line in self.hidden):
-            return
+            return None
         where = _Where(line, "Settings" if settings is None else settings.name, "accountId")
         if entry is None or entry.value == "":
             if accounts:
@@ -498,7 +650,7 @@ class _Linter:
                     " migration and uses no account; write accountId=1 (or the active index).",
                     where,
                 )
-            return
+            return None
         value = entry.value
         if not _INT_RE.fullmatch(value):
             self.add(
@@ -507,7 +659,7 @@ class _Linter:
                 f"accountId must be an account number, not {_show('accountId', value)}.",
                 where,
             )
-            return
+            return None
         number = int(value)
         if number == 0:
             if settings is None or settings.get("enableLocalAccount") != "1":
@@ -518,9 +670,9 @@ class _Linter:
                     " otherwise MicroSIP forces it to 1.",
                     where,
                 )
-            return
+            return None
         if 1 <= number <= loadable:
-            return
+            return number
         if number in accounts:
             why = f"[Account{number}] exists but MicroSIP cannot load it (see the account errors)"
         else:
@@ -532,6 +684,7 @@ class _Linter:
             " falls back to no SIP account.",
             where,
         )
+        return None
 
     def check_shortcuts(self, doc: IniDocument) -> None:
         section = doc.section("Shortcuts")
@@ -551,6 +704,57 @@ class _Linter:
                 " first missing index, so the later ones are ignored.",
                 _at(section),
             )
+
+    def check_dialing_prefix(self, doc: IniDocument) -> None:
+        """Warn about a dialingPrefix that no dialPlan confines to the numbers needing it."""
+        for section in self.accounts(doc).values():
+            entry = section.entry("dialingPrefix")
+            if entry is None or entry.key is None or entry.value == "" or section.get("dialPlan"):
+                continue
+            if not self.readable(section, "dialingPrefix", "dialPlan"):
+                continue
+            self.add(
+                "warning",
+                "dialing-prefix",
+                f"a dialingPrefix ({_show('', entry.value)}) without a dialPlan: MicroSIP puts it"
+                " in front of every all-digit number longer than 3 characters and drops a"
+                " leading '+', so 4-digit internal extensions and international numbers (+…)"
+                " become unreachable. Remove it; where outside lines need a prefix, write a"
+                " dialPlan whose rules add it to those numbers only (a number no rule matches"
+                " is blocked).",
+                _Where(entry.line, section.name, entry.key),
+            )
+
+    def check_recording_path(self, doc: IniDocument, *, portable: bool) -> None:
+        """Warn when automatic recording has no folder of its own to go to."""
+        settings = doc.section("Settings")
+        if settings is None or settings.line in self.hidden:
+            return
+        entry = settings.entry("autoRecording")
+        path = settings.entry("recordingPath")
+        if entry is None or entry.key is None or entry.value != "1":
+            return
+        if not self.readable(settings, "autoRecording", "recordingPath"):
+            return
+        if path is None and not portable:
+            why = (
+                "without a recordingPath: MicroSIP then records every call to"
+                " <Desktop>\\Recordings, and where OneDrive's Known Folder Move syncs the"
+                " Desktop, every recording is uploaded."
+            )
+        elif path is not None and path.value == "":
+            why = (
+                "with an empty recordingPath: MicroSIP then writes every recording to the"
+                " folder it was started in, wherever that is."
+            )
+        else:
+            return  # a folder, or a portable MicroSIP's own Recordings folder
+        self.add(
+            "warning",
+            "recording-path",
+            f"autoRecording=1 {why} Set recordingPath to a folder that is not synced.",
+            _Where(entry.line, settings.name, entry.key),
+        )
 
 
 def _keyed(section: IniSection) -> list[tuple[IniEntry, str]]:

@@ -6,6 +6,7 @@ with an error finding must not proceed to any workstation.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -310,13 +311,20 @@ class _Builder:
             if plan.install.mode == "portable"
             else f"{target.workstation}/{target.user}/{plan.install.ini_name}"
         )
+        lint = functools.partial(
+            ini_lint.lint_microsip_ini, portable=plan.install.mode == "portable"
+        )
         self._finish(
             target,
             path,
             text,
             plan.install,
-            ini_lint.lint_microsip_ini,
-            _origin({"settings": profile.settings}, profile.accounts),
+            lint,
+            _origin(
+                {"settings": profile.settings},
+                profile.accounts,
+                [account.source for account in profile.user.accounts],
+            ),
             windows=profile.user.windows,
             secrets=secrets,
         )
@@ -482,13 +490,19 @@ class _Builder:
 def _origin(
     blocks: Mapping[str, Mapping[str, resolve.Resolved]],
     accounts: Sequence[resolve.ResolvedAccount],
+    account_sources: Sequence[Source] = (),
 ) -> ini_lint.Origin:
-    """Where the value of a rendered ``[section] key`` was set in the inventory, if it was."""
+    """Where the value of a rendered ``[section] key`` was set in the inventory, if it was.
+
+    For a whole ``[AccountN]`` section (an empty key): where that account is defined.
+    """
 
     def origin(section: str, key: str) -> Source | None:
         values = blocks.get(section.lower())
         if values is None and ini.is_account_section(section):
             index = int(section[len("account") :]) - 1
+            if not key:
+                return account_sources[index] if 0 <= index < len(account_sources) else None
             values = accounts[index].keys if 0 <= index < len(accounts) else None
         resolved = values.get(key) if values is not None and key else None
         return resolved.final.source if resolved is not None else None
