@@ -837,8 +837,13 @@ def test_the_read_only_attribute_is_a_clear_status(station: Station) -> None:
     assert (result["status"], error_code(result)) == ("error", "read-only")
     assert "read-only attribute" in result["error"]["message"]
     assert ws.read(ALICE_INI) == ini_bytes("locked by an admin")
+    # A rollback that would undo a write to it is refused the same way.
+    ws.set_readonly(ALICE_INI, False)
+    assert write(station, alice, ini_bytes("new"))["status"] == "written"
+    ws.set_readonly(ALICE_INI)
     [back] = station.agent.call(rollback_request([target(ALICE_INI, alice)]))["files"]
     assert error_code(back) == "read-only"
+    assert ws.read(ALICE_INI) == ini_bytes("new")
 
 
 def test_a_read_only_file_fails_in_the_plan_before_any_write(shared: Kit) -> None:
@@ -922,3 +927,4 @@ def test_remote_shells_disabled_by_policy_is_named_by_doctor(shared: Kit) -> Non
     checks = _doctor(shared)
     winrs = next(c for c in checks if c.name == "winrs")
     assert not winrs.ok and "AllowRemoteShellAccess" in winrs.fix
+
