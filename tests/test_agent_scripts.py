@@ -348,9 +348,16 @@ def test_format_operator_is_never_split_by_a_method_call_comma() -> None:
 def _fields() -> dict[str, tuple[set[str], set[str]]]:
     """op -> (answer fields and values the script must write, request fields it must read)."""
     blocks = contract_json_blocks()
-    assert set(blocks) == {"inspect request", "inspect answer", "apply request", "apply answer"}
+    assert set(blocks) == {
+        "inspect request",
+        "inspect answer",
+        "apply request",
+        "apply answer",
+        "rollback answer",
+    }
     inspect_answer = json_keys(blocks["inspect answer"])
     apply_answer = json_keys(blocks["apply answer"])
+    rollback_answer = json_keys(blocks["rollback answer"])
     # The agent has no use for the user's inventory name in apply; the controller keeps it.
     apply_request = json_keys(blocks["apply request"]) - {"user"}
     rollback_request = {"op", "protocol", "if_running", "files", "kind", "sid", "path", "process"}
@@ -368,7 +375,9 @@ def _fields() -> dict[str, tuple[set[str], set[str]]]:
             apply_request,
         ),
         "rollback": (
-            apply_answer | {"restored", "busy", "error", "no-backup"} | io_codes,
+            rollback_answer
+            | {"restored", "removed", "unchanged", "busy", "error", "no-backup", "unsafe-path"}
+            | io_codes,
             rollback_request,
         ),
     }
@@ -391,7 +400,8 @@ def test_the_state_folder_layout_is_the_contracts() -> None:
     for op in REGISTRY.names:
         assert "'MicroSIP-provisioner'" in sent[op] and "'CommonApplicationData'" in sent[op]
         assert "'users', $Sid, $Name" in sent[op] and "'machine', $Name" in sent[op]
-    for name in ("'applied'", "'backup.1'", '"backup.$n"', "'rolled-back'", "'.provisioner'"):
+    items = ("'applied'", "'backup.1'", '"backup.$n"', "'rolled-back'", "'.provisioner'")
+    for name in (*items, "'history'", "'created'", "'replaced'"):
         assert name in sent["apply"] + sent["rollback"], name
     for sid in ("'S-1-5-18'", "'S-1-5-32-544'", "'S-1-5-32-545'"):
         assert sid in sent["apply"]
@@ -460,8 +470,18 @@ def test_microsip_is_stopped_only_once_the_file_will_be_written() -> None:
         < apply.index("Invoke-RunningPolicy")
         < apply.index("Write-ManagedFile")
     )
-    rollback = _body("rollback", "Invoke-PreparedRollback")
-    assert rollback.index("'no-backup'") < rollback.index("Invoke-RunningPolicy")
+    restore = _body("rollback", "Invoke-PreparedRestore")
+    assert restore.index("'no-backup'") < restore.index("Invoke-RunningPolicy")
+    assert restore.index("$Write.before") < restore.index("Invoke-RunningPolicy")
+    # A file the user put in place of the created one is refused before MicroSIP is stopped,
+    # and checked again through the handle its content is read with before it goes.
+    removal = _body("rollback", "Invoke-PreparedRemoval")
+    checks = [m.start() for m in re.finditer(re.escape("Read-OwnFile $path"), removal)]
+    assert len(checks) == 2
+    assert checks[0] < removal.index("Invoke-RunningPolicy") < checks[1]
+    assert checks[1] < removal.index("Assert-SafePath $path") < removal.index("[IO.File]::Delete")
+    owned = _body("rollback", "Read-OwnFile")
+    assert owned.index("Open-PlainFile") < owned.index("GetOwner(") < owned.index("Read-Stream")
 
 
 def test_the_final_acl_is_set_before_the_replace_and_checked_after() -> None:

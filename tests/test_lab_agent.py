@@ -341,9 +341,13 @@ def test_first_write_creates_the_folder_the_file_and_applied_with_acls(station: 
     assert temp_files(ws, folder) == []
     assert ws.listdir(folder) == ["microsip.ini"]  # the state is not beside the file
     # The merge base is the agent's: SYSTEM and Administrators only, and alice cannot reach it.
-    assert ws.listdir(state_path("")) == ["applied"]
+    assert ws.listdir(state_path("")) == ["applied", "history"]
     assert ws.acl(state_path("applied")) == STATE_ACL
     assert not ws.allows(alice.sid, "read", state_path("applied"))
+    # So is the record of the write: a rollback of this run removes the file.
+    assert ws.acl(state_path("history")) == STATE_ACL
+    [line] = _history(ws)
+    assert line[2:] == ["created", "-", ALICE_INI]
     assert not ws.allows(alice.sid, "write", state_path(""))
     assert ws.allows(alice.sid, "write", ALICE_INI)
 
@@ -361,7 +365,11 @@ def test_updates_rotate_three_backup_generations(station: Station) -> None:
         assert state(ws, "backup.1") == contents[number - 1]
     assert [state(ws, f"backup.{n}") for n in (1, 2, 3)] == contents[4:1:-1]
     items = ws.listdir(state_path(""))
-    assert items == ["applied", "backup.1", "backup.2", "backup.3"]
+    assert items == ["applied", "backup.1", "backup.2", "backup.3", "history"]
+    # One line per write the backups can undo, newest first, each with what it replaced.
+    assert [(line[2], line[3]) for line in _history(ws)] == [
+        ("replaced", sha(contents[n])) for n in (4, 3, 2)
+    ]
     for item in items:
         # old passwords: SYSTEM and Administrators only, never the user
         assert ws.acl(state_path(item)) == STATE_ACL
@@ -430,6 +438,13 @@ def _prepare_history(st: Station) -> list[bytes]:
 
 def _backups(ws: Workstation, owner: str | None = ALICE_SID) -> list[bytes | None]:
     return [state(ws, f"backup.{n}", owner) for n in (1, 2, 3)]
+
+
+def _history(ws: Workstation, owner: str | None = ALICE_SID) -> list[list[str]]:
+    """The lines of a file's history, newest first, split into their fields."""
+    data = state(ws, "history", owner)
+    assert data is not None
+    return [line.split("\t") for line in data.decode("utf-8").splitlines()]
 
 
 def test_a_failure_after_the_replace_keeps_the_old_content_as_the_next_backup(
@@ -558,6 +573,7 @@ STALE = [
     f"{ALICE_STATE}\\.backup.new.0123456789ab.tmp",
     f"{ALICE_STATE}\\.rolled-back.0123456789ab.tmp",
     f"{ALICE_STATE}\\.backup.1.0123456789ab.tmp",
+    f"{ALICE_STATE}\\.history.0123456789ab.tmp",
 ]
 # Files that look alike but are not the agent's temp files of this ini: left alone.
 LOOKALIKES = [
@@ -618,6 +634,7 @@ def test_a_failed_replace_or_verify_loses_no_backup(
 ) -> None:
     ws = station.ws
     versions = _full_history(station)
+    history = state(ws, "history")
     if fault == "fail_verify":
         ws.faults.fail_verify = 1
     else:
@@ -626,7 +643,8 @@ def test_a_failed_replace_or_verify_loses_no_backup(
     assert (result["status"], error_code(result), result["backup"]) == ("error", code, None)
     assert ws.read(ALICE_INI) == versions[4]
     assert _backups(ws) == [versions[3], versions[2], versions[1]]
-    assert ws.listdir(ALICE_STATE) == ["applied", "backup.1", "backup.2", "backup.3"]
+    assert ws.listdir(ALICE_STATE) == ["applied", "backup.1", "backup.2", "backup.3", "history"]
+    assert state(ws, "history") == history  # no record of a write that did not happen
     ws.faults = WorkstationFaults()
     assert write(station, station.alice, ini("v5"))["status"] == "written"
     assert _backups(ws) == [versions[4], versions[3], versions[2]]
@@ -651,15 +669,27 @@ def test_a_rotation_that_fails_after_the_write_is_finished_next_time(station: St
     assert state(ws, "backup.new") is None
 
 
+def _record(ws: Workstation, run: str, replaced: bytes | None) -> None:
+    """Put the line an apply records before its write on top of alice's history."""
+    data = state(ws, "history") or b""
+    newest = int(data.split(b"\t", 1)[0]) if data else 0
+    before = sha(replaced) if replaced is not None else "-"
+    action = "replaced" if replaced is not None else "created"
+    line = f"{newest + 1}\t{run}\t{action}\t{before}\t{ALICE_INI}\r\n".encode()
+    ws.put(state_path("history"), line + data, STATE_ACL, owner=ADMINISTRATORS)
+
+
 def test_a_backup_new_left_by_a_dead_agent_is_rotated_in_first(station: Station) -> None:
     ws = station.ws
     versions = _full_history(station)
     # an agent died after its replace, in the middle of its rotation: backup.1 has moved
-    # down to backup.2 (and backup.2 to backup.3, the oldest gone), backup.new is still there
+    # down to backup.2 (and backup.2 to backup.3, the oldest gone), backup.new is still there,
+    # and so is the record of its write, made before the replace
     for number in (2, 1):
         source = state_path(f"backup.{number}")
         ws.host_path(source).replace(ws.host_path(state_path(f"backup.{number + 1}")))
     ws.put(state_path("backup.new"), ini("before the dead agent"))
+    _record(ws, "dead-agent", ini("before the dead agent"))
     [restored] = station.agent.call(rollback_request([target(ALICE_INI, station.alice)]))["files"]
     assert restored["status"] == "restored"
     assert ws.read(ALICE_INI) == ini("before the dead agent")
@@ -705,7 +735,9 @@ def test_override_and_per_file_errors_do_not_abort_the_others(station: Station) 
 def test_rollback_restores_backup_1_and_keeps_rolled_back(station: Station) -> None:
     ws, alice = station.ws, station.alice
     versions = _prepare_history(station)
+    run = _history(ws)[0][1]
     answer = station.agent.call(rollback_request([target(ALICE_INI, alice)]))
+    assert answer["run"] == run  # the agent's own: the requests gave none
     [result] = answer["files"]
     assert result == {
         "path": ALICE_INI,
@@ -726,15 +758,21 @@ def test_rollback_restores_backup_1_and_keeps_rolled_back(station: Station) -> N
     [again] = station.agent.call(rollback_request([target(ALICE_INI, alice)]))["files"]
     assert again["status"] == "restored" and ws.read(ALICE_INI) == versions[0]
     assert state(ws, "rolled-back") == versions[1]
-    [empty] = station.agent.call(rollback_request([target(ALICE_INI, alice)]))["files"]
-    assert (empty["status"], error_code(empty)) == ("error", "no-backup")
+    # v0 was alice's own: nothing the tool did is left to undo
+    nothing = station.agent.call(rollback_request([target(ALICE_INI, alice)]))
+    [empty] = nothing["files"]
+    assert (nothing["run"], empty["status"], error_code(empty)) == (None, "unchanged", None)
     assert ws.read(ALICE_INI) == versions[0]
+    assert state(ws, "rolled-back") == versions[1]
 
 
-def test_rollback_without_backup_and_while_running(station: Station) -> None:
+def test_rollback_without_a_write_to_undo_and_while_running(station: Station) -> None:
     ws, alice = station.ws, station.alice
-    [none] = station.agent.call(rollback_request([target(ALICE_INI, alice)]))["files"]
-    assert (none["status"], error_code(none)) == ("error", "no-backup")
+    answer = station.agent.call(rollback_request([target(ALICE_INI, alice)]))
+    assert answer["run"] is None
+    [none] = answer["files"]
+    assert (none["status"], error_code(none)) == ("unchanged", None)
+    assert not ws.exists(state_path("")) and not ws.exists(ALICE_INI)
     versions = _prepare_history(station)
     ws.start_microsip(alice)
     [busy] = station.agent.call(rollback_request([target(ALICE_INI, alice)]))["files"]
@@ -742,6 +780,128 @@ def test_rollback_without_backup_and_while_running(station: Station) -> None:
     [stopped] = station.agent.call(rollback_request([target(ALICE_INI, alice)], "stop"))["files"]
     assert (stopped["status"], stopped["stopped"]) == ("restored", 1)
     assert ws.read(ALICE_INI) == versions[1]
+
+
+def _apply(station: Station, run: str, *files: tuple[str, bytes, User | None]) -> None:
+    """One apply request of ``run`` writing each (path, content, user)."""
+    entries = [
+        {**file_entry(path, data, expect=station.ws.sha256(path), user=user), "applied_b64": None}
+        for path, data, user in files
+    ]
+    answer = station.agent.call({**apply_request(entries), "run": run})
+    assert [r["status"] for r in answer["files"]] == ["written"] * len(files), answer
+
+
+def test_rollback_removes_what_its_run_created_and_leaves_what_it_did_not_write(
+    station: Station,
+) -> None:
+    ws, alice, bob = station.ws, station.alice, station.bob
+    override = f"{PROGRAM_DIR}\\override.ini"
+    bob_ini = ws.ini_path(bob)
+    _apply(station, "run-a", (ALICE_INI, ini("a1"), alice), (override, b"[Settings]\r\n", None))
+    _apply(station, "run-b", (bob_ini, ini("b1"), bob), (override, b"[Settings]\r\nx=1\r\n", None))
+    targets = [target(ALICE_INI, alice), target(bob_ini, bob), target(override)]
+    # run-b is the newest: bob's file (created) goes, override.ini gets run-a's content back
+    answer = station.agent.call(rollback_request(targets))
+    assert answer["run"] == "run-b"
+    assert [(r["status"], r["error"]) for r in answer["files"]] == [
+        ("unchanged", None),
+        ("removed", None),
+        ("restored", None),
+    ]
+    removed = answer["files"][1]
+    assert (removed["old_sha256"], removed["new_sha256"]) == (sha(ini("b1")), None)
+    assert removed["backup"] == state_path("rolled-back", bob)
+    assert not ws.exists(bob_ini) and state(ws, "rolled-back", bob.sid) == ini("b1")
+    assert ws.read(override) == b"[Settings]\r\n" and ws.read(ALICE_INI) == ini("a1")
+    assert ws.exists(bob_ini.rsplit("\\", 1)[0])  # the folder stays: MicroSIP keeps more there
+    # then run-a: both files it created go
+    again = station.agent.call(rollback_request(targets))
+    assert again["run"] == "run-a"
+    assert [r["status"] for r in again["files"]] == ["removed", "unchanged", "removed"]
+    assert not ws.exists(ALICE_INI) and not ws.exists(override)
+    # nothing the tool wrote is left
+    last = station.agent.call(rollback_request(targets))
+    assert last["run"] is None and [r["status"] for r in last["files"]] == ["unchanged"] * 3
+
+
+def test_a_file_its_run_created_and_someone_removed_since_is_removed(station: Station) -> None:
+    ws, alice = station.ws, station.alice
+    _apply(station, "run-a", (ALICE_INI, ini("a1"), alice))
+    ws.delete(ALICE_INI)
+    [result] = station.agent.call(rollback_request([target(ALICE_INI, alice)]))["files"]
+    assert (result["status"], result["old_sha256"], result["backup"]) == ("removed", None, None)
+    assert state(ws, "rolled-back") is None and state(ws, "history") == b""
+
+
+def test_a_rollback_removes_nothing_while_microsip_runs_unless_told(station: Station) -> None:
+    ws, alice = station.ws, station.alice
+    _apply(station, "run-a", (ALICE_INI, ini("a1"), alice))
+    ws.start_microsip(alice)
+    [busy] = station.agent.call(rollback_request([target(ALICE_INI, alice)]))["files"]
+    assert (busy["status"], error_code(busy)) == ("busy", "busy")
+    assert ws.read(ALICE_INI) == ini("a1") and _history(ws)[0][1] == "run-a"
+    [gone] = station.agent.call(rollback_request([target(ALICE_INI, alice)], "stop"))["files"]
+    assert (gone["status"], gone["stopped"]) == ("removed", 1)
+    assert not ws.exists(ALICE_INI)
+
+
+def test_a_run_id_that_could_break_the_history_is_refused(station: Station) -> None:
+    entry = file_entry(ALICE_INI, ini("a1"), expect=None, user=station.alice)
+    for run in ("run\tcreated", "run\n", "x" * 65, "r\u00e9sum\u00e9"):
+        answer = station.agent.call({**apply_request([entry]), "run": run})
+        assert answer["ok"] is False, run
+        assert answer["error"]["message"] == "the run id must be 1 to 64 letters, digits, - or _"
+    assert not station.ws.exists(ALICE_INI)
+
+
+def test_a_backup_that_is_not_what_the_run_replaced_is_never_restored(station: Station) -> None:
+    ws, alice = station.ws, station.alice
+    versions = _prepare_history(station)
+    ws.put(state_path("backup.1"), ini("not what v2 replaced"), STATE_ACL, owner=ADMINISTRATORS)
+    [result] = station.agent.call(rollback_request([target(ALICE_INI, alice)]))["files"]
+    assert (result["status"], error_code(result)) == ("error", "no-backup")
+    assert "is not what run" in result["error"]["message"]
+    assert ws.read(ALICE_INI) == versions[2]
+
+
+def test_a_state_an_older_agent_kept_rolls_back_its_backups_as_it_did(station: Station) -> None:
+    ws, alice = station.ws, station.alice
+    versions = _prepare_history(station)
+    ws.delete(state_path("history"))  # as an agent before the history left it
+    for expected in (versions[1], versions[0]):
+        answer = station.agent.call(rollback_request([target(ALICE_INI, alice)]))
+        [result] = answer["files"]
+        assert (answer["run"], result["status"]) == (None, "restored")
+        assert ws.read(ALICE_INI) == expected
+    [empty] = station.agent.call(rollback_request([target(ALICE_INI, alice)]))["files"]
+    assert empty["status"] == "unchanged"
+    # A recorded write is newer than any of an older agent's.
+    _prepare_history(station)
+    ws.delete(state_path("history"))
+    bob_ini = ws.ini_path(station.bob)
+    _apply(station, "run-b", (bob_ini, ini("b1"), station.bob))
+    answer = station.agent.call(
+        rollback_request([target(ALICE_INI, alice), target(bob_ini, station.bob)])
+    )
+    assert [r["status"] for r in answer["files"]] == ["unchanged", "removed"]
+
+
+def test_a_write_its_agent_did_not_live_to_make_is_not_undone(station: Station) -> None:
+    ws, alice = station.ws, station.alice
+    versions = _prepare_history(station)
+    # The agent records the write, then dies before its replace.
+    ws.faults.crash_after_temp = 1
+    entry = file_entry(ALICE_INI, ini("v3"), expect=sha(versions[2]), user=alice)
+    out, _, code = station.agent.raw(scripts.make_envelope("apply", apply_request([entry])))
+    assert (out, code) == (b"", CRASH_EXIT_CODE)
+    assert ws.read(ALICE_INI) == versions[2] and state(ws, "backup.new") == versions[2]
+    assert len(_history(ws)) == 3  # its record is there
+    # The rollback settles it first: the file still holds what that write would have
+    # replaced, so it never happened; the write before it is the one undone.
+    [result] = station.agent.call(rollback_request([target(ALICE_INI, alice)]))["files"]
+    assert result["status"] == "restored" and ws.read(ALICE_INI) == versions[1]
+    assert state(ws, "backup.new") is None and len(_history(ws)) == 1
 
 
 # --- the protocol itself ----------------------------------------------------------------------
@@ -820,7 +980,32 @@ class FileModel:
     backups: list[bytes | None] = field(default_factory=lambda: [None, None, None])
     applied: bytes | None = None
     rolled: bytes | None = None
+    history: list[tuple[int, str]] = field(default_factory=list)
+    """The writes recorded, newest first: (request number, created or replaced)."""
+    pending: bool = False
+    """A write recorded by an agent that died before its replace: backup.new waits, and the
+    next request that settles the file takes the record back."""
     seen: set[bytes] = field(default_factory=set)
+
+    def record(self, number: int, created: bool) -> None:
+        """Add-WriteRecord: the write first; a creation ends the history; three replacements."""
+        if created:
+            self.history = [(number, "created")]
+            return
+        kept = [(number, "replaced")]
+        replaced = 1
+        for entry in self.history:
+            replaced += entry[1] == "replaced"
+            if replaced > 3:
+                break
+            kept.append(entry)
+            if entry[1] == "created":
+                break
+        self.history = kept
+
+    @property
+    def last(self) -> tuple[int, str] | None:
+        return self.history[0] if self.history else None
 
 
 class Crash(Exception):
@@ -875,32 +1060,66 @@ def _locked_out(model: FileModel, step: Step) -> tuple[str, str] | None:
     return None
 
 
-def _expect_apply(model: FileModel, step: Step, stale: bool, new: bytes) -> tuple[str, str | None]:
+def _settle(model: FileModel, step: Step) -> tuple[str, str] | None:
+    """The prelude of apply and rollback: the folder lock, then a write whose agent died before
+    its replace is taken back (its record rewritten: a full disk refuses it)."""
     locked_out = _locked_out(model, step)
     if locked_out is not None:
         return locked_out
+    if model.pending:
+        if step.fault == "disk_full":
+            return "error", "disk-full"
+        model.history.pop(0)
+        model.pending = False
+    return None
+
+
+def _expect_apply(
+    model: FileModel, step: Step, stale: bool, new: bytes, number: int
+) -> tuple[str, str | None]:
+    settled = _settle(model, step)
+    if settled is not None:
+        return settled
     # The compare-and-swap comes first: a conflict never stops anybody's MicroSIP.
     if stale:
         return "conflict", "conflict"
     busy = _running(model, step)
     if busy is not None:
         return busy
-    # A failed write moves no backup: nothing is lost. A crash leaves a backup.new with the
-    # current content, which the next request drops.
-    failed = _write_fault(model, step)
+    # A failed write moves no backup and keeps no record: nothing is lost. A crash leaves the
+    # record and a backup.new with the current content, which the next request takes back.
+    try:
+        failed = _write_fault(model, step)
+    except Crash:
+        model.record(number, model.current is None)
+        model.pending = model.current is not None
+        raise
     if failed is not None:
         return failed
     if model.current is not None:
         model.backups = [model.current, *model.backups[:2]]
+    model.record(number, model.current is None)
     model.current = new
     model.applied = b"applied " + new
     return "written", None
 
 
-def _expect_rollback(model: FileModel, step: Step) -> tuple[str, str | None]:
-    locked_out = _locked_out(model, step)
-    if locked_out is not None:
-        return locked_out
+def _find_last_write(model: FileModel, step: Step) -> tuple[int, str] | None:
+    """A rollback's first pass: the file settled (best effort), then its last write."""
+    if model.pending and _locked_out(model, step) is None and step.fault != "disk_full":
+        model.history.pop(0)
+        model.pending = False
+    return model.last
+
+
+def _expect_rollback(model: FileModel, step: Step, run: int | None) -> tuple[str, str | None]:
+    if run is None or model.last is None or model.last[0] != run:
+        return "unchanged", None
+    settled = _settle(model, step)
+    if settled is not None:
+        return settled
+    if model.history[0][1] == "created":
+        return _expect_removal(model, step)
     if model.backups[0] is None:
         return "error", "no-backup"
     busy = _running(model, step)
@@ -919,7 +1138,27 @@ def _expect_rollback(model: FileModel, step: Step) -> tuple[str, str | None]:
     model.current = model.backups[0]
     model.backups = [*model.backups[1:], None]
     model.applied = None
+    model.history.pop(0)
     return "restored", None
+
+
+def _expect_removal(model: FileModel, step: Step) -> tuple[str, str | None]:
+    """The run created the file: it goes, kept as rolled-back (no managed write: nothing to
+    verify, nowhere to crash)."""
+    if model.current is not None:
+        busy = _running(model, step)
+        if busy is not None:
+            return busy
+        mine = step.target == model.path
+        failed = {"disk_full": "disk-full", "locked": "locked", "read_only_file": "read-only"}
+        if step.fault in failed and (mine or step.fault == "disk_full"):
+            model.rolled = None
+            return "error", failed[step.fault]
+    model.rolled = model.current
+    model.current = None
+    model.applied = None
+    model.history.pop(0)
+    return "removed", None
 
 
 # Chosen so that each run meets most outcomes, and all of them together meet every one.
@@ -946,10 +1185,12 @@ def test_the_random_runs_cover_every_outcome(lab: Lab, tmp_path: Path) -> None:
         "apply:error:read-only",
         "apply:error:verify-failed",
         "rollback:restored:None",
+        "rollback:removed:None",
+        "rollback:unchanged:None",
         "rollback:busy:busy",
-        "rollback:error:no-backup",
         "rollback:error:locked",
         "rollback:error:read-only",
+        "rollback:error:disk-full",
     }
     assert wanted <= set(outcomes), sorted(wanted - set(outcomes))
 
@@ -1022,6 +1263,9 @@ def _random_run(station: Station, seed: int) -> Counter[str]:
         expected: list[tuple[str, str | None, bytes | None]] = []
         must_exist.clear()
         must_exist.update(model.path for model in models if model.current is not None)
+        # A rollback first finds each file's last write: the newest of them is undone.
+        lasts = [_find_last_write(model, step) for model in chosen] if op == "rollback" else []
+        undone = max((last[0] for last in lasts if last is not None), default=None)
         for model in chosen:
             stale = op == "apply" and rng.random() < 0.15
             before = model.current
@@ -1036,7 +1280,7 @@ def _random_run(station: Station, seed: int) -> Counter[str]:
                 )
                 entries.append(entry)
                 try:
-                    outcome = _expect_apply(model, step, stale, new)
+                    outcome = _expect_apply(model, step, stale, new, number)
                 except Crash:
                     expected.append(("crash", None, None))
                     break
@@ -1047,13 +1291,16 @@ def _random_run(station: Station, seed: int) -> Counter[str]:
             else:
                 entries.append(target(model.path, model.user))
                 try:
-                    outcome = _expect_rollback(model, step)
+                    outcome = _expect_rollback(model, step, undone)
                 except Crash:
                     expected.append(("crash", None, None))
                     break
                 expected.append((*outcome, None))
+        must_exist.difference_update(m.path for m in chosen if m.current is None)  # removed
         ws.faults = faults
         request = (apply_request if op == "apply" else rollback_request)(entries, step.policy)
+        if op == "apply":
+            request["run"] = f"r{number}"
         out, err, code = station.agent.raw(scripts.make_envelope(op, request))
         ws.faults = WorkstationFaults()
         context = f"seed {seed} step {number}: {op} {fault} {expected}"
@@ -1066,9 +1313,12 @@ def _random_run(station: Station, seed: int) -> Counter[str]:
                 ws.host_path(f"{folder}\\{name}").unlink()
         else:
             assert code == 0, (context, err)
-            results: list[dict[str, Any]] = scripts.parse_answer(out)["files"]  # type: ignore[assignment]
+            answer = scripts.parse_answer(out)
+            results: list[dict[str, Any]] = answer["files"]  # type: ignore[assignment]
             got = [(r["status"], error_code(r)) for r in results]
             assert got == [(status, code_) for status, code_, _ in expected], context
+            if op == "rollback":
+                assert answer["run"] == (None if undone is None else f"r{undone}"), context
             owners = {model.path: model.user.sid if model.user else None for model in models}
             for result, (status, _, before) in zip(results, expected, strict=True):
                 if status == "written" and before is not None:
@@ -1080,6 +1330,9 @@ def _random_run(station: Station, seed: int) -> Counter[str]:
             assert _backups(ws, owner) == model.backups, (context, model.path)
             assert state(ws, "applied", owner) == model.applied, (context, model.path)
             assert state(ws, "rolled-back", owner) == model.rolled, (context, model.path)
+            recorded = [] if state(ws, "history", owner) is None else _history(ws, owner)
+            history = [(f"r{n}", action) for n, action in model.history]
+            assert [(line[1], line[2]) for line in recorded] == history, (context, model.path)
             folder = model.path.rsplit("\\", 1)[0]
             assert temp_files(ws, folder) == [], (context, folder)
     return tally

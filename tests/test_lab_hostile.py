@@ -837,8 +837,13 @@ def test_the_read_only_attribute_is_a_clear_status(station: Station) -> None:
     assert (result["status"], error_code(result)) == ("error", "read-only")
     assert "read-only attribute" in result["error"]["message"]
     assert ws.read(ALICE_INI) == ini_bytes("locked by an admin")
+    # A rollback that would undo a write to it is refused the same way.
+    ws.set_readonly(ALICE_INI, False)
+    assert write(station, alice, ini_bytes("new"))["status"] == "written"
+    ws.set_readonly(ALICE_INI)
     [back] = station.agent.call(rollback_request([target(ALICE_INI, alice)]))["files"]
     assert error_code(back) == "read-only"
+    assert ws.read(ALICE_INI) == ini_bytes("new")
 
 
 def test_a_read_only_file_fails_in_the_plan_before_any_write(shared: Kit) -> None:
@@ -922,3 +927,75 @@ def test_remote_shells_disabled_by_policy_is_named_by_doctor(shared: Kit) -> Non
     checks = _doctor(shared)
     winrs = next(c for c in checks if c.name == "winrs")
     assert not winrs.ok and "AllowRemoteShellAccess" in winrs.fix
+
+
+# --- 12. a rollback removes only what the tool created ---------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["junction", "hardlink", "symlink"])
+def test_a_rollback_never_removes_another_users_file_through_a_link(
+    station: Station, kind: str
+) -> None:
+    # The tool created both files, so both are owned by Administrators. Alice puts a link to
+    # bob's in place of hers (or of her MicroSIP folder): removing "her" file, which the run
+    # undone created, would remove bob's.
+    ws, alice, bob = station.ws, station.alice, station.bob
+    bob_ini = ws.ini_path(bob)
+    assert write(station, bob, ini_bytes("bob"))["status"] == "written"
+    assert write(station, alice, ini_bytes("alice"))["status"] == "written"
+    if kind == "junction":
+        folder = ALICE_INI.rsplit("\\", 1)[0]
+        ws.remove_tree(folder)
+        ws.make_link(folder, bob_ini.rsplit("\\", 1)[0], owner=alice.sid)
+    else:
+        ws.delete(ALICE_INI)
+        ws.make_link(ALICE_INI, bob_ini, kind, owner=alice.sid)  # type: ignore[arg-type]
+    [back] = station.agent.call(rollback_request([target(ALICE_INI, alice)]))["files"]
+    assert (back["status"], error_code(back)) == ("error", "unsafe-path"), back
+    assert ws.read(bob_ini) == ini_bytes("bob") and ws.owner(bob_ini) == ADMINISTRATORS
+    assert ws.read(state_path("rolled-back", alice)) is None  # nothing of bob's copied
+    assert ws.read(state_path("history", alice)) is not None  # the write is still to undo
+
+
+def test_a_rollback_never_removes_a_file_the_user_made_in_place_of_the_created_one(
+    shared: Kit,
+) -> None:
+    # The first push created u1x1's microsip.ini; u1x1 deleted it and made one of their own.
+    ws = _ws(shared)
+    u1 = _account(ws, "u1x1")
+    ws.delete(U1_INI)
+    own = ini_bytes("u1x1's own settings")
+    ws.put(U1_INI, own, owner=u1.sid)
+    back = push.rollback_host(
+        shared.station("ws01"), shared.files("ws01"), shared.transport("ws01")
+    )
+    mine = _file(back, "u1x1")
+    assert mine.status == Status.FAILED, back.message  # type: ignore[attr-defined]
+    assert "unsafe-path" in mine.message and u1.sid in mine.message  # type: ignore[attr-defined]
+    assert "nothing was removed" in mine.message  # type: ignore[attr-defined]
+    assert ws.read(U1_INI) == own
+    # The rest of the run is undone; the run as a whole is not.
+    assert _file(back, "u1x2").status == Status.CHANGED and not ws.exists(U2_INI)  # type: ignore[attr-defined]
+    assert not back.ok
+
+
+def test_a_rollback_removes_nothing_where_the_users_appdata_points_now(shared: Kit) -> None:
+    # u1x1 moves their AppData after the push that created their ini there: the file at the new
+    # place is not the one the run created.
+    ws = _ws(shared)
+    u1 = _account(ws, "u1x1")
+    moved = f"{u1.profile}\\Elsewhere"
+    elsewhere = f"{moved}\\MicroSIP\\microsip.ini"
+    ws.put(elsewhere, ini_bytes("u1x1's"), owner=u1.sid)
+    u1.shell_appdata = moved
+    u1.hive_loaded = True
+    back = push.rollback_host(
+        shared.station("ws01"),
+        shared.files("ws01"),
+        shared.transport("ws01"),
+        push.PushOptions(users=("u1x1",)),
+    )
+    [mine] = back.files
+    assert mine.status == Status.FAILED and "unsafe-path" in mine.message, back.message
+    assert U1_INI in mine.message and elsewhere in mine.message
+    assert ws.read(elsewhere) == ini_bytes("u1x1's") and ws.exists(U1_INI)

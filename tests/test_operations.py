@@ -231,8 +231,7 @@ def _examples() -> list[tuple[Operation[Any, Any], dict[str, Any]]]:
     blocks = contract_json_blocks()
     [inspect] = blocks["inspect answer"]
     [apply] = blocks["apply answer"]
-    rollback = {**apply, "op": "rollback"}
-    rollback["files"] = [{**apply["files"][0], "status": "restored"}]
+    [rollback] = blocks["rollback answer"]
     return [(INSPECT, _filled(inspect)), (APPLY, _filled(apply)), (ROLLBACK, _filled(rollback))]
 
 

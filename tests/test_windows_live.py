@@ -4,9 +4,10 @@ Skipped unless PROVISIONER_LIVE_HOST is set; marked ``windows_live``. It proves 
 Windows what the lab emulates: the agent scripts run under Windows PowerShell 5.1, resolve a
 local account written ``.\\name``, decide installed mode as MicroSIP does (the installer's
 registry value), resolve the user's profile, write UTF-16LE atomically with a backup into the
-state folder in ProgramData, are idempotent, and refuse a junction or a hard link that the
-user put in the way. The link tests make the links on the host itself, so they run only where
-the live host is this machine (the Windows runner pushing to its own listener).
+state folder in ProgramData, are idempotent, refuse a junction or a hard link that the user
+put in the way, and roll back a first push by removing the file it created. The link and
+removal tests make their files on the host itself, so they run only where the live host
+is this machine (the Windows runner pushing to its own listener).
 """
 
 from __future__ import annotations
@@ -176,6 +177,24 @@ def test_a_hard_link_as_the_users_ini_is_refused(tmp_path: Path, microsip_folder
     assert result.status == Status.FAILED
     assert "hard link" in result.message, result.message
     assert other.read_bytes() == b"\xff\xfe"
+
+
+@on_this_machine
+def test_a_rollback_removes_the_file_the_first_push_created(
+    tmp_path: Path, microsip_folder: Path
+) -> None:
+    # The agent created the file: its owner passes the rollback's check (SYSTEM,
+    # Administrators or the agent's account, none of which a standard user can give a file).
+    live = Live(tmp_path / "inventory")
+    mine = push.PushOptions(users=("tester",))
+    ini = microsip_folder / "microsip.ini"
+    first = live.push(mine)
+    assert first.ok and ini.is_file(), first.message
+    back = push.rollback_host(live.station, live.result.files, live.transport(), mine)
+    [undone] = back.files
+    assert undone.status == Status.CHANGED, back.message
+    assert undone.message.startswith("removed"), undone.message
+    assert not ini.exists()
 
 
 @pytest.mark.skipif(os.name != "nt", reason="a fact of NTFS on this machine")

@@ -161,7 +161,7 @@ def rollback_cmd(
     lab: LabOpt = None,
     state_folder: StateOpt = None,
 ) -> None:
-    """Restore the newest backup of a workstation's files (or of one user's file)."""
+    """Undo the last run that changed a workstation's files (or one user's file)."""
     from provisioner.rollout import push
 
     options = push.PushOptions(if_running=if_running, users=tuple(user or ()))

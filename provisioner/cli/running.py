@@ -95,9 +95,12 @@ class _Terminal:
 
         if not sys.stdin.isatty():
             raise ConfirmationError("not a terminal: pass --yes to confirm, or --check to look")
-        if preview is None:  # a rollback: the agent cannot show a backup before restoring it
+        if preview is None:  # a rollback: the agent decides what the last run was
             names = ", ".join(sorted(plan.stations))
-            question = f"Restore the newest backup of the selected files on {names}?"
+            question = (
+                f"Undo the last run that changed the selected files on {names} (remove what it "
+                "created, restore what it replaced)?"
+            )
         elif self.single:
             for result in preview.results.values():
                 print_result(result, show_diff=True)

@@ -237,15 +237,22 @@ def clixml_error(message: str) -> bytes:
 Implementation = Callable[[Workstation, Json], Json]
 
 
-def _files(op: str, step: agentops.FileStep) -> Implementation:
-    """An operation on files (apply, rollback): the running policy checked, then each file."""
+FileOperation = Callable[[Workstation, Json, str], Json]
+"""An operation on files, once its running policy is checked: the answer's own fields."""
+
+
+def _files(op: str, operation: FileOperation) -> Implementation:
+    """An operation on files (apply, rollback): the running policy checked, then the files."""
 
     def run(workstation: Workstation, request: Json) -> Json:
         policy = agentops.ps_text(request.get("if_running")) or "skip"
         if policy not in agentops.POLICIES:
             return _refusal(op, f"if_running '{policy}' not supported")
-        results = agentops.execute_files(workstation, request, step, policy)
-        return {"protocol": PROTOCOL, "op": op, "ok": True, "files": results}
+        try:
+            fields = operation(workstation, request, policy)
+        except agentops.Refused as refused:
+            return _refusal(op, str(refused))
+        return {"protocol": PROTOCOL, "op": op, "ok": True, **fields}
 
     return run
 
@@ -253,8 +260,8 @@ def _files(op: str, step: agentops.FileStep) -> Implementation:
 IMPLEMENTATIONS: Mapping[Operation[Any, Any], Implementation] = MappingProxyType(
     {
         INSPECT: agentops.inspect,
-        APPLY: _files(APPLY.name, agentops.apply_file),
-        ROLLBACK: _files(ROLLBACK.name, agentops.rollback_file),
+        APPLY: _files(APPLY.name, agentops.apply_files),
+        ROLLBACK: _files(ROLLBACK.name, agentops.rollback_files),
     }
 )
 """What the lab runs for each operation of the registry, in place of its script."""

@@ -11,9 +11,11 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import functools
 import hashlib
 import re
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -59,7 +61,15 @@ POLICIES = ("skip", "stop", "force")
 KINDS = ("microsip", "override")
 PENDING = "backup.new"
 """Where apply keeps the replaced content until the new file is verified."""
-STATE_ITEMS = ("applied", "backup.1", "backup.2", "backup.3", PENDING, "rolled-back")
+LEGACY_ITEMS = ("applied", "backup.1", "backup.2", "backup.3", PENDING, "rolled-back")
+"""What agents before the ProgramData state kept beside the file."""
+HISTORY = "history"
+"""Each write of the tool to the file, newest first: what a rollback undoes."""
+STATE_ITEMS = (*LEGACY_ITEMS, HISTORY)
+BACKUPS = 3
+RUN_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")
+_EPOCH_TICKS = 621_355_968_000_000_000
+"""``DateTime.Ticks`` (100 ns since 0001-01-01) of the Unix epoch."""
 REPLACE_ATTEMPTS = 5
 """ReplaceFile attempts while another program holds the file (antivirus, backup, indexer)."""
 
@@ -400,12 +410,14 @@ def backups_down(ws: Workstation, state: StateFolder) -> None:
 def settle_pending(ws: Workstation, state: StateFolder, path: str) -> None:
     """``Resolve-PendingBackup``: a ``backup.new`` left by an agent that died. Written before its
     replace, it is the newest generation once the file holds something else; while the file
-    still holds the same bytes the replace never happened, and it goes."""
+    still holds the same bytes the replace never happened, and it goes (with the record of its
+    write)."""
     pending = state.item(PENDING)
     data = ws.read(pending)
     if data is None:
         return
     if data == read_held_file(ws, path):
+        remove_unmade_write(ws, state, _sha(data))
         ws.delete(pending)
         return
     backups_down(ws, state)
@@ -417,6 +429,116 @@ def backups_up(ws: Workstation, state: StateFolder) -> None:
         source = state.item(f"backup.{number}")
         if ws.exists(source):
             move_over(ws, source, state.item(f"backup.{number - 1}"))
+
+
+# --- what each run wrote ---------------------------------------------------------------------
+
+
+class Refused(Exception):
+    """A request refused as a whole: ``ok: false`` with this message."""
+
+
+@dataclass(frozen=True)
+class Write:
+    """One line of a file's history: a write of the tool, in the run it belonged to."""
+
+    ticks: int
+    run: str
+    action: str
+    """``created`` (there was no file) or ``replaced``."""
+    before: str
+    """The SHA-256 of the content replaced; ``-`` when created or unknown."""
+    path: str
+
+    def line(self) -> str:
+        """The history line."""
+        return f"{self.ticks}\t{self.run}\t{self.action}\t{self.before}\t{self.path}\r\n"
+
+
+def parse_history(data: bytes) -> list[Write]:
+    """``ConvertFrom-WriteHistory``: the entries, newest first; a line that does not parse ends
+    it."""
+    entries = []
+    for line in data.decode("utf-8", errors="replace").split("\n"):
+        fields = line.rstrip("\r").split("\t")
+        if len(fields) != 5 or not re.fullmatch(r"\s*[+-]?\d+\s*", fields[0]):
+            break
+        if fields[2] not in ("created", "replaced"):
+            break
+        entries.append(Write(int(fields[0]), fields[1], fields[2], fields[3], fields[4]))
+    return entries
+
+
+def read_history(ws: Workstation, state: StateFolder) -> list[Write] | None:
+    """``Get-WriteHistory``: None when the file has none (an agent before this one)."""
+    data = read_state(ws, state, HISTORY)
+    return None if data is None else parse_history(data)
+
+
+def save_history(ws: Workstation, state: StateFolder, entries: list[Write]) -> None:
+    """``Save-WriteHistory``."""
+    write_state_file(ws, state, HISTORY, "".join(e.line() for e in entries).encode("utf-8"))
+
+
+def utc_ticks() -> int:
+    """``[DateTime]::UtcNow.Ticks``."""
+    return _EPOCH_TICKS + time.time_ns() // 100
+
+
+def add_write_record(
+    ws: Workstation, state: StateFolder, run: str, before: str | None, path: str
+) -> None:
+    """``Add-WriteRecord``: before a write its line goes first. A write that creates the file
+    ends the history; only as many replacements are kept as there are backups."""
+    history = read_history(ws, state)
+    ticks = utc_ticks()
+    if history and history[0].ticks >= ticks:
+        ticks = history[0].ticks + 1
+    action = "replaced" if before else "created"
+    kept = [Write(ticks, run, action, before or "-", path)]
+    if action == "replaced" and history is not None:
+        replaced = 1
+        for entry in history:
+            replaced += entry.action == "replaced"
+            if replaced > BACKUPS:
+                break
+            kept.append(entry)
+            if entry.action == "created":
+                break
+    save_history(ws, state, kept)
+
+
+def restore_history(ws: Workstation, state: StateFolder, data: bytes | None) -> None:
+    """``Restore-WriteHistory``: the history as it was before a write that failed and left the
+    file as it was. Cleanup only."""
+    with contextlib.suppress(FileError):
+        if data is None:
+            _discard(ws, state.item(HISTORY))
+        else:
+            write_state_file(ws, state, HISTORY, data)
+
+
+def remove_unmade_write(ws: Workstation, state: StateFolder, content: str | None) -> None:
+    """``Remove-UnmadeWrite``: the file holds again the content (``content``: its hash) the
+    newest recorded write replaced; that write never happened, and its record goes."""
+    history = read_history(ws, state)
+    if history and history[0].before == (content or ""):
+        remove_last_write(ws, state)
+
+
+def remove_last_write(ws: Workstation, state: StateFolder) -> None:
+    """``Remove-LastWrite``: the write a rollback undid leaves; an empty history stays."""
+    history = read_history(ws, state)
+    if history is not None:
+        save_history(ws, state, history[1:])
+
+
+def request_run(request: Json) -> str:
+    """The run an apply request belongs to; a run of its own without one."""
+    run = ps_text(request.get("run")) or secrets.token_hex(16)
+    if not RUN_ID.fullmatch(run):
+        raise Refused("the run id must be 1 to 64 letters, digits, - or _")
+    return run
 
 
 def remove_stale(ws: Workstation, folder: str, name: str, suffixes: tuple[str, ...]) -> None:
@@ -450,7 +572,7 @@ def migrate_legacy(ws: Workstation, path: str, start: str, state: StateFolder) -
         return
     if not ws.is_dir(folder):
         return
-    for item in STATE_ITEMS:
+    for item in LEGACY_ITEMS:
         source = join(folder, item)
         if not ws.exists(source) and not ws.is_reparse_point(source):
             continue
@@ -949,6 +1071,7 @@ def restore_interrupted(ws: Workstation, spec: FileSpec, state: StateFolder) -> 
     pending = state.item(PENDING)
     if ws.exists(pending):
         put_back(ws, spec, pending, True)
+        remove_unmade_write(ws, state, _sha(ws.read(pending)))
         ws.delete(pending)
         return
     old = re.compile(rf"^\.{re.escape(spec.name)}\.[0-9a-f]{{12}}\.old$", re.IGNORECASE)
@@ -956,6 +1079,7 @@ def restore_interrupted(ws: Workstation, spec: FileSpec, state: StateFolder) -> 
         candidate = join(spec.folder, entry)
         if old.match(entry) and is_plain_file(ws, candidate):
             ws.move(candidate, spec.path)  # a rename inside the locked folder
+            remove_unmade_write(ws, state, _sha(read_held_file(ws, spec.path)))
             return
 
 
@@ -1077,26 +1201,49 @@ def put_back(ws: Workstation, spec: FileSpec, backup: str | None, had_file: bool
         raise
 
 
-def apply_file(
-    ws: Workstation, entry: Json, policy: str, roots: list[str], table: ProcessTable
-) -> Json:
+@dataclass
+class Batch:
+    """What every file of an apply or rollback request shares."""
+
+    policy: str
+    roots: list[str]
+    table: ProcessTable
+    run: str = ""
+    """apply: the run its writes are recorded under."""
+
+
+def _batch(ws: Workstation, request: Json, policy: str) -> tuple[Batch, list[Json]]:
+    roots = [ps_text(r) for r in request.get("appdata_roots") or [] if ps_text(r)]
+    entries = items(request.get("files"))
+    image = next((ps_text(e.get("process")) for e in entries if ps_text(e.get("process"))), "")
+    return Batch(policy, roots, ProcessTable(ws, image or "microsip.exe")), entries
+
+
+def apply_files(ws: Workstation, request: Json, policy: str) -> Json:
+    """``apply.ps1`` once its policy is checked: the run, then every file, independently and in
+    order; the answer's fields. Raises :class:`Refused` for a run id it cannot record."""
+    run = request_run(request)
+    batch, entries = _batch(ws, request, policy)
+    batch.run = run
+    return {"files": [apply_file(ws, entry, batch) for entry in entries]}
+
+
+def apply_file(ws: Workstation, entry: Json, batch: Batch) -> Json:
     """``Invoke-ApplyFile``: one file of an apply request."""
     result = new_result(entry)
-    return reported(result, lambda: _apply(ws, entry, policy, roots, table, result))
+    return reported(result, lambda: _apply(ws, entry, batch, result))
 
 
-def _apply(
-    ws: Workstation, entry: Json, policy: str, roots: list[str], table: ProcessTable, result: Json
-) -> None:
+def _apply(ws: Workstation, entry: Json, batch: Batch, result: Json) -> None:
     spec = parse_file(entry)
     intended = ps_text(entry.get("sha256")).lower()
     # refused rather than guessed: a missing content would truncate the user's file
     if entry.get("content_b64") is None or not intended:
         raise FileError("internal", "the request gives no content_b64 or no sha256 for this file.")
     content = _decode(entry, "content_b64")
-    prepared = prepare(ws, spec, roots)
+    prepared = prepare(ws, spec, batch.roots)
     try:
-        _apply_prepared(ws, entry, policy, table, result, spec, content, intended, prepared)
+        _apply_prepared(ws, entry, batch, result, spec, content, intended, prepared)
     finally:
         unlock_folders(ws, prepared.locks)
 
@@ -1104,8 +1251,7 @@ def _apply(
 def _apply_prepared(
     ws: Workstation,
     entry: Json,
-    policy: str,
-    table: ProcessTable,
+    batch: Batch,
     result: Json,
     spec: FileSpec,
     content: bytes,
@@ -1121,20 +1267,31 @@ def _apply_prepared(
         result["status"] = "conflict"
         result["error"] = error("conflict", "the file changed since inspect.")
         return
-    if not running_policy(ws, spec, policy, result, table):
+    if not running_policy(ws, spec, batch.policy, result, batch.table):
         return
     pending = state.item(PENDING)
     if old is not None:
         write_state_file(ws, state, PENDING, old)
+    # recorded before the write: an agent that dies after the replace leaves the record
+    history = read_state(ws, state, HISTORY)
+    try:
+        add_write_record(ws, state, batch.run, current, spec.path)
+    except FileError:
+        if old is not None:
+            _discard(ws, pending)
+        raise
     try:
         backup = pending if old is not None else None
         written_bytes = write_managed(ws, spec, content, backup, prepared)
     except FileError:
-        # Until the replace happened backup.new is no generation yet; once it has, or while
-        # the file is missing (a replace that died half-way), it is the only copy of the old
-        # content and stays for the next request to rotate in or put back.
-        if old is not None and not prepared.replaced and ws.exists(spec.path):
-            _discard(ws, pending)
+        # Until the replace happened backup.new is no generation yet, nor the write a write of
+        # its run; once it has, or while the file is missing (a replace that died half-way),
+        # backup.new is the only copy of the old content and stays for the next request to
+        # rotate in or put back (which then settles the record too).
+        if not prepared.replaced and ws.exists(spec.path) == (old is not None):
+            if old is not None:
+                _discard(ws, pending)
+            restore_history(ws, state, history)
         raise
     written = _sha(written_bytes)
     result["new_sha256"] = written
@@ -1142,6 +1299,7 @@ def _apply_prepared(
         put_back(ws, spec, pending if old is not None else None, old is not None)
         _discard(ws, pending)
         undone = "the previous file was put back" if old is not None else "it was removed"
+        restore_history(ws, state, history)
         raise FileError(
             "verify-failed",
             f"the file read back differs from the intended content; {undone}.",
@@ -1192,39 +1350,153 @@ def reported(result: Json, step: Callable[[], None]) -> Json:
     return result
 
 
-def rollback_file(
-    ws: Workstation, entry: Json, policy: str, roots: list[str], table: ProcessTable
-) -> Json:
-    """``Invoke-RollbackFile``: put ``backup.1`` back in place of one file."""
-    result = new_result(entry)
-    return reported(result, lambda: _rollback(ws, entry, policy, roots, table, result))
+# --- rollback -------------------------------------------------------------------------------------
 
 
-def _rollback(
-    ws: Workstation, entry: Json, policy: str, roots: list[str], table: ProcessTable, result: Json
-) -> None:
-    spec = parse_file(entry)
-    prepared = prepare(ws, spec, roots)
+def last_write(ws: Workstation, spec: FileSpec) -> Write | None:
+    """``Get-LastWrite``: the first entry of the file's history. A state an older agent kept
+    (no history) counts its backup.1 as the write of a run older than any recorded one."""
+    state = state_folder(spec.sid or None, spec.name)
+    history = read_history(ws, state)
+    if history is not None:
+        return history[0] if history else None
+    if read_state(ws, state, "backup.1") is None:
+        return None
+    return Write(0, "", "replaced", "-", "")
+
+
+def find_last_write(ws: Workstation, spec: FileSpec, roots: list[str]) -> Write | None:
+    """``Find-LastWrite``: :func:`last_write` once a write whose agent died is settled (a
+    backup.new waits): it may not have happened. Best effort."""
+    if read_state(ws, state_folder(spec.sid or None, spec.name), PENDING) is not None:
+        with contextlib.suppress(FileError):
+            unlock_folders(ws, prepare(ws, spec, roots).locks)
+    return last_write(ws, spec)
+
+
+def rollback_files(ws: Workstation, request: Json, policy: str) -> Json:
+    """``rollback.ps1`` once its policy is checked: each file's last write, then the newest of
+    them; its run is undone, file by file and in order. The answer's fields."""
+    batch, entries = _batch(ws, request, policy)
+    found: list[tuple[Json, FileSpec | None, Write | None]] = []
+    for entry in entries:
+        result = new_result(entry)
+        spec: FileSpec | None = None
+        write: Write | None = None
+        try:
+            spec = parse_file(entry)
+            write = find_last_write(ws, spec, batch.roots)
+        except FileError as failed:
+            spec = None
+            result["error"] = error(failed.code, failed.message)
+        found.append((result, spec, write))
+    newest: Write | None = None
+    for _, _, write in found:
+        if write is not None and (newest is None or write.ticks > newest.ticks):
+            newest = write
+    for result, spec, write in found:
+        if spec is None:
+            continue
+        if newest is None or write is None or write.run != newest.run:
+            result["status"] = "unchanged"
+            continue
+        reported(result, functools.partial(_undo, ws, spec, newest.run, batch, result))
+    return {
+        "run": newest.run if newest is not None and newest.run else None,
+        "files": [result for result, _, _ in found],
+    }
+
+
+def _undo(ws: Workstation, spec: FileSpec, run: str, batch: Batch, result: Json) -> None:
+    """``Invoke-UndoFile``."""
+    prepared = prepare(ws, spec, batch.roots)
     try:
-        _rollback_prepared(ws, policy, table, result, spec, prepared)
+        # looked at again with the folders locked and the state settled
+        write = last_write(ws, spec)
+        if write is None or write.run != run:
+            result["status"] = "unchanged"
+            return
+        if write.path and path_key(write.path) != path_key(spec.path):
+            raise _unsafe(f"run {run} wrote {write.path}, not {spec.path}; nothing was changed.")
+        if write.action == "created":
+            _remove_created(ws, spec, prepared, batch, result)
+        else:
+            _restore_replaced(ws, spec, prepared, batch, result, write)
+        if result["status"] not in ("removed", "restored"):
+            return
+        remove_last_write(ws, prepared.state)
+        # without a merge base the next push treats the file as new
+        _discard(ws, prepared.state.item("applied"))
     finally:
         unlock_folders(ws, prepared.locks)
 
 
-def _rollback_prepared(
+def read_own_file(ws: Workstation, path: str) -> bytes:
+    """``Read-OwnFile``: the bytes of a file the agent created, read through a handle; a file a
+    user made in its place is theirs, and refused."""
+    handle = open_plain(ws, path)
+    try:
+        owner = ws.owner(path)
+        if owner not in _OWNERS:
+            raise _unsafe(
+                f"{path} is owned by {owner}: not the file the tool created; nothing was removed."
+            )
+        return ws.read_held(handle)
+    finally:
+        ws.close(handle)
+
+
+def _remove_created(
+    ws: Workstation, spec: FileSpec, prepared: Prepared, batch: Batch, result: Json
+) -> None:
+    """``Invoke-PreparedRemoval``: the run created the file; it goes, kept as rolled-back.
+    Checked before anybody's MicroSIP is stopped, and again through the handle it is read
+    with."""
+    rolled = prepared.state.item("rolled-back")
+    if not ws.exists(spec.path):
+        _discard(ws, rolled)
+        result["status"] = "removed"
+        return
+    read_own_file(ws, spec.path)
+    if not running_policy(ws, spec, batch.policy, result, batch.table):
+        return
+    old = read_own_file(ws, spec.path)
+    result["old_sha256"] = _sha(old)
+    try:
+        write_state_file(ws, prepared.state, "rolled-back", old)
+        result["backup"] = rolled
+        # a name in a locked folder, checked again: deleting it never reaches another file
+        assert_safe_path(ws, spec.path, prepared.start)
+        ws.delete(spec.path)
+    except FileError:
+        result["backup"] = None
+        _discard(ws, rolled)
+        raise
+    result["status"] = "removed"
+
+
+def _restore_replaced(
     ws: Workstation,
-    policy: str,
-    table: ProcessTable,
-    result: Json,
     spec: FileSpec,
     prepared: Prepared,
+    batch: Batch,
+    result: Json,
+    write: Write,
 ) -> None:
+    """``Invoke-PreparedRestore``: the run replaced the file; backup.1, which must hold what it
+    replaced, goes back."""
     state = prepared.state
     backup = state.item("backup.1")
     content = ws.read(backup)
     if content is None:
         raise FileError("no-backup", f"there is no backup of {spec.path} to restore.")
-    if not running_policy(ws, spec, policy, result, table):
+    if write.before != "-" and _sha(content) != write.before:
+        raise FileError(
+            "no-backup",
+            f"the backup of {spec.path} is not what run {write.run} replaced; nothing was "
+            "restored.",
+        )
+    if not running_policy(ws, spec, batch.policy, result, batch.table):
         return
     old = read_held_file(ws, spec.path)
     rolled = state.item("rolled-back")
@@ -1250,20 +1522,5 @@ def _rollback_prepared(
         raise
     ws.delete(backup)
     backups_up(ws, state)
-    # without a merge base the next push treats the restored file as new
-    ws.delete(state.item("applied"))
     result["new_sha256"] = _sha(written)
     result["status"] = "restored"
-
-
-FileStep = Callable[[Workstation, Json, str, list[str], ProcessTable], Json]
-"""One file of an apply or rollback request: :func:`apply_file`, :func:`rollback_file`."""
-
-
-def execute_files(ws: Workstation, request: Json, step: FileStep, policy: str) -> list[Json]:
-    """Every file of an apply or rollback request, independently and in order."""
-    roots = [ps_text(r) for r in request.get("appdata_roots") or [] if ps_text(r)]
-    entries = items(request.get("files"))
-    image = next((ps_text(e.get("process")) for e in entries if ps_text(e.get("process"))), "")
-    table = ProcessTable(ws, image or "microsip.exe")
-    return [step(ws, entry, policy, roots, table) for entry in entries]

@@ -31,6 +31,9 @@ class Status(StrEnum):
 # What a push may do when the user's MicroSIP runs (--if-running): report busy, stop it first,
 # or write anyway. Here, with the statuses, so that the CLI can check it without the engine.
 IF_RUNNING = ("skip", "stop", "force")
+UNRECORDED: Mapping[str, object] = {"recorded": False}
+"""Metadata of an options field the run fills in itself: left out of :func:`jsonable`, so a
+run's records and reports show the options as they were given."""
 
 
 @dataclass(frozen=True)
@@ -145,7 +148,11 @@ def jsonable(value: object) -> Any:
     if isinstance(value, PurePath):
         return str(value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {
+            f.name: jsonable(getattr(value, f.name))
+            for f in dataclasses.fields(value)
+            if f.metadata.get("recorded", True)
+        }
     if isinstance(value, Mapping):
         return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple | set | frozenset):

@@ -17,7 +17,13 @@ from provisioner.microsip import ini
 from provisioner.microsip.inidoc import IniDocument
 from provisioner.microsip.keytable import load_key_table
 from provisioner.microsip.version import parse_version, version_order
-from provisioner.records.results import IF_RUNNING, FileChange, HostResult, Status
+from provisioner.records.results import (
+    IF_RUNNING,
+    UNRECORDED,
+    FileChange,
+    HostResult,
+    Status,
+)
 from provisioner.render.build import BuiltFile
 from provisioner.rollout import plan
 from provisioner.transport.agent.messages import (
@@ -25,6 +31,7 @@ from provisioner.transport.agent.messages import (
     ApplyFile,
     ApplyReply,
     ApplyRequest,
+    FileOutcome,
     InspectReply,
     InspectRequest,
     InstallWanted,
@@ -52,11 +59,13 @@ FORCE_WARNING = (
 
 @dataclass(frozen=True)
 class PushOptions:
-    """How to push: running-MicroSIP policy, helpdesk reset, which users."""
+    """How to push: running-MicroSIP policy, helpdesk reset, which users, and the run the
+    writes belong to (each workstation records it with them: a rollback undoes a run)."""
 
     if_running: str = "skip"
     reset: bool = False
     users: tuple[str, ...] = ()
+    run: str = field(default="", metadata=UNRECORDED)
 
 
 @dataclass
@@ -357,6 +366,7 @@ def _apply_request(
 ) -> ApplyRequest:
     return ApplyRequest(
         if_running=options.if_running,
+        run=options.run,
         appdata_roots=appdata_roots,
         files=tuple(
             ApplyFile(
@@ -452,7 +462,7 @@ def rollback_host(
     transport: Transport,
     options: PushOptions = PushOptions(),
 ) -> HostResult:
-    """Restore the newest backup of each selected file. Never raises."""
+    """Undo the last run that changed any of the selected files. Never raises."""
     return _on_host(station, transport, lambda: _rollback(station, files, transport, options))
 
 
@@ -493,23 +503,38 @@ def _rollback(
     )
     changes = list(unreachable)
     for item, outcome in zip(items, reply.files, strict=False):
-        status = outcome.status
+        status = _ROLLBACK_STATUS.get(outcome.status, Status.FAILED)
         changes.append(
             FileChange(
                 kind=item.kind,
                 user=item.user,
                 path=item.path,
-                status=Status.CHANGED
-                if status == "restored"
-                else Status.BUSY
-                if status == "busy"
-                else Status.FAILED,
-                message="restored the newest backup"
-                if status == "restored"
-                else _error_text(outcome.error, status),
+                status=status,
+                message=_rollback_message(outcome, reply.run),
                 old_sha256=outcome.old_sha256,
                 new_sha256=outcome.new_sha256,
             )
         )
     worst = max((c.status for c in changes), key=lambda s: s.rank, default=Status.UNCHANGED)
     return HostResult(station.workstation.name, worst, _summary(changes), changes)
+
+
+_ROLLBACK_STATUS = {
+    "restored": Status.CHANGED,
+    "removed": Status.CHANGED,
+    "unchanged": Status.UNCHANGED,
+    "busy": Status.BUSY,
+}
+
+
+def _rollback_message(outcome: FileOutcome, run: str | None) -> str:
+    undone = f"run {run}" if run else ""
+    if outcome.status == "restored":
+        return "restored the newest backup" + (f": what {undone} replaced" if undone else "")
+    if outcome.status == "removed":
+        return f"removed: {undone or 'the last push'} created it"
+    if outcome.status == "unchanged":
+        if undone:
+            return f"not written by {undone}"
+        return "nothing to undo"
+    return _error_text(outcome.error, outcome.status)

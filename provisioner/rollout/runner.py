@@ -50,7 +50,7 @@ class RolloutOptions:
     push: PushOptions = field(default_factory=PushOptions)
     # The canary batch by name (``--canary-hosts``), in place of the first ``canary`` hosts.
     canary_hosts: tuple[str, ...] = ()
-    # Restore each file's newest backup instead of pushing the inventory's files.
+    # Undo each workstation's last run instead of pushing the inventory's files.
     rollback: bool = False
 
 
@@ -314,7 +314,9 @@ def _run_batches(
     options = run.options
     attempted = 0
     failures = 0
-    with pushes.session(options, stop, options.forks) as dispatch:
+    # Each workstation records its writes with the run: a rollback there undoes one run.
+    tagged = replace(options, push=replace(options.push, run=run.run_id))
+    with pushes.session(tagged, stop, options.forks) as dispatch:
         for index, batch in enumerate(run.batches):
             if run.stopped or stop.is_set():
                 run.stopped = run.stopped or "interrupted: no new workstation was started"

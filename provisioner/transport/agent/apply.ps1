@@ -1,10 +1,11 @@
 # apply: write each file, independently and in order, so that it always holds either its old
 # or its new content, with three backups and the merge base kept in the agent's state folder.
 # The backups rotate only once the new content is in place and verified, so a failed write
-# loses no generation.
+# loses no generation. Each write is recorded in the file's history, with the request's run,
+# before it happens: an agent that dies after the replace leaves the record of what it did.
 $Request = $args[0]
 
-function Invoke-PreparedApply($File, $Checked, [byte[]]$Content, [string]$Intended, $Prepared, $Item, [string]$IfRunning, $Context) {
+function Invoke-PreparedApply($File, $Checked, [byte[]]$Content, [string]$Intended, $Prepared, $Item, [string]$IfRunning, $Context, [string]$Run) {
     # With the file's folders locked (Initialize-ManagedFile).
     $path = $Checked.path
     $state = $Prepared.state
@@ -31,13 +32,24 @@ function Invoke-PreparedApply($File, $Checked, [byte[]]$Content, [string]$Intend
         Write-StateFile $state 'backup.new' $old
         $backup = $pending
     }
+    $history = Read-StateFile $state 'history'
+    try {
+        Add-WriteRecord $state $Run $current $path
+    } catch {
+        if ($null -ne $backup) { Remove-FileQuietly $pending }
+        throw
+    }
     try {
         $writtenBytes = Write-ManagedFile $Checked $Content $backup $Prepared
     } catch {
-        # Until the replace happened backup.new is no generation yet; once it has, or while
-        # the file is missing (a replace that died half-way), it is the only copy of the old
-        # content and stays for the next request to rotate in or put back.
-        if ($null -ne $backup -and -not $Prepared.replaced -and [IO.File]::Exists($path)) { Remove-FileQuietly $pending }
+        # Until the replace happened backup.new is no generation yet, nor the write a write of
+        # its run; once it has, or while the file is missing (a replace that died half-way),
+        # backup.new is the only copy of the old content and stays for the next request to
+        # rotate in or put back (which then settles the record too).
+        if (-not $Prepared.replaced -and [IO.File]::Exists($path) -eq ($null -ne $old)) {
+            if ($null -ne $backup) { Remove-FileQuietly $pending }
+            Restore-WriteHistory $state $history
+        }
         throw
     }
 
@@ -47,6 +59,7 @@ function Invoke-PreparedApply($File, $Checked, [byte[]]$Content, [string]$Intend
         Restore-Previous $Checked $backup ($null -ne $old)
         if ($null -ne $backup) { Remove-FileQuietly $pending; $undone = 'the previous file was put back' }
         else { $undone = 'it was removed' }
+        Restore-WriteHistory $state $history
         throw (New-AgentException 'verify-failed' ('the file read back differs from the intended content; {0}.' -f $undone))
     }
     if ($null -ne $old) {
@@ -74,7 +87,7 @@ function Invoke-PreparedApply($File, $Checked, [byte[]]$Content, [string]$Intend
     $Item['status'] = 'written'
 }
 
-function Invoke-ApplyFile($File, [string]$IfRunning, $Roots, $Context) {
+function Invoke-ApplyFile($File, [string]$IfRunning, $Roots, $Context, [string]$Run) {
     $item = [ordered]@{
         path = (Get-Field $File 'path'); status = 'error'; old_sha256 = $null; new_sha256 = $null
         backup = $null; stopped = 0; error = $null
@@ -90,7 +103,7 @@ function Invoke-ApplyFile($File, [string]$IfRunning, $Roots, $Context) {
         $content = [Convert]::FromBase64String([string]$encoded)
         $prepared = Initialize-ManagedFile $checked $Roots
         try {
-            Invoke-PreparedApply $File $checked $content $intended $prepared $item $IfRunning $Context
+            Invoke-PreparedApply $File $checked $content $intended $prepared $item $IfRunning $Context $Run
         } finally {
             Unlock-Folders $prepared.locks
         }
@@ -108,13 +121,19 @@ if ([string]::IsNullOrEmpty($ifRunning)) { $ifRunning = 'skip' }
 if (@('skip', 'stop', 'force') -notcontains $ifRunning) {
     return New-RefusalAnswer 'apply' ("if_running '{0}' not supported" -f $ifRunning)
 }
+# The run this request belongs to (its writes are undone together); its own without one.
+$run = [string](Get-Field $Request 'run')
+if ([string]::IsNullOrEmpty($run)) { $run = [Guid]::NewGuid().ToString('N') }
+if ($run -notmatch '^[0-9A-Za-z_-]{1,64}\z') {
+    return New-RefusalAnswer 'apply' 'the run id must be 1 to 64 letters, digits, - or _'
+}
 $roots = @(Get-Field $Request 'appdata_roots')
 $context = @{ processes = $null }
 
 $files = [System.Collections.Generic.List[object]]::new()
 $requested = Get-Field $Request 'files'
 foreach ($file in @($requested)) {
-    if ($null -ne $file) { $files.Add((Invoke-ApplyFile $file $ifRunning $roots $context)) }
+    if ($null -ne $file) { $files.Add((Invoke-ApplyFile $file $ifRunning $roots $context $run)) }
 }
 
 # ToArray: a plain array, so ConvertTo-Json writes a JSON array even for one file.

@@ -325,13 +325,18 @@ function Test-StateRoot {
     return $true
 }
 
+function Get-TrustedOwners {
+    # Who owns what the agent creates: SYSTEM, Administrators or its own account. A standard
+    # user owns what they create and cannot give it to any of these.
+    return @('S-1-5-18', 'S-1-5-32-544', [System.Security.Principal.WindowsIdentity]::GetCurrent().User.Value)
+}
+
 function Assert-AgentOwned([string]$Folder) {
     # Users may create folders in ProgramData (and, below a root an administrator created
     # before the agent, wherever its inherited rules let them) and own what they create: an
     # owner can always grant themselves access to what the agent keeps there.
     $owner = [IO.Directory]::GetAccessControl($Folder, [System.Security.AccessControl.AccessControlSections]::Owner).GetOwner([System.Security.Principal.SecurityIdentifier]).Value
-    $trusted = @('S-1-5-18', 'S-1-5-32-544', [System.Security.Principal.WindowsIdentity]::GetCurrent().User.Value)
-    if ($trusted -notcontains $owner) {
+    if ((Get-TrustedOwners) -notcontains $owner) {
         throw (New-AgentException 'unsafe-path' ("{0} is owned by {1}, not by SYSTEM or Administrators: a user created it; remove it (rmdir /s /q) so that the agent can create its own." -f $Folder, $owner))
     }
 }
@@ -427,15 +432,99 @@ function Move-BackupsDown([string]$Folder) {
 function Resolve-PendingBackup([string]$Folder, [string]$Path) {
     # A backup.new left by an agent that died. Written before its replace, it is the newest
     # generation once the file holds something else; while the file still holds the same
-    # bytes the replace never happened, and it goes.
+    # bytes the replace never happened, and it goes, with the record of its write.
     $pending = [IO.Path]::Combine($Folder, 'backup.new')
     if (-not [IO.File]::Exists($pending)) { return }
     $current = Read-HeldFile $Path
     if ($null -ne $current -and (Get-Sha256 ([IO.File]::ReadAllBytes($pending))) -eq (Get-Sha256 $current)) {
+        Remove-UnmadeWrite $Folder (Get-Sha256 $current)
         [IO.File]::Delete($pending)
         return
     }
     Move-BackupsDown $Folder
+}
+
+# --- what each run wrote ---------------------------------------------------------------------
+# 'history' in a file's state folder: one line per write of the tool, newest first, UTF-8,
+# "<ticks>`t<run>`t<created|replaced>`t<SHA-256 of the content replaced, or ->`t<path>". It says
+# what a rollback undoes, and in which order; it keeps no more lines than the backups can undo.
+
+function ConvertFrom-WriteHistory([byte[]]$Bytes) {
+    # The entries of a history, newest first; a line that does not parse ends it.
+    $entries = [System.Collections.Generic.List[object]]::new()
+    foreach ($line in [Text.Encoding]::UTF8.GetString($Bytes).Split("`n")) {
+        $fields = $line.TrimEnd("`r").Split("`t")
+        $ticks = [long]0
+        if ($fields.Count -ne 5 -or -not [long]::TryParse($fields[0], [ref]$ticks)) { break }
+        if (@('created', 'replaced') -notcontains $fields[2]) { break }
+        $entries.Add([pscustomobject]@{ ticks = $ticks; run = $fields[1]; action = $fields[2]; before = $fields[3]; path = $fields[4] })
+    }
+    return , $entries
+}
+
+function Get-WriteHistory([string]$State) {
+    # The history of one managed file; $null when it has none (an agent before this one).
+    $bytes = Read-StateFile $State 'history'
+    if ($null -eq $bytes) { return $null }
+    return , (ConvertFrom-WriteHistory $bytes)
+}
+
+function Save-WriteHistory([string]$State, $Entries) {
+    $text = [Text.StringBuilder]::new()
+    foreach ($entry in $Entries) {
+        $null = $text.Append(("{0}`t{1}`t{2}`t{3}`t{4}`r`n" -f $entry.ticks, $entry.run, $entry.action, $entry.before, $entry.path))
+    }
+    Write-StateFile $State 'history' ([Text.Encoding]::UTF8.GetBytes($text.ToString()))
+}
+
+function Add-WriteRecord([string]$State, [string]$Run, [string]$Before, [string]$Path) {
+    # Before a write (apply, step 8): its line goes first. A write that creates the file ends
+    # the history (nothing older can be undone past it), and only three replacements are kept,
+    # as only three backups are.
+    $history = Get-WriteHistory $State
+    $ticks = [DateTime]::UtcNow.Ticks
+    if ($null -ne $history -and $history.Count -gt 0 -and $history[0].ticks -ge $ticks) { $ticks = $history[0].ticks + 1 }
+    $action = 'replaced'
+    if ([string]::IsNullOrEmpty($Before)) { $action = 'created'; $Before = '-' }
+    $kept = [System.Collections.Generic.List[object]]::new()
+    $kept.Add([pscustomobject]@{ ticks = $ticks; run = $Run; action = $action; before = $Before; path = $Path })
+    if ($action -eq 'replaced' -and $null -ne $history) {
+        $replaced = 1
+        foreach ($entry in $history) {
+            if ($entry.action -eq 'replaced') { $replaced++ }
+            if ($replaced -gt 3) { break }
+            $kept.Add($entry)
+            if ($entry.action -eq 'created') { break }
+        }
+    }
+    Save-WriteHistory $State $kept
+}
+
+function Restore-WriteHistory([string]$State, $Bytes) {
+    # The history as it was before a write that failed and left the file as it was ($Bytes:
+    # $null when there was none). Cleanup only, like Remove-FileQuietly.
+    try {
+        if ($null -eq $Bytes) { Remove-FileQuietly ([IO.Path]::Combine($State, 'history')) }
+        else { Write-StateFile $State 'history' $Bytes }
+    } catch { }
+}
+
+function Remove-UnmadeWrite([string]$State, [string]$Content) {
+    # The file holds again the content ($Content: its hash) the newest recorded write replaced:
+    # that write never happened (its agent died before the replace, or the replace was put
+    # back), and its record goes.
+    $history = Get-WriteHistory $State
+    if ($null -ne $history -and $history.Count -gt 0 -and $history[0].before -eq $Content) { Remove-LastWrite $State }
+}
+
+function Remove-LastWrite([string]$State) {
+    # The write a rollback undid leaves the history. An empty history stays: the backups left
+    # must not pass for an older agent's.
+    $history = Get-WriteHistory $State
+    if ($null -eq $history) { return }
+    $rest = [System.Collections.Generic.List[object]]::new()
+    for ($index = 1; $index -lt $history.Count; $index++) { $rest.Add($history[$index]) }
+    Save-WriteHistory $State $rest
 }
 
 function Remove-FileQuietly([string]$Path) {
@@ -702,7 +791,7 @@ function Initialize-ManagedFile($Checked, $Roots) {
         Restore-Interrupted $Checked $state
         Remove-StaleFiles ([IO.Path]::GetDirectoryName($path)) ([IO.Path]::GetFileName($path)) @('tmp', 'old')
         Move-LegacyState $path $start $state
-        foreach ($item in 'applied', 'backup.1', 'backup.2', 'backup.3', 'backup.new', 'rolled-back') {
+        foreach ($item in 'applied', 'backup.1', 'backup.2', 'backup.3', 'backup.new', 'rolled-back', 'history') {
             Remove-StaleFiles $state $item @('tmp')
         }
         Resolve-PendingBackup $state $path
@@ -718,13 +807,15 @@ function Initialize-ManagedFile($Checked, $Roots) {
 
 function Restore-Interrupted($Checked, [string]$State) {
     # No file under its name, but the content it had waits as backup.new (written before every
-    # replace of an existing file) or as the .old of a replace: put it back.
+    # replace of an existing file) or as the .old of a replace: put it back. The write that
+    # replace was for did not happen, and its record goes.
     $path = $Checked.path
     if ([IO.File]::Exists($path)) { return }
     $pending = [IO.Path]::Combine($State, 'backup.new')
     $folder = [IO.Path]::GetDirectoryName($path)
     if ([IO.File]::Exists($pending)) {
         Restore-Previous $Checked $pending $true
+        Remove-UnmadeWrite $State (Get-Sha256 ([IO.File]::ReadAllBytes($pending)))
         [IO.File]::Delete($pending)
         return
     }
@@ -733,6 +824,7 @@ function Restore-Interrupted($Checked, [string]$State) {
     foreach ($file in [IO.Directory]::GetFiles($folder)) {
         if ([IO.Path]::GetFileName($file) -match $pattern -and (Test-PlainFile $file)) {
             [IO.File]::Move($file, $path)  # a rename inside the locked folder
+            Remove-UnmadeWrite $State (Get-Sha256 (Read-HeldFile $path))
             return
         }
     }

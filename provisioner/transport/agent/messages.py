@@ -333,7 +333,7 @@ class ApplyFile:
 
 @dataclass(frozen=True)
 class RollbackFile:
-    """One file to put back from its newest backup."""
+    """One file whose last write of the tool to undo (if the run undone wrote it)."""
 
     kind: str
     user: str | None
@@ -394,30 +394,43 @@ class ApplyReply(AgentReply):
 
 @dataclass(frozen=True)
 class RollbackReply(AgentReply):
-    """The answer to :class:`RollbackRequest`: one outcome per file, in order."""
+    """The answer to :class:`RollbackRequest`: the run undone and one outcome per file, in
+    order (``removed``: the run created it; ``restored``: it replaced it; ``unchanged``: the run
+    did not write it).
 
-    STATUSES: ClassVar[tuple[str, ...]] = ("restored", "busy", "error")
+    ``run`` is None when no file had a write to undo, or its write was recorded by an agent
+    before the history (whose run nobody knows).
+    """
 
+    STATUSES: ClassVar[tuple[str, ...]] = ("restored", "removed", "unchanged", "busy", "error")
+
+    run: str | None
     files: tuple[FileOutcome, ...]
 
     @classmethod
     def read(cls, fields: Fields) -> Self:
         """Read a rollback answer."""
-        return cls(tuple(FileOutcome.read(f, cls.STATUSES) for f in fields.objects("files")))
+        return cls(
+            fields.text_or_none("run"),
+            tuple(FileOutcome.read(f, cls.STATUSES) for f in fields.objects("files")),
+        )
 
 
 @dataclass(frozen=True)
 class ApplyRequest(AgentRequest[ApplyReply]):
-    """Write files, each compared-and-swapped, backed up and verified."""
+    """Write files, each compared-and-swapped, backed up, verified and recorded in its history
+    under ``run`` (the controller's run; empty: the agent makes one for this request)."""
 
     if_running: str
     appdata_roots: tuple[str, ...]
     files: tuple[ApplyFile, ...]
+    run: str = ""
 
     def body(self) -> dict[str, object]:
         """The request's fields on the wire."""
         return {
             "if_running": self.if_running,
+            "run": self.run,
             "appdata_roots": list(self.appdata_roots),
             "files": [item.body() for item in self.files],
         }
@@ -425,7 +438,8 @@ class ApplyRequest(AgentRequest[ApplyReply]):
 
 @dataclass(frozen=True)
 class RollbackRequest(AgentRequest[RollbackReply]):
-    """Put each file's newest backup back in place."""
+    """Undo the last run that wrote any of these files: what it created goes, what it replaced
+    gets its newest backup back, the others are left as they are."""
 
     if_running: str
     appdata_roots: tuple[str, ...]

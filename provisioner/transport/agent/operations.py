@@ -71,9 +71,10 @@ def _pretend_applied(request: ApplyRequest) -> ApplyReply:
 
 def _pretend_rolled_back(request: RollbackRequest) -> RollbackReply:
     return RollbackReply(
+        None,
         tuple(
             FileOutcome(item.path, "restored", None, None, None, 0, None) for item in request.files
-        )
+        ),
     )
 
 

@@ -325,13 +325,18 @@ function Test-StateRoot {
     return $true
 }
 
+function Get-TrustedOwners {
+    # Who owns what the agent creates: SYSTEM, Administrators or its own account. A standard
+    # user owns what they create and cannot give it to any of these.
+    return @('S-1-5-18', 'S-1-5-32-544', [System.Security.Principal.WindowsIdentity]::GetCurrent().User.Value)
+}
+
 function Assert-AgentOwned([string]$Folder) {
     # Users may create folders in ProgramData (and, below a root an administrator created
     # before the agent, wherever its inherited rules let them) and own what they create: an
     # owner can always grant themselves access to what the agent keeps there.
     $owner = [IO.Directory]::GetAccessControl($Folder, [System.Security.AccessControl.AccessControlSections]::Owner).GetOwner([System.Security.Principal.SecurityIdentifier]).Value
-    $trusted = @('S-1-5-18', 'S-1-5-32-544', [System.Security.Principal.WindowsIdentity]::GetCurrent().User.Value)
-    if ($trusted -notcontains $owner) {
+    if ((Get-TrustedOwners) -notcontains $owner) {
         throw (New-AgentException 'unsafe-path' ("{0} is owned by {1}, not by SYSTEM or Administrators: a user created it; remove it (rmdir /s /q) so that the agent can create its own." -f $Folder, $owner))
     }
 }
@@ -427,15 +432,99 @@ function Move-BackupsDown([string]$Folder) {
 function Resolve-PendingBackup([string]$Folder, [string]$Path) {
     # A backup.new left by an agent that died. Written before its replace, it is the newest
     # generation once the file holds something else; while the file still holds the same
-    # bytes the replace never happened, and it goes.
+    # bytes the replace never happened, and it goes, with the record of its write.
     $pending = [IO.Path]::Combine($Folder, 'backup.new')
     if (-not [IO.File]::Exists($pending)) { return }
     $current = Read-HeldFile $Path
     if ($null -ne $current -and (Get-Sha256 ([IO.File]::ReadAllBytes($pending))) -eq (Get-Sha256 $current)) {
+        Remove-UnmadeWrite $Folder (Get-Sha256 $current)
         [IO.File]::Delete($pending)
         return
     }
     Move-BackupsDown $Folder
+}
+
+# --- what each run wrote ---------------------------------------------------------------------
+# 'history' in a file's state folder: one line per write of the tool, newest first, UTF-8,
+# "<ticks>`t<run>`t<created|replaced>`t<SHA-256 of the content replaced, or ->`t<path>". It says
+# what a rollback undoes, and in which order; it keeps no more lines than the backups can undo.
+
+function ConvertFrom-WriteHistory([byte[]]$Bytes) {
+    # The entries of a history, newest first; a line that does not parse ends it.
+    $entries = [System.Collections.Generic.List[object]]::new()
+    foreach ($line in [Text.Encoding]::UTF8.GetString($Bytes).Split("`n")) {
+        $fields = $line.TrimEnd("`r").Split("`t")
+        $ticks = [long]0
+        if ($fields.Count -ne 5 -or -not [long]::TryParse($fields[0], [ref]$ticks)) { break }
+        if (@('created', 'replaced') -notcontains $fields[2]) { break }
+        $entries.Add([pscustomobject]@{ ticks = $ticks; run = $fields[1]; action = $fields[2]; before = $fields[3]; path = $fields[4] })
+    }
+    return , $entries
+}
+
+function Get-WriteHistory([string]$State) {
+    # The history of one managed file; $null when it has none (an agent before this one).
+    $bytes = Read-StateFile $State 'history'
+    if ($null -eq $bytes) { return $null }
+    return , (ConvertFrom-WriteHistory $bytes)
+}
+
+function Save-WriteHistory([string]$State, $Entries) {
+    $text = [Text.StringBuilder]::new()
+    foreach ($entry in $Entries) {
+        $null = $text.Append(("{0}`t{1}`t{2}`t{3}`t{4}`r`n" -f $entry.ticks, $entry.run, $entry.action, $entry.before, $entry.path))
+    }
+    Write-StateFile $State 'history' ([Text.Encoding]::UTF8.GetBytes($text.ToString()))
+}
+
+function Add-WriteRecord([string]$State, [string]$Run, [string]$Before, [string]$Path) {
+    # Before a write (apply, step 8): its line goes first. A write that creates the file ends
+    # the history (nothing older can be undone past it), and only three replacements are kept,
+    # as only three backups are.
+    $history = Get-WriteHistory $State
+    $ticks = [DateTime]::UtcNow.Ticks
+    if ($null -ne $history -and $history.Count -gt 0 -and $history[0].ticks -ge $ticks) { $ticks = $history[0].ticks + 1 }
+    $action = 'replaced'
+    if ([string]::IsNullOrEmpty($Before)) { $action = 'created'; $Before = '-' }
+    $kept = [System.Collections.Generic.List[object]]::new()
+    $kept.Add([pscustomobject]@{ ticks = $ticks; run = $Run; action = $action; before = $Before; path = $Path })
+    if ($action -eq 'replaced' -and $null -ne $history) {
+        $replaced = 1
+        foreach ($entry in $history) {
+            if ($entry.action -eq 'replaced') { $replaced++ }
+            if ($replaced -gt 3) { break }
+            $kept.Add($entry)
+            if ($entry.action -eq 'created') { break }
+        }
+    }
+    Save-WriteHistory $State $kept
+}
+
+function Restore-WriteHistory([string]$State, $Bytes) {
+    # The history as it was before a write that failed and left the file as it was ($Bytes:
+    # $null when there was none). Cleanup only, like Remove-FileQuietly.
+    try {
+        if ($null -eq $Bytes) { Remove-FileQuietly ([IO.Path]::Combine($State, 'history')) }
+        else { Write-StateFile $State 'history' $Bytes }
+    } catch { }
+}
+
+function Remove-UnmadeWrite([string]$State, [string]$Content) {
+    # The file holds again the content ($Content: its hash) the newest recorded write replaced:
+    # that write never happened (its agent died before the replace, or the replace was put
+    # back), and its record goes.
+    $history = Get-WriteHistory $State
+    if ($null -ne $history -and $history.Count -gt 0 -and $history[0].before -eq $Content) { Remove-LastWrite $State }
+}
+
+function Remove-LastWrite([string]$State) {
+    # The write a rollback undid leaves the history. An empty history stays: the backups left
+    # must not pass for an older agent's.
+    $history = Get-WriteHistory $State
+    if ($null -eq $history) { return }
+    $rest = [System.Collections.Generic.List[object]]::new()
+    for ($index = 1; $index -lt $history.Count; $index++) { $rest.Add($history[$index]) }
+    Save-WriteHistory $State $rest
 }
 
 function Remove-FileQuietly([string]$Path) {
@@ -702,7 +791,7 @@ function Initialize-ManagedFile($Checked, $Roots) {
         Restore-Interrupted $Checked $state
         Remove-StaleFiles ([IO.Path]::GetDirectoryName($path)) ([IO.Path]::GetFileName($path)) @('tmp', 'old')
         Move-LegacyState $path $start $state
-        foreach ($item in 'applied', 'backup.1', 'backup.2', 'backup.3', 'backup.new', 'rolled-back') {
+        foreach ($item in 'applied', 'backup.1', 'backup.2', 'backup.3', 'backup.new', 'rolled-back', 'history') {
             Remove-StaleFiles $state $item @('tmp')
         }
         Resolve-PendingBackup $state $path
@@ -718,13 +807,15 @@ function Initialize-ManagedFile($Checked, $Roots) {
 
 function Restore-Interrupted($Checked, [string]$State) {
     # No file under its name, but the content it had waits as backup.new (written before every
-    # replace of an existing file) or as the .old of a replace: put it back.
+    # replace of an existing file) or as the .old of a replace: put it back. The write that
+    # replace was for did not happen, and its record goes.
     $path = $Checked.path
     if ([IO.File]::Exists($path)) { return }
     $pending = [IO.Path]::Combine($State, 'backup.new')
     $folder = [IO.Path]::GetDirectoryName($path)
     if ([IO.File]::Exists($pending)) {
         Restore-Previous $Checked $pending $true
+        Remove-UnmadeWrite $State (Get-Sha256 ([IO.File]::ReadAllBytes($pending)))
         [IO.File]::Delete($pending)
         return
     }
@@ -733,6 +824,7 @@ function Restore-Interrupted($Checked, [string]$State) {
     foreach ($file in [IO.Directory]::GetFiles($folder)) {
         if ([IO.Path]::GetFileName($file) -match $pattern -and (Test-PlainFile $file)) {
             [IO.File]::Move($file, $path)  # a rename inside the locked folder
+            Remove-UnmadeWrite $State (Get-Sha256 (Read-HeldFile $path))
             return
         }
     }
@@ -848,10 +940,11 @@ function Test-Request($Request, [string]$Op) {
 # apply: write each file, independently and in order, so that it always holds either its old
 # or its new content, with three backups and the merge base kept in the agent's state folder.
 # The backups rotate only once the new content is in place and verified, so a failed write
-# loses no generation.
+# loses no generation. Each write is recorded in the file's history, with the request's run,
+# before it happens: an agent that dies after the replace leaves the record of what it did.
 $Request = $args[0]
 
-function Invoke-PreparedApply($File, $Checked, [byte[]]$Content, [string]$Intended, $Prepared, $Item, [string]$IfRunning, $Context) {
+function Invoke-PreparedApply($File, $Checked, [byte[]]$Content, [string]$Intended, $Prepared, $Item, [string]$IfRunning, $Context, [string]$Run) {
     # With the file's folders locked (Initialize-ManagedFile).
     $path = $Checked.path
     $state = $Prepared.state
@@ -878,13 +971,24 @@ function Invoke-PreparedApply($File, $Checked, [byte[]]$Content, [string]$Intend
         Write-StateFile $state 'backup.new' $old
         $backup = $pending
     }
+    $history = Read-StateFile $state 'history'
+    try {
+        Add-WriteRecord $state $Run $current $path
+    } catch {
+        if ($null -ne $backup) { Remove-FileQuietly $pending }
+        throw
+    }
     try {
         $writtenBytes = Write-ManagedFile $Checked $Content $backup $Prepared
     } catch {
-        # Until the replace happened backup.new is no generation yet; once it has, or while
-        # the file is missing (a replace that died half-way), it is the only copy of the old
-        # content and stays for the next request to rotate in or put back.
-        if ($null -ne $backup -and -not $Prepared.replaced -and [IO.File]::Exists($path)) { Remove-FileQuietly $pending }
+        # Until the replace happened backup.new is no generation yet, nor the write a write of
+        # its run; once it has, or while the file is missing (a replace that died half-way),
+        # backup.new is the only copy of the old content and stays for the next request to
+        # rotate in or put back (which then settles the record too).
+        if (-not $Prepared.replaced -and [IO.File]::Exists($path) -eq ($null -ne $old)) {
+            if ($null -ne $backup) { Remove-FileQuietly $pending }
+            Restore-WriteHistory $state $history
+        }
         throw
     }
 
@@ -894,6 +998,7 @@ function Invoke-PreparedApply($File, $Checked, [byte[]]$Content, [string]$Intend
         Restore-Previous $Checked $backup ($null -ne $old)
         if ($null -ne $backup) { Remove-FileQuietly $pending; $undone = 'the previous file was put back' }
         else { $undone = 'it was removed' }
+        Restore-WriteHistory $state $history
         throw (New-AgentException 'verify-failed' ('the file read back differs from the intended content; {0}.' -f $undone))
     }
     if ($null -ne $old) {
@@ -921,7 +1026,7 @@ function Invoke-PreparedApply($File, $Checked, [byte[]]$Content, [string]$Intend
     $Item['status'] = 'written'
 }
 
-function Invoke-ApplyFile($File, [string]$IfRunning, $Roots, $Context) {
+function Invoke-ApplyFile($File, [string]$IfRunning, $Roots, $Context, [string]$Run) {
     $item = [ordered]@{
         path = (Get-Field $File 'path'); status = 'error'; old_sha256 = $null; new_sha256 = $null
         backup = $null; stopped = 0; error = $null
@@ -937,7 +1042,7 @@ function Invoke-ApplyFile($File, [string]$IfRunning, $Roots, $Context) {
         $content = [Convert]::FromBase64String([string]$encoded)
         $prepared = Initialize-ManagedFile $checked $Roots
         try {
-            Invoke-PreparedApply $File $checked $content $intended $prepared $item $IfRunning $Context
+            Invoke-PreparedApply $File $checked $content $intended $prepared $item $IfRunning $Context $Run
         } finally {
             Unlock-Folders $prepared.locks
         }
@@ -955,13 +1060,19 @@ if ([string]::IsNullOrEmpty($ifRunning)) { $ifRunning = 'skip' }
 if (@('skip', 'stop', 'force') -notcontains $ifRunning) {
     return New-RefusalAnswer 'apply' ("if_running '{0}' not supported" -f $ifRunning)
 }
+# The run this request belongs to (its writes are undone together); its own without one.
+$run = [string](Get-Field $Request 'run')
+if ([string]::IsNullOrEmpty($run)) { $run = [Guid]::NewGuid().ToString('N') }
+if ($run -notmatch '^[0-9A-Za-z_-]{1,64}\z') {
+    return New-RefusalAnswer 'apply' 'the run id must be 1 to 64 letters, digits, - or _'
+}
 $roots = @(Get-Field $Request 'appdata_roots')
 $context = @{ processes = $null }
 
 $files = [System.Collections.Generic.List[object]]::new()
 $requested = Get-Field $Request 'files'
 foreach ($file in @($requested)) {
-    if ($null -ne $file) { $files.Add((Invoke-ApplyFile $file $ifRunning $roots $context)) }
+    if ($null -ne $file) { $files.Add((Invoke-ApplyFile $file $ifRunning $roots $context $run)) }
 }
 
 # ToArray: a plain array, so ConvertTo-Json writes a JSON array even for one file.

@@ -325,13 +325,18 @@ function Test-StateRoot {
     return $true
 }
 
+function Get-TrustedOwners {
+    # Who owns what the agent creates: SYSTEM, Administrators or its own account. A standard
+    # user owns what they create and cannot give it to any of these.
+    return @('S-1-5-18', 'S-1-5-32-544', [System.Security.Principal.WindowsIdentity]::GetCurrent().User.Value)
+}
+
 function Assert-AgentOwned([string]$Folder) {
     # Users may create folders in ProgramData (and, below a root an administrator created
     # before the agent, wherever its inherited rules let them) and own what they create: an
     # owner can always grant themselves access to what the agent keeps there.
     $owner = [IO.Directory]::GetAccessControl($Folder, [System.Security.AccessControl.AccessControlSections]::Owner).GetOwner([System.Security.Principal.SecurityIdentifier]).Value
-    $trusted = @('S-1-5-18', 'S-1-5-32-544', [System.Security.Principal.WindowsIdentity]::GetCurrent().User.Value)
-    if ($trusted -notcontains $owner) {
+    if ((Get-TrustedOwners) -notcontains $owner) {
         throw (New-AgentException 'unsafe-path' ("{0} is owned by {1}, not by SYSTEM or Administrators: a user created it; remove it (rmdir /s /q) so that the agent can create its own." -f $Folder, $owner))
     }
 }
@@ -427,15 +432,99 @@ function Move-BackupsDown([string]$Folder) {
 function Resolve-PendingBackup([string]$Folder, [string]$Path) {
     # A backup.new left by an agent that died. Written before its replace, it is the newest
     # generation once the file holds something else; while the file still holds the same
-    # bytes the replace never happened, and it goes.
+    # bytes the replace never happened, and it goes, with the record of its write.
     $pending = [IO.Path]::Combine($Folder, 'backup.new')
     if (-not [IO.File]::Exists($pending)) { return }
     $current = Read-HeldFile $Path
     if ($null -ne $current -and (Get-Sha256 ([IO.File]::ReadAllBytes($pending))) -eq (Get-Sha256 $current)) {
+        Remove-UnmadeWrite $Folder (Get-Sha256 $current)
         [IO.File]::Delete($pending)
         return
     }
     Move-BackupsDown $Folder
+}
+
+# --- what each run wrote ---------------------------------------------------------------------
+# 'history' in a file's state folder: one line per write of the tool, newest first, UTF-8,
+# "<ticks>`t<run>`t<created|replaced>`t<SHA-256 of the content replaced, or ->`t<path>". It says
+# what a rollback undoes, and in which order; it keeps no more lines than the backups can undo.
+
+function ConvertFrom-WriteHistory([byte[]]$Bytes) {
+    # The entries of a history, newest first; a line that does not parse ends it.
+    $entries = [System.Collections.Generic.List[object]]::new()
+    foreach ($line in [Text.Encoding]::UTF8.GetString($Bytes).Split("`n")) {
+        $fields = $line.TrimEnd("`r").Split("`t")
+        $ticks = [long]0
+        if ($fields.Count -ne 5 -or -not [long]::TryParse($fields[0], [ref]$ticks)) { break }
+        if (@('created', 'replaced') -notcontains $fields[2]) { break }
+        $entries.Add([pscustomobject]@{ ticks = $ticks; run = $fields[1]; action = $fields[2]; before = $fields[3]; path = $fields[4] })
+    }
+    return , $entries
+}
+
+function Get-WriteHistory([string]$State) {
+    # The history of one managed file; $null when it has none (an agent before this one).
+    $bytes = Read-StateFile $State 'history'
+    if ($null -eq $bytes) { return $null }
+    return , (ConvertFrom-WriteHistory $bytes)
+}
+
+function Save-WriteHistory([string]$State, $Entries) {
+    $text = [Text.StringBuilder]::new()
+    foreach ($entry in $Entries) {
+        $null = $text.Append(("{0}`t{1}`t{2}`t{3}`t{4}`r`n" -f $entry.ticks, $entry.run, $entry.action, $entry.before, $entry.path))
+    }
+    Write-StateFile $State 'history' ([Text.Encoding]::UTF8.GetBytes($text.ToString()))
+}
+
+function Add-WriteRecord([string]$State, [string]$Run, [string]$Before, [string]$Path) {
+    # Before a write (apply, step 8): its line goes first. A write that creates the file ends
+    # the history (nothing older can be undone past it), and only three replacements are kept,
+    # as only three backups are.
+    $history = Get-WriteHistory $State
+    $ticks = [DateTime]::UtcNow.Ticks
+    if ($null -ne $history -and $history.Count -gt 0 -and $history[0].ticks -ge $ticks) { $ticks = $history[0].ticks + 1 }
+    $action = 'replaced'
+    if ([string]::IsNullOrEmpty($Before)) { $action = 'created'; $Before = '-' }
+    $kept = [System.Collections.Generic.List[object]]::new()
+    $kept.Add([pscustomobject]@{ ticks = $ticks; run = $Run; action = $action; before = $Before; path = $Path })
+    if ($action -eq 'replaced' -and $null -ne $history) {
+        $replaced = 1
+        foreach ($entry in $history) {
+            if ($entry.action -eq 'replaced') { $replaced++ }
+            if ($replaced -gt 3) { break }
+            $kept.Add($entry)
+            if ($entry.action -eq 'created') { break }
+        }
+    }
+    Save-WriteHistory $State $kept
+}
+
+function Restore-WriteHistory([string]$State, $Bytes) {
+    # The history as it was before a write that failed and left the file as it was ($Bytes:
+    # $null when there was none). Cleanup only, like Remove-FileQuietly.
+    try {
+        if ($null -eq $Bytes) { Remove-FileQuietly ([IO.Path]::Combine($State, 'history')) }
+        else { Write-StateFile $State 'history' $Bytes }
+    } catch { }
+}
+
+function Remove-UnmadeWrite([string]$State, [string]$Content) {
+    # The file holds again the content ($Content: its hash) the newest recorded write replaced:
+    # that write never happened (its agent died before the replace, or the replace was put
+    # back), and its record goes.
+    $history = Get-WriteHistory $State
+    if ($null -ne $history -and $history.Count -gt 0 -and $history[0].before -eq $Content) { Remove-LastWrite $State }
+}
+
+function Remove-LastWrite([string]$State) {
+    # The write a rollback undid leaves the history. An empty history stays: the backups left
+    # must not pass for an older agent's.
+    $history = Get-WriteHistory $State
+    if ($null -eq $history) { return }
+    $rest = [System.Collections.Generic.List[object]]::new()
+    for ($index = 1; $index -lt $history.Count; $index++) { $rest.Add($history[$index]) }
+    Save-WriteHistory $State $rest
 }
 
 function Remove-FileQuietly([string]$Path) {
@@ -702,7 +791,7 @@ function Initialize-ManagedFile($Checked, $Roots) {
         Restore-Interrupted $Checked $state
         Remove-StaleFiles ([IO.Path]::GetDirectoryName($path)) ([IO.Path]::GetFileName($path)) @('tmp', 'old')
         Move-LegacyState $path $start $state
-        foreach ($item in 'applied', 'backup.1', 'backup.2', 'backup.3', 'backup.new', 'rolled-back') {
+        foreach ($item in 'applied', 'backup.1', 'backup.2', 'backup.3', 'backup.new', 'rolled-back', 'history') {
             Remove-StaleFiles $state $item @('tmp')
         }
         Resolve-PendingBackup $state $path
@@ -718,13 +807,15 @@ function Initialize-ManagedFile($Checked, $Roots) {
 
 function Restore-Interrupted($Checked, [string]$State) {
     # No file under its name, but the content it had waits as backup.new (written before every
-    # replace of an existing file) or as the .old of a replace: put it back.
+    # replace of an existing file) or as the .old of a replace: put it back. The write that
+    # replace was for did not happen, and its record goes.
     $path = $Checked.path
     if ([IO.File]::Exists($path)) { return }
     $pending = [IO.Path]::Combine($State, 'backup.new')
     $folder = [IO.Path]::GetDirectoryName($path)
     if ([IO.File]::Exists($pending)) {
         Restore-Previous $Checked $pending $true
+        Remove-UnmadeWrite $State (Get-Sha256 ([IO.File]::ReadAllBytes($pending)))
         [IO.File]::Delete($pending)
         return
     }
@@ -733,6 +824,7 @@ function Restore-Interrupted($Checked, [string]$State) {
     foreach ($file in [IO.Directory]::GetFiles($folder)) {
         if ([IO.Path]::GetFileName($file) -match $pattern -and (Test-PlainFile $file)) {
             [IO.File]::Move($file, $path)  # a rename inside the locked folder
+            Remove-UnmadeWrite $State (Get-Sha256 (Read-HeldFile $path))
             return
         }
     }
@@ -845,16 +937,93 @@ function Test-Request($Request, [string]$Op) {
     if ($requested -ne $Op) { return New-RefusalAnswer $Op ("this script runs '{0}', not '{1}'" -f $Op, $requested) }
     return $null
 }
-# rollback: put backup.1 back in place of each file, independently and in order.
+# rollback: undo the workstation's last run on the requested files. Each file's history says
+# which run wrote it last; the newest of those runs is undone, file by file and in order: a
+# file it created is removed, a file it replaced gets backup.1 back, the others stay unchanged.
 $Request = $args[0]
 
-function Invoke-PreparedRollback($Checked, $Prepared, $Item, [string]$IfRunning, $Context) {
-    # With the file's folders locked (Initialize-ManagedFile).
+function Get-LastWrite($Checked) {
+    # The newest write of the tool to the file: the first entry of its history. A state an
+    # older agent kept (no history) counts its backup.1 as the write of a run older than any
+    # recorded one. $null: nothing to undo.
+    $state = Get-StateFolder $Checked.sid ([IO.Path]::GetFileName($Checked.path))
+    $history = Get-WriteHistory $state
+    if ($null -ne $history) {
+        if ($history.Count -eq 0) { return $null }
+        return $history[0]
+    }
+    if ($null -eq (Read-StateFile $state 'backup.1')) { return $null }
+    return [pscustomobject]@{ ticks = [long]0; run = ''; action = 'replaced'; before = '-'; path = '' }
+}
+
+function Find-LastWrite($Checked, $Roots) {
+    # Get-LastWrite once a write whose agent died is settled (a backup.new waits): it may
+    # not have happened. Best effort: the file's undo, if it comes to that, meets any failure.
+    $state = Get-StateFolder $Checked.sid ([IO.Path]::GetFileName($Checked.path))
+    if ($null -ne (Read-StateFile $state 'backup.new')) {
+        try {
+            $prepared = Initialize-ManagedFile $Checked $Roots
+            Unlock-Folders $prepared.locks
+        } catch { }
+    }
+    return Get-LastWrite $Checked
+}
+
+function Read-OwnFile([string]$Path) {
+    # The bytes of a file the agent created, read through a handle. A file a user made in its
+    # place is theirs (they cannot give it to SYSTEM, Administrators or the agent), and refused.
+    $stream = Open-PlainFile $Path
+    try {
+        $owner = $stream.GetAccessControl().GetOwner([System.Security.Principal.SecurityIdentifier]).Value
+        if ((Get-TrustedOwners) -notcontains $owner) {
+            throw (New-AgentException 'unsafe-path' ("{0} is owned by {1}: not the file the tool created; nothing was removed." -f $Path, $owner))
+        }
+        $bytes = Read-Stream $stream
+    } finally {
+        $stream.Dispose()
+    }
+    return , $bytes
+}
+
+function Invoke-PreparedRemoval($Checked, $Prepared, $Item, [string]$IfRunning, $Context) {
+    # The run created the file: it goes, its content kept as rolled-back. Checked before
+    # anybody's MicroSIP is stopped, and again through the handle it is read with.
+    $path = $Checked.path
+    $rolledBack = [IO.Path]::Combine($Prepared.state, 'rolled-back')
+    if (-not [IO.File]::Exists($path)) {
+        Remove-FileQuietly $rolledBack
+        $Item['status'] = 'removed'
+        return
+    }
+    $null = Read-OwnFile $path
+    if (-not (Invoke-RunningPolicy $Checked $IfRunning $Item $Context)) { return }
+    $old = Read-OwnFile $path
+    $Item['old_sha256'] = Get-Sha256 $old
+    try {
+        Write-StateFile $Prepared.state 'rolled-back' $old
+        $Item['backup'] = $rolledBack
+        # A name in a locked folder, checked again: deleting it never reaches another file.
+        Assert-SafePath $path $Prepared.start
+        [IO.File]::Delete($path)
+    } catch {
+        $Item['backup'] = $null
+        Remove-FileQuietly $rolledBack
+        throw
+    }
+    $Item['status'] = 'removed'
+}
+
+function Invoke-PreparedRestore($Checked, $Prepared, $Item, [string]$IfRunning, $Context, $Write) {
+    # The run replaced the file: backup.1, which must hold what it replaced, goes back.
     $path = $Checked.path
     $state = $Prepared.state
     $backup1 = [IO.Path]::Combine($state, 'backup.1')
     if (-not [IO.File]::Exists($backup1)) {
         throw (New-AgentException 'no-backup' ("there is no backup of {0} to restore." -f $path))
+    }
+    $content = [IO.File]::ReadAllBytes($backup1)
+    if ($Write.before -ne '-' -and (Get-Sha256 $content) -ne $Write.before) {
+        throw (New-AgentException 'no-backup' ("the backup of {0} is not what run {1} replaced; nothing was restored." -f $path, $Write.run))
     }
     if (-not (Invoke-RunningPolicy $Checked $IfRunning $Item $Context)) { return }
 
@@ -863,7 +1032,6 @@ function Invoke-PreparedRollback($Checked, $Prepared, $Item, [string]$IfRunning,
     $rolledBack = [IO.Path]::Combine($state, 'rolled-back')
     $old = Read-HeldFile $path
     $previous = $null
-    $content = [IO.File]::ReadAllBytes($backup1)
     try {
         if ($null -ne $old) {
             $Item['old_sha256'] = Get-Sha256 $old
@@ -885,30 +1053,34 @@ function Invoke-PreparedRollback($Checked, $Prepared, $Item, [string]$IfRunning,
     }
     [IO.File]::Delete($backup1)
     Move-BackupsUp $state
-    # Without a merge base the next push treats the restored file as new.
-    Remove-FileQuietly ([IO.Path]::Combine($state, 'applied'))
     $Item['new_sha256'] = Get-Sha256 $written
     $Item['status'] = 'restored'
 }
 
-function Invoke-RollbackFile($File, [string]$IfRunning, $Roots, $Context) {
-    $item = [ordered]@{
-        path = (Get-Field $File 'path'); status = 'error'; old_sha256 = $null; new_sha256 = $null
-        backup = $null; stopped = 0; error = $null
-    }
+function Invoke-UndoFile($Checked, [string]$Run, [string]$IfRunning, $Roots, $Context, $Item) {
+    $prepared = Initialize-ManagedFile $Checked $Roots
     try {
-        $checked = Test-FileRequest $File
-        $prepared = Initialize-ManagedFile $checked $Roots
-        try {
-            Invoke-PreparedRollback $checked $prepared $item $IfRunning $Context
-        } finally {
-            Unlock-Folders $prepared.locks
+        # Looked at again with the folders locked and the state settled.
+        $write = Get-LastWrite $Checked
+        if ($null -eq $write -or $write.run -ne $Run) {
+            $Item['status'] = 'unchanged'
+            return
         }
-    } catch {
-        $item['status'] = 'error'
-        $item['error'] = ConvertTo-AgentError $_
+        if ($write.path -ne '' -and -not $write.path.Equals($Checked.path, [StringComparison]::OrdinalIgnoreCase)) {
+            throw (New-AgentException 'unsafe-path' ("run {0} wrote {1}, not {2}; nothing was changed." -f $Run, $write.path, $Checked.path))
+        }
+        if ($write.action -eq 'created') {
+            Invoke-PreparedRemoval $Checked $prepared $Item $IfRunning $Context
+        } else {
+            Invoke-PreparedRestore $Checked $prepared $Item $IfRunning $Context $write
+        }
+        if (@('removed', 'restored') -notcontains $Item['status']) { return }
+        Remove-LastWrite $prepared.state
+        # Without a merge base the next push treats the file as new.
+        Remove-FileQuietly ([IO.Path]::Combine($prepared.state, 'applied'))
+    } finally {
+        Unlock-Folders $prepared.locks
     }
-    return $item
 }
 
 $refusal = Test-Request $Request 'rollback'
@@ -921,11 +1093,48 @@ if (@('skip', 'stop', 'force') -notcontains $ifRunning) {
 $roots = @(Get-Field $Request 'appdata_roots')
 $context = @{ processes = $null }
 
-$files = [System.Collections.Generic.List[object]]::new()
+# First what each file's last write was, then the newest of them: its run is undone.
+$entries = [System.Collections.Generic.List[object]]::new()
 $requested = Get-Field $Request 'files'
 foreach ($file in @($requested)) {
-    if ($null -ne $file) { $files.Add((Invoke-RollbackFile $file $ifRunning $roots $context)) }
+    if ($null -eq $file) { continue }
+    $item = [ordered]@{
+        path = (Get-Field $file 'path'); status = 'error'; old_sha256 = $null; new_sha256 = $null
+        backup = $null; stopped = 0; error = $null
+    }
+    $entry = [pscustomobject]@{ item = $item; checked = $null; write = $null }
+    try {
+        $entry.checked = Test-FileRequest $file
+        $entry.write = Find-LastWrite $entry.checked $roots
+    } catch {
+        $entry.checked = $null
+        $item['error'] = ConvertTo-AgentError $_
+    }
+    $entries.Add($entry)
 }
+$newest = $null
+foreach ($entry in $entries) {
+    if ($null -ne $entry.write -and ($null -eq $newest -or $entry.write.ticks -gt $newest.ticks)) { $newest = $entry.write }
+}
+$files = [System.Collections.Generic.List[object]]::new()
+foreach ($entry in $entries) {
+    $item = $entry.item
+    if ($null -ne $entry.checked) {
+        if ($null -eq $newest -or $null -eq $entry.write -or $entry.write.run -ne $newest.run) {
+            $item['status'] = 'unchanged'
+        } else {
+            try {
+                Invoke-UndoFile $entry.checked $newest.run $ifRunning $roots $context $item
+            } catch {
+                $item['status'] = 'error'
+                $item['error'] = ConvertTo-AgentError $_
+            }
+        }
+    }
+    $files.Add($item)
+}
+$run = $null
+if ($null -ne $newest -and $newest.run -ne '') { $run = $newest.run }
 
 # ToArray: a plain array, so ConvertTo-Json writes a JSON array even for one file.
-return [ordered]@{ protocol = 1; op = 'rollback'; ok = $true; files = $files.ToArray() }
+return [ordered]@{ protocol = 1; op = 'rollback'; ok = $true; run = $run; files = $files.ToArray() }
