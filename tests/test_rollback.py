@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -158,3 +159,45 @@ def test_rollback_from_the_shell_exits_0_when_the_last_run_is_undone(tmp_path: P
         again = example.cli("rollback", "ber-ws-001", "--yes")
         assert again.returncode == 0, again.stdout + again.stderr
         assert again.stdout.count("nothing to undo") >= len(files), again.stdout
+
+
+# --- what the controller takes from a rollback answer ------------------------------------------
+
+PLANTED_RUN = "EVIL\x1b[2J\r\nrun"
+
+
+def _plant_run(answer: dict[str, Any]) -> dict[str, Any]:
+    if answer["op"] == "rollback":
+        answer["run"] = PLANTED_RUN
+    return answer
+
+
+@pytest.mark.parametrize("run", [PLANTED_RUN, "a" * 65, "r\u0661n", ""])
+def test_a_rollback_answer_naming_no_run_id_fails_the_host(kit: Kit, run: str) -> None:
+    assert kit.push("ws01").ok
+
+    def answer_filter(answer: dict[str, Any]) -> dict[str, Any]:
+        if answer["op"] == "rollback":
+            answer["run"] = run
+        return answer
+
+    _ws(kit).answer_filter = answer_filter
+    result = _rollback(kit)
+    assert result.status == Status.FAILED
+    assert result.message == (
+        "the agent's rollback answer breaks the protocol (docs/agent-protocol.md): run is not a "
+        "run id (1 to 64 letters, digits, - or _)"
+    )
+
+
+def test_a_planted_run_reaches_neither_the_terminal_nor_the_records(tmp_path: Path) -> None:
+    with example_lab(tmp_path) as example:
+        first = example.cli("push", "ber-ws-001", "--yes")
+        assert first.returncode == 0, first.stdout + first.stderr
+        example.machine("ber-ws-001").answer_filter = _plant_run
+        back = example.cli("rollback", "ber-ws-001", "--yes")
+        assert back.returncode != 0, back.stdout + back.stderr
+        assert "run is not a run id" in back.stdout + back.stderr
+        assert "EVIL" not in back.stdout + back.stderr and "\x1b" not in back.stdout + back.stderr
+        kept = [p for p in tmp_path.rglob("*") if p.is_file() and b"EVIL" in p.read_bytes()]
+        assert kept == []

@@ -411,7 +411,7 @@ class RollbackReply(AgentReply):
     def read(cls, fields: Fields) -> Self:
         """Read a rollback answer."""
         return cls(
-            fields.text_or_none("run"),
+            fields.run_id_or_none("run"),
             tuple(FileOutcome.read(f, cls.STATUSES) for f in fields.objects("files")),
         )
 

@@ -18,6 +18,8 @@ from provisioner.errors import RemoteError
 
 CONTRACT = "docs/agent-protocol.md"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_RUN_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")
+"""A run id as the agent records it (the runner's are 12 hex digits)."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,16 @@ class Fields:
         value = self.text_or_none(key)
         if value is not None and not _SHA256.fullmatch(value):
             raise self.answer.error(self._at(key), "is not a lower-case hex SHA-256")
+        return value
+
+    def run_id_or_none(self, key: str) -> str | None:
+        """A run id (1 to 64 letters, digits, ``-`` or ``_``), or null; the value itself is
+        never quoted: it may hold anything a workstation's state held."""
+        value = self.text_or_none(key)
+        if value is not None and not _RUN_ID.fullmatch(value):
+            raise self.answer.error(
+                self._at(key), "is not a run id (1 to 64 letters, digits, - or _)"
+            )
         return value
 
     def flag(self, key: str) -> bool:
