@@ -516,6 +516,57 @@ def test_backups_rotate_only_after_the_verify() -> None:
     assert "Resolve-PendingBackup $state $path" in _body("apply", "Initialize-ManagedFile")
 
 
+def _caseless_history_comparisons(code: str) -> list[str]:
+    """Comparisons of a run, an action or a hash with PowerShell's case-insensitive operators."""
+    operand = re.compile(r"(?i)(\.run|\$run|\.action|\$action|\.before|\$before|\$fields\[)\b")
+    found = []
+    for match in re.finditer(
+        r"(\S+)\s+-(?:i)?(eq|ne|match|notmatch|contains|notcontains)\s+(\S+)", code, re.IGNORECASE
+    ):
+        left, right = match.group(1), match.group(3)
+        if left.lower().lstrip("(") != "$null" and (operand.search(left) or operand.search(right)):
+            found.append(match.group(0))
+    return found
+
+
+@pytest.mark.parametrize("op", ["apply", "rollback"])
+def test_runs_actions_and_hashes_of_the_history_compare_case_sensitively(op: str) -> None:
+    # The lab compares them as Python does; -eq, -match and -contains ignore case (and -match's
+    # [A-Za-z] then takes the Kelvin sign for a k). "Created" or "RUN-A" is another value.
+    assert _caseless_history_comparisons(_code_only(scripts.SCRIPTS[op])) == []
+
+
+def test_the_case_check_bites() -> None:
+    assert _caseless_history_comparisons("if ($write.run -ne $Run) { }") != []
+    assert _caseless_history_comparisons("if (@('a') -notcontains $fields[2]) { }") != []
+    assert _caseless_history_comparisons("if ($run -notmatch '^x$') { }") != []
+    assert _caseless_history_comparisons("if ($null -eq $write -or $write.run -cne $Run) { }") == []
+
+
+def test_history_ticks_are_ascii_digits_that_fit_a_long() -> None:
+    # TryParse's default also takes a sign and spaces (the lab: [0-9]+, at most long.MaxValue).
+    body = _body("apply", "ConvertFrom-WriteHistory")
+    assert (
+        "[long]::TryParse($fields[0], [Globalization.NumberStyles]::None, "
+        "[Globalization.CultureInfo]::InvariantCulture, [ref]$ticks)"
+    ) in body
+    assert "$fields[1] -cnotmatch '^[0-9A-Za-z_-]{1,64}\\z'" in body
+
+
+def test_a_rollback_reads_no_history_before_its_folders_owners_are_checked() -> None:
+    body = _body("rollback", "Get-LastWrite")
+    assert body.index("Assert-StateOwned $state") < body.index("Get-WriteHistory $state")
+    assert "Assert-StateOwned $Folder" in _body("apply", "Open-StateFolder")
+
+
+def test_a_file_a_user_made_starts_its_history_anew() -> None:
+    # The lab's is_user_made: owned by anybody but SYSTEM, Administrators or the agent.
+    body = _body("apply", "Invoke-PreparedApply")
+    assert body.index("Test-UserMade $path") < body.index("Write-StateFile $state 'backup.new'")
+    assert "Add-WriteRecord $state $Run $current $path $userMade" in body
+    assert "-not $UserMade" in _body("apply", "Add-WriteRecord")
+
+
 # --- the bootstrap command line ------------------------------------------------------------
 
 

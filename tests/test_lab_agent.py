@@ -23,11 +23,13 @@ from provisioner.lab.agent import CRASH_EXIT_CODE
 from provisioner.lab.fleet import UserSpec, WorkstationSpec, add_fleet
 from provisioner.lab.workstation import (
     ADMINISTRATORS,
+    AGENT_ACCOUNT,
     DOMAIN_SID,
     LAB_MICROSIP_VERSION,
     MACHINE_SID,
     OVERRIDE_ACL,
     STATE_ACL,
+    STATE_ROOT,
     SYSTEM,
     USERS,
     FileError,
@@ -1336,3 +1338,101 @@ def _random_run(station: Station, seed: int) -> Counter[str]:
             folder = model.path.rsplit("\\", 1)[0]
             assert temp_files(ws, folder) == [], (context, folder)
     return tally
+
+
+# --- a history only the agent wrote decides a rollback -------------------------------------------
+
+PLANTED = "9000000000000000000\tEVIL\x1b[2Jrun\x0dx\treplaced\t-\t{path}\r\n"
+
+
+def test_a_history_in_a_state_folder_a_user_made_first_decides_nothing(station: Station) -> None:
+    # An administrator created the root before the agent (ProgramData lets users create
+    # folders there): alice makes override.ini's state folder first and plants a history that
+    # would be the newest write of all, under a run that is no run id.
+    ws, bob = station.ws, station.bob
+    override = f"{PROGRAM_DIR}\\override.ini"
+    ws.remove_tree(STATE_ROOT)
+    ws.put_dir(STATE_ROOT, owner=ADMINISTRATORS)
+    planted = f"{STATE_ROOT}\\machine\\override.ini"
+    ws.put_dir(planted, owner=station.alice.sid)
+    ws.put(f"{planted}\\history", PLANTED.format(path=override).encode(), owner=station.alice.sid)
+    bob_ini = ws.ini_path(bob)
+    _apply(station, "run-b", (bob_ini, ini("b1"), bob))
+    answer = station.agent.call(rollback_request([target(bob_ini, bob), target(override)]))
+    assert "EVIL" not in json.dumps(answer) and "\x1b" not in json.dumps(answer)
+    assert answer["run"] == "run-b"
+    mine, theirs = answer["files"]
+    assert mine["status"] == "removed" and not ws.exists(bob_ini)
+    assert (theirs["status"], error_code(theirs)) == ("error", "unsafe-path")
+    assert f"machine is owned by {station.alice.sid}" in theirs["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "{ticks}\tEVIL\x1b[2J\treplaced\t-\t{path}",  # no run id
+        "{ticks}\trun-x\tCreated\t-\t{path}",  # an action in another case
+        "+{ticks}\trun-x\tcreated\t-\t{path}",  # a sign
+        " {ticks}\trun-x\tcreated\t-\t{path}",  # a space
+        "\u0661{ticks}\trun-x\tcreated\t-\t{path}",  # a digit, but not an ASCII one
+        "9223372036854775808\trun-x\tcreated\t-\t{path}",  # more than a long holds
+    ],
+    ids=["run", "action-case", "sign", "space", "arabic-digit", "overflow"],
+)
+def test_a_history_line_the_agent_never_writes_ends_the_history(
+    station: Station, line: str
+) -> None:
+    # Each would make alice's file the newest write, of a run that never was.
+    ws, alice, bob = station.ws, station.alice, station.bob
+    bob_ini = ws.ini_path(bob)
+    _apply(station, "run-a", (ALICE_INI, ini("a1"), alice))
+    _apply(station, "run-b", (bob_ini, ini("b1"), bob))
+    first = line.format(ticks=int(_history(ws, bob.sid)[0][0]) + 1, path=ALICE_INI)
+    data = (first + "\r\n").encode() + (state(ws, "history") or b"")
+    ws.put(state_path("history"), data, STATE_ACL, owner=ADMINISTRATORS)
+    answer = station.agent.call(rollback_request([target(ALICE_INI, alice), target(bob_ini, bob)]))
+    assert answer["run"] == "run-b"
+    assert [r["status"] for r in answer["files"]] == ["unchanged", "removed"]
+    assert ws.read(ALICE_INI) == ini("a1")
+
+
+def test_a_run_differing_only_in_case_is_another_run(station: Station) -> None:
+    ws, alice, bob = station.ws, station.alice, station.bob
+    bob_ini = ws.ini_path(bob)
+    _apply(station, "run-a", (ALICE_INI, ini("a1"), alice))
+    _apply(station, "RUN-A", (bob_ini, ini("b1"), bob))
+    targets = [target(ALICE_INI, alice), target(bob_ini, bob)]
+    answer = station.agent.call(rollback_request(targets))
+    assert answer["run"] == "RUN-A"
+    assert [r["status"] for r in answer["files"]] == ["unchanged", "removed"]
+    assert ws.read(ALICE_INI) == ini("a1")
+
+
+def test_a_file_a_user_made_in_place_of_the_tools_is_never_removed(station: Station) -> None:
+    # run-a creates alice's file; she deletes it and makes her own; run-b replaces hers (the
+    # replace leaves it owned by Administrators). Undoing run-b gives her content back; nothing
+    # older describes her file, so the next rollback leaves it.
+    ws, alice = station.ws, station.alice
+    _apply(station, "run-a", (ALICE_INI, ini("tool v1"), alice))
+    ws.delete(ALICE_INI)
+    ws.put(ALICE_INI, ini("alice own"), owner=alice.sid)
+    _apply(station, "run-b", (ALICE_INI, ini("tool v2"), alice))
+    assert ws.owner(ALICE_INI) == ADMINISTRATORS
+    assert [entry[1:3] for entry in _history(ws)] == [["run-b", "replaced"]]
+    first = station.agent.call(rollback_request([target(ALICE_INI, alice)]))
+    assert (first["run"], first["files"][0]["status"]) == ("run-b", "restored")
+    assert ws.read(ALICE_INI) == ini("alice own")
+    second = station.agent.call(rollback_request([target(ALICE_INI, alice)]))
+    assert (second["run"], second["files"][0]["status"]) == (None, "unchanged")
+    assert ws.read(ALICE_INI) == ini("alice own")
+
+
+def test_what_the_agents_own_account_owns_is_the_agents(station: Station) -> None:
+    # Get-TrustedOwners: SYSTEM, Administrators and the account the agent runs as.
+    ws, alice = station.ws, station.alice
+    _apply(station, "run-a", (ALICE_INI, ini("a1"), alice))
+    ws.put(ALICE_INI, ini("a1"), ws.acl(ALICE_INI), owner=AGENT_ACCOUNT)
+    ws.put_dir(Workstation.state_path(alice, "microsip.ini"), owner=AGENT_ACCOUNT)
+    answer = station.agent.call(rollback_request([target(ALICE_INI, alice)]))
+    assert (answer["run"], answer["files"][0]["status"]) == ("run-a", "removed"), answer
+    assert not ws.exists(ALICE_INI)

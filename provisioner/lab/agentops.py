@@ -34,6 +34,7 @@ from provisioner.lab.ntfs import (
 )
 from provisioner.lab.workstation import (
     ADMINISTRATORS,
+    AGENT_ACCOUNT,
     OVERRIDE_ACL,
     STATE_ACL,
     STATE_ROOT,
@@ -68,6 +69,9 @@ HISTORY = "history"
 STATE_ITEMS = (*LEGACY_ITEMS, HISTORY)
 BACKUPS = 3
 RUN_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")
+_TICKS = re.compile(r"[0-9]+")
+_LONG_MAX = 2**63 - 1
+"""``[long]::MaxValue``: ``TryParse`` fails above it."""
 _EPOCH_TICKS = 621_355_968_000_000_000
 """``DateTime.Ticks`` (100 ns since 0001-01-01) of the Unix epoch."""
 REPLACE_ATTEMPTS = 5
@@ -76,7 +80,8 @@ REPLACE_ATTEMPTS = 5
 Json = dict[str, Any]
 _UNEXPANDED = re.compile(r"%[^%\\]+%")
 _SID = re.compile(r"^S-1-\d+(-\d+)+$")
-_OWNERS = frozenset({SYSTEM, ADMINISTRATORS})
+_OWNERS = frozenset({SYSTEM, ADMINISTRATORS, AGENT_ACCOUNT})
+"""``Get-TrustedOwners``: who owns what the agent creates."""
 
 
 # --- small helpers --------------------------------------------------------------------------------
@@ -354,13 +359,20 @@ def open_state(ws: Workstation, state: StateFolder) -> None:
     ws.set_acl(STATE_ROOT, state_folder_acl())
     # checked before anything is created in them, and again after
     for first in (True, False):
-        assert_safe_path(ws, state.folder, STATE_ROOT)
-        for folder in list(components(state.folder))[len(split(STATE_ROOT)[1]) :]:
-            if not ws.is_dir(folder):
-                break
-            assert_agent_owned(ws, folder)
+        assert_state_owned(ws, state)
         if first:
             ws.make_dir(state.folder, state_folder_acl())
+
+
+def assert_state_owned(ws: Workstation, state: StateFolder) -> None:
+    """``Assert-StateOwned``: every folder that exists from the state root down to the file's
+    state folder has no link and is owned by SYSTEM, Administrators or the agent; what a user's
+    own folder holds was written by that user, whatever it says."""
+    assert_safe_path(ws, state.folder, STATE_ROOT)
+    for folder in list(components(state.folder))[len(split(STATE_ROOT)[1]) :]:
+        if not ws.is_dir(folder):
+            break
+        assert_agent_owned(ws, folder)
 
 
 def read_state(ws: Workstation, state: StateFolder, item: str) -> bytes | None:
@@ -457,13 +469,14 @@ class Write:
 
 def parse_history(data: bytes) -> list[Write]:
     """``ConvertFrom-WriteHistory``: the entries, newest first; a line that does not parse ends
-    it."""
+    it: ticks in ASCII digits that fit a long, a run id as apply takes it, an action in lower
+    case."""
     entries = []
     for line in data.decode("utf-8", errors="replace").split("\n"):
         fields = line.rstrip("\r").split("\t")
-        if len(fields) != 5 or not re.fullmatch(r"\s*[+-]?\d+\s*", fields[0]):
+        if len(fields) != 5 or not _TICKS.fullmatch(fields[0]) or int(fields[0]) > _LONG_MAX:
             break
-        if fields[2] not in ("created", "replaced"):
+        if not RUN_ID.fullmatch(fields[1]) or fields[2] not in ("created", "replaced"):
             break
         entries.append(Write(int(fields[0]), fields[1], fields[2], fields[3], fields[4]))
     return entries
@@ -486,17 +499,23 @@ def utc_ticks() -> int:
 
 
 def add_write_record(
-    ws: Workstation, state: StateFolder, run: str, before: str | None, path: str
+    ws: Workstation,
+    state: StateFolder,
+    run: str,
+    before: str | None,
+    path: str,
+    user_made: bool = False,
 ) -> None:
     """``Add-WriteRecord``: before a write its line goes first. A write that creates the file
-    ends the history; only as many replacements are kept as there are backups."""
+    ends the history; only as many replacements are kept as there are backups. A write that
+    replaces a file a user made (``user_made``) ends it too: nothing older describes it."""
     history = read_history(ws, state)
     ticks = utc_ticks()
     if history and history[0].ticks >= ticks:
         ticks = history[0].ticks + 1
     action = "replaced" if before else "created"
     kept = [Write(ticks, run, action, before or "-", path)]
-    if action == "replaced" and history is not None:
+    if action == "replaced" and history is not None and not user_made:
         replaced = 1
         for entry in history:
             replaced += entry.action == "replaced"
@@ -1269,13 +1288,15 @@ def _apply_prepared(
         return
     if not running_policy(ws, spec, batch.policy, result, batch.table):
         return
+    # a file a user made in place of the tool's: its history starts anew
+    user_made = old is not None and is_user_made(ws, spec.path)
     pending = state.item(PENDING)
     if old is not None:
         write_state_file(ws, state, PENDING, old)
     # recorded before the write: an agent that dies after the replace leaves the record
     history = read_state(ws, state, HISTORY)
     try:
-        add_write_record(ws, state, batch.run, current, spec.path)
+        add_write_record(ws, state, batch.run, current, spec.path, user_made)
     except FileError:
         if old is not None:
             _discard(ws, pending)
@@ -1357,6 +1378,9 @@ def last_write(ws: Workstation, spec: FileSpec) -> Write | None:
     """``Get-LastWrite``: the first entry of the file's history. A state an older agent kept
     (no history) counts its backup.1 as the write of a run older than any recorded one."""
     state = state_folder(spec.sid or None, spec.name)
+    # a folder a user made first is theirs, and so is what it holds: refused before it is read
+    if check_state_root(ws):
+        assert_state_owned(ws, state)
     history = read_history(ws, state)
     if history is not None:
         return history[0] if history else None
@@ -1429,6 +1453,16 @@ def _undo(ws: Workstation, spec: FileSpec, run: str, batch: Batch, result: Json)
         _discard(ws, prepared.state.item("applied"))
     finally:
         unlock_folders(ws, prepared.locks)
+
+
+def is_user_made(ws: Workstation, path: str) -> bool:
+    """``Test-UserMade``: the file is owned by anybody but SYSTEM, Administrators or the agent
+    (every write of the tool leaves it owned by Administrators). Through a handle."""
+    handle = open_plain(ws, path)
+    try:
+        return ws.owner(path) not in _OWNERS
+    finally:
+        ws.close(handle)
 
 
 def read_own_file(ws: Workstation, path: str) -> bytes:

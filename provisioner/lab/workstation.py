@@ -59,6 +59,7 @@ from provisioner.lab.ntfs import (
 
 __all__ = [
     "ADMINISTRATORS",
+    "AGENT_ACCOUNT",
     "AUTHENTICATED_USERS",
     "CREATOR_OWNER",
     "DOMAIN_SID",
@@ -103,6 +104,9 @@ DOMAIN_SID = "S-1-5-21-1000-2000-3000"
 """The domain's SID prefix; domain accounts get ``<prefix>-<rid>``."""
 MACHINE_SID = "S-1-5-21-4000-5000-6000"
 """This machine's SID prefix; local accounts get ``<prefix>-<rid>``."""
+AGENT_ACCOUNT = f"{DOMAIN_SID}-500"
+"""The account the agent runs as (the WinRM administrator). What it creates is owned by
+Administrators, as an elevated administrator's objects are; it still trusts its own."""
 
 SYSTEM_VARIABLES = {
     "SystemDrive": "C:",

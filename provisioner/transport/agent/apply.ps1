@@ -24,6 +24,10 @@ function Invoke-PreparedApply($File, $Checked, [byte[]]$Content, [string]$Intend
     # Only now, when it will be written: a conflict must not stop anybody's MicroSIP.
     if (-not (Invoke-RunningPolicy $Checked $IfRunning $Item $Context)) { return }
 
+    # A file a user made in place of the tool's: its history starts anew (Add-WriteRecord).
+    $userMade = $false
+    if ($null -ne $old) { $userMade = Test-UserMade $path }
+
     # The old content waits as backup.new (for SYSTEM and Administrators only): until the
     # new file is verified, no backup moves.
     $pending = [IO.Path]::Combine($state, 'backup.new')
@@ -34,7 +38,7 @@ function Invoke-PreparedApply($File, $Checked, [byte[]]$Content, [string]$Intend
     }
     $history = Read-StateFile $state 'history'
     try {
-        Add-WriteRecord $state $Run $current $path
+        Add-WriteRecord $state $Run $current $path $userMade
     } catch {
         if ($null -ne $backup) { Remove-FileQuietly $pending }
         throw
@@ -124,7 +128,7 @@ if (@('skip', 'stop', 'force') -notcontains $ifRunning) {
 # The run this request belongs to (its writes are undone together); its own without one.
 $run = [string](Get-Field $Request 'run')
 if ([string]::IsNullOrEmpty($run)) { $run = [Guid]::NewGuid().ToString('N') }
-if ($run -notmatch '^[0-9A-Za-z_-]{1,64}\z') {
+if ($run -cnotmatch '^[0-9A-Za-z_-]{1,64}\z') {
     return New-RefusalAnswer 'apply' 'the run id must be 1 to 64 letters, digits, - or _'
 }
 $roots = @(Get-Field $Request 'appdata_roots')

@@ -8,6 +8,8 @@ function Get-LastWrite($Checked) {
     # older agent kept (no history) counts its backup.1 as the write of a run older than any
     # recorded one. $null: nothing to undo.
     $state = Get-StateFolder $Checked.sid ([IO.Path]::GetFileName($Checked.path))
+    # A folder a user made first is theirs, and so is what it holds: refused before it is read.
+    if (Test-StateRoot) { Assert-StateOwned $state }
     $history = Get-WriteHistory $state
     if ($null -ne $history) {
         if ($history.Count -eq 0) { return $null }
@@ -83,7 +85,7 @@ function Invoke-PreparedRestore($Checked, $Prepared, $Item, [string]$IfRunning, 
         throw (New-AgentException 'no-backup' ("there is no backup of {0} to restore." -f $path))
     }
     $content = [IO.File]::ReadAllBytes($backup1)
-    if ($Write.before -ne '-' -and (Get-Sha256 $content) -ne $Write.before) {
+    if ($Write.before -cne '-' -and (Get-Sha256 $content) -cne $Write.before) {
         throw (New-AgentException 'no-backup' ("the backup of {0} is not what run {1} replaced; nothing was restored." -f $path, $Write.run))
     }
     if (-not (Invoke-RunningPolicy $Checked $IfRunning $Item $Context)) { return }
@@ -123,14 +125,14 @@ function Invoke-UndoFile($Checked, [string]$Run, [string]$IfRunning, $Roots, $Co
     try {
         # Looked at again with the folders locked and the state settled.
         $write = Get-LastWrite $Checked
-        if ($null -eq $write -or $write.run -ne $Run) {
+        if ($null -eq $write -or $write.run -cne $Run) {
             $Item['status'] = 'unchanged'
             return
         }
         if ($write.path -ne '' -and -not $write.path.Equals($Checked.path, [StringComparison]::OrdinalIgnoreCase)) {
             throw (New-AgentException 'unsafe-path' ("run {0} wrote {1}, not {2}; nothing was changed." -f $Run, $write.path, $Checked.path))
         }
-        if ($write.action -eq 'created') {
+        if ($write.action -ceq 'created') {
             Invoke-PreparedRemoval $Checked $prepared $Item $IfRunning $Context
         } else {
             Invoke-PreparedRestore $Checked $prepared $Item $IfRunning $Context $write
@@ -181,7 +183,7 @@ $files = [System.Collections.Generic.List[object]]::new()
 foreach ($entry in $entries) {
     $item = $entry.item
     if ($null -ne $entry.checked) {
-        if ($null -eq $newest -or $null -eq $entry.write -or $entry.write.run -ne $newest.run) {
+        if ($null -eq $newest -or $null -eq $entry.write -or $entry.write.run -cne $newest.run) {
             $item['status'] = 'unchanged'
         } else {
             try {
@@ -195,7 +197,7 @@ foreach ($entry in $entries) {
     $files.Add($item)
 }
 $run = $null
-if ($null -ne $newest -and $newest.run -ne '') { $run = $newest.run }
+if ($null -ne $newest -and $newest.run -cne '') { $run = $newest.run }
 
 # ToArray: a plain array, so ConvertTo-Json writes a JSON array even for one file.
 return [ordered]@{ protocol = 1; op = 'rollback'; ok = $true; run = $run; files = $files.ToArray() }

@@ -350,14 +350,22 @@ function Open-StateFolder([string]$Folder) {
     [IO.Directory]::SetAccessControl($root, (New-Acl 'state' '' $true))
     # Checked before anything is created in them, and again after.
     foreach ($pass in 1, 2) {
-        Assert-SafePath $Folder $root
-        $current = $root
-        foreach ($name in $Folder.Substring($root.Length).TrimStart('\').Split('\')) {
-            $current = [IO.Path]::Combine($current, $name)
-            if (-not [IO.Directory]::Exists($current)) { break }
-            Assert-AgentOwned $current
-        }
+        Assert-StateOwned $Folder
         if ($pass -eq 1) { $null = [IO.Directory]::CreateDirectory($Folder, (New-Acl 'state' '' $true)) }
+    }
+}
+
+function Assert-StateOwned([string]$Folder) {
+    # Every folder that exists from the state root down to $Folder: no link, owned by SYSTEM,
+    # Administrators or the agent. What a user's own folder holds (a history, a backup) was
+    # written by that user, whatever it says.
+    $root = Get-StateRoot
+    Assert-SafePath $Folder $root
+    $current = $root
+    foreach ($name in $Folder.Substring($root.Length).TrimStart('\').Split('\')) {
+        $current = [IO.Path]::Combine($current, $name)
+        if (-not [IO.Directory]::Exists($current)) { break }
+        Assert-AgentOwned $current
     }
 }
 
@@ -450,13 +458,16 @@ function Resolve-PendingBackup([string]$Folder, [string]$Path) {
 # what a rollback undoes, and in which order; it keeps no more lines than the backups can undo.
 
 function ConvertFrom-WriteHistory([byte[]]$Bytes) {
-    # The entries of a history, newest first; a line that does not parse ends it.
+    # The entries of a history, newest first; a line that does not parse ends it: ticks in
+    # ASCII digits that fit a long, a run id as apply takes it, an action in lower case.
     $entries = [System.Collections.Generic.List[object]]::new()
     foreach ($line in [Text.Encoding]::UTF8.GetString($Bytes).Split("`n")) {
         $fields = $line.TrimEnd("`r").Split("`t")
         $ticks = [long]0
-        if ($fields.Count -ne 5 -or -not [long]::TryParse($fields[0], [ref]$ticks)) { break }
-        if (@('created', 'replaced') -notcontains $fields[2]) { break }
+        if ($fields.Count -ne 5) { break }
+        if (-not [long]::TryParse($fields[0], [Globalization.NumberStyles]::None, [Globalization.CultureInfo]::InvariantCulture, [ref]$ticks)) { break }
+        if ($fields[1] -cnotmatch '^[0-9A-Za-z_-]{1,64}\z') { break }
+        if (@('created', 'replaced') -cnotcontains $fields[2]) { break }
         $entries.Add([pscustomobject]@{ ticks = $ticks; run = $fields[1]; action = $fields[2]; before = $fields[3]; path = $fields[4] })
     }
     return , $entries
@@ -477,10 +488,12 @@ function Save-WriteHistory([string]$State, $Entries) {
     Write-StateFile $State 'history' ([Text.Encoding]::UTF8.GetBytes($text.ToString()))
 }
 
-function Add-WriteRecord([string]$State, [string]$Run, [string]$Before, [string]$Path) {
+function Add-WriteRecord([string]$State, [string]$Run, [string]$Before, [string]$Path, [bool]$UserMade) {
     # Before a write (apply, step 8): its line goes first. A write that creates the file ends
     # the history (nothing older can be undone past it), and only three replacements are kept,
-    # as only three backups are.
+    # as only three backups are. A write that replaces a file a user made ($UserMade) ends it
+    # too: the user removed what the tool wrote and made their own, which nothing older
+    # describes (a rollback must not take their file for one a run created).
     $history = Get-WriteHistory $State
     $ticks = [DateTime]::UtcNow.Ticks
     if ($null -ne $history -and $history.Count -gt 0 -and $history[0].ticks -ge $ticks) { $ticks = $history[0].ticks + 1 }
@@ -488,13 +501,13 @@ function Add-WriteRecord([string]$State, [string]$Run, [string]$Before, [string]
     if ([string]::IsNullOrEmpty($Before)) { $action = 'created'; $Before = '-' }
     $kept = [System.Collections.Generic.List[object]]::new()
     $kept.Add([pscustomobject]@{ ticks = $ticks; run = $Run; action = $action; before = $Before; path = $Path })
-    if ($action -eq 'replaced' -and $null -ne $history) {
+    if ($action -ceq 'replaced' -and $null -ne $history -and -not $UserMade) {
         $replaced = 1
         foreach ($entry in $history) {
-            if ($entry.action -eq 'replaced') { $replaced++ }
+            if ($entry.action -ceq 'replaced') { $replaced++ }
             if ($replaced -gt 3) { break }
             $kept.Add($entry)
-            if ($entry.action -eq 'created') { break }
+            if ($entry.action -ceq 'created') { break }
         }
     }
     Save-WriteHistory $State $kept
@@ -514,7 +527,7 @@ function Remove-UnmadeWrite([string]$State, [string]$Content) {
     # that write never happened (its agent died before the replace, or the replace was put
     # back), and its record goes.
     $history = Get-WriteHistory $State
-    if ($null -ne $history -and $history.Count -gt 0 -and $history[0].before -eq $Content) { Remove-LastWrite $State }
+    if ($null -ne $history -and $history.Count -gt 0 -and $history[0].before -ceq $Content) { Remove-LastWrite $State }
 }
 
 function Remove-LastWrite([string]$State) {
@@ -631,6 +644,18 @@ function Open-PlainFile([string]$Path) {
         throw
     }
     return $stream
+}
+
+function Test-UserMade([string]$Path) {
+    # Whether the file is owned by anybody but SYSTEM, Administrators or the agent: a user made
+    # it (every write of the tool leaves it owned by Administrators). Read through a handle.
+    $stream = Open-PlainFile $Path
+    try {
+        $owner = $stream.GetAccessControl().GetOwner([System.Security.Principal.SecurityIdentifier]).Value
+    } finally {
+        $stream.Dispose()
+    }
+    return (Get-TrustedOwners) -notcontains $owner
 }
 
 function Read-Stream($Stream) {
