@@ -553,9 +553,12 @@ def test_history_ticks_are_ascii_digits_that_fit_a_long() -> None:
     assert "$fields[1] -cnotmatch '^[0-9A-Za-z_-]{1,64}\\z'" in body
 
 
-def test_a_rollback_reads_no_history_before_its_folders_owners_are_checked() -> None:
-    body = _body("rollback", "Get-LastWrite")
-    assert body.index("Assert-StateOwned $state") < body.index("Get-WriteHistory $state")
+def test_no_state_file_is_read_before_its_folders_owners_are_checked() -> None:
+    # Every read of the state (a rollback's history, inspect's merge base, a backup) goes
+    # through Read-StateFile, which checks the folders' owners first.
+    body = _body("rollback", "Read-StateFile")
+    assert body.index("Assert-StateOwned $Folder") < body.index("ReadAllBytes")
+    assert "Read-StateFile $State 'history'" in _body("rollback", "Get-WriteHistory")
     assert "Assert-StateOwned $Folder" in _body("apply", "Open-StateFolder")
 
 

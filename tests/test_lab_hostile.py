@@ -419,6 +419,21 @@ def test_a_state_subfolder_a_user_made_first_is_refused(shared: Kit) -> None:
     assert readable_with(ws, u1.sid, "Sip-1-2-pw") == []
 
 
+def test_inspect_reads_no_merge_base_from_a_state_folder_a_user_made_first(
+    station: Station,
+) -> None:
+    # The root an administrator made before the agent lets alice make her own state folder
+    # and put a merge base of her choosing in it: inspect refuses it instead of using it.
+    ws, alice = station.ws, station.alice
+    ws.remove_tree(STATE_ROOT)
+    ws.put_dir(STATE_ROOT, owner=ADMINISTRATORS)
+    ws.put_dir(Workstation.state_path(alice, "microsip.ini"), owner=alice.sid)
+    ws.put(Workstation.state_path(alice, "microsip.ini", "applied"), b"planted", owner=alice.sid)
+    [user] = station.agent.call(inspect_request([("alice", "ACME\\alice")]))["users"]
+    assert user["error"]["code"] == "unsafe-path" and "owned by" in user["error"]["message"], user
+    assert "applied" not in user
+
+
 def test_a_state_folder_hidden_from_the_agent_is_refused_not_taken_for_absent(
     shared: Kit,
 ) -> None:

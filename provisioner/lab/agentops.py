@@ -376,9 +376,11 @@ def assert_state_owned(ws: Workstation, state: StateFolder) -> None:
 
 
 def read_state(ws: Workstation, state: StateFolder, item: str) -> bytes | None:
-    """A state file as inspect reads it (nothing when the root is absent)."""
+    """``Read-StateFile``: a state file as the agent reads it (nothing when the root is
+    absent); a folder a user made first is refused before it is read."""
     if not check_state_root(ws):
         return None
+    assert_state_owned(ws, state)
     assert_safe_path(ws, state.item(item), STATE_ROOT)
     return ws.read(state.item(item))
 
@@ -1378,9 +1380,6 @@ def last_write(ws: Workstation, spec: FileSpec) -> Write | None:
     """``Get-LastWrite``: the first entry of the file's history. A state an older agent kept
     (no history) counts its backup.1 as the write of a run older than any recorded one."""
     state = state_folder(spec.sid or None, spec.name)
-    # a folder a user made first is theirs, and so is what it holds: refused before it is read
-    if check_state_root(ws):
-        assert_state_owned(ws, state)
     history = read_history(ws, state)
     if history is not None:
         return history[0] if history else None

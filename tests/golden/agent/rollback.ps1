@@ -370,9 +370,11 @@ function Assert-StateOwned([string]$Folder) {
 }
 
 function Read-StateFile([string]$Folder, [string]$Item) {
-    # What inspect reads of the state: nothing while the root does not exist.
+    # What the agent reads of the state: nothing while the root does not exist. A folder a
+    # user made first is theirs, and so is what it holds: refused before it is read.
     if (-not (Test-StateRoot)) { return $null }
     $path = [IO.Path]::Combine($Folder, $Item)
+    Assert-StateOwned $Folder
     Assert-SafePath $path (Get-StateRoot)
     if (-not [IO.File]::Exists($path)) { return $null }
     return , [IO.File]::ReadAllBytes($path)
@@ -972,8 +974,6 @@ function Get-LastWrite($Checked) {
     # older agent kept (no history) counts its backup.1 as the write of a run older than any
     # recorded one. $null: nothing to undo.
     $state = Get-StateFolder $Checked.sid ([IO.Path]::GetFileName($Checked.path))
-    # A folder a user made first is theirs, and so is what it holds: refused before it is read.
-    if (Test-StateRoot) { Assert-StateOwned $state }
     $history = Get-WriteHistory $state
     if ($null -ne $history) {
         if ($history.Count -eq 0) { return $null }
